@@ -1,0 +1,118 @@
+"""Values that cross the boundary between the pure core and the adapters around it.
+
+Rules:
+- Adapters build a `RequestAttributes` from an Envoy call, and never decide anything.
+- The core turns attributes into either an early `Decision` (no quota needed: unknown tenant,
+  class refused, malformed) or a `QuotaCheck`: the limits the store must check and take in
+  one atomic step.
+- The store answers with a `QuotaResult` (or raises `StateUnavailable`), and the core turns
+  that into the final `Decision`, including status, headers, Retry-After and body.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAttributes:
+    """What the sidecar knows about one request, independent of the Envoy API used."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]  # lower-case names; one value each (joined with "," if repeated)
+    principal: str | None = None  # mTLS peer principal verified by Envoy, if any
+    request_id: str | None = None  # Envoy's x-request-id, for logs and explain
+
+
+class LimitKind(enum.Enum):
+    BUCKET = "bucket"
+    CONCURRENCY = "concurrency"
+    CLASS_CONCURRENCY = "class_concurrency"
+
+
+@dataclass(frozen=True, slots=True)
+class BucketCheck:
+    """One GCRA bucket to check and, if every limit allows, charge `cost` to."""
+
+    name: str
+    rate_per_s: float
+    burst: float
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaCheck:
+    """Everything the store needs to check and take a request's quota in one round trip."""
+
+    tenant: str
+    klass: str
+    buckets: tuple[BucketCheck, ...]
+    max_concurrency: int | None  # None: no limit on the tenant's in-flight requests
+    max_class_concurrency: int | None  # None: no limit for this tenant and class
+    lease_ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaResult:
+    """What the store found. When `allowed`, the quota was taken and `lease_id` is held."""
+
+    allowed: bool
+    lease_id: str | None = None
+    denied_by: LimitKind | None = None
+    denied_bucket: str | None = None  # the bucket name when denied_by is BUCKET
+    retry_after_s: float = 0.0  # for BUCKET denials: when the bucket will hold enough tokens
+    in_flight: int = 0  # the tenant's in-flight requests after this call
+    class_in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRef:
+    """Enough to release a concurrency lease from any replica, parsed from the lease token."""
+
+    tenant: str
+    klass: str
+    lease_id: str
+
+
+class Outcome(enum.Enum):
+    ADMIT = "admit"
+    SHED = "shed"
+
+
+class Reason(enum.Enum):
+    ADMITTED = "admitted"
+    ADMITTED_DOWNGRADED = "admitted_downgraded"  # asked for a class it may not use
+    ADMITTED_FAIL_OPEN = "admitted_fail_open"  # store unavailable, class fails open
+    OVER_RATE = "over_rate"  # a token bucket is empty
+    OVER_CONCURRENCY = "over_concurrency"  # the tenant is at its in-flight limit
+    OVER_CLASS_CONCURRENCY = "over_class_concurrency"
+    UNKNOWN_TENANT = "unknown_tenant"
+    NO_IDENTITY = "no_identity"
+    CLASS_NOT_ALLOWED = "class_not_allowed"
+    UNKNOWN_CLASS = "unknown_class"
+    STATE_UNAVAILABLE = "state_unavailable"  # store unavailable, class fails closed
+    MALFORMED = "malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    status: int  # HTTP status: 200 to admit, else what the client gets
+    reason: Reason
+    tenant: str | None  # the policy tenant name (None when unknown and rejected)
+    klass: str | None  # the granted class
+    requested_class: str | None
+    # Headers to set on the upstream request (admit) or on the client response (shed).
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    retry_after_s: float | None = None
+    lease_id: str | None = None
+    # Human-readable steps that led here, for /v1/explain and debug logs.
+    trace: tuple[str, ...] = field(default=())
+
+    @property
+    def admitted(self) -> bool:
+        return self.outcome is Outcome.ADMIT

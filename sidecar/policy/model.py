@@ -1,0 +1,132 @@
+"""The policy model: what a validated set of YAML files turns into.
+
+Every type here is a frozen dataclass so a snapshot can be shared by every request in flight
+and replaced whole, in one assignment, by a reload. YAML keys are the field names below.
+Rates are normalised to per-second when loaded; durations keep their unit in their name.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+class FailMode(enum.Enum):
+    """What a class gets when the shared quota store cannot answer."""
+
+    OPEN = "open"  # admit without quota checks (counted in a metric)
+    CLOSED = "closed"  # shed with 503
+
+
+class BucketUnit(enum.Enum):
+    REQUESTS = "requests"  # each request costs 1
+    COST = "cost"  # each request costs its estimated cost units (e.g. LLM tokens)
+
+
+class DisallowedClassAction(enum.Enum):
+    DOWNGRADE = "downgrade"  # serve it in the tenant's default class
+    REJECT = "reject"  # shed with 403
+
+
+class UnknownTenantAction(enum.Enum):
+    REJECT = "reject"  # shed with 401
+    DEFAULT = "default"  # treat as the named default tenant
+
+
+class IdentitySourceKind(enum.Enum):
+    API_KEY = "api_key"  # a secret header; tenants list the SHA-256 hex digests of their keys
+    PRINCIPAL = "principal"  # the mTLS peer principal (URI SAN) Envoy verified
+    HEADER = "header"  # a header set by a trusted hop in front (e.g. jwt_authn claim_to_headers)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySource:
+    kind: IdentitySourceKind
+    header: str | None = None  # lower-case header name, for API_KEY and HEADER
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityPolicy:
+    # Tried in order; the first source that yields a value decides (even if it matches no tenant).
+    sources: tuple[IdentitySource, ...] = (
+        IdentitySource(IdentitySourceKind.API_KEY, "x-api-key"),
+    )
+    # The header a client uses to *ask* for a class. The granted class goes upstream in
+    # DECISION_HEADERS and is never read back from the client.
+    class_header: str = "x-qos-class"
+
+
+@dataclass(frozen=True, slots=True)
+class ClassPolicy:
+    name: str
+    rank: int  # 1 is the most important; ties are allowed
+    latency_objective_ms: int
+    max_wait_ms: int  # how long a request of this class may be held before it is served
+    triton_priority: int  # Triton dynamic_batching priority level, 1 is the highest
+    on_state_error: FailMode = FailMode.CLOSED
+    # Retry-After for concurrency sheds, where no bucket says when room will come back.
+    concurrency_retry_after_ms: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class BucketPolicy:
+    """A token bucket (enforced as GCRA): `rate_per_s` sustained, `burst` at once."""
+
+    name: str  # unique within the tenant, used in keys and metrics
+    unit: BucketUnit
+    rate_per_s: float
+    burst: float
+
+
+@dataclass(frozen=True, slots=True)
+class TenantMatch:
+    api_key_sha256: frozenset[str] = frozenset()  # lower-case hex digests
+    principals: frozenset[str] = frozenset()
+    header_values: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    name: str
+    match: TenantMatch
+    allowed_classes: frozenset[str]
+    default_class: str
+    on_disallowed_class: DisallowedClassAction = DisallowedClassAction.DOWNGRADE
+    buckets: tuple[BucketPolicy, ...] = ()
+    max_concurrency: int | None = None
+    max_concurrency_per_class: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownTenantPolicy:
+    action: UnknownTenantAction = UnknownTenantAction.REJECT
+    tenant: str | None = None  # the tenant to use when action is DEFAULT
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    name: str
+    cost_per_request: float = 1.0  # cost units charged to `cost` buckets per request
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One validated, immutable snapshot of every policy file."""
+
+    version: str  # content hash of the sources, short hex
+    sources: tuple[str, ...]
+    classes: Mapping[str, ClassPolicy]
+    tenants: Mapping[str, TenantPolicy]
+    identity: IdentityPolicy = IdentityPolicy()
+    unknown_tenants: UnknownTenantPolicy = UnknownTenantPolicy()
+    models: Mapping[str, ModelPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    # A crashed sidecar or a lost completion signal frees a slot after this long at most.
+    lease_ttl_s: float = 300.0
+
+    def cost_of(self, model: str | None) -> float:
+        found = self.models.get(model) if model else None
+        return found.cost_per_request if found else 1.0
