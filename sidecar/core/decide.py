@@ -1,0 +1,351 @@
+"""From a request's attributes, the policy and the quota state to a decision.
+
+Rules, in the order they are applied:
+1. Identity. The policy's identity sources are tried in order; the first that yields a value
+   decides who the caller is: an API key (matched by SHA-256 digest), the mTLS principal Envoy
+   verified, or a header set by a trusted hop in front. No value, or a value that matches no
+   tenant, makes the caller unknown: rejected with 401, or served as the policy's default
+   tenant.
+2. Class. The client may ask for a class in the policy's class header; without one it gets its
+   tenant's default class. A class the tenant may not use (or that does not exist) is
+   downgraded to the default class or rejected with 403, as the tenant's policy says.
+3. Quota. Every token bucket of the tenant, its concurrency limit and its per-class limit are
+   checked and taken together by the store, atomically (see `QuotaCheck`). A denial is 429 with
+   a Retry-After taken from when the bucket will hold enough tokens; concurrency denials use
+   the class's `concurrency_retry_after_ms`.
+4. Store unavailable. The class's `on_state_error` decides: `open` admits without a lease
+   (counted), `closed` sheds with 503.
+Every shed carries `retry-after` (429 and 503) and a JSON body saying why. Every admit carries
+the decision headers upstream, each one overwriting whatever the client sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from sidecar.core.lease import format_lease
+from sidecar.core.types import (
+    BucketCheck,
+    Decision,
+    LeaseRef,
+    LimitKind,
+    Outcome,
+    QuotaCheck,
+    QuotaResult,
+    Reason,
+    RequestAttributes,
+)
+from sidecar.policy.model import (
+    BucketUnit,
+    ClassPolicy,
+    DisallowedClassAction,
+    FailMode,
+    IdentitySourceKind,
+    Policy,
+    TenantPolicy,
+    UnknownTenantAction,
+)
+
+HEADER_TENANT = "x-qos-tenant"
+HEADER_CLASS = "x-qos-granted-class"
+HEADER_PRIORITY = "x-qos-priority"
+HEADER_LEASE = "x-qos-lease"
+HEADER_REASON = "x-qos-reason"
+# Set by the sidecar only; the shipped Envoy config strips client copies before ext_authz.
+DECISION_HEADERS = (HEADER_TENANT, HEADER_CLASS, HEADER_PRIORITY, HEADER_LEASE)
+
+_STATUS = {
+    Reason.OVER_RATE: 429,
+    Reason.OVER_CONCURRENCY: 429,
+    Reason.OVER_CLASS_CONCURRENCY: 429,
+    Reason.UNKNOWN_TENANT: 401,
+    Reason.NO_IDENTITY: 401,
+    Reason.CLASS_NOT_ALLOWED: 403,
+    Reason.UNKNOWN_CLASS: 403,
+    Reason.STATE_UNAVAILABLE: 503,
+    Reason.MALFORMED: 400,
+}
+_ERROR = {
+    401: "unauthenticated",
+    403: "forbidden",
+    429: "over_quota",
+    503: "unavailable",
+    400: "bad_request",
+}
+_LIMIT_REASON = {
+    LimitKind.BUCKET: Reason.OVER_RATE,
+    LimitKind.CONCURRENCY: Reason.OVER_CONCURRENCY,
+    LimitKind.CLASS_CONCURRENCY: Reason.OVER_CLASS_CONCURRENCY,
+}
+_CLASS_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_MAX_IDENTITY_CHARS = 4096
+_MODEL_PATH = re.compile(
+    r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/(?:infer|generate|generate_stream)\b"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """A policy with the lookup tables the hot path needs, built once per reload."""
+
+    policy: Policy
+    by_api_key: Mapping[str, TenantPolicy]
+    by_principal: Mapping[str, TenantPolicy]
+    by_header_value: Mapping[str, TenantPolicy]
+
+
+def compile_policy(policy: Policy) -> CompiledPolicy:
+    keys: dict[str, TenantPolicy] = {}
+    principals: dict[str, TenantPolicy] = {}
+    values: dict[str, TenantPolicy] = {}
+    for tenant in policy.tenants.values():
+        keys.update(dict.fromkeys(tenant.match.api_key_sha256, tenant))
+        principals.update(dict.fromkeys(tenant.match.principals, tenant))
+        values.update(dict.fromkeys(tenant.match.header_values, tenant))
+    return CompiledPolicy(
+        policy, MappingProxyType(keys), MappingProxyType(principals), MappingProxyType(values)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request that needs the quota store: who, which class, and what to check."""
+
+    tenant: TenantPolicy
+    klass: ClassPolicy
+    requested_class: str | None
+    downgraded: bool
+    model: str | None
+    check: QuotaCheck
+    trace: tuple[str, ...]
+
+
+def model_of(path: str) -> str | None:
+    """The model a KServe v2 inference path names, or None for other paths."""
+    found = _MODEL_PATH.match(path)
+    return urllib.parse.unquote(found.group(1)) if found else None
+
+
+def plan_request(attrs: RequestAttributes, compiled: CompiledPolicy) -> Admission | Decision:
+    """Steps 1 and 2: an early decision, or what the store must check for step 3."""
+    policy = compiled.policy
+    trace: list[str] = []
+    requested = attrs.headers.get(policy.identity.class_header)
+    if requested is not None:
+        requested = requested.strip()
+        if not _CLASS_NAME.match(requested):
+            trace.append(f"class header {policy.identity.class_header!r} is not a class name")
+            return shed(Reason.MALFORMED, None, None, None, trace)
+
+    tenant = _identify(attrs, compiled, trace)
+    if isinstance(tenant, Decision):
+        return tenant
+
+    klass, downgraded = _choose_class(tenant, requested, policy, trace)
+    if isinstance(klass, Decision):
+        return klass
+
+    model = model_of(attrs.path)
+    cost = policy.cost_of(model)
+    buckets = tuple(
+        BucketCheck(
+            name=b.name,
+            rate_per_s=b.rate_per_s,
+            burst=b.burst,
+            cost=1.0 if b.unit is BucketUnit.REQUESTS else cost,
+        )
+        for b in tenant.buckets
+    )
+    check = QuotaCheck(
+        tenant=tenant.name,
+        klass=klass.name,
+        buckets=buckets,
+        max_concurrency=tenant.max_concurrency,
+        max_class_concurrency=tenant.max_concurrency_per_class.get(klass.name),
+        lease_ttl_s=policy.lease_ttl_s,
+    )
+    trace.append(f"model {model!r}, cost {cost:g}")
+    return Admission(tenant, klass, requested, downgraded, model, check, tuple(trace))
+
+
+def decide(admission: Admission, result: QuotaResult | None) -> Decision:
+    """Step 3 and 4. `result` is None when the store could not answer."""
+    tenant, klass = admission.tenant, admission.klass
+    trace = list(admission.trace)
+    if result is None:
+        if klass.on_state_error is FailMode.OPEN:
+            trace.append(f"quota store unavailable; class {klass.name!r} fails open")
+            return _admit(admission, Reason.ADMITTED_FAIL_OPEN, None, trace)
+        trace.append(f"quota store unavailable; class {klass.name!r} fails closed")
+        return shed(
+            Reason.STATE_UNAVAILABLE,
+            tenant.name,
+            klass.name,
+            admission.requested_class,
+            trace,
+            retry_after_s=klass.concurrency_retry_after_ms / 1000,
+        )
+    if result.allowed:
+        trace.append(
+            f"quota taken: in flight {result.in_flight} (tenant), {result.class_in_flight} (class)"
+        )
+        reason = Reason.ADMITTED_DOWNGRADED if admission.downgraded else Reason.ADMITTED
+        return _admit(admission, reason, result.lease_id, trace)
+    denied_by = result.denied_by or LimitKind.BUCKET
+    reason = _LIMIT_REASON[denied_by]
+    if denied_by is LimitKind.BUCKET:
+        retry_after_s = result.retry_after_s
+        trace.append(
+            f"bucket {result.denied_bucket!r} empty; enough tokens in {retry_after_s:.3f}s"
+        )
+    else:
+        retry_after_s = klass.concurrency_retry_after_ms / 1000
+        limit = (
+            admission.check.max_concurrency
+            if denied_by is LimitKind.CONCURRENCY
+            else admission.check.max_class_concurrency
+        )
+        trace.append(f"{denied_by.value} limit {limit} reached")
+    return shed(
+        reason,
+        tenant.name,
+        klass.name,
+        admission.requested_class,
+        trace,
+        retry_after_s=retry_after_s,
+        detail=result.denied_bucket,
+    )
+
+
+def shed(
+    reason: Reason,
+    tenant: str | None,
+    klass: str | None,
+    requested_class: str | None,
+    trace: list[str],
+    *,
+    retry_after_s: float | None = None,
+    detail: str | None = None,
+) -> Decision:
+    """A refusal with its status, headers and JSON body."""
+    status = _STATUS[reason]
+    headers = [("content-type", "application/json"), (HEADER_REASON, reason.value)]
+    retry_after_ms: int | None = None
+    if retry_after_s is not None:
+        retry_after_ms = max(1, math.ceil(retry_after_s * 1000))
+        # Retry-After is whole seconds (RFC 9110); round up so a client that obeys it fits.
+        headers.append(("retry-after", str(max(1, math.ceil(retry_after_ms / 1000)))))
+    body: dict[str, object] = {
+        "error": _ERROR[status],
+        "reason": reason.value,
+        "tenant": tenant,
+        "class": klass,
+        "retry_after_ms": retry_after_ms,
+    }
+    if detail is not None:
+        body["limit"] = detail
+    return Decision(
+        outcome=Outcome.SHED,
+        status=status,
+        reason=reason,
+        tenant=tenant,
+        klass=klass,
+        requested_class=requested_class,
+        headers=tuple(headers),
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        retry_after_s=retry_after_s,
+        trace=(*trace, f"shed {status} {reason.value}"),
+    )
+
+
+def malformed(message: str) -> Decision:
+    """For adapters that cannot even build the request's attributes."""
+    return shed(Reason.MALFORMED, None, None, None, [message])
+
+
+def _admit(
+    admission: Admission, reason: Reason, lease_id: str | None, trace: list[str]
+) -> Decision:
+    tenant, klass = admission.tenant, admission.klass
+    headers = [
+        (HEADER_TENANT, urllib.parse.quote(tenant.name, safe="-_.~:@/")),
+        (HEADER_CLASS, klass.name),
+        (HEADER_PRIORITY, str(klass.triton_priority)),
+    ]
+    if lease_id is not None:
+        headers.append((HEADER_LEASE, format_lease(LeaseRef(tenant.name, klass.name, lease_id))))
+    return Decision(
+        outcome=Outcome.ADMIT,
+        status=200,
+        reason=reason,
+        tenant=tenant.name,
+        klass=klass.name,
+        requested_class=admission.requested_class,
+        headers=tuple(headers),
+        lease_id=lease_id,
+        trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
+    )
+
+
+def _identify(
+    attrs: RequestAttributes, compiled: CompiledPolicy, trace: list[str]
+) -> TenantPolicy | Decision:
+    policy = compiled.policy
+    found: TenantPolicy | None = None
+    seen_identity = False
+    for source in policy.identity.sources:
+        if source.kind is IdentitySourceKind.PRINCIPAL:
+            value = attrs.principal or None
+        else:
+            value = attrs.headers.get(source.header or "") or None
+        if value is None:
+            continue
+        if len(value) > _MAX_IDENTITY_CHARS:
+            trace.append(f"{source.kind.value} value longer than {_MAX_IDENTITY_CHARS} chars")
+            return shed(Reason.MALFORMED, None, None, None, trace)
+        seen_identity = True
+        if source.kind is IdentitySourceKind.API_KEY:
+            digest = hashlib.sha256(value.encode()).hexdigest()
+            found = compiled.by_api_key.get(digest)
+            label = f"api key in {source.header!r}"
+        elif source.kind is IdentitySourceKind.PRINCIPAL:
+            found = compiled.by_principal.get(value)
+            label = f"principal {value!r}"
+        else:
+            found = compiled.by_header_value.get(value)
+            label = f"header {source.header!r}"
+        trace.append(f"{label} -> {'tenant ' + repr(found.name) if found else 'no tenant'}")
+        break
+    if found is not None:
+        return found
+    reason = Reason.UNKNOWN_TENANT if seen_identity else Reason.NO_IDENTITY
+    unknown = policy.unknown_tenants
+    default = policy.tenants.get(unknown.tenant or "")
+    if unknown.action is UnknownTenantAction.DEFAULT and default is not None:
+        trace.append(f"{reason.value}: served as default tenant {default.name!r}")
+        return default
+    return shed(reason, None, None, None, trace)
+
+
+def _choose_class(
+    tenant: TenantPolicy, requested: str | None, policy: Policy, trace: list[str]
+) -> tuple[ClassPolicy, bool] | tuple[Decision, bool]:
+    if requested is None:
+        trace.append(f"no class asked; tenant default {tenant.default_class!r}")
+        return policy.classes[tenant.default_class], False
+    if requested in tenant.allowed_classes:
+        trace.append(f"class {requested!r} allowed")
+        return policy.classes[requested], False
+    reason = Reason.UNKNOWN_CLASS if requested not in policy.classes else Reason.CLASS_NOT_ALLOWED
+    if tenant.on_disallowed_class is DisallowedClassAction.DOWNGRADE:
+        trace.append(f"{reason.value} {requested!r}; downgraded to {tenant.default_class!r}")
+        return policy.classes[tenant.default_class], True
+    trace.append(f"{reason.value} {requested!r}; tenant policy rejects")
+    return shed(reason, tenant.name, None, requested, trace), False

@@ -1,0 +1,38 @@
+"""GCRA, the token bucket kept as one number: the theoretical arrival time (TAT).
+
+Rules:
+- A bucket with `rate_per_s` and `burst` lets through `burst` cost units at once and
+  `rate_per_s` units per second after that, so over any window of `elapsed` seconds it
+  admits at most `burst + rate_per_s * elapsed` units.
+- A request of `cost` fits when `max(tat, now) + cost / rate - now <= burst / rate`.
+- When it does not fit, `retry_after_s` is the wait after which this same cost would fit.
+  A cost above `burst` can never fit; its retry_after_s is the time to refill completely.
+- The Redis script `sidecar/state/lua/acquire.lua` implements the same arithmetic against the
+  Redis server's clock; the contract tests run both stores through the same cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class GcraStep:
+    allowed: bool
+    new_tat: float  # the TAT to store if the request is taken (unchanged when not allowed)
+    retry_after_s: float
+
+
+def gcra_step(tat: float, now: float, cost: float, rate_per_s: float, burst: float) -> GcraStep:
+    """Evaluate one bucket at `now` for `cost`; pure, the caller stores `new_tat`."""
+    base = max(tat, now)
+    if cost <= 0:
+        return GcraStep(True, base, 0.0)
+    tolerance_s = burst / rate_per_s
+    if cost > burst:
+        return GcraStep(False, tat, tolerance_s)
+    new_tat = base + cost / rate_per_s
+    excess_s = new_tat - now - tolerance_s
+    if excess_s <= 1e-9:
+        return GcraStep(True, new_tat, 0.0)
+    return GcraStep(False, tat, excess_s)
