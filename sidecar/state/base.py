@@ -1,0 +1,113 @@
+"""The quota store interface, and the rules every store keeps.
+
+Rules (the contract tests in tests/test_state_contract.py run both stores through them):
+- `acquire` is atomic: it drops expired leases, then checks, in this order, the tenant+class
+  in-flight count against `max_class_concurrency`, the tenant's in-flight count against
+  `max_concurrency`, and every GCRA bucket (see `sidecar.core.gcra`). Only if all of them allow
+  does it charge every bucket and create a lease, counted for the tenant and for the tenant+class.
+  Otherwise it changes nothing.
+- A denial names the first failing limit in the order above. Among buckets it names the one
+  with the largest `retry_after_s`, so that waiting that long satisfies every bucket (for the
+  cost asked now). Concurrency denials carry `retry_after_s = 0.0`: no store can know when a
+  lease will be released, so the core picks the Retry-After from policy.
+- A cost of 0 always passes a bucket. A cost above a bucket's `burst` can never pass: the store
+  denies it with `retry_after_s = burst / rate_per_s` (the time to refill from empty), which is
+  a finite, honest upper bound rather than "never"; the core may treat such a cost as malformed.
+- `peek` evaluates exactly like `acquire` and changes nothing.
+- A lease counts until it is released or its `lease_ttl_s` has passed, whichever comes first.
+  The TTL is the safety net for completions that never arrive (a crashed replica, a lost
+  access-log entry): a leaked lease costs a slot for at most one TTL.
+- Time is the store's own clock: the Redis server's for Redis (one clock for all replicas), an
+  injected clock for memory. Callers never pass time in.
+- Stores raise `StateUnavailable` when the state cannot be read or written, and `ValueError`
+  for arguments no policy could produce (see `validate_check`). Being over a limit is a
+  `QuotaResult`, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Protocol
+
+from sidecar.core.types import BucketCheck, LeaseRef, QuotaCheck, QuotaResult
+
+
+class QuotaStore(Protocol):
+    """Where quota state lives: buckets (GCRA TATs) and concurrency leases, per tenant."""
+
+    async def acquire(self, check: QuotaCheck) -> QuotaResult:
+        """Check every limit in `check` and, only if all allow, take them and hold a lease.
+        Raises StateUnavailable."""
+        ...
+
+    async def peek(self, check: QuotaCheck) -> QuotaResult:
+        """What `acquire` would answer now, without changing anything (`lease_id` is None).
+        Raises StateUnavailable."""
+        ...
+
+    async def release(self, lease: LeaseRef) -> bool:
+        """Free a lease. True if it was held (not yet released or expired). Idempotent.
+        Raises StateUnavailable."""
+        ...
+
+    async def charge(self, tenant: str, bucket: BucketCheck) -> None:
+        """Add `bucket.cost` to the bucket without checking it (negative: refund, but never
+        past a full bucket), e.g. to reconcile a token estimate with the real count.
+        Raises StateUnavailable."""
+        ...
+
+    async def in_flight(self, tenant: str, klass: str | None) -> int:
+        """Unexpired leases of the tenant, or of the tenant in one class.
+        Raises StateUnavailable."""
+        ...
+
+    async def ping(self) -> None:
+        """Return if the store answers; raises StateUnavailable otherwise."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections. The store is not used afterwards."""
+        ...
+
+
+def new_lease_id() -> str:
+    """An opaque random lease id: 16 URL-safe characters (96 bits), header-safe as is.
+
+    Made by the client, not inside Lua: Redis seeds `math.random` identically for every script
+    run (scripts must be deterministic for replication), so ids made there would repeat.
+    """
+    return secrets.token_urlsafe(12)
+
+
+def validate_tenant(tenant: str) -> None:
+    """Raise ValueError for an empty tenant (it has no hash tag; see `sidecar.state.keys`)."""
+    if not tenant:
+        raise ValueError("tenant must not be empty")
+
+
+def validate_bucket(bucket: BucketCheck, *, allow_negative_cost: bool = False) -> None:
+    """Raise ValueError for a bucket no validated policy can produce."""
+    if not (math.isfinite(bucket.rate_per_s) and bucket.rate_per_s > 0):
+        raise ValueError(f"bucket {bucket.name!r}: rate_per_s must be > 0, not {bucket.rate_per_s}")
+    if not (math.isfinite(bucket.burst) and bucket.burst > 0):
+        raise ValueError(f"bucket {bucket.name!r}: burst must be > 0, not {bucket.burst}")
+    if not math.isfinite(bucket.cost) or (bucket.cost < 0 and not allow_negative_cost):
+        raise ValueError(f"bucket {bucket.name!r}: invalid cost {bucket.cost}")
+
+
+def validate_check(check: QuotaCheck) -> None:
+    """Raise ValueError for a check no validated policy can produce: both stores refuse the
+    same inputs, rather than each doing something different with them (a zero rate divides by
+    zero; a negative cost in `acquire` would be an unchecked refund; use `charge` for that)."""
+    validate_tenant(check.tenant)
+    if not (math.isfinite(check.lease_ttl_s) and check.lease_ttl_s > 0):
+        raise ValueError(f"lease_ttl_s must be > 0, not {check.lease_ttl_s}")
+    for limit in (check.max_concurrency, check.max_class_concurrency):
+        if limit is not None and limit < 0:
+            raise ValueError(f"concurrency limits must be >= 0, not {limit}")
+    for bucket in check.buckets:
+        validate_bucket(bucket)
+    if len(check.buckets) > 1 and len({b.name for b in check.buckets}) < len(check.buckets):
+        # Two checks of one bucket would share a key and charge it twice.
+        raise ValueError("bucket names must be unique within a check")

@@ -1,0 +1,174 @@
+"""`MemoryQuotaStore`: the quota store for a single replica without Redis.
+
+Same rules as `sidecar.state.base`. Atomicity comes from asyncio: no method awaits anything,
+so each runs to completion before another task can touch the state (not thread-safe, and not
+meant to be). Time comes from the injected `clock`, so tests move time instead of sleeping.
+
+Memory stays bounded: a bucket entry is dropped once its bucket is full again, a tenant's lease
+table once it holds no lease. Buckets nobody touches again linger, one float each; their number
+is bounded by the policy (tenants x buckets).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar.core.gcra import gcra_step
+from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
+from sidecar.state.base import new_lease_id, validate_bucket, validate_check, validate_tenant
+
+
+@dataclass(slots=True)
+class _TenantLeases:
+    by_id: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> (class, expiry)
+    class_counts: dict[str, int] = field(default_factory=dict)
+    # No lease expires before this. Releases leave it as is (it stays a lower bound), so the
+    # full scan in `prune` runs about once per lease TTL, not on every call.
+    next_expiry: float = math.inf
+
+    def prune(self, now: float) -> None:
+        if now < self.next_expiry:
+            return
+        self.by_id = {i: (k, exp) for i, (k, exp) in self.by_id.items() if exp > now}
+        self.class_counts = {}
+        for klass, _ in self.by_id.values():
+            self.class_counts[klass] = self.class_counts.get(klass, 0) + 1
+        self.next_expiry = min((exp for _, exp in self.by_id.values()), default=math.inf)
+
+    def add(self, lease_id: str, klass: str, expiry: float) -> None:
+        self.by_id[lease_id] = (klass, expiry)
+        self.class_counts[klass] = self.class_counts.get(klass, 0) + 1
+        self.next_expiry = min(self.next_expiry, expiry)
+
+    def remove(self, lease_id: str) -> tuple[str, float] | None:
+        held = self.by_id.pop(lease_id, None)
+        if held is not None:
+            left = self.class_counts[held[0]] - 1
+            if left:
+                self.class_counts[held[0]] = left
+            else:
+                del self.class_counts[held[0]]
+        return held
+
+
+class MemoryQuotaStore:
+    """Quota state in this process. `clock` returns seconds; only differences matter."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tats: dict[tuple[str, str], float] = {}  # (tenant, bucket) -> TAT
+        self._leases: dict[str, _TenantLeases] = {}
+
+    async def acquire(self, check: QuotaCheck) -> QuotaResult:
+        return self._evaluate(check, take=True)
+
+    async def peek(self, check: QuotaCheck) -> QuotaResult:
+        return self._evaluate(check, take=False)
+
+    async def release(self, lease: LeaseRef) -> bool:
+        validate_tenant(lease.tenant)
+        now = self._clock()
+        leases = self._leases.get(lease.tenant)
+        if leases is None:
+            return False
+        held = leases.remove(lease.lease_id)
+        if not leases.by_id:
+            del self._leases[lease.tenant]
+        # An expired lease no longer counted, so releasing it frees nothing.
+        return held is not None and held[1] > now
+
+    async def charge(self, tenant: str, bucket: BucketCheck) -> None:
+        validate_tenant(tenant)
+        validate_bucket(bucket, allow_negative_cost=True)
+        now = self._clock()
+        key = (tenant, bucket.name)
+        tat = max(self._tats.get(key, now), now)
+        # A refund moves the TAT back, but never before now: a bucket holds at most `burst`.
+        self._store_tat(key, max(tat + bucket.cost / bucket.rate_per_s, now), now)
+
+    async def in_flight(self, tenant: str, klass: str | None) -> int:
+        validate_tenant(tenant)
+        leases = self._live_leases(tenant, self._clock())
+        if leases is None:
+            return 0
+        return len(leases.by_id) if klass is None else leases.class_counts.get(klass, 0)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _evaluate(self, check: QuotaCheck, *, take: bool) -> QuotaResult:
+        validate_check(check)
+        now = self._clock()
+        leases = self._live_leases(check.tenant, now)
+        in_flight = len(leases.by_id) if leases is not None else 0
+        class_in_flight = leases.class_counts.get(check.klass, 0) if leases is not None else 0
+
+        def denied(kind: LimitKind, bucket: str | None = None, retry: float = 0.0) -> QuotaResult:
+            return QuotaResult(
+                allowed=False,
+                denied_by=kind,
+                denied_bucket=bucket,
+                retry_after_s=retry,
+                in_flight=in_flight,
+                class_in_flight=class_in_flight,
+            )
+
+        if (
+            check.max_class_concurrency is not None
+            and class_in_flight >= check.max_class_concurrency
+        ):
+            return denied(LimitKind.CLASS_CONCURRENCY)
+        if check.max_concurrency is not None and in_flight >= check.max_concurrency:
+            return denied(LimitKind.CONCURRENCY)
+
+        new_tats: list[tuple[tuple[str, str], float]] = []
+        worst: tuple[float, str] | None = None  # (retry_after_s, bucket) of the worst denial
+        for bucket in check.buckets:
+            key = (check.tenant, bucket.name)
+            step = gcra_step(
+                self._tats.get(key, now), now, bucket.cost, bucket.rate_per_s, bucket.burst
+            )
+            if not step.allowed:
+                if worst is None or step.retry_after_s > worst[0]:
+                    worst = (step.retry_after_s, bucket.name)
+            elif bucket.cost > 0:
+                new_tats.append((key, step.new_tat))
+        if worst is not None:
+            return denied(LimitKind.BUCKET, worst[1], worst[0])
+        if not take:
+            return QuotaResult(allowed=True, in_flight=in_flight, class_in_flight=class_in_flight)
+
+        for key, tat in new_tats:
+            self._store_tat(key, tat, now)
+        lease_id = new_lease_id()
+        self._leases.setdefault(check.tenant, _TenantLeases()).add(
+            lease_id, check.klass, now + check.lease_ttl_s
+        )
+        return QuotaResult(
+            allowed=True,
+            lease_id=lease_id,
+            in_flight=in_flight + 1,
+            class_in_flight=class_in_flight + 1,
+        )
+
+    def _live_leases(self, tenant: str, now: float) -> _TenantLeases | None:
+        leases = self._leases.get(tenant)
+        if leases is not None:
+            leases.prune(now)
+            if not leases.by_id:
+                del self._leases[tenant]
+                return None
+        return leases
+
+    def _store_tat(self, key: tuple[str, str], tat: float, now: float) -> None:
+        if tat > now:
+            self._tats[key] = tat
+        else:
+            # Full again: forget it, as the Redis key expires (a missing TAT reads as `now`).
+            self._tats.pop(key, None)

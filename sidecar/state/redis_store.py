@@ -1,0 +1,197 @@
+"""`RedisQuotaStore`: quota state shared by every replica, in Redis (or Valkey).
+
+Rules:
+- Every state change is one Lua script from `sidecar/state/lua/`, run atomically by the server
+  with one EVALSHA: one round trip per acquire, release or charge. The scripts use the server's
+  clock (see `_prelude.lua`), so replicas with skewed clocks agree.
+- Scripts are identified by the SHA-1 of their text, computed here; nothing is loaded at
+  connect. The first EVALSHA on a server that does not know a script (fresh start, SCRIPT
+  FLUSH, failover to a replica) gets NOSCRIPT; the store then loads it and retries once.
+- All keys of one call carry the tenant's hash tag (`sidecar.state.keys`) and are passed in
+  KEYS, so the scripts run unchanged against one shard of a Redis Cluster.
+- Every call has one deadline, `timeout_s`, covering waiting for a pooled connection,
+  connecting and the answer. Past it, or on any Redis or socket error, the call raises
+  `StateUnavailable`; the core then applies the class's fail-open or fail-closed policy. A
+  stalled Redis must never stall admission. redis-py's own retries are off: a retried script
+  whose first answer was lost could charge twice, and the deadline leaves no time anyway.
+- A call cut short by the deadline may still have run on the server. A lease taken that way is
+  never handed out and expires with its TTL; that is the price of not waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
+from sidecar.errors import StateUnavailable
+from sidecar.state.base import new_lease_id, validate_bucket, validate_check
+from sidecar.state.keys import KeyKind, build_key
+
+DEFAULT_TIMEOUT_S = 0.05
+DEFAULT_MAX_CONNECTIONS = 64
+
+_DENIED_BY = {1: LimitKind.CLASS_CONCURRENCY, 2: LimitKind.CONCURRENCY, 3: LimitKind.BUCKET}
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    name: str
+    source: str
+    sha: str  # SHA-1 of `source`, what Redis names the script by
+
+
+def load_script(name: str) -> LuaScript:
+    """Read `lua/<name>.lua` from the package, with `lua/_prelude.lua` prepended."""
+    lua = resources.files("sidecar.state").joinpath("lua")
+    source = lua.joinpath("_prelude.lua").read_text("utf-8") + lua.joinpath(
+        f"{name}.lua"
+    ).read_text("utf-8")
+    return LuaScript(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+ACQUIRE = load_script("acquire")
+RELEASE = load_script("release")
+CHARGE = load_script("charge")
+IN_FLIGHT = load_script("in_flight")
+
+
+@contextlib.contextmanager
+def map_exceptions(operation: str, timeout_s: float) -> Iterator[None]:
+    """Turn whatever the Redis client raises into StateUnavailable, in this one place."""
+    try:
+        yield
+    except TimeoutError as exc:  # our deadline (redis-py's own TimeoutError is a RedisError)
+        raise StateUnavailable(
+            f"redis {operation}: no answer within {timeout_s * 1000:.0f} ms"
+        ) from exc
+    except (RedisError, OSError) as exc:
+        raise StateUnavailable(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
+
+
+class RedisQuotaStore:
+    """Quota state in Redis at `url` (`redis://`, `rediss://` or `unix://`).
+
+    `timeout_s` bounds every call (see module rules). `max_connections` caps the pool; a call
+    finding every connection busy waits for one within the same deadline. Nothing connects
+    until the first call; `ping()` checks reachability.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
+        self._timeout_s = timeout_s
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._client = Redis.from_pool(pool)  # the client owns the pool and closes it
+
+    async def acquire(self, check: QuotaCheck) -> QuotaResult:
+        """Raises StateUnavailable, or ValueError for an invalid check."""
+        return await self._evaluate(check, take=True)
+
+    async def peek(self, check: QuotaCheck) -> QuotaResult:
+        """Raises StateUnavailable, or ValueError for an invalid check."""
+        return await self._evaluate(check, take=False)
+
+    async def release(self, lease: LeaseRef) -> bool:
+        """Raises StateUnavailable."""
+        keys = _lease_keys(lease.tenant, lease.klass)
+        return bool(await self._run(RELEASE, keys, [lease.lease_id]))
+
+    async def charge(self, tenant: str, bucket: BucketCheck) -> None:
+        """Raises StateUnavailable, or ValueError for an invalid bucket."""
+        validate_bucket(bucket, allow_negative_cost=True)
+        key = build_key(tenant, KeyKind.BUCKET, bucket.name)
+        await self._run(CHARGE, [key], [bucket.rate_per_s, bucket.cost])
+
+    async def in_flight(self, tenant: str, klass: str | None) -> int:
+        """Raises StateUnavailable."""
+        if klass is None:
+            key = build_key(tenant, KeyKind.LEASES)
+        else:
+            key = build_key(tenant, KeyKind.CLASS_LEASES, klass)
+        return int(await self._run(IN_FLIGHT, [key], []))
+
+    async def ping(self) -> None:
+        """Raises StateUnavailable."""
+        with map_exceptions("ping", self._timeout_s):
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _evaluate(self, check: QuotaCheck, *, take: bool) -> QuotaResult:
+        validate_check(check)
+        keys = _lease_keys(check.tenant, check.klass)
+        args: list[str | float] = [
+            "acquire" if take else "peek",
+            new_lease_id() if take else "",
+            check.lease_ttl_s,
+            _limit_arg(check.max_concurrency),
+            _limit_arg(check.max_class_concurrency),
+        ]
+        for bucket in check.buckets:
+            keys.append(build_key(check.tenant, KeyKind.BUCKET, bucket.name))
+            args += (bucket.rate_per_s, bucket.burst, bucket.cost)
+        reply = await self._run(ACQUIRE, keys, args)
+        allowed, denied_code, bucket_index, retry_after, in_flight, class_in_flight = reply
+        if allowed:
+            return QuotaResult(
+                allowed=True,
+                lease_id=str(args[1]) if take else None,
+                in_flight=int(in_flight),
+                class_in_flight=int(class_in_flight),
+            )
+        denied_by = _DENIED_BY[int(denied_code)]
+        return QuotaResult(
+            allowed=False,
+            denied_by=denied_by,
+            denied_bucket=(
+                check.buckets[int(bucket_index) - 1].name if denied_by is LimitKind.BUCKET else None
+            ),
+            retry_after_s=float(retry_after),
+            in_flight=int(in_flight),
+            class_in_flight=int(class_in_flight),
+        )
+
+    async def _run(
+        self, script: LuaScript, keys: Sequence[str], args: Sequence[str | float]
+    ) -> Any:
+        with map_exceptions(script.name, self._timeout_s):
+            async with asyncio.timeout(self._timeout_s):
+                try:
+                    return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    await self._client.script_load(script.source)
+                    return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _lease_keys(tenant: str, klass: str) -> list[str]:
+    return [build_key(tenant, KeyKind.LEASES), build_key(tenant, KeyKind.CLASS_LEASES, klass)]
+
+
+def _limit_arg(limit: int | None) -> str:
+    return "" if limit is None else str(limit)

@@ -1,0 +1,673 @@
+"""One contract, two stores: every test taking `harness` runs against `MemoryQuotaStore` and
+against `RedisQuotaStore` on a real Valkey server.
+
+Time: the memory store runs on a fake clock the tests move. Redis uses its own clock, so the
+Redis runs never wait for a bucket to refill; they use slow rates (a token every few seconds),
+where the few milliseconds a test takes change `retry_after_s` by a negligible amount.
+The only real wait is lease expiry on Redis, with a 50 ms TTL, polled with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
+from sidecar.errors import StateUnavailable
+from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from tests.fixtures_valkey import ValkeyServer, free_port
+
+# Redis answers a few ms after the previous call, so its retry_after_s values are that much
+# below the exact ones the fake clock gives. Generous, because CI machines are noisy.
+SLACK_S = 0.25
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Harness:
+    kind: str
+    make_store: Callable[[], QuotaStore]
+    clock: FakeClock | None  # None for Redis: time is the server's
+
+    def run(self, body: Callable[[QuotaStore], Awaitable[None]]) -> None:
+        """Run `body` with a fresh store on a fresh event loop, and close the store."""
+
+        async def main() -> None:
+            store = self.make_store()
+            try:
+                await body(store)
+            finally:
+                await store.close()
+
+        asyncio.run(main())
+
+    async def let_leases_expire(self, store: QuotaStore, ttl_s: float, tenant: str) -> None:
+        if self.clock is not None:
+            self.clock.advance(ttl_s)
+            return
+        deadline = time.monotonic() + 2.0
+        while await store.in_flight(tenant, None) > 0:
+            assert time.monotonic() < deadline, "leases did not expire within 2 s"
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def valkey() -> Iterator[ValkeyServer]:
+    with ValkeyServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_sync(valkey: ValkeyServer) -> Iterator[redis.Redis]:
+    """A plain client to inspect and reset the server; the db is emptied for each test."""
+    client = redis.Redis.from_url(valkey.url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def harness(request: pytest.FixtureRequest) -> Harness:
+    if request.param == "memory":
+        clock = FakeClock()
+        return Harness("memory", lambda: MemoryQuotaStore(clock=clock), clock)
+    server: ValkeyServer = request.getfixturevalue("valkey")
+    request.getfixturevalue("redis_sync")  # empty db
+    # A deadline far above the default: these tests are about semantics, not latency, and
+    # 50 concurrent first connections on a busy CI machine can take longer than 50 ms.
+    return Harness("redis", lambda: RedisQuotaStore(server.url, timeout_s=2.0), None)
+
+
+def bucket(name: str = "req", rate: float = 0.5, burst: float = 5, cost: float = 1) -> BucketCheck:
+    return BucketCheck(name=name, rate_per_s=rate, burst=burst, cost=cost)
+
+
+def check(
+    *buckets: BucketCheck,
+    tenant: str = "acme",
+    klass: str = "standard",
+    max_concurrency: int | None = None,
+    max_class_concurrency: int | None = None,
+    lease_ttl_s: float = 60.0,
+) -> QuotaCheck:
+    return QuotaCheck(
+        tenant=tenant,
+        klass=klass,
+        buckets=buckets,
+        max_concurrency=max_concurrency,
+        max_class_concurrency=max_class_concurrency,
+        lease_ttl_s=lease_ttl_s,
+    )
+
+
+def lease_of(c: QuotaCheck, result: QuotaResult) -> LeaseRef:
+    assert result.lease_id is not None
+    return LeaseRef(tenant=c.tenant, klass=c.klass, lease_id=result.lease_id)
+
+
+def assert_retry_after(harness: Harness, result: QuotaResult, exact_s: float) -> None:
+    """Exact on the fake clock; on Redis, at most `exact_s` and not much less."""
+    if harness.clock is not None:
+        assert result.retry_after_s == pytest.approx(exact_s)
+    else:
+        assert exact_s - SLACK_S < result.retry_after_s <= exact_s + 1e-6
+
+
+# -- buckets --------------------------------------------------------------------------------
+
+
+def test_burst_passes_then_denies_with_retry_after_one_emission(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(bucket(rate=0.5, burst=5))
+        results = [await store.acquire(c) for _ in range(5)]
+        assert all(r.allowed for r in results)
+        assert [r.in_flight for r in results] == [1, 2, 3, 4, 5]
+        assert [r.class_in_flight for r in results] == [1, 2, 3, 4, 5]
+        assert len({r.lease_id for r in results}) == 5
+
+        denied = await store.acquire(c)
+        assert not denied.allowed
+        assert denied.denied_by is LimitKind.BUCKET
+        assert denied.denied_bucket == "req"
+        assert denied.lease_id is None
+        assert denied.in_flight == 5
+        assert_retry_after(harness, denied, 1 / 0.5)
+
+    harness.run(body)
+
+
+def test_retry_after_counts_the_cost_asked(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(bucket(rate=2, burst=10, cost=4))
+        assert (await store.acquire(c)).allowed
+        assert (await store.acquire(c)).allowed  # 8 of 10 taken
+        denied = await store.acquire(c)
+        assert denied.denied_by is LimitKind.BUCKET
+        assert_retry_after(harness, denied, (4 - 2) / 2)  # 2 units short at 2 per second
+
+    harness.run(body)
+
+
+def test_cost_above_burst_is_denied_with_full_refill_time_and_charges_nothing(
+    harness: Harness,
+) -> None:
+    async def body(store: QuotaStore) -> None:
+        denied = await store.acquire(check(bucket(rate=0.5, burst=5, cost=6)))
+        assert denied.denied_by is LimitKind.BUCKET
+        assert denied.retry_after_s == pytest.approx(5 / 0.5)  # no clock involved: exact
+        results = [await store.acquire(check(bucket(rate=0.5, burst=5))) for _ in range(6)]
+        assert [r.allowed for r in results] == [True] * 5 + [False]
+
+    harness.run(body)
+
+
+def test_zero_cost_passes_an_empty_bucket(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        assert (await store.acquire(check(bucket(burst=1)))).allowed
+        assert not (await store.acquire(check(bucket(burst=1)))).allowed
+        free = await store.acquire(check(bucket(burst=1, cost=0)))
+        assert free.allowed
+        assert free.lease_id is not None  # still a request in flight
+
+    harness.run(body)
+
+
+def test_the_bucket_with_the_longest_wait_is_reported(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(bucket("fast", rate=1, burst=1), bucket("slow", rate=0.1, burst=1))
+        assert (await store.acquire(c)).allowed
+        denied = await store.acquire(c)
+        assert denied.denied_by is LimitKind.BUCKET
+        assert denied.denied_bucket == "slow"
+        assert_retry_after(harness, denied, 10.0)
+
+    harness.run(body)
+
+
+def test_a_bucket_denial_charges_no_other_bucket_and_takes_no_lease(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        roomy, tight = bucket("roomy", burst=3), bucket("tight", burst=1)
+        assert (await store.acquire(check(roomy, tight))).allowed  # roomy: 2 left
+        denied = await store.acquire(check(roomy, tight))
+        assert denied.denied_bucket == "tight"
+        assert denied.in_flight == 1
+        assert await store.in_flight("acme", None) == 1
+        # roomy still has exactly 2: the denied call did not charge it.
+        results = [await store.acquire(check(roomy)) for _ in range(3)]
+        assert [r.allowed for r in results] == [True, True, False]
+
+    harness.run(body)
+
+
+# -- concurrency ----------------------------------------------------------------------------
+
+
+def test_a_concurrency_denial_charges_no_bucket(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(bucket(burst=2), max_concurrency=1)
+        first = await store.acquire(c)
+        assert first.allowed
+        denied = await store.acquire(c)
+        assert denied.denied_by is LimitKind.CONCURRENCY
+        assert denied.retry_after_s == 0.0
+        assert denied.denied_bucket is None
+        assert (denied.in_flight, denied.class_in_flight) == (1, 1)
+
+        assert await store.release(lease_of(c, first))
+        second = await store.acquire(c)
+        assert second.allowed  # the bucket had 1 left: the denial took none
+        assert await store.release(lease_of(c, second))
+        assert (await store.acquire(c)).denied_by is LimitKind.BUCKET
+
+    harness.run(body)
+
+
+def test_class_concurrency_is_per_class(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        gold = check(klass="gold", max_class_concurrency=1, max_concurrency=3)
+        bronze = check(klass="bronze", max_class_concurrency=1, max_concurrency=3)
+        assert (await store.acquire(gold)).allowed
+        denied = await store.acquire(gold)
+        assert denied.denied_by is LimitKind.CLASS_CONCURRENCY
+        assert denied.retry_after_s == 0.0
+        assert (denied.in_flight, denied.class_in_flight) == (1, 1)
+
+        other = await store.acquire(bronze)
+        assert other.allowed
+        assert (other.in_flight, other.class_in_flight) == (2, 1)
+        assert await store.in_flight("acme", None) == 2
+        assert await store.in_flight("acme", "gold") == 1
+        assert await store.in_flight("acme", "silver") == 0
+        assert await store.in_flight("nobody", None) == 0
+
+    harness.run(body)
+
+
+def test_denials_name_class_concurrency_then_concurrency_then_buckets(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        taken = check(bucket(burst=1))
+        assert (await store.acquire(taken)).allowed  # bucket empty, 1 in flight, 1 in class
+
+        every_limit = check(bucket(burst=1), max_concurrency=1, max_class_concurrency=1)
+        assert (await store.acquire(every_limit)).denied_by is LimitKind.CLASS_CONCURRENCY
+        tenant_and_bucket = check(bucket(burst=1), max_concurrency=1, max_class_concurrency=2)
+        assert (await store.acquire(tenant_and_bucket)).denied_by is LimitKind.CONCURRENCY
+        bucket_only = check(bucket(burst=1), max_concurrency=2, max_class_concurrency=2)
+        assert (await store.acquire(bucket_only)).denied_by is LimitKind.BUCKET
+        assert await store.in_flight("acme", None) == 1
+
+    harness.run(body)
+
+
+def test_zero_concurrency_refuses_everything(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        denied = await store.acquire(check(max_concurrency=0))
+        assert denied.denied_by is LimitKind.CONCURRENCY
+
+    harness.run(body)
+
+
+def test_release_frees_a_slot_once(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(max_concurrency=1)
+        result = await store.acquire(c)
+        assert not (await store.acquire(c)).allowed
+        assert await store.release(lease_of(c, result)) is True
+        assert await store.release(lease_of(c, result)) is False
+        assert await store.in_flight("acme", None) == 0
+        assert await store.in_flight("acme", "standard") == 0
+        assert (await store.acquire(c)).allowed
+        unknown = LeaseRef(tenant="nobody", klass="standard", lease_id="x")
+        assert await store.release(unknown) is False
+
+    harness.run(body)
+
+
+def test_leases_expire_after_their_ttl(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(max_concurrency=1, lease_ttl_s=0.05)
+        held = await store.acquire(c)
+        assert held.allowed
+        assert not (await store.acquire(c)).allowed
+
+        await harness.let_leases_expire(store, 0.05, "acme")
+        assert await store.in_flight("acme", "standard") == 0
+        assert await store.release(lease_of(c, held)) is False  # expired: nothing freed
+        again = await store.acquire(c)
+        assert again.allowed
+        assert again.in_flight == 1
+
+    harness.run(body)
+
+
+def test_concurrent_acquires_never_exceed_the_limit(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(bucket(rate=0.5, burst=100), max_concurrency=10)
+        results = await asyncio.gather(*(store.acquire(c) for _ in range(50)))
+        assert sum(r.allowed for r in results) == 10
+        assert {r.denied_by for r in results if not r.allowed} == {LimitKind.CONCURRENCY}
+        assert await store.in_flight("acme", None) == 10
+
+    harness.run(body)
+
+
+# -- peek and charge ------------------------------------------------------------------------
+
+
+def test_peek_answers_like_acquire_and_takes_nothing(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(bucket(burst=2), max_concurrency=5)
+        for _ in range(5):
+            peeked = await store.peek(c)
+            assert peeked.allowed
+            assert peeked.lease_id is None
+            assert peeked.in_flight == 0
+        assert (await store.acquire(c)).allowed
+        assert (await store.acquire(c)).allowed
+
+        peeked = await store.peek(c)
+        assert peeked.denied_by is LimitKind.BUCKET
+        assert_retry_after(harness, peeked, 2.0)
+        assert (peeked.in_flight, peeked.class_in_flight) == (2, 2)
+        assert (await store.peek(check(max_concurrency=2))).denied_by is LimitKind.CONCURRENCY
+        assert await store.in_flight("acme", None) == 2
+
+    harness.run(body)
+
+
+def test_charge_and_refund_move_the_bucket(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        b = bucket(burst=5)
+        await store.charge("acme", bucket(cost=3))
+        results = [await store.acquire(check(b)) for _ in range(3)]
+        assert [r.allowed for r in results] == [True, True, False]
+
+        await store.charge("acme", bucket(cost=-2))
+        results = [await store.acquire(check(b)) for _ in range(3)]
+        assert [r.allowed for r in results] == [True, True, False]
+
+    harness.run(body)
+
+
+def test_a_refund_never_fills_a_bucket_past_its_burst(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        await store.charge("acme", bucket(cost=-100))
+        results = [await store.acquire(check(bucket(burst=5))) for _ in range(6)]
+        assert [r.allowed for r in results] == [True] * 5 + [False]
+
+    harness.run(body)
+
+
+def test_charge_may_overdraw_a_bucket(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        await store.charge("acme", bucket(rate=0.5, cost=7))  # 2 units past a burst of 5
+        denied = await store.acquire(check(bucket(rate=0.5, burst=5)))
+        assert denied.denied_by is LimitKind.BUCKET
+        assert_retry_after(harness, denied, (7 + 1 - 5) / 0.5)
+
+    harness.run(body)
+
+
+# -- names ----------------------------------------------------------------------------------
+
+AWKWARD_TENANTS = ["a", "a}{b:c", "a:b", "{a}", "a b", "a%7Db", "テナント", "🚀", "qos:{a}"]
+
+
+def test_awkward_tenant_names_are_separate_tenants(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        for tenant in AWKWARD_TENANTS:
+            c = check(bucket(burst=1), tenant=tenant, max_concurrency=1)
+            result = await store.acquire(c)
+            assert result.allowed, tenant
+            assert result.in_flight == 1, tenant
+            assert not (await store.acquire(c)).allowed
+        for tenant in AWKWARD_TENANTS:
+            assert await store.in_flight(tenant, None) == 1
+            assert await store.in_flight(tenant, "standard") == 1
+
+    harness.run(body)
+
+
+def test_awkward_class_and_bucket_names_are_separate(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        for name in ["x", "x:y", "x}", "{x", "ü"]:
+            c = check(bucket(name, burst=1), klass=name, max_class_concurrency=1)
+            assert (await store.acquire(c)).allowed, name
+            second = await store.acquire(c)
+            assert second.denied_by is LimitKind.CLASS_CONCURRENCY, name
+            unlimited = check(bucket(name, burst=1), klass=name)
+            assert (await store.acquire(unlimited)).denied_bucket == name
+        assert await store.in_flight("acme", None) == 5
+
+    harness.run(body)
+
+
+def test_checks_no_policy_can_produce_are_refused(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        for bad in [
+            check(bucket(rate=0)),
+            check(bucket(burst=0)),
+            check(bucket(cost=-1)),
+            check(bucket(cost=float("nan"))),
+            check(bucket("same"), bucket("same")),
+            check(tenant=""),
+            check(lease_ttl_s=0),
+            check(max_concurrency=-1),
+        ]:
+            with pytest.raises(ValueError):
+                await store.acquire(bad)
+        with pytest.raises(ValueError):
+            await store.charge("acme", bucket(rate=-1))
+        with pytest.raises(ValueError):
+            await store.charge("", bucket())
+        with pytest.raises(ValueError):
+            await store.release(LeaseRef("", "standard", "x"))
+        with pytest.raises(ValueError):
+            await store.in_flight("", None)
+
+    harness.run(body)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst"), [(1 / 3, 3), (0.3, 7), (0.7, 10), (0.15, 100), (0.9, 250)]
+)
+def test_exactly_burst_passes_when_the_emission_interval_is_inexact(
+    harness: Harness, rate: float, burst: int
+) -> None:
+    # 1 / rate has no exact binary form here, so each charge rounds; an exact fit must still
+    # fit and one more must not.
+    async def body(store: QuotaStore) -> None:
+        c = check(bucket(rate=rate, burst=burst))
+        results = [await store.acquire(c) for _ in range(burst + 1)]
+        assert [r.allowed for r in results] == [True] * burst + [False]
+
+    harness.run(body)
+
+
+# -- memory only: refill needs a clock we control -------------------------------------------
+
+
+def test_memory_bucket_refills_at_its_rate() -> None:
+    clock = FakeClock()
+    store = MemoryQuotaStore(clock=clock)
+
+    async def body() -> None:
+        c = check(bucket(rate=2, burst=4))
+        assert all([(await store.acquire(c)).allowed for _ in range(4)])
+        denied = await store.acquire(c)
+        assert denied.retry_after_s == pytest.approx(0.5)
+        clock.advance(0.25)
+        assert (await store.peek(c)).retry_after_s == pytest.approx(0.25)
+        clock.advance(0.25)
+        assert (await store.acquire(c)).allowed
+        assert not (await store.acquire(c)).allowed
+        clock.advance(10)  # long idle: full again, and not more than full
+        results = [await store.acquire(c) for _ in range(5)]
+        assert [r.allowed for r in results] == [True] * 4 + [False]
+
+    asyncio.run(body())
+
+
+def test_memory_forgets_full_buckets_and_empty_lease_tables() -> None:
+    clock = FakeClock()
+    store = MemoryQuotaStore(clock=clock)
+
+    async def body() -> None:
+        c = check(bucket(rate=1, burst=2), lease_ttl_s=5)
+        result = await store.acquire(c)
+        await store.acquire(c)
+        await store.release(lease_of(c, result))
+        clock.advance(5)
+        assert await store.in_flight("acme", None) == 0
+        await store.charge("acme", bucket(rate=1, cost=-10))
+        assert store._tats == {}
+        assert store._leases == {}
+
+    asyncio.run(body())
+
+
+# -- Redis only: what only a real server can do ---------------------------------------------
+
+
+def run_redis(
+    url: str, body: Callable[[RedisQuotaStore], Awaitable[None]], timeout_s: float = 0.05
+) -> None:
+    async def main() -> None:
+        store = RedisQuotaStore(url, timeout_s=timeout_s)
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rates=st.lists(st.sampled_from([0.1, 1 / 3, 0.5, 0.7, 1.0]), min_size=1, max_size=3),
+    bursts=st.lists(st.integers(min_value=1, max_value=20), min_size=3, max_size=3),
+    steps=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=2), st.integers(min_value=-3, max_value=8)),
+        max_size=25,
+    ),
+)
+def test_redis_decides_like_memory(
+    valkey: ValkeyServer, rates: list[float], bursts: list[int], steps: list[tuple[int, int]]
+) -> None:
+    """The Lua arithmetic against the Python one: the same acquires and charges, in the same
+    order, get the same answers. Whole costs and slow rates keep the few milliseconds Redis's
+    clock moves during an example far from flipping a decision."""
+    tenant = f"diff-{uuid.uuid4()}"  # the server is shared by the examples
+    buckets = [bucket(f"b{i}", rate=r, burst=bursts[i]) for i, r in enumerate(rates)]
+
+    async def answers(store: QuotaStore) -> list[tuple[bool, str | None, float]]:
+        seen = []
+        for index, cost in steps:
+            b = buckets[index % len(buckets)]
+            if cost < 0:  # a refund
+                await store.charge(tenant, replace(b, cost=cost))
+                continue
+            c = check(*(replace(x, cost=cost if x is b else 1) for x in buckets), tenant=tenant)
+            r = await store.acquire(c)
+            seen.append((r.allowed, r.denied_bucket, r.retry_after_s))
+        return seen
+
+    async def main() -> None:
+        memory = MemoryQuotaStore(clock=FakeClock())
+        redis_store = RedisQuotaStore(valkey.url, timeout_s=2.0)
+        try:
+            expected, got = await answers(memory), await answers(redis_store)
+        finally:
+            await redis_store.close()
+        assert [a[:2] for a in got] == [a[:2] for a in expected]
+        for (_, _, want), (_, _, have) in zip(expected, got, strict=True):
+            assert want - SLACK_S < have <= want + 1e-6
+
+    asyncio.run(main())
+
+
+def test_redis_recovers_from_a_script_flush(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
+    async def body(store: RedisQuotaStore) -> None:
+        c = check(bucket(burst=5), max_concurrency=5)
+        first = await store.acquire(c)
+        assert first.allowed
+        redis_sync.script_flush()
+        assert (await store.acquire(c)).allowed
+        redis_sync.script_flush()
+        assert await store.release(lease_of(c, first))
+        redis_sync.script_flush()
+        await store.charge("acme", bucket(cost=1))
+        redis_sync.script_flush()
+        assert await store.in_flight("acme", None) == 1
+        redis_sync.script_flush()
+        assert (await store.peek(c)).allowed
+
+    run_redis(valkey.url, body)
+
+
+def test_redis_keys_expire_when_they_hold_nothing(
+    valkey: ValkeyServer, redis_sync: redis.Redis
+) -> None:
+    async def body(store: RedisQuotaStore) -> None:
+        c = check(bucket(rate=0.5, burst=5, cost=2), klass="gold", lease_ttl_s=30)
+        result = await store.acquire(c)
+        assert result.allowed
+        keys = sorted(str(k) for k in redis_sync.keys("*"))
+        assert keys == [
+            "qos:{acme}:bucket:req",
+            "qos:{acme}:class_leases:gold",
+            "qos:{acme}:leases",
+        ]
+        # The bucket is full again 2 / 0.5 = 4 s after this charge; leases live 30 s.
+        assert 3_000 < redis_sync.pttl("qos:{acme}:bucket:req") <= 4_000
+        assert 29_000 < redis_sync.pttl("qos:{acme}:leases") <= 30_000
+        assert 29_000 < redis_sync.pttl("qos:{acme}:class_leases:gold") <= 30_000
+
+        # A shorter lease in another class must not shorten the tenant set's life.
+        await store.acquire(check(klass="bronze", lease_ttl_s=1))
+        assert 28_000 < redis_sync.pttl("qos:{acme}:leases") <= 30_000
+        assert redis_sync.pttl("qos:{acme}:class_leases:bronze") <= 1_000
+
+        assert await store.release(lease_of(c, result))
+        assert not redis_sync.exists("qos:{acme}:class_leases:gold")  # empty sets vanish
+
+    run_redis(valkey.url, body)
+
+
+def test_redis_peek_writes_nothing(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
+    async def body(store: RedisQuotaStore) -> None:
+        assert (await store.peek(check(bucket(), max_concurrency=1))).allowed
+        assert redis_sync.dbsize() == 0
+
+    run_redis(valkey.url, body)
+
+
+def test_redis_unreachable_raises_state_unavailable_quickly() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+    async def body(store: RedisQuotaStore) -> None:
+        calls: list[Callable[[], Awaitable[object]]] = [
+            store.ping,
+            lambda: store.acquire(check(bucket())),
+            lambda: store.release(LeaseRef("a", "b", "c")),
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable):
+                await call()
+            assert time.monotonic() - started < 1.0
+
+    run_redis(url, body)
+
+
+def test_redis_stopped_mid_test_raises_state_unavailable_quickly() -> None:
+    with ValkeyServer() as server:
+
+        async def body(store: RedisQuotaStore) -> None:
+            assert (await store.acquire(check(bucket()))).allowed  # a pooled connection
+            server.stop()
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable):
+                await store.acquire(check(bucket()))
+            assert time.monotonic() - started < 1.0
+
+        run_redis(server.url, body)
+
+
+def test_redis_stalled_server_hits_the_deadline_and_recovers() -> None:
+    with ValkeyServer() as server:
+
+        async def body(store: RedisQuotaStore) -> None:
+            await store.ping()
+            server.pause()  # accepts bytes, answers nothing
+            try:
+                started = time.monotonic()
+                with pytest.raises(StateUnavailable):
+                    await store.acquire(check(bucket()))
+                elapsed = time.monotonic() - started
+                assert 0.09 < elapsed < 1.0
+            finally:
+                server.resume()
+            # The timed-out connection was dropped, not handed back half-read.
+            assert (await store.acquire(check(bucket()))).allowed
+            await store.ping()
+
+        run_redis(server.url, body, timeout_s=0.1)

@@ -1,0 +1,76 @@
+"""Keys: one hash tag per tenant, and no name can inject key syntax or collide."""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.state.keys import KeyKind, build_key, encode_name
+
+# Any text, including `{`, `}`, `:`, `%`, spaces, controls and every Unicode plane.
+names = st.text(st.characters(), max_size=12) | st.sampled_from(["{", "}", ":", "%", "{}", ""])
+tenants = names.filter(bool)
+key_specs = st.tuples(tenants, st.sampled_from(KeyKind), st.lists(names, max_size=2))
+
+KEY = re.compile(r"qos:\{([A-Za-z0-9_%-]+)\}:(bucket|leases|class_leases)((?::[A-Za-z0-9_%-]*)*)")
+
+
+def cluster_hash_tag(key: str) -> str | None:
+    """What Redis Cluster hashes: the text between the first `{` and the first `}` after it,
+    if non-empty (see the Redis Cluster specification, "Hash tags")."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    if start == -1 or end == -1 or end == start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+@given(key_specs, key_specs)
+def test_different_names_never_share_a_key(
+    a: tuple[str, KeyKind, list[str]], b: tuple[str, KeyKind, list[str]]
+) -> None:
+    key_a, key_b = build_key(a[0], a[1], *a[2]), build_key(b[0], b[1], *b[2])
+    assert (key_a == key_b) == (a == b)
+
+
+@given(key_specs)
+def test_every_key_has_one_hash_tag_and_it_is_the_tenant(
+    spec: tuple[str, KeyKind, list[str]],
+) -> None:
+    tenant, kind, parts = spec
+    key = build_key(tenant, kind, *parts)
+    match = KEY.fullmatch(key)
+    assert match is not None, key
+    assert key.count("{") == 1 and key.count("}") == 1
+    assert cluster_hash_tag(key) == match.group(1) == encode_name(tenant)
+    # The encoding reverses, so it is injective: the tag names exactly one tenant.
+    assert urllib.parse.unquote(match.group(1), errors="strict") == tenant
+    assert match.group(3).count(":") == len(parts)
+
+
+@given(tenants, st.sampled_from(KeyKind), st.sampled_from(KeyKind), names, names)
+def test_all_keys_of_a_tenant_share_its_slot(
+    tenant: str, kind_a: KeyKind, kind_b: KeyKind, part_a: str, part_b: str
+) -> None:
+    assert cluster_hash_tag(build_key(tenant, kind_a, part_a)) == cluster_hash_tag(
+        build_key(tenant, kind_b, part_b)
+    )
+
+
+def test_plain_names_stay_readable_and_awkward_ones_are_escaped() -> None:
+    assert build_key("acme", KeyKind.LEASES) == "qos:{acme}:leases"
+    assert build_key("acme", KeyKind.BUCKET, "llm_tokens") == "qos:{acme}:bucket:llm_tokens"
+    assert build_key("a}{b:c", KeyKind.CLASS_LEASES, "x:y") == (
+        "qos:{a%7D%7Bb%3Ac}:class_leases:x%3Ay"
+    )
+    assert build_key("é", KeyKind.LEASES) == "qos:{%C3%A9}:leases"
+
+
+def test_an_empty_tenant_is_refused() -> None:
+    # `{}` is not a hash tag: Redis Cluster would hash the whole key and scatter the tenant.
+    with pytest.raises(ValueError, match="empty"):
+        build_key("", KeyKind.LEASES)
