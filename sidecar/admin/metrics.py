@@ -1,0 +1,84 @@
+"""Prometheus metrics, created on an injected registry so each test can own one.
+
+Label sets are bounded: tenants and classes are names from the policy; anything else is
+reported as `__unknown__`, so a client cannot grow the series count by inventing names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.core.types import Decision
+
+UNKNOWN = "__unknown__"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.decisions = Counter(
+            "qos_decisions_total",
+            "Admission decisions by tenant, granted class, outcome and reason.",
+            ["tenant", "class", "outcome", "reason"],
+            registry=registry,
+        )
+        self.decision_seconds = Histogram(
+            "qos_decision_duration_seconds",
+            "Time to decide, from the Envoy call's arrival to the answer, by API.",
+            ["api"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "qos_in_flight_requests",
+            "Admitted requests holding a concurrency lease (global, read from the quota store).",
+            ["tenant", "class"],
+            registry=registry,
+        )
+        self.completions = Counter(
+            "qos_completions_total",
+            "Completion signals by result: released, already_released, no_lease, bad_lease.",
+            ["result"],
+            registry=registry,
+        )
+        self.state_errors = Counter(
+            "qos_state_errors_total",
+            "Calls to the quota store that failed or timed out, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.malformed = Counter(
+            "qos_malformed_requests_total",
+            "Envoy calls that could not be understood, by API.",
+            ["api"],
+            registry=registry,
+        )
+        self.policy_reloads = Counter(
+            "qos_policy_reloads_total",
+            "Policy loads by result (ok or error).",
+            ["result"],
+            registry=registry,
+        )
+        self.policy_last_reload_ok = Gauge(
+            "qos_policy_last_reload_success",
+            "1 if the last policy load succeeded, 0 if it failed and an older policy is in use.",
+            registry=registry,
+        )
+        self.policy_info = Gauge(
+            "qos_policy_info",
+            "The policy version in use (content hash), as a label; value is always 1.",
+            ["version"],
+            registry=registry,
+        )
+
+    def record_decision(self, decision: Decision, known_tenants: frozenset[str], api: str) -> None:
+        tenant = decision.tenant if decision.tenant in known_tenants else UNKNOWN
+        self.decisions.labels(
+            tenant, decision.klass or UNKNOWN, decision.outcome.value, decision.reason.value
+        ).inc()
+        if decision.reason.value == "malformed":
+            self.malformed.labels(api).inc()
+
+    def set_policy_version(self, version: str) -> None:
+        self.policy_info.clear()
+        self.policy_info.labels(version).set(1)

@@ -1,0 +1,90 @@
+"""ext_authz over gRPC (`envoy.service.auth.v3.Authorization/Check`).
+
+An admit is `status.code = OK` with the decision headers in `ok_response`, each set with
+OVERWRITE_IF_EXISTS_OR_ADD so a client-sent copy can never survive next to ours. A shed is a
+non-OK status with `denied_response` carrying the HTTP status, headers and JSON body that the
+client receives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from sidecar.core.decide import malformed
+from sidecar.core.types import Decision, RequestAttributes
+from sidecar.service import AdmissionService
+
+API = "grpc"
+_RPC_CODE = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.UNAUTHENTICATED,
+    403: code_pb2.PERMISSION_DENIED,
+    429: code_pb2.RESOURCE_EXHAUSTED,
+    503: code_pb2.UNAVAILABLE,
+}
+
+
+def attributes_from_check(request: Any) -> RequestAttributes | None:
+    """The request's attributes, or None when the CheckRequest has no HTTP request in it."""
+    if not request.attributes.request.HasField("http"):
+        return None
+    http = request.attributes.request.http
+    headers = {k.lower(): v for k, v in http.headers.items() if not k.startswith(":")}
+    return RequestAttributes(
+        method=http.method,
+        path=http.path,
+        headers=headers,
+        principal=request.attributes.source.principal or None,
+        request_id=http.id or headers.get("x-request-id"),
+    )
+
+
+def _header_options(headers: tuple[tuple[str, str], ...]) -> list[Any]:
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=name, value=value),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+        for name, value in headers
+    ]
+
+
+def check_response_for(decision: Decision) -> Any:
+    if decision.admitted:
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(headers=_header_options(decision.headers)),
+        )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(
+            code=_RPC_CODE.get(decision.status, code_pb2.PERMISSION_DENIED),
+            message=decision.reason.value,
+        ),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=decision.status),
+            headers=_header_options(decision.headers),
+            body=decision.body.decode(),
+        ),
+    )
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, service: AdmissionService) -> None:
+        self._service = service
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        attrs = attributes_from_check(request)
+        if attrs is None:
+            decision = malformed("CheckRequest has no attributes.request.http")
+            self._service.metrics.record_decision(decision, frozenset(), API)
+            return check_response_for(decision)
+        decision = await self._service.check(attrs, API)
+        if decision.lease_id is not None and context.cancelled():
+            await self._service.release_undelivered(decision)
+        return check_response_for(decision)

@@ -1,0 +1,102 @@
+"""Process settings: read once at start from flags and `QOS_*` environment variables.
+
+Flags win over the environment, the environment over defaults. Everything that can change
+while the sidecar runs (quotas, classes, tenants) is policy, not a setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+from sidecar.errors import SettingsError
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    authz_http_addr: str = "127.0.0.1:9191"  # ext_authz HTTP (Envoy http_service)
+    grpc_addr: str = "127.0.0.1:9192"  # ext_authz gRPC and the access-log completion stream
+    admin_addr: str = "127.0.0.1:9090"  # metrics, health, policy, explain: localhost by default
+    redis_url: str = ""  # empty: the embedded in-memory store (one replica only)
+    redis_timeout_ms: int = 50  # a store call slower than this counts as unavailable
+    policy_path: tuple[str, ...] = ("policies",)
+    policy_poll_ms: int = 1000  # how often policy files are checked for changes
+    triton_urls: tuple[str, ...] = ()  # Triton HTTP endpoints, for /readyz
+    log_level: str = "info"
+
+    @property
+    def authz_http_host_port(self) -> tuple[str, int]:
+        return split_addr(self.authz_http_addr, "authz_http_addr")
+
+    @property
+    def admin_host_port(self) -> tuple[str, int]:
+        return split_addr(self.admin_addr, "admin_addr")
+
+
+_HELP = {
+    "authz_http_addr": "listen address of the ext_authz HTTP service",
+    "grpc_addr": "listen address of the gRPC services (ext_authz, access-log completion)",
+    "admin_addr": "listen address of metrics, health, policy and explain",
+    "redis_url": "Redis URL for shared quota state; empty uses an in-memory store",
+    "redis_timeout_ms": "Redis call timeout in ms; slower calls follow the class fail mode",
+    "policy_path": "policy file or directory (comma-separated for several)",
+    "policy_poll_ms": "policy change check interval in ms (SIGHUP reloads at once)",
+    "triton_urls": "comma-separated Triton HTTP base URLs checked by /readyz",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def split_addr(addr: str, name: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise SettingsError(f"{name}: expected HOST:PORT, got {addr!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Settings):
+        env = "QOS_" + f.name.upper()
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            help=f"{_HELP[f.name]} (${env})",
+        )
+
+
+def load_settings(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = environ.get("QOS_" + f.name.upper())
+        if raw is None:
+            continue
+        if f.type == "int":
+            try:
+                values[f.name] = int(raw)
+            except ValueError:
+                raise SettingsError(f"{f.name}: expected an integer, got {raw!r}") from None
+        elif f.type == "tuple[str, ...]":
+            values[f.name] = _split_list(raw)
+        else:
+            values[f.name] = raw
+    settings = Settings(**values)  # type: ignore[arg-type]
+    settings.authz_http_host_port  # noqa: B018 - validate addresses at start, not at first use
+    settings.admin_host_port  # noqa: B018
+    split_addr(settings.grpc_addr, "grpc_addr")
+    if settings.redis_timeout_ms <= 0:
+        raise SettingsError("redis_timeout_ms: must be positive")
+    if not settings.policy_path:
+        raise SettingsError("policy_path: at least one path is needed")
+    return settings
+
+
+def _split_list(raw: str | Sequence[str]) -> tuple[str, ...]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    return tuple(item.strip() for item in items if item.strip())

@@ -1,0 +1,259 @@
+"""The Envoy adapters in process, against the in-memory store: wire format in, wire out.
+
+Both ext_authz APIs must give the same decisions; the access-log stream must release the
+lease named in each entry. The real-Envoy versions of these checks are in test_e2e_stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp.test_utils import TestClient, TestServer
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from sidecar.admin.metrics import Metrics
+from sidecar.envoy.access_log import AccessLogServicer
+from sidecar.envoy.authz_grpc import AuthorizationServicer
+from sidecar.envoy.authz_http import build_authz_app
+from sidecar.errors import StateUnavailable
+from sidecar.service import AdmissionService
+from sidecar.state.memory import MemoryQuotaStore
+from tests.core_fixtures import make_policy
+
+INFER = "/v2/models/simgpu/infer"
+
+
+def make_service(store: Any = None) -> AdmissionService:
+    return AdmissionService(
+        make_policy(), store or MemoryQuotaStore(), Metrics(CollectorRegistry())
+    )
+
+
+def sample(service: AdmissionService, name: str, **labels: str) -> float:
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def with_http(
+    service: AdmissionService, body: Callable[[TestClient[Any, Any]], Awaitable[None]]
+) -> None:
+    client = TestClient(TestServer(build_authz_app(service)))
+    await client.start_server()
+    try:
+        await body(client)
+    finally:
+        await client.close()
+
+
+async def with_grpc(service: AdmissionService, body: Callable[[Any, Any], Awaitable[None]]) -> None:
+    server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationServicer(service), server
+    )
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(service), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await body(
+                external_auth_pb2_grpc.AuthorizationStub(channel),
+                als_pb2_grpc.AccessLogServiceStub(channel),
+            )
+    finally:
+        await server.stop(None)
+
+
+def check_request(headers: dict[str, str], path: str = INFER, principal: str = "") -> Any:
+    ctx = attribute_context_pb2.AttributeContext
+    return external_auth_pb2.CheckRequest(
+        attributes=ctx(
+            source=ctx.Peer(principal=principal),
+            request=ctx.Request(http=ctx.HttpRequest(method="POST", path=path, headers=headers)),
+        )
+    )
+
+
+def test_http_admit_sets_decision_headers_and_shed_has_json_body() -> None:
+    service = make_service()
+
+    async def body(client: TestClient[Any, Any]) -> None:
+        ok = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
+        assert ok.status == 200
+        assert ok.headers["x-qos-tenant"] == "analytics"
+        assert ok.headers["x-qos-granted-class"] == "batch"
+        assert ok.headers["x-qos-priority"] == "3"
+        assert ok.headers["x-qos-lease"].startswith("v1.")
+        for _ in range(4):  # analytics: burst 5
+            assert (
+                await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
+            ).status == 200
+        shed = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
+        assert shed.status == 429
+        assert shed.headers["retry-after"] == "1"
+        assert (await shed.json())["reason"] == "over_rate"
+
+    asyncio.run(with_http(service, body))
+    assert (
+        sample(
+            service,
+            "qos_decisions_total",
+            tenant="analytics",
+            **{"class": "batch"},
+            outcome="admit",
+            reason="admitted",
+        )
+        == 5
+    )
+
+
+def test_http_overload_travels_as_429_with_x_qos_status_503() -> None:
+    class DownStore(MemoryQuotaStore):
+        async def acquire(self, check: Any) -> Any:
+            raise StateUnavailable("down")
+
+    service = make_service(DownStore())
+
+    async def body(client: TestClient[Any, Any]) -> None:
+        closed = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
+        # Envoy turns a 5xx from an HTTP authz server into its own error; the shipped
+        # config's local-reply mapper turns this back into 503.
+        assert closed.status == 429
+        assert closed.headers["x-qos-status"] == "503"
+        assert (await closed.json())["reason"] == "state_unavailable"
+        fail_open = await client.post("/authz" + INFER, headers={"x-api-key": "k-search"})
+        assert fail_open.status == 200
+        assert "x-qos-lease" not in fail_open.headers
+
+    asyncio.run(with_http(service, body))
+    assert sample(service, "qos_state_errors_total", operation="acquire") == 2
+
+
+def test_http_path_prefix_and_principal_header() -> None:
+    service = make_service()
+
+    async def body(client: TestClient[Any, Any]) -> None:
+        ok = await client.post(
+            "/authz/v2/models/llm/infer",
+            headers={"x-qos-peer-principal": "spiffe://test/analytics"},
+        )
+        assert ok.status == 200
+        assert ok.headers["x-qos-tenant"] == "analytics"
+
+    asyncio.run(with_http(service, body))
+
+
+def test_grpc_and_http_give_the_same_decisions() -> None:
+    cases = [
+        {"x-api-key": "k-search", "x-qos-class": "interactive"},
+        {"x-api-key": "k-search", "x-qos-class": "batch"},
+        {"x-api-key": "k-analytics", "x-qos-class": "interactive"},
+        {"x-api-key": "nope"},
+        {},
+        {"x-api-key": "k-search", "x-qos-class": "bad class"},
+    ]
+    http_seen: list[tuple[int, str | None, str | None]] = []
+    grpc_seen: list[tuple[int, str | None, str | None]] = []
+
+    async def http_body(client: TestClient[Any, Any]) -> None:
+        for headers in cases:
+            r = await client.post("/authz" + INFER, headers=headers)
+            reason = (await r.json())["reason"] if r.status != 200 else None
+            http_seen.append((r.status, r.headers.get("x-qos-granted-class"), reason))
+
+    async def grpc_body(authz: Any, _: Any) -> None:
+        for headers in cases:
+            r = await authz.Check(check_request(headers))
+            if r.HasField("ok_response"):
+                got = {h.header.key: h.header.value for h in r.ok_response.headers}
+                for h in r.ok_response.headers:
+                    assert h.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+                grpc_seen.append((200, got.get("x-qos-granted-class"), None))
+            else:
+                assert r.status.code != 0
+                grpc_seen.append(
+                    (
+                        r.denied_response.status.code,
+                        None,
+                        json.loads(r.denied_response.body)["reason"],
+                    )
+                )
+
+    asyncio.run(with_http(make_service(), http_body))
+    asyncio.run(with_grpc(make_service(), grpc_body))
+    assert http_seen == grpc_seen
+    assert [s[0] for s in http_seen] == [200, 200, 403, 401, 401, 400]
+
+
+def test_grpc_malformed_check_request_is_400_and_counted() -> None:
+    service = make_service()
+
+    async def body(authz: Any, _: Any) -> None:
+        r = await authz.Check(external_auth_pb2.CheckRequest())
+        assert r.denied_response.status.code == 400
+        assert json.loads(r.denied_response.body)["reason"] == "malformed"
+
+    asyncio.run(with_grpc(service, body))
+    assert sample(service, "qos_malformed_requests_total", api="grpc") == 1
+
+
+def test_access_log_stream_releases_leases() -> None:
+    service = make_service()
+
+    async def body(authz: Any, als: Any) -> None:
+        leases = []
+        for _ in range(2):  # search, interactive: max 2 per class
+            r = await authz.Check(
+                check_request({"x-api-key": "k-search", "x-qos-class": "interactive"})
+            )
+            leases.append(
+                {h.header.key: h.header.value for h in r.ok_response.headers}["x-qos-lease"]
+            )
+        full = await authz.Check(
+            check_request({"x-api-key": "k-search", "x-qos-class": "interactive"})
+        )
+        assert json.loads(full.denied_response.body)["reason"] == "over_class_concurrency"
+
+        def entry(lease: str | None) -> Any:
+            headers = {"x-qos-lease": lease} if lease else {}
+            return accesslog_pb2.HTTPAccessLogEntry(
+                request=accesslog_pb2.HTTPRequestProperties(request_headers=headers)
+            )
+
+        messages = [
+            als_pb2.StreamAccessLogsMessage(
+                http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+                    log_entry=[entry(leases[0]), entry(None), entry("v1.forged")]
+                )
+            ),
+            als_pb2.StreamAccessLogsMessage(
+                http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+                    log_entry=[entry(leases[1]), entry(leases[1])]
+                )
+            ),
+        ]
+
+        async def stream() -> Any:
+            for m in messages:
+                yield m
+
+        await als.StreamAccessLogs(stream())
+        again = await authz.Check(
+            check_request({"x-api-key": "k-search", "x-qos-class": "interactive"})
+        )
+        assert again.HasField("ok_response")
+
+    asyncio.run(with_grpc(service, body))
+    for result, count in (
+        ("released", 2),
+        ("no_lease", 1),
+        ("bad_lease", 1),
+        ("already_released", 1),
+    ):
+        assert sample(service, "qos_completions_total", result=result) == count, result
