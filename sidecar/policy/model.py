@@ -50,9 +50,7 @@ class IdentitySource:
 @dataclass(frozen=True, slots=True)
 class IdentityPolicy:
     # Tried in order; the first source that yields a value decides (even if it matches no tenant).
-    sources: tuple[IdentitySource, ...] = (
-        IdentitySource(IdentitySourceKind.API_KEY, "x-api-key"),
-    )
+    sources: tuple[IdentitySource, ...] = (IdentitySource(IdentitySourceKind.API_KEY, "x-api-key"),)
     # The header a client uses to *ask* for a class. The granted class goes upstream in
     # DECISION_HEADERS and is never read back from the client.
     class_header: str = "x-qos-class"

@@ -1,0 +1,98 @@
+"""The committed JSON Schema is the generated one, and it agrees with the loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.policy.schema import render_schema, render_schema_text
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "policies"
+CASES = Path(__file__).resolve().parent / "policy_cases"
+
+# Broken cases whose every problem lies within the one file, so the schema must reject them
+# too. The others need the whole policy (references, duplicates) or are not YAML at all.
+SINGLE_FILE_CASES = [
+    "unknown_key.yaml",
+    "wrong_type.yaml",
+    "bad_enum.yaml",
+    "negative_rate.yaml",
+    "burst_below_one.yaml",
+    "out_of_range.yaml",
+    "missing_required.yaml",
+    "bad_sha.yaml",
+    "identity_rules.yaml",
+    "unknown_tenant_without_tenant.yaml",
+    "unknown_tenant_reject_with_tenant.yaml",
+    "top_level_list.yaml",
+]
+
+
+def test_committed_schema_is_the_generated_one() -> None:
+    committed = (POLICIES / "schema.json").read_text()
+    assert committed == render_schema_text(), (
+        "policies/schema.json is stale: python -m sidecar.policy.schema > policies/schema.json"
+    )
+
+
+def test_module_prints_the_schema() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar.policy.schema"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    assert out == render_schema_text()
+
+
+def test_schema_shape() -> None:
+    schema = render_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == {
+        "identity",
+        "lease_ttl_s",
+        "unknown_tenants",
+        "classes",
+        "models",
+        "tenants",
+    }
+    # Every object refuses unknown keys, like the loader.
+    for name, definition in schema["$defs"].items():
+        assert definition["additionalProperties"] is False, name
+    assert schema["$defs"]["class"]["required"] == [
+        "rank",
+        "latency_objective_ms",
+        "max_wait_ms",
+        "triton_priority",
+    ]
+    assert schema["$defs"]["bucket"]["properties"]["burst"]["minimum"] == 1
+
+
+def _validator() -> Any:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((POLICIES / "schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in POLICIES.glob("*.yaml")))
+def test_examples_validate_against_the_schema(name: str) -> None:
+    validator = _validator()
+    document = yaml.safe_load((POLICIES / name).read_text())
+    assert [e.message for e in validator.iter_errors(document)] == []
+
+
+@pytest.mark.parametrize("name", SINGLE_FILE_CASES)
+def test_schema_rejects_what_the_loader_rejects(name: str) -> None:
+    validator = _validator()
+    document = yaml.safe_load((CASES / name).read_text())
+    assert list(validator.iter_errors(document)) != []
