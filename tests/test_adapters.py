@@ -113,7 +113,7 @@ def test_http_admit_sets_decision_headers_and_shed_has_json_body() -> None:
     )
 
 
-def test_http_overload_travels_as_429_with_x_qos_status_503() -> None:
+def test_http_overload_travels_as_430_with_x_qos_status_503() -> None:
     class DownStore(MemoryQuotaStore):
         async def acquire(self, check: Any) -> Any:
             raise StateUnavailable("down")
@@ -124,7 +124,7 @@ def test_http_overload_travels_as_429_with_x_qos_status_503() -> None:
         closed = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
         # Envoy turns a 5xx from an HTTP authz server into its own error; the shipped
         # config's local-reply mapper turns this back into 503.
-        assert closed.status == 429
+        assert closed.status == 430
         assert closed.headers["x-qos-status"] == "503"
         assert (await closed.json())["reason"] == "state_unavailable"
         fail_open = await client.post("/authz" + INFER, headers={"x-api-key": "k-search"})

@@ -189,6 +189,22 @@ def test_bootstrap_access_log_is_the_snippet(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
+def test_bootstrap_local_reply_mapper_is_the_snippet(mode: str) -> None:
+    hcm = hcm_of(load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml"))
+    assert hcm["local_reply_config"] == snippet("overload-local-reply.yaml")
+
+
+def test_overload_wire_status_matches_the_adapter() -> None:
+    from sidecar.envoy.authz_http import OVERLOAD_WIRE_STATUS, STATUS_HEADER
+
+    mapper = snippet("overload-local-reply.yaml")["mappers"][0]
+    wire = mapper["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
+    assert (wire, mapper["status_code"]) == (OVERLOAD_WIRE_STATUS, 503)
+    allowed = snippet(MODES["http"])["typed_config"]["http_service"]["authorization_response"]
+    assert {"exact": STATUS_HEADER} in allowed["allowed_client_headers"]["patterns"]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
 def test_bootstrap_sidecar_clusters_are_the_snippet(mode: str) -> None:
     clusters = load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml")["static_resources"]["clusters"]
     sidecar = [c for c in clusters if c["name"].startswith("qos_sidecar_")]

@@ -634,6 +634,17 @@ def test_http_mode_denial_reaches_the_client(
     assert "retry-after" not in reply.headers
     assert b"rate_limited" not in reply.body
 
+    # So the sidecar sends overload sheds as 430; the shipped local-reply mapper restores the
+    # 503 and keeps the sidecar's headers and body.
+    authz.status = 430
+    authz.headers = [*authz.headers, ("x-qos-status", "503")]
+    authz.body = b'{"error": "unavailable"}'
+    reply = request(port, "/v2/models/simgpu/infer")
+    assert reply.status == 503
+    assert reply.headers["retry-after"] == "3"
+    assert reply.headers["x-qos-status"] == "503"
+    assert reply.json() == {"error": "unavailable"}
+
 
 @pytest.mark.stack
 @pytest.mark.parametrize("bootstrap", [HTTP_BOOTSTRAP, GRPC_BOOTSTRAP], ids=["http", "grpc"])

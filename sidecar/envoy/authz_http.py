@@ -4,8 +4,9 @@ Envoy is configured with `path_prefix: /authz`, so `/authz/v2/models/m/infer` ar
 for a client request to `/v2/models/m/infer`. A 200 admits and Envoy copies the decision
 headers upstream (`allowed_upstream_headers`); any other status is forwarded to the client
 with our body and headers. Envoy treats a 5xx from the authorization server as an error of
-the server itself (`status_on_error`), so overload sheds travel as 429 with
-`x-qos-status: 503`, and the shipped Envoy config's local-reply mapper restores the 503.
+the server itself (`status_on_error`), so overload sheds travel as the unassigned status 430
+with `x-qos-status: 503`, and the shipped Envoy config's local-reply mapper
+(envoy/snippets/overload-local-reply.yaml) restores the 503 with our headers and body.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from sidecar.service import AdmissionService
 # which overwrites any copy the client sent.
 PRINCIPAL_HEADER = "x-qos-peer-principal"
 STATUS_HEADER = "x-qos-status"
+# Must match the status_code_filter in envoy/snippets/overload-local-reply.yaml.
+OVERLOAD_WIRE_STATUS = 430
 API = "http"
 
 
@@ -44,7 +47,7 @@ def response_for(decision: Decision) -> web.Response:
     status = decision.status
     if status >= 500:
         headers[STATUS_HEADER] = str(status)
-        status = 429
+        status = OVERLOAD_WIRE_STATUS
     return web.Response(status=status, headers=headers, body=decision.body)
 
 

@@ -1,0 +1,116 @@
+"""The admin listener: /metrics, /healthz, /readyz, /v1/policy, /v1/explain.
+
+It binds to localhost unless configured otherwise: explain reveals policy details and the
+policy endpoint lists tenants, which are not for the public side of a mesh.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.core.types import Decision, RequestAttributes
+from sidecar.errors import StateUnavailable
+from sidecar.policy.reload import PolicyHolder
+from sidecar.service import AdmissionService
+
+ReadinessProbe = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def decision_json(decision: Decision) -> dict[str, Any]:
+    return {
+        "outcome": decision.outcome.value,
+        "status": decision.status,
+        "reason": decision.reason.value,
+        "tenant": decision.tenant,
+        "class": decision.klass,
+        "requested_class": decision.requested_class,
+        "retry_after_s": decision.retry_after_s,
+        "headers": dict(decision.headers),
+        "body": json.loads(decision.body) if decision.body else None,
+        "trace": list(decision.trace),
+    }
+
+
+def explain_request_from_json(payload: Any) -> RequestAttributes:
+    """`{"path": ..., "method": ..., "headers": {...}, "principal": ...}` to attributes."""
+    if not isinstance(payload, dict):
+        raise ValueError("expected a JSON object")
+    headers = payload.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ValueError("headers: expected an object of strings")
+    path, method, principal = (
+        payload.get("path", "/"),
+        payload.get("method", "POST"),
+        payload.get("principal"),
+    )
+    if not isinstance(path, str) or not isinstance(method, str):
+        raise ValueError("path and method must be strings")
+    if principal is not None and not isinstance(principal, str):
+        raise ValueError("principal must be a string")
+    return RequestAttributes(
+        method=method,
+        path=path,
+        headers={k.lower(): v for k, v in headers.items()},
+        principal=principal,
+    )
+
+
+def build_admin_app(
+    service: AdmissionService, holder: PolicyHolder, readiness: ReadinessProbe | None = None
+) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(service.metrics.registry)
+        return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        # Not ready only when the sidecar itself cannot decide. A Redis outage affects every
+        # replica alike and is handled per class (fail open/closed), so it is reported here
+        # but does not take replicas out of rotation.
+        report: dict[str, Any] = {"policy_version": service.policy.version}
+        try:
+            await service.store.ping()
+            report["store"] = "ok"
+        except StateUnavailable as exc:
+            report["store"] = f"unavailable: {exc}"
+        if readiness is not None:
+            report.update(await readiness())
+        return web.json_response({"status": "ready", **report})
+
+    async def policy(_: web.Request) -> web.Response:
+        current = service.policy
+        error = holder.last_error
+        return web.json_response(
+            {
+                "version": current.version,
+                "sources": list(current.sources),
+                "loaded_at": holder.last_loaded_at,
+                "classes": sorted(current.classes),
+                "tenants": sorted(current.tenants),
+                "last_error": [str(p) for p in error.problems] if error else None,
+            }
+        )
+
+    async def explain(request: web.Request) -> web.Response:
+        try:
+            attrs = explain_request_from_json(await request.json())
+        except (ValueError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": "bad_request", "message": str(exc)}, status=400)
+        return web.json_response(decision_json(await service.explain(attrs)))
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/policy", policy)
+    app.router.add_post("/v1/explain", explain)
+    return app

@@ -1,0 +1,168 @@
+"""Wiring: one event loop (uvloop) serving ext_authz HTTP, gRPC and the admin listener.
+
+Start-up order: settings → policy (refuse to start if invalid) → quota store → service →
+listeners. Reloads come from SIGHUP and from a poll of the policy files; a bad policy keeps
+the last good one and is reported by metrics and /v1/policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from sidecar.admin.http import build_admin_app
+from sidecar.admin.metrics import Metrics
+from sidecar.envoy.access_log import AccessLogServicer
+from sidecar.envoy.authz_grpc import AuthorizationServicer
+from sidecar.envoy.authz_http import build_authz_app
+from sidecar.policy.reload import PolicyHolder
+from sidecar.service import AdmissionService
+from sidecar.settings import Settings
+from sidecar.state.base import QuotaStore
+from sidecar.state.memory import MemoryQuotaStore
+from sidecar.state.redis_store import RedisQuotaStore
+
+log = logging.getLogger("sidecar")
+IN_FLIGHT_REFRESH_S = 1.0
+
+
+def make_store(settings: Settings) -> QuotaStore:
+    if settings.redis_url:
+        return RedisQuotaStore(settings.redis_url, timeout_s=settings.redis_timeout_ms / 1000)
+    return MemoryQuotaStore()
+
+
+@dataclass
+class Sidecar:
+    """A running sidecar: its parts, for the CLI and for tests that run it in-process."""
+
+    settings: Settings
+    holder: PolicyHolder
+    service: AdmissionService
+    metrics: Metrics
+    runners: list[web.AppRunner]
+    grpc_server: Any
+    tasks: list[asyncio.Task[None]]
+
+    def reload_policy(self) -> bool:
+        ok = self.holder.reload()
+        if ok:
+            self.service.use_policy(self.holder.current)
+            self.metrics.set_policy_version(self.holder.current.version)
+            log.info("policy %s loaded", self.holder.current.version)
+        else:
+            log.error(
+                "policy reload failed, keeping %s:\n%s",
+                self.service.policy.version,
+                self.holder.last_error,
+            )
+        return ok
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.grpc_server.stop(grace=1.0)
+        for runner in self.runners:
+            await runner.cleanup()
+        await self.service.store.close()
+
+
+async def start(settings: Settings, registry: CollectorRegistry | None = None) -> Sidecar:
+    """Start every listener; raises PolicyError if the policy is invalid at start."""
+    metrics = Metrics(registry or CollectorRegistry())
+
+    def count_reload(ok: bool) -> None:
+        metrics.policy_reloads.labels("ok" if ok else "error").inc()
+        metrics.policy_last_reload_ok.set(1 if ok else 0)
+
+    holder = PolicyHolder([Path(p) for p in settings.policy_path], on_result=count_reload)
+    metrics.set_policy_version(holder.current.version)
+    service = AdmissionService(holder.current, make_store(settings), metrics)
+
+    runners: list[web.AppRunner] = []
+    # handler_cancellation: when Envoy gives up on a call, stop deciding for it (aiohttp
+    # otherwise runs a handler to the end after the client has gone).
+    for app, (host, port) in (
+        (build_authz_app(service), settings.authz_http_host_port),
+        (build_admin_app(service, holder), settings.admin_host_port),
+    ):
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        runners.append(runner)
+
+    server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationServicer(service), server
+    )
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(service), server)
+    if server.add_insecure_port(settings.grpc_addr) == 0:
+        raise OSError(f"cannot listen on {settings.grpc_addr}")
+    await server.start()
+
+    sidecar = Sidecar(settings, holder, service, metrics, runners, server, [])
+    sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
+    sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
+    log.info(
+        "qos-sidecar up: authz http %s, grpc %s, admin %s, policy %s, store %s",
+        settings.authz_http_addr,
+        settings.grpc_addr,
+        settings.admin_addr,
+        holder.current.version,
+        "redis" if settings.redis_url else "memory",
+    )
+    return sidecar
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the policy."""
+    sidecar = await start(settings)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload_policy)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        await sidecar.stop()
+
+
+def run(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import uvloop
+    except ImportError:  # uvloop is a dependency; this only guards odd platforms
+        asyncio.run(serve(settings))
+    else:
+        uvloop.run(serve(settings))
+
+
+async def _watch_policy(sidecar: Sidecar) -> None:
+    interval_s = sidecar.settings.policy_poll_ms / 1000
+    while True:
+        await asyncio.sleep(interval_s)
+        if sidecar.holder.changed():
+            sidecar.reload_policy()
+
+
+async def _refresh_in_flight(service: AdmissionService) -> None:
+    while True:
+        await service.refresh_in_flight()
+        await asyncio.sleep(IN_FLIGHT_REFRESH_S)

@@ -1,0 +1,125 @@
+"""`qos-sidecar serve | validate | explain`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from sidecar.errors import PolicyError, SidecarError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qos-sidecar", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from sidecar.settings import add_arguments
+
+    serve = commands.add_parser("serve", help="run the sidecar")
+    add_arguments(serve)
+
+    validate = commands.add_parser("validate", help="check policy files; non-zero on any error")
+    validate.add_argument("paths", nargs="+", type=Path)
+
+    explain = commands.add_parser(
+        "explain", help="show the decision a request would get, without taking quota"
+    )
+    explain.add_argument("path", help="request path, e.g. /v2/models/simgpu/infer")
+    explain.add_argument("-H", "--header", action="append", default=[], help="NAME: VALUE")
+    explain.add_argument("--method", default="POST")
+    explain.add_argument("--principal")
+    where = explain.add_mutually_exclusive_group()
+    where.add_argument("--admin", help="ask a running sidecar, e.g. http://127.0.0.1:9090")
+    where.add_argument(
+        "--policy", type=Path, action="append", help="evaluate against policy files offline"
+    )
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "validate":
+            from sidecar.policy.loader import validate as validate_paths
+
+            return validate_paths(args.paths)
+        return _explain(args)
+    except SidecarError as exc:
+        print(f"qos-sidecar: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sidecar.app import run
+    from sidecar.settings import load_settings
+
+    run(load_settings(args))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep:
+            print(f"qos-sidecar: header {item!r}: expected NAME: VALUE", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    payload = {
+        "path": args.path,
+        "method": args.method,
+        "headers": headers,
+        "principal": args.principal,
+    }
+    if args.admin:
+        request = urllib.request.Request(
+            args.admin.rstrip("/") + "/v1/explain",
+            data=json.dumps(payload).encode(),
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                report = json.load(response)
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"qos-sidecar: cannot reach {args.admin}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        report = asyncio.run(_explain_offline(args.policy or [Path("policies")], payload))
+    _print_explanation(report)
+    return 0
+
+
+async def _explain_offline(paths: list[Path], payload: dict[str, object]) -> dict[str, object]:
+    """Against policy files and an empty in-memory store: what a fresh tenant would get."""
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.admin.http import decision_json, explain_request_from_json
+    from sidecar.admin.metrics import Metrics
+    from sidecar.policy.loader import load_policy
+    from sidecar.service import AdmissionService
+    from sidecar.state.memory import MemoryQuotaStore
+
+    try:
+        policy = load_policy(paths)
+    except PolicyError:
+        raise
+    service = AdmissionService(policy, MemoryQuotaStore(), Metrics(CollectorRegistry()))
+    return decision_json(await service.explain(explain_request_from_json(payload)))
+
+
+def _print_explanation(report: dict[str, object]) -> None:
+    print(f"{report['outcome']} {report['status']} ({report['reason']})")
+    print(f"  tenant: {report['tenant']}  class: {report['class']}")
+    for step in report.get("trace") or []:  # type: ignore[attr-defined]
+        print(f"  - {step}")
+    headers = report.get("headers") or {}
+    for name, value in headers.items():  # type: ignore[attr-defined]
+        print(f"  {name}: {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

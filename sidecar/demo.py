@@ -1,0 +1,171 @@
+"""The local demo: the whole stack on this machine, a short multi-tenant load, a report.
+
+Starts Valkey, Triton (examples/triton, a simulated GPU), the sidecar and Envoy with a
+shipped bootstrap, then sends open-loop Poisson traffic from several tenants through Envoy
+and prints, per tenant and class, what was admitted and shed and how long it took.
+Every process is stopped at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from sidecar.testing.stack import ROOT, LocalStack
+
+INFER_PATH = "/v2/models/simgpu/infer"
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One kind of traffic: who sends it, which class it asks for, how often."""
+
+    label: str
+    api_key: str | None
+    klass: str | None
+    rate_per_s: float
+    delay_ms: float  # simulated GPU time this request asks for
+
+
+# The demo tenants of policies/tenants.yaml; their API keys are `demo-key-<tenant>`.
+STREAMS = (
+    Stream("search", "demo-key-search", "interactive", 14.0, 8.0),
+    Stream("search", "demo-key-search", "standard", 10.0, 8.0),  # together over its 20/s
+    Stream("analytics", "demo-key-analytics", "batch", 4.0, 30.0),
+    Stream("analytics", "demo-key-analytics", "interactive", 1.0, 8.0),  # not allowed: 403
+    Stream("research", "demo-key-research", "batch", 6.0, 40.0),
+    Stream("research", "demo-key-research", "opportunistic", 6.0, 40.0),
+    Stream("(no key)", None, None, 3.0, 8.0),  # unknown callers: the anonymous tenant
+)
+
+
+@dataclass
+class Result:
+    stream: Stream
+    status: int
+    latency_s: float
+    reason: str
+
+
+def infer_body(delay_ms: float) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "DELAY_MS", "shape": [1, 1], "datatype": "FP32", "data": [delay_ms]}]}
+    ).encode()
+
+
+async def send(session: aiohttp.ClientSession, url: str, stream: Stream) -> Result:
+    headers = {"content-type": "application/json"}
+    if stream.api_key:
+        headers["x-api-key"] = stream.api_key
+    if stream.klass:
+        headers["x-qos-class"] = stream.klass
+    started = time.perf_counter()
+    try:
+        async with session.post(
+            url + INFER_PATH, data=infer_body(stream.delay_ms), headers=headers
+        ) as r:
+            await r.read()
+            return Result(
+                stream, r.status, time.perf_counter() - started, r.headers.get("x-qos-reason", "")
+            )
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return Result(stream, 0, time.perf_counter() - started, type(exc).__name__)
+
+
+async def drive(url: str, duration_s: float, seed: int) -> list[Result]:
+    """Open loop: each stream's arrivals are Poisson and never wait for responses."""
+    rng = random.Random(seed)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
+        tasks: list[asyncio.Task[Result]] = []
+
+        async def arrivals(stream: Stream) -> None:
+            end = time.perf_counter() + duration_s
+            next_at = time.perf_counter()
+            while True:
+                next_at += rng.expovariate(stream.rate_per_s)
+                if next_at >= end:
+                    return
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                tasks.append(asyncio.create_task(send(session, url, stream)))
+
+        await asyncio.gather(*(arrivals(s) for s in STREAMS))
+        return list(await asyncio.gather(*tasks))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def report(results: list[Result]) -> str:
+    groups: dict[tuple[str, str], list[Result]] = defaultdict(list)
+    for r in results:
+        groups[(r.stream.label, r.stream.klass or "(default)")].append(r)
+    lines = [
+        f"{'tenant':<11} {'asked class':<14} {'sent':>5} {'admitted':>8} {'429':>5} {'503':>5}"
+        f" {'401/403':>7} {'p50 ms':>7} {'p95 ms':>7}  shed reasons",
+        "-" * 100,
+    ]
+    for (tenant, klass), rs in groups.items():
+        ok = [r.latency_s * 1000 for r in rs if r.status == 200]
+        by_status = defaultdict(int, {code: 0 for code in (429, 503)})
+        for r in rs:
+            by_status[r.status] += 1
+        reasons = sorted({r.reason for r in rs if r.status != 200 and r.reason})
+        refused = by_status[401] + by_status[403]
+        p50, p95 = percentile(ok, 0.5), percentile(ok, 0.95)
+        lines.append(
+            f"{tenant:<11} {klass:<14} {len(rs):>5} {len(ok):>8} {by_status[429]:>5}"
+            f" {by_status[503]:>5} {refused:>7} {p50:>7.1f} {p95:>7.1f}  {', '.join(reasons)}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__)
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of load")
+    parser.add_argument("--mode", choices=("http", "grpc"), default="http", help="ext_authz mode")
+    parser.add_argument("--policy", type=Path, default=ROOT / "policies")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="qos-demo-") as tmp:
+        print("starting Valkey, Triton (simulated GPU), qos-sidecar and Envoy ...", flush=True)
+        with LocalStack(Path(tmp), args.policy, modes=(args.mode,)) as stack:
+            assert stack.sidecar is not None
+            url = stack.url(args.mode)
+            print(
+                f"Envoy on {url} (ext_authz {args.mode}),"
+                f" sidecar admin on {stack.sidecar.admin_url}"
+            )
+            print(
+                f"sending {args.duration:.0f}s of open-loop traffic from 4 tenants ...", flush=True
+            )
+            results = asyncio.run(drive(url, args.duration, args.seed))
+            print()
+            print(report(results))
+            with urllib.request.urlopen(stack.sidecar.admin_url + "/v1/policy") as response:
+                policy = json.load(response)
+            print(
+                f"\npolicy version {policy['version']} from {len(policy['sources'])} files;"
+                f" metrics at {stack.sidecar.admin_url}/metrics"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

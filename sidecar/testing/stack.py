@@ -1,0 +1,93 @@
+"""The whole local stack in one object: Valkey, Triton, the sidecar and Envoy in each mode.
+
+Used by the demo and the end-to-end tests, so both exercise exactly the shipped Envoy
+bootstraps (moved to free ports) and the example Triton model repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from types import TracebackType
+
+from sidecar.testing.procs import (
+    EnvoyProcess,
+    TritonProcess,
+    ValkeyProcess,
+    free_port,
+    render_bootstrap,
+)
+from sidecar.testing.sidecar_proc import SidecarProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_REPO = ROOT / "examples" / "triton"
+BOOTSTRAPS = {
+    "http": ROOT / "envoy" / "bootstrap-ext-authz-http.yaml",
+    "grpc": ROOT / "envoy" / "bootstrap-ext-authz-grpc.yaml",
+}
+
+
+class LocalStack:
+    """Start with `with LocalStack(...) as stack:`; everything is stopped on exit."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        policy_path: Path,
+        *,
+        modes: tuple[str, ...] = ("http", "grpc"),
+        use_redis: bool = True,
+        model_repo: Path = MODEL_REPO,
+    ) -> None:
+        self.workdir = workdir
+        self.policy_path = policy_path
+        self.modes = modes
+        self.use_redis = use_redis
+        self.model_repo = model_repo
+        self.valkey: ValkeyProcess | None = None
+        self.triton: TritonProcess | None = None
+        self.sidecar: SidecarProcess | None = None
+        self.envoys: dict[str, EnvoyProcess] = {}
+        self.ports: dict[str, int] = {}
+        self._exit = contextlib.ExitStack()
+
+    def url(self, mode: str) -> str:
+        """The Envoy listener a client sends inference requests to, for `mode`."""
+        return f"http://127.0.0.1:{self.ports[mode]}"
+
+    def __enter__(self) -> LocalStack:
+        try:
+            if self.use_redis:
+                self.valkey = self._exit.enter_context(ValkeyProcess(self.workdir))
+            self.triton = self._exit.enter_context(TritonProcess(self.model_repo, self.workdir))
+            self.sidecar = self._exit.enter_context(
+                SidecarProcess(
+                    self.workdir,
+                    self.policy_path,
+                    redis_url=self.valkey.url if self.valkey else "",
+                )
+            )
+            for mode in self.modes:
+                port = free_port()
+                config = render_bootstrap(
+                    BOOTSTRAPS[mode],
+                    listen_port=port,
+                    triton_http_port=self.triton.http_port,
+                    sidecar_http_port=self.sidecar.http_port,
+                    sidecar_grpc_port=self.sidecar.grpc_port,
+                    admin_port=0,
+                )
+                self.envoys[mode] = self._exit.enter_context(EnvoyProcess(config, self.workdir))
+                self.ports[mode] = port
+        except BaseException:
+            self._exit.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit.close()

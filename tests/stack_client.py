@@ -1,0 +1,79 @@
+"""A small synchronous client for the end-to-end tests: infer through Envoy, ask the admin."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+INFER_PATH = "/v2/models/simgpu/infer"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def infer(
+    base_url: str,
+    *,
+    api_key: str | None = None,
+    klass: str | None = None,
+    delay_ms: float = 5.0,
+    timeout_s: float = 30.0,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    body = json.dumps(
+        {"inputs": [{"name": "DELAY_MS", "shape": [1, 1], "datatype": "FP32", "data": [delay_ms]}]}
+    ).encode()
+    sent = {"content-type": "application/json", **(headers or {})}
+    if api_key is not None:
+        sent["x-api-key"] = api_key
+    if klass is not None:
+        sent["x-qos-class"] = klass
+    request = urllib.request.Request(base_url + INFER_PATH, data=body, headers=sent, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return Reply(
+                response.status,
+                {k.lower(): v for k, v in response.headers.items()},
+                response.read(),
+            )
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return Reply(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+
+
+def explain(admin_url: str, api_key: str | None = None, klass: str | None = None) -> Any:
+    headers = {}
+    if api_key is not None:
+        headers["x-api-key"] = api_key
+    if klass is not None:
+        headers["x-qos-class"] = klass
+    payload = json.dumps({"path": INFER_PATH, "headers": headers}).encode()
+    request = urllib.request.Request(
+        admin_url + "/v1/explain", data=payload, headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+def metric_value(admin_url: str, name: str, **labels: str) -> float:
+    """The sum of samples of `name` whose labels include `labels` (0 when none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(admin_url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
