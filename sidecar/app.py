@@ -56,7 +56,13 @@ class Sidecar:
     tasks: list[asyncio.Task[None]]
 
     def reload_policy(self) -> bool:
-        ok = self.holder.reload()
+        try:
+            ok = self.holder.reload()
+        except Exception:  # a loader bug must not take down the serving sidecar
+            log.exception("policy reload crashed; keeping %s", self.service.policy.version)
+            self.metrics.policy_reloads.labels("error").inc()
+            self.metrics.policy_last_reload_ok.set(0)
+            return False
         if ok:
             self.service.use_policy(self.holder.current)
             self.metrics.set_policy_version(self.holder.current.version)

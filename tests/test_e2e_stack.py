@@ -231,3 +231,66 @@ def _swallow(fn: Callable[[], Any]) -> Any:
         return fn()
     except OSError as exc:  # the client's own timeout: it hung up on purpose
         return exc
+
+
+def test_policy_hot_reload_keeps_last_good_and_reports_errors(stack: LocalStack) -> None:
+    assert stack.sidecar is not None
+    policy_file = stack.sidecar.policy_path / "policy.yaml"
+    good = policy_file.read_text()
+    version = _policy(stack)["version"]
+    reloads_ok = metric_value(admin(stack), "qos_policy_reloads_total", result="ok")
+    try:
+        policy_file.write_text(good.replace("rate: 0.5,", "rate: -1,"))
+        wait_for(lambda: _policy(stack)["last_error"] is not None, 10, "bad policy noticed")
+        status = _policy(stack)
+        assert status["version"] == version  # the last good policy stays in force
+        assert any("policy.yaml:" in line and "rate" in line for line in status["last_error"])
+        assert metric_value(admin(stack), "qos_policy_last_reload_success") == 0
+        assert infer(stack.url("grpc"), api_key="k-calm-grpc").status == 200
+
+        policy_file.write_text(good + "\n# a comment changes the content hash\n")
+        wait_for(lambda: _policy(stack)["version"] != version, 10, "good policy loaded")
+        assert _policy(stack)["last_error"] is None
+        assert metric_value(admin(stack), "qos_policy_last_reload_success") == 1
+        assert metric_value(admin(stack), "qos_policy_reloads_total", result="ok") > reloads_ok
+    finally:
+        policy_file.write_text(good)
+
+
+def _policy(stack: LocalStack) -> Any:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(admin(stack) + "/v1/policy", timeout=5) as response:
+        return json.load(response)
+
+
+def test_redis_unreachable_follows_class_fail_mode(tmp_path: Path) -> None:
+    """A dead Redis: fail-open classes are admitted, fail-closed ones get 503 + Retry-After,
+    in both modes, and quickly (the decision does not wait for Redis)."""
+    from sidecar.testing.procs import free_port
+
+    policy = tmp_path / "policies"
+    policy.mkdir()
+    key = hashlib.sha256(b"k-t").hexdigest()
+    (policy / "p.yaml").write_text(
+        "classes:\n"
+        "  interactive: {rank: 1, latency_objective_ms: 250, max_wait_ms: 50, triton_priority: 1,"
+        " on_state_error: open}\n"
+        "  batch: {rank: 3, latency_objective_ms: 20000, max_wait_ms: 5000, triton_priority: 3,"
+        " on_state_error: closed, concurrency_retry_after_ms: 3000}\n"
+        f"tenants:\n  t:\n    match: {{api_key_sha256: [{key}]}}\n"
+        "    allowed_classes: [interactive, batch]\n    default_class: batch\n"
+        "    max_concurrency: 4\n"
+    )
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with LocalStack(tmp_path / "work", policy, modes=MODES, redis_url=dead) as running:
+        for mode in MODES:
+            url = running.url(mode)
+            assert infer(url, api_key="k-t", klass="interactive").status == 200
+            shed = infer(url, api_key="k-t", klass="batch")
+            assert shed.status == 503, mode
+            assert shed.headers["retry-after"] == "3"
+            assert shed.json()["reason"] == "state_unavailable"
+        assert metric_value(admin(running), "qos_state_errors_total", operation="acquire") >= 4
+        assert metric_value(admin(running), "qos_decisions_total", reason="admitted_fail_open") == 2

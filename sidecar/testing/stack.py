@@ -37,12 +37,14 @@ class LocalStack:
         *,
         modes: tuple[str, ...] = ("http", "grpc"),
         use_redis: bool = True,
+        redis_url: str | None = None,
         model_repo: Path = MODEL_REPO,
     ) -> None:
         self.workdir = workdir
         self.policy_path = policy_path
         self.modes = modes
-        self.use_redis = use_redis
+        self.use_redis = use_redis and redis_url is None
+        self.redis_url = redis_url  # an external (or deliberately dead) Redis instead of Valkey
         self.model_repo = model_repo
         self.valkey: ValkeyProcess | None = None
         self.triton: TritonProcess | None = None
@@ -64,7 +66,7 @@ class LocalStack:
                 SidecarProcess(
                     self.workdir,
                     self.policy_path,
-                    redis_url=self.valkey.url if self.valkey else "",
+                    redis_url=self.redis_url or (self.valkey.url if self.valkey else ""),
                 )
             )
             for mode in self.modes:
