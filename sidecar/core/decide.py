@@ -194,7 +194,7 @@ def decide(admission: Admission, result: QuotaResult | None) -> Decision:
         )
     if result.allowed:
         trace.append(
-            f"quota taken: in flight {result.in_flight} (tenant), {result.class_in_flight} (class)"
+            f"quota fits: in flight {result.in_flight} (tenant), {result.class_in_flight} (class)"
         )
         reason = Reason.ADMITTED_DOWNGRADED if admission.downgraded else Reason.ADMITTED
         return _admit(admission, reason, result.lease_id, trace)
