@@ -294,3 +294,52 @@ def test_redis_unreachable_follows_class_fail_mode(tmp_path: Path) -> None:
             assert shed.json()["reason"] == "state_unavailable"
         assert metric_value(admin(running), "qos_state_errors_total", operation="acquire") >= 4
         assert metric_value(admin(running), "qos_decisions_total", reason="admitted_fail_open") == 2
+
+
+def test_upstream_errors_release_their_slots(stack: LocalStack, mode: str) -> None:
+    """Triton refusing the request (400) ends it too: the slot must come back each time."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.stack_client import INFER_PATH
+
+    key = f"k-conc-{mode}"
+    for _ in range(4):  # twice the tenant's concurrency limit
+        wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "slot free")
+        bad = json.dumps(
+            {"inputs": [{"name": "NOPE", "shape": [1], "datatype": "FP32", "data": [1]}]}
+        )
+        request = urllib.request.Request(
+            stack.url(mode) + INFER_PATH,
+            data=bad.encode(),
+            headers={"x-api-key": key, "content-type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        refused.value.close()
+        assert refused.value.code == 400  # Triton's answer, not the sidecar's
+
+
+def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import urllib.request
+
+    from sidecar.testing.sidecar_proc import SidecarProcess
+
+    policy = write_policy(tmp_path / "policies")
+    # Polling effectively off: only the signal can make it reload.
+    with SidecarProcess(tmp_path, policy, extra_env={"QOS_POLICY_POLL_MS": "3600000"}) as sidecar:
+
+        def version() -> str:
+            with urllib.request.urlopen(sidecar.admin_url + "/v1/policy", timeout=5) as r:
+                return str(json.load(r)["version"])
+
+        before = version()
+        with open(policy / "policy.yaml", "a") as f:
+            f.write("# edited\n")
+        assert sidecar.pid is not None
+        os.kill(sidecar.pid, signal.SIGHUP)
+        wait_for(lambda: version() != before, 10, "SIGHUP reload")
