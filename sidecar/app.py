@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.admin.http import build_admin_app
 from sidecar.admin.metrics import Metrics
+from sidecar.backends.triton import TritonEndpoint, TritonLoadMonitor
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import build_authz_app
@@ -54,6 +55,7 @@ class Sidecar:
     runners: list[web.AppRunner]
     grpc_server: Any
     tasks: list[asyncio.Task[None]]
+    monitor: TritonLoadMonitor | None = None
 
     def reload_policy(self) -> bool:
         try:
@@ -99,12 +101,26 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     metrics.set_policy_version(holder.current.version)
     service = AdmissionService(holder.current, make_store(settings), metrics)
 
+    monitor: TritonLoadMonitor | None = None
+    if settings.triton_urls:
+        monitor = TritonLoadMonitor(
+            [TritonEndpoint(*e) for e in settings.triton_endpoints()],
+            metrics,
+            interval_s=settings.triton_scrape_ms / 1000,
+            timeout_s=max(0.05, min(1.0, settings.triton_scrape_ms / 1000)),
+        )
+
+    async def triton_readiness() -> dict[str, Any]:
+        if monitor is None:
+            return {}
+        return {"triton": {name: ready for name, ready in monitor.view().ready.items()}}
+
     runners: list[web.AppRunner] = []
     # handler_cancellation: when Envoy gives up on a call, stop deciding for it (aiohttp
     # otherwise runs a handler to the end after the client has gone).
     for app, (host, port) in (
         (build_authz_app(service), settings.authz_http_host_port),
-        (build_admin_app(service, holder), settings.admin_host_port),
+        (build_admin_app(service, holder, triton_readiness), settings.admin_host_port),
     ):
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
@@ -120,7 +136,9 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         raise OSError(f"cannot listen on {settings.grpc_addr}")
     await server.start()
 
-    sidecar = Sidecar(settings, holder, service, metrics, runners, server, [])
+    sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
+    if monitor is not None:
+        sidecar.tasks.append(asyncio.create_task(monitor.run()))
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
     log.info(

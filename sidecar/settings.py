@@ -23,7 +23,10 @@ class Settings:
     redis_timeout_ms: int = 50  # a store call slower than this counts as unavailable
     policy_path: tuple[str, ...] = ("policies",)
     policy_poll_ms: int = 1000  # how often policy files are checked for changes
-    triton_urls: tuple[str, ...] = ()  # Triton HTTP endpoints, for /readyz
+    triton_urls: tuple[str, ...] = ()  # Triton HTTP base URLs (readiness)
+    # Triton metrics URLs, paired with triton_urls by position (default: port 8002 of each).
+    triton_metrics_urls: tuple[str, ...] = ()
+    triton_scrape_ms: int = 250  # how often Triton's queue depth and counters are read
     log_level: str = "info"
 
     @property
@@ -34,6 +37,18 @@ class Settings:
     def admin_host_port(self) -> tuple[str, int]:
         return split_addr(self.admin_addr, "admin_addr")
 
+    def triton_endpoints(self) -> list[tuple[str, str, str]]:
+        """(name, http_url, metrics_url) for each Triton endpoint."""
+        endpoints = []
+        for i, http_url in enumerate(self.triton_urls):
+            if i < len(self.triton_metrics_urls):
+                metrics_url = self.triton_metrics_urls[i]
+            else:  # Triton's default layout: metrics on port 8002 of the same host
+                host = http_url.split("://", 1)[-1].rsplit(":", 1)[0]
+                metrics_url = f"http://{host}:8002/metrics"
+            endpoints.append((f"triton-{i}", http_url.rstrip("/"), metrics_url))
+        return endpoints
+
 
 _HELP = {
     "authz_http_addr": "listen address of the ext_authz HTTP service",
@@ -43,7 +58,9 @@ _HELP = {
     "redis_timeout_ms": "Redis call timeout in ms; slower calls follow the class fail mode",
     "policy_path": "policy file or directory (comma-separated for several)",
     "policy_poll_ms": "policy change check interval in ms (SIGHUP reloads at once)",
-    "triton_urls": "comma-separated Triton HTTP base URLs checked by /readyz",
+    "triton_urls": "comma-separated Triton HTTP base URLs (readiness, load signals)",
+    "triton_metrics_urls": "Triton metrics URLs, paired with triton_urls by position",
+    "triton_scrape_ms": "Triton metrics scrape interval in ms",
     "log_level": "debug, info, warning or error",
 }
 
@@ -92,6 +109,12 @@ def load_settings(
     split_addr(settings.grpc_addr, "grpc_addr")
     if settings.redis_timeout_ms <= 0:
         raise SettingsError("redis_timeout_ms: must be positive")
+    if settings.triton_metrics_urls and len(settings.triton_metrics_urls) != len(
+        settings.triton_urls
+    ):
+        raise SettingsError("triton_metrics_urls: one per triton_urls entry, in the same order")
+    if settings.triton_scrape_ms <= 0:
+        raise SettingsError("triton_scrape_ms: must be positive")
     if not settings.policy_path:
         raise SettingsError("policy_path: at least one path is needed")
     return settings

@@ -343,3 +343,22 @@ def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
         assert sidecar.pid is not None
         os.kill(sidecar.pid, signal.SIGHUP)
         wait_for(lambda: version() != before, 10, "SIGHUP reload")
+
+
+def test_sidecar_reads_triton_load_and_readiness(stack: LocalStack) -> None:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(admin(stack) + "/readyz", timeout=5) as response:
+        ready = json.load(response)
+    assert ready["triton"] == {"triton-0": True}
+    wait_for(
+        lambda: metric_value(admin(stack), "qos_backend_ready", endpoint="triton-0") == 1,
+        5,
+        "readiness exported",
+    )
+    # The gauge exists for the model (its value depends on the moment; the monitor's unit
+    # and real-Triton tests check that it moves).
+    with urllib.request.urlopen(admin(stack) + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'qos_backend_queue_depth{endpoint="triton-0",model="simgpu"}' in text

@@ -71,6 +71,31 @@ class Metrics:
             registry=registry,
         )
 
+        self.backend_queue_depth = Gauge(
+            "qos_backend_queue_depth",
+            "Requests waiting in Triton's queue (nv_inference_pending_request_count).",
+            ["endpoint", "model"],
+            registry=registry,
+        )
+        self.backend_completions = Gauge(
+            "qos_backend_completions_per_second",
+            "Requests Triton completed per second, between the last two scrapes.",
+            ["endpoint", "model"],
+            registry=registry,
+        )
+        self.backend_ready = Gauge(
+            "qos_backend_ready",
+            "1 if the Triton endpoint answered ready at the last scrape.",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.backend_scrape_errors = Counter(
+            "qos_backend_scrape_errors_total",
+            "Failed or timed-out scrapes of a Triton metrics endpoint.",
+            ["endpoint"],
+            registry=registry,
+        )
+
     def record_decision(self, decision: Decision, known_tenants: frozenset[str], api: str) -> None:
         tenant = decision.tenant if decision.tenant in known_tenants else UNKNOWN
         self.decisions.labels(

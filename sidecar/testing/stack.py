@@ -67,6 +67,10 @@ class LocalStack:
                     self.workdir,
                     self.policy_path,
                     redis_url=self.redis_url or (self.valkey.url if self.valkey else ""),
+                    extra_env={
+                        "QOS_TRITON_URLS": self.triton.http_url,
+                        "QOS_TRITON_METRICS_URLS": self.triton.metrics_url,
+                    },
                 )
             )
             for mode in self.modes:

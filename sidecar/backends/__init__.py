@@ -1,0 +1,1 @@
+"""Backend adapters: what the sidecar learns from the Triton servers it fronts."""

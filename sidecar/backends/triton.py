@@ -1,0 +1,124 @@
+"""Scrape Triton's metrics and readiness endpoints into a `LoadView`.
+
+One task per sidecar polls every endpoint every `interval_s`, concurrently, each request bounded
+by `timeout_s`. A failed or slow scrape keeps that endpoint's previous values, which age into
+the STALE state (see `sidecar.core.load`); it never raises into the decision path. Parsing and
+rate arithmetic are pure and live in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from sidecar.admin.metrics import Metrics
+from sidecar.core.load import (
+    EMPTY_VIEW,
+    LoadView,
+    ModelLoad,
+    TritonCounters,
+    derive_load,
+    parse_triton_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TritonEndpoint:
+    name: str  # a short label for metrics, e.g. "triton-0"
+    http_url: str  # e.g. http://127.0.0.1:8000 (readiness)
+    metrics_url: str  # e.g. http://127.0.0.1:8002/metrics
+
+
+class TritonLoadMonitor:
+    def __init__(
+        self,
+        endpoints: list[TritonEndpoint],
+        metrics: Metrics,
+        *,
+        interval_s: float = 0.25,
+        timeout_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoints = endpoints
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._previous: dict[tuple[str, str], tuple[TritonCounters, float]] = {}
+        self._loads: dict[tuple[str, str], ModelLoad] = {}
+        self._ready: dict[str, bool] = {}
+        self._view = EMPTY_VIEW
+        self._session: aiohttp.ClientSession | None = None
+
+    def view(self) -> LoadView:
+        """The latest view; replaced whole after each round, never mutated."""
+        return self._view
+
+    async def run(self) -> None:
+        """Scrape forever; cancel to stop."""
+        try:
+            while True:
+                started = self.clock()
+                await self.scrape_once()
+                await asyncio.sleep(max(0.0, self.interval_s - (self.clock() - started)))
+        finally:
+            await self.close()
+
+    async def scrape_once(self) -> LoadView:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            )
+        await asyncio.gather(*(self._scrape(self._session, e) for e in self.endpoints))
+        models: dict[str, list[ModelLoad]] = {}
+        for (_, model), load in self._loads.items():
+            models.setdefault(model, []).append(load)
+        self._view = LoadView(
+            models={m: tuple(loads) for m, loads in models.items()}, ready=dict(self._ready)
+        )
+        return self._view
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _scrape(self, session: aiohttp.ClientSession, endpoint: TritonEndpoint) -> None:
+        ready = await self._get_status(session, endpoint.http_url + "/v2/health/ready") == 200
+        self._ready[endpoint.name] = ready
+        self.metrics.backend_ready.labels(endpoint.name).set(1 if ready else 0)
+        try:
+            async with session.get(endpoint.metrics_url) as response:
+                if response.status != 200:
+                    raise aiohttp.ClientResponseError(
+                        response.request_info, (), status=response.status
+                    )
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.metrics.backend_scrape_errors.labels(endpoint.name).inc()
+            log.debug("scrape of %s failed: %s", endpoint.metrics_url, exc)
+            return
+        now = self.clock()
+        for model, counters in parse_triton_metrics(text).items():
+            key = (endpoint.name, model)
+            load = derive_load(endpoint.name, model, counters, now, self._previous.get(key))
+            self._previous[key] = (counters, now)
+            self._loads[key] = load
+            self.metrics.backend_queue_depth.labels(endpoint.name, model).set(load.queue_depth)
+            self.metrics.backend_completions.labels(endpoint.name, model).set(
+                load.completions_per_s
+            )
+
+    async def _get_status(self, session: aiohttp.ClientSession, url: str) -> int | None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(url) as response:
+                return response.status
+        return None

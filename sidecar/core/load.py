@@ -1,0 +1,146 @@
+"""What the sidecar knows about Triton's load, derived from its metrics endpoint.
+
+Rules:
+- A scrape gives, per model, the queue depth (`nv_inference_pending_request_count`, a gauge
+  that moves instantly) and cumulative counters. Rates come from the difference between two
+  scrapes: completions per second, and the mean queue and request time of the requests that
+  completed in between.
+- Versions of one model are summed: admission is per model name, as clients address it.
+- A counter that goes backwards means Triton restarted; the rates start over from that scrape.
+- A signal older than the configured staleness bound is STALE; a model never seen is MISSING.
+  Neither is an error: the decision core treats them as defined states (issue 4 policy).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_PENDING = "nv_inference_pending_request_count"
+_COUNTERS = {
+    "nv_inference_request_success": "success",
+    "nv_inference_request_failure": "failure",
+    "nv_inference_queue_duration_us": "queue_us",
+    "nv_inference_request_duration_us": "request_us",
+    "nv_inference_exec_count": "exec_count",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TritonCounters:
+    """One scrape of one model (all versions summed)."""
+
+    pending: float = 0.0
+    success: float = 0.0
+    failure: float = 0.0
+    queue_us: float = 0.0
+    request_us: float = 0.0
+    exec_count: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    endpoint: str
+    model: str
+    queue_depth: int
+    completions_per_s: float  # successes and failures per second since the previous scrape
+    mean_queue_ms: float  # of requests completed since the previous scrape (0 if none)
+    mean_request_ms: float
+    observed_at: float  # the scrape's time, in the monitor's clock (seconds)
+
+
+class SignalState(enum.Enum):
+    FRESH = "fresh"
+    STALE = "stale"
+    MISSING = "missing"
+
+
+def parse_triton_metrics(text: str) -> dict[str, TritonCounters]:
+    """The nv_inference_* series of a Prometheus text page, per model. Unknown lines are
+    skipped; a malformed value skips its line rather than failing the whole scrape."""
+    fields: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("nv_inference_"):
+            continue
+        name, brace, rest = line.partition("{")
+        if not brace:
+            continue
+        labels_text, _, value_text = rest.rpartition("}")
+        field = "pending" if name == _PENDING else _COUNTERS.get(name)
+        model = _label(labels_text, "model")
+        if field is None or model is None:
+            continue
+        try:
+            value = float(value_text.split()[0])
+        except (ValueError, IndexError):
+            continue
+        if not math.isfinite(value):
+            continue
+        per_model = fields.setdefault(model, {})
+        per_model[field] = per_model.get(field, 0.0) + value
+    return {model: TritonCounters(**values) for model, values in fields.items()}
+
+
+def derive_load(
+    endpoint: str,
+    model: str,
+    current: TritonCounters,
+    now: float,
+    previous: tuple[TritonCounters, float] | None,
+) -> ModelLoad:
+    """The load of one model from this scrape and the previous one (if any)."""
+    completions_per_s = mean_queue_ms = mean_request_ms = 0.0
+    if previous is not None:
+        before, then = previous
+        elapsed_s = now - then
+        done = (current.success + current.failure) - (before.success + before.failure)
+        restarted = done < 0 or current.queue_us < before.queue_us
+        if elapsed_s > 0 and not restarted:
+            completions_per_s = done / elapsed_s
+            if done > 0:
+                mean_queue_ms = (current.queue_us - before.queue_us) / done / 1000
+                mean_request_ms = (current.request_us - before.request_us) / done / 1000
+    return ModelLoad(
+        endpoint=endpoint,
+        model=model,
+        queue_depth=max(0, int(current.pending)),
+        completions_per_s=completions_per_s,
+        mean_queue_ms=max(0.0, mean_queue_ms),
+        mean_request_ms=max(0.0, mean_request_ms),
+        observed_at=now,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoadView:
+    """The latest load of every model the monitor has seen, for one decision."""
+
+    models: Mapping[str, tuple[ModelLoad, ...]]  # model -> its load on each endpoint
+    ready: Mapping[str, bool]  # endpoint -> last readiness answer
+
+    def state_of(self, model: str, now: float, stale_after_s: float) -> SignalState:
+        loads = self.models.get(model)
+        if not loads:
+            return SignalState.MISSING
+        newest = max(load.observed_at for load in loads)
+        return SignalState.FRESH if now - newest <= stale_after_s else SignalState.STALE
+
+    def queue_depth(self, model: str) -> int:
+        """Requests waiting for this model, summed over the endpoints that serve it."""
+        return sum(load.queue_depth for load in self.models.get(model, ()))
+
+    def completions_per_s(self, model: str) -> float:
+        return sum(load.completions_per_s for load in self.models.get(model, ()))
+
+
+EMPTY_VIEW = LoadView(models={}, ready={})
+
+
+def _label(labels_text: str, key: str) -> str | None:
+    for part in labels_text.split(","):
+        name, eq, value = part.partition("=")
+        if eq and name.strip() == key:
+            return value.strip().strip('"')
+    return None

@@ -1,0 +1,74 @@
+"""Triton load signals: parsing, rates from counters, staleness. Pure, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.core.load import (
+    LoadView,
+    SignalState,
+    TritonCounters,
+    derive_load,
+    parse_triton_metrics,
+)
+
+PAGE = """# HELP nv_inference_pending_request_count Instantaneous number of pending requests
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{model="simgpu",version="1"} 7
+nv_inference_pending_request_count{model="simgpu",version="2"} 2
+nv_inference_pending_request_count{model="llm",version="1"} 0
+nv_inference_request_success{model="simgpu",version="1"} 100
+nv_inference_request_failure{model="simgpu",reason="REJECTED",version="1"} 3
+nv_inference_request_failure{model="simgpu",reason="BACKEND",version="1"} 1
+nv_inference_queue_duration_us{model="simgpu",version="1"} 52000
+nv_inference_request_duration_us{model="simgpu",version="1"} 208000
+nv_inference_exec_count{model="simgpu",version="1"} 20
+nv_inference_count{model="simgpu",version="1"} 104
+nv_gpu_utilization{gpu_uuid="x"} 0.5
+nv_inference_request_success{model="bad",version="1"} not-a-number
+nv_inference_request_success{model="inf",version="1"} +Inf
+"""
+
+
+def test_parse_sums_versions_and_failure_reasons() -> None:
+    parsed = parse_triton_metrics(PAGE)
+    assert parsed["simgpu"] == TritonCounters(
+        pending=9, success=100, failure=4, queue_us=52000, request_us=208000, exec_count=20
+    )
+    assert parsed["llm"] == TritonCounters(pending=0)
+    assert "bad" not in parsed and "inf" not in parsed  # bad values skip their line only
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n{}\n", "nv_inference_pending_request_count 3"])
+def test_parse_tolerates_junk(text: str) -> None:
+    assert parse_triton_metrics(text) == {}
+
+
+def test_rates_come_from_the_difference_between_scrapes() -> None:
+    before = TritonCounters(success=100, failure=4, queue_us=52_000, request_us=208_000)
+    after = TritonCounters(pending=5, success=150, failure=4, queue_us=152_000, request_us=708_000)
+    first = derive_load("t0", "simgpu", before, 10.0, None)
+    assert (first.completions_per_s, first.mean_queue_ms) == (0.0, 0.0)  # nothing to diff yet
+    load = derive_load("t0", "simgpu", after, 10.5, (before, 10.0))
+    assert load.queue_depth == 5
+    assert load.completions_per_s == pytest.approx(100.0)  # 50 in 0.5 s
+    assert load.mean_queue_ms == pytest.approx(2.0)  # 100 ms of queueing over 50 requests
+    assert load.mean_request_ms == pytest.approx(10.0)
+
+
+def test_a_restarted_triton_resets_rates_instead_of_going_negative() -> None:
+    before = TritonCounters(success=1000, queue_us=9_000_000)
+    after = TritonCounters(success=3, queue_us=1000)
+    load = derive_load("t0", "simgpu", after, 11.0, (before, 10.0))
+    assert load.completions_per_s == 0.0 and load.mean_queue_ms == 0.0
+
+
+def test_staleness_and_missing_are_states_not_errors() -> None:
+    load = derive_load("t0", "simgpu", TritonCounters(pending=3), 100.0, None)
+    other = derive_load("t1", "simgpu", TritonCounters(pending=4), 99.0, None)
+    view = LoadView(models={"simgpu": (load, other)}, ready={"t0": True, "t1": True})
+    assert view.state_of("simgpu", now=100.5, stale_after_s=1.0) is SignalState.FRESH
+    assert view.state_of("simgpu", now=101.5, stale_after_s=1.0) is SignalState.STALE
+    assert view.state_of("llm", now=100.0, stale_after_s=1.0) is SignalState.MISSING
+    assert view.queue_depth("simgpu") == 7  # summed over the endpoints serving it
+    assert view.queue_depth("llm") == 0
