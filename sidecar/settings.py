@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from sidecar.errors import SettingsError
 
@@ -106,7 +106,9 @@ def load_settings(
     settings = Settings(**values)  # type: ignore[arg-type]
     settings.authz_http_host_port  # noqa: B018 - validate addresses at start, not at first use
     settings.admin_host_port  # noqa: B018
-    split_addr(settings.grpc_addr, "grpc_addr")
+    grpc_host, grpc_port = split_addr(settings.grpc_addr, "grpc_addr")
+    # grpc cannot bind ":PORT"; spell out what the HTTP listeners take it to mean.
+    settings = replace(settings, grpc_addr=f"{grpc_host}:{grpc_port}")
     if settings.redis_timeout_ms <= 0:
         raise SettingsError("redis_timeout_ms: must be positive")
     if settings.triton_metrics_urls and len(settings.triton_metrics_urls) != len(
