@@ -32,10 +32,10 @@ def ensure_venv() -> None:
     if not PY.exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    print("installing qos-sidecar with its stack and test extras (first run: a minute)", flush=True)
+    print("installing qos-sidecar with its stack, test and bench extras (first run: a minute)", flush=True)
     pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[stack,test]"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[stack,test,bench]"], check=True)
     STAMP.write_text(wanted)
 
 
@@ -52,8 +52,8 @@ def main(argv: list[str]) -> int:
     if argv[0] == "demo":
         return run(str(PY), "-m", "sidecar.demo", *argv[1:])
     steps = [
-        (str(PY), "-m", "ruff", "check", "sidecar", "tests", "dev.py"),
-        (str(PY), "-m", "ruff", "format", "--check", "sidecar", "tests", "dev.py"),
+        (str(PY), "-m", "ruff", "check", "sidecar", "tests", "benchmarks", "dev.py"),
+        (str(PY), "-m", "ruff", "format", "--check", "sidecar", "tests", "benchmarks", "dev.py"),
         (str(PY), "-m", "mypy"),
         (str(PY), "-m", "pytest", *argv[1:]),
     ]

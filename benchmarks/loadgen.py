@@ -1,0 +1,304 @@
+"""Open-loop load generator on asyncio (uvloop when installed) and one aiohttp session.
+
+The whole schedule is built before the run (URL, headers and body of every request), then
+each request is fired at its time as its own task; the generator never waits for responses
+before sending the next one. For every request it records tenant, class, scheduled and
+actual send time, status, time to first byte (response headers; equal to the latency when the
+response is not streamed), completion time, ``Retry-After`` and ``x-qos-reason``.
+
+A request that gets no answer within its class's deadline times ``patience`` is abandoned
+(status 0, error ``timeout``): it has missed its deadline anyway, and waiting longer would
+only stretch the run.
+
+``python -m benchmarks.loadgen --selftest`` measures how many requests per second the
+generator itself can drive (against an Envoy that answers every request directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from benchmarks.models import ModelKind, silo_name
+from benchmarks.workload import ClassSpec, Request, TenantSpec
+
+
+@dataclass(frozen=True, slots=True)
+class GenOptions:
+    """How a system under test wants to be called."""
+
+    priority_in_body: bool = False  # KServe v2 ``parameters.priority`` from the class
+    siloed: bool = False  # send each class to its own model ``<model>_<class>``
+    identity_headers: bool = True  # x-api-key and x-qos-class
+
+
+@dataclass(slots=True)
+class Record:
+    tenant: str
+    klass: str
+    scheduled: float  # s from the start of the run
+    sent: float  # s from the start of the run, when the request was handed to aiohttp
+    status: int  # HTTP status; 0 when no answer came (timeout, connection error)
+    ttfb: float | None  # s from sent to the response headers
+    latency: float | None  # s from sent to the end of the response body
+    retry_after: float | None
+    reason: str
+    error: str
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    request: Request
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def prepare(
+    schedule: Sequence[Request],
+    model: ModelKind,
+    tenants: Sequence[TenantSpec],
+    classes: Mapping[str, ClassSpec],
+    options: GenOptions,
+) -> list[Prepared]:
+    keys = {t.name: t.api_key for t in tenants}
+    out = []
+    for r in schedule:
+        name = silo_name(model.name, r.klass) if options.siloed else model.name
+        headers = {"content-type": "application/json"}
+        if options.identity_headers:
+            headers["x-api-key"] = keys[r.tenant]
+            headers["x-qos-class"] = r.klass
+        priority = classes[r.klass].priority if options.priority_in_body else None
+        body = model.body(r.prompt_tokens, r.output_tokens, priority)
+        out.append(Prepared(r, f"/v2/models/{name}/infer", headers, body))
+    return out
+
+
+@dataclass
+class RunResult:
+    records: list[Record]
+    lag_p50_ms: float
+    lag_p99_ms: float
+    lag_max_ms: float
+    wall_s: float
+
+    @property
+    def achieved_rate(self) -> float:
+        return len(self.records) / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+async def _drive(
+    base_url: str,
+    prepared: Sequence[Prepared],
+    timeouts: Mapping[str, float],
+    on_progress: Callable[[int], None] | None,
+) -> RunResult:
+    loop = asyncio.get_running_loop()
+    client_timeouts = {k: aiohttp.ClientTimeout(total=v) for k, v in timeouts.items()}
+    records: list[Record] = []
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True)
+    async with aiohttp.ClientSession(
+        base_url=base_url, connector=connector, skip_auto_headers=("User-Agent",)
+    ) as session:
+        start = loop.time() + 0.05
+        wall0 = time.monotonic()
+
+        async def send(p: Prepared) -> None:
+            r = p.request
+            sent = loop.time()
+            rec = Record(
+                r.tenant,
+                r.klass,
+                r.t,
+                sent - start,
+                0,
+                None,
+                None,
+                None,
+                "",
+                "",
+                r.prompt_tokens,
+                r.output_tokens,
+            )
+            records.append(rec)
+            try:
+                async with session.post(
+                    p.path, data=p.body, headers=p.headers, timeout=client_timeouts[r.klass]
+                ) as resp:
+                    rec.ttfb = loop.time() - sent
+                    await resp.read()
+                    rec.latency = loop.time() - sent
+                    rec.status = resp.status
+                    rec.retry_after = _retry_after(resp.headers.get("retry-after"))
+                    rec.reason = resp.headers.get("x-qos-reason", "")
+            except TimeoutError:
+                rec.error = "timeout"
+            except aiohttp.ClientError as exc:
+                rec.error = type(exc).__name__
+            except asyncio.CancelledError:
+                rec.error = "cancelled"
+                raise
+
+        tasks: set[asyncio.Task[None]] = set()
+        for i, p in enumerate(prepared):
+            delay = start + p.request.t - loop.time()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            task = loop.create_task(send(p))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if on_progress is not None and i % 1000 == 0:
+                on_progress(i)
+        if tasks:
+            await asyncio.wait(tasks)
+        wall = time.monotonic() - wall0
+    lags = np.asarray([(rec.sent - rec.scheduled) * 1000.0 for rec in records]) if records else None
+    records.sort(key=lambda rec: rec.scheduled)
+    return RunResult(
+        records=records,
+        lag_p50_ms=float(np.percentile(lags, 50)) if lags is not None else 0.0,
+        lag_p99_ms=float(np.percentile(lags, 99)) if lags is not None else 0.0,
+        lag_max_ms=float(lags.max()) if lags is not None else 0.0,
+        wall_s=wall,
+    )
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a sidecar dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(
+    base_url: str,
+    prepared: Sequence[Prepared],
+    timeouts: Mapping[str, float],
+    on_progress: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Fire ``prepared`` at ``base_url`` at their scheduled times; return every record once
+    each request has its answer or has timed out (``timeouts`` per class, seconds)."""
+    loop = _new_loop()
+    try:
+        return loop.run_until_complete(_drive(base_url, prepared, timeouts, on_progress))
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+# -- self test: how fast can the generator itself go? ------------------------------------------
+
+
+def _direct_response_bootstrap(port: int) -> dict[str, Any]:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters."
+                                        "network.http_connection_manager.v3."
+                                        "HttpConnectionManager",
+                                        "stat_prefix": "selftest",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "direct_response": {
+                                                                "status": 200,
+                                                                "body": {"inline_string": "{}"},
+                                                            },
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy."
+                                                    "extensions.filters.http.router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        },
+    }
+
+
+def selftest(rate: float, duration_s: float) -> RunResult:
+    from benchmarks.models import MODELS
+    from benchmarks.workload import WorkloadConfig, generate
+    from sidecar.testing.procs import EnvoyProcess, free_port
+
+    config = WorkloadConfig()
+    schedule = generate(config, rate, duration_s, seed=3)
+    prepared = prepare(schedule, MODELS["llm"], config.tenants, config.classes, GenOptions())
+    with tempfile.TemporaryDirectory(prefix="qos-loadgen-") as tmp:
+        port = free_port()
+        with EnvoyProcess(_direct_response_bootstrap(port), Path(tmp)):
+            return run(f"http://127.0.0.1:{port}", prepared, {c: 5.0 for c in config.classes})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__)
+    parser.add_argument("--selftest", action="store_true", required=True)
+    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--duration", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    result = selftest(args.rate, args.duration)
+    ok = sum(1 for r in result.records if r.status == 200)
+    print(
+        f"offered {args.rate:.0f} req/s for {args.duration:.0f}s: sent {len(result.records)},"
+        f" {ok} answered 200, send lag p50 {result.lag_p50_ms:.2f} ms"
+        f" p99 {result.lag_p99_ms:.2f} ms max {result.lag_max_ms:.1f} ms,"
+        f" wall {result.wall_s:.2f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

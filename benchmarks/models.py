@@ -1,0 +1,139 @@
+"""The simulated models the benchmark drives, and the model repository it serves them from.
+
+Two models of ``examples/triton`` (the same files the demo and the tests use):
+
+* ``llm``: an LLM-like model (static batches of up to 16; prefill grows with prompt tokens,
+  decode with the longest output and the batch size; ``speed`` divides every duration);
+* ``simgpu``: a fixed-cost batched model (``base_ms + per_item_ms * B + per_token_ms *
+  sum(TOKENS)``); the benchmark sends ``TOKENS = output + prompt // 10``.
+
+``make_model_repo`` copies the model into a scratch repository with its speed set, and for the
+siloed baseline adds one copy per class (``<model>_<class>``), each ``n_classes`` times
+slower, so that the silos together have the capacity of the one shared model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from sidecar.testing.stack import MODEL_REPO
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKind:
+    name: str
+    max_batch: int
+    # config.pbtxt parameters at speed 1 (ms), as the benchmark sets them
+    params: dict[str, float]
+
+    def body(self, prompt: int, output: int, priority: int | None) -> bytes:
+        if self.name == "llm":
+            inputs = [
+                {"name": "PROMPT_TOKENS", "shape": [1, 1], "datatype": "INT32", "data": [prompt]},
+                {"name": "OUTPUT_TOKENS", "shape": [1, 1], "datatype": "INT32", "data": [output]},
+            ]
+        else:
+            tokens = output + prompt // 10
+            inputs = [{"name": "TOKENS", "shape": [1, 1], "datatype": "INT32", "data": [tokens]}]
+        doc: dict[str, object] = {"inputs": inputs}
+        if priority is not None:
+            doc["parameters"] = {"priority": priority}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def batch_ms(self, prompt: Sequence[int], output: Sequence[int], speed: float) -> float:
+        """The cost model of one batch, as the model's ``execute`` computes it."""
+        p = self.params
+        rows = len(output)
+        if rows == 0:
+            return 0.0
+        if self.name == "llm":
+            prefill = p["prefill_base_ms"] + p["prefill_per_token_ms"] * sum(prompt)
+            step = p["decode_step_ms"] * (1.0 + p["decode_batch_slowdown"] * (rows - 1))
+            return (prefill + max(output) * step) / speed
+        tokens = sum(o + q // 10 for q, o in zip(prompt, output, strict=True))
+        return (p["base_ms"] + p["per_item_ms"] * rows + p["per_token_ms"] * tokens) / speed
+
+    def saturated_throughput(
+        self, prompt: npt.NDArray[Any], output: npt.NDArray[Any], speed: float, seed: int = 0
+    ) -> float:
+        """Requests/s with every batch full (random batches of the given sizes)."""
+        rng = np.random.default_rng(seed)
+        n = len(prompt) - len(prompt) % self.max_batch
+        order = rng.permutation(len(prompt))[:n].reshape(-1, self.max_batch)
+        total_ms = sum(self.batch_ms(list(prompt[row]), list(output[row]), speed) for row in order)
+        return n / (total_ms / 1000.0)
+
+
+MODELS: dict[str, ModelKind] = {
+    "llm": ModelKind(
+        "llm",
+        16,
+        {
+            "prefill_base_ms": 5.0,
+            "prefill_per_token_ms": 0.02,
+            "decode_step_ms": 1.0,
+            "decode_batch_slowdown": 0.05,
+        },
+    ),
+    "simgpu": ModelKind("simgpu", 8, {"base_ms": 10.0, "per_item_ms": 2.0, "per_token_ms": 0.05}),
+}
+
+
+def default_model() -> str:
+    return "llm" if (MODEL_REPO / "llm" / "config.pbtxt").is_file() else "simgpu"
+
+
+_PARAM = re.compile(r'parameters\s*\{\s*key:\s*"(?P<key>[^"]+)"\s*value:\s*\{[^}]*\}\s*\}')
+
+
+def _set_params(text: str, values: dict[str, float]) -> str:
+    text = _PARAM.sub(lambda m: "" if m.group("key") in values else m.group(0), text)
+    lines = [
+        f'parameters {{ key: "{key}" value: {{ string_value: "{value:g}" }} }}'
+        for key, value in values.items()
+    ]
+    return text.rstrip() + "\n" + "\n".join(lines) + "\n"
+
+
+def _copy_model(kind: ModelKind, target: Path, name: str, speed: float, source_repo: Path) -> None:
+    source = source_repo / kind.name
+    shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+    config = target / name / "config.pbtxt"
+    text = config.read_text()
+    text = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', text, count=1, flags=re.M)
+    if kind.name == "llm":
+        values = dict(kind.params) | {"speed": speed}
+    else:  # simgpu has no speed: divide its durations instead
+        values = {key: value / speed for key, value in kind.params.items()}
+    config.write_text(_set_params(text, values))
+
+
+def make_model_repo(
+    kind: ModelKind,
+    target: Path,
+    speed: float,
+    silo_classes: Sequence[str] = (),
+    source_repo: Path = MODEL_REPO,
+) -> Path:
+    """Write a model repository under ``target``: the model at ``speed``, and one copy per
+    class in ``silo_classes`` at ``speed / len(silo_classes)``."""
+    target.mkdir(parents=True, exist_ok=True)
+    _copy_model(kind, target, kind.name, speed, source_repo)
+    for klass in silo_classes:
+        _copy_model(
+            kind, target, silo_name(kind.name, klass), speed / len(silo_classes), source_repo
+        )
+    return target
+
+
+def silo_name(model: str, klass: str) -> str:
+    return f"{model}_{klass}"

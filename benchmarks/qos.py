@@ -1,0 +1,548 @@
+"""The QoS benchmark: ``python -m benchmarks.qos [--quick|--full] [--policy DIR] [--trace FILE]``.
+
+Procedure (see benchmarks/README.md and ../shared/QOS-BENCHMARK.md):
+
+1. Build a model repository with the simulated model at the chosen speed (plus one slower
+   copy per class for the siloed baseline); start Triton and Valkey once.
+2. Measure the capacity C with the passthrough system: raise the Poisson load step by step
+   until the worst class has more than 1% SLO violations, and interpolate.
+3. Write the benchmark policy (tenant quotas as shares of C) unless ``--policy`` is given.
+4. For each system and each load multiple m of C: run the workload (warm-up excluded),
+   collect every request's record, then wait until Triton's queue is empty.
+5. The step workload (1x -> 3x -> 1x) on some systems, for recovery.
+6. Write results.json, records.csv.gz, report.md and the plots into
+   ``results/<date>-<mode>/``, and print the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gzip
+import json
+import math
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import report
+from benchmarks.loadgen import Record, RunResult
+from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo
+from benchmarks.policy import tenant_quotas, write_policy
+from benchmarks.runner import (
+    SYSTEMS,
+    SYSTEMS_BY_NAME,
+    Backend,
+    SystemSpec,
+    run_point,
+    start_system,
+    wait_idle,
+)
+from benchmarks.workload import (
+    CLASS_NAMES,
+    PAPER_DEADLINES_S,
+    Arrival,
+    WorkloadConfig,
+    default_tenants,
+    generate,
+    load_trace,
+    sample_sizes,
+)
+from sidecar.testing.procs import TritonProcess, ValkeyProcess
+from sidecar.testing.stack import ROOT
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    loads: tuple[float, ...]
+    duration_s: float
+    warmup_s: float
+    patience: float  # a request is abandoned after deadline * patience
+    probe_s: float  # each capacity-search probe
+    step_phases: tuple[tuple[float, float], ...]  # (seconds, multiple of C)
+    step_systems: tuple[str, ...] | None  # None: all
+
+
+MODES: dict[str, Mode] = {
+    "quick": Mode(
+        "quick",
+        (0.5, 1.0, 2.0, 3.0),
+        duration_s=10.0,
+        warmup_s=1.5,
+        patience=1.0,
+        probe_s=8.0,
+        step_phases=((4.0, 1.0), (6.0, 3.0), (10.0, 1.0)),
+        step_systems=("passthrough", "sidecar-http"),
+    ),
+    "full": Mode(
+        "full",
+        (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0),
+        duration_s=30.0,
+        warmup_s=5.0,
+        patience=2.0,
+        probe_s=15.0,
+        step_phases=((15.0, 1.0), (60.0, 3.0), (30.0, 1.0)),
+        step_systems=None,
+    ),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def slo_scale_for(model: ModelKind, config: WorkloadConfig, speed: float, ratio: float) -> float:
+    """Scale so that the interactive deadline is ``ratio`` times the cost-model service time of
+    a lone median request; two significant digits."""
+    prompt, output = sample_sizes(config, 2000, seed=11)
+    lone_ms = model.batch_ms([int(np.median(prompt))], [int(np.median(output))], speed)
+    raw = ratio * lone_ms / 1000.0 / PAPER_DEADLINES_S["interactive"]
+    digits = 1 - math.floor(math.log10(raw))
+    return round(raw, digits)
+
+
+def measure_lone_ms(url: str, model: ModelKind, config: WorkloadConfig, n: int = 15) -> float:
+    import urllib.request
+
+    prompt, output = sample_sizes(config, 2000, seed=11)
+    body = model.body(int(np.median(prompt)), int(np.median(output)), None)
+    times = []
+    for _ in range(n):
+        req = urllib.request.Request(
+            f"{url}/v2/models/{model.name}/infer",
+            data=body,
+            headers={"content-type": "application/json"},
+        )
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=10) as response:
+            response.read()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000.0
+
+
+def _measured(records: Sequence[Record], warmup_s: float) -> list[Record]:
+    return [r for r in records if r.scheduled >= warmup_s]
+
+
+def run_load(
+    url: str,
+    spec: SystemSpec,
+    backend: Backend,
+    config: WorkloadConfig,
+    rate: float,
+    duration_s: float,
+    arrival: Arrival,
+    seed: int,
+    patience: float,
+) -> tuple[RunResult, float]:
+    schedule = generate(config, rate, duration_s, arrival, seed)
+    result = run_point(url, spec, backend, schedule, config.classes, patience)
+    drained = wait_idle(backend.triton)
+    return result, drained
+
+
+def find_capacity(
+    url: str,
+    backend: Backend,
+    config: WorkloadConfig,
+    estimate_rps: float,
+    mode: Mode,
+    arrival: Arrival,
+    seed: int,
+) -> tuple[float, list[dict[str, Any]]]:
+    """Goodput of passthrough in requests/s: Poisson probes from 0.25x the saturated
+    throughput estimate, x1.25 each, until the worst class passes 1%; interpolated."""
+    spec = SYSTEMS_BY_NAME["passthrough"]
+    probes: list[dict[str, Any]] = []
+    points: list[tuple[float, float]] = []
+
+    def probe(rate: float, i: int) -> float:
+        res, _ = run_load(
+            url,
+            spec,
+            backend,
+            config,
+            rate,
+            mode.warmup_s + mode.probe_s,
+            arrival,
+            seed + i,
+            mode.patience,
+        )
+        stats = report.point_stats(
+            _measured(res.records, mode.warmup_s),
+            config.classes,
+            config.tenants,
+            {},
+            mode.probe_s,
+            rate,
+        )
+        worst = float(stats["overall"]["worst_class_violation_pct"])
+        probes.append({"rate_rps": round(rate, 3), "worst_class_violation_pct": worst})
+        log(f"  capacity probe {rate:7.2f} req/s: worst class {worst:.2f}% violations")
+        points.append((rate, worst))
+        return worst
+
+    rate = 0.3 * estimate_rps
+    i = 0
+    # Down until a probe passes, then up by 1.25x until one fails.
+    while probe(rate, i) > report.SLO_TARGET_PCT and i < 4:
+        rate /= 2.0
+        i += 1
+    while i < 14:
+        i += 1
+        rate = max(r for r, v in points if v <= report.SLO_TARGET_PCT) * 1.25
+        if probe(rate, i) > report.SLO_TARGET_PCT:
+            break
+    passed = [(r, v) for r, v in points if v <= report.SLO_TARGET_PCT]
+    if passed:
+        low = max(passed)
+        above = [(r, v) for r, v in points if r > low[0] and v > report.SLO_TARGET_PCT]
+        points = [low, min(above)] if above else [low]
+    if len(points) == 2 and points[0][1] <= report.SLO_TARGET_PCT:
+        (r0, v0), (r1, v1) = points
+        capacity = r0 + (report.SLO_TARGET_PCT - v0) / (v1 - v0) * (r1 - r0)
+    else:
+        capacity = min(points)[0]
+    return float(capacity), probes
+
+
+def write_records(path: Path, rows: list[tuple[str, str, Record]]) -> None:
+    with gzip.open(path, "wt", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(
+            [
+                "system",
+                "run",
+                "tenant",
+                "class",
+                "scheduled_s",
+                "sent_s",
+                "status",
+                "ttfb_s",
+                "latency_s",
+                "retry_after_s",
+                "reason",
+                "error",
+                "prompt_tokens",
+                "output_tokens",
+            ]
+        )
+        for system, run, r in rows:
+            w.writerow(
+                [
+                    system,
+                    run,
+                    r.tenant,
+                    r.klass,
+                    f"{r.scheduled:.4f}",
+                    f"{r.sent:.4f}",
+                    r.status,
+                    "" if r.ttfb is None else f"{r.ttfb:.4f}",
+                    "" if r.latency is None else f"{r.latency:.4f}",
+                    "" if r.retry_after is None else r.retry_after,
+                    r.reason,
+                    r.error,
+                    r.prompt_tokens,
+                    r.output_tokens,
+                ]
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.qos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="about 10 minutes on 2 cores (default)")
+    g.add_argument("--full", action="store_true", help="the whole sweep; much longer")
+    parser.add_argument("--policy", type=Path, help="sidecar policy dir (default: generated)")
+    parser.add_argument("--trace", type=Path, help="Azure-format trace for sizes (and arrivals)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results", help="results root")
+    parser.add_argument("--model", choices=sorted(MODELS), default=default_model())
+    parser.add_argument("--arrival", choices=("poisson", "gamma", "trace"), default="poisson")
+    parser.add_argument("--cv", type=float, default=2.0, help="gap CV for --arrival gamma")
+    parser.add_argument(
+        "--target-throughput",
+        type=float,
+        default=100.0,
+        help="sets the model speed: saturated throughput in req/s",
+    )
+    parser.add_argument(
+        "--deadline-ratio",
+        type=float,
+        default=8.0,
+        help="interactive deadline / lone median service time",
+    )
+    parser.add_argument("--slo-scale", type=float, help="override the deadline scale factor")
+    parser.add_argument("--noisy-share", type=float, default=0.4)
+    parser.add_argument("--mix", default="1,1,1", help="interactive,standard,batch weights")
+    parser.add_argument(
+        "--systems", help="comma-separated subset of: " + ",".join(s.name for s in SYSTEMS)
+    )
+    parser.add_argument("--loads", help="comma-separated multiples of C")
+    parser.add_argument("--duration", type=float, help="seconds per load point")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds per point (excluded)")
+    parser.add_argument("--capacity", type=float, help="use this C (req/s), skip the search")
+    parser.add_argument("--step-systems", help="systems for the step run ('' for none)")
+    parser.add_argument("--step", help="step phases 's1,s2,s3' seconds at 1x,3x,1x")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    mode = MODES["full" if args.full else "quick"]
+    if args.loads:
+        mode = replace(mode, loads=tuple(float(x) for x in args.loads.split(",")))
+    if args.duration:
+        mode = replace(mode, duration_s=args.duration, probe_s=args.duration)
+    if args.warmup is not None:
+        mode = replace(mode, warmup_s=args.warmup)
+    if args.step_systems is not None:
+        mode = replace(mode, step_systems=tuple(s for s in args.step_systems.split(",") if s))
+    if args.step:
+        secs = [float(x) for x in args.step.split(",")]
+        mode = replace(mode, step_phases=((secs[0], 1.0), (secs[1], 3.0), (secs[2], 1.0)))
+    systems = (
+        [SYSTEMS_BY_NAME[n] for n in args.systems.split(",")] if args.systems else list(SYSTEMS)
+    )
+    step_systems = [s for s in systems if mode.step_systems is None or s.name in mode.step_systems]
+
+    started = time.monotonic()
+    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    out = args.out / f"{stamp}-{mode.name}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    model = MODELS[args.model]
+    trace = load_trace(args.trace) if args.trace else None
+    weights = [float(x) for x in args.mix.split(",")]
+    config = WorkloadConfig(
+        tenants=default_tenants(noisy_share=args.noisy_share),
+        class_mix=dict(zip(CLASS_NAMES, weights, strict=True)),
+        trace=trace,
+    )
+    arrival = Arrival(args.arrival, cv=args.cv)
+    prompt, output = sample_sizes(config, 4000, seed=5)
+    speed1 = model.saturated_throughput(prompt, output, 1.0)
+    speed = args.target_throughput / speed1
+    scale = args.slo_scale or slo_scale_for(model, config, speed, args.deadline_ratio)
+    config = replace(config, slo_scale=scale)
+    deadlines = {n: c.deadline_s for n, c in config.classes.items()}
+    log(
+        f"model {model.name} at speed {speed:.3f} (saturated throughput about"
+        f" {args.target_throughput:.0f} req/s); SLO scale factor {scale:g}: deadlines "
+        + ", ".join(f"{n} {d:g}s" for n, d in deadlines.items())
+    )
+    log(f"results in {out}")
+
+    results: dict[str, Any] = {"systems": {}}
+    all_rows: list[tuple[str, str, Record]] = []
+    cdf_2x: dict[str, dict[str, list[float]]] = {}
+
+    with tempfile.TemporaryDirectory(prefix="qos-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        repo = make_model_repo(model, tmp / "models", speed, silo_classes=CLASS_NAMES)
+        need_valkey = any(s.sidecar_mode for s in systems)
+        with (
+            TritonProcess(repo, tmp / "work") as triton,
+            ValkeyProcess(tmp / "work") if need_valkey else _null() as valkey,
+        ):
+            backend = Backend(tmp / "work", triton, valkey, model, tenants=config.tenants)
+            log(f"Triton ready ({triton.http_url}); Valkey: {valkey.url if valkey else 'none'}")
+
+            # -- capacity ------------------------------------------------------------------
+            with start_system(SYSTEMS_BY_NAME["passthrough"], backend) as url:
+                lone_ms = measure_lone_ms(url, model, config)
+                log(f"lone median request through passthrough: {lone_ms:.1f} ms measured")
+                probes: list[dict[str, Any]] = []
+                if args.capacity:
+                    capacity = args.capacity
+                else:
+                    estimate = model.saturated_throughput(prompt, output, speed)
+                    capacity, probes = find_capacity(
+                        url, backend, config, estimate, mode, arrival, args.seed + 1000
+                    )
+            log(f"capacity C = {capacity:.2f} req/s (passthrough goodput)")
+
+            policy_dir = args.policy or write_policy(
+                out / "policy", config.tenants, config.classes, capacity
+            )
+            quotas = tenant_quotas(policy_dir, config.tenants)
+            backend.policy_dir = policy_dir
+            backend.quotas = quotas
+
+            # -- sweep ---------------------------------------------------------------------
+            for spec in systems:
+                sys_res: dict[str, Any] = {"description": spec.description, "points": []}
+                results["systems"][spec.name] = sys_res
+                with start_system(spec, backend) as url:
+                    for i, m in enumerate(mode.loads):
+                        rate = m * capacity
+                        res, drained = run_load(
+                            url,
+                            spec,
+                            backend,
+                            config,
+                            rate,
+                            mode.warmup_s + mode.duration_s,
+                            arrival,
+                            args.seed + i,
+                            mode.patience,
+                        )
+                        recs = _measured(res.records, mode.warmup_s)
+                        stats = report.point_stats(
+                            recs,
+                            config.classes,
+                            config.tenants,
+                            quotas,
+                            mode.duration_s,
+                            capacity,
+                        )
+                        stats |= {
+                            "m": m,
+                            "rate_rps": round(rate, 3),
+                            "loadgen": {
+                                "lag_p50_ms": round(res.lag_p50_ms, 2),
+                                "lag_p99_ms": round(res.lag_p99_ms, 2),
+                                "lag_max_ms": round(res.lag_max_ms, 2),
+                            },
+                            "drain_s": round(drained, 2),
+                        }
+                        sys_res["points"].append(stats)
+                        all_rows += [(spec.name, f"{m:g}x", r) for r in res.records]
+                        if abs(m - 2.0) < 1e-9:
+                            per: dict[str, list[float]] = defaultdict(list)
+                            for r in recs:
+                                if report.is_admitted(r) and r.latency is not None:
+                                    per[r.klass].append(r.latency)
+                            cdf_2x[spec.name] = per
+                        o = stats["overall"]
+                        iv = stats["classes"]["interactive"]["violation_pct"]
+                        log(
+                            f"{spec.name:>20} {m:4g}x: sent {o['sent']:5d} worst-class viol"
+                            f" {o['worst_class_violation_pct']:6.2f}% interactive {iv:6.2f}%"
+                            f" SLO-met/C {o['slo_met_over_c']:.2f} shed {o['shed_429']}/"
+                            f"{o['shed_503']} lag p99 {res.lag_p99_ms:.1f} ms"
+                            f" drain {drained:.1f}s"
+                        )
+                    g_m, note = report.goodput(
+                        [
+                            (p["m"], p["overall"]["worst_class_violation_pct"])
+                            for p in sys_res["points"]
+                        ]
+                    )
+                    sys_res["goodput_over_c"] = round(g_m, 3)
+                    sys_res["goodput_note"] = note
+
+                    # -- step ------------------------------------------------------------------
+                    if spec in step_systems:
+                        phases = mode.step_phases
+                        run_s = sum(p[0] for p in phases)
+                        res, drained = run_load(
+                            url,
+                            spec,
+                            backend,
+                            config,
+                            capacity,
+                            run_s,
+                            Arrival("step", phases=phases),
+                            args.seed + 500,
+                            mode.patience,
+                        )
+                        step_start = phases[0][0]
+                        step_end = phases[0][0] + phases[1][0]
+                        rec = report.recovery_s(
+                            res.records, config.classes, step_start, step_end, run_s
+                        )
+                        rec |= {
+                            "phases": phases,
+                            "after_s": phases[2][0],
+                            "drain_s": round(drained, 2),
+                        }
+                        sys_res["step"] = rec
+                        all_rows += [(spec.name, "step", r) for r in res.records]
+                        log(
+                            f"{spec.name:>20} step: recovery {rec['recovery_s']} s"
+                            f" (threshold {rec['threshold_pct']}%), drain {drained:.1f}s"
+                        )
+
+    wall = time.monotonic() - started
+    results["meta"] = {
+        "mode": mode.name,
+        "started": stamp,
+        "wall_s": round(wall, 1),
+        "model": model.name,
+        "model_speed": round(speed, 4),
+        "target_saturated_throughput_rps": args.target_throughput,
+        "lone_request_ms_measured": round(lone_ms, 2),
+        "slo_scale": scale,
+        "classes": list(CLASS_NAMES),
+        "deadlines_s": deadlines,
+        "class_mix": dict(config.class_mix),
+        "capacity_rps": round(capacity, 3),
+        "capacity_probes": probes,
+        "loads": list(mode.loads),
+        "duration_s": mode.duration_s,
+        "warmup_s": mode.warmup_s,
+        "patience": mode.patience,
+        "arrival": {"kind": arrival.kind, "cv": arrival.cv},
+        "trace": str(args.trace) if args.trace else None,
+        "policy": str(policy_dir),
+        "noisy_tenant": config.tenants[0].name,
+        "tenants": [
+            {
+                "name": t.name,
+                "share": round(t.share, 4),
+                "quota_weight": round(t.quota_weight, 4),
+                "classes": list(t.classes),
+                "quota_rps": quotas[t.name].rate_per_s,
+            }
+            for t in config.tenants
+        ],
+        "seed": args.seed,
+    }
+    results = {"meta": results["meta"], "systems": results["systems"]}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_records(out / "records.csv.gz", all_rows)
+    table = report.markdown_table(results)
+    report.plot(results, cdf_2x, out)
+    (out / "report.md").write_text(_report_md(results, table))
+    print()
+    print(table)
+    print(f"\nC = {capacity:.2f} req/s; wall time {wall:.0f}s; results in {out}")
+    return 0
+
+
+def _report_md(results: Mapping[str, Any], table: str) -> str:
+    meta = results["meta"]
+    return (
+        f"# QoS benchmark, {meta['mode']} mode ({meta['started']})\n\n"
+        f"Model `{meta['model']}` (simulated) at speed {meta['model_speed']}, "
+        f"C = {meta['capacity_rps']} req/s (passthrough goodput), SLO scale factor "
+        f"{meta['slo_scale']} (deadlines "
+        + ", ".join(f"{k} {v:g}s" for k, v in meta["deadlines_s"].items())
+        + f"), loads {meta['loads']} x C, {meta['duration_s']:g}s per point, "
+        f"wall time {meta['wall_s']:.0f}s.\n\n"
+        + table
+        + "\n\n![violations](violations_vs_load.png)\n\n![latency](latency_cdf_2x.png)\n"
+    )
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

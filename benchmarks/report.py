@@ -1,0 +1,363 @@
+"""From per-request records to the numbers, the markdown table and the plots.
+
+Definitions (QOS-BENCHMARK.md):
+
+* a request **meets its SLO** when it got a 2xx answer within its class's deadline (measured
+  from when it was sent); late, failed, timed-out and shed requests are **violations**;
+* **shed** = 429 (over quota) or 503 (overload) answers; **errors** = everything else that is
+  not 2xx (other statuses, timeouts, connection errors); admitted + shed + errors = sent;
+* **goodput** = the highest load multiple m at which the worst class's violation rate is at
+  most 1%, linearly interpolated between the two sweep points around the first crossing
+  (from (0, 0%) when the lowest point already exceeds 1%);
+* **SLO-met/C** = requests meeting their SLO per second, over C;
+* **Jain's fairness** per class over the tenants sending that class: x_i = SLO-met rate of
+  tenant i / min(its demand, its entitlement), the entitlement being its quota split over its
+  classes in proportion to its demand; J = (sum x)^2 / (n * sum x^2). 1 is perfectly fair;
+  a tenant getting more than its due (x > 1) lowers it as much as one getting less;
+* **recovery** after the step: seconds from the end of the 3x phase until the rolling
+  (by send time) violation rate of the worst class is back at or below max(1%, its level
+  before the step) and stays there.
+
+Only records sent after the warm-up count. Every number here is computed from the records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.loadgen import Record
+from benchmarks.policy import Quota
+from benchmarks.workload import ClassSpec, TenantSpec
+
+SLO_TARGET_PCT = 1.0
+
+
+def is_shed(r: Record) -> bool:
+    return r.status in (429, 503)
+
+
+def is_admitted(r: Record) -> bool:
+    return 200 <= r.status < 300
+
+
+def met(r: Record, deadline_s: float) -> bool:
+    return is_admitted(r) and r.latency is not None and r.latency <= deadline_s
+
+
+def _pct(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole else 0.0
+
+
+def _quantiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    arr = np.asarray(values) * 1000.0
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 2),
+        "p95": round(float(np.percentile(arr, 95)), 2),
+        "p99": round(float(np.percentile(arr, 99)), 2),
+    }
+
+
+def class_stats(records: Sequence[Record], deadline_s: float, duration_s: float) -> dict[str, Any]:
+    sent = len(records)
+    admitted = sum(1 for r in records if is_admitted(r))
+    s429 = sum(1 for r in records if r.status == 429)
+    s503 = sum(1 for r in records if r.status == 503)
+    errors = sent - admitted - s429 - s503
+    good = sum(1 for r in records if met(r, deadline_s))
+    ok = [r for r in records if is_admitted(r) and r.latency is not None]
+    return {
+        "sent": sent,
+        "admitted": admitted,
+        "shed_429": s429,
+        "shed_503": s503,
+        "errors": errors,
+        "timeouts": sum(1 for r in records if r.error == "timeout"),
+        "slo_met": good,
+        "violation_pct": round(_pct(sent - good, sent), 3),
+        "slo_met_rps": round(good / duration_s, 3),
+        "latency_ms": _quantiles([r.latency for r in ok if r.latency is not None]),
+        "ttft_ms": _quantiles([r.ttfb for r in ok if r.ttfb is not None]),
+    }
+
+
+def point_stats(
+    records: Sequence[Record],
+    classes: Mapping[str, ClassSpec],
+    tenants: Sequence[TenantSpec],
+    quotas: Mapping[str, Quota],
+    duration_s: float,
+    capacity_rps: float,
+) -> dict[str, Any]:
+    by_class: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_class[r.klass].append(r)
+    per_class = {
+        name: class_stats(by_class.get(name, []), c.deadline_s, duration_s)
+        for name, c in classes.items()
+    }
+    sent = len(records)
+    good = sum(v["slo_met"] for v in per_class.values())
+    s429 = sum(v["shed_429"] for v in per_class.values())
+    s503 = sum(v["shed_503"] for v in per_class.values())
+    admitted = sum(v["admitted"] for v in per_class.values())
+    overall = {
+        "sent": sent,
+        "admitted": admitted,
+        "shed_429": s429,
+        "shed_503": s503,
+        "errors": sent - admitted - s429 - s503,
+        "offered_rps": round(sent / duration_s, 3),
+        "slo_met_rps": round(good / duration_s, 3),
+        "slo_met_over_c": round(good / duration_s / capacity_rps, 4) if capacity_rps else None,
+        "shed_429_rps": round(s429 / duration_s, 3),
+        "shed_503_rps": round(s503 / duration_s, 3),
+        "deferred_rps": 0.0,  # the sidecar does not defer yet
+        "relegated_rps": 0.0,  # nor relegate
+        "violation_pct": round(_pct(sent - good, sent), 3),
+        "worst_class_violation_pct": max(
+            (v["violation_pct"] for v in per_class.values() if v["sent"]), default=0.0
+        ),
+    }
+    per_tenant: dict[str, Any] = {}
+    demand: dict[tuple[str, str], int] = defaultdict(int)
+    good_tc: dict[tuple[str, str], int] = defaultdict(int)
+    for r in records:
+        demand[(r.tenant, r.klass)] += 1
+        if met(r, classes[r.klass].deadline_s):
+            good_tc[(r.tenant, r.klass)] += 1
+    for t in tenants:
+        mine = [r for r in records if r.tenant == t.name]
+        n = len(mine)
+        admitted_t = sum(1 for r in mine if is_admitted(r))
+        good_t = sum(good_tc[(t.name, c)] for c in classes)
+        quota = quotas.get(t.name, Quota(None, None)).rate_per_s
+        per_tenant[t.name] = {
+            "offered_rps": round(n / duration_s, 3),
+            "admitted_rps": round(admitted_t / duration_s, 3),
+            "slo_met_rps": round(good_t / duration_s, 3),
+            "violation_pct": round(_pct(n - good_t, n), 3),
+            "quota_rps": round(quota, 3) if quota is not None else None,
+            "admitted_over_quota": round(admitted_t / duration_s / quota, 3) if quota else None,
+        }
+    fairness: dict[str, float | None] = {}
+    for name in classes:
+        xs = []
+        for t in tenants:
+            d = demand[(t.name, name)] / duration_s
+            if d <= 0:
+                continue
+            total = sum(demand[(t.name, c)] for c in classes) / duration_s
+            quota = quotas.get(t.name, Quota(None, None)).rate_per_s
+            entitled = quota * d / total if quota is not None and total > 0 else math.inf
+            xs.append(good_tc[(t.name, name)] / duration_s / min(d, entitled))
+        fairness[name] = (
+            round(sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)), 4)
+            if xs and sum(x * x for x in xs) > 0
+            else None
+        )
+    return {"classes": per_class, "overall": overall, "tenants": per_tenant, "jain": fairness}
+
+
+def goodput(points: Sequence[tuple[float, float]]) -> tuple[float, str]:
+    """(m, worst-class violation %) pairs -> (goodput as a multiple of C, note)."""
+    pts = sorted(points)
+    prev_m, prev_v = 0.0, 0.0
+    for m, v in pts:
+        if v > SLO_TARGET_PCT:
+            if prev_v > SLO_TARGET_PCT:  # cannot happen: loop stops at the first crossing
+                return prev_m, ""
+            frac = (SLO_TARGET_PCT - prev_v) / (v - prev_v) if v != prev_v else 0.0
+            note = "below the lowest load" if prev_m == 0.0 else ""
+            return prev_m + frac * (m - prev_m), note
+        prev_m, prev_v = m, v
+    return prev_m, "at least (never above 1%)"
+
+
+def recovery_s(
+    records: Sequence[Record],
+    classes: Mapping[str, ClassSpec],
+    step_start: float,
+    step_end: float,
+    run_end: float,
+    window_s: float = 1.0,
+    hop_s: float = 0.25,
+) -> dict[str, Any]:
+    """Recovery after the step (see the module docstring); None when not recovered."""
+
+    def worst(t0: float, t1: float) -> float:
+        sent: dict[str, int] = defaultdict(int)
+        bad: dict[str, int] = defaultdict(int)
+        for r in records:
+            if t0 <= r.scheduled < t1:
+                sent[r.klass] += 1
+                if not met(r, classes[r.klass].deadline_s):
+                    bad[r.klass] += 1
+        return max((_pct(bad[k], sent[k]) for k in sent if sent[k] >= 3), default=0.0)
+
+    before = worst(max(0.0, step_start - 4.0), step_start)
+    threshold = max(SLO_TARGET_PCT, before)
+    series = []
+    t = step_end
+    last_bad: float | None = None
+    while t + window_s <= run_end + 1e-9:
+        v = worst(t, t + window_s)
+        series.append((round(t - step_end, 3), round(v, 2)))
+        if v > threshold:
+            last_bad = t
+        t += hop_s
+    during = worst(step_start, step_end)
+    if not series:
+        return {"recovery_s": None, "threshold_pct": threshold, "series": []}
+    if last_bad is None:
+        rec: float | None = 0.0
+    elif last_bad + hop_s + window_s > run_end - 1e-9:
+        rec = None  # still violating at the end of the run
+    else:
+        rec = round(last_bad + hop_s - step_end, 3)
+    return {
+        "recovery_s": rec,
+        "threshold_pct": round(threshold, 3),
+        "worst_violation_before_pct": round(before, 3),
+        "worst_violation_during_pct": round(during, 3),
+        "series": series,
+    }
+
+
+# -- table and plots ----------------------------------------------------------------------------
+
+
+def _at(system: Mapping[str, Any], m: float) -> Mapping[str, Any] | None:
+    for p in system["points"]:
+        if abs(p["m"] - m) < 1e-9:
+            found: Mapping[str, Any] = p
+            return found
+    return None
+
+
+def _fmt(v: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+def noisy_impact(
+    system: Mapping[str, Any], meta: Mapping[str, Any]
+) -> tuple[float | None, float | None]:
+    """Worst violation % of any other tenant at the highest load where every other tenant's
+    expected demand (its share of m * C) is within its quota, so its violations are the noisy
+    tenant's doing; (value, m)."""
+    capacity = meta["capacity_rps"]
+    quiet = [t for t in meta["tenants"] if t["name"] != meta["noisy_tenant"]]
+    best: tuple[float | None, float | None] = (None, None)
+    for p in sorted(system["points"], key=lambda p: p["m"]):
+        within = all(
+            t["quota_rps"] is None or t["share"] * p["m"] * capacity <= t["quota_rps"]
+            for t in quiet
+        )
+        if within and quiet:
+            best = (max(p["tenants"][t["name"]]["violation_pct"] for t in quiet), p["m"])
+    return best
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    lines = [
+        "| system | goodput/C | interactive viol % @2x | @3x | SLO-met/C @2x | @3x "
+        "| worst other-tenant viol % (at m) | shed 429/503 % @3x | recovery s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in results["systems"].items():
+        p2, p3 = _at(s, 2.0), _at(s, 3.0)
+        iv2 = p2["classes"]["interactive"]["violation_pct"] if p2 else None
+        iv3 = p3["classes"]["interactive"]["violation_pct"] if p3 else None
+        sm2 = p2["overall"]["slo_met_over_c"] if p2 else None
+        sm3 = p3["overall"]["slo_met_over_c"] if p3 else None
+        worst, at_m = noisy_impact(s, results["meta"])
+        other = f"{_fmt(worst)} ({_fmt(at_m, 'g')}x)" if worst is not None else "n/a"
+        if p3:
+            o = p3["overall"]
+            shed = f"{_pct(o['shed_429'], o['sent']):.0f}/{_pct(o['shed_503'], o['sent']):.0f}"
+        else:
+            shed = "n/a"
+        step = s.get("step")
+        if step is None:
+            rec = "—"
+        elif step["recovery_s"] is None:
+            rec = f"> {step['after_s']:g}"
+        else:
+            rec = f"{step['recovery_s']:.1f}"
+        g = s.get("goodput_over_c")
+        gtxt = _fmt(g, ".2f") + (" (≥)" if s.get("goodput_note", "").startswith("at least") else "")
+        lines.append(
+            f"| {name} | {gtxt} | {_fmt(iv2)} | {_fmt(iv3)} | {_fmt(sm2, '.2f')} "
+            f"| {_fmt(sm3, '.2f')} | {other} | {shed} | {rec} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(
+    results: Mapping[str, Any], records_at_2x: Mapping[str, Mapping[str, list[float]]], out: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(results["meta"]["classes"])
+    paths: list[Path] = []
+
+    fig, axes = plt.subplots(
+        1, len(classes) + 1, figsize=(5 * (len(classes) + 1), 4), squeeze=False
+    )
+    for i, name in enumerate([*classes, "SLO-met/C"]):
+        ax = axes[0][i]
+        for sys_name, s in results["systems"].items():
+            pts = sorted(s["points"], key=lambda p: p["m"])
+            xs = [p["m"] for p in pts]
+            if name == "SLO-met/C":
+                ys = [p["overall"]["slo_met_over_c"] or 0.0 for p in pts]
+            else:
+                ys = [p["classes"][name]["violation_pct"] for p in pts]
+            ax.plot(xs, ys, marker="o", label=sys_name)
+        ax.set_xlabel("offered load (multiple of C)")
+        if name == "SLO-met/C":
+            ax.set_title("SLO-met throughput / C")
+        else:
+            ax.set_title(f"{name}: SLO violations")
+            ax.set_ylabel("violations %")
+            ax.axhline(SLO_TARGET_PCT, color="grey", lw=0.8, ls="--")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "violations_vs_load.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+
+    fig, axes = plt.subplots(1, len(classes), figsize=(5 * len(classes), 4), squeeze=False)
+    deadlines = results["meta"]["deadlines_s"]
+    for i, name in enumerate(classes):
+        ax = axes[0][i]
+        for sys_name, per_class in records_at_2x.items():
+            lat = sorted(per_class.get(name, []))
+            if lat:
+                frac = np.arange(1, len(lat) + 1) / len(lat)
+                ax.plot(np.asarray(lat) * 1000.0, frac, label=sys_name)
+        ax.axvline(deadlines[name] * 1000.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_title(f"{name}: latency CDF of admitted requests at 2x")
+        ax.set_xlabel("latency ms (log)")
+        ax.set_ylabel("fraction")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "latency_cdf_2x.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+    return paths

