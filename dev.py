@@ -32,7 +32,7 @@ def ensure_venv() -> None:
     if not PY.exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    print("installing qos-sidecar with its stack, test and bench extras (first run: a minute)", flush=True)
+    print("installing qos-sidecar and its extras (first run: a minute or two)", flush=True)
     pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     subprocess.run([*pip, "-e", f"{ROOT}[stack,test,bench]"], check=True)

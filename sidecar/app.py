@@ -1,4 +1,5 @@
-"""Wiring: one event loop (uvloop) serving ext_authz HTTP, gRPC and the admin listener.
+"""Wiring: one event loop (uvloop) serving ext_authz HTTP, the gRPC services (ext_authz,
+ext_proc, access-log completion) and the admin listener.
 
 Start-up order: settings → policy (refuse to start if invalid) → quota store → service →
 listeners. Reloads come from SIGHUP and from a poll of the policy files; a bad policy keeps
@@ -19,6 +20,7 @@ import grpc
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from sidecar.admin.http import build_admin_app
@@ -27,6 +29,7 @@ from sidecar.backends.triton import TritonEndpoint, TritonLoadMonitor
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import build_authz_app
+from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
 from sidecar.settings import Settings
@@ -36,6 +39,10 @@ from sidecar.state.redis_store import RedisQuotaStore
 
 log = logging.getLogger("sidecar")
 IN_FLIGHT_REFRESH_S = 1.0
+# In ext_proc mode a request body arrives as one gRPC message, as large as Envoy's buffer limit
+# (per_connection_buffer_limit_bytes, 1 MiB by default). gRPC's default cap of 4 MiB would make
+# a raised Envoy limit fail with 503; this leaves room for it.
+GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def make_store(settings: Settings) -> QuotaStore:
@@ -127,9 +134,17 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         runners.append(runner)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+        ]
+    )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationServicer(service), server
+    )
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorServicer(service), server
     )
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(service), server)
     if server.add_insecure_port(settings.grpc_addr) == 0:
@@ -142,7 +157,8 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
     log.info(
-        "qos-sidecar up: authz http %s, grpc %s, admin %s, policy %s, store %s",
+        "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
+        " policy %s, store %s",
         settings.authz_http_addr,
         settings.grpc_addr,
         settings.admin_addr,

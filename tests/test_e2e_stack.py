@@ -1,6 +1,7 @@
-"""End to end on the real stack: Envoy (both ext_authz modes) → Triton, with the sidecar as
-its own process and Valkey as the shared store. Every test runs once per ext_authz mode, with
-tenants of its own, so both modes are shown to give the same answers.
+"""End to end on the real stack: Envoy (ext_authz HTTP, ext_authz gRPC, ext_proc) → Triton,
+with the sidecar as its own process and Valkey as the shared store. Every test runs once per
+mode, with tenants of its own, so all modes are shown to give the same answers. Priority
+forwarding, which only ext_proc does, is shown by Triton's own ordering.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sidecar.testing.stack import LocalStack
 from tests.stack_client import explain, infer, metric_value
 
 pytestmark = pytest.mark.stack
-MODES = ("http", "grpc")
+MODES = ("http", "grpc", "extproc")
 
 
 def _tenant(name: str, body: str) -> str:
@@ -59,6 +60,10 @@ def write_policy(directory: Path) -> Path:
                 f"lenient-{mode}",
                 "    allowed_classes: [standard]\n    default_class: standard\n"
                 "    on_disallowed_class: downgrade\n",
+            ),
+            _tenant(
+                f"prio-{mode}",
+                "    allowed_classes: [interactive, batch]\n    default_class: batch\n",
             ),
         ]
     (directory / "policy.yaml").write_text(
@@ -293,7 +298,9 @@ def test_redis_unreachable_follows_class_fail_mode(tmp_path: Path) -> None:
             assert shed.headers["retry-after"] == "3"
             assert shed.json()["reason"] == "state_unavailable"
         assert metric_value(admin(running), "qos_state_errors_total", operation="acquire") >= 4
-        assert metric_value(admin(running), "qos_decisions_total", reason="admitted_fail_open") == 2
+        assert metric_value(
+            admin(running), "qos_decisions_total", reason="admitted_fail_open"
+        ) == len(MODES)
 
 
 def test_upstream_errors_release_their_slots(stack: LocalStack, mode: str) -> None:
@@ -362,3 +369,92 @@ def test_sidecar_reads_triton_load_and_readiness(stack: LocalStack) -> None:
     with urllib.request.urlopen(admin(stack) + "/metrics", timeout=5) as response:
         text = response.read().decode()
     assert 'qos_backend_queue_depth{endpoint="triton-0",model="simgpu"}' in text
+
+
+# -- priority forwarding: Triton's own ordering shows it ------------------------------------
+
+QUEUED_BATCH = 24  # three Triton batches (max_batch_size 8) of 200 ms each
+BATCH_MS = 200.0
+
+
+def triton_pending(stack: LocalStack) -> float:
+    """Requests waiting in Triton's simgpu queue (not those executing)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert stack.triton is not None
+    with urllib.request.urlopen(stack.triton.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nv_inference_pending_request_count" and (
+                sample.labels.get("model") == "simgpu"
+            ):
+                return float(sample.value)
+    return 0.0
+
+
+def envoy_requests_to_triton(stack: LocalStack, mode: str) -> float:
+    import urllib.request
+
+    url = stack.envoys[mode].admin_url + "/stats?filter=^cluster.triton_http.upstream_rq_active$"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return float(response.read().decode().split(":")[1])
+
+
+def batch_then_interactive(stack: LocalStack, mode: str) -> tuple[list[float], list[float]]:
+    """Fill Triton's queue with batch requests, then send two interactive ones; return when
+    each batch and each interactive request completed (monotonic seconds)."""
+    url, key = stack.url(mode), f"k-prio-{mode}"
+
+    def timed(klass: str) -> Callable[[], tuple[int, float]]:
+        def call() -> tuple[int, float]:
+            reply = infer(url, api_key=key, klass=klass, delay_ms=BATCH_MS, timeout_s=60)
+            return reply.status, time.monotonic()
+
+        return call
+
+    wait_for(lambda: triton_pending(stack) == 0, 30, "Triton's queue drained of earlier tests")
+    batch = [in_background(timed("batch")) for _ in range(QUEUED_BATCH)]
+    # All of them forwarded by Envoy, and at least two batches' worth waiting in Triton (the
+    # first batch may already run): the interactive requests arrive behind every one of them.
+    wait_for(
+        lambda: (
+            envoy_requests_to_triton(stack, mode) >= QUEUED_BATCH
+            and triton_pending(stack) >= QUEUED_BATCH - 8
+        ),
+        20,
+        "batch requests queued in Triton",
+    )
+    interactive = [in_background(timed("interactive")) for _ in range(2)]
+    done: list[list[float]] = [[], []]
+    for group, started in enumerate((batch, interactive)):
+        for thread, out in started:
+            thread.join(60)
+            status, finished_at = out[0]
+            assert status == 200
+            done[group].append(finished_at)
+    return done[0], done[1]
+
+
+def overtaken(batch_done: list[float], interactive_done: list[float]) -> int:
+    """Batch requests, all queued before the interactive ones, that finished after both of
+    them: later by more than a third of a batch, so not the same Triton batch."""
+    last_interactive = max(interactive_done)
+    return sum(1 for t in batch_done if t > last_interactive + BATCH_MS / 3000)
+
+
+def test_ext_proc_priority_makes_triton_serve_interactive_first(stack: LocalStack) -> None:
+    """Triton's dynamic batcher (priority_levels 4, default 3) runs level-1 requests before
+    level-3 ones. Only ext_proc writes the class's level into the body: there the interactive
+    requests overtake most of the batch queue; through ext_authz (all at the default level)
+    Triton serves first come, first served and they wait behind the whole queue."""
+    with_priority = overtaken(*batch_then_interactive(stack, "extproc"))
+    without = overtaken(*batch_then_interactive(stack, "http"))
+    print(f"batch requests overtaken: ext_proc {with_priority}, ext_authz {without}")
+    # Of 24 queued batch requests, at most 8 run before the interactive pair can (the batch
+    # executing when it arrives) and 6 share its batch: 10 or more are overtaken with priority.
+    assert with_priority >= QUEUED_BATCH // 2 - 4
+    assert without <= 2
+    assert with_priority - without >= 6

@@ -20,6 +20,13 @@ ENVOY_DIR = ROOT / "envoy"
 SNIPPETS = ENVOY_DIR / "snippets"
 BOOTSTRAPS = sorted(ENVOY_DIR.glob("bootstrap-*.yaml"))
 MODES = {"http": "ext-authz-http.filter.yaml", "grpc": "ext-authz-grpc.filter.yaml"}
+# Each shipped bootstrap, and the snippet that is its only difference from the others.
+BOOTSTRAP_FILTERS = {
+    "bootstrap-ext-authz-http.yaml": "ext-authz-http.filter.yaml",
+    "bootstrap-ext-authz-grpc.yaml": "ext-authz-grpc.filter.yaml",
+    "bootstrap-ext-proc.yaml": "ext-proc.filter.yaml",
+}
+DECIDING_FILTERS = ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc")
 HCM = "envoy.filters.network.http_connection_manager"
 DECISION_HEADERS = ["x-qos-tenant", "x-qos-granted-class", "x-qos-priority", "x-qos-lease"]
 
@@ -55,11 +62,8 @@ def validate(config: Path) -> None:
     assert result.returncode == 0, f"{config.name}:\n{result.stdout}\n{result.stderr}"
 
 
-def test_both_bootstraps_are_shipped() -> None:
-    assert [p.name for p in BOOTSTRAPS] == [
-        "bootstrap-ext-authz-grpc.yaml",
-        "bootstrap-ext-authz-http.yaml",
-    ]
+def test_every_bootstrap_is_shipped() -> None:
+    assert [p.name for p in BOOTSTRAPS] == sorted(BOOTSTRAP_FILTERS)
 
 
 @pytest.mark.parametrize("path", BOOTSTRAPS, ids=lambda p: p.name)
@@ -138,6 +142,7 @@ def minimal_bootstrap(
         "strip-decision-headers.filter.yaml",
         "ext-authz-http.filter.yaml",
         "ext-authz-grpc.filter.yaml",
+        "ext-proc.filter.yaml",
         "completion-access-log.yaml",
         "clusters.yaml",
     ],
@@ -156,12 +161,12 @@ def test_snippet_validates_in_a_minimal_config(name: str, tmp_path: Path) -> Non
 
 
 def test_all_snippets_together_validate(tmp_path: Path) -> None:
-    for mode, authz in MODES.items():
+    for deciding in BOOTSTRAP_FILTERS.values():
         config = minimal_bootstrap(
-            filters=[snippet("strip-decision-headers.filter.yaml"), snippet(authz)],
+            filters=[snippet("strip-decision-headers.filter.yaml"), snippet(deciding)],
             access_log=[snippet("completion-access-log.yaml")],
         )
-        path = tmp_path / f"user-{mode}.yaml"
+        path = tmp_path / f"user-{deciding}"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         validate(path)
 
@@ -169,28 +174,29 @@ def test_all_snippets_together_validate(tmp_path: Path) -> None:
 # -- the bootstraps contain exactly the snippets ------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_bootstrap_filters_are_the_snippets_in_order(mode: str) -> None:
-    hcm = hcm_of(load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml"))
+@pytest.mark.parametrize("name", sorted(BOOTSTRAP_FILTERS))
+def test_bootstrap_filters_are_the_snippets_in_order(name: str) -> None:
+    hcm = hcm_of(load(ENVOY_DIR / name))
     filters = hcm["http_filters"]
+    deciding = snippet(BOOTSTRAP_FILTERS[name])
     assert [f["name"] for f in filters] == [
         "envoy.filters.http.header_mutation",
-        "envoy.filters.http.ext_authz",
+        deciding["name"],
         "envoy.filters.http.router",
     ]
     assert filters[0] == snippet("strip-decision-headers.filter.yaml")
-    assert filters[1] == snippet(MODES[mode])
+    assert filters[1] == deciding
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_bootstrap_access_log_is_the_snippet(mode: str) -> None:
-    hcm = hcm_of(load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml"))
+@pytest.mark.parametrize("name", sorted(BOOTSTRAP_FILTERS))
+def test_bootstrap_access_log_is_the_snippet(name: str) -> None:
+    hcm = hcm_of(load(ENVOY_DIR / name))
     assert hcm["access_log"] == [snippet("completion-access-log.yaml")]
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_bootstrap_local_reply_mapper_is_the_snippet(mode: str) -> None:
-    hcm = hcm_of(load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml"))
+@pytest.mark.parametrize("name", sorted(BOOTSTRAP_FILTERS))
+def test_bootstrap_local_reply_mapper_is_the_snippet(name: str) -> None:
+    hcm = hcm_of(load(ENVOY_DIR / name))
     assert hcm["local_reply_config"] == snippet("overload-local-reply.yaml")
 
 
@@ -204,25 +210,24 @@ def test_overload_wire_status_matches_the_adapter() -> None:
     assert {"exact": STATUS_HEADER} in allowed["allowed_client_headers"]["patterns"]
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_bootstrap_sidecar_clusters_are_the_snippet(mode: str) -> None:
-    clusters = load(ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml")["static_resources"]["clusters"]
+@pytest.mark.parametrize("name", sorted(BOOTSTRAP_FILTERS))
+def test_bootstrap_sidecar_clusters_are_the_snippet(name: str) -> None:
+    clusters = load(ENVOY_DIR / name)["static_resources"]["clusters"]
     sidecar = [c for c in clusters if c["name"].startswith("qos_sidecar_")]
     assert sidecar == snippet("clusters.yaml")
     assert [c["name"] for c in clusters] == ["triton_http", "qos_sidecar_http", "qos_sidecar_grpc"]
 
 
-def test_bootstraps_differ_only_in_the_ext_authz_filter() -> None:
-    def without_authz(path: Path) -> Any:
-        config = copy.deepcopy(load(path))
+def test_bootstraps_differ_only_in_the_deciding_filter() -> None:
+    def without_deciding_filter(name: str) -> Any:
+        config = copy.deepcopy(load(ENVOY_DIR / name))
         hcm = hcm_of(config)
-        hcm["http_filters"] = [
-            f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_authz"
-        ]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in DECIDING_FILTERS]
         return config
 
-    http, grpc = (ENVOY_DIR / f"bootstrap-ext-authz-{mode}.yaml" for mode in ("http", "grpc"))
-    assert without_authz(http) == without_authz(grpc)
+    first, *others = (without_deciding_filter(name) for name in sorted(BOOTSTRAP_FILTERS))
+    for other in others:
+        assert other == first
 
 
 # -- the header contract ---------------------------------------------------------------------
@@ -250,6 +255,32 @@ def test_authz_fails_closed(name: str) -> None:
     assert config["failure_mode_allow"] is False
     assert config["status_on_error"] == {"code": "ServiceUnavailable"}
     assert config["transport_api_version"] == "V3"
+
+
+def test_ext_proc_fails_closed_and_sends_what_the_sidecar_needs() -> None:
+    from sidecar.core.priority import BODY_HEADERS
+    from sidecar.envoy.ext_proc import PRINCIPAL_ATTRIBUTE
+
+    config = snippet("ext-proc.filter.yaml")["typed_config"]
+    assert config["failure_mode_allow"] is False
+    assert config["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == "qos_sidecar_grpc"
+    assert config["message_timeout"] == "0.25s"
+    assert config["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "request_body_mode": "BUFFERED",
+        "request_trailer_mode": "SKIP",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "NONE",
+        "response_trailer_mode": "SKIP",
+    }
+    assert config["request_attributes"] == [PRINCIPAL_ATTRIBUTE]
+    # forward_rules also filter pseudo-headers: without :method and :path every request is 400.
+    forwarded = [p["exact"] for p in config["forward_rules"]["allowed_headers"]["patterns"]]
+    ext_authz = snippet(MODES["grpc"])["typed_config"]["allowed_headers"]["patterns"]
+    assert forwarded == [":method", ":path", *(p["exact"] for p in ext_authz), "content-encoding",
+                         "inference-header-content-length"]  # fmt: skip
+    assert set(BODY_HEADERS) <= set(forwarded)
 
 
 def test_access_log_carries_the_lease() -> None:

@@ -53,6 +53,13 @@ class Metrics:
             ["api"],
             registry=registry,
         )
+        self.priority_rewrites = Counter(
+            "qos_priority_rewrites_total",
+            "Request bodies seen in ext_proc mode, by result: rewritten (the class's Triton "
+            "priority set), not_inference, unsupported, malformed (passed unchanged).",
+            ["result"],
+            registry=registry,
+        )
         self.policy_reloads = Counter(
             "qos_policy_reloads_total",
             "Policy loads by result (ok or error).",

@@ -1,4 +1,5 @@
-"""The whole local stack in one object: Valkey, Triton, the sidecar and Envoy in each mode.
+"""The whole local stack in one object: Valkey, Triton, the sidecar and Envoy in each mode
+(ext_authz HTTP, ext_authz gRPC, ext_proc).
 
 Used by the demo and the end-to-end tests, so both exercise exactly the shipped Envoy
 bootstraps (moved to free ports) and the example Triton model repository.
@@ -24,6 +25,7 @@ MODEL_REPO = ROOT / "examples" / "triton"
 BOOTSTRAPS = {
     "http": ROOT / "envoy" / "bootstrap-ext-authz-http.yaml",
     "grpc": ROOT / "envoy" / "bootstrap-ext-authz-grpc.yaml",
+    "extproc": ROOT / "envoy" / "bootstrap-ext-proc.yaml",
 }
 
 
