@@ -25,12 +25,22 @@ from sidecar.policy.model import (
     IdentitySource,
     IdentitySourceKind,
     ModelPolicy,
+    OverloadPolicy,
     TenantMatch,
     TenantPolicy,
     UnknownTenantAction,
     UnknownTenantPolicy,
 )
-from sidecar.policy.schema import BUCKET, CLASS, IDENTITY, MODEL, POLICY_FILE, TENANT, Obj
+from sidecar.policy.schema import (
+    BUCKET,
+    CLASS,
+    IDENTITY,
+    MODEL,
+    OVERLOAD,
+    POLICY_FILE,
+    TENANT,
+    Obj,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
@@ -208,7 +218,7 @@ def test_identity_without_sources_keeps_the_default_source(tmp_path: Path) -> No
     assert load_policy([path]).identity == IdentityPolicy(class_header="x-class")
 
 
-@pytest.mark.parametrize("obj", [POLICY_FILE, IDENTITY, CLASS, MODEL, TENANT, BUCKET])
+@pytest.mark.parametrize("obj", [POLICY_FILE, IDENTITY, CLASS, OVERLOAD, MODEL, TENANT, BUCKET])
 def test_declared_defaults_match_the_model(obj: Obj) -> None:
     # The schema shows the table's defaults; the model has its own. They must agree.
     model_defaults = {
@@ -217,6 +227,7 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
         "class": {
             "on_state_error": ClassPolicy("c", 1, 1, 1, 1).on_state_error,
             "concurrency_retry_after_ms": ClassPolicy("c", 1, 1, 1, 1).concurrency_retry_after_ms,
+            "max_queued": ClassPolicy("c", 1, 1, 1, 1).max_queued,
         },
         "model": {"cost_per_request": ModelPolicy("m").cost_per_request},
         "tenant": {
@@ -225,6 +236,7 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
             ).on_disallowed_class
         },
         "bucket": {"per": "second"},
+        "overload": {"on_stale": OverloadPolicy(admit_below=1).on_stale},
     }[obj.name]
     declared = {k: f.default for k, f in obj.fields.items() if f.default is not None}
     assert declared == model_defaults
@@ -305,13 +317,25 @@ def test_policy_version_frames_names_and_contents() -> None:
 
 ALLOWED_CLASS_KEYS = (
     "rank, latency_objective_ms, max_wait_ms, triton_priority, on_state_error, "
-    "concurrency_retry_after_ms"
+    "concurrency_retry_after_ms, overload, relegate_to, max_queued"
 )
 SHA_HINT = "must be 64 hex digits (the SHA-256 digest of the key, not the key itself)"
 HEADER_HINT = "must be a header name (letters, digits and !#$%&'*+-.^_`|~)"
 
 # (file under tests/policy_cases, expected "line: message" lines, in order)
 CASES_EXPECTED: list[tuple[str, list[str]]] = [
+    (
+        "overload_rules.yaml",
+        [
+            "9: classes.interactive.overload.shed_above: shed_above (4) must be greater than"
+            " admit_below (8)",
+            "10: classes.interactive.relegate_to: undefined class 'bronze' (defined: batch,"
+            " interactive)",
+            "17: classes.batch.relegate_to: relegate_to 'interactive' has rank 1; it must be a"
+            " less important class (rank above 3)",
+            "19: classes.batch.overload.on_stale: expected one of saturated, admit, got 'guess'",
+        ],
+    ),
     (
         "unknown_key.yaml",
         [

@@ -42,6 +42,7 @@ from sidecar.policy.model import (
     IdentityPolicy,
     IdentitySource,
     ModelPolicy,
+    OverloadPolicy,
     Policy,
     TenantMatch,
     TenantPolicy,
@@ -52,6 +53,7 @@ from sidecar.policy.schema import (
     CLASS,
     IDENTITY,
     MODEL,
+    OVERLOAD,
     PER_SECONDS,
     POLICY_FILE,
     TENANT,
@@ -671,6 +673,9 @@ class _Merged:
                 (), "no classes defined; a policy needs at least one", doc.line(("classes",))
             )
         owners: dict[tuple[str, str], tuple[str, str]] = {}
+        for klass in self.classes.values():
+            if isinstance(klass.data, dict):
+                self._check_class(klass)
         for name, tenant in self.tenants.items():
             if isinstance(tenant.data, dict):
                 # With no classes at all (say, one file of a set validated alone), every class
@@ -686,6 +691,33 @@ class _Merged:
                 unknown.problem(
                     ("tenant",), f"undefined tenant {fallback!r} (defined: {_names(self.tenants)})"
                 )
+
+    def _check_class(self, klass: _Definition) -> None:
+        overload = klass.data.get("overload")
+        if isinstance(overload, dict):
+            admit, shed = overload.get("admit_below"), overload.get("shed_above")
+            if admit is not None and shed is not None and shed <= admit:
+                klass.problem(
+                    ("overload", "shed_above"),
+                    f"shed_above ({shed}) must be greater than admit_below ({admit})",
+                )
+        target = klass.data.get("relegate_to")
+        if target is None:
+            return
+        if target not in self.classes:
+            klass.problem(
+                ("relegate_to",), f"undefined class {target!r} (defined: {_names(self.classes)})"
+            )
+            return
+        own, other = klass.data.get("rank"), self.classes[target].get("rank", CLASS)
+        if own is not None and other is not None and other <= own:
+            # Relegation moves a request down, once; a target at the same or a better rank
+            # would be a promotion, or a cycle.
+            klass.problem(
+                ("relegate_to",),
+                f"relegate_to {target!r} has rank {other}; it must be a less important class "
+                f"(rank above {own})",
+            )
 
     def _class_problem(self, name: str, allowed: list[str] | None) -> str | None:
         if name not in self.classes:
@@ -829,6 +861,19 @@ def _build_class(name: str, d: _Definition) -> ClassPolicy:
         triton_priority=d.get("triton_priority", CLASS),
         on_state_error=d.get("on_state_error", CLASS),
         concurrency_retry_after_ms=d.get("concurrency_retry_after_ms", CLASS),
+        overload=_build_overload(d.get("overload", CLASS)),
+        relegate_to=d.get("relegate_to", CLASS),
+        max_queued=d.get("max_queued", CLASS),
+    )
+
+
+def _build_overload(d: Mapping[str, Any] | None) -> OverloadPolicy | None:
+    if d is None:
+        return None
+    return OverloadPolicy(
+        admit_below=d["admit_below"],
+        shed_above=d.get("shed_above"),
+        on_stale=d.get("on_stale", OVERLOAD.fields["on_stale"].default),
     )
 
 

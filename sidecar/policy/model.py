@@ -35,6 +35,13 @@ class UnknownTenantAction(enum.Enum):
     DEFAULT = "default"  # treat as the named default tenant
 
 
+class StaleAction(enum.Enum):
+    """What a class does when Triton's load signals are stale or missing."""
+
+    SATURATED = "saturated"  # act as if the queue were at shed_above (defer, relegate or shed)
+    ADMIT = "admit"  # act as if the queue were empty
+
+
 class IdentitySourceKind(enum.Enum):
     API_KEY = "api_key"  # a secret header; tenants list the SHA-256 hex digests of their keys
     PRINCIPAL = "principal"  # the mTLS peer principal (URI SAN) Envoy verified
@@ -57,6 +64,20 @@ class IdentityPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class OverloadPolicy:
+    """Backend-aware admission of a class, by the queue depth Triton reports for the model.
+
+    Below `admit_below` a request is admitted at once. From `shed_above` (if set) the class is
+    shed with 503 at once: it is sheddable. In between, a request is deferred (held while it
+    can still make its deadline), relegated, or shed when it cannot.
+    """
+
+    admit_below: int
+    shed_above: int | None = None  # None: never shed by load (the class is not sheddable)
+    on_stale: StaleAction = StaleAction.SATURATED
+
+
+@dataclass(frozen=True, slots=True)
 class ClassPolicy:
     name: str
     rank: int  # 1 is the most important; ties are allowed
@@ -66,6 +87,9 @@ class ClassPolicy:
     on_state_error: FailMode = FailMode.CLOSED
     # Retry-After for concurrency sheds, where no bucket says when room will come back.
     concurrency_retry_after_ms: int = 1000
+    overload: OverloadPolicy | None = None  # None: admission by quota only
+    relegate_to: str | None = None  # the class a request that cannot make it is moved to, once
+    max_queued: int = 256  # bound on this class's deferred requests per replica
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from sidecar.policy.model import (
     DisallowedClassAction,
     FailMode,
     IdentitySourceKind,
+    StaleAction,
     UnknownTenantAction,
 )
 
@@ -215,6 +216,30 @@ UNKNOWN_TENANTS = Obj(
     ),
 )
 
+OVERLOAD = Obj(
+    "overload",
+    {
+        "admit_below": Field(
+            Int(minimum=0),
+            required=True,
+            description="Queue depth (requests waiting in Triton for the model) under which "
+            "a request is admitted at once.",
+        ),
+        "shed_above": Field(
+            Int(minimum=1),
+            description="Queue depth from which the class is shed with 503 at once; without "
+            "it the class is never shed by load.",
+        ),
+        "on_stale": Field(
+            Choice.of(StaleAction),
+            description="When Triton's load signals are stale or missing: saturated acts as "
+            "if the queue were at shed_above, admit as if it were empty.",
+            default=StaleAction.SATURATED,
+        ),
+    },
+    description="Backend-aware admission of a class.",
+)
+
 CLASS = Obj(
     "class",
     {
@@ -243,6 +268,22 @@ CLASS = Obj(
             description="Retry-After for concurrency sheds, where no bucket says when room "
             "comes back.",
             default=1000,
+        ),
+        "overload": Field(
+            OVERLOAD,
+            description="Admission by Triton's queue depth for the model; without it, quotas "
+            "alone decide.",
+        ),
+        "relegate_to": Field(
+            NAME,
+            description="A less important class that a request which cannot make its deadline "
+            "is moved to, once, instead of being shed.",
+        ),
+        "max_queued": Field(
+            Int(minimum=0),
+            description="The most requests of this class held (deferred) at once per replica; "
+            "beyond it they are relegated or shed.",
+            default=256,
         ),
     },
     description="A service class: how important a request is and how long it may wait.",
