@@ -1,0 +1,86 @@
+"""Table tests for backend-aware admission. Pure: the load is a value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sidecar.core.load import SignalState
+from sidecar.core.overload import LoadAction, judge_load, overload_retry_after_s
+from sidecar.policy.model import ClassPolicy, OverloadPolicy, StaleAction
+
+FRESH, STALE, MISSING = SignalState.FRESH, SignalState.STALE, SignalState.MISSING
+
+
+def klass(
+    admit_below: int = 8,
+    shed_above: int | None = 32,
+    max_wait_ms: int = 500,
+    relegate_to: str | None = None,
+    on_stale: StaleAction = StaleAction.SATURATED,
+    overload: bool = True,
+) -> ClassPolicy:
+    return ClassPolicy(
+        "standard",
+        rank=2,
+        latency_objective_ms=2000,
+        max_wait_ms=max_wait_ms,
+        triton_priority=2,
+        concurrency_retry_after_ms=1700,
+        overload=OverloadPolicy(admit_below, shed_above, on_stale) if overload else None,
+        relegate_to=relegate_to,
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "state", "depth", "drain", "ahead", "relegated", "action", "wait_s"),
+    [
+        # quota only
+        (klass(overload=False), FRESH, 1000, 0.0, 0, False, LoadAction.ADMIT, 0.0),
+        # idle backend
+        (klass(), FRESH, 7, 10.0, 0, False, LoadAction.ADMIT, 0.0),
+        # idle backend but others of this band already wait: queue behind them
+        (klass(), FRESH, 0, 10.0, 3, False, LoadAction.DEFER, 0.3),
+        # busy: 8 - 8 + 1 = 1 ahead at 10/s -> 0.1 s, fits in 0.5 s
+        (klass(), FRESH, 8, 10.0, 0, False, LoadAction.DEFER, 0.1),
+        # busy: (20 - 8 + 1) + 2 = 15 ahead at 10/s -> 1.5 s > 0.5 s
+        (klass(), FRESH, 20, 10.0, 2, False, LoadAction.SHED, 1.5),
+        (klass(relegate_to="batch"), FRESH, 20, 10.0, 2, False, LoadAction.RELEGATE, 1.5),
+        # relegated once already: no second relegation
+        (klass(relegate_to="batch"), FRESH, 20, 10.0, 2, True, LoadAction.SHED, 1.5),
+        # not sheddable: admitted to wait in Triton rather than refused
+        (klass(shed_above=None), FRESH, 20, 10.0, 2, False, LoadAction.ADMIT, 1.5),
+        # at the shed threshold: shed at once even if it would fit the wait budget
+        (klass(max_wait_ms=60000), FRESH, 32, 10.0, 0, False, LoadAction.SHED, 2.5),
+        (klass(relegate_to="batch"), FRESH, 40, 10.0, 0, False, LoadAction.RELEGATE, 3.3),
+        # nothing draining: the wait is infinite
+        (klass(), FRESH, 10, 0.0, 0, False, LoadAction.SHED, math.inf),
+        # stale or missing signals: a defined state
+        (klass(), STALE, 0, 10.0, 0, False, LoadAction.SHED, 2.5),
+        (klass(), MISSING, 0, 10.0, 0, False, LoadAction.SHED, 2.5),
+        (klass(on_stale=StaleAction.ADMIT), STALE, 500, 10.0, 0, False, LoadAction.ADMIT, 0.0),
+        (klass(shed_above=None), MISSING, 0, 10.0, 0, False, LoadAction.DEFER, 0.1),
+    ],
+)
+def test_load_verdicts(
+    policy: ClassPolicy,
+    state: SignalState,
+    depth: int,
+    drain: float,
+    ahead: int,
+    relegated: bool,
+    action: LoadAction,
+    wait_s: float,
+) -> None:
+    verdict = judge_load(policy, state, depth, drain, ahead, relegated=relegated)
+    assert verdict.action is action, verdict.why
+    assert verdict.predicted_wait_s == pytest.approx(wait_s)
+
+
+def test_retry_after_comes_from_the_drain_rate_or_the_class_fallback() -> None:
+    policy = klass()
+    draining = judge_load(policy, FRESH, 20, 10.0, 2)
+    assert overload_retry_after_s(policy, draining) == pytest.approx(1.5)
+    stalled = judge_load(policy, FRESH, 20, 0.0, 0)
+    assert overload_retry_after_s(policy, stalled) == 1.7  # concurrency_retry_after_ms
