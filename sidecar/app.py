@@ -106,7 +106,6 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
 
     holder = PolicyHolder([Path(p) for p in settings.policy_path], on_result=count_reload)
     metrics.set_policy_version(holder.current.version)
-    service = AdmissionService(holder.current, make_store(settings), metrics)
 
     monitor: TritonLoadMonitor | None = None
     if settings.triton_urls:
@@ -116,6 +115,16 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
             interval_s=settings.triton_scrape_ms / 1000,
             timeout_s=max(0.05, min(1.0, settings.triton_scrape_ms / 1000)),
         )
+
+    service = AdmissionService(
+        holder.current,
+        make_store(settings),
+        metrics,
+        load=monitor.view if monitor is not None else None,
+        stale_after_s=settings.triton_stale_ms / 1000,
+    )
+    if monitor is not None and service.deferrer is not None:
+        monitor.on_update = service.deferrer.on_scrape
 
     async def triton_readiness() -> dict[str, Any]:
         if monitor is None:

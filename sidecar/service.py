@@ -11,11 +11,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 from sidecar.admin.metrics import Metrics
-from sidecar.core.decide import CompiledPolicy, compile_policy, decide, plan_request
+from sidecar.core.decide import (
+    Admission,
+    CompiledPolicy,
+    admit_after_wait,
+    compile_policy,
+    decide,
+    plan_request,
+    relegate,
+    shed_overloaded,
+)
 from sidecar.core.lease import format_lease, parse_lease
+from sidecar.core.load import LoadView
+from sidecar.core.overload import LoadAction, LoadVerdict, judge_load, overload_retry_after_s
 from sidecar.core.types import Decision, LeaseRef, QuotaResult, RequestAttributes
+from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
 from sidecar.policy.model import Policy
 from sidecar.state.base import QuotaStore
@@ -24,11 +38,30 @@ log = logging.getLogger(__name__)
 
 
 class AdmissionService:
-    def __init__(self, policy: Policy, store: QuotaStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        store: QuotaStore,
+        metrics: Metrics,
+        *,
+        load: Callable[[], LoadView] | None = None,
+        stale_after_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._compiled = compile_policy(policy)
         self._known_tenants = frozenset(policy.tenants)
         self.store = store
         self.metrics = metrics
+        # Without a view of Triton (no endpoints configured) classes are admitted on quota
+        # alone: treating "no signal" as saturated would shed everything forever.
+        self._load = load
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self.deferrer = (
+            Deferrer(lambda: self.policy, load, stale_after_s=stale_after_s, clock=clock)
+            if load is not None
+            else None
+        )
 
     @property
     def policy(self) -> Policy:
@@ -76,6 +109,8 @@ class AdmissionService:
             self.metrics.state_errors.labels("release").inc()
             return False
         self.metrics.completions.labels("released" if released else "already_released").inc()
+        if self.deferrer is not None:
+            self.deferrer.pump()
         return released
 
     async def refresh_in_flight(self) -> None:
@@ -109,10 +144,83 @@ class AdmissionService:
         planned = plan_request(attrs, compiled)
         if isinstance(planned, Decision):
             return planned
+        # Load first: a request shed for load costs its tenant no quota.
+        verdict = self._judge(planned)
+        if verdict.action is LoadAction.RELEGATE:
+            planned = relegate(planned, compiled.policy, verdict.why, requota=True)
+            verdict = self._judge(planned)
+        planned = replace(planned, trace=(*planned.trace, verdict.why))
+        if verdict.action is LoadAction.SHED:
+            return shed_overloaded(
+                planned, overload_retry_after_s(planned.klass, verdict), "shed for load"
+            )
         try:
             result: QuotaResult | None = await self.store.acquire(planned.check)
         except StateUnavailable as exc:
             log.warning("quota store unavailable: %s", exc)
             self.metrics.state_errors.labels("acquire").inc()
             result = None
-        return decide(planned, result)
+        decision = decide(planned, result)
+        if not decision.admitted or result is None or self.deferrer is None:
+            return decision
+        if verdict.action is not LoadAction.DEFER:
+            self.deferrer.note_admitted(planned.model or "")
+            return decision
+        return await self._hold(planned, result, decision, verdict)
+
+    def _judge(self, planned: Admission) -> LoadVerdict:
+        klass, model = planned.klass, planned.model
+        if klass.overload is None or self._load is None or model is None or not self.deferrer:
+            return LoadVerdict(LoadAction.ADMIT, 0.0, "admission by quota only")
+        view = self._load()
+        return judge_load(
+            klass,
+            view.state_of(model, self.clock(), self.stale_after_s),
+            view.queue_depth(model) + self.deferrer.released_since_scrape(model),
+            view.completions_per_s(model),
+            self.deferrer.waiting_ahead(klass.rank),
+            relegated=planned.relegated,
+        )
+
+    async def _hold(
+        self, planned: Admission, result: QuotaResult, decision: Decision, verdict: LoadVerdict
+    ) -> Decision:
+        """Hold an admitted request until Triton has room, or until it can no longer wait."""
+        assert self.deferrer is not None
+        klass, started = planned.klass, self.clock()
+        cost = max((b.cost for b in planned.check.buckets), default=1.0)
+        try:
+            admitted = await self.deferrer.hold(
+                planned.tenant.name,
+                klass.name,
+                klass.rank,
+                planned.model or "",
+                cost,
+                started + klass.max_wait_ms / 1000,
+            )
+        except asyncio.CancelledError:
+            # Client or Envoy gone while held: its slot and tokens were never used.
+            await asyncio.shield(self._give_back(planned, decision))
+            raise
+        waited = f"held {self.clock() - started:.3f}s"
+        if admitted:
+            return admit_after_wait(planned, result, f"{waited}, then Triton had room")
+        overload = klass.overload
+        if klass.relegate_to is not None and not planned.relegated:
+            relegated = relegate(planned, self.policy, f"{waited}, no room", requota=False)
+            return admit_after_wait(relegated, result, "admitted at the lower priority")
+        if overload is not None and overload.shed_above is None:
+            return admit_after_wait(planned, result, f"{waited}; not sheddable: admitted")
+        await self._give_back(planned, decision)
+        return shed_overloaded(
+            planned, overload_retry_after_s(klass, self._judge(planned)), f"{waited}, no room"
+        )
+
+    async def _give_back(self, planned: Admission, decision: Decision) -> None:
+        """Return the lease and the bucket tokens of a request that was never served."""
+        await self.release_undelivered(decision)
+        for bucket in planned.check.buckets:
+            try:
+                await self.store.charge(planned.tenant.name, replace(bucket, cost=-bucket.cost))
+            except StateUnavailable:
+                self.metrics.state_errors.labels("charge").inc()

@@ -27,6 +27,7 @@ class Settings:
     # Triton metrics URLs, paired with triton_urls by position (default: port 8002 of each).
     triton_metrics_urls: tuple[str, ...] = ()
     triton_scrape_ms: int = 250  # how often Triton's queue depth and counters are read
+    triton_stale_ms: int = 1000  # load signals older than this are stale (see on_stale)
     log_level: str = "info"
 
     @property
@@ -61,6 +62,7 @@ _HELP = {
     "triton_urls": "comma-separated Triton HTTP base URLs (readiness, load signals)",
     "triton_metrics_urls": "Triton metrics URLs, paired with triton_urls by position",
     "triton_scrape_ms": "Triton metrics scrape interval in ms",
+    "triton_stale_ms": "age in ms after which Triton load signals count as stale",
     "log_level": "debug, info, warning or error",
 }
 
@@ -117,6 +119,8 @@ def load_settings(
         raise SettingsError("triton_metrics_urls: one per triton_urls entry, in the same order")
     if settings.triton_scrape_ms <= 0:
         raise SettingsError("triton_scrape_ms: must be positive")
+    if settings.triton_stale_ms < settings.triton_scrape_ms:
+        raise SettingsError("triton_stale_ms: must be at least triton_scrape_ms")
     if not settings.policy_path:
         raise SettingsError("policy_path: at least one path is needed")
     return settings

@@ -57,6 +57,8 @@ class TritonLoadMonitor:
         self._ready: dict[str, bool] = {}
         self._view = EMPTY_VIEW
         self._session: aiohttp.ClientSession | None = None
+        # Called after each round with the new view (the deferral queue's chance to move).
+        self.on_update: Callable[[], None] | None = None
 
     def view(self) -> LoadView:
         """The latest view; replaced whole after each round, never mutated."""
@@ -84,6 +86,8 @@ class TritonLoadMonitor:
         self._view = LoadView(
             models={m: tuple(loads) for m, loads in models.items()}, ready=dict(self._ready)
         )
+        if self.on_update is not None:
+            self.on_update()
         return self._view
 
     async def close(self) -> None:

@@ -27,7 +27,7 @@ import math
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from sidecar.core.lease import format_lease
@@ -70,6 +70,7 @@ _STATUS = {
     Reason.CLASS_NOT_ALLOWED: 403,
     Reason.UNKNOWN_CLASS: 403,
     Reason.STATE_UNAVAILABLE: 503,
+    Reason.OVERLOADED: 503,
     Reason.MALFORMED: 400,
 }
 _ERROR = {
@@ -125,6 +126,7 @@ class Admission:
     model: str | None
     check: QuotaCheck
     trace: tuple[str, ...]
+    relegated: bool = False
 
 
 def model_of(path: str) -> str | None:
@@ -196,7 +198,12 @@ def decide(admission: Admission, result: QuotaResult | None) -> Decision:
         trace.append(
             f"quota fits: in flight {result.in_flight} (tenant), {result.class_in_flight} (class)"
         )
-        reason = Reason.ADMITTED_DOWNGRADED if admission.downgraded else Reason.ADMITTED
+        if admission.relegated:
+            reason = Reason.ADMITTED_RELEGATED
+        elif admission.downgraded:
+            reason = Reason.ADMITTED_DOWNGRADED
+        else:
+            reason = Reason.ADMITTED
         return _admit(admission, reason, result.lease_id, trace)
     denied_by = result.denied_by or LimitKind.BUCKET
     reason = _LIMIT_REASON[denied_by]
@@ -221,6 +228,50 @@ def decide(admission: Admission, result: QuotaResult | None) -> Decision:
         trace,
         retry_after_s=retry_after_s,
         detail=result.denied_bucket,
+    )
+
+
+def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -> Admission:
+    """The same request in its class's `relegate_to` class (which the loader checked exists).
+
+    With `requota` (before any quota is taken) the quota check moves to the new class too;
+    without it (quota already taken under the old class) the check, and so the lease, stay.
+    """
+    target = policy.classes[admission.klass.relegate_to or admission.klass.name]
+    check = admission.check
+    if requota:
+        check = replace(
+            check,
+            klass=target.name,
+            max_class_concurrency=admission.tenant.max_concurrency_per_class.get(target.name),
+        )
+    return replace(
+        admission,
+        klass=target,
+        check=check,
+        relegated=True,
+        trace=(
+            *admission.trace,
+            f"{why}; relegated from {admission.klass.name!r} to {target.name!r}",
+        ),
+    )
+
+
+def admit_after_wait(admission: Admission, result: QuotaResult, why: str) -> Decision:
+    """The admit of a request that was held (deferred) until Triton had room."""
+    reason = Reason.ADMITTED_RELEGATED if admission.relegated else Reason.ADMITTED_DEFERRED
+    return _admit(admission, reason, result.lease_id, [*admission.trace, why])
+
+
+def shed_overloaded(admission: Admission, retry_after_s: float, why: str) -> Decision:
+    """503 for load: Triton cannot serve this class in time; come back after the drain."""
+    return shed(
+        Reason.OVERLOADED,
+        admission.tenant.name,
+        admission.klass.name,
+        admission.requested_class,
+        [*admission.trace, why],
+        retry_after_s=retry_after_s,
     )
 
 
@@ -280,7 +331,10 @@ def _admit(
         (HEADER_PRIORITY, str(klass.triton_priority)),
     ]
     if lease_id is not None:
-        headers.append((HEADER_LEASE, format_lease(LeaseRef(tenant.name, klass.name, lease_id))))
+        # The lease lives under the class its quota was taken in, which a relegation after
+        # the quota was taken does not change.
+        lease = LeaseRef(tenant.name, admission.check.klass, lease_id)
+        headers.append((HEADER_LEASE, format_lease(lease)))
     return Decision(
         outcome=Outcome.ADMIT,
         status=200,

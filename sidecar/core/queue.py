@@ -28,6 +28,7 @@ class Waiter:
     rank: int  # the class's rank: its band
     deadline_s: float  # absolute time by which it must be admitted to still make its objective
     work: float  # estimated work units (e.g. tokens); also what VTC charges the tenant
+    model: str = ""  # whose queue depth decides when it may go
 
 
 @dataclass(slots=True)

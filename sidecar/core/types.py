@@ -86,6 +86,9 @@ class Reason(enum.Enum):
     ADMITTED = "admitted"
     ADMITTED_DOWNGRADED = "admitted_downgraded"  # asked for a class it may not use
     ADMITTED_FAIL_OPEN = "admitted_fail_open"  # store unavailable, class fails open
+    ADMITTED_DEFERRED = "admitted_deferred"  # held until Triton had room
+    ADMITTED_RELEGATED = "admitted_relegated"  # moved to a less important class, then admitted
+    OVERLOADED = "overloaded"  # Triton's queue is too deep for this class: 503
     OVER_RATE = "over_rate"  # a token bucket is empty
     OVER_CONCURRENCY = "over_concurrency"  # the tenant is at its in-flight limit
     OVER_CLASS_CONCURRENCY = "over_class_concurrency"

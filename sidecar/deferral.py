@@ -1,0 +1,105 @@
+"""Holding deferred requests: the async side of the deferral queue.
+
+The order (bands, tenant fairness, hybrid key) is the pure `DeferralQueue`; this module owns
+the futures the held Envoy calls wait on and decides *when* the head of the queue may go:
+whenever Triton's queue for its model is below the class's `admit_below`, counting the
+requests this replica released since the last scrape (the scrape has not seen them yet).
+`pump()` runs after every load scrape and every completion.
+
+A held call ends in one of three ways: admitted (True), its deadline passed (False), or it
+was cancelled because Envoy or the client gave up (the waiter leaves the queue at once and
+the cancellation propagates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+
+from sidecar.core.load import LoadView, SignalState
+from sidecar.core.queue import DeferralQueue, Waiter
+from sidecar.policy.model import Policy
+
+
+class Deferrer:
+    def __init__(
+        self,
+        policy: Callable[[], Policy],
+        load: Callable[[], LoadView],
+        *,
+        stale_after_s: float,
+        alpha_s_per_unit: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._policy = policy
+        self._load = load
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self.queue = DeferralQueue(alpha_s_per_unit, self._bounds())
+        self._futures: dict[int, asyncio.Future[bool]] = {}
+        self._released_since_scrape: dict[str, int] = {}
+        self._ids = itertools.count(1)
+
+    def _bounds(self) -> dict[str, int]:
+        return {name: c.max_queued for name, c in self._policy().classes.items()}
+
+    def waiting_ahead(self, rank: int) -> int:
+        return self.queue.ahead_of(rank)
+
+    def released_since_scrape(self, model: str) -> int:
+        return self._released_since_scrape.get(model, 0)
+
+    async def hold(
+        self, tenant: str, klass: str, rank: int, model: str, work: float, deadline_s: float
+    ) -> bool:
+        """Wait until admitted (True) or `deadline_s` (this clock) passes (False). A full
+        class queue answers False at once."""
+        self.queue.max_waiters = self._bounds()  # follow policy reloads
+        waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model)
+        if not self.queue.push(waiter):
+            return False
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._futures[waiter.waiter_id] = future
+        self.pump()
+        try:
+            return await asyncio.wait_for(future, timeout=max(0.0, deadline_s - self.clock()))
+        except TimeoutError:
+            return False
+        finally:
+            # Admitted, expired or cancelled (client gone): it leaves the queue now.
+            self.queue.remove(waiter.waiter_id)
+            self._futures.pop(waiter.waiter_id, None)
+
+    def note_admitted(self, model: str) -> None:
+        """A request went to Triton without waiting: count it until the next scrape sees it."""
+        self._released_since_scrape[model] = self.released_since_scrape(model) + 1
+
+    def on_scrape(self) -> None:
+        """A fresh load view arrived: it counts everything released so far."""
+        self._released_since_scrape.clear()
+        self.pump()
+
+    def pump(self) -> int:
+        """Release waiters from the head while their model has room; returns how many."""
+        policy, view, now = self._policy(), self._load(), self.clock()
+        released = 0
+        while (waiter := self.queue.peek()) is not None:
+            klass = policy.classes.get(waiter.klass)
+            overload = klass.overload if klass else None
+            if overload is not None:
+                if view.state_of(waiter.model, now, self.stale_after_s) is not SignalState.FRESH:
+                    break  # no fresh view of the backend: nobody goes early
+                depth = view.queue_depth(waiter.model) + self.released_since_scrape(waiter.model)
+                if depth >= overload.admit_below:
+                    break  # head-of-line: a better band or fairer tenant goes first
+            self.queue.pop()
+            future = self._futures.get(waiter.waiter_id)
+            if future is not None and not future.done():
+                future.set_result(True)
+                self._released_since_scrape[waiter.model] = (
+                    self.released_since_scrape(waiter.model) + 1
+                )
+                released += 1
+        return released

@@ -1,0 +1,186 @@
+"""Backend-aware admission through the service: load verdicts, holding, relegation, release.
+
+The Triton view is a scripted value here (what the monitor would publish); the real-Triton
+versions of these behaviours are in test_e2e_overload.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.admin.metrics import Metrics
+from sidecar.core.lease import parse_lease
+from sidecar.core.load import LoadView, ModelLoad
+from sidecar.core.types import Decision, Reason, RequestAttributes
+from sidecar.policy.model import OverloadPolicy
+from sidecar.service import AdmissionService
+from sidecar.state.memory import MemoryQuotaStore
+from tests.core_fixtures import make_policy
+
+INFER = "/v2/models/simgpu/infer"
+
+
+class Backend:
+    """A scripted Triton view: queue depth and drain rate of `simgpu`, always fresh."""
+
+    def __init__(self, depth: int, drain: float = 20.0) -> None:
+        self.depth, self.drain = depth, drain
+
+    def view(self) -> LoadView:
+        import time
+
+        load = ModelLoad("t0", "simgpu", self.depth, self.drain, 0.0, 0.0, time.monotonic())
+        return LoadView(models={"simgpu": (load,)}, ready={"t0": True})
+
+
+def policy_with_overload(max_wait_ms: int = 300, relegate: bool = False) -> Any:
+    policy = make_policy()
+    classes = dict(policy.classes)
+    classes["standard"] = replace(
+        classes["standard"],
+        max_wait_ms=max_wait_ms,
+        overload=OverloadPolicy(admit_below=4, shed_above=40),
+        relegate_to="batch" if relegate else None,
+    )
+    classes["batch"] = replace(classes["batch"], overload=OverloadPolicy(admit_below=100))
+    return replace(policy, classes=MappingProxyType(classes))
+
+
+def make(backend: Backend, **kwargs: Any) -> tuple[AdmissionService, MemoryQuotaStore]:
+    store = MemoryQuotaStore()
+    service = AdmissionService(
+        policy_with_overload(**kwargs), store, Metrics(CollectorRegistry()), load=backend.view
+    )
+    return service, store
+
+
+def request(key: str = "k-search") -> RequestAttributes:
+    return RequestAttributes("POST", INFER, {"x-api-key": key, "x-qos-class": "standard"})
+
+
+async def in_flight(store: MemoryQuotaStore) -> int:
+    return await store.in_flight("search", None)
+
+
+def test_deep_queue_sheds_503_with_drain_retry_after_and_takes_no_quota() -> None:
+    backend = Backend(depth=60, drain=20.0)
+    service, store = make(backend)
+
+    async def body() -> Decision:
+        decision = await service.check(request(), "test")
+        assert await in_flight(store) == 0
+        # No token was taken: the whole burst (20) is still there.
+        for _ in range(20):
+            assert (await service.check(request(), "test")).reason is Reason.OVERLOADED
+        backend.depth = 0
+        assert service.deferrer is not None
+        for _ in range(20):
+            admitted = await service.check(request(), "test")
+            assert admitted.admitted
+            service.deferrer.on_scrape()  # Triton took it: the next scrape shows depth 0
+            await service.complete(dict(admitted.headers)["x-qos-lease"])  # and finished it
+        assert (await service.check(request(), "test")).reason is Reason.OVER_RATE
+        return decision
+
+    decision = asyncio.run(body())
+    assert (decision.status, decision.reason) == (503, Reason.OVERLOADED)
+    body_json = json.loads(decision.body)
+    assert body_json["retry_after_ms"] == 2850  # (60 - 4 + 1) ahead at 20/s
+    assert dict(decision.headers)["retry-after"] == "3"
+
+
+def test_deferred_request_is_admitted_when_capacity_returns() -> None:
+    backend = Backend(depth=6)
+    service, store = make(backend, max_wait_ms=5000)
+
+    async def body() -> Decision:
+        held = asyncio.create_task(service.check(request(), "test"))
+        await asyncio.sleep(0.05)
+        assert not held.done()
+        assert service.deferrer is not None and len(service.deferrer.queue) == 1
+        assert await in_flight(store) == 1  # its slot is held while it waits
+        backend.depth = 1
+        service.deferrer.on_scrape()  # the monitor's next round
+        return await asyncio.wait_for(held, 1.0)
+
+    decision = asyncio.run(body())
+    assert decision.reason is Reason.ADMITTED_DEFERRED
+    assert parse_lease(dict(decision.headers)["x-qos-lease"]) is not None
+    assert any("then Triton had room" in step for step in decision.trace)
+
+
+def test_a_request_that_cannot_wait_long_enough_is_shed_at_once() -> None:
+    backend = Backend(depth=30, drain=10.0)  # 27 ahead at 10/s = 2.7 s > 300 ms
+    service, _ = make(backend, max_wait_ms=300)
+    decision = asyncio.run(service.check(request(), "test"))
+    assert decision.reason is Reason.OVERLOADED
+    assert json.loads(decision.body)["retry_after_ms"] == 2700
+
+
+def test_held_past_its_deadline_is_relegated_or_shed_and_gives_back_its_quota() -> None:
+    backend = Backend(depth=5, drain=20.0)  # 2 ahead: 0.1 s predicted, fits 0.15 s
+    relegating, store_r = make(backend, max_wait_ms=150, relegate=True)
+    shedding, store_s = make(backend, max_wait_ms=150)
+
+    async def body() -> tuple[Decision, Decision]:
+        relegated = await relegating.check(request(), "test")  # nobody frees capacity
+        shed = await shedding.check(request(), "test")
+        assert await in_flight(store_r) == 1  # relegated: admitted, keeps its slot
+        assert await in_flight(store_s) == 0  # shed: slot given back
+        return relegated, shed
+
+    relegated, shed = asyncio.run(body())
+    assert relegated.reason is Reason.ADMITTED_RELEGATED
+    headers = dict(relegated.headers)
+    assert (headers["x-qos-granted-class"], headers["x-qos-priority"]) == ("batch", "3")
+    lease = parse_lease(headers["x-qos-lease"])
+    assert lease is not None and lease.klass == "standard"  # released where it was taken
+    assert shed.reason is Reason.OVERLOADED and shed.status == 503
+
+
+def test_client_gone_while_held_leaves_the_queue_and_frees_its_slot() -> None:
+    backend = Backend(depth=6)
+    service, store = make(backend, max_wait_ms=5000)
+
+    async def body() -> None:
+        held = asyncio.create_task(service.check(request(), "test"))
+        await asyncio.sleep(0.05)
+        assert await in_flight(store) == 1
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        assert service.deferrer is not None and len(service.deferrer.queue) == 0
+        assert await in_flight(store) == 0
+
+    asyncio.run(body())
+
+
+def test_relegation_at_arrival_takes_quota_in_the_new_class() -> None:
+    backend = Backend(depth=50)  # over standard's shed_above
+    service, _ = make(backend, relegate=True)
+    decision = asyncio.run(service.check(request(), "test"))
+    assert decision.reason is Reason.ADMITTED_RELEGATED
+    lease = parse_lease(dict(decision.headers)["x-qos-lease"])
+    assert lease is not None and lease.klass == "batch"
+
+
+def test_without_a_backend_view_overload_policies_are_ignored() -> None:
+    service = AdmissionService(
+        policy_with_overload(), MemoryQuotaStore(), Metrics(CollectorRegistry())
+    )
+    assert asyncio.run(service.check(request(), "test")).reason is Reason.ADMITTED
+
+
+def test_stale_view_follows_on_stale() -> None:
+    class Stale(Backend):
+        def view(self) -> LoadView:
+            load = ModelLoad("t0", "simgpu", 0, 10.0, 0.0, 0.0, observed_at=0.0)
+            return LoadView(models={"simgpu": (load,)}, ready={"t0": False})
+
+    service, _ = make(Stale(depth=0))
+    assert asyncio.run(service.check(request(), "test")).reason is Reason.OVERLOADED
