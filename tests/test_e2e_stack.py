@@ -328,6 +328,37 @@ def test_upstream_errors_release_their_slots(stack: LocalStack, mode: str) -> No
         assert refused.value.code == 400  # Triton's answer, not the sidecar's
 
 
+def test_ext_proc_body_over_envoy_buffer_limit_is_413_and_frees_its_slot(
+    stack: LocalStack,
+) -> None:
+    """Envoy refuses a body over its buffer limit (1 MiB) with 413. Depending on timing the
+    sidecar never decided (Envoy reset the stream first), or its admit was applied and the
+    access log frees the lease, or Envoy refused the body before applying it (a log entry
+    without the lease: the sidecar frees it when the stream ends, see test_ext_proc). In every
+    case the slot must come back."""
+    import urllib.error
+    import urllib.request
+
+    from tests.stack_client import INFER_PATH
+
+    key = "k-conc-extproc"
+    data = b'{"inputs":[{"name":"DELAY_MS","shape":[1,1],"datatype":"FP32","data":[5]}],' + (
+        b'"pad":"' + b"x" * (1 << 20) + b'"}'
+    )
+    for _ in range(3):  # more than the tenant's concurrency limit of 2
+        wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "slot free")
+        request = urllib.request.Request(
+            stack.url("extproc") + INFER_PATH,
+            data=data,
+            headers={"x-api-key": key, "content-type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        refused.value.close()
+        assert refused.value.code == 413
+    wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "slot free")
+
+
 def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
     import json
     import os
@@ -404,30 +435,40 @@ def envoy_requests_to_triton(stack: LocalStack, mode: str) -> float:
 
 
 def batch_then_interactive(stack: LocalStack, mode: str) -> tuple[list[float], list[float]]:
-    """Fill Triton's queue with batch requests, then send two interactive ones; return when
-    each batch and each interactive request completed (monotonic seconds)."""
+    """Through Envoy in `mode`: fill Triton's queue with batch requests, then send two
+    interactive ones; when each batch and each interactive request completed."""
     url, key = stack.url(mode), f"k-prio-{mode}"
 
-    def timed(klass: str) -> Callable[[], tuple[int, float]]:
-        def call() -> tuple[int, float]:
-            reply = infer(url, api_key=key, klass=klass, delay_ms=BATCH_MS, timeout_s=60)
-            return reply.status, time.monotonic()
+    def send(klass: str) -> Callable[[], int]:
+        return lambda: infer(url, api_key=key, klass=klass, delay_ms=BATCH_MS, timeout_s=60).status
 
-        return call
+    return queue_then_overtake(
+        stack,
+        send("batch"),
+        send("interactive"),
+        # All of them forwarded by Envoy (so none can arrive after the interactive ones).
+        lambda: envoy_requests_to_triton(stack, mode) >= QUEUED_BATCH,
+    )
+
+
+def queue_then_overtake(
+    stack: LocalStack,
+    send_batch: Callable[[], int],
+    send_interactive: Callable[[], int],
+    all_sent: Callable[[], bool],
+) -> tuple[list[float], list[float]]:
+    def timed(send: Callable[[], int]) -> Callable[[], tuple[int, float]]:
+        return lambda: (send(), time.monotonic())
 
     wait_for(lambda: triton_pending(stack) == 0, 30, "Triton's queue drained of earlier tests")
-    batch = [in_background(timed("batch")) for _ in range(QUEUED_BATCH)]
-    # All of them forwarded by Envoy, and at least two batches' worth waiting in Triton (the
-    # first batch may already run): the interactive requests arrive behind every one of them.
+    batch = [in_background(timed(send_batch)) for _ in range(QUEUED_BATCH)]
+    # At least two batches' worth waiting in Triton (the first batch may already run).
     wait_for(
-        lambda: (
-            envoy_requests_to_triton(stack, mode) >= QUEUED_BATCH
-            and triton_pending(stack) >= QUEUED_BATCH - 8
-        ),
+        lambda: all_sent() and triton_pending(stack) >= QUEUED_BATCH - 8,
         20,
         "batch requests queued in Triton",
     )
-    interactive = [in_background(timed("interactive")) for _ in range(2)]
+    interactive = [in_background(timed(send_interactive)) for _ in range(2)]
     done: list[list[float]] = [[], []]
     for group, started in enumerate((batch, interactive)):
         for thread, out in started:
@@ -445,16 +486,80 @@ def overtaken(batch_done: list[float], interactive_done: list[float]) -> int:
     return sum(1 for t in batch_done if t > last_interactive + BATCH_MS / 3000)
 
 
+def completion_order(batch_done: list[float], interactive_done: list[float]) -> str:
+    """e.g. "bbbbbbbb IIbbbbbb bbbbbbbb bb": b batch, I interactive; a space between Triton
+    batches (completions more than a third of a batch apart)."""
+    events = sorted([(t, "b") for t in batch_done] + [(t, "I") for t in interactive_done])
+    order = ""
+    for i, (t, kind) in enumerate(events):
+        if i and t - events[i - 1][0] > BATCH_MS / 3000:
+            order += " "
+        order += kind
+    return order
+
+
 def test_ext_proc_priority_makes_triton_serve_interactive_first(stack: LocalStack) -> None:
     """Triton's dynamic batcher (priority_levels 4, default 3) runs level-1 requests before
     level-3 ones. Only ext_proc writes the class's level into the body: there the interactive
     requests overtake most of the batch queue; through ext_authz (all at the default level)
     Triton serves first come, first served and they wait behind the whole queue."""
-    with_priority = overtaken(*batch_then_interactive(stack, "extproc"))
-    without = overtaken(*batch_then_interactive(stack, "http"))
-    print(f"batch requests overtaken: ext_proc {with_priority}, ext_authz {without}")
+    ext_proc_order = batch_then_interactive(stack, "extproc")
+    ext_authz_order = batch_then_interactive(stack, "http")
+    with_priority, without = overtaken(*ext_proc_order), overtaken(*ext_authz_order)
+    print(
+        f"\ncompletion order, ext_proc:  {completion_order(*ext_proc_order)}"
+        f"\ncompletion order, ext_authz: {completion_order(*ext_authz_order)}"
+        f"\nbatch requests overtaken: ext_proc {with_priority}, ext_authz {without}"
+    )
     # Of 24 queued batch requests, at most 8 run before the interactive pair can (the batch
     # executing when it arrives) and 6 share its batch: 10 or more are overtaken with priority.
     assert with_priority >= QUEUED_BATCH // 2 - 4
     assert without <= 2
     assert with_priority - without >= 6
+
+
+def test_a_grpc_model_infer_request_rewritten_by_the_sidecar_gets_triton_priority(
+    stack: LocalStack,
+) -> None:
+    """core.priority appends a parameters["priority"] map entry to the serialized
+    ModelInferRequest instead of re-encoding it; Triton's own parser must read it. The shipped
+    Envoy proxies only Triton's HTTP port, so the rewritten bytes go straight to Triton's gRPC
+    port here, behind a queue of default-priority (level 3) HTTP requests."""
+    import grpc
+    import numpy as np
+    from tritonclient.grpc import service_pb2
+
+    from sidecar.core.priority import GRPC_MODEL_INFER_PATH, with_triton_priority
+
+    assert stack.triton is not None
+    request = service_pb2.ModelInferRequest(
+        model_name="simgpu",
+        inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(
+                name="DELAY_MS", datatype="FP32", shape=[1, 1]
+            )
+        ],
+        raw_input_contents=[np.array([[BATCH_MS]], dtype=np.float32).tobytes()],
+    )
+    message = request.SerializeToString()
+    framed = b"\x00" + len(message).to_bytes(4, "big") + message
+    body = with_triton_priority(framed, "application/grpc", 1)
+    assert body is not None
+
+    with grpc.insecure_channel(stack.triton.grpc_address) as channel:
+        model_infer = channel.unary_unary(
+            GRPC_MODEL_INFER_PATH,
+            request_serializer=None,  # the rewritten bytes, exactly as Envoy would forward them
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+
+        def send_rewritten() -> int:
+            model_infer(body[5:], timeout=60)
+            return 200
+
+        def send_plain() -> int:
+            return infer(stack.triton.http_url, delay_ms=BATCH_MS, timeout_s=60).status
+
+        order = queue_then_overtake(stack, send_plain, send_rewritten, lambda: True)
+    print(f"\ncompletion order, gRPC rewritten: {completion_order(*order)}")
+    assert overtaken(*order) >= QUEUED_BATCH // 2 - 4

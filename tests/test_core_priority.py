@@ -1,0 +1,366 @@
+"""core.priority: the class's Triton priority written into KServe v2 JSON and gRPC bodies.
+
+Tables for what is rewritten and what passes unchanged (with the reason), property tests that
+nothing but the priority changes, and tritonclient's own protobufs as the judge of the gRPC
+rewrite (Triton parses the same messages).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2
+
+from sidecar.core.decide import HEADER_PRIORITY
+from sidecar.core.priority import (
+    BINARY_HEADER_LENGTH,
+    GRPC_MODEL_INFER_PATH,
+    RewriteResult,
+    rewrite_body,
+    triton_priority_of,
+    with_triton_priority,
+)
+from sidecar.core.types import Decision, Outcome, Reason
+
+INFER = "/v2/models/simgpu/infer"
+JSON = "application/json"
+GRPC = "application/grpc"
+
+
+def frame(message: bytes, compressed: bool = False) -> bytes:
+    return bytes([int(compressed)]) + len(message).to_bytes(4, "big") + message
+
+
+def unframe(body: bytes) -> list[bytes]:
+    messages = []
+    while body:
+        assert body[0] == 0
+        length = int.from_bytes(body[1:5], "big")
+        messages.append(body[5 : 5 + length])
+        body = body[5 + length :]
+    return messages
+
+
+def infer_request(**parameters: Any) -> Any:
+    request = service_pb2.ModelInferRequest(
+        model_name="simgpu",
+        model_version="1",
+        id="req-1",
+        inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(
+                name="DELAY_MS", datatype="FP32", shape=[1, 1]
+            )
+        ],
+        raw_input_contents=[b"\x00\x00\xa0\x40" * 3],
+    )
+    for key, value in parameters.items():
+        request.parameters[key].CopyFrom(value)
+    return request
+
+
+# -- JSON --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"{}", b'{"parameters":{"priority":1}}'),
+        (b'{"inputs":[]}', b'{"parameters":{"priority":1},"inputs":[]}'),
+        # existing parameters keep their members and their text
+        (
+            b'{"parameters":{"timeout":5000},"inputs":[]}',
+            b'{"parameters":{"priority":1,"timeout":5000},"inputs":[]}',
+        ),
+        (b'{"parameters":{}}', b'{"parameters":{"priority":1}}'),
+        # a priority the client set is replaced, in place
+        (
+            b'{"id":"a","parameters":{"priority":3,"x":"y"}}',
+            b'{"id":"a","parameters":{"priority":1,"x":"y"}}',
+        ),
+        (b'{"parameters":{"priority":"high"}}', b'{"parameters":{"priority":1}}'),
+        # whitespace and number text survive byte for byte, even where Python would change them
+        (
+            b' {\n  "inputs": [1.10, 1e400, -0.0]\n}\n',
+            b' {"parameters":{"priority":1},\n  "inputs": [1.10, 1e400, -0.0]\n}\n',
+        ),
+        # structural characters inside strings are not structure
+        (
+            b'{"id":"}\\"{[","inputs":[{"data":["]","\\\\"]}]}',
+            b'{"parameters":{"priority":1},"id":"}\\"{[","inputs":[{"data":["]","\\\\"]}]}',
+        ),
+        # an escaped key is still the key it decodes to
+        (b'{"param\\u0065ters":{}}', b'{"param\\u0065ters":{"priority":1}}'),
+        ('{"id":"café ☕"}'.encode(), '{"parameters":{"priority":1},"id":"café ☕"}'.encode()),
+    ],
+)
+def test_json_bodies_get_parameters_priority(body: bytes, expected: bytes) -> None:
+    assert with_triton_priority(body, JSON, 1) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"   ",
+        b"[1, 2]",
+        b'"text"',
+        b"42",
+        b"{",
+        b'{"inputs":[1,2}',
+        b'{"inputs":[1,2]]}',
+        b'{"a":1,}',
+        b'{"a" 1}',
+        b'{"a":1} trailing',
+        b'{"a":NaN}',
+        b'{"a":"unterminated}',
+        b"\xff\xfe{}",
+        b'{"parameters":[]}',
+        b'{"parameters":"p"}',
+        b'{"parameters":{},"parameters":{}}',  # which one counts differs between parsers
+        b'{"parameters":{"priority":1,"priority":2}}',
+        b"{" * 100_000,
+    ],
+)
+def test_malformed_json_is_left_alone(body: bytes) -> None:
+    assert with_triton_priority(body, JSON, 1) is None
+    assert rewrite_body(INFER, {"content-type": JSON}, body, 1).result is RewriteResult.MALFORMED
+
+
+@pytest.mark.parametrize(
+    ("content_type", "rewritten"),
+    [
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("Application/JSON", True),
+        ("", True),
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        ("application/octet-stream", False),  # only with inference-header-content-length
+        ("application/grpc-web", False),
+    ],
+)
+def test_content_types(content_type: str, rewritten: bool) -> None:
+    body = b'{"inputs":[]}'
+    assert (with_triton_priority(body, content_type, 2) is not None) is rewritten
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+json_objects = st.dictionaries(st.text(max_size=12), json_values, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    request=json_objects,
+    parameters=st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+    priority=st.integers(min_value=0, max_value=2**31),
+    indent=st.none() | st.integers(min_value=0, max_value=3),
+    ascii_only=st.booleans(),
+)
+def test_any_json_object_changes_only_in_parameters_priority(
+    request: dict[str, Any],
+    parameters: dict[str, Any] | None,
+    priority: int,
+    indent: int | None,
+    ascii_only: bool,
+) -> None:
+    if parameters is not None:
+        request["parameters"] = parameters
+    body = json.dumps(request, indent=indent, ensure_ascii=ascii_only).encode()
+    rewritten = with_triton_priority(body, JSON, priority)
+    assert rewritten is not None
+    expected = dict(request)
+    expected["parameters"] = {**(parameters or {}), "priority": priority}
+    assert json.loads(rewritten) == expected
+
+
+def test_large_tensors_are_skipped_not_decoded() -> None:
+    numbers = b",".join([b"0.5"] * 200_000)
+    strings = b",".join([b'"ab\\"c"'] * 20_000)  # dense: handed to the C decoder
+    body = b'{"inputs":[{"data":[' + numbers + b']},{"data":[' + strings + b"]}]}"
+    rewritten = with_triton_priority(body, JSON, 1)
+    assert rewritten == b'{"parameters":{"priority":1},' + body[1:]
+
+
+# -- the binary-tensor extension ---------------------------------------------------------------
+
+
+def test_binary_tensor_requests_rewrite_only_the_json_header() -> None:
+    header = b'{"inputs":[{"name":"X","parameters":{"binary_data_size":4}}]}'
+    binary = b'{"\x00\xff'  # bytes that would confuse a JSON scanner
+    body = header + binary
+    result = rewrite_body(INFER, {BINARY_HEADER_LENGTH: str(len(header))}, body, 2)
+    assert result.result is RewriteResult.REWRITTEN
+    assert result.body is not None
+    new_header = b'{"parameters":{"priority":2},' + header[1:]
+    assert result.body == new_header + binary
+    assert dict(result.headers) == {
+        "content-length": str(len(result.body)),
+        BINARY_HEADER_LENGTH: str(len(new_header)),
+    }
+
+
+@pytest.mark.parametrize("length", ["0", "-1", "x", "1000"])
+def test_binary_tensor_requests_with_a_bad_header_length_are_left_alone(length: str) -> None:
+    result = rewrite_body(INFER, {BINARY_HEADER_LENGTH: length}, b'{"inputs":[]}', 2)
+    assert result.result is RewriteResult.MALFORMED
+
+
+# -- which requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "result"),
+    [
+        (INFER, {"content-type": JSON}, RewriteResult.REWRITTEN),
+        ("/v2/models/simgpu/versions/2/infer", {}, RewriteResult.REWRITTEN),
+        ("/v2/models/simgpu/infer?x=1", {}, RewriteResult.REWRITTEN),
+        ("/v2/models/llm/generate", {}, RewriteResult.NOT_INFERENCE),
+        ("/v2/models/llm/generate_stream", {}, RewriteResult.NOT_INFERENCE),
+        ("/v2/models/simgpu/inference", {}, RewriteResult.NOT_INFERENCE),
+        ("/v2/repository/index", {}, RewriteResult.NOT_INFERENCE),
+        (INFER, {"content-encoding": "gzip"}, RewriteResult.UNSUPPORTED),
+        (INFER, {"content-encoding": "identity"}, RewriteResult.REWRITTEN),
+        (INFER, {"content-type": "text/csv"}, RewriteResult.UNSUPPORTED),
+        # gRPC: only ModelInfer, and never a JSON path
+        ("/inference.GRPCInferenceService/ModelInfer", {"content-type": GRPC}, "grpc"),
+        ("/inference.GRPCInferenceService/ModelReady", {"content-type": GRPC}, "not"),
+        (INFER, {"content-type": GRPC}, "not"),
+    ],
+)
+def test_which_requests_are_rewritten(
+    path: str, headers: dict[str, str], result: RewriteResult | str
+) -> None:
+    grpc = headers.get("content-type") == GRPC
+    body = frame(infer_request().SerializeToString()) if grpc else b'{"inputs":[]}'
+    got = rewrite_body(path, headers, body, 1).result
+    if result == "grpc":
+        result = RewriteResult.REWRITTEN
+    elif result == "not":
+        result = RewriteResult.NOT_INFERENCE
+    assert got is result
+
+
+def test_a_rewrite_sets_content_length() -> None:
+    result = rewrite_body(INFER, {"content-type": JSON}, b'{"inputs":[]}', 3)
+    assert result.body == b'{"parameters":{"priority":3},"inputs":[]}'
+    assert result.headers == (("content-length", str(len(result.body))),)
+
+
+def test_priority_of_a_decision() -> None:
+    def decision(headers: tuple[tuple[str, str], ...]) -> Decision:
+        return Decision(Outcome.ADMIT, 200, Reason.ADMITTED, "t", "c", None, headers=headers)
+
+    assert triton_priority_of(decision(((HEADER_PRIORITY, "2"),))) == 2
+    assert triton_priority_of(decision(())) is None
+    assert triton_priority_of(decision(((HEADER_PRIORITY, "²"),))) is None
+
+
+# -- gRPC --------------------------------------------------------------------------------------
+
+
+def test_wire_numbers_match_tritons_protobufs() -> None:
+    request = service_pb2.ModelInferRequest.DESCRIPTOR
+    assert request.fields_by_name["parameters"].number == 4
+    entry = request.fields_by_name["parameters"].message_type
+    assert (entry.fields_by_name["key"].number, entry.fields_by_name["value"].number) == (1, 2)
+    assert service_pb2.InferParameter.DESCRIPTOR.fields_by_name["int64_param"].number == 2
+
+
+@pytest.mark.parametrize(
+    "existing",
+    [
+        {},
+        {"priority": service_pb2.InferParameter(uint64_param=7)},
+        {"priority": service_pb2.InferParameter(int64_param=3)},
+        {"timeout": service_pb2.InferParameter(int64_param=5000)},
+    ],
+)
+def test_grpc_model_infer_request_gets_parameters_priority(
+    existing: dict[str, Any],
+) -> None:
+    original = infer_request(**existing)
+    rewritten = with_triton_priority(frame(original.SerializeToString()), GRPC, 1)
+    assert rewritten is not None
+    (message,) = unframe(rewritten)
+    parsed = service_pb2.ModelInferRequest.FromString(message)
+    assert parsed.parameters["priority"].WhichOneof("parameter_choice") == "int64_param"
+    assert parsed.parameters["priority"].int64_param == 1
+    expected = infer_request(**existing)
+    expected.parameters["priority"].CopyFrom(service_pb2.InferParameter(int64_param=1))
+    assert parsed == expected
+
+
+def test_every_grpc_message_in_the_body_is_rewritten() -> None:
+    body = frame(infer_request().SerializeToString()) * 2
+    rewritten = with_triton_priority(body, GRPC + "+proto", 2)
+    assert rewritten is not None
+    messages = unframe(rewritten)
+    assert len(messages) == 2
+    for message in messages:
+        assert service_pb2.ModelInferRequest.FromString(message).parameters["priority"] == (
+            service_pb2.InferParameter(int64_param=2)
+        )
+
+
+@pytest.mark.parametrize(
+    ("body", "result"),
+    [
+        (b"", RewriteResult.MALFORMED),
+        (b"\x00\x00\x00", RewriteResult.MALFORMED),  # a cut-off prefix
+        (b"\x00\x00\x00\x00\x09abc", RewriteResult.MALFORMED),  # shorter than it says
+        (frame(b"\xff\xff\xff"), RewriteResult.MALFORMED),  # not protobuf
+        (frame(b"\x0b\x00"), RewriteResult.MALFORMED),  # a group: not in ModelInferRequest
+        (frame(b"\x0a\x05ab"), RewriteResult.MALFORMED),  # a field longer than the message
+        (b"\x02" + frame(b"")[1:], RewriteResult.MALFORMED),  # an unknown flag
+        (frame(b"\x0a\x01a", compressed=True), RewriteResult.UNSUPPORTED),
+    ],
+)
+def test_bad_grpc_bodies_are_left_alone(body: bytes, result: RewriteResult) -> None:
+    headers = {"content-type": GRPC}
+    assert rewrite_body(GRPC_MODEL_INFER_PATH, headers, body, 1).result is result
+    assert with_triton_priority(body, GRPC, 1) is None
+
+
+def test_an_empty_grpc_message_is_a_request_with_defaults() -> None:
+    rewritten = with_triton_priority(frame(b""), GRPC, 4)
+    assert rewritten is not None
+    (message,) = unframe(rewritten)
+    parsed = service_pb2.ModelInferRequest.FromString(message)
+    assert parsed.parameters["priority"].int64_param == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    model=st.text(max_size=20),
+    request_id=st.text(max_size=20),
+    raw=st.lists(st.binary(max_size=300), max_size=3),
+    ints=st.dictionaries(st.text(max_size=10), st.integers(-(2**63), 2**63 - 1), max_size=4),
+    priority=st.integers(min_value=0, max_value=2**63 - 1),
+)
+def test_any_model_infer_request_changes_only_in_parameters_priority(
+    model: str, request_id: str, raw: list[bytes], ints: dict[str, int], priority: int
+) -> None:
+    original = service_pb2.ModelInferRequest(
+        model_name=model, id=request_id, raw_input_contents=raw
+    )
+    for key, value in ints.items():
+        original.parameters[key].int64_param = value
+    rewritten = with_triton_priority(frame(original.SerializeToString()), GRPC, priority)
+    assert rewritten is not None
+    (message,) = unframe(rewritten)
+    original.parameters["priority"].CopyFrom(service_pb2.InferParameter(int64_param=priority))
+    assert service_pb2.ModelInferRequest.FromString(message) == original

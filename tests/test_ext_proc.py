@@ -1,0 +1,584 @@
+"""The ext_proc adapter in process, against the in-memory store: Envoy's stream messages in,
+the sidecar's answers out.
+
+ext_proc must decide exactly as ext_authz does, carry the decision headers upstream, write the
+class's Triton priority into the body, and free a lease itself only when the stream ends before
+Envoy could forward the request. The real-Envoy versions of these checks are in
+test_e2e_stack (every scenario runs in ext_proc mode too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import struct_pb2
+from tritonclient.grpc import service_pb2
+
+from sidecar.core.priority import GRPC_MODEL_INFER_PATH
+from sidecar.core.types import QuotaCheck, QuotaResult
+from sidecar.envoy.authz_grpc import AuthorizationServicer
+from sidecar.envoy.ext_proc import ATTRIBUTES_KEY, PRINCIPAL_ATTRIBUTE, ExternalProcessorServicer
+from sidecar.errors import StateUnavailable
+from sidecar.service import AdmissionService
+from sidecar.state.memory import MemoryQuotaStore
+from tests.test_adapters import INFER, check_request, make_service, sample
+
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+async def with_ext_proc(
+    service: AdmissionService, body: Callable[[Any, Any], Awaitable[None]]
+) -> None:
+    """Run `body(ext_proc_stub, authz_stub)` against one in-process gRPC server."""
+    server = grpc.aio.server()
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorServicer(service), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationServicer(service), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await body(
+                ep_grpc.ExternalProcessorStub(channel),
+                external_auth_pb2_grpc.AuthorizationStub(channel),
+            )
+    finally:
+        await server.stop(None)
+
+
+def run(service: AdmissionService, body: Callable[[Any, Any], Awaitable[None]]) -> None:
+    asyncio.run(with_ext_proc(service, body))
+
+
+def headers_message(
+    headers: dict[str, str],
+    *,
+    method: str = "POST",
+    path: str | None = INFER,
+    end_of_stream: bool = False,
+    principal: str | None = None,
+) -> Any:
+    """A request_headers message as Envoy 1.40 sends it: every value in raw_value."""
+    pairs = [(":method", method), *([(":path", path)] if path is not None else [])]
+    pairs += [(":authority", "triton"), *headers.items()]
+    message = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]
+            ),
+            end_of_stream=end_of_stream,
+        )
+    )
+    attributes = struct_pb2.Struct()
+    if principal is not None:
+        attributes.fields[PRINCIPAL_ATTRIBUTE].string_value = principal
+    message.attributes[ATTRIBUTES_KEY].CopyFrom(attributes)
+    return message
+
+
+def body_message(body: bytes, end_of_stream: bool = True) -> Any:
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=end_of_stream))
+
+
+def set_headers(mutation: Any) -> dict[str, str]:
+    for option in mutation.set_headers:
+        assert option.append_action == OVERWRITE
+        assert option.header.raw_value and not option.header.value
+    return {o.header.key: o.header.raw_value.decode() for o in mutation.set_headers}
+
+
+async def exchange(stub: Any, *messages: Any) -> list[Any]:
+    """Send each message, read its answer; then end the stream as Envoy does."""
+    call = stub.Process()
+    answers = []
+    for message in messages:
+        await call.write(message)
+        answers.append(await call.read())
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    return answers
+
+
+def in_flight(service: AdmissionService, tenant: str, klass: str) -> int:
+    return asyncio.run(service.store.in_flight(tenant, klass))
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+JSON = {"content-type": "application/json"}
+SEARCH_INTERACTIVE = {"x-api-key": "k-search", "x-qos-class": "interactive", **JSON}
+
+
+def test_admit_sets_the_decision_headers_and_writes_the_priority_into_the_body() -> None:
+    service = make_service()
+    request_body = b'{"inputs":[{"name":"DELAY_MS","data":[5]}]}'
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        seen.extend(
+            await exchange(
+                ext_proc, headers_message(SEARCH_INTERACTIVE), body_message(request_body)
+            )
+        )
+        # The request may now be on its way to Triton: the lease is the access log's to free.
+        assert await service.store.in_flight("search", "interactive") == 1
+
+    run(service, body)
+    headers_answer, body_answer = seen
+    common = headers_answer.request_headers.response
+    assert common.clear_route_cache
+    decided = set_headers(common.header_mutation)
+    assert decided["x-qos-tenant"] == "search"
+    assert decided["x-qos-granted-class"] == "interactive"
+    assert decided["x-qos-priority"] == "1"
+    assert decided["x-qos-lease"].startswith("v1.")
+
+    rewritten = body_answer.request_body.response
+    new_body = rewritten.body_mutation.body
+    assert json.loads(new_body) == {
+        "parameters": {"priority": 1},
+        "inputs": [{"name": "DELAY_MS", "data": [5]}],
+    }
+    assert set_headers(rewritten.header_mutation) == {"content-length": str(len(new_body))}
+    assert sample(service, "qos_priority_rewrites_total", result="rewritten") == 1
+    assert (
+        sample(
+            service,
+            "qos_decisions_total",
+            tenant="search",
+            **{"class": "interactive"},
+            outcome="admit",
+            reason="admitted",
+        )
+        == 1
+    )
+    assert service.metrics.registry.get_sample_value(
+        "qos_decision_duration_seconds_count", {"api": "ext_proc"}
+    )
+
+
+def test_the_body_gets_the_granted_class_priority_after_a_downgrade() -> None:
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        seen.extend(
+            await exchange(
+                ext_proc,
+                # search may not use batch: downgraded to its default class, standard (2)
+                headers_message({"x-api-key": "k-search", "x-qos-class": "batch", **JSON}),
+                body_message(b'{"parameters":{"priority":1},"inputs":[]}'),
+            )
+        )
+
+    run(service, body)
+    assert set_headers(seen[0].request_headers.response.header_mutation)["x-qos-priority"] == "2"
+    new_body = seen[1].request_body.response.body_mutation.body
+    assert new_body == b'{"parameters":{"priority":2},"inputs":[]}'
+
+
+def test_shed_is_an_immediate_response_with_status_headers_and_json_body() -> None:
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        for _ in range(5):  # analytics: burst 5
+            call = ext_proc.Process()
+            await call.write(headers_message({"x-api-key": "k-analytics"}, end_of_stream=True))
+            assert (await call.read()).HasField("request_headers")
+            await call.done_writing()
+        call = ext_proc.Process()
+        await call.write(headers_message({"x-api-key": "k-analytics"}))
+        seen.append(await call.read())
+        # The sidecar's part of the stream is over: it ends the call itself.
+        assert await call.read() == grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+
+    run(service, body)
+    immediate = seen[0].immediate_response
+    assert immediate.status.code == 429
+    headers = set_headers(immediate.headers)
+    assert headers["retry-after"] == "1"
+    assert headers["content-type"] == "application/json"
+    assert headers["x-qos-reason"] == "over_rate"
+    assert json.loads(immediate.body)["reason"] == "over_rate"
+    assert immediate.details == "qos_over_rate"
+
+
+def test_a_503_shed_keeps_its_status() -> None:
+    class DownStore(MemoryQuotaStore):
+        async def acquire(self, check: QuotaCheck) -> QuotaResult:
+            raise StateUnavailable("down")
+
+    service = make_service(DownStore())
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        call = ext_proc.Process()
+        await call.write(headers_message({"x-api-key": "k-analytics"}))  # batch: fails closed
+        seen.append(await call.read())
+
+    run(service, body)
+    immediate = seen[0].immediate_response
+    # Unlike ext_authz HTTP mode, no 430 detour: Envoy sends an ImmediateResponse as it is.
+    assert immediate.status.code == 503
+    assert set_headers(immediate.headers)["retry-after"] == "2"
+    assert json.loads(immediate.body)["reason"] == "state_unavailable"
+
+
+def test_grpc_model_infer_request_gets_parameters_priority() -> None:
+    service = make_service()
+    request = service_pb2.ModelInferRequest(
+        model_name="simgpu", raw_input_contents=[b"\x00\x00\xa0\x40"]
+    )
+    message = request.SerializeToString()
+    framed = b"\x00" + len(message).to_bytes(4, "big") + message
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        headers = {"x-api-key": "k-search", "content-type": "application/grpc", "te": "trailers"}
+        seen.extend(
+            await exchange(
+                ext_proc,
+                headers_message(headers, path=GRPC_MODEL_INFER_PATH),
+                body_message(framed),
+            )
+        )
+
+    run(service, body)
+    new_body = seen[1].request_body.response.body_mutation.body
+    rewritten = service_pb2.ModelInferRequest.FromString(new_body[5:])
+    assert int.from_bytes(new_body[1:5], "big") == len(new_body) - 5
+    assert rewritten.parameters["priority"].int64_param == 2  # search's default: standard
+    assert rewritten.raw_input_contents == request.raw_input_contents
+
+
+def test_binary_tensor_requests_get_their_json_length_updated() -> None:
+    service = make_service()
+    header = b'{"inputs":[{"name":"DELAY_MS","parameters":{"binary_data_size":4}}]}'
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        headers = {"x-api-key": "k-search", "inference-header-content-length": str(len(header))}
+        seen.extend(
+            await exchange(
+                ext_proc, headers_message(headers), body_message(header + b"\x00\x00\xa0\x40")
+            )
+        )
+
+    run(service, body)
+    response = seen[1].request_body.response
+    new_body = response.body_mutation.body
+    new_length = len(header) + len('"parameters":{"priority":2},')
+    assert set_headers(response.header_mutation) == {
+        "content-length": str(len(new_body)),
+        "inference-header-content-length": str(new_length),
+    }
+    assert json.loads(new_body[:new_length])["parameters"] == {"priority": 2}
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "request_body", "result"),
+    [
+        (INFER, "application/json", b'{"inputs": [1,', "malformed"),
+        (INFER, "text/plain", b"hello", "unsupported"),
+        ("/v2/repository/index", "application/json", b"{}", "not_inference"),
+    ],
+)
+def test_bodies_that_cannot_be_rewritten_pass_unchanged_and_are_counted(
+    path: str, content_type: str, request_body: bytes, result: str
+) -> None:
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        headers = {"x-api-key": "k-search", "content-type": content_type}
+        seen.extend(
+            await exchange(
+                ext_proc, headers_message(headers, path=path), body_message(request_body)
+            )
+        )
+
+    run(service, body)
+    assert seen[1] == ep.ProcessingResponse(request_body=ep.BodyResponse())
+    assert sample(service, "qos_priority_rewrites_total", result=result) == 1
+
+
+def test_chunked_bodies_pass_unchanged() -> None:
+    """STREAMED or BUFFERED_PARTIAL modes send chunks; a priority cannot go into a part."""
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        seen.extend(
+            await exchange(
+                ext_proc,
+                headers_message(SEARCH_INTERACTIVE),
+                body_message(b'{"inputs":', end_of_stream=False),
+                body_message(b"[]}", end_of_stream=True),
+            )
+        )
+        assert await service.store.in_flight("search", "interactive") == 1
+
+    run(service, body)
+    assert seen[1] == seen[2] == ep.ProcessingResponse(request_body=ep.BodyResponse())
+    assert sample(service, "qos_priority_rewrites_total", result="unsupported") == 1
+
+
+def test_principal_comes_from_the_request_attributes() -> None:
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        seen.extend(
+            await exchange(
+                ext_proc,
+                headers_message(
+                    {}, method="GET", end_of_stream=True, principal="spiffe://test/analytics"
+                ),
+            )
+        )
+
+    run(service, body)
+    assert set_headers(seen[0].request_headers.response.header_mutation)["x-qos-tenant"] == (
+        "analytics"
+    )
+
+
+def test_header_values_in_value_and_repeated_headers_are_read() -> None:
+    service = make_service()
+    message = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[
+                    base_pb2.HeaderValue(key=":method", value="GET"),
+                    base_pb2.HeaderValue(key=":path", value=INFER),
+                    base_pb2.HeaderValue(key="X-Api-Key", value="k-search"),
+                    base_pb2.HeaderValue(key="x-qos-class", value="interactive"),
+                    base_pb2.HeaderValue(key="x-qos-class", value="batch"),
+                ]
+            ),
+            end_of_stream=True,
+        )
+    )
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        seen.extend(await exchange(ext_proc, message))
+
+    run(service, body)
+    # "interactive,batch" is not a class name: 400, as ext_authz answers a repeated header.
+    assert seen[0].immediate_response.status.code == 400
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        body_message(b"{}"),
+        headers_message({"x-api-key": "k-search"}, path=None),
+        headers_message({"x-api-key": "k-search"}, method=""),
+        ep.ProcessingRequest(),
+    ],
+    ids=["body-first", "no-path", "no-method", "empty"],
+)
+def test_malformed_stream_is_400_and_counted(first: Any) -> None:
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        call = ext_proc.Process()
+        await call.write(first)
+        seen.append(await call.read())
+        assert await call.read() == grpc.aio.EOF
+
+    run(service, body)
+    immediate = seen[0].immediate_response
+    assert immediate.status.code == 400
+    assert json.loads(immediate.body)["reason"] == "malformed"
+    assert sample(service, "qos_malformed_requests_total", api="ext_proc") == 1
+
+
+def test_other_phases_get_empty_answers() -> None:
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        seen.extend(
+            await exchange(
+                ext_proc,
+                headers_message({"x-api-key": "k-search"}, end_of_stream=True),
+                ep.ProcessingRequest(response_headers=ep.HttpHeaders()),
+                ep.ProcessingRequest(response_body=ep.HttpBody(end_of_stream=True)),
+                ep.ProcessingRequest(response_trailers=ep.HttpTrailers()),
+            )
+        )
+
+    run(service, body)
+    assert [m.WhichOneof("response") for m in seen[1:]] == [
+        "response_headers",
+        "response_body",
+        "response_trailers",
+    ]
+
+
+def test_ext_proc_and_ext_authz_give_the_same_decisions() -> None:
+    cases = [
+        {"x-api-key": "k-search", "x-qos-class": "interactive"},
+        {"x-api-key": "k-search", "x-qos-class": "batch"},
+        {"x-api-key": "k-analytics", "x-qos-class": "interactive"},
+        {"x-api-key": "nope"},
+        {},
+        {"x-api-key": "k-search", "x-qos-class": "bad class"},
+    ]
+    authz_seen: list[tuple[int, str | None, str | None]] = []
+    ext_proc_seen: list[tuple[int, str | None, str | None]] = []
+
+    async def authz_body(_: Any, authz: Any) -> None:
+        for headers in cases:
+            r = await authz.Check(check_request(headers))
+            if r.HasField("ok_response"):
+                got = {h.header.key: h.header.value for h in r.ok_response.headers}
+                authz_seen.append((200, got.get("x-qos-granted-class"), None))
+            else:
+                body = json.loads(r.denied_response.body)
+                authz_seen.append((r.denied_response.status.code, None, body["reason"]))
+
+    async def ext_proc_body(ext_proc: Any, _: Any) -> None:
+        for headers in cases:
+            (answer,) = await exchange(ext_proc, headers_message(headers, end_of_stream=True))
+            if answer.HasField("request_headers"):
+                got = set_headers(answer.request_headers.response.header_mutation)
+                ext_proc_seen.append((200, got.get("x-qos-granted-class"), None))
+            else:
+                immediate = answer.immediate_response
+                reason = json.loads(immediate.body)["reason"]
+                ext_proc_seen.append((immediate.status.code, None, reason))
+
+    run(make_service(), authz_body)
+    run(make_service(), ext_proc_body)
+    assert ext_proc_seen == authz_seen
+    assert [s[0] for s in ext_proc_seen] == [200, 200, 403, 401, 401, 400]
+
+
+# -- leases: freed here only when Envoy cannot forward the request ------------------------------
+
+
+def test_stream_ending_before_the_body_frees_the_lease() -> None:
+    """Envoy closes the stream without sending the body when it refuses the body itself (413
+    over its buffer limit) or the client leaves mid-upload: the request never goes upstream."""
+    service = make_service()
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        await exchange(ext_proc, headers_message(SEARCH_INTERACTIVE))
+        await wait_until(lambda: _equals(service.store.in_flight("search", "interactive"), 0))
+
+    run(service, body)
+    assert sample(service, "qos_completions_total", result="released") == 1
+
+
+def test_cancel_after_the_last_answer_leaves_the_lease_to_the_access_log() -> None:
+    service = make_service()
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        call = ext_proc.Process()
+        await call.write(headers_message(SEARCH_INTERACTIVE))
+        await call.read()
+        await call.write(body_message(b"{}"))
+        await call.read()
+        call.cancel()  # Envoy resets the stream once it has what it needs
+
+    run(service, body)
+    assert in_flight(service, "search", "interactive") == 1
+    assert sample(service, "qos_completions_total", result="released") == 0
+
+
+class SlowStore(MemoryQuotaStore):
+    """acquire waits until the test lets it go on, and notes whether it was cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.go_on = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def acquire(self, check: QuotaCheck) -> QuotaResult:
+        self.entered.set()
+        try:
+            await self.go_on.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return await super().acquire(check)
+
+
+def test_a_stream_cancelled_while_deciding_cancels_the_decision() -> None:
+    """As in the other adapters, the cancellation reaches AdmissionService.check: a request
+    held in its deferral queue leaves it at once (and the service gives back what it took)."""
+    store = SlowStore()
+    service = make_service(store)
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        call = ext_proc.Process()
+        await call.write(headers_message(SEARCH_INTERACTIVE))
+        await store.entered.wait()
+        call.cancel()
+        await asyncio.wait_for(store.cancelled.wait(), 5)
+        assert await store.in_flight("search", "interactive") == 0
+
+    run(service, body)
+
+
+def test_a_handler_cancelled_after_the_admit_was_written_frees_the_lease() -> None:
+    """The handler itself is cancelled (grpc.aio does that when Envoy resets the stream) after
+    the admit went out but before the body came: Envoy will not forward the request."""
+
+    class Context:
+        def __init__(self) -> None:
+            self.written: list[Any] = []
+
+        async def write(self, message: Any) -> None:
+            self.written.append(message)
+
+    async def scenario() -> None:
+        service = make_service()
+        context = Context()
+        answered = asyncio.Event()
+
+        async def envoy() -> Any:
+            yield headers_message(SEARCH_INTERACTIVE)
+            answered.set()
+            await asyncio.Event().wait()  # the body never comes
+
+        handler = asyncio.create_task(
+            ExternalProcessorServicer(service).Process(envoy(), context)  # type: ignore[arg-type]
+        )
+        await answered.wait()
+        assert len(context.written) == 1
+        assert await service.store.in_flight("search", "interactive") == 1
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        assert await service.store.in_flight("search", "interactive") == 0
+        assert sample(service, "qos_completions_total", result="released") == 1
+
+    asyncio.run(scenario())
+
+
+async def _equals(value: Awaitable[Any], expected: Any) -> bool:
+    return bool(await value == expected)
