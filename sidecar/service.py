@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from sidecar.admin.metrics import Metrics
@@ -35,6 +35,8 @@ from sidecar.policy.model import Policy
 from sidecar.state.base import QuotaStore
 
 log = logging.getLogger(__name__)
+# Called with the longest a request may now be held, before it is held.
+OnHold = Callable[[float], Awaitable[None]]
 
 
 class AdmissionService:
@@ -57,6 +59,7 @@ class AdmissionService:
         self._load = load
         self.stale_after_s = stale_after_s
         self.clock = clock
+        self._background: set[asyncio.Future[bool]] = set()
         self.deferrer = (
             Deferrer(lambda: self.policy, load, stale_after_s=stale_after_s, clock=clock)
             if load is not None
@@ -73,10 +76,13 @@ class AdmissionService:
         self._known_tenants = frozenset(policy.tenants)
         self._compiled = compiled
 
-    async def check(self, attrs: RequestAttributes, api: str) -> Decision:
-        """Decide one request, taking quota when it is admitted."""
+    async def check(
+        self, attrs: RequestAttributes, api: str, on_hold: OnHold | None = None
+    ) -> Decision:
+        """Decide one request, taking quota when it is admitted. `on_hold(max_wait_s)` runs
+        before a request is held (ext_proc uses it to extend Envoy's message timeout)."""
         started = time.perf_counter()
-        decision = await self._check(self._compiled, attrs)
+        decision = await self._check(self._compiled, attrs, on_hold)
         self.metrics.decision_seconds.labels(api).observe(time.perf_counter() - started)
         self.metrics.record_decision(decision, self._known_tenants, api)
         return decision
@@ -140,7 +146,9 @@ class AdmissionService:
         lease = LeaseRef(decision.tenant, decision.klass, decision.lease_id)
         await asyncio.shield(self.complete(format_lease(lease)))
 
-    async def _check(self, compiled: CompiledPolicy, attrs: RequestAttributes) -> Decision:
+    async def _check(
+        self, compiled: CompiledPolicy, attrs: RequestAttributes, on_hold: OnHold | None = None
+    ) -> Decision:
         planned = plan_request(attrs, compiled)
         if isinstance(planned, Decision):
             return planned
@@ -154,19 +162,38 @@ class AdmissionService:
             return shed_overloaded(
                 planned, overload_retry_after_s(planned.klass, verdict), "shed for load"
             )
-        try:
-            result: QuotaResult | None = await self.store.acquire(planned.check)
-        except StateUnavailable as exc:
-            log.warning("quota store unavailable: %s", exc)
-            self.metrics.state_errors.labels("acquire").inc()
-            result = None
+        result = await self._acquire(planned)
         decision = decide(planned, result)
         if not decision.admitted or result is None or self.deferrer is None:
             return decision
         if verdict.action is not LoadAction.DEFER:
             self.deferrer.note_admitted(planned.model or "")
             return decision
-        return await self._hold(planned, result, decision, verdict)
+        return await self._hold(planned, result, decision, on_hold)
+
+    async def _acquire(self, planned: Admission) -> QuotaResult | None:
+        """Take the quota. Shielded: if the caller is cancelled while Redis answers, the lease
+        it took is released instead of being left to its TTL."""
+        task = asyncio.ensure_future(self.store.acquire(planned.check))
+        try:
+            return await asyncio.shield(task)
+        except StateUnavailable as exc:
+            log.warning("quota store unavailable: %s", exc)
+            self.metrics.state_errors.labels("acquire").inc()
+            return None
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._release_orphan(planned, done))
+            raise
+
+    def _release_orphan(self, planned: Admission, done: asyncio.Future[QuotaResult]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        result = done.result()
+        if result.allowed and result.lease_id is not None:
+            lease = LeaseRef(planned.tenant.name, planned.check.klass, result.lease_id)
+            task = asyncio.ensure_future(self.complete(format_lease(lease)))
+            self._background.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._background.discard)
 
     def _judge(self, planned: Admission) -> LoadVerdict:
         klass, model = planned.klass, planned.model
@@ -183,13 +210,19 @@ class AdmissionService:
         )
 
     async def _hold(
-        self, planned: Admission, result: QuotaResult, decision: Decision, verdict: LoadVerdict
+        self,
+        planned: Admission,
+        result: QuotaResult,
+        decision: Decision,
+        on_hold: OnHold | None,
     ) -> Decision:
         """Hold an admitted request until Triton has room, or until it can no longer wait."""
         assert self.deferrer is not None
         klass, started = planned.klass, self.clock()
         cost = max((b.cost for b in planned.check.buckets), default=1.0)
         try:
+            if on_hold is not None:
+                await on_hold(klass.max_wait_ms / 1000)
             admitted = await self.deferrer.hold(
                 planned.tenant.name,
                 klass.name,

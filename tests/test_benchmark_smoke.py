@@ -73,4 +73,4 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
         assert (out / png).stat().st_size > 1000
     with gzip.open(out / "records.csv.gz", "rt") as handle:
         assert handle.readline().startswith("system,run,tenant,class")
-    assert (out / "policy" / "bench.yaml").is_file()
+    assert (out / "policy" / "full" / "bench.yaml").is_file()  # the sidecar systems run

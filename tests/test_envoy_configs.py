@@ -290,3 +290,23 @@ def test_access_log_carries_the_lease() -> None:
     assert config["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == (
         "qos_sidecar_grpc"
     )
+
+
+def test_envoy_waits_longer_than_any_shipped_class_may_be_held() -> None:
+    """Deferral holds the authorization call for up to a class's max_wait_ms; Envoy must not
+    give up first (it would answer its own 503/504 and the client would never be served)."""
+    from sidecar.policy.loader import load_policy
+
+    def seconds(text: str) -> float:
+        assert text.endswith("s")
+        return float(text[:-1])
+
+    longest_s = max(c.max_wait_ms for c in load_policy([ROOT / "policies"]).classes.values()) / 1000
+    http = snippet("ext-authz-http.filter.yaml")["typed_config"]["http_service"]["server_uri"]
+    grpc = snippet("ext-authz-grpc.filter.yaml")["typed_config"]["grpc_service"]
+    proc = snippet("ext-proc.filter.yaml")["typed_config"]
+    from sidecar.envoy.ext_proc import HOLD_MARGIN_S
+
+    assert seconds(http["timeout"]) > longest_s
+    assert seconds(grpc["timeout"]) > longest_s
+    assert seconds(proc["max_message_timeout"]) >= longest_s + HOLD_MARGIN_S

@@ -527,9 +527,10 @@ class SlowStore(MemoryQuotaStore):
         return await super().acquire(check)
 
 
-def test_a_stream_cancelled_while_deciding_cancels_the_decision() -> None:
-    """As in the other adapters, the cancellation reaches AdmissionService.check: a request
-    held in its deferral queue leaves it at once (and the service gives back what it took)."""
+def test_a_stream_cancelled_while_the_store_answers_leaks_no_lease() -> None:
+    """The cancellation reaches AdmissionService.check while Redis is answering. The store
+    call is shielded (cancelling it could lose a lease Redis already granted): it finishes,
+    and the lease it took is released at once instead of waiting for its TTL."""
     store = SlowStore()
     service = make_service(store)
 
@@ -538,8 +539,14 @@ def test_a_stream_cancelled_while_deciding_cancels_the_decision() -> None:
         await call.write(headers_message(SEARCH_INTERACTIVE))
         await store.entered.wait()
         call.cancel()
-        await asyncio.wait_for(store.cancelled.wait(), 5)
+        store.go_on.set()  # Redis answers after the client has gone
+        for _ in range(500):
+            if sample(service, "qos_completions_total", result="released") == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert not store.cancelled.is_set()
         assert await store.in_flight("search", "interactive") == 0
+        assert sample(service, "qos_completions_total", result="released") == 1
 
     run(service, body)
 
@@ -582,3 +589,34 @@ def test_a_handler_cancelled_after_the_admit_was_written_frees_the_lease() -> No
 
 async def _equals(value: Awaitable[Any], expected: Any) -> bool:
     return bool(await value == expected)
+
+
+def test_a_held_request_first_extends_envoys_message_timeout() -> None:
+    """Deferral holds the decision; ext_proc must ask Envoy for time before it does, or Envoy
+    answers 504 after message_timeout."""
+    from tests.test_service_overload import Backend, policy_with_overload
+
+    backend = Backend(depth=6)  # between admit_below 4 and shed_above 40: deferred
+    service = AdmissionService(
+        policy_with_overload(max_wait_ms=2000),
+        MemoryQuotaStore(),
+        make_service().metrics,
+        load=backend.view,
+    )
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        call = ext_proc.Process()
+        await call.write(headers_message({"x-api-key": "k-search", "x-qos-class": "standard"}))
+        first = await asyncio.wait_for(call.read(), 5)
+        assert first.WhichOneof("response") is None  # only the timeout extension
+        assert first.HasField("override_message_timeout")
+        assert first.override_message_timeout.seconds == 2  # max_wait 2 s + 0.5 s margin
+        assert first.override_message_timeout.nanos == 500_000_000
+        backend.depth = 0
+        assert service.deferrer is not None
+        service.deferrer.on_scrape()
+        second = await asyncio.wait_for(call.read(), 5)
+        assert second.WhichOneof("response") == "request_headers"
+        await call.done_writing()
+
+    run(service, body)

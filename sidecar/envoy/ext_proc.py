@@ -31,7 +31,7 @@ what a request held in its deferral queue had taken.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import duration_pb2
 
 from sidecar.core.decide import malformed
 from sidecar.core.priority import BodyRewrite, RewriteResult, rewrite_body, triton_priority_of
@@ -47,6 +48,21 @@ from sidecar.core.types import Decision, RequestAttributes
 from sidecar.service import AdmissionService
 
 API = "ext_proc"
+# Envoy's clock starts before ours: extend the phase a little beyond the longest hold.
+HOLD_MARGIN_S = 0.5
+
+
+def override_timeout(seconds: float) -> Any:
+    """The reply that extends Envoy's message_timeout for the current phase (once per phase,
+    up to the filter's max_message_timeout)."""
+    whole = int(seconds)
+    return ext_proc_pb2.ProcessingResponse(
+        override_message_timeout=duration_pb2.Duration(
+            seconds=whole, nanos=int((seconds - whole) * 1e9)
+        )
+    )
+
+
 # ProcessingRequest.attributes is keyed by filter name; the shipped filter config asks for the
 # mTLS client's URI SAN (request_attributes), the principal ext_authz reads from the peer.
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
@@ -181,7 +197,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         stream = _Stream()
         try:
             async for request in request_iterator:
-                response, last = await self._answer(stream, request)
+                response, last = await self._answer(stream, request, context.write)
                 await context.write(response)
                 stream.forwardable = stream.forwardable or stream.completes
                 if last:
@@ -190,7 +206,9 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             if stream.admitted is not None and not stream.forwardable:
                 await self._service.release_undelivered(stream.admitted)
 
-    async def _answer(self, stream: _Stream, request: Any) -> tuple[Any, bool]:
+    async def _answer(
+        self, stream: _Stream, request: Any, write: Callable[[Any], Awaitable[None]]
+    ) -> tuple[Any, bool]:
         """The answer to one message, and whether it is the last this stream gets."""
         kind = request.WhichOneof("request")
         if stream.attrs is None:
@@ -204,7 +222,12 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
                 self._service.metrics.record_decision(decision, frozenset(), API)
                 return headers_response_for(decision), True
             stream.attrs = attrs
-            decision = await self._service.check(attrs, API)
+
+            async def extend_timeout(max_wait_s: float) -> None:
+                # Held until Triton has room: tell Envoy not to give up on this phase.
+                await write(override_timeout(max_wait_s + HOLD_MARGIN_S))
+
+            decision = await self._service.check(attrs, API, on_hold=extend_timeout)
             if decision.admitted:
                 stream.admitted = decision
                 stream.completes = request.request_headers.end_of_stream  # no body to come
