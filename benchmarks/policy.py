@@ -23,6 +23,24 @@ from benchmarks.workload import ClassSpec, TenantSpec
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import BucketUnit
 
+# How the generated policy uses the sidecar's backend-aware admission (issue 4):
+#   quota   - quotas only (the sidecar before backend awareness)
+#   full    - per-class overload thresholds, deferral, relegation of standard to batch
+#   nodefer - the same, but nothing is held (max_wait_ms 0): admit, relegate or shed at once
+#   norelegate - the same as full, without relegation
+POLICY_VARIANTS = ("quota", "full", "nodefer", "norelegate")
+
+# Triton queue depth (requests waiting for the model) thresholds per class, in units of the
+# model's batch: interactive goes to Triton while one batch waits, batch only while almost
+# nothing does. Sheddable classes are shed at once from shed_above.
+OVERLOAD_BATCHES = {
+    "interactive": (1.0, 4.0),
+    "standard": (0.5, 3.0),
+    "batch": (0.25, 2.0),
+}
+MAX_WAIT_SHARE = {"interactive": 0.4, "standard": 0.3, "batch": 0.2}
+MAX_WAIT_CAP_MS = 4000  # the shipped Envoy configs allow holds up to 5 s
+
 
 @dataclass(frozen=True, slots=True)
 class Quota:
@@ -38,22 +56,17 @@ def write_policy(
     *,
     oversubscription: float = 1.0,
     burst_s: float = 2.0,
+    variant: str = "quota",
+    batch_size: int = 16,
 ) -> Path:
+    if variant not in POLICY_VARIANTS:
+        raise ValueError(f"policy variant {variant!r}: expected one of {POLICY_VARIANTS}")
     directory.mkdir(parents=True, exist_ok=True)
     doc: dict[str, object] = {
         "identity": {"sources": [{"kind": "api_key", "header": "x-api-key"}]},
         "unknown_tenants": {"action": "reject"},
         "lease_ttl_s": 120,
-        "classes": {
-            c.name: {
-                "rank": c.priority,
-                "latency_objective_ms": max(1, round(c.deadline_s * 1000)),
-                "max_wait_ms": 0,
-                "triton_priority": c.priority,
-                "on_state_error": "open",
-            }
-            for c in classes.values()
-        },
+        "classes": {c.name: _class_doc(c, classes, variant, batch_size) for c in classes.values()},
         "tenants": {},
     }
     tenant_docs: dict[str, object] = {}
@@ -82,6 +95,31 @@ def write_policy(
     )
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     return directory
+
+
+def _class_doc(
+    c: ClassSpec, classes: Mapping[str, ClassSpec], variant: str, batch_size: int
+) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "rank": c.priority,
+        "latency_objective_ms": max(1, round(c.deadline_s * 1000)),
+        "max_wait_ms": 0,
+        "triton_priority": c.priority,
+        "on_state_error": "open",
+    }
+    if variant == "quota" or c.name not in OVERLOAD_BATCHES:
+        return doc
+    admit, shed = OVERLOAD_BATCHES[c.name]
+    doc["overload"] = {
+        "admit_below": max(1, round(admit * batch_size)),
+        "shed_above": max(2, round(shed * batch_size)),
+    }
+    if variant != "nodefer":
+        wait_ms = round(MAX_WAIT_SHARE[c.name] * c.deadline_s * 1000)
+        doc["max_wait_ms"] = min(MAX_WAIT_CAP_MS, wait_ms)
+    if variant != "norelegate" and c.name == "standard" and "batch" in classes:
+        doc["relegate_to"] = "batch"
+    return doc
 
 
 def tenant_quotas(policy_path: Path, tenants: Sequence[TenantSpec]) -> dict[str, Quota]:

@@ -286,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--slo-scale", type=float, help="override the deadline scale factor")
     parser.add_argument("--noisy-share", type=float, default=0.4)
+    parser.add_argument(
+        "--quota-oversubscription",
+        type=float,
+        default=1.5,
+        help="tenant quotas sum to this many times C (generated policy only)",
+    )
     parser.add_argument("--mix", default="1,1,1", help="interactive,standard,batch weights")
     parser.add_argument(
         "--systems", help="comma-separated subset of: " + ",".join(s.name for s in SYSTEMS)
@@ -311,9 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.step:
         secs = [float(x) for x in args.step.split(",")]
         mode = replace(mode, step_phases=((secs[0], 1.0), (secs[1], 3.0), (secs[2], 1.0)))
-    systems = (
-        [SYSTEMS_BY_NAME[n] for n in args.systems.split(",")] if args.systems else list(SYSTEMS)
-    )
+    if args.systems:
+        systems = [SYSTEMS_BY_NAME[n] for n in args.systems.split(",")]
+    else:
+        systems = [s for s in SYSTEMS if s.quick or args.full]
     step_systems = [s for s in systems if mode.step_systems is None or s.name in mode.step_systems]
 
     started = time.monotonic()
@@ -372,11 +379,22 @@ def main(argv: list[str] | None = None) -> int:
                     )
             log(f"capacity C = {capacity:.2f} req/s (passthrough goodput)")
 
-            policy_dir = args.policy or write_policy(
-                out / "policy", config.tenants, config.classes, capacity
-            )
+            if args.policy:
+                policy_dir = backend.policy_dir = args.policy
+            else:
+                variants = {s.policy_variant for s in systems if s.sidecar_mode} | {"full"}
+                for variant in sorted(variants):
+                    backend.policy_dirs[variant] = write_policy(
+                        out / "policy" / variant,
+                        config.tenants,
+                        config.classes,
+                        capacity,
+                        oversubscription=args.quota_oversubscription,
+                        variant=variant,
+                        batch_size=model.max_batch,
+                    )
+                policy_dir = backend.policy_dirs["full"]
             quotas = tenant_quotas(policy_dir, config.tenants)
-            backend.policy_dir = policy_dir
             backend.quotas = quotas
 
             # -- sweep ---------------------------------------------------------------------

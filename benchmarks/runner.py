@@ -57,6 +57,10 @@ class SystemSpec:
     sidecar_mode: str | None = None  # "http" | "grpc": start a sidecar (and use Valkey)
     sidecar_env: Mapping[str, str] = field(default_factory=dict)
     gen: GenOptions = field(default_factory=GenOptions)
+    # Which generated policy the sidecar runs (benchmarks/policy.py POLICY_VARIANTS); a
+    # user's --policy replaces them all.
+    policy_variant: str = "full"
+    quick: bool = True  # part of the quick mode's default set of systems
 
 
 SYSTEMS: tuple[SystemSpec, ...] = (
@@ -80,7 +84,33 @@ SYSTEMS: tuple[SystemSpec, ...] = (
         gen=GenOptions(siloed=True),
     ),
     SystemSpec("sidecar-http", "qos-sidecar, ext_authz HTTP mode", "sidecar-http", "http"),
-    SystemSpec("sidecar-grpc", "qos-sidecar, ext_authz gRPC mode", "sidecar-grpc", "grpc"),
+    SystemSpec(
+        "sidecar-grpc", "qos-sidecar, ext_authz gRPC mode", "sidecar-grpc", "grpc", quick=False
+    ),
+    SystemSpec(
+        "sidecar-http-quota-only",
+        "qos-sidecar (HTTP), quotas only: no backend-aware admission",
+        "sidecar-http",
+        "http",
+        policy_variant="quota",
+        quick=False,
+    ),
+    SystemSpec(
+        "sidecar-http-no-defer",
+        "qos-sidecar (HTTP), backend-aware but nothing is held",
+        "sidecar-http",
+        "http",
+        policy_variant="nodefer",
+        quick=False,
+    ),
+    SystemSpec(
+        "sidecar-http-no-relegate",
+        "qos-sidecar (HTTP), backend-aware without relegation",
+        "sidecar-http",
+        "http",
+        policy_variant="norelegate",
+        quick=False,
+    ),
 )
 SYSTEMS_BY_NAME = {s.name: s for s in SYSTEMS}
 
@@ -94,7 +124,8 @@ class Backend:
     triton: TritonProcess
     valkey: ValkeyProcess | None
     model: ModelKind
-    policy_dir: Path | None = None
+    policy_dir: Path | None = None  # a user's policy: every sidecar system runs it
+    policy_dirs: dict[str, Path] = field(default_factory=dict)  # generated, per variant
     quotas: Mapping[str, Quota] = field(default_factory=dict)
     tenants: Sequence[TenantSpec] = ()
 
@@ -158,16 +189,24 @@ def start_system(spec: SystemSpec, backend: Backend) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         sidecar = None
         if spec.sidecar_mode is not None:
-            if backend.policy_dir is None:
+            policy_dir = backend.policy_dir or backend.policy_dirs.get(spec.policy_variant)
+            if policy_dir is None:
                 raise ValueError(f"{spec.name} needs a policy")
             if backend.valkey is not None:
                 _flush(backend.valkey)
+            env = {
+                # The sidecar watches the same Triton the load goes to, every 100 ms.
+                "QOS_TRITON_URLS": backend.triton.http_url,
+                "QOS_TRITON_METRICS_URLS": backend.triton.metrics_url,
+                "QOS_TRITON_SCRAPE_MS": "100",
+                **spec.sidecar_env,
+            }
             sidecar = stack.enter_context(
                 SidecarProcess(
                     backend.workdir,
-                    backend.policy_dir,
+                    policy_dir,
                     redis_url=backend.valkey.url if backend.valkey else "",
-                    extra_env=dict(spec.sidecar_env),
+                    extra_env=env,
                 )
             )
         config = envoy_config(spec, backend, sidecar)
