@@ -46,6 +46,7 @@ ENVOY_CONFIGS: dict[str, Path] = {
     "adaptive-concurrency": BASELINES / "adaptive-concurrency.yaml",
     "sidecar-http": BOOTSTRAPS["http"],
     "sidecar-grpc": BOOTSTRAPS["grpc"],
+    "sidecar-extproc": BOOTSTRAPS["extproc"],
 }
 
 
@@ -54,7 +55,7 @@ class SystemSpec:
     name: str
     description: str
     envoy: str  # key of ENVOY_CONFIGS
-    sidecar_mode: str | None = None  # "http" | "grpc": start a sidecar (and use Valkey)
+    sidecar_mode: str | None = None  # "http" | "grpc" | "extproc": start a sidecar (and Valkey)
     sidecar_env: Mapping[str, str] = field(default_factory=dict)
     gen: GenOptions = field(default_factory=GenOptions)
     # Which generated policy the sidecar runs (benchmarks/policy.py POLICY_VARIANTS); a
@@ -86,6 +87,12 @@ SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec("sidecar-http", "qos-sidecar, ext_authz HTTP mode", "sidecar-http", "http"),
     SystemSpec(
         "sidecar-grpc", "qos-sidecar, ext_authz gRPC mode", "sidecar-grpc", "grpc", quick=False
+    ),
+    SystemSpec(
+        "sidecar-extproc",
+        "qos-sidecar, ext_proc mode (also puts the class's priority into Triton's request)",
+        "sidecar-extproc",
+        "extproc",
     ),
     SystemSpec(
         "sidecar-http-quota-only",
