@@ -220,6 +220,9 @@ class AdmissionService:
         assert self.deferrer is not None
         klass, started = planned.klass, self.clock()
         cost = max((b.cost for b in planned.check.buckets), default=1.0)
+        held = self.metrics.held.labels(klass.name)
+        held.inc()
+        outcome = "cancelled"
         try:
             if on_hold is not None:
                 await on_hold(klass.max_wait_ms / 1000)
@@ -231,10 +234,14 @@ class AdmissionService:
                 cost,
                 started + klass.max_wait_ms / 1000,
             )
+            outcome = "admitted" if admitted else "expired"
         except asyncio.CancelledError:
             # Client or Envoy gone while held: its slot and tokens were never used.
             await asyncio.shield(self._give_back(planned, decision))
             raise
+        finally:
+            held.dec()
+            self.metrics.held_seconds.labels(klass.name, outcome).observe(self.clock() - started)
         waited = f"held {self.clock() - started:.3f}s"
         if admitted:
             return admit_after_wait(planned, result, f"{waited}, then Triton had room")

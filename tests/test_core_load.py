@@ -72,3 +72,14 @@ def test_staleness_and_missing_are_states_not_errors() -> None:
     assert view.state_of("llm", now=100.0, stale_after_s=1.0) is SignalState.MISSING
     assert view.queue_depth("simgpu") == 7  # summed over the endpoints serving it
     assert view.queue_depth("llm") == 0
+
+
+def test_an_idle_interval_keeps_the_last_measured_drain_rate() -> None:
+    idle = TritonCounters(success=500, queue_us=1_000_000)
+    kept = derive_load("t0", "simgpu", idle, 11.0, (idle, 10.0), last_rate=42.0)
+    assert kept.completions_per_s == 42.0  # nothing ran: no news about the drain rate
+    stalled = TritonCounters(pending=9, success=500, queue_us=1_000_000)
+    assert (
+        derive_load("t0", "simgpu", stalled, 11.0, (idle, 10.0), last_rate=42.0).completions_per_s
+        == 0
+    )

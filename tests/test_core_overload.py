@@ -54,8 +54,10 @@ def klass(
         # at the shed threshold: shed at once even if it would fit the wait budget
         (klass(max_wait_ms=60000), FRESH, 32, 10.0, 0, False, LoadAction.SHED, 2.5),
         (klass(relegate_to="batch"), FRESH, 40, 10.0, 0, False, LoadAction.RELEGATE, 3.3),
-        # nothing draining: the wait is infinite
-        (klass(), FRESH, 10, 0.0, 0, False, LoadAction.SHED, math.inf),
+        # no drain rate measured yet: held within its budget rather than shed on a guess ...
+        (klass(), FRESH, 10, 0.0, 0, False, LoadAction.DEFER, math.inf),
+        # ... unless the class may not wait at all
+        (klass(max_wait_ms=0), FRESH, 10, 0.0, 0, False, LoadAction.SHED, math.inf),
         # stale or missing signals: a defined state
         (klass(), STALE, 0, 10.0, 0, False, LoadAction.SHED, 2.5),
         (klass(), MISSING, 0, 10.0, 0, False, LoadAction.SHED, 2.5),

@@ -80,10 +80,18 @@ def test_examples_load_with_expected_classes() -> None:
     policy = load_policy([POLICIES])
     assert isinstance(policy.classes, MappingProxyType)
     assert dict(policy.classes) == {
-        "interactive": ClassPolicy("interactive", 1, 250, 50, 1, FailMode.OPEN, 500),
-        "standard": ClassPolicy("standard", 2, 2000, 500, 2, FailMode.OPEN, 1000),
-        "batch": ClassPolicy("batch", 3, 20000, 5000, 3, FailMode.CLOSED, 2000),
-        "opportunistic": ClassPolicy("opportunistic", 4, 60000, 0, 4, FailMode.CLOSED, 5000),
+        "interactive": ClassPolicy(
+            "interactive", 1, 250, 50, 1, FailMode.OPEN, 500, OverloadPolicy(16, 64)
+        ),
+        "standard": ClassPolicy(
+            "standard", 2, 2000, 500, 2, FailMode.OPEN, 1000, OverloadPolicy(8, 48), "batch"
+        ),
+        "batch": ClassPolicy(
+            "batch", 3, 20000, 5000, 3, FailMode.CLOSED, 2000, OverloadPolicy(4, 32)
+        ),
+        "opportunistic": ClassPolicy(
+            "opportunistic", 4, 60000, 0, 4, FailMode.CLOSED, 5000, OverloadPolicy(1, 8)
+        ),
     }
 
 

@@ -78,6 +78,19 @@ class Metrics:
             registry=registry,
         )
 
+        self.held = Gauge(
+            "qos_held_requests",
+            "Requests this replica holds (defers) until Triton has room, by class.",
+            ["class"],
+            registry=registry,
+        )
+        self.held_seconds = Histogram(
+            "qos_hold_duration_seconds",
+            "How long held requests waited, by class and how the hold ended.",
+            ["class", "result"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
         self.backend_queue_depth = Gauge(
             "qos_backend_queue_depth",
             "Requests waiting in Triton's queue (nv_inference_pending_request_count).",

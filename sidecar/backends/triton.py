@@ -113,7 +113,15 @@ class TritonLoadMonitor:
         now = self.clock()
         for model, counters in parse_triton_metrics(text).items():
             key = (endpoint.name, model)
-            load = derive_load(endpoint.name, model, counters, now, self._previous.get(key))
+            last = self._loads.get(key)
+            load = derive_load(
+                endpoint.name,
+                model,
+                counters,
+                now,
+                self._previous.get(key),
+                last_rate=last.completions_per_s if last else 0.0,
+            )
             self._previous[key] = (counters, now)
             self._loads[key] = load
             self.metrics.backend_queue_depth.labels(endpoint.name, model).set(load.queue_depth)

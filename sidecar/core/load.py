@@ -7,6 +7,9 @@ Rules:
   completed in between.
 - Versions of one model are summed: admission is per model name, as clients address it.
 - A counter that goes backwards means Triton restarted; the rates start over from that scrape.
+- An idle interval (nothing completed, nothing waiting) says nothing about how fast Triton
+  drains: the last measured rate is kept, so the first burst after a quiet spell is judged
+  by what Triton could do, not by "zero completions per second".
 - A signal older than the configured staleness bound is STALE; a model never seen is MISSING.
   Neither is an error: the decision core treats them as defined states (issue 4 policy).
 """
@@ -89,8 +92,11 @@ def derive_load(
     current: TritonCounters,
     now: float,
     previous: tuple[TritonCounters, float] | None,
+    *,
+    last_rate: float = 0.0,
 ) -> ModelLoad:
-    """The load of one model from this scrape and the previous one (if any)."""
+    """The load of one model from this scrape and the previous one (if any). `last_rate` is
+    the completions per second measured before, kept over idle intervals."""
     completions_per_s = mean_queue_ms = mean_request_ms = 0.0
     if previous is not None:
         before, then = previous
@@ -99,6 +105,8 @@ def derive_load(
         restarted = done < 0 or current.queue_us < before.queue_us
         if elapsed_s > 0 and not restarted:
             completions_per_s = done / elapsed_s
+            if done == 0 and current.pending == 0 and before.pending == 0:
+                completions_per_s = last_rate  # idle: no news about the drain rate
             if done > 0:
                 mean_queue_ms = (current.queue_us - before.queue_us) / done / 1000
                 mean_request_ms = (current.request_us - before.request_us) / done / 1000

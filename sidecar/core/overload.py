@@ -15,6 +15,8 @@ nothing):
   if not, relegate once, else shed at once with Retry-After = the predicted wait. A class
   that is not sheddable is admitted instead: it waits in Triton's queue, never is refused.
   Nothing is held just to time out.
+- No drain rate measured yet (a cold start): the wait cannot be predicted, so a class that
+  may wait is deferred within its budget rather than shed on a guess.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def judge_load(
         return LoadVerdict(action, wait_s, f"{seen} >= shed_above {overload.shed_above}")
     budget_s = klass.max_wait_ms / 1000
     predicted = f"{seen}, {waiting_ahead} waiting: predicted wait {wait_s:.3f}s"
+    if drain_per_s <= 0 and budget_s > 0:
+        return LoadVerdict(LoadAction.DEFER, wait_s, f"{seen}, drain rate unknown: held")
     if wait_s <= budget_s:
         return LoadVerdict(LoadAction.DEFER, wait_s, f"{predicted} <= max_wait {budget_s:g}s")
     if can_relegate:

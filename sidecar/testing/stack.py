@@ -41,12 +41,14 @@ class LocalStack:
         use_redis: bool = True,
         redis_url: str | None = None,
         model_repo: Path = MODEL_REPO,
+        sidecar_env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.policy_path = policy_path
         self.modes = modes
         self.use_redis = use_redis and redis_url is None
         self.redis_url = redis_url  # an external (or deliberately dead) Redis instead of Valkey
+        self.sidecar_env = dict(sidecar_env or {})
         self.model_repo = model_repo
         self.valkey: ValkeyProcess | None = None
         self.triton: TritonProcess | None = None
@@ -72,6 +74,7 @@ class LocalStack:
                     extra_env={
                         "QOS_TRITON_URLS": self.triton.http_url,
                         "QOS_TRITON_METRICS_URLS": self.triton.metrics_url,
+                        **self.sidecar_env,
                     },
                 )
             )
