@@ -84,6 +84,7 @@ def write_policy(
                     "rate": round(rate, 3),
                     "per": "second",
                     "burst": max(3.0, round(rate * burst_s, 3)),
+                    **_bucket_scope(t, variant),
                 }
             ],
         }
@@ -95,6 +96,16 @@ def write_policy(
     )
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     return directory
+
+
+def _bucket_scope(t: TenantSpec, variant: str) -> dict[str, object]:
+    """With backend-aware admission, the tenant's request budget covers its non-interactive
+    classes only: interactive traffic is governed by Triton's load (deferral, priority) and
+    the noisy tenant's batch work can no longer use up its own interactive requests' quota."""
+    if variant == "quota":
+        return {}
+    scoped = [c for c in t.classes if c != "interactive"]
+    return {"classes": scoped} if scoped and len(scoped) < len(t.classes) else {}
 
 
 def _class_doc(

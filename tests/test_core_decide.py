@@ -268,3 +268,24 @@ def test_explain_trace_says_why() -> None:
     assert "downgraded to 'standard'" in text
     assert "bucket 'requests' empty" in text
     assert decision.trace[-1] == "shed 429 over_rate"
+
+
+def test_class_scoped_buckets_only_charge_their_classes() -> None:
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from sidecar.policy.model import BucketPolicy, BucketUnit
+
+    policy = make_policy()
+    search = policy.tenants["search"]
+    batch_budget = BucketPolicy(
+        "standard-only", BucketUnit.REQUESTS, 1.0, 1.0, frozenset({"standard"})
+    )
+    search = replace(search, buckets=(*search.buckets, batch_budget))
+    compiled = compile_policy(
+        replace(policy, tenants=MappingProxyType({**policy.tenants, "search": search}))
+    )
+    standard = plan(attrs(x_api_key="k-search", x_qos_class="standard"), compiled)
+    interactive = plan(attrs(x_api_key="k-search", x_qos_class="interactive"), compiled)
+    assert [b.name for b in standard.check.buckets] == ["requests", "tokens", "standard-only"]
+    assert [b.name for b in interactive.check.buckets] == ["requests", "tokens"]

@@ -333,6 +333,16 @@ HEADER_HINT = "must be a header name (letters, digits and !#$%&'*+-.^_`|~)"
 # (file under tests/policy_cases, expected "line: message" lines, in order)
 CASES_EXPECTED: list[tuple[str, list[str]]] = [
     (
+        "bucket_classes.yaml",
+        [
+            "12: tenants.search.buckets[0].classes[0]: class 'batch' is not in allowed_classes"
+            " (interactive)",
+            "12: tenants.search.buckets[0].classes[1]: undefined class 'gold' (defined: batch,"
+            " interactive)",
+            "17: tenants.search.buckets[1].classes: must have at least 1 item",
+        ],
+    ),
+    (
         "overload_rules.yaml",
         [
             "9: classes.interactive.overload.shed_above: shed_above (4) must be greater than"

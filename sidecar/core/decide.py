@@ -156,6 +156,16 @@ def plan_request(attrs: RequestAttributes, compiled: CompiledPolicy) -> Admissio
 
     model = model_of(attrs.path)
     cost = policy.cost_of(model)
+    check = quota_check(tenant, klass, cost, policy)
+    trace.append(f"model {model!r}, cost {cost:g}")
+    return Admission(tenant, klass, requested, downgraded, model, check, tuple(trace))
+
+
+def quota_check(
+    tenant: TenantPolicy, klass: ClassPolicy, cost: float, policy: Policy
+) -> QuotaCheck:
+    """The limits a request of `klass` must fit: every bucket of the tenant that covers the
+    class (a bucket without `classes` covers all), and the concurrency limits."""
     buckets = tuple(
         BucketCheck(
             name=b.name,
@@ -164,8 +174,9 @@ def plan_request(attrs: RequestAttributes, compiled: CompiledPolicy) -> Admissio
             cost=1.0 if b.unit is BucketUnit.REQUESTS else cost,
         )
         for b in tenant.buckets
+        if not b.classes or klass.name in b.classes
     )
-    check = QuotaCheck(
+    return QuotaCheck(
         tenant=tenant.name,
         klass=klass.name,
         buckets=buckets,
@@ -173,8 +184,6 @@ def plan_request(attrs: RequestAttributes, compiled: CompiledPolicy) -> Admissio
         max_class_concurrency=tenant.max_concurrency_per_class.get(klass.name),
         lease_ttl_s=policy.lease_ttl_s,
     )
-    trace.append(f"model {model!r}, cost {cost:g}")
-    return Admission(tenant, klass, requested, downgraded, model, check, tuple(trace))
 
 
 def decide(admission: Admission, result: QuotaResult | None) -> Decision:
@@ -240,11 +249,7 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
     target = policy.classes[admission.klass.relegate_to or admission.klass.name]
     check = admission.check
     if requota:
-        check = replace(
-            check,
-            klass=target.name,
-            max_class_concurrency=admission.tenant.max_concurrency_per_class.get(target.name),
-        )
+        check = quota_check(admission.tenant, target, policy.cost_of(admission.model), policy)
     return replace(
         admission,
         klass=target,

@@ -744,6 +744,13 @@ class _Merged:
             reason = self._class_problem(name, allowed)
             if reason is not None:
                 tenant.problem(("max_concurrency_per_class", name), reason)
+        for index, bucket in enumerate(tenant.data.get("buckets") or ()):
+            if not isinstance(bucket, dict):
+                continue
+            for position, name in enumerate(bucket.get("classes") or ()):
+                reason = None if name is None else self._class_problem(name, allowed)
+                if reason is not None:
+                    tenant.problem(("buckets", index, "classes", position), reason)
 
     def _max_model_cost(self) -> tuple[float, str | None]:
         """The most one request can cost, and the model that costs it (None: the default 1)."""
@@ -906,6 +913,7 @@ def _build_bucket(b: Mapping[str, Any]) -> BucketPolicy:
         unit=unit,
         rate_per_s=float(b["rate"]) / PER_SECONDS[per],
         burst=float(b["burst"]),
+        classes=frozenset(b.get("classes") or ()),
     )
 
 

@@ -100,6 +100,9 @@ class BucketPolicy:
     unit: BucketUnit
     rate_per_s: float
     burst: float
+    # The classes whose requests draw on this bucket; empty: every class. A budget for batch
+    # work, say, need not stand in the way of the same tenant's interactive requests.
+    classes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

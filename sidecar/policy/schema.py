@@ -340,6 +340,10 @@ BUCKET = Obj(
         "burst": Field(
             Num(minimum=1), required=True, description="Units that may be used at once."
         ),
+        "classes": Field(
+            ListOf(NAME, min_items=1),
+            description="Only requests of these classes draw on the bucket; default: all.",
+        ),
     },
     description="A token bucket: `rate` units per `per` sustained, `burst` at once.",
 )
