@@ -48,6 +48,7 @@ class AdmissionService:
         *,
         load: Callable[[], LoadView] | None = None,
         stale_after_s: float = 1.0,
+        queue_alpha_s_per_unit: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._compiled = compile_policy(policy)
@@ -61,7 +62,13 @@ class AdmissionService:
         self.clock = clock
         self._background: set[asyncio.Future[bool]] = set()
         self.deferrer = (
-            Deferrer(lambda: self.policy, load, stale_after_s=stale_after_s, clock=clock)
+            Deferrer(
+                lambda: self.policy,
+                load,
+                stale_after_s=stale_after_s,
+                alpha_s_per_unit=queue_alpha_s_per_unit,
+                clock=clock,
+            )
             if load is not None
             else None
         )

@@ -28,6 +28,9 @@ class Settings:
     triton_metrics_urls: tuple[str, ...] = ()
     triton_scrape_ms: int = 250  # how often Triton's queue depth and counters are read
     triton_stale_ms: int = 1000  # load signals older than this are stale (see on_stale)
+    # QoServe's hybrid key for held requests: deadline + alpha x estimated work (cost units).
+    # 0 is earliest-deadline-first; QoServe's artifact uses 0.008 s per token.
+    queue_alpha_ms_per_unit: int = 0
     log_level: str = "info"
 
     @property
@@ -63,6 +66,7 @@ _HELP = {
     "triton_metrics_urls": "Triton metrics URLs, paired with triton_urls by position",
     "triton_scrape_ms": "Triton metrics scrape interval in ms",
     "triton_stale_ms": "age in ms after which Triton load signals count as stale",
+    "queue_alpha_ms_per_unit": "held-request order: deadline + alpha x work; 0 is EDF",
     "log_level": "debug, info, warning or error",
 }
 
@@ -119,6 +123,8 @@ def load_settings(
         raise SettingsError("triton_metrics_urls: one per triton_urls entry, in the same order")
     if settings.triton_scrape_ms <= 0:
         raise SettingsError("triton_scrape_ms: must be positive")
+    if settings.queue_alpha_ms_per_unit < 0:
+        raise SettingsError("queue_alpha_ms_per_unit: must not be negative")
     if settings.triton_stale_ms < settings.triton_scrape_ms:
         raise SettingsError("triton_stale_ms: must be at least triton_scrape_ms")
     if not settings.policy_path:

@@ -184,3 +184,15 @@ def test_stale_view_follows_on_stale() -> None:
 
     service, _ = make(Stale(depth=0))
     assert asyncio.run(service.check(request(), "test")).reason is Reason.OVERLOADED
+
+
+def test_hybrid_key_alpha_reaches_the_queue() -> None:
+    service = AdmissionService(
+        policy_with_overload(),
+        MemoryQuotaStore(),
+        Metrics(CollectorRegistry()),
+        load=Backend(0).view,
+        queue_alpha_s_per_unit=0.008,
+    )
+    assert service.deferrer is not None
+    assert service.deferrer.queue.alpha_s_per_unit == 0.008

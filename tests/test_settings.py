@@ -49,6 +49,8 @@ def test_lists_and_empty_hosts() -> None:
         ({"QOS_ADMIN_ADDR": "localhost"}, "admin_addr: expected HOST:PORT"),
         ({"QOS_REDIS_TIMEOUT_MS": "fast"}, "redis_timeout_ms: expected an integer"),
         ({"QOS_REDIS_TIMEOUT_MS": "0"}, "redis_timeout_ms: must be positive"),
+        ({"QOS_QUEUE_ALPHA_MS_PER_UNIT": "-1"}, "queue_alpha_ms_per_unit: must not be negative"),
+        ({"QOS_TRITON_STALE_MS": "100"}, "triton_stale_ms: must be at least triton_scrape_ms"),
         (
             {"QOS_TRITON_URLS": "http://a:8000", "QOS_TRITON_METRICS_URLS": "x,y"},
             "triton_metrics_urls: one per triton_urls entry",
