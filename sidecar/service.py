@@ -255,8 +255,15 @@ class AdmissionService:
         overload = klass.overload
         if klass.relegate_to is not None and not planned.relegated:
             relegated = relegate(planned, self.policy, f"{waited}, no room", requota=False)
-            return admit_after_wait(relegated, result, "admitted at the lower priority")
-        if overload is not None and overload.shed_above is None:
+            # Relegated, it must still fit its new class's load: otherwise every request that
+            # waited out its hold would pour into Triton's queue at the lower priority.
+            again = self._judge(relegated)
+            if again.action is LoadAction.ADMIT:
+                self.deferrer.note_admitted(planned.model or "")
+                return admit_after_wait(relegated, result, f"admitted as relegated: {again.why}")
+            planned = replace(relegated, trace=(*relegated.trace, again.why))
+            klass = planned.klass
+        elif overload is not None and overload.shed_above is None:
             return admit_after_wait(planned, result, f"{waited}; not sheddable: admitted")
         await self._give_back(planned, decision)
         return shed_overloaded(

@@ -47,6 +47,7 @@ classes:
     max_wait_ms: 300
     triton_priority: 1
     overload: {{admit_below: 8, shed_above: 64}}
+    route_priority: high
   standard:
     rank: 2
     latency_objective_ms: 2000
@@ -268,3 +269,22 @@ def _trace(stack: LocalStack) -> Any:
     from tests.stack_client import explain
 
     return explain(admin(stack), "k-web")
+
+
+@pytest.mark.parametrize("mode", ["extproc", "http"])
+def test_high_route_priority_classes_take_envoys_high_priority_route(
+    stack: LocalStack, mode: str
+) -> None:
+    import urllib.request
+
+    def completed(route: str) -> int:
+        url = f"{stack.envoys[mode].admin_url}/stats?filter=route.{route}.upstream_rq_completed"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        return sum(int(line.rsplit(":", 1)[1]) for line in lines if ":" in line)
+
+    high, default = completed("qos_high"), completed("qos_default")
+    assert infer(stack.url(mode), api_key="k-web", delay_ms=5).status == 200
+    assert infer(stack.url(mode), api_key="k-flood", delay_ms=5).status == 200
+    # The route is chosen after the sidecar's headers were added (clear_route_cache).
+    assert (completed("qos_high"), completed("qos_default")) == (high + 1, default + 1)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.core.decide import DECISION_HEADERS as CORE_DECISION_HEADERS
 from sidecar.testing.procs import find_envoy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,8 @@ BOOTSTRAP_FILTERS = {
 }
 DECIDING_FILTERS = ("envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc")
 HCM = "envoy.filters.network.http_connection_manager"
-DECISION_HEADERS = ["x-qos-tenant", "x-qos-granted-class", "x-qos-priority", "x-qos-lease"]
+# The core's list: a header the sidecar starts setting must be stripped and allowed here too.
+DECISION_HEADERS = list(CORE_DECISION_HEADERS)
 
 
 def load(path: Path) -> Any:
@@ -310,3 +312,16 @@ def test_envoy_waits_longer_than_any_shipped_class_may_be_held() -> None:
     assert seconds(http["timeout"]) > longest_s
     assert seconds(grpc["timeout"]) > longest_s
     assert seconds(proc["max_message_timeout"]) >= longest_s + HOLD_MARGIN_S
+
+
+@pytest.mark.parametrize("mode", ["http", "grpc", "ext-proc"])
+def test_priority_routes_are_the_snippet_and_high_has_its_own_breakers(mode: str) -> None:
+    name = f"bootstrap-ext-authz-{mode}.yaml" if mode != "ext-proc" else "bootstrap-ext-proc.yaml"
+    config = load(ENVOY_DIR / name)
+    routes = hcm_of(config)["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes == snippet("priority-routes.yaml")
+    assert routes[0]["route"]["priority"] == "HIGH"
+    assert routes[0]["match"]["headers"][0]["name"] == "x-qos-route-priority"
+    triton = next(c for c in config["static_resources"]["clusters"] if c["name"] == "triton_http")
+    priorities = {t["priority"] for t in triton["circuit_breakers"]["thresholds"]}
+    assert priorities == {"DEFAULT", "HIGH"}

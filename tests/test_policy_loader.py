@@ -26,6 +26,7 @@ from sidecar.policy.model import (
     IdentitySourceKind,
     ModelPolicy,
     OverloadPolicy,
+    RoutePriority,
     TenantMatch,
     TenantPolicy,
     UnknownTenantAction,
@@ -81,7 +82,15 @@ def test_examples_load_with_expected_classes() -> None:
     assert isinstance(policy.classes, MappingProxyType)
     assert dict(policy.classes) == {
         "interactive": ClassPolicy(
-            "interactive", 1, 250, 50, 1, FailMode.OPEN, 500, OverloadPolicy(16, 64)
+            "interactive",
+            1,
+            250,
+            50,
+            1,
+            FailMode.OPEN,
+            500,
+            OverloadPolicy(16, 64),
+            route_priority=RoutePriority.HIGH,
         ),
         "standard": ClassPolicy(
             "standard", 2, 2000, 500, 2, FailMode.OPEN, 1000, OverloadPolicy(8, 48), "batch"
@@ -236,6 +245,7 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
             "on_state_error": ClassPolicy("c", 1, 1, 1, 1).on_state_error,
             "concurrency_retry_after_ms": ClassPolicy("c", 1, 1, 1, 1).concurrency_retry_after_ms,
             "max_queued": ClassPolicy("c", 1, 1, 1, 1).max_queued,
+            "route_priority": ClassPolicy("c", 1, 1, 1, 1).route_priority,
         },
         "model": {"cost_per_request": ModelPolicy("m").cost_per_request},
         "tenant": {
@@ -325,7 +335,7 @@ def test_policy_version_frames_names_and_contents() -> None:
 
 ALLOWED_CLASS_KEYS = (
     "rank, latency_objective_ms, max_wait_ms, triton_priority, on_state_error, "
-    "concurrency_retry_after_ms, overload, relegate_to, max_queued"
+    "concurrency_retry_after_ms, overload, relegate_to, max_queued, route_priority"
 )
 SHA_HINT = "must be 64 hex digits (the SHA-256 digest of the key, not the key itself)"
 HEADER_HINT = "must be a header name (letters, digits and !#$%&'*+-.^_`|~)"

@@ -196,3 +196,24 @@ def test_hybrid_key_alpha_reaches_the_queue() -> None:
     )
     assert service.deferrer is not None
     assert service.deferrer.queue.alpha_s_per_unit == 0.008
+
+
+def test_relegated_after_its_hold_must_fit_the_lower_class_or_is_shed() -> None:
+    policy = policy_with_overload(max_wait_ms=150, relegate=True)
+    classes = dict(policy.classes)
+    classes["batch"] = replace(classes["batch"], overload=OverloadPolicy(admit_below=2))
+    policy = replace(policy, classes=MappingProxyType(classes))
+    store = MemoryQuotaStore()
+    service = AdmissionService(
+        policy, store, Metrics(CollectorRegistry()), load=Backend(depth=5).view
+    )
+
+    async def body() -> Decision:
+        decision = await service.check(request(), "test")
+        assert await in_flight(store) == 0  # shed: lease given back
+        return decision
+
+    decision = asyncio.run(body())
+    assert (decision.status, decision.reason) == (503, Reason.OVERLOADED)
+    assert decision.klass == "batch"
+    assert any("relegated from 'standard' to 'batch'" in step for step in decision.trace)

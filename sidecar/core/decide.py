@@ -57,9 +57,16 @@ HEADER_TENANT = "x-qos-tenant"
 HEADER_CLASS = "x-qos-granted-class"
 HEADER_PRIORITY = "x-qos-priority"
 HEADER_LEASE = "x-qos-lease"
+HEADER_ROUTE_PRIORITY = "x-qos-route-priority"
 HEADER_REASON = "x-qos-reason"
 # Set by the sidecar only; the shipped Envoy config strips client copies before ext_authz.
-DECISION_HEADERS = (HEADER_TENANT, HEADER_CLASS, HEADER_PRIORITY, HEADER_LEASE)
+DECISION_HEADERS = (
+    HEADER_TENANT,
+    HEADER_CLASS,
+    HEADER_PRIORITY,
+    HEADER_LEASE,
+    HEADER_ROUTE_PRIORITY,
+)
 
 _STATUS = {
     Reason.OVER_RATE: 429,
@@ -334,6 +341,7 @@ def _admit(
         (HEADER_TENANT, urllib.parse.quote(tenant.name, safe="-_.~:@/")),
         (HEADER_CLASS, klass.name),
         (HEADER_PRIORITY, str(klass.triton_priority)),
+        (HEADER_ROUTE_PRIORITY, klass.route_priority.value),
     ]
     if lease_id is not None:
         # The lease lives under the class its quota was taken in, which a relegation after

@@ -871,6 +871,7 @@ def _build_class(name: str, d: _Definition) -> ClassPolicy:
         overload=_build_overload(d.get("overload", CLASS)),
         relegate_to=d.get("relegate_to", CLASS),
         max_queued=d.get("max_queued", CLASS),
+        route_priority=d.get("route_priority", CLASS),
     )
 
 

@@ -42,6 +42,13 @@ class StaleAction(enum.Enum):
     ADMIT = "admit"  # act as if the queue were empty
 
 
+class RoutePriority(enum.Enum):
+    """The Envoy route priority a class's requests are sent with (x-qos-route-priority)."""
+
+    DEFAULT = "default"
+    HIGH = "high"  # the shipped config routes these with priority HIGH: own circuit breakers
+
+
 class IdentitySourceKind(enum.Enum):
     API_KEY = "api_key"  # a secret header; tenants list the SHA-256 hex digests of their keys
     PRINCIPAL = "principal"  # the mTLS peer principal (URI SAN) Envoy verified
@@ -90,6 +97,7 @@ class ClassPolicy:
     overload: OverloadPolicy | None = None  # None: admission by quota only
     relegate_to: str | None = None  # the class a request that cannot make it is moved to, once
     max_queued: int = 256  # bound on this class's deferred requests per replica
+    route_priority: RoutePriority = RoutePriority.DEFAULT
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from sidecar.policy.model import (
     DisallowedClassAction,
     FailMode,
     IdentitySourceKind,
+    RoutePriority,
     StaleAction,
     UnknownTenantAction,
 )
@@ -284,6 +285,12 @@ CLASS = Obj(
             description="The most requests of this class held (deferred) at once per replica; "
             "beyond it they are relegated or shed.",
             default=256,
+        ),
+        "route_priority": Field(
+            Choice.of(RoutePriority),
+            description="Sent as x-qos-route-priority; the shipped Envoy config routes 'high' "
+            "with route priority HIGH, which has its own circuit-breaker thresholds.",
+            default=RoutePriority.DEFAULT,
         ),
     },
     description="A service class: how important a request is and how long it may wait.",
