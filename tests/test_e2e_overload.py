@@ -14,7 +14,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 
 from sidecar.testing.procs import find_envoy
 from sidecar.testing.stack import LocalStack
-from tests.stack_client import INFER_PATH, infer, metric_value
+from tests.stack_client import INFER_PATH, infer, metric_value, wait_for
 
 pytestmark = pytest.mark.stack
 WORK_MS = 60  # simulated GPU time of one batch (DELAY_MS): Triton runs up to 8 per batch
@@ -148,14 +148,6 @@ class Flood:
     def join(self) -> None:
         self.thread.join(120)
         assert not self.thread.is_alive()
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        time.sleep(0.02)
 
 
 def idle(stack: LocalStack) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.testing.procs import find_envoy
 from sidecar.testing.stack import LocalStack
-from tests.stack_client import explain, infer, metric_value
+from tests.stack_client import explain, infer, metric_value, wait_for
 
 pytestmark = pytest.mark.stack
 MODES = ("http", "grpc", "extproc")
@@ -96,16 +96,6 @@ def mode(request: pytest.FixtureRequest) -> str:
 def admin(stack: LocalStack) -> str:
     assert stack.sidecar is not None
     return stack.sidecar.admin_url
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll until `predicate` holds; return when it did (monotonic). No fixed sleeps."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic()
 
 
 def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
