@@ -158,7 +158,7 @@ def decision_time_summary(metrics_text: str) -> str:
         return "?"
 
     return (
-        f"sidecar decision time over {total:.0f} decisions:"
+        f"sidecar decision time (holds included) over {total:.0f} decisions:"
         f" p50 {upper_bound(0.5)}, p99 {upper_bound(0.99)}"
     )
 

@@ -32,4 +32,4 @@ def test_demo_runs_and_reports_every_stream() -> None:
     )
     assert "class_not_allowed" in analytics  # the policy forbids it: every one refused
     assert analytics.split()[3] == "0"  # admitted
-    assert "sidecar decision time over" in out
+    assert "sidecar decision time (holds included) over" in out
