@@ -24,7 +24,7 @@ class FakeTriton:
     """A scripted Triton: pages to serve, a readiness status, or a stall."""
 
     def __init__(self) -> None:
-        self.page = 'nv_inference_pending_request_count{model="m",version="1"} 4\n'
+        self.page: str | bytes = 'nv_inference_pending_request_count{model="m",version="1"} 4\n'
         self.ready_status = 200
         self.stall = False
 
@@ -32,6 +32,8 @@ class FakeTriton:
         async def metrics(_: web.Request) -> web.Response:
             if self.stall:
                 await asyncio.sleep(5)
+            if isinstance(self.page, bytes):
+                return web.Response(body=self.page, content_type="text/plain", charset="utf-8")
             return web.Response(text=self.page)
 
         async def ready(_: web.Request) -> web.Response:
@@ -134,3 +136,24 @@ def test_monitor_sees_real_triton_queue_depth_and_completions(tmp_path: Path) ->
         # completions between two scrapes must show up as a rate.
         assert deepest >= 8
         assert fastest > 0
+
+
+def test_monitor_survives_undecodable_metrics_pages() -> None:
+    fake = FakeTriton()
+    # Not UTF-8: response.text() would raise UnicodeDecodeError, which no scrape may die of.
+    fake.page = b'nv_inference_pending_request_count{model="m",version="1"} 3\n\xff\xfe junk\n'
+    metrics = Metrics(CollectorRegistry())
+
+    async def body() -> int:
+        runner = web.AppRunner(fake.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        monitor = TritonLoadMonitor([TritonEndpoint("t0", base, base + "/metrics")], metrics)
+        try:
+            return (await monitor.scrape_once()).queue_depth("m")
+        finally:
+            await monitor.close()
+            await runner.cleanup()
+
+    assert asyncio.run(body()) == 3

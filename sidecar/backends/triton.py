@@ -69,7 +69,10 @@ class TritonLoadMonitor:
         try:
             while True:
                 started = self.clock()
-                await self.scrape_once()
+                try:
+                    await self.scrape_once()
+                except Exception:  # a bug here must not freeze the load view for good
+                    log.exception("Triton scrape round failed; the view ages into stale")
                 await asyncio.sleep(max(0.0, self.interval_s - (self.clock() - started)))
         finally:
             await self.close()
@@ -105,7 +108,8 @@ class TritonLoadMonitor:
                     raise aiohttp.ClientResponseError(
                         response.request_info, (), status=response.status
                     )
-                text = await response.text()
+                # Prometheus text is UTF-8; bytes that are not must not stop the scrape.
+                text = (await response.read()).decode("utf-8", "replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.metrics.backend_scrape_errors.labels(endpoint.name).inc()
             log.debug("scrape of %s failed: %s", endpoint.metrics_url, exc)
