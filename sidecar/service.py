@@ -1,9 +1,11 @@
-"""The admission service: the one place where the core, the quota store and metrics meet.
+"""The admission service: the one place where the core, the quota store, Triton's load view
+and metrics meet.
 
-Adapters (ext_authz HTTP, ext_authz gRPC, the access-log completion stream) convert their
+Adapters (ext_authz HTTP and gRPC, ext_proc, the access-log completion stream) convert their
 wire format into `RequestAttributes` or a lease token and call this; they never decide.
-The store is called once per decision; its failures become `None` for the core, which
-applies the class's fail-open or fail-closed rule.
+Load is judged first (a request shed for load takes no quota); the store is called once per
+decision and its failures become `None` for the core, which applies the class's fail-open or
+fail-closed rule; a deferred request is then held by the `Deferrer`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sidecar.core.decide import (
     admit_after_wait,
     compile_policy,
     decide,
+    malformed,
     plan_request,
     relegate,
     shed_overloaded,
@@ -52,7 +55,6 @@ class AdmissionService:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._compiled = compile_policy(policy)
-        self._known_tenants = frozenset(policy.tenants)
         self.store = store
         self.metrics = metrics
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
@@ -79,9 +81,7 @@ class AdmissionService:
 
     def use_policy(self, policy: Policy) -> None:
         """Swap the policy whole; requests in flight keep the snapshot they started with."""
-        compiled = compile_policy(policy)
-        self._known_tenants = frozenset(policy.tenants)
-        self._compiled = compiled
+        self._compiled = compile_policy(policy)
 
     async def check(
         self, attrs: RequestAttributes, api: str, on_hold: OnHold | None = None
@@ -91,20 +91,32 @@ class AdmissionService:
         started = time.perf_counter()
         decision = await self._check(self._compiled, attrs, on_hold)
         self.metrics.decision_seconds.labels(api).observe(time.perf_counter() - started)
-        self.metrics.record_decision(decision, self._known_tenants, api)
+        self.metrics.record_decision(decision, self.policy.tenants, api)
+        return decision
+
+    def refuse_malformed(self, message: str, api: str) -> Decision:
+        """For adapters that cannot even build the request's attributes: 400, counted."""
+        decision = malformed(message)
+        self.metrics.record_decision(decision, self.policy.tenants, api)
         return decision
 
     async def explain(self, attrs: RequestAttributes) -> Decision:
         """The decision `attrs` would get now, without taking any quota."""
-        planned = plan_request(attrs, self._compiled)
+        planned = self._plan(self._compiled, attrs)
         if isinstance(planned, Decision):
             return planned
+        admission, verdict = planned
         try:
-            result: QuotaResult | None = await self.store.peek(planned.check)
+            result: QuotaResult | None = await self.store.peek(admission.check)
         except StateUnavailable:
             self.metrics.state_errors.labels("peek").inc()
             result = None
-        return decide(planned, result)
+        decision = decide(admission, result)
+        if verdict.action is LoadAction.DEFER and decision.admitted:
+            # Explain does not wait: say that the real request would be held first.
+            hold = f"would be held up to {admission.klass.max_wait_ms} ms for Triton to have room"
+            decision = replace(decision, trace=(*decision.trace, hold))
+        return decision
 
     async def complete(self, lease_token: str | None) -> bool:
         """Release the lease named by a completion signal. True if a lease was freed."""
@@ -156,10 +168,27 @@ class AdmissionService:
     async def _check(
         self, compiled: CompiledPolicy, attrs: RequestAttributes, on_hold: OnHold | None = None
     ) -> Decision:
+        plan = self._plan(compiled, attrs)
+        if isinstance(plan, Decision):
+            return plan
+        planned, verdict = plan
+        result = await self._acquire(planned)
+        decision = decide(planned, result)
+        if not decision.admitted or result is None or self.deferrer is None:
+            return decision
+        if verdict.action is not LoadAction.DEFER:
+            self.deferrer.note_admitted(planned.model or "")
+            return decision
+        return await self._hold(planned, result, decision, on_hold)
+
+    def _plan(
+        self, compiled: CompiledPolicy, attrs: RequestAttributes
+    ) -> tuple[Admission, LoadVerdict] | Decision:
+        """Identity, class and load, before any state is touched: an early decision (refused,
+        or shed for load, which costs the tenant no quota) or what to take from the store."""
         planned = plan_request(attrs, compiled)
         if isinstance(planned, Decision):
             return planned
-        # Load first: a request shed for load costs its tenant no quota.
         verdict = self._judge(planned)
         if verdict.action is LoadAction.RELEGATE:
             planned = relegate(planned, compiled.policy, verdict.why, requota=True)
@@ -169,14 +198,7 @@ class AdmissionService:
             return shed_overloaded(
                 planned, overload_retry_after_s(planned.klass, verdict), "shed for load"
             )
-        result = await self._acquire(planned)
-        decision = decide(planned, result)
-        if not decision.admitted or result is None or self.deferrer is None:
-            return decision
-        if verdict.action is not LoadAction.DEFER:
-            self.deferrer.note_admitted(planned.model or "")
-            return decision
-        return await self._hold(planned, result, decision, on_hold)
+        return planned, verdict
 
     async def _acquire(self, planned: Admission) -> QuotaResult | None:
         """Take the quota. Shielded: if the caller is cancelled while Redis answers, the lease

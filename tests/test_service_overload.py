@@ -217,3 +217,21 @@ def test_relegated_after_its_hold_must_fit_the_lower_class_or_is_shed() -> None:
     assert (decision.status, decision.reason) == (503, Reason.OVERLOADED)
     assert decision.klass == "batch"
     assert any("relegated from 'standard' to 'batch'" in step for step in decision.trace)
+
+
+def test_explain_shows_load_decisions_without_taking_quota_or_holding() -> None:
+    backend = Backend(depth=60, drain=20.0)
+    service, store = make(backend, max_wait_ms=5000)
+
+    async def body() -> tuple[Decision, Decision]:
+        shed = await service.explain(request())
+        backend.depth = 6  # between admit_below and shed_above: a real request would be held
+        held = await asyncio.wait_for(service.explain(request()), 1.0)  # explain never waits
+        assert await in_flight(store) == 0
+        assert service.deferrer is not None and len(service.deferrer.queue) == 0
+        return shed, held
+
+    shed, held = asyncio.run(body())
+    assert (shed.status, shed.reason) == (503, Reason.OVERLOADED)
+    assert held.admitted
+    assert held.trace[-1] == "would be held up to 5000 ms for Triton to have room"

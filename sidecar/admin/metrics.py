@@ -6,9 +6,11 @@ reported as `__unknown__`, so a client cannot grow the series count by inventing
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from sidecar.core.types import Decision
+from sidecar.core.types import Decision, Reason
 
 UNKNOWN = "__unknown__"
 
@@ -116,12 +118,12 @@ class Metrics:
             registry=registry,
         )
 
-    def record_decision(self, decision: Decision, known_tenants: frozenset[str], api: str) -> None:
+    def record_decision(self, decision: Decision, known_tenants: Container[str], api: str) -> None:
         tenant = decision.tenant if decision.tenant in known_tenants else UNKNOWN
         self.decisions.labels(
             tenant, decision.klass or UNKNOWN, decision.outcome.value, decision.reason.value
         ).inc()
-        if decision.reason.value == "malformed":
+        if decision.reason is Reason.MALFORMED:
             self.malformed.labels(api).inc()
 
     def set_policy_version(self, version: str) -> None:

@@ -16,7 +16,6 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.core.decide import malformed
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.service import AdmissionService
 
@@ -81,8 +80,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         attrs = attributes_from_check(request)
         if attrs is None:
-            decision = malformed("CheckRequest has no attributes.request.http")
-            self._service.metrics.record_decision(decision, frozenset(), API)
+            decision = self._service.refuse_malformed(
+                "CheckRequest has no attributes.request.http", API
+            )
             return check_response_for(decision)
         decision = await self._service.check(attrs, API)
         if decision.lease_id is not None and context.cancelled():

@@ -42,7 +42,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2
 
-from sidecar.core.decide import malformed
 from sidecar.core.priority import BodyRewrite, RewriteResult, rewrite_body, triton_priority_of
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.service import AdmissionService
@@ -214,12 +213,12 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if stream.attrs is None:
             attrs = attributes_from_headers(request) if kind == "request_headers" else None
             if attrs is None:
-                decision = malformed(
+                decision = self._service.refuse_malformed(
                     "ext_proc stream did not start with request headers"
                     if kind != "request_headers"
-                    else "ext_proc request headers lack :method or :path"
+                    else "ext_proc request headers lack :method or :path",
+                    API,
                 )
-                self._service.metrics.record_decision(decision, frozenset(), API)
                 return headers_response_for(decision), True
             stream.attrs = attrs
 
@@ -237,8 +236,9 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         empty = _EMPTY_ANSWER.get(kind)
         if empty is not None:
             return empty(), False
-        decision = malformed(f"ext_proc stream sent {kind or 'an empty message'} mid-request")
-        self._service.metrics.record_decision(decision, frozenset(), API)
+        decision = self._service.refuse_malformed(
+            f"ext_proc stream sent {kind or 'an empty message'} mid-request", API
+        )
         return headers_response_for(decision), True
 
     def _body_answer(self, stream: _Stream, body: Any) -> Any:
