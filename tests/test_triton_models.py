@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
 import re
 import threading
 import time
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from sidecar.testing.procs import TritonProcess
 
@@ -70,8 +73,13 @@ class Result:
 
 
 def infer_body(
-    prompt: int | list[int], output: int | list[int], priority: int | None = None
+    prompt: int | list[int],
+    output: int | list[int],
+    priority: int | None = None,
+    *,
+    eos_after_tokens: object = None,
 ) -> dict[str, Any]:
+    """A KServe v2 infer body; ``priority`` and ``eos_after_tokens`` go in its parameters."""
     prompts = prompt if isinstance(prompt, list) else [prompt]
     outputs = output if isinstance(output, list) else [output]
     body: dict[str, Any] = {
@@ -90,8 +98,9 @@ def infer_body(
             },
         ]
     }
-    if priority is not None:
-        body["parameters"] = {"priority": priority}
+    parameters = {"priority": priority, "eos_after_tokens": eos_after_tokens}
+    if any(value is not None for value in parameters.values()):
+        body["parameters"] = {k: v for k, v in parameters.items() if v is not None}
     return body
 
 
@@ -300,6 +309,88 @@ def test_priority_one_overtakes_queued_priority_three(triton: TritonProcess) -> 
     assert overtaken >= 20, (overtaken, sorted(r.done_at - last_high for r in low_results))
 
 
+# -- llm: eos_after_tokens (a request that stops before its limit) --------------------------------
+
+
+def test_eos_after_tokens_stops_generation_early(triton: TritonProcess) -> None:
+    port = triton.http_port
+    result = infer(port, infer_body(500, 500, eos_after_tokens=20))
+    assert result.status == 200, result.body
+    assert result.output("OUT_TOKENS") == [20]
+    predicted = predicted_ms("llm", [500], [20])
+    (batch_ms,) = result.output("BATCH_MS")
+    assert 0.8 * predicted <= batch_ms <= 3 * predicted, (batch_ms, predicted)
+    # The time of 20 decode steps, not of the 500 the limit allows.
+    assert result.elapsed_ms < 0.5 * predicted_ms("llm", [500], [500]), result.elapsed_ms
+
+    # The generate extension passes its "parameters" object to the model too.
+    body = {"PROMPT_TOKENS": 500, "OUTPUT_TOKENS": 500, "parameters": {"eos_after_tokens": 20}}
+    generated = post(port, "/v2/models/llm/generate", body)
+    assert generated.status == 200, generated.body
+    assert generated.body["OUT_TOKENS"] == 20
+
+
+@pytest.mark.parametrize(
+    ("outputs", "eos_after_tokens", "generated"),
+    [
+        ([500, 10], 20, [20, 10]),  # every row; a row with a lower limit stops at its limit
+        ([30], 100, [30]),  # a stop point beyond the limit changes nothing
+        ([100], 0, [1]),  # clipped to >= 1, as OUTPUT_TOKENS is
+    ],
+)
+def test_eos_after_tokens_applies_to_every_row(
+    triton: TritonProcess, outputs: list[int], eos_after_tokens: int, generated: list[int]
+) -> None:
+    prompts = [10] * len(outputs)
+    body = infer_body(prompts, outputs, eos_after_tokens=eos_after_tokens)
+    result = infer(triton.http_port, body)
+    assert result.status == 200, result.body
+    assert result.output("OUT_TOKENS") == generated
+    predicted = predicted_ms("llm", prompts, generated)
+    batch_ms = result.output("BATCH_MS")[0]
+    assert 0.8 * predicted <= batch_ms <= 3 * predicted, (batch_ms, predicted)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "7", True])
+def test_invalid_eos_after_tokens_is_rejected(triton: TritonProcess, value: object) -> None:
+    result = infer(triton.http_port, infer_body(10, 10, eos_after_tokens=value))
+    assert result.status == 400, result.body
+    assert "eos_after_tokens" in result.body["error"], result.body
+
+
+def test_batch_runs_until_its_longest_generated_sequence(triton: TritonProcess) -> None:
+    """A request stopped early does not hold its batch to its limit; one with an invalid
+    eos_after_tokens fails alone, and none of them splits the batch."""
+    port = triton.http_port
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        # The three requests queue behind full batches and then form one batch together.
+        blockers = occupy(
+            triton,
+            "llm",
+            lambda: pool.submit(infer, port, infer_body([1] * FULL_BATCH, [200] * FULL_BATCH)),
+        )
+        bad = pool.submit(infer, port, infer_body(10, 500, eos_after_tokens=-1))
+        stopped = pool.submit(infer, port, infer_body(10, 500, eos_after_tokens=20))
+        plain = pool.submit(infer, port, infer_body(10, 50))
+        wait_for(queued_behind(triton, "llm", blockers, 3), "three queued requests")
+        assert still_busy(blockers), "the blockers finished before the queue was set up"
+        bad_result, stopped_result, plain_result = bad.result(), stopped.result(), plain.result()
+        assert all(b.result().status == 200 for b in blockers)
+    assert bad_result.status == 400, bad_result.body
+    assert "eos_after_tokens" in bad_result.body["error"]
+    assert stopped_result.status == 200, stopped_result.body
+    assert plain_result.status == 200, plain_result.body
+    assert stopped_result.output("OUT_TOKENS") == [20]
+    assert plain_result.output("OUT_TOKENS") == [50]
+    # One batch: both report the same measured batch time.
+    (batch_ms,) = plain_result.output("BATCH_MS")
+    assert stopped_result.output("BATCH_MS") == [batch_ms]
+    # The batch ran 50 decode steps (its longest generated sequence), not 500.
+    predicted = predicted_ms("llm", [10, 10], [20, 50])
+    assert 0.8 * predicted <= batch_ms <= 3 * predicted, (batch_ms, predicted)
+    assert batch_ms < 0.5 * predicted_ms("llm", [10, 10], [500, 50]), batch_ms
+
+
 # -- llm_stream ------------------------------------------------------------------------------------
 
 
@@ -323,6 +414,37 @@ def generate_stream(port: int, body: dict[str, Any]) -> tuple[int, list[tuple[fl
         return response.status, events
     finally:
         conn.close()
+
+
+def stream_grpc(
+    triton: TritonProcess, prompts: list[int], outputs: list[int], parameters: dict[str, Any]
+) -> list[tuple[list[int], bool]]:
+    """Stream one llm_stream request over gRPC ModelStreamInfer; return every response's
+    OUT_TOKENS (one per row) and whether it carried the FINAL flag (an empty FINAL response,
+    had the model sent one, would show up as ``([], True)``)."""
+    inputs = []
+    for name, values in (("PROMPT_TOKENS", prompts), ("OUTPUT_TOKENS", outputs)):
+        tensor = grpcclient.InferInput(name, [len(values), 1], "INT32")
+        tensor.set_data_from_numpy(np.array(values, dtype=np.int32).reshape(-1, 1))
+        inputs.append(tensor)
+    received: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_address)
+    try:
+        client.start_stream(callback=lambda result, error: received.put((result, error)))
+        client.async_stream_infer(
+            "llm_stream", inputs, parameters=parameters, enable_empty_final_response=True
+        )
+        responses: list[tuple[list[int], bool]] = []
+        while not (responses and responses[-1][1]):
+            result, error = received.get(timeout=30)
+            assert error is None, error
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            tokens = result.as_numpy("OUT_TOKENS")
+            responses.append(([] if tokens is None else tokens.reshape(-1).tolist(), final))
+        return responses
+    finally:
+        client.stop_stream()
+        client.close()
 
 
 def test_stream_sends_tokens_as_they_are_generated(triton: TritonProcess) -> None:
@@ -363,3 +485,45 @@ def test_stream_requests_share_a_batch(triton: TritonProcess) -> None:
     assert short_events[0][1]["BATCH_MS"] == pytest.approx(long_events[0][1]["BATCH_MS"], abs=5)
     # The short request ended long before the batch did.
     assert short_events[-1][1]["BATCH_MS"] < 0.5 * long_events[-1][1]["BATCH_MS"]
+
+
+def test_stream_stops_at_eos_after_tokens(triton: TritonProcess) -> None:
+    body = {"PROMPT_TOKENS": 500, "OUTPUT_TOKENS": 500, "parameters": {"eos_after_tokens": 20}}
+    chunk = int(model_parameters("llm_stream")["chunk_tokens"])
+    expected = [min(chunk, 20 - sent) for sent in range(0, 20, chunk)]
+    started = time.monotonic()
+    # Twice in a row: the second request waits for the first one's batch, so it also shows
+    # that the batch ended after 20 steps, not just the first stream.
+    for _ in range(2):
+        status, events = generate_stream(triton.http_port, body)
+        assert status == 200, events
+        assert [event["OUT_TOKENS"] for _, event in events] == expected
+    total_ms = (time.monotonic() - started) * 1000.0
+    assert total_ms < 0.5 * predicted_ms("llm_stream", [500], [500]), total_ms
+
+
+def test_stream_final_flag_comes_with_the_last_generated_tokens(triton: TritonProcess) -> None:
+    responses = stream_grpc(triton, [1, 1], [500, 10], {"eos_after_tokens": 20})
+    finals = [final for _, final in responses]
+    assert finals == [False] * (len(responses) - 1) + [True], responses
+    assert responses[-1][0] != [], "the FINAL flag came in an empty response"
+    assert [sum(tokens[row] for tokens, _ in responses) for row in (0, 1)] == [20, 10]
+
+
+def test_stream_invalid_eos_after_tokens_fails_alone(triton: TritonProcess) -> None:
+    port = triton.http_port
+    full = {"PROMPT_TOKENS": [1] * FULL_BATCH, "OUTPUT_TOKENS": [100] * FULL_BATCH}
+    bad_body = {"PROMPT_TOKENS": 5, "OUTPUT_TOKENS": 50, "parameters": {"eos_after_tokens": 2.5}}
+    good_body = {"PROMPT_TOKENS": 5, "OUTPUT_TOKENS": 50, "parameters": {"eos_after_tokens": 20}}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        blockers = occupy(triton, "llm_stream", lambda: pool.submit(generate_stream, port, full))
+        bad = pool.submit(generate_stream, port, bad_body)
+        good = pool.submit(generate_stream, port, good_body)
+        wait_for(queued_behind(triton, "llm_stream", blockers, 2), "two queued streams")
+        assert still_busy(blockers), "the blockers finished before the queue was set up"
+        (bad_status, bad_events), (good_status, good_events) = bad.result(), good.result()
+        assert all(b.result()[0] == 200 for b in blockers)
+    assert bad_status == 400, bad_events
+    assert len(bad_events) == 1 and "eos_after_tokens" in bad_events[0][1]["error"]
+    assert good_status == 200, good_events
+    assert sum(event["OUT_TOKENS"] for _, event in good_events) == 20

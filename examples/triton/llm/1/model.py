@@ -1,16 +1,29 @@
 """llm: a python-backend model that simulates an LLM on one GPU with ``time.sleep``.
 
-Cost model (one call of ``execute`` = one batch of B rows on one simulated device; every row is
-one sequence, and the batch is static: it runs until its longest sequence is done):
+Every row of a request is one sequence. ``OUTPUT_TOKENS`` is its generation limit (like
+``max_tokens``); the tokens it actually generates are
+
+    generated = min(OUTPUT_TOKENS, eos_after_tokens)
+
+where ``eos_after_tokens`` is an optional request parameter (KServe v2 ``"parameters":
+{"eos_after_tokens": N}``, on ``/infer`` and in the ``"parameters"`` of ``/generate``): the
+sequence meets its end-of-sequence token after N tokens, as a real LLM usually stops before
+its limit. It applies to every row of the request. Without it a sequence generates its whole
+``OUTPUT_TOKENS``. It is a parameter, not an input tensor, so that it cannot change how
+Triton's dynamic batcher groups requests.
+
+Cost model (one call of ``execute`` = one batch of B rows on one simulated device; the batch is
+static: it runs until its longest sequence is done):
 
     prefill_ms = prefill_base_ms + prefill_per_token_ms * sum(PROMPT_TOKENS)
-    decode_ms  = max(OUTPUT_TOKENS) * decode_step_ms * (1 + decode_batch_slowdown * (B - 1))
+    decode_ms  = max(generated) * decode_step_ms * (1 + decode_batch_slowdown * (B - 1))
     batch_ms   = (prefill_ms + decode_ms) / speed
 
 The parameters come from the ``parameters`` in config.pbtxt. ``PROMPT_TOKENS`` is clipped to
-[0, 32768] and ``OUTPUT_TOKENS`` to [1, 2048]; a request with a negative value gets an
+[0, 32768], ``OUTPUT_TOKENS`` to [1, 2048] and ``eos_after_tokens`` to >= 1. A request with a
+negative input, or an ``eos_after_tokens`` that is not a non-negative JSON integer, gets an
 INVALID_ARG error (HTTP 400) and takes no part in the batch. Every other request gets
-``OUT_TOKENS`` (the tokens "generated") and ``BATCH_MS`` (the measured wall time of its batch).
+``OUT_TOKENS`` (``generated``, per row) and ``BATCH_MS`` (the measured wall time of its batch).
 
 This file runs inside Triton's python stub, not in the sidecar: it must import only the
 standard library, numpy and ``triton_python_backend_utils``.
@@ -27,6 +40,7 @@ import triton_python_backend_utils as pb_utils
 
 MAX_PROMPT_TOKENS = 32768
 MAX_OUTPUT_TOKENS = 2048
+EOS_PARAMETER = "eos_after_tokens"
 
 
 def _param(config: dict[str, Any], key: str, default: float) -> float:
@@ -39,6 +53,25 @@ def _invalid(message: str) -> Any:
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
     error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def _eos_after_tokens(request: Any) -> int | None:
+    """The request's ``eos_after_tokens`` parameter clipped to >= 1, or None without one.
+
+    Raises ValueError when it is not a non-negative integer. ``request.parameters()`` is the
+    request's parameters as a JSON object in a string ("{}" without any); Triton removes the
+    ones it acts on itself (``priority``, ``timeout``) from ``/infer`` and gRPC requests, but
+    passes every key of a ``/generate`` body's ``"parameters"`` (``priority`` included).
+    """
+    read = getattr(request, "parameters", None)
+    parameters = json.loads(read() or "{}") if read is not None else {}
+    if EOS_PARAMETER not in parameters:
+        return None
+    value = parameters[EOS_PARAMETER]
+    # bool is an int in Python; a float (even 2.0) or a string is refused rather than guessed.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{EOS_PARAMETER} must be an integer >= 0, got {json.dumps(value)}")
+    return max(1, value)
 
 
 class TritonPythonModel:
@@ -59,19 +92,19 @@ class TritonPythonModel:
                 " numpy<2 (run the stub with the venv's python, see examples/triton/README.md)"
             )
 
-    def batch_ms(self, prompt_tokens: list[int], output_tokens: list[int]) -> float:
+    def batch_ms(self, prompt_tokens: list[int], generated_tokens: list[int]) -> float:
         """Simulated time of a batch whose rows have these (clipped) token counts."""
-        if not output_tokens:
+        if not generated_tokens:
             return 0.0
-        rows = len(output_tokens)
+        rows = len(generated_tokens)
         prefill = self.prefill_base_ms + self.prefill_per_token_ms * sum(prompt_tokens)
         step = self.decode_step_ms * (1.0 + self.decode_batch_slowdown * (rows - 1))
-        return (prefill + max(output_tokens) * step) / self.speed
+        return (prefill + max(generated_tokens) * step) / self.speed
 
     @staticmethod
     def _read(request: Any) -> tuple[np.ndarray, np.ndarray] | str:
-        """The clipped (prompt, output) token counts of one request, one entry per row, or an
-        error message."""
+        """The clipped (prompt, generated) token counts of one request, one entry per row, or
+        an error message."""
         tensors = {}
         for name in ("PROMPT_TOKENS", "OUTPUT_TOKENS"):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -86,22 +119,26 @@ class TritonPythonModel:
         prompt, output = tensors["PROMPT_TOKENS"], tensors["OUTPUT_TOKENS"]
         if prompt.shape != output.shape:
             return "PROMPT_TOKENS and OUTPUT_TOKENS must have the same number of rows"
-        return (
-            np.clip(prompt, 0, MAX_PROMPT_TOKENS),
-            np.clip(output, 1, MAX_OUTPUT_TOKENS),
-        )
+        try:
+            eos_after = _eos_after_tokens(request)
+        except ValueError as error:
+            return str(error)
+        generated = np.clip(output, 1, MAX_OUTPUT_TOKENS)
+        if eos_after is not None:
+            generated = np.minimum(generated, eos_after)
+        return np.clip(prompt, 0, MAX_PROMPT_TOKENS), generated
 
     def execute(self, requests: list[Any]) -> list[Any]:
         started = time.monotonic()
         parsed = [self._read(request) for request in requests]
         prompt_tokens: list[int] = []
-        output_tokens: list[int] = []
+        generated_tokens: list[int] = []
         for item in parsed:
             if not isinstance(item, str):
                 prompt_tokens.extend(int(v) for v in item[0])
-                output_tokens.extend(int(v) for v in item[1])
+                generated_tokens.extend(int(v) for v in item[1])
 
-        time.sleep(self.batch_ms(prompt_tokens, output_tokens) / 1000.0)
+        time.sleep(self.batch_ms(prompt_tokens, generated_tokens) / 1000.0)
         elapsed_ms = (time.monotonic() - started) * 1000.0
 
         responses = []
@@ -109,13 +146,13 @@ class TritonPythonModel:
             if isinstance(item, str):
                 responses.append(_invalid(f"llm: {item}"))
                 continue
-            output = item[1]
+            generated = item[1]
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor("OUT_TOKENS", output.astype(np.int32).reshape(-1, 1)),
+                        pb_utils.Tensor("OUT_TOKENS", generated.astype(np.int32).reshape(-1, 1)),
                         pb_utils.Tensor(
-                            "BATCH_MS", np.full((output.size, 1), elapsed_ms, dtype=np.float32)
+                            "BATCH_MS", np.full((generated.size, 1), elapsed_ms, dtype=np.float32)
                         ),
                     ]
                 )

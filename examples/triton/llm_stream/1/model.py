@@ -1,23 +1,36 @@
 """llm_stream: the streaming twin of ``llm``, a decoupled python-backend model that simulates an
 LLM on one GPU with ``time.sleep`` and sends the tokens as they are "generated".
 
+As in ``llm``, ``OUTPUT_TOKENS`` is a row's generation limit (like ``max_tokens``) and the row
+generates
+
+    generated = min(OUTPUT_TOKENS, eos_after_tokens)
+
+tokens, where ``eos_after_tokens`` is an optional request parameter (``"parameters":
+{"eos_after_tokens": N}`` in a ``generate_stream`` body, or a gRPC request parameter) that
+applies to every row of the request: the sequence meets its end-of-sequence token after N
+tokens. Without it a row generates its whole ``OUTPUT_TOKENS``.
+
 The cost model is the one of ``llm`` (one call of ``execute`` = one static batch of B rows):
 
     prefill_ms = prefill_base_ms + prefill_per_token_ms * sum(PROMPT_TOKENS)
     step_ms    = decode_step_ms * (1 + decode_batch_slowdown * (B - 1))
-    batch_ms   = (prefill_ms + max(OUTPUT_TOKENS) * step_ms) / speed
+    batch_ms   = (prefill_ms + max(generated) * step_ms) / speed
 
 but the time is spent step by step: after the prefill, every decode step "generates" one token
 for every row that still has tokens to go, and every ``chunk_tokens`` steps (config.pbtxt,
 default 8) each unfinished request gets one response with the tokens of that chunk. A request's
-last response (which carries the FINAL flag) leaves as soon as its own tokens are done, while
-the batch goes on for its longer members, so time to first token and per-request latency are
-real. The next batch starts only when the longest request of this one is done.
+last response (which carries the FINAL flag) leaves as soon as its own generated tokens are
+done, while the batch goes on for its longer members, so time to first token and per-request
+latency are real. The next batch starts only when the longest generated sequence of this one is
+done.
 
-Each response has ``OUT_TOKENS`` (tokens in this response, per row) and ``BATCH_MS`` (ms since
-the batch started, when the response was sent). ``PROMPT_TOKENS`` is clipped to [0, 32768] and
-``OUTPUT_TOKENS`` to [1, 2048]; a request with a negative value gets one INVALID_ARG error
-response (HTTP 400 and an error event on generate_stream).
+Each response has ``OUT_TOKENS`` (tokens in this response, per row; a request's responses sum
+to its ``generated``) and ``BATCH_MS`` (ms since the batch started, when the response was
+sent). ``PROMPT_TOKENS`` is clipped to [0, 32768], ``OUTPUT_TOKENS`` to [1, 2048] and
+``eos_after_tokens`` to >= 1; a request with a negative input, or an ``eos_after_tokens`` that
+is not a non-negative JSON integer, gets one INVALID_ARG error response (HTTP 400 and an error
+event on generate_stream).
 
 This file runs inside Triton's python stub: it must import only the standard library, numpy and
 ``triton_python_backend_utils``.
@@ -34,6 +47,7 @@ import triton_python_backend_utils as pb_utils
 
 MAX_PROMPT_TOKENS = 32768
 MAX_OUTPUT_TOKENS = 2048
+EOS_PARAMETER = "eos_after_tokens"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -49,8 +63,27 @@ def _invalid(message: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
+def _eos_after_tokens(request: Any) -> int | None:
+    """The request's ``eos_after_tokens`` parameter clipped to >= 1, or None without one.
+
+    Raises ValueError when it is not a non-negative integer. ``request.parameters()`` is the
+    request's parameters as a JSON object in a string ("{}" without any); Triton removes the
+    ones it acts on itself (``priority``, ``timeout``) from gRPC requests, but passes every key
+    of a ``generate_stream`` body's ``"parameters"`` (``priority`` included).
+    """
+    read = getattr(request, "parameters", None)
+    parameters = json.loads(read() or "{}") if read is not None else {}
+    if EOS_PARAMETER not in parameters:
+        return None
+    value = parameters[EOS_PARAMETER]
+    # bool is an int in Python; a float (even 2.0) or a string is refused rather than guessed.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{EOS_PARAMETER} must be an integer >= 0, got {json.dumps(value)}")
+    return max(1, value)
+
+
 def _read(request: Any) -> tuple[np.ndarray, np.ndarray] | str:
-    """The clipped (prompt, output) token counts of one request, one entry per row, or an
+    """The clipped (prompt, generated) token counts of one request, one entry per row, or an
     error message."""
     tensors = {}
     for name in ("PROMPT_TOKENS", "OUTPUT_TOKENS"):
@@ -66,17 +99,25 @@ def _read(request: Any) -> tuple[np.ndarray, np.ndarray] | str:
     prompt, output = tensors["PROMPT_TOKENS"], tensors["OUTPUT_TOKENS"]
     if prompt.shape != output.shape:
         return "PROMPT_TOKENS and OUTPUT_TOKENS must have the same number of rows"
-    return np.clip(prompt, 0, MAX_PROMPT_TOKENS), np.clip(output, 1, MAX_OUTPUT_TOKENS)
+    try:
+        eos_after = _eos_after_tokens(request)
+    except ValueError as error:
+        return str(error)
+    generated = np.clip(output, 1, MAX_OUTPUT_TOKENS)
+    if eos_after is not None:
+        generated = np.minimum(generated, eos_after)
+    return np.clip(prompt, 0, MAX_PROMPT_TOKENS), generated
 
 
 class _Stream:
-    """One request of the batch: its sender, its rows' token targets, what it has been sent."""
+    """One request of the batch: its sender, its rows' generated token counts (the targets),
+    what it has been sent."""
 
-    def __init__(self, request: Any, output_tokens: np.ndarray) -> None:
+    def __init__(self, request: Any, generated_tokens: np.ndarray) -> None:
         self.sender = request.get_response_sender()
         self.request = request
-        self.target = output_tokens
-        self.sent = np.zeros_like(output_tokens)
+        self.target = generated_tokens
+        self.sent = np.zeros_like(generated_tokens)
         self.done = False
 
     @property
