@@ -29,6 +29,7 @@ from sidecar.policy.model import (
     RoutePriority,
     TenantMatch,
     TenantPolicy,
+    TokenPolicy,
     UnknownTenantAction,
     UnknownTenantPolicy,
 )
@@ -40,6 +41,7 @@ from sidecar.policy.schema import (
     OVERLOAD,
     POLICY_FILE,
     TENANT,
+    TOKENS,
     Obj,
 )
 
@@ -160,9 +162,18 @@ def test_examples_load_with_expected_identity_models_and_settings() -> None:
         class_header="x-qos-class",
     )
     assert policy.unknown_tenants == UnknownTenantPolicy(UnknownTenantAction.DEFAULT, "anonymous")
-    assert dict(policy.models) == {"simgpu": ModelPolicy("simgpu", 10.0)}
+    llm_tokens = TokenPolicy(
+        prompt_tokens="PROMPT_TOKENS", max_tokens="OUTPUT_TOKENS", output_tokens="OUT_TOKENS"
+    )
+    assert dict(policy.models) == {
+        "simgpu": ModelPolicy("simgpu", 10.0),
+        "llm": ModelPolicy("llm", 600.0, llm_tokens),
+        "llm_stream": ModelPolicy("llm_stream", 600.0, llm_tokens),
+    }
     assert isinstance(policy.models, MappingProxyType)
     assert policy.cost_of("simgpu") == 10.0
+    assert policy.tokens_of("simgpu") is None
+    assert policy.tokens_of("llm") == llm_tokens
     assert policy.lease_ttl_s == 300.0
     assert policy.sources == tuple(
         str(POLICIES / name)
@@ -235,7 +246,9 @@ def test_identity_without_sources_keeps_the_default_source(tmp_path: Path) -> No
     assert load_policy([path]).identity == IdentityPolicy(class_header="x-class")
 
 
-@pytest.mark.parametrize("obj", [POLICY_FILE, IDENTITY, CLASS, OVERLOAD, MODEL, TENANT, BUCKET])
+@pytest.mark.parametrize(
+    "obj", [POLICY_FILE, IDENTITY, CLASS, OVERLOAD, MODEL, TOKENS, TENANT, BUCKET]
+)
 def test_declared_defaults_match_the_model(obj: Obj) -> None:
     # The schema shows the table's defaults; the model has its own. They must agree.
     model_defaults = {
@@ -248,6 +261,12 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
             "route_priority": ClassPolicy("c", 1, 1, 1, 1).route_priority,
         },
         "model": {"cost_per_request": ModelPolicy("m").cost_per_request},
+        "tokens": {
+            "default_max_tokens": TokenPolicy().default_max_tokens,
+            "chars_per_token": TokenPolicy().chars_per_token,
+            "prompt_weight": TokenPolicy().prompt_weight,
+            "output_weight": TokenPolicy().output_weight,
+        },
         "tenant": {
             "on_disallowed_class": TenantPolicy(
                 "t", TenantMatch(), frozenset(), "c"
@@ -258,6 +277,81 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
     }[obj.name]
     declared = {k: f.default for k, f in obj.fields.items() if f.default is not None}
     assert declared == model_defaults
+
+
+def test_tokens_section_reaches_the_model(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "p.yaml",
+        CLASS_GOLD
+        + """\
+models:
+  chat:
+    cost_per_request: 900
+    tokens:
+      prompt_text: text_input
+      max_tokens: max_tokens
+      default_max_tokens: 512
+      output_text: text_output
+      chars_per_token: 3
+      prompt_weight: 0.5
+      output_weight: 2
+  plain:
+    tokens: {}
+  untokened:
+    cost_per_request: 5
+""",
+    )
+    models = load_policy([path]).models
+    chat = models["chat"]
+    assert chat == ModelPolicy(
+        "chat",
+        900.0,
+        TokenPolicy(
+            prompt_text="text_input",
+            max_tokens="max_tokens",
+            default_max_tokens=512,
+            output_text="text_output",
+            chars_per_token=3.0,
+            prompt_weight=0.5,
+            output_weight=2.0,
+        ),
+    )
+    assert chat.tokens is not None
+    # Written as YAML ints, kept as the model's types.
+    assert type(chat.cost_per_request) is float
+    assert type(chat.tokens.default_max_tokens) is int
+    numbers = (chat.tokens.chars_per_token, chat.tokens.prompt_weight, chat.tokens.output_weight)
+    assert {type(n) for n in numbers} == {float}
+    # An empty section is every default: the request's max tokens at 1 unit each.
+    assert models["plain"] == ModelPolicy("plain", 1.0, TokenPolicy())
+    assert models["untokened"].tokens is None
+
+
+def test_cost_burst_check_still_uses_cost_per_request_with_tokens(tmp_path: Path) -> None:
+    # Token estimates larger than a burst are dealt with per request; the loader only refuses
+    # a bucket that could not admit even a request charged cost_per_request.
+    path = write(
+        tmp_path / "p.yaml",
+        CLASS_GOLD
+        + """\
+models:
+  llm:
+    cost_per_request: 600
+    tokens: {prompt_tokens: PROMPT_TOKENS, max_tokens: OUTPUT_TOKENS}
+tenants:
+  t:
+    allowed_classes: [gold]
+    default_class: gold
+    buckets:
+      - {unit: cost, rate: 100, burst: 599}
+""",
+    )
+    assert problems_of(path) == [
+        f"{path}:16: tenants.t.buckets[0].burst: burst 599 is below cost_per_request 600 of "
+        "model 'llm', so its requests could never be admitted"
+    ]
+    path.write_text(path.read_text().replace("burst: 599", "burst: 600"))
+    assert load_policy([path]).tenants["t"].buckets[0].burst == 600.0
 
 
 def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
@@ -536,6 +630,40 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
         [
             "21: tenants.search.buckets[0].burst: burst 100 is below cost_per_request 200 of "
             "model 'llm', so its requests could never be admitted"
+        ],
+    ),
+    (
+        "tokens_exclusive.yaml",
+        [
+            "12: models.llm.tokens: key 'prompt_text' is not allowed together with "
+            "'prompt_tokens' (give only one of them)",
+            "17: models.chat.tokens: key 'output_tokens' is not allowed together with "
+            "'output_text' (give only one of them)",
+        ],
+    ),
+    (
+        "tokens_out_of_range.yaml",
+        [
+            "10: models.llm.tokens.prompt_tokens: must not be empty",
+            "11: models.llm.tokens.default_max_tokens: must be at least 1, got 0",
+            "12: models.llm.tokens.chars_per_token: must be greater than 0, got 0",
+            "13: models.llm.tokens.prompt_weight: must be at least 0, got -0.5",
+            "14: models.llm.tokens.output_weight: must be a finite number, got inf",
+        ],
+    ),
+    (
+        "tokens_wrong_type.yaml",
+        [
+            "10: models.llm.tokens.prompt_tokens: expected a string, got integer",
+            "11: models.llm.tokens.max_tokens: expected a string, got list",
+            "12: models.llm.tokens.default_max_tokens: expected an integer, got number",
+            "13: models.llm.tokens.chars_per_token: expected a number, got string",
+            "14: models.llm.tokens.output_weight: expected a number, got boolean",
+            "15: models.llm.tokens: unknown key 'max_token' (did you mean 'max_tokens'?); "
+            "allowed: prompt_tokens, prompt_text, max_tokens, default_max_tokens, "
+            "output_tokens, output_text, chars_per_token, prompt_weight, output_weight",
+            "17: models.llm_stream.tokens: expected a mapping, got string",
+            "19: models.chat.tokens: expected a mapping, got null",
         ],
     ),
 ]

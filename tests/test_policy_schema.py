@@ -32,6 +32,9 @@ SINGLE_FILE_CASES = [
     "unknown_tenant_without_tenant.yaml",
     "unknown_tenant_reject_with_tenant.yaml",
     "top_level_list.yaml",
+    "tokens_exclusive.yaml",
+    "tokens_out_of_range.yaml",
+    "tokens_wrong_type.yaml",
 ]
 
 
@@ -96,3 +99,19 @@ def test_schema_rejects_what_the_loader_rejects(name: str) -> None:
     validator = _validator()
     document = yaml.safe_load((CASES / name).read_text())
     assert list(validator.iter_errors(document)) != []
+
+
+@pytest.mark.parametrize(
+    ("tokens", "valid"),
+    [
+        ({"prompt_tokens": "P", "output_tokens": "O"}, True),
+        ({"prompt_text": "p", "output_text": "o"}, True),
+        ({}, True),
+        ({"prompt_tokens": "P", "prompt_text": "p"}, False),
+        ({"output_tokens": "O", "output_text": "o"}, False),
+    ],
+)
+def test_schema_tokens_names_exclude_each_other(tokens: dict[str, str], valid: bool) -> None:
+    validator = _validator()
+    document = {"models": {"llm": {"tokens": tokens}}}
+    assert validator.is_valid(document) is valid

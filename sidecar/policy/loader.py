@@ -46,6 +46,7 @@ from sidecar.policy.model import (
     Policy,
     TenantMatch,
     TenantPolicy,
+    TokenPolicy,
     UnknownTenantPolicy,
 )
 from sidecar.policy.schema import (
@@ -57,8 +58,10 @@ from sidecar.policy.schema import (
     PER_SECONDS,
     POLICY_FILE,
     TENANT,
+    TOKENS,
     UNKNOWN_TENANTS,
     Choice,
+    Exclusive,
     Int,
     ListOf,
     MapOf,
@@ -571,6 +574,19 @@ class _Document:
             if key not in key_lines:
                 self.problem(loc, f"missing required key {key!r}", line)
         for rule in spec.rules:
+            if isinstance(rule, Exclusive):
+                if all(key in key_lines for key in rule.keys):
+                    # Reported at the second one written, like a duplicate key.
+                    (_, first), (line_of_second, second) = sorted(
+                        (key_lines[key], key) for key in rule.keys
+                    )
+                    self.problem(
+                        loc,
+                        f"key {second!r} is not allowed together with {first!r} "
+                        "(give only one of them)",
+                        line_of_second,
+                    )
+                continue
             when = out.get(rule.when_key)
             when = getattr(when, "value", when)  # enum members compare by their YAML value
             if when not in rule.when_values:
@@ -830,7 +846,11 @@ class _Merged:
         """The Policy. Only called when no problem was found, so every required key is here."""
         classes = {name: _build_class(name, d) for name, d in self.classes.items()}
         models = {
-            name: ModelPolicy(name, float(d.get("cost_per_request", MODEL)))
+            name: ModelPolicy(
+                name,
+                float(d.get("cost_per_request", MODEL)),
+                _build_tokens(d.get("tokens", MODEL)),
+            )
             for name, d in self.entities["models"].items()
         }
         tenants = {name: _build_tenant(name, d) for name, d in self.tenants.items()}
@@ -882,6 +902,28 @@ def _build_overload(d: Mapping[str, Any] | None) -> OverloadPolicy | None:
         admit_below=d["admit_below"],
         shed_above=d.get("shed_above"),
         on_stale=d.get("on_stale", OVERLOAD.fields["on_stale"].default),
+    )
+
+
+def _build_tokens(d: Mapping[str, Any] | None) -> TokenPolicy | None:
+    if d is None:
+        return None
+    fields = TOKENS.fields
+
+    def number(key: str) -> float:
+        # YAML reads `4` as an int; chars_per_token and the weights are floats in the model.
+        return float(d.get(key, fields[key].default))
+
+    return TokenPolicy(
+        prompt_tokens=d.get("prompt_tokens"),
+        prompt_text=d.get("prompt_text"),
+        max_tokens=d.get("max_tokens"),
+        default_max_tokens=d.get("default_max_tokens", fields["default_max_tokens"].default),
+        output_tokens=d.get("output_tokens"),
+        output_text=d.get("output_text"),
+        chars_per_token=number("chars_per_token"),
+        prompt_weight=number("prompt_weight"),
+        output_weight=number("output_weight"),
     )
 
 

@@ -141,9 +141,34 @@ class UnknownTenantPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """How an LLM request's cost is estimated from its body at admission, and reconciled with
+    what it really used when its response ends (ext_proc mode, which sees both bodies).
+
+    Names are looked up in the request and response (see `sidecar.core.tokens`): a KServe v2
+    input or output tensor of that name, else a top-level field (generate endpoints), else an
+    entry of `parameters`. Cost = prompt_weight * prompt tokens + output_weight * output tokens,
+    with output tokens = the request's max tokens at admission and the generated count after.
+    """
+
+    prompt_tokens: str | None = None  # holds the prompt length in tokens
+    prompt_text: str | None = None  # or: the prompt text, whose length / chars_per_token is used
+    max_tokens: str | None = None  # holds the most tokens the request may generate
+    default_max_tokens: int = 256  # when the request names no max tokens
+    output_tokens: str | None = None  # in the response: tokens generated (summed over events)
+    output_text: str | None = None  # or: the generated text (summed over events)
+    chars_per_token: float = 4.0
+    prompt_weight: float = 1.0  # cost units per prompt token
+    output_weight: float = 1.0  # cost units per generated token
+
+
+@dataclass(frozen=True, slots=True)
 class ModelPolicy:
     name: str
-    cost_per_request: float = 1.0  # cost units charged to `cost` buckets per request
+    # Cost units charged to `cost` buckets per request, when the request's own cost cannot be
+    # estimated (ext_authz modes, no `tokens`, a body that cannot be read).
+    cost_per_request: float = 1.0
+    tokens: TokenPolicy | None = None  # estimate and reconcile LLM token costs
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,3 +188,7 @@ class Policy:
     def cost_of(self, model: str | None) -> float:
         found = self.models.get(model) if model else None
         return found.cost_per_request if found else 1.0
+
+    def tokens_of(self, model: str | None) -> TokenPolicy | None:
+        found = self.models.get(model) if model else None
+        return found.tokens if found else None

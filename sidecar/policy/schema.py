@@ -6,9 +6,10 @@ Rules:
   (`sidecar.policy.loader`) and `render_schema()` turns it into JSON Schema (draft 2020-12), so
   the schema editors use and the checks the sidecar runs cannot drift apart.
 - Everything a single file can get wrong is in the tables: types, enums, ranges, patterns,
-  unknown keys, and keys required or forbidden depending on another key (`Rule`). What needs
-  the whole set of files (a class defined in another file, one tenant per API key) is checked
-  by the loader after merging, and cannot be expressed here.
+  unknown keys, keys required or forbidden depending on another key (`Rule`), and pairs of
+  keys that exclude each other (`Exclusive`). What needs the whole set of files (a class
+  defined in another file, one tenant per API key) is checked by the loader after merging, and
+  cannot be expressed here.
 - `python -m sidecar.policy.schema > policies/schema.json` regenerates the committed schema; a
   test fails when the committed copy is stale.
 """
@@ -113,11 +114,18 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Exclusive:
+    """The two `keys` must not both be present: they are two ways of giving the same thing."""
+
+    keys: tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class Obj:
     name: str  # the $defs name in the schema
     fields: Mapping[str, Field]
     description: str = ""
-    rules: tuple[Rule, ...] = field(default=())
+    rules: tuple[Rule | Exclusive, ...] = field(default=())
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -296,13 +304,78 @@ CLASS = Obj(
     description="A service class: how important a request is and how long it may wait.",
 )
 
+# Names of tensors and fields in request and response bodies, matched exactly. NAME keeps them
+# printable: they can appear in log lines.
+TOKENS = Obj(
+    "tokens",
+    {
+        "prompt_tokens": Field(
+            NAME,
+            description="Request input (tensor, JSON field or parameter) that holds the prompt "
+            "length in tokens.",
+        ),
+        "prompt_text": Field(
+            NAME,
+            description="Instead of prompt_tokens: request input that holds the prompt text, "
+            "counted as characters / chars_per_token.",
+        ),
+        "max_tokens": Field(
+            NAME,
+            description="Request input that holds the most tokens the request may generate.",
+        ),
+        "default_max_tokens": Field(
+            Int(minimum=1),
+            description="Output tokens assumed at admission when the request has no max_tokens.",
+            default=256,
+        ),
+        "output_tokens": Field(
+            NAME,
+            description="Response output (tensor or JSON field) that holds the tokens "
+            "generated, summed over streamed responses.",
+        ),
+        "output_text": Field(
+            NAME,
+            description="Instead of output_tokens: response output that holds the generated "
+            "text, counted as characters / chars_per_token and summed over streamed responses.",
+        ),
+        "chars_per_token": Field(
+            Num(exclusive_minimum=0),
+            description="Characters per token, to count prompt_text and output_text in tokens.",
+            default=4.0,
+        ),
+        "prompt_weight": Field(
+            Num(minimum=0), description="Cost units per prompt token.", default=1.0
+        ),
+        "output_weight": Field(
+            Num(minimum=0),
+            description="Cost units per output token: max tokens at admission, tokens "
+            "generated once the response ends.",
+            default=1.0,
+        ),
+    },
+    description="Charge `cost` buckets by tokens: prompt_weight * prompt tokens + "
+    "output_weight * output tokens. Needs the ext_proc mode; ext_authz modes never see bodies "
+    "and charge cost_per_request.",
+    rules=(
+        Exclusive(("prompt_tokens", "prompt_text")),
+        Exclusive(("output_tokens", "output_text")),
+    ),
+)
+
 MODEL = Obj(
     "model",
     {
         "cost_per_request": Field(
             Num(exclusive_minimum=0),
-            description="Cost units one request to this model takes from `cost` buckets.",
+            description="Cost units one request to this model takes from `cost` buckets when "
+            "its cost cannot be estimated from its body (ext_authz modes, no `tokens`, a body "
+            "that cannot be read).",
             default=1.0,
+        ),
+        "tokens": Field(
+            TOKENS,
+            description="Estimate each request's cost from its token counts (ext_proc mode "
+            "only); without it every request costs cost_per_request.",
         ),
     },
     description="Per-model settings; models not listed cost 1 unit per request.",
@@ -336,7 +409,8 @@ BUCKET = Obj(
         "unit": Field(
             Choice.of(BucketUnit),
             required=True,
-            description="requests: 1 per request; cost: the model's cost_per_request.",
+            description="requests: 1 per request; cost: the request's cost (its model's "
+            "token estimate in ext_proc mode, else its cost_per_request).",
         ),
         "rate": Field(
             Num(exclusive_minimum=0), required=True, description="Sustained units per `per`."
@@ -397,7 +471,9 @@ POLICY_FILE = Obj(
         ),
         "unknown_tenants": Field(UNKNOWN_TENANTS),
         "classes": Field(MapOf(NAME, CLASS, entity="class"), description="Service classes."),
-        "models": Field(MapOf(NAME, MODEL, entity="model"), description="Per-model costs."),
+        "models": Field(
+            MapOf(NAME, MODEL, entity="model"), description="Per-model costs and token counting."
+        ),
         "tenants": Field(MapOf(NAME, TENANT, entity="tenant"), description="Tenants."),
     },
     description="One qos-sidecar policy file. Several files are merged into one policy; each "
@@ -485,7 +561,9 @@ def _object_schema(obj: Obj, defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _rule_schema(rule: Rule) -> dict[str, Any]:
+def _rule_schema(rule: Rule | Exclusive) -> dict[str, Any]:
+    if isinstance(rule, Exclusive):
+        return {"not": {"required": list(rule.keys)}}
     then: dict[str, Any] = {}
     if rule.require:
         then["required"] = list(rule.require)
