@@ -31,6 +31,7 @@ from sidecar.core.decide import (
 from sidecar.core.lease import format_lease, parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.overload import LoadAction, LoadVerdict, judge_load, overload_retry_after_s
+from sidecar.core.tokens import TokenEstimate
 from sidecar.core.types import Decision, LeaseRef, QuotaResult, RequestAttributes
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
@@ -84,12 +85,18 @@ class AdmissionService:
         self._compiled = compile_policy(policy)
 
     async def check(
-        self, attrs: RequestAttributes, api: str, on_hold: OnHold | None = None
+        self,
+        attrs: RequestAttributes,
+        api: str,
+        on_hold: OnHold | None = None,
+        estimate: TokenEstimate | None = None,
     ) -> Decision:
         """Decide one request, taking quota when it is admitted. `on_hold(max_wait_s)` runs
-        before a request is held (ext_proc uses it to extend Envoy's message timeout)."""
+        before a request is held (ext_proc uses it to extend Envoy's message timeout).
+        `estimate` is the request's own cost, read from its body; without it the model's
+        cost_per_request is charged."""
         started = time.perf_counter()
-        decision = await self._check(self._compiled, attrs, on_hold)
+        decision = await self._check(self._compiled, attrs, on_hold, estimate)
         self.metrics.decision_seconds.labels(api).observe(time.perf_counter() - started)
         self.metrics.record_decision(decision, self.policy.tenants, api)
         return decision
@@ -138,6 +145,20 @@ class AdmissionService:
             self.deferrer.pump()
         return released
 
+    async def reconcile(self, decision: Decision, delta: float) -> bool:
+        """Charge (or, negative, refund) `delta` cost units to every cost bucket `decision`
+        charged: an estimate made good once the response said what the request used.
+        False when the store could not be reached (the estimate then stands)."""
+        if decision.tenant is None or not decision.charged or delta == 0:
+            return True
+        for bucket in decision.charged:
+            try:
+                await self.store.charge(decision.tenant, replace(bucket, cost=delta))
+            except StateUnavailable:
+                self.metrics.state_errors.labels("charge").inc()
+                return False
+        return True
+
     async def refresh_in_flight(self) -> None:
         """Copy the store's in-flight counts into the gauge.
 
@@ -166,9 +187,13 @@ class AdmissionService:
         await asyncio.shield(self.complete(format_lease(lease)))
 
     async def _check(
-        self, compiled: CompiledPolicy, attrs: RequestAttributes, on_hold: OnHold | None = None
+        self,
+        compiled: CompiledPolicy,
+        attrs: RequestAttributes,
+        on_hold: OnHold | None,
+        estimate: TokenEstimate | None,
     ) -> Decision:
-        plan = self._plan(compiled, attrs)
+        plan = self._plan(compiled, attrs, estimate)
         if isinstance(plan, Decision):
             return plan
         planned, verdict = plan
@@ -182,11 +207,15 @@ class AdmissionService:
         return await self._hold(planned, result, decision, on_hold)
 
     def _plan(
-        self, compiled: CompiledPolicy, attrs: RequestAttributes
+        self,
+        compiled: CompiledPolicy,
+        attrs: RequestAttributes,
+        estimate: TokenEstimate | None = None,
     ) -> tuple[Admission, LoadVerdict] | Decision:
         """Identity, class and load, before any state is touched: an early decision (refused,
         or shed for load, which costs the tenant no quota) or what to take from the store."""
-        planned = plan_request(attrs, compiled)
+        cost = None if estimate is None else (estimate.cost, estimate.why)
+        planned = plan_request(attrs, compiled, cost)
         if isinstance(planned, Decision):
             return planned
         verdict = self._judge(planned)
@@ -248,7 +277,6 @@ class AdmissionService:
         """Hold an admitted request until Triton has room, or until it can no longer wait."""
         assert self.deferrer is not None
         klass, started = planned.klass, self.clock()
-        cost = max((b.cost for b in planned.check.buckets), default=1.0)
         held = self.metrics.held.labels(klass.name)
         held.inc()
         outcome = "cancelled"
@@ -260,7 +288,7 @@ class AdmissionService:
                 klass.name,
                 klass.rank,
                 planned.model or "",
-                cost,
+                planned.cost,
                 started + klass.max_wait_ms / 1000,
             )
             outcome = "admitted" if admitted else "expired"

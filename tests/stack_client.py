@@ -32,15 +32,21 @@ def infer(
     timeout_s: float = 30.0,
     headers: dict[str, str] | None = None,
 ) -> Reply:
-    body = json.dumps(
-        {"inputs": [{"name": "DELAY_MS", "shape": [1, 1], "datatype": "FP32", "data": [delay_ms]}]}
-    ).encode()
-    sent = {"content-type": "application/json", **(headers or {})}
+    body = {
+        "inputs": [{"name": "DELAY_MS", "shape": [1, 1], "datatype": "FP32", "data": [delay_ms]}]
+    }
+    sent = dict(headers or {})
     if api_key is not None:
         sent["x-api-key"] = api_key
     if klass is not None:
         sent["x-qos-class"] = klass
-    request = urllib.request.Request(base_url + INFER_PATH, data=body, headers=sent, method="POST")
+    return post(base_url + INFER_PATH, body, sent, timeout_s)
+
+
+def post(url: str, body: Any, headers: dict[str, str], timeout_s: float = 30.0) -> Reply:
+    """POST `body` as JSON; any status comes back as a Reply."""
+    sent = {"content-type": "application/json", **headers}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=sent)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return Reply(

@@ -280,9 +280,12 @@ def test_ext_proc_fails_closed_and_sends_what_the_sidecar_needs() -> None:
     # forward_rules also filter pseudo-headers: without :method and :path every request is 400.
     forwarded = [p["exact"] for p in config["forward_rules"]["allowed_headers"]["patterns"]]
     ext_authz = snippet(MODES["grpc"])["typed_config"]["allowed_headers"]["patterns"]
-    assert forwarded == [":method", ":path", *(p["exact"] for p in ext_authz), "content-encoding",
-                         "inference-header-content-length"]  # fmt: skip
+    # :status tells the token meter whether a response generated anything.
+    assert forwarded == [":method", ":path", ":status", *(p["exact"] for p in ext_authz),
+                         "content-encoding", "inference-header-content-length"]  # fmt: skip
     assert set(BODY_HEADERS) <= set(forwarded)
+    # Token accounting asks for metered responses per request (ext_proc.wait_for_body).
+    assert config["allow_mode_override"] is True
 
 
 def test_access_log_carries_the_lease() -> None:

@@ -62,6 +62,23 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.tokens = Counter(
+            "qos_tokens_total",
+            "LLM tokens of requests with a token policy (ext_proc mode), by tenant, class and "
+            "kind: prompt, max (the limit charged at admission), generated (read from the "
+            "response).",
+            ["tenant", "class", "kind"],
+            registry=registry,
+        )
+        self.token_accounting = Counter(
+            "qos_token_accounting_total",
+            "Token accounting steps by result: estimated (cost read from the body), "
+            "unestimated (body unreadable: cost_per_request charged), reconciled, no_usage and "
+            "unfinished (the response said no usage, or did not end: the estimate stands), "
+            "store_error.",
+            ["result"],
+            registry=registry,
+        )
         self.policy_reloads = Counter(
             "qos_policy_reloads_total",
             "Policy loads by result (ok or error).",

@@ -79,6 +79,7 @@ _STATUS = {
     Reason.STATE_UNAVAILABLE: 503,
     Reason.OVERLOADED: 503,
     Reason.MALFORMED: 400,
+    Reason.COST_OVER_BURST: 400,
 }
 _ERROR = {
     401: "unauthenticated",
@@ -134,6 +135,7 @@ class Admission:
     check: QuotaCheck
     trace: tuple[str, ...]
     relegated: bool = False
+    cost: float = 1.0  # the cost units `cost` buckets are charged
 
 
 def model_of(path: str) -> str | None:
@@ -142,8 +144,14 @@ def model_of(path: str) -> str | None:
     return urllib.parse.unquote(found.group(1)) if found else None
 
 
-def plan_request(attrs: RequestAttributes, compiled: CompiledPolicy) -> Admission | Decision:
-    """Steps 1 and 2: an early decision, or what the store must check for step 3."""
+def plan_request(
+    attrs: RequestAttributes,
+    compiled: CompiledPolicy,
+    estimate: tuple[float, str] | None = None,
+) -> Admission | Decision:
+    """Steps 1 and 2: an early decision, or what the store must check for step 3.
+    `estimate` is the request's own cost and how it was found (`core.tokens`); without one
+    the model's cost_per_request is charged."""
     policy = compiled.policy
     trace: list[str] = []
     requested = attrs.headers.get(policy.identity.class_header)
@@ -162,10 +170,21 @@ def plan_request(attrs: RequestAttributes, compiled: CompiledPolicy) -> Admissio
         return klass
 
     model = model_of(attrs.path)
-    cost = policy.cost_of(model)
+    if estimate is None:
+        cost = policy.cost_of(model)
+        trace.append(f"model {model!r}, cost {cost:g}")
+    else:
+        cost, why = estimate
+        trace.append(f"model {model!r}, {why}")
     check = quota_check(tenant, klass, cost, policy)
-    trace.append(f"model {model!r}, cost {cost:g}")
-    return Admission(tenant, klass, requested, downgraded, model, check, tuple(trace))
+    too_big = next((b for b in check.buckets if b.cost > b.burst), None)
+    if too_big is not None:
+        # No wait would ever fit it: a 429 would have the client retry forever.
+        trace.append(f"cost {cost:g} is more than bucket {too_big.name!r} can ever hold")
+        return shed(
+            Reason.COST_OVER_BURST, tenant.name, klass.name, requested, trace, detail=too_big.name
+        )
+    return Admission(tenant, klass, requested, downgraded, model, check, tuple(trace), cost=cost)
 
 
 def quota_check(
@@ -179,6 +198,7 @@ def quota_check(
             rate_per_s=b.rate_per_s,
             burst=b.burst,
             cost=1.0 if b.unit is BucketUnit.REQUESTS else cost,
+            by_cost=b.unit is BucketUnit.COST,
         )
         for b in tenant.buckets
         if not b.classes or klass.name in b.classes
@@ -256,7 +276,7 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
     target = policy.classes[admission.klass.relegate_to or admission.klass.name]
     check = admission.check
     if requota:
-        check = quota_check(admission.tenant, target, policy.cost_of(admission.model), policy)
+        check = quota_check(admission.tenant, target, admission.cost, policy)
     return replace(
         admission,
         klass=target,
@@ -357,6 +377,7 @@ def _admit(
         requested_class=admission.requested_class,
         headers=tuple(headers),
         lease_id=lease_id,
+        charged=tuple(b for b in admission.check.buckets if b.by_cost) if lease_id else (),
         trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
     )
 

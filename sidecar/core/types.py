@@ -41,6 +41,9 @@ class BucketCheck:
     rate_per_s: float
     burst: float
     cost: float
+    # Charged in cost units (a `cost` bucket), so a token reconciliation adjusts it; a
+    # `requests` bucket always costs 1. Stores ignore it.
+    by_cost: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,9 @@ class Reason(enum.Enum):
     UNKNOWN_CLASS = "unknown_class"
     STATE_UNAVAILABLE = "state_unavailable"  # store unavailable, class fails closed
     MALFORMED = "malformed"
+    # The request's estimated cost is more than one of its buckets can ever hold (e.g. an
+    # LLM request asking for more max tokens than the tenant's burst): 400, not a retry.
+    COST_OVER_BURST = "cost_over_burst"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +119,9 @@ class Decision:
     body: bytes = b""
     retry_after_s: float | None = None
     lease_id: str | None = None
+    # The cost-unit buckets this admit charged, for reconciling an estimate (empty when
+    # nothing was charged: a shed, or an admit that failed open).
+    charged: tuple[BucketCheck, ...] = ()
     # Human-readable steps that led here, for /v1/explain and debug logs.
     trace: tuple[str, ...] = field(default=())
 
