@@ -166,6 +166,12 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         sidecar.tasks.append(asyncio.create_task(monitor.run()))
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
+    if monitor is not None:
+        sidecar.tasks.append(
+            asyncio.create_task(
+                _refresh_model_in_flight(service, monitor, settings.triton_scrape_ms / 1000)
+            )
+        )
     log.info(
         "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
         " policy %s, store %s",
@@ -210,6 +216,21 @@ async def _watch_policy(sidecar: Sidecar) -> None:
         await asyncio.sleep(interval_s)
         if sidecar.holder.changed():
             sidecar.reload_policy()
+
+
+async def _refresh_model_in_flight(
+    service: AdmissionService, monitor: TritonLoadMonitor, interval_s: float
+) -> None:
+    """Each model's global in-flight count, as often as Triton is scraped: the models Triton
+    reports and those the policy names (never names taken from requests: labels stay
+    bounded)."""
+    while True:
+        models = set(monitor.view().models) | set(service.policy.models)
+        try:
+            await service.refresh_model_in_flight(sorted(models))
+        except Exception:  # a bug here must not end the loop (admission would lose the cap)
+            log.exception("model in-flight refresh failed")
+        await asyncio.sleep(interval_s)
 
 
 async def _refresh_in_flight(service: AdmissionService) -> None:

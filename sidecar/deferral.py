@@ -3,8 +3,10 @@
 The order (bands, tenant fairness, hybrid key) is the pure `DeferralQueue`; this module owns
 the futures the held Envoy calls wait on and decides *when* the head of the queue may go:
 whenever Triton's queue for its model is below the class's `admit_below`, counting the
-requests this replica released since the last scrape (the scrape has not seen them yet).
-`pump()` runs after every load scrape and every completion.
+requests this replica released since the last scrape (the scrape has not seen them yet), and
+the model's requests in flight are under the class's `max_in_flight` (the store's count at the
+last refresh, plus what this replica admitted and minus what it saw end since).
+`pump()` runs after every load scrape, in-flight refresh and completion.
 
 A held call ends in one of three ways: admitted (True), its deadline passed (False), or it
 was cancelled because Envoy or the client gave up (the waiter leaves the queue at once and
@@ -40,6 +42,8 @@ class Deferrer:
         self.queue = DeferralQueue(alpha_s_per_unit, self._bounds())
         self._futures: dict[int, asyncio.Future[bool]] = {}
         self._released_since_scrape: dict[str, int] = {}
+        self._in_flight: dict[str, int] = {}  # per model, from the store at the last refresh
+        self._in_flight_delta: dict[str, int] = {}  # admitted minus ended here since then
         self._ids = itertools.count(1)
 
     def _bounds(self) -> dict[str, int]:
@@ -50,6 +54,24 @@ class Deferrer:
 
     def released_since_scrape(self, model: str) -> int:
         return self._released_since_scrape.get(model, 0)
+
+    def in_flight(self, model: str) -> int | None:
+        """The model's requests in flight, as far as this replica knows; None when the store
+        never said (the cap is then not applied)."""
+        known = self._in_flight.get(model)
+        if known is None:
+            return None
+        return max(0, known + self._in_flight_delta.get(model, 0))
+
+    def set_in_flight(self, counts: dict[str, int]) -> None:
+        """The store's counts per model, just read: they include everything admitted so far."""
+        self._in_flight = dict(counts)
+        self._in_flight_delta.clear()
+        self.pump()
+
+    def note_ended(self, model: str) -> None:
+        """A request of `model` ended (its lease was released here)."""
+        self._in_flight_delta[model] = self._in_flight_delta.get(model, 0) - 1
 
     async def hold(
         self, tenant: str, klass: str, rank: int, model: str, work: float, deadline_s: float
@@ -75,6 +97,7 @@ class Deferrer:
     def note_admitted(self, model: str) -> None:
         """A request went to Triton without waiting: count it until the next scrape sees it."""
         self._released_since_scrape[model] = self.released_since_scrape(model) + 1
+        self._in_flight_delta[model] = self._in_flight_delta.get(model, 0) + 1
 
     def on_scrape(self) -> None:
         """A fresh load view arrived: it counts everything released so far."""
@@ -92,14 +115,16 @@ class Deferrer:
                 if view.state_of(waiter.model, now, self.stale_after_s) is not SignalState.FRESH:
                     break  # no fresh view of the backend: nobody goes early
                 depth = view.queue_depth(waiter.model) + self.released_since_scrape(waiter.model)
-                if depth >= overload.admit_below:
+                cap = overload.max_in_flight
+                count = self.in_flight(waiter.model) if cap is not None else None
+                if depth >= overload.admit_below or (
+                    cap is not None and count is not None and count >= cap
+                ):
                     break  # head-of-line: a better band or fairer tenant goes first
             self.queue.pop()
             future = self._futures.get(waiter.waiter_id)
             if future is not None and not future.done():
                 future.set_result(True)
-                self._released_since_scrape[waiter.model] = (
-                    self.released_since_scrape(waiter.model) + 1
-                )
+                self.note_admitted(waiter.model)
                 released += 1
         return released

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 
 from sidecar.admin.metrics import Metrics
 from sidecar.core.decide import (
+    HEADER_LEASE,
     Admission,
     CompiledPolicy,
     admit_after_wait,
@@ -142,6 +143,8 @@ class AdmissionService:
             return False
         self.metrics.completions.labels("released" if released else "already_released").inc()
         if self.deferrer is not None:
+            if released and lease.model is not None:
+                self.deferrer.note_ended(lease.model)
             self.deferrer.pump()
         return released
 
@@ -175,16 +178,29 @@ class AdmissionService:
                     return
                 self.metrics.in_flight.labels(tenant.name, klass).set(count)
 
+    async def refresh_model_in_flight(self, models: Iterable[str]) -> None:
+        """Read every model's in-flight count from the store (global: every replica's leases)
+        into the deferrer and the gauge. Store down: the last counts stay."""
+        counts: dict[str, int] = {}
+        for model in models:
+            try:
+                counts[model] = await self.store.model_in_flight(model)
+            except StateUnavailable:
+                self.metrics.state_errors.labels("model_in_flight").inc()
+                return
+            self.metrics.model_in_flight.labels(model).set(counts[model])
+        if self.deferrer is not None:
+            self.deferrer.set_in_flight(counts)
+
     async def release_undelivered(self, decision: Decision) -> None:
         """Free the lease of an admit that never reached Envoy (the call was cancelled).
 
         No completion signal will carry that lease, so waiting for its TTL would hold the
         slot for minutes. Shielded so the caller's own cancellation cannot interrupt it.
         """
-        if decision.lease_id is None or decision.tenant is None or decision.klass is None:
+        if decision.lease is None:
             return
-        lease = LeaseRef(decision.tenant, decision.klass, decision.lease_id)
-        await asyncio.shield(self.complete(format_lease(lease)))
+        await asyncio.shield(self.complete(format_lease(decision.lease)))
 
     async def _check(
         self,
@@ -197,6 +213,10 @@ class AdmissionService:
         if isinstance(plan, Decision):
             return plan
         planned, verdict = plan
+        model = planned.check.model
+        if verdict.action is LoadAction.DEFER:
+            # Not in flight while held: its model counts it once it is let go (`_counted`).
+            planned = replace(planned, check=replace(planned.check, model=None))
         result = await self._acquire(planned)
         decision = decide(planned, result)
         if not decision.admitted or result is None or self.deferrer is None:
@@ -204,7 +224,8 @@ class AdmissionService:
         if verdict.action is not LoadAction.DEFER:
             self.deferrer.note_admitted(planned.model or "")
             return decision
-        return await self._hold(planned, result, decision, on_hold)
+        held = await self._hold(planned, result, decision, on_hold)
+        return await self._counted(held, model) if held.admitted else held
 
     def _plan(
         self,
@@ -248,7 +269,9 @@ class AdmissionService:
             return
         result = done.result()
         if result.allowed and result.lease_id is not None:
-            lease = LeaseRef(planned.tenant.name, planned.check.klass, result.lease_id)
+            lease = LeaseRef(
+                planned.tenant.name, planned.check.klass, result.lease_id, planned.check.model
+            )
             task = asyncio.ensure_future(self.complete(format_lease(lease)))
             self._background.add(task)  # keep a reference until it is done
             task.add_done_callback(self._background.discard)
@@ -265,6 +288,7 @@ class AdmissionService:
             view.completions_per_s(model),
             self.deferrer.waiting_ahead(klass.rank),
             relegated=planned.relegated,
+            in_flight=self.deferrer.in_flight(model),
         )
 
     async def _hold(
@@ -319,6 +343,20 @@ class AdmissionService:
         return shed_overloaded(
             planned, overload_retry_after_s(klass, self._judge(planned)), f"{waited}, no room"
         )
+
+    async def _counted(self, decision: Decision, model: str | None) -> Decision:
+        """A held request let go to Triton: its lease now counts for its model, and its lease
+        token says so (so its completion removes it)."""
+        lease = decision.lease
+        if lease is None or model is None:
+            return decision
+        lease = replace(lease, model=model)
+        await self.store.count_for_model(lease, self.policy.lease_ttl_s)
+        headers = tuple(
+            (name, format_lease(lease) if name == HEADER_LEASE else value)
+            for name, value in decision.headers
+        )
+        return replace(decision, lease=lease, headers=headers)
 
     async def _give_back(self, planned: Admission, decision: Decision) -> None:
         """Return the lease and the bucket tokens of a request that was never served."""

@@ -8,13 +8,38 @@ from sidecar.core.lease import format_lease, parse_lease
 from sidecar.core.types import LeaseRef
 
 names = st.text(min_size=1, max_size=64).filter(lambda s: "\x00" not in s)
+lease_ids = st.from_regex(r"[A-Za-z0-9_-]{1,32}", fullmatch=True)
 
 
-@given(tenant=names, klass=names, lease_id=st.from_regex(r"[A-Za-z0-9_-]{1,32}", fullmatch=True))
-def test_round_trip(tenant: str, klass: str, lease_id: str) -> None:
-    token = format_lease(LeaseRef(tenant, klass, lease_id))
+@given(tenant=names, klass=names, lease_id=lease_ids, model=st.none() | names)
+def test_round_trip(tenant: str, klass: str, lease_id: str, model: str | None) -> None:
+    lease = LeaseRef(tenant, klass, lease_id, model)
+    token = format_lease(lease)
     assert token.isascii() and token.isprintable() and " " not in token
-    assert parse_lease(token) == LeaseRef(tenant, klass, lease_id)
+    assert token.count(".") == (3 if model is None else 4)
+    assert parse_lease(token) == lease
+
+
+@pytest.mark.parametrize(
+    "lease",
+    [
+        LeaseRef("acme", "gold", "abc", "llama-3.1-8b.instruct"),
+        LeaseRef("a.b", "c.d", "abc", "..."),
+        LeaseRef("テナント", "🚀", "abc", "モデル/v2:{x}"),
+        LeaseRef("acme", "gold", "abc", "="),
+    ],
+)
+def test_round_trip_of_awkward_names(lease: LeaseRef) -> None:
+    assert parse_lease(format_lease(lease)) == lease
+
+
+def test_a_lease_without_a_model_keeps_the_four_part_token() -> None:
+    # Tokens written before models were counted must still release their lease.
+    token = format_lease(LeaseRef("a", "b", "abc"))
+    assert token == "v1.YQ.Yg.abc"
+    assert parse_lease(token) == LeaseRef("a", "b", "abc", None)
+    assert format_lease(LeaseRef("a", "b", "abc", "m")) == "v1.YQ.Yg.abc.bQ"
+    assert parse_lease("v1.YQ.Yg.abc.bQ") == LeaseRef("a", "b", "abc", "m")
 
 
 @pytest.mark.parametrize(
@@ -26,7 +51,18 @@ def test_round_trip(tenant: str, klass: str, lease_id: str) -> None:
         "v1.YQ.Yg.a b",
         "v1..Yg.abc",
         "v1.!!.Yg.abc",
+        "v1.YQ!.Yg.abc",  # a stray character the decoder would skip
+        "v1.YQ==.Yg.abc",  # padding is never written
+        "v1.YR.Yg.abc",  # "a" spelled with unused bits set
         "v1.YQ.Yg.abc.d",
+        "v1.YQ.Yg.abc.",  # an empty model part
+        "v1.YQ.Yg.abc.!!",  # a model part that decodes to nothing
+        "v1.YQ.Yg.abc.bQ==",
+        "v1.YQ.Yg.abc.bR",
+        "v1.YQ.Yg.abc.bQ.bQ",  # six parts
+        "v1.YQ.Yg..bQ",  # no lease id
+        "v1.YQ.Yg.abc.bQ" + "A" * 1020,  # too long
+        "v1.YQ.Yg.abc.gA",  # not UTF-8
         "x" * 2000,
     ],
 )

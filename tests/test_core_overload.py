@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -86,3 +87,35 @@ def test_retry_after_comes_from_the_drain_rate_or_the_class_fallback() -> None:
     assert overload_retry_after_s(policy, draining) == pytest.approx(1.5)
     stalled = judge_load(policy, FRESH, 20, 0.0, 0)
     assert overload_retry_after_s(policy, stalled) == 1.7  # concurrency_retry_after_ms
+
+
+def capped(max_in_flight: int) -> ClassPolicy:
+    base = klass()
+    assert base.overload is not None
+    return replace(base, overload=replace(base.overload, max_in_flight=max_in_flight))
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "action", "wait_s"),
+    [
+        (None, LoadAction.ADMIT, 0.0),  # the store never said: the cap is not applied
+        (5, LoadAction.ADMIT, 0.0),  # under the cap and under admit_below
+        (6, LoadAction.DEFER, 0.1),  # at the cap: 1 ahead at 10/s
+        (9, LoadAction.DEFER, 0.4),  # 4 over: 0.4 s, fits 0.5 s
+        (12, LoadAction.SHED, 0.7),  # 7 over: 0.7 s > 0.5 s
+    ],
+)
+def test_max_in_flight_caps_admission_even_with_an_empty_queue(
+    in_flight: int | None, action: LoadAction, wait_s: float
+) -> None:
+    verdict = judge_load(capped(6), FRESH, 0, 10.0, 0, in_flight=in_flight)
+    assert verdict.action is action
+    assert verdict.predicted_wait_s == pytest.approx(wait_s)
+    if in_flight is not None:
+        assert f"{in_flight} in flight (max 6)" in verdict.why
+
+
+def test_the_larger_excess_of_queue_and_in_flight_counts() -> None:
+    # Queue 10 (3 over admit_below 8), in flight 7 (2 over the cap 6): 3 ahead.
+    verdict = judge_load(capped(6), FRESH, 10, 10.0, 0, in_flight=7)
+    assert verdict.predicted_wait_s == pytest.approx(0.3)

@@ -456,6 +456,7 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
             "17: classes.batch.relegate_to: relegate_to 'interactive' has rank 1; it must be a"
             " less important class (rank above 3)",
             "19: classes.batch.overload.on_stale: expected one of saturated, admit, got 'guess'",
+            "21: classes.batch.overload.max_in_flight: must be at least 1, got 0",
         ],
     ),
     (
@@ -781,3 +782,28 @@ def test_a_file_holds_one_document(tmp_path: Path) -> None:
 def test_a_mapping_merged_into_itself_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path / "p.yaml", CLASS_GOLD.replace("  gold:\n", "  gold: &g\n    <<: *g\n"))
     assert problems_of(path) == [f"{path}:3: classes.gold: '<<' merges a mapping into itself"]
+
+
+def test_max_in_flight_reaches_the_overload_policy(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "p.yaml",
+        """\
+classes:
+  batch:
+    rank: 3
+    latency_objective_ms: 20000
+    max_wait_ms: 2000
+    triton_priority: 3
+    overload: {admit_below: 4, shed_above: 32, max_in_flight: 12}
+  standard:
+    rank: 2
+    latency_objective_ms: 2000
+    max_wait_ms: 200
+    triton_priority: 2
+    overload: {admit_below: 8}
+""",
+    )
+    classes = load_policy([path]).classes
+    assert classes["batch"].overload == OverloadPolicy(4, 32, max_in_flight=12)
+    standard = classes["standard"].overload
+    assert standard is not None and standard.max_in_flight is None

@@ -80,8 +80,9 @@ def test_bad_edit_keeps_the_last_good_policy_and_records_the_error(policy_dir: P
 
     assert holder.current is good
     assert holder.last_error is not None
+    line = tenants.read_text().splitlines().index("        rate: -20") + 1
     assert [str(p) for p in holder.last_error.problems] == [
-        f"{tenants}:30: tenants.search.buckets[0].rate: must be greater than 0, got -20"
+        f"{tenants}:{line}: tenants.search.buckets[0].rate: must be greater than 0, got -20"
     ]
     assert holder.last_loaded_at == 1000.0
     assert (holder.reloads_ok, holder.reloads_failed) == (0, 1)

@@ -235,3 +235,36 @@ def test_explain_shows_load_decisions_without_taking_quota_or_holding() -> None:
     assert (shed.status, shed.reason) == (503, Reason.OVERLOADED)
     assert held.admitted
     assert held.trace[-1] == "would be held up to 5000 ms for Triton to have room"
+
+
+def test_max_in_flight_holds_a_request_until_one_of_the_model_ends() -> None:
+    backend = Backend(depth=0)  # Triton's queue looks empty: only the cap can hold it
+    policy = policy_with_overload(max_wait_ms=5000)
+    standard = policy.classes["standard"]
+    capped = replace(standard, overload=replace(standard.overload, max_in_flight=2))
+    policy = replace(policy, classes=MappingProxyType({**policy.classes, "standard": capped}))
+    store = MemoryQuotaStore()
+    service = AdmissionService(policy, store, Metrics(CollectorRegistry()), load=backend.view)
+
+    async def body() -> Decision:
+        await service.refresh_model_in_flight(["simgpu"])
+        first = await service.check(request(), "test")
+        second = await service.check(request(), "test")
+        assert first.reason is second.reason is Reason.ADMITTED
+        held = asyncio.create_task(service.check(request(), "test"))
+        await asyncio.sleep(0.05)
+        assert not held.done()  # two in flight: at the cap
+        # Both replicas' view: the store counts what this replica admitted.
+        assert await store.model_in_flight("simgpu") == 2
+        await service.complete(dict(first.headers)["x-qos-lease"])
+        decision = await asyncio.wait_for(held, 1.0)
+        await service.refresh_model_in_flight(["simgpu"])
+        sample = service.metrics.registry.get_sample_value(
+            "qos_model_in_flight_requests", {"model": "simgpu"}
+        )
+        assert sample == 2  # the second and the one just let go
+        return decision
+
+    decision = asyncio.run(body())
+    assert decision.reason is Reason.ADMITTED_DEFERRED
+    assert any("2 in flight (max 2)" in step for step in decision.trace)

@@ -59,12 +59,17 @@ class Harness:
 
         asyncio.run(main())
 
-    async def let_leases_expire(self, store: QuotaStore, ttl_s: float, tenant: str) -> None:
+    async def let_leases_expire(
+        self, store: QuotaStore, ttl_s: float, tenant: str, model: str | None = None
+    ) -> None:
+        """Until the tenant's leases (and the model's, if given) have expired."""
         if self.clock is not None:
             self.clock.advance(ttl_s)
             return
         deadline = time.monotonic() + 2.0
-        while await store.in_flight(tenant, None) > 0:
+        while await store.in_flight(tenant, None) > 0 or (
+            model is not None and await store.model_in_flight(model) > 0
+        ):
             assert time.monotonic() < deadline, "leases did not expire within 2 s"
             await asyncio.sleep(0.01)
 
@@ -107,6 +112,7 @@ def check(
     max_concurrency: int | None = None,
     max_class_concurrency: int | None = None,
     lease_ttl_s: float = 60.0,
+    model: str | None = None,
 ) -> QuotaCheck:
     return QuotaCheck(
         tenant=tenant,
@@ -115,12 +121,13 @@ def check(
         max_concurrency=max_concurrency,
         max_class_concurrency=max_class_concurrency,
         lease_ttl_s=lease_ttl_s,
+        model=model,
     )
 
 
 def lease_of(c: QuotaCheck, result: QuotaResult) -> LeaseRef:
     assert result.lease_id is not None
-    return LeaseRef(tenant=c.tenant, klass=c.klass, lease_id=result.lease_id)
+    return LeaseRef(tenant=c.tenant, klass=c.klass, lease_id=result.lease_id, model=c.model)
 
 
 def assert_retry_after(harness: Harness, result: QuotaResult, exact_s: float) -> None:
@@ -386,6 +393,152 @@ def test_charge_may_overdraw_a_bucket(harness: Harness) -> None:
     harness.run(body)
 
 
+# -- per model ------------------------------------------------------------------------------
+
+
+def test_a_model_counts_its_leases_up_on_acquire_and_down_on_release(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(model="llama")
+        assert await store.model_in_flight("llama") == 0
+        results = [await store.acquire(c) for _ in range(3)]
+        assert all(r.allowed for r in results)
+        assert await store.model_in_flight("llama") == 3
+        assert await store.model_in_flight("mistral") == 0
+
+        assert await store.release(lease_of(c, results[0]))
+        assert await store.model_in_flight("llama") == 2
+        assert await store.in_flight("acme", None) == 2
+        for result in results[1:]:
+            assert await store.release(lease_of(c, result))
+        assert await store.model_in_flight("llama") == 0
+
+    harness.run(body)
+
+
+def test_a_lease_released_twice_counts_once(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(model="llama")
+        first, second = await store.acquire(c), await store.acquire(c)
+        assert await store.release(lease_of(c, first)) is True
+        assert await store.release(lease_of(c, first)) is False
+        assert await store.model_in_flight("llama") == 1
+        assert await store.release(lease_of(c, second)) is True
+        assert await store.model_in_flight("llama") == 0
+        unknown = LeaseRef(tenant="nobody", klass="standard", lease_id="x", model="llama")
+        assert await store.release(unknown) is False
+        assert await store.model_in_flight("llama") == 0
+
+    harness.run(body)
+
+
+def test_denied_acquires_and_peeks_leave_model_counts_alone(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        assert (await store.peek(check(model="llama"))).allowed
+        assert await store.model_in_flight("llama") == 0
+
+        assert (await store.acquire(check(bucket(burst=1), model="llama"))).allowed
+        for denied in [
+            check(model="llama", max_class_concurrency=1),
+            check(model="llama", max_concurrency=1),
+            check(bucket(burst=1), model="llama"),
+        ]:
+            assert not (await store.acquire(denied)).allowed
+            assert not (await store.peek(denied)).allowed
+        assert (await store.peek(check(model="llama"))).allowed
+        assert await store.model_in_flight("llama") == 1
+
+    harness.run(body)
+
+
+def test_model_leases_expire_after_their_ttl(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(model="llama", lease_ttl_s=0.05)
+        held = await store.acquire(c)
+        assert held.allowed
+        assert await store.model_in_flight("llama") == 1
+
+        await harness.let_leases_expire(store, 0.05, "acme", "llama")
+        assert await store.model_in_flight("llama") == 0
+        assert await store.release(lease_of(c, held)) is False  # expired: nothing freed
+        assert await store.model_in_flight("llama") == 0
+        assert (await store.acquire(c)).allowed
+        assert await store.model_in_flight("llama") == 1
+
+    harness.run(body)
+
+
+def test_leases_of_one_model_add_up_across_tenants_and_classes(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        acme_gold = check(tenant="acme", klass="gold", model="llama")
+        acme_bronze = check(tenant="acme", klass="bronze", model="llama")
+        globex = check(tenant="globex", model="llama", max_concurrency=1)
+        held = [await store.acquire(c) for c in (acme_gold, acme_bronze, globex)]
+        assert all(r.allowed for r in held)
+        assert not (await store.acquire(globex)).allowed  # globex is at its own limit
+        assert (await store.acquire(check(tenant="globex", model="mistral"))).allowed
+        assert await store.model_in_flight("llama") == 3
+        assert await store.model_in_flight("mistral") == 1
+
+        assert await store.release(lease_of(globex, held[2]))
+        assert await store.model_in_flight("llama") == 2
+        assert await store.in_flight("globex", None) == 1
+
+    harness.run(body)
+
+
+def test_a_check_without_a_model_counts_for_no_model(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        with_model = check(model="llama")
+        held = await store.acquire(with_model)
+        plain = await store.acquire(check())
+        assert plain.allowed
+        assert plain.in_flight == 2
+        assert await store.model_in_flight("llama") == 1
+        assert await store.release(lease_of(check(), plain))
+        assert await store.model_in_flight("llama") == 1
+
+        # The store finds the model set through the ref's model only: a ref without it frees
+        # the tenant's lease and leaves the model's entry to its TTL.
+        assert held.lease_id is not None
+        assert await store.release(LeaseRef("acme", "standard", held.lease_id))
+        assert await store.in_flight("acme", None) == 0
+        assert await store.model_in_flight("llama") == 1
+        assert await store.release(lease_of(with_model, held)) is False
+        assert await store.model_in_flight("llama") == 0
+
+    harness.run(body)
+
+
+def test_concurrent_acquires_count_each_admitted_lease_for_the_model(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(max_concurrency=10, model="llama")
+        results = await asyncio.gather(*(store.acquire(c) for _ in range(50)))
+        assert sum(r.allowed for r in results) == 10
+        assert await store.model_in_flight("llama") == 10
+        admitted = [r for r in results if r.allowed]
+        await asyncio.gather(*(store.release(lease_of(c, r)) for r in admitted))
+        assert await store.model_in_flight("llama") == 0
+
+    harness.run(body)
+
+
+AWKWARD_MODELS = ["acme", "a", "a.b", "a}{b:c", "=a", "%3Da", "モデル", "qos:{=a}"]
+
+
+def test_awkward_model_names_are_separate_models_and_never_a_tenant(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        for count, model in enumerate(AWKWARD_MODELS, start=1):
+            for _ in range(count):
+                assert (await store.acquire(check(model=model))).allowed, model
+        for count, model in enumerate(AWKWARD_MODELS, start=1):
+            assert await store.model_in_flight(model) == count, model
+        # A tenant named like a model: its leases and the model's are counted apart.
+        assert await store.in_flight("acme", None) == sum(range(1, len(AWKWARD_MODELS) + 1))
+        assert await store.in_flight("a", None) == 0
+
+    harness.run(body)
+
+
 # -- names ----------------------------------------------------------------------------------
 
 AWKWARD_TENANTS = ["a", "a}{b:c", "a:b", "{a}", "a b", "a%7Db", "テナント", "🚀", "qos:{a}"]
@@ -431,6 +584,7 @@ def test_checks_no_policy_can_produce_are_refused(harness: Harness) -> None:
             check(tenant=""),
             check(lease_ttl_s=0),
             check(max_concurrency=-1),
+            check(model=""),
         ]:
             with pytest.raises(ValueError):
                 await store.acquire(bad)
@@ -442,6 +596,10 @@ def test_checks_no_policy_can_produce_are_refused(harness: Harness) -> None:
             await store.release(LeaseRef("", "standard", "x"))
         with pytest.raises(ValueError):
             await store.in_flight("", None)
+        with pytest.raises(ValueError):
+            await store.model_in_flight("")
+        with pytest.raises(ValueError):
+            await store.release(LeaseRef("acme", "standard", "x", model=""))
 
     harness.run(body)
 
@@ -491,15 +649,21 @@ def test_memory_forgets_full_buckets_and_empty_lease_tables() -> None:
     store = MemoryQuotaStore(clock=clock)
 
     async def body() -> None:
-        c = check(bucket(rate=1, burst=2), lease_ttl_s=5)
+        c = check(bucket(rate=1, burst=2), lease_ttl_s=5, model="llama")
         result = await store.acquire(c)
         await store.acquire(c)
+        await store.acquire(check(lease_ttl_s=5, model="mistral"))
         await store.release(lease_of(c, result))
         clock.advance(5)
         assert await store.in_flight("acme", None) == 0
+        assert await store.model_in_flight("llama") == 0
         await store.charge("acme", bucket(rate=1, cost=-10))
         assert store._tats == {}
         assert store._leases == {}
+        # A model nobody asks about lingers until asked (as a tenant's table does)...
+        assert set(store._model_leases) == {"mistral"}
+        assert await store.model_in_flight("mistral") == 0
+        assert store._model_leases == {}  # ...then it goes
 
     asyncio.run(body())
 
@@ -580,6 +744,16 @@ def test_redis_recovers_from_a_script_flush(valkey: ValkeyServer, redis_sync: re
         redis_sync.script_flush()
         assert (await store.peek(c)).allowed
 
+        with_model = check(model="llama")
+        redis_sync.script_flush()
+        held = await store.acquire(with_model)
+        assert await store.model_in_flight("llama") == 1
+        redis_sync.script_flush()
+        assert await store.release(lease_of(with_model, held))
+        assert store.model_set_failures == 0
+        redis_sync.script_flush()
+        assert await store.model_in_flight("llama") == 0
+
     run_redis(valkey.url, body)
 
 
@@ -612,9 +786,61 @@ def test_redis_keys_expire_when_they_hold_nothing(
     run_redis(valkey.url, body)
 
 
+def test_redis_model_lease_set_lives_as_long_as_its_longest_lease(
+    valkey: ValkeyServer, redis_sync: redis.Redis
+) -> None:
+    async def body(store: RedisQuotaStore) -> None:
+        c = check(model="llama", lease_ttl_s=30)
+        result = await store.acquire(c)
+        assert result.allowed
+        key = "qos:{=llama}:model_leases"
+        assert redis_sync.zcard(key) == 1
+        assert 29_000 < redis_sync.pttl(key) <= 30_000
+        short = check(klass="bronze", model="llama", lease_ttl_s=1)
+        other = await store.acquire(short)
+        assert 28_000 < redis_sync.pttl(key) <= 30_000
+
+        assert await store.release(lease_of(c, result))
+        assert await store.release(lease_of(short, other))
+        assert not redis_sync.exists(key)  # empty sets vanish
+
+    run_redis(valkey.url, body)
+
+
+def test_redis_a_failed_model_step_fails_neither_acquire_nor_release(
+    valkey: ValkeyServer, redis_sync: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A string where the model's sorted set belongs: every model step fails with WRONGTYPE,
+    # while the tenant's keys work. It stands for a model shard that cannot be reached.
+    redis_sync.set("qos:{=llama}:model_leases", "not a set")
+
+    async def body(store: RedisQuotaStore) -> None:
+        c = check(model="llama", max_concurrency=1)
+        held = await store.acquire(c)
+        assert held.allowed
+        assert held.lease_id is not None
+        assert store.model_set_failures == 1
+        assert await store.in_flight("acme", None) == 1
+        with pytest.raises(StateUnavailable):
+            await store.model_in_flight("llama")
+
+        assert await store.release(lease_of(c, held)) is True
+        assert store.model_set_failures == 2
+        assert await store.in_flight("acme", None) == 0
+        assert (await store.acquire(check(model="mistral"))).allowed
+        assert store.model_set_failures == 2
+
+    with caplog.at_level("WARNING", logger="sidecar.state.redis_store"):
+        run_redis(valkey.url, body)
+    # Logged once, not once per failure: a broken shard would otherwise flood the log.
+    assert len(caplog.records) == 1
+    assert "llama" in caplog.records[0].getMessage()
+
+
 def test_redis_peek_writes_nothing(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
     async def body(store: RedisQuotaStore) -> None:
         assert (await store.peek(check(bucket(), max_concurrency=1))).allowed
+        assert (await store.peek(check(bucket(), model="llama"))).allowed
         assert redis_sync.dbsize() == 0
 
     run_redis(valkey.url, body)
@@ -628,6 +854,8 @@ def test_redis_unreachable_raises_state_unavailable_quickly() -> None:
             store.ping,
             lambda: store.acquire(check(bucket())),
             lambda: store.release(LeaseRef("a", "b", "c")),
+            lambda: store.release(LeaseRef("a", "b", "c", model="m")),
+            lambda: store.model_in_flight("m"),
         ]
         for call in calls:
             started = time.monotonic()
@@ -664,6 +892,11 @@ def test_redis_stalled_server_hits_the_deadline_and_recovers() -> None:
                     await store.acquire(check(bucket()))
                 elapsed = time.monotonic() - started
                 assert 0.09 < elapsed < 1.0
+                # Both scripts of a release of a model share the one deadline.
+                started = time.monotonic()
+                with pytest.raises(StateUnavailable):
+                    await store.release(LeaseRef("acme", "standard", "x", model="llama"))
+                assert time.monotonic() - started < 1.0
             finally:
                 server.resume()
             # The timed-out connection was dropped, not handed back half-read.

@@ -1,4 +1,5 @@
-"""Keys: one hash tag per tenant, and no name can inject key syntax or collide."""
+"""Keys: one hash tag per tenant (and per model), and no name can inject key syntax or
+collide."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.state.keys import KeyKind, build_key, encode_name
+from sidecar.state.keys import KeyKind, build_key, build_model_key, encode_name
 
 # Any text, including `{`, `}`, `:`, `%`, spaces, controls and every Unicode plane.
 names = st.text(st.characters(), max_size=12) | st.sampled_from(["{", "}", ":", "%", "{}", ""])
@@ -17,6 +18,7 @@ tenants = names.filter(bool)
 key_specs = st.tuples(tenants, st.sampled_from(KeyKind), st.lists(names, max_size=2))
 
 KEY = re.compile(r"qos:\{([A-Za-z0-9_%-]+)\}:(bucket|leases|class_leases)((?::[A-Za-z0-9_%-]*)*)")
+MODEL_KEY = re.compile(r"qos:\{=([A-Za-z0-9_%-]+)\}:model_leases")
 
 
 def cluster_hash_tag(key: str) -> str | None:
@@ -75,3 +77,53 @@ def test_an_empty_tenant_is_refused() -> None:
     # `{}` is not a hash tag: Redis Cluster would hash the whole key and scatter the tenant.
     with pytest.raises(ValueError, match="empty"):
         build_key("", KeyKind.LEASES)
+
+
+# -- a model's lease set --------------------------------------------------------------------
+
+
+def decode(encoded: str) -> str:
+    return urllib.parse.unquote_to_bytes(encoded).decode("utf-8", "surrogatepass")
+
+
+@given(tenants)
+def test_a_model_key_has_one_hash_tag_of_its_own(model: str) -> None:
+    key = build_model_key(model)
+    match = MODEL_KEY.fullmatch(key)
+    assert match is not None, key
+    assert key.count("{") == 1 and key.count("}") == 1
+    assert cluster_hash_tag(key) == "=" + encode_name(model)
+    assert decode(match.group(1)) == model
+
+
+@given(tenants, tenants)
+def test_different_models_never_share_a_key(a: str, b: str) -> None:
+    assert (build_model_key(a) == build_model_key(b)) == (a == b)
+
+
+@given(key_specs, tenants)
+def test_a_model_never_shares_a_hash_tag_with_a_tenant(
+    spec: tuple[str, KeyKind, list[str]], model: str
+) -> None:
+    tenant_key = build_key(spec[0], spec[1], *spec[2])
+    assert cluster_hash_tag(tenant_key) != cluster_hash_tag(build_model_key(model))
+
+
+@pytest.mark.parametrize("name", ["llama", "=llama", "a}{b:c", "é", "qos:{a}", "%3D"])
+def test_a_model_and_a_tenant_of_the_same_name_stay_apart(name: str) -> None:
+    model_key, tenant_keys = build_model_key(name), [build_key(name, k) for k in KeyKind]
+    assert model_key not in tenant_keys
+    assert cluster_hash_tag(model_key) not in {cluster_hash_tag(k) for k in tenant_keys}
+
+
+def test_model_names_are_readable_or_escaped() -> None:
+    assert build_model_key("llama") == "qos:{=llama}:model_leases"
+    assert build_model_key("llama-3.1:8b") == "qos:{=llama-3%2E1%3A8b}:model_leases"
+    assert build_model_key("a}{b") == "qos:{=a%7D%7Bb}:model_leases"
+    assert build_model_key("=x") == "qos:{=%3Dx}:model_leases"
+    assert build_model_key("モデル") == "qos:{=%E3%83%A2%E3%83%87%E3%83%AB}:model_leases"
+
+
+def test_an_empty_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        build_model_key("")

@@ -37,6 +37,12 @@ class Metrics:
             ["tenant", "class"],
             registry=registry,
         )
+        self.model_in_flight = Gauge(
+            "qos_model_in_flight_requests",
+            "Admitted requests of each model not yet ended (global, read from the quota store).",
+            ["model"],
+            registry=registry,
+        )
         self.completions = Counter(
             "qos_completions_total",
             "Completion signals by result: released, already_released, no_lease, bad_lease.",

@@ -176,7 +176,7 @@ def plan_request(
     else:
         cost, why = estimate
         trace.append(f"model {model!r}, {why}")
-    check = quota_check(tenant, klass, cost, policy)
+    check = quota_check(tenant, klass, cost, policy, model)
     too_big = next((b for b in check.buckets if b.cost > b.burst), None)
     if too_big is not None:
         # No wait would ever fit it: a 429 would have the client retry forever.
@@ -188,7 +188,11 @@ def plan_request(
 
 
 def quota_check(
-    tenant: TenantPolicy, klass: ClassPolicy, cost: float, policy: Policy
+    tenant: TenantPolicy,
+    klass: ClassPolicy,
+    cost: float,
+    policy: Policy,
+    model: str | None = None,
 ) -> QuotaCheck:
     """The limits a request of `klass` must fit: every bucket of the tenant that covers the
     class (a bucket without `classes` covers all), and the concurrency limits."""
@@ -210,6 +214,7 @@ def quota_check(
         max_concurrency=tenant.max_concurrency,
         max_class_concurrency=tenant.max_concurrency_per_class.get(klass.name),
         lease_ttl_s=policy.lease_ttl_s,
+        model=model,
     )
 
 
@@ -276,7 +281,7 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
     target = policy.classes[admission.klass.relegate_to or admission.klass.name]
     check = admission.check
     if requota:
-        check = quota_check(admission.tenant, target, admission.cost, policy)
+        check = quota_check(admission.tenant, target, admission.cost, policy, admission.model)
     return replace(
         admission,
         klass=target,
@@ -363,10 +368,11 @@ def _admit(
         (HEADER_PRIORITY, str(klass.triton_priority)),
         (HEADER_ROUTE_PRIORITY, klass.route_priority.value),
     ]
+    lease = None
     if lease_id is not None:
         # The lease lives under the class its quota was taken in, which a relegation after
-        # the quota was taken does not change.
-        lease = LeaseRef(tenant.name, admission.check.klass, lease_id)
+        # the quota was taken does not change, and counts for its model.
+        lease = LeaseRef(tenant.name, admission.check.klass, lease_id, admission.check.model)
         headers.append((HEADER_LEASE, format_lease(lease)))
     return Decision(
         outcome=Outcome.ADMIT,
@@ -376,7 +382,7 @@ def _admit(
         klass=klass.name,
         requested_class=admission.requested_class,
         headers=tuple(headers),
-        lease_id=lease_id,
+        lease=lease,
         charged=tuple(b for b in admission.check.buckets if b.by_cost) if lease_id else (),
         trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
     )

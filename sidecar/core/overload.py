@@ -6,7 +6,10 @@ nothing):
 - The depth used is the model's queue depth when the signal is FRESH; when it is STALE or
   MISSING, `on_stale` decides: `saturated` acts as if the depth were at `shed_above` (or
   `admit_below` for classes that are never shed), `admit` as if it were zero.
-- Below `admit_below`, with nobody of the same or a better band already waiting, admit.
+- Below `admit_below` and, when the class sets `max_in_flight`, with fewer requests of the
+  model in flight than that (the sidecars' own count, shared through the store; unknown when
+  the store cannot say, and then not applied), with nobody of the same or a better band
+  already waiting, admit. Over either limit counts as that many requests ahead.
 - At or above `shed_above` (sheddable classes): relegate once if the class names a target,
   else shed with 503.
 - Otherwise predict the wait from the observed drain rate: the requests ahead of this one
@@ -51,6 +54,7 @@ def judge_load(
     waiting_ahead: int,
     *,
     relegated: bool = False,
+    in_flight: int | None = None,
 ) -> LoadVerdict:
     overload = klass.overload
     if overload is None:
@@ -64,10 +68,14 @@ def judge_load(
         depth = overload.shed_above if overload.shed_above is not None else overload.admit_below
         seen = f"load signal {state.value}, treated as saturated"
 
-    if depth < overload.admit_below and waiting_ahead == 0:
+    over_cap = 0
+    if overload.max_in_flight is not None and in_flight is not None:
+        over_cap = max(0, in_flight - overload.max_in_flight + 1)
+        seen = f"{seen}, {in_flight} in flight (max {overload.max_in_flight})"
+    if depth < overload.admit_below and over_cap == 0 and waiting_ahead == 0:
         return LoadVerdict(LoadAction.ADMIT, 0.0, f"{seen} < admit_below {overload.admit_below}")
 
-    ahead = max(0, depth - overload.admit_below + 1) + waiting_ahead
+    ahead = max(0, depth - overload.admit_below + 1, over_cap) + waiting_ahead
     wait_s = ahead / drain_per_s if drain_per_s > 0 else math.inf
     if overload.shed_above is not None and depth >= overload.shed_above:
         action = LoadAction.RELEGATE if can_relegate else LoadAction.SHED

@@ -56,6 +56,9 @@ class QuotaCheck:
     max_concurrency: int | None  # None: no limit on the tenant's in-flight requests
     max_class_concurrency: int | None  # None: no limit for this tenant and class
     lease_ttl_s: float
+    # The model the request is for: its lease is also counted in that model's in-flight count
+    # (across tenants and replicas). None: counted for no model.
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,7 @@ class LeaseRef:
     tenant: str
     klass: str
     lease_id: str
+    model: str | None = None  # the model the lease is counted for, if any
 
 
 class Outcome(enum.Enum):
@@ -118,7 +122,7 @@ class Decision:
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     retry_after_s: float | None = None
-    lease_id: str | None = None
+    lease: LeaseRef | None = None  # the concurrency lease an admit holds (x-qos-lease)
     # The cost-unit buckets this admit charged, for reconciling an estimate (empty when
     # nothing was charged: a shed, or an admit that failed open).
     charged: tuple[BucketCheck, ...] = ()
@@ -128,3 +132,7 @@ class Decision:
     @property
     def admitted(self) -> bool:
         return self.outcome is Outcome.ADMIT
+
+    @property
+    def lease_id(self) -> str | None:
+        return self.lease.lease_id if self.lease is not None else None

@@ -902,6 +902,7 @@ def _build_overload(d: Mapping[str, Any] | None) -> OverloadPolicy | None:
         admit_below=d["admit_below"],
         shed_above=d.get("shed_above"),
         on_stale=d.get("on_stale", OVERLOAD.fields["on_stale"].default),
+        max_in_flight=d.get("max_in_flight"),
     )
 
 

@@ -74,14 +74,19 @@ class IdentityPolicy:
 class OverloadPolicy:
     """Backend-aware admission of a class, by the queue depth Triton reports for the model.
 
-    Below `admit_below` a request is admitted at once. From `shed_above` (if set) the class is
-    shed with 503 at once: it is sheddable. In between, a request is deferred (held while it
-    can still make its deadline), relegated, or shed when it cannot.
+    Below `admit_below` (and under `max_in_flight`, if set) a request is admitted at once.
+    From `shed_above` (if set) the class is shed with 503 at once: it is sheddable. In between,
+    a request is deferred (held while it can still make its deadline), relegated, or shed when
+    it cannot.
     """
 
     admit_below: int
     shed_above: int | None = None  # None: never shed by load (the class is not sheddable)
     on_stale: StaleAction = StaleAction.SATURATED
+    # Admitted at once only while the model has fewer requests in flight than this (admitted
+    # through any replica and not yet ended: queued in Triton or running); None: no such cap.
+    # Exact between scrapes, so it keeps Triton's batches small where queue depth lags.
+    max_in_flight: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,6 +245,12 @@ OVERLOAD = Obj(
             "if the queue were at shed_above, admit as if it were empty.",
             default=StaleAction.SATURATED,
         ),
+        "max_in_flight": Field(
+            Int(minimum=1),
+            description="Admit at once only while the model has fewer requests in flight "
+            "(admitted by any replica, not yet ended); above it requests are deferred as "
+            "above admit_below. Exact between scrapes; keeps Triton's batches small.",
+        ),
     },
     description="Backend-aware admission of a class.",
 )

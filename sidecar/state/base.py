@@ -13,7 +13,34 @@ Rules (the contract tests in tests/test_state_contract.py run both stores throug
 - A cost of 0 always passes a bucket. A cost above a bucket's `burst` can never pass: the store
   denies it with `retry_after_s = burst / rate_per_s` (the time to refill from empty), which is
   a finite, honest upper bound rather than "never"; the core may treat such a cost as malformed.
-- `peek` evaluates exactly like `acquire` and changes nothing.
+- `peek` evaluates exactly like `acquire` and changes nothing, in no model's set either.
+- Per model: a lease taken for a check with a `model` is also counted in that model's lease
+  set (every tenant's leases of the model), with the same `lease_ttl_s`. `release` of a
+  `LeaseRef` with a `model` removes it there too; the store finds the model set through
+  `lease.model` alone, so a ref without it frees the tenant's lease and leaves the model's
+  entry to its TTL. `model_in_flight` counts the model's unexpired leases. A denied acquire, a
+  peek and a check without a model touch no model's count. The model count is a load signal
+  (see `sidecar.deferral`); `acquire` checks no limit against it.
+- The model count is not atomic with the tenant's lease in Redis. A model's set has its own
+  hash tag (`sidecar.state.keys`), so in Redis Cluster it lives in another slot than the
+  tenant's keys and no Lua script can touch both. `acquire` takes the tenant's limits and lease
+  in one script and, only once that allowed, adds the model entry with a second call; `release`
+  removes the tenant's lease, then the model entry (even when the first call failed: the
+  request has left the model either way). Both calls share the call's one deadline. The model
+  entry's expiry is counted from the second call's server time (on its own server), so it
+  outlives the tenant's lease by the gap between the calls. What can go wrong, and why each
+  way is the safer one:
+  - The second call fails (timeout, connection, server error): the acquire still returns its
+    result and the release its answer (or the first call's error); the store logs and counts
+    the failure but does not raise it. The tenant's lease is already taken: raising would
+    refuse (or fail open) a request that holds quota and leak its lease, whose id would never
+    reach the caller, for a whole TTL. The price is a model count one too low until that
+    request completes (a missed add) or one too high until the entry's TTL (a missed
+    removal). A call cut short by the deadline may still have run on the server; that is the
+    same as if it had answered.
+  - A crash between the two calls leaves a tenant lease without its model entry, or (in
+    release) a model entry without its tenant lease. Both expire with the lease TTL.
+  The memory store has one clock and no second call: it changes both in one step.
 - A lease counts until it is released or its `lease_ttl_s` has passed, whichever comes first.
   The TTL is the safety net for completions that never arrive (a crashed replica, a lost
   access-log entry): a leaked lease costs a slot for at most one TTL.
@@ -57,9 +84,21 @@ class QuotaStore(Protocol):
         Raises StateUnavailable."""
         ...
 
+    async def count_for_model(self, lease: LeaseRef, ttl_s: float) -> None:
+        """Count an already held lease for `lease.model` from now on, expiring after `ttl_s`:
+        for a request acquired without a model (held before it goes to Triton) that is now
+        sent. Never raises StateUnavailable (like the model step of `acquire`); ValueError for
+        a lease without a model."""
+        ...
+
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         """Unexpired leases of the tenant, or of the tenant in one class.
         Raises StateUnavailable."""
+        ...
+
+    async def model_in_flight(self, model: str) -> int:
+        """Unexpired leases of the model, of every tenant (see the per-model rules).
+        Raises StateUnavailable, or ValueError for an empty model."""
         ...
 
     async def ping(self) -> None:
@@ -86,6 +125,12 @@ def validate_tenant(tenant: str) -> None:
         raise ValueError("tenant must not be empty")
 
 
+def validate_model(model: str | None) -> None:
+    """Raise ValueError for an empty model (None is fine: no model)."""
+    if model is not None and not model:
+        raise ValueError("model must not be empty (None for no model)")
+
+
 def validate_bucket(bucket: BucketCheck, *, allow_negative_cost: bool = False) -> None:
     """Raise ValueError for a bucket no validated policy can produce."""
     if not (math.isfinite(bucket.rate_per_s) and bucket.rate_per_s > 0):
@@ -101,6 +146,7 @@ def validate_check(check: QuotaCheck) -> None:
     same inputs, rather than each doing something different with them (a zero rate divides by
     zero; a negative cost in `acquire` would be an unchecked refund; use `charge` for that)."""
     validate_tenant(check.tenant)
+    validate_model(check.model)
     if not (math.isfinite(check.lease_ttl_s) and check.lease_ttl_s > 0):
         raise ValueError(f"lease_ttl_s must be > 0, not {check.lease_ttl_s}")
     for limit in (check.max_concurrency, check.max_class_concurrency):

@@ -1,8 +1,14 @@
-"""Every Redis key the sidecar uses, built by one function.
+"""Every Redis key the sidecar uses, built here: a tenant's keys by `build_key`, a model's
+lease set by `build_model_key`.
 
 Rules:
-- A key is `qos:{<tenant>}:<kind>` followed by zero or more `:<part>`, where `<tenant>` and each
-  `<part>` are *encoded* (see below) and `<kind>` is a `KeyKind` value.
+- A tenant's key is `qos:{<tenant>}:<kind>` followed by zero or more `:<part>`, where `<tenant>`
+  and each `<part>` are *encoded* (see below) and `<kind>` is a `KeyKind` value.
+- A model's lease set (every tenant's leases of the model) is `qos:{=<model>}:model_leases`,
+  with `<model>` encoded. It has its own hash tag, so it lives in another slot than the
+  tenants' keys (`sidecar.state.base` says what that costs). The `=` keeps its tag apart from
+  every tenant's: an encoded tenant never holds a `=`, so a model and a tenant of the same name
+  (or any names) never share a tag, let alone a key.
 - The `{...}` is a Redis Cluster hash tag: only its content is hashed, so every key of a tenant
   lands on the same shard and one Lua script may touch them all. It is per tenant (not global)
   so that tenants spread across shards.
@@ -13,7 +19,8 @@ Rules:
   is injective, so two different names never share a key. Plain names (`acme`, `gold-tier`)
   stay readable in `redis-cli`.
 - An empty tenant is refused: `{}` is an empty hash tag, which Redis Cluster ignores (it hashes
-  the whole key), so that tenant's keys would scatter across shards.
+  the whole key), so that tenant's keys would scatter across shards. An empty model is refused
+  too: it names no model.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ class KeyKind(enum.Enum):
     CLASS_LEASES = "class_leases"  # sorted set: the tenant's leases in one class; part: class
 
 
+# Not a `KeyKind`: those are a tenant's keys, this is the one key with a model's hash tag.
+MODEL_LEASES = "model_leases"  # sorted set: every tenant's leases of one model, score = expiry
+
+
 def encode_name(name: str) -> str:
     """Percent-encode every UTF-8 byte of `name` outside `[A-Za-z0-9_-]`."""
     if _SAFE.fullmatch(name):
@@ -51,3 +62,11 @@ def build_key(tenant: str, kind: KeyKind, *parts: str) -> str:
         raise ValueError("tenant must not be empty: '{}' is no hash tag in Redis Cluster")
     tail = "".join(":" + encode_name(part) for part in parts)
     return f"{PREFIX}:{{{encode_name(tenant)}}}:{kind.value}{tail}"
+
+
+def build_model_key(model: str) -> str:
+    """The lease set of `model`, e.g. `build_model_key("llama")` is `qos:{=llama}:model_leases`.
+    Raises ValueError for an empty model (see module rules)."""
+    if not model:
+        raise ValueError("model must not be empty")
+    return f"{PREFIX}:{{={encode_name(model)}}}:{MODEL_LEASES}"

@@ -4,9 +4,12 @@ Same rules as `sidecar.state.base`. Atomicity comes from asyncio: no method awai
 so each runs to completion before another task can touch the state (not thread-safe, and not
 meant to be). Time comes from the injected `clock`, so tests move time instead of sleeping.
 
-Memory stays bounded: a bucket entry is dropped once its bucket is full again, a tenant's lease
-table once it holds no lease. Buckets nobody touches again linger, one float each; their number
-is bounded by the policy (tenants x buckets).
+Memory stays bounded: a bucket entry is dropped once its bucket is full again, a tenant's (or a
+model's) lease table once it holds no lease. Buckets nobody touches again linger, one float
+each; their number is bounded by the policy (tenants x buckets).
+
+A lease of a model is added to the model's table in the same step as to the tenant's, with the
+same expiry: unlike Redis (see `sidecar.state.base`), the two never disagree.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from dataclasses import dataclass, field
 
 from sidecar.core.gcra import gcra_step
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
-from sidecar.state.base import new_lease_id, validate_bucket, validate_check, validate_tenant
+from sidecar.state.base import (
+    new_lease_id,
+    validate_bucket,
+    validate_check,
+    validate_model,
+    validate_tenant,
+)
 
 
 @dataclass(slots=True)
@@ -54,6 +63,22 @@ class _TenantLeases:
         return held
 
 
+@dataclass(slots=True)
+class _ModelLeases:
+    expiry_by_id: dict[str, float] = field(default_factory=dict)
+    next_expiry: float = math.inf  # a lower bound, as in `_TenantLeases`
+
+    def prune(self, now: float) -> None:
+        if now < self.next_expiry:
+            return
+        self.expiry_by_id = {i: exp for i, exp in self.expiry_by_id.items() if exp > now}
+        self.next_expiry = min(self.expiry_by_id.values(), default=math.inf)
+
+    def add(self, lease_id: str, expiry: float) -> None:
+        self.expiry_by_id[lease_id] = expiry
+        self.next_expiry = min(self.next_expiry, expiry)
+
+
 class MemoryQuotaStore:
     """Quota state in this process. `clock` returns seconds; only differences matter."""
 
@@ -61,6 +86,7 @@ class MemoryQuotaStore:
         self._clock = clock
         self._tats: dict[tuple[str, str], float] = {}  # (tenant, bucket) -> TAT
         self._leases: dict[str, _TenantLeases] = {}
+        self._model_leases: dict[str, _ModelLeases] = {}
 
     async def acquire(self, check: QuotaCheck) -> QuotaResult:
         return self._evaluate(check, take=True)
@@ -70,7 +96,14 @@ class MemoryQuotaStore:
 
     async def release(self, lease: LeaseRef) -> bool:
         validate_tenant(lease.tenant)
+        validate_model(lease.model)
         now = self._clock()
+        if lease.model is not None:
+            model_leases = self._model_leases.get(lease.model)
+            if model_leases is not None:
+                model_leases.expiry_by_id.pop(lease.lease_id, None)
+                if not model_leases.expiry_by_id:
+                    del self._model_leases[lease.model]
         leases = self._leases.get(lease.tenant)
         if leases is None:
             return False
@@ -95,6 +128,19 @@ class MemoryQuotaStore:
         if leases is None:
             return 0
         return len(leases.by_id) if klass is None else leases.class_counts.get(klass, 0)
+
+    async def count_for_model(self, lease: LeaseRef, ttl_s: float) -> None:
+        if not lease.model:
+            raise ValueError("count_for_model needs a lease with a model")
+        now = self._clock()
+        model_leases = self._model_leases.setdefault(lease.model, _ModelLeases())
+        model_leases.prune(now)
+        model_leases.add(lease.lease_id, now + ttl_s)
+
+    async def model_in_flight(self, model: str) -> int:
+        validate_model(model)
+        leases = self._live_model_leases(model, self._clock())
+        return 0 if leases is None else len(leases.expiry_by_id)
 
     async def ping(self) -> None:
         return None
@@ -147,9 +193,12 @@ class MemoryQuotaStore:
         for key, tat in new_tats:
             self._store_tat(key, tat, now)
         lease_id = new_lease_id()
-        self._leases.setdefault(check.tenant, _TenantLeases()).add(
-            lease_id, check.klass, now + check.lease_ttl_s
-        )
+        expiry = now + check.lease_ttl_s
+        self._leases.setdefault(check.tenant, _TenantLeases()).add(lease_id, check.klass, expiry)
+        if check.model is not None:
+            model_leases = self._model_leases.setdefault(check.model, _ModelLeases())
+            model_leases.prune(now)  # as the Redis script does: the table holds no dead leases
+            model_leases.add(lease_id, expiry)
         return QuotaResult(
             allowed=True,
             lease_id=lease_id,
@@ -163,6 +212,15 @@ class MemoryQuotaStore:
             leases.prune(now)
             if not leases.by_id:
                 del self._leases[tenant]
+                return None
+        return leases
+
+    def _live_model_leases(self, model: str, now: float) -> _ModelLeases | None:
+        leases = self._model_leases.get(model)
+        if leases is not None:
+            leases.prune(now)
+            if not leases.expiry_by_id:
+                del self._model_leases[model]
                 return None
         return leases
 

@@ -2,18 +2,25 @@
 
 Rules:
 - Every state change is one Lua script from `sidecar/state/lua/`, run atomically by the server
-  with one EVALSHA: one round trip per acquire, release or charge. The scripts use the server's
-  clock (see `_prelude.lua`), so replicas with skewed clocks agree.
+  with one EVALSHA: one round trip per acquire, release or charge. The one exception is a
+  lease counted for a model: its model entry lives in another slot, so it takes a second
+  script, `model_lease.lua`, right after the first (base.py says what can go wrong between
+  them). The scripts use the server's clock (see `_prelude.lua`), so replicas with skewed
+  clocks agree.
 - Scripts are identified by the SHA-1 of their text, computed here; nothing is loaded at
   connect. The first EVALSHA on a server that does not know a script (fresh start, SCRIPT
   FLUSH, failover to a replica) gets NOSCRIPT; the store then loads it and retries once.
-- All keys of one call carry the tenant's hash tag (`sidecar.state.keys`) and are passed in
-  KEYS, so the scripts run unchanged against one shard of a Redis Cluster.
+- All keys of one script call carry one hash tag, the tenant's or the model's
+  (`sidecar.state.keys`), and are passed in KEYS, so the scripts run unchanged against one
+  shard of a Redis Cluster.
 - Every call has one deadline, `timeout_s`, covering waiting for a pooled connection,
-  connecting and the answer. Past it, or on any Redis or socket error, the call raises
+  connecting and the answer, and both scripts of an acquire or release of a model: the model
+  step gets what the first left. Past it, or on any Redis or socket error, the call raises
   `StateUnavailable`; the core then applies the class's fail-open or fail-closed policy. A
   stalled Redis must never stall admission. redis-py's own retries are off: a retried script
   whose first answer was lost could charge twice, and the deadline leaves no time anyway.
+- A failed model step never fails its acquire or release (see base.py for why): it is counted
+  in `model_set_failures` and logged, at most once per `_LOG_EVERY_S`.
 - A call cut short by the deadline may still have run on the server. A lease taken that way is
   never handed out and expires with its TTL; that is the price of not waiting.
 """
@@ -23,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -35,10 +44,14 @@ from redis.exceptions import NoScriptError, RedisError
 
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
-from sidecar.state.base import new_lease_id, validate_bucket, validate_check
-from sidecar.state.keys import KeyKind, build_key
+from sidecar.state.base import new_lease_id, validate_bucket, validate_check, validate_model
+from sidecar.state.keys import KeyKind, build_key, build_model_key
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 0.05
+# A shard that fails every model step would otherwise log once per request.
+_LOG_EVERY_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 64
 
 _DENIED_BY = {1: LimitKind.CLASS_CONCURRENCY, 2: LimitKind.CONCURRENCY, 3: LimitKind.BUCKET}
@@ -64,6 +77,7 @@ ACQUIRE = load_script("acquire")
 RELEASE = load_script("release")
 CHARGE = load_script("charge")
 IN_FLIGHT = load_script("in_flight")
+MODEL_LEASE = load_script("model_lease")
 
 
 @contextlib.contextmanager
@@ -84,7 +98,8 @@ class RedisQuotaStore:
 
     `timeout_s` bounds every call (see module rules). `max_connections` caps the pool; a call
     finding every connection busy waits for one within the same deadline. Nothing connects
-    until the first call; `ping()` checks reachability.
+    until the first call; `ping()` checks reachability. `model_set_failures` counts the model
+    steps that failed without failing their call (see module rules).
     """
 
     def __init__(
@@ -106,6 +121,9 @@ class RedisQuotaStore:
             retry=Retry(NoBackoff(), 0),
         )
         self._client = Redis.from_pool(pool)  # the client owns the pool and closes it
+        self.model_set_failures = 0
+        self._unlogged_failures = 0
+        self._last_failure_log = -_LOG_EVERY_S
 
     async def acquire(self, check: QuotaCheck) -> QuotaResult:
         """Raises StateUnavailable, or ValueError for an invalid check."""
@@ -116,9 +134,22 @@ class RedisQuotaStore:
         return await self._evaluate(check, take=False)
 
     async def release(self, lease: LeaseRef) -> bool:
-        """Raises StateUnavailable."""
+        """Raises StateUnavailable (for the tenant's lease only), or ValueError for an empty
+        tenant or model."""
         keys = _lease_keys(lease.tenant, lease.klass)
-        return bool(await self._run(RELEASE, keys, [lease.lease_id]))
+        validate_model(lease.model)
+        deadline = self._deadline()
+        try:
+            held = bool(await self._run(RELEASE, keys, [lease.lease_id], deadline))
+        except StateUnavailable:
+            # The request has left the model whether or not its tenant's lease could be
+            # freed, so its model entry is still removed if that shard answers.
+            if lease.model is not None:
+                await self._update_model_set("remove", lease.model, lease.lease_id, deadline)
+            raise
+        if lease.model is not None:
+            await self._update_model_set("remove", lease.model, lease.lease_id, deadline)
+        return held
 
     async def charge(self, tenant: str, bucket: BucketCheck) -> None:
         """Raises StateUnavailable, or ValueError for an invalid bucket."""
@@ -134,6 +165,17 @@ class RedisQuotaStore:
             key = build_key(tenant, KeyKind.CLASS_LEASES, klass)
         return int(await self._run(IN_FLIGHT, [key], []))
 
+    async def count_for_model(self, lease: LeaseRef, ttl_s: float) -> None:
+        """Never raises StateUnavailable (a failure is counted, see module rules); ValueError
+        for a lease without a model."""
+        if not lease.model:
+            raise ValueError("count_for_model needs a lease with a model")
+        await self._update_model_set("add", lease.model, lease.lease_id, self._deadline(), ttl_s)
+
+    async def model_in_flight(self, model: str) -> int:
+        """Raises StateUnavailable, or ValueError for an empty model."""
+        return int(await self._run(IN_FLIGHT, [build_model_key(model)], []))
+
     async def ping(self) -> None:
         """Raises StateUnavailable."""
         with map_exceptions("ping", self._timeout_s):
@@ -145,6 +187,7 @@ class RedisQuotaStore:
 
     async def _evaluate(self, check: QuotaCheck, *, take: bool) -> QuotaResult:
         validate_check(check)
+        deadline = self._deadline()
         keys = _lease_keys(check.tenant, check.klass)
         args: list[str | float] = [
             "acquire" if take else "peek",
@@ -156,12 +199,17 @@ class RedisQuotaStore:
         for bucket in check.buckets:
             keys.append(build_key(check.tenant, KeyKind.BUCKET, bucket.name))
             args += (bucket.rate_per_s, bucket.burst, bucket.cost)
-        reply = await self._run(ACQUIRE, keys, args)
+        reply = await self._run(ACQUIRE, keys, args, deadline)
         allowed, denied_code, bucket_index, retry_after, in_flight, class_in_flight = reply
         if allowed:
+            lease_id = str(args[1]) if take else None
+            if lease_id is not None and check.model is not None:
+                await self._update_model_set(
+                    "add", check.model, lease_id, deadline, check.lease_ttl_s
+                )
             return QuotaResult(
                 allowed=True,
-                lease_id=str(args[1]) if take else None,
+                lease_id=lease_id,
                 in_flight=int(in_flight),
                 class_in_flight=int(class_in_flight),
             )
@@ -177,11 +225,45 @@ class RedisQuotaStore:
             class_in_flight=int(class_in_flight),
         )
 
+    async def _update_model_set(
+        self, operation: str, model: str, lease_id: str, deadline: float, ttl_s: float = 0.0
+    ) -> None:
+        """Add the lease to the model's set ("add") or remove it ("remove"). Never raises
+        StateUnavailable: a failure is counted and logged (see module rules)."""
+        args: list[str | float] = [operation, lease_id, ttl_s]
+        try:
+            await self._run(MODEL_LEASE, [build_model_key(model)], args, deadline)
+        except StateUnavailable as exc:
+            self.model_set_failures += 1
+            self._unlogged_failures += 1
+            now = time.monotonic()
+            if now - self._last_failure_log >= _LOG_EVERY_S:
+                log.warning(
+                    "model lease set not updated, %d time(s) since the last report (each "
+                    "leaves the model's in-flight count off by one, for at most a lease TTL); "
+                    "latest: %s %r: %s",
+                    self._unlogged_failures,
+                    operation,
+                    model,
+                    exc,
+                )
+                self._last_failure_log, self._unlogged_failures = now, 0
+
+    def _deadline(self) -> float:
+        """When a call started now must have its answer, on the event loop's clock."""
+        return asyncio.get_running_loop().time() + self._timeout_s
+
     async def _run(
-        self, script: LuaScript, keys: Sequence[str], args: Sequence[str | float]
+        self,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[str | float],
+        deadline: float | None = None,
     ) -> Any:
+        if deadline is None:
+            deadline = self._deadline()
         with map_exceptions(script.name, self._timeout_s):
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(deadline):
                 try:
                     return await self._client.evalsha(script.sha, len(keys), *keys, *args)
                 except NoScriptError:

@@ -1,0 +1,29 @@
+-- model_lease.lua: add one lease to a model's lease set, or remove it. Called right after
+-- acquire.lua allowed (add) or release.lua ran (remove): the model's set has its own hash tag,
+-- so it may live on another shard than the tenant's keys and cannot be in their script.
+-- sidecar/state/base.py says what that costs.
+--
+-- KEYS[1]  the model's lease set  qos:{=<model>}:model_leases
+-- ARGV[1]  "add" or "remove"
+-- ARGV[2]  the lease id (the one acquire.lua just added for the tenant)
+-- ARGV[3]  lease TTL, seconds (add only)
+--
+-- The expiry is counted from this server's clock, now: the set is only ever compared with the
+-- clock of the server that holds it, which need not be the tenant's.
+--
+-- Returns, for add, the model's in-flight count including the new lease; for remove, 1 if the
+-- lease was held (present and unexpired), else 0. Removing twice is safe.
+
+local now = now_s()
+if ARGV[1] == 'add' then
+  count_leases(KEYS[1], now, true) -- prune: the set holds no more than what is in flight
+  redis.call('ZADD', KEYS[1], fmt(now + tonumber(ARGV[3])), ARGV[2])
+  expire_lease_set(KEYS[1], now)
+  return redis.call('ZCARD', KEYS[1])
+end
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[1], ARGV[2])
+if expiry and tonumber(expiry) > now then
+  return 1
+end
+return 0
