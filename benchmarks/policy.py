@@ -38,6 +38,9 @@ OVERLOAD_BATCHES = {
     "standard": (0.5, 3.0),
     "batch": (0.25, 2.0),
 }
+# With --max-in-flight F, the non-interactive classes are also admitted at once only while the
+# model has fewer than F batches of requests in flight (queued or running in Triton).
+CAPPED_CLASSES = ("standard", "batch")
 MAX_WAIT_SHARE = {"interactive": 0.4, "standard": 0.3, "batch": 0.2}
 MAX_WAIT_CAP_MS = 4000  # the shipped Envoy configs allow holds up to 5 s
 
@@ -58,6 +61,8 @@ def write_policy(
     burst_s: float = 2.0,
     variant: str = "quota",
     batch_size: int = 16,
+    overload_scale: float = 1.0,
+    max_in_flight: float | None = None,
 ) -> Path:
     if variant not in POLICY_VARIANTS:
         raise ValueError(f"policy variant {variant!r}: expected one of {POLICY_VARIANTS}")
@@ -66,7 +71,12 @@ def write_policy(
         "identity": {"sources": [{"kind": "api_key", "header": "x-api-key"}]},
         "unknown_tenants": {"action": "reject"},
         "lease_ttl_s": 120,
-        "classes": {c.name: _class_doc(c, classes, variant, batch_size) for c in classes.values()},
+        "classes": {
+            c.name: _class_doc(
+                c, classes, variant, batch_size * overload_scale, batch_size, max_in_flight
+            )
+            for c in classes.values()
+        },
         "tenants": {},
     }
     tenant_docs: dict[str, object] = {}
@@ -109,7 +119,12 @@ def _bucket_scope(t: TenantSpec, variant: str) -> dict[str, object]:
 
 
 def _class_doc(
-    c: ClassSpec, classes: Mapping[str, ClassSpec], variant: str, batch_size: int
+    c: ClassSpec,
+    classes: Mapping[str, ClassSpec],
+    variant: str,
+    threshold_unit: float,
+    batch_size: int,
+    max_in_flight: float | None,
 ) -> dict[str, object]:
     doc: dict[str, object] = {
         "rank": c.priority,
@@ -121,10 +136,13 @@ def _class_doc(
     if variant == "quota" or c.name not in OVERLOAD_BATCHES:
         return doc
     admit, shed = OVERLOAD_BATCHES[c.name]
-    doc["overload"] = {
-        "admit_below": max(1, round(admit * batch_size)),
-        "shed_above": max(2, round(shed * batch_size)),
+    overload: dict[str, object] = {
+        "admit_below": max(1, round(admit * threshold_unit)),
+        "shed_above": max(2, round(shed * threshold_unit)),
     }
+    if max_in_flight is not None and c.name in CAPPED_CLASSES:
+        overload["max_in_flight"] = max(1, round(max_in_flight * batch_size))
+    doc["overload"] = overload
     if variant != "nodefer":
         wait_ms = round(MAX_WAIT_SHARE[c.name] * c.deadline_s * 1000)
         doc["max_wait_ms"] = min(MAX_WAIT_CAP_MS, wait_ms)

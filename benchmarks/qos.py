@@ -294,6 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mix", default="1,1,1", help="interactive,standard,batch weights")
     parser.add_argument(
+        "--overload-scale",
+        type=float,
+        default=1.0,
+        help="multiply the generated policy's Triton queue thresholds (admit_below, shed_above)",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=float,
+        help="cap standard and batch at this many batches of requests in flight per model",
+    )
+    parser.add_argument(
         "--systems", help="comma-separated subset of: " + ",".join(s.name for s in SYSTEMS)
     )
     parser.add_argument("--loads", help="comma-separated multiples of C")
@@ -392,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                         oversubscription=args.quota_oversubscription,
                         variant=variant,
                         batch_size=model.max_batch,
+                        overload_scale=args.overload_scale,
+                        max_in_flight=args.max_in_flight,
                     )
                 policy_dir = backend.policy_dirs["full"]
             quotas = tenant_quotas(policy_dir, config.tenants)
