@@ -22,6 +22,7 @@ import datetime as dt
 import gzip
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -576,4 +577,7 @@ class _null:
 
 
 if __name__ == "__main__":
+    # `kill` (SIGTERM) must stop Triton, Envoy, Valkey and the sidecar too: exiting through
+    # SystemExit runs the context managers that own them, where the default handler would not.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
