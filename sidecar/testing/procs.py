@@ -20,6 +20,7 @@ Rules this module keeps, because tests and the demo rely on them:
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import copy
 import importlib.util
@@ -51,12 +52,22 @@ class ProcessStartError(RuntimeError):
     the last lines of the server's log."""
 
 
+# Ports handed out lately: the kernel may offer a port again as soon as its probe socket is
+# closed, and a server given two "free" ports that are the same one fails to start (Triton:
+# "cannot listen to GRPC requests and metrics requests at the same address").
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=512)
+
+
 def free_port(host: str = LOCALHOST) -> int:
-    """Return a TCP port on ``host`` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a TCP port on ``host`` that was free a moment ago and that this process has not
+    handed out lately."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
 
 
 def wait_http(
