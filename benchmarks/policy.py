@@ -38,9 +38,15 @@ OVERLOAD_BATCHES = {
     "standard": (0.5, 3.0),
     "batch": (0.25, 2.0),
 }
-# With --max-in-flight F, the non-interactive classes are also admitted at once only while the
-# model has fewer than F batches of requests in flight (queued or running in Triton).
+# The non-interactive classes are also admitted at once only while the model has fewer than
+# MAX_IN_FLIGHT batches of requests in flight (queued or running in Triton; --max-in-flight,
+# 0 for no cap). Static batches run until their longest sequence is done and cannot be
+# preempted, so an interactive request waits for the batch in progress: keeping lower classes
+# to a quarter batch keeps that wait short. Measured (quick points, 20 s): with no cap
+# interactive missed 17-21% at 2x C, with 0.5 batch 4-6%, with 0.25 batch 1.0-1.2%, for
+# SLO-met throughput 1.5x, 1.5x and 1.2x C.
 CAPPED_CLASSES = ("standard", "batch")
+MAX_IN_FLIGHT = 0.25
 MAX_WAIT_SHARE = {"interactive": 0.4, "standard": 0.3, "batch": 0.2}
 MAX_WAIT_CAP_MS = 4000  # the shipped Envoy configs allow holds up to 5 s
 
@@ -62,7 +68,7 @@ def write_policy(
     variant: str = "quota",
     batch_size: int = 16,
     overload_scale: float = 1.0,
-    max_in_flight: float | None = None,
+    max_in_flight: float = MAX_IN_FLIGHT,
 ) -> Path:
     if variant not in POLICY_VARIANTS:
         raise ValueError(f"policy variant {variant!r}: expected one of {POLICY_VARIANTS}")
@@ -124,7 +130,7 @@ def _class_doc(
     variant: str,
     threshold_unit: float,
     batch_size: int,
-    max_in_flight: float | None,
+    max_in_flight: float,
 ) -> dict[str, object]:
     doc: dict[str, object] = {
         "rank": c.priority,
@@ -140,7 +146,7 @@ def _class_doc(
         "admit_below": max(1, round(admit * threshold_unit)),
         "shed_above": max(2, round(shed * threshold_unit)),
     }
-    if max_in_flight is not None and c.name in CAPPED_CLASSES:
+    if max_in_flight > 0 and c.name in CAPPED_CLASSES:
         overload["max_in_flight"] = max(1, round(max_in_flight * batch_size))
     doc["overload"] = overload
     if variant != "nodefer":

@@ -37,7 +37,7 @@ import numpy as np
 from benchmarks import report
 from benchmarks.loadgen import Record, RunResult
 from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo
-from benchmarks.policy import tenant_quotas, write_policy
+from benchmarks.policy import MAX_IN_FLIGHT, tenant_quotas, write_policy
 from benchmarks.runner import (
     SYSTEMS,
     SYSTEMS_BY_NAME,
@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-in-flight",
         type=float,
-        help="cap standard and batch at this many batches of requests in flight per model",
+        default=MAX_IN_FLIGHT,
+        help="admit standard and batch at once only below this many batches of requests in "
+        "flight per model (0: no cap)",
     )
     parser.add_argument(
         "--systems", help="comma-separated subset of: " + ",".join(s.name for s in SYSTEMS)
