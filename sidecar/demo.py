@@ -1,8 +1,10 @@
 """The local demo: the whole stack on this machine, a short multi-tenant load, a report.
 
-Starts Valkey, Triton (examples/triton, a simulated GPU), the sidecar and Envoy with a
-shipped bootstrap, then sends open-loop Poisson traffic from several tenants through Envoy
-and prints, per tenant and class, what was admitted and shed and how long it took.
+Starts Valkey, Triton (examples/triton, a simulated GPU and simulated LLMs), the sidecar and
+Envoy with shipped bootstraps. First a few LLM requests through the ext_proc Envoy show token
+accounting (each charged its prompt + max tokens, then made good with what it generated);
+then open-loop Poisson traffic from several tenants through the ext_authz Envoy, and a report,
+per tenant and class, of what was admitted and shed and how long it took.
 Every process is stopped at the end, whatever happens.
 """
 
@@ -15,6 +17,7 @@ import random
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
@@ -106,6 +109,62 @@ async def drive(url: str, duration_s: float, seed: int) -> list[Result]:
         return list(await asyncio.gather(*tasks))
 
 
+LLM_KEY = "demo-key-research"  # its `gpu-cost` bucket holds 2000 cost units (tenants.yaml)
+LLM_REQUESTS = ((400, 800, 50), (400, 800, 50), (400, 800, 50))  # prompt, max, generated
+
+
+def token_accounting(url: str, admin_url: str) -> str:
+    """Three LLM requests through the ext_proc Envoy, and what the sidecar charged for them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lines = [
+        "LLM token accounting (ext_proc; tenant research, bucket gpu-cost 2000 units,"
+        " cost = prompt + max tokens, made good with the tokens generated):"
+    ]
+    for n, (prompt, max_tokens, eos) in enumerate(LLM_REQUESTS, 1):
+        tensor = {"shape": [1, 1], "datatype": "INT32"}
+        body = {
+            "inputs": [
+                {"name": "PROMPT_TOKENS", "data": [prompt], **tensor},
+                {"name": "OUTPUT_TOKENS", "data": [max_tokens], **tensor},
+            ],
+            "parameters": {"eos_after_tokens": eos},
+        }
+        request = urllib.request.Request(
+            url + "/v2/models/llm/infer",
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json", "x-api-key": LLM_KEY},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                out = json.load(response)["outputs"]
+                generated = next(o["data"][0] for o in out if o["name"] == "OUT_TOKENS")
+                said = f"200, generated {generated} of {max_tokens} tokens"
+        except urllib.error.HTTPError as exc:
+            with exc:
+                said = (
+                    f"{exc.code} {exc.headers.get('x-qos-reason')}, Retry-After"
+                    f" {exc.headers.get('retry-after')} s: its estimate no longer fits"
+                )
+        lines.append(f"  request {n}: {prompt} prompt + {max_tokens} max tokens -> {said}")
+        time.sleep(0.3)  # the reconciliation follows the response by a moment
+    with urllib.request.urlopen(admin_url + "/metrics") as response:
+        text = response.read().decode()
+    counts: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "qos_tokens_total" and sample.labels.get("tenant") == "research":
+                counts[sample.labels["kind"]] += sample.value
+            elif sample.name == "qos_token_accounting_total":
+                counts[sample.labels["result"]] += sample.value
+    lines.append(
+        f"  sidecar: {counts['prompt']:.0f} prompt + {counts['max']:.0f} max tokens charged,"
+        f" {counts['generated']:.0f} generated; {counts['reconciled']:.0f} reconciled"
+        " (the difference refunded)"
+    )
+    return "\n".join(lines)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -173,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="qos-demo-") as tmp:
         print("starting Valkey, Triton (simulated GPU), qos-sidecar and Envoy ...", flush=True)
-        with LocalStack(Path(tmp), args.policy, modes=(args.mode,)) as stack:
+        with LocalStack(Path(tmp), args.policy, modes=(args.mode, "extproc")) as stack:
             assert stack.sidecar is not None
             url = stack.url(args.mode)
             print(
-                f"Envoy on {url} (ext_authz {args.mode}),"
+                f"Envoy on {url} (ext_authz {args.mode}) and {stack.url('extproc')} (ext_proc),"
                 f" sidecar admin on {stack.sidecar.admin_url}"
             )
+            print("\n" + token_accounting(stack.url("extproc"), stack.sidecar.admin_url) + "\n")
             print(
                 f"sending {args.duration:.0f}s of open-loop traffic from 4 tenants ...", flush=True
             )

@@ -33,3 +33,9 @@ def test_demo_runs_and_reports_every_stream() -> None:
     assert "class_not_allowed" in analytics  # the policy forbids it: every one refused
     assert analytics.split()[3] == "0"  # admitted
     assert "sidecar decision time (holds included) over" in out
+    # Token accounting through the ext_proc Envoy: the refund of the first two requests is
+    # what lets the second in; the third's estimate no longer fits the bucket.
+    assert "request 1: 400 prompt + 800 max tokens -> 200, generated 50" in out, out
+    assert "request 2: 400 prompt + 800 max tokens -> 200, generated 50" in out, out
+    assert "request 3: 400 prompt + 800 max tokens -> 429 over_rate" in out, out
+    assert "2 reconciled" in out, out
