@@ -236,3 +236,20 @@ def test_models_without_a_token_policy_are_decided_on_the_headers() -> None:
     )
     assert "x-qos-lease" in set_headers(answers[0].request_headers.response.header_mutation)
     assert not answers[0].HasField("mode_override")
+
+
+def test_tokens_are_counted_for_a_tenant_without_a_cost_bucket() -> None:
+    service = make_service()
+    analytics = {"x-api-key": "k-analytics", **JSON}  # a requests bucket only
+    output = json.dumps({"outputs": [{"name": "OUT_TOKENS", "data": [42]}]}).encode()
+    converse(
+        service,
+        headers_message(analytics, path=LLM),
+        body_message(llm_body(200, 300)),
+        response_headers(200),
+        response_body(output),
+    )
+    labels = {"tenant": "analytics", "class": "batch"}
+    assert sample(service, "qos_tokens_total", kind="max", **labels) == 300
+    assert sample(service, "qos_tokens_total", kind="generated", **labels) == 42
+    assert sample(service, "qos_token_accounting_total", result="reconciled") == 1

@@ -335,7 +335,9 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         )
         if not decision.admitted:
             return headers_response_for(decision), True
-        if isinstance(found, TokenEstimate) and decision.charged:
+        if isinstance(found, TokenEstimate):
+            # Metered even when no bucket took the cost (no `cost` bucket, or the store
+            # failed open): the token counts are still worth having.
             metrics.token_accounting.labels("estimated").inc()
             labels = (decision.tenant or "", decision.klass or "")
             metrics.tokens.labels(*labels, "prompt").inc(found.prompt_tokens)
