@@ -11,6 +11,7 @@ fail-closed rule; a deferred request is then held by the `Deferrer`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -351,12 +352,24 @@ class AdmissionService:
         if lease is None or model is None:
             return decision
         lease = replace(lease, model=model)
-        await self.store.count_for_model(lease, self.policy.lease_ttl_s)
+        task = asyncio.ensure_future(self.store.count_for_model(lease, self.policy.lease_ttl_s))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Client gone meanwhile: nobody will carry this lease, so free it (and, once it
+            # is written, its model entry) now rather than at its TTL.
+            await asyncio.shield(self._release_when_done(task, lease))
+            raise
         headers = tuple(
             (name, format_lease(lease) if name == HEADER_LEASE else value)
             for name, value in decision.headers
         )
         return replace(decision, lease=lease, headers=headers)
+
+    async def _release_when_done(self, task: asyncio.Future[None], lease: LeaseRef) -> None:
+        with contextlib.suppress(Exception):
+            await task
+        await self.complete(format_lease(lease))
 
     async def _give_back(self, planned: Admission, decision: Decision) -> None:
         """Return the lease and the bucket tokens of a request that was never served."""

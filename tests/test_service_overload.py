@@ -7,6 +7,7 @@ versions of these behaviours are in test_e2e_overload.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import replace
 from types import MappingProxyType
@@ -268,3 +269,38 @@ def test_max_in_flight_holds_a_request_until_one_of_the_model_ends() -> None:
     decision = asyncio.run(body())
     assert decision.reason is Reason.ADMITTED_DEFERRED
     assert any("2 in flight (max 2)" in step for step in decision.trace)
+
+
+class SlowModelCount(MemoryQuotaStore):
+    """Counting a let-go request for its model takes a while (a slow Redis shard)."""
+
+    async def count_for_model(self, lease: Any, ttl_s: float) -> None:
+        await asyncio.sleep(0.2)
+        await super().count_for_model(lease, ttl_s)
+
+
+def test_client_gone_while_a_let_go_request_is_counted_frees_lease_and_count() -> None:
+    backend = Backend(depth=6)  # over admit_below 4: held
+    store = SlowModelCount()
+    service = AdmissionService(
+        policy_with_overload(max_wait_ms=5000),
+        store,
+        Metrics(CollectorRegistry()),
+        load=backend.view,
+    )
+
+    async def body() -> None:
+        held = asyncio.create_task(service.check(request(), "test"))
+        await asyncio.sleep(0.05)
+        backend.depth = 0
+        assert service.deferrer is not None
+        service.deferrer.on_scrape()  # let go: now being counted for its model
+        await asyncio.sleep(0.05)
+        held.cancel()  # Envoy gave up before the answer
+        with contextlib.suppress(asyncio.CancelledError):
+            await held
+        await asyncio.sleep(0.3)  # the count lands, then the lease and its entry are freed
+        assert await in_flight(store) == 0
+        assert await store.model_in_flight("simgpu") == 0
+
+    asyncio.run(body())
