@@ -19,7 +19,6 @@ from dataclasses import replace
 
 from sidecar.admin.metrics import Metrics
 from sidecar.core.decide import (
-    HEADER_LEASE,
     Admission,
     CompiledPolicy,
     admit_after_wait,
@@ -214,10 +213,9 @@ class AdmissionService:
         if isinstance(plan, Decision):
             return plan
         planned, verdict = plan
-        model = planned.check.model
         if verdict.action is LoadAction.DEFER:
             # Not in flight while held: its model counts it once it is let go (`_counted`).
-            planned = replace(planned, check=replace(planned.check, model=None))
+            planned = replace(planned, check=replace(planned.check, count_model_now=False))
         result = await self._acquire(planned)
         decision = decide(planned, result)
         if not decision.admitted or result is None or self.deferrer is None:
@@ -226,7 +224,9 @@ class AdmissionService:
             self.deferrer.note_admitted(planned.model or "")
             return decision
         held = await self._hold(planned, result, decision, on_hold)
-        return await self._counted(held, model) if held.admitted else held
+        if held.admitted:
+            await self._counted(held)
+        return held
 
     def _plan(
         self,
@@ -345,13 +345,12 @@ class AdmissionService:
             planned, overload_retry_after_s(klass, self._judge(planned)), f"{waited}, no room"
         )
 
-    async def _counted(self, decision: Decision, model: str | None) -> Decision:
-        """A held request let go to Triton: its lease now counts for its model, and its lease
-        token says so (so its completion removes it)."""
+    async def _counted(self, decision: Decision) -> None:
+        """A held request let go to Triton: its lease (which names its model) now counts for
+        that model."""
         lease = decision.lease
-        if lease is None or model is None:
-            return decision
-        lease = replace(lease, model=model)
+        if lease is None or lease.model is None:
+            return
         task = asyncio.ensure_future(self.store.count_for_model(lease, self.policy.lease_ttl_s))
         try:
             await asyncio.shield(task)
@@ -360,11 +359,6 @@ class AdmissionService:
             # is written, its model entry) now rather than at its TTL.
             await asyncio.shield(self._release_when_done(task, lease))
             raise
-        headers = tuple(
-            (name, format_lease(lease) if name == HEADER_LEASE else value)
-            for name, value in decision.headers
-        )
-        return replace(decision, lease=lease, headers=headers)
 
     async def _release_when_done(self, task: asyncio.Future[None], lease: LeaseRef) -> None:
         with contextlib.suppress(Exception):

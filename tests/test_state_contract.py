@@ -509,6 +509,25 @@ def test_a_check_without_a_model_counts_for_no_model(harness: Harness) -> None:
     harness.run(body)
 
 
+def test_a_lease_counted_later_counts_only_from_then(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        later = replace(check(model="llama"), count_model_now=False)
+        first = await store.acquire(later)
+        assert first.allowed and await store.model_in_flight("llama") == 0
+        # Released before it was counted (a held request shed): harmless.
+        assert await store.release(lease_of(later, first))
+        assert await store.model_in_flight("llama") == 0
+
+        second = await store.acquire(later)
+        lease = lease_of(later, second)
+        await store.count_for_model(lease, 60.0)  # let go to Triton
+        assert await store.model_in_flight("llama") == 1
+        assert await store.release(lease)
+        assert await store.model_in_flight("llama") == 0
+
+    harness.run(body)
+
+
 def test_concurrent_acquires_count_each_admitted_lease_for_the_model(harness: Harness) -> None:
     async def body(store: QuotaStore) -> None:
         c = check(max_concurrency=10, model="llama")

@@ -59,6 +59,9 @@ class QuotaCheck:
     # The model the request is for: its lease is also counted in that model's in-flight count
     # (across tenants and replicas). None: counted for no model.
     model: str | None = None
+    # False: `acquire` does not count the lease for `model` yet (a request about to be held is
+    # not in flight); `count_for_model` counts it when it is let go. The lease still names it.
+    count_model_now: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,9 @@ Rules (the contract tests in tests/test_state_contract.py run both stores throug
   `LeaseRef` with a `model` removes it there too; the store finds the model set through
   `lease.model` alone, so a ref without it frees the tenant's lease and leaves the model's
   entry to its TTL. `model_in_flight` counts the model's unexpired leases. A denied acquire, a
-  peek and a check without a model touch no model's count. The model count is a load signal
-  (see `sidecar.deferral`); `acquire` checks no limit against it.
+  peek, a check without a model and one with `count_model_now=False` touch no model's count;
+  `count_for_model` counts such a lease later (releasing it before is harmless). The model
+  count is a load signal (see `sidecar.deferral`); `acquire` checks no limit against it.
 - The model count is not atomic with the tenant's lease in Redis. A model's set has its own
   hash tag (`sidecar.state.keys`), so in Redis Cluster it lives in another slot than the
   tenant's keys and no Lua script can touch both. `acquire` takes the tenant's limits and lease

@@ -133,9 +133,12 @@ class MemoryQuotaStore:
         if not lease.model:
             raise ValueError("count_for_model needs a lease with a model")
         now = self._clock()
-        model_leases = self._model_leases.setdefault(lease.model, _ModelLeases())
-        model_leases.prune(now)
-        model_leases.add(lease.lease_id, now + ttl_s)
+        self._count_model(lease.model, lease.lease_id, now + ttl_s, now)
+
+    def _count_model(self, model: str, lease_id: str, expiry: float, now: float) -> None:
+        model_leases = self._model_leases.setdefault(model, _ModelLeases())
+        model_leases.prune(now)  # as the Redis script does: the table holds no dead leases
+        model_leases.add(lease_id, expiry)
 
     async def model_in_flight(self, model: str) -> int:
         validate_model(model)
@@ -195,10 +198,8 @@ class MemoryQuotaStore:
         lease_id = new_lease_id()
         expiry = now + check.lease_ttl_s
         self._leases.setdefault(check.tenant, _TenantLeases()).add(lease_id, check.klass, expiry)
-        if check.model is not None:
-            model_leases = self._model_leases.setdefault(check.model, _ModelLeases())
-            model_leases.prune(now)  # as the Redis script does: the table holds no dead leases
-            model_leases.add(lease_id, expiry)
+        if check.model is not None and check.count_model_now:
+            self._count_model(check.model, lease_id, expiry, now)
         return QuotaResult(
             allowed=True,
             lease_id=lease_id,

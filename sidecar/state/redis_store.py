@@ -203,7 +203,7 @@ class RedisQuotaStore:
         allowed, denied_code, bucket_index, retry_after, in_flight, class_in_flight = reply
         if allowed:
             lease_id = str(args[1]) if take else None
-            if lease_id is not None and check.model is not None:
+            if lease_id is not None and check.model is not None and check.count_model_now:
                 await self._update_model_set(
                     "add", check.model, lease_id, deadline, check.lease_ttl_s
                 )
