@@ -50,10 +50,21 @@ def main(argv: list[str]) -> int:
         return 2
     ensure_venv()
     if argv[0] == "demo":
-        return run(str(PY), "-m", "sidecar.demo", *argv[1:])
+        return run(str(PY), "-m", "devstack.demo", *argv[1:])
     steps = [
-        (str(PY), "-m", "ruff", "check", "sidecar", "tests", "benchmarks", "dev.py"),
-        (str(PY), "-m", "ruff", "format", "--check", "sidecar", "tests", "benchmarks", "dev.py"),
+        (str(PY), "-m", "ruff", "check", "sidecar", "devstack", "tests", "benchmarks", "dev.py"),
+        (
+            str(PY),
+            "-m",
+            "ruff",
+            "format",
+            "--check",
+            "sidecar",
+            "devstack",
+            "tests",
+            "benchmarks",
+            "dev.py",
+        ),
         (str(PY), "-m", "mypy"),
         (str(PY), "-m", "pytest", *argv[1:]),
     ]

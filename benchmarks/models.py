@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sidecar.testing.stack import MODEL_REPO
+from devstack.stack import MODEL_REPO
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,8 +57,8 @@ from benchmarks.workload import (
     load_trace,
     sample_sizes,
 )
-from sidecar.testing.procs import TritonProcess, ValkeyProcess
-from sidecar.testing.stack import ROOT
+from devstack.procs import TritonProcess, ValkeyProcess
+from devstack.stack import ROOT
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,15 @@ from benchmarks.loadgen import GenOptions, RunResult
 from benchmarks.models import ModelKind
 from benchmarks.policy import Quota
 from benchmarks.workload import ClassSpec, Request, TenantSpec
-from sidecar.testing.procs import (
+from devstack.procs import (
     EnvoyProcess,
     TritonProcess,
     ValkeyProcess,
     free_port,
     render_bootstrap,
 )
-from sidecar.testing.sidecar_proc import SidecarProcess
-from sidecar.testing.stack import BOOTSTRAPS, ROOT
+from devstack.sidecar_proc import SidecarProcess
+from devstack.stack import BOOTSTRAPS, ROOT
 
 BASELINES = ROOT / "envoy" / "baselines"
 ENVOY_CONFIGS: dict[str, Path] = {

@@ -24,12 +24,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from sidecar.admin.http import build_admin_app
-from sidecar.admin.metrics import Metrics
 from sidecar.backends.triton import TritonEndpoint, TritonLoadMonitor
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import build_authz_app
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
+from sidecar.metrics import Metrics
 from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
 from sidecar.settings import Settings

@@ -98,7 +98,7 @@ async def _explain_offline(paths: list[Path], payload: dict[str, object]) -> dic
     from prometheus_client import CollectorRegistry
 
     from sidecar.admin.http import decision_json, explain_request_from_json
-    from sidecar.admin.metrics import Metrics
+    from sidecar.metrics import Metrics
     from sidecar.policy.loader import load_policy
     from sidecar.service import AdmissionService
     from sidecar.state.memory import MemoryQuotaStore

@@ -17,7 +17,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 
-from sidecar.admin.metrics import Metrics
 from sidecar.core.decide import (
     Admission,
     CompiledPolicy,
@@ -36,6 +35,7 @@ from sidecar.core.tokens import TokenEstimate
 from sidecar.core.types import Decision, LeaseRef, QuotaResult, RequestAttributes
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
+from sidecar.metrics import Metrics
 from sidecar.policy.model import Policy
 from sidecar.state.base import QuotaStore
 

@@ -12,7 +12,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from sidecar.testing.procs import ValkeyProcess, free_port
+from devstack.procs import ValkeyProcess, free_port
 
 __all__ = ["ValkeyServer", "free_port"]
 

@@ -19,11 +19,11 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from sidecar.admin.metrics import Metrics
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import build_authz_app
 from sidecar.errors import StateUnavailable
+from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
 from sidecar.state.memory import MemoryQuotaStore
 from tests.core_fixtures import make_policy

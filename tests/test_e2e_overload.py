@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.testing.procs import find_envoy
-from sidecar.testing.stack import LocalStack
+from devstack.procs import find_envoy
+from devstack.stack import LocalStack
 from tests.stack_client import INFER_PATH, infer, metric_value, wait_for
 
 pytestmark = pytest.mark.stack

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.testing.procs import find_envoy
-from sidecar.testing.stack import LocalStack
+from devstack.procs import find_envoy
+from devstack.stack import LocalStack
 from tests.stack_client import explain, infer, metric_value, wait_for
 
 pytestmark = pytest.mark.stack
@@ -263,7 +263,7 @@ def _policy(stack: LocalStack) -> Any:
 def test_redis_unreachable_follows_class_fail_mode(tmp_path: Path) -> None:
     """A dead Redis: fail-open classes are admitted, fail-closed ones get 503 + Retry-After,
     in both modes, and quickly (the decision does not wait for Redis)."""
-    from sidecar.testing.procs import free_port
+    from devstack.procs import free_port
 
     policy = tmp_path / "policies"
     policy.mkdir()
@@ -355,7 +355,7 @@ def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
     import signal
     import urllib.request
 
-    from sidecar.testing.sidecar_proc import SidecarProcess
+    from devstack.sidecar_proc import SidecarProcess
 
     policy = write_policy(tmp_path / "policies")
     # Polling effectively off: only the signal can make it reload.

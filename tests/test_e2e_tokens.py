@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.testing.procs import find_envoy
-from sidecar.testing.stack import LocalStack
+from devstack.procs import find_envoy
+from devstack.stack import LocalStack
 from tests.stack_client import Reply, metric_value, post, wait_for
 
 pytestmark = pytest.mark.stack

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack.procs import find_envoy
 from sidecar.core.decide import DECISION_HEADERS as CORE_DECISION_HEADERS
-from sidecar.testing.procs import find_envoy
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVOY_DIR = ROOT / "envoy"

@@ -18,8 +18,8 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from prometheus_client import CollectorRegistry
 
-from sidecar.admin.metrics import Metrics
 from sidecar.core.types import BucketCheck, QuotaCheck
+from sidecar.metrics import Metrics
 from sidecar.policy.model import ModelPolicy, TokenPolicy
 from sidecar.service import AdmissionService
 from sidecar.state.memory import MemoryQuotaStore

@@ -15,10 +15,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from sidecar.admin.metrics import Metrics
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView, ModelLoad
 from sidecar.core.types import Decision, Reason, RequestAttributes
+from sidecar.metrics import Metrics
 from sidecar.policy.model import OverloadPolicy
 from sidecar.service import AdmissionService
 from sidecar.state.memory import MemoryQuotaStore

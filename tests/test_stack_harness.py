@@ -1,4 +1,4 @@
-"""The process harness (sidecar.testing.procs) and the shipped Envoy bootstraps on the real
+"""The process harness (devstack.procs) and the shipped Envoy bootstraps on the real
 servers: Valkey answers PING, Triton serves examples/triton, and Envoy with the shipped
 bootstraps (moved to free ports) strips forged decision headers, applies ext_authz decisions,
 fails closed and streams one access-log entry per request.
@@ -36,7 +36,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
-from sidecar.testing.procs import (
+from devstack.procs import (
     EnvoyProcess,
     ManagedProcess,
     ProcessStartError,

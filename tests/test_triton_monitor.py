@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sidecar.admin.metrics import Metrics
 from sidecar.backends.triton import TritonEndpoint, TritonLoadMonitor
 from sidecar.core.load import SignalState
+from sidecar.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_monitor_reads_fake_triton_and_ages_into_stale_on_failure() -> None:
 
 @pytest.mark.stack
 def test_monitor_sees_real_triton_queue_depth_and_completions(tmp_path: Path) -> None:
-    from sidecar.testing.procs import TritonProcess
+    from devstack.procs import TritonProcess
 
     repo = tmp_path / "models"
     shutil.copytree(ROOT / "examples" / "triton" / "simgpu", repo / "simgpu")

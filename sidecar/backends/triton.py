@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from sidecar.admin.metrics import Metrics
 from sidecar.core.load import (
     EMPTY_VIEW,
     LoadView,
@@ -26,6 +25,7 @@ from sidecar.core.load import (
     derive_load,
     parse_triton_metrics,
 )
+from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,14 @@
 """Helpers that start the real stack (Valkey, Triton, Envoy) for tests, the demo and benchmarks.
 
-Nothing here is imported by the sidecar itself; it lives in the package so that the demo and
-the benchmark can use the same harness as the end-to-end tests.
+A development tool, not part of the sidecar: it is not in the wheel (pyproject's package list
+names only `sidecar*`) and nothing in `sidecar/` imports it. The tests, the demo
+(`python3 dev.py demo` = `python -m devstack.demo`) and the benchmarks import it from the
+repository root.
 """
 
 from __future__ import annotations
 
-from sidecar.testing.procs import (
+from devstack.procs import (
     EnvoyProcess,
     ManagedProcess,
     ProcessStartError,

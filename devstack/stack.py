@@ -11,16 +11,16 @@ import contextlib
 from pathlib import Path
 from types import TracebackType
 
-from sidecar.testing.procs import (
+from devstack.procs import (
     EnvoyProcess,
     TritonProcess,
     ValkeyProcess,
     free_port,
     render_bootstrap,
 )
-from sidecar.testing.sidecar_proc import SidecarProcess
+from devstack.sidecar_proc import SidecarProcess
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "examples" / "triton"
 BOOTSTRAPS = {
     "http": ROOT / "envoy" / "bootstrap-ext-authz-http.yaml",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from sidecar.testing.stack import ROOT, LocalStack
+from devstack.stack import ROOT, LocalStack
 
 INFER_PATH = "/v2/models/simgpu/infer"
 
@@ -223,7 +223,7 @@ def decision_time_summary(metrics_text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devstack.demo", description=__doc__)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of load")
     parser.add_argument("--mode", choices=("http", "grpc"), default="http", help="ext_authz mode")
     parser.add_argument("--policy", type=Path, default=ROOT / "policies")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from sidecar.testing.procs import LOCALHOST, ManagedProcess, free_port, wait_http
+from devstack.procs import LOCALHOST, ManagedProcess, free_port, wait_http
 
 
 class SidecarProcess(ManagedProcess):
