@@ -85,19 +85,25 @@ class AdmissionService:
         """Swap the policy whole; requests in flight keep the snapshot they started with."""
         self._compiled = compile_policy(policy)
 
+    def snapshot(self) -> CompiledPolicy:
+        """The current policy, for a caller that must use one snapshot across several calls
+        (an ext_proc stream, from its headers to its end)."""
+        return self._compiled
+
     async def check(
         self,
         attrs: RequestAttributes,
         api: str,
         on_hold: OnHold | None = None,
         estimate: TokenEstimate | None = None,
+        policy: CompiledPolicy | None = None,
     ) -> Decision:
         """Decide one request, taking quota when it is admitted. `on_hold(max_wait_s)` runs
         before a request is held (ext_proc uses it to extend Envoy's message timeout).
         `estimate` is the request's own cost, read from its body; without it the model's
-        cost_per_request is charged."""
+        cost_per_request is charged. `policy` pins a snapshot (default: the current one)."""
         started = time.perf_counter()
-        decision = await self._check(self._compiled, attrs, on_hold, estimate)
+        decision = await self._check(policy or self._compiled, attrs, on_hold, estimate)
         self.metrics.decision_seconds.labels(api).observe(time.perf_counter() - started)
         self.metrics.record_decision(decision, self.policy.tenants, api)
         return decision

@@ -99,6 +99,8 @@ def test_admitted_requests(
     assert headers["x-qos-tenant"] == tenant
     assert headers["x-qos-granted-class"] == klass
     assert headers["x-qos-priority"] == str(COMPILED.policy.classes[klass].triton_priority)
+    # The body rewrite reads the number, not the header string back.
+    assert decision.triton_priority == COMPILED.policy.classes[klass].triton_priority
     lease = parse_lease(headers["x-qos-lease"])
     assert lease is not None
     assert (lease.tenant, lease.klass, lease.lease_id) == (tenant, klass, "abc123")

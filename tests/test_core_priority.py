@@ -15,16 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from sidecar.core.decide import HEADER_PRIORITY
 from sidecar.core.priority import (
     BINARY_HEADER_LENGTH,
     GRPC_MODEL_INFER_PATH,
     RewriteResult,
     rewrite_body,
-    triton_priority_of,
     with_triton_priority,
 )
-from sidecar.core.types import Decision, Outcome, Reason
 
 INFER = "/v2/models/simgpu/infer"
 JSON = "application/json"
@@ -258,15 +255,6 @@ def test_a_rewrite_sets_content_length() -> None:
     result = rewrite_body(INFER, {"content-type": JSON}, b'{"inputs":[]}', 3)
     assert result.body == b'{"parameters":{"priority":3},"inputs":[]}'
     assert result.headers == (("content-length", str(len(result.body))),)
-
-
-def test_priority_of_a_decision() -> None:
-    def decision(headers: tuple[tuple[str, str], ...]) -> Decision:
-        return Decision(Outcome.ADMIT, 200, Reason.ADMITTED, "t", "c", None, headers=headers)
-
-    assert triton_priority_of(decision(((HEADER_PRIORITY, "2"),))) == 2
-    assert triton_priority_of(decision(())) is None
-    assert triton_priority_of(decision(((HEADER_PRIORITY, "²"),))) is None
 
 
 # -- gRPC --------------------------------------------------------------------------------------

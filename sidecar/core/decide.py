@@ -384,6 +384,7 @@ def _admit(
         headers=tuple(headers),
         lease=lease,
         charged=tuple(b for b in admission.check.buckets if b.by_cost) if lease_id else (),
+        triton_priority=klass.triton_priority,
         trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
     )
 

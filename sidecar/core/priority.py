@@ -39,9 +39,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sidecar.core.decide import HEADER_PRIORITY
-from sidecar.core.types import Decision
-
 GRPC_MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 BINARY_HEADER_LENGTH = "inference-header-content-length"
 # The request headers the rewrite reads besides the path: Envoy must forward them to the sidecar.
@@ -94,14 +91,6 @@ class BodyRewrite:
     result: RewriteResult
     body: bytes | None = None
     headers: tuple[tuple[str, str], ...] = ()  # request headers to set along with the body
-
-
-def triton_priority_of(decision: Decision) -> int | None:
-    """The Triton priority level an admit grants (its x-qos-priority header), else None."""
-    for name, value in decision.headers:
-        if name == HEADER_PRIORITY:
-            return int(value) if value.isascii() and value.isdigit() else None
-    return None
 
 
 def rewrite_body(path: str, headers: Mapping[str, str], body: bytes, priority: int) -> BodyRewrite:

@@ -129,6 +129,9 @@ class Decision:
     # The cost-unit buckets this admit charged, for reconciling an estimate (empty when
     # nothing was charged: a shed, or an admit that failed open).
     charged: tuple[BucketCheck, ...] = ()
+    # The Triton priority level an admit grants (the granted class's `triton_priority`), for
+    # the body rewrite; None for a shed.
+    triton_priority: int | None = None
     # Human-readable steps that led here, for /v1/explain and debug logs.
     trace: tuple[str, ...] = field(default=())
 

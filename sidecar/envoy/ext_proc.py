@@ -55,7 +55,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2
 
 from sidecar.core.decide import model_of
-from sidecar.core.priority import BodyRewrite, RewriteResult, rewrite_body, triton_priority_of
+from sidecar.core.priority import BodyRewrite, RewriteResult, rewrite_body
 from sidecar.core.tokens import TokenEstimate, UsageMeter, estimate, is_streamed
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.policy.model import TokenPolicy
@@ -375,7 +375,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
                 ).inc()
             return BodyRewrite(RewriteResult.UNSUPPORTED)
         assert stream.attrs is not None and stream.admitted is not None
-        priority = triton_priority_of(stream.admitted)
+        priority = stream.admitted.triton_priority
         if priority is None:
             return BodyRewrite(RewriteResult.UNSUPPORTED)
         rewrite = rewrite_body(stream.attrs.path, stream.attrs.headers, body.body, priority)
