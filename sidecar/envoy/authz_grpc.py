@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from sidecar.core.types import Decision, RequestAttributes
+from sidecar.envoy.common import header_options, read_headers, release_if_undelivered
 from sidecar.service import AdmissionService
 
 API = "grpc"
@@ -34,7 +34,8 @@ def attributes_from_check(request: Any) -> RequestAttributes | None:
     if not request.attributes.request.HasField("http"):
         return None
     http = request.attributes.request.http
-    headers = {k.lower(): v for k, v in http.headers.items() if not k.startswith(":")}
+    # Envoy has already joined repeated headers: the map holds one value per name.
+    headers, _ = read_headers(http.headers.items())
     return RequestAttributes(
         method=http.method,
         path=http.path,
@@ -45,13 +46,8 @@ def attributes_from_check(request: Any) -> RequestAttributes | None:
 
 
 def _header_options(headers: tuple[tuple[str, str], ...]) -> list[Any]:
-    return [
-        base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=name, value=value),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-        )
-        for name, value in headers
-    ]
+    # ext_authz gRPC reads HeaderValue.value (common.py, rule 2).
+    return header_options(headers, raw_value=False)
 
 
 def check_response_for(decision: Decision) -> Any:
@@ -85,6 +81,5 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             )
             return check_response_for(decision)
         decision = await self._service.check(attrs, API)
-        if decision.lease_id is not None and context.cancelled():
-            await self._service.release_undelivered(decision)
+        await release_if_undelivered(self._service, decision, delivered=not context.cancelled())
         return check_response_for(decision)

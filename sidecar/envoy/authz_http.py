@@ -14,6 +14,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.core.types import Decision, RequestAttributes
+from sidecar.envoy.common import read_headers, release_if_undelivered
 from sidecar.service import AdmissionService
 
 # Set by Envoy from the verified client certificate (authorization_request.headers_to_add),
@@ -29,10 +30,7 @@ def attributes_from_request(request: web.BaseRequest, path_prefix: str) -> Reque
     path = request.raw_path
     if path_prefix and path.startswith(path_prefix):
         path = path[len(path_prefix) :] or "/"
-    headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        key = name.lower()
-        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    headers, _ = read_headers(request.headers.items())
     return RequestAttributes(
         method=request.method,
         path=path,
@@ -54,11 +52,9 @@ def response_for(decision: Decision) -> web.Response:
 def build_authz_app(service: AdmissionService, path_prefix: str = "/authz") -> web.Application:
     async def check(request: web.Request) -> web.Response:
         decision = await service.check(attributes_from_request(request, path_prefix), API)
-        if decision.lease_id is not None and (
-            request.transport is None or request.transport.is_closing()
-        ):
-            # Envoy hung up while we decided: nobody will carry this lease to completion.
-            await service.release_undelivered(decision)
+        # Envoy hung up while we decided: nobody will carry this lease to completion.
+        connected = request.transport is not None and not request.transport.is_closing()
+        await release_if_undelivered(service, decision, delivered=connected)
         return response_for(decision)
 
     app = web.Application()
