@@ -36,7 +36,7 @@ from sidecar.core.types import Decision, LeaseRef, QuotaResult, RequestAttribute
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
-from sidecar.policy.model import Policy
+from sidecar.policy.model import Policy, TokenPolicy
 from sidecar.state.base import QuotaStore
 
 log = logging.getLogger(__name__)
@@ -379,3 +379,44 @@ class AdmissionService:
                 await self.store.charge(planned.tenant.name, replace(bucket, cost=-bucket.cost))
             except StateUnavailable:
                 self.metrics.state_errors.labels("charge").inc()
+
+    # -- token accounting (ext_proc, models with `tokens`) ------------------------------------
+
+    def note_estimate(self, decision: Decision, estimate: TokenEstimate | None) -> None:
+        """Count how a request to a token model was priced: `unestimated` (its body did not
+        say; `cost_per_request` was charged) or, when admitted, `estimated` with its prompt
+        and max tokens. Counted even when no bucket took the cost (no `cost` bucket, or the
+        store failed open): the token counts are still worth having."""
+        if estimate is None:
+            self.metrics.token_accounting.labels("unestimated").inc()
+            return
+        if not decision.admitted:
+            return
+        self.metrics.token_accounting.labels("estimated").inc()
+        labels = (decision.tenant or "", decision.klass or "")
+        self.metrics.tokens.labels(*labels, "prompt").inc(estimate.prompt_tokens)
+        self.metrics.tokens.labels(*labels, "max").inc(estimate.max_tokens)
+
+    async def settle_tokens(
+        self,
+        decision: Decision,
+        tokens: TokenPolicy,
+        estimate: TokenEstimate,
+        generated: int | None,
+        *,
+        ended: bool,
+    ) -> None:
+        """Make an admit's estimate good with the tokens its response generated: one charge
+        or refund of (real cost - estimate) to the buckets it charged (`reconcile`).
+        `generated` None: the response never said its usage (`ended`: it was seen whole),
+        and the estimate stands: the tenant pays what it was charged, never less by
+        accident."""
+        accounting = self.metrics.token_accounting
+        if generated is None:
+            accounting.labels("no_usage" if ended else "unfinished").inc()
+            return
+        labels = (decision.tenant or "", decision.klass or "")
+        self.metrics.tokens.labels(*labels, "generated").inc(generated)
+        delta = estimate.actual_cost(tokens, generated) - estimate.cost
+        ok = await self.reconcile(decision, delta)
+        accounting.labels("reconciled" if ok else "store_error").inc()

@@ -253,3 +253,28 @@ def test_tokens_are_counted_for_a_tenant_without_a_cost_bucket() -> None:
     assert sample(service, "qos_tokens_total", kind="max", **labels) == 300
     assert sample(service, "qos_tokens_total", kind="generated", **labels) == 42
     assert sample(service, "qos_token_accounting_total", result="reconciled") == 1
+
+
+def test_a_stream_keeps_the_policy_it_started_with() -> None:
+    """A reload between the headers and the body changes nothing for the request: its token
+    policy and its decision come from the snapshot taken at its headers."""
+    service = make_service()
+    answers: list[Any] = []
+
+    async def body(stub: Any, _: Any) -> None:
+        call = stub.Process()
+        await call.write(headers_message(SEARCH, path=LLM))
+        answers.append(await call.read())
+        # The new policy knows neither the llm model's tokens nor the search tenant.
+        without_search = make_policy()
+        tenants = {k: v for k, v in without_search.tenants.items() if k != "search"}
+        service.use_policy(replace(without_search, tenants=MappingProxyType(tenants)))
+        await call.write(body_message(llm_body(500, 1000)))
+        answers.append(await call.read())
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+
+    asyncio.run(with_ext_proc(service, body))
+    headers = set_headers(answers[1].request_body.response.header_mutation)
+    assert headers["x-qos-tenant"] == "search"
+    assert tokens_left(service) == BURST - 1500  # the estimate, not a cost_per_request
