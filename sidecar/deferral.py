@@ -1,12 +1,12 @@
 """Holding deferred requests: the async side of the deferral queue.
 
-The order (bands, tenant fairness, hybrid key) is the pure `DeferralQueue`; this module owns
-the futures the held Envoy calls wait on and decides *when* the head of the queue may go:
-whenever Triton's queue for its model is below the class's `admit_below`, counting the
-requests this replica released since the last scrape (the scrape has not seen them yet), and
-the model's requests in flight are under the class's `max_in_flight` (the store's count at the
-last refresh, plus what this replica admitted and minus what it saw end since).
-`pump()` runs after every load scrape, in-flight refresh and completion.
+The order (bands, tenant fairness, hybrid key) is the pure `DeferralQueue`; whether the head
+may go is the pure `core.admission.may_go`. This module owns the futures the held Envoy calls
+wait on, and what this replica knows of each model between two reads of the shared state
+(`model_signals`): the requests it let go since the last scrape (the scrape has not seen them
+yet), and the model's requests in flight (the store's count at the last refresh, plus what
+this replica admitted and minus what it saw end since). `pump()` runs after every load scrape,
+in-flight refresh and completion.
 
 A held call ends in one of three ways: admitted (True), its deadline passed (False), or it
 was cancelled because Envoy or the client gave up (the waiter leaves the queue at once and
@@ -20,7 +20,8 @@ import itertools
 import time
 from collections.abc import Callable
 
-from sidecar.core.load import LoadView, SignalState
+from sidecar.core.admission import ModelSignals, Signals, may_go
+from sidecar.core.load import LoadView
 from sidecar.core.queue import DeferralQueue, Waiter
 from sidecar.policy.model import Policy
 
@@ -104,23 +105,31 @@ class Deferrer:
         self._released_since_scrape.clear()
         self.pump()
 
+    def model_signals(self, model: str, view: LoadView, now: float) -> ModelSignals:
+        """`model`'s load as this replica knows it now (see the module comment)."""
+        return ModelSignals(
+            view.state_of(model, now, self.stale_after_s),
+            view.queue_depth(model) + self.released_since_scrape(model),
+            view.completions_per_s(model),
+            self.in_flight(model),
+        )
+
+    def signals(self, model: str | None) -> Signals:
+        """What an admission decision for `model` sees now (None: a request for no model)."""
+        if model is None:
+            return Signals(None, self.queue.waiting_by_rank())
+        model_signals = self.model_signals(model, self._load(), self.clock())
+        return Signals(model_signals, self.queue.waiting_by_rank())
+
     def pump(self) -> int:
-        """Release waiters from the head while their model has room; returns how many."""
+        """Release waiters from the head while the core says they may go; returns how many.
+        Head-of-line: when the head may not go, a better band or fairer tenant goes first."""
         policy, view, now = self._policy(), self._load(), self.clock()
         released = 0
         while (waiter := self.queue.peek()) is not None:
-            klass = policy.classes.get(waiter.klass)
-            overload = klass.overload if klass else None
-            if overload is not None:
-                if view.state_of(waiter.model, now, self.stale_after_s) is not SignalState.FRESH:
-                    break  # no fresh view of the backend: nobody goes early
-                depth = view.queue_depth(waiter.model) + self.released_since_scrape(waiter.model)
-                cap = overload.max_in_flight
-                count = self.in_flight(waiter.model) if cap is not None else None
-                if depth >= overload.admit_below or (
-                    cap is not None and count is not None and count >= cap
-                ):
-                    break  # head-of-line: a better band or fairer tenant goes first
+            signals = self.model_signals(waiter.model, view, now)
+            if not may_go(policy.classes.get(waiter.klass), signals):
+                break
             self.queue.pop()
             future = self._futures.get(waiter.waiter_id)
             if future is not None and not future.done():

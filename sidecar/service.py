@@ -1,11 +1,12 @@
-"""The admission service: the one place where the core, the quota store, Triton's load view
-and metrics meet.
+"""The admission service: performs the I/O the core's admission machine asks for.
 
 Adapters (ext_authz HTTP and gRPC, ext_proc, the access-log completion stream) convert their
-wire format into `RequestAttributes` or a lease token and call this; they never decide.
-Load is judged first (a request shed for load takes no quota); the store is called once per
-decision and its failures become `None` for the core, which applies the class's fail-open or
-fail-closed rule; a deferred request is then held by the `Deferrer`.
+wire format into `RequestAttributes` or a lease token and call this; they never decide. Every
+rule of a decision is in `core.admission` (plan → load verdict → quota → hold → answer); this
+module only runs its steps: it reads the load signals (through the `Deferrer`), calls the
+store (its failures become `None` for the core, which applies the class's fail mode), holds a
+deferred request in the `Deferrer`, gives back what an unserved request took, and records
+metrics.
 """
 
 from __future__ import annotations
@@ -17,20 +18,24 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 
+from sidecar.core import admission
+from sidecar.core.admission import (
+    Answer,
+    GiveBack,
+    Hold,
+    HoldOutcome,
+    LoadAction,
+    Signals,
+    TakeQuota,
+)
 from sidecar.core.decide import (
-    Admission,
     CompiledPolicy,
-    admit_after_wait,
     compile_policy,
     decide,
     malformed,
-    plan_request,
-    relegate,
-    shed_overloaded,
 )
 from sidecar.core.lease import format_lease, parse_lease
 from sidecar.core.load import LoadView
-from sidecar.core.overload import LoadAction, LoadVerdict, judge_load, overload_retry_after_s
 from sidecar.core.tokens import TokenEstimate
 from sidecar.core.types import Decision, LeaseRef, QuotaResult, RequestAttributes
 from sidecar.deferral import Deferrer
@@ -115,20 +120,20 @@ class AdmissionService:
         return decision
 
     async def explain(self, attrs: RequestAttributes) -> Decision:
-        """The decision `attrs` would get now, without taking any quota."""
-        planned = self._plan(self._compiled, attrs)
-        if isinstance(planned, Decision):
-            return planned
-        admission, verdict = planned
+        """The decision `attrs` would get now, without taking any quota or holding."""
+        step = self._until_quota(self._compiled, attrs, None)
+        if isinstance(step, Answer):
+            return step.decision
         try:
-            result: QuotaResult | None = await self.store.peek(admission.check)
+            result: QuotaResult | None = await self.store.peek(step.admission.check)
         except StateUnavailable:
             self.metrics.state_errors.labels("peek").inc()
             result = None
-        decision = decide(admission, result)
-        if verdict.action is LoadAction.DEFER and decision.admitted:
+        decision = decide(step.admission, result)
+        if step.verdict.action is LoadAction.DEFER and decision.admitted:
             # Explain does not wait: say that the real request would be held first.
-            hold = f"would be held up to {admission.klass.max_wait_ms} ms for Triton to have room"
+            wait_ms = step.admission.klass.max_wait_ms
+            hold = f"would be held up to {wait_ms} ms for Triton to have room"
             decision = replace(decision, trace=(*decision.trace, hold))
         return decision
 
@@ -215,52 +220,43 @@ class AdmissionService:
         on_hold: OnHold | None,
         estimate: TokenEstimate | None,
     ) -> Decision:
-        plan = self._plan(compiled, attrs, estimate)
-        if isinstance(plan, Decision):
-            return plan
-        planned, verdict = plan
-        if verdict.action is LoadAction.DEFER:
-            # Not in flight while held: its model counts it once it is let go (`_counted`).
-            planned = replace(planned, check=replace(planned.check, count_model_now=False))
-        result = await self._acquire(planned)
-        decision = decide(planned, result)
-        if not decision.admitted or result is None or self.deferrer is None:
-            return decision
-        if verdict.action is not LoadAction.DEFER:
-            self.deferrer.note_admitted(planned.model or "")
-            return decision
-        held = await self._hold(planned, result, decision, on_hold)
-        if held.admitted:
-            await self._counted(held)
-        return held
+        """Run the core's admission machine, performing the I/O each step asks for."""
+        step: TakeQuota | Hold | Answer = self._until_quota(compiled, attrs, estimate)
+        if isinstance(step, TakeQuota):
+            step = admission.on_quota(step, await self._acquire(step), self.clock())
+        if isinstance(step, Hold):
+            step = await self._hold(step, compiled.policy, on_hold)
+        return await self._perform(step)
 
-    def _plan(
-        self,
-        compiled: CompiledPolicy,
-        attrs: RequestAttributes,
-        estimate: TokenEstimate | None = None,
-    ) -> tuple[Admission, LoadVerdict] | Decision:
-        """Identity, class and load, before any state is touched: an early decision (refused,
-        or shed for load, which costs the tenant no quota) or what to take from the store."""
+    def _until_quota(
+        self, compiled: CompiledPolicy, attrs: RequestAttributes, estimate: TokenEstimate | None
+    ) -> TakeQuota | Answer:
+        """Plan and load verdict: the steps before any state is touched."""
         cost = None if estimate is None else (estimate.cost, estimate.why)
-        planned = plan_request(attrs, compiled, cost)
-        if isinstance(planned, Decision):
+        planned = admission.plan(attrs, compiled, cost)
+        if isinstance(planned, Answer):
             return planned
-        verdict = self._judge(planned)
-        if verdict.action is LoadAction.RELEGATE:
-            planned = relegate(planned, compiled.policy, verdict.why, requota=True)
-            verdict = self._judge(planned)
-        planned = replace(planned, trace=(*planned.trace, verdict.why))
-        if verdict.action is LoadAction.SHED:
-            return shed_overloaded(
-                planned, overload_retry_after_s(planned.klass, verdict), "shed for load"
-            )
-        return planned, verdict
+        return admission.judge(planned, self._signals(planned.model), compiled.policy)
 
-    async def _acquire(self, planned: Admission) -> QuotaResult | None:
+    def _signals(self, model: str | None) -> Signals:
+        if self.deferrer is None:
+            return admission.QUOTA_ONLY  # no view of Triton: quota only
+        return self.deferrer.signals(model)
+
+    async def _perform(self, answer: Answer) -> Decision:
+        """The bookkeeping an answer asks for, then its decision."""
+        if answer.give_back is not None:
+            await asyncio.shield(self._give_back(answer.give_back))
+        if answer.note_admitted is not None and self.deferrer is not None:
+            self.deferrer.note_admitted(answer.note_admitted)
+        if answer.count_for_model:
+            await self._counted(answer.decision)
+        return answer.decision
+
+    async def _acquire(self, take: TakeQuota) -> QuotaResult | None:
         """Take the quota. Shielded: if the caller is cancelled while Redis answers, the lease
         it took is released instead of being left to its TTL."""
-        task = asyncio.ensure_future(self.store.acquire(planned.check))
+        task = asyncio.ensure_future(self.store.acquire(take.admission.check))
         try:
             return await asyncio.shield(task)
         except StateUnavailable as exc:
@@ -268,88 +264,50 @@ class AdmissionService:
             self.metrics.state_errors.labels("acquire").inc()
             return None
         except asyncio.CancelledError:
-            task.add_done_callback(lambda done: self._release_orphan(planned, done))
+            task.add_done_callback(lambda done: self._release_orphan(take, done))
             raise
 
-    def _release_orphan(self, planned: Admission, done: asyncio.Future[QuotaResult]) -> None:
+    def _release_orphan(self, take: TakeQuota, done: asyncio.Future[QuotaResult]) -> None:
         if done.cancelled() or done.exception() is not None:
             return
         result = done.result()
         if result.allowed and result.lease_id is not None:
-            lease = LeaseRef(
-                planned.tenant.name, planned.check.klass, result.lease_id, planned.check.model
-            )
+            check = take.admission.check
+            lease = LeaseRef(check.tenant, check.klass, result.lease_id, check.model)
             task = asyncio.ensure_future(self.complete(format_lease(lease)))
             self._background.add(task)  # keep a reference until it is done
             task.add_done_callback(self._background.discard)
 
-    def _judge(self, planned: Admission) -> LoadVerdict:
-        klass, model = planned.klass, planned.model
-        if klass.overload is None or self._load is None or model is None or not self.deferrer:
-            return LoadVerdict(LoadAction.ADMIT, 0.0, "admission by quota only")
-        view = self._load()
-        return judge_load(
-            klass,
-            view.state_of(model, self.clock(), self.stale_after_s),
-            view.queue_depth(model) + self.deferrer.released_since_scrape(model),
-            view.completions_per_s(model),
-            self.deferrer.waiting_ahead(klass.rank),
-            relegated=planned.relegated,
-            in_flight=self.deferrer.in_flight(model),
-        )
-
-    async def _hold(
-        self,
-        planned: Admission,
-        result: QuotaResult,
-        decision: Decision,
-        on_hold: OnHold | None,
-    ) -> Decision:
-        """Hold an admitted request until Triton has room, or until it can no longer wait."""
-        assert self.deferrer is not None
-        klass, started = planned.klass, self.clock()
+    async def _hold(self, hold: Hold, policy: Policy, on_hold: OnHold | None) -> Answer:
+        """Hold an admitted request until the Deferrer lets it go or its deadline passes;
+        the core then says what becomes of it."""
+        assert self.deferrer is not None  # only a sidecar with a view of Triton holds
+        planned, klass = hold.admission, hold.admission.klass
         held = self.metrics.held.labels(klass.name)
         held.inc()
-        outcome = "cancelled"
+        outcome = HoldOutcome.CANCELLED
         try:
             if on_hold is not None:
-                await on_hold(klass.max_wait_ms / 1000)
-            admitted = await self.deferrer.hold(
+                await on_hold(hold.max_wait_s)
+            let_go = await self.deferrer.hold(
                 planned.tenant.name,
                 klass.name,
                 klass.rank,
                 planned.model or "",
                 planned.cost,
-                started + klass.max_wait_ms / 1000,
+                hold.deadline_s,
             )
-            outcome = "admitted" if admitted else "expired"
+            outcome = HoldOutcome.LET_GO if let_go else HoldOutcome.EXPIRED
         except asyncio.CancelledError:
             # Client or Envoy gone while held: its slot and tokens were never used.
-            await asyncio.shield(self._give_back(planned, decision))
+            await asyncio.shield(self._give_back(hold.give_back()))
             raise
         finally:
             held.dec()
-            self.metrics.held_seconds.labels(klass.name, outcome).observe(self.clock() - started)
-        waited = f"held {self.clock() - started:.3f}s"
-        if admitted:
-            return admit_after_wait(planned, result, f"{waited}, then Triton had room")
-        overload = klass.overload
-        if klass.relegate_to is not None and not planned.relegated:
-            relegated = relegate(planned, self.policy, f"{waited}, no room", requota=False)
-            # Relegated, it must still fit its new class's load: otherwise every request that
-            # waited out its hold would pour into Triton's queue at the lower priority.
-            again = self._judge(relegated)
-            if again.action is LoadAction.ADMIT:
-                self.deferrer.note_admitted(planned.model or "")
-                return admit_after_wait(relegated, result, f"admitted as relegated: {again.why}")
-            planned = replace(relegated, trace=(*relegated.trace, again.why))
-            klass = planned.klass
-        elif overload is not None and overload.shed_above is None:
-            return admit_after_wait(planned, result, f"{waited}; not sheddable: admitted")
-        await self._give_back(planned, decision)
-        return shed_overloaded(
-            planned, overload_retry_after_s(klass, self._judge(planned)), f"{waited}, no room"
-        )
+            held_s = self.clock() - hold.started_s
+            self.metrics.held_seconds.labels(klass.name, outcome.value).observe(held_s)
+        signals = self._signals(planned.model)
+        return admission.on_hold_end(hold, outcome, signals, policy, held_s)
 
     async def _counted(self, decision: Decision) -> None:
         """A held request let go to Triton: its lease (which names its model) now counts for
@@ -371,12 +329,13 @@ class AdmissionService:
             await task
         await self.complete(format_lease(lease))
 
-    async def _give_back(self, planned: Admission, decision: Decision) -> None:
+    async def _give_back(self, give_back: GiveBack) -> None:
         """Return the lease and the bucket tokens of a request that was never served."""
-        await self.release_undelivered(decision)
-        for bucket in planned.check.buckets:
+        if give_back.lease is not None:
+            await self.complete(format_lease(give_back.lease))
+        for bucket in give_back.buckets:
             try:
-                await self.store.charge(planned.tenant.name, replace(bucket, cost=-bucket.cost))
+                await self.store.charge(give_back.tenant, replace(bucket, cost=-bucket.cost))
             except StateUnavailable:
                 self.metrics.state_errors.labels("charge").inc()
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
+from sidecar.core.admission import LoadAction, judge_load, overload_retry_after_s
 from sidecar.core.load import SignalState
-from sidecar.core.overload import LoadAction, judge_load, overload_retry_after_s
 from sidecar.policy.model import ClassPolicy, OverloadPolicy, StaleAction
 
 FRESH, STALE, MISSING = SignalState.FRESH, SignalState.STALE, SignalState.MISSING

@@ -45,6 +45,7 @@ class DeferralQueue:
         self._bands: dict[int, _Band] = {}
         self._by_id: dict[int, Waiter] = {}
         self._per_class: dict[str, int] = {}
+        self._per_rank: dict[int, int] = {}
         self._sequence = itertools.count()
 
     def __len__(self) -> int:
@@ -58,12 +59,11 @@ class DeferralQueue:
 
     def ahead_of(self, rank: int) -> int:
         """Waiters that would be served before a new arrival of band `rank` (same or better)."""
-        return sum(
-            len(heap)
-            for band_rank, band in self._bands.items()
-            if band_rank <= rank
-            for heap in band.per_tenant.values()
-        )
+        return sum(n for band_rank, n in self._per_rank.items() if band_rank <= rank)
+
+    def waiting_by_rank(self) -> dict[int, int]:
+        """How many wait in each band (a copy: a value the admission core can keep)."""
+        return {rank: n for rank, n in self._per_rank.items() if n}
 
     def push(self, waiter: Waiter) -> bool:
         """Queue `waiter`; False (and nothing queued) when its class is at its bound."""
@@ -79,6 +79,7 @@ class DeferralQueue:
         heapq.heappush(band.per_tenant[waiter.tenant], (key, next(self._sequence), waiter))
         self._by_id[waiter.waiter_id] = waiter
         self._per_class[waiter.klass] = self._per_class.get(waiter.klass, 0) + 1
+        self._per_rank[waiter.rank] = self._per_rank.get(waiter.rank, 0) + 1
         return True
 
     def peek(self) -> Waiter | None:
@@ -126,5 +127,6 @@ class DeferralQueue:
     def _forget(self, band: _Band, tenant: str, waiter: Waiter) -> None:
         del self._by_id[waiter.waiter_id]
         self._per_class[waiter.klass] -= 1
+        self._per_rank[waiter.rank] -= 1
         if not band.per_tenant[tenant]:
             del band.per_tenant[tenant]

@@ -1,0 +1,377 @@
+"""The admission state machine: every rule of one request's way from arrival to an answer.
+
+Sans-IO, the way h11 writes its state machine: each step takes values (the plan, the load
+signals, the store's answer, the clock) and returns what to do next. The service performs
+that I/O and feeds the result back; nothing here waits, calls the store or reads a clock.
+
+    plan(attrs)                -> Answer (refused: identity, class, malformed, cost)
+                                | Admission
+    judge(admission, signals)  -> Answer (shed for load; no quota taken)
+                                | TakeQuota
+    on_quota(take, result)     -> Answer (admitted, or refused by quota / store down)
+                                | Hold (admitted, but Triton has no room yet)
+    on_hold_end(hold, outcome) -> Answer (let go, relegated, not sheddable, or shed with
+                                  everything given back)
+
+Load rules (`judge_load`; checked before any quota is taken, so a request shed for load costs
+its tenant nothing):
+- A class without an `overload` policy, a request for no model, or a sidecar with no view of
+  Triton: admitted on quota alone.
+- The model has ROOM for one more request of a class when its queue depth is below the class's
+  `admit_below` and, if the class sets `max_in_flight`, fewer of the model's requests are in
+  flight than that (the sidecars' own count, shared through the store; unknown when the store
+  never said, and then not applied). `has_room` is the one place this is tested: for a new
+  arrival and for the held request at the head of the queue alike. How the load signal is
+  read differs between the two, by `SIGNAL_READING` below.
+- A new arrival with room, and nobody of the same or a better band already waiting: admit.
+- At or above `shed_above` (sheddable classes): relegate once if the class names a target,
+  else shed with 503.
+- Otherwise predict the wait from the observed drain rate: the requests ahead of this one (the
+  queue above `admit_below`, or the in-flight count over the cap, plus the sidecar's own
+  waiters of the same or a better band) divided by completions per second. The wait fits the
+  class's `max_wait_ms`: defer (hold). It does not: relegate once, else shed at once with
+  Retry-After = the predicted wait; a class that is not sheddable is admitted instead (it
+  waits in Triton's queue, never refused). Nothing is held just to time out.
+- No drain rate measured yet (a cold start): the wait cannot be predicted, so a class that may
+  wait is deferred within its budget rather than shed on a guess.
+
+Hold rules (`on_hold_end`):
+- Let go (the model had room for the head of the queue): admitted as deferred.
+- Expired (or the class's queue was full): relegated once if the class names a target and the
+  request was not relegated yet; the relegated request must have room in its new class now,
+  or it is shed (otherwise every request that waited out its hold would pour into Triton's
+  queue at the lower priority). Not sheddable: admitted anyway. Else shed 503.
+- A shed after a hold gives back the lease and every bucket charge it took.
+- Cancelled (client or Envoy gone): the same give-back; the caller's cancellation goes on.
+- The lease of a request that was held counts for its model only once it is let go: a held
+  request is not in flight, and counting it would block the cap it waits on.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from sidecar.core.decide import (
+    Admission,
+    CompiledPolicy,
+    admit_after_wait,
+    decide,
+    plan_request,
+    relegate,
+    shed_overloaded,
+)
+from sidecar.core.load import SignalState
+from sidecar.core.types import BucketCheck, Decision, LeaseRef, QuotaResult, RequestAttributes
+from sidecar.policy.model import ClassPolicy, OverloadPolicy, Policy, StaleAction
+
+# -- The load signal, as each kind of request reads it ------------------------------------------
+
+
+class Reader(enum.Enum):
+    ARRIVAL = "arrival"  # a request that just came in
+    HEAD = "head"  # the held request at the head of the queue, asking to go
+
+
+class Reading(enum.Enum):
+    DEPTH = "the queue depth Triton reported"
+    IDLE = "an empty queue"
+    SATURATED = "a queue at shed_above (or admit_below, if never shed)"
+    NO_ROOM = "no room"
+
+
+# (signal state, the class's on_stale, who reads it) -> what the depth is taken to be. A held
+# request is never let go early on a signal that may be old, whatever on_stale says: it has
+# already been admitted by quota and only waits for evidence of room.
+SIGNAL_READING: Mapping[tuple[SignalState, StaleAction, Reader], Reading] = {
+    **{(SignalState.FRESH, s, r): Reading.DEPTH for s in StaleAction for r in Reader},
+    **{
+        (state, StaleAction.ADMIT, Reader.ARRIVAL): Reading.IDLE
+        for state in (SignalState.STALE, SignalState.MISSING)
+    },
+    **{
+        (state, StaleAction.SATURATED, Reader.ARRIVAL): Reading.SATURATED
+        for state in (SignalState.STALE, SignalState.MISSING)
+    },
+    **{
+        (state, stale, Reader.HEAD): Reading.NO_ROOM
+        for state in (SignalState.STALE, SignalState.MISSING)
+        for stale in StaleAction
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignals:
+    """What this replica knows of one model's load at one instant."""
+
+    state: SignalState
+    queue_depth: int  # Triton's at the last scrape, plus what was let go since (unseen yet)
+    drain_per_s: float  # completions per second; 0 when not measured yet
+    in_flight: int | None = None  # every replica's requests in flight; None: never said
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """The load a decision sees: its model's, and the sidecar's own waiters per band."""
+
+    model: ModelSignals | None  # None: no view of Triton for this request (quota only)
+    waiting: Mapping[int, int] = field(default_factory=dict)  # held requests per class rank
+
+    def ahead_of(self, rank: int) -> int:
+        """Waiters that would be served before a new arrival of band `rank`."""
+        return sum(n for band, n in self.waiting.items() if band <= rank)
+
+
+QUOTA_ONLY = Signals(None)
+
+
+def _depth_read(
+    overload: OverloadPolicy, state: SignalState, depth: int, reader: Reader
+) -> tuple[int | None, str]:
+    """The depth a request of `reader` kind sees (None: no room whatever it is), and how."""
+    reading = SIGNAL_READING[(state, overload.on_stale, reader)]
+    if reading is Reading.DEPTH:
+        return depth, f"queue {depth}"
+    if reading is Reading.IDLE:
+        return 0, f"load signal {state.value}, treated as idle"
+    if reading is Reading.SATURATED:
+        saturated = overload.shed_above if overload.shed_above is not None else overload.admit_below
+        return saturated, f"load signal {state.value}, treated as saturated"
+    return None, f"load signal {state.value}: nobody goes early"
+
+
+def over_cap(overload: OverloadPolicy, in_flight: int | None) -> int:
+    """How many of the model's requests in flight are at or over the class's cap (0: under)."""
+    if overload.max_in_flight is None or in_flight is None:
+        return 0
+    return max(0, in_flight - overload.max_in_flight + 1)
+
+
+def has_room(overload: OverloadPolicy, depth: int | None, in_flight: int | None) -> bool:
+    """THE test of "may one more request of this class go to Triton now"."""
+    return depth is not None and depth < overload.admit_below and over_cap(overload, in_flight) == 0
+
+
+def may_go(klass: ClassPolicy | None, model: ModelSignals) -> bool:
+    """May the held request at the head of the queue go to Triton now?"""
+    overload = klass.overload if klass is not None else None
+    if overload is None:
+        return True
+    depth, _ = _depth_read(overload, model.state, model.queue_depth, Reader.HEAD)
+    return has_room(overload, depth, model.in_flight)
+
+
+# -- The load verdict ---------------------------------------------------------------------------
+
+
+class LoadAction(enum.Enum):
+    ADMIT = "admit"
+    DEFER = "defer"
+    RELEGATE = "relegate"
+    SHED = "shed"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadVerdict:
+    action: LoadAction
+    predicted_wait_s: float  # inf when nothing is draining
+    why: str  # one line for the decision's trace
+
+
+QUOTA_ONLY_VERDICT = LoadVerdict(LoadAction.ADMIT, 0.0, "admission by quota only")
+
+
+def judge_load(
+    klass: ClassPolicy,
+    state: SignalState,
+    queue_depth: int,
+    drain_per_s: float,
+    waiting_ahead: int,
+    *,
+    relegated: bool = False,
+    in_flight: int | None = None,
+) -> LoadVerdict:
+    """The load rules of the module comment, for a new arrival of `klass`."""
+    overload = klass.overload
+    if overload is None:
+        return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
+    can_relegate = klass.relegate_to is not None and not relegated
+    read, seen = _depth_read(overload, state, queue_depth, Reader.ARRIVAL)
+    depth = read or 0  # an arrival always reads a number (SIGNAL_READING)
+    if overload.max_in_flight is not None and in_flight is not None:
+        seen = f"{seen}, {in_flight} in flight (max {overload.max_in_flight})"
+    if has_room(overload, depth, in_flight) and waiting_ahead == 0:
+        return LoadVerdict(LoadAction.ADMIT, 0.0, f"{seen} < admit_below {overload.admit_below}")
+
+    ahead = max(0, depth - overload.admit_below + 1, over_cap(overload, in_flight))
+    ahead += waiting_ahead
+    wait_s = ahead / drain_per_s if drain_per_s > 0 else math.inf
+    if overload.shed_above is not None and depth >= overload.shed_above:
+        action = LoadAction.RELEGATE if can_relegate else LoadAction.SHED
+        return LoadVerdict(action, wait_s, f"{seen} >= shed_above {overload.shed_above}")
+    budget_s = klass.max_wait_ms / 1000
+    predicted = f"{seen}, {waiting_ahead} waiting: predicted wait {wait_s:.3f}s"
+    if drain_per_s <= 0 and budget_s > 0:
+        return LoadVerdict(LoadAction.DEFER, wait_s, f"{seen}, drain rate unknown: held")
+    if wait_s <= budget_s:
+        return LoadVerdict(LoadAction.DEFER, wait_s, f"{predicted} <= max_wait {budget_s:g}s")
+    if can_relegate:
+        return LoadVerdict(LoadAction.RELEGATE, wait_s, f"{predicted} > max_wait {budget_s:g}s")
+    if overload.shed_above is None:
+        return LoadVerdict(LoadAction.ADMIT, wait_s, f"{predicted}; not sheddable: admitted")
+    return LoadVerdict(LoadAction.SHED, wait_s, f"{predicted} > max_wait {budget_s:g}s")
+
+
+def overload_retry_after_s(klass: ClassPolicy, verdict: LoadVerdict) -> float:
+    """When to come back: the predicted drain time, or the class's fallback when nothing
+    drains (stale signal, stalled Triton)."""
+    if math.isfinite(verdict.predicted_wait_s) and verdict.predicted_wait_s > 0:
+        return verdict.predicted_wait_s
+    return klass.concurrency_retry_after_ms / 1000
+
+
+def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
+    """`judge_load` for a planned request, with what the sidecar sees now."""
+    model = signals.model
+    if admission.klass.overload is None or admission.model is None or model is None:
+        return QUOTA_ONLY_VERDICT
+    return judge_load(
+        admission.klass,
+        model.state,
+        model.queue_depth,
+        model.drain_per_s,
+        signals.ahead_of(admission.klass.rank),
+        relegated=admission.relegated,
+        in_flight=model.in_flight,
+    )
+
+
+# -- The steps ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GiveBack:
+    """Return what a request that was never served took: its lease and its bucket charges."""
+
+    tenant: str
+    buckets: tuple[BucketCheck, ...]  # refund each bucket's cost
+    lease: LeaseRef | None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The decision, and the bookkeeping the service performs with it."""
+
+    decision: Decision
+    give_back: GiveBack | None = None
+    # The request goes to Triton now without the Deferrer having let it go: count it as
+    # released since the last scrape and in flight for this model, until the store says.
+    note_admitted: str | None = None
+    # A held request that was let go: its lease now counts for its model in the store.
+    count_for_model: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TakeQuota:
+    """Check and take the quota of `admission.check` in one store call."""
+
+    admission: Admission
+    verdict: LoadVerdict
+
+    @property
+    def holds(self) -> bool:
+        return self.verdict.action is LoadAction.DEFER
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Hold the admitted request until the Deferrer lets it go or `deadline_s` passes."""
+
+    admission: Admission
+    result: QuotaResult
+    decision: Decision  # the admit it holds (its lease)
+    started_s: float
+    deadline_s: float
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.deadline_s - self.started_s
+
+    def give_back(self) -> GiveBack:
+        return GiveBack(
+            self.admission.tenant.name, self.admission.check.buckets, self.decision.lease
+        )
+
+
+class HoldOutcome(enum.Enum):
+    LET_GO = "admitted"  # values are the qos_hold_duration_seconds outcome label
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+def plan(
+    attrs: RequestAttributes, compiled: CompiledPolicy, estimate: tuple[float, str] | None = None
+) -> Admission | Answer:
+    """Identity, class and cost (core.decide): an early answer, or what to judge."""
+    planned = plan_request(attrs, compiled, estimate)
+    return Answer(planned) if isinstance(planned, Decision) else planned
+
+
+def judge(admission: Admission, signals: Signals, policy: Policy) -> TakeQuota | Answer:
+    """The load verdict, before any state is touched: shed (costs the tenant nothing),
+    relegate once at arrival (the quota moves to the new class), or go on to the quota."""
+    verdict = verdict_for(admission, signals)
+    if verdict.action is LoadAction.RELEGATE:
+        admission = relegate(admission, policy, verdict.why, requota=True)
+        verdict = verdict_for(admission, signals)
+    admission = replace(admission, trace=(*admission.trace, verdict.why))
+    if verdict.action is LoadAction.SHED:
+        retry_after_s = overload_retry_after_s(admission.klass, verdict)
+        return Answer(shed_overloaded(admission, retry_after_s, "shed for load"))
+    if verdict.action is LoadAction.DEFER:
+        # Not in flight while held: its model counts it once it is let go.
+        check = replace(admission.check, count_model_now=False)
+        admission = replace(admission, check=check)
+    return TakeQuota(admission, verdict)
+
+
+def on_quota(take: TakeQuota, result: QuotaResult | None, now_s: float) -> Hold | Answer:
+    """The store's answer (None: unreachable; the class's fail mode decides)."""
+    admission = take.admission
+    decision = decide(admission, result)
+    if not decision.admitted or result is None:
+        return Answer(decision)
+    if not take.holds:
+        return Answer(decision, note_admitted=admission.model or "")
+    deadline_s = now_s + admission.klass.max_wait_ms / 1000
+    return Hold(admission, result, decision, now_s, deadline_s)
+
+
+def on_hold_end(
+    hold: Hold, outcome: HoldOutcome, signals: Signals, policy: Policy, held_s: float
+) -> Answer:
+    """The hold rules of the module comment. `signals` are the load as the hold ends."""
+    admission, result = hold.admission, hold.result
+    waited = f"held {held_s:.3f}s"
+    if outcome is HoldOutcome.LET_GO:
+        decision = admit_after_wait(admission, result, f"{waited}, then Triton had room")
+        return Answer(decision, count_for_model=True)
+    if outcome is HoldOutcome.CANCELLED:
+        return Answer(hold.decision, give_back=hold.give_back())
+    klass = admission.klass
+    if klass.relegate_to is not None and not admission.relegated:
+        relegated = relegate(admission, policy, f"{waited}, no room", requota=False)
+        again = verdict_for(relegated, signals)
+        if again.action is LoadAction.ADMIT:
+            decision = admit_after_wait(relegated, result, f"admitted as relegated: {again.why}")
+            return Answer(decision, note_admitted=admission.model or "", count_for_model=True)
+        admission = replace(relegated, trace=(*relegated.trace, again.why))
+    elif klass.overload is not None and klass.overload.shed_above is None:
+        decision = admit_after_wait(admission, result, f"{waited}; not sheddable: admitted")
+        return Answer(decision, note_admitted=admission.model or "", count_for_model=True)
+    retry_after_s = overload_retry_after_s(admission.klass, verdict_for(admission, signals))
+    decision = shed_overloaded(admission, retry_after_s, f"{waited}, no room")
+    return Answer(decision, give_back=hold.give_back())
