@@ -45,9 +45,14 @@ IN_FLIGHT_REFRESH_S = 1.0
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def make_store(settings: Settings) -> QuotaStore:
+def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
     if settings.redis_url:
-        return RedisQuotaStore(settings.redis_url, timeout_s=settings.redis_timeout_ms / 1000)
+        return RedisQuotaStore(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_ms / 1000,
+            # A model step that failed without failing its call (see sidecar.state.base).
+            on_model_set_failure=metrics.state_errors.labels("model_lease").inc,
+        )
     return MemoryQuotaStore()
 
 
@@ -118,7 +123,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
 
     service = AdmissionService(
         holder.current,
-        make_store(settings),
+        make_store(settings, metrics),
         metrics,
         load=monitor.view if monitor is not None else None,
         stale_after_s=settings.triton_stale_ms / 1000,

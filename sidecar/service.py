@@ -160,12 +160,13 @@ class AdmissionService:
         False when the store could not be reached (the estimate then stands)."""
         if decision.tenant is None or not decision.charged or delta == 0:
             return True
-        for bucket in decision.charged:
-            try:
-                await self.store.charge(decision.tenant, replace(bucket, cost=delta))
-            except StateUnavailable:
-                self.metrics.state_errors.labels("charge").inc()
-                return False
+        try:
+            await self.store.charge(
+                decision.tenant, [replace(bucket, cost=delta) for bucket in decision.charged]
+            )
+        except StateUnavailable:
+            self.metrics.state_errors.labels("charge").inc()
+            return False
         return True
 
     async def refresh_in_flight(self) -> None:
@@ -374,8 +375,8 @@ class AdmissionService:
     async def _give_back(self, planned: Admission, decision: Decision) -> None:
         """Return the lease and the bucket tokens of a request that was never served."""
         await self.release_undelivered(decision)
-        for bucket in planned.check.buckets:
-            try:
-                await self.store.charge(planned.tenant.name, replace(bucket, cost=-bucket.cost))
-            except StateUnavailable:
-                self.metrics.state_errors.labels("charge").inc()
+        refunds = [replace(bucket, cost=-bucket.cost) for bucket in planned.check.buckets]
+        try:
+            await self.store.charge(planned.tenant.name, refunds)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("charge").inc()
