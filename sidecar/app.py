@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,24 @@ def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
     return MemoryQuotaStore()
 
 
+def make_policy_holder(paths: Sequence[Path | str], metrics: Metrics) -> PolicyHolder:
+    """The policy's one home, loaded from `paths` (raises PolicyError if invalid), with each
+    reload counted once in `metrics` and the version in use exported."""
+
+    def count_reload(ok: bool) -> None:
+        # The one place a reload is counted: the holder calls this once per reload, after
+        # the first load (so `holder` is bound by then).
+        metrics.policy_reloads.labels("ok" if ok else "error").inc()
+        metrics.policy_last_reload_ok.set(1 if ok else 0)
+        if ok:
+            metrics.set_policy_version(holder.current.version)
+
+    holder = PolicyHolder(paths, on_result=count_reload)
+    metrics.policy_last_reload_ok.set(1)  # the first load succeeded, or we would not be here
+    metrics.set_policy_version(holder.current.version)
+    return holder
+
+
 @dataclass
 class Sidecar:
     """A running sidecar: its parts, for the CLI and for tests that run it in-process."""
@@ -70,24 +89,9 @@ class Sidecar:
     monitor: TritonLoadMonitor | None = None
 
     def reload_policy(self) -> bool:
-        try:
-            ok = self.holder.reload()
-        except Exception:  # a loader bug must not take down the serving sidecar
-            log.exception("policy reload crashed; keeping %s", self.service.policy.version)
-            self.metrics.policy_reloads.labels("error").inc()
-            self.metrics.policy_last_reload_ok.set(0)
-            return False
-        if ok:
-            self.service.use_policy(self.holder.current)
-            self.metrics.set_policy_version(self.holder.current.version)
-            log.info("policy %s loaded", self.holder.current.version)
-        else:
-            log.error(
-                "policy reload failed, keeping %s:\n%s",
-                self.service.policy.version,
-                self.holder.last_error,
-            )
-        return ok
+        """Reload the policy files (SIGHUP, or a change seen by the poll). Never raises: the
+        holder keeps the last good policy, logs and reports the result to the metrics."""
+        return self.holder.reload()
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -104,13 +108,7 @@ class Sidecar:
 async def start(settings: Settings, registry: CollectorRegistry | None = None) -> Sidecar:
     """Start every listener; raises PolicyError if the policy is invalid at start."""
     metrics = Metrics(registry or CollectorRegistry())
-
-    def count_reload(ok: bool) -> None:
-        metrics.policy_reloads.labels("ok" if ok else "error").inc()
-        metrics.policy_last_reload_ok.set(1 if ok else 0)
-
-    holder = PolicyHolder([Path(p) for p in settings.policy_path], on_result=count_reload)
-    metrics.set_policy_version(holder.current.version)
+    holder = make_policy_holder(settings.policy_path, metrics)
 
     monitor: TritonLoadMonitor | None = None
     if settings.triton_urls:
@@ -122,7 +120,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         )
 
     service = AdmissionService(
-        holder.current,
+        holder,
         make_store(settings, metrics),
         metrics,
         load=monitor.view if monitor is not None else None,

@@ -21,7 +21,6 @@ from sidecar.core.decide import (
     Admission,
     CompiledPolicy,
     admit_after_wait,
-    compile_policy,
     decide,
     malformed,
     plan_request,
@@ -37,6 +36,7 @@ from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.policy.model import Policy
+from sidecar.policy.reload import FixedPolicy, PolicySource
 from sidecar.state.base import QuotaStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ OnHold = Callable[[float], Awaitable[None]]
 class AdmissionService:
     def __init__(
         self,
-        policy: Policy,
+        policy: Policy | PolicySource,
         store: QuotaStore,
         metrics: Metrics,
         *,
@@ -56,7 +56,9 @@ class AdmissionService:
         queue_alpha_s_per_unit: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._compiled = compile_policy(policy)
+        # The policy's one home is its source (the app's PolicyHolder, which reloads it); a plain
+        # Policy is one that never changes. Nothing here keeps a copy.
+        self._policy = FixedPolicy(policy) if isinstance(policy, Policy) else policy
         self.store = store
         self.metrics = metrics
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
@@ -79,16 +81,12 @@ class AdmissionService:
 
     @property
     def policy(self) -> Policy:
-        return self._compiled.policy
-
-    def use_policy(self, policy: Policy) -> None:
-        """Swap the policy whole; requests in flight keep the snapshot they started with."""
-        self._compiled = compile_policy(policy)
+        return self._policy.snapshot().policy
 
     def snapshot(self) -> CompiledPolicy:
         """The current policy, for a caller that must use one snapshot across several calls
         (an ext_proc stream, from its headers to its end)."""
-        return self._compiled
+        return self._policy.snapshot()
 
     async def check(
         self,
@@ -103,7 +101,7 @@ class AdmissionService:
         `estimate` is the request's own cost, read from its body; without it the model's
         cost_per_request is charged. `policy` pins a snapshot (default: the current one)."""
         started = time.perf_counter()
-        decision = await self._check(policy or self._compiled, attrs, on_hold, estimate)
+        decision = await self._check(policy or self.snapshot(), attrs, on_hold, estimate)
         self.metrics.decision_seconds.labels(api).observe(time.perf_counter() - started)
         self.metrics.record_decision(decision, self.policy.tenants, api)
         return decision
@@ -116,7 +114,7 @@ class AdmissionService:
 
     async def explain(self, attrs: RequestAttributes) -> Decision:
         """The decision `attrs` would get now, without taking any quota."""
-        planned = self._plan(self._compiled, attrs)
+        planned = self._plan(self.snapshot(), attrs)
         if isinstance(planned, Decision):
             return planned
         admission, verdict = planned
