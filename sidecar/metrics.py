@@ -51,7 +51,8 @@ class Metrics:
         )
         self.state_errors = Counter(
             "qos_state_errors_total",
-            "Calls to the quota store that failed or timed out, by operation.",
+            "Calls to the quota store that failed or timed out, by operation (model_lease: the "
+            "model step of an acquire or release, which fails neither).",
             ["operation"],
             registry=registry,
         )
