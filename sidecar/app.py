@@ -105,20 +105,23 @@ class Sidecar:
         await self.service.store.close()
 
 
+def make_monitor(settings: Settings, metrics: Metrics) -> TritonLoadMonitor | None:
+    """The Triton load monitor, when the sidecar is told where Triton is."""
+    if not settings.triton_urls:
+        return None
+    return TritonLoadMonitor(
+        [TritonEndpoint(*e) for e in settings.triton_endpoints()],
+        metrics,
+        interval_s=settings.triton_scrape_ms / 1000,
+        timeout_s=max(0.05, min(1.0, settings.triton_scrape_ms / 1000)),
+    )
+
+
 async def start(settings: Settings, registry: CollectorRegistry | None = None) -> Sidecar:
     """Start every listener; raises PolicyError if the policy is invalid at start."""
     metrics = Metrics(registry or CollectorRegistry())
     holder = make_policy_holder(settings.policy_path, metrics)
-
-    monitor: TritonLoadMonitor | None = None
-    if settings.triton_urls:
-        monitor = TritonLoadMonitor(
-            [TritonEndpoint(*e) for e in settings.triton_endpoints()],
-            metrics,
-            interval_s=settings.triton_scrape_ms / 1000,
-            timeout_s=max(0.05, min(1.0, settings.triton_scrape_ms / 1000)),
-        )
-
+    monitor = make_monitor(settings, metrics)
     service = AdmissionService(
         holder,
         make_store(settings, metrics),
@@ -129,6 +132,38 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     )
     if monitor is not None and service.deferrer is not None:
         monitor.on_update = service.deferrer.on_scrape
+
+    runners = await _start_http(settings, service, holder, monitor)
+    server = await _start_grpc(settings, service)
+    sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
+    if monitor is not None:
+        sidecar.tasks.append(asyncio.create_task(monitor.run()))
+        sidecar.tasks.append(
+            asyncio.create_task(
+                _refresh_model_in_flight(service, monitor, settings.triton_scrape_ms / 1000)
+            )
+        )
+    sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
+    sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
+    log.info(
+        "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
+        " policy %s, store %s",
+        settings.authz_http_addr,
+        settings.grpc_addr,
+        settings.admin_addr,
+        holder.current.version,
+        "redis" if settings.redis_url else "memory",
+    )
+    return sidecar
+
+
+async def _start_http(
+    settings: Settings,
+    service: AdmissionService,
+    holder: PolicyHolder,
+    monitor: TritonLoadMonitor | None,
+) -> list[web.AppRunner]:
+    """ext_authz over HTTP and the admin listener."""
 
     async def triton_readiness() -> dict[str, Any]:
         if monitor is None:
@@ -146,7 +181,11 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         runners.append(runner)
+    return runners
 
+
+async def _start_grpc(settings: Settings, service: AdmissionService) -> Any:
+    """ext_authz over gRPC, ext_proc and the access-log completion stream, on one server."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -163,28 +202,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     if server.add_insecure_port(settings.grpc_addr) == 0:
         raise OSError(f"cannot listen on {settings.grpc_addr}")
     await server.start()
-
-    sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
-    if monitor is not None:
-        sidecar.tasks.append(asyncio.create_task(monitor.run()))
-    sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
-    sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
-    if monitor is not None:
-        sidecar.tasks.append(
-            asyncio.create_task(
-                _refresh_model_in_flight(service, monitor, settings.triton_scrape_ms / 1000)
-            )
-        )
-    log.info(
-        "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
-        " policy %s, store %s",
-        settings.authz_http_addr,
-        settings.grpc_addr,
-        settings.admin_addr,
-        holder.current.version,
-        "redis" if settings.redis_url else "memory",
-    )
-    return sidecar
+    return server
 
 
 async def serve(settings: Settings) -> None:
