@@ -14,7 +14,8 @@ from types import MappingProxyType
 import pytest
 
 from sidecar.errors import PolicyError
-from sidecar.policy.loader import load_policy, policy_version, validate
+from sidecar.cli import validate
+from sidecar.policy.loader import load_policy, policy_version
 from sidecar.policy.model import (
     BucketPolicy,
     BucketUnit,
