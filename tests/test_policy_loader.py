@@ -13,8 +13,8 @@ from types import MappingProxyType
 
 import pytest
 
-from sidecar.errors import PolicyError
 from sidecar.cli import validate
+from sidecar.errors import PolicyError
 from sidecar.policy.loader import load_policy, policy_version
 from sidecar.policy.model import (
     BucketPolicy,
