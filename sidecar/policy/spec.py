@@ -1,12 +1,12 @@
 """The vocabulary a policy field is declared in, once, beside its model attribute.
 
 Rules:
-- A model attribute that a policy file sets carries `setting(spec, description)` as its
-  dataclass field metadata: its constraints and its description. Its default is the dataclass
-  default and nothing else: every other place that needs it (schema, docs, checks) reads it
-  from there.
-- A model class that a policy file holds is marked `@section(name, description)`. The
-  decorator derives, from the class's fields, the `Obj` table that everything else uses: the
+- A model class that a policy file holds is declared with `@section(name, description)`, which
+  makes it a frozen dataclass with slots. Each attribute a file sets is declared with
+  `setting(spec, description, default=...)`, a `dataclasses.field` that also carries its
+  constraints and description. Its default is the dataclass default and nothing else: every
+  other place that needs it (schema, docs, checks) reads it from there.
+- The decorator derives, from the class's fields, the `Obj` table that everything else uses: the
   YAML walker checks files against it (`document.py`), the JSON Schema and the reference doc
   are rendered from it (`schema.py`, `reference.py`), and `build()` turns walked data into the
   model with it. Nothing else declares a key, a type, a range or a default.
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar, dataclass_transform, overload
 
 _T = TypeVar("_T")
 _METADATA_KEY = "policy"
@@ -98,11 +98,40 @@ class Setting:
     required: bool | None = None
 
 
+@overload
+def setting(
+    spec: Spec,
+    description: str = "",
+    *,
+    default: _T,
+    key: str | None = None,
+    required: bool | None = None,
+) -> _T: ...
+@overload
+def setting(
+    spec: Spec,
+    description: str = "",
+    *,
+    default_factory: Callable[[], _T],
+    key: str | None = None,
+    required: bool | None = None,
+) -> _T: ...
+@overload
 def setting(
     spec: Spec, description: str = "", *, key: str | None = None, required: bool | None = None
-) -> Mapping[str, Setting]:
-    """Metadata for `dataclasses.field(metadata=...)`: the field is set from policy files."""
-    return MappingProxyType({_METADATA_KEY: Setting(spec, description, key, required)})
+) -> Any: ...
+def setting(
+    spec: Spec,
+    description: str = "",
+    *,
+    key: str | None = None,
+    required: bool | None = None,
+    **default: Any,
+) -> Any:
+    """A `@section` field that policy files set: `dataclasses.field(default=...)` plus what the
+    file may hold there (`spec`) and what it means (`description`)."""
+    metadata = {_METADATA_KEY: Setting(spec, description, key, required)}
+    return dataclasses.field(metadata=metadata, **default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,28 +190,31 @@ Spec: TypeAlias = Str | Int | Num | Choice | ListOf | MapOf | Obj
 _SECTIONS: dict[type[Any], Obj] = {}
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(setting, dataclasses.field))
 def section(
     name: str,
     description: str,
     *,
     rules: tuple[Rule | Exclusive, ...] = (),
     extra: Mapping[str, Field] | None = None,
-    order: tuple[str, ...] | None = None,
+    key_order: tuple[str, ...] | None = None,
     adapt: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[type[_T]], type[_T]]:
-    """Class decorator (above `@dataclass`): the class is a section of a policy file.
+    """Class decorator: the class is a frozen dataclass with slots, and a section of a policy
+    file whose keys are its `setting` fields.
 
-    `order` lists the YAML keys when they should not follow the attributes' order (the order
-    of the schema's properties and of "allowed:" in messages).
+    `key_order` lists the YAML keys when they should not follow the attributes' order (the
+    order of the schema's properties and of "allowed:" in messages).
     """
 
-    def register(cls: type[_T]) -> type[_T]:
+    def register(plain: type[_T]) -> type[_T]:
+        cls = dataclass(frozen=True, slots=True)(plain)
         fields = dict(_settings(cls))
         fields.update(extra or {})
-        if order is not None:
-            if set(order) != set(fields):
-                raise TypeError(f"{cls.__name__}: order must list exactly {sorted(fields)}")
-            fields = {key: fields[key] for key in order}
+        if key_order is not None:
+            if set(key_order) != set(fields):
+                raise TypeError(f"{cls.__name__}: key_order must list exactly {sorted(fields)}")
+            fields = {key: fields[key] for key in key_order}
         _SECTIONS[cls] = Obj(name, MappingProxyType(fields), description, rules, cls, adapt)
         return cls
 
