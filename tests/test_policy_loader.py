@@ -251,7 +251,8 @@ def test_identity_without_sources_keeps_the_default_source(tmp_path: Path) -> No
     "obj", [POLICY_FILE, IDENTITY, CLASS, OVERLOAD, MODEL, TOKENS, TENANT, BUCKET]
 )
 def test_declared_defaults_match_the_model(obj: Obj) -> None:
-    # The schema shows the table's defaults; the model has its own. They must agree.
+    # The sections derive their defaults (shown in the schema and the reference, used by the
+    # checks) from the model's dataclass defaults; these are the values a file gets.
     model_defaults = {
         "policyFile": {"lease_ttl_s": 300.0},
         "identity": {"class_header": IdentityPolicy().class_header},
