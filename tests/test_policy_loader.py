@@ -43,8 +43,8 @@ from sidecar.policy.schema import (
     POLICY_FILE,
     TENANT,
     TOKENS,
-    Obj,
 )
+from sidecar.policy.spec import Obj
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"

@@ -18,7 +18,6 @@ from enum import Enum
 from typing import Any
 
 from sidecar.policy.model import (
-    PER_SECONDS,
     BucketPolicy,
     ClassPolicy,
     IdentityPolicy,
@@ -34,10 +33,8 @@ from sidecar.policy.model import (
 from sidecar.policy.spec import (
     Choice,
     Exclusive,
-    Field,
     Int,
     ListOf,
-    MapOf,
     Num,
     Obj,
     Rule,
@@ -45,34 +42,6 @@ from sidecar.policy.spec import (
     Str,
     section_spec,
 )
-
-__all__ = [
-    "BUCKET",
-    "CLASS",
-    "IDENTITY",
-    "IDENTITY_SOURCE",
-    "MODEL",
-    "OVERLOAD",
-    "PER_SECONDS",
-    "POLICY_FILE",
-    "TENANT",
-    "TENANT_MATCH",
-    "TOKENS",
-    "UNKNOWN_TENANTS",
-    "Choice",
-    "Exclusive",
-    "Field",
-    "Int",
-    "ListOf",
-    "MapOf",
-    "Num",
-    "Obj",
-    "Rule",
-    "Spec",
-    "Str",
-    "render_schema",
-    "render_schema_text",
-]
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

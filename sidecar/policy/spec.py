@@ -239,8 +239,12 @@ def _settings(cls: type[Any]) -> list[tuple[str, Field]]:
         default = fld.default if _is_plain(fld.default) else None
         collect: type[tuple[Any, ...]] | type[frozenset[Any]] = tuple
         if isinstance(found.spec, ListOf):
-            # Annotations are strings here (`from __future__ import annotations`).
-            collect = frozenset if str(fld.type).startswith("frozenset[") else tuple
+            # A string under `from __future__ import annotations`, and str() of a type reads
+            # the same: "frozenset[str]", "tuple[BucketPolicy, ...]".
+            outer = str(fld.type).partition("[")[0]
+            if outer not in ("tuple", "frozenset"):
+                raise TypeError(f"{cls.__name__}.{fld.name}: a list is a tuple or a frozenset")
+            collect = frozenset if outer == "frozenset" else tuple
         empty = not required and not has_default and isinstance(found.spec, Obj)
         key = found.key or fld.name
         out.append(
