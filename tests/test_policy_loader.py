@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 import pytest
 
-from sidecar.cli import validate
+from sidecar.cli import main, validate
 from sidecar.errors import PolicyError
 from sidecar.policy.loader import load_policy, policy_version
 from sidecar.policy.model import (
@@ -771,6 +771,16 @@ def test_validate_prints_every_problem(capsys: pytest.CaptureFixture[str]) -> No
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"{path}:14: tenants.search.buckets[0].burst: must be at least 1, got 0.5\n"
+
+
+def test_the_validate_command_prints_through_validate(capsys: pytest.CaptureFixture[str]) -> None:
+    path = CASES / "burst_below_one.yaml"
+    assert main(["validate", str(POLICIES), str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith(
+        f"{path}:14: tenants.search.buckets[0].burst: must be at least 1, got 0.5\n"
+    )
 
 
 def test_a_file_holds_one_document(tmp_path: Path) -> None:
