@@ -272,7 +272,8 @@ def _direct_response_bootstrap(port: int) -> dict[str, Any]:
 def selftest(rate: float, duration_s: float) -> RunResult:
     from benchmarks.models import MODELS
     from benchmarks.workload import WorkloadConfig, generate
-    from devstack.procs import EnvoyProcess, free_port
+    from devstack.envoy import EnvoyProcess
+    from devstack.procs import free_port
 
     config = WorkloadConfig()
     schedule = generate(config, rate, duration_s, seed=3)

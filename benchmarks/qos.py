@@ -57,8 +57,9 @@ from benchmarks.workload import (
     load_trace,
     sample_sizes,
 )
-from devstack.procs import TritonProcess, ValkeyProcess
+from devstack.procs import ValkeyProcess
 from devstack.stack import ROOT
+from devstack.triton import TritonProcess
 
 
 @dataclass(frozen=True)

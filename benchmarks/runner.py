@@ -29,15 +29,11 @@ from benchmarks.loadgen import GenOptions, RunResult
 from benchmarks.models import ModelKind
 from benchmarks.policy import Quota
 from benchmarks.workload import ClassSpec, Request, TenantSpec
-from devstack.procs import (
-    EnvoyProcess,
-    TritonProcess,
-    ValkeyProcess,
-    free_port,
-    render_bootstrap,
-)
+from devstack.envoy import EnvoyProcess, render_bootstrap
+from devstack.procs import ValkeyProcess, free_port
 from devstack.sidecar_proc import SidecarProcess
 from devstack.stack import BOOTSTRAPS, ROOT
+from devstack.triton import TritonProcess
 
 BASELINES = ROOT / "envoy" / "baselines"
 ENVOY_CONFIGS: dict[str, Path] = {

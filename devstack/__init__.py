@@ -8,18 +8,9 @@ repository root.
 
 from __future__ import annotations
 
-from devstack.procs import (
-    EnvoyProcess,
-    ManagedProcess,
-    ProcessStartError,
-    TritonProcess,
-    ValkeyProcess,
-    find_envoy,
-    free_port,
-    prepare_triton_server,
-    render_bootstrap,
-    wait_http,
-)
+from devstack.envoy import EnvoyProcess, find_envoy, render_bootstrap
+from devstack.procs import ManagedProcess, ProcessStartError, ValkeyProcess, free_port, wait_http
+from devstack.triton import TritonProcess, prepare_triton_server
 
 __all__ = [
     "EnvoyProcess",

@@ -11,14 +11,10 @@ import contextlib
 from pathlib import Path
 from types import TracebackType
 
-from devstack.procs import (
-    EnvoyProcess,
-    TritonProcess,
-    ValkeyProcess,
-    free_port,
-    render_bootstrap,
-)
+from devstack.envoy import EnvoyProcess, render_bootstrap
+from devstack.procs import ValkeyProcess, free_port
 from devstack.sidecar_proc import SidecarProcess
+from devstack.triton import TritonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "examples" / "triton"

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,33 @@ IN_FLIGHT_REFRESH_S = 1.0
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def make_store(settings: Settings) -> QuotaStore:
+def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
     if settings.redis_url:
-        return RedisQuotaStore(settings.redis_url, timeout_s=settings.redis_timeout_ms / 1000)
+        return RedisQuotaStore(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_ms / 1000,
+            # A model step that failed without failing its call (see sidecar.state.base).
+            on_model_set_failure=metrics.state_errors.labels("model_lease").inc,
+        )
     return MemoryQuotaStore()
+
+
+def make_policy_holder(paths: Sequence[Path | str], metrics: Metrics) -> PolicyHolder:
+    """The policy's one home, loaded from `paths` (raises PolicyError if invalid), with each
+    reload counted once in `metrics` and the version in use exported."""
+
+    def count_reload(ok: bool) -> None:
+        # The one place a reload is counted: the holder calls this once per reload, after
+        # the first load (so `holder` is bound by then).
+        metrics.policy_reloads.labels("ok" if ok else "error").inc()
+        metrics.policy_last_reload_ok.set(1 if ok else 0)
+        if ok:
+            metrics.set_policy_version(holder.current.version)
+
+    holder = PolicyHolder(paths, on_result=count_reload)
+    metrics.policy_last_reload_ok.set(1)  # the first load succeeded, or we would not be here
+    metrics.set_policy_version(holder.current.version)
+    return holder
 
 
 @dataclass
@@ -65,24 +89,9 @@ class Sidecar:
     monitor: TritonLoadMonitor | None = None
 
     def reload_policy(self) -> bool:
-        try:
-            ok = self.holder.reload()
-        except Exception:  # a loader bug must not take down the serving sidecar
-            log.exception("policy reload crashed; keeping %s", self.service.policy.version)
-            self.metrics.policy_reloads.labels("error").inc()
-            self.metrics.policy_last_reload_ok.set(0)
-            return False
-        if ok:
-            self.service.use_policy(self.holder.current)
-            self.metrics.set_policy_version(self.holder.current.version)
-            log.info("policy %s loaded", self.holder.current.version)
-        else:
-            log.error(
-                "policy reload failed, keeping %s:\n%s",
-                self.service.policy.version,
-                self.holder.last_error,
-            )
-        return ok
+        """Reload the policy files (SIGHUP, or a change seen by the poll). Never raises: the
+        holder keeps the last good policy, logs and reports the result to the metrics."""
+        return self.holder.reload()
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -96,29 +105,26 @@ class Sidecar:
         await self.service.store.close()
 
 
+def make_monitor(settings: Settings, metrics: Metrics) -> TritonLoadMonitor | None:
+    """The Triton load monitor, when the sidecar is told where Triton is."""
+    if not settings.triton_urls:
+        return None
+    return TritonLoadMonitor(
+        [TritonEndpoint(*e) for e in settings.triton_endpoints()],
+        metrics,
+        interval_s=settings.triton_scrape_ms / 1000,
+        timeout_s=max(0.05, min(1.0, settings.triton_scrape_ms / 1000)),
+    )
+
+
 async def start(settings: Settings, registry: CollectorRegistry | None = None) -> Sidecar:
     """Start every listener; raises PolicyError if the policy is invalid at start."""
     metrics = Metrics(registry or CollectorRegistry())
-
-    def count_reload(ok: bool) -> None:
-        metrics.policy_reloads.labels("ok" if ok else "error").inc()
-        metrics.policy_last_reload_ok.set(1 if ok else 0)
-
-    holder = PolicyHolder([Path(p) for p in settings.policy_path], on_result=count_reload)
-    metrics.set_policy_version(holder.current.version)
-
-    monitor: TritonLoadMonitor | None = None
-    if settings.triton_urls:
-        monitor = TritonLoadMonitor(
-            [TritonEndpoint(*e) for e in settings.triton_endpoints()],
-            metrics,
-            interval_s=settings.triton_scrape_ms / 1000,
-            timeout_s=max(0.05, min(1.0, settings.triton_scrape_ms / 1000)),
-        )
-
+    holder = make_policy_holder(settings.policy_path, metrics)
+    monitor = make_monitor(settings, metrics)
     service = AdmissionService(
-        holder.current,
-        make_store(settings),
+        holder,
+        make_store(settings, metrics),
         metrics,
         load=monitor.view if monitor is not None else None,
         stale_after_s=settings.triton_stale_ms / 1000,
@@ -126,6 +132,38 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     )
     if monitor is not None and service.deferrer is not None:
         monitor.on_update = service.deferrer.on_scrape
+
+    runners = await _start_http(settings, service, holder, monitor)
+    server = await _start_grpc(settings, service)
+    sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
+    if monitor is not None:
+        sidecar.tasks.append(asyncio.create_task(monitor.run()))
+        sidecar.tasks.append(
+            asyncio.create_task(
+                _refresh_model_in_flight(service, monitor, settings.triton_scrape_ms / 1000)
+            )
+        )
+    sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
+    sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
+    log.info(
+        "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
+        " policy %s, store %s",
+        settings.authz_http_addr,
+        settings.grpc_addr,
+        settings.admin_addr,
+        holder.current.version,
+        "redis" if settings.redis_url else "memory",
+    )
+    return sidecar
+
+
+async def _start_http(
+    settings: Settings,
+    service: AdmissionService,
+    holder: PolicyHolder,
+    monitor: TritonLoadMonitor | None,
+) -> list[web.AppRunner]:
+    """ext_authz over HTTP and the admin listener."""
 
     async def triton_readiness() -> dict[str, Any]:
         if monitor is None:
@@ -143,7 +181,11 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         runners.append(runner)
+    return runners
 
+
+async def _start_grpc(settings: Settings, service: AdmissionService) -> Any:
+    """ext_authz over gRPC, ext_proc and the access-log completion stream, on one server."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -160,28 +202,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     if server.add_insecure_port(settings.grpc_addr) == 0:
         raise OSError(f"cannot listen on {settings.grpc_addr}")
     await server.start()
-
-    sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
-    if monitor is not None:
-        sidecar.tasks.append(asyncio.create_task(monitor.run()))
-    sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
-    sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
-    if monitor is not None:
-        sidecar.tasks.append(
-            asyncio.create_task(
-                _refresh_model_in_flight(service, monitor, settings.triton_scrape_ms / 1000)
-            )
-        )
-    log.info(
-        "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
-        " policy %s, store %s",
-        settings.authz_http_addr,
-        settings.grpc_addr,
-        settings.admin_addr,
-        holder.current.version,
-        "redis" if settings.redis_url else "memory",
-    )
-    return sidecar
+    return server
 
 
 async def serve(settings: Settings) -> None:

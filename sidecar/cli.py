@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from sidecar.errors import PolicyError, SidecarError
 
@@ -23,8 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the sidecar")
     add_arguments(serve)
 
-    validate = commands.add_parser("validate", help="check policy files; non-zero on any error")
-    validate.add_argument("paths", nargs="+", type=Path)
+    check = commands.add_parser("validate", help="check policy files; non-zero on any error")
+    check.add_argument("paths", nargs="+", type=Path)
 
     explain = commands.add_parser(
         "explain", help="show the decision a request would get, without taking quota"
@@ -44,13 +45,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "validate":
-            from sidecar.policy.loader import validate as validate_paths
-
-            return validate_paths(args.paths)
+            return validate(args.paths)
         return _explain(args)
     except SidecarError as exc:
         print(f"qos-sidecar: {exc}", file=sys.stderr)
         return 2
+
+
+def validate(
+    paths: Sequence[Path | str], *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """`qos-sidecar validate PATH...`: check policy files without starting anything.
+
+    Prints every problem as `file:line: message` (the form editors and CI logs link to) on
+    `err` (stderr) and returns 1, or a one-line summary on `out` (stdout) and returns 0.
+    """
+    from sidecar.policy.loader import load_policy
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    try:
+        policy = load_policy(paths)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=err)
+        return 1
+    print(
+        f"ok: {len(policy.classes)} classes, {len(policy.tenants)} tenants, "
+        f"version {policy.version}",
+        file=out,
+    )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -18,6 +18,13 @@ UNKNOWN = "__unknown__"
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._decision_series(registry)
+        self._state_series(registry)
+        self._policy_series(registry)
+        self._backend_series(registry)
+
+    def _decision_series(self, registry: CollectorRegistry) -> None:
+        """What was decided, how fast, and what the adapters saw on the way."""
         self.decisions = Counter(
             "qos_decisions_total",
             "Admission decisions by tenant, granted class, outcome and reason.",
@@ -29,30 +36,6 @@ class Metrics:
             "Time to decide, from the Envoy call's arrival to the answer, by API.",
             ["api"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "qos_in_flight_requests",
-            "Admitted requests holding a concurrency lease (global, read from the quota store).",
-            ["tenant", "class"],
-            registry=registry,
-        )
-        self.model_in_flight = Gauge(
-            "qos_model_in_flight_requests",
-            "Admitted requests of each model not yet ended (global, read from the quota store).",
-            ["model"],
-            registry=registry,
-        )
-        self.completions = Counter(
-            "qos_completions_total",
-            "Completion signals by result: released, already_released, no_lease, bad_lease.",
-            ["result"],
-            registry=registry,
-        )
-        self.state_errors = Counter(
-            "qos_state_errors_total",
-            "Calls to the quota store that failed or timed out, by operation.",
-            ["operation"],
             registry=registry,
         )
         self.malformed = Counter(
@@ -85,6 +68,37 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+
+    def _state_series(self, registry: CollectorRegistry) -> None:
+        """The shared state: leases in flight, completions, store failures."""
+        self.in_flight = Gauge(
+            "qos_in_flight_requests",
+            "Admitted requests holding a concurrency lease (global, read from the quota store).",
+            ["tenant", "class"],
+            registry=registry,
+        )
+        self.model_in_flight = Gauge(
+            "qos_model_in_flight_requests",
+            "Admitted requests of each model not yet ended (global, read from the quota store).",
+            ["model"],
+            registry=registry,
+        )
+        self.completions = Counter(
+            "qos_completions_total",
+            "Completion signals by result: released, already_released, no_lease, bad_lease.",
+            ["result"],
+            registry=registry,
+        )
+        self.state_errors = Counter(
+            "qos_state_errors_total",
+            "Calls to the quota store that failed or timed out, by operation (model_lease: the "
+            "model step of an acquire or release, which fails neither).",
+            ["operation"],
+            registry=registry,
+        )
+
+    def _policy_series(self, registry: CollectorRegistry) -> None:
+        """Policy loads and the version in use."""
         self.policy_reloads = Counter(
             "qos_policy_reloads_total",
             "Policy loads by result (ok or error).",
@@ -103,6 +117,8 @@ class Metrics:
             registry=registry,
         )
 
+    def _backend_series(self, registry: CollectorRegistry) -> None:
+        """Triton's load as scraped, and the requests held for it."""
         self.held = Gauge(
             "qos_held_requests",
             "Requests this replica holds (defers) until Triton has room, by class.",

@@ -30,7 +30,6 @@ from sidecar.core.admission import (
 )
 from sidecar.core.decide import (
     CompiledPolicy,
-    compile_policy,
     decide,
     malformed,
 )
@@ -42,6 +41,7 @@ from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.policy.model import Policy, TokenPolicy
+from sidecar.policy.reload import FixedPolicy, PolicySource
 from sidecar.state.base import QuotaStore
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ OnHold = Callable[[float], Awaitable[None]]
 class AdmissionService:
     def __init__(
         self,
-        policy: Policy,
+        policy: Policy | PolicySource,
         store: QuotaStore,
         metrics: Metrics,
         *,
@@ -61,7 +61,9 @@ class AdmissionService:
         queue_alpha_s_per_unit: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._compiled = compile_policy(policy)
+        # The policy's one home is its source (the app's PolicyHolder, which reloads it); a plain
+        # Policy is one that never changes. Nothing here keeps a copy.
+        self._policy = FixedPolicy(policy) if isinstance(policy, Policy) else policy
         self.store = store
         self.metrics = metrics
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
@@ -84,16 +86,12 @@ class AdmissionService:
 
     @property
     def policy(self) -> Policy:
-        return self._compiled.policy
-
-    def use_policy(self, policy: Policy) -> None:
-        """Swap the policy whole; requests in flight keep the snapshot they started with."""
-        self._compiled = compile_policy(policy)
+        return self._policy.snapshot().policy
 
     def snapshot(self) -> CompiledPolicy:
         """The current policy, for a caller that must use one snapshot across several calls
         (an ext_proc stream, from its headers to its end)."""
-        return self._compiled
+        return self._policy.snapshot()
 
     async def check(
         self,
@@ -108,9 +106,10 @@ class AdmissionService:
         `estimate` is the request's own cost, read from its body; without it the model's
         cost_per_request is charged. `policy` pins a snapshot (default: the current one)."""
         started = time.perf_counter()
-        decision = await self._check(policy or self._compiled, attrs, on_hold, estimate)
+        compiled = policy or self.snapshot()
+        decision = await self._check(compiled, attrs, on_hold, estimate)
         self.metrics.decision_seconds.labels(api).observe(time.perf_counter() - started)
-        self.metrics.record_decision(decision, self.policy.tenants, api)
+        self.metrics.record_decision(decision, compiled.policy.tenants, api)
         return decision
 
     def refuse_malformed(self, message: str, api: str) -> Decision:
@@ -121,7 +120,7 @@ class AdmissionService:
 
     async def explain(self, attrs: RequestAttributes) -> Decision:
         """The decision `attrs` would get now, without taking any quota or holding."""
-        step = self._until_quota(self._compiled, attrs, None)
+        step = self._until_quota(self.snapshot(), attrs, None)
         if isinstance(step, Answer):
             return step.decision
         try:
@@ -165,12 +164,13 @@ class AdmissionService:
         False when the store could not be reached (the estimate then stands)."""
         if decision.tenant is None or not decision.charged or delta == 0:
             return True
-        for bucket in decision.charged:
-            try:
-                await self.store.charge(decision.tenant, replace(bucket, cost=delta))
-            except StateUnavailable:
-                self.metrics.state_errors.labels("charge").inc()
-                return False
+        try:
+            await self.store.charge(
+                decision.tenant, [replace(bucket, cost=delta) for bucket in decision.charged]
+            )
+        except StateUnavailable:
+            self.metrics.state_errors.labels("charge").inc()
+            return False
         return True
 
     async def refresh_in_flight(self) -> None:
@@ -226,7 +226,7 @@ class AdmissionService:
             step = admission.on_quota(step, await self._acquire(step), self.clock())
         if isinstance(step, Hold):
             step = await self._hold(step, compiled.policy, on_hold)
-        return await self._perform(step)
+        return await self._perform(step, compiled.policy)
 
     def _until_quota(
         self, compiled: CompiledPolicy, attrs: RequestAttributes, estimate: TokenEstimate | None
@@ -243,14 +243,14 @@ class AdmissionService:
             return admission.QUOTA_ONLY  # no view of Triton: quota only
         return self.deferrer.signals(model)
 
-    async def _perform(self, answer: Answer) -> Decision:
+    async def _perform(self, answer: Answer, policy: Policy) -> Decision:
         """The bookkeeping an answer asks for, then its decision."""
         if answer.give_back is not None:
             await asyncio.shield(self._give_back(answer.give_back))
         if answer.note_admitted is not None and self.deferrer is not None:
             self.deferrer.note_admitted(answer.note_admitted)
         if answer.count_for_model:
-            await self._counted(answer.decision)
+            await self._counted(answer.decision, policy.lease_ttl_s)
         return answer.decision
 
     async def _acquire(self, take: TakeQuota) -> QuotaResult | None:
@@ -309,13 +309,13 @@ class AdmissionService:
         signals = self._signals(planned.model)
         return admission.on_hold_end(hold, outcome, signals, policy, held_s)
 
-    async def _counted(self, decision: Decision) -> None:
+    async def _counted(self, decision: Decision, lease_ttl_s: float) -> None:
         """A held request let go to Triton: its lease (which names its model) now counts for
         that model."""
         lease = decision.lease
         if lease is None or lease.model is None:
             return
-        task = asyncio.ensure_future(self.store.count_for_model(lease, self.policy.lease_ttl_s))
+        task = asyncio.ensure_future(self.store.count_for_model(lease, lease_ttl_s))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -333,11 +333,11 @@ class AdmissionService:
         """Return the lease and the bucket tokens of a request that was never served."""
         if give_back.lease is not None:
             await self.complete(format_lease(give_back.lease))
-        for bucket in give_back.buckets:
-            try:
-                await self.store.charge(give_back.tenant, replace(bucket, cost=-bucket.cost))
-            except StateUnavailable:
-                self.metrics.state_errors.labels("charge").inc()
+        refunds = [replace(bucket, cost=-bucket.cost) for bucket in give_back.buckets]
+        try:
+            await self.store.charge(give_back.tenant, refunds)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("charge").inc()
 
     # -- token accounting (ext_proc, models with `tokens`) ------------------------------------
 

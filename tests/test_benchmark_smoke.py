@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.procs import find_envoy
+from devstack.envoy import find_envoy
 
 pytestmark = pytest.mark.stack
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.core.load import (
     LoadView,
@@ -83,3 +85,65 @@ def test_an_idle_interval_keeps_the_last_measured_drain_rate() -> None:
         derive_load("t0", "simgpu", stalled, 11.0, (idle, 10.0), last_rate=42.0).completions_per_s
         == 0
     )
+
+
+@pytest.mark.parametrize(
+    ("line", "model"),
+    [
+        ('nv_inference_pending_request_count{model="a,b",version="1"} 3', "a,b"),
+        ('nv_inference_pending_request_count{version="1",model="a,b"} 3', "a,b"),
+        ('nv_inference_pending_request_count{model="say \\"hi\\"",version="1"} 3', 'say "hi"'),
+        ('nv_inference_pending_request_count{model="two\\nlines"} 3', "two\nlines"),
+        ('nv_inference_pending_request_count{model="back\\\\slash"} 3', "back\\slash"),
+        ('nv_inference_pending_request_count{model="}{=,"} 3', "}{=,"),
+        ('nv_inference_pending_request_count{model="é"} 3', "é"),
+        ('nv_inference_pending_request_count{ model = "spaced" } 3', "spaced"),
+        ('nv_inference_pending_request_count{model="a",} 3', "a"),  # a trailing comma is allowed
+        ('nv_inference_pending_request_count{model="a"} 3 1700000000000', "a"),  # a timestamp
+        # a label named like the key, or the key inside another label's value, is not the key
+        ('nv_inference_pending_request_count{xmodel="a",version="1"} 3', None),
+        ('nv_inference_pending_request_count{version="model=\\"a\\""} 3', None),
+    ],
+)
+def test_label_values_are_read_as_the_format_says(line: str, model: str | None) -> None:
+    expected = {} if model is None else {model: TritonCounters(pending=3)}
+    assert parse_triton_metrics(line + "\n") == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "nv_inference_pending_request_count{model=a} 5",  # an unquoted value
+        'nv_inference_pending_request_count{model="a} 5',  # an unterminated value
+        'nv_inference_pending_request_count{model="a"',  # cut off
+        'nv_inference_pending_request_count{model="a"} five',
+        'nv_inference_pending_request_count{model="a"}',  # no value
+        "nv_inference_pending_request_count{{}} 5",
+        'nv_inference_pending_request_count{model="a"} NaN',
+        'nv_inference_pending_request_count{model="a"} -Inf',
+    ],
+)
+def test_a_malformed_line_skips_only_itself(bad: str) -> None:
+    good = 'nv_inference_pending_request_count{model="ok"} 2'
+    page = f"{good}\n{bad}\n{good}\n"
+    assert parse_triton_metrics(page) == {"ok": TritonCounters(pending=4)}
+
+
+def test_other_families_are_not_parsed() -> None:
+    # Lines of other families are skipped before parsing, so their errors cost nothing.
+    page = 'nv_gpu_utilization{gpu_uuid="x} broken\nnv_inference_exec_count{model="m"} 5\n'
+    assert parse_triton_metrics(page) == {"m": TritonCounters(exec_count=5)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["nv_inference_pending_request_count", "nv_inference_exec_count", ""]),
+            st.text(max_size=40),
+        ),
+        max_size=8,
+    )
+)
+def test_no_page_raises(lines: list[tuple[str, str]]) -> None:
+    parse_triton_metrics("\n".join(name + rest for name, rest in lines))

@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
+from sidecar.core.kserve import GRPC_MODEL_INFER_PATH, INFER_HEADER_LENGTH
 from sidecar.core.priority import (
-    BINARY_HEADER_LENGTH,
-    GRPC_MODEL_INFER_PATH,
     RewriteResult,
     rewrite_body,
     with_triton_priority,
@@ -199,20 +198,20 @@ def test_binary_tensor_requests_rewrite_only_the_json_header() -> None:
     header = b'{"inputs":[{"name":"X","parameters":{"binary_data_size":4}}]}'
     binary = b'{"\x00\xff'  # bytes that would confuse a JSON scanner
     body = header + binary
-    result = rewrite_body(INFER, {BINARY_HEADER_LENGTH: str(len(header))}, body, 2)
+    result = rewrite_body(INFER, {INFER_HEADER_LENGTH: str(len(header))}, body, 2)
     assert result.result is RewriteResult.REWRITTEN
     assert result.body is not None
     new_header = b'{"parameters":{"priority":2},' + header[1:]
     assert result.body == new_header + binary
     assert dict(result.headers) == {
         "content-length": str(len(result.body)),
-        BINARY_HEADER_LENGTH: str(len(new_header)),
+        INFER_HEADER_LENGTH: str(len(new_header)),
     }
 
 
 @pytest.mark.parametrize("length", ["0", "-1", "x", "1000"])
 def test_binary_tensor_requests_with_a_bad_header_length_are_left_alone(length: str) -> None:
-    result = rewrite_body(INFER, {BINARY_HEADER_LENGTH: length}, b'{"inputs":[]}', 2)
+    result = rewrite_body(INFER, {INFER_HEADER_LENGTH: length}, b'{"inputs":[]}', 2)
     assert result.result is RewriteResult.MALFORMED
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from devstack.procs import find_envoy
+from devstack.envoy import find_envoy
 
 pytestmark = pytest.mark.stack
 

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from devstack.procs import find_envoy
+from devstack.envoy import find_envoy
 from devstack.stack import LocalStack
 from tests.stack_client import INFER_PATH, infer, metric_value, wait_for
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from devstack.procs import find_envoy
+from devstack.envoy import find_envoy
 from devstack.stack import LocalStack
 from tests.stack_client import explain, infer, metric_value, wait_for
 

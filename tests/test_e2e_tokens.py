@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.procs import find_envoy
+from devstack.envoy import find_envoy
 from devstack.stack import LocalStack
 from tests.stack_client import Reply, metric_value, post, wait_for
 

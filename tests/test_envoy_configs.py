@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from devstack.procs import find_envoy
+from devstack.envoy import find_envoy
 from sidecar.core.decide import DECISION_HEADERS as CORE_DECISION_HEADERS
 
 ROOT = Path(__file__).resolve().parents[1]

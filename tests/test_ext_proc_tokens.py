@@ -18,6 +18,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from prometheus_client import CollectorRegistry
 
+from sidecar.core.decide import CompiledPolicy, compile_policy
 from sidecar.core.types import BucketCheck, QuotaCheck
 from sidecar.metrics import Metrics
 from sidecar.policy.model import ModelPolicy, TokenPolicy
@@ -258,7 +259,20 @@ def test_tokens_are_counted_for_a_tenant_without_a_cost_bucket() -> None:
 def test_a_stream_keeps_the_policy_it_started_with() -> None:
     """A reload between the headers and the body changes nothing for the request: its token
     policy and its decision come from the snapshot taken at its headers."""
-    service = make_service()
+
+    class Reloaded:
+        """A policy source reloaded by the test (as PolicyHolder is by SIGHUP)."""
+
+        def __init__(self) -> None:
+            self.current = compile_policy(make_service().policy)
+
+        def snapshot(self) -> CompiledPolicy:
+            return self.current
+
+    source = Reloaded()
+    service = AdmissionService(
+        source, MemoryQuotaStore(clock=lambda: 1000.0), Metrics(CollectorRegistry())
+    )
     answers: list[Any] = []
 
     async def body(stub: Any, _: Any) -> None:
@@ -268,7 +282,7 @@ def test_a_stream_keeps_the_policy_it_started_with() -> None:
         # The new policy knows neither the llm model's tokens nor the search tenant.
         without_search = make_policy()
         tenants = {k: v for k, v in without_search.tenants.items() if k != "search"}
-        service.use_policy(replace(without_search, tenants=MappingProxyType(tenants)))
+        source.current = compile_policy(replace(without_search, tenants=MappingProxyType(tenants)))
         await call.write(body_message(llm_body(500, 1000)))
         answers.append(await call.read())
         await call.done_writing()

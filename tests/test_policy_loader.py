@@ -13,8 +13,9 @@ from types import MappingProxyType
 
 import pytest
 
+from sidecar.cli import main, validate
 from sidecar.errors import PolicyError
-from sidecar.policy.loader import load_policy, policy_version, validate
+from sidecar.policy.loader import load_policy, policy_version
 from sidecar.policy.model import (
     BucketPolicy,
     BucketUnit,
@@ -42,8 +43,8 @@ from sidecar.policy.schema import (
     POLICY_FILE,
     TENANT,
     TOKENS,
-    Obj,
 )
+from sidecar.policy.spec import Obj
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
@@ -250,7 +251,8 @@ def test_identity_without_sources_keeps_the_default_source(tmp_path: Path) -> No
     "obj", [POLICY_FILE, IDENTITY, CLASS, OVERLOAD, MODEL, TOKENS, TENANT, BUCKET]
 )
 def test_declared_defaults_match_the_model(obj: Obj) -> None:
-    # The schema shows the table's defaults; the model has its own. They must agree.
+    # The sections derive their defaults (shown in the schema and the reference, used by the
+    # checks) from the model's dataclass defaults; these are the values a file gets.
     model_defaults = {
         "policyFile": {"lease_ttl_s": 300.0},
         "identity": {"class_header": IdentityPolicy().class_header},
@@ -769,6 +771,16 @@ def test_validate_prints_every_problem(capsys: pytest.CaptureFixture[str]) -> No
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"{path}:14: tenants.search.buckets[0].burst: must be at least 1, got 0.5\n"
+
+
+def test_the_validate_command_prints_through_validate(capsys: pytest.CaptureFixture[str]) -> None:
+    path = CASES / "burst_below_one.yaml"
+    assert main(["validate", str(POLICIES), str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith(
+        f"{path}:14: tenants.search.buckets[0].burst: must be at least 1, got 0.5\n"
+    )
 
 
 def test_a_file_holds_one_document(tmp_path: Path) -> None:

@@ -11,9 +11,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+import sidecar.policy.reload as reload_module
+from sidecar.app import make_policy_holder
 from sidecar.errors import PolicyError
+from sidecar.metrics import Metrics
 from sidecar.policy.reload import PolicyHolder, fingerprint
+from sidecar.service import AdmissionService
+from sidecar.state.memory import MemoryQuotaStore
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
@@ -184,3 +190,107 @@ def test_fingerprint_lists_each_policy_file(policy_dir: Path) -> None:
     assert names == ["classes.yaml", "identity.yaml", "models.yaml", "tenants.yaml"]
     missing = policy_dir / "missing.yaml"
     assert fingerprint([missing]) == ((str(missing), None, None),)
+
+
+# -- the one home of the policy, and its reloads counted once ------------------------------
+
+
+def reloads(metrics: Metrics, result: str) -> float:
+    return metrics.registry.get_sample_value("qos_policy_reloads_total", {"result": result}) or 0
+
+
+def last_reload_ok(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("qos_policy_last_reload_success")
+
+
+def test_each_reload_is_counted_exactly_once(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    holder = make_policy_holder([policy_dir], metrics)
+    first = holder.current.version
+    assert (reloads(metrics, "ok"), reloads(metrics, "error")) == (0, 0)
+    assert last_reload_ok(metrics) == 1
+    assert metrics.registry.get_sample_value("qos_policy_info", {"version": first}) == 1
+
+    edit(policy_dir / "models.yaml", "cost_per_request: 10", "cost_per_request: 12")
+    assert holder.reload() is True
+    assert (reloads(metrics, "ok"), reloads(metrics, "error")) == (1, 0)
+    assert last_reload_ok(metrics) == 1
+    version = holder.current.version
+    assert metrics.registry.get_sample_value("qos_policy_info", {"version": version}) == 1
+    assert metrics.registry.get_sample_value("qos_policy_info", {"version": first}) is None
+
+    edit(policy_dir / "tenants.yaml", "rate: 20\n", "rate: -20\n")
+    assert holder.reload() is False
+    assert (reloads(metrics, "ok"), reloads(metrics, "error")) == (1, 1)
+    assert last_reload_ok(metrics) == 0
+    assert metrics.registry.get_sample_value("qos_policy_info", {"version": version}) == 1
+
+    def crash(paths: object) -> None:
+        raise RuntimeError("a loader bug")
+
+    monkeypatch.setattr(reload_module, "load_policy", crash)
+    assert holder.reload() is False
+    assert (reloads(metrics, "ok"), reloads(metrics, "error")) == (1, 2)
+    assert last_reload_ok(metrics) == 0
+    assert (holder.reloads_ok, holder.reloads_failed) == (1, 2)
+
+
+def test_a_loader_crash_keeps_the_last_good_policy_and_never_raises(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    results: list[bool] = []
+    holder = PolicyHolder([policy_dir], on_result=results.append)
+    good = holder.snapshot()
+
+    def crash(paths: object) -> None:
+        raise RuntimeError("a loader bug")
+
+    monkeypatch.setattr(reload_module, "load_policy", crash)
+    touch(policy_dir / "classes.yaml")
+    with caplog.at_level("ERROR", logger="sidecar.policy.reload"):
+        assert holder.reload() is False
+    assert holder.snapshot() is good
+    assert results == [False]
+    assert not holder.changed()  # seen: not retried on every poll until the files change
+    assert "a loader bug" in caplog.text
+
+
+def test_the_snapshot_is_the_policy_with_its_tables_swapped_whole(policy_dir: Path) -> None:
+    holder = PolicyHolder([policy_dir])
+    before = holder.snapshot()
+    assert before.policy is holder.current
+    assert holder.snapshot() is before  # the same object until a reload replaces it
+
+    edit(policy_dir / "models.yaml", "cost_per_request: 10", "cost_per_request: 12")
+    assert holder.reload()
+    after = holder.snapshot()
+    assert after is not before
+    assert after.policy is holder.current
+    assert after.policy.version != before.policy.version
+    # Compiled from the new policy: its lookup tables name the new policy's tenants.
+    assert all(t is after.policy.tenants[t.name] for t in after.by_api_key.values())
+    assert before.policy.tenants["search"] is not after.policy.tenants["search"]
+
+
+def test_the_service_reads_the_holder_and_keeps_no_copy(policy_dir: Path) -> None:
+    holder = PolicyHolder([policy_dir])
+    service = AdmissionService(holder, MemoryQuotaStore(), Metrics(CollectorRegistry()))
+    pinned = service.snapshot()
+    assert pinned is holder.snapshot()
+    assert service.policy is holder.current
+
+    edit(policy_dir / "models.yaml", "cost_per_request: 10", "cost_per_request: 12")
+    assert holder.reload()
+    assert service.snapshot() is holder.snapshot() is not pinned
+    assert service.policy is holder.current
+    assert pinned.policy.version != service.policy.version  # a pinned snapshot stays as it was
+
+
+def test_a_service_built_from_a_policy_keeps_it(policy_dir: Path) -> None:
+    policy = PolicyHolder([policy_dir]).current
+    service = AdmissionService(policy, MemoryQuotaStore(), Metrics(CollectorRegistry()))
+    assert service.policy is policy
+    assert service.snapshot() is service.snapshot()
+    assert service.snapshot().policy is policy

@@ -1,16 +1,19 @@
-"""The committed JSON Schema is the generated one, and it agrees with the loader."""
+"""The committed JSON Schema and reference doc are the generated ones; the schema agrees with
+the loader."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from sidecar.policy.reference import render_reference
 from sidecar.policy.schema import render_schema, render_schema_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,15 +48,35 @@ def test_committed_schema_is_the_generated_one() -> None:
     )
 
 
-def test_module_prints_the_schema() -> None:
+def test_committed_reference_is_the_generated_one() -> None:
+    committed = (ROOT / "docs" / "policy-reference.md").read_text()
+    assert committed == render_reference(), (
+        "docs/policy-reference.md is stale: "
+        "python -m sidecar.policy.reference > docs/policy-reference.md"
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "render"),
+    [("sidecar.policy.schema", render_schema_text), ("sidecar.policy.reference", render_reference)],
+)
+def test_module_prints_what_is_committed(module: str, render: Callable[[], str]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "sidecar.policy.schema"],
+        [sys.executable, "-m", module],
         check=True,
         capture_output=True,
         text=True,
         cwd=ROOT,
     ).stdout
-    assert out == render_schema_text()
+    assert out == render()
+
+
+def test_reference_shows_every_key_and_its_default() -> None:
+    reference = render_reference()
+    assert "## `tenants.<tenant>.buckets[]`" in reference
+    assert "| `max_queued` | integer ≥ 0 | `256` |" in reference
+    assert "| `rate` | number > 0 | required |" in reference
+    assert "- Give at most one of `prompt_tokens` and `prompt_text`." in reference
 
 
 def test_schema_shape() -> None:

@@ -36,17 +36,9 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
-from devstack.procs import (
-    EnvoyProcess,
-    ManagedProcess,
-    ProcessStartError,
-    TritonProcess,
-    ValkeyProcess,
-    find_envoy,
-    free_port,
-    render_bootstrap,
-    wait_http,
-)
+from devstack.envoy import EnvoyProcess, find_envoy, render_bootstrap
+from devstack.procs import ManagedProcess, ProcessStartError, ValkeyProcess, free_port, wait_http
+from devstack.triton import TritonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "examples" / "triton"

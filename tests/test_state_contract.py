@@ -19,11 +19,17 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from sidecar.app import make_store
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
+from sidecar.metrics import Metrics
+from sidecar.settings import Settings
 from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from sidecar.state.keys import encode_name
 from tests.fixtures_valkey import ValkeyServer, free_port
+from tests.test_state_keys import cluster_hash_tag
 
 # Redis answers a few ms after the previous call, so its retry_after_s values are that much
 # below the exact ones the fake clock gives. Generous, because CI machines are noisy.
@@ -123,6 +129,15 @@ def check(
         lease_ttl_s=lease_ttl_s,
         model=model,
     )
+
+
+def model_step_failures(metrics: Metrics) -> float:
+    """Model steps that failed without failing their call, as Prometheus reports them (the
+    labelled series exists only from the first)."""
+    value = metrics.registry.get_sample_value(
+        "qos_state_errors_total", {"operation": "model_lease"}
+    )
+    return value or 0.0
 
 
 def lease_of(c: QuotaCheck, result: QuotaResult) -> LeaseRef:
@@ -363,11 +378,11 @@ def test_peek_answers_like_acquire_and_takes_nothing(harness: Harness) -> None:
 def test_charge_and_refund_move_the_bucket(harness: Harness) -> None:
     async def body(store: QuotaStore) -> None:
         b = bucket(burst=5)
-        await store.charge("acme", bucket(cost=3))
+        await store.charge("acme", [bucket(cost=3)])
         results = [await store.acquire(check(b)) for _ in range(3)]
         assert [r.allowed for r in results] == [True, True, False]
 
-        await store.charge("acme", bucket(cost=-2))
+        await store.charge("acme", [bucket(cost=-2)])
         results = [await store.acquire(check(b)) for _ in range(3)]
         assert [r.allowed for r in results] == [True, True, False]
 
@@ -376,7 +391,7 @@ def test_charge_and_refund_move_the_bucket(harness: Harness) -> None:
 
 def test_a_refund_never_fills_a_bucket_past_its_burst(harness: Harness) -> None:
     async def body(store: QuotaStore) -> None:
-        await store.charge("acme", bucket(cost=-100))
+        await store.charge("acme", [bucket(cost=-100)])
         results = [await store.acquire(check(bucket(burst=5))) for _ in range(6)]
         assert [r.allowed for r in results] == [True] * 5 + [False]
 
@@ -385,10 +400,45 @@ def test_a_refund_never_fills_a_bucket_past_its_burst(harness: Harness) -> None:
 
 def test_charge_may_overdraw_a_bucket(harness: Harness) -> None:
     async def body(store: QuotaStore) -> None:
-        await store.charge("acme", bucket(rate=0.5, cost=7))  # 2 units past a burst of 5
+        await store.charge("acme", [bucket(rate=0.5, cost=7)])  # 2 units past a burst of 5
         denied = await store.acquire(check(bucket(rate=0.5, burst=5)))
         assert denied.denied_by is LimitKind.BUCKET
         assert_retry_after(harness, denied, (7 + 1 - 5) / 0.5)
+
+    harness.run(body)
+
+
+def test_one_charge_moves_several_buckets_each_at_its_own_rate(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        req, tokens = bucket("req", rate=0.5, burst=5), bucket("tokens", rate=0.25, burst=8)
+        await store.charge("acme", [replace(req, cost=3), replace(tokens, cost=6)])
+        # 2 left in each: 1 unit short of 3 is 2 s at 0.5/s and 4 s at 0.25/s.
+        assert_retry_after(harness, await store.peek(check(replace(req, cost=3))), 2.0)
+        assert_retry_after(harness, await store.peek(check(replace(tokens, cost=3))), 4.0)
+
+        await store.charge("acme", [replace(req, cost=-1), replace(tokens, cost=-100)])
+        # req has 3, tokens is full (8) again; nothing else moved.
+        assert (await store.acquire(check(replace(req, cost=3), replace(tokens, cost=8)))).allowed
+        assert not (await store.peek(check(replace(req, cost=1)))).allowed
+        assert (await store.peek(check(replace(req, cost=5), tenant="other"))).allowed
+
+        await store.charge("acme", [])  # nothing to move: no error, no change
+        assert not (await store.peek(check(replace(req, cost=1)))).allowed
+
+    harness.run(body)
+
+
+def test_a_refused_charge_moves_no_bucket(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        for bad in [
+            [bucket("req", cost=3), bucket("tokens", rate=0)],
+            [bucket("req", cost=3), bucket("req", cost=-3)],
+            [bucket("req", cost=3), bucket("tokens", cost=float("nan"))],
+        ]:
+            with pytest.raises(ValueError):
+                await store.charge("acme", bad)
+        results = [await store.acquire(check(bucket("req", burst=5))) for _ in range(6)]
+        assert [r.allowed for r in results] == [True] * 5 + [False]
 
     harness.run(body)
 
@@ -608,9 +658,9 @@ def test_checks_no_policy_can_produce_are_refused(harness: Harness) -> None:
             with pytest.raises(ValueError):
                 await store.acquire(bad)
         with pytest.raises(ValueError):
-            await store.charge("acme", bucket(rate=-1))
+            await store.charge("acme", [bucket(rate=-1)])
         with pytest.raises(ValueError):
-            await store.charge("", bucket())
+            await store.charge("", [bucket()])
         with pytest.raises(ValueError):
             await store.release(LeaseRef("", "standard", "x"))
         with pytest.raises(ValueError):
@@ -676,7 +726,7 @@ def test_memory_forgets_full_buckets_and_empty_lease_tables() -> None:
         clock.advance(5)
         assert await store.in_flight("acme", None) == 0
         assert await store.model_in_flight("llama") == 0
-        await store.charge("acme", bucket(rate=1, cost=-10))
+        await store.charge("acme", [bucket(rate=1, cost=-10)])
         assert store._tats == {}
         assert store._leases == {}
         # A model nobody asks about lingers until asked (as a tenant's table does)...
@@ -691,10 +741,18 @@ def test_memory_forgets_full_buckets_and_empty_lease_tables() -> None:
 
 
 def run_redis(
-    url: str, body: Callable[[RedisQuotaStore], Awaitable[None]], timeout_s: float = 0.05
+    url: str,
+    body: Callable[[RedisQuotaStore], Awaitable[None]],
+    timeout_s: float = 0.05,
+    metrics: Metrics | None = None,
 ) -> None:
+    """Run `body` with a Redis store wired as the app wires it (its failures counted in
+    `metrics`, a throwaway registry's unless given)."""
+
     async def main() -> None:
-        store = RedisQuotaStore(url, timeout_s=timeout_s)
+        wiring = Settings(redis_url=url, redis_timeout_ms=round(timeout_s * 1000))
+        store = make_store(wiring, metrics or Metrics(CollectorRegistry()))
+        assert isinstance(store, RedisQuotaStore)
         try:
             await body(store)
         finally:
@@ -726,7 +784,7 @@ def test_redis_decides_like_memory(
         for index, cost in steps:
             b = buckets[index % len(buckets)]
             if cost < 0:  # a refund
-                await store.charge(tenant, replace(b, cost=cost))
+                await store.charge(tenant, [replace(b, cost=cost)])
                 continue
             c = check(*(replace(x, cost=cost if x is b else 1) for x in buckets), tenant=tenant)
             r = await store.acquire(c)
@@ -748,6 +806,8 @@ def test_redis_decides_like_memory(
 
 
 def test_redis_recovers_from_a_script_flush(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
+    metrics = Metrics(CollectorRegistry())
+
     async def body(store: RedisQuotaStore) -> None:
         c = check(bucket(burst=5), max_concurrency=5)
         first = await store.acquire(c)
@@ -757,7 +817,7 @@ def test_redis_recovers_from_a_script_flush(valkey: ValkeyServer, redis_sync: re
         redis_sync.script_flush()
         assert await store.release(lease_of(c, first))
         redis_sync.script_flush()
-        await store.charge("acme", bucket(cost=1))
+        await store.charge("acme", [bucket(cost=1)])
         redis_sync.script_flush()
         assert await store.in_flight("acme", None) == 1
         redis_sync.script_flush()
@@ -769,11 +829,11 @@ def test_redis_recovers_from_a_script_flush(valkey: ValkeyServer, redis_sync: re
         assert await store.model_in_flight("llama") == 1
         redis_sync.script_flush()
         assert await store.release(lease_of(with_model, held))
-        assert store.model_set_failures == 0
+        assert model_step_failures(metrics) == 0
         redis_sync.script_flush()
         assert await store.model_in_flight("llama") == 0
 
-    run_redis(valkey.url, body)
+    run_redis(valkey.url, body, metrics=metrics)
 
 
 def test_redis_keys_expire_when_they_hold_nothing(
@@ -832,25 +892,26 @@ def test_redis_a_failed_model_step_fails_neither_acquire_nor_release(
     # A string where the model's sorted set belongs: every model step fails with WRONGTYPE,
     # while the tenant's keys work. It stands for a model shard that cannot be reached.
     redis_sync.set("qos:{=llama}:model_leases", "not a set")
+    metrics = Metrics(CollectorRegistry())
 
     async def body(store: RedisQuotaStore) -> None:
         c = check(model="llama", max_concurrency=1)
         held = await store.acquire(c)
         assert held.allowed
         assert held.lease_id is not None
-        assert store.model_set_failures == 1
+        assert model_step_failures(metrics) == 1
         assert await store.in_flight("acme", None) == 1
         with pytest.raises(StateUnavailable):
             await store.model_in_flight("llama")
 
         assert await store.release(lease_of(c, held)) is True
-        assert store.model_set_failures == 2
+        assert model_step_failures(metrics) == 2
         assert await store.in_flight("acme", None) == 0
         assert (await store.acquire(check(model="mistral"))).allowed
-        assert store.model_set_failures == 2
+        assert model_step_failures(metrics) == 2
 
     with caplog.at_level("WARNING", logger="sidecar.state.redis_store"):
-        run_redis(valkey.url, body)
+        run_redis(valkey.url, body, metrics=metrics)
     # Logged once, not once per failure: a broken shard would otherwise flood the log.
     assert len(caplog.records) == 1
     assert "llama" in caplog.records[0].getMessage()
@@ -863,6 +924,46 @@ def test_redis_peek_writes_nothing(valkey: ValkeyServer, redis_sync: redis.Redis
         assert redis_sync.dbsize() == 0
 
     run_redis(valkey.url, body)
+
+
+def test_redis_each_call_is_one_script_whose_keys_share_one_hash_tag(
+    valkey: ValkeyServer, redis_sync: redis.Redis
+) -> None:
+    """In Redis Cluster a script may only touch keys of one slot: every call's keys carry one
+    hash tag, the tenant's (or, for the model step, the model's), and a charge of several
+    buckets is one call, not one per bucket."""
+    tenant = "a}{b:c"  # a name that would break an unencoded tag
+    calls: list[list[str]] = []
+
+    async def body(store: RedisQuotaStore) -> None:
+        evalsha = store._client.evalsha
+
+        async def spy(sha: str, numkeys: int, *keys_and_args: object) -> object:
+            answer = await evalsha(sha, numkeys, *keys_and_args)  # type: ignore[arg-type]
+            calls.append([str(k) for k in keys_and_args[:numkeys]])  # NOSCRIPT tries: not here
+            return answer
+
+        store._client.evalsha = spy  # type: ignore[method-assign]
+        c = check(
+            bucket("req"), bucket("tokens"), bucket("x:y"), tenant=tenant, klass="gold",
+            model="llama", max_concurrency=5, max_class_concurrency=5,
+        )  # fmt: skip
+        held = await store.acquire(c)
+        assert len(calls) == 2  # the tenant's limits and lease, then the model's set
+        await store.charge(tenant, [replace(b, cost=-1) for b in c.buckets])
+        assert len(calls) == 3
+        assert sorted(calls[-1]) == sorted(calls[0][2:])  # the buckets acquire charged
+        await store.peek(c)
+        await store.in_flight(tenant, None)
+        await store.in_flight(tenant, "gold")
+        await store.release(lease_of(c, held))
+        await store.model_in_flight("llama")
+
+    run_redis(valkey.url, body, timeout_s=2.0)
+    assert len(calls) == 9
+    for keys in calls:
+        assert len({cluster_hash_tag(key) for key in keys}) == 1, keys
+        assert cluster_hash_tag(keys[0]) in {encode_name(tenant), "=llama"}
 
 
 def test_redis_unreachable_raises_state_unavailable_quickly() -> None:

@@ -64,6 +64,14 @@ def test_all_keys_of_a_tenant_share_its_slot(
     )
 
 
+@pytest.mark.parametrize("tenant", ["acme", "a}{b:c", "{x}", "é", "=acme", "%41"])
+def test_every_kind_of_tenant_key_carries_the_tenant_hash_tag(tenant: str) -> None:
+    # Every kind, listed rather than sampled: a kind added later is checked here at once. A
+    # script touches a tenant's buckets and lease sets together, so they must share one slot.
+    keys = [build_key(tenant, kind, *parts) for kind in KeyKind for parts in ((), ("x",))]
+    assert {cluster_hash_tag(key) for key in keys} == {encode_name(tenant)}
+
+
 def test_plain_names_stay_readable_and_awkward_ones_are_escaped() -> None:
     assert build_key("acme", KeyKind.LEASES) == "qos:{acme}:leases"
     assert build_key("acme", KeyKind.BUCKET, "llm_tokens") == "qos:{acme}:bucket:llm_tokens"

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from devstack.procs import TritonProcess
+from devstack.triton import TritonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "examples" / "triton"

@@ -90,7 +90,7 @@ def test_monitor_reads_fake_triton_and_ages_into_stale_on_failure() -> None:
 
 @pytest.mark.stack
 def test_monitor_sees_real_triton_queue_depth_and_completions(tmp_path: Path) -> None:
-    from devstack.procs import TritonProcess
+    from devstack.triton import TritonProcess
 
     repo = tmp_path / "models"
     shutil.copytree(ROOT / "examples" / "triton" / "simgpu", repo / "simgpu")

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from sidecar.core.kserve import model_of as model_of  # re-exported: adapters import it here
 from sidecar.core.lease import format_lease
 from sidecar.core.types import (
     BucketCheck,
@@ -95,9 +96,6 @@ _LIMIT_REASON = {
 }
 _CLASS_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAX_IDENTITY_CHARS = 4096
-_MODEL_PATH = re.compile(
-    r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/(?:infer|generate|generate_stream)\b"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +134,6 @@ class Admission:
     trace: tuple[str, ...]
     relegated: bool = False
     cost: float = 1.0  # the cost units `cost` buckets are charged
-
-
-def model_of(path: str) -> str | None:
-    """The model a KServe v2 inference path names, or None for other paths."""
-    found = _MODEL_PATH.match(path)
-    return urllib.parse.unquote(found.group(1)) if found else None
 
 
 def plan_request(

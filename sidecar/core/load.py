@@ -1,6 +1,9 @@
 """What the sidecar knows about Triton's load, derived from its metrics endpoint.
 
 Rules:
+- A page is read with `prometheus_client`'s text parser, as strict as the format: label
+  values may hold commas, escaped quotes and newlines. A line it cannot read is skipped, not
+  the page: one odd series must not blind admission to every model.
 - A scrape gives, per model, the queue depth (`nv_inference_pending_request_count`, a gauge
   that moves instantly) and cumulative counters. Rates come from the difference between two
   scrapes: completions per second, and the mean queue and request time of the requests that
@@ -21,14 +24,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-_PENDING = "nv_inference_pending_request_count"
-_COUNTERS = {
+# The core stays pure: prometheus_client's text parser does no I/O.
+from prometheus_client.parser import text_string_to_metric_families
+
+# Metric name -> TritonCounters field.
+_FIELDS = {
+    "nv_inference_pending_request_count": "pending",
     "nv_inference_request_success": "success",
     "nv_inference_request_failure": "failure",
     "nv_inference_queue_duration_us": "queue_us",
     "nv_inference_request_duration_us": "request_us",
     "nv_inference_exec_count": "exec_count",
 }
+_WANTED = tuple(_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,28 +69,29 @@ class SignalState(enum.Enum):
 
 
 def parse_triton_metrics(text: str) -> dict[str, TritonCounters]:
-    """The nv_inference_* series of a Prometheus text page, per model. Unknown lines are
-    skipped; a malformed value skips its line rather than failing the whole scrape."""
+    """The nv_inference_* series of a Prometheus text page, per model.
+
+    Samples are read by `prometheus_client`'s parser, so label values are unescaped as the
+    format says (quoted commas, `\\"`, `\\n`). Only the lines of the wanted families are
+    parsed, one at a time: the rest of the page costs a prefix test per line, and a malformed
+    line skips itself rather than failing the whole scrape. A sample without a `model` label
+    or with a value that is not a finite number is skipped too.
+    """
     fields: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
-        if not line.startswith("nv_inference_"):
-            continue
-        name, brace, rest = line.partition("{")
-        if not brace:
-            continue
-        labels_text, _, value_text = rest.rpartition("}")
-        field = "pending" if name == _PENDING else _COUNTERS.get(name)
-        model = _label(labels_text, "model")
-        if field is None or model is None:
+        if not line.startswith(_WANTED):
             continue
         try:
-            value = float(value_text.split()[0])
-        except (ValueError, IndexError):
+            samples = [s for family in text_string_to_metric_families(line) for s in family.samples]
+        except ValueError:  # the parser's one error for text that is not the format
             continue
-        if not math.isfinite(value):
-            continue
-        per_model = fields.setdefault(model, {})
-        per_model[field] = per_model.get(field, 0.0) + value
+        for sample in samples:
+            field = _FIELDS.get(sample.name)
+            model = sample.labels.get("model")
+            if field is None or model is None or not math.isfinite(sample.value):
+                continue
+            per_model = fields.setdefault(model, {})
+            per_model[field] = per_model.get(field, 0.0) + sample.value
     return {model: TritonCounters(**values) for model, values in fields.items()}
 
 
@@ -144,11 +153,3 @@ class LoadView:
 
 
 EMPTY_VIEW = LoadView(models={}, ready={})
-
-
-def _label(labels_text: str, key: str) -> str | None:
-    for part in labels_text.split(","):
-        name, eq, value = part.partition("=")
-        if eq and name.strip() == key:
-            return value.strip().strip('"')
-    return None

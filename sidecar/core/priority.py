@@ -9,7 +9,8 @@ Rules:
 1. Only inference calls are rewritten: `/v2/models/{m}[/versions/{v}]/infer` over HTTP, and
    `/inference.GRPCInferenceService/ModelInfer` over gRPC. Triton passes the parameters of
    `generate` and `generate_stream` to the model instead of reading them as scheduling
-   priority, so those (and every other path) are left alone.
+   priority, so those (and every other path) are left alone. Paths are matched by
+   `core/kserve.py`, the one reading of the protocol.
 2. KServe v2 JSON (`application/json`, or no content type): the top-level object's
    `parameters.priority` is set, replacing any value the client sent. The new value is spliced
    into the original text, so every other byte stays exactly as sent (numbers keep their text;
@@ -39,12 +40,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-GRPC_MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
-BINARY_HEADER_LENGTH = "inference-header-content-length"
-# The request headers the rewrite reads besides the path: Envoy must forward them to the sidecar.
-BODY_HEADERS = ("content-type", "content-encoding", BINARY_HEADER_LENGTH)
+# GRPC_MODEL_INFER_PATH is re-exported: the adapters' tests import it from here.
+from sidecar.core.kserve import GRPC_MODEL_INFER_PATH as GRPC_MODEL_INFER_PATH
+from sidecar.core.kserve import (
+    INFER_HEADER_LENGTH,
+    Endpoint,
+    encode_varint,
+    parse_path,
+    protobuf_fields,
+)
 
-_INFER_PATH = re.compile(r"^/v2/models/[^/?]+(?:/versions/[^/?]+)?/infer(?:\?|$)")
+# The request headers the rewrite reads besides the path: Envoy must forward them to the sidecar.
+BODY_HEADERS = ("content-type", "content-encoding", INFER_HEADER_LENGTH)
+
 _JSON_TYPES = frozenset({"", "application/json"})
 _BINARY_TYPES = frozenset({"", "application/json", "application/octet-stream"})
 _WHITESPACE = re.compile(rb"[ \t\n\r]*")
@@ -97,12 +105,13 @@ def rewrite_body(path: str, headers: Mapping[str, str], body: bytes, priority: i
     """Rules 1 to 5 for one buffered request body. `headers` are lower-case request headers."""
     content_type = headers.get("content-type", "")
     grpc = _is_grpc(content_type)
-    inference = path == GRPC_MODEL_INFER_PATH if grpc else _INFER_PATH.match(path) is not None
-    if not inference:
+    parsed = parse_path(path)
+    endpoint = parsed[0] if parsed is not None else None
+    if endpoint is not (Endpoint.GRPC_INFER if grpc else Endpoint.INFER):
         return BodyRewrite(RewriteResult.NOT_INFERENCE)
     if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         return BodyRewrite(RewriteResult.UNSUPPORTED)
-    binary_length = headers.get(BINARY_HEADER_LENGTH)
+    binary_length = headers.get(INFER_HEADER_LENGTH)
     if binary_length is not None and not grpc:
         return _binary_with_priority(body, _media_type(content_type), binary_length, priority)
     rewritten = _rewrite(body, content_type, priority)
@@ -160,7 +169,7 @@ def _binary_with_priority(
     return BodyRewrite(
         RewriteResult.REWRITTEN,
         new_body,
-        (("content-length", str(len(new_body))), (BINARY_HEADER_LENGTH, str(len(header)))),
+        (("content-length", str(len(new_body))), (INFER_HEADER_LENGTH, str(len(header)))),
     )
 
 
@@ -332,56 +341,18 @@ def _grpc_with_priority(body: bytes, priority: int) -> bytes | RewriteResult:
 
 def _priority_entry(priority: int) -> bytes:
     key = b"priority"
-    value = _INT64_PARAM_TAG + _varint(priority)
+    value = _INT64_PARAM_TAG + encode_varint(priority)
     entry = (
-        _ENTRY_KEY_TAG + _varint(len(key)) + key + _ENTRY_VALUE_TAG + _varint(len(value)) + value
+        _ENTRY_KEY_TAG
+        + encode_varint(len(key))
+        + key
+        + _ENTRY_VALUE_TAG
+        + encode_varint(len(value))
+        + value
     )
-    return _PARAMETERS_TAG + _varint(len(entry)) + entry
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        if not value:
-            out.append(low)
-            return bytes(out)
-        out.append(low | 0x80)
+    return _PARAMETERS_TAG + encode_varint(len(entry)) + entry
 
 
 def _is_protobuf_message(data: bytes) -> bool:
     """Whether `data` is a sequence of well-formed protobuf fields (top level only)."""
-    i, end = 0, len(data)
-    while i < end:
-        tag, i = _read_varint(data, i)
-        wire_type = tag & 7
-        if tag >> 3 == 0 or i < 0:
-            return False
-        if wire_type == 0:
-            _, i = _read_varint(data, i)
-        elif wire_type == 1:
-            i += 8
-        elif wire_type == 2:
-            length, i = _read_varint(data, i)
-            i = i + length if i >= 0 else -1
-        elif wire_type == 5:
-            i += 4
-        else:  # groups (3, 4) do not occur in ModelInferRequest; 6 and 7 do not exist
-            return False
-        if i < 0 or i > end:
-            return False
-    return True
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    """(value, index after it), or (0, -1) when the varint is cut off or longer than 10 bytes."""
-    value = 0
-    for shift in range(0, 70, 7):
-        if i >= len(data):
-            return 0, -1
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i
-    return 0, -1
+    return protobuf_fields(data) is not None

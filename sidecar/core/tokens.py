@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sidecar.core.kserve import INFER_HEADER_LENGTH
+from sidecar.core.kserve import is_streamed as is_streamed  # re-exported for the adapters
 from sidecar.policy.model import TokenPolicy
 
 # The most JSON this module decodes from one body or one stream event. Envoy's buffer limit
 # bounds bodies first (1 MiB by default); a larger body simply has no estimate or usage.
 MAX_JSON_BYTES = 8 * 1024 * 1024
-BINARY_HEADER_LENGTH = "inference-header-content-length"
-_STREAM_PATH = re.compile(r"^/v2/models/[^/?]+(?:/versions/[^/?]+)?/generate_stream(?:\?|$)")
 # Nested lists deeper than this are not counted (tensors have a few dimensions, not hundreds).
 _MAX_DEPTH = 32
 
@@ -56,14 +55,9 @@ class TokenEstimate:
         return policy.prompt_weight * self.prompt_tokens + policy.output_weight * generated
 
 
-def is_streamed(path: str) -> bool:
-    """Whether `path` is Triton's generate_stream endpoint, whose answer is a stream of events."""
-    return _STREAM_PATH.match(path) is not None
-
-
 def estimate(policy: TokenPolicy, headers: Mapping[str, str], body: bytes) -> TokenEstimate | str:
     """Rule 3 for one buffered request body; a string says why there is no estimate."""
-    document = _json_object(body, headers.get(BINARY_HEADER_LENGTH))
+    document = _json_object(body, headers.get(INFER_HEADER_LENGTH))
     if isinstance(document, str):
         return document
     prompt: int | None = 0
@@ -109,7 +103,7 @@ class UsageMeter:
 
     def on_headers(self, status: int | None, headers: Mapping[str, str]) -> None:
         self.status = status
-        self._binary_length = headers.get(BINARY_HEADER_LENGTH)
+        self._binary_length = headers.get(INFER_HEADER_LENGTH)
 
     def feed(self, chunk: bytes) -> None:
         if self._too_large:

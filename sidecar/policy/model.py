@@ -1,16 +1,41 @@
-"""The policy model: what a validated set of YAML files turns into.
+"""The policy model: what a validated set of YAML files turns into, each field declared once.
 
-Every type here is a frozen dataclass so a snapshot can be shared by every request in flight
-and replaced whole, in one assignment, by a reload. YAML keys are the field names below.
-Rates are normalised to per-second when loaded; durations keep their unit in their name.
+Every type here is a frozen dataclass with slots (`@section` makes it one) so a snapshot can be
+shared by every request in flight and replaced whole, in one assignment, by a reload. YAML keys
+are the field names below (a bucket's `rate` and `per` become `rate_per_s`). Rates are
+normalised to per-second when loaded; durations keep their unit in their name.
+
+Each attribute a policy file sets is declared once, with `setting(spec, description,
+default=...)`: its constraints, what it means, and its default. The loader's checks, the model
+builder, `policies/schema.json` and `docs/policy-reference.md` are all derived from these
+declarations (see `spec.py`); nothing else repeats them.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
+
+from sidecar.policy.spec import (
+    BUCKET_NAME,
+    HEADER_NAME,
+    NAME,
+    NON_EMPTY,
+    SHA256_HEX,
+    Choice,
+    Exclusive,
+    Field,
+    Int,
+    ListOf,
+    MapOf,
+    Num,
+    Rule,
+    section,
+    section_spec,
+    setting,
+)
 
 
 class FailMode(enum.Enum):
@@ -55,22 +80,41 @@ class IdentitySourceKind(enum.Enum):
     HEADER = "header"  # a header set by a trusted hop in front (e.g. jwt_authn claim_to_headers)
 
 
-@dataclass(frozen=True, slots=True)
+@section(
+    "identitySource",
+    "One way to tell who the caller is.",
+    rules=(
+        Rule("kind", ("api_key", "header"), require=("header",)),
+        Rule("kind", ("principal",), forbid=("header",)),
+    ),
+)
 class IdentitySource:
-    kind: IdentitySourceKind
-    header: str | None = None  # lower-case header name, for API_KEY and HEADER
+    kind: IdentitySourceKind = setting(
+        Choice.of(IdentitySourceKind),
+        "api_key: a secret header matched by SHA-256 digest; principal: the mTLS peer "
+        "principal Envoy verified; header: a header set by a trusted hop.",
+    )
+    header: str | None = setting(
+        HEADER_NAME, "The header to read, for api_key and header sources.", default=None
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section("identity", "How callers are identified. At most one file may define it.")
 class IdentityPolicy:
-    # Tried in order; the first source that yields a value decides (even if it matches no tenant).
-    sources: tuple[IdentitySource, ...] = (IdentitySource(IdentitySourceKind.API_KEY, "x-api-key"),)
+    sources: tuple[IdentitySource, ...] = setting(
+        ListOf(section_spec(IdentitySource), min_items=1),
+        "Tried in order; the first source that yields a value decides, even if it matches "
+        "no tenant. Default: one api_key source reading x-api-key.",
+        default=(IdentitySource(IdentitySourceKind.API_KEY, "x-api-key"),),
+    )
     # The header a client uses to *ask* for a class. The granted class goes upstream in
     # DECISION_HEADERS and is never read back from the client.
-    class_header: str = "x-qos-class"
+    class_header: str = setting(
+        HEADER_NAME, "The header a client uses to ask for a class.", default="x-qos-class"
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section("overload", "Backend-aware admission of a class.")
 class OverloadPolicy:
     """Backend-aware admission of a class, by the queue depth Triton reports for the model.
 
@@ -80,72 +124,200 @@ class OverloadPolicy:
     it cannot.
     """
 
-    admit_below: int
-    shed_above: int | None = None  # None: never shed by load (the class is not sheddable)
-    on_stale: StaleAction = StaleAction.SATURATED
-    # Admitted at once only while the model has fewer requests in flight than this (admitted
-    # through any replica and not yet ended: queued in Triton or running); None: no such cap.
-    # Exact between scrapes, so it keeps Triton's batches small where queue depth lags.
-    max_in_flight: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ClassPolicy:
-    name: str
-    rank: int  # 1 is the most important; ties are allowed
-    latency_objective_ms: int
-    max_wait_ms: int  # how long a request of this class may be held before it is served
-    triton_priority: int  # Triton dynamic_batching priority level, 1 is the highest
-    on_state_error: FailMode = FailMode.CLOSED
-    # Retry-After for concurrency sheds, where no bucket says when room will come back.
-    concurrency_retry_after_ms: int = 1000
-    overload: OverloadPolicy | None = None  # None: admission by quota only
-    relegate_to: str | None = None  # the class a request that cannot make it is moved to, once
-    max_queued: int = 256  # bound on this class's deferred requests per replica
-    route_priority: RoutePriority = RoutePriority.DEFAULT
-
-
-@dataclass(frozen=True, slots=True)
-class BucketPolicy:
-    """A token bucket (enforced as GCRA): `rate_per_s` sustained, `burst` at once."""
-
-    name: str  # unique within the tenant, used in keys and metrics
-    unit: BucketUnit
-    rate_per_s: float
-    burst: float
-    # The classes whose requests draw on this bucket; empty: every class. A budget for batch
-    # work, say, need not stand in the way of the same tenant's interactive requests.
-    classes: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class TenantMatch:
-    api_key_sha256: frozenset[str] = frozenset()  # lower-case hex digests
-    principals: frozenset[str] = frozenset()
-    header_values: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
-class TenantPolicy:
-    name: str
-    match: TenantMatch
-    allowed_classes: frozenset[str]
-    default_class: str
-    on_disallowed_class: DisallowedClassAction = DisallowedClassAction.DOWNGRADE
-    buckets: tuple[BucketPolicy, ...] = ()
-    max_concurrency: int | None = None
-    max_concurrency_per_class: Mapping[str, int] = field(
-        default_factory=lambda: MappingProxyType({})
+    admit_below: int = setting(
+        Int(minimum=0),
+        "Queue depth (requests waiting in Triton for the model) under which a request is "
+        "admitted at once.",
+    )
+    shed_above: int | None = setting(
+        Int(minimum=1),
+        "Queue depth from which the class is shed with 503 at once; without it the class "
+        "is never shed by load.",
+        default=None,
+    )
+    on_stale: StaleAction = setting(
+        Choice.of(StaleAction),
+        "When Triton's load signals are stale or missing: saturated acts as if the queue "
+        "were at shed_above, admit as if it were empty.",
+        default=StaleAction.SATURATED,
+    )
+    max_in_flight: int | None = setting(
+        Int(minimum=1),
+        "Admit at once only while the model has fewer requests in flight (admitted by any "
+        "replica, not yet ended); above it requests are deferred as above admit_below. "
+        "Exact between scrapes; keeps Triton's batches small.",
+        default=None,
     )
 
 
-@dataclass(frozen=True, slots=True)
+@section("class", "A service class: how important a request is and how long it may wait.")
+class ClassPolicy:
+    name: str  # the key the class is filed under
+    rank: int = setting(Int(minimum=1), "1 is the most important.")
+    latency_objective_ms: int = setting(Int(minimum=1), "The latency this class aims for.")
+    max_wait_ms: int = setting(
+        Int(minimum=0), "How long a request may be held before it is served; 0: never held."
+    )
+    triton_priority: int = setting(
+        Int(minimum=1), "Triton dynamic_batching priority level; 1 is the highest."
+    )
+    on_state_error: FailMode = setting(
+        Choice.of(FailMode),
+        "When the shared quota store cannot answer: open admits without quota checks, "
+        "closed sheds with 503.",
+        default=FailMode.CLOSED,
+    )
+    concurrency_retry_after_ms: int = setting(
+        Int(minimum=0),
+        "Retry-After for concurrency sheds, where no bucket says when room comes back.",
+        default=1000,
+    )
+    overload: OverloadPolicy | None = setting(
+        section_spec(OverloadPolicy),
+        "Admission by Triton's queue depth for the model; without it, quotas alone decide.",
+        default=None,
+    )
+    relegate_to: str | None = setting(
+        NAME,
+        "A less important class that a request which cannot make its deadline is moved "
+        "to, once, instead of being shed.",
+        default=None,
+    )
+    max_queued: int = setting(
+        Int(minimum=0),
+        "The most requests of this class held (deferred) at once per replica; beyond it "
+        "they are relegated or shed.",
+        default=256,
+    )
+    route_priority: RoutePriority = setting(
+        Choice.of(RoutePriority),
+        "Sent as x-qos-route-priority; the shipped Envoy config routes 'high' with route "
+        "priority HIGH, which has its own circuit-breaker thresholds.",
+        default=RoutePriority.DEFAULT,
+    )
+
+
+# How many seconds each `per` value spans; buckets are stored with their rate per second.
+PER_SECONDS: Mapping[str, int] = MappingProxyType({"second": 1, "minute": 60})
+
+
+def _bucket_from_yaml(kwargs: dict[str, Any]) -> None:
+    """`rate` per `per` is kept per second; a bucket without a name is named after its unit."""
+    kwargs["rate_per_s"] /= PER_SECONDS[kwargs.pop("per")]
+    kwargs.setdefault("name", kwargs["unit"].value)
+
+
+@section(
+    "bucket",
+    "A token bucket: `rate` units per `per` sustained, `burst` at once.",
+    extra={
+        "per": Field(Choice(tuple(PER_SECONDS)), description="The rate's period.", default="second")
+    },
+    key_order=("name", "unit", "rate", "per", "burst", "classes"),
+    adapt=_bucket_from_yaml,
+)
+class BucketPolicy:
+    """A token bucket (enforced as GCRA): `rate_per_s` sustained, `burst` at once."""
+
+    name: str = setting(
+        BUCKET_NAME,
+        "Unique within the tenant; used in store keys and metrics. Default: the unit.",
+        required=False,
+    )
+    unit: BucketUnit = setting(
+        Choice.of(BucketUnit),
+        "requests: 1 per request; cost: the request's cost (its model's token estimate in "
+        "ext_proc mode, else its cost_per_request).",
+    )
+    rate_per_s: float = setting(Num(exclusive_minimum=0), "Sustained units per `per`.", key="rate")
+    burst: float = setting(Num(minimum=1), "Units that may be used at once.")
+    # The classes whose requests draw on this bucket; empty: every class. A budget for batch
+    # work, say, need not stand in the way of the same tenant's interactive requests.
+    classes: frozenset[str] = setting(
+        ListOf(NAME, min_items=1),
+        "Only requests of these classes draw on the bucket; default: all.",
+        default=frozenset(),
+    )
+
+
+@section("tenantMatch", "How a caller is recognised as this tenant.")
+class TenantMatch:
+    # Lower-case hex digests.
+    api_key_sha256: frozenset[str] = setting(
+        ListOf(SHA256_HEX),
+        "SHA-256 hex digests of the tenant's API keys (printf %s KEY | sha256sum).",
+        default=frozenset(),
+    )
+    principals: frozenset[str] = setting(
+        ListOf(NON_EMPTY), "mTLS peer principals (URI SANs), exactly.", default=frozenset()
+    )
+    header_values: frozenset[str] = setting(
+        ListOf(NON_EMPTY), "Values of a `header` identity source, exactly.", default=frozenset()
+    )
+
+
+@section("tenant", "A caller of the service and its limits.")
+class TenantPolicy:
+    name: str  # the key the tenant is filed under
+    match: TenantMatch = setting(
+        section_spec(TenantMatch), "Without it only unknown_tenants reaches it.", required=False
+    )
+    allowed_classes: frozenset[str] = setting(
+        ListOf(NAME, min_items=1), "Classes the tenant may use."
+    )
+    default_class: str = setting(
+        NAME, "The class of requests that ask for none; one of allowed_classes."
+    )
+    on_disallowed_class: DisallowedClassAction = setting(
+        Choice.of(DisallowedClassAction),
+        "When a request asks for a class it may not use: downgrade serves it in "
+        "default_class, reject sheds it with 403.",
+        default=DisallowedClassAction.DOWNGRADE,
+    )
+    buckets: tuple[BucketPolicy, ...] = setting(
+        ListOf(section_spec(BucketPolicy)), "Every bucket must have room to admit.", default=()
+    )
+    max_concurrency: int | None = setting(
+        Int(minimum=1), "Requests in flight at once; absent: no limit.", default=None
+    )
+    max_concurrency_per_class: Mapping[str, int] = setting(
+        MapOf(NAME, Int(minimum=1), entity="class"),
+        "Requests in flight at once, per allowed class.",
+        default_factory=lambda: MappingProxyType({}),
+    )
+
+
+@section(
+    "unknownTenants",
+    "What happens to callers that match no tenant. At most one file may define it.",
+    rules=(
+        Rule("action", ("default",), require=("tenant",)),
+        Rule("action", ("reject",), forbid=("tenant",)),
+    ),
+)
 class UnknownTenantPolicy:
-    action: UnknownTenantAction = UnknownTenantAction.REJECT
-    tenant: str | None = None  # the tenant to use when action is DEFAULT
+    action: UnknownTenantAction = setting(
+        Choice.of(UnknownTenantAction),
+        "reject: 401; default: serve the caller as `tenant`.",
+        default=UnknownTenantAction.REJECT,
+    )
+    tenant: str | None = setting(
+        NAME, "The tenant unknown callers become (action: default).", default=None
+    )
 
 
-@dataclass(frozen=True, slots=True)
+# Names of tensors and fields in request and response bodies, matched exactly. NAME keeps them
+# printable: they can appear in log lines.
+@section(
+    "tokens",
+    "Charge `cost` buckets by tokens: prompt_weight * prompt tokens + output_weight * output "
+    "tokens. Needs the ext_proc mode; ext_authz modes never see bodies and charge "
+    "cost_per_request.",
+    rules=(
+        Exclusive(("prompt_tokens", "prompt_text")),
+        Exclusive(("output_tokens", "output_text")),
+    ),
+)
 class TokenPolicy:
     """How an LLM request's cost is estimated from its body at admission, and reconciled with
     what it really used when its response ends (ext_proc mode, which sees both bodies).
@@ -156,39 +328,101 @@ class TokenPolicy:
     with output tokens = the request's max tokens at admission and the generated count after.
     """
 
-    prompt_tokens: str | None = None  # holds the prompt length in tokens
-    prompt_text: str | None = None  # or: the prompt text, whose length / chars_per_token is used
-    max_tokens: str | None = None  # holds the most tokens the request may generate
-    default_max_tokens: int = 256  # when the request names no max tokens
-    output_tokens: str | None = None  # in the response: tokens generated (summed over events)
-    output_text: str | None = None  # or: the generated text (summed over events)
-    chars_per_token: float = 4.0
-    prompt_weight: float = 1.0  # cost units per prompt token
-    output_weight: float = 1.0  # cost units per generated token
+    prompt_tokens: str | None = setting(
+        NAME,
+        "Request input (tensor, JSON field or parameter) that holds the prompt length in tokens.",
+        default=None,
+    )
+    prompt_text: str | None = setting(
+        NAME,
+        "Instead of prompt_tokens: request input that holds the prompt text, counted as "
+        "characters / chars_per_token.",
+        default=None,
+    )
+    max_tokens: str | None = setting(
+        NAME, "Request input that holds the most tokens the request may generate.", default=None
+    )
+    default_max_tokens: int = setting(
+        Int(minimum=1),
+        "Output tokens assumed at admission when the request has no max_tokens.",
+        default=256,
+    )
+    output_tokens: str | None = setting(
+        NAME,
+        "Response output (tensor or JSON field) that holds the tokens generated, summed "
+        "over streamed responses.",
+        default=None,
+    )
+    output_text: str | None = setting(
+        NAME,
+        "Instead of output_tokens: response output that holds the generated text, counted "
+        "as characters / chars_per_token and summed over streamed responses.",
+        default=None,
+    )
+    chars_per_token: float = setting(
+        Num(exclusive_minimum=0),
+        "Characters per token, to count prompt_text and output_text in tokens.",
+        default=4.0,
+    )
+    prompt_weight: float = setting(Num(minimum=0), "Cost units per prompt token.", default=1.0)
+    output_weight: float = setting(
+        Num(minimum=0),
+        "Cost units per output token: max tokens at admission, tokens generated once the "
+        "response ends.",
+        default=1.0,
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section("model", "Per-model settings; models not listed cost 1 unit per request.")
 class ModelPolicy:
-    name: str
-    # Cost units charged to `cost` buckets per request, when the request's own cost cannot be
-    # estimated (ext_authz modes, no `tokens`, a body that cannot be read).
-    cost_per_request: float = 1.0
-    tokens: TokenPolicy | None = None  # estimate and reconcile LLM token costs
+    name: str  # the key the model is filed under
+    cost_per_request: float = setting(
+        Num(exclusive_minimum=0),
+        "Cost units one request to this model takes from `cost` buckets when its cost "
+        "cannot be estimated from its body (ext_authz modes, no `tokens`, a body that "
+        "cannot be read).",
+        default=1.0,
+    )
+    tokens: TokenPolicy | None = setting(
+        section_spec(TokenPolicy),
+        "Estimate each request's cost from its token counts (ext_proc mode only); without "
+        "it every request costs cost_per_request.",
+        default=None,
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@section(
+    "policyFile",
+    "One qos-sidecar policy file. Several files are merged into one policy; each class, "
+    "tenant and model is defined once across all of them.",
+    key_order=("identity", "lease_ttl_s", "unknown_tenants", "classes", "models", "tenants"),
+)
 class Policy:
     """One validated, immutable snapshot of every policy file."""
 
     version: str  # content hash of the sources, short hex
     sources: tuple[str, ...]
-    classes: Mapping[str, ClassPolicy]
-    tenants: Mapping[str, TenantPolicy]
-    identity: IdentityPolicy = IdentityPolicy()
-    unknown_tenants: UnknownTenantPolicy = UnknownTenantPolicy()
-    models: Mapping[str, ModelPolicy] = field(default_factory=lambda: MappingProxyType({}))
-    # A crashed sidecar or a lost completion signal frees a slot after this long at most.
-    lease_ttl_s: float = 300.0
+    classes: Mapping[str, ClassPolicy] = setting(
+        MapOf(NAME, section_spec(ClassPolicy), entity="class"), "Service classes.", required=False
+    )
+    tenants: Mapping[str, TenantPolicy] = setting(
+        MapOf(NAME, section_spec(TenantPolicy), entity="tenant"), "Tenants.", required=False
+    )
+    identity: IdentityPolicy = setting(section_spec(IdentityPolicy), default=IdentityPolicy())
+    unknown_tenants: UnknownTenantPolicy = setting(
+        section_spec(UnknownTenantPolicy), default=UnknownTenantPolicy()
+    )
+    models: Mapping[str, ModelPolicy] = setting(
+        MapOf(NAME, section_spec(ModelPolicy), entity="model"),
+        "Per-model costs and token counting.",
+        default_factory=lambda: MappingProxyType({}),
+    )
+    lease_ttl_s: float = setting(
+        Num(exclusive_minimum=0),
+        "A lost completion frees its concurrency slot after this long at most. At most one "
+        "file may set it.",
+        default=300.0,
+    )
 
     def cost_of(self, model: str | None) -> float:
         found = self.models.get(model) if model else None

@@ -1,27 +1,38 @@
 """The current policy, and replacing it when its files change.
 
 Rules:
+- The holder is the one home of the current policy. Everything that decides reads it through
+  `snapshot()`: the policy together with its compiled lookup tables (`CompiledPolicy`), so
+  the two can never disagree.
 - Starting needs a valid policy: `PolicyHolder(...)` raises PolicyError otherwise, so the
   service refuses to start rather than guess.
 - After that, a policy that fails to load never replaces a good one. `reload()` keeps the last
-  good snapshot, records the error and counts it; the app keeps serving and reports the
-  problem (metrics, logs, health detail) until the files are fixed.
-- `current` is replaced in one assignment, so every request sees one whole snapshot, old or
-  new, never a mix.
+  good snapshot, records the error and reports it, once, to `on_result`; the app keeps serving
+  and reports the problem (metrics, logs, health detail) until the files are fixed. A bug in
+  the loader (any other exception) is a failed reload too: it never reaches the caller, which
+  is the serving sidecar's event loop.
+- The snapshot is compiled first and then replaced in one assignment, so every request sees
+  one whole snapshot, old or new, never a mix. A caller that needs one policy across several
+  steps (an ext_proc stream) keeps the snapshot it read.
 - No asyncio and no threads here: the app decides when to look (`changed()` is cheap enough to
   poll every second) and when to reload (on a change, or on SIGHUP).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
+from sidecar.core.decide import CompiledPolicy, compile_policy
 from sidecar.errors import PolicyError
 from sidecar.policy.loader import load_policy, policy_files
 from sidecar.policy.model import Policy
+
+log = logging.getLogger(__name__)
 
 # (path, mtime_ns, size) of each policy file; None, None for a path that cannot be read.
 Fingerprint = tuple[tuple[str, int | None, int | None], ...]
@@ -46,6 +57,25 @@ def fingerprint(paths: Sequence[Path]) -> Fingerprint:
     return tuple(out)
 
 
+class PolicySource(Protocol):
+    """Where the admission service reads the current policy."""
+
+    def snapshot(self) -> CompiledPolicy:
+        """The current policy, whole: the same object until the policy is replaced."""
+        ...
+
+
+class FixedPolicy:
+    """A policy that never changes: for a service built from one `Policy` (the `explain`
+    command, tests)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._snapshot = compile_policy(policy)
+
+    def snapshot(self) -> CompiledPolicy:
+        return self._snapshot
+
+
 class PolicyHolder:
     """Holds the policy every request reads, and swaps it for a new valid one on reload."""
 
@@ -58,8 +88,9 @@ class PolicyHolder:
     ) -> None:
         """Load the policy at `paths`. Raises PolicyError if it is not valid.
 
-        `on_result(ok)` is called after each `reload()` (not this first load), for metrics.
-        `clock` gives wall-clock seconds for `last_loaded_at`.
+        `on_result(ok)` is called exactly once after each `reload()` (not this first load), for
+        metrics; it is the only place a reload is counted. `clock` gives wall-clock seconds for
+        `last_loaded_at`.
         """
         self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
         self._on_result = on_result
@@ -69,8 +100,15 @@ class PolicyHolder:
         self.reloads_failed = 0
         # Taken before reading, so an edit made while loading shows up as a change next time.
         self._seen = fingerprint(self.paths)
-        self.current: Policy = load_policy(self.paths)
+        self._snapshot: CompiledPolicy = compile_policy(load_policy(self.paths))
         self.last_loaded_at: float = self._clock()
+
+    @property
+    def current(self) -> Policy:
+        return self._snapshot.policy
+
+    def snapshot(self) -> CompiledPolicy:
+        return self._snapshot
 
     def changed(self) -> bool:
         """Whether the files differ (list, mtime or size) from when they were last read.
@@ -81,24 +119,32 @@ class PolicyHolder:
         return fingerprint(self.paths) != self._seen
 
     def reload(self) -> bool:
-        """Load the files again; replace `current` only if they are valid.
+        """Load the files again; replace the snapshot only if they are valid.
 
-        Returns True when `current` was replaced. On failure `current` stays as it was and the
-        error is kept in `last_error`. Never raises PolicyError.
+        Returns True when the snapshot was replaced. On failure it stays as it was and a
+        PolicyError is kept in `last_error`. Never raises.
         """
         self._seen = fingerprint(self.paths)
+        kept = self._snapshot.policy.version
         try:
-            policy = load_policy(self.paths)
+            snapshot = compile_policy(load_policy(self.paths))
         except PolicyError as exc:
             self.last_error = exc
-            self.reloads_failed += 1
+            log.error("policy reload failed, keeping %s:\n%s", kept, exc)
+            ok = False
+        except Exception:  # a loader bug must not take down the serving sidecar
+            log.exception("policy reload crashed; keeping %s", kept)
             ok = False
         else:
-            self.current = policy
+            self._snapshot = snapshot
             self.last_error = None
             self.last_loaded_at = self._clock()
-            self.reloads_ok += 1
+            log.info("policy %s loaded", snapshot.policy.version)
             ok = True
+        if ok:
+            self.reloads_ok += 1
+        else:
+            self.reloads_failed += 1
         if self._on_result is not None:
             self._on_result(ok)
         return ok

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from typing import Protocol
 
 from sidecar.core.types import BucketCheck, LeaseRef, QuotaCheck, QuotaResult
@@ -79,10 +80,11 @@ class QuotaStore(Protocol):
         Raises StateUnavailable."""
         ...
 
-    async def charge(self, tenant: str, bucket: BucketCheck) -> None:
-        """Add `bucket.cost` to the bucket without checking it (negative: refund, but never
-        past a full bucket), e.g. to reconcile a token estimate with the real count.
-        Raises StateUnavailable."""
+    async def charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        """Add each bucket's `cost` to it without checking it (negative: refund, but never
+        past a full bucket), e.g. to reconcile a token estimate with the real count. All of
+        `buckets` move in one atomic step (one script call); none is an empty step.
+        Raises StateUnavailable, or ValueError (see `validate_charge`)."""
         ...
 
     async def count_for_model(self, lease: LeaseRef, ttl_s: float) -> None:
@@ -142,6 +144,22 @@ def validate_bucket(bucket: BucketCheck, *, allow_negative_cost: bool = False) -
         raise ValueError(f"bucket {bucket.name!r}: invalid cost {bucket.cost}")
 
 
+def validate_charge(tenant: str, buckets: Sequence[BucketCheck]) -> None:
+    """Raise ValueError for a charge no caller should make: an empty tenant, an invalid bucket
+    (a negative cost is a refund and fine), or one bucket named twice (the two steps would be
+    clamped one after the other, not as their sum)."""
+    validate_tenant(tenant)
+    for bucket in buckets:
+        validate_bucket(bucket, allow_negative_cost=True)
+    _validate_unique(buckets)
+
+
+def _validate_unique(buckets: Sequence[BucketCheck]) -> None:
+    if len(buckets) > 1 and len({b.name for b in buckets}) < len(buckets):
+        # Two entries of one bucket would share a key and move it twice.
+        raise ValueError("bucket names must be unique within a check or charge")
+
+
 def validate_check(check: QuotaCheck) -> None:
     """Raise ValueError for a check no validated policy can produce: both stores refuse the
     same inputs, rather than each doing something different with them (a zero rate divides by
@@ -155,6 +173,4 @@ def validate_check(check: QuotaCheck) -> None:
             raise ValueError(f"concurrency limits must be >= 0, not {limit}")
     for bucket in check.buckets:
         validate_bucket(bucket)
-    if len(check.buckets) > 1 and len({b.name for b in check.buckets}) < len(check.buckets):
-        # Two checks of one bucket would share a key and charge it twice.
-        raise ValueError("bucket names must be unique within a check")
+    _validate_unique(check.buckets)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.core.gcra import gcra_step
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.state.base import (
     new_lease_id,
-    validate_bucket,
+    validate_charge,
     validate_check,
     validate_model,
     validate_tenant,
@@ -113,14 +113,14 @@ class MemoryQuotaStore:
         # An expired lease no longer counted, so releasing it frees nothing.
         return held is not None and held[1] > now
 
-    async def charge(self, tenant: str, bucket: BucketCheck) -> None:
-        validate_tenant(tenant)
-        validate_bucket(bucket, allow_negative_cost=True)
+    async def charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        validate_charge(tenant, buckets)
         now = self._clock()
-        key = (tenant, bucket.name)
-        tat = max(self._tats.get(key, now), now)
-        # A refund moves the TAT back, but never before now: a bucket holds at most `burst`.
-        self._store_tat(key, max(tat + bucket.cost / bucket.rate_per_s, now), now)
+        for bucket in buckets:
+            key = (tenant, bucket.name)
+            tat = max(self._tats.get(key, now), now)
+            # A refund moves the TAT back, but never before now: a bucket holds at most `burst`.
+            self._store_tat(key, max(tat + bucket.cost / bucket.rate_per_s, now), now)
 
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         validate_tenant(tenant)

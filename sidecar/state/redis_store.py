@@ -2,7 +2,8 @@
 
 Rules:
 - Every state change is one Lua script from `sidecar/state/lua/`, run atomically by the server
-  with one EVALSHA: one round trip per acquire, release or charge. The one exception is a
+  with one EVALSHA: one round trip per acquire, release or charge (of any number of the
+  tenant's buckets). The one exception is a
   lease counted for a model: its model entry lives in another slot, so it takes a second
   script, `model_lease.lua`, right after the first (base.py says what can go wrong between
   them). The scripts use the server's clock (see `_prelude.lua`), so replicas with skewed
@@ -19,8 +20,10 @@ Rules:
   `StateUnavailable`; the core then applies the class's fail-open or fail-closed policy. A
   stalled Redis must never stall admission. redis-py's own retries are off: a retried script
   whose first answer was lost could charge twice, and the deadline leaves no time anyway.
-- A failed model step never fails its acquire or release (see base.py for why): it is counted
-  in `model_set_failures` and logged, at most once per `_LOG_EVERY_S`.
+- A failed model step never fails its acquire or release (see base.py for why): it is reported
+  to `on_model_set_failure` (the app counts it in `qos_state_errors_total{operation=
+  "model_lease"}`; a callback, so this layer imports nothing above it) and logged, at most
+  once per `_LOG_EVERY_S`.
 - A call cut short by the deadline may still have run on the server. A lease taken that way is
   never handed out and expires with its TTL; that is the price of not waiting.
 """
@@ -32,7 +35,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -44,7 +47,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
-from sidecar.state.base import new_lease_id, validate_bucket, validate_check, validate_model
+from sidecar.state.base import new_lease_id, validate_charge, validate_check, validate_model
 from sidecar.state.keys import KeyKind, build_key, build_model_key
 
 log = logging.getLogger(__name__)
@@ -98,8 +101,8 @@ class RedisQuotaStore:
 
     `timeout_s` bounds every call (see module rules). `max_connections` caps the pool; a call
     finding every connection busy waits for one within the same deadline. Nothing connects
-    until the first call; `ping()` checks reachability. `model_set_failures` counts the model
-    steps that failed without failing their call (see module rules).
+    until the first call; `ping()` checks reachability. `on_model_set_failure()` is called
+    for each model step that failed without failing its call (see module rules).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class RedisQuotaStore:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        on_model_set_failure: Callable[[], None] | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
@@ -121,7 +125,7 @@ class RedisQuotaStore:
             retry=Retry(NoBackoff(), 0),
         )
         self._client = Redis.from_pool(pool)  # the client owns the pool and closes it
-        self.model_set_failures = 0
+        self._on_model_set_failure = on_model_set_failure
         self._unlogged_failures = 0
         self._last_failure_log = -_LOG_EVERY_S
 
@@ -151,11 +155,14 @@ class RedisQuotaStore:
             await self._update_model_set("remove", lease.model, lease.lease_id, deadline)
         return held
 
-    async def charge(self, tenant: str, bucket: BucketCheck) -> None:
-        """Raises StateUnavailable, or ValueError for an invalid bucket."""
-        validate_bucket(bucket, allow_negative_cost=True)
-        key = build_key(tenant, KeyKind.BUCKET, bucket.name)
-        await self._run(CHARGE, [key], [bucket.rate_per_s, bucket.cost])
+    async def charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        """Raises StateUnavailable, or ValueError for an invalid charge."""
+        validate_charge(tenant, buckets)
+        if not buckets:
+            return
+        keys = [build_key(tenant, KeyKind.BUCKET, bucket.name) for bucket in buckets]
+        args = [arg for bucket in buckets for arg in (bucket.rate_per_s, bucket.cost)]
+        await self._run(CHARGE, keys, args)
 
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         """Raises StateUnavailable."""
@@ -234,7 +241,8 @@ class RedisQuotaStore:
         try:
             await self._run(MODEL_LEASE, [build_model_key(model)], args, deadline)
         except StateUnavailable as exc:
-            self.model_set_failures += 1
+            if self._on_model_set_failure is not None:
+                self._on_model_set_failure()
             self._unlogged_failures += 1
             now = time.monotonic()
             if now - self._last_failure_log >= _LOG_EVERY_S:
