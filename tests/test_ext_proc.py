@@ -24,7 +24,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import struct_pb2
 from tritonclient.grpc import service_pb2
 
-from sidecar.core.priority import GRPC_MODEL_INFER_PATH
+from sidecar.core.kserve import GRPC_MODEL_INFER_PATH
+from sidecar.core.lease import parse_lease
 from sidecar.core.types import QuotaCheck, QuotaResult
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.ext_proc import ATTRIBUTES_KEY, PRINCIPAL_ATTRIBUTE, ExternalProcessorServicer
@@ -620,3 +621,65 @@ def test_a_held_request_first_extends_envoys_message_timeout() -> None:
         await call.done_writing()
 
     run(service, body)
+
+
+# -- gRPC ModelInfer: the model is in the body -------------------------------------------------
+
+
+def model_infer_body(model: str) -> bytes:
+    message = service_pb2.ModelInferRequest(model_name=model).SerializeToString()
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+GRPC_SEARCH = {"x-api-key": "k-search", "content-type": "application/grpc", "te": "trailers"}
+
+
+def test_grpc_model_infer_is_decided_on_its_body_for_its_model() -> None:
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        seen.extend(
+            await exchange(
+                ext_proc,
+                headers_message(GRPC_SEARCH, path=GRPC_MODEL_INFER_PATH),
+                body_message(model_infer_body("simgpu")),
+            )
+        )
+        # The lease counts for the model the body named.
+        assert await service.store.model_in_flight("simgpu") == 1
+
+    run(service, body)
+    # The headers wait for the body, and nothing more: no response phases are asked for.
+    assert seen[0] == ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+    decided = seen[1].request_body.response
+    assert decided.clear_route_cache
+    lease = parse_lease(set_headers(decided.header_mutation)["x-qos-lease"])
+    assert lease is not None and lease.model == "simgpu"
+
+
+def test_overload_admission_applies_to_a_grpc_model_infer() -> None:
+    """Without its model a ModelInfer was admitted by quota alone, whatever Triton's queue."""
+    from tests.test_service_overload import Backend, policy_with_overload
+
+    service = AdmissionService(
+        policy_with_overload(),
+        MemoryQuotaStore(),
+        make_service().metrics,
+        load=Backend(depth=60).view,  # beyond standard's shed_above 40
+    )
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        call = ext_proc.Process()
+        headers = {**GRPC_SEARCH, "x-qos-class": "standard"}
+        await call.write(headers_message(headers, path=GRPC_MODEL_INFER_PATH))
+        seen.append(await call.read())
+        await call.write(body_message(model_infer_body("simgpu")))
+        seen.append(await call.read())
+        assert await call.read() == grpc.aio.EOF
+
+    run(service, body)
+    immediate = seen[1].immediate_response
+    assert immediate.status.code == 503
+    assert json.loads(immediate.body)["reason"] == "overloaded"

@@ -161,7 +161,7 @@ def plan_request(
     if isinstance(klass, Decision):
         return klass
 
-    model = model_of(attrs.path)
+    model = attrs.model or model_of(attrs.path)
     if estimate is None:
         cost = policy.cost_of(model)
         trace.append(f"model {model!r}, cost {cost:g}")

@@ -25,6 +25,9 @@ class RequestAttributes:
     headers: Mapping[str, str]  # lower-case names; one value each (joined with "," if repeated)
     principal: str | None = None  # mTLS peer principal verified by Envoy, if any
     request_id: str | None = None  # Envoy's x-request-id, for logs and explain
+    # The model, when the adapter read it from the body (a gRPC ModelInfer names it there, not
+    # in its path); None: the core takes it from a KServe v2 path.
+    model: str | None = None
 
 
 class LimitKind(enum.Enum):
