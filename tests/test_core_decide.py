@@ -11,9 +11,9 @@ from sidecar.core.decide import (
     compile_policy,
     decide,
     malformed,
-    model_of,
     plan_request,
 )
+from sidecar.core.kserve import model_of
 from sidecar.core.lease import parse_lease
 from sidecar.core.types import (
     Decision,

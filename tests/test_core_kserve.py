@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from sidecar.core import decide, tokens
+from sidecar.core import decide
 from sidecar.core.kserve import (
     GRPC_MODEL_INFER_PATH,
     GRPC_MODEL_STREAM_INFER_PATH,
@@ -82,7 +82,6 @@ def test_parse_path(path: str, parsed: tuple[Endpoint, str | None] | None) -> No
 def test_one_reading_of_the_protocol() -> None:
     # The modules that used to carry their own regex now ask core.kserve.
     assert decide.model_of is model_of
-    assert tokens.is_streamed is is_streamed
     assert INFER_HEADER_LENGTH == INFER_HEADER_LENGTH.lower() == "inference-header-content-length"
     assert GRPC_MODEL_INFER_PATH == "/inference.GRPCInferenceService/ModelInfer"
     assert GRPC_MODEL_STREAM_INFER_PATH == "/inference.GRPCInferenceService/ModelStreamInfer"

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from sidecar.core.tokens import MAX_JSON_BYTES, UsageMeter, estimate, is_streamed
+from sidecar.core.kserve import is_streamed
+from sidecar.core.tokens import MAX_JSON_BYTES, UsageMeter, estimate
 from sidecar.policy.model import TokenPolicy
 
 COUNTS = TokenPolicy(

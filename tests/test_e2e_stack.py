@@ -519,7 +519,8 @@ def test_a_grpc_model_infer_request_rewritten_by_the_sidecar_gets_triton_priorit
     import numpy as np
     from tritonclient.grpc import service_pb2
 
-    from sidecar.core.priority import GRPC_MODEL_INFER_PATH, with_triton_priority
+    from sidecar.core.kserve import GRPC_MODEL_INFER_PATH
+    from sidecar.core.priority import with_triton_priority
 
     assert stack.triton is not None
     request = service_pb2.ModelInferRequest(

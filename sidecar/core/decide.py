@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from sidecar.core.kserve import model_of as model_of  # re-exported: adapters import it here
+from sidecar.core.kserve import model_of
 from sidecar.core.lease import format_lease
 from sidecar.core.types import (
     BucketCheck,

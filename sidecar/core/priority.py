@@ -40,8 +40,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# GRPC_MODEL_INFER_PATH is re-exported: the adapters' tests import it from here.
-from sidecar.core.kserve import GRPC_MODEL_INFER_PATH as GRPC_MODEL_INFER_PATH
 from sidecar.core.kserve import (
     INFER_HEADER_LENGTH,
     Endpoint,

@@ -31,7 +31,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.core.kserve import INFER_HEADER_LENGTH
-from sidecar.core.kserve import is_streamed as is_streamed  # re-exported for the adapters
 from sidecar.policy.model import TokenPolicy
 
 # The most JSON this module decodes from one body or one stream event. Envoy's buffer limit
