@@ -235,6 +235,14 @@ class ManagedProcess:
             raise
         return self
 
+    def restart(self) -> Self:
+        """Stop the server if it runs (or reap it if it was killed) and start it again, with
+        the same command, ports and environment."""
+        self.stop()
+        self._popen = None
+        self._stopped = False
+        return self.start()
+
     def stop(self) -> int | None:
         """Stop the server and reap it; return its exit status (``None`` if never started).
         Safe to call more than once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ class SidecarProcess(ManagedProcess):
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.admin_port = free_port()
+        # One lease key for this sidecar's whole life, restarts included: a lease granted
+        # before a restart must still verify when its completion arrives after it.
+        self.lease_key = secrets.token_hex(16)
 
     @property
     def admin_url(self) -> str:
@@ -50,6 +54,7 @@ class SidecarProcess(ManagedProcess):
                 "QOS_POLICY_PATH": str(self.policy_path),
                 "QOS_REDIS_URL": self.redis_url,
                 "QOS_POLICY_POLL_MS": "200",
+                "QOS_LEASE_KEY": self.lease_key,
                 "PYTHONUNBUFFERED": "1",
             }
         )

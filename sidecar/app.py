@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,18 @@ def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
             on_model_set_failure=metrics.state_errors.labels("model_lease").inc,
         )
     return MemoryQuotaStore()
+
+
+def lease_key_of(settings: Settings) -> bytes:
+    """The key that signs lease tokens: the configured one, else a random one (see
+    Settings.lease_key for what that means with several replicas or a restart)."""
+    if settings.lease_key:
+        return settings.lease_key.encode()
+    log.warning(
+        "QOS_LEASE_KEY is not set: lease tokens are signed with a random key of this process;"
+        " set one key on every replica, or leases completed elsewhere wait for their TTL"
+    )
+    return secrets.token_bytes(32)
 
 
 def make_policy_holder(paths: Sequence[Path | str], metrics: Metrics) -> PolicyHolder:
@@ -133,8 +146,9 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     if monitor is not None and service.deferrer is not None:
         monitor.on_update = service.deferrer.on_scrape
 
-    runners = await _start_http(settings, service, holder, monitor)
-    server = await _start_grpc(settings, service)
+    lease_key = lease_key_of(settings)
+    runners = await _start_http(settings, service, holder, monitor, lease_key)
+    server = await _start_grpc(settings, service, lease_key)
     sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
     if monitor is not None:
         sidecar.tasks.append(asyncio.create_task(monitor.run()))
@@ -162,6 +176,7 @@ async def _start_http(
     service: AdmissionService,
     holder: PolicyHolder,
     monitor: TritonLoadMonitor | None,
+    lease_key: bytes,
 ) -> list[web.AppRunner]:
     """ext_authz over HTTP and the admin listener."""
 
@@ -174,7 +189,7 @@ async def _start_http(
     # handler_cancellation: when Envoy gives up on a call, stop deciding for it (aiohttp
     # otherwise runs a handler to the end after the client has gone).
     for app, (host, port) in (
-        (build_authz_app(service), settings.authz_http_host_port),
+        (build_authz_app(service, lease_key=lease_key), settings.authz_http_host_port),
         (build_admin_app(service, holder, triton_readiness), settings.admin_host_port),
     ):
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -184,7 +199,7 @@ async def _start_http(
     return runners
 
 
-async def _start_grpc(settings: Settings, service: AdmissionService) -> Any:
+async def _start_grpc(settings: Settings, service: AdmissionService, lease_key: bytes) -> Any:
     """ext_authz over gRPC, ext_proc and the access-log completion stream, on one server."""
     server = grpc.aio.server(
         options=[
@@ -193,12 +208,14 @@ async def _start_grpc(settings: Settings, service: AdmissionService) -> Any:
         ]
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(service), server
+        AuthorizationServicer(service, lease_key=lease_key), server
     )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(service), server
+        ExternalProcessorServicer(service, lease_key=lease_key), server
     )
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(service), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogServicer(service, lease_key=lease_key), server
+    )
     if server.add_insecure_port(settings.grpc_addr) == 0:
         raise OSError(f"cannot listen on {settings.grpc_addr}")
     await server.start()

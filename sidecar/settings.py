@@ -32,6 +32,11 @@ class Settings:
     # 0 is earliest-deadline-first; QoServe's artifact uses 0.008 s per token.
     queue_alpha_ms_per_unit: int = 0
     log_level: str = "info"
+    # Signs lease tokens (HMAC-SHA256). Empty: a random key per process, which only works for
+    # one replica that never restarts while requests run: a lease granted by one process and
+    # completed through another (another replica, or the same one after a restart) is
+    # refused as bad_lease and waits for its TTL. A fleet must give every replica one key.
+    lease_key: str = ""
 
     @property
     def authz_http_host_port(self) -> tuple[str, int]:
@@ -68,6 +73,7 @@ _HELP = {
     "triton_stale_ms": "age in ms after which Triton load signals count as stale",
     "queue_alpha_ms_per_unit": "held-request order: deadline + alpha x work; 0 is EDF",
     "log_level": "debug, info, warning or error",
+    "lease_key": "secret that signs lease tokens; the same on every replica (default: random)",
 }
 
 

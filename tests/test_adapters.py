@@ -17,8 +17,11 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
+from sidecar.core.lease import format_lease, sign_lease, verify_lease
+from sidecar.core.types import LeaseRef
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import build_authz_app
@@ -29,6 +32,7 @@ from sidecar.state.memory import MemoryQuotaStore
 from tests.core_fixtures import make_policy
 
 INFER = "/v2/models/simgpu/infer"
+KEY = b"test lease key"
 
 
 def make_service(store: Any = None) -> AdmissionService:
@@ -44,7 +48,7 @@ def sample(service: AdmissionService, name: str, **labels: str) -> float:
 async def with_http(
     service: AdmissionService, body: Callable[[TestClient[Any, Any]], Awaitable[None]]
 ) -> None:
-    client = TestClient(TestServer(build_authz_app(service)))
+    client = TestClient(TestServer(build_authz_app(service, lease_key=KEY)))
     await client.start_server()
     try:
         await body(client)
@@ -55,9 +59,11 @@ async def with_http(
 async def with_grpc(service: AdmissionService, body: Callable[[Any, Any], Awaitable[None]]) -> None:
     server = grpc.aio.server()
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(service), server
+        AuthorizationServicer(service, lease_key=KEY), server
     )
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(service), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogServicer(service, lease_key=KEY), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -89,7 +95,8 @@ def test_http_admit_sets_decision_headers_and_shed_has_json_body() -> None:
         assert ok.headers["x-qos-tenant"] == "analytics"
         assert ok.headers["x-qos-granted-class"] == "batch"
         assert ok.headers["x-qos-priority"] == "3"
-        assert ok.headers["x-qos-lease"].startswith("v1.")
+        # Signed, for ext_authz's dynamic_metadata_from_headers (not copied upstream).
+        assert verify_lease(ok.headers["x-qos-lease"], KEY) is not None
         for _ in range(4):  # analytics: burst 5
             assert (
                 await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
@@ -198,9 +205,28 @@ def test_grpc_malformed_check_request_is_400_and_counted() -> None:
         r = await authz.Check(external_auth_pb2.CheckRequest())
         assert r.denied_response.status.code == 400
         assert json.loads(r.denied_response.body)["reason"] == "malformed"
+        # A direct call with a request but no path and no headers: Envoy never sends one.
+        for _ in range(3):
+            r = await authz.Check(check_request({}, path=""))
+            assert r.denied_response.status.code == 400
+            assert not r.dynamic_metadata.fields
 
     asyncio.run(with_grpc(service, body))
-    assert sample(service, "qos_malformed_requests_total", api="grpc") == 1
+    assert sample(service, "qos_malformed_requests_total", api="grpc") == 4
+
+
+def test_http_call_without_the_authz_prefix_takes_no_lease() -> None:
+    service = make_service()
+
+    async def body(client: TestClient[Any, Any]) -> None:
+        for path in ("/", "/v2/models/simgpu/infer", "/authz"):
+            refused = await client.post(path)
+            assert refused.status == 400
+            assert (await refused.json())["reason"] == "malformed"
+            assert "x-qos-lease" not in refused.headers
+
+    asyncio.run(with_http(service, body))
+    assert sample(service, "qos_malformed_requests_total", api="http") == 3
 
 
 def test_access_log_stream_releases_leases() -> None:
@@ -212,29 +238,46 @@ def test_access_log_stream_releases_leases() -> None:
             r = await authz.Check(
                 check_request({"x-api-key": "k-search", "x-qos-class": "interactive"})
             )
-            leases.append(
-                {h.header.key: h.header.value for h in r.ok_response.headers}["x-qos-lease"]
-            )
+            # The lease is in the dynamic metadata, signed, and in no header.
+            assert "x-qos-lease" not in {h.header.key for h in r.ok_response.headers}
+            leases.append(r.dynamic_metadata.fields["x-qos-lease"].string_value)
         full = await authz.Check(
             check_request({"x-api-key": "k-search", "x-qos-class": "interactive"})
         )
         assert json.loads(full.denied_response.body)["reason"] == "over_class_concurrency"
 
-        def entry(lease: str | None) -> Any:
-            headers = {"x-qos-lease": lease} if lease else {}
+        def entry(lease: str | None, namespace: str = "envoy.filters.http.ext_authz") -> Any:
+            metadata = base_pb2.Metadata()
+            if lease:
+                fields = struct_pb2.Struct()
+                fields.update({"x-qos-lease": lease})
+                metadata.filter_metadata[namespace].CopyFrom(fields)
             return accesslog_pb2.HTTPAccessLogEntry(
-                request=accesslog_pb2.HTTPRequestProperties(request_headers=headers)
+                common_properties=accesslog_pb2.AccessLogCommon(metadata=metadata),
+                # A lease in a request header is the client's: never read.
+                request=accesslog_pb2.HTTPRequestProperties(
+                    request_headers={"x-qos-lease": leases[0]}
+                ),
             )
+
+        unsigned = format_lease(LeaseRef("search", "interactive", "x"))
+        other_key = sign_lease(unsigned, b"another deployment")
 
         messages = [
             als_pb2.StreamAccessLogsMessage(
                 http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
-                    log_entry=[entry(leases[0]), entry(None), entry("v1.forged")]
+                    log_entry=[
+                        entry(leases[0]),
+                        entry(None),
+                        entry(unsigned),
+                        entry(other_key),
+                        entry("s1.forged." + unsigned),
+                    ]
                 )
             ),
             als_pb2.StreamAccessLogsMessage(
                 http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
-                    log_entry=[entry(leases[1]), entry(leases[1])]
+                    log_entry=[entry(leases[1], "qos.sidecar"), entry(leases[1])]
                 )
             ),
         ]
@@ -253,7 +296,7 @@ def test_access_log_stream_releases_leases() -> None:
     for result, count in (
         ("released", 2),
         ("no_lease", 1),
-        ("bad_lease", 1),
+        ("bad_lease", 3),
         ("already_released", 1),
     ):
         assert sample(service, "qos_completions_total", result=result) == count, result

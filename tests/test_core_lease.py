@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core.lease import format_lease, parse_lease
+from sidecar.core.lease import format_lease, parse_lease, sign_lease, verify_lease
 from sidecar.core.types import LeaseRef
 
 names = st.text(min_size=1, max_size=64).filter(lambda s: "\x00" not in s)
@@ -68,3 +70,31 @@ def test_a_lease_without_a_model_keeps_the_four_part_token() -> None:
 )
 def test_rejects_foreign_tokens(token: str) -> None:
     assert parse_lease(token) is None
+
+
+KEY = b"k" * 32
+
+
+def test_a_signed_token_verifies_with_its_key_only() -> None:
+    token = format_lease(LeaseRef("acme", "gold", "abc", "m"))
+    signed = sign_lease(token, KEY)
+    assert signed.startswith("s1.") and signed.endswith(token)
+    assert verify_lease(signed, KEY) == token
+    assert verify_lease(signed, b"another key") is None
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda s: s.split(".", 2)[2],  # unsigned
+        lambda s: s.replace("YWNtZQ", "ZXZpbA"),  # another tenant, same mac
+        lambda s: "s1.AAAAAAAAAAAAAAAAAAAAAA." + s.split(".", 2)[2],  # a guessed mac
+        lambda s: s[:-1],  # truncated
+        lambda s: "s2" + s[2:],
+        lambda s: "s1..",
+        lambda s: "",
+    ],
+)
+def test_a_forged_token_does_not_verify(forge: Any) -> None:
+    signed = sign_lease(format_lease(LeaseRef("acme", "gold", "abc")), KEY)
+    assert verify_lease(forge(signed), KEY) is None

@@ -238,14 +238,18 @@ def test_bootstraps_differ_only_in_the_deciding_filter() -> None:
 def test_every_decision_header_is_stripped_before_authz() -> None:
     mutations = snippet("strip-decision-headers.filter.yaml")["typed_config"]["mutations"]
     removed = [m["remove"] for m in mutations["request_mutations"]]
-    assert removed == [*DECISION_HEADERS, "x-qos-peer-principal"]
+    # x-qos-status: the sidecar's HTTP-mode wire status, never the client's to send.
+    assert removed == [*DECISION_HEADERS, "x-qos-peer-principal", "x-qos-status"]
 
 
 def test_http_mode_passes_exactly_the_decision_headers_upstream() -> None:
     service = snippet("ext-authz-http.filter.yaml")["typed_config"]["http_service"]
     response = service["authorization_response"]
     upstream = [p["exact"] for p in response["allowed_upstream_headers"]["patterns"]]
-    assert upstream == DECISION_HEADERS
+    # Every decision header but the lease, which becomes dynamic metadata only.
+    assert upstream == [h for h in DECISION_HEADERS if h != "x-qos-lease"]
+    metadata = [p["exact"] for p in response["dynamic_metadata_from_headers"]["patterns"]]
+    assert metadata == ["x-qos-lease"]
     client = [p["exact"] for p in response["allowed_client_headers"]["patterns"]]
     assert {"retry-after", "content-type"} <= set(client)
     assert service["path_prefix"] == "/authz"
@@ -286,11 +290,18 @@ def test_ext_proc_fails_closed_and_sends_what_the_sidecar_needs() -> None:
     assert set(BODY_HEADERS) <= set(forwarded)
     # Token accounting asks for metered responses per request (ext_proc.wait_for_body).
     assert config["allow_mode_override"] is True
+    # The lease comes back as dynamic metadata in the sidecar's namespace.
+    from sidecar.envoy.common import EXT_PROC_NAMESPACE
+
+    receiving = config["metadata_options"]["receiving_namespaces"]["untyped"]
+    assert receiving == [EXT_PROC_NAMESPACE]
 
 
-def test_access_log_carries_the_lease() -> None:
+def test_access_log_never_takes_the_lease_from_a_header() -> None:
+    # The lease is read from the entry's dynamic metadata (sidecar.envoy.access_log): a header
+    # here would be the client's own copy whenever Envoy rejects before the strip filter.
     config = snippet("completion-access-log.yaml")["typed_config"]
-    assert config["additional_request_headers_to_log"][0] == "x-qos-lease"
+    assert "x-qos-lease" not in config["additional_request_headers_to_log"]
     assert set(config["additional_request_headers_to_log"]) <= set(DECISION_HEADERS)
     assert config["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == (
         "qos_sidecar_grpc"

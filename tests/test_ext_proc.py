@@ -10,9 +10,10 @@ test_e2e_stack (every scenario runs in ext_proc mode too).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -25,14 +26,14 @@ from google.protobuf import struct_pb2
 from tritonclient.grpc import service_pb2
 
 from sidecar.core.kserve import GRPC_MODEL_INFER_PATH
-from sidecar.core.lease import parse_lease
+from sidecar.core.lease import parse_lease, verify_lease
 from sidecar.core.types import QuotaCheck, QuotaResult
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.ext_proc import ATTRIBUTES_KEY, PRINCIPAL_ATTRIBUTE, ExternalProcessorServicer
 from sidecar.errors import StateUnavailable
 from sidecar.service import AdmissionService
 from sidecar.state.memory import MemoryQuotaStore
-from tests.test_adapters import INFER, check_request, make_service, sample
+from tests.test_adapters import INFER, KEY, check_request, make_service, sample
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -42,9 +43,11 @@ async def with_ext_proc(
 ) -> None:
     """Run `body(ext_proc_stub, authz_stub)` against one in-process gRPC server."""
     server = grpc.aio.server()
-    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorServicer(service), server)
+    ep_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorServicer(service, lease_key=KEY), server
+    )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(service), server
+        AuthorizationServicer(service, lease_key=KEY), server
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -99,16 +102,32 @@ def set_headers(mutation: Any) -> dict[str, str]:
     return {o.header.key: o.header.raw_value.decode() for o in mutation.set_headers}
 
 
-async def exchange(stub: Any, *messages: Any) -> list[Any]:
-    """Send each message, read its answer; then end the stream as Envoy does."""
-    call = stub.Process()
+def lease_of(answer: Any) -> str:
+    """The lease an answer hands Envoy: dynamic metadata in the sidecar's namespace, verified
+    with the test key; never a header."""
+    namespace = answer.dynamic_metadata.fields["qos.sidecar"].struct_value
+    token = verify_lease(namespace.fields["x-qos-lease"].string_value, KEY)
+    assert token is not None
+    return token
+
+
+async def send_all(call: Any, messages: Sequence[Any]) -> list[Any]:
+    """Send each message and read its answer; then end the stream as Envoy does, unless the
+    sidecar ended the RPC (it does once Envoy needs nothing more: send nothing after that)."""
     answers = []
     for message in messages:
         await call.write(message)
         answers.append(await call.read())
-    await call.done_writing()
+    with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        await call.done_writing()
     assert await call.read() == grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
     return answers
+
+
+async def exchange(stub: Any, *messages: Any) -> list[Any]:
+    """Send each message, read its answer; then end the stream as Envoy does."""
+    return await send_all(stub.Process(), messages)
 
 
 def in_flight(service: AdmissionService, tenant: str, klass: str) -> int:
@@ -148,7 +167,8 @@ def test_admit_sets_the_decision_headers_and_writes_the_priority_into_the_body()
     assert decided["x-qos-tenant"] == "search"
     assert decided["x-qos-granted-class"] == "interactive"
     assert decided["x-qos-priority"] == "1"
-    assert decided["x-qos-lease"].startswith("v1.")
+    assert "x-qos-lease" not in decided
+    assert lease_of(headers_answer).startswith("v1.")
 
     rewritten = body_answer.request_body.response
     new_body = rewritten.body_mutation.body
@@ -415,27 +435,28 @@ def test_malformed_stream_is_400_and_counted(first: Any) -> None:
     assert sample(service, "qos_malformed_requests_total", api="ext_proc") == 1
 
 
-def test_other_phases_get_empty_answers() -> None:
+def test_a_forwarded_request_ends_its_stream_with_ok() -> None:
+    """Once Envoy has every answer a request needs, the sidecar ends the RPC with OK, before
+    Envoy half-closes: Envoy then ignores the stream, and a sidecar that dies later cannot
+    fail the request (the module's "Ending the stream")."""
     service = make_service()
-    seen: list[Any] = []
 
     async def body(ext_proc: Any, _: Any) -> None:
-        seen.extend(
-            await exchange(
-                ext_proc,
-                headers_message({"x-api-key": "k-search"}, end_of_stream=True),
-                ep.ProcessingRequest(response_headers=ep.HttpHeaders()),
-                ep.ProcessingRequest(response_body=ep.HttpBody(end_of_stream=True)),
-                ep.ProcessingRequest(response_trailers=ep.HttpTrailers()),
-            )
-        )
+        for messages in (
+            [headers_message({"x-api-key": "k-search"}, end_of_stream=True)],
+            [headers_message({"x-api-key": "k-search"}), body_message(b'{"inputs":[]}')],
+        ):
+            call = ext_proc.Process()
+            for message in messages:
+                await call.write(message)
+                assert (await call.read()).WhichOneof("response") is not None
+            # No done_writing: the sidecar ends the RPC on its own.
+            assert await call.read() == grpc.aio.EOF
+            assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.OK
 
     run(service, body)
-    assert [m.WhichOneof("response") for m in seen[1:]] == [
-        "response_headers",
-        "response_body",
-        "response_trailers",
-    ]
+    # Forwarded, not undelivered: the leases are the access log's to release.
+    assert in_flight(service, "search", "standard") == 2
 
 
 def test_ext_proc_and_ext_authz_give_the_same_decisions() -> None:
@@ -574,7 +595,7 @@ def test_a_handler_cancelled_after_the_admit_was_written_frees_the_lease() -> No
             await asyncio.Event().wait()  # the body never comes
 
         handler = asyncio.create_task(
-            ExternalProcessorServicer(service).Process(envoy(), context)  # type: ignore[arg-type]
+            ExternalProcessorServicer(service, lease_key=KEY).Process(envoy(), context)  # type: ignore[arg-type]
         )
         await answered.wait()
         assert len(context.written) == 1
@@ -654,7 +675,7 @@ def test_grpc_model_infer_is_decided_on_its_body_for_its_model() -> None:
     assert seen[0] == ep.ProcessingResponse(request_headers=ep.HeadersResponse())
     decided = seen[1].request_body.response
     assert decided.clear_route_cache
-    lease = parse_lease(set_headers(decided.header_mutation)["x-qos-lease"])
+    lease = parse_lease(lease_of(seen[1]))
     assert lease is not None and lease.model == "simgpu"
 
 

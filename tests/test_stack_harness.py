@@ -34,6 +34,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from devstack.envoy import EnvoyProcess, find_envoy, render_bootstrap
@@ -182,6 +183,7 @@ class GrpcCheck(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[m
 
     def __init__(self) -> None:
         self.allow_headers: list[tuple[str, str]] = []
+        self.allow_metadata: dict[str, str] = {}
         self.deny: tuple[int, list[tuple[str, str]], str] | None = None
         self.seen: list[external_auth_pb2.CheckRequest] = []
 
@@ -202,7 +204,23 @@ class GrpcCheck(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[m
             ok_response=external_auth_pb2.OkHttpResponse(
                 headers=[_header(k, v) for k, v in self.allow_headers]
             ),
+            dynamic_metadata=_struct(self.allow_metadata),
         )
+
+
+def _struct(fields: dict[str, str]) -> Any:
+    struct = struct_pb2.Struct()
+    struct.update(fields)
+    return struct
+
+
+def _metadata_lease(entry: Any) -> str:
+    """The lease ext_authz put in an access-log entry's dynamic metadata ("" if none)."""
+    metadata = entry.common_properties.metadata.filter_metadata
+    if "envoy.filters.http.ext_authz" not in metadata:
+        return ""
+    value = metadata["envoy.filters.http.ext_authz"].fields.get("x-qos-lease")
+    return "" if value is None else str(value.string_value)
 
 
 def _header(key: str, value: str) -> Any:
@@ -568,12 +586,13 @@ def test_forged_decision_headers_never_reach_authz_or_upstream(
     )
     forged = {name: "evil" for name in DECISION_HEADERS}
     forged["x-qos-peer-principal"] = "spiffe://evil"
+    forged["x-qos-status"] = "503"  # the sidecar's HTTP-mode wire status: never the client's
 
     # The sidecar sets nothing: none of the client's copies may pass.
     reply = request(port, "/v2/models/simgpu/infer", headers={**forged, "x-qos-class": "gold"})
     assert reply.status == 200
     upstream = reply.json()["headers"]
-    assert not {*DECISION_HEADERS, "x-qos-peer-principal"} & set(upstream)
+    assert not {*DECISION_HEADERS, "x-qos-peer-principal", "x-qos-status"} & set(upstream)
     assert upstream["x-qos-class"] == ["gold"]  # the request for a class passes through
     (_, seen) = authz.seen[-1]
     assert not {*DECISION_HEADERS, "x-qos-peer-principal"} & set(seen)
@@ -591,7 +610,10 @@ def test_forged_decision_headers_never_reach_authz_or_upstream(
     assert upstream["x-qos-tenant"] == ["acme"]
     assert upstream["x-qos-granted-class"] == ["standard"]
     assert upstream["x-qos-priority"] == ["2"]
-    assert upstream["x-qos-lease"] == [f"lease-{authz.leases}"]
+    # The lease becomes dynamic metadata only: neither the sidecar's nor the client's copy
+    # goes upstream.
+    assert "x-qos-lease" not in upstream
+    assert "x-qos-status" not in upstream
     assert "x-not-allowed" not in upstream
 
 
@@ -619,12 +641,13 @@ def test_http_mode_denial_reaches_the_client(
     assert reply.json() == {"error": "rate_limited"}
 
     # A 5xx from the sidecar is an ext_authz *error* in HTTP mode: the client gets Envoy's
-    # bare 503 (status_on_error), without the sidecar's headers or body.
+    # 503 (status_on_error), without the sidecar's headers or body; the shipped local-reply
+    # mapper gives it its own JSON body and Retry-After.
     authz.status = 503
     reply = request(port, "/v2/models/simgpu/infer")
     assert reply.status == 503
-    assert "retry-after" not in reply.headers
     assert b"rate_limited" not in reply.body
+    assert reply.json()["reason"] == "sidecar_unavailable"
 
     # So the sidecar sends overload sheds as 430; the shipped local-reply mapper restores the
     # 503 and keeps the sidecar's headers and body.
@@ -668,7 +691,9 @@ def test_access_log_has_one_entry_per_request_with_its_lease(
         assert request(port, "/", headers={"x-qos-lease": "forged"}).status == 200
     leases = [f"lease-{n}" for n in range(authz.leases - 2, authz.leases + 1)]
     entries = sink.take(3)
-    assert sorted(e.request.request_headers["x-qos-lease"] for e in entries) == sorted(leases)
+    # From the dynamic metadata (dynamic_metadata_from_headers), never the client's header.
+    assert sorted(_metadata_lease(e) for e in entries) == sorted(leases)
+    assert all("x-qos-lease" not in e.request.request_headers for e in entries)
     assert all(e.request.request_headers["x-qos-tenant"] == "acme" for e in entries)
     assert all(e.response.response_code.value == 200 for e in entries)
 
@@ -678,6 +703,7 @@ def test_access_log_has_one_entry_per_request_with_its_lease(
     (denied,) = sink.take(1)
     assert denied.response.response_code.value == 429
     assert "x-qos-lease" not in denied.request.request_headers
+    assert _metadata_lease(denied) == ""
     with pytest.raises(queue.Empty):
         sink.entries.get(timeout=0.3)  # exactly one entry per request
 
@@ -689,7 +715,8 @@ def test_grpc_mode_allows_denies_and_logs(
     port = start_envoy(GRPC_BOOTSTRAP, upstream_port=echo, sidecar_grpc_port=grpc_stub.port)
     check = grpc_stub.check
     check.deny = None
-    check.allow_headers = [("x-qos-tenant", "acme"), ("x-qos-lease", "grpc-lease-1")]
+    check.allow_headers = [("x-qos-tenant", "acme")]
+    check.allow_metadata = {"x-qos-lease": "grpc-lease-1"}
     reply = request(
         port,
         "/v2/models/simgpu/infer",
@@ -698,13 +725,13 @@ def test_grpc_mode_allows_denies_and_logs(
     assert reply.status == 200
     upstream = reply.json()["headers"]
     assert upstream["x-qos-tenant"] == ["acme"]
-    assert upstream["x-qos-lease"] == ["grpc-lease-1"]
+    assert "x-qos-lease" not in upstream
     http_request = check.seen[-1].attributes.request.http
     assert http_request.path == "/v2/models/simgpu/infer"
     assert http_request.headers["x-api-key"] == "k-acme"
     assert "x-qos-tenant" not in http_request.headers
     (entry,) = sink.take(1)
-    assert entry.request.request_headers["x-qos-lease"] == "grpc-lease-1"
+    assert _metadata_lease(entry) == "grpc-lease-1"
 
     # In gRPC mode the sidecar's denial reaches the client whatever the status, 503 included.
     for status in (429, 503):

@@ -15,12 +15,19 @@ Rules:
 - Parsing is strict: anything this module would not have written is rejected, never guessed at.
   A name part must be the exact encoding of a non-empty name (no padding, no stray characters,
   no other spelling of the same bytes).
+- What leaves the process is signed: `s1.<mac>.<token>`, the mac being the first 16 bytes of
+  HMAC-SHA256(key, token), base64url without padding. Only a holder of the deployment's key
+  can write a token the completion signal accepts, so a leaked, reflected or guessed token
+  cannot be turned into a release of someone else's slot by changing its parts. The key is a
+  value passed in (settings), never read here.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import re
 
 from sidecar.core.types import LeaseRef
@@ -28,6 +35,8 @@ from sidecar.core.types import LeaseRef
 _PREFIX = "v1"
 _LEASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_TOKEN_CHARS = 1024
+_SIGNED_PREFIX = "s1"
+_MAC_BYTES = 16  # 128 bits: forging one takes 2^128 guesses; the header stays short
 
 
 def _encode(text: str) -> str:
@@ -71,3 +80,28 @@ def parse_lease(token: str) -> LeaseRef | None:
         if model is None:
             return None
     return LeaseRef(tenant=tenant, klass=klass, lease_id=parts[3], model=model)
+
+
+def _mac(token: str, key: bytes) -> str:
+    digest = hmac.new(key, token.encode(), hashlib.sha256).digest()[:_MAC_BYTES]
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def sign_lease(token: str, key: bytes) -> str:
+    """`token` as it travels through Envoy: signed with the deployment's `key`."""
+    return f"{_SIGNED_PREFIX}.{_mac(token, key)}.{token}"
+
+
+def verify_lease(signed: str, key: bytes) -> str | None:
+    """The token inside `signed` if `key` signed it; None for anything else (unsigned,
+    forged, signed with another key, too long)."""
+    if len(signed) > _MAX_TOKEN_CHARS + 32:
+        return None
+    prefix, _, rest = signed.partition(".")
+    mac, _, token = rest.partition(".")
+    if prefix != _SIGNED_PREFIX or not token:
+        return None
+    # compare_digest: the time taken says nothing about how much of a guess was right.
+    if not hmac.compare_digest(mac.encode(), _mac(token, key).encode()):
+        return None
+    return token

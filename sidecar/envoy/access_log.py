@@ -1,9 +1,12 @@
 """The completion signal: Envoy's gRPC access-log stream (`AccessLogService`).
 
 Envoy writes one access-log entry at the end of every request, whatever ended it: a
-response, an upstream error or timeout, or a client that went away. The shipped config logs
-the `x-qos-lease` request header the sidecar set on admission, so each entry that carries
-one releases exactly that lease. The lease TTL is only the backstop for lost entries.
+response, an upstream error or timeout, or a client that went away. The lease the sidecar
+granted rides in the entry's dynamic metadata (`common_properties.metadata`, written by the
+ext_authz or ext_proc filter from the sidecar's answer; see `common.py`, rule 4), never in a
+request header a client could set. Each entry that carries one releases exactly that lease,
+if the deployment's key signed it; anything else is counted as `bad_lease` and released
+nothing. The lease TTL is only the backstop for lost entries.
 """
 
 from __future__ import annotations
@@ -14,18 +17,43 @@ from typing import Any
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from sidecar.core.decide import HEADER_LEASE
+from sidecar.core.lease import verify_lease
+from sidecar.envoy.common import LEASE_KEY, LEASE_NAMESPACES
 from sidecar.service import AdmissionService
 
 
+def lease_of(entry: Any) -> str | None:
+    """The (signed) lease in an HTTP access-log entry's dynamic metadata, or None."""
+    filter_metadata = entry.common_properties.metadata.filter_metadata
+    for namespace in LEASE_NAMESPACES:
+        if namespace in filter_metadata:
+            value = filter_metadata[namespace].fields.get(LEASE_KEY)
+            if value is not None and value.string_value:
+                return str(value.string_value)
+    return None
+
+
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, service: AdmissionService) -> None:
+    def __init__(self, service: AdmissionService, *, lease_key: bytes) -> None:
         self._service = service
+        self._lease_key = lease_key
+
+    async def _complete(self, entry: Any) -> None:
+        signed = lease_of(entry)
+        if signed is None:
+            await self._service.complete(None)  # counted as no_lease
+            return
+        token = verify_lease(signed, self._lease_key)
+        if token is None:
+            # Forged, unsigned or signed with another key: release nothing.
+            self._service.metrics.completions.labels("bad_lease").inc()
+            return
+        await self._service.complete(token)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
-                await self._service.complete(entry.request.request_headers.get(HEADER_LEASE))
+                await self._complete(entry)
         return als_pb2.StreamAccessLogsResponse()

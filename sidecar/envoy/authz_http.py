@@ -7,14 +7,25 @@ with our body and headers. Envoy treats a 5xx from the authorization server as a
 the server itself (`status_on_error`), so overload sheds travel as the unassigned status 430
 with `x-qos-status: 503`, and the shipped Envoy config's local-reply mapper
 (envoy/snippets/overload-local-reply.yaml) restores the 503 with our headers and body.
+
+The lease goes back as the response header `x-qos-lease`, signed; the shipped filter turns it
+into dynamic metadata (`dynamic_metadata_from_headers`) and does not copy it upstream (see
+`common.py`, rule 4). A call whose path does not start with the prefix was not written by
+Envoy: it is refused 400 (counted as malformed) and takes nothing.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from sidecar.core.decide import HEADER_LEASE
 from sidecar.core.types import Decision, RequestAttributes
-from sidecar.envoy.common import read_headers, release_if_undelivered
+from sidecar.envoy.common import (
+    headers_for_envoy,
+    read_headers,
+    release_if_undelivered,
+    signed_lease,
+)
 from sidecar.service import AdmissionService
 
 # Set by Envoy from the verified client certificate (authorization_request.headers_to_add),
@@ -26,10 +37,14 @@ OVERLOAD_WIRE_STATUS = 430
 API = "http"
 
 
-def attributes_from_request(request: web.BaseRequest, path_prefix: str) -> RequestAttributes:
+def attributes_from_request(request: web.BaseRequest, path_prefix: str) -> RequestAttributes | None:
+    """The attributes of the client request Envoy asks about; None when the path lacks the
+    prefix (then Envoy did not send it)."""
     path = request.raw_path
-    if path_prefix and path.startswith(path_prefix):
-        path = path[len(path_prefix) :] or "/"
+    if path_prefix:
+        if not path.startswith(path_prefix + "/"):
+            return None
+        path = path[len(path_prefix) :]
     headers, _ = read_headers(request.headers.items())
     return RequestAttributes(
         method=request.method,
@@ -40,8 +55,11 @@ def attributes_from_request(request: web.BaseRequest, path_prefix: str) -> Reque
     )
 
 
-def response_for(decision: Decision) -> web.Response:
-    headers = dict(decision.headers)
+def response_for(decision: Decision, lease_key: bytes) -> web.Response:
+    headers = dict(headers_for_envoy(decision))
+    lease = signed_lease(decision, lease_key)
+    if lease is not None:
+        headers[HEADER_LEASE] = lease
     status = decision.status
     if status >= 500:
         headers[STATUS_HEADER] = str(status)
@@ -49,13 +67,19 @@ def response_for(decision: Decision) -> web.Response:
     return web.Response(status=status, headers=headers, body=decision.body)
 
 
-def build_authz_app(service: AdmissionService, path_prefix: str = "/authz") -> web.Application:
+def build_authz_app(
+    service: AdmissionService, *, lease_key: bytes, path_prefix: str = "/authz"
+) -> web.Application:
     async def check(request: web.Request) -> web.Response:
-        decision = await service.check(attributes_from_request(request, path_prefix), API)
+        attrs = attributes_from_request(request, path_prefix)
+        if attrs is None:
+            refused = service.refuse_malformed(f"authz path must start with {path_prefix}/", API)
+            return response_for(refused, lease_key)
+        decision = await service.check(attrs, API)
         # Envoy hung up while we decided: nobody will carry this lease to completion.
         connected = request.transport is not None and not request.transport.is_closing()
         await release_if_undelivered(service, decision, delivered=connected)
-        return response_for(decision)
+        return response_for(decision, lease_key)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", check)

