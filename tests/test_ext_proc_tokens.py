@@ -236,7 +236,7 @@ def test_over_the_bucket_is_429_decided_on_the_body() -> None:
     ("body", "headers", "status", "reason"),
     [
         (b"not json", {}, 400, "unreadable_body"),
-        (b'{"inputs":[],"inputs":[]}', {}, 400, "unreadable_body"),
+        (b'{"inputs":[]}', {}, 400, "unreadable_body"),  # no prompt
         (llm_body(500, 100), {"content-encoding": "br"}, 415, "unsupported_encoding"),
         (gzip.compress(b" " * (MAX_JSON_BYTES + 1)), {"content-encoding": "gzip"}, 400,
          "unreadable_body"),

@@ -13,10 +13,9 @@ Rules:
    by `chars_per_token` and rounded up, estimate the tokens.
 3. Reading a body as Triton reads it (`core.kserve` rules 4 and 5): inflated per its
    Content-Encoding (at most `MAX_JSON_BYTES`), its JSON part split from its binary tensors,
-   and those decoded. A JSON object with a duplicate key anywhere is refused as unreadable:
-   Triton's parser (rapidjson, through TritonJson's FindMember) takes the first copy, but a
-   python-backend model re-parses `parameters` with Python's json, which takes the last, so
-   no single reading is the one that runs.
+   and those decoded. A JSON object with a duplicate key is read as Triton reads it: the
+   first copy counts (Triton parses with rapidjson, whose FindMember returns the first
+   member; test_e2e_tokens shows Triton running a duplicated parameter's first value).
 4. The estimate at admission = prompt_weight * prompt tokens + output_weight * max tokens
    (the request's own limit, else `default_max_tokens`). A body that cannot be read (rule 3),
    or whose prompt is not where the policy says, is `Unreadable`; the model's
@@ -36,7 +35,6 @@ Rules:
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 from collections.abc import Mapping
@@ -260,15 +258,11 @@ def _read(
     return document, binary
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    document = dict(pairs)
-    if len(document) != len(pairs):
-        counts = collections.Counter(key for key, _ in pairs)
-        raise _DuplicateKey(next(key for key, count in counts.items() if count > 1))
+def _first_copy(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """Rule 3: of keys given twice, the first copy counts, as in Triton."""
+    document: dict[str, object] = {}
+    for key, value in pairs:
+        document.setdefault(key, value)
     return document
 
 
@@ -277,9 +271,7 @@ def _json_object(body: bytes) -> dict[str, object] | Unreadable:
     if len(body) > MAX_JSON_BYTES:
         return Unreadable(f"body larger than {MAX_JSON_BYTES} bytes")
     try:
-        document = json.loads(body, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
-        return Unreadable(f"duplicate JSON key {str(exc)[:40]!r}")
+        document = json.loads(body, object_pairs_hook=_first_copy)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, absurd nesting
         return Unreadable("body is not JSON")
     if not isinstance(document, dict):

@@ -376,7 +376,7 @@ class TokenPolicy:
     unreadable: UnreadableBody = setting(
         Choice.of(UnreadableBody),
         "A request body whose cost cannot be read (an encoding Triton does not read, not "
-        "JSON, a duplicate key, the prompt missing, over 8 MiB inflated): refuse answers 415 "
+        "JSON, the prompt missing, over 8 MiB inflated): refuse answers 415 "
         "(encoding) or 400 with a JSON reason; charge_max admits it at the largest cost "
         "every cost bucket of the tenant can hold (their smallest burst), made good if the "
         "response reports its prompt and output tokens. Default refuse: Triton itself "
