@@ -28,7 +28,10 @@ Rules:
    bodies (both with zlib's windowBits 15|32, which takes a gzip or a zlib stream under
    either name: server src/data_compressor.h) and answers 415 to any other encoding but
    `identity`. `decode_body` does the same, stopping at a size cap so that a small body that
-   inflates to gigabytes (a zip bomb) costs a bounded amount of work.
+   inflates to gigabytes (a zip bomb) costs a bounded amount of work. That is the `infer`
+   endpoint; `generate` and `generate_stream` accept `identity` only (seen here: 400 "only
+   'identity' is supported"). Their compressed bodies are read all the same: Triton's 400
+   then refunds what they were charged (core.tokens rule 5).
 
 What happens for each kind of request:
 - HTTP infer, generate, generate_stream: the model comes from the path, in every adapter
