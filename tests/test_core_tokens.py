@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,10 +21,11 @@ from sidecar.core.tokens import (
     UsageMeter,
     charge_max,
     estimate,
+    priced,
     settlement,
 )
 from sidecar.core.types import Reason, RequestAttributes
-from sidecar.policy.model import TokenPolicy
+from sidecar.policy.model import TokenPolicy, UnreadableBody
 from tests.core_fixtures import make_policy
 
 COUNTS = TokenPolicy(
@@ -425,3 +427,11 @@ def test_charge_max_charges_the_smallest_cost_burst_of_the_tenant() -> None:
     # and still be admitted when the bucket is full (not cost_over_burst, not a flat cost).
     assert planned.cost == 4000
     assert [b.cost for b in planned.check.buckets if b.by_cost] == [4000]
+
+
+def test_the_policy_chooses_what_an_unreadable_body_becomes() -> None:
+    problem = Unreadable("body is not JSON")
+    assert priced(COUNTS, problem) is problem  # refuse, the default
+    maxed = priced(replace(COUNTS, unreadable=UnreadableBody.CHARGE_MAX), problem)
+    assert isinstance(maxed, TokenEstimate) and maxed.cost == CHARGE_MAX
+    assert priced(COUNTS, READ) is READ

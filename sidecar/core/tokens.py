@@ -47,7 +47,7 @@ from sidecar.core.kserve import (
     decode_body,
     decode_tensor,
 )
-from sidecar.policy.model import TokenPolicy
+from sidecar.policy.model import TokenPolicy, UnreadableBody
 
 # The most this module decodes from one body or one stream event, and the most a compressed
 # body may inflate to: 8x Envoy's default 1 MiB buffer limit, which bounds the bodies the
@@ -81,6 +81,14 @@ def charge_max(problem: Unreadable) -> TokenEstimate:
     """Rule 4 for `tokens.unreadable: charge_max`."""
     why = f"body unreadable ({problem.why}): charged the most its cost buckets hold"
     return TokenEstimate(0, 0, CHARGE_MAX, why, readable=False)
+
+
+def priced(policy: TokenPolicy, found: TokenEstimate | Unreadable) -> TokenEstimate | Unreadable:
+    """Rule 4's choice for what cannot be read: the estimate, `charge_max`'s, or the
+    Unreadable to refuse (core.decide.refuse_unreadable)."""
+    if isinstance(found, Unreadable) and policy.unreadable is UnreadableBody.CHARGE_MAX:
+        return charge_max(found)
+    return found
 
 
 def estimate(

@@ -78,7 +78,7 @@ from sidecar.core.kserve import (
     model_of,
 )
 from sidecar.core.priority import BodyRewrite, RewriteResult, rewrite_body
-from sidecar.core.tokens import TokenEstimate, UsageMeter, charge_max, estimate
+from sidecar.core.tokens import TokenEstimate, UsageMeter, estimate, priced
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.envoy.common import (
     header_map_pairs,
@@ -86,7 +86,7 @@ from sidecar.envoy.common import (
     read_headers,
     release_if_undelivered,
 )
-from sidecar.policy.model import TokenPolicy, UnreadableBody
+from sidecar.policy.model import TokenPolicy
 from sidecar.service import AdmissionService
 
 
@@ -422,13 +422,9 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
                 request = replace(request, attrs=replace(request.attrs, model=model))
                 stream.request = request
         estimated = None if request.tokens is None else _estimate(request, body)
-        if isinstance(estimated, Unreadable):
-            assert request.tokens is not None
-            if request.tokens.unreadable is UnreadableBody.REFUSE:
-                return headers_response_for(self._service.refuse_unreadable(estimated, API)), (
-                    Step.REFUSE
-                )
-            estimated = charge_max(estimated)
+        if isinstance(estimated, Unreadable):  # tokens.unreadable: refuse (core.tokens.priced)
+            refusal = self._service.refuse_unreadable(estimated, API)
+            return headers_response_for(refusal), Step.REFUSE
         decision = await self._decide(stream, write, estimated)
         if request.tokens is not None:
             self._service.note_estimate(decision, estimated)
@@ -469,14 +465,15 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
 
 
 def _estimate(request: _Request, body: Any) -> TokenEstimate | Unreadable:
-    """The cost a token model's request body says (core.tokens), or why it cannot say."""
+    """The cost a token model's request body says (core.tokens), or, when its policy refuses
+    what cannot be read, why it cannot say."""
     assert request.tokens is not None
     if not body.end_of_stream:
-        return Unreadable("the body came in chunks, not buffered")
+        return priced(request.tokens, Unreadable("the body came in chunks, not buffered"))
     found = estimate(request.tokens, request.attrs.headers, body.body)
     if isinstance(found, Unreadable):
         log.debug("no token estimate for %s: %s", request.attrs.path, found.why)
-    return found
+    return priced(request.tokens, found)
 
 
 def _meter(usage: _Usage, kind: str, request: Any) -> None:
