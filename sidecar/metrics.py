@@ -62,8 +62,10 @@ class Metrics:
         self.token_accounting = Counter(
             "qos_token_accounting_total",
             "Token accounting steps by result: estimated (cost read from the body), "
-            "unestimated (body unreadable: cost_per_request charged), reconciled, no_usage and "
-            "unfinished (the response said no usage, or did not end: the estimate stands), "
+            "unestimated (no body: cost_per_request charged), refused_unreadable and "
+            "charged_max (body unreadable, per tokens.unreadable), reconciled, "
+            "refunded_rejected (Triton answered 4xx: the whole charge refunded), no_usage and "
+            "unfinished (the response said no usage, or did not end: the charge stands), "
             "store_error.",
             ["result"],
             registry=registry,

@@ -32,10 +32,12 @@ from sidecar.core.decide import (
     CompiledPolicy,
     decide,
     malformed,
+    refuse_unreadable,
 )
+from sidecar.core.kserve import Unreadable
 from sidecar.core.lease import format_lease, parse_lease
 from sidecar.core.load import LoadView
-from sidecar.core.tokens import TokenEstimate
+from sidecar.core.tokens import TokenEstimate, UsageMeter, settlement
 from sidecar.core.types import Decision, LeaseRef, QuotaResult, RequestAttributes
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
@@ -342,12 +344,16 @@ class AdmissionService:
     # -- token accounting (ext_proc, models with `tokens`) ------------------------------------
 
     def note_estimate(self, decision: Decision, estimate: TokenEstimate | None) -> None:
-        """Count how a request to a token model was priced: `unestimated` (its body did not
-        say; `cost_per_request` was charged) or, when admitted, `estimated` with its prompt
-        and max tokens. Counted even when no bucket took the cost (no `cost` bucket, or the
-        store failed open): the token counts are still worth having."""
+        """Count how a request to a token model was priced: `unestimated` (no body to read;
+        `cost_per_request` was charged), `charged_max` (its body could not be read and
+        `tokens.unreadable` is charge_max) or, when admitted, `estimated` with its prompt and
+        max tokens. Counted even when no bucket took the cost (no `cost` bucket, or the store
+        failed open): the token counts are still worth having."""
         if estimate is None:
             self.metrics.token_accounting.labels("unestimated").inc()
+            return
+        if not estimate.readable:
+            self.metrics.token_accounting.labels("charged_max").inc()
             return
         if not decision.admitted:
             return
@@ -356,26 +362,33 @@ class AdmissionService:
         self.metrics.tokens.labels(*labels, "prompt").inc(estimate.prompt_tokens)
         self.metrics.tokens.labels(*labels, "max").inc(estimate.max_tokens)
 
+    def refuse_unreadable(self, problem: Unreadable, api: str) -> Decision:
+        """A token model's body whose cost cannot be read, under `tokens.unreadable: refuse`:
+        400 or 415 (core.decide), counted as a decision and as `refused_unreadable`."""
+        decision = refuse_unreadable(problem)
+        self.metrics.record_decision(decision, self.policy.tenants, api)
+        self.metrics.token_accounting.labels("refused_unreadable").inc()
+        return decision
+
     async def settle_tokens(
         self,
         decision: Decision,
         tokens: TokenPolicy,
         estimate: TokenEstimate,
-        generated: int | None,
+        meter: UsageMeter,
         *,
         ended: bool,
     ) -> None:
-        """Make an admit's estimate good with the tokens its response generated: one charge
-        or refund of (real cost - estimate) to the buckets it charged (`reconcile`).
-        `generated` None: the response never said its usage (`ended`: it was seen whole),
-        and the estimate stands: the tenant pays what it was charged, never less by
-        accident."""
-        accounting = self.metrics.token_accounting
-        if generated is None:
-            accounting.labels("no_usage" if ended else "unfinished").inc()
-            return
-        labels = (decision.tenant or "", decision.klass or "")
-        self.metrics.tokens.labels(*labels, "generated").inc(generated)
-        delta = estimate.actual_cost(tokens, generated) - estimate.cost
-        ok = await self.reconcile(decision, delta)
-        accounting.labels("reconciled" if ok else "store_error").inc()
+        """Make an admit's charge good with what its response said (`core.tokens.settlement`):
+        one charge or refund to the buckets it charged (`reconcile`), or none, leaving the
+        charge standing when the response never said its usage."""
+        # Every cost bucket took the same cost: the estimate, or what charge_max came to.
+        charged = decision.charged[0].cost if decision.charged else estimate.cost
+        delta, result = settlement(tokens, estimate, charged, meter, ended=ended)
+        generated = meter.generated()
+        if generated is not None and not meter.rejected:
+            labels = (decision.tenant or "", decision.klass or "")
+            self.metrics.tokens.labels(*labels, "generated").inc(generated)
+        if delta is not None and not await self.reconcile(decision, delta):
+            result = "store_error"
+        self.metrics.token_accounting.labels(result).inc()

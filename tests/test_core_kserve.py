@@ -3,7 +3,13 @@ ModelInferRequest's model_name, with tritonclient's own protobufs as the judge."
 
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
+
+import numpy as np
 import pytest
+import tritonclient.utils as triton_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
@@ -14,6 +20,10 @@ from sidecar.core.kserve import (
     GRPC_MODEL_STREAM_INFER_PATH,
     INFER_HEADER_LENGTH,
     Endpoint,
+    Unreadable,
+    binary_tensors,
+    decode_body,
+    decode_tensor,
     encode_varint,
     grpc_model_name,
     is_streamed,
@@ -183,3 +193,56 @@ def test_protobuf_fields() -> None:
     assert protobuf_fields(b"\x00") is None  # field number 0
     assert protobuf_fields(b"\x0f") is None  # wire type 7
     assert protobuf_fields(b"\x19\x00") is None  # a fixed64 cut off
+
+
+# -- bodies as Triton reads them (rules 4 and 5) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "read"),
+    [
+        ({}, b"plain", b"plain"),
+        ({"content-encoding": "identity"}, b"plain", b"plain"),
+        ({"content-encoding": "gzip"}, gzip.compress(b"zipped"), b"zipped"),
+        ({"content-encoding": "deflate"}, zlib.compress(b"zlib"), b"zlib"),
+        ({"content-encoding": "Deflate"}, gzip.compress(b"either"), b"either"),
+        ({"content-encoding": "gzip"}, b"\x1f\x8b junk", Unreadable("body is not valid gzip")),
+        (
+            {"content-encoding": "br"},
+            b"x",
+            Unreadable("content-encoding 'br' is not one Triton reads", True),
+        ),
+        (
+            {"content-encoding": "gzip"},
+            gzip.compress(b"y" * 101),
+            Unreadable("gzip body inflates to more than 100 bytes"),
+        ),
+    ],
+)
+def test_decode_body(headers: dict[str, str], body: bytes, read: bytes | Unreadable) -> None:
+    assert decode_body(headers, body, 100) == read
+
+
+def test_binary_tensors_split_in_order_and_the_first_of_a_name_counts() -> None:
+    tensors = [
+        {"name": "a", "parameters": {"binary_data_size": 2}},
+        {"name": "json", "data": [1]},
+        {"name": "b", "parameters": {"binary_data_size": 3}},
+        {"name": "a", "parameters": {"binary_data_size": 1}},
+    ]
+    assert binary_tensors(tensors, b"AABBBc") == {"a": b"AA", "b": b"BBB"}
+    assert isinstance(binary_tensors(tensors, b"AABBB"), Unreadable)  # cut short
+    assert isinstance(binary_tensors([{"parameters": {"binary_data_size": -1}}], b""), Unreadable)
+    assert binary_tensors("not a list", b"") == {}
+
+
+def test_decode_tensor_agrees_with_tritonclient() -> None:
+    texts = np.array([b"hi", "wörld".encode(), b""], dtype=np.object_)
+    raw = triton_utils.serialize_byte_tensor(texts).item()
+    assert decode_tensor("BYTES", raw) == ["hi", "wörld", ""]
+    assert decode_tensor("BYTES", raw[:-1] + b"\x00\x00") is None  # a length past the end
+    assert decode_tensor("INT64", np.array([3, -4], dtype=np.int64).tobytes()) == [3, -4]
+    assert decode_tensor("FP32", struct.pack("<f", 1.5)) == [1.5]
+    assert decode_tensor("INT32", b"abc") is None  # not a whole element
+    assert decode_tensor("FP16", b"ab") is None  # no token meaning
+    assert decode_tensor(None, b"") is None

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import math
+import zlib
+from dataclasses import replace
 
+import numpy as np
 import pytest
+import tritonclient.http as triton_http
 
-from sidecar.core.kserve import is_streamed
-from sidecar.core.tokens import MAX_JSON_BYTES, UsageMeter, estimate
-from sidecar.policy.model import TokenPolicy
+from sidecar.core.decide import Admission, compile_policy, plan_request, refuse_unreadable
+from sidecar.core.kserve import Unreadable, is_streamed
+from sidecar.core.tokens import (
+    CHARGE_MAX,
+    MAX_JSON_BYTES,
+    TokenEstimate,
+    UsageMeter,
+    charge_max,
+    estimate,
+    priced,
+    settlement,
+)
+from sidecar.core.types import Reason, RequestAttributes
+from sidecar.policy.model import TokenPolicy, UnreadableBody
+from tests.core_fixtures import make_policy
 
 COUNTS = TokenPolicy(
     prompt_tokens="PROMPT_TOKENS", max_tokens="OUTPUT_TOKENS", output_tokens="OUT_TOKENS"
@@ -88,16 +106,134 @@ def test_without_max_tokens_the_default_is_charged() -> None:
 )
 def test_unreadable_bodies_have_no_estimate(body: bytes, why: str) -> None:
     found = estimate(COUNTS, {}, body)
-    assert isinstance(found, str) and why in found
+    assert isinstance(found, Unreadable) and why in found.why
+    assert not found.unsupported_encoding
 
 
 def test_binary_tensor_requests_are_read_from_their_json_header() -> None:
     header = infer_body([70], [30])
     body = header + b"\x00\x01\x02\x03"
     found = estimate(COUNTS, {"inference-header-content-length": str(len(header))}, body)
-    assert not isinstance(found, str) and found.cost == 100
+    assert isinstance(found, TokenEstimate) and found.cost == 100
     bad = estimate(COUNTS, {"inference-header-content-length": "999999"}, body)
-    assert isinstance(bad, str)
+    assert isinstance(bad, Unreadable)
+
+
+def triton_body(prompt: int, output: int) -> tuple[bytes, dict[str, str]]:
+    """The body tritonclient sends by default: every input as binary data."""
+    inputs = []
+    for name, value in (("PROMPT_TOKENS", prompt), ("OUTPUT_TOKENS", output)):
+        tensor = triton_http.InferInput(name, [1, 1], "INT32")
+        tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+        inputs.append(tensor)
+    body, json_size = triton_http.InferenceServerClient.generate_request_body(inputs)
+    assert json_size is not None  # binary data follows the JSON
+    return body, {"inference-header-content-length": str(json_size)}
+
+
+def test_tritonclients_binary_tensors_are_counted() -> None:
+    body, headers = triton_body(30000, 100)
+    found = estimate(COUNTS, headers, body)
+    assert isinstance(found, TokenEstimate)
+    assert (found.prompt_tokens, found.max_tokens, found.cost) == (30000, 100, 30100)
+
+
+def test_binary_bytes_prompts_are_counted_in_characters() -> None:
+    text = triton_http.InferInput("text_input", [2], "BYTES")
+    text.set_data_from_numpy(np.array([b"x" * 400, "é".encode() * 8], dtype=np.object_))
+    limit = triton_http.InferInput("max_tokens", [1], "INT64")
+    limit.set_data_from_numpy(np.array([7], dtype=np.int64))
+    body, json_size = triton_http.InferenceServerClient.generate_request_body([text, limit])
+    found = estimate(TEXT, {"inference-header-content-length": str(json_size)}, body)
+    assert isinstance(found, TokenEstimate)
+    # 400 characters = 100 tokens; 8 characters (16 UTF-8 bytes) = 2 tokens.
+    assert (found.prompt_tokens, found.max_tokens) == (102, 7)
+
+
+@pytest.mark.parametrize(
+    ("cut", "why"),
+    [
+        (-1, "larger than the body"),  # the binary data cut short
+        (None, "does not fit"),  # a header length past the end
+    ],
+)
+def test_binary_tensors_that_do_not_fit_are_unreadable(cut: int | None, why: str) -> None:
+    body, headers = triton_body(500, 100)
+    if cut is None:
+        headers = {"inference-header-content-length": str(len(body) + 1)}
+    else:
+        body = body[:cut]
+    found = estimate(COUNTS, headers, body)
+    assert isinstance(found, Unreadable) and why in found.why
+
+
+def test_a_binary_tensor_of_the_wrong_size_has_no_count() -> None:
+    header = json.dumps({"inputs": [
+        {"name": "PROMPT_TOKENS", "datatype": "INT32", "parameters": {"binary_data_size": 3}},
+    ]}).encode()  # fmt: skip
+    found = estimate(COUNTS, {"inference-header-content-length": str(len(header))}, header + b"abc")
+    assert isinstance(found, Unreadable) and "prompt" in found.why
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [gzip.compress, zlib.compress, lambda b: zlib.compress(b, wbits=31)],
+    ids=["gzip", "zlib", "gzip-as-deflate"],
+)
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", " GZIP "])
+def test_compressed_bodies_are_inflated_as_triton_does(compress: object, encoding: str) -> None:
+    # Triton inflates both names with windowBits 15|32: either header, whichever name.
+    assert callable(compress)
+    found = estimate(COUNTS, {"content-encoding": encoding}, compress(infer_body([900], [100])))
+    assert isinstance(found, TokenEstimate) and found.cost == 1000
+
+
+def test_compressed_binary_tensors_are_read() -> None:
+    body, headers = triton_body(30000, 100)
+    found = estimate(COUNTS, {**headers, "content-encoding": "gzip"}, gzip.compress(body))
+    assert isinstance(found, TokenEstimate) and found.cost == 30100
+
+
+def test_a_zip_bomb_stops_at_the_cap() -> None:
+    bomb = gzip.compress(b" " * (MAX_JSON_BYTES + 1))
+    assert len(bomb) < MAX_JSON_BYTES // 100
+    found = estimate(COUNTS, {"content-encoding": "gzip"}, bomb)
+    assert isinstance(found, Unreadable) and "more than" in found.why
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "unsupported"),
+    [
+        ("br", b"anything", True),
+        ("gzip, gzip", b"anything", True),  # Triton reads one coding, not a list
+        ("gzip", b"not gzip at all", False),
+        ("identity", b"{}", False),  # read, but no prompt
+    ],
+)
+def test_encodings_triton_refuses_are_unreadable(
+    encoding: str, body: bytes, unsupported: bool
+) -> None:
+    found = estimate(COUNTS, {"content-encoding": encoding}, body)
+    assert isinstance(found, Unreadable) and found.unsupported_encoding is unsupported
+
+
+@pytest.mark.parametrize(
+    ("policy", "body", "cost"),
+    [
+        # The bypass: Triton runs the first "inputs"; a last-wins reader saw the second.
+        (COUNTS, b'{"inputs":[{"name":"PROMPT_TOKENS","data":[30000]},'
+         b'{"name":"OUTPUT_TOKENS","data":[1]}],"inputs":[{"name":"PROMPT_TOKENS","data":[1]},'
+         b'{"name":"OUTPUT_TOKENS","data":[1]}]}', 30001),
+        (COUNTS, b'{"inputs":[{"name":"PROMPT_TOKENS","data":[5],"data":[1]},'
+         b'{"name":"OUTPUT_TOKENS","data":[1]}]}', 6),
+        (TEXT, b'{"text_input":"xxxx","parameters":{"max_tokens":2000,"max_tokens":1}}', 2001),
+    ],
+)  # fmt: skip
+def test_duplicate_keys_are_read_as_triton_reads_them(
+    policy: TokenPolicy, body: bytes, cost: float
+) -> None:
+    found = estimate(policy, {}, body)
+    assert isinstance(found, TokenEstimate) and found.cost == cost
 
 
 def test_odd_numbers_cannot_lower_the_estimate_below_zero_or_break_it() -> None:
@@ -175,3 +311,127 @@ def test_stream_paths() -> None:
     assert is_streamed("/v2/models/llm/versions/2/generate_stream?x=1")
     assert not is_streamed("/v2/models/llm/generate")
     assert not is_streamed("/v2/models/llm/infer")
+
+
+def test_charge_max_is_an_estimate_no_bucket_can_hold() -> None:
+    found = charge_max(Unreadable("body is not JSON"))
+    assert found.cost == CHARGE_MAX and math.isinf(found.cost) and not found.readable
+    assert "body is not JSON" in found.why
+
+
+def metered(status: int, body: bytes, policy: TokenPolicy = COUNTS) -> UsageMeter:
+    meter = UsageMeter(policy, streamed=False)
+    meter.on_headers(status, {})
+    meter.feed(body)
+    return meter
+
+
+PROMPTED = TokenPolicy(
+    prompt_tokens="PROMPT_TOKENS",
+    max_tokens="OUTPUT_TOKENS",
+    output_tokens="OUT_TOKENS",
+    response_prompt_tokens="num_input_tokens",
+)
+READ = TokenEstimate(500, 100, 600.0, "estimated")
+MAXED = charge_max(Unreadable("x"))
+
+
+@pytest.mark.parametrize(
+    ("policy", "estimate_", "charged", "status", "body", "settled"),
+    [
+        # Output reconciled; the prompt stays the estimate's without a reported count.
+        (COUNTS, READ, 600, 200, b'{"outputs":[{"name":"OUT_TOKENS","data":[40]}]}',
+         (-60, "reconciled")),
+        # The response's own prompt count replaces the estimate's, both ways.
+        (PROMPTED, READ, 600, 200, b'{"OUT_TOKENS":40,"num_input_tokens":800}',
+         (240, "reconciled")),
+        (PROMPTED, READ, 600, 200, b'{"OUT_TOKENS":40,"num_input_tokens":100}',
+         (-460, "reconciled")),
+        # Triton refused the request (4xx): it never ran, everything comes back.
+        (COUNTS, READ, 600, 400, b'{"error":"bad input"}', (-600, "refunded_rejected")),
+        (COUNTS, MAXED, 4000, 422, b"", (-4000, "refunded_rejected")),
+        # A 5xx generated nothing; the prompt is still charged.
+        (COUNTS, READ, 600, 503, b'{"error":"queue full"}', (-100, "reconciled")),
+        # charge_max is made good only with both counts from the response.
+        (PROMPTED, MAXED, 4000, 200, b'{"OUT_TOKENS":40,"num_input_tokens":800}',
+         (-3160, "reconciled")),
+        (COUNTS, MAXED, 4000, 200, b'{"OUT_TOKENS":40}', (None, "no_usage")),
+        (COUNTS, READ, 600, 200, b'{"outputs":[]}', (None, "no_usage")),
+    ],
+)  # fmt: skip
+def test_settlement(
+    policy: TokenPolicy,
+    estimate_: TokenEstimate,
+    charged: float,
+    status: int,
+    body: bytes,
+    settled: tuple[float | None, str],
+) -> None:
+    assert settlement(policy, estimate_, charged, metered(status, body, policy), ended=True) == (
+        settled
+    )
+
+
+def test_a_streamed_prompt_count_is_taken_once_not_summed() -> None:
+    meter = UsageMeter(PROMPTED, streamed=True)
+    meter.on_headers(200, {})
+    meter.feed(b'data: {"OUT_TOKENS":8,"num_input_tokens":300}\n\n' * 3)
+    assert settlement(PROMPTED, READ, 600, meter, ended=True) == (300 + 24 - 600, "reconciled")
+
+
+def test_a_binary_and_compressed_response_is_metered() -> None:
+    # What Triton sends for `"binary_data_output": true` (tritonclient's default), gzipped
+    # for a client that sent Accept-Encoding: gzip.
+    header = json.dumps({"outputs": [
+        {"name": "BATCH_MS", "datatype": "FP32", "shape": [1, 1],
+         "parameters": {"binary_data_size": 4}},
+        {"name": "OUT_TOKENS", "datatype": "INT32", "shape": [1, 1],
+         "parameters": {"binary_data_size": 4}},
+    ]}).encode()  # fmt: skip
+    body = header + np.float32(1.5).tobytes() + np.int32(37).tobytes()
+    meter = UsageMeter(COUNTS, streamed=False)
+    headers = {"inference-header-content-length": str(len(header)), "content-encoding": "gzip"}
+    meter.on_headers(200, headers)
+    meter.feed(gzip.compress(body))
+    assert meter.finish() == 37
+
+
+# -- what core.decide makes of an unreadable body ----------------------------------------------
+
+
+def test_refusing_an_unreadable_body_is_400_or_415_with_a_json_reason() -> None:
+    bad = refuse_unreadable(Unreadable("body is not JSON"))
+    assert (bad.status, bad.reason) == (400, Reason.UNREADABLE_BODY)
+    assert json.loads(bad.body) == {
+        "error": "bad_request",
+        "reason": "unreadable_body",
+        "message": "body is not JSON",
+        "tenant": None,
+        "class": None,
+        "retry_after_ms": None,
+    }
+    encoding = refuse_unreadable(Unreadable("content-encoding 'br' ...", True))
+    assert (encoding.status, encoding.reason) == (415, Reason.UNSUPPORTED_ENCODING)
+    assert json.loads(encoding.body)["error"] == "unsupported_media_type"
+    assert ("x-qos-reason", "unsupported_encoding") in encoding.headers
+
+
+def test_charge_max_charges_the_smallest_cost_burst_of_the_tenant() -> None:
+    attrs = RequestAttributes(
+        "POST", "/v2/models/llm/infer", {"x-api-key": "k-search", "x-qos-class": "interactive"}
+    )
+    found = charge_max(Unreadable("x"))
+    planned = plan_request(attrs, compile_policy(make_policy()), (found.cost, found.why))
+    assert isinstance(planned, Admission)
+    # The search tenant's only cost bucket holds 4000: the most a request can be charged
+    # and still be admitted when the bucket is full (not cost_over_burst, not a flat cost).
+    assert planned.cost == 4000
+    assert [b.cost for b in planned.check.buckets if b.by_cost] == [4000]
+
+
+def test_the_policy_chooses_what_an_unreadable_body_becomes() -> None:
+    problem = Unreadable("body is not JSON")
+    assert priced(COUNTS, problem) is problem  # refuse, the default
+    maxed = priced(replace(COUNTS, unreadable=UnreadableBody.CHARGE_MAX), problem)
+    assert isinstance(maxed, TokenEstimate) and maxed.cost == CHARGE_MAX
+    assert priced(COUNTS, READ) is READ

@@ -7,21 +7,26 @@ that estimate good. The real-stack version is in test_e2e_tokens.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 import grpc
+import numpy as np
+import pytest
+import tritonclient.http as triton_http
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from prometheus_client import CollectorRegistry
 
 from sidecar.core.decide import CompiledPolicy, compile_policy
+from sidecar.core.tokens import MAX_JSON_BYTES
 from sidecar.core.types import BucketCheck, QuotaCheck
-from sidecar.metrics import Metrics
-from sidecar.policy.model import ModelPolicy, TokenPolicy
+from sidecar.metrics import UNKNOWN, Metrics
+from sidecar.policy.model import ModelPolicy, TokenPolicy, UnreadableBody
 from sidecar.service import AdmissionService
 from sidecar.state.memory import MemoryQuotaStore
 from tests.core_fixtures import make_policy
@@ -46,9 +51,9 @@ TOKENS = TokenPolicy(
 MODE = processing_mode_pb2.ProcessingMode
 
 
-def make_service() -> AdmissionService:
+def make_service(tokens: TokenPolicy = TOKENS) -> AdmissionService:
     policy = make_policy()
-    policy = replace(policy, models=MappingProxyType({"llm": ModelPolicy("llm", 600.0, TOKENS)}))
+    policy = replace(policy, models=MappingProxyType({"llm": ModelPolicy("llm", 600.0, tokens)}))
     store = MemoryQuotaStore(clock=lambda: 1000.0)  # frozen: buckets never refill
     return AdmissionService(policy, store, Metrics(CollectorRegistry()))
 
@@ -180,7 +185,7 @@ def test_a_streamed_response_is_counted_event_by_event_even_when_cut_short() -> 
     assert tokens_left(service) == BURST - (100 + 16)
 
 
-def test_an_error_response_generated_nothing() -> None:
+def test_a_request_triton_refuses_gets_its_whole_charge_back() -> None:
     service = make_service()
     converse(
         service,
@@ -188,6 +193,19 @@ def test_an_error_response_generated_nothing() -> None:
         body_message(llm_body(300, 700)),
         response_headers(400),
         response_body(b'{"error":"bad input"}'),
+    )
+    assert tokens_left(service) == BURST  # it never ran: prompt and max tokens refunded
+    assert sample(service, "qos_token_accounting_total", result="refunded_rejected") == 1
+
+
+def test_a_server_error_generated_nothing_but_the_prompt_stands() -> None:
+    service = make_service()
+    converse(
+        service,
+        headers_message(SEARCH, path=LLM),
+        body_message(llm_body(300, 700)),
+        response_headers(500),
+        response_body(b'{"error":"model crashed"}'),
     )
     assert tokens_left(service) == BURST - 300
 
@@ -221,16 +239,97 @@ def test_over_the_bucket_is_429_decided_on_the_body() -> None:
     )  # 2000 tokens at 1000 per second
 
 
-def test_an_unreadable_body_is_charged_the_models_cost_per_request() -> None:
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "reason"),
+    [
+        (b"not json", {}, 400, "unreadable_body"),
+        (b'{"inputs":[]}', {}, 400, "unreadable_body"),  # no prompt
+        (llm_body(500, 100), {"content-encoding": "br"}, 415, "unsupported_encoding"),
+        (gzip.compress(b" " * (MAX_JSON_BYTES + 1)), {"content-encoding": "gzip"}, 400,
+         "unreadable_body"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_body_is_refused_by_default(
+    body: bytes, headers: dict[str, str], status: int, reason: str
+) -> None:
     service = make_service()
+    answers = converse(
+        service, headers_message({**SEARCH, **headers}, path=LLM), body_message(body)
+    )
+    reply = answers[1].immediate_response
+    assert reply.status.code == status
+    assert json.loads(reply.body)["reason"] == reason
+    assert tokens_left(service) == BURST  # nothing taken
+    assert sample(service, "qos_token_accounting_total", result="refused_unreadable") == 1
+    assert sample(service, "qos_decisions_total", **decision_labels(reason)) == 1
+
+
+def decision_labels(reason: str) -> dict[str, str]:
+    return {"outcome": "shed", "reason": reason, "tenant": UNKNOWN, "class": UNKNOWN}
+
+
+def test_charge_max_admits_an_unreadable_body_at_the_buckets_burst() -> None:
+    service = make_service(replace(TOKENS, unreadable=UnreadableBody.CHARGE_MAX))
     answers = converse(
         service,
         headers_message(SEARCH, path=LLM),
         body_message(b"not json"),
+        response_headers(200),
+        response_body(b'{"OUT_TOKENS": 3}'),  # no prompt count: the charge stands
     )
     assert lease_of(answers[1])
-    assert tokens_left(service) == BURST - 600
-    assert sample(service, "qos_token_accounting_total", result="unestimated") == 1
+    assert tokens_left(service) == 0  # the whole burst: no flat cost_per_request
+    assert sample(service, "qos_token_accounting_total", result="charged_max") == 1
+    assert sample(service, "qos_token_accounting_total", result="no_usage") == 1
+
+
+def test_charge_max_is_made_good_when_the_response_reports_the_prompt() -> None:
+    tokens = replace(
+        TOKENS, unreadable=UnreadableBody.CHARGE_MAX, response_prompt_tokens="num_input_tokens"
+    )
+    service = make_service(tokens)
+    converse(
+        service,
+        headers_message(SEARCH, path=LLM),
+        body_message(b"not json"),
+        response_headers(200),
+        response_body(b'{"OUT_TOKENS": 30, "num_input_tokens": 470}'),
+    )
+    assert tokens_left(service) == BURST - 500
+
+
+def test_the_prompt_is_reconciled_with_the_responses_count() -> None:
+    service = make_service(replace(TOKENS, response_prompt_tokens="PROMPT_USED"))
+    output = {
+        "outputs": [
+            {"name": "OUT_TOKENS", "data": [100]},
+            {"name": "PROMPT_USED", "data": [1200]},  # the client said 300
+        ]
+    }
+    converse(
+        service,
+        headers_message(SEARCH, path=LLM),
+        body_message(llm_body(300, 100)),
+        response_headers(200),
+        response_body(json.dumps(output).encode()),
+    )
+    assert tokens_left(service) == BURST - 1300
+
+
+def test_binary_and_gzip_bodies_are_charged_their_estimate() -> None:
+    prompt = triton_http.InferInput("PROMPT_TOKENS", [1, 1], "INT32")
+    prompt.set_data_from_numpy(np.array([[2500]], dtype=np.int32))
+    limit = triton_http.InferInput("OUTPUT_TOKENS", [1, 1], "INT32")
+    limit.set_data_from_numpy(np.array([[100]], dtype=np.int32))
+    body, json_size = triton_http.InferenceServerClient.generate_request_body([prompt, limit])
+    headers = {**SEARCH, "inference-header-content-length": str(json_size)}
+    for sent, extra in ((body, {}), (gzip.compress(body), {"content-encoding": "gzip"})):
+        service = make_service()
+        answers = converse(
+            service, headers_message({**headers, **extra}, path=LLM), body_message(sent)
+        )
+        assert lease_of(answers[1])
+        assert tokens_left(service) == BURST - 2600
 
 
 def test_models_without_a_token_policy_are_decided_on_the_headers() -> None:

@@ -268,6 +268,7 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
             "chars_per_token": TokenPolicy().chars_per_token,
             "prompt_weight": TokenPolicy().prompt_weight,
             "output_weight": TokenPolicy().output_weight,
+            "unreadable": TokenPolicy().unreadable,
         },
         "tenant": {
             "on_disallowed_class": TenantPolicy(
@@ -664,7 +665,8 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
             "14: models.llm.tokens.output_weight: expected a number, got boolean",
             "15: models.llm.tokens: unknown key 'max_token' (did you mean 'max_tokens'?); "
             "allowed: prompt_tokens, prompt_text, max_tokens, default_max_tokens, "
-            "output_tokens, output_text, chars_per_token, prompt_weight, output_weight",
+            "output_tokens, output_text, response_prompt_tokens, unreadable, chars_per_token, "
+            "prompt_weight, output_weight",
             "17: models.llm_stream.tokens: expected a mapping, got string",
             "19: models.chat.tokens: expected a mapping, got null",
         ],

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from sidecar.core.kserve import model_of
+from sidecar.core.kserve import Unreadable, model_of
 from sidecar.core.lease import format_lease
 from sidecar.core.types import (
     BucketCheck,
@@ -81,6 +81,8 @@ _STATUS = {
     Reason.OVERLOADED: 503,
     Reason.MALFORMED: 400,
     Reason.COST_OVER_BURST: 400,
+    Reason.UNREADABLE_BODY: 400,
+    Reason.UNSUPPORTED_ENCODING: 415,
 }
 _ERROR = {
     401: "unauthenticated",
@@ -88,6 +90,7 @@ _ERROR = {
     429: "over_quota",
     503: "unavailable",
     400: "bad_request",
+    415: "unsupported_media_type",
 }
 _LIMIT_REASON = {
     LimitKind.BUCKET: Reason.OVER_RATE,
@@ -167,6 +170,8 @@ def plan_request(
         trace.append(f"model {model!r}, cost {cost:g}")
     else:
         cost, why = estimate
+        if math.isinf(cost):  # core.tokens.CHARGE_MAX: what the tenant's buckets can hold
+            cost = _most_chargeable(tenant, klass, policy.cost_of(model))
         trace.append(f"model {model!r}, {why}")
     check = quota_check(tenant, klass, cost, policy, model)
     too_big = next((b for b in check.buckets if b.cost > b.burst), None)
@@ -348,6 +353,26 @@ def shed(
 def malformed(message: str) -> Decision:
     """For adapters that cannot even build the request's attributes."""
     return shed(Reason.MALFORMED, None, None, None, [message])
+
+
+def refuse_unreadable(problem: Unreadable) -> Decision:
+    """A token model's body whose cost cannot be read, under `tokens.unreadable: refuse`."""
+    reason = Reason.UNSUPPORTED_ENCODING if problem.unsupported_encoding else Reason.UNREADABLE_BODY
+    decision = shed(reason, None, None, None, [problem.why])
+    body = {**json.loads(decision.body), "message": problem.why}  # what to fix, for the client
+    return replace(decision, body=json.dumps(body, separators=(",", ":")).encode())
+
+
+def _most_chargeable(tenant: TenantPolicy, klass: ClassPolicy, fallback: float) -> float:
+    """The largest cost every cost bucket of `tenant` covering `klass` can hold (their
+    smallest burst): `tokens.unreadable: charge_max`. Without such buckets cost is charged
+    nowhere, and `fallback` (cost_per_request) stands."""
+    bursts = [
+        b.burst
+        for b in tenant.buckets
+        if b.unit is BucketUnit.COST and (not b.classes or klass.name in b.classes)
+    ]
+    return min(bursts, default=fallback)
 
 
 def _admit(

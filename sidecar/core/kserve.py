@@ -19,7 +19,19 @@ Rules:
    only from an uncompressed, complete, well-formed message; anything else has no model
    (never an error).
 4. Triton's binary-tensor extension: the JSON part of a body is its first
-   `inference-header-content-length` bytes (`INFER_HEADER_LENGTH`); the rest is raw tensors.
+   `inference-header-content-length` bytes (`INFER_HEADER_LENGTH`); the rest is raw tensors,
+   one after another in the order of the JSON's tensors that carry
+   `"parameters": {"binary_data_size": N}` (`binary_tensors`). Numbers are little-endian; a
+   BYTES tensor is its elements, each a 4-byte little-endian length and that many bytes
+   (`decode_tensor`).
+5. Content encodings. Triton's HTTP server inflates `Content-Encoding: gzip` and `deflate`
+   bodies (both with zlib's windowBits 15|32, which takes a gzip or a zlib stream under
+   either name: server src/data_compressor.h) and answers 415 to any other encoding but
+   `identity`. `decode_body` does the same, stopping at a size cap so that a small body that
+   inflates to gigabytes (a zip bomb) costs a bounded amount of work. That is the `infer`
+   endpoint; `generate` and `generate_stream` accept `identity` only (seen here: 400 "only
+   'identity' is supported"). Their compressed bodies are read all the same: Triton's 400
+   then refunds what they were charged (core.tokens rule 5).
 
 What happens for each kind of request:
 - HTTP infer, generate, generate_stream: the model comes from the path, in every adapter
@@ -37,9 +49,32 @@ from __future__ import annotations
 
 import enum
 import re
+import struct
 import urllib.parse
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 INFER_HEADER_LENGTH = "inference-header-content-length"
+CONTENT_ENCODING = "content-encoding"
+INFLATED_ENCODINGS = frozenset({"gzip", "deflate"})  # rule 5
+_IDENTITY = frozenset({"", "identity"})
+_ZLIB_OR_GZIP = 15 | 32  # as Triton's inflateInit2: either header, detected
+# Rule 4: datatype -> struct format of one element (FP16 and BF16 have no token meaning).
+_ELEMENT = {
+    "BOOL": "?",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "FP32": "f",
+    "FP64": "d",
+}
+_BYTES_LENGTH = struct.Struct("<I")
 GRPC_MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 GRPC_MODEL_STREAM_INFER_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
 
@@ -172,3 +207,75 @@ def encode_varint(value: int) -> bytes:
             out.append(low)
             return bytes(out)
         out.append(low | 0x80)
+
+
+# -- what Triton reads from an HTTP body (rules 4 and 5) --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Why a body could not be read as Triton would read it."""
+
+    why: str
+    unsupported_encoding: bool = False  # an encoding Triton answers 415 to, not a bad body
+
+
+def decode_body(headers: Mapping[str, str], body: bytes, max_bytes: int) -> bytes | Unreadable:
+    """The body as Triton reads it, inflated per its Content-Encoding (rule 5), at most
+    `max_bytes` of it: more than that is Unreadable, and inflating stops there."""
+    encoding = headers.get(CONTENT_ENCODING, "").strip().lower()
+    if encoding in _IDENTITY:
+        return body
+    if encoding not in INFLATED_ENCODINGS:
+        return Unreadable(f"content-encoding {encoding[:40]!r} is not one Triton reads", True)
+    inflater = zlib.decompressobj(wbits=_ZLIB_OR_GZIP)
+    try:
+        inflated = inflater.decompress(body, max_bytes + 1)
+    except zlib.error:
+        return Unreadable(f"body is not valid {encoding}")
+    if len(inflated) > max_bytes:
+        return Unreadable(f"{encoding} body inflates to more than {max_bytes} bytes")
+    return inflated
+
+
+def binary_tensors(tensors: object, data: bytes) -> dict[str, bytes] | Unreadable:
+    """Each binary tensor's raw bytes by name (rule 4): `tensors` is the JSON's `inputs` or
+    `outputs`, `data` the body after its JSON part. The first tensor of a name counts."""
+    found: dict[str, bytes] = {}
+    offset = 0
+    for tensor in tensors if isinstance(tensors, list) else ():
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is None:
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return Unreadable("binary_data_size is not a size")
+        if offset + size > len(data):
+            return Unreadable("binary tensors are larger than the body")
+        name = tensor.get("name")
+        if isinstance(name, str):
+            found.setdefault(name, data[offset : offset + size])
+        offset += size
+    return found
+
+
+def decode_tensor(datatype: object, raw: bytes) -> list[object] | None:
+    """The elements of a binary tensor (rule 4), flat: numbers, or text for BYTES (decoded as
+    UTF-8, a bad byte counting as one character); None when `raw` does not fit `datatype`."""
+    if datatype == "BYTES":
+        elements: list[object] = []
+        i = 0
+        while i < len(raw):
+            if i + 4 > len(raw):
+                return None
+            (length,) = _BYTES_LENGTH.unpack_from(raw, i)
+            i += 4
+            if i + length > len(raw):
+                return None
+            elements.append(raw[i : i + length].decode(errors="replace"))
+            i += length
+        return elements
+    element = _ELEMENT.get(datatype) if isinstance(datatype, str) else None
+    if element is None or len(raw) % struct.calcsize(element):
+        return None
+    return [value for (value,) in struct.iter_unpack("<" + element, raw)]

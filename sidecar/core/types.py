@@ -114,6 +114,10 @@ class Reason(enum.Enum):
     # The request's estimated cost is more than one of its buckets can ever hold (e.g. an
     # LLM request asking for more max tokens than the tenant's burst): 400, not a retry.
     COST_OVER_BURST = "cost_over_burst"
+    # A token model's body whose cost cannot be read (`tokens.unreadable: refuse`): 400, or
+    # 415 for a Content-Encoding Triton does not read either.
+    UNREADABLE_BODY = "unreadable_body"
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,13 @@ class RoutePriority(enum.Enum):
     HIGH = "high"  # the shipped config routes these with priority HIGH: own circuit breakers
 
 
+class UnreadableBody(enum.Enum):
+    """What a token model does with a request body whose cost cannot be read."""
+
+    REFUSE = "refuse"  # 400 (415 for an encoding Triton does not read), counted
+    CHARGE_MAX = "charge_max"  # admit, charging the most the tenant's cost buckets hold
+
+
 class IdentitySourceKind(enum.Enum):
     API_KEY = "api_key"  # a secret header; tenants list the SHA-256 hex digests of their keys
     PRINCIPAL = "principal"  # the mTLS peer principal (URI SAN) Envoy verified
@@ -358,6 +365,24 @@ class TokenPolicy:
         "Instead of output_tokens: response output that holds the generated text, counted "
         "as characters / chars_per_token and summed over streamed responses.",
         default=None,
+    )
+    response_prompt_tokens: str | None = setting(
+        NAME,
+        "Response output (tensor or JSON field) that holds the prompt tokens the model "
+        "counted (e.g. vLLM's `num_input_tokens`); when the response has it, the prompt part "
+        "of the cost is made good with it, charging or refunding the difference.",
+        default=None,
+    )
+    unreadable: UnreadableBody = setting(
+        Choice.of(UnreadableBody),
+        "A request body whose cost cannot be read (an encoding Triton does not read, not "
+        "JSON, the prompt missing, over 8 MiB inflated): refuse answers 415 "
+        "(encoding) or 400 with a JSON reason; charge_max admits it at the largest cost "
+        "every cost bucket of the tenant can hold (their smallest burst), made good if the "
+        "response reports its prompt and output tokens. Default refuse: Triton itself "
+        "refuses almost every such body, so refusing it first costs an honest client "
+        "nothing, and no body can cost less than it runs.",
+        default=UnreadableBody.REFUSE,
     )
     chars_per_token: float = setting(
         Num(exclusive_minimum=0),
