@@ -34,6 +34,9 @@ class LimitKind(enum.Enum):
     BUCKET = "bucket"
     CONCURRENCY = "concurrency"
     CLASS_CONCURRENCY = "class_concurrency"
+    # The lease id is held or was released already (a client reusing a request id, or an
+    # acquire that ran after its request's release): nothing is taken.
+    LEASE_ID_USED = "lease_id_used"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,10 @@ class QuotaCheck:
     # False: `acquire` does not count the lease for `model` yet (a request about to be held is
     # not in flight); `count_for_model` counts it when it is let go. The lease still names it.
     count_model_now: bool = True
+    # The lease's id: the request's own id (Envoy's x-request-id, see
+    # `core.decide.lease_id_for`), so that a release keyed by the request undoes an acquire
+    # that runs late. None: the store makes a random one.
+    lease_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
