@@ -396,7 +396,7 @@ def _admit(
         requested_class=admission.requested_class,
         headers=tuple(headers),
         lease=lease,
-        charged=tuple(b for b in admission.check.buckets if b.by_cost) if lease_id else (),
+        charged=admission.check.buckets if lease_id else (),
         triton_priority=klass.triton_priority,
         trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
     )

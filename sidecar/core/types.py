@@ -136,8 +136,9 @@ class Decision:
     body: bytes = b""
     retry_after_s: float | None = None
     lease: LeaseRef | None = None  # the concurrency lease an admit holds (x-qos-lease)
-    # The cost-unit buckets this admit charged, for reconciling an estimate (empty when
-    # nothing was charged: a shed, or an admit that failed open).
+    # The buckets this admit charged, with what each was charged: to give it back when Envoy
+    # never used the admit, and (the `by_cost` ones) to reconcile an estimate. Empty when
+    # nothing was charged: a shed, or an admit that failed open.
     charged: tuple[BucketCheck, ...] = ()
     # The Triton priority level an admit grants (the granted class's `triton_priority`), for
     # the body rewrite; None for a shed.

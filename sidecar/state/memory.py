@@ -149,7 +149,11 @@ class MemoryQuotaStore:
             if self._tombstones.get(key, math.inf) <= now:
                 del self._tombstones[key]
 
-    def _lease_id_used(self, tenant: str, lease_id: str, leases: _TenantLeases | None) -> bool:
+    def _lease_id_used(
+        self, tenant: str, lease_id: str | None, leases: _TenantLeases | None
+    ) -> bool:
+        if lease_id is None:
+            return False  # a random id is made below: new by construction
         self._prune_tombstones(self._clock())
         return (tenant, lease_id) in self._tombstones or (
             leases is not None and lease_id in leases.by_id
@@ -210,11 +214,7 @@ class MemoryQuotaStore:
                 class_in_flight=class_in_flight,
             )
 
-        if (
-            take
-            and check.lease_id is not None
-            and self._lease_id_used(check.tenant, check.lease_id, leases)
-        ):
+        if take and self._lease_id_used(check.tenant, check.lease_id, leases):
             return denied(LimitKind.LEASE_ID_USED)
         if (
             check.max_class_concurrency is not None
