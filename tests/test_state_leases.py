@@ -4,15 +4,22 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import replace
 
 import redis
+from prometheus_client import CollectorRegistry
 
-from sidecar.core.types import LeaseRef, LimitKind
-from sidecar.state import QuotaStore, RedisQuotaStore
+from sidecar.core.types import LeaseRef, LimitKind, QuotaCheck, QuotaResult, RequestAttributes
+from sidecar.errors import StateUnavailable
+from sidecar.leases import LeaseKeeper
+from sidecar.metrics import Metrics
+from sidecar.service import AdmissionService
+from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from tests import test_state_contract as contract
+from tests.core_fixtures import make_policy
 from tests.fixtures_valkey import ValkeyServer
-from tests.test_state_contract import Harness, bucket, check, lease_of, run_redis
+from tests.test_state_contract import FakeClock, Harness, bucket, check, lease_of, run_redis
 
 # The contract's fixtures, shared: each store (and the one Valkey server) is set up the same.
 harness = contract.harness
@@ -136,3 +143,133 @@ def test_redis_leaves_no_lease_key_behind(valkey: ValkeyServer, redis_sync: redi
     keys = set(redis_sync.scan_iter("qos:*"))
     assert keys == {"qos:{acme}:bucket:req", f"qos:{{acme}}:released:{REQUEST_ID}"}
     assert 0 < redis_sync.pttl(f"qos:{{acme}}:released:{REQUEST_ID}") <= 5000
+
+
+# -- the service's side: releases owed and retried, leases renewed (sidecar/leases.py) -------
+
+
+class FlakyStore(MemoryQuotaStore):
+    """The memory store, failing every call while `down` (a stalled or dead Redis). With
+    `run_late`, an acquire that fails still runs, as a stalled Redis runs it once it wakes."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.down = False
+        self.run_late = False
+        self.late: list[QuotaCheck] = []
+
+    async def acquire(self, check: QuotaCheck) -> QuotaResult:
+        if self.down:
+            if self.run_late:
+                self.late.append(check)
+            raise StateUnavailable("down")
+        return await super().acquire(check)
+
+    async def release(self, lease: LeaseRef, *, tombstone_s: float = 10.0) -> bool:
+        if self.down:
+            raise StateUnavailable("down")
+        return await super().release(lease, tombstone_s=tombstone_s)
+
+    async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
+        if self.down:
+            raise StateUnavailable("down")
+        return await super().renew(tenant, leases, ttl_s)
+
+
+def service_on(store: QuotaStore, clock: FakeClock) -> AdmissionService:
+    return AdmissionService(make_policy(), store, Metrics(CollectorRegistry()), clock=clock)
+
+
+SEARCH = RequestAttributes("POST", "/v2/models/simgpu/infer", {"x-api-key": "k-search"})
+
+
+def test_an_acquire_run_late_is_undone_by_the_release_the_service_owes() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+
+    async def body() -> None:
+        store.down = store.run_late = True
+        attrs = replace(SEARCH, request_id=REQUEST_ID)
+        decision = await service.check(attrs, "test")  # fails open: no lease
+        assert decision.admitted and decision.lease is None
+        assert service.leases.backlog == 1
+        assert not await service.leases.drain()  # still down: kept, not dropped
+        store.down = False
+        assert await service.leases.drain()
+        assert service.leases.backlog == 0
+        for late in store.late:  # Redis wakes and runs the acquire it had queued
+            assert not (await store.acquire(late)).allowed
+        assert await store.in_flight("search", None) == 0
+
+    asyncio.run(body())
+
+
+def test_a_release_that_fails_is_retried_not_dropped() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+
+    async def body() -> None:
+        decision = await service.check(SEARCH, "test")
+        assert decision.lease is not None
+        store.down = True
+        assert not await service.release(decision.lease)
+        assert service.leases.backlog == 1
+        metrics = service.metrics.registry
+        assert metrics.get_sample_value("qos_release_backlog") == 1
+        store.down = False
+        assert await service.leases.drain()
+        assert await store.in_flight("search", None) == 0
+        assert metrics.get_sample_value("qos_release_backlog") == 0
+
+    asyncio.run(body())
+
+
+def test_running_leases_are_renewed_until_released() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)  # lease_ttl_s 120
+
+    async def body() -> None:
+        running = await service.check(SEARCH, "test")
+        ended = await service.check(SEARCH, "test")
+        assert running.lease is not None and ended.lease is not None
+        await service.release(ended.lease)
+        clock.advance(100)
+        await service.leases.renew()
+        clock.advance(100)  # past the first TTL, within the renewed one
+        assert await store.in_flight("search", None) == 1
+        assert service.leases.running == 1
+        await service.release(running.lease)
+        assert service.leases.running == 0
+
+    asyncio.run(body())
+
+
+def test_a_lease_released_elsewhere_is_forgotten() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+
+    async def body() -> None:
+        decision = await service.check(SEARCH, "test")
+        assert decision.lease is not None
+        await store.release(decision.lease)  # through another replica
+        await service.leases.renew()
+        assert service.leases.running == 0
+        assert await store.in_flight("search", None) == 0
+
+    asyncio.run(body())
+
+
+def test_a_full_backlog_counts_what_it_drops() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    metrics = Metrics(CollectorRegistry())
+    keeper = LeaseKeeper(store, metrics, store.release, lambda: 10.0, max_backlog=1)
+    keeper.owe(LeaseRef("a", "b", "one"))
+    keeper.owe(LeaseRef("a", "b", "one"))  # the same lease once
+    keeper.owe(LeaseRef("a", "b", "two"))
+    assert keeper.backlog == 1
+    assert metrics.registry.get_sample_value("qos_release_backlog_dropped_total") == 1
