@@ -115,6 +115,9 @@ class Sidecar:
         await self.grpc_server.stop(grace=1.0)
         for runner in self.runners:
             await runner.cleanup()
+        # One last try at the releases still owed; what fails now lives one lease TTL.
+        with contextlib.suppress(Exception):
+            await self.service.leases.drain()
         await self.service.store.close()
 
 
@@ -159,6 +162,8 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         )
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
+    # Renews the leases of running requests and retries owed releases (sidecar/leases.py).
+    sidecar.tasks.append(asyncio.create_task(service.leases.run()))
     log.info(
         "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
         " policy %s, store %s",

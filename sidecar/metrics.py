@@ -91,6 +91,23 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.release_backlog = Gauge(
+            "qos_release_backlog",
+            "Lease releases this replica owes and retries: releases that failed, and releases "
+            "for acquires that failed or timed out (which the store may still run late).",
+            registry=registry,
+        )
+        self.release_backlog_dropped = Counter(
+            "qos_release_backlog_dropped_total",
+            "Owed releases dropped because the backlog was full (each lease then lives one "
+            "lease TTL).",
+            registry=registry,
+        )
+        self.leases_renewing = Gauge(
+            "qos_leases_renewing",
+            "Leases this replica took and renews while their requests run.",
+            registry=registry,
+        )
         self.state_errors = Counter(
             "qos_state_errors_total",
             "Calls to the quota store that failed or timed out, by operation (model_lease: the "

@@ -35,16 +35,17 @@ from sidecar.core.decide import (
     refuse_unreadable,
 )
 from sidecar.core.kserve import Unreadable
-from sidecar.core.lease import format_lease, parse_lease
+from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.tokens import TokenEstimate, UsageMeter, settlement
 from sidecar.core.types import Decision, LeaseRef, QuotaResult, RequestAttributes
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
+from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
 from sidecar.policy.model import Policy, TokenPolicy
 from sidecar.policy.reload import FixedPolicy, PolicySource
-from sidecar.state.base import QuotaStore
+from sidecar.state.base import QuotaStore, new_lease_id
 
 log = logging.getLogger(__name__)
 # Called with the longest a request may now be held, before it is held.
@@ -74,6 +75,11 @@ class AdmissionService:
         self.stale_after_s = stale_after_s
         self.clock = clock
         self._background: set[asyncio.Future[bool]] = set()
+        # The leases this replica took (renewed while they run) and the releases it owes;
+        # `app` runs its loop. Without it (tests), leases simply live their TTL.
+        self.leases = LeaseKeeper(
+            store, metrics, self._release, lambda: self.policy.lease_ttl_s, clock=clock
+        )
         self.deferrer = (
             Deferrer(
                 lambda: self.policy,
@@ -147,12 +153,23 @@ class AdmissionService:
         if lease is None:
             self.metrics.completions.labels("bad_lease").inc()
             return False
+        return await self.release(lease)
+
+    async def release(self, lease: LeaseRef) -> bool:
+        """Release `lease` now; if the store fails, owe it (retried until it is taken). True if
+        a lease was freed now."""
+        self.leases.ended(lease)
         try:
-            released = await self.store.release(lease)
+            return await self._release(lease)
         except StateUnavailable:
-            # The lease TTL frees the slot later; nothing else can be done now.
             self.metrics.state_errors.labels("release").inc()
+            self.leases.owe(lease)
             return False
+
+    async def _release(self, lease: LeaseRef) -> bool:
+        """One release in the store, with its tombstone (see `sidecar.state.base`). Raises
+        StateUnavailable."""
+        released = await self.store.release(lease, tombstone_s=self.policy.lease_ttl_s)
         self.metrics.completions.labels("released" if released else "already_released").inc()
         if self.deferrer is not None:
             if released and lease.model is not None:
@@ -164,12 +181,11 @@ class AdmissionService:
         """Charge (or, negative, refund) `delta` cost units to every cost bucket `decision`
         charged: an estimate made good once the response said what the request used.
         False when the store could not be reached (the estimate then stands)."""
-        if decision.tenant is None or not decision.charged or delta == 0:
+        by_cost = [replace(bucket, cost=delta) for bucket in decision.charged if bucket.by_cost]
+        if decision.tenant is None or not by_cost or delta == 0:
             return True
         try:
-            await self.store.charge(
-                decision.tenant, [replace(bucket, cost=delta) for bucket in decision.charged]
-            )
+            await self.store.charge(decision.tenant, by_cost)
         except StateUnavailable:
             self.metrics.state_errors.labels("charge").inc()
             return False
@@ -206,14 +222,16 @@ class AdmissionService:
             self.deferrer.set_in_flight(counts)
 
     async def release_undelivered(self, decision: Decision) -> None:
-        """Free the lease of an admit that never reached Envoy (the call was cancelled).
+        """Give back the lease and the bucket charges of an admit that never reached Envoy
+        (the call was cancelled, or Envoy timed it out): the request was never served.
 
         No completion signal will carry that lease, so waiting for its TTL would hold the
-        slot for minutes. Shielded so the caller's own cancellation cannot interrupt it.
+        slot meanwhile. Shielded so the caller's own cancellation cannot interrupt it.
         """
-        if decision.lease is None:
+        lease = decision.lease
+        if lease is None:
             return
-        await asyncio.shield(self.complete(format_lease(decision.lease)))
+        await asyncio.shield(self._give_back(GiveBack(lease.tenant, decision.charged, lease)))
 
     async def _check(
         self,
@@ -257,26 +275,35 @@ class AdmissionService:
 
     async def _acquire(self, take: TakeQuota) -> QuotaResult | None:
         """Take the quota. Shielded: if the caller is cancelled while Redis answers, the lease
-        it took is released instead of being left to its TTL."""
-        task = asyncio.ensure_future(self.store.acquire(take.admission.check))
+        it took is released instead of being left to its TTL. The lease id is chosen here
+        (the request's, or random) so that a failed or timed-out acquire, which the store may
+        still run late, can be undone by a release of that id."""
+        check = take.admission.check
+        if check.lease_id is None:
+            check = replace(check, lease_id=new_lease_id())
+        lease = LeaseRef(check.tenant, check.klass, check.lease_id or "", check.model)
+        task = asyncio.ensure_future(self.store.acquire(check))
         try:
-            return await asyncio.shield(task)
+            result = await asyncio.shield(task)
         except StateUnavailable as exc:
             log.warning("quota store unavailable: %s", exc)
             self.metrics.state_errors.labels("acquire").inc()
+            self.leases.owe(lease)
             return None
         except asyncio.CancelledError:
-            task.add_done_callback(lambda done: self._release_orphan(take, done))
+            task.add_done_callback(lambda done: self._release_orphan(lease, done))
             raise
+        if result.lease_id is not None:
+            self.leases.taken(lease)
+        return result
 
-    def _release_orphan(self, take: TakeQuota, done: asyncio.Future[QuotaResult]) -> None:
+    def _release_orphan(self, lease: LeaseRef, done: asyncio.Future[QuotaResult]) -> None:
         if done.cancelled() or done.exception() is not None:
+            # Unknown whether the store ran it (or will): owe its release.
+            self.leases.owe(lease)
             return
-        result = done.result()
-        if result.allowed and result.lease_id is not None:
-            check = take.admission.check
-            lease = LeaseRef(check.tenant, check.klass, result.lease_id, check.model)
-            task = asyncio.ensure_future(self.complete(format_lease(lease)))
+        if done.result().lease_id is not None:
+            task = asyncio.ensure_future(self.release(lease))
             self._background.add(task)  # keep a reference until it is done
             task.add_done_callback(self._background.discard)
 
@@ -329,13 +356,15 @@ class AdmissionService:
     async def _release_when_done(self, task: asyncio.Future[None], lease: LeaseRef) -> None:
         with contextlib.suppress(Exception):
             await task
-        await self.complete(format_lease(lease))
+        await self.release(lease)
 
     async def _give_back(self, give_back: GiveBack) -> None:
         """Return the lease and the bucket tokens of a request that was never served."""
         if give_back.lease is not None:
-            await self.complete(format_lease(give_back.lease))
+            await self.release(give_back.lease)
         refunds = [replace(bucket, cost=-bucket.cost) for bucket in give_back.buckets]
+        if not refunds:
+            return
         try:
             await self.store.charge(give_back.tenant, refunds)
         except StateUnavailable:
@@ -383,7 +412,9 @@ class AdmissionService:
         one charge or refund to the buckets it charged (`reconcile`), or none, leaving the
         charge standing when the response never said its usage."""
         # Every cost bucket took the same cost: the estimate, or what charge_max came to.
-        charged = decision.charged[0].cost if decision.charged else estimate.cost
+        # (`charged` lists every bucket the admit charged; `requests` buckets cost 1.)
+        by_cost = [bucket.cost for bucket in decision.charged if bucket.by_cost]
+        charged = by_cost[0] if by_cost else estimate.cost
         delta, result = settlement(tokens, estimate, charged, meter, ended=ended)
         generated = meter.generated()
         if generated is not None and not meter.rejected:

@@ -21,10 +21,11 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
 from sidecar.core.lease import format_lease, sign_lease, verify_lease
-from sidecar.core.types import LeaseRef
+from sidecar.core.types import LeaseRef, RequestAttributes
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import build_authz_app
+from sidecar.envoy.common import release_if_undelivered
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
@@ -300,3 +301,27 @@ def test_access_log_stream_releases_leases() -> None:
         ("already_released", 1),
     ):
         assert sample(service, "qos_completions_total", result=result) == count, result
+
+
+def test_an_undelivered_admit_gives_back_its_bucket_charge_and_its_lease() -> None:
+    """Envoy never used the admit (it timed the authz call out, or the client left): the
+    adapter's give-back returns the tokens it charged, not only its slot."""
+    service = make_service()
+    analytics = {"x-api-key": "k-analytics"}  # a requests bucket of burst 5
+
+    async def body() -> None:
+        attrs = attributes(analytics)
+        admits = [await service.check(attrs, "test") for _ in range(5)]
+        assert all(d.admitted for d in admits)
+        assert (await service.check(attrs, "test")).reason.value == "over_rate"
+        await release_if_undelivered(service, admits[0], delivered=False)
+        await release_if_undelivered(service, admits[1], delivered=True)  # used: kept
+        assert await service.store.in_flight("analytics", None) == 4
+        assert (await service.check(attrs, "test")).admitted  # one token came back
+        assert (await service.check(attrs, "test")).reason.value == "over_rate"
+
+    asyncio.run(body())
+
+
+def attributes(headers: dict[str, str]) -> RequestAttributes:
+    return RequestAttributes("POST", INFER, headers)

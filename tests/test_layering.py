@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.core",),
     ("sidecar.policy", "sidecar.settings"),
     ("sidecar.metrics", "sidecar.state"),
-    ("sidecar.backends", "sidecar.deferral"),
+    ("sidecar.backends", "sidecar.deferral", "sidecar.leases"),
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),
     ("sidecar.app",),

@@ -175,7 +175,7 @@ def test_examples_load_with_expected_identity_models_and_settings() -> None:
     assert policy.cost_of("simgpu") == 10.0
     assert policy.tokens_of("simgpu") is None
     assert policy.tokens_of("llm") == llm_tokens
-    assert policy.lease_ttl_s == 300.0
+    assert policy.lease_ttl_s == 10.0
     assert policy.sources == tuple(
         str(POLICIES / name)
         for name in ("classes.yaml", "identity.yaml", "models.yaml", "tenants.yaml")
@@ -238,7 +238,7 @@ tenants:
     assert gold.on_state_error is FailMode.CLOSED
     assert gold.concurrency_retry_after_ms == 1000
     assert policy.unknown_tenants == UnknownTenantPolicy()
-    assert policy.lease_ttl_s == 300.0
+    assert policy.lease_ttl_s == 10.0
     assert dict(policy.models) == {}
 
 
@@ -254,7 +254,7 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
     # The sections derive their defaults (shown in the schema and the reference, used by the
     # checks) from the model's dataclass defaults; these are the values a file gets.
     model_defaults = {
-        "policyFile": {"lease_ttl_s": 300.0},
+        "policyFile": {"lease_ttl_s": 10.0},
         "identity": {"class_header": IdentityPolicy().class_header},
         "class": {
             "on_state_error": ClassPolicy("c", 1, 1, 1, 1).on_state_error,

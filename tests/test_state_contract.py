@@ -952,7 +952,7 @@ def test_redis_each_call_is_one_script_whose_keys_share_one_hash_tag(
         assert len(calls) == 2  # the tenant's limits and lease, then the model's set
         await store.charge(tenant, [replace(b, cost=-1) for b in c.buckets])
         assert len(calls) == 3
-        assert sorted(calls[-1]) == sorted(calls[0][2:])  # the buckets acquire charged
+        assert sorted(calls[-1]) == sorted(calls[0][3:])  # the buckets acquire charged
         await store.peek(c)
         await store.in_flight(tenant, None)
         await store.in_flight(tenant, "gold")

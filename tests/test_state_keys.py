@@ -17,7 +17,9 @@ names = st.text(st.characters(), max_size=12) | st.sampled_from(["{", "}", ":", 
 tenants = names.filter(bool)
 key_specs = st.tuples(tenants, st.sampled_from(KeyKind), st.lists(names, max_size=2))
 
-KEY = re.compile(r"qos:\{([A-Za-z0-9_%-]+)\}:(bucket|leases|class_leases)((?::[A-Za-z0-9_%-]*)*)")
+KEY = re.compile(
+    r"qos:\{([A-Za-z0-9_%-]+)\}:(bucket|leases|class_leases|released)((?::[A-Za-z0-9_%-]*)*)"
+)
 MODEL_KEY = re.compile(r"qos:\{=([A-Za-z0-9_%-]+)\}:model_leases")
 
 

@@ -96,6 +96,9 @@ _LIMIT_REASON = {
     LimitKind.BUCKET: Reason.OVER_RATE,
     LimitKind.CONCURRENCY: Reason.OVER_CONCURRENCY,
     LimitKind.CLASS_CONCURRENCY: Reason.OVER_CLASS_CONCURRENCY,
+    # A second request with a running (or just ended) request's id: counted as over the
+    # tenant's concurrency, never admitted without a lease of its own.
+    LimitKind.LEASE_ID_USED: Reason.OVER_CONCURRENCY,
 }
 _CLASS_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAX_IDENTITY_CHARS = 4096
@@ -173,7 +176,7 @@ def plan_request(
         if math.isinf(cost):  # core.tokens.CHARGE_MAX: what the tenant's buckets can hold
             cost = _most_chargeable(tenant, klass, policy.cost_of(model))
         trace.append(f"model {model!r}, {why}")
-    check = quota_check(tenant, klass, cost, policy, model)
+    check = quota_check(tenant, klass, cost, policy, model, lease_id_for(attrs.request_id))
     too_big = next((b for b in check.buckets if b.cost > b.burst), None)
     if too_big is not None:
         # No wait would ever fit it: a 429 would have the client retry forever.
@@ -190,6 +193,7 @@ def quota_check(
     cost: float,
     policy: Policy,
     model: str | None = None,
+    lease_id: str | None = None,
 ) -> QuotaCheck:
     """The limits a request of `klass` must fit: every bucket of the tenant that covers the
     class (a bucket without `classes` covers all), and the concurrency limits."""
@@ -212,7 +216,22 @@ def quota_check(
         max_class_concurrency=tenant.max_concurrency_per_class.get(klass.name),
         lease_ttl_s=policy.lease_ttl_s,
         model=model,
+        lease_id=lease_id,
     )
+
+
+# What a lease id may be: the lease token carries it as is (`core.lease`), and the store puts
+# it in a key part (`state.keys` encodes it anyway). Envoy's x-request-id is a UUID (36).
+_LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def lease_id_for(request_id: str | None) -> str | None:
+    """The lease id of a request with this x-request-id: the id itself when it is 1-64 of
+    `[A-Za-z0-9_-]`, else None (the service then makes a random one). A client cannot reach key
+    syntax or the token's separators through it."""
+    if request_id is not None and _LEASE_ID.fullmatch(request_id):
+        return request_id
+    return None
 
 
 def decide(admission: Admission, result: QuotaResult | None) -> Decision:
@@ -278,7 +297,9 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
     target = policy.classes[admission.klass.relegate_to or admission.klass.name]
     check = admission.check
     if requota:
-        check = quota_check(admission.tenant, target, admission.cost, policy, admission.model)
+        check = quota_check(
+            admission.tenant, target, admission.cost, policy, admission.model, check.lease_id
+        )
     return replace(
         admission,
         klass=target,
@@ -400,7 +421,7 @@ def _admit(
         requested_class=admission.requested_class,
         headers=tuple(headers),
         lease=lease,
-        charged=tuple(b for b in admission.check.buckets if b.by_cost) if lease_id else (),
+        charged=admission.check.buckets if lease_id else (),
         triton_priority=klass.triton_priority,
         trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
     )

@@ -34,6 +34,9 @@ class LimitKind(enum.Enum):
     BUCKET = "bucket"
     CONCURRENCY = "concurrency"
     CLASS_CONCURRENCY = "class_concurrency"
+    # The lease id is held or was released already (a client reusing a request id, or an
+    # acquire that ran after its request's release): nothing is taken.
+    LEASE_ID_USED = "lease_id_used"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,10 @@ class QuotaCheck:
     # False: `acquire` does not count the lease for `model` yet (a request about to be held is
     # not in flight); `count_for_model` counts it when it is let go. The lease still names it.
     count_model_now: bool = True
+    # The lease's id: the request's own id (Envoy's x-request-id, see
+    # `core.decide.lease_id_for`), so that a release keyed by the request undoes an acquire
+    # that runs late. None: the store makes a random one.
+    lease_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +140,9 @@ class Decision:
     body: bytes = b""
     retry_after_s: float | None = None
     lease: LeaseRef | None = None  # the concurrency lease an admit holds (x-qos-lease)
-    # The cost-unit buckets this admit charged, for reconciling an estimate (empty when
-    # nothing was charged: a shed, or an admit that failed open).
+    # The buckets this admit charged, with what each was charged: to give it back when Envoy
+    # never used the admit, and (the `by_cost` ones) to reconcile an estimate. Empty when
+    # nothing was charged: a shed, or an admit that failed open.
     charged: tuple[BucketCheck, ...] = ()
     # The Triton priority level an admit grants (the granted class's `triton_priority`), for
     # the body rewrite; None for a shed.

@@ -444,9 +444,11 @@ class Policy:
     )
     lease_ttl_s: float = setting(
         Num(exclusive_minimum=0),
-        "A lost completion frees its concurrency slot after this long at most. At most one "
+        "How long a concurrency lease lives unless the sidecar that took it renews it (every "
+        "third of this, while its request runs): a completion lost while that sidecar was "
+        "down frees its slot this long after the sidecar's last renewal at most. At most one "
         "file may set it.",
-        default=300.0,
+        default=10.0,
     )
 
     def cost_of(self, model: str | None) -> float:

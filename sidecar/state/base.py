@@ -44,7 +44,16 @@ Rules (the contract tests in tests/test_state_contract.py run both stores throug
   The memory store has one clock and no second call: it changes both in one step.
 - A lease counts until it is released or its `lease_ttl_s` has passed, whichever comes first.
   The TTL is the safety net for completions that never arrive (a crashed replica, a lost
-  access-log entry): a leaked lease costs a slot for at most one TTL.
+  access-log entry): a leaked lease costs a slot for at most one TTL. The TTL is short and the
+  replica that admitted a request `renew`s its lease while the request runs; `renew` only
+  extends leases that still exist (it never brings back a released or expired one), in the
+  tenant's sets and in the models' sets, and says which ones are gone.
+- A lease's id is the caller's (`QuotaCheck.lease_id`: the request's id), or random when it
+  gives none. `release` leaves a tombstone of the id for `tombstone_s`; an `acquire` of an id
+  that is tombstoned or still held takes nothing (no lease, no bucket, no model entry) and is
+  denied with `LimitKind.LEASE_ID_USED`. So a release may be sent for a request whether or not
+  its acquire ran, before or after it: an acquire the caller gave up on and the server ran late
+  is undone by the release the caller queues for it.
 - Time is the store's own clock: the Redis server's for Redis (one clock for all replicas), an
   injected clock for memory. Callers never pass time in.
 - Stores raise `StateUnavailable` when the state cannot be read or written, and `ValueError`
@@ -61,6 +70,9 @@ from typing import Protocol
 
 from sidecar.core.types import BucketCheck, LeaseRef, QuotaCheck, QuotaResult
 
+# How long a released id stays refused when the caller does not say: the default lease TTL.
+DEFAULT_TOMBSTONE_S = 10.0
+
 
 class QuotaStore(Protocol):
     """Where quota state lives: buckets (GCRA TATs) and concurrency leases, per tenant."""
@@ -75,9 +87,16 @@ class QuotaStore(Protocol):
         Raises StateUnavailable."""
         ...
 
-    async def release(self, lease: LeaseRef) -> bool:
-        """Free a lease. True if it was held (not yet released or expired). Idempotent.
-        Raises StateUnavailable."""
+    async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
+        """Free a lease, and refuse its id to `acquire` for `tombstone_s`. True if it was held
+        (not yet released or expired). Idempotent. Raises StateUnavailable."""
+        ...
+
+    async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
+        """Extend each of the tenant's `leases` that still exists to expire `ttl_s` from now,
+        in its model's set too; the ids of those renewed (the others are gone: released or
+        expired). One call for the tenant's sets, one per model (a failed model step is
+        counted, as in `acquire`). Raises StateUnavailable."""
         ...
 
     async def charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:

@@ -39,6 +39,7 @@ class KeyKind(enum.Enum):
     BUCKET = "bucket"  # string: a GCRA bucket's TAT; part: the bucket name
     LEASES = "leases"  # sorted set: the tenant's leases, score = expiry; no part
     CLASS_LEASES = "class_leases"  # sorted set: the tenant's leases in one class; part: class
+    RELEASED = "released"  # string: a released lease id's tombstone (expires); part: lease id
 
 
 # Not a `KeyKind`: those are a tenant's keys, this is the one key with a model's hash tag.

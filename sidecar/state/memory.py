@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.core.gcra import gcra_step
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.state.base import (
+    DEFAULT_TOMBSTONE_S,
     new_lease_id,
     validate_charge,
     validate_check,
@@ -87,6 +89,11 @@ class MemoryQuotaStore:
         self._tats: dict[tuple[str, str], float] = {}  # (tenant, bucket) -> TAT
         self._leases: dict[str, _TenantLeases] = {}
         self._model_leases: dict[str, _ModelLeases] = {}
+        # Released ids, (tenant, id) -> expiry, and the same in release order for pruning:
+        # tombstones mostly share one TTL, so the oldest expire first and pruning from the
+        # left keeps the table to about a TTL's worth of releases.
+        self._tombstones: dict[tuple[str, str], float] = {}
+        self._tombstone_order: deque[tuple[float, tuple[str, str]]] = deque()
 
     async def acquire(self, check: QuotaCheck) -> QuotaResult:
         return self._evaluate(check, take=True)
@@ -94,10 +101,14 @@ class MemoryQuotaStore:
     async def peek(self, check: QuotaCheck) -> QuotaResult:
         return self._evaluate(check, take=False)
 
-    async def release(self, lease: LeaseRef) -> bool:
+    async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
         validate_tenant(lease.tenant)
         validate_model(lease.model)
         now = self._clock()
+        self._prune_tombstones(now)
+        key = (lease.tenant, lease.lease_id)
+        self._tombstones[key] = now + tombstone_s
+        self._tombstone_order.append((now + tombstone_s, key))
         if lease.model is not None:
             model_leases = self._model_leases.get(lease.model)
             if model_leases is not None:
@@ -112,6 +123,41 @@ class MemoryQuotaStore:
             del self._leases[lease.tenant]
         # An expired lease no longer counted, so releasing it frees nothing.
         return held is not None and held[1] > now
+
+    async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
+        validate_tenant(tenant)
+        now = self._clock()
+        held = self._live_leases(tenant, now)
+        renewed: set[str] = set()
+        for lease in leases:
+            entry = held.by_id.get(lease.lease_id) if held is not None else None
+            if held is None or entry is None:
+                continue  # released or expired (pruned above): it stays gone
+            held.by_id[lease.lease_id] = (entry[0], now + ttl_s)
+            renewed.add(lease.lease_id)
+            model_leases = self._model_leases.get(lease.model or "")
+            if model_leases is not None and lease.lease_id in model_leases.expiry_by_id:
+                model_leases.prune(now)
+                if lease.lease_id in model_leases.expiry_by_id:
+                    model_leases.expiry_by_id[lease.lease_id] = now + ttl_s
+        return renewed
+
+    def _prune_tombstones(self, now: float) -> None:
+        order = self._tombstone_order
+        while order and order[0][0] <= now:
+            _, key = order.popleft()
+            if self._tombstones.get(key, math.inf) <= now:
+                del self._tombstones[key]
+
+    def _lease_id_used(
+        self, tenant: str, lease_id: str | None, leases: _TenantLeases | None
+    ) -> bool:
+        if lease_id is None:
+            return False  # a random id is made below: new by construction
+        self._prune_tombstones(self._clock())
+        return (tenant, lease_id) in self._tombstones or (
+            leases is not None and lease_id in leases.by_id
+        )
 
     async def charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
         validate_charge(tenant, buckets)
@@ -168,6 +214,8 @@ class MemoryQuotaStore:
                 class_in_flight=class_in_flight,
             )
 
+        if take and self._lease_id_used(check.tenant, check.lease_id, leases):
+            return denied(LimitKind.LEASE_ID_USED)
         if (
             check.max_class_concurrency is not None
             and class_in_flight >= check.max_class_concurrency
@@ -195,7 +243,7 @@ class MemoryQuotaStore:
 
         for key, tat in new_tats:
             self._store_tat(key, tat, now)
-        lease_id = new_lease_id()
+        lease_id = check.lease_id or new_lease_id()
         expiry = now + check.lease_ttl_s
         self._leases.setdefault(check.tenant, _TenantLeases()).add(lease_id, check.klass, expiry)
         if check.model is not None and check.count_model_now:

@@ -47,7 +47,14 @@ from redis.exceptions import NoScriptError, RedisError
 
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
-from sidecar.state.base import new_lease_id, validate_charge, validate_check, validate_model
+from sidecar.state.base import (
+    DEFAULT_TOMBSTONE_S,
+    new_lease_id,
+    validate_charge,
+    validate_check,
+    validate_model,
+    validate_tenant,
+)
 from sidecar.state.keys import KeyKind, build_key, build_model_key
 
 log = logging.getLogger(__name__)
@@ -57,7 +64,12 @@ DEFAULT_TIMEOUT_S = 0.05
 _LOG_EVERY_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 64
 
-_DENIED_BY = {1: LimitKind.CLASS_CONCURRENCY, 2: LimitKind.CONCURRENCY, 3: LimitKind.BUCKET}
+_DENIED_BY = {
+    1: LimitKind.CLASS_CONCURRENCY,
+    2: LimitKind.CONCURRENCY,
+    3: LimitKind.BUCKET,
+    4: LimitKind.LEASE_ID_USED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +93,7 @@ RELEASE = load_script("release")
 CHARGE = load_script("charge")
 IN_FLIGHT = load_script("in_flight")
 MODEL_LEASE = load_script("model_lease")
+RENEW = load_script("renew")
 
 
 @contextlib.contextmanager
@@ -137,14 +150,15 @@ class RedisQuotaStore:
         """Raises StateUnavailable, or ValueError for an invalid check."""
         return await self._evaluate(check, take=False)
 
-    async def release(self, lease: LeaseRef) -> bool:
+    async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
         """Raises StateUnavailable (for the tenant's lease only), or ValueError for an empty
         tenant or model."""
-        keys = _lease_keys(lease.tenant, lease.klass)
+        keys = _lease_keys(lease.tenant, lease.klass, lease.lease_id)
         validate_model(lease.model)
         deadline = self._deadline()
+        args: list[str | float] = [lease.lease_id, tombstone_s]
         try:
-            held = bool(await self._run(RELEASE, keys, [lease.lease_id], deadline))
+            held = bool(await self._run(RELEASE, keys, args, deadline))
         except StateUnavailable:
             # The request has left the model whether or not its tenant's lease could be
             # freed, so its model entry is still removed if that shard answers.
@@ -154,6 +168,32 @@ class RedisQuotaStore:
         if lease.model is not None:
             await self._update_model_set("remove", lease.model, lease.lease_id, deadline)
         return held
+
+    async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
+        """Raises StateUnavailable (for the tenant's sets only), or ValueError for an empty
+        tenant."""
+        validate_tenant(tenant)
+        if not leases:
+            return set()
+        deadline = self._deadline()
+        keys = [build_key(tenant, KeyKind.LEASES)]
+        class_index: dict[str, int] = {}
+        args: list[str | float] = [ttl_s]
+        for lease in leases:
+            if lease.klass not in class_index:
+                keys.append(build_key(tenant, KeyKind.CLASS_LEASES, lease.klass))
+                class_index[lease.klass] = len(keys)  # Lua's KEYS are 1-based
+            args += (lease.lease_id, class_index[lease.klass])
+        reply = await self._run(RENEW, keys, args, deadline)
+        gone = {i.decode() if isinstance(i, bytes) else str(i) for i in reply}
+        renewed = [lease for lease in leases if lease.lease_id not in gone]
+        by_model: dict[str, list[str]] = {}
+        for lease in renewed:
+            if lease.model is not None:
+                by_model.setdefault(lease.model, []).append(lease.lease_id)
+        for model, ids in by_model.items():
+            await self._update_model_set("renew", model, "", deadline, ttl_s, ids)
+        return {lease.lease_id for lease in renewed}
 
     async def charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
         """Raises StateUnavailable, or ValueError for an invalid charge."""
@@ -195,10 +235,12 @@ class RedisQuotaStore:
     async def _evaluate(self, check: QuotaCheck, *, take: bool) -> QuotaResult:
         validate_check(check)
         deadline = self._deadline()
-        keys = _lease_keys(check.tenant, check.klass)
+        lease_id = (check.lease_id or new_lease_id()) if take else ""
+        # A peek writes nothing and reads no tombstone; its key only keeps KEYS' layout.
+        keys = _lease_keys(check.tenant, check.klass, lease_id or "peek")
         args: list[str | float] = [
             "acquire" if take else "peek",
-            new_lease_id() if take else "",
+            lease_id,
             check.lease_ttl_s,
             _limit_arg(check.max_concurrency),
             _limit_arg(check.max_class_concurrency),
@@ -209,14 +251,13 @@ class RedisQuotaStore:
         reply = await self._run(ACQUIRE, keys, args, deadline)
         allowed, denied_code, bucket_index, retry_after, in_flight, class_in_flight = reply
         if allowed:
-            lease_id = str(args[1]) if take else None
-            if lease_id is not None and check.model is not None and check.count_model_now:
+            if take and check.model is not None and check.count_model_now:
                 await self._update_model_set(
                     "add", check.model, lease_id, deadline, check.lease_ttl_s
                 )
             return QuotaResult(
                 allowed=True,
-                lease_id=lease_id,
+                lease_id=lease_id or None,
                 in_flight=int(in_flight),
                 class_in_flight=int(class_in_flight),
             )
@@ -233,11 +274,20 @@ class RedisQuotaStore:
         )
 
     async def _update_model_set(
-        self, operation: str, model: str, lease_id: str, deadline: float, ttl_s: float = 0.0
+        self,
+        operation: str,
+        model: str,
+        lease_id: str,
+        deadline: float,
+        ttl_s: float = 0.0,
+        renew_ids: Sequence[str] = (),
     ) -> None:
-        """Add the lease to the model's set ("add") or remove it ("remove"). Never raises
-        StateUnavailable: a failure is counted and logged (see module rules)."""
+        """Add the lease to the model's set ("add"), remove it ("remove"), or renew
+        `renew_ids` there ("renew"). Never raises StateUnavailable: a failure is counted and
+        logged (see module rules)."""
         args: list[str | float] = [operation, lease_id, ttl_s]
+        if operation == "renew":
+            args = [operation, ttl_s, *renew_ids]
         try:
             await self._run(MODEL_LEASE, [build_model_key(model)], args, deadline)
         except StateUnavailable as exc:
@@ -279,8 +329,12 @@ class RedisQuotaStore:
                     return await self._client.evalsha(script.sha, len(keys), *keys, *args)
 
 
-def _lease_keys(tenant: str, klass: str) -> list[str]:
-    return [build_key(tenant, KeyKind.LEASES), build_key(tenant, KeyKind.CLASS_LEASES, klass)]
+def _lease_keys(tenant: str, klass: str, lease_id: str) -> list[str]:
+    return [
+        build_key(tenant, KeyKind.LEASES),
+        build_key(tenant, KeyKind.CLASS_LEASES, klass),
+        build_key(tenant, KeyKind.RELEASED, lease_id),
+    ]
 
 
 def _limit_arg(limit: int | None) -> str:

@@ -4,15 +4,18 @@
 --
 -- KEYS[1]    the tenant's lease set                qos:{tenant}:leases
 -- KEYS[2]    the tenant's lease set for the class  qos:{tenant}:class_leases:<class>
--- KEYS[3..]  one bucket per check                  qos:{tenant}:bucket:<name>
+-- KEYS[3]    the lease id's tombstone               qos:{tenant}:released:<lease id>
+-- KEYS[4..]  one bucket per check                  qos:{tenant}:bucket:<name>
 -- ARGV[1]    "acquire" or "peek"
--- ARGV[2]    the new lease id (made by the client; ignored by peek)
+-- ARGV[2]    the new lease id: the request's id, or random (made by the client; ignored by
+--            peek)
 -- ARGV[3]    lease TTL, seconds
 -- ARGV[4]    max in-flight for the tenant, or "" for no limit
 -- ARGV[5]    max in-flight for the tenant and class, or "" for no limit
 -- ARGV[6..]  per bucket, in KEYS order: rate_per_s, burst, cost
 --
--- Returns {allowed 1|0, denied_by 0 none|1 class concurrency|2 concurrency|3 bucket,
+-- Returns {allowed 1|0, denied_by 0 none|1 class concurrency|2 concurrency|3 bucket|
+--          4 lease id held or released already,
 --          denied bucket (1-based index into the buckets, 0 for none),
 --          retry_after_s (string), in_flight, class_in_flight}
 
@@ -30,6 +33,15 @@ local function denied(code, index, retry_after_s)
   return {0, code, index, fmt(retry_after_s), in_flight, class_in_flight}
 end
 
+-- A released id takes nothing: this acquire ran after its request's release (Redis ran it
+-- late, after the caller gave up on it) and must not leave a lease nobody will release. A
+-- held id is another request reusing a running request's id: it gets no lease of its own.
+if take then
+  local held = redis.call('ZSCORE', KEYS[1], ARGV[2])
+  if redis.call('EXISTS', KEYS[3]) == 1 or (held and tonumber(held) > now) then
+    return denied(4, 0, 0)
+  end
+end
 if ARGV[5] ~= '' and class_in_flight >= tonumber(ARGV[5]) then
   return denied(1, 0, 0)
 end
@@ -40,8 +52,8 @@ end
 -- Evaluate every bucket before charging any: all or nothing.
 local new_tats = {}
 local worst_index, worst_retry = 0, -1
-for i = 3, #KEYS do
-  local a = 6 + (i - 3) * 3
+for i = 4, #KEYS do
+  local a = 6 + (i - 4) * 3
   local rate, burst, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   if cost > 0 then
     local stored = redis.call('GET', KEYS[i])
@@ -63,7 +75,7 @@ for i = 3, #KEYS do
       end
     end
     if retry_after and retry_after > worst_retry then
-      worst_index, worst_retry = i - 2, retry_after
+      worst_index, worst_retry = i - 3, retry_after
     end
   end
 end

@@ -11,6 +11,9 @@
 -- The expiry is counted from this server's clock, now: the set is only ever compared with the
 -- clock of the server that holds it, which need not be the tenant's.
 --
+-- Or "renew": ARGV[2] the TTL, seconds; ARGV[3..] lease ids. Each that is still in the set
+-- and unexpired gets the new expiry (ZADD XX: a removed entry stays removed).
+--
 -- Returns, for add, the model's in-flight count including the new lease; for remove, 1 if the
 -- lease was held (present and unexpired), else 0. Removing twice is safe.
 
@@ -20,6 +23,18 @@ if ARGV[1] == 'add' then
   redis.call('ZADD', KEYS[1], fmt(now + tonumber(ARGV[3])), ARGV[2])
   expire_lease_set(KEYS[1], now)
   return redis.call('ZCARD', KEYS[1])
+end
+if ARGV[1] == 'renew' then
+  local expiry, renewed = fmt(now + tonumber(ARGV[2])), 0
+  for a = 3, #ARGV do
+    local held = redis.call('ZSCORE', KEYS[1], ARGV[a])
+    if held and tonumber(held) > now then
+      redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[a])
+      renewed = renewed + 1
+    end
+  end
+  expire_lease_set(KEYS[1], now)
+  return renewed
 end
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
 redis.call('ZREM', KEYS[1], ARGV[2])

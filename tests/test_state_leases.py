@@ -1,0 +1,275 @@
+"""Leases keyed by the request: tombstones and renewal, on both stores (the contract of
+`sidecar.state.base`, continued from tests/test_state_contract.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import replace
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from sidecar.core.types import LeaseRef, LimitKind, QuotaCheck, QuotaResult, RequestAttributes
+from sidecar.errors import StateUnavailable
+from sidecar.leases import LeaseKeeper
+from sidecar.metrics import Metrics
+from sidecar.service import AdmissionService
+from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from tests import test_state_contract as contract
+from tests.core_fixtures import make_policy
+from tests.fixtures_valkey import ValkeyServer
+from tests.test_state_contract import FakeClock, Harness, bucket, check, lease_of, run_redis
+
+# The contract's fixtures, shared: each store (and the one Valkey server) is set up the same.
+harness = contract.harness
+valkey = contract.valkey
+redis_sync = contract.redis_sync
+
+REQUEST_ID = "4f1c2d3e-aaaa-4bbb-8ccc-123456789abc"
+
+
+def test_a_lease_is_keyed_by_the_request_id(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = replace(check(bucket(), model="llama"), lease_id=REQUEST_ID)
+        held = await store.acquire(c)
+        assert held.allowed and held.lease_id == REQUEST_ID
+        assert await store.release(lease_of(c, held))
+        assert not await store.release(lease_of(c, held))  # idempotent
+        assert await store.in_flight("acme", None) == 0
+        assert await store.model_in_flight("llama") == 0
+
+    harness.run(body)
+
+
+def test_an_acquire_after_its_release_takes_nothing(harness: Harness) -> None:
+    """The late acquire: Redis ran it after the caller gave up and queued its release."""
+
+    async def body(store: QuotaStore) -> None:
+        c = replace(
+            check(bucket(rate=0.5, burst=1), max_concurrency=1, model="llama"),
+            lease_id=REQUEST_ID,
+        )
+        lease = LeaseRef("acme", "standard", REQUEST_ID, "llama")
+        assert not await store.release(lease, tombstone_s=30)  # nothing held yet
+        late = await store.acquire(c)
+        assert not late.allowed and late.lease_id is None
+        assert late.denied_by is LimitKind.LEASE_ID_USED
+        assert await store.in_flight("acme", None) == 0
+        assert await store.model_in_flight("llama") == 0
+        # No bucket charge either: another request still gets the one token and the slot.
+        other = await store.acquire(replace(c, lease_id="another-request"))
+        assert other.allowed and other.in_flight == 1
+
+    harness.run(body)
+
+
+def test_a_tombstone_expires_with_its_ttl(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = replace(check(), lease_id=REQUEST_ID)
+        await store.release(LeaseRef("acme", "standard", REQUEST_ID), tombstone_s=0.05)
+        if harness.clock is not None:
+            harness.clock.advance(0.05)
+        else:
+            await asyncio.sleep(0.1)
+        assert (await store.acquire(c)).allowed
+
+    harness.run(body)
+
+
+def test_a_tombstone_is_per_tenant(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        await store.release(LeaseRef("acme", "standard", REQUEST_ID), tombstone_s=30)
+        assert (await store.acquire(replace(check(tenant="beta"), lease_id=REQUEST_ID))).allowed
+
+    harness.run(body)
+
+
+def test_a_request_id_in_use_gets_no_second_lease(harness: Harness) -> None:
+    """A client reusing a running request's id must not share (and so escape) its slot."""
+
+    async def body(store: QuotaStore) -> None:
+        c = replace(check(max_concurrency=5), lease_id=REQUEST_ID)
+        assert (await store.acquire(c)).allowed
+        again = await store.acquire(c)
+        assert not again.allowed and again.denied_by is LimitKind.LEASE_ID_USED
+        assert await store.in_flight("acme", None) == 1
+        assert (await store.peek(c)).allowed  # a peek reads no lease id
+
+    harness.run(body)
+
+
+def test_renew_extends_live_leases_and_reports_gone_ones(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        short = check(model="llama", lease_ttl_s=0.3)
+        gold = replace(short, klass="gold")
+        a = lease_of(short, await store.acquire(short))
+        b = lease_of(gold, await store.acquire(gold))
+        c = lease_of(short, await store.acquire(short))
+        await store.release(c)
+        renewed = await store.renew("acme", [a, b, c], 60.0)
+        assert renewed == {a.lease_id, b.lease_id}  # c was released: it stays gone
+        if harness.clock is not None:
+            harness.clock.advance(0.5)
+        else:
+            await asyncio.sleep(0.5)  # past the first TTL, on the server's clock
+        assert await store.in_flight("acme", None) == 2
+        assert await store.in_flight("acme", "gold") == 1
+        assert await store.model_in_flight("llama") == 2
+
+    harness.run(body)
+
+
+def test_renew_never_brings_back_an_expired_lease(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(model="llama", lease_ttl_s=0.05)
+        lease = lease_of(c, await store.acquire(c))
+        await harness.let_leases_expire(store, 0.05, "acme", "llama")
+        assert await store.renew("acme", [lease], 60.0) == set()
+        assert await store.in_flight("acme", None) == 0
+        assert await store.model_in_flight("llama") == 0
+
+    harness.run(body)
+
+
+def test_redis_leaves_no_lease_key_behind(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
+    """After release only the tombstone is left, and it expires on its own."""
+
+    async def body(store: RedisQuotaStore) -> None:
+        c = replace(check(bucket(), model="llama"), lease_id=REQUEST_ID)
+        await store.release(lease_of(c, await store.acquire(c)), tombstone_s=5)
+
+    run_redis(valkey.url, body, timeout_s=2.0)
+    keys = set(redis_sync.scan_iter("qos:*"))
+    assert keys == {"qos:{acme}:bucket:req", f"qos:{{acme}}:released:{REQUEST_ID}"}
+    assert 0 < redis_sync.pttl(f"qos:{{acme}}:released:{REQUEST_ID}") <= 5000
+
+
+# -- the service's side: releases owed and retried, leases renewed (sidecar/leases.py) -------
+
+
+class FlakyStore(MemoryQuotaStore):
+    """The memory store, failing every call while `down` (a stalled or dead Redis). With
+    `run_late`, an acquire that fails still runs, as a stalled Redis runs it once it wakes."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.down = False
+        self.run_late = False
+        self.late: list[QuotaCheck] = []
+
+    async def acquire(self, check: QuotaCheck) -> QuotaResult:
+        if self.down:
+            if self.run_late:
+                self.late.append(check)
+            raise StateUnavailable("down")
+        return await super().acquire(check)
+
+    async def release(self, lease: LeaseRef, *, tombstone_s: float = 10.0) -> bool:
+        if self.down:
+            raise StateUnavailable("down")
+        return await super().release(lease, tombstone_s=tombstone_s)
+
+    async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
+        if self.down:
+            raise StateUnavailable("down")
+        return await super().renew(tenant, leases, ttl_s)
+
+
+def service_on(store: QuotaStore, clock: FakeClock) -> AdmissionService:
+    return AdmissionService(make_policy(), store, Metrics(CollectorRegistry()), clock=clock)
+
+
+SEARCH = RequestAttributes("POST", "/v2/models/simgpu/infer", {"x-api-key": "k-search"})
+
+
+def test_an_acquire_run_late_is_undone_by_the_release_the_service_owes() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+
+    async def body() -> None:
+        store.down = store.run_late = True
+        attrs = replace(SEARCH, request_id=REQUEST_ID)
+        decision = await service.check(attrs, "test")  # fails open: no lease
+        assert decision.admitted and decision.lease is None
+        assert service.leases.backlog == 1
+        assert not await service.leases.drain()  # still down: kept, not dropped
+        store.down = False
+        assert await service.leases.drain()
+        assert service.leases.backlog == 0
+        for late in store.late:  # Redis wakes and runs the acquire it had queued
+            assert not (await store.acquire(late)).allowed
+        assert await store.in_flight("search", None) == 0
+
+    asyncio.run(body())
+
+
+def test_a_release_that_fails_is_retried_not_dropped() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+
+    async def body() -> None:
+        decision = await service.check(SEARCH, "test")
+        assert decision.lease is not None
+        store.down = True
+        assert not await service.release(decision.lease)
+        assert service.leases.backlog == 1
+        metrics = service.metrics.registry
+        assert metrics.get_sample_value("qos_release_backlog") == 1
+        store.down = False
+        assert await service.leases.drain()
+        assert await store.in_flight("search", None) == 0
+        assert metrics.get_sample_value("qos_release_backlog") == 0
+
+    asyncio.run(body())
+
+
+def test_running_leases_are_renewed_until_released() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)  # lease_ttl_s 120
+
+    async def body() -> None:
+        running = await service.check(SEARCH, "test")
+        ended = await service.check(SEARCH, "test")
+        assert running.lease is not None and ended.lease is not None
+        await service.release(ended.lease)
+        clock.advance(100)
+        await service.leases.renew()
+        clock.advance(100)  # past the first TTL, within the renewed one
+        assert await store.in_flight("search", None) == 1
+        assert service.leases.running == 1
+        await service.release(running.lease)
+        assert service.leases.running == 0
+
+    asyncio.run(body())
+
+
+def test_a_lease_released_elsewhere_is_forgotten() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+
+    async def body() -> None:
+        decision = await service.check(SEARCH, "test")
+        assert decision.lease is not None
+        await store.release(decision.lease)  # through another replica
+        await service.leases.renew()
+        assert service.leases.running == 0
+        assert await store.in_flight("search", None) == 0
+
+    asyncio.run(body())
+
+
+def test_a_full_backlog_counts_what_it_drops() -> None:
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    metrics = Metrics(CollectorRegistry())
+    keeper = LeaseKeeper(store, metrics, store.release, lambda: 10.0, max_backlog=1)
+    keeper.owe(LeaseRef("a", "b", "one"))
+    keeper.owe(LeaseRef("a", "b", "one"))  # the same lease once
+    keeper.owe(LeaseRef("a", "b", "two"))
+    assert keeper.backlog == 1
+    assert metrics.registry.get_sample_value("qos_release_backlog_dropped_total") == 1
