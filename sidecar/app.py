@@ -165,10 +165,13 @@ async def _start_http(
 ) -> list[web.AppRunner]:
     """ext_authz over HTTP and the admin listener."""
 
-    async def triton_readiness() -> dict[str, Any]:
+    async def triton_readiness() -> tuple[list[str], dict[str, Any]]:
         if monitor is None:
-            return {}
-        return {"triton": {name: ready for name, ready in monitor.view().ready.items()}}
+            return [], {}
+        view = monitor.view()
+        # A check older than the staleness bound is no evidence that Triton is up now.
+        problems = view.not_ready(monitor.clock(), settings.triton_stale_ms / 1000)
+        return problems, {"triton": dict(view.ready)}
 
     runners: list[web.AppRunner] = []
     # handler_cancellation: when Envoy gives up on a call, stop deciding for it (aiohttp

@@ -2,6 +2,18 @@
 
 It binds to localhost unless configured otherwise: explain reveals policy details and the
 policy endpoint lists tenants, which are not for the public side of a mesh.
+
+Liveness and readiness are separate questions:
+- `/healthz` (liveness): the process answers. 200 always; restart the sidecar only if not.
+- `/readyz` (readiness): send traffic here. 200 `{"status": "ready"}` when the sidecar can
+  decide AND, when it fronts Triton (`--triton-urls`), every Triton endpoint answered ready at
+  a recent check; else 503 `{"status": "not_ready", "reason": ..., "not_ready": [why, ...]}`.
+  "Can decide" is the policy being loaded (always so once started: a bad policy at start stops
+  the process, a bad reload keeps the last good one). The quota store is reported but is not a
+  condition: every class has a fail mode (`on_state_error`, closed unless it says open), so
+  the sidecar still decides without it, and an outage of the shared store affects every
+  replica alike: taking them all out of rotation would only turn defined answers into
+  Envoy's bodiless 503s.
 """
 
 from __future__ import annotations
@@ -18,7 +30,8 @@ from sidecar.errors import StateUnavailable
 from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
 
-ReadinessProbe = Callable[[], Awaitable[dict[str, Any]]]
+# Readiness of what the sidecar fronts: (why it is not ready, empty when it is; report).
+ReadinessProbe = Callable[[], Awaitable[tuple[list[str], dict[str, Any]]]]
 
 
 def decision_json(decision: Decision) -> dict[str, Any]:
@@ -73,17 +86,20 @@ def build_admin_app(
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        # Not ready only when the sidecar itself cannot decide. A Redis outage affects every
-        # replica alike and is handled per class (fail open/closed), so it is reported here
-        # but does not take replicas out of rotation.
+        # The rules are in the module comment: the store is reported, not a condition.
         report: dict[str, Any] = {"policy_version": service.policy.version}
         try:
             await service.store.ping()
             report["store"] = "ok"
         except StateUnavailable as exc:
             report["store"] = f"unavailable: {exc}"
+        problems: list[str] = []
         if readiness is not None:
-            report.update(await readiness())
+            problems, fronted = await readiness()
+            report.update(fronted)
+        if problems:
+            body = {"status": "not_ready", "reason": "triton_not_ready", "not_ready": problems}
+            return web.json_response({**body, **report}, status=503)
         return web.json_response({"status": "ready", **report})
 
     async def policy(_: web.Request) -> web.Response:

@@ -114,6 +114,8 @@ class Reason(enum.Enum):
     # The request's estimated cost is more than one of its buckets can ever hold (e.g. an
     # LLM request asking for more max tokens than the tenant's burst): 400, not a retry.
     COST_OVER_BURST = "cost_over_burst"
+    # The request names a model Triton is known not to serve (a typo): 404, not a retry.
+    UNKNOWN_MODEL = "unknown_model"
 
 
 @dataclass(frozen=True, slots=True)
