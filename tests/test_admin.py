@@ -85,3 +85,54 @@ def test_readyz_without_triton_is_ready_once_the_policy_is_loaded() -> None:
             await client.close()
 
     asyncio.run(body())
+
+
+def test_an_unknown_admin_path_is_json() -> None:
+    policy = make_policy()
+    service = AdmissionService(policy, MemoryQuotaStore(), Metrics(CollectorRegistry()))
+
+    async def body() -> None:
+        client: TestClient[Any, Any] = TestClient(
+            TestServer(build_admin_app(service, FixedPolicy(policy)))  # type: ignore[arg-type]
+        )
+        await client.start_server()
+        try:
+            response = await client.get("/nope")
+            assert response.status == 404
+            assert await response.json() == {"error": "not_found", "reason": "not_found"}
+        finally:
+            await client.close()
+
+    asyncio.run(body())
+
+
+class FlakyStore(MemoryQuotaStore):
+    down = False
+
+    async def in_flight(self, tenant: str, klass: str) -> int:
+        if self.down:
+            raise StateUnavailable("scripted outage")
+        return await super().in_flight(tenant, klass)
+
+
+def test_in_flight_gauges_say_how_old_they_are_while_the_store_is_down() -> None:
+    from sidecar.admin.staleness import InFlightRefresher
+
+    store, now = FlakyStore(), [100.0]
+    service = AdmissionService(make_policy(), store, Metrics(CollectorRegistry()))
+    refresher = InFlightRefresher(service, clock=lambda: now[0])
+
+    def stale() -> float | None:
+        return service.metrics.registry.get_sample_value("qos_state_stale_seconds")
+
+    async def body() -> None:
+        assert await refresher.once() and stale() == 0.0
+        store.down = True
+        now[0] += 3.0
+        assert not await refresher.once() and stale() == 3.0
+        now[0] += 2.0
+        assert not await refresher.once() and stale() == 5.0  # ages while it lasts
+        store.down = False
+        assert await refresher.once() and stale() == 0.0
+
+    asyncio.run(body())

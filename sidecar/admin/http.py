@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.core.types import Decision, RequestAttributes
@@ -75,6 +76,38 @@ def explain_request_from_json(payload: Any) -> RequestAttributes:
     )
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp answers an unknown path or method in plain text; every answer is JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.reason.lower().replace(" ", "_")
+        return web.json_response({"error": reason, "reason": reason}, status=exc.status)
+
+
+async def readiness_answer(
+    service: AdmissionService, readiness: ReadinessProbe | None
+) -> web.Response:
+    """/readyz, by the rules of the module comment: the store is reported, not a condition."""
+    report: dict[str, Any] = {"policy_version": service.policy.version}
+    try:
+        await service.store.ping()
+        report["store"] = "ok"
+    except StateUnavailable as exc:
+        report["store"] = f"unavailable: {exc}"
+    problems: list[str] = []
+    if readiness is not None:
+        problems, fronted = await readiness()
+        report.update(fronted)
+    if problems:
+        body = {"status": "not_ready", "reason": "triton_not_ready", "not_ready": problems}
+        return web.json_response({**body, **report}, status=503)
+    return web.json_response({"status": "ready", **report})
+
+
 def build_admin_app(
     service: AdmissionService, holder: PolicyHolder, readiness: ReadinessProbe | None = None
 ) -> web.Application:
@@ -86,21 +119,7 @@ def build_admin_app(
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        # The rules are in the module comment: the store is reported, not a condition.
-        report: dict[str, Any] = {"policy_version": service.policy.version}
-        try:
-            await service.store.ping()
-            report["store"] = "ok"
-        except StateUnavailable as exc:
-            report["store"] = f"unavailable: {exc}"
-        problems: list[str] = []
-        if readiness is not None:
-            problems, fronted = await readiness()
-            report.update(fronted)
-        if problems:
-            body = {"status": "not_ready", "reason": "triton_not_ready", "not_ready": problems}
-            return web.json_response({**body, **report}, status=503)
-        return web.json_response({"status": "ready", **report})
+        return await readiness_answer(service, readiness)
 
     async def policy(_: web.Request) -> web.Response:
         current = service.policy
@@ -123,7 +142,7 @@ def build_admin_app(
             return web.json_response({"error": "bad_request", "message": str(exc)}, status=400)
         return web.json_response(decision_json(await service.explain(attrs)))
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
