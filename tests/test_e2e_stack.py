@@ -418,6 +418,35 @@ def test_every_answer_of_the_http_authz_port_is_json(stack: LocalStack, header: 
     assert metric_value(admin(stack), "qos_adapter_errors_total") == 0
 
 
+def test_a_model_triton_does_not_serve_is_404_without_retry_after(
+    stack: LocalStack, mode: str
+) -> None:
+    from tests.stack_client import post
+
+    wait_for(lambda: _ready(stack), 10, "the sidecar has seen Triton")
+    before = metric_value(admin(stack), "qos_decisions_total", reason="unknown_model")
+    url = stack.url(mode) + "/v2/models/simgpu-typo/infer"
+    reply = post(url, {"inputs": []}, {"x-api-key": f"k-calm-{mode}"})
+    assert reply.status == 404, reply
+    assert reply.json()["reason"] == "unknown_model" and reply.json()["error"] == "not_found"
+    assert "retry-after" not in reply.headers
+    after = metric_value(admin(stack), "qos_decisions_total", reason="unknown_model")
+    assert after == before + 1
+    assert infer(stack.url(mode), api_key=f"k-calm-{mode}").status == 200  # the real one
+
+
+def _ready(stack: LocalStack) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(admin(stack) + "/readyz", timeout=5) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return False
+
+
 def test_sidecar_reads_triton_load_and_readiness(stack: LocalStack) -> None:
     import json
     import urllib.request
