@@ -41,6 +41,9 @@ def ensure_venv() -> None:
 
 def run(*cmd: str) -> int:
     env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The test command installs Envoy, Triton and Valkey: one missing is a broken install, and
+    # the tests that need it fail instead of skipping (tests/binaries.py).
+    env.setdefault("QOS_REQUIRE_STACK", "1")
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 

@@ -44,6 +44,7 @@ from benchmarks.runner import (
     Backend,
     SystemSpec,
     run_point,
+    sidecar_decisions,
     start_system,
     wait_idle,
 )
@@ -421,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 with start_system(spec, backend) as url:
                     for i, m in enumerate(mode.loads):
                         rate = m * capacity
+                        before = sidecar_decisions(backend)
                         res, drained = run_load(
                             url,
                             spec,
@@ -433,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                             mode.patience,
                         )
                         recs = _measured(res.records, mode.warmup_s)
+                        after = sidecar_decisions(backend)
+                        decisions = (
+                            {k: v - before.get(k, 0.0) for k, v in after.items()}
+                            if before is not None and after is not None
+                            else None
+                        )
                         stats = report.point_stats(
                             recs,
                             config.classes,
@@ -440,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                             quotas,
                             mode.duration_s,
                             capacity,
+                            decisions=decisions,
+                            decisions_window_s=res.wall_s,
                         )
                         stats |= {
                             "m": m,

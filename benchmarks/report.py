@@ -88,6 +88,15 @@ def class_stats(records: Sequence[Record], deadline_s: float, duration_s: float)
     }
 
 
+def _decision_rps(
+    decisions: Mapping[str, float] | None, reason: str, window_s: float | None
+) -> float | None:
+    """Decisions of `reason` per second (None: no sidecar, nothing to report)."""
+    if decisions is None or not window_s:
+        return None
+    return round(decisions.get(reason, 0.0) / window_s, 3)
+
+
 def point_stats(
     records: Sequence[Record],
     classes: Mapping[str, ClassSpec],
@@ -95,7 +104,12 @@ def point_stats(
     quotas: Mapping[str, Quota],
     duration_s: float,
     capacity_rps: float,
+    decisions: Mapping[str, float] | None = None,
+    decisions_window_s: float | None = None,
 ) -> dict[str, Any]:
+    """`decisions`: the sidecar's decisions by reason during the point (the change in its
+    `qos_decisions_total` over `decisions_window_s`, warm-up included: the sidecar cannot tell
+    warm-up requests apart); None for a system without a sidecar."""
     by_class: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_class[r.klass].append(r)
@@ -119,8 +133,9 @@ def point_stats(
         "slo_met_over_c": round(good / duration_s / capacity_rps, 4) if capacity_rps else None,
         "shed_429_rps": round(s429 / duration_s, 3),
         "shed_503_rps": round(s503 / duration_s, 3),
-        "deferred_rps": 0.0,  # the sidecar does not defer yet
-        "relegated_rps": 0.0,  # nor relegate
+        "deferred_rps": _decision_rps(decisions, "admitted_deferred", decisions_window_s),
+        "relegated_rps": _decision_rps(decisions, "admitted_relegated", decisions_window_s),
+        "sidecar_decisions": dict(decisions) if decisions is not None else None,
         "violation_pct": round(_pct(sent - good, sent), 3),
         "worst_class_violation_pct": max(
             (v["violation_pct"] for v in per_class.values() if v["sent"]), default=0.0

@@ -19,6 +19,7 @@ import copy
 import re
 import time
 import urllib.request
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ class Backend:
     policy_dirs: dict[str, Path] = field(default_factory=dict)  # generated, per variant
     quotas: Mapping[str, Quota] = field(default_factory=dict)
     tenants: Sequence[TenantSpec] = ()
+    sidecar_admin_url: str | None = None  # the running system's sidecar, if it has one
 
 
 def local_ratelimit_descriptors(
@@ -214,7 +216,27 @@ def start_system(spec: SystemSpec, backend: Backend) -> Iterator[str]:
             )
         config = envoy_config(spec, backend, sidecar)
         stack.enter_context(EnvoyProcess(config, backend.workdir))
-        yield listen_url(config)
+        backend.sidecar_admin_url = sidecar.admin_url if sidecar is not None else None
+        try:
+            yield listen_url(config)
+        finally:
+            backend.sidecar_admin_url = None
+
+
+def sidecar_decisions(backend: Backend) -> dict[str, float] | None:
+    """The running sidecar's `qos_decisions_total`, summed by reason (None: no sidecar)."""
+    if backend.sidecar_admin_url is None:
+        return None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(backend.sidecar_admin_url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "qos_decisions_total":
+                totals[sample.labels["reason"]] += sample.value
+    return dict(totals)
 
 
 def _flush(valkey: ValkeyProcess) -> None:

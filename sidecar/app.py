@@ -26,10 +26,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from sidecar.admin.http import build_admin_app
+from sidecar.admin.staleness import InFlightRefresher
 from sidecar.backends.triton import TritonEndpoint, TritonLoadMonitor
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
-from sidecar.envoy.authz_http import build_authz_app
+from sidecar.envoy.authz_http import MAX_FIELD_BYTES, build_authz_app
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.metrics import Metrics
 from sidecar.policy.reload import PolicyHolder
@@ -185,19 +186,30 @@ async def _start_http(
 ) -> list[web.AppRunner]:
     """ext_authz over HTTP and the admin listener."""
 
-    async def triton_readiness() -> dict[str, Any]:
+    async def triton_readiness() -> tuple[list[str], dict[str, Any]]:
         if monitor is None:
-            return {}
-        return {"triton": {name: ready for name, ready in monitor.view().ready.items()}}
+            return [], {}
+        view = monitor.view()
+        # A check older than the staleness bound is no evidence that Triton is up now.
+        problems = view.not_ready(monitor.clock(), settings.triton_stale_ms / 1000)
+        return problems, {"triton": dict(view.ready)}
 
     runners: list[web.AppRunner] = []
     # handler_cancellation: when Envoy gives up on a call, stop deciding for it (aiohttp
     # otherwise runs a handler to the end after the client has gone).
+    # Header limits at Envoy's own: a long header reaches the core's checks (a JSON 400), not
+    # aiohttp's plain-text one.
     for app, (host, port) in (
         (build_authz_app(service, lease_key=lease_key), settings.authz_http_host_port),
         (build_admin_app(service, holder, triton_readiness), settings.admin_host_port),
     ):
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            max_field_size=MAX_FIELD_BYTES,
+            max_line_size=MAX_FIELD_BYTES,
+        )
         await runner.setup()
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         runners.append(runner)
@@ -277,6 +289,7 @@ async def _refresh_model_in_flight(
 
 
 async def _refresh_in_flight(service: AdmissionService) -> None:
+    refresher = InFlightRefresher(service)
     while True:
-        await service.refresh_in_flight()
+        await refresher.once()
         await asyncio.sleep(IN_FLIGHT_REFRESH_S)

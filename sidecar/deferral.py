@@ -118,8 +118,10 @@ class Deferrer:
         """What an admission decision for `model` sees now (None: a request for no model)."""
         if model is None:
             return Signals(None, self.queue.waiting_by_rank())
-        model_signals = self.model_signals(model, self._load(), self.clock())
-        return Signals(model_signals, self.queue.waiting_by_rank())
+        view, now = self._load(), self.clock()
+        model_signals = self.model_signals(model, view, now)
+        served = view.served_models(now, self.stale_after_s)
+        return Signals(model_signals, self.queue.waiting_by_rank(), served)
 
     def pump(self) -> int:
         """Release waiters from the head while the core says they may go; returns how many.

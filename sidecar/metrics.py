@@ -44,6 +44,13 @@ class Metrics:
             ["api"],
             registry=registry,
         )
+        self.adapter_errors = Counter(
+            "qos_adapter_errors_total",
+            "Envoy calls an adapter failed to answer with a decision (answered 500 with a JSON "
+            "reason, internal_error), by API.",
+            ["api"],
+            registry=registry,
+        )
         self.priority_rewrites = Counter(
             "qos_priority_rewrites_total",
             "Request bodies seen in ext_proc mode, by result: rewritten (the class's Triton "
@@ -83,6 +90,13 @@ class Metrics:
             "qos_model_in_flight_requests",
             "Admitted requests of each model not yet ended (global, read from the quota store).",
             ["model"],
+            registry=registry,
+        )
+        self.state_stale = Gauge(
+            "qos_state_stale_seconds",
+            "How old the in-flight gauges (qos_in_flight_requests) are: 0 while the quota store "
+            "answers, else the seconds since it last did. The gauges keep their last values "
+            "while the store is down; alert on this, not on them.",
             registry=registry,
         )
         self.completions = Counter(

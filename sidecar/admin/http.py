@@ -2,6 +2,18 @@
 
 It binds to localhost unless configured otherwise: explain reveals policy details and the
 policy endpoint lists tenants, which are not for the public side of a mesh.
+
+Liveness and readiness are separate questions:
+- `/healthz` (liveness): the process answers. 200 always; restart the sidecar only if not.
+- `/readyz` (readiness): send traffic here. 200 `{"status": "ready"}` when the sidecar can
+  decide AND, when it fronts Triton (`--triton-urls`), every Triton endpoint answered ready at
+  a recent check; else 503 `{"status": "not_ready", "reason": ..., "not_ready": [why, ...]}`.
+  "Can decide" is the policy being loaded (always so once started: a bad policy at start stops
+  the process, a bad reload keeps the last good one). The quota store is reported but is not a
+  condition: every class has a fail mode (`on_state_error`, closed unless it says open), so
+  the sidecar still decides without it, and an outage of the shared store affects every
+  replica alike: taking them all out of rotation would only turn defined answers into
+  Envoy's bodiless 503s.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.core.types import Decision, RequestAttributes
@@ -18,7 +31,8 @@ from sidecar.errors import StateUnavailable
 from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
 
-ReadinessProbe = Callable[[], Awaitable[dict[str, Any]]]
+# Readiness of what the sidecar fronts: (why it is not ready, empty when it is; report).
+ReadinessProbe = Callable[[], Awaitable[tuple[list[str], dict[str, Any]]]]
 
 
 def decision_json(decision: Decision) -> dict[str, Any]:
@@ -62,6 +76,38 @@ def explain_request_from_json(payload: Any) -> RequestAttributes:
     )
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp answers an unknown path or method in plain text; every answer is JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.reason.lower().replace(" ", "_")
+        return web.json_response({"error": reason, "reason": reason}, status=exc.status)
+
+
+async def readiness_answer(
+    service: AdmissionService, readiness: ReadinessProbe | None
+) -> web.Response:
+    """/readyz, by the rules of the module comment: the store is reported, not a condition."""
+    report: dict[str, Any] = {"policy_version": service.policy.version}
+    try:
+        await service.store.ping()
+        report["store"] = "ok"
+    except StateUnavailable as exc:
+        report["store"] = f"unavailable: {exc}"
+    problems: list[str] = []
+    if readiness is not None:
+        problems, fronted = await readiness()
+        report.update(fronted)
+    if problems:
+        body = {"status": "not_ready", "reason": "triton_not_ready", "not_ready": problems}
+        return web.json_response({**body, **report}, status=503)
+    return web.json_response({"status": "ready", **report})
+
+
 def build_admin_app(
     service: AdmissionService, holder: PolicyHolder, readiness: ReadinessProbe | None = None
 ) -> web.Application:
@@ -73,18 +119,7 @@ def build_admin_app(
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        # Not ready only when the sidecar itself cannot decide. A Redis outage affects every
-        # replica alike and is handled per class (fail open/closed), so it is reported here
-        # but does not take replicas out of rotation.
-        report: dict[str, Any] = {"policy_version": service.policy.version}
-        try:
-            await service.store.ping()
-            report["store"] = "ok"
-        except StateUnavailable as exc:
-            report["store"] = f"unavailable: {exc}"
-        if readiness is not None:
-            report.update(await readiness())
-        return web.json_response({"status": "ready", **report})
+        return await readiness_answer(service, readiness)
 
     async def policy(_: web.Request) -> web.Response:
         current = service.policy
@@ -107,7 +142,7 @@ def build_admin_app(
             return web.json_response({"error": "bad_request", "message": str(exc)}, status=400)
         return web.json_response(decision_json(await service.explain(attrs)))
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -82,12 +82,20 @@ class TritonLoadMonitor:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s)
             )
-        await asyncio.gather(*(self._scrape(self._session, e) for e in self.endpoints))
+        pages = await asyncio.gather(*(self._scrape(self._session, e) for e in self.endpoints))
         models: dict[str, list[ModelLoad]] = {}
         for (_, model), load in self._loads.items():
             models.setdefault(model, []).append(load)
+        # What Triton serves is known only when every endpoint was ready and gave its page in
+        # this round (core/load.py's rules). A page with no model at all says nothing.
+        known = all(page is not None for page in pages) and all(self._ready.values())
+        served = frozenset().union(*(p for p in pages if p is not None)) if known else None
+        served = served or None
         self._view = LoadView(
-            models={m: tuple(loads) for m, loads in models.items()}, ready=dict(self._ready)
+            models={m: tuple(loads) for m, loads in models.items()},
+            ready=dict(self._ready),
+            served=served,
+            checked_at=self.clock(),
         )
         if self.on_update is not None:
             self.on_update()
@@ -98,7 +106,10 @@ class TritonLoadMonitor:
             await self._session.close()
             self._session = None
 
-    async def _scrape(self, session: aiohttp.ClientSession, endpoint: TritonEndpoint) -> None:
+    async def _scrape(
+        self, session: aiohttp.ClientSession, endpoint: TritonEndpoint
+    ) -> frozenset[str] | None:
+        """Read one endpoint's readiness and page; the models on the page (None: no page)."""
         ready = await self._get_status(session, endpoint.http_url + "/v2/health/ready") == 200
         self._ready[endpoint.name] = ready
         self.metrics.backend_ready.labels(endpoint.name).set(1 if ready else 0)
@@ -113,9 +124,10 @@ class TritonLoadMonitor:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.metrics.backend_scrape_errors.labels(endpoint.name).inc()
             log.debug("scrape of %s failed: %s", endpoint.metrics_url, exc)
-            return
+            return None
         now = self.clock()
-        for model, counters in parse_triton_metrics(text).items():
+        page = parse_triton_metrics(text)
+        for model, counters in page.items():
             key = (endpoint.name, model)
             last = self._loads.get(key)
             load = derive_load(
@@ -132,6 +144,7 @@ class TritonLoadMonitor:
             self.metrics.backend_completions.labels(endpoint.name, model).set(
                 load.completions_per_s
             )
+        return frozenset(page)
 
     async def _get_status(self, session: aiohttp.ClientSession, url: str) -> int | None:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):

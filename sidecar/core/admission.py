@@ -13,6 +13,12 @@ that I/O and feeds the result back; nothing here waits, calls the store or reads
     on_hold_end(hold, outcome) -> Answer (let go, relegated, not sheddable, or shed with
                                   everything given back)
 
+Model rule (`judge`, before the load rules): a request for a model Triton does not serve is
+refused 404 `unknown_model`, with no Retry-After (a typo is not cured by waiting), and takes
+no quota. Only when the sidecar KNOWS what Triton serves (`Signals.served`: a fresh, complete
+list; see core/load.py); with no list, or an old one, the request goes on as before, so a
+Triton restart or a failed scrape never turns into 404s.
+
 Load rules (`judge_load`; checked before any quota is taken, so a request shed for load costs
 its tenant nothing):
 - A class without an `overload` policy, a request for no model, or a sidecar with no view of
@@ -62,6 +68,7 @@ from sidecar.core.decide import (
     plan_request,
     relegate,
     shed_overloaded,
+    unknown_model,
 )
 from sidecar.core.load import SignalState
 from sidecar.core.types import BucketCheck, Decision, LeaseRef, QuotaResult, RequestAttributes
@@ -119,6 +126,7 @@ class Signals:
 
     model: ModelSignals | None  # None: no view of Triton for this request (quota only)
     waiting: Mapping[int, int] = field(default_factory=dict)  # held requests per class rank
+    served: frozenset[str] | None = None  # the models Triton serves; None: not known now
 
     def ahead_of(self, rank: int) -> int:
         """Waiters that would be served before a new arrival of band `rank`."""
@@ -322,7 +330,15 @@ def plan(
 
 def judge(admission: Admission, signals: Signals, policy: Policy) -> TakeQuota | Answer:
     """The load verdict, before any state is touched: shed (costs the tenant nothing),
-    relegate once at arrival (the quota moves to the new class), or go on to the quota."""
+    relegate once at arrival (the quota moves to the new class), or go on to the quota.
+    A model Triton is known not to serve is refused first (the model rule)."""
+    if (
+        admission.model is not None
+        and signals.served is not None
+        and admission.model not in signals.served
+    ):
+        why = f"model {admission.model!r} is not among the {len(signals.served)} Triton serves"
+        return Answer(unknown_model(admission, why))
     verdict = verdict_for(admission, signals)
     if verdict.action is LoadAction.RELEGATE:
         admission = relegate(admission, policy, verdict.why, requota=True)

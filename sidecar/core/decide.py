@@ -83,6 +83,7 @@ _STATUS = {
     Reason.COST_OVER_BURST: 400,
     Reason.UNREADABLE_BODY: 400,
     Reason.UNSUPPORTED_ENCODING: 415,
+    Reason.UNKNOWN_MODEL: 404,
 }
 _ERROR = {
     401: "unauthenticated",
@@ -91,6 +92,7 @@ _ERROR = {
     503: "unavailable",
     400: "bad_request",
     415: "unsupported_media_type",
+    404: "not_found",
 }
 _LIMIT_REASON = {
     LimitKind.BUCKET: Reason.OVER_RATE,
@@ -327,6 +329,17 @@ def shed_overloaded(admission: Admission, retry_after_s: float, why: str) -> Dec
         admission.requested_class,
         [*admission.trace, why],
         retry_after_s=retry_after_s,
+    )
+
+
+def unknown_model(admission: Admission, why: str) -> Decision:
+    """404 for a model Triton does not serve: no Retry-After, since waiting cures no typo."""
+    return shed(
+        Reason.UNKNOWN_MODEL,
+        admission.tenant.name,
+        admission.klass.name,
+        admission.requested_class,
+        [*admission.trace, why],
     )
 
 

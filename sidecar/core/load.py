@@ -15,6 +15,13 @@ Rules:
   by what Triton could do, not by "zero completions per second".
 - A signal older than the configured staleness bound is STALE; a model never seen is MISSING.
   Neither is an error: the decision core treats them as defined states (issue 4 policy).
+- The models Triton SERVES are the models on the metrics page of its last round, taken only
+  when every endpoint answered ready and gave its page in that round, and only while that
+  round is fresh. Triton exports the `nv_inference_*` series of a model as soon as it is
+  loaded (zeros until the first request), and answers ready only once every model of its
+  repository is loaded, so that list is exact. Anything less (an endpoint down, restarting or
+  still loading, a scrape that failed, an old round) means "not known": a Triton restart must
+  never turn into 404s.
 """
 
 from __future__ import annotations
@@ -136,6 +143,26 @@ class LoadView:
 
     models: Mapping[str, tuple[ModelLoad, ...]]  # model -> its load on each endpoint
     ready: Mapping[str, bool]  # endpoint -> last readiness answer
+    # The models on the last round's pages when every endpoint was ready and scraped in it;
+    # None: not known (see the module comment).
+    served: frozenset[str] | None = None
+    checked_at: float | None = None  # when the last round ended (monitor clock); None: never
+
+    def served_models(self, now: float, stale_after_s: float) -> frozenset[str] | None:
+        """The models Triton serves, if known now: None when the list is missing or old."""
+        if self.served is None or self.checked_at is None:
+            return None
+        return self.served if now - self.checked_at <= stale_after_s else None
+
+    def not_ready(self, now: float, stale_after_s: float) -> list[str]:
+        """Why Triton is not ready to take this sidecar's traffic (empty: it is): an endpoint
+        never checked, not ready at the last check, or a last check that is too old."""
+        if self.checked_at is None or not self.ready:
+            return ["triton: not checked yet"]
+        problems = [f"triton {name}: not ready" for name, ok in self.ready.items() if not ok]
+        if now - self.checked_at > stale_after_s:
+            problems.append(f"triton: last checked {now - self.checked_at:.1f}s ago")
+        return problems
 
     def state_of(self, model: str, now: float, stale_after_s: float) -> SignalState:
         loads = self.models.get(model)

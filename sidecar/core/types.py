@@ -125,6 +125,8 @@ class Reason(enum.Enum):
     # 415 for a Content-Encoding Triton does not read either.
     UNREADABLE_BODY = "unreadable_body"
     UNSUPPORTED_ENCODING = "unsupported_encoding"
+    # The request names a model Triton is known not to serve (a typo): 404, not a retry.
+    UNKNOWN_MODEL = "unknown_model"
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,23 @@ The lease goes back as the response header `x-qos-lease`, signed; the shipped fi
 into dynamic metadata (`dynamic_metadata_from_headers`) and does not copy it upstream (see
 `common.py`, rule 4). A call whose path does not start with the prefix was not written by
 Envoy: it is refused 400 (counted as malformed) and takes nothing.
+
+Every answer is JSON with a reason, whoever calls: a header that is not UTF-8 is 400
+`malformed` (aiohttp hands such bytes over as surrogate escapes, which no identity can match),
+and anything this module did not foresee is 500 `internal_error` with a JSON body, counted in
+`qos_adapter_errors_total`, never aiohttp's plain-text page. Header limits are raised to
+Envoy's own (`MAX_FIELD_BYTES`) so that the core's length and syntax checks, not aiohttp's
+parser, answer an oversized header.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Mapping
+
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from sidecar.core.decide import HEADER_LEASE
 from sidecar.core.types import Decision, RequestAttributes
@@ -35,6 +47,20 @@ STATUS_HEADER = "x-qos-status"
 # Must match the status_code_filter in envoy/snippets/overload-local-reply.yaml.
 OVERLOAD_WIRE_STATUS = 430
 API = "http"
+# Envoy refuses request headers over 60 KiB in total (max_request_headers_kb), so it never
+# forwards a longer field: with these limits aiohttp's parser never answers before the core.
+MAX_FIELD_BYTES = 64 * 1024
+log = logging.getLogger(__name__)
+
+
+def not_text(headers: Mapping[str, str]) -> str | None:
+    """The name of the first header whose value is not UTF-8 (None: all are)."""
+    for name, value in headers.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # surrogate escapes: bytes that were not UTF-8
+            return name
+    return None
 
 
 def attributes_from_request(request: web.BaseRequest, path_prefix: str) -> RequestAttributes | None:
@@ -70,10 +96,30 @@ def response_for(decision: Decision, lease_key: bytes) -> web.Response:
 def build_authz_app(
     service: AdmissionService, *, lease_key: bytes, path_prefix: str = "/authz"
 ) -> web.Application:
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise  # none is raised here: every path is routed to `check`
+        except Exception:
+            log.exception("authz request failed")
+            service.metrics.adapter_errors.labels(API).inc()
+            body = {"error": "internal", "reason": "internal_error", "retry_after_ms": None}
+            return web.Response(
+                status=500,
+                body=json.dumps(body, separators=(",", ":")).encode(),
+                content_type="application/json",
+            )
+
     async def check(request: web.Request) -> web.Response:
         attrs = attributes_from_request(request, path_prefix)
         if attrs is None:
             refused = service.refuse_malformed(f"authz path must start with {path_prefix}/", API)
+            return response_for(refused, lease_key)
+        bad = not_text(attrs.headers)
+        if bad is not None:
+            refused = service.refuse_malformed(f"header {bad!r} is not UTF-8", API)
             return response_for(refused, lease_key)
         decision = await service.check(attrs, API)
         # Envoy hung up while we decided: nobody will carry this lease to completion.
@@ -81,6 +127,6 @@ def build_authz_app(
         await release_if_undelivered(service, decision, delivered=connected)
         return response_for(decision, lease_key)
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.router.add_route("*", "/{tail:.*}", check)
     return app

