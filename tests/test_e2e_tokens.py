@@ -27,7 +27,7 @@ from devstack.stack import LocalStack
 from tests.binaries import require_binaries
 from tests.stack_client import Reply, metric_value, post, wait_for
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.faults]
 BURST = 2000  # the tenant's token bucket; it refills at 1 token per second, nearly not at all
 KEY = "k-chat"
 # Issue 9 §2: one tenant per bypass, each with its own cost bucket (burst, refilled at

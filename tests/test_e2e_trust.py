@@ -18,7 +18,7 @@ from devstack.stack import LocalStack
 from tests.stack_client import explain, infer, wait_for
 from tests.test_e2e_stack import write_policy
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.faults]
 MODES = ("http", "grpc", "extproc")
 
 
