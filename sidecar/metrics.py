@@ -44,6 +44,13 @@ class Metrics:
             ["api"],
             registry=registry,
         )
+        self.unauthenticated_calls = Counter(
+            "qos_unauthenticated_calls_total",
+            "Calls to the Envoy-facing listeners refused for a missing or wrong auth token "
+            "(QOS_AUTH_TOKEN), by API: http, grpc, ext_proc, access_log, other.",
+            ["api"],
+            registry=registry,
+        )
         self.priority_rewrites = Counter(
             "qos_priority_rewrites_total",
             "Request bodies seen in ext_proc mode, by result: rewritten (the class's Triton "
