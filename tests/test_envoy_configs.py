@@ -406,3 +406,55 @@ def test_every_snippet_that_calls_the_sidecar_ships_the_token_lines(name: str) -
     assert yaml.safe_load(uncomment_token_lines(text)) == with_auth_token(
         snippet(name), "<QOS_AUTH_TOKEN>"
     )
+
+
+# -- the deployment examples use the sockets, and share them --------------------------------------
+
+DEPLOY = ROOT / "examples" / "deploy"
+
+
+def pipe_paths(config: dict[str, Any]) -> set[str]:
+    return {
+        lb["endpoint"]["address"]["pipe"]["path"]
+        for c in config["static_resources"]["clusters"]
+        if c["name"].startswith("qos_sidecar_") and c["name"] != "qos_sidecar_admin"
+        for e in c["load_assignment"]["endpoints"]
+        for lb in e["lb_endpoints"]
+    }
+
+
+def test_kubernetes_envoy_and_sidecar_share_the_socket(tmp_path: Path) -> None:
+    configmap = load(DEPLOY / "kubernetes" / "configmap-envoy.yaml")
+    envoy_config = yaml.safe_load(configmap["data"]["envoy.yaml"])
+    path = tmp_path / "envoy.yaml"
+    path.write_text(configmap["data"]["envoy.yaml"])
+    validate(path)
+    pod = load(DEPLOY / "kubernetes" / "deployment.yaml")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    env = {e["name"]: e.get("value") for e in containers["qos-sidecar"]["env"]}
+    assert pipe_paths(envoy_config) == {env["QOS_GRPC_ADDR"].removeprefix("unix:")}
+    socket_dir = str(Path(env["QOS_GRPC_ADDR"].removeprefix("unix:")).parent)
+    for name in ("envoy", "qos-sidecar"):
+        mounts = {m["mountPath"]: m["name"] for m in containers[name]["volumeMounts"]}
+        assert mounts[socket_dir] == "qos-sockets", name
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == "qos-sockets")
+    assert (
+        pod["securityContext"]["fsGroup"]
+        == containers["qos-sidecar"]["securityContext"]["runAsGroup"]
+    )
+
+
+def test_compose_envoy_and_sidecar_share_the_socket() -> None:
+    validate(DEPLOY / "compose-envoy.yaml")
+    from sidecar.settings import Settings
+
+    services = load(DEPLOY / "docker-compose.yaml")["services"]
+    socket = Settings().grpc_listen.unix_path  # the image's default
+    assert socket is not None
+    assert pipe_paths(load(DEPLOY / "compose-envoy.yaml")) == {socket}
+    for name in ("envoy", "qos-sidecar"):
+        assert f"qos-sockets:{Path(socket).parent}" in services[name]["volumes"], name
+    assert "QOS_GRPC_ADDR" not in services["qos-sidecar"]["environment"]
+    assert services["envoy"]["group_add"] == ["10001"]
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert f"QOS_GRPC_ADDR=unix:{socket}" in dockerfile
