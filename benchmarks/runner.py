@@ -166,9 +166,8 @@ def envoy_config(
         ENVOY_CONFIGS[spec.envoy],
         listen_port=free_port(),
         triton_http_port=backend.triton.http_port,
-        sidecar_http_port=sidecar.http_port if sidecar else None,
-        sidecar_grpc_port=sidecar.grpc_port if sidecar else None,
         admin_port=0,
+        **(sidecar.envoy_endpoints() if sidecar else {}),
     )
     if spec.envoy == "local-ratelimit":
         config = copy.deepcopy(config)

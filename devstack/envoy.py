@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,9 @@ INGRESS_LISTENER = "ingress"
 TRITON_HTTP_CLUSTER = "triton_http"
 SIDECAR_HTTP_CLUSTER = "qos_sidecar_http"
 SIDECAR_GRPC_CLUSTER = "qos_sidecar_grpc"
+# The header / gRPC metadata key that carries the sidecar's QOS_AUTH_TOKEN
+# (sidecar.envoy.common.AUTH_HEADER; devstack does not import the sidecar).
+AUTH_HEADER = "x-qos-auth"
 
 
 def render_bootstrap(
@@ -127,13 +130,20 @@ def render_bootstrap(
     sidecar_grpc_port: int | None = None,
     admin_port: int | None = None,
     cluster_ports: Mapping[str, int] | None = None,
+    sidecar_http_socket: str | None = None,
+    sidecar_grpc_socket: str | None = None,
+    sidecar_auth_token: str | None = None,
 ) -> dict[str, Any]:
-    """Load a shipped Envoy bootstrap and move it onto other ports.
+    """Load a shipped Envoy bootstrap and move it onto other ports or sockets.
 
     Ports are patched by name, not by text replacement: the listener ``ingress``, the clusters
     ``triton_http``, ``qos_sidecar_http`` and ``qos_sidecar_grpc`` (every endpoint of each),
-    any cluster named in ``cluster_ports``, and the admin listener. ``None`` keeps the shipped
-    port. Everything else stays exactly as shipped, so tests run the real configs.
+    any cluster named in ``cluster_ports``, and the admin listener. A port given for a cluster
+    shipped with a Unix socket (``pipe``, as the sidecar clusters are) makes it TCP on
+    127.0.0.1; ``sidecar_*_socket`` moves a sidecar cluster to another socket path. With
+    ``sidecar_auth_token``, Envoy sends it on every call to the sidecar (``with_auth_token``).
+    ``None`` keeps what is shipped. Everything else stays exactly as shipped, so tests run the
+    real configs.
 
     Raises ``ValueError`` (naming the file) when a port is given for something the file lacks.
     """
@@ -156,12 +166,22 @@ def render_bootstrap(
         if port is not None:
             ports[name] = port
     for name, port in ports.items():
-        cluster = _named(static.get("clusters", []), name, path, "cluster")
-        addresses = list(_socket_addresses(cluster))
-        if not addresses:
-            raise ValueError(f"{path}: cluster {name!r} has no static endpoint to patch")
-        for address in addresses:
-            address["port_value"] = port
+        for address in _endpoint_addresses(static, name, path):
+            if "socket_address" in address:
+                address["socket_address"]["port_value"] = port
+            else:
+                address.clear()
+                address["socket_address"] = {"address": "127.0.0.1", "port_value": port}
+    for name, socket_path in (
+        (SIDECAR_HTTP_CLUSTER, sidecar_http_socket),
+        (SIDECAR_GRPC_CLUSTER, sidecar_grpc_socket),
+    ):
+        if socket_path is not None:
+            for address in _endpoint_addresses(static, name, path):
+                address.clear()
+                address["pipe"] = {"path": socket_path}
+    if sidecar_auth_token is not None:
+        config = with_auth_token(config, sidecar_auth_token)
 
     if admin_port is not None:
         try:
@@ -178,7 +198,42 @@ def _named(items: list[dict[str, Any]], name: str, path: Path, kind: str) -> dic
     raise ValueError(f"{path}: no {kind} named {name!r}")
 
 
-def _socket_addresses(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for locality in cluster.get("load_assignment", {}).get("endpoints", []):
-        for lb_endpoint in locality.get("lb_endpoints", []):
-            yield lb_endpoint["endpoint"]["address"]["socket_address"]
+def with_auth_token(config: Mapping[str, Any], token: str) -> dict[str, Any]:
+    """A copy of ``config`` whose every call to the sidecar carries ``token`` (the sidecar's
+    QOS_AUTH_TOKEN): the ``x-qos-auth`` header of each ext_authz HTTP check
+    (``authorization_request.headers_to_add``) and the ``x-qos-auth`` metadata of each gRPC
+    call to the sidecar cluster (``grpc_service.initial_metadata``: ext_authz, ext_proc and the
+    access log). Exactly the commented lines shipped in envoy/snippets/, uncommented."""
+    copied: dict[str, Any] = copy.deepcopy(dict(config))
+    header = {"key": AUTH_HEADER, "value": token}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+        if not isinstance(node, dict):
+            return
+        if node.get("envoy_grpc", {}).get("cluster_name") == SIDECAR_GRPC_CLUSTER:
+            node["initial_metadata"] = [dict(header)]
+        service = node.get("http_service")
+        if isinstance(service, dict) and service["server_uri"]["cluster"] == SIDECAR_HTTP_CLUSTER:
+            request = service.setdefault("authorization_request", {})
+            request.setdefault("headers_to_add", []).append(dict(header))
+        for value in node.values():
+            visit(value)
+
+    visit(copied)
+    return copied
+
+
+def _endpoint_addresses(static: dict[str, Any], name: str, path: Path) -> list[dict[str, Any]]:
+    """The ``address`` of every static endpoint of cluster ``name``."""
+    cluster = _named(static.get("clusters", []), name, path, "cluster")
+    addresses = [
+        lb_endpoint["endpoint"]["address"]
+        for locality in cluster.get("load_assignment", {}).get("endpoints", [])
+        for lb_endpoint in locality.get("lb_endpoints", [])
+    ]
+    if not addresses:
+        raise ValueError(f"{path}: cluster {name!r} has no static endpoint to patch")
+    return addresses

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import ClassVar
+from types import TracebackType
+from typing import Any, ClassVar, Literal
 
 from devstack.procs import LOCALHOST, ManagedProcess, free_port, wait_http
 
+Transport = Literal["unix", "tcp"]
+
+
+def short_socket_dir() -> Path:
+    """A new private directory for the sidecar's sockets, with a short path: a socket path
+    must fit in 107 bytes, and a test's workdir (pytest's tmp_path) may not leave room."""
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    return Path(tempfile.mkdtemp(prefix="qos-", dir=base))
+
 
 class SidecarProcess(ManagedProcess):
-    """`qos-sidecar serve` on free ports, configured through QOS_* like in production."""
+    """`qos-sidecar serve`, configured through QOS_* like in production: its Envoy-facing
+    listeners on Unix sockets (the default, as shipped) or on free loopback TCP ports
+    (``transport="tcp"``), optionally requiring ``auth_token``. Addresses stay the same
+    across ``restart()``."""
 
     name: ClassVar[str] = "sidecar"
     ready_timeout_s: ClassVar[float] = 30.0
@@ -25,13 +40,23 @@ class SidecarProcess(ManagedProcess):
         *,
         redis_url: str = "",
         extra_env: dict[str, str] | None = None,
+        transport: Transport = "unix",
+        auth_token: str = "",
     ) -> None:
         super().__init__(workdir)
         self.policy_path = policy_path
         self.redis_url = redis_url
         self.extra_env = dict(extra_env or {})
-        self.http_port = free_port()
-        self.grpc_port = free_port()
+        self.transport = transport
+        self.auth_token = auth_token
+        self.socket_dir: Path | None = None
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        if transport == "unix":
+            self.socket_dir = short_socket_dir()
+        else:
+            self.http_port = free_port()
+            self.grpc_port = free_port()
         self.admin_port = free_port()
         # One lease key for this sidecar's whole life, restarts included: a lease granted
         # before a restart must still verify when its completion arrives after it.
@@ -41,6 +66,35 @@ class SidecarProcess(ManagedProcess):
     def admin_url(self) -> str:
         return f"http://{LOCALHOST}:{self.admin_port}"
 
+    @property
+    def http_socket(self) -> str | None:
+        return None if self.socket_dir is None else str(self.socket_dir / "authz.sock")
+
+    @property
+    def grpc_socket(self) -> str | None:
+        return None if self.socket_dir is None else str(self.socket_dir / "grpc.sock")
+
+    @property
+    def authz_http_addr(self) -> str:
+        """QOS_AUTHZ_HTTP_ADDR: ``unix:/path`` or ``127.0.0.1:port``."""
+        return f"unix:{self.http_socket}" if self.socket_dir else f"{LOCALHOST}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """QOS_GRPC_ADDR, which is also what a grpc channel dials."""
+        return f"unix:{self.grpc_socket}" if self.socket_dir else f"{LOCALHOST}:{self.grpc_port}"
+
+    def envoy_endpoints(self) -> dict[str, Any]:
+        """``render_bootstrap`` arguments that point Envoy's sidecar clusters here, with the
+        token when one is required."""
+        return {
+            "sidecar_http_socket": self.http_socket,
+            "sidecar_grpc_socket": self.grpc_socket,
+            "sidecar_http_port": self.http_port,
+            "sidecar_grpc_port": self.grpc_port,
+            "sidecar_auth_token": self.auth_token or None,
+        }
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "sidecar.cli", "serve"]
 
@@ -48,8 +102,9 @@ class SidecarProcess(ManagedProcess):
         env = dict(os.environ)
         env.update(
             {
-                "QOS_AUTHZ_HTTP_ADDR": f"{LOCALHOST}:{self.http_port}",
-                "QOS_GRPC_ADDR": f"{LOCALHOST}:{self.grpc_port}",
+                "QOS_AUTHZ_HTTP_ADDR": self.authz_http_addr,
+                "QOS_GRPC_ADDR": self.grpc_target,
+                "QOS_AUTH_TOKEN": self.auth_token,
                 "QOS_ADMIN_ADDR": f"{LOCALHOST}:{self.admin_port}",
                 "QOS_POLICY_PATH": str(self.policy_path),
                 "QOS_REDIS_URL": self.redis_url,
@@ -67,3 +122,15 @@ class SidecarProcess(ManagedProcess):
             timeout=max(0.1, deadline - time.monotonic()),
             check=self.check_alive,
         )
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            super().__exit__(exc_type, exc, tb)
+        finally:
+            if self.socket_dir is not None:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -13,7 +13,7 @@ from types import TracebackType
 
 from devstack.envoy import EnvoyProcess, render_bootstrap
 from devstack.procs import ValkeyProcess, free_port
-from devstack.sidecar_proc import SidecarProcess
+from devstack.sidecar_proc import SidecarProcess, Transport
 from devstack.triton import TritonProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,11 @@ BOOTSTRAPS = {
 
 
 class LocalStack:
-    """Start with `with LocalStack(...) as stack:`; everything is stopped on exit."""
+    """Start with `with LocalStack(...) as stack:`; everything is stopped on exit.
+
+    Envoy reaches the sidecar over Unix sockets, as the shipped bootstraps do;
+    ``sidecar_transport="tcp"`` puts the sidecar on loopback TCP ports instead, and
+    ``auth_token`` makes the sidecar require it and every Envoy send it."""
 
     def __init__(
         self,
@@ -38,6 +42,8 @@ class LocalStack:
         redis_url: str | None = None,
         model_repo: Path = MODEL_REPO,
         sidecar_env: dict[str, str] | None = None,
+        sidecar_transport: Transport = "unix",
+        auth_token: str = "",
     ) -> None:
         self.workdir = workdir
         self.policy_path = policy_path
@@ -46,6 +52,8 @@ class LocalStack:
         self.redis_url = redis_url  # an external (or deliberately dead) Redis instead of Valkey
         self.sidecar_env = dict(sidecar_env or {})
         self.model_repo = model_repo
+        self.sidecar_transport: Transport = sidecar_transport
+        self.auth_token = auth_token
         self.valkey: ValkeyProcess | None = None
         self.triton: TritonProcess | None = None
         self.sidecar: SidecarProcess | None = None
@@ -72,6 +80,8 @@ class LocalStack:
                         "QOS_TRITON_METRICS_URLS": self.triton.metrics_url,
                         **self.sidecar_env,
                     },
+                    transport=self.sidecar_transport,
+                    auth_token=self.auth_token,
                 )
             )
             for mode in self.modes:
@@ -80,9 +90,8 @@ class LocalStack:
                     BOOTSTRAPS[mode],
                     listen_port=port,
                     triton_http_port=self.triton.http_port,
-                    sidecar_http_port=self.sidecar.http_port,
-                    sidecar_grpc_port=self.sidecar.grpc_port,
                     admin_port=0,
+                    **self.sidecar.envoy_endpoints(),
                 )
                 self.envoys[mode] = self._exit.enter_context(EnvoyProcess(config, self.workdir))
                 self.ports[mode] = port

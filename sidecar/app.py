@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
 from collections.abc import Sequence
@@ -31,11 +32,12 @@ from sidecar.backends.triton import TritonEndpoint, TritonLoadMonitor
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import MAX_FIELD_BYTES, build_authz_app
+from sidecar.envoy.common import TokenCheck
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.metrics import Metrics
 from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
-from sidecar.settings import Settings
+from sidecar.settings import ListenAddr, Settings
 from sidecar.state.base import QuotaStore
 from sidecar.state.memory import MemoryQuotaStore
 from sidecar.state.redis_store import RedisQuotaStore
@@ -46,6 +48,10 @@ IN_FLIGHT_REFRESH_S = 1.0
 # (per_connection_buffer_limit_bytes, 1 MiB by default). gRPC's default cap of 4 MiB would make
 # a raised Envoy limit fail with 503; this leaves room for it.
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Envoy usually runs as another user (uid 101 in its image) that shares a group with the
+# sidecar (a pod's fsGroup, compose's group_add): connecting needs write permission on the
+# socket, which the default umask withholds from the group.
+SOCKET_MODE = 0o660
 
 
 def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
@@ -119,6 +125,10 @@ class Sidecar:
         # One last try at the releases still owed; what fails now lives one lease TTL.
         with contextlib.suppress(Exception):
             await self.service.leases.drain()
+        for listen in (self.settings.authz_http_listen, self.settings.grpc_listen):
+            if listen.unix_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(listen.unix_path)
         await self.service.store.close()
 
 
@@ -151,8 +161,9 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         monitor.on_update = service.deferrer.on_scrape
 
     lease_key = lease_key_of(settings)
-    runners = await _start_http(settings, service, holder, monitor, lease_key)
-    server = await _start_grpc(settings, service, lease_key)
+    auth = TokenCheck(settings.auth_token, metrics.unauthenticated_calls.labels)
+    runners = await _start_http(settings, service, holder, monitor, lease_key, auth)
+    server = await _start_grpc(settings, service, lease_key, auth)
     sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
     if monitor is not None:
         sidecar.tasks.append(asyncio.create_task(monitor.run()))
@@ -167,12 +178,13 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     sidecar.tasks.append(asyncio.create_task(service.leases.run()))
     log.info(
         "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
-        " policy %s, store %s",
+        " policy %s, store %s, auth token %s",
         settings.authz_http_addr,
         settings.grpc_addr,
         settings.admin_addr,
         holder.current.version,
         "redis" if settings.redis_url else "memory",
+        "required" if settings.auth_token else "off",
     )
     return sidecar
 
@@ -183,8 +195,9 @@ async def _start_http(
     holder: PolicyHolder,
     monitor: TritonLoadMonitor | None,
     lease_key: bytes,
+    auth: TokenCheck,
 ) -> list[web.AppRunner]:
-    """ext_authz over HTTP and the admin listener."""
+    """ext_authz over HTTP (a Unix socket or TCP) and the admin listener (TCP)."""
 
     async def triton_readiness() -> tuple[list[str], dict[str, Any]]:
         if monitor is None:
@@ -194,14 +207,18 @@ async def _start_http(
         problems = view.not_ready(monitor.clock(), settings.triton_stale_ms / 1000)
         return problems, {"triton": dict(view.ready)}
 
+    admin_host, admin_port = settings.admin_host_port
     runners: list[web.AppRunner] = []
     # handler_cancellation: when Envoy gives up on a call, stop deciding for it (aiohttp
     # otherwise runs a handler to the end after the client has gone).
     # Header limits at Envoy's own: a long header reaches the core's checks (a JSON 400), not
     # aiohttp's plain-text one.
-    for app, (host, port) in (
-        (build_authz_app(service, lease_key=lease_key), settings.authz_http_host_port),
-        (build_admin_app(service, holder, triton_readiness), settings.admin_host_port),
+    for app, listen in (
+        (build_authz_app(service, lease_key=lease_key, auth=auth), settings.authz_http_listen),
+        (
+            build_admin_app(service, holder, triton_readiness),
+            ListenAddr(host=admin_host, port=admin_port),
+        ),
     ):
         runner = web.AppRunner(
             app,
@@ -211,18 +228,36 @@ async def _start_http(
             max_line_size=MAX_FIELD_BYTES,
         )
         await runner.setup()
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        site: web.BaseSite
+        if listen.unix_path is not None:
+            _prepare_socket_dir(listen.unix_path)
+            # asyncio removes a stale socket file left by a killed predecessor.
+            site = web.UnixSite(runner, listen.unix_path)
+        else:
+            site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+        await site.start()
+        if listen.unix_path is not None:
+            os.chmod(listen.unix_path, SOCKET_MODE)
         runners.append(runner)
     return runners
 
 
-async def _start_grpc(settings: Settings, service: AdmissionService, lease_key: bytes) -> Any:
-    """ext_authz over gRPC, ext_proc and the access-log completion stream, on one server."""
+def _prepare_socket_dir(path: str) -> None:
+    """The socket's directory, created if missing (a shared volume usually provides it)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+async def _start_grpc(
+    settings: Settings, service: AdmissionService, lease_key: bytes, auth: TokenCheck
+) -> Any:
+    """ext_authz over gRPC, ext_proc and the access-log completion stream, on one server
+    (a Unix socket or TCP); every call passes the token check first."""
     server = grpc.aio.server(
+        interceptors=[auth.grpc_interceptor()],
         options=[
             ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-        ]
+        ],
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationServicer(service, lease_key=lease_key), server
@@ -233,9 +268,15 @@ async def _start_grpc(settings: Settings, service: AdmissionService, lease_key: 
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
         AccessLogServicer(service, lease_key=lease_key), server
     )
+    listen = settings.grpc_listen
+    if listen.unix_path is not None:
+        _prepare_socket_dir(listen.unix_path)
+    # grpc unlinks a stale socket file before binding, as asyncio does.
     if server.add_insecure_port(settings.grpc_addr) == 0:
         raise OSError(f"cannot listen on {settings.grpc_addr}")
     await server.start()
+    if listen.unix_path is not None:
+        os.chmod(listen.unix_path, SOCKET_MODE)
     return server
 
 

@@ -19,12 +19,13 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._decision_series(registry)
+        self._adapter_series(registry)
         self._state_series(registry)
         self._policy_series(registry)
         self._backend_series(registry)
 
     def _decision_series(self, registry: CollectorRegistry) -> None:
-        """What was decided, how fast, and what the adapters saw on the way."""
+        """What was decided, how fast, and the tokens it counted."""
         self.decisions = Counter(
             "qos_decisions_total",
             "Admission decisions by tenant, granted class, outcome and reason.",
@@ -36,26 +37,6 @@ class Metrics:
             "Time to decide, from the Envoy call's arrival to the answer, by API.",
             ["api"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
-            registry=registry,
-        )
-        self.malformed = Counter(
-            "qos_malformed_requests_total",
-            "Envoy calls that could not be understood, by API.",
-            ["api"],
-            registry=registry,
-        )
-        self.adapter_errors = Counter(
-            "qos_adapter_errors_total",
-            "Envoy calls an adapter failed to answer with a decision (answered 500 with a JSON "
-            "reason, internal_error), by API.",
-            ["api"],
-            registry=registry,
-        )
-        self.priority_rewrites = Counter(
-            "qos_priority_rewrites_total",
-            "Request bodies seen in ext_proc mode, by result: rewritten (the class's Triton "
-            "priority set), not_inference, unsupported, malformed (passed unchanged).",
-            ["result"],
             registry=registry,
         )
         self.tokens = Counter(
@@ -74,6 +55,36 @@ class Metrics:
             "refunded_rejected (Triton answered 4xx: the whole charge refunded), no_usage and "
             "unfinished (the response said no usage, or did not end: the charge stands), "
             "store_error.",
+            ["result"],
+            registry=registry,
+        )
+
+    def _adapter_series(self, registry: CollectorRegistry) -> None:
+        """What the Envoy adapters saw that never became a decision, or more than one."""
+        self.malformed = Counter(
+            "qos_malformed_requests_total",
+            "Envoy calls that could not be understood, by API.",
+            ["api"],
+            registry=registry,
+        )
+        self.adapter_errors = Counter(
+            "qos_adapter_errors_total",
+            "Envoy calls an adapter failed to answer with a decision (answered 500 with a JSON "
+            "reason, internal_error), by API.",
+            ["api"],
+            registry=registry,
+        )
+        self.unauthenticated_calls = Counter(
+            "qos_unauthenticated_calls_total",
+            "Calls to the Envoy-facing listeners refused for a missing or wrong auth token "
+            "(QOS_AUTH_TOKEN), by API: http, grpc, ext_proc, access_log, other.",
+            ["api"],
+            registry=registry,
+        )
+        self.priority_rewrites = Counter(
+            "qos_priority_rewrites_total",
+            "Request bodies seen in ext_proc mode, by result: rewritten (the class's Triton "
+            "priority set), not_inference, unsupported, malformed (passed unchanged).",
             ["result"],
             registry=registry,
         )

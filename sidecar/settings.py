@@ -2,22 +2,65 @@
 
 Flags win over the environment, the environment over defaults. Everything that can change
 while the sidecar runs (quotas, classes, tenants) is policy, not a setting.
+
+The Envoy-facing listeners (ext_authz HTTP, the gRPC services) take Check calls that claim a
+principal and take quota, and access-log entries that release leases: whoever can reach them
+can do both. So:
+1. They default to Unix domain sockets (`unix:/path`), reachable only by processes that share
+   the socket's directory (Envoy in the same pod, through a shared volume).
+2. A TCP address is allowed, and on loopback needs nothing more (local development).
+3. A TCP address that is not loopback needs `auth_token` (which Envoy then sends on every
+   call), or an explicit `allow_unauthenticated`: the sidecar refuses to start otherwise.
+The admin listener is TCP only (Prometheus and probes speak HTTP over TCP) and has no token.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
 from sidecar.errors import SettingsError
 
+UNIX_PREFIX = "unix:"
+# sun_path is 108 bytes on Linux, one of them the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+# Where the shipped Envoy bootstraps (envoy/bootstrap-*.yaml, `pipe` addresses) look.
+SOCKET_DIR = "/tmp/qos-sidecar"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddr:
+    """Where a listener binds: a Unix socket path, or a TCP host and port."""
+
+    unix_path: str | None = None
+    host: str = ""
+    port: int = 0
+
+    @property
+    def is_network(self) -> bool:
+        """Reachable from other hosts: TCP on anything but loopback."""
+        if self.unix_path is not None or self.host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return True
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return UNIX_PREFIX + self.unix_path
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    authz_http_addr: str = "127.0.0.1:9191"  # ext_authz HTTP (Envoy http_service)
-    grpc_addr: str = "127.0.0.1:9192"  # ext_authz gRPC and the access-log completion stream
+    # ext_authz HTTP (Envoy http_service), and ext_authz gRPC, ext_proc and the access-log
+    # completion stream. Unix sockets by default (module rule 1).
+    authz_http_addr: str = f"{UNIX_PREFIX}{SOCKET_DIR}/authz.sock"
+    grpc_addr: str = f"{UNIX_PREFIX}{SOCKET_DIR}/grpc.sock"
     admin_addr: str = "127.0.0.1:9090"  # metrics, health, policy, explain: localhost by default
     redis_url: str = ""  # empty: the embedded in-memory store (one replica only)
     redis_timeout_ms: int = 50  # a store call slower than this counts as unavailable
@@ -37,10 +80,19 @@ class Settings:
     # completed through another (another replica, or the same one after a restart) is
     # refused as bad_lease and waits for its TTL. A fleet must give every replica one key.
     lease_key: str = ""
+    # Shared secret Envoy sends on every call to the Envoy-facing listeners (HTTP header and
+    # gRPC metadata `x-qos-auth`); empty: no check (module rules 2 and 3).
+    auth_token: str = ""
+    # Start even with a non-loopback TCP listener and no auth_token (module rule 3).
+    allow_unauthenticated: bool = False
 
     @property
-    def authz_http_host_port(self) -> tuple[str, int]:
-        return split_addr(self.authz_http_addr, "authz_http_addr")
+    def authz_http_listen(self) -> ListenAddr:
+        return parse_listen_addr(self.authz_http_addr, "authz_http_addr")
+
+    @property
+    def grpc_listen(self) -> ListenAddr:
+        return parse_listen_addr(self.grpc_addr, "grpc_addr")
 
     @property
     def admin_host_port(self) -> tuple[str, int]:
@@ -60,8 +112,8 @@ class Settings:
 
 
 _HELP = {
-    "authz_http_addr": "listen address of the ext_authz HTTP service",
-    "grpc_addr": "listen address of the gRPC services (ext_authz, access-log completion)",
+    "authz_http_addr": "ext_authz HTTP listener: unix:/path (default) or HOST:PORT",
+    "grpc_addr": "gRPC listener (ext_authz, ext_proc, access log): unix:/path or HOST:PORT",
     "admin_addr": "listen address of metrics, health, policy and explain",
     "redis_url": "Redis URL for shared quota state; empty uses an in-memory store",
     "redis_timeout_ms": "Redis call timeout in ms; slower calls follow the class fail mode",
@@ -74,7 +126,52 @@ _HELP = {
     "queue_alpha_ms_per_unit": "held-request order: deadline + alpha x work; 0 is EDF",
     "log_level": "debug, info, warning or error",
     "lease_key": "secret that signs lease tokens; the same on every replica (default: random)",
+    "auth_token": "token Envoy must send (x-qos-auth) on every authz, ext_proc and log call",
+    "allow_unauthenticated": "true: allow a non-loopback TCP listener without auth_token",
 }
+
+
+def parse_listen_addr(addr: str, name: str) -> ListenAddr:
+    """`unix:/path` (a relative path is taken from the working directory) or HOST:PORT."""
+    if addr.startswith(UNIX_PREFIX):
+        path = os.path.abspath(addr[len(UNIX_PREFIX) :]) if addr[len(UNIX_PREFIX) :] else ""
+        if not path:
+            raise SettingsError(f"{name}: expected unix:/path, got {addr!r}")
+        if len(path.encode()) > MAX_SOCKET_PATH_BYTES:
+            raise SettingsError(
+                f"{name}: socket path {path!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes"
+                " (the limit of a Unix socket address); use a shorter directory"
+            )
+        return ListenAddr(unix_path=path)
+    host, port = split_addr(addr, name)
+    return ListenAddr(host=host, port=port)
+
+
+def _parse_bool(raw: str, name: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _check_exposure(settings: Settings) -> None:
+    """Module rule 3: a listener reachable from the network needs the token, or an explicit
+    opt-out. Raises SettingsError naming the listener."""
+    if settings.auth_token or settings.allow_unauthenticated:
+        return
+    for name, listen in (
+        ("authz_http_addr", settings.authz_http_listen),
+        ("grpc_addr", settings.grpc_listen),
+    ):
+        if listen.is_network:
+            raise SettingsError(
+                f"{name}: {listen} is reachable from the network, and QOS_AUTH_TOKEN is not"
+                " set: anyone who can connect could take and release quota. Set QOS_AUTH_TOKEN"
+                " (and have Envoy send it, envoy/README.md), listen on unix:/path or loopback,"
+                " or set QOS_ALLOW_UNAUTHENTICATED=true"
+            )
 
 
 def split_addr(addr: str, name: str) -> tuple[str, int]:
@@ -113,14 +210,20 @@ def load_settings(
                 raise SettingsError(f"{f.name}: expected an integer, got {raw!r}") from None
         elif f.type == "tuple[str, ...]":
             values[f.name] = _split_list(raw)
+        elif f.type == "bool":
+            values[f.name] = raw if isinstance(raw, bool) else _parse_bool(raw, f.name)
         else:
             values[f.name] = raw
     settings = Settings(**values)  # type: ignore[arg-type]
-    settings.authz_http_host_port  # noqa: B018 - validate addresses at start, not at first use
+    # Validate addresses at start, not at first use, and spell them out: grpc cannot bind
+    # ":PORT" (the HTTP listeners take it to mean 0.0.0.0) and wants absolute socket paths.
+    settings = replace(
+        settings,
+        authz_http_addr=str(settings.authz_http_listen),
+        grpc_addr=str(settings.grpc_listen),
+    )
     settings.admin_host_port  # noqa: B018
-    grpc_host, grpc_port = split_addr(settings.grpc_addr, "grpc_addr")
-    # grpc cannot bind ":PORT"; spell out what the HTTP listeners take it to mean.
-    settings = replace(settings, grpc_addr=f"{grpc_host}:{grpc_port}")
+    _check_exposure(settings)
     if settings.redis_timeout_ms <= 0:
         raise SettingsError("redis_timeout_ms: must be positive")
     if settings.triton_metrics_urls and len(settings.triton_metrics_urls) != len(

@@ -80,3 +80,41 @@ def test_sidecar_down_is_503_with_a_json_body_and_retry_after(stack: LocalStack,
     }
     # And the sidecar's own answers keep their bodies: the mapper matched only Envoy's.
     assert infer(stack.url(mode), api_key=f"k-calm-{mode}").status == 200
+
+
+def test_envoy_reaches_the_sidecar_over_unix_sockets_in_every_mode(stack: LocalStack) -> None:
+    """The shipped default: the sidecar's Envoy-facing listeners are Unix sockets, which
+    every Envoy's sidecar clusters name (pipe), and requests are decided and released over
+    them in all three modes."""
+    import stat
+
+    import yaml
+
+    from tests.stack_client import metric_value
+
+    sidecar = stack.sidecar
+    assert sidecar is not None and sidecar.transport == "unix"
+    assert (sidecar.http_port, sidecar.grpc_port) == (None, None)  # no TCP listener for Envoy
+    sockets = {"qos_sidecar_http": sidecar.http_socket, "qos_sidecar_grpc": sidecar.grpc_socket}
+    for path in sockets.values():
+        assert path is not None and stat.S_ISSOCK(os.stat(path).st_mode)
+    for mode in MODES:
+        config = yaml.safe_load(stack.envoys[mode].config_path.read_text())
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] in sockets:
+                (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+                assert endpoint["endpoint"]["address"] == {
+                    "pipe": {"path": sockets[cluster["name"]]}
+                }
+    released = metric_value(sidecar.admin_url, "qos_completions_total", result="released")
+    for mode in MODES:
+        reply = infer(stack.url(mode), api_key=f"k-calm-{mode}")
+        assert reply.status == 200, (mode, reply.body)
+    wait_for(
+        lambda: (
+            metric_value(sidecar.admin_url, "qos_completions_total", result="released")
+            >= released + len(MODES)
+        ),
+        10,
+        "every request released through the access log over the socket",
+    )

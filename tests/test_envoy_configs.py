@@ -345,3 +345,122 @@ def test_priority_routes_are_the_snippet_and_high_has_its_own_breakers(mode: str
     triton = next(c for c in config["static_resources"]["clusters"] if c["name"] == "triton_http")
     priorities = {t["priority"] for t in triton["circuit_breakers"]["thresholds"]}
     assert priorities == {"DEFAULT", "HIGH"}
+
+
+# -- transport: Unix sockets as shipped, the token lines ready to uncomment ---------------------
+
+
+def test_sidecar_clusters_are_the_sidecars_default_sockets() -> None:
+    from sidecar.settings import Settings
+
+    defaults = Settings()
+    paths = {
+        c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        for c in snippet("clusters.yaml")
+    }
+    assert paths == {
+        "qos_sidecar_http": {"pipe": {"path": defaults.authz_http_listen.unix_path}},
+        "qos_sidecar_grpc": {"pipe": {"path": defaults.grpc_listen.unix_path}},
+    }
+
+
+TOKEN_MARK = "# Sidecar on a TCP address with QOS_AUTH_TOKEN"
+
+
+def uncomment_token_lines(text: str) -> str:
+    """The shipped config with its commented `x-qos-auth` lines (after each TOKEN_MARK line)
+    turned on, as envoy/README.md tells a user to do."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(TOKEN_MARK):
+            j = i + 1
+            while "<QOS_AUTH_TOKEN>" not in lines[j - 1]:  # the block ends with the value
+                lines[j] = lines[j].replace("# ", "", 1)
+                j += 1
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("name", sorted(BOOTSTRAP_FILTERS))
+def test_shipped_token_lines_are_what_devstack_runs_and_validate(name: str, tmp_path: Path) -> None:
+    from devstack.envoy import with_auth_token
+
+    text = (ENVOY_DIR / name).read_text()
+    # One in the deciding filter, one in the access log.
+    assert text.count(TOKEN_MARK) == 2
+    uncommented = yaml.safe_load(uncomment_token_lines(text))
+    assert uncommented == with_auth_token(load(ENVOY_DIR / name), "<QOS_AUTH_TOKEN>")
+    assert uncommented != load(ENVOY_DIR / name)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(uncommented, sort_keys=False))
+    validate(path)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ext-authz-http.filter.yaml",
+        "ext-authz-grpc.filter.yaml",
+        "ext-proc.filter.yaml",
+        "completion-access-log.yaml",
+    ],
+)
+def test_every_snippet_that_calls_the_sidecar_ships_the_token_lines(name: str) -> None:
+    from devstack.envoy import with_auth_token
+
+    text = (SNIPPETS / name).read_text()
+    assert text.count(TOKEN_MARK) == 1
+    assert yaml.safe_load(uncomment_token_lines(text)) == with_auth_token(
+        snippet(name), "<QOS_AUTH_TOKEN>"
+    )
+
+
+# -- the deployment examples use the sockets, and share them --------------------------------------
+
+DEPLOY = ROOT / "examples" / "deploy"
+
+
+def pipe_paths(config: dict[str, Any]) -> set[str]:
+    return {
+        lb["endpoint"]["address"]["pipe"]["path"]
+        for c in config["static_resources"]["clusters"]
+        if c["name"].startswith("qos_sidecar_") and c["name"] != "qos_sidecar_admin"
+        for e in c["load_assignment"]["endpoints"]
+        for lb in e["lb_endpoints"]
+    }
+
+
+def test_kubernetes_envoy_and_sidecar_share_the_socket(tmp_path: Path) -> None:
+    configmap = load(DEPLOY / "kubernetes" / "configmap-envoy.yaml")
+    envoy_config = yaml.safe_load(configmap["data"]["envoy.yaml"])
+    path = tmp_path / "envoy.yaml"
+    path.write_text(configmap["data"]["envoy.yaml"])
+    validate(path)
+    pod = load(DEPLOY / "kubernetes" / "deployment.yaml")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    env = {e["name"]: e.get("value") for e in containers["qos-sidecar"]["env"]}
+    assert pipe_paths(envoy_config) == {env["QOS_GRPC_ADDR"].removeprefix("unix:")}
+    socket_dir = str(Path(env["QOS_GRPC_ADDR"].removeprefix("unix:")).parent)
+    for name in ("envoy", "qos-sidecar"):
+        mounts = {m["mountPath"]: m["name"] for m in containers[name]["volumeMounts"]}
+        assert mounts[socket_dir] == "qos-sockets", name
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == "qos-sockets")
+    assert (
+        pod["securityContext"]["fsGroup"]
+        == containers["qos-sidecar"]["securityContext"]["runAsGroup"]
+    )
+
+
+def test_compose_envoy_and_sidecar_share_the_socket() -> None:
+    validate(DEPLOY / "compose-envoy.yaml")
+    from sidecar.settings import Settings
+
+    services = load(DEPLOY / "docker-compose.yaml")["services"]
+    socket = Settings().grpc_listen.unix_path  # the image's default
+    assert socket is not None
+    assert pipe_paths(load(DEPLOY / "compose-envoy.yaml")) == {socket}
+    for name in ("envoy", "qos-sidecar"):
+        assert f"qos-sockets:{Path(socket).parent}" in services[name]["volumes"], name
+    assert "QOS_GRPC_ADDR" not in services["qos-sidecar"]["environment"]
+    assert services["envoy"]["group_add"] == ["10001"]
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert f"QOS_GRPC_ADDR=unix:{socket}" in dockerfile

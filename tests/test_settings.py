@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from sidecar.errors import SettingsError
-from sidecar.settings import Settings, add_arguments, load_settings
+from sidecar.settings import ListenAddr, Settings, add_arguments, load_settings
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -19,6 +20,51 @@ def test_defaults_bind_localhost_and_use_memory_store() -> None:
     assert settings == Settings()
     assert settings.admin_host_port == ("127.0.0.1", 9090)
     assert settings.redis_url == ""
+    # Envoy-facing listeners: Unix sockets where the shipped Envoy bootstraps look for them.
+    assert settings.authz_http_listen == ListenAddr(unix_path="/tmp/qos-sidecar/authz.sock")
+    assert settings.grpc_addr == "unix:/tmp/qos-sidecar/grpc.sock"
+    assert (settings.auth_token, settings.allow_unauthenticated) == ("", False)
+
+
+def test_unix_addresses_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = {"QOS_AUTHZ_HTTP_ADDR": "unix:a.sock", "QOS_GRPC_ADDR": f"unix:{tmp_path}/g.sock"}
+    settings = load_settings(parse([]), environ=env)
+    assert settings.authz_http_listen == ListenAddr(unix_path=str(tmp_path / "a.sock"))
+    assert settings.grpc_addr == f"unix:{tmp_path}/g.sock"  # what grpc's add_insecure_port takes
+    assert not settings.grpc_listen.is_network
+
+
+@pytest.mark.parametrize(
+    ("addr", "is_network"),
+    [
+        ("127.0.0.1:9192", False),
+        ("127.0.0.53:9192", False),
+        ("[::1]:9192", False),
+        ("localhost:9192", False),
+        ("0.0.0.0:9192", True),
+        (":9192", True),
+        ("[::]:9192", True),
+        ("10.1.2.3:9192", True),
+        ("sidecar.internal:9192", True),  # a name may resolve to anything
+    ],
+)
+def test_network_listener_without_token_refuses_to_start(addr: str, is_network: bool) -> None:
+    env = {"QOS_GRPC_ADDR": addr}
+    if not is_network:
+        assert not load_settings(parse([]), environ=env).grpc_listen.is_network
+        return
+    with pytest.raises(SettingsError, match=r"^grpc_addr: .* QOS_AUTH_TOKEN is not set"):
+        load_settings(parse([]), environ=env)
+    # The same address with a token, or with the explicit opt-out, starts.
+    assert load_settings(parse(["--auth-token", "t"]), environ=env).auth_token == "t"
+    opted_out = load_settings(parse([]), environ={**env, "QOS_ALLOW_UNAUTHENTICATED": "true"})
+    assert opted_out.allow_unauthenticated is True
+
+
+def test_http_listener_is_checked_too() -> None:
+    with pytest.raises(SettingsError, match=r"^authz_http_addr: 0\.0\.0\.0:9191 is reachable"):
+        load_settings(parse([]), environ={"QOS_AUTHZ_HTTP_ADDR": "0.0.0.0:9191"})
 
 
 def test_flags_win_over_environment() -> None:
@@ -32,6 +78,7 @@ def test_lists_and_empty_hosts() -> None:
     env = {
         "QOS_POLICY_PATH": "a, b,",
         "QOS_GRPC_ADDR": ":9192",
+        "QOS_AUTH_TOKEN": "s3cret",  # a network listener needs one (test_network_listener_...)
         "QOS_TRITON_URLS": "http://t0:8000,http://t1:8000",
     }
     settings = load_settings(parse([]), environ=env)
@@ -47,6 +94,14 @@ def test_lists_and_empty_hosts() -> None:
     ("env", "message"),
     [
         ({"QOS_ADMIN_ADDR": "localhost"}, "admin_addr: expected HOST:PORT"),
+        # Admin stays TCP: Prometheus and probes speak HTTP over TCP.
+        ({"QOS_ADMIN_ADDR": "unix:/tmp/a.sock"}, "admin_addr: expected HOST:PORT"),
+        ({"QOS_GRPC_ADDR": "unix:"}, "grpc_addr: expected unix:/path"),
+        (
+            {"QOS_GRPC_ADDR": "unix:/" + "d" * 120 + "/g.sock"},
+            "grpc_addr: socket path .* is longer than 107 bytes",
+        ),
+        ({"QOS_ALLOW_UNAUTHENTICATED": "maybe"}, "allow_unauthenticated: expected true or false"),
         ({"QOS_REDIS_TIMEOUT_MS": "fast"}, "redis_timeout_ms: expected an integer"),
         ({"QOS_REDIS_TIMEOUT_MS": "0"}, "redis_timeout_ms: must be positive"),
         ({"QOS_QUEUE_ALPHA_MS_PER_UNIT": "-1"}, "queue_alpha_ms_per_unit: must not be negative"),

@@ -332,27 +332,37 @@ def test_render_bootstrap_patches_ports_by_name_only() -> None:
     )
     resources = config["static_resources"]
     assert resources["listeners"][0]["address"]["socket_address"]["port_value"] == 1001
-    ports = {
-        c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
-            "socket_address"
-        ]["port_value"]
+    addresses = {
+        c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
         for c in resources["clusters"]
     }
-    assert ports == {"triton_http": 1002, "qos_sidecar_http": 1003, "qos_sidecar_grpc": 1004}
+    # The sidecar clusters ship as Unix sockets (pipe); a port makes them loopback TCP.
+    assert addresses == {
+        name: {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+        for name, port in (
+            ("triton_http", 1002),
+            ("qos_sidecar_http", 1003),
+            ("qos_sidecar_grpc", 1004),
+        )
+    }
     assert config["admin"]["address"]["socket_address"]["port_value"] == 1005
-    # Everything but the ports is as shipped, and the shipped dict was not touched.
+    # Everything but the addresses is as shipped, and the shipped dict was not touched.
     assert (
         render_bootstrap(
             HTTP_BOOTSTRAP,
             listen_port=8080,
             triton_http_port=8000,
-            sidecar_http_port=9191,
-            sidecar_grpc_port=9192,
+            sidecar_http_socket="/tmp/qos-sidecar/authz.sock",
+            sidecar_grpc_socket="/tmp/qos-sidecar/grpc.sock",
             admin_port=9901,
         )
         == shipped
     )
     assert render_bootstrap(HTTP_BOOTSTRAP) == shipped
+    moved = render_bootstrap(HTTP_BOOTSTRAP, sidecar_grpc_socket="/s/g.sock")
+    grpc_cluster = moved["static_resources"]["clusters"][2]
+    endpoint = grpc_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"] == {"pipe": {"path": "/s/g.sock"}}
 
 
 def test_render_bootstrap_names_what_is_missing(tmp_path: Path) -> None:

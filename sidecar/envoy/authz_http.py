@@ -33,6 +33,9 @@ from aiohttp.typedefs import Handler
 from sidecar.core.decide import HEADER_LEASE
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.envoy.common import (
+    AUTH_HEADER,
+    UNAUTHENTICATED_BODY,
+    TokenCheck,
     headers_for_envoy,
     read_headers,
     release_if_undelivered,
@@ -94,7 +97,11 @@ def response_for(decision: Decision, lease_key: bytes) -> web.Response:
 
 
 def build_authz_app(
-    service: AdmissionService, *, lease_key: bytes, path_prefix: str = "/authz"
+    service: AdmissionService,
+    *,
+    lease_key: bytes,
+    auth: TokenCheck | None = None,
+    path_prefix: str = "/authz",
 ) -> web.Application:
     @web.middleware
     async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -113,6 +120,11 @@ def build_authz_app(
             )
 
     async def check(request: web.Request) -> web.Response:
+        # Without the token (common.py, rule 5): 401, and nothing is read or taken.
+        if auth is not None and not auth.admits(request.headers.get(AUTH_HEADER), API):
+            return web.Response(
+                status=401, body=UNAUTHENTICATED_BODY, content_type="application/json"
+            )
         attrs = attributes_from_request(request, path_prefix)
         if attrs is None:
             refused = service.refuse_malformed(f"authz path must start with {path_prefix}/", API)

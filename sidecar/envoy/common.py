@@ -22,13 +22,22 @@ Rules:
    `ProcessingResponse.dynamic_metadata` under the namespaces its filter lets it write
    (`metadata_options.receiving_namespaces`). It is signed with the deployment's key
    (`core.lease.sign_lease`) so that only this sidecar's tokens release anything.
+5. With an auth token configured (`Settings.auth_token`), a call that does not carry it is
+   refused before it is read, so it takes nothing, charges nothing and releases nothing:
+   ext_authz HTTP answers 401 with a JSON reason; every gRPC call (Check, Process,
+   StreamAccessLogs) ends UNAUTHENTICATED. Envoy sends the token as the header `x-qos-auth`
+   (`http_service.authorization_request.headers_to_add`) or as gRPC metadata of that name
+   (`grpc_service.initial_metadata`). `TokenCheck` is the one place this is decided.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
@@ -45,6 +54,85 @@ EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 # Must be listed in the ext_proc filter's metadata_options.receiving_namespaces.untyped.
 EXT_PROC_NAMESPACE = "qos.sidecar"
 LEASE_NAMESPACES = (EXT_AUTHZ_NAMESPACE, EXT_PROC_NAMESPACE)
+# Rule 5: the header (HTTP) or metadata key (gRPC) that carries the auth token.
+AUTH_HEADER = "x-qos-auth"
+UNAUTHENTICATED_REASON = f"missing or wrong {AUTH_HEADER}: only Envoy may call this listener"
+UNAUTHENTICATED_BODY = json.dumps(
+    {"error": "unauthenticated", "reason": "unauthenticated", "detail": UNAUTHENTICATED_REASON},
+    separators=(",", ":"),
+).encode()
+# The gRPC methods, named by the API label of qos_unauthenticated_calls_total (bounded).
+_GRPC_APIS = {
+    "/envoy.service.auth.v3.Authorization/Check": "grpc",
+    "/envoy.service.ext_proc.v3.ExternalProcessor/Process": "ext_proc",
+    "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs": "access_log",
+}
+
+
+class TokenCheck:
+    """Rule 5. `token` empty: every call passes. `on_refused(api)` returns what counts a
+    refusal (a labelled Prometheus counter: `Counter.labels`)."""
+
+    def __init__(self, token: str, on_refused: Callable[[str], Any]) -> None:
+        self._token = token.encode()
+        self._on_refused = on_refused
+
+    def admits(self, presented: str | bytes | None, api: str) -> bool:
+        """Whether a call that presented `presented` may go on; counts a refusal. Compared
+        in constant time, so the answer's timing does not reveal how much of a guess was
+        right."""
+        if not self._token:
+            return True
+        if isinstance(presented, str):
+            presented = presented.encode()
+        if presented is not None and hmac.compare_digest(presented, self._token):
+            return True
+        self._on_refused(api).inc()
+        return False
+
+    def grpc_interceptor(self) -> grpc.aio.ServerInterceptor:
+        """Rule 5 for every method of a grpc.aio server, before the servicer sees the call."""
+        return _TokenInterceptor(self)
+
+
+class _TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, check: TokenCheck) -> None:
+        self._check = check
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        presented = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == AUTH_HEADER:
+                presented = value
+        api = _GRPC_APIS.get(handler_call_details.method, "other")
+        if handler is None or self._check.admits(presented, api):
+            return handler
+        return _refusing(handler)
+
+
+def _refusing(handler: Any) -> Any:
+    """A method handler of `handler`'s kind that ends the call UNAUTHENTICATED, never reading
+    the request."""
+
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_REASON)
+
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def headers_for_envoy(decision: Decision) -> tuple[tuple[str, str], ...]:
