@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from devstack.sidecar_proc import SidecarProcess
 from devstack.stack import LocalStack
 from tests.binaries import require_binaries
 from tests.stack_client import explain, infer, metric_value, wait_for
@@ -381,12 +382,19 @@ def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
         wait_for(lambda: version() != before, 10, "SIGHUP reload")
 
 
-def _raw_authz(port: int, header: bytes) -> tuple[int, dict[str, str], bytes]:
-    """One request with `header` straight to the sidecar's HTTP authz port (as no Envoy would
-    send it); the status, headers and body of the answer."""
+def _raw_authz(sidecar: SidecarProcess, header: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request with `header` straight to the sidecar's HTTP authz listener, its Unix socket
+    or its TCP port (as no Envoy would send it); the status, headers and body of the answer."""
     import socket
 
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    if sidecar.http_socket is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(sidecar.http_socket)
+    else:
+        assert sidecar.http_port is not None
+        sock = socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10)
+    with sock:
         sock.sendall(
             b"POST /authz/v2/models/simgpu/infer HTTP/1.1\r\nhost: sidecar\r\n"
             + header
@@ -409,7 +417,7 @@ def _raw_authz(port: int, header: bytes) -> tuple[int, dict[str, str], bytes]:
 def test_every_answer_of_the_http_authz_port_is_json(stack: LocalStack, header: bytes) -> None:
     assert stack.sidecar is not None
     before = metric_value(admin(stack), "qos_malformed_requests_total", api="http")
-    status, headers, body = _raw_authz(stack.sidecar.http_port, header)
+    status, headers, body = _raw_authz(stack.sidecar, header)
     assert status == 400, body
     assert headers["content-type"].startswith("application/json")
     assert json.loads(body)["reason"] == "malformed"
