@@ -19,7 +19,6 @@ import pytest
 import redis
 
 from devstack.envoy import find_envoy
-from devstack.sidecar_proc import SidecarProcess
 from devstack.stack import LocalStack
 from tests.stack_client import Reply, infer, wait_for
 
@@ -78,16 +77,11 @@ def lease_keys(stack: LocalStack) -> list[str]:
 
 
 def restart_sidecar(stack: LocalStack) -> float:
-    """SIGKILL is done by the caller; start a new sidecar on the same ports (Envoy's config
-    names them). Returns when it is ready (monotonic)."""
-    old = stack.sidecar
-    assert old is not None
-    old.stop()  # reap the killed process
-    new = SidecarProcess(
-        stack.workdir, stack.policy_path, redis_url=old.redis_url, extra_env=old.extra_env
-    )
-    new.http_port, new.grpc_port, new.admin_port = old.http_port, old.grpc_port, old.admin_port
-    stack.sidecar = stack._exit.enter_context(new)  # stopped with the stack
+    """SIGKILL is done by the caller; start the sidecar again on the same sockets or ports
+    (Envoy's config names them) with the same lease key, which forgets every lease it was
+    renewing. Returns when it is ready (monotonic)."""
+    assert stack.sidecar is not None
+    stack.sidecar.restart()  # reaps the killed process first
     return time.monotonic()
 
 
