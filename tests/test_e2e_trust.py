@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from devstack.envoy import find_envoy
 from devstack.stack import LocalStack
-from tests.stack_client import explain, infer, wait_for
+from tests.stack_client import explain, infer, metric_value, wait_for
 from tests.test_e2e_stack import write_policy
 
 pytestmark = [pytest.mark.stack, pytest.mark.faults]
@@ -42,18 +41,22 @@ def test_sidecar_killed_mid_inference_does_not_fail_an_admitted_ext_proc_request
     assert stack.sidecar is not None
     url, key = stack.url("extproc"), "k-conc-extproc"  # max_concurrency 2
     out: list[Any] = []
+    admin = stack.sidecar.admin_url
+    bodies = metric_value(admin, "qos_priority_rewrites_total")
     threads = [
         threading.Thread(target=lambda: out.append(infer(url, api_key=key, delay_ms=4000)))
         for _ in range(2)
     ]
     for thread in threads:
         thread.start()
-    admin = stack.sidecar.admin_url
     wait_for(lambda: explain(admin, key)["reason"] == "over_concurrency", 10, "both admitted")
-    # Both hold their slot; give Envoy the moment to forward the buffered bodies (the
-    # sidecar answers the body in well under a millisecond), then kill the sidecar while
-    # Triton still runs them (4 s each).
-    time.sleep(0.5)
+    # Both hold their slot; once the sidecar has answered both bodies (its last answers: the
+    # streams then end), kill it while Triton still runs them (4 s each).
+    wait_for(
+        lambda: metric_value(admin, "qos_priority_rewrites_total") >= bodies + 2,
+        10,
+        "both bodies answered",
+    )
     os.kill(_sidecar_pid(stack), signal.SIGKILL)
     for thread in threads:
         thread.join(30)
