@@ -320,8 +320,9 @@ def test_eos_after_tokens_stops_generation_early(triton: TritonProcess) -> None:
     predicted = predicted_ms("llm", [500], [20])
     (batch_ms,) = result.output("BATCH_MS")
     assert 0.8 * predicted <= batch_ms <= 3 * predicted, (batch_ms, predicted)
-    # The time of 20 decode steps, not of the 500 the limit allows.
-    assert result.elapsed_ms < 0.5 * predicted_ms("llm", [500], [500]), result.elapsed_ms
+    # The time of 20 decode steps, not of the 500 the limit allows: the batch's own measured
+    # time, not the client's, which the shared machine's load would blur.
+    assert batch_ms < 0.5 * predicted_ms("llm", [500], [500]), batch_ms
 
     # The generate extension passes its "parameters" object to the model too.
     body = {"PROMPT_TOKENS": 500, "OUTPUT_TOKENS": 500, "parameters": {"eos_after_tokens": 20}}
@@ -491,6 +492,12 @@ def test_stream_stops_at_eos_after_tokens(triton: TritonProcess) -> None:
     body = {"PROMPT_TOKENS": 500, "OUTPUT_TOKENS": 500, "parameters": {"eos_after_tokens": 20}}
     chunk = int(model_parameters("llm_stream")["chunk_tokens"])
     expected = [min(chunk, 20 - sent) for sent in range(0, 20, chunk)]
+    # The baseline, measured in the same run on the same (shared, noisy) machine: one request
+    # that generates all 500 tokens.
+    started = time.monotonic()
+    status, events = generate_stream(triton.http_port, {**body, "parameters": {}})
+    assert status == 200 and sum(event["OUT_TOKENS"] for _, event in events) == 500
+    full_ms = (time.monotonic() - started) * 1000.0
     started = time.monotonic()
     # Twice in a row: the second request waits for the first one's batch, so it also shows
     # that the batch ended after 20 steps, not just the first stream.
@@ -499,7 +506,12 @@ def test_stream_stops_at_eos_after_tokens(triton: TritonProcess) -> None:
         assert status == 200, events
         assert [event["OUT_TOKENS"] for _, event in events] == expected
     total_ms = (time.monotonic() - started) * 1000.0
-    assert total_ms < 0.5 * predicted_ms("llm_stream", [500], [500]), total_ms
+    # Predicted: 2 x 35 ms against 515 ms. Had the batch run on after the 20th token, the two
+    # would take twice the baseline; a ratio, not a wall-clock bound.
+    assert 2 * predicted_ms("llm_stream", [500], [20]) < 0.2 * predicted_ms(
+        "llm_stream", [500], [500]
+    )
+    assert total_ms < full_ms, (total_ms, full_ms)
 
 
 def test_stream_final_flag_comes_with_the_last_generated_tokens(triton: TritonProcess) -> None:
