@@ -328,6 +328,52 @@ class RedisQuotaStore:
                     await self._client.script_load(script.source)
                     return await self._client.evalsha(script.sha, len(keys), *keys, *args)
 
+    async def in_flight_many(
+        self, pairs: Sequence[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], int]:
+        """Raises StateUnavailable, or ValueError for an empty tenant."""
+        unique = list(dict.fromkeys(pairs))
+        for tenant, _ in unique:
+            validate_tenant(tenant)
+        keys = [
+            build_key(tenant, KeyKind.LEASES)
+            if klass is None
+            else build_key(tenant, KeyKind.CLASS_LEASES, klass)
+            for tenant, klass in unique
+        ]
+        return dict(zip(unique, await self._count_many(keys), strict=True))
+
+    async def model_in_flight_many(self, models: Sequence[str]) -> dict[str, int]:
+        """Raises StateUnavailable, or ValueError for an empty model."""
+        unique = list(dict.fromkeys(models))
+        keys = [build_model_key(model) for model in unique]
+        return dict(zip(unique, await self._count_many(keys), strict=True))
+
+    async def _count_many(self, keys: Sequence[str]) -> list[int]:
+        """`in_flight.lua` on each key, all in one pipeline: one round trip, under one
+        deadline. Each EVALSHA touches one key, so every command stays within one slot and
+        a cluster client may split the pipeline by node (one round trip per node). Not a
+        transaction (MULTI would need every key in one slot): each count is read on its own,
+        which is all a gauge or a load signal needs. NOSCRIPT: load, then run it again."""
+        if not keys:
+            return []
+        with map_exceptions("in_flight_many", self._timeout_s):
+            async with asyncio.timeout(self._timeout_s):
+                replies = await self._count_pipeline(keys)
+                if any(isinstance(reply, NoScriptError) for reply in replies):
+                    await self._client.script_load(IN_FLIGHT.source)
+                    replies = await self._count_pipeline(keys)
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply
+        return [int(reply) for reply in replies]
+
+    async def _count_pipeline(self, keys: Sequence[str]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.evalsha(IN_FLIGHT.sha, 1, key)
+            return list(await pipe.execute(raise_on_error=False))
+
 
 def _lease_keys(tenant: str, klass: str, lease_id: str) -> list[str]:
     return [
