@@ -371,7 +371,10 @@ class RedisQuotaStore:
     async def _count_pipeline(self, keys: Sequence[str]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.evalsha(IN_FLIGHT.sha, 1, key)
+                # Not `pipe.evalsha`: redis-py's cluster pipeline refuses that helper (for its
+                # NOSCRIPT handling, which `_count_many` does itself); the command routes by
+                # its one key like any other.
+                pipe.execute_command("EVALSHA", IN_FLIGHT.sha, 1, key)
             return list(await pipe.execute(raise_on_error=False))
 
 
