@@ -1,7 +1,8 @@
 """Holding deferred requests: the async side of the deferral queue.
 
-The order (bands, tenant fairness, hybrid key) is the pure `DeferralQueue`; whether the head
-may go is the pure `core.admission.may_go`. This module owns the futures the held Envoy calls
+The order is the pure `HoldQueues`: one queue per model (bands, tenant fairness with counters
+shared across the models, hybrid key); whether a model's head may go is the pure
+`core.admission.may_go`, on that model's signals. This module owns the futures the held Envoy calls
 wait on, and what this replica knows of each model between two reads of the shared state
 (`model_signals`): the requests it let go since the last scrape (the scrape has not seen them
 yet), and the model's requests in flight (the store's count at the last refresh, plus what
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 from sidecar.core.admission import ModelSignals, Signals, may_go
 from sidecar.core.load import LoadView
-from sidecar.core.queue import DeferralQueue, Waiter
+from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.policy.model import Policy
 
 
@@ -40,7 +41,7 @@ class Deferrer:
         self._load = load
         self.stale_after_s = stale_after_s
         self.clock = clock
-        self.queue = DeferralQueue(alpha_s_per_unit, self._bounds())
+        self.queue = HoldQueues(alpha_s_per_unit, self._bounds())
         self._futures: dict[int, asyncio.Future[bool]] = {}
         self._released_since_scrape: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}  # per model, from the store at the last refresh
@@ -49,9 +50,6 @@ class Deferrer:
 
     def _bounds(self) -> dict[str, int]:
         return {name: c.max_queued for name, c in self._policy().classes.items()}
-
-    def waiting_ahead(self, rank: int) -> int:
-        return self.queue.ahead_of(rank)
 
     def released_since_scrape(self, model: str) -> int:
         return self._released_since_scrape.get(model, 0)
@@ -117,25 +115,31 @@ class Deferrer:
     def signals(self, model: str | None) -> Signals:
         """What an admission decision for `model` sees now (None: a request for no model)."""
         if model is None:
-            return Signals(None, self.queue.waiting_by_rank())
+            return Signals(None)  # a request for no model is never held, nor waits behind any
         view, now = self._load(), self.clock()
         model_signals = self.model_signals(model, view, now)
         served = view.served_models(now, self.stale_after_s)
-        return Signals(model_signals, self.queue.waiting_by_rank(), served)
+        # Only this model's waiters: another model's are not ahead of it (own queue, own room).
+        return Signals(model_signals, self.queue.waiting_by_rank(model), served)
 
     def pump(self) -> int:
-        """Release waiters from the head while the core says they may go; returns how many.
-        Head-of-line: when the head may not go, a better band or fairer tenant goes first."""
+        """Release waiters from the head of every model's queue while the core says they may
+        go; returns how many. Head-of-line within a model: when its head may not go, nobody
+        behind it on that model does (a better band or fairer tenant goes first), but the
+        other models' queues are walked all the same."""
         policy, view, now = self._policy(), self._load(), self.clock()
         released = 0
-        while (waiter := self.queue.peek()) is not None:
-            signals = self.model_signals(waiter.model, view, now)
-            if not may_go(policy.classes.get(waiter.klass), signals):
-                break
-            self.queue.pop()
-            future = self._futures.get(waiter.waiter_id)
-            if future is not None and not future.done():
-                future.set_result(True)
-                self.note_admitted(waiter.model)
-                released += 1
+        for model in self.queue.models():
+            queue = self.queue.queue(model)
+            while queue is not None and (waiter := queue.peek()) is not None:
+                signals = self.model_signals(model, view, now)
+                if not may_go(policy.classes.get(waiter.klass), signals):
+                    break
+                self.queue.pop(model)
+                future = self._futures.get(waiter.waiter_id)
+                if future is not None and not future.done():
+                    future.set_result(True)
+                    self.note_admitted(model)
+                    released += 1
+                queue = self.queue.queue(model)  # dropped once empty
         return released

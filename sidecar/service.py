@@ -197,29 +197,34 @@ class AdmissionService:
 
         The counts live in the shared store because a lease granted by one replica may be
         released through another; every replica therefore reports the same, global number.
+        Every tenant x class is read in one call (one pipelined round trip), not one each:
+        hundreds of tenants on every replica, every second, would otherwise be that many
+        round trips per replica per second.
         """
-        policy = self.policy
-        for tenant in policy.tenants.values():
-            for klass in sorted(tenant.allowed_classes):
-                try:
-                    count = await self.store.in_flight(tenant.name, klass)
-                except StateUnavailable:
-                    self.metrics.state_errors.labels("in_flight").inc()
-                    return False
-                self.metrics.in_flight.labels(tenant.name, klass).set(count)
+        pairs = [
+            (tenant.name, klass)
+            for tenant in self.policy.tenants.values()
+            for klass in sorted(tenant.allowed_classes)
+        ]
+        try:
+            counts = await self.store.in_flight_many(pairs)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("in_flight").inc()
+            return False
+        for tenant_name, klass in pairs:
+            self.metrics.in_flight.labels(tenant_name, klass).set(counts[(tenant_name, klass)])
         return True
 
     async def refresh_model_in_flight(self, models: Iterable[str]) -> None:
         """Read every model's in-flight count from the store (global: every replica's leases)
-        into the deferrer and the gauge. Store down: the last counts stay."""
-        counts: dict[str, int] = {}
-        for model in models:
-            try:
-                counts[model] = await self.store.model_in_flight(model)
-            except StateUnavailable:
-                self.metrics.state_errors.labels("model_in_flight").inc()
-                return
-            self.metrics.model_in_flight.labels(model).set(counts[model])
+        into the deferrer and the gauge, in one call. Store down: the last counts stay."""
+        try:
+            counts = await self.store.model_in_flight_many(list(models))
+        except StateUnavailable:
+            self.metrics.state_errors.labels("model_in_flight").inc()
+            return
+        for model, count in counts.items():
+            self.metrics.model_in_flight.labels(model).set(count)
         if self.deferrer is not None:
             self.deferrer.set_in_flight(counts)
 

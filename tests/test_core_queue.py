@@ -1,13 +1,14 @@
-"""The deferral queue's order: bands, tenant fairness (VTC), hybrid key. Pure."""
+"""The deferral queues' order: per model; bands, tenant fairness (VTC), hybrid key. Pure."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.core.queue import DeferralQueue, Waiter
+from sidecar.core.queue import DeferralQueue, HoldQueues, Waiter
 
 _ids = itertools.count(1)
 BOUNDS = {"interactive": 100, "standard": 100, "batch": 100}
@@ -120,3 +121,111 @@ def test_pop_never_skips_a_better_band_and_counts_stay_consistent(
         assert len(q) == len(live)
         for klass_name in BOUNDS:
             assert q.waiting(klass_name) == sum(x.klass == klass_name for x in live.values())
+
+
+# -- one queue per model, fairness shared across them -----------------------------------------
+
+
+def mw(tenant: str, model: str, klass: str = "standard", deadline: float = 10.0) -> Waiter:
+    return replace(w(tenant, klass, deadline), model=model)
+
+
+def drain_model(queues: HoldQueues, model: str) -> list[Waiter]:
+    out = []
+    while (item := queues.pop(model)) is not None:
+        out.append(item)
+    return out
+
+
+def test_a_tenants_counter_is_one_number_across_models() -> None:
+    q = HoldQueues(0.0, {"standard": 1000})
+    for _ in range(10):
+        q.push(mw("noisy", "a"))  # noisy alone on model a
+    for i in range(5):  # both on model b, arriving while noisy's counter is still 0
+        q.push(mw("noisy", "b", deadline=float(i)))
+        q.push(mw("quiet", "b", deadline=100.0 + i))
+    for _ in range(5):
+        assert q.pop("a") is not None  # noisy was given 5 units of work on model a
+    # On b, noisy has already had its turns: quiet's five go first, despite later deadlines.
+    # (Counters kept per model would alternate the two.)
+    assert [x.tenant for x in drain_model(q, "b")] == ["quiet"] * 5 + ["noisy"] * 5
+    assert q.fairness.counter(2, "noisy") == 10 and q.fairness.counter(2, "quiet") == 5
+
+
+def test_a_tenant_waiting_on_one_model_is_not_lifted_when_it_queues_for_another() -> None:
+    q = HoldQueues(0.0, {"standard": 1000})
+    q.push(mw("x", "a"))
+    q.push(mw("y", "a"))
+    assert q.pop("a") is not None and q.pop("a") is not None  # both counters at 1
+    q.push(mw("x", "a"))  # x backlogged (counter 1)
+    for _ in range(3):
+        q.push(mw("y", "b"))
+        q.pop("b")  # y alone on b: its counter climbs to 4
+    q.push(mw("x", "b"))  # x already backlogged: keeps 1, is not lifted to y's 4
+    assert q.fairness.counter(2, "x") == 1
+
+
+def test_a_blocked_model_does_not_block_another_and_is_not_ahead_of_it() -> None:
+    q = HoldQueues(0.0, BOUNDS)
+    blocked = [mw("a", "saturated", "interactive", deadline=1.0) for _ in range(3)]
+    for waiter in blocked:
+        assert q.push(waiter)
+    other = mw("b", "idle", "batch", deadline=50.0)
+    assert q.push(other)
+    # A new arrival for `idle` queues behind `idle`'s waiters only, whatever its band.
+    assert q.ahead_of("idle", rank=1) == 0 and q.ahead_of("idle", rank=3) == 1
+    assert q.ahead_of("saturated", rank=3) == 3 and q.waiting_by_rank("idle") == {3: 1}
+    assert q.pop("idle") == other  # served although better bands wait on the other model
+    assert q.models() == ["saturated"]  # an empty model queue is dropped
+    assert len(q) == 3 and other.waiter_id not in q and blocked[0].waiter_id in q
+
+
+def test_a_class_bound_counts_its_waiters_over_every_model() -> None:
+    q = HoldQueues(0.0, {"standard": 2})
+    first = mw("a", "m1")
+    assert q.push(first) and q.push(mw("a", "m2"))
+    assert not q.push(mw("a", "m3"))  # the class holds 2, wherever they wait
+    assert q.waiting("standard") == 2
+    assert q.remove(first.waiter_id) == first and q.remove(first.waiter_id) is None
+    assert q.push(mw("a", "m3"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["push", "pop", "remove"]),
+            st.sampled_from(["t1", "t2"]),
+            st.sampled_from(["interactive", "standard", "batch"]),
+            st.sampled_from(["m1", "m2", "m3"]),
+        ),
+        max_size=120,
+    )
+)
+def test_model_queues_serve_each_model_by_band_and_count_consistently(
+    ops: list[tuple[str, str, str, str]],
+) -> None:
+    q = HoldQueues(0.01, BOUNDS)
+    live: dict[int, Waiter] = {}
+    for op, tenant, klass, model in ops:
+        if op == "push":
+            waiter = mw(tenant, model, klass)
+            assert q.push(waiter)
+            live[waiter.waiter_id] = waiter
+        elif op == "pop":
+            got = q.pop(model)
+            mine = [x for x in live.values() if x.model == model]
+            if got is None:
+                assert not mine
+                continue
+            assert got.model == model and got.rank == min(x.rank for x in mine)
+            del live[got.waiter_id]
+        elif live:
+            victim = next(iter(live))
+            assert q.remove(victim) is not None
+            del live[victim]
+        assert len(q) == len(live)
+        assert q.models() == sorted({x.model for x in live.values()})
+        for rank in (1, 2, 3):
+            expected = sum(x.model == model and x.rank <= rank for x in live.values())
+            assert q.ahead_of(model, rank) == expected

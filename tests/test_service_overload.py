@@ -304,3 +304,61 @@ def test_client_gone_while_a_let_go_request_is_counted_frees_lease_and_count() -
         assert await store.model_in_flight("simgpu") == 0
 
     asyncio.run(body())
+
+
+class TwoModels:
+    """A scripted Triton view of two models, each with its own queue depth."""
+
+    def __init__(self, **depths: int) -> None:
+        self.depths = depths
+
+    def view(self) -> LoadView:
+        import time
+
+        now = time.monotonic()
+        models = {
+            name: (ModelLoad("t0", name, depth, 20.0, 0.0, 0.0, now),)
+            for name, depth in self.depths.items()
+        }
+        return LoadView(models=models, ready={"t0": True})
+
+
+def for_model(model: str) -> RequestAttributes:
+    return RequestAttributes(
+        "POST", f"/v2/models/{model}/infer", {"x-api-key": "k-search", "x-qos-class": "standard"}
+    )
+
+
+def test_a_saturated_models_waiter_does_not_hold_up_another_model() -> None:
+    backend = TwoModels(simgpu=6, other=0)  # simgpu over admit_below 4; other idle
+    store = MemoryQuotaStore()
+    service = AdmissionService(
+        policy_with_overload(max_wait_ms=5000),
+        store,
+        Metrics(CollectorRegistry()),
+        load=backend.view,
+    )
+
+    async def body() -> tuple[Decision, Decision]:
+        held = asyncio.create_task(service.check(for_model("simgpu"), "test"))
+        await asyncio.sleep(0.05)
+        assert service.deferrer is not None and len(service.deferrer.queue) == 1
+        # The simgpu waiter is not ahead of a request for `other`, which has room: let go now.
+        at_once = await asyncio.wait_for(service.check(for_model("other"), "test"), 1.0)
+        assert not held.done()
+        # `other` fills up and a request for it is held too, behind nobody of its own model.
+        backend.depths["other"] = 6
+        waiting = asyncio.create_task(service.check(for_model("other"), "test"))
+        await asyncio.sleep(0.05)
+        assert len(service.deferrer.queue) == 2
+        backend.depths["other"] = 0
+        service.deferrer.on_scrape()  # `other` has room; simgpu's head still may not go
+        let_go = await asyncio.wait_for(waiting, 1.0)
+        assert not held.done() and len(service.deferrer.queue) == 1
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        return at_once, let_go
+
+    at_once, let_go = asyncio.run(body())
+    assert at_once.reason is Reason.ADMITTED
+    assert let_go.reason is Reason.ADMITTED_DEFERRED

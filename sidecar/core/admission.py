@@ -29,15 +29,16 @@ its tenant nothing):
   never said, and then not applied). `has_room` is the one place this is tested: for a new
   arrival and for the held request at the head of the queue alike. How the load signal is
   read differs between the two, by `SIGNAL_READING` below.
-- A new arrival with room, and nobody of the same or a better band already waiting: admit.
+- A new arrival with room, and nobody for its model of the same or a better band already
+  waiting: admit. (Each model has its own hold queue; another model's waiters are not ahead.)
 - At or above `shed_above` (sheddable classes): relegate once if the class names a target,
   else shed with 503.
 - Otherwise predict the wait from the observed drain rate: the requests ahead of this one (the
   queue above `admit_below`, or the in-flight count over the cap, plus the sidecar's own
-  waiters of the same or a better band) divided by completions per second. The wait fits the
-  class's `max_wait_ms`: defer (hold). It does not: relegate once, else shed at once with
-  Retry-After = the predicted wait; a class that is not sheddable is admitted instead (it
-  waits in Triton's queue, never refused). Nothing is held just to time out.
+  waiters for the model, of the same or a better band) divided by completions per second. The
+  wait fits the class's `max_wait_ms`: defer (hold). It does not: relegate once, else shed at
+  once with Retry-After = the predicted wait; a class that is not sheddable is admitted
+  instead (it waits in Triton's queue, never refused). Nothing is held just to time out.
 - No drain rate measured yet (a cold start): the wait cannot be predicted, so a class that may
   wait is deferred within its budget rather than shed on a guess.
 
@@ -122,14 +123,16 @@ class ModelSignals:
 
 @dataclass(frozen=True, slots=True)
 class Signals:
-    """The load a decision sees: its model's, and the sidecar's own waiters per band."""
+    """The load a decision sees: its model's, and the sidecar's own waiters for that model
+    per band (each model has its own hold queue: another model's waiters are not ahead)."""
 
     model: ModelSignals | None  # None: no view of Triton for this request (quota only)
-    waiting: Mapping[int, int] = field(default_factory=dict)  # held requests per class rank
+    # Held requests of the request's model, per class rank.
+    waiting: Mapping[int, int] = field(default_factory=dict)
     served: frozenset[str] | None = None  # the models Triton serves; None: not known now
 
     def ahead_of(self, rank: int) -> int:
-        """Waiters that would be served before a new arrival of band `rank`."""
+        """The model's waiters that would be served before a new arrival of band `rank`."""
         return sum(n for band, n in self.waiting.items() if band <= rank)
 
 

@@ -1,14 +1,23 @@
-"""The deferral queue's order: priority bands, tenant fairness, then QoServe's hybrid key.
+"""The deferral queues' order: one queue per model; in each, priority bands, tenant fairness,
+then QoServe's hybrid key.
 
 Rules:
+- Each model has its own queue (`HoldQueues`): whether a waiter may go depends on its model's
+  room only, so a saturated model's waiters never stand in front of another model's.
 - A waiter belongs to the band of its class rank; a better (lower) band is always served first.
 - Within a band, tenants take turns by virtual token counters (VTC, OSDI'24): the backlogged
   tenant with the smallest counter goes next, and its counter grows by the work it was given.
   A tenant that was idle comes back at the smallest counter among the backlogged ones, so it
   cannot bank credit while idle, and a noisy tenant cannot starve the others.
+- A tenant's counter in a band is ONE number across every model (`Fairness`, shared by the
+  model queues): work given to a tenant on one model counts against its turns on the others,
+  so spreading requests over models buys no extra share. "Backlogged" and "idle" are across
+  models too: a tenant waiting on any model is not lifted when it queues for another.
 - Within a tenant, the waiter with the smallest hybrid key goes first:
   `deadline_s + alpha_s_per_unit * work` (alpha = 0 is earliest-deadline-first).
-- Each class has a bound on its waiters; a full class refuses new ones (the caller sheds).
+- Each class has a bound on its waiters, counted over every model (the bound is on the
+  sidecar's memory and on what it holds, not per model); a full class refuses new ones (the
+  caller sheds).
 - Pure and synchronous: the async holder around it owns the futures and the clock.
 """
 
@@ -28,20 +37,59 @@ class Waiter:
     rank: int  # the class's rank: its band
     deadline_s: float  # absolute time by which it must be admitted to still make its objective
     work: float  # estimated work units (e.g. tokens); also what VTC charges the tenant
-    model: str = ""  # whose queue depth decides when it may go
+    model: str = ""  # whose queue it waits in, and whose room decides when it may go
+
+
+class Fairness:
+    """The VTC counters of every band, and who is backlogged there, over all model queues."""
+
+    def __init__(self) -> None:
+        self._counters: dict[int, dict[str, float]] = {}  # rank -> tenant -> counter (ever seen)
+        self._backlog: dict[int, dict[str, int]] = {}  # rank -> tenant -> waiters (any model)
+
+    def counter(self, rank: int, tenant: str) -> float:
+        return self._counters.get(rank, {}).get(tenant, 0.0)
+
+    def arrive(self, rank: int, tenant: str) -> None:
+        """A waiter of `tenant` joins band `rank` on some model. A tenant that was idle in the
+        band is lifted to the smallest counter among the backlogged (or, with none, to the
+        largest ever seen): no credit banked while idle."""
+        counters = self._counters.setdefault(rank, {})
+        backlog = self._backlog.setdefault(rank, {})
+        if tenant not in backlog:
+            backlogged = [counters[t] for t in backlog]
+            floor = min(backlogged) if backlogged else max(counters.values(), default=0.0)
+            counters[tenant] = max(counters.get(tenant, 0.0), floor)
+        backlog[tenant] = backlog.get(tenant, 0) + 1
+
+    def leave(self, rank: int, tenant: str, charged_work: float = 0.0) -> None:
+        """A waiter left band `rank`: admitted (its tenant is charged its work) or removed."""
+        self._counters[rank][tenant] += charged_work
+        backlog = self._backlog[rank]
+        backlog[tenant] -= 1
+        if not backlog[tenant]:
+            del backlog[tenant]
 
 
 @dataclass(slots=True)
 class _Band:
     # tenant -> heap of (hybrid key, sequence, waiter)
     per_tenant: dict[str, list[tuple[float, int, Waiter]]] = field(default_factory=dict)
-    counters: dict[str, float] = field(default_factory=dict)  # VTC per tenant (ever seen)
 
 
 class DeferralQueue:
-    def __init__(self, alpha_s_per_unit: float, max_waiters: Mapping[str, int]) -> None:
+    """One model's waiters (or, alone, any waiters). `fairness` is shared with the other
+    models' queues; a queue made without one keeps its own."""
+
+    def __init__(
+        self,
+        alpha_s_per_unit: float,
+        max_waiters: Mapping[str, int],
+        fairness: Fairness | None = None,
+    ) -> None:
         self.alpha_s_per_unit = alpha_s_per_unit
         self.max_waiters = dict(max_waiters)
+        self.fairness = fairness if fairness is not None else Fairness()
         self._bands: dict[int, _Band] = {}
         self._by_id: dict[int, Waiter] = {}
         self._per_class: dict[str, int] = {}
@@ -70,13 +118,10 @@ class DeferralQueue:
         if self._per_class.get(waiter.klass, 0) >= self.max_waiters.get(waiter.klass, 0):
             return False
         band = self._bands.setdefault(waiter.rank, _Band())
-        if waiter.tenant not in band.per_tenant:
-            backlogged = [band.counters[t] for t in band.per_tenant]
-            floor = min(backlogged) if backlogged else max(band.counters.values(), default=0.0)
-            band.counters[waiter.tenant] = max(band.counters.get(waiter.tenant, 0.0), floor)
-            band.per_tenant[waiter.tenant] = []
+        self.fairness.arrive(waiter.rank, waiter.tenant)
         key = waiter.deadline_s + self.alpha_s_per_unit * waiter.work
-        heapq.heappush(band.per_tenant[waiter.tenant], (key, next(self._sequence), waiter))
+        heap = band.per_tenant.setdefault(waiter.tenant, [])
+        heapq.heappush(heap, (key, next(self._sequence), waiter))
         self._by_id[waiter.waiter_id] = waiter
         self._per_class[waiter.klass] = self._per_class.get(waiter.klass, 0) + 1
         self._per_rank[waiter.rank] = self._per_rank.get(waiter.rank, 0) + 1
@@ -94,8 +139,7 @@ class DeferralQueue:
             return None
         band, tenant, waiter = chosen
         heapq.heappop(band.per_tenant[tenant])
-        band.counters[tenant] += waiter.work
-        self._forget(band, tenant, waiter)
+        self._forget(band, waiter, charged_work=waiter.work)
         return waiter
 
     def remove(self, waiter_id: int) -> Waiter | None:
@@ -107,7 +151,7 @@ class DeferralQueue:
         heap = band.per_tenant[waiter.tenant]
         heap[:] = [entry for entry in heap if entry[2].waiter_id != waiter_id]
         heapq.heapify(heap)
-        self._forget(band, waiter.tenant, waiter)
+        self._forget(band, waiter)
         return waiter
 
     def __iter__(self) -> Iterator[Waiter]:
@@ -118,15 +162,98 @@ class DeferralQueue:
             band = self._bands[rank]
             if not band.per_tenant:
                 continue
+            counter = self.fairness.counter
             tenant = min(
-                band.per_tenant, key=lambda t: (band.counters[t], band.per_tenant[t][0][:2])
+                band.per_tenant, key=lambda t: (counter(rank, t), band.per_tenant[t][0][:2])
             )
             return band, tenant, band.per_tenant[tenant][0][2]
         return None
 
-    def _forget(self, band: _Band, tenant: str, waiter: Waiter) -> None:
+    def _forget(self, band: _Band, waiter: Waiter, charged_work: float = 0.0) -> None:
         del self._by_id[waiter.waiter_id]
         self._per_class[waiter.klass] -= 1
         self._per_rank[waiter.rank] -= 1
-        if not band.per_tenant[tenant]:
-            del band.per_tenant[tenant]
+        self.fairness.leave(waiter.rank, waiter.tenant, charged_work)
+        if not band.per_tenant[waiter.tenant]:
+            del band.per_tenant[waiter.tenant]
+
+
+class HoldQueues:
+    """Every model's `DeferralQueue`, sharing one `Fairness` and one bound per class.
+
+    A model's queue exists while something waits in it (model names come from requests: an
+    empty queue is dropped, its tenants' counters live on in `fairness`)."""
+
+    def __init__(self, alpha_s_per_unit: float, max_waiters: Mapping[str, int]) -> None:
+        self.alpha_s_per_unit = alpha_s_per_unit
+        self.max_waiters = dict(max_waiters)
+        self.fairness = Fairness()
+        self._queues: dict[str, DeferralQueue] = {}
+        self._model_of: dict[int, str] = {}  # waiter id -> its model
+        self._per_class: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._model_of)
+
+    def __contains__(self, waiter_id: object) -> bool:
+        return waiter_id in self._model_of
+
+    def waiting(self, klass: str) -> int:
+        """The class's waiters over every model (what its bound counts)."""
+        return self._per_class.get(klass, 0)
+
+    def models(self) -> list[str]:
+        """The models someone waits for, in a stable order."""
+        return sorted(self._queues)
+
+    def queue(self, model: str) -> DeferralQueue | None:
+        return self._queues.get(model)
+
+    def ahead_of(self, model: str, rank: int) -> int:
+        """`model`'s waiters served before a new arrival of band `rank` for that model; a
+        waiter for another model is never ahead of it."""
+        queue = self._queues.get(model)
+        return 0 if queue is None else queue.ahead_of(rank)
+
+    def waiting_by_rank(self, model: str) -> dict[int, int]:
+        queue = self._queues.get(model)
+        return {} if queue is None else queue.waiting_by_rank()
+
+    def push(self, waiter: Waiter) -> bool:
+        """Queue `waiter` in its model's queue; False when its class is at its bound (over
+        every model)."""
+        if self.waiting(waiter.klass) >= self.max_waiters.get(waiter.klass, 0):
+            return False
+        queue = self._queues.get(waiter.model)
+        if queue is None:
+            queue = DeferralQueue(self.alpha_s_per_unit, {}, self.fairness)
+            self._queues[waiter.model] = queue
+        queue.max_waiters = self.max_waiters  # never the binding bound: the total is
+        queue.push(waiter)
+        self._model_of[waiter.waiter_id] = waiter.model
+        self._per_class[waiter.klass] = self.waiting(waiter.klass) + 1
+        return True
+
+    def pop(self, model: str) -> Waiter | None:
+        """The next waiter of `model`'s queue, charged to its tenant (see DeferralQueue)."""
+        queue = self._queues.get(model)
+        waiter = None if queue is None else queue.pop()
+        if waiter is not None:
+            self._forget(waiter)
+        return waiter
+
+    def remove(self, waiter_id: int) -> Waiter | None:
+        """Take a waiter out of whichever queue it is in; no counter is charged."""
+        model = self._model_of.get(waiter_id)
+        if model is None:
+            return None
+        waiter = self._queues[model].remove(waiter_id)
+        if waiter is not None:
+            self._forget(waiter)
+        return waiter
+
+    def _forget(self, waiter: Waiter) -> None:
+        del self._model_of[waiter.waiter_id]
+        self._per_class[waiter.klass] -= 1
+        if not self._queues[waiter.model]:
+            del self._queues[waiter.model]

@@ -131,6 +131,20 @@ class QuotaStore(Protocol):
         """Release connections. The store is not used afterwards."""
         ...
 
+    async def in_flight_many(
+        self, pairs: Sequence[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], int]:
+        """`in_flight` of each (tenant, class or None) pair, read together: one round trip
+        for them all (on a cluster, one per node), for the periodic refresh of every
+        tenant's gauges. Raises StateUnavailable (nothing is returned then), or ValueError
+        for an empty tenant."""
+        ...
+
+    async def model_in_flight_many(self, models: Sequence[str]) -> dict[str, int]:
+        """`model_in_flight` of each model, read together like `in_flight_many`.
+        Raises StateUnavailable, or ValueError for an empty model."""
+        ...
+
 
 def new_lease_id() -> str:
     """An opaque random lease id: 16 URL-safe characters (96 bits), header-safe as is.

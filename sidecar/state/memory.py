@@ -279,3 +279,13 @@ class MemoryQuotaStore:
         else:
             # Full again: forget it, as the Redis key expires (a missing TAT reads as `now`).
             self._tats.pop(key, None)
+
+    async def in_flight_many(
+        self, pairs: Sequence[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], int]:
+        # The single reads never yield (see the module comment), so these are one step here;
+        # Redis reads them in one pipeline, each count on its own.
+        return {(tenant, klass): await self.in_flight(tenant, klass) for tenant, klass in pairs}
+
+    async def model_in_flight_many(self, models: Sequence[str]) -> dict[str, int]:
+        return {model: await self.model_in_flight(model) for model in models}

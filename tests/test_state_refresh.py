@@ -1,0 +1,204 @@
+"""Reading many in-flight counts at once (`in_flight_many`, `model_in_flight_many`): the same
+answers as one read per key, from both stores, in one round trip to Redis.
+
+Runs against both stores through the contract's `Harness`. The round trips are counted
+where redis-py writes to the socket (`send_packed_command`: a whole pipeline is one write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+from redis.asyncio.connection import AbstractConnection
+
+from sidecar.metrics import Metrics
+from sidecar.service import AdmissionService
+from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from tests.core_fixtures import make_policy
+from tests.fixtures_valkey import ValkeyServer
+from tests.test_state_contract import FakeClock, Harness, check, lease_of, run_redis
+
+CLASSES = ("interactive", "standard", "batch")
+
+
+@pytest.fixture(scope="module")
+def valkey() -> Iterator[ValkeyServer]:
+    with ValkeyServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_sync(valkey: ValkeyServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(valkey.url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.stack)])
+def harness(request: pytest.FixtureRequest) -> Harness:
+    if request.param == "memory":
+        clock = FakeClock()
+        return Harness("memory", lambda: MemoryQuotaStore(clock=clock), clock)
+    server: ValkeyServer = request.getfixturevalue("valkey")
+    request.getfixturevalue("redis_sync")  # empty db
+    return Harness("redis", lambda: RedisQuotaStore(server.url, timeout_s=2.0), None)
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many writes every Redis connection made (one per command, one per pipeline)."""
+    sent = [0]
+    original = AbstractConnection.send_packed_command
+
+    async def counted(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
+        sent[0] += 1
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    return sent
+
+
+def test_many_counts_answer_like_one_read_each(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        taken = []
+        for tenant, klass, model, n in [
+            ("acme", "standard", "llama", 3),
+            ("acme", "batch", "mistral", 2),
+            ("beta", "standard", "llama", 1),
+        ]:
+            for _ in range(n):
+                c = check(tenant=tenant, klass=klass, model=model)
+                taken.append(lease_of(c, await store.acquire(c)))
+        await store.release(taken[0])  # acme/standard/llama: 2 left
+        pairs = [
+            ("acme", None),
+            ("acme", "standard"),
+            ("acme", "batch"),
+            ("acme", "interactive"),
+            ("beta", "standard"),
+            ("nobody", None),
+            ("acme", "standard"),  # asked twice: one answer
+        ]
+        many = await store.in_flight_many(pairs)
+        assert many == {pair: await store.in_flight(*pair) for pair in pairs}
+        assert many == {
+            ("acme", None): 4,
+            ("acme", "standard"): 2,
+            ("acme", "batch"): 2,
+            ("acme", "interactive"): 0,
+            ("beta", "standard"): 1,
+            ("nobody", None): 0,
+        }
+        models = await store.model_in_flight_many(["llama", "mistral", "unseen"])
+        assert models == {"llama": 3, "mistral": 2, "unseen": 0}
+        assert await store.in_flight_many([]) == {}
+        assert await store.model_in_flight_many([]) == {}
+
+    harness.run(body)
+
+
+def test_many_counts_leave_out_expired_leases(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        c = check(tenant="acme", model="llama", lease_ttl_s=0.05)
+        await store.acquire(c)
+        assert await store.in_flight_many([("acme", "standard")]) == {("acme", "standard"): 1}
+        await harness.let_leases_expire(store, 0.05, "acme", "llama")
+        assert await store.in_flight_many([("acme", "standard")]) == {("acme", "standard"): 0}
+        assert await store.model_in_flight_many(["llama"]) == {"llama": 0}
+
+    harness.run(body)
+
+
+def test_many_counts_refuse_what_one_read_refuses(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        with pytest.raises(ValueError):
+            await store.in_flight_many([("acme", None), ("", "standard")])
+        with pytest.raises(ValueError):
+            await store.model_in_flight_many(["llama", ""])
+
+    harness.run(body)
+
+
+@pytest.mark.stack
+def test_redis_reads_hundreds_of_counts_in_one_round_trip(
+    valkey: ValkeyServer, redis_sync: redis.Redis, round_trips: list[int]
+) -> None:
+    pairs: list[tuple[str, str | None]] = [
+        (f"t{i}", klass) for i in range(300) for klass in CLASSES
+    ]
+
+    async def body(store: RedisQuotaStore) -> None:
+        for i in range(0, 300, 7):  # some tenants hold leases
+            c = check(tenant=f"t{i}", klass="batch", model=f"m{i % 5}")
+            await store.acquire(c)
+        await store.in_flight_many(pairs[:1])  # connected, script loaded
+        before = round_trips[0]
+        counts = await store.in_flight_many(pairs)
+        assert round_trips[0] - before == 1  # 900 reads, one pipeline
+        assert len(counts) == 900
+        assert sum(counts.values()) == len(range(0, 300, 7))
+        assert counts[("t7", "batch")] == 1 and counts[("t7", "standard")] == 0
+        before = round_trips[0]
+        models = await store.model_in_flight_many([f"m{i}" for i in range(5)])
+        assert round_trips[0] - before == 1
+        assert sum(models.values()) == len(range(0, 300, 7))
+
+    run_redis(valkey.url, body, timeout_s=2.0)
+
+
+@pytest.mark.stack
+def test_redis_many_counts_recover_from_a_script_flush(
+    valkey: ValkeyServer, redis_sync: redis.Redis
+) -> None:
+    async def body(store: RedisQuotaStore) -> None:
+        c = check(tenant="acme", model="llama")
+        await store.acquire(c)
+        redis_sync.script_flush()
+        assert await store.in_flight_many([("acme", None)]) == {("acme", None): 1}
+        redis_sync.script_flush()
+        assert await store.model_in_flight_many(["llama"]) == {"llama": 1}
+
+    run_redis(valkey.url, body, timeout_s=2.0)
+
+
+def policy_with_tenants(n: int) -> Any:
+    policy = make_policy()
+    search = policy.tenants["search"]
+    tenants = {
+        f"t{i}": replace(search, name=f"t{i}", allowed_classes=frozenset(CLASSES)) for i in range(n)
+    }
+    return replace(policy, tenants=MappingProxyType(tenants))
+
+
+@pytest.mark.stack
+def test_service_refreshes_300_tenants_in_one_round_trip(
+    valkey: ValkeyServer, redis_sync: redis.Redis, round_trips: list[int]
+) -> None:
+    async def body() -> None:
+        store = RedisQuotaStore(valkey.url, timeout_s=2.0)
+        service = AdmissionService(policy_with_tenants(300), store, Metrics(CollectorRegistry()))
+        try:
+            await store.acquire(check(tenant="t42", klass="interactive", model="simgpu"))
+            assert await service.refresh_in_flight()  # connects and loads the script
+            before = round_trips[0]
+            assert await service.refresh_in_flight()
+            assert round_trips[0] - before == 1  # 300 tenants x 3 classes
+            before = round_trips[0]
+            await service.refresh_model_in_flight(["simgpu", "other"])
+            assert round_trips[0] - before == 1
+        finally:
+            await store.close()
+        sample = service.metrics.registry.get_sample_value
+        assert sample("qos_in_flight_requests", {"tenant": "t42", "class": "interactive"}) == 1
+        assert sample("qos_in_flight_requests", {"tenant": "t299", "class": "batch"}) == 0
+        assert sample("qos_model_in_flight_requests", {"model": "simgpu"}) == 1
+
+    asyncio.run(body())
