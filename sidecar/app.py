@@ -39,6 +39,7 @@ from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
 from sidecar.settings import ListenAddr, Settings
 from sidecar.state.base import QuotaStore
+from sidecar.state.breaker import CircuitBreaker, GuardedStore
 from sidecar.state.memory import MemoryQuotaStore
 from sidecar.state.redis_store import RedisQuotaStore
 
@@ -56,12 +57,18 @@ SOCKET_MODE = 0o660
 
 def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
     if settings.redis_url:
-        return RedisQuotaStore(
+        redis = RedisQuotaStore(
             settings.redis_url,
             timeout_s=settings.redis_timeout_ms / 1000,
             # A model step that failed without failing its call (see sidecar.state.base).
             on_model_set_failure=metrics.state_errors.labels("model_lease").inc,
         )
+        # Fail fast while Redis is down (sidecar/state/breaker.py).
+        breaker = CircuitBreaker(
+            on_change=lambda degraded: metrics.degraded.set(1 if degraded else 0),
+            on_degraded_s=metrics.degraded_seconds.inc,
+        )
+        return GuardedStore(redis, breaker)
     return MemoryQuotaStore()
 
 

@@ -287,8 +287,8 @@ class AdmissionService:
         task = asyncio.ensure_future(self.store.acquire(check))
         try:
             result = await asyncio.shield(task)
-        except StateUnavailable as exc:
-            log.warning("quota store unavailable: %s", exc)
+        except StateUnavailable:
+            # Not logged per call: the store's circuit breaker logs each outage once.
             self.metrics.state_errors.labels("acquire").inc()
             self.leases.owe(lease)
             return None
