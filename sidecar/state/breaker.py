@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_FAILURES_TO_OPEN = 2
+
+
+class CircuitOpen(StateUnavailable):
+    """Refused without calling the store: nothing was sent, so nothing needs undoing."""
+
+
 DEFAULT_PROBE_INTERVAL_S = 0.5
 
 
@@ -126,7 +132,7 @@ class CircuitBreaker:
     async def call(self, operation: str, run: Callable[[], Awaitable[T]]) -> T:
         """Run `run()` through the breaker. Raises StateUnavailable at once while open."""
         if not self.allow():
-            raise StateUnavailable(f"redis {operation}: circuit open (store unavailable)")
+            raise CircuitOpen(f"redis {operation}: circuit open (store unavailable)")
         try:
             result = await run()
         except StateUnavailable as exc:
