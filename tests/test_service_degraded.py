@@ -92,7 +92,7 @@ def test_local_share_admits_at_most_the_limit_over_the_replicas() -> None:
         assert len(admitted) == 4
         assert all(d.reason is Reason.ADMITTED for d in admitted)
         assert "takes its local share (1/2 of each limit" in " ".join(admitted[0].trace)
-        assert {d.reason for d in decisions if not d.admitted} == {Reason.CONCURRENCY_EXCEEDED}
+        assert {d.reason for d in decisions if not d.admitted} == {Reason.OVER_CONCURRENCY}
         assert metrics.degraded._value.get() == 1
         assert await service.heartbeat("me", 6.0) is False
         assert service.replicas() == 2  # remembered from before the outage
