@@ -155,6 +155,12 @@ class Metrics:
             "Time spent in degraded mode (the quota store's circuit open).",
             registry=registry,
         )
+        self.local_leases = Gauge(
+            "qos_local_leases",
+            "Leases this replica took in its local share while the store was unavailable, "
+            "not yet released (read every heartbeat).",
+            registry=registry,
+        )
         self.replicas = Gauge(
             "qos_replicas",
             "Live replicas sharing the quota store, from their heartbeats (the last count "

@@ -351,6 +351,7 @@ class AdmissionService:
             for lease in leases:
                 if lease.lease_id not in held:
                     self.local_leases.pop(lease.lease_id, None)
+        self.metrics.local_leases.set(len(self.local_leases))
         try:
             self.replicas_seen = max(1, await self.store.heartbeat(replica, ttl_s))
         except StateUnavailable:
