@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
 from sidecar.settings import ListenAddr, Settings
 from sidecar.state.base import QuotaStore
+from sidecar.state.breaker import CircuitBreaker, GuardedStore
 from sidecar.state.memory import MemoryQuotaStore
 from sidecar.state.redis_store import RedisQuotaStore
 
@@ -52,16 +54,26 @@ GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # sidecar (a pod's fsGroup, compose's group_add): connecting needs write permission on the
 # socket, which the default umask withholds from the group.
 SOCKET_MODE = 0o660
+# Every replica says it is alive this often; one silent for HEARTBEAT_TTL_S no longer counts
+# (three missed beats: a slow loop is not a dead replica).
+HEARTBEAT_S = 2.0
+HEARTBEAT_TTL_S = 3 * HEARTBEAT_S
 
 
 def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
     if settings.redis_url:
-        return RedisQuotaStore(
+        redis = RedisQuotaStore(
             settings.redis_url,
             timeout_s=settings.redis_timeout_ms / 1000,
             # A model step that failed without failing its call (see sidecar.state.base).
             on_model_set_failure=metrics.state_errors.labels("model_lease").inc,
         )
+        # Fail fast while Redis is down (sidecar/state/breaker.py).
+        breaker = CircuitBreaker(
+            on_change=lambda degraded: metrics.degraded.set(1 if degraded else 0),
+            on_degraded_s=metrics.degraded_seconds.inc,
+        )
+        return GuardedStore(redis, breaker)
     return MemoryQuotaStore()
 
 
@@ -174,6 +186,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         )
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
+    sidecar.tasks.append(asyncio.create_task(_heartbeat(service)))
     # Renews the leases of running requests and retries owed releases (sidecar/leases.py).
     sidecar.tasks.append(asyncio.create_task(service.leases.run()))
     log.info(
@@ -327,6 +340,20 @@ async def _refresh_model_in_flight(
         except Exception:  # a bug here must not end the loop (admission would lose the cap)
             log.exception("model in-flight refresh failed")
         await asyncio.sleep(interval_s)
+
+
+async def _heartbeat(service: AdmissionService) -> None:
+    """Keep this replica counted among the live ones (the share of each limit in degraded
+    mode), and the degraded time counted while the store's circuit is open."""
+    replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    while True:
+        try:
+            await service.heartbeat(replica, HEARTBEAT_TTL_S)
+            if isinstance(service.store, GuardedStore):
+                service.store.breaker.accrue()
+        except Exception:  # a bug here must not end the loop
+            log.exception("heartbeat failed")
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def _refresh_in_flight(service: AdmissionService) -> None:

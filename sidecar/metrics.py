@@ -21,6 +21,7 @@ class Metrics:
         self._decision_series(registry)
         self._adapter_series(registry)
         self._state_series(registry)
+        self._degraded_series(registry)
         self._policy_series(registry)
         self._backend_series(registry)
 
@@ -138,6 +139,32 @@ class Metrics:
             "Calls to the quota store that failed or timed out, by operation (model_lease: the "
             "model step of an acquire or release, which fails neither).",
             ["operation"],
+            registry=registry,
+        )
+
+    def _degraded_series(self, registry: CollectorRegistry) -> None:
+        """The degraded mode: while the quota store's circuit is open (sidecar.state.breaker)."""
+        self.degraded = Gauge(
+            "qos_degraded",
+            "1 while the quota store's circuit is open (calls fail fast and classes follow "
+            "their on_state_error), else 0.",
+            registry=registry,
+        )
+        self.degraded_seconds = Counter(
+            "qos_degraded_seconds",
+            "Time spent in degraded mode (the quota store's circuit open).",
+            registry=registry,
+        )
+        self.local_leases = Gauge(
+            "qos_local_leases",
+            "Leases this replica took in its local share while the store was unavailable, "
+            "not yet released (read every heartbeat).",
+            registry=registry,
+        )
+        self.replicas = Gauge(
+            "qos_replicas",
+            "Live replicas sharing the quota store, from their heartbeats (the last count "
+            "read; each replica's share of a limit in degraded mode is 1/this).",
             registry=registry,
         )
 

@@ -7,6 +7,13 @@ module only runs its steps: it reads the load signals (through the `Deferrer`), 
 store (its failures become `None` for the core, which applies the class's fail mode), holds a
 deferred request in the `Deferrer`, gives back what an unserved request took, and records
 metrics.
+
+While the store is unavailable, a class whose `on_state_error` is `local_share` is checked
+against this replica's share of its limits (`core.degraded`) in an in-process store, `local`.
+A lease taken there is remembered by id and released, renewed and refunded there, never in
+the store; when the store answers again, new admits go to it while local leases drain
+locally (a release that reaches another replica finds nothing there and the local lease ends
+with its TTL).
 """
 
 from __future__ import annotations
@@ -34,18 +41,21 @@ from sidecar.core.decide import (
     malformed,
     refuse_unreadable,
 )
+from sidecar.core.degraded import degrade
 from sidecar.core.kserve import Unreadable
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.tokens import TokenEstimate, UsageMeter, settlement
-from sidecar.core.types import Decision, LeaseRef, QuotaResult, RequestAttributes
+from sidecar.core.types import Decision, LeaseRef, QuotaCheck, QuotaResult, RequestAttributes
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
 from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
-from sidecar.policy.model import Policy, TokenPolicy
+from sidecar.policy.model import FailMode, Policy, TokenPolicy
 from sidecar.policy.reload import FixedPolicy, PolicySource
 from sidecar.state.base import QuotaStore, new_lease_id
+from sidecar.state.breaker import CircuitOpen
+from sidecar.state.memory import MemoryQuotaStore
 
 log = logging.getLogger(__name__)
 # Called with the longest a request may now be held, before it is held.
@@ -75,6 +85,11 @@ class AdmissionService:
         self.stale_after_s = stale_after_s
         self.clock = clock
         self._background: set[asyncio.Future[bool]] = set()
+        # The degraded mode's store and its leases (see the module comment); `replicas` is
+        # the live count the heartbeats showed last (`heartbeat`).
+        self.local = MemoryQuotaStore()
+        self.local_leases: dict[str, LeaseRef] = {}
+        self.replicas_seen = 1
         # The leases this replica took (renewed while they run) and the releases it owes;
         # `app` runs its loop. Without it (tests), leases simply live their TTL.
         self.leases = LeaseKeeper(
@@ -158,6 +173,12 @@ class AdmissionService:
     async def release(self, lease: LeaseRef) -> bool:
         """Release `lease` now; if the store fails, owe it (retried until it is taken). True if
         a lease was freed now."""
+        if self.local_leases.pop(lease.lease_id, None) is not None:
+            released = await self.local.release(lease, tombstone_s=self.policy.lease_ttl_s)
+            self.metrics.completions.labels("released" if released else "already_released").inc()
+            if self.deferrer is not None:
+                self.deferrer.pump()
+            return released
         self.leases.ended(lease)
         try:
             return await self._release(lease)
@@ -250,7 +271,11 @@ class AdmissionService:
         """Run the core's admission machine, performing the I/O each step asks for."""
         step: TakeQuota | Hold | Answer = self._until_quota(compiled, attrs, estimate)
         if isinstance(step, TakeQuota):
-            step = admission.on_quota(step, await self._acquire(step), self.clock())
+            result = await self._acquire(step)
+            if result is None and step.admission.klass.on_state_error is FailMode.LOCAL_SHARE:
+                step = replace(step, admission=degrade(step.admission, self.replicas()))
+                result = await self._acquire_locally(step.admission.check)
+            step = admission.on_quota(step, result, self.clock())
         if isinstance(step, Hold):
             step = await self._hold(step, compiled.policy, on_hold)
         return await self._perform(step, compiled.policy)
@@ -293,9 +318,10 @@ class AdmissionService:
         try:
             result = await asyncio.shield(task)
         except StateUnavailable as exc:
-            log.warning("quota store unavailable: %s", exc)
+            # Not logged per call: the store's circuit breaker logs each outage once.
             self.metrics.state_errors.labels("acquire").inc()
-            self.leases.owe(lease)
+            if not isinstance(exc, CircuitOpen):  # an open circuit sent nothing to release
+                self.leases.owe(lease)
             return None
         except asyncio.CancelledError:
             task.add_done_callback(lambda done: self._release_orphan(lease, done))
@@ -303,6 +329,42 @@ class AdmissionService:
         if result.lease_id is not None:
             self.leases.taken(lease)
         return result
+
+    async def _acquire_locally(self, check: QuotaCheck) -> QuotaResult:
+        """Take `check` (already this replica's share) in the local store."""
+        if check.lease_id is None:
+            check = replace(check, lease_id=new_lease_id())
+        result = await self.local.acquire(check)
+        if result.lease_id is not None:
+            self.local_leases[result.lease_id] = LeaseRef(
+                check.tenant, check.klass, result.lease_id, check.model
+            )
+        return result
+
+    def replicas(self) -> int:
+        """How many replicas share the limits: the policy's `replicas`, else the heartbeats'."""
+        return self.policy.replicas or self.replicas_seen
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> bool:
+        """Say this replica is alive; remember the live count. Also renews local leases (the
+        store's `LeaseKeeper` never sees them). False when the store did not answer."""
+        local: dict[str, list[LeaseRef]] = {}
+        for lease in self.local_leases.values():
+            local.setdefault(lease.tenant, []).append(lease)
+        for tenant, leases in local.items():
+            held = await self.local.renew(tenant, leases, self.policy.lease_ttl_s)
+            for lease in leases:
+                if lease.lease_id not in held:
+                    self.local_leases.pop(lease.lease_id, None)
+        self.metrics.local_leases.set(len(self.local_leases))
+        try:
+            self.replicas_seen = max(1, await self.store.heartbeat(replica, ttl_s))
+        except StateUnavailable:
+            self.metrics.state_errors.labels("heartbeat").inc()
+            return False
+        finally:
+            self.metrics.replicas.set(self.replicas())
+        return True
 
     def _release_orphan(self, lease: LeaseRef, done: asyncio.Future[QuotaResult]) -> None:
         if done.cancelled() or done.exception() is not None:
@@ -351,7 +413,8 @@ class AdmissionService:
         lease = decision.lease
         if lease is None or lease.model is None:
             return
-        task = asyncio.ensure_future(self.store.count_for_model(lease, lease_ttl_s))
+        store = self.local if lease.lease_id in self.local_leases else self.store
+        task = asyncio.ensure_future(store.count_for_model(lease, lease_ttl_s))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -367,13 +430,15 @@ class AdmissionService:
 
     async def _give_back(self, give_back: GiveBack) -> None:
         """Return the lease and the bucket tokens of a request that was never served."""
+        lease = give_back.lease
+        store = self.local if lease and lease.lease_id in self.local_leases else self.store
         if give_back.lease is not None:
             await self.release(give_back.lease)
         refunds = [replace(bucket, cost=-bucket.cost) for bucket in give_back.buckets]
         if not refunds:
             return
         try:
-            await self.store.charge(give_back.tenant, refunds)
+            await store.charge(give_back.tenant, refunds)
         except StateUnavailable:
             self.metrics.state_errors.labels("charge").inc()
 

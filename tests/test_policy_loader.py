@@ -235,7 +235,7 @@ tenants:
         (IdentitySource(IdentitySourceKind.HEADER, "x-tenant"),), "x-qos-class"
     )
     gold = policy.classes["gold"]
-    assert gold.on_state_error is FailMode.CLOSED
+    assert gold.on_state_error is FailMode.LOCAL_SHARE  # the default
     assert gold.concurrency_retry_after_ms == 1000
     assert policy.unknown_tenants == UnknownTenantPolicy()
     assert policy.lease_ttl_s == 10.0
@@ -469,7 +469,7 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
             "3: classes.gold: unknown key 'ranc' (did you mean 'rank'?); "
             f"allowed: {ALLOWED_CLASS_KEYS}",
             "7: unknown key 'tenant' (did you mean 'tenants'?); "
-            "allowed: identity, lease_ttl_s, unknown_tenants, classes, models, tenants",
+            "allowed: identity, lease_ttl_s, replicas, unknown_tenants, classes, models, tenants",
         ],
     ),
     (
@@ -480,7 +480,7 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
             "5: classes.gold.latency_objective_ms: expected an integer, got number",
             "6: classes.gold.max_wait_ms: expected an integer, got boolean",
             "7: classes.gold.triton_priority: expected an integer, got null",
-            "8: classes.gold.on_state_error: expected one of open, closed, got list",
+            "8: classes.gold.on_state_error: expected one of local_share, open, closed, got list",
             "11: tenants.search.allowed_classes: expected a list, got string",
             "12: tenants.search.default_class: expected a string, got integer",
             "15: tenants.search.buckets[0].rate: expected a number, got string",
@@ -491,7 +491,7 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
     (
         "bad_enum.yaml",
         [
-            "7: classes.gold.on_state_error: expected one of open, closed, got 'opne'",
+            "7: classes.gold.on_state_error: expected one of local_share, open, closed, got 'opne'",
             "12: tenants.search.on_disallowed_class: expected one of downgrade, reject, "
             "got 'ignore'",
             "14: tenants.search.buckets[0].unit: expected one of requests, cost, got 'tokens'",

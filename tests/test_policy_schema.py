@@ -86,6 +86,7 @@ def test_schema_shape() -> None:
     assert set(schema["properties"]) == {
         "identity",
         "lease_ttl_s",
+        "replicas",
         "unknown_tenants",
         "classes",
         "models",

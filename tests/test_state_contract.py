@@ -27,6 +27,7 @@ from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings
 from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from sidecar.state.breaker import GuardedStore
 from sidecar.state.keys import encode_name
 from tests.fixtures_valkey import ValkeyServer, free_port
 from tests.test_state_keys import cluster_hash_tag
@@ -751,7 +752,11 @@ def run_redis(
 
     async def main() -> None:
         wiring = Settings(redis_url=url, redis_timeout_ms=round(timeout_s * 1000))
-        store = make_store(wiring, metrics or Metrics(CollectorRegistry()))
+        guarded = make_store(wiring, metrics or Metrics(CollectorRegistry()))
+        # The app puts a circuit breaker in front (tested in test_state_breaker.py); these
+        # tests are about the Redis store itself, every call reaching the server.
+        assert isinstance(guarded, GuardedStore)
+        store = guarded.inner
         assert isinstance(store, RedisQuotaStore)
         try:
             await body(store)

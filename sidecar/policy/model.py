@@ -41,6 +41,7 @@ from sidecar.policy.spec import (
 class FailMode(enum.Enum):
     """What a class gets when the shared quota store cannot answer."""
 
+    LOCAL_SHARE = "local_share"  # each replica enforces limit / live replicas, in memory
     OPEN = "open"  # admit without quota checks (counted in a metric)
     CLOSED = "closed"  # shed with 503
 
@@ -170,9 +171,10 @@ class ClassPolicy:
     )
     on_state_error: FailMode = setting(
         Choice.of(FailMode),
-        "When the shared quota store cannot answer: open admits without quota checks, "
-        "closed sheds with 503.",
-        default=FailMode.CLOSED,
+        "When the shared quota store cannot answer: local_share enforces this replica's share "
+        "of every limit (the limit divided by the live replicas) in memory, open admits "
+        "without quota checks, closed sheds with 503.",
+        default=FailMode.LOCAL_SHARE,
     )
     concurrency_retry_after_ms: int = setting(
         Int(minimum=0),
@@ -420,7 +422,15 @@ class ModelPolicy:
     "policyFile",
     "One qos-sidecar policy file. Several files are merged into one policy; each class, "
     "tenant and model is defined once across all of them.",
-    key_order=("identity", "lease_ttl_s", "unknown_tenants", "classes", "models", "tenants"),
+    key_order=(
+        "identity",
+        "lease_ttl_s",
+        "replicas",
+        "unknown_tenants",
+        "classes",
+        "models",
+        "tenants",
+    ),
 )
 class Policy:
     """One validated, immutable snapshot of every policy file."""
@@ -449,6 +459,13 @@ class Policy:
         "down frees its slot this long after the sidecar's last renewal at most. At most one "
         "file may set it.",
         default=10.0,
+    )
+    replicas: int | None = setting(
+        Int(minimum=1),
+        "How many replicas share the quota store, for the local share of each limit while the "
+        "store is unavailable (on_state_error: local_share). Default: the count the replicas' "
+        "heartbeats in the store showed last. At most one file may set it.",
+        default=None,
     )
 
     def cost_of(self, model: str | None) -> float:

@@ -56,6 +56,8 @@ Rules (the contract tests in tests/test_state_contract.py run both stores throug
   is undone by the release the caller queues for it.
 - Time is the store's own clock: the Redis server's for Redis (one clock for all replicas), an
   injected clock for memory. Callers never pass time in.
+- `heartbeat` counts the live replicas that share the store (each calls it every few
+  seconds), for the degraded mode's share of each limit (`sidecar.core.degraded`).
 - Stores raise `StateUnavailable` when the state cannot be read or written, and `ValueError`
   for arguments no policy could produce (see `validate_check`). Being over a limit is a
   `QuotaResult`, never an exception.
@@ -121,6 +123,12 @@ class QuotaStore(Protocol):
     async def model_in_flight(self, model: str) -> int:
         """Unexpired leases of the model, of every tenant (see the per-model rules).
         Raises StateUnavailable, or ValueError for an empty model."""
+        ...
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> int:
+        """Say that `replica` is alive for `ttl_s` more seconds; the number of live replicas,
+        this one included (a store that only this replica uses answers 1).
+        Raises StateUnavailable."""
         ...
 
     async def ping(self) -> None:

@@ -44,6 +44,9 @@ class KeyKind(enum.Enum):
 
 # Not a `KeyKind`: those are a tenant's keys, this is the one key with a model's hash tag.
 MODEL_LEASES = "model_leases"  # sorted set: every tenant's leases of one model, score = expiry
+# The replicas' heartbeats: sorted set, member = replica id, score = expiry. Its tag is a
+# model tag (no tenant's), and its kind is no model's set, so it is no other key.
+HEARTBEATS_KEY = f"{PREFIX}:{{=replicas}}:heartbeats"
 
 
 def encode_name(name: str) -> str:

@@ -191,6 +191,9 @@ class MemoryQuotaStore:
         leases = self._live_model_leases(model, self._clock())
         return 0 if leases is None else len(leases.expiry_by_id)
 
+    async def heartbeat(self, replica: str, ttl_s: float) -> int:
+        return 1  # a memory store serves this replica alone
+
     async def ping(self) -> None:
         return None
 

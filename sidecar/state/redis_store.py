@@ -26,6 +26,14 @@ Rules:
   once per `_LOG_EVERY_S`.
 - A call cut short by the deadline may still have run on the server. A lease taken that way is
   never handed out and expires with its TTL; that is the price of not waiting.
+- A connection error (the server closed the connection, or refused a new one) is retried once,
+  within the same deadline, after dropping every idle pooled connection: after a restart every
+  connection pooled before it is dead, and without this each would fail one call. Only scripts
+  that are safe to run twice are retried: release, renew, peek, in-flight counts, model steps,
+  heartbeats, and acquire, because an acquire always carries its lease id: if the first attempt
+  did run, the retry finds the id held and takes nothing (`LEASE_ID_USED`), which this store
+  then reports as the first error (the caller owes a release, as for any failed acquire), so a
+  retry can never charge twice. `charge` is not retried: it has no id and would charge twice.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
@@ -55,7 +64,7 @@ from sidecar.state.base import (
     validate_model,
     validate_tenant,
 )
-from sidecar.state.keys import KeyKind, build_key, build_model_key
+from sidecar.state.keys import HEARTBEATS_KEY, KeyKind, build_key, build_model_key
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +106,7 @@ CHARGE = load_script("charge")
 IN_FLIGHT = load_script("in_flight")
 MODEL_LEASE = load_script("model_lease")
 RENEW = load_script("renew")
+HEARTBEAT = load_script("heartbeat")
 
 
 @contextlib.contextmanager
@@ -205,7 +215,11 @@ class RedisQuotaStore:
             return
         keys = [build_key(tenant, KeyKind.BUCKET, bucket.name) for bucket in buckets]
         args = [arg for bucket in buckets for arg in (bucket.rate_per_s, bucket.cost)]
-        await self._run(CHARGE, keys, args)
+        await self._run(CHARGE, keys, args, retry=False)  # not idempotent: see module rules
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> int:
+        """Raises StateUnavailable."""
+        return int(await self._run(HEARTBEAT, [HEARTBEATS_KEY], [replica, ttl_s]))
 
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         """Raises StateUnavailable."""
@@ -251,7 +265,8 @@ class RedisQuotaStore:
         for bucket in check.buckets:
             keys.append(build_key(check.tenant, KeyKind.BUCKET, bucket.name))
             args += (bucket.rate_per_s, bucket.burst, bucket.cost)
-        reply = await self._run(ACQUIRE, keys, args, deadline)
+        retried: list[BaseException] = []
+        reply = await self._run(ACQUIRE, keys, args, deadline, retried=retried)
         allowed, denied_code, bucket_index, retry_after, in_flight, class_in_flight = reply
         if allowed:
             if take and check.model is not None and check.count_model_now:
@@ -265,6 +280,9 @@ class RedisQuotaStore:
                 class_in_flight=int(class_in_flight),
             )
         denied_by = _DENIED_BY[int(denied_code)]
+        if retried and take and denied_by is LimitKind.LEASE_ID_USED:
+            # The lost first attempt ran after all: its lease exists but its answer is gone.
+            raise StateUnavailable(f"redis acquire: {retried[0]}") from retried[0]
         return QuotaResult(
             allowed=False,
             denied_by=denied_by,
@@ -320,16 +338,34 @@ class RedisQuotaStore:
         keys: Sequence[str],
         args: Sequence[str | float],
         deadline: float | None = None,
+        *,
+        retry: bool = True,
+        retried: list[BaseException] | None = None,
     ) -> Any:
+        """Run `script`, retrying once on a connection error when `retry` (see module rules);
+        the error that caused a retry is appended to `retried`."""
         if deadline is None:
             deadline = self._deadline()
         with map_exceptions(script.name, self._timeout_s):
             async with asyncio.timeout_at(deadline):
                 try:
-                    return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    await self._client.script_load(script.source)
-                    return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+                    return await self._evalsha(script, keys, args)
+                except RedisConnectionError as exc:
+                    if not retry:
+                        raise
+                    # Idle pooled connections are as old as the one that failed: drop them,
+                    # so the retry (and every later call) connects afresh.
+                    await self._client.connection_pool.disconnect(inuse_connections=False)
+                    if retried is not None:
+                        retried.append(exc)
+                    return await self._evalsha(script, keys, args)
+
+    async def _evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._client.script_load(script.source)
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def in_flight_many(
         self, pairs: Sequence[tuple[str, str | None]]

@@ -1,0 +1,76 @@
+"""The degraded mode's rule: which limits a replica enforces alone (core.degraded), as tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.core.degraded import degrade, local_share
+from sidecar.core.types import BucketCheck, QuotaCheck
+from tests.test_core_decide import attrs, plan
+
+REQUESTS = BucketCheck("requests", rate_per_s=10.0, burst=20.0, cost=1.0)
+TOKENS = BucketCheck("tokens", rate_per_s=1000.0, burst=4000.0, cost=300.0, by_cost=True)
+
+
+def check(concurrency: int | None = 8, per_class: int | None = 2) -> QuotaCheck:
+    return QuotaCheck(
+        tenant="acme",
+        klass="standard",
+        buckets=(REQUESTS, TOKENS),
+        max_concurrency=concurrency,
+        max_class_concurrency=per_class,
+        lease_ttl_s=10.0,
+        model="llm",
+        lease_id="r1",
+    )
+
+
+@pytest.mark.parametrize(
+    "replicas, rates, bursts, concurrency, per_class",
+    [
+        (1, (10.0, 1000.0), (20.0, 4000.0), 8, 2),  # alone: the whole limit
+        (0, (10.0, 1000.0), (20.0, 4000.0), 8, 2),  # never counted: alone
+        (2, (5.0, 500.0), (10.0, 2000.0), 4, 1),
+        (4, (2.5, 250.0), (5.0, 1000.0), 2, 1),  # 2 // 4 is 0: at least one
+        (3, (10 / 3, 1000 / 3), (20 / 3, 4000 / 3), 2, 1),  # rounded down
+        # Many replicas: a burst stays at least the request's cost, and at least 1.
+        (40, (0.25, 25.0), (1.0, 300.0), 1, 1),
+    ],
+)
+def test_each_limit_is_divided_by_the_live_replicas(
+    replicas: int,
+    rates: tuple[float, float],
+    bursts: tuple[float, float],
+    concurrency: int,
+    per_class: int,
+) -> None:
+    shared = local_share(check(), replicas)
+    assert tuple(b.rate_per_s for b in shared.buckets) == pytest.approx(rates)
+    assert tuple(b.burst for b in shared.buckets) == pytest.approx(bursts)
+    assert (shared.max_concurrency, shared.max_class_concurrency) == (concurrency, per_class)
+    # Everything but the limits is the check's own.
+    assert tuple(b.cost for b in shared.buckets) == (1.0, 300.0)
+    assert (shared.tenant, shared.klass, shared.model, shared.lease_id) == (
+        "acme",
+        "standard",
+        "llm",
+        "r1",
+    )
+    assert shared.lease_ttl_s == 10.0
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+def test_no_limit_and_a_zero_limit_stay_as_they_are(limit: int | None) -> None:
+    shared = local_share(check(concurrency=limit, per_class=limit), 4)
+    assert (shared.max_concurrency, shared.max_class_concurrency) == (limit, limit)
+
+
+def test_degrade_says_so_in_the_trace() -> None:
+    admission = plan(attrs(x_api_key="k-search"))
+    degraded = degrade(admission, 3)
+    assert degraded.check.max_concurrency == 8 // 3
+    assert degraded.trace[-1] == (
+        "quota store unavailable; class 'standard' takes its local share "
+        "(1/3 of each limit, 3 live replicas)"
+    )
+    assert degraded.trace[:-1] == admission.trace

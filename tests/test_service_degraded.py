@@ -1,0 +1,167 @@
+"""The degraded mode through the service: a scripted store outage, local shares, local leases."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.core.lease import parse_lease
+from sidecar.core.types import (
+    Decision,
+    LeaseRef,
+    QuotaCheck,
+    QuotaResult,
+    Reason,
+    RequestAttributes,
+)
+from sidecar.errors import StateUnavailable
+from sidecar.metrics import Metrics
+from sidecar.policy.model import FailMode, Policy
+from sidecar.service import AdmissionService
+from sidecar.state.breaker import CircuitBreaker, GuardedStore
+from sidecar.state.memory import MemoryQuotaStore
+from tests.core_fixtures import make_policy
+
+INFER = "/v2/models/simgpu/infer"
+
+
+class OutageStore(MemoryQuotaStore):
+    """A memory store that, while `down`, fails every call that can fail; counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.releases: list[str] = []
+        self.replicas = 2
+
+    def _fail(self, operation: str) -> None:
+        if self.down:
+            raise StateUnavailable(f"redis {operation}: no answer within 50 ms")
+
+    async def acquire(self, check: QuotaCheck) -> QuotaResult:
+        self._fail("acquire")
+        return await super().acquire(check)
+
+    async def release(self, lease: LeaseRef, *, tombstone_s: float = 10.0) -> bool:
+        self.releases.append(lease.lease_id)
+        self._fail("release")
+        return await super().release(lease, tombstone_s=tombstone_s)
+
+    async def charge(self, tenant: str, buckets: Any) -> None:
+        self._fail("charge")
+        await super().charge(tenant, buckets)
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> int:
+        self._fail("heartbeat")
+        return self.replicas
+
+
+def policy(replicas: int | None = None) -> Policy:
+    base = make_policy()
+    classes = dict(base.classes)
+    classes["standard"] = replace(classes["standard"], on_state_error=FailMode.LOCAL_SHARE)
+    return replace(base, classes=MappingProxyType(classes), replicas=replicas)
+
+
+def make(replicas: int | None = None) -> tuple[AdmissionService, OutageStore, Metrics]:
+    store, metrics = OutageStore(), Metrics(CollectorRegistry())
+    guarded = GuardedStore(store, CircuitBreaker(on_change=lambda d: metrics.degraded.set(d)))
+    return AdmissionService(policy(replicas), guarded, metrics), store, metrics
+
+
+def request(klass: str = "standard") -> RequestAttributes:
+    return RequestAttributes("POST", INFER, {"x-api-key": "k-search", "x-qos-class": klass})
+
+
+async def admit_many(service: AdmissionService, n: int) -> list[Decision]:
+    return [await service.check(request(), "test") for _ in range(n)]
+
+
+def test_local_share_admits_at_most_the_limit_over_the_replicas() -> None:
+    async def main() -> None:
+        service, store, metrics = make()
+        assert await service.heartbeat("me", 6.0)  # two replicas, seen before the outage
+        store.down = True
+        decisions = await admit_many(service, 20)
+        admitted = [d for d in decisions if d.admitted]
+        # search: max_concurrency 8, so this replica's share is 4 (its bucket's, 10, is more).
+        assert len(admitted) == 4
+        assert all(d.reason is Reason.ADMITTED for d in admitted)
+        assert "takes its local share (1/2 of each limit" in " ".join(admitted[0].trace)
+        assert {d.reason for d in decisions if not d.admitted} == {Reason.OVER_CONCURRENCY}
+        assert metrics.degraded._value.get() == 1
+        assert await service.heartbeat("me", 6.0) is False
+        assert service.replicas() == 2  # remembered from before the outage
+
+    asyncio.run(main())
+
+
+def test_the_policy_replicas_overrides_the_heartbeats() -> None:
+    async def main() -> None:
+        service, store, _ = make(replicas=4)
+        await service.heartbeat("me", 6.0)
+        store.down = True
+        admitted = [d for d in await admit_many(service, 20) if d.admitted]
+        assert len(admitted) == 2  # 8 / 4
+
+    asyncio.run(main())
+
+
+def test_local_leases_are_released_locally_then_the_store_takes_over() -> None:
+    async def main() -> None:
+        service, store, _ = make()
+        await service.heartbeat("me", 6.0)
+        store.down = True
+        admitted = [d for d in await admit_many(service, 6) if d.admitted]
+        assert len(admitted) == 4
+        token = dict(admitted[0].headers)["x-qos-lease"]
+        assert await service.complete(token)  # freed here...
+        assert parse_lease(token) is not None
+        assert store.releases == []  # ...never sent to the store
+        assert len(service.local_leases) == 3
+        again = await service.check(request(), "test")
+        assert again.admitted  # its slot is free again
+
+        store.down = False
+        service.store.breaker._next_probe_s = 0.0  # type: ignore[attr-defined]
+        back = await service.check(request(), "test")  # the probe: the store answers
+        assert back.admitted and "local share" not in " ".join(back.trace)
+        assert await store.in_flight("search", None) == 1  # new admits go to the store
+        for decision in admitted[1:]:  # local leases drain locally
+            assert await service.complete(dict(decision.headers)["x-qos-lease"])
+        assert store.releases == []
+        assert await service.local.in_flight("search", None) == 1  # `again`, still running
+        assert await service.complete(dict(again.headers)["x-qos-lease"])
+        assert service.local_leases == {} and store.releases == []
+        assert await service.local.in_flight("search", None) == 0
+
+    asyncio.run(main())
+
+
+def test_open_and_closed_classes_keep_their_meaning() -> None:
+    async def main() -> None:
+        service, store, _ = make()
+        store.down = True
+        opened = await service.check(request("interactive"), "test")  # fixtures: OPEN
+        assert (opened.admitted, opened.reason) == (True, Reason.ADMITTED_FAIL_OPEN)
+        analytics = RequestAttributes("POST", INFER, {"x-api-key": "k-analytics"})
+        closed = await service.check(analytics, "test")  # batch: CLOSED
+        assert (closed.status, closed.reason) == (503, Reason.STATE_UNAVAILABLE)
+        assert service.local_leases == {}
+
+    asyncio.run(main())
+
+
+def test_an_open_circuit_owes_no_release() -> None:
+    async def main() -> None:
+        service, store, _ = make()
+        store.down = True
+        await admit_many(service, 10)
+        # Only the two calls that reached the store (and may have run there) are owed.
+        assert service.leases.backlog == 2
+
+    asyncio.run(main())
