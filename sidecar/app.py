@@ -168,6 +168,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         load=monitor.view if monitor is not None else None,
         stale_after_s=settings.triton_stale_ms / 1000,
         queue_alpha_s_per_unit=settings.queue_alpha_ms_per_unit / 1000,
+        model_pod=settings.model_pod,
     )
     if monitor is not None and service.deferrer is not None:
         monitor.on_update = service.deferrer.on_scrape
@@ -191,13 +192,14 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     sidecar.tasks.append(asyncio.create_task(service.leases.run()))
     log.info(
         "qos-sidecar up: authz http %s, grpc (ext_authz, ext_proc, access log) %s, admin %s,"
-        " policy %s, store %s, auth token %s",
+        " policy %s, store %s, auth token %s, model counts %s",
         settings.authz_http_addr,
         settings.grpc_addr,
         settings.admin_addr,
         holder.current.version,
         "redis" if settings.redis_url else "memory",
         "required" if settings.auth_token else "off",
+        f"of pod {settings.model_pod!r}" if settings.model_pod else "fleet-wide (gateway)",
     )
     return sidecar
 

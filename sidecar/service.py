@@ -73,6 +73,7 @@ class AdmissionService:
         stale_after_s: float = 1.0,
         queue_alpha_s_per_unit: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        model_pod: str | None = None,
     ) -> None:
         # The policy's one home is its source (the app's PolicyHolder, which reloads it); a plain
         # Policy is one that never changes. Nothing here keeps a copy.
@@ -84,6 +85,7 @@ class AdmissionService:
         self._load = load
         self.stale_after_s = stale_after_s
         self.clock = clock
+        self.model_pod = model_pod  # whose model counts: this pod's, or None: the fleet's
         self._background: set[asyncio.Future[bool]] = set()
         # The degraded mode's store and its leases (see the module comment); `replicas` is
         # the live count the heartbeats showed last (`heartbeat`).
@@ -193,8 +195,8 @@ class AdmissionService:
         released = await self.store.release(lease, tombstone_s=self.policy.lease_ttl_s)
         self.metrics.completions.labels("released" if released else "already_released").inc()
         if self.deferrer is not None:
-            if released and lease.model is not None:
-                self.deferrer.note_ended(lease.model)
+            if released and lease.model is not None and lease.model_pod == self.model_pod:
+                self.deferrer.note_ended(lease.model)  # a lease of the count this one reads
             self.deferrer.pump()
         return released
 
@@ -237,10 +239,10 @@ class AdmissionService:
         return True
 
     async def refresh_model_in_flight(self, models: Iterable[str]) -> None:
-        """Read every model's in-flight count from the store (global: every replica's leases)
-        into the deferrer and the gauge, in one call. Store down: the last counts stay."""
+        """Read every model's in-flight count from the store (this pod's, or the fleet's: see
+        `model_pod`) into the deferrer and the gauge, in one call. Store down: they stay."""
         try:
-            counts = await self.store.model_in_flight_many(list(models))
+            counts = await self.store.model_in_flight_many(list(models), self.model_pod)
         except StateUnavailable:
             self.metrics.state_errors.labels("model_in_flight").inc()
             return
@@ -288,6 +290,8 @@ class AdmissionService:
         planned = admission.plan(attrs, compiled, cost)
         if isinstance(planned, Answer):
             return planned
+        if self.model_pod is not None and planned.check.model is not None:
+            planned = replace(planned, check=replace(planned.check, model_pod=self.model_pod))
         return admission.judge(planned, self._signals(planned.model), compiled.policy)
 
     def _signals(self, model: str | None) -> Signals:
@@ -313,7 +317,7 @@ class AdmissionService:
         check = take.admission.check
         if check.lease_id is None:
             check = replace(check, lease_id=new_lease_id())
-        lease = LeaseRef(check.tenant, check.klass, check.lease_id or "", check.model)
+        lease = LeaseRef.of(check, check.lease_id or "")
         task = asyncio.ensure_future(self.store.acquire(check))
         try:
             result = await asyncio.shield(task)
@@ -336,9 +340,7 @@ class AdmissionService:
             check = replace(check, lease_id=new_lease_id())
         result = await self.local.acquire(check)
         if result.lease_id is not None:
-            self.local_leases[result.lease_id] = LeaseRef(
-                check.tenant, check.klass, result.lease_id, check.model
-            )
+            self.local_leases[result.lease_id] = LeaseRef.of(check, result.lease_id)
         return result
 
     def replicas(self) -> int:

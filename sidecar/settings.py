@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -29,6 +30,8 @@ UNIX_PREFIX = "unix:"
 MAX_SOCKET_PATH_BYTES = 107
 # Where the shipped Envoy bootstraps (envoy/bootstrap-*.yaml, `pipe` addresses) look.
 SOCKET_DIR = "/tmp/qos-sidecar"
+# The `topology` setting's values (see Settings.topology).
+TOPOLOGIES = ("gateway", "pod")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,22 @@ class Settings:
     # Start even with a non-loopback TCP listener and no auth_token (module rule 3).
     allow_unauthenticated: bool = False
 
+    # Topology (examples/deploy/README.md): the scope of per-model in-flight counts and of
+    # `max_in_flight`. "gateway": the replicas front one pool of Tritons, so a model's count
+    # and cap are the fleet's, summed over the pool. "pod": each sidecar sits beside its own
+    # Triton, so each pod counts and caps what its Triton runs (with N pods, N x the cap in
+    # all). Tenant buckets and concurrency are fleet-wide in both.
+    topology: str = "gateway"
+    pod_id: str = ""  # this pod's name in the pod topology; empty: the hostname (Kubernetes:
+    # the pod's name). Unique per pod and stable for a pod's life: its leases name it.
+
+    @property
+    def model_pod(self) -> str | None:
+        """Whose model counts this sidecar keeps: its pod's, or None for the fleet's."""
+        if self.topology != "pod":
+            return None
+        return self.pod_id or socket.gethostname()
+
     @property
     def authz_http_listen(self) -> ListenAddr:
         return parse_listen_addr(self.authz_http_addr, "authz_http_addr")
@@ -128,6 +147,8 @@ _HELP = {
     "lease_key": "secret that signs lease tokens; the same on every replica (default: random)",
     "auth_token": "token Envoy must send (x-qos-auth) on every authz, ext_proc and log call",
     "allow_unauthenticated": "true: allow a non-loopback TCP listener without auth_token",
+    "topology": "gateway (model in-flight counts and caps fleet-wide) or pod (per pod)",
+    "pod_id": "this pod's id in the pod topology (default: the hostname)",
 }
 
 
@@ -238,6 +259,8 @@ def load_settings(
         raise SettingsError("triton_stale_ms: must be at least triton_scrape_ms")
     if not settings.policy_path:
         raise SettingsError("policy_path: at least one path is needed")
+    if settings.topology not in TOPOLOGIES:
+        raise SettingsError(f"topology: one of {', '.join(TOPOLOGIES)}, not {settings.topology!r}")
     return settings
 
 

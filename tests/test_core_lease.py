@@ -61,7 +61,7 @@ def test_a_lease_without_a_model_keeps_the_four_part_token() -> None:
         "v1.YQ.Yg.abc.!!",  # a model part that decodes to nothing
         "v1.YQ.Yg.abc.bQ==",
         "v1.YQ.Yg.abc.bR",
-        "v1.YQ.Yg.abc.bQ.bQ",  # six parts
+        "v1.YQ.Yg.abc.bQ.bQ.bQ",  # seven parts (six: a model and its pod)
         "v1.YQ.Yg..bQ",  # no lease id
         "v1.YQ.Yg.abc.bQ" + "A" * 1020,  # too long
         "v1.YQ.Yg.abc.gA",  # not UTF-8
@@ -98,3 +98,33 @@ def test_a_signed_token_verifies_with_its_key_only() -> None:
 def test_a_forged_token_does_not_verify(forge: Any) -> None:
     signed = sign_lease(format_lease(LeaseRef("acme", "gold", "abc")), KEY)
     assert verify_lease(forge(signed), KEY) is None
+
+
+@given(tenant=names, klass=names, lease_id=lease_ids, model=names, pod=names)
+def test_round_trip_of_a_pods_lease(
+    tenant: str, klass: str, lease_id: str, model: str, pod: str
+) -> None:
+    lease = LeaseRef(tenant, klass, lease_id, model, pod)
+    token = format_lease(lease)
+    assert token.count(".") == 5
+    assert parse_lease(token) == lease
+
+
+def test_tokens_written_before_pods_still_parse_as_the_fleets_count() -> None:
+    # A five-part token (model, no pod) is what every sidecar wrote before topologies.
+    token = format_lease(LeaseRef("a", "b", "abc", "llama"))
+    assert token.count(".") == 4
+    assert parse_lease(token) == LeaseRef("a", "b", "abc", "llama", None)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "v1.YQ.Yg.abc.bGxhbWE.",  # an empty pod part
+        "v1.YQ.Yg.abc.bGxhbWE.cG9k=",  # padding: not what format_lease writes
+        "v1.YQ.Yg.abc.bGxhbWE.cG9k.eA",  # seven parts
+        "v1.YQ.Yg.abc..cG9k",  # a pod without a model
+    ],
+)
+def test_rejects_malformed_pod_parts(token: str) -> None:
+    assert parse_lease(token) is None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,14 @@ def test_bad_settings_fail_at_start_with_the_setting_named(
 ) -> None:
     with pytest.raises(SettingsError, match=message):
         load_settings(parse([]), environ=env)
+
+
+def test_topology_scopes_the_model_counts() -> None:
+    # Gateway (the default): one fleet-wide count per model, as before topologies existed.
+    assert load_settings(parse([]), environ={}).model_pod is None
+    pod = load_settings(parse([]), environ={"QOS_TOPOLOGY": "pod", "QOS_POD_ID": "triton-7"})
+    assert pod.model_pod == "triton-7"
+    by_host = load_settings(parse(["--topology", "pod"]), environ={})
+    assert by_host.model_pod == socket.gethostname()
+    with pytest.raises(SettingsError, match="topology: one of gateway, pod, not 'pods'"):
+        load_settings(parse([]), environ={"QOS_TOPOLOGY": "pods"})

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sidecar.app import make_store
+from sidecar.core.lease import format_lease, parse_lease
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
@@ -143,7 +144,7 @@ def model_step_failures(metrics: Metrics) -> float:
 
 def lease_of(c: QuotaCheck, result: QuotaResult) -> LeaseRef:
     assert result.lease_id is not None
-    return LeaseRef(tenant=c.tenant, klass=c.klass, lease_id=result.lease_id, model=c.model)
+    return LeaseRef.of(c, result.lease_id)
 
 
 def assert_retry_after(harness: Harness, result: QuotaResult, exact_s: float) -> None:
@@ -609,6 +610,71 @@ def test_awkward_model_names_are_separate_models_and_never_a_tenant(harness: Har
     harness.run(body)
 
 
+# -- per pod (pod topology) -----------------------------------------------------------------
+
+
+def test_each_pods_count_of_a_model_is_its_own(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        pod_a = replace(check(model="llama"), model_pod="pod-a")
+        pod_b = replace(check(model="llama"), model_pod="pod-b")
+        for c, times in ((pod_a, 2), (pod_b, 1), (check(model="llama"), 1)):
+            for _ in range(times):
+                assert (await store.acquire(c)).allowed
+        assert await store.model_in_flight("llama", "pod-a") == 2
+        assert await store.model_in_flight("llama", "pod-b") == 1
+        assert await store.model_in_flight("llama") == 1  # the fleet's set is a third one
+        assert await store.model_in_flight_many(["llama", "mistral"], "pod-a") == {
+            "llama": 2,
+            "mistral": 0,
+        }
+        assert await store.in_flight("acme", None) == 4  # the tenant's count stays global
+        # A model named like a model@pod pair is another set still.
+        assert (await store.acquire(check(model="llama@pod-a"))).allowed
+        assert await store.model_in_flight("llama", "pod-a") == 2
+
+    harness.run(body)
+
+
+def test_a_pods_lease_is_released_and_renewed_from_another_replica(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        # Another replica: its own client of the same Redis (memory: one process, one store).
+        other = store if harness.kind == "memory" else harness.make_store()
+        try:
+            pod_a = replace(check(model="llama"), model_pod="pod-a")
+            held = [lease_of(pod_a, await store.acquire(pod_a)) for _ in range(3)]
+            assert (await store.acquire(replace(pod_a, model_pod="pod-b"))).allowed
+            # The lease travels as its token: what the other replica parses names the set.
+            refs = [parse_lease(format_lease(lease)) for lease in held]
+            assert refs == held and all(ref.model_pod == "pod-a" for ref in held)
+            assert await other.renew("acme", held[:2], 60.0) == {held[0].lease_id, held[1].lease_id}
+            assert await other.release(held[0])
+            assert await store.model_in_flight("llama", "pod-a") == 2
+            assert await store.model_in_flight("llama", "pod-b") == 1
+            later = replace(pod_a, count_model_now=False)
+            lease = lease_of(later, await store.acquire(later))
+            await other.count_for_model(lease, 60.0)
+            assert await store.model_in_flight("llama", "pod-a") == 3
+            for ref in (*held[1:], lease):
+                assert await other.release(ref)
+            assert await store.model_in_flight("llama", "pod-a") == 0
+            assert await store.model_in_flight("llama", "pod-b") == 1
+        finally:
+            if other is not store:
+                await other.close()
+
+    harness.run(body)
+
+
+def test_an_empty_pod_is_refused(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        with pytest.raises(ValueError, match="pod"):
+            await store.acquire(replace(check(model="llama"), model_pod=""))
+        with pytest.raises(ValueError, match="pod"):
+            await store.model_in_flight("llama", "")
+
+    harness.run(body)
+
+
 # -- names ----------------------------------------------------------------------------------
 
 AWKWARD_TENANTS = ["a", "a}{b:c", "a:b", "{a}", "a b", "a%7Db", "テナント", "🚀", "qos:{a}"]
@@ -731,7 +797,7 @@ def test_memory_forgets_full_buckets_and_empty_lease_tables() -> None:
         assert store._tats == {}
         assert store._leases == {}
         # A model nobody asks about lingers until asked (as a tenant's table does)...
-        assert set(store._model_leases) == {"mistral"}
+        assert set(store._model_leases) == {("mistral", None)}
         assert await store.model_in_flight("mistral") == 0
         assert store._model_leases == {}  # ...then it goes
 

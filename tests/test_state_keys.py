@@ -137,3 +137,35 @@ def test_model_names_are_readable_or_escaped() -> None:
 def test_an_empty_model_is_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
         build_model_key("")
+
+
+# -- a pod's count of a model (pod topology) --------------------------------------------------
+
+
+def test_a_pods_model_key_names_model_and_pod() -> None:
+    assert build_model_key("llama", "pod-1") == "qos:{=llama@pod-1}:model_leases"
+    assert build_model_key("a@b", "c") == "qos:{=a%40b@c}:model_leases"
+    assert build_model_key("a", "b@c") == "qos:{=a@b%40c}:model_leases"
+
+
+@given(tenants, st.none() | tenants, tenants, st.none() | tenants)
+def test_model_and_pod_pairs_never_share_a_key(
+    model_a: str, pod_a: str | None, model_b: str, pod_b: str | None
+) -> None:
+    same = build_model_key(model_a, pod_a) == build_model_key(model_b, pod_b)
+    assert same == ((model_a, pod_a) == (model_b, pod_b))
+
+
+@given(key_specs, tenants, tenants)
+def test_a_pods_model_key_has_one_tag_and_never_a_tenants(
+    spec: tuple[str, KeyKind, list[str]], model: str, pod: str
+) -> None:
+    key = build_model_key(model, pod)
+    assert key.count("{") == 1 and key.count("}") == 1
+    assert cluster_hash_tag(key) == f"={encode_name(model)}@{encode_name(pod)}"
+    assert cluster_hash_tag(key) != cluster_hash_tag(build_key(spec[0], spec[1], *spec[2]))
+
+
+def test_an_empty_pod_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        build_model_key("llama", "")

@@ -299,9 +299,10 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
     target = policy.classes[admission.klass.relegate_to or admission.klass.name]
     check = admission.check
     if requota:
-        check = quota_check(
+        requota_check = quota_check(
             admission.tenant, target, admission.cost, policy, admission.model, check.lease_id
         )
+        check = replace(requota_check, model_pod=check.model_pod)  # the same model count
     return replace(
         admission,
         klass=target,
@@ -423,7 +424,7 @@ def _admit(
     if lease_id is not None:
         # The lease lives under the class its quota was taken in, which a relegation after
         # the quota was taken does not change, and counts for its model.
-        lease = LeaseRef(tenant.name, admission.check.klass, lease_id, admission.check.model)
+        lease = LeaseRef.of(admission.check, lease_id)
         headers.append((HEADER_LEASE, format_lease(lease)))
     return Decision(
         outcome=Outcome.ADMIT,

@@ -2,16 +2,19 @@
 
 The completion signal (Envoy's access log stream) may reach any replica, so the token itself
 carries everything needed to release the lease: tenant, class, the store's lease id and, for a
-lease counted for a model, the model (see `sidecar.state.base`).
+lease counted for a model, the model and (pod topology) the pod whose count of it holds the
+lease (see `sidecar.state.base`).
 
 Rules:
-- A token is `v1.<tenant>.<class>.<lease id>`, or `v1.<tenant>.<class>.<lease id>.<model>` for
-  a lease of a model. Names may hold any character (dots included), so tenant, class and model
-  are base64url-encoded without padding; the alphabet has no `.`, so the parts split
+- A token is `v1.<tenant>.<class>.<lease id>`, `v1.<tenant>.<class>.<lease id>.<model>` for a
+  lease of a model counted for the fleet, or `v1.<tenant>.<class>.<lease id>.<model>.<pod>` for
+  one counted for a pod. Names may hold any character (dots included), so tenant, class, model
+  and pod are base64url-encoded without padding; the alphabet has no `.`, so the parts split
   unambiguously and the token is plain header-safe ASCII. The lease id is used as is: the store
   makes it URL-safe already.
-- The model is an optional last part, so tokens written before models were counted (4 parts)
-  still parse, with no model.
+- The model and the pod are optional last parts, so tokens written before models (4 parts) or
+  pods (5 parts) were counted still parse, with no model or no pod. A pod without a model is
+  never written (a pod scopes a model's count), and refused.
 - Parsing is strict: anything this module would not have written is rejected, never guessed at.
   A name part must be the exact encoding of a non-empty name (no padding, no stray characters,
   no other spelling of the same bytes).
@@ -61,6 +64,8 @@ def format_lease(lease: LeaseRef) -> str:
     parts = [_PREFIX, _encode(lease.tenant), _encode(lease.klass), lease.lease_id]
     if lease.model is not None:
         parts.append(_encode(lease.model))
+        if lease.model_pod is not None:
+            parts.append(_encode(lease.model_pod))
     return ".".join(parts)
 
 
@@ -69,17 +74,17 @@ def parse_lease(token: str) -> LeaseRef | None:
     if len(token) > _MAX_TOKEN_CHARS:
         return None
     parts = token.split(".")
-    if len(parts) not in (4, 5) or parts[0] != _PREFIX or not _LEASE_ID.match(parts[3]):
+    if len(parts) not in (4, 5, 6) or parts[0] != _PREFIX or not _LEASE_ID.match(parts[3]):
         return None
     tenant, klass = _decode(parts[1]), _decode(parts[2])
     if tenant is None or klass is None:
         return None
-    model = None
-    if len(parts) == 5:
-        model = _decode(parts[4])
-        if model is None:
-            return None
-    return LeaseRef(tenant=tenant, klass=klass, lease_id=parts[3], model=model)
+    names = [_decode(part) for part in parts[4:]]  # model, then pod
+    if None in names:
+        return None
+    model = names[0] if names else None
+    pod = names[1] if len(names) > 1 else None
+    return LeaseRef(tenant=tenant, klass=klass, lease_id=parts[3], model=model, model_pod=pod)
 
 
 def _mac(token: str, key: bytes) -> str:

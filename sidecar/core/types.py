@@ -65,6 +65,10 @@ class QuotaCheck:
     # The model the request is for: its lease is also counted in that model's in-flight count
     # (across tenants and replicas). None: counted for no model.
     model: str | None = None
+    # Whose count of `model`: the pod's (pod topology: the sidecar sits beside one Triton, and
+    # each pod counts, and caps, what its own Triton runs), or None for the fleet's (gateway
+    # topology: the replicas front one pool, and the count is summed over it).
+    model_pod: str | None = None
     # False: `acquire` does not count the lease for `model` yet (a request about to be held is
     # not in flight); `count_for_model` counts it when it is let go. The lease still names it.
     count_model_now: bool = True
@@ -95,6 +99,14 @@ class LeaseRef:
     klass: str
     lease_id: str
     model: str | None = None  # the model the lease is counted for, if any
+    # The pod whose count of `model` holds it (None: the fleet's), so that a release from any
+    # replica finds the set it is in (`QuotaCheck.model_pod`).
+    model_pod: str | None = None
+
+    @classmethod
+    def of(cls, check: QuotaCheck, lease_id: str) -> LeaseRef:
+        """The lease `check` takes under `lease_id`: it names whatever a release needs."""
+        return cls(check.tenant, check.klass, lease_id, check.model, check.model_pod)
 
 
 class Outcome(enum.Enum):

@@ -15,10 +15,13 @@ Rules (the contract tests in tests/test_state_contract.py run both stores throug
   a finite, honest upper bound rather than "never"; the core may treat such a cost as malformed.
 - `peek` evaluates exactly like `acquire` and changes nothing, in no model's set either.
 - Per model: a lease taken for a check with a `model` is also counted in that model's lease
-  set (every tenant's leases of the model), with the same `lease_ttl_s`. `release` of a
-  `LeaseRef` with a `model` removes it there too; the store finds the model set through
-  `lease.model` alone, so a ref without it frees the tenant's lease and leaves the model's
-  entry to its TTL. `model_in_flight` counts the model's unexpired leases. A denied acquire, a
+  set (every tenant's leases of the model), with the same `lease_ttl_s`. The set is the
+  fleet's (`model_pod` None: gateway topology) or one pod's (`model_pod`: pod topology, each
+  pod counts what its own Triton runs); two pods' sets of one model are separate. `release` of
+  a `LeaseRef` with a `model` removes it there too; the store finds the model set through
+  `lease.model` and `lease.model_pod` alone (so from any replica), and a ref without them frees
+  the tenant's lease and leaves the model's entry to its TTL. `model_in_flight(model, pod)`
+  counts the unexpired leases of one set. A denied acquire, a
   peek, a check without a model and one with `count_model_now=False` touch no model's count;
   `count_for_model` counts such a lease later (releasing it before is harmless). The model
   count is a load signal (see `sidecar.deferral`); `acquire` checks no limit against it.
@@ -120,9 +123,10 @@ class QuotaStore(Protocol):
         Raises StateUnavailable."""
         ...
 
-    async def model_in_flight(self, model: str) -> int:
-        """Unexpired leases of the model, of every tenant (see the per-model rules).
-        Raises StateUnavailable, or ValueError for an empty model."""
+    async def model_in_flight(self, model: str, pod: str | None = None) -> int:
+        """Unexpired leases of the model, of every tenant (see the per-model rules), in `pod`'s
+        count of it, or (None) in the fleet's. Raises StateUnavailable, or ValueError for an
+        empty model or pod."""
         ...
 
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
@@ -148,9 +152,11 @@ class QuotaStore(Protocol):
         for an empty tenant."""
         ...
 
-    async def model_in_flight_many(self, models: Sequence[str]) -> dict[str, int]:
-        """`model_in_flight` of each model, read together like `in_flight_many`.
-        Raises StateUnavailable, or ValueError for an empty model."""
+    async def model_in_flight_many(
+        self, models: Sequence[str], pod: str | None = None
+    ) -> dict[str, int]:
+        """`model_in_flight` of each model (in `pod`'s count), read together like
+        `in_flight_many`. Raises StateUnavailable, or ValueError for an empty model or pod."""
         ...
 
 
@@ -173,6 +179,12 @@ def validate_model(model: str | None) -> None:
     """Raise ValueError for an empty model (None is fine: no model)."""
     if model is not None and not model:
         raise ValueError("model must not be empty (None for no model)")
+
+
+def validate_pod(pod: str | None) -> None:
+    """Raise ValueError for an empty pod (None is fine: the fleet's count)."""
+    if pod is not None and not pod:
+        raise ValueError("pod must not be empty (None for the fleet's count)")
 
 
 def validate_bucket(bucket: BucketCheck, *, allow_negative_cost: bool = False) -> None:
@@ -207,6 +219,7 @@ def validate_check(check: QuotaCheck) -> None:
     zero; a negative cost in `acquire` would be an unchecked refund; use `charge` for that)."""
     validate_tenant(check.tenant)
     validate_model(check.model)
+    validate_pod(check.model_pod)
     if not (math.isfinite(check.lease_ttl_s) and check.lease_ttl_s > 0):
         raise ValueError(f"lease_ttl_s must be > 0, not {check.lease_ttl_s}")
     for limit in (check.max_concurrency, check.max_class_concurrency):

@@ -175,17 +175,21 @@ class GuardedStore:
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         return await self.breaker.call("in_flight", lambda: self.inner.in_flight(tenant, klass))
 
-    async def model_in_flight(self, model: str) -> int:
-        return await self.breaker.call("model_in_flight", lambda: self.inner.model_in_flight(model))
+    async def model_in_flight(self, model: str, pod: str | None = None) -> int:
+        return await self.breaker.call(
+            "model_in_flight", lambda: self.inner.model_in_flight(model, pod)
+        )
 
     async def in_flight_many(
         self, pairs: Sequence[tuple[str, str | None]]
     ) -> dict[tuple[str, str | None], int]:
         return await self.breaker.call("in_flight", lambda: self.inner.in_flight_many(pairs))
 
-    async def model_in_flight_many(self, models: Sequence[str]) -> dict[str, int]:
+    async def model_in_flight_many(
+        self, models: Sequence[str], pod: str | None = None
+    ) -> dict[str, int]:
         return await self.breaker.call(
-            "model_in_flight", lambda: self.inner.model_in_flight_many(models)
+            "model_in_flight", lambda: self.inner.model_in_flight_many(models, pod)
         )
 
     async def heartbeat(self, replica: str, ttl_s: float) -> int:

@@ -4,11 +4,16 @@ lease set by `build_model_key`.
 Rules:
 - A tenant's key is `qos:{<tenant>}:<kind>` followed by zero or more `:<part>`, where `<tenant>`
   and each `<part>` are *encoded* (see below) and `<kind>` is a `KeyKind` value.
-- A model's lease set (every tenant's leases of the model) is `qos:{=<model>}:model_leases`,
-  with `<model>` encoded. It has its own hash tag, so it lives in another slot than the
-  tenants' keys (`sidecar.state.base` says what that costs). The `=` keeps its tag apart from
-  every tenant's: an encoded tenant never holds a `=`, so a model and a tenant of the same name
-  (or any names) never share a tag, let alone a key.
+- A model's lease set (every tenant's leases of the model) is `qos:{=<model>}:model_leases`
+  in the gateway topology (one set per model for the whole fleet), and
+  `qos:{=<model>@<pod>}:model_leases` in the pod topology (one set per model and pod: each pod
+  counts what its own Triton runs), with `<model>` and `<pod>` encoded. An encoded name never
+  holds a `@` (it becomes `%40`), so the `@` splits model from pod unambiguously, and a pod's
+  set is never the fleet's set of another model. Each set has its own hash tag, so it lives
+  in another slot than the tenants' keys (`sidecar.state.base` says what that costs). The `=`
+  keeps its tag apart from every tenant's: an encoded tenant never holds a `=`, so a model and
+  a tenant of the same name (or any names) never share a tag, let alone a key. An empty pod is
+  refused like an empty model (None, not "", is the fleet's set).
 - The `{...}` is a Redis Cluster hash tag: only its content is hashed, so every key of a tenant
   lands on the same shard and one Lua script may touch them all. It is per tenant (not global)
   so that tenants spread across shards.
@@ -68,9 +73,14 @@ def build_key(tenant: str, kind: KeyKind, *parts: str) -> str:
     return f"{PREFIX}:{{{encode_name(tenant)}}}:{kind.value}{tail}"
 
 
-def build_model_key(model: str) -> str:
-    """The lease set of `model`, e.g. `build_model_key("llama")` is `qos:{=llama}:model_leases`.
-    Raises ValueError for an empty model (see module rules)."""
+def build_model_key(model: str, pod: str | None = None) -> str:
+    """The lease set of `model`, e.g. `build_model_key("llama")` is `qos:{=llama}:model_leases`
+    and `build_model_key("llama", "pod-1")` is `qos:{=llama@pod-1}:model_leases`. Raises
+    ValueError for an empty model or an empty pod (None is no pod; see module rules)."""
     if not model:
         raise ValueError("model must not be empty")
-    return f"{PREFIX}:{{={encode_name(model)}}}:{MODEL_LEASES}"
+    if pod is None:
+        return f"{PREFIX}:{{={encode_name(model)}}}:{MODEL_LEASES}"
+    if not pod:
+        raise ValueError("pod must not be empty (None for the fleet-wide set)")
+    return f"{PREFIX}:{{={encode_name(model)}@{encode_name(pod)}}}:{MODEL_LEASES}"

@@ -28,6 +28,7 @@ from sidecar.state.base import (
     validate_charge,
     validate_check,
     validate_model,
+    validate_pod,
     validate_tenant,
 )
 
@@ -88,7 +89,8 @@ class MemoryQuotaStore:
         self._clock = clock
         self._tats: dict[tuple[str, str], float] = {}  # (tenant, bucket) -> TAT
         self._leases: dict[str, _TenantLeases] = {}
-        self._model_leases: dict[str, _ModelLeases] = {}
+        # (model, pod or None for the fleet's count) -> its leases: `keys.build_model_key`'s parts
+        self._model_leases: dict[tuple[str, str | None], _ModelLeases] = {}
         # Released ids, (tenant, id) -> expiry, and the same in release order for pruning:
         # tombstones mostly share one TTL, so the oldest expire first and pruning from the
         # left keeps the table to about a TTL's worth of releases.
@@ -110,11 +112,12 @@ class MemoryQuotaStore:
         self._tombstones[key] = now + tombstone_s
         self._tombstone_order.append((now + tombstone_s, key))
         if lease.model is not None:
-            model_leases = self._model_leases.get(lease.model)
+            model_set = (lease.model, lease.model_pod)
+            model_leases = self._model_leases.get(model_set)
             if model_leases is not None:
                 model_leases.expiry_by_id.pop(lease.lease_id, None)
                 if not model_leases.expiry_by_id:
-                    del self._model_leases[lease.model]
+                    del self._model_leases[model_set]
         leases = self._leases.get(lease.tenant)
         if leases is None:
             return False
@@ -135,7 +138,7 @@ class MemoryQuotaStore:
                 continue  # released or expired (pruned above): it stays gone
             held.by_id[lease.lease_id] = (entry[0], now + ttl_s)
             renewed.add(lease.lease_id)
-            model_leases = self._model_leases.get(lease.model or "")
+            model_leases = self._model_leases.get((lease.model or "", lease.model_pod))
             if model_leases is not None and lease.lease_id in model_leases.expiry_by_id:
                 model_leases.prune(now)
                 if lease.lease_id in model_leases.expiry_by_id:
@@ -179,16 +182,19 @@ class MemoryQuotaStore:
         if not lease.model:
             raise ValueError("count_for_model needs a lease with a model")
         now = self._clock()
-        self._count_model(lease.model, lease.lease_id, now + ttl_s, now)
+        self._count_model((lease.model, lease.model_pod), lease.lease_id, now + ttl_s, now)
 
-    def _count_model(self, model: str, lease_id: str, expiry: float, now: float) -> None:
-        model_leases = self._model_leases.setdefault(model, _ModelLeases())
+    def _count_model(
+        self, model_set: tuple[str, str | None], lease_id: str, expiry: float, now: float
+    ) -> None:
+        model_leases = self._model_leases.setdefault(model_set, _ModelLeases())
         model_leases.prune(now)  # as the Redis script does: the table holds no dead leases
         model_leases.add(lease_id, expiry)
 
-    async def model_in_flight(self, model: str) -> int:
+    async def model_in_flight(self, model: str, pod: str | None = None) -> int:
         validate_model(model)
-        leases = self._live_model_leases(model, self._clock())
+        validate_pod(pod)
+        leases = self._live_model_leases((model, pod), self._clock())
         return 0 if leases is None else len(leases.expiry_by_id)
 
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
@@ -250,7 +256,7 @@ class MemoryQuotaStore:
         expiry = now + check.lease_ttl_s
         self._leases.setdefault(check.tenant, _TenantLeases()).add(lease_id, check.klass, expiry)
         if check.model is not None and check.count_model_now:
-            self._count_model(check.model, lease_id, expiry, now)
+            self._count_model((check.model, check.model_pod), lease_id, expiry, now)
         return QuotaResult(
             allowed=True,
             lease_id=lease_id,
@@ -267,12 +273,14 @@ class MemoryQuotaStore:
                 return None
         return leases
 
-    def _live_model_leases(self, model: str, now: float) -> _ModelLeases | None:
-        leases = self._model_leases.get(model)
+    def _live_model_leases(
+        self, model_set: tuple[str, str | None], now: float
+    ) -> _ModelLeases | None:
+        leases = self._model_leases.get(model_set)
         if leases is not None:
             leases.prune(now)
             if not leases.expiry_by_id:
-                del self._model_leases[model]
+                del self._model_leases[model_set]
                 return None
         return leases
 
@@ -290,5 +298,7 @@ class MemoryQuotaStore:
         # Redis reads them in one pipeline, each count on its own.
         return {(tenant, klass): await self.in_flight(tenant, klass) for tenant, klass in pairs}
 
-    async def model_in_flight_many(self, models: Sequence[str]) -> dict[str, int]:
-        return {model: await self.model_in_flight(model) for model in models}
+    async def model_in_flight_many(
+        self, models: Sequence[str], pod: str | None = None
+    ) -> dict[str, int]:
+        return {model: await self.model_in_flight(model, pod) for model in models}

@@ -62,6 +62,7 @@ from sidecar.state.base import (
     validate_charge,
     validate_check,
     validate_model,
+    validate_pod,
     validate_tenant,
 )
 from sidecar.state.keys import HEARTBEATS_KEY, KeyKind, build_key, build_model_key
@@ -168,6 +169,7 @@ class RedisQuotaStore:
         tenant or model."""
         keys = _lease_keys(lease.tenant, lease.klass, lease.lease_id)
         validate_model(lease.model)
+        validate_pod(lease.model_pod)
         deadline = self._deadline()
         args: list[str | float] = [lease.lease_id, tombstone_s]
         try:
@@ -176,10 +178,10 @@ class RedisQuotaStore:
             # The request has left the model whether or not its tenant's lease could be
             # freed, so its model entry is still removed if that shard answers.
             if lease.model is not None:
-                await self._update_model_set("remove", lease.model, lease.lease_id, deadline)
+                await self._update_model_set("remove", _model_key(lease), lease.lease_id, deadline)
             raise
         if lease.model is not None:
-            await self._update_model_set("remove", lease.model, lease.lease_id, deadline)
+            await self._update_model_set("remove", _model_key(lease), lease.lease_id, deadline)
         return held
 
     async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
@@ -200,12 +202,12 @@ class RedisQuotaStore:
         reply = await self._run(RENEW, keys, args, deadline)
         gone = {i.decode() if isinstance(i, bytes) else str(i) for i in reply}
         renewed = [lease for lease in leases if lease.lease_id not in gone]
-        by_model: dict[str, list[str]] = {}
+        by_model: dict[str, list[str]] = {}  # model set key -> its leases' ids
         for lease in renewed:
             if lease.model is not None:
-                by_model.setdefault(lease.model, []).append(lease.lease_id)
-        for model, ids in by_model.items():
-            await self._update_model_set("renew", model, "", deadline, ttl_s, ids)
+                by_model.setdefault(_model_key(lease), []).append(lease.lease_id)
+        for model_key, ids in by_model.items():
+            await self._update_model_set("renew", model_key, "", deadline, ttl_s, ids)
         return {lease.lease_id for lease in renewed}
 
     async def charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
@@ -234,11 +236,13 @@ class RedisQuotaStore:
         for a lease without a model."""
         if not lease.model:
             raise ValueError("count_for_model needs a lease with a model")
-        await self._update_model_set("add", lease.model, lease.lease_id, self._deadline(), ttl_s)
+        await self._update_model_set(
+            "add", _model_key(lease), lease.lease_id, self._deadline(), ttl_s
+        )
 
-    async def model_in_flight(self, model: str) -> int:
-        """Raises StateUnavailable, or ValueError for an empty model."""
-        return int(await self._run(IN_FLIGHT, [build_model_key(model)], []))
+    async def model_in_flight(self, model: str, pod: str | None = None) -> int:
+        """Raises StateUnavailable, or ValueError for an empty model or pod."""
+        return int(await self._run(IN_FLIGHT, [build_model_key(model, pod)], []))
 
     async def ping(self) -> None:
         """Raises StateUnavailable."""
@@ -270,8 +274,9 @@ class RedisQuotaStore:
         allowed, denied_code, bucket_index, retry_after, in_flight, class_in_flight = reply
         if allowed:
             if take and check.model is not None and check.count_model_now:
+                model_key = build_model_key(check.model, check.model_pod)
                 await self._update_model_set(
-                    "add", check.model, lease_id, deadline, check.lease_ttl_s
+                    "add", model_key, lease_id, deadline, check.lease_ttl_s
                 )
             return QuotaResult(
                 allowed=True,
@@ -297,7 +302,7 @@ class RedisQuotaStore:
     async def _update_model_set(
         self,
         operation: str,
-        model: str,
+        model_key: str,
         lease_id: str,
         deadline: float,
         ttl_s: float = 0.0,
@@ -310,7 +315,7 @@ class RedisQuotaStore:
         if operation == "renew":
             args = [operation, ttl_s, *renew_ids]
         try:
-            await self._run(MODEL_LEASE, [build_model_key(model)], args, deadline)
+            await self._run(MODEL_LEASE, [model_key], args, deadline)
         except StateUnavailable as exc:
             if self._on_model_set_failure is not None:
                 self._on_model_set_failure()
@@ -323,7 +328,7 @@ class RedisQuotaStore:
                     "latest: %s %r: %s",
                     self._unlogged_failures,
                     operation,
-                    model,
+                    model_key,
                     exc,
                 )
                 self._last_failure_log, self._unlogged_failures = now, 0
@@ -382,10 +387,12 @@ class RedisQuotaStore:
         ]
         return dict(zip(unique, await self._count_many(keys), strict=True))
 
-    async def model_in_flight_many(self, models: Sequence[str]) -> dict[str, int]:
-        """Raises StateUnavailable, or ValueError for an empty model."""
+    async def model_in_flight_many(
+        self, models: Sequence[str], pod: str | None = None
+    ) -> dict[str, int]:
+        """Raises StateUnavailable, or ValueError for an empty model or pod."""
         unique = list(dict.fromkeys(models))
-        keys = [build_model_key(model) for model in unique]
+        keys = [build_model_key(model, pod) for model in unique]
         return dict(zip(unique, await self._count_many(keys), strict=True))
 
     async def _count_many(self, keys: Sequence[str]) -> list[int]:
@@ -429,6 +436,12 @@ def _lease_keys(tenant: str, klass: str, lease_id: str) -> list[str]:
         build_key(tenant, KeyKind.CLASS_LEASES, klass),
         build_key(tenant, KeyKind.RELEASED, lease_id),
     ]
+
+
+def _model_key(lease: LeaseRef) -> str:
+    """The model set `lease` is counted in (it has a model): the pod's or the fleet's."""
+    assert lease.model is not None
+    return build_model_key(lease.model, lease.model_pod)
 
 
 def _limit_arg(limit: int | None) -> str:

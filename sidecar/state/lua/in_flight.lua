@@ -2,7 +2,7 @@
 -- why this is a script and not a plain ZCOUNT). Writes nothing.
 --
 -- KEYS[1]  a lease set: qos:{tenant}:leases, qos:{tenant}:class_leases:<class> or
---          qos:{=<model>}:model_leases
+--          qos:{=<model>}:model_leases or qos:{=<model>@<pod>}:model_leases
 --
 -- Returns the count.
 

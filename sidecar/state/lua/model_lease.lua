@@ -3,7 +3,8 @@
 -- so it may live on another shard than the tenant's keys and cannot be in their script.
 -- sidecar/state/base.py says what that costs.
 --
--- KEYS[1]  the model's lease set  qos:{=<model>}:model_leases
+-- KEYS[1]  the model's lease set  qos:{=<model>}:model_leases (the fleet's count, gateway
+--          topology) or qos:{=<model>@<pod>}:model_leases (one pod's, pod topology)
 -- ARGV[1]  "add" or "remove"
 -- ARGV[2]  the lease id (the one acquire.lua just added for the tenant)
 -- ARGV[3]  lease TTL, seconds (add only)
