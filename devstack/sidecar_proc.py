@@ -28,7 +28,9 @@ class SidecarProcess(ManagedProcess):
     """`qos-sidecar serve`, configured through QOS_* like in production: its Envoy-facing
     listeners on Unix sockets (the default, as shipped) or on free loopback TCP ports
     (``transport="tcp"``), optionally requiring ``auth_token``. Addresses stay the same
-    across ``restart()``."""
+    across ``restart()``. ``pod_id`` makes it one pod's sidecar (``QOS_TOPOLOGY=pod``: it
+    counts and caps its model's in-flight requests for its pod alone); without it, a gateway
+    replica (the default topology: the fleet's counts)."""
 
     name: ClassVar[str] = "sidecar"
     ready_timeout_s: ClassVar[float] = 30.0
@@ -42,8 +44,10 @@ class SidecarProcess(ManagedProcess):
         extra_env: dict[str, str] | None = None,
         transport: Transport = "unix",
         auth_token: str = "",
+        pod_id: str = "",
     ) -> None:
         super().__init__(workdir)
+        self.pod_id = pod_id
         self.policy_path = policy_path
         self.redis_url = redis_url
         self.extra_env = dict(extra_env or {})
@@ -111,6 +115,8 @@ class SidecarProcess(ManagedProcess):
                 "QOS_POLICY_POLL_MS": "200",
                 "QOS_LEASE_KEY": self.lease_key,
                 "PYTHONUNBUFFERED": "1",
+                "QOS_TOPOLOGY": "pod" if self.pod_id else "gateway",
+                "QOS_POD_ID": self.pod_id,
             }
         )
         env.update(self.extra_env)

@@ -1,0 +1,136 @@
+"""Issue 10 §1 on the real stack: the topology decides whose in-flight count `max_in_flight`
+caps.
+
+Two sidecar processes on one Valkey, both watching one real Triton (the cheapest setup that
+shows the scope: the cap is applied from the store's count, which is what the topology
+changes). Pod topology: each is one pod's sidecar and reaches its own cap. Gateway topology:
+they front one pool, and the cap is the pool's. Decisions are asked of each sidecar's ext_authz
+HTTP listener directly, as Envoy would; no completion arrives, so each admit keeps its slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from devstack.procs import ValkeyProcess
+from devstack.sidecar_proc import SidecarProcess
+from devstack.stack import MODEL_REPO
+from devstack.triton import TritonProcess
+from tests.binaries import require_binaries
+from tests.stack_client import INFER_PATH, Reply, metric_value, post, wait_for
+
+pytestmark = pytest.mark.stack
+CAP = 2
+
+
+def write_policy(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(b"k-app").hexdigest()
+    (directory / "policy.yaml").write_text(
+        f"""
+classes:
+  standard:
+    rank: 1
+    latency_objective_ms: 2000
+    max_wait_ms: 300
+    triton_priority: 1
+    overload: {{admit_below: 100, shed_above: 1000, max_in_flight: {CAP}}}
+tenants:
+  app:
+    match: {{api_key_sha256: [{key}]}}
+    allowed_classes: [standard]
+    default_class: standard
+    max_concurrency: 50
+"""
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def shared(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, ValkeyProcess, TritonProcess]]:
+    require_binaries("triton", "valkey")
+    work = tmp_path_factory.mktemp("topology")
+    with ValkeyProcess(work) as valkey, TritonProcess(MODEL_REPO, work) as triton:
+        yield work, valkey, triton
+
+
+def ask(sidecar: SidecarProcess) -> Reply:
+    """One ext_authz HTTP check, as Envoy sends it."""
+    url = f"http://127.0.0.1:{sidecar.http_port}/authz{INFER_PATH}"
+    return post(url, {}, {"x-api-key": "k-app"}, timeout_s=10)
+
+
+def admits_until_refused(sidecar: SidecarProcess) -> int:
+    """Ask one after the other until a request is not admitted (held to its max_wait_ms, then
+    refused, or refused at once); how many were admitted."""
+    for admitted in range(CAP + 2):
+        if ask(sidecar).status != 200:
+            return admitted
+    return CAP + 2
+
+
+@pytest.mark.parametrize(
+    ("pods", "expected"),
+    [
+        (("pod-a", "pod-b"), [CAP, CAP]),  # each pod its own cap: 2 x CAP at once
+        (("", ""), [CAP, 0]),  # gateway: one pool, one cap
+    ],
+    ids=["pod", "gateway"],
+)
+def test_each_pod_reaches_its_own_max_in_flight(
+    shared: tuple[Path, ValkeyProcess, TritonProcess], pods: tuple[str, str], expected: list[int]
+) -> None:
+    work, valkey, triton = shared
+    store = redis.Redis.from_url(valkey.url, decode_responses=True)
+    store.flushall()
+    policy = write_policy(work / "policies")
+    with contextlib.ExitStack() as stack:
+        sidecars = [
+            stack.enter_context(
+                SidecarProcess(
+                    work,
+                    policy,
+                    redis_url=valkey.url,
+                    transport="tcp",
+                    pod_id=pod,
+                    extra_env={
+                        "QOS_TRITON_URLS": triton.http_url,
+                        "QOS_TRITON_METRICS_URLS": triton.metrics_url,
+                        "QOS_TRITON_SCRAPE_MS": "50",
+                    },
+                )
+            )
+            for pod in pods
+        ]
+        first, second = sidecars
+        got = [admits_until_refused(first)]
+        # The first replica's admits are in the store (its own refresh read them back)...
+        wait_for(
+            lambda: metric_value(first.admin_url, "qos_model_in_flight_requests") == CAP,
+            10,
+            "the first sidecar's model count read back from the store",
+        )
+        # ...and the second's refresh (every 50 ms) has had ten chances to read them: in the
+        # gateway topology it must see them, in the pod topology it must not count them.
+        time.sleep(0.5)
+        got.append(admits_until_refused(second))
+        assert got == expected
+        if pods[0]:
+            for pod in pods:
+                assert store.zcard(f"qos:{{=simgpu@{pod}}}:model_leases") == CAP
+            assert not store.exists("qos:{=simgpu}:model_leases")
+            assert metric_value(second.admin_url, "qos_model_in_flight_requests") == CAP
+        else:
+            assert store.zcard("qos:{=simgpu}:model_leases") == CAP
+        # Tenant concurrency stays global in both: every admit counts once for the tenant.
+        assert store.zcard("qos:{app}:leases") == sum(expected)
+    store.close()
