@@ -151,8 +151,9 @@ class OverloadPolicy:
     )
     max_in_flight: int | None = setting(
         Int(minimum=1),
-        "Admit at once only while the model has fewer requests in flight (admitted by any "
-        "replica, not yet ended); above it requests are deferred as above admit_below. "
+        "Admit at once only while the model has fewer requests in flight (admitted, not yet "
+        "ended: on this pod's Triton with QOS_TOPOLOGY=pod, by any replica with gateway); "
+        "above it requests are deferred as above admit_below. "
         "Exact between scrapes; keeps Triton's batches small.",
         default=None,
     )
