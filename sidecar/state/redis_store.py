@@ -156,9 +156,10 @@ def parse_seeds(url: str) -> list[tuple[str, int]]:
 
 def make_client(
     url: str, mode: str, sentinel_master: str, timeout_s: float, max_connections: int
-) -> Redis | RedisCluster:
-    """The redis-py client for `mode` (see module rules). Every socket operation is bounded
-    by `timeout_s`, and redis-py's own retries are off (module rules)."""
+) -> tuple[Redis | RedisCluster, list[Redis]]:
+    """The redis-py client for `mode` (see module rules), and the clients it uses to find
+    its server (sentinel mode: one per sentinel), which its owner closes too. Every socket
+    operation is bounded by `timeout_s`, and redis-py's own retries are off (module rules)."""
     no_retry = Retry(NoBackoff(), 0)
     if mode == "single":
         pool = BlockingConnectionPool.from_url(
@@ -169,16 +170,17 @@ def make_client(
             socket_connect_timeout=timeout_s,
             retry=no_retry,
         )
-        return Redis.from_pool(pool)  # the client owns the pool and closes it
+        return Redis.from_pool(pool), []  # the client owns the pool and closes it
     seeds = parse_seeds(url)
     if mode == "cluster":
-        return RedisCluster(
+        cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in seeds],
             max_connections=max_connections,  # per node
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=no_retry,
         )
+        return cluster, []
     if mode == "sentinel":
         if not sentinel_master:
             raise ValueError("sentinel mode needs the primary's name (sentinel_master)")
@@ -193,7 +195,7 @@ def make_client(
             socket_connect_timeout=timeout_s,
             retry=no_retry,
         )
-        return client
+        return client, list(sentinel.sentinels)
     raise ValueError(f"mode must be one of {', '.join(REDIS_MODES)}, not {mode!r}")
 
 
@@ -220,7 +222,9 @@ class RedisQuotaStore:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
         self._timeout_s = timeout_s
-        self._client = make_client(url, mode, sentinel_master, timeout_s, max_connections)
+        self._client, self._finders = make_client(
+            url, mode, sentinel_master, timeout_s, max_connections
+        )
         self._on_model_set_failure = on_model_set_failure
         self._unlogged_failures = 0
         self._last_failure_log = -_LOG_EVERY_S
@@ -318,6 +322,8 @@ class RedisQuotaStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+        for finder in self._finders:
+            await finder.aclose()
 
     async def _evaluate(self, check: QuotaCheck, *, take: bool) -> QuotaResult:
         validate_check(check)
