@@ -57,11 +57,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
@@ -76,6 +72,7 @@ from sidecar.state.base import (
     validate_tenant,
 )
 from sidecar.state.keys import HEARTBEATS_KEY, KeyKind, build_key, build_model_key
+from sidecar.state.redis_client import make_client
 
 log = logging.getLogger(__name__)
 
@@ -131,72 +128,6 @@ def map_exceptions(operation: str, timeout_s: float) -> Iterator[None]:
         ) from exc
     except (RedisError, OSError) as exc:
         raise StateUnavailable(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
-
-
-REDIS_MODES = ("single", "cluster", "sentinel")
-
-
-def parse_seeds(url: str) -> list[tuple[str, int]]:
-    """`host:port` pairs from `url`, separated by commas, each optionally written
-    `redis://host:port`. Raises ValueError for an empty list or a seed without a port."""
-    seeds = []
-    for raw in url.split(","):
-        seed = raw.strip()
-        if not seed:
-            continue
-        seed = seed.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
-        host, sep, port = seed.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"expected HOST:PORT, got {raw.strip()!r}")
-        seeds.append((host.strip("[]"), int(port)))
-    if not seeds:
-        raise ValueError("no HOST:PORT seed given")
-    return seeds
-
-
-def make_client(
-    url: str, mode: str, sentinel_master: str, timeout_s: float, max_connections: int
-) -> tuple[Redis | RedisCluster, list[Redis]]:
-    """The redis-py client for `mode` (see module rules), and the clients it uses to find
-    its server (sentinel mode: one per sentinel), which its owner closes too. Every socket
-    operation is bounded by `timeout_s`, and redis-py's own retries are off (module rules)."""
-    no_retry = Retry(NoBackoff(), 0)
-    if mode == "single":
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=no_retry,
-        )
-        return Redis.from_pool(pool), []  # the client owns the pool and closes it
-    seeds = parse_seeds(url)
-    if mode == "cluster":
-        cluster = RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
-            max_connections=max_connections,  # per node
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=no_retry,
-        )
-        return cluster, []
-    if mode == "sentinel":
-        if not sentinel_master:
-            raise ValueError("sentinel mode needs the primary's name (sentinel_master)")
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            seeds,
-            sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
-        )
-        client: Redis = sentinel.master_for(
-            sentinel_master,
-            max_connections=max_connections,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=no_retry,
-        )
-        return client, list(sentinel.sentinels)
-    raise ValueError(f"mode must be one of {', '.join(REDIS_MODES)}, not {mode!r}")
 
 
 class RedisQuotaStore:
