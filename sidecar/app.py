@@ -64,6 +64,8 @@ def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
     if settings.redis_url:
         redis = RedisQuotaStore(
             settings.redis_url,
+            mode=settings.redis_mode,
+            sentinel_master=settings.redis_sentinel_master,
             timeout_s=settings.redis_timeout_ms / 1000,
             # A model step that failed without failing its call (see sidecar.state.base).
             on_model_set_failure=metrics.state_errors.labels("model_lease").inc,

@@ -26,6 +26,8 @@ from dataclasses import dataclass, fields, replace
 from sidecar.errors import SettingsError
 
 UNIX_PREFIX = "unix:"
+# How the quota store is deployed (QOS_REDIS_MODE); sidecar/state/redis_store.py says more.
+REDIS_MODES = ("single", "cluster", "sentinel")
 # sun_path is 108 bytes on Linux, one of them the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 # Where the shipped Envoy bootstraps (envoy/bootstrap-*.yaml, `pipe` addresses) look.
@@ -66,6 +68,10 @@ class Settings:
     grpc_addr: str = f"{UNIX_PREFIX}{SOCKET_DIR}/grpc.sock"
     admin_addr: str = "127.0.0.1:9090"  # metrics, health, policy, explain: localhost by default
     redis_url: str = ""  # empty: the embedded in-memory store (one replica only)
+    # single: redis_url is one server's URL. cluster: redis_url lists seed nodes, and
+    # sentinel: it lists the sentinels, as HOST:PORT,HOST:PORT (sidecar/state/redis_store.py).
+    redis_mode: str = "single"
+    redis_sentinel_master: str = ""  # sentinel mode: the name the sentinels monitor
     redis_timeout_ms: int = 50  # a store call slower than this counts as unavailable
     policy_path: tuple[str, ...] = ("policies",)
     policy_poll_ms: int = 1000  # how often policy files are checked for changes
@@ -135,6 +141,8 @@ _HELP = {
     "grpc_addr": "gRPC listener (ext_authz, ext_proc, access log): unix:/path or HOST:PORT",
     "admin_addr": "listen address of metrics, health, policy and explain",
     "redis_url": "Redis URL for shared quota state; empty uses an in-memory store",
+    "redis_mode": "single (redis_url is a URL), cluster or sentinel (redis_url: HOST:PORT,...)",
+    "redis_sentinel_master": "sentinel mode: the monitored primary's name",
     "redis_timeout_ms": "Redis call timeout in ms; slower calls follow the class fail mode",
     "policy_path": "policy file or directory (comma-separated for several)",
     "policy_poll_ms": "policy change check interval in ms (SIGHUP reloads at once)",
@@ -247,6 +255,7 @@ def load_settings(
     _check_exposure(settings)
     if settings.redis_timeout_ms <= 0:
         raise SettingsError("redis_timeout_ms: must be positive")
+    _check_redis(settings)
     if settings.triton_metrics_urls and len(settings.triton_metrics_urls) != len(
         settings.triton_urls
     ):
@@ -262,6 +271,22 @@ def load_settings(
     if settings.topology not in TOPOLOGIES:
         raise SettingsError(f"topology: one of {', '.join(TOPOLOGIES)}, not {settings.topology!r}")
     return settings
+
+
+def _check_redis(settings: Settings) -> None:
+    if settings.redis_mode not in REDIS_MODES:
+        raise SettingsError(
+            f"redis_mode: expected one of {', '.join(REDIS_MODES)}, got {settings.redis_mode!r}"
+        )
+    if settings.redis_mode == "single":
+        return
+    if not settings.redis_url:
+        raise SettingsError(f"redis_url: {settings.redis_mode} mode needs HOST:PORT seeds")
+    for seed in settings.redis_url.split(","):
+        if seed.strip():
+            split_addr(seed.strip().split("://", 1)[-1].split("/", 1)[0], "redis_url")
+    if settings.redis_mode == "sentinel" and not settings.redis_sentinel_master:
+        raise SettingsError("redis_sentinel_master: sentinel mode needs the primary's name")
 
 
 def _split_list(raw: str | Sequence[str]) -> tuple[str, ...]:

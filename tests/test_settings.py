@@ -105,6 +105,16 @@ def test_lists_and_empty_hosts() -> None:
         ({"QOS_ALLOW_UNAUTHENTICATED": "maybe"}, "allow_unauthenticated: expected true or false"),
         ({"QOS_REDIS_TIMEOUT_MS": "fast"}, "redis_timeout_ms: expected an integer"),
         ({"QOS_REDIS_TIMEOUT_MS": "0"}, "redis_timeout_ms: must be positive"),
+        ({"QOS_REDIS_MODE": "shard"}, "redis_mode: expected one of single, cluster, sentinel"),
+        ({"QOS_REDIS_MODE": "cluster"}, "redis_url: cluster mode needs HOST:PORT seeds"),
+        (
+            {"QOS_REDIS_MODE": "cluster", "QOS_REDIS_URL": "10.0.0.1:7000,10.0.0.2"},
+            "redis_url: expected HOST:PORT, got '10.0.0.2'",
+        ),
+        (
+            {"QOS_REDIS_MODE": "sentinel", "QOS_REDIS_URL": "s1:26379"},
+            "redis_sentinel_master: sentinel mode needs the primary's name",
+        ),
         ({"QOS_QUEUE_ALPHA_MS_PER_UNIT": "-1"}, "queue_alpha_ms_per_unit: must not be negative"),
         ({"QOS_TRITON_STALE_MS": "100"}, "triton_stale_ms: must be at least triton_scrape_ms"),
         (
@@ -129,3 +139,24 @@ def test_topology_scopes_the_model_counts() -> None:
     assert by_host.model_pod == socket.gethostname()
     with pytest.raises(SettingsError, match="topology: one of gateway, pod, not 'pods'"):
         load_settings(parse([]), environ={"QOS_TOPOLOGY": "pods"})
+
+
+def test_redis_modes_take_seed_lists() -> None:
+    cluster = load_settings(
+        parse(["--redis-mode", "cluster"]),
+        environ={"QOS_REDIS_URL": "redis://10.0.0.1:7000, 10.0.0.2:7001"},
+    )
+    assert (cluster.redis_mode, cluster.redis_url) == (
+        "cluster",
+        "redis://10.0.0.1:7000, 10.0.0.2:7001",
+    )
+    sentinel = load_settings(
+        parse([]),
+        environ={
+            "QOS_REDIS_MODE": "sentinel",
+            "QOS_REDIS_URL": "s1:26379,s2:26379",
+            "QOS_REDIS_SENTINEL_MASTER": "qos",
+        },
+    )
+    assert sentinel.redis_sentinel_master == "qos"
+    assert load_settings(parse([]), environ={}).redis_mode == "single"

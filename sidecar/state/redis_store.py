@@ -10,7 +10,16 @@ Rules:
   clocks agree.
 - Scripts are identified by the SHA-1 of their text, computed here; nothing is loaded at
   connect. The first EVALSHA on a server that does not know a script (fresh start, SCRIPT
-  FLUSH, failover to a replica) gets NOSCRIPT; the store then loads it and retries once.
+  FLUSH, failover to a replica) gets NOSCRIPT; the store then runs it once with EVAL, which
+  also caches it there. EVAL goes by the call's keys, so on a cluster it reaches the node
+  that answered NOSCRIPT and only that one (SCRIPT LOAD would go to every primary, and fail
+  while one of them is down).
+- Three deployments (`mode`): one server (`single`, `url` is a Redis URL), a Redis Cluster
+  (`cluster`, `url` lists seed nodes, `host:port` separated by commas; redis-py's cluster
+  client finds the rest, routes each call by its hash tag, follows MOVED, and rereads the
+  slot map after a connection error, which is how it finds a promoted replica), or a primary
+  with replicas behind Sentinel (`sentinel`, `url` lists the sentinels, `sentinel_master`
+  names the primary; a new connection asks the sentinels where the primary is).
 - All keys of one script call carry one hash tag, the tenant's or the model's
   (`sidecar.state.keys`), and are passed in KEYS, so the scripts run unchanged against one
   shard of a Redis Cluster.
@@ -48,9 +57,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
@@ -66,6 +73,7 @@ from sidecar.state.base import (
     validate_tenant,
 )
 from sidecar.state.keys import HEARTBEATS_KEY, KeyKind, build_key, build_model_key
+from sidecar.state.redis_client import make_client
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +132,8 @@ def map_exceptions(operation: str, timeout_s: float) -> Iterator[None]:
 
 
 class RedisQuotaStore:
-    """Quota state in Redis at `url` (`redis://`, `rediss://` or `unix://`).
+    """Quota state in Redis at `url`: a `redis://`, `rediss://` or `unix://` URL in `single`
+    mode, seeds `host:port,...` in `cluster` and `sentinel` modes (see module rules).
 
     `timeout_s` bounds every call (see module rules). `max_connections` caps the pool; a call
     finding every connection busy waits for one within the same deadline. Nothing connects
@@ -136,6 +145,8 @@ class RedisQuotaStore:
         self,
         url: str,
         *,
+        mode: str = "single",
+        sentinel_master: str = "",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         on_model_set_failure: Callable[[], None] | None = None,
@@ -143,15 +154,9 @@ class RedisQuotaStore:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
         self._timeout_s = timeout_s
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
+        self._client, self._finders = make_client(
+            url, mode, sentinel_master, timeout_s, max_connections
         )
-        self._client = Redis.from_pool(pool)  # the client owns the pool and closes it
         self._on_model_set_failure = on_model_set_failure
         self._unlogged_failures = 0
         self._last_failure_log = -_LOG_EVERY_S
@@ -252,6 +257,8 @@ class RedisQuotaStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+        for finder in self._finders:
+            await finder.aclose()
 
     async def _evaluate(self, check: QuotaCheck, *, take: bool) -> QuotaResult:
         validate_check(check)
@@ -359,8 +366,10 @@ class RedisQuotaStore:
                     if not retry:
                         raise
                     # Idle pooled connections are as old as the one that failed: drop them,
-                    # so the retry (and every later call) connects afresh.
-                    await self._client.connection_pool.disconnect(inuse_connections=False)
+                    # so the retry (and every later call) connects afresh. The cluster client
+                    # has done that for the failed node, and rereads the slot map.
+                    if isinstance(self._client, Redis):
+                        await self._client.connection_pool.disconnect(inuse_connections=False)
                     if retried is not None:
                         retried.append(exc)
                     return await self._evalsha(script, keys, args)
@@ -368,9 +377,8 @@ class RedisQuotaStore:
     async def _evalsha(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._client.script_load(script.source)
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # EVAL caches it where the keys live (module rules)
+            return await self._client.eval(script.source, len(keys), *keys, *args)
 
     async def in_flight_many(
         self, pairs: Sequence[tuple[str, str | None]]
@@ -412,21 +420,25 @@ class RedisQuotaStore:
         with map_exceptions("in_flight_many", timeout_s):
             async with asyncio.timeout(timeout_s):
                 replies = await self._count_pipeline(keys)
-                if any(isinstance(reply, NoScriptError) for reply in replies):
-                    await self._client.script_load(IN_FLIGHT.source)
-                    replies = await self._count_pipeline(keys)
+                unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if unknown:  # EVAL on the keys of the nodes that lacked it (module rules)
+                    again = await self._count_pipeline([keys[i] for i in unknown], source=True)
+                    for i, reply in zip(unknown, again, strict=True):
+                        replies[i] = reply
                 for reply in replies:
                     if isinstance(reply, Exception):
                         raise reply
         return [int(reply) for reply in replies]
 
-    async def _count_pipeline(self, keys: Sequence[str]) -> list[Any]:
+    async def _count_pipeline(self, keys: Sequence[str], *, source: bool = False) -> list[Any]:
+        """EVALSHA (EVAL when `source`) of `in_flight.lua` on each key, in one pipeline."""
+        command, script = ("EVAL", IN_FLIGHT.source) if source else ("EVALSHA", IN_FLIGHT.sha)
         async with self._client.pipeline(transaction=False) as pipe:
             for key in keys:
                 # Not `pipe.evalsha`: redis-py's cluster pipeline refuses that helper (for its
                 # NOSCRIPT handling, which `_count_many` does itself); the command routes by
                 # its one key like any other.
-                pipe.execute_command("EVALSHA", IN_FLIGHT.sha, 1, key)
+                pipe.execute_command(command, script, 1, key)
             return list(await pipe.execute(raise_on_error=False))
 
 
