@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 
+from sidecar.accounting import TokenAccounting
 from sidecar.core import admission
 from sidecar.core.admission import (
     Answer,
@@ -39,19 +40,17 @@ from sidecar.core.decide import (
     CompiledPolicy,
     decide,
     malformed,
-    refuse_unreadable,
 )
 from sidecar.core.degraded import degrade
-from sidecar.core.kserve import Unreadable
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
-from sidecar.core.tokens import TokenEstimate, UsageMeter, settlement
+from sidecar.core.tokens import TokenEstimate
 from sidecar.core.types import Decision, LeaseRef, QuotaCheck, QuotaResult, RequestAttributes
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
 from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
-from sidecar.policy.model import FailMode, Policy, TokenPolicy
+from sidecar.policy.model import FailMode, Policy
 from sidecar.policy.reload import FixedPolicy, PolicySource
 from sidecar.state.base import QuotaStore, new_lease_id
 from sidecar.state.breaker import CircuitOpen
@@ -80,6 +79,7 @@ class AdmissionService:
         self._policy = FixedPolicy(policy) if isinstance(policy, Policy) else policy
         self.store = store
         self.metrics = metrics
+        self.tokens = TokenAccounting(metrics, self.reconcile, lambda: self.policy.tenants)
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
         # alone: treating "no signal" as saturated would shed everything forever.
         self._load = load
@@ -172,9 +172,10 @@ class AdmissionService:
             return False
         return await self.release(lease)
 
-    async def release(self, lease: LeaseRef) -> bool:
+    async def release(self, lease: LeaseRef, *, counted: bool = True) -> bool:
         """Release `lease` now; if the store fails, owe it (retried until it is taken). True if
-        a lease was freed now."""
+        a lease was freed now. `counted`: this replica counted it in its model's in flight (a
+        held request that never went to Triton was not)."""
         if self.local_leases.pop(lease.lease_id, None) is not None:
             released = await self.local.release(lease, tombstone_s=self.policy.lease_ttl_s)
             self.metrics.completions.labels("released" if released else "already_released").inc()
@@ -183,20 +184,21 @@ class AdmissionService:
             return released
         self.leases.ended(lease)
         try:
-            return await self._release(lease)
+            return await self._release(lease, counted)
         except StateUnavailable:
             self.metrics.state_errors.labels("release").inc()
             self.leases.owe(lease)
             return False
 
-    async def _release(self, lease: LeaseRef) -> bool:
+    async def _release(self, lease: LeaseRef, counted: bool = True) -> bool:
         """One release in the store, with its tombstone (see `sidecar.state.base`). Raises
         StateUnavailable."""
         released = await self.store.release(lease, tombstone_s=self.policy.lease_ttl_s)
         self.metrics.completions.labels("released" if released else "already_released").inc()
         if self.deferrer is not None:
-            if released and lease.model is not None and lease.model_pod == self.model_pod:
-                self.deferrer.note_ended(lease.model)  # a lease of the count this one reads
+            mine = lease.model is not None and lease.model_pod == self.model_pod
+            if released and counted and mine:
+                self.deferrer.note_ended(lease.model or "")  # of the count this one reads
             self.deferrer.pump()
         return released
 
@@ -435,7 +437,8 @@ class AdmissionService:
         lease = give_back.lease
         store = self.local if lease and lease.lease_id in self.local_leases else self.store
         if give_back.lease is not None:
-            await self.release(give_back.lease)
+            # Held, so never counted for its model: its end must not lower that count.
+            await self.release(give_back.lease, counted=False)
         refunds = [replace(bucket, cost=-bucket.cost) for bucket in give_back.buckets]
         if not refunds:
             return
@@ -443,57 +446,3 @@ class AdmissionService:
             await store.charge(give_back.tenant, refunds)
         except StateUnavailable:
             self.metrics.state_errors.labels("charge").inc()
-
-    # -- token accounting (ext_proc, models with `tokens`) ------------------------------------
-
-    def note_estimate(self, decision: Decision, estimate: TokenEstimate | None) -> None:
-        """Count how a request to a token model was priced: `unestimated` (no body to read;
-        `cost_per_request` was charged), `charged_max` (its body could not be read and
-        `tokens.unreadable` is charge_max) or, when admitted, `estimated` with its prompt and
-        max tokens. Counted even when no bucket took the cost (no `cost` bucket, or the store
-        failed open): the token counts are still worth having."""
-        if estimate is None:
-            self.metrics.token_accounting.labels("unestimated").inc()
-            return
-        if not estimate.readable:
-            self.metrics.token_accounting.labels("charged_max").inc()
-            return
-        if not decision.admitted:
-            return
-        self.metrics.token_accounting.labels("estimated").inc()
-        labels = (decision.tenant or "", decision.klass or "")
-        self.metrics.tokens.labels(*labels, "prompt").inc(estimate.prompt_tokens)
-        self.metrics.tokens.labels(*labels, "max").inc(estimate.max_tokens)
-
-    def refuse_unreadable(self, problem: Unreadable, api: str) -> Decision:
-        """A token model's body whose cost cannot be read, under `tokens.unreadable: refuse`:
-        400 or 415 (core.decide), counted as a decision and as `refused_unreadable`."""
-        decision = refuse_unreadable(problem)
-        self.metrics.record_decision(decision, self.policy.tenants, api)
-        self.metrics.token_accounting.labels("refused_unreadable").inc()
-        return decision
-
-    async def settle_tokens(
-        self,
-        decision: Decision,
-        tokens: TokenPolicy,
-        estimate: TokenEstimate,
-        meter: UsageMeter,
-        *,
-        ended: bool,
-    ) -> None:
-        """Make an admit's charge good with what its response said (`core.tokens.settlement`):
-        one charge or refund to the buckets it charged (`reconcile`), or none, leaving the
-        charge standing when the response never said its usage."""
-        # Every cost bucket took the same cost: the estimate, or what charge_max came to.
-        # (`charged` lists every bucket the admit charged; `requests` buckets cost 1.)
-        by_cost = [bucket.cost for bucket in decision.charged if bucket.by_cost]
-        charged = by_cost[0] if by_cost else estimate.cost
-        delta, result = settlement(tokens, estimate, charged, meter, ended=ended)
-        generated = meter.generated()
-        if generated is not None and not meter.rejected:
-            labels = (decision.tenant or "", decision.klass or "")
-            self.metrics.tokens.labels(*labels, "generated").inc(generated)
-        if delta is not None and not await self.reconcile(decision, delta):
-            result = "store_error"
-        self.metrics.token_accounting.labels(result).inc()

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.core",),
     ("sidecar.policy", "sidecar.settings"),
     ("sidecar.metrics", "sidecar.state"),
-    ("sidecar.backends", "sidecar.deferral", "sidecar.leases"),
+    ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),
     ("sidecar.app",),

@@ -362,3 +362,30 @@ def test_a_saturated_models_waiter_does_not_hold_up_another_model() -> None:
     at_once, let_go = asyncio.run(body())
     assert at_once.reason is Reason.ADMITTED
     assert let_go.reason is Reason.ADMITTED_DEFERRED
+
+
+def test_a_held_request_that_leaves_does_not_lower_its_models_in_flight_count() -> None:
+    """A held request was never counted for its model (it never went to Triton), so giving
+    its lease back must not count as one of the model's requests ending: that would let the
+    replica admit one over `max_in_flight` until the next refresh."""
+    backend = Backend(depth=0)
+    service, store = make(backend, max_wait_ms=5000)
+
+    async def body() -> tuple[int | None, int | None]:
+        assert service.deferrer is not None
+        await service.refresh_model_in_flight(["simgpu"])
+        for _ in range(2):
+            assert (await service.check(request(), "test")).reason is Reason.ADMITTED
+        await service.refresh_model_in_flight(["simgpu"])  # the store says 2
+        before = service.deferrer.in_flight("simgpu")
+        backend.depth = 6  # over admit_below: the next one is held
+        held = asyncio.create_task(service.check(request(), "test"))
+        await asyncio.sleep(0.05)
+        assert not held.done() and await in_flight(store) == 3  # held with its lease
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        assert await in_flight(store) == 2  # its lease was given back
+        return before, service.deferrer.in_flight("simgpu")
+
+    before, after = asyncio.run(body())
+    assert before == after == 2

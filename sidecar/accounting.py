@@ -1,0 +1,79 @@
+"""Token accounting for models with a `tokens` policy (ext_proc mode): how a request was
+priced, the refusal of a body whose cost cannot be read, and the settlement of an estimate
+with what the response said. The arithmetic is the core's (`core.tokens`); this counts it
+and asks the service to charge or refund the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Container
+
+from sidecar.core.decide import refuse_unreadable
+from sidecar.core.kserve import Unreadable
+from sidecar.core.tokens import TokenEstimate, UsageMeter, settlement
+from sidecar.core.types import Decision
+from sidecar.metrics import Metrics
+from sidecar.policy.model import TokenPolicy
+
+Reconcile = Callable[[Decision, float], Awaitable[bool]]
+
+
+class TokenAccounting:
+    def __init__(
+        self, metrics: Metrics, reconcile: Reconcile, tenants: Callable[[], Container[str]]
+    ) -> None:
+        self.metrics = metrics
+        self._reconcile = reconcile
+        self._tenants = tenants  # the policy's tenants, for bounded metric labels
+
+    def note_estimate(self, decision: Decision, estimate: TokenEstimate | None) -> None:
+        """Count how a request to a token model was priced: `unestimated` (no body to read;
+        `cost_per_request` was charged), `charged_max` (its body could not be read and
+        `tokens.unreadable` is charge_max) or, when admitted, `estimated` with its prompt and
+        max tokens. Counted even when no bucket took the cost (no `cost` bucket, or the store
+        failed open): the token counts are still worth having."""
+        if estimate is None:
+            self.metrics.token_accounting.labels("unestimated").inc()
+            return
+        if not estimate.readable:
+            self.metrics.token_accounting.labels("charged_max").inc()
+            return
+        if not decision.admitted:
+            return
+        self.metrics.token_accounting.labels("estimated").inc()
+        labels = (decision.tenant or "", decision.klass or "")
+        self.metrics.tokens.labels(*labels, "prompt").inc(estimate.prompt_tokens)
+        self.metrics.tokens.labels(*labels, "max").inc(estimate.max_tokens)
+
+    def refuse_unreadable(self, problem: Unreadable, api: str) -> Decision:
+        """A token model's body whose cost cannot be read, under `tokens.unreadable: refuse`:
+        400 or 415 (core.decide), counted as a decision and as `refused_unreadable`."""
+        decision = refuse_unreadable(problem)
+        self.metrics.record_decision(decision, self._tenants(), api)
+        self.metrics.token_accounting.labels("refused_unreadable").inc()
+        return decision
+
+    async def settle(
+        self,
+        decision: Decision,
+        tokens: TokenPolicy,
+        estimate: TokenEstimate,
+        meter: UsageMeter,
+        *,
+        ended: bool,
+    ) -> None:
+        """Make an admit's charge good with what its response said (`core.tokens.settlement`):
+        one charge or refund to the buckets it charged (the service's `reconcile`), or none,
+        leaving the charge standing when the response never said its usage."""
+        # Every cost bucket took the same cost: the estimate, or what charge_max came to.
+        # (`charged` lists every bucket the admit charged; `requests` buckets cost 1.)
+        by_cost = [bucket.cost for bucket in decision.charged if bucket.by_cost]
+        charged = by_cost[0] if by_cost else estimate.cost
+        delta, result = settlement(tokens, estimate, charged, meter, ended=ended)
+        generated = meter.generated()
+        if generated is not None and not meter.rejected:
+            labels = (decision.tenant or "", decision.klass or "")
+            self.metrics.tokens.labels(*labels, "generated").inc(generated)
+        if delta is not None and not await self._reconcile(decision, delta):
+            result = "store_error"
+        self.metrics.token_accounting.labels(result).inc()
