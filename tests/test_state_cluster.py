@@ -173,35 +173,45 @@ def test_a_killed_primary_is_followed_and_leaves_no_lease(
         async def main() -> tuple[Loop, float]:
             redis_store = RedisQuotaStore(c.seeds, mode="cluster", timeout_s=0.1)
             store = GuardedStore(redis_store, CircuitBreaker(probe_interval_s=0.2))
-            loop = Loop(store, tenants)
-            workers = [asyncio.create_task(loop.worker(t)) for t in tenants]
-            await asyncio.sleep(0.5)
-            killed_at = time.monotonic()
-            await asyncio.to_thread(c.kill, victim)
-            # Until every decision has succeeded for 1 s (the victim's tenant included).
-            deadline = killed_at + 30.0
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-                last_failure = max((t for t, _, _, ok in loop.events if not ok), default=0.0)
-                served = [t for t, tenant, _, ok in loop.events if tenant == victim_tenant and ok]
-                if last_failure and served and served[-1] > last_failure + 1.0:
-                    break
-            loop.stopped = True
-            await asyncio.gather(*workers)
-            for lease in loop.owed:  # what the service owes once the store answers
-                await store.release(lease)
-            counts = await redis_store.in_flight_many(
-                [(t, k) for t in tenants for k in (None, "gold")]
-            )
-            assert set(counts.values()) == {0}, counts
-            # A model step that failed in the window (its node down, or its answer lost) is
-            # not undone by the release; its entry expires with the lease TTL (base.py).
-            model_deadline = time.monotonic() + 2 * FAILOVER_TTL_S + 5
-            while await redis_store.model_in_flight(MODEL) and time.monotonic() < model_deadline:  # noqa: ASYNC110 (polls the store)
-                await asyncio.sleep(0.2)
-            assert await redis_store.model_in_flight(MODEL) == 0
-            await store.close()
-            return loop, killed_at
+            try:
+                loop = Loop(store, tenants)
+                workers = [asyncio.create_task(loop.worker(t)) for t in tenants]
+                await asyncio.sleep(0.5)
+                killed_at = time.monotonic()
+                await asyncio.to_thread(c.kill, victim)
+                # Until every decision has succeeded for 1 s (the victim's tenant included).
+                deadline = killed_at + 30.0
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    last_failure = max((t for t, _, _, ok in loop.events if not ok), default=0.0)
+                    served = [
+                        t for t, tenant, _, ok in loop.events if tenant == victim_tenant and ok
+                    ]
+                    if last_failure and served and served[-1] > last_failure + 1.0:
+                        break
+                loop.stopped = True
+                await asyncio.gather(*workers)
+                for lease in loop.owed:  # what the service owes once the store answers
+                    await store.release(lease)
+                counts = await redis_store.in_flight_many(
+                    [(t, k) for t in tenants for k in (None, "gold")]
+                )
+                assert set(counts.values()) == {0}, counts
+                # A model step that failed in the window (its node down, or its answer lost) is
+                # not undone by the release; its entry expires with the lease TTL (base.py).
+                model_deadline = time.monotonic() + 2 * FAILOVER_TTL_S + 5
+
+                async def model_entries_left() -> int:
+                    return await redis_store.model_in_flight(MODEL)
+
+                while await model_entries_left() and time.monotonic() < model_deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+                assert await redis_store.model_in_flight(MODEL) == 0
+                return loop, killed_at
+            finally:
+                # Closed even when an assertion fails: a leaked connection would surface as
+                # an unclosed-transport warning in whichever test runs next.
+                await store.close()
 
         loop, killed_at = asyncio.run(main())
         assert c.replicas[c.primaries.index(victim)] is replica

@@ -129,6 +129,25 @@ def map_exceptions(operation: str, timeout_s: float) -> Iterator[None]:
         ) from exc
     except (RedisError, OSError) as exc:
         raise StateUnavailable(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
+    except AttributeError as exc:
+        # redis-py's cluster client can drop a dead node's connection while another call is
+        # still writing on it ('NoneType' object has no attribute 'writelines', seen once in
+        # about 8 failovers). Only an error raised inside redis-py itself means that; one of
+        # ours is a bug and propagates.
+        if not _raised_in_redis_py(exc):
+            raise
+        raise StateUnavailable(f"redis {operation}: connection lost: {exc}") from exc
+
+
+def _raised_in_redis_py(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc`'s traceback is redis-py's code."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module.split(".")[0] == "redis"
 
 
 class RedisQuotaStore:
