@@ -61,6 +61,12 @@ class LocalStack:
         self.ports: dict[str, int] = {}
         self._exit = contextlib.ExitStack()
 
+    @property
+    def admin_url(self) -> str:
+        """The sidecar's admin listener (/metrics, /readyz, /v1/explain)."""
+        assert self.sidecar is not None, "the stack is not started"
+        return self.sidecar.admin_url
+
     def url(self, mode: str) -> str:
         """The Envoy listener a client sends inference requests to, for `mode`."""
         return f"http://127.0.0.1:{self.ports[mode]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -95,3 +96,11 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> floa
             raise AssertionError(f"not within {timeout_s}s: {what}")
         time.sleep(0.02)
     return time.monotonic()
+
+
+def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run `fn` in a daemon thread; its result lands in the returned list."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out

@@ -71,11 +71,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield s
 
 
-def admin(stack: LocalStack) -> str:
-    assert stack.sidecar is not None
-    return stack.sidecar.admin_url
-
-
 def restart_valkey(stack: LocalStack) -> None:
     """SIGKILL the stack's Valkey (stopped or not), reap it, and start a fresh, empty one on
     the same port: the sidecar's pooled connections all point at the dead one."""
@@ -88,7 +83,7 @@ def restart_valkey(stack: LocalStack) -> None:
 
 
 def counters(stack: LocalStack) -> tuple[float, float]:
-    url = admin(stack)
+    url = stack.admin_url
     return (
         metric_value(url, "qos_state_errors_total", operation="acquire"),
         metric_value(url, "qos_decisions_total", reason="admitted_fail_open"),
@@ -112,7 +107,7 @@ def test_a_valkey_restart_fails_no_decision(stack: LocalStack) -> None:
     restart_valkey(stack)
     # A background call may have met the dead server twice and opened the circuit: a probe
     # (retried on a fresh connection) closes it within a second.
-    wait_for(lambda: metric_value(admin(stack), "qos_degraded") == 0, 5, "circuit closed")
+    wait_for(lambda: metric_value(stack.admin_url, "qos_degraded") == 0, 5, "circuit closed")
     errors, fail_open = counters(stack)
     statuses = [infer(url, api_key="k-free").status for _ in range(40)]
     assert statuses == [200] * 40
@@ -134,7 +129,7 @@ def _histogram(stack: LocalStack) -> dict[str, float]:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(admin(stack) + "/metrics", timeout=5) as response:
+    with urllib.request.urlopen(stack.admin_url + "/metrics", timeout=5) as response:
         text = response.read().decode()
     buckets: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -181,14 +176,14 @@ def test_valkey_down_under_load_fails_fast_and_admits_the_local_share(stack: Loc
     seconds, _ = client.time()
     client.zadd(HEARTBEATS_KEY, {"another-replica": seconds - EPOCH_S + 3600})
     client.close()
-    wait_for(lambda: metric_value(admin(stack), "qos_replicas") == REPLICAS, 10, "2 replicas")
-    degraded_s = metric_value(admin(stack), "qos_degraded_seconds_total")
+    wait_for(lambda: metric_value(stack.admin_url, "qos_replicas") == REPLICAS, 10, "2 replicas")
+    degraded_s = metric_value(stack.admin_url, "qos_degraded_seconds_total")
 
     with Load(stack.url("http")) as load:
         wait_for(lambda: len(load.admitted) >= 10, 10, "load admitted")
         os.kill(stack.valkey.pid or 0, signal.SIGSTOP)  # answers nothing: calls time out
         opened_at = wait_for(
-            lambda: metric_value(admin(stack), "qos_degraded") == 1, 10, "circuit open"
+            lambda: metric_value(stack.admin_url, "qos_degraded") == 1, 10, "circuit open"
         )
         time.sleep(0.5)  # decisions already waiting for Redis when it opened end
         histogram, started = _histogram(stack), time.monotonic()
@@ -197,7 +192,7 @@ def test_valkey_down_under_load_fails_fast_and_admits_the_local_share(stack: Loc
         restart_valkey(stack)
         restarted_at = time.monotonic()
         closed_at = wait_for(
-            lambda: metric_value(admin(stack), "qos_degraded") == 0, 10, "circuit closed"
+            lambda: metric_value(stack.admin_url, "qos_degraded") == 0, 10, "circuit closed"
         )
     quantiles = _decision_quantiles(histogram, histogram_after)
     admitted = sum(1 for t in load.admitted if started <= t < ended)
@@ -214,8 +209,8 @@ def test_valkey_down_under_load_fails_fast_and_admits_the_local_share(stack: Loc
     # Bounded: at most 1.1x this replica's share, and not shut off either.
     assert share / 3 <= admitted <= 1.1 * share
     assert set(load.others) <= {429, 503}
-    assert metric_value(admin(stack), "qos_completions_total", result="released") > 0
-    assert metric_value(admin(stack), "qos_degraded_seconds_total") > degraded_s + OUTAGE_S / 2
+    assert metric_value(stack.admin_url, "qos_completions_total", result="released") > 0
+    assert metric_value(stack.admin_url, "qos_degraded_seconds_total") > degraded_s + OUTAGE_S / 2
 
     # Back: no lease left anywhere once the load stops, and the tenant is admitted normally.
     def no_lease() -> bool:
@@ -226,7 +221,7 @@ def test_valkey_down_under_load_fails_fast_and_admits_the_local_share(stack: Loc
     wait_for(no_lease, 10, "no lease left in Valkey")
     # The leases taken locally while it was down were released locally (the gauge is read
     # every heartbeat, 2 s); some were taken.
-    wait_for(lambda: metric_value(admin(stack), "qos_local_leases") == 0, 10, "local leases")
+    wait_for(lambda: metric_value(stack.admin_url, "qos_local_leases") == 0, 10, "local leases")
     errors, fail_open = counters(stack)
     # (The load ran on after the return and may have emptied the bucket for a few ms.)
     wait_for(lambda: infer(stack.url("http"), api_key="k-metered").status == 200, 5, "admitted")

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +29,7 @@ import devstack.stack
 from devstack.procs import ValkeyProcess
 from devstack.stack import LocalStack
 from tests.binaries import require_binaries
-from tests.stack_client import explain, infer, metric_value, post, wait_for
+from tests.stack_client import explain, in_background, infer, metric_value, post, wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.faults]
 MODES = ("http", "grpc", "extproc")
@@ -113,24 +112,12 @@ def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def admin(stack: LocalStack) -> str:
-    assert stack.sidecar is not None
-    return stack.sidecar.admin_url
-
-
-def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    thread.start()
-    return thread, out
-
-
 def released(stack: LocalStack) -> float:
-    return metric_value(admin(stack), "qos_completions_total", result="released")
+    return metric_value(stack.admin_url, "qos_completions_total", result="released")
 
 
 def slots_free(stack: LocalStack, key: str) -> bool:
-    return bool(explain(admin(stack), key)["outcome"] == "admit")
+    return bool(explain(stack.admin_url, key)["outcome"] == "admit")
 
 
 def get_json(url: str) -> tuple[int, Any]:
@@ -157,7 +144,7 @@ def test_upstream_timeout_releases_the_slots(stack: LocalStack, mode: str) -> No
         for _ in range(2)
     ]  # fmt: skip
     wait_for(
-        lambda: explain(admin(stack), key)["reason"] == "over_concurrency",
+        lambda: explain(stack.admin_url, key)["reason"] == "over_concurrency",
         ROUTE_TIMEOUT_S,
         "both requests hold a slot while Triton works",
     )
@@ -212,11 +199,13 @@ def test_valkey_killed_mid_run_fails_as_documented_then_recovers(stack: LocalSta
     ]  # fmt: skip
     for mode in MODES:
         wait_for(
-            lambda k=keys[mode]: explain(admin(stack), k, "batch")["reason"] == "over_concurrency",
+            lambda k=keys[mode]: (
+                explain(stack.admin_url, k, "batch")["reason"] == "over_concurrency"
+            ),
             5,
             f"[{mode}] both hold a slot",
         )
-    fail_open = metric_value(admin(stack), "qos_decisions_total", reason="admitted_fail_open")
+    fail_open = metric_value(stack.admin_url, "qos_decisions_total", reason="admitted_fail_open")
     _kill_valkey(stack)
     killed_at = time.monotonic()
     for thread, out in running:  # admitted before the outage: unaffected by it
@@ -230,10 +219,10 @@ def test_valkey_killed_mid_run_fails_as_documented_then_recovers(stack: LocalSta
         shed = infer(url, api_key=keys[mode], klass="batch")
         assert shed.status == 503 and shed.headers["retry-after"] == "2", (mode, shed)
         assert shed.json()["reason"] == "state_unavailable"
-    after = metric_value(admin(stack), "qos_decisions_total", reason="admitted_fail_open")
+    after = metric_value(stack.admin_url, "qos_decisions_total", reason="admitted_fail_open")
     assert after >= fail_open + len(MODES)
     # The in-flight gauges cannot be read: they say how old they are.
-    wait_for(lambda: metric_value(admin(stack), "qos_state_stale_seconds") > 0, 5, "stale")
+    wait_for(lambda: metric_value(stack.admin_url, "qos_state_stale_seconds") > 0, 5, "stale")
 
     fresh = ValkeyProcess(old.workdir, port=old.port)
     stack.valkey = stack._exit.enter_context(fresh)
@@ -247,10 +236,10 @@ def test_valkey_killed_mid_run_fails_as_documented_then_recovers(stack: LocalSta
     wait_for(
         lambda: (
             all(
-                metric_value(admin(stack), "qos_in_flight_requests", tenant=f"kv-{mode}") == 0
+                metric_value(stack.admin_url, "qos_in_flight_requests", tenant=f"kv-{mode}") == 0
                 for mode in MODES
             )
-            and metric_value(admin(stack), "qos_state_stale_seconds") == 0
+            and metric_value(stack.admin_url, "qos_state_stale_seconds") == 0
         ),
         5,
         "no lease left and the gauges read again",
@@ -292,7 +281,7 @@ def test_triton_killed_connection_failures_release_and_readyz_fails(stack: Local
     """Runs last: Triton stays down for the rest of the module."""
     total = released(stack)
     unknown = "/v2/models/no-such-model/infer"
-    wait_for(lambda: get_json(admin(stack) + "/readyz")[0] == 200, 10, "ready before")
+    wait_for(lambda: get_json(stack.admin_url + "/readyz")[0] == 200, 10, "ready before")
     assert stack.triton is not None and stack.triton.pid is not None
     os.kill(stack.triton.pid, signal.SIGKILL)
 
@@ -300,13 +289,13 @@ def test_triton_killed_connection_failures_release_and_readyz_fails(stack: Local
 
     def not_ready() -> bool:
         nonlocal status, body
-        status, body = get_json(admin(stack) + "/readyz")
+        status, body = get_json(stack.admin_url + "/readyz")
         return status == 503
 
     wait_for(not_ready, 10, "/readyz 503 with Triton down")  # fmt: skip
     assert body["status"] == "not_ready" and body["reason"] == "triton_not_ready"
     assert body["not_ready"] == ["triton triton-0: not ready"]
-    assert get_json(admin(stack) + "/healthz") == (200, {"status": "ok"})  # still alive
+    assert get_json(stack.admin_url + "/healthz") == (200, {"status": "ok"})  # still alive
 
     for mode in MODES:
         url, key = stack.url(mode), f"k-down-{mode}"

@@ -89,11 +89,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield running
 
 
-def admin(stack: LocalStack) -> str:
-    assert stack.sidecar is not None
-    return stack.sidecar.admin_url
-
-
 class Flood:
     """`n` batch requests at once from ONE asyncio thread (not n threads: with the GIL, n busy
     client threads would delay this process's own interactive requests by n x 5 ms).
@@ -152,8 +147,8 @@ class Flood:
 def idle(stack: LocalStack) -> None:
     wait_for(
         lambda: (
-            metric_value(admin(stack), "qos_held_requests") == 0
-            and metric_value(admin(stack), "qos_backend_queue_depth", model="simgpu") == 0
+            metric_value(stack.admin_url, "qos_held_requests") == 0
+            and metric_value(stack.admin_url, "qos_backend_queue_depth", model="simgpu") == 0
         ),
         30,
         "nothing held and Triton's queue empty",
@@ -167,11 +162,13 @@ def test_interactive_keeps_its_objective_while_a_batch_flood_is_deferred_or_shed
     idle(stack)
     url = stack.url(mode)
     # Counters are cumulative over the module: this test reads what it adds to them.
-    deferred_before = metric_value(admin(stack), "qos_decisions_total", reason="admitted_deferred")
+    deferred_before = metric_value(
+        stack.admin_url, "qos_decisions_total", reason="admitted_deferred"
+    )
     # About 1.5x what the simulated GPU serves (8 per 60 ms batch = 133/s), for 2 s.
     flood = Flood(url, 400, spread_s=2.0)
     wait_for(
-        lambda: metric_value(admin(stack), "qos_held_requests", **{"class": "batch"}) > 0,
+        lambda: metric_value(stack.admin_url, "qos_held_requests", **{"class": "batch"}) > 0,
         10,
         "the flood is being held",
     )
@@ -190,7 +187,7 @@ def test_interactive_keeps_its_objective_while_a_batch_flood_is_deferred_or_shed
     slowest_batch_ms = max(s for s, status, _, _ in flood.results if status == 200) * 1000
     assert slowest_batch_ms > INTERACTIVE_OBJECTIVE_MS, slowest_batch_ms
     # ... because the flood was held until Triton had room, or shed early (503 + Retry-After).
-    deferred = metric_value(admin(stack), "qos_decisions_total", reason="admitted_deferred")
+    deferred = metric_value(stack.admin_url, "qos_decisions_total", reason="admitted_deferred")
     assert deferred > deferred_before
     shed = [(reason, retry) for _, status, reason, retry in flood.results if status == 503]
     assert shed, statuses
@@ -205,14 +202,16 @@ def test_a_request_that_cannot_make_it_is_shed_at_once_not_held_to_time_out(
 ) -> None:
     idle(stack)
     url = stack.url("extproc")
-    holds_before = metric_value(admin(stack), "qos_hold_duration_seconds_count", result="admitted")
+    holds_before = metric_value(
+        stack.admin_url, "qos_hold_duration_seconds_count", result="admitted"
+    )
     flood = Flood(url, 100)
     flood.join()
     shed_fast = [s for s, status, _, _ in flood.results if status == 503 and s < 1.0]
     # Queue bounded at 40 and a 1.5 s hold budget: many are told at once (< 1 s, well under
     # the 1.5 s they could have been held) rather than waiting to time out.
     assert shed_fast, sorted((s, status) for s, status, _, _ in flood.results)
-    holds = metric_value(admin(stack), "qos_hold_duration_seconds_count", result="admitted")
+    holds = metric_value(stack.admin_url, "qos_hold_duration_seconds_count", result="admitted")
     assert holds > holds_before  # and some of this flood were held, then let go
 
 
@@ -221,16 +220,16 @@ def test_a_disconnected_clients_held_request_leaves_and_frees_its_slot(
 ) -> None:
     idle(stack)
     url = stack.url("extproc")
-    in_flight_before = metric_value(admin(stack), "qos_in_flight_requests", tenant="flood")
-    released_before = metric_value(admin(stack), "qos_completions_total", result="released")
+    in_flight_before = metric_value(stack.admin_url, "qos_in_flight_requests", tenant="flood")
+    released_before = metric_value(stack.admin_url, "qos_completions_total", result="released")
     cancelled_before = metric_value(
-        admin(stack), "qos_hold_duration_seconds_count", result="cancelled"
+        stack.admin_url, "qos_hold_duration_seconds_count", result="cancelled"
     )
     # Keep Triton busy (slow batches, a queue with room left: 40 may be held) so that what
     # comes next is held, from clients that hang up at 0.3 s.
     busy = Flood(url, 16, delay_ms=250)
     wait_for(
-        lambda: metric_value(admin(stack), "qos_held_requests", **{"class": "batch"}) > 0,
+        lambda: metric_value(stack.admin_url, "qos_held_requests", **{"class": "batch"}) > 0,
         10,
         "held",
     )
@@ -239,7 +238,7 @@ def test_a_disconnected_clients_held_request_leaves_and_frees_its_slot(
     assert {status for _, status, _, _ in quitters.results} == {"TimeoutError"}
     wait_for(
         lambda: (
-            metric_value(admin(stack), "qos_hold_duration_seconds_count", result="cancelled")
+            metric_value(stack.admin_url, "qos_hold_duration_seconds_count", result="cancelled")
             > cancelled_before
         ),
         5,
@@ -250,19 +249,22 @@ def test_a_disconnected_clients_held_request_leaves_and_frees_its_slot(
     # Every lease of this test came back: the tenant holds no more slots than before it.
     wait_for(
         lambda: (
-            metric_value(admin(stack), "qos_in_flight_requests", tenant="flood") <= in_flight_before
+            metric_value(stack.admin_url, "qos_in_flight_requests", tenant="flood")
+            <= in_flight_before
         ),
         5,
         "no slot left taken",
     )
-    assert metric_value(admin(stack), "qos_completions_total", result="released") > released_before
+    assert (
+        metric_value(stack.admin_url, "qos_completions_total", result="released") > released_before
+    )
 
 
 def _trace(stack: LocalStack) -> Any:
     """What the sidecar decided for the interactive tenant, for failure messages."""
     from tests.stack_client import explain
 
-    return explain(admin(stack), "k-web")
+    return explain(stack.admin_url, "k-web")
 
 
 @pytest.mark.parametrize("mode", ["extproc", "http"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from devstack.sidecar_proc import SidecarProcess
 from devstack.stack import LocalStack
 from tests.binaries import require_binaries
-from tests.stack_client import explain, infer, metric_value, wait_for
+from tests.stack_client import explain, in_background, infer, metric_value, wait_for
 
 pytestmark = pytest.mark.stack
 MODES = ("http", "grpc", "extproc")
@@ -94,18 +93,6 @@ def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def admin(stack: LocalStack) -> str:
-    assert stack.sidecar is not None
-    return stack.sidecar.admin_url
-
-
-def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    thread.start()
-    return thread, out
-
-
 def test_over_rate_is_429_with_retry_after_and_other_tenants_unaffected(
     stack: LocalStack, mode: str
 ) -> None:
@@ -131,7 +118,7 @@ def test_concurrency_limit_sheds_and_slots_return_after_completion(
     url, key = stack.url(mode), f"k-conc-{mode}"
     slow = [in_background(lambda: infer(url, api_key=key, delay_ms=1500)) for _ in range(2)]
     wait_for(
-        lambda: explain(admin(stack), key)["reason"] == "over_concurrency",
+        lambda: explain(stack.admin_url, key)["reason"] == "over_concurrency",
         10,
         "both slow requests hold a slot",
     )
@@ -142,7 +129,7 @@ def test_concurrency_limit_sheds_and_slots_return_after_completion(
     for thread, out in slow:
         thread.join(30)
         assert out[0].status == 200
-    wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "slots released")
+    wait_for(lambda: explain(stack.admin_url, key)["outcome"] == "admit", 5, "slots released")
     assert infer(url, api_key=key).status == 200
 
 
@@ -151,7 +138,7 @@ def test_client_disconnect_releases_the_slot_before_the_work_ends(
 ) -> None:
     url, key = stack.url(mode), f"k-gone-{mode}"
     work_ms, hang_up_s = 6000, 2.0
-    released = metric_value(admin(stack), "qos_completions_total", result="released")
+    released = metric_value(stack.admin_url, "qos_completions_total", result="released")
     started = time.monotonic()
     gone = [
         in_background(lambda: _hang_up(lambda: infer(url, api_key=key, delay_ms=work_ms,
@@ -160,7 +147,7 @@ def test_client_disconnect_releases_the_slot_before_the_work_ends(
     ]  # fmt: skip
     # Both requests hold the tenant's two slots while they run...
     wait_for(
-        lambda: explain(admin(stack), key)["reason"] == "over_concurrency",
+        lambda: explain(stack.admin_url, key)["reason"] == "over_concurrency",
         hang_up_s,
         "both requests hold a slot",
     )
@@ -169,9 +156,9 @@ def test_client_disconnect_releases_the_slot_before_the_work_ends(
         assert isinstance(out[0], TimeoutError), out  # hung up by its own timeout, nothing else
     # ... both clients hung up at 2 s; Triton is still busy with their work until ~6 s. A slot
     # free before then can only have been released by the disconnect's completion signal.
-    freed_at = wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "released")
+    freed_at = wait_for(lambda: explain(stack.admin_url, key)["outcome"] == "admit", 5, "released")
     assert freed_at - started < work_ms / 1000
-    after = metric_value(admin(stack), "qos_completions_total", result="released")
+    after = metric_value(stack.admin_url, "qos_completions_total", result="released")
     assert after >= released + 2  # this test's two leases, whatever earlier tests released
 
 
@@ -183,11 +170,14 @@ def test_class_the_tenant_may_not_use(stack: LocalStack, mode: str) -> None:
     assert infer(url, api_key=f"k-strict-{mode}", klass="standard").status == 200
 
     before = metric_value(
-        admin(stack), "qos_decisions_total", tenant=f"lenient-{mode}", reason="admitted_downgraded"
+        stack.admin_url,
+        "qos_decisions_total",
+        tenant=f"lenient-{mode}",
+        reason="admitted_downgraded",
     )
     assert infer(url, api_key=f"k-lenient-{mode}", klass="interactive").status == 200
     after = metric_value(
-        admin(stack),
+        stack.admin_url,
         "qos_decisions_total",
         tenant=f"lenient-{mode}",
         reason="admitted_downgraded",
@@ -209,7 +199,7 @@ def test_spoofed_identity_headers_are_ignored(stack: LocalStack, mode: str) -> N
     assert reply.json()["reason"] == "no_identity"
     # With a real key, spoofed headers neither change the tenant nor the class.
     before = metric_value(
-        admin(stack),
+        stack.admin_url,
         "qos_decisions_total",
         tenant=f"strict-{mode}",
         reason="admitted",
@@ -217,7 +207,7 @@ def test_spoofed_identity_headers_are_ignored(stack: LocalStack, mode: str) -> N
     )
     assert infer(url, api_key=f"k-strict-{mode}", headers=spoofed).status == 200
     after = metric_value(
-        admin(stack),
+        stack.admin_url,
         "qos_decisions_total",
         tenant=f"strict-{mode}",
         reason="admitted",
@@ -240,21 +230,21 @@ def test_policy_hot_reload_keeps_last_good_and_reports_errors(stack: LocalStack)
     policy_file = stack.sidecar.policy_path / "policy.yaml"
     good = policy_file.read_text()
     version = _policy(stack)["version"]
-    reloads_ok = metric_value(admin(stack), "qos_policy_reloads_total", result="ok")
+    reloads_ok = metric_value(stack.admin_url, "qos_policy_reloads_total", result="ok")
     try:
         policy_file.write_text(good.replace("rate: 0.5,", "rate: -1,"))
         wait_for(lambda: _policy(stack)["last_error"] is not None, 10, "bad policy noticed")
         status = _policy(stack)
         assert status["version"] == version  # the last good policy stays in force
         assert any("policy.yaml:" in line and "rate" in line for line in status["last_error"])
-        assert metric_value(admin(stack), "qos_policy_last_reload_success") == 0
+        assert metric_value(stack.admin_url, "qos_policy_last_reload_success") == 0
         assert infer(stack.url("grpc"), api_key="k-calm-grpc").status == 200
 
         policy_file.write_text(good + "\n# a comment changes the content hash\n")
         wait_for(lambda: _policy(stack)["version"] != version, 10, "good policy loaded")
         assert _policy(stack)["last_error"] is None
-        assert metric_value(admin(stack), "qos_policy_last_reload_success") == 1
-        assert metric_value(admin(stack), "qos_policy_reloads_total", result="ok") > reloads_ok
+        assert metric_value(stack.admin_url, "qos_policy_last_reload_success") == 1
+        assert metric_value(stack.admin_url, "qos_policy_reloads_total", result="ok") > reloads_ok
     finally:
         policy_file.write_text(good)
 
@@ -263,7 +253,7 @@ def _policy(stack: LocalStack) -> Any:
     import json
     import urllib.request
 
-    with urllib.request.urlopen(admin(stack) + "/v1/policy", timeout=5) as response:
+    with urllib.request.urlopen(stack.admin_url + "/v1/policy", timeout=5) as response:
         return json.load(response)
 
 
@@ -294,9 +284,9 @@ def test_redis_unreachable_follows_class_fail_mode(tmp_path: Path) -> None:
             assert shed.status == 503, mode
             assert shed.headers["retry-after"] == "3"
             assert shed.json()["reason"] == "state_unavailable"
-        assert metric_value(admin(running), "qos_state_errors_total", operation="acquire") >= 4
+        assert metric_value(running.admin_url, "qos_state_errors_total", operation="acquire") >= 4
         assert metric_value(
-            admin(running), "qos_decisions_total", reason="admitted_fail_open"
+            running.admin_url, "qos_decisions_total", reason="admitted_fail_open"
         ) == len(MODES)
 
 
@@ -310,7 +300,7 @@ def test_upstream_errors_release_their_slots(stack: LocalStack, mode: str) -> No
 
     key = f"k-conc-{mode}"
     for _ in range(4):  # twice the tenant's concurrency limit
-        wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "slot free")
+        wait_for(lambda: explain(stack.admin_url, key)["outcome"] == "admit", 5, "slot free")
         bad = json.dumps(
             {"inputs": [{"name": "NOPE", "shape": [1], "datatype": "FP32", "data": [1]}]}
         )
@@ -343,7 +333,7 @@ def test_ext_proc_body_over_envoy_buffer_limit_is_413_and_frees_its_slot(
         b'"pad":"' + b"x" * (1 << 20) + b'"}'
     )
     for _ in range(3):  # more than the tenant's concurrency limit of 2
-        wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "slot free")
+        wait_for(lambda: explain(stack.admin_url, key)["outcome"] == "admit", 5, "slot free")
         request = urllib.request.Request(
             stack.url("extproc") + INFER_PATH,
             data=data,
@@ -353,7 +343,7 @@ def test_ext_proc_body_over_envoy_buffer_limit_is_413_and_frees_its_slot(
             urllib.request.urlopen(request, timeout=10)
         refused.value.close()
         assert refused.value.code == 413
-    wait_for(lambda: explain(admin(stack), key)["outcome"] == "admit", 5, "slot free")
+    wait_for(lambda: explain(stack.admin_url, key)["outcome"] == "admit", 5, "slot free")
 
 
 def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
@@ -416,14 +406,14 @@ def _raw_authz(sidecar: SidecarProcess, header: bytes) -> tuple[int, dict[str, s
 )
 def test_every_answer_of_the_http_authz_port_is_json(stack: LocalStack, header: bytes) -> None:
     assert stack.sidecar is not None
-    before = metric_value(admin(stack), "qos_malformed_requests_total", api="http")
+    before = metric_value(stack.admin_url, "qos_malformed_requests_total", api="http")
     status, headers, body = _raw_authz(stack.sidecar, header)
     assert status == 400, body
     assert headers["content-type"].startswith("application/json")
     assert json.loads(body)["reason"] == "malformed"
-    after = metric_value(admin(stack), "qos_malformed_requests_total", api="http")
+    after = metric_value(stack.admin_url, "qos_malformed_requests_total", api="http")
     assert after == before + 1
-    assert metric_value(admin(stack), "qos_adapter_errors_total") == 0
+    assert metric_value(stack.admin_url, "qos_adapter_errors_total") == 0
 
 
 def test_a_model_triton_does_not_serve_is_404_without_retry_after(
@@ -432,13 +422,13 @@ def test_a_model_triton_does_not_serve_is_404_without_retry_after(
     from tests.stack_client import post
 
     wait_for(lambda: _ready(stack), 10, "the sidecar has seen Triton")
-    before = metric_value(admin(stack), "qos_decisions_total", reason="unknown_model")
+    before = metric_value(stack.admin_url, "qos_decisions_total", reason="unknown_model")
     url = stack.url(mode) + "/v2/models/simgpu-typo/infer"
     reply = post(url, {"inputs": []}, {"x-api-key": f"k-calm-{mode}"})
     assert reply.status == 404, reply
     assert reply.json()["reason"] == "unknown_model" and reply.json()["error"] == "not_found"
     assert "retry-after" not in reply.headers
-    after = metric_value(admin(stack), "qos_decisions_total", reason="unknown_model")
+    after = metric_value(stack.admin_url, "qos_decisions_total", reason="unknown_model")
     assert after == before + 1
     assert infer(stack.url(mode), api_key=f"k-calm-{mode}").status == 200  # the real one
 
@@ -448,7 +438,7 @@ def _ready(stack: LocalStack) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(admin(stack) + "/readyz", timeout=5) as response:
+        with urllib.request.urlopen(stack.admin_url + "/readyz", timeout=5) as response:
             return bool(response.status == 200)
     except urllib.error.HTTPError as exc:
         exc.close()
@@ -459,17 +449,17 @@ def test_sidecar_reads_triton_load_and_readiness(stack: LocalStack) -> None:
     import json
     import urllib.request
 
-    with urllib.request.urlopen(admin(stack) + "/readyz", timeout=5) as response:
+    with urllib.request.urlopen(stack.admin_url + "/readyz", timeout=5) as response:
         ready = json.load(response)
     assert ready["triton"] == {"triton-0": True}
     wait_for(
-        lambda: metric_value(admin(stack), "qos_backend_ready", endpoint="triton-0") == 1,
+        lambda: metric_value(stack.admin_url, "qos_backend_ready", endpoint="triton-0") == 1,
         5,
         "readiness exported",
     )
     # The gauge exists for the model (its value depends on the moment; the monitor's unit
     # and real-Triton tests check that it moves).
-    with urllib.request.urlopen(admin(stack) + "/metrics", timeout=5) as response:
+    with urllib.request.urlopen(stack.admin_url + "/metrics", timeout=5) as response:
         text = response.read().decode()
     assert 'qos_backend_queue_depth{endpoint="triton-0",model="simgpu"}' in text
 

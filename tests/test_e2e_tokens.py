@@ -86,11 +86,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield running
 
 
-def admin(stack: LocalStack) -> str:
-    assert stack.sidecar is not None
-    return stack.sidecar.admin_url
-
-
 def llm(stack: LocalStack, prompt: int, max_tokens: int, eos_after: int) -> Reply:
     body = {
         "inputs": [
@@ -103,7 +98,7 @@ def llm(stack: LocalStack, prompt: int, max_tokens: int, eos_after: int) -> Repl
 
 
 def accounted(stack: LocalStack, result: str) -> float:
-    return metric_value(admin(stack), "qos_token_accounting_total", result=result)
+    return metric_value(stack.admin_url, "qos_token_accounting_total", result=result)
 
 
 def test_estimates_are_charged_and_reconciled_with_real_usage(stack: LocalStack) -> None:
@@ -113,7 +108,7 @@ def test_estimates_are_charged_and_reconciled_with_real_usage(stack: LocalStack)
     out = {o["name"]: o["data"] for o in first.json()["outputs"]}
     assert out["OUT_TOKENS"] == [50]
     wait_for(lambda: accounted(stack, "reconciled") >= 1, 10, "the first request reconciled")
-    generated = metric_value(admin(stack), "qos_tokens_total", tenant="chat", kind="generated")
+    generated = metric_value(stack.admin_url, "qos_tokens_total", tenant="chat", kind="generated")
     assert generated == 50
 
     # Only the refund of 950 makes room for a second estimate of 1400 (2000 - 1500 < 1400).
@@ -129,14 +124,14 @@ def test_estimates_are_charged_and_reconciled_with_real_usage(stack: LocalStack)
     # Every lease came back through the access log, though these were decided on the body.
     assert stack.sidecar is not None
     wait_for(
-        lambda: metric_value(admin(stack), "qos_completions_total", result="released") >= 2,
+        lambda: metric_value(stack.admin_url, "qos_completions_total", result="released") >= 2,
         10,
         "leases released by the access log",
     )
 
 
 def test_a_streamed_response_is_reconciled_from_its_events(stack: LocalStack) -> None:
-    before = metric_value(admin(stack), "qos_tokens_total", tenant="chat", kind="generated")
+    before = metric_value(stack.admin_url, "qos_tokens_total", tenant="chat", kind="generated")
     reconciled = accounted(stack, "reconciled")
     body = {"PROMPT_TOKENS": 100, "OUTPUT_TOKENS": 300, "parameters": {"eos_after_tokens": 20}}
     reply = post(
@@ -146,7 +141,7 @@ def test_a_streamed_response_is_reconciled_from_its_events(stack: LocalStack) ->
     events = [json.loads(line[5:]) for line in reply.body.splitlines() if line.startswith(b"data:")]
     assert sum(e["OUT_TOKENS"] for e in events) == 20 and len(events) >= 3
     wait_for(lambda: accounted(stack, "reconciled") > reconciled, 10, "the stream reconciled")
-    after = metric_value(admin(stack), "qos_tokens_total", tenant="chat", kind="generated")
+    after = metric_value(stack.admin_url, "qos_tokens_total", tenant="chat", kind="generated")
     assert after - before == 20
 
 
@@ -185,7 +180,7 @@ def binary_llm_body(prompt: int, max_tokens: int, eos_after: int) -> tuple[bytes
 
 
 def tokens_of(stack: LocalStack, tenant: str, kind: str) -> float:
-    return metric_value(admin(stack), "qos_tokens_total", tenant=tenant, kind=kind)
+    return metric_value(stack.admin_url, "qos_tokens_total", tenant=tenant, kind=kind)
 
 
 def llm_as(stack: LocalStack, tenant: str, prompt: int, max_tokens: int, eos: object) -> Reply:
