@@ -339,6 +339,8 @@ async def _refresh_model_in_flight(
     bounded)."""
     while True:
         models = set(monitor.view().models) | set(service.policy.models)
+        if service.deferrer is not None:  # those it admitted (named by a served model)
+            models |= service.deferrer.in_flight_counts.models()
         try:
             await service.refresh_model_in_flight(sorted(models))
         except Exception:  # a bug here must not end the loop (admission would lose the cap)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from sidecar.core.admission import ModelSignals, Signals, may_go
+from sidecar.core.in_flight import InFlightCounts
 from sidecar.core.load import LoadView
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.policy.model import Policy
@@ -44,8 +45,7 @@ class Deferrer:
         self.queue = HoldQueues(alpha_s_per_unit, self._bounds())
         self._futures: dict[int, asyncio.Future[bool]] = {}
         self._released_since_scrape: dict[str, int] = {}
-        self._in_flight: dict[str, int] = {}  # per model, from the store at the last refresh
-        self._in_flight_delta: dict[str, int] = {}  # admitted minus ended here since then
+        self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
         self._ids = itertools.count(1)
 
     def _bounds(self) -> dict[str, int]:
@@ -55,22 +55,21 @@ class Deferrer:
         return self._released_since_scrape.get(model, 0)
 
     def in_flight(self, model: str) -> int | None:
-        """The model's requests in flight, as far as this replica knows; None when the store
-        never said (the cap is then not applied)."""
-        known = self._in_flight.get(model)
-        if known is None:
-            return None
-        return max(0, known + self._in_flight_delta.get(model, 0))
+        """The model's requests in flight, as far as this replica knows; None when nobody
+        said (the cap is then not applied). See `core.in_flight`."""
+        return self.in_flight_counts.of(model)
 
-    def set_in_flight(self, counts: dict[str, int]) -> None:
-        """The store's counts per model, just read: they include everything admitted so far."""
-        self._in_flight = dict(counts)
-        self._in_flight_delta.clear()
+    def set_in_flight(self, counts: dict[str, int], started: int | None = None) -> None:
+        """The store's counts per model, from the read `in_flight_counts.read_starts()` gave
+        `started` for (None: a read that saw every write confirmed so far)."""
+        if started is None:
+            started = self.in_flight_counts.read_starts()
+        self.in_flight_counts.read(counts, started)
         self.pump()
 
     def note_ended(self, model: str) -> None:
         """A request of `model` ended (its lease was released here)."""
-        self._in_flight_delta[model] = self._in_flight_delta.get(model, 0) - 1
+        self.in_flight_counts.ended(model)
 
     async def hold(
         self, tenant: str, klass: str, rank: int, model: str, work: float, deadline_s: float
@@ -93,10 +92,15 @@ class Deferrer:
             self.queue.remove(waiter.waiter_id)
             self._futures.pop(waiter.waiter_id, None)
 
-    def note_admitted(self, model: str) -> None:
-        """A request went to Triton without waiting: count it until the next scrape sees it."""
+    def note_admitted(self, model: str, *, written: bool = True) -> None:
+        """A request went to Triton: count it until the next scrape and read see it. Not
+        `written`: its model entry is still to be written (`note_written` follows)."""
         self._released_since_scrape[model] = self.released_since_scrape(model) + 1
-        self._in_flight_delta[model] = self._in_flight_delta.get(model, 0) + 1
+        self.in_flight_counts.admitted(model, written=written)
+
+    def note_written(self, model: str) -> None:
+        """The model entry of an admit noted as not written is now in the store."""
+        self.in_flight_counts.written(model)
 
     def on_scrape(self) -> None:
         """A fresh load view arrived: it counts everything released so far."""
@@ -139,7 +143,7 @@ class Deferrer:
                 future = self._futures.get(waiter.waiter_id)
                 if future is not None and not future.done():
                     future.set_result(True)
-                    self.note_admitted(model)
+                    self.note_admitted(model, written=False)  # the service writes it
                     released += 1
                 queue = self.queue.queue(model)  # dropped once empty
         return released

@@ -243,6 +243,7 @@ class AdmissionService:
     async def refresh_model_in_flight(self, models: Iterable[str]) -> None:
         """Read every model's in-flight count from the store (this pod's, or the fleet's: see
         `model_pod`) into the deferrer and the gauge, in one call. Store down: they stay."""
+        started = None if self.deferrer is None else self.deferrer.in_flight_counts.read_starts()
         try:
             counts = await self.store.model_in_flight_many(list(models), self.model_pod)
         except StateUnavailable:
@@ -251,7 +252,7 @@ class AdmissionService:
         for model, count in counts.items():
             self.metrics.model_in_flight.labels(model).set(count)
         if self.deferrer is not None:
-            self.deferrer.set_in_flight(counts)
+            self.deferrer.set_in_flight(counts, started)
 
     async def release_undelivered(self, decision: Decision) -> None:
         """Give back the lease and the bucket charges of an admit that never reached Envoy
@@ -305,10 +306,16 @@ class AdmissionService:
         """The bookkeeping an answer asks for, then its decision."""
         if answer.give_back is not None:
             await asyncio.shield(self._give_back(answer.give_back))
-        if answer.note_admitted is not None and self.deferrer is not None:
-            self.deferrer.note_admitted(answer.note_admitted)
+        deferrer = self.deferrer
+        if answer.note_admitted is not None and deferrer is not None:
+            deferrer.note_admitted(answer.note_admitted, written=not answer.count_for_model)
         if answer.count_for_model:
-            await self._counted(answer.decision, policy.lease_ttl_s)
+            try:
+                await self._counted(answer.decision, policy.lease_ttl_s)
+            finally:
+                lease = answer.decision.lease
+                if deferrer is not None and lease is not None and lease.model is not None:
+                    deferrer.note_written(lease.model)
         return answer.decision
 
     async def _acquire(self, take: TakeQuota) -> QuotaResult | None:

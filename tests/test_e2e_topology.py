@@ -117,7 +117,7 @@ def test_each_pod_reaches_its_own_max_in_flight(
         wait_for(
             lambda: metric_value(first.admin_url, "qos_model_in_flight_requests") == CAP,
             10,
-            "the first sidecar's model count read back from the store",
+            f"the first sidecar's model count read back from the store (it admitted {got})",
         )
         # ...and the second's refresh (every 50 ms) has had ten chances to read them: in the
         # gateway topology it must see them, in the pod topology it must not count them.
