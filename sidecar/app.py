@@ -180,16 +180,19 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     runners = await _start_http(settings, service, holder, monitor, lease_key, auth)
     server = await _start_grpc(settings, service, lease_key, auth)
     sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
+    replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # in the store
     if monitor is not None:
         sidecar.tasks.append(asyncio.create_task(monitor.run()))
         sidecar.tasks.append(
             asyncio.create_task(
-                _refresh_model_in_flight(service, monitor, settings.triton_scrape_ms / 1000)
+                _refresh_model_in_flight(
+                    service, monitor, settings.triton_scrape_ms / 1000, replica
+                )
             )
         )
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
-    sidecar.tasks.append(asyncio.create_task(_heartbeat(service)))
+    sidecar.tasks.append(asyncio.create_task(_heartbeat(service, replica)))
     # Renews the leases of running requests and retries owed releases (sidecar/leases.py).
     sidecar.tasks.append(asyncio.create_task(service.leases.run()))
     log.info(
@@ -332,26 +335,27 @@ async def _watch_policy(sidecar: Sidecar) -> None:
 
 
 async def _refresh_model_in_flight(
-    service: AdmissionService, monitor: TritonLoadMonitor, interval_s: float
+    service: AdmissionService, monitor: TritonLoadMonitor, interval_s: float, replica: str
 ) -> None:
     """Each model's global in-flight count, as often as Triton is scraped: the models Triton
     reports and those the policy names (never names taken from requests: labels stay
-    bounded)."""
+    bounded). In the gateway topology, the fleet's holds and fairness counters too."""
+    fleet_ttl_s = max(1.0, 4 * interval_s)  # a replica silent for 4 intervals drops out
     while True:
         models = set(monitor.view().models) | set(service.policy.models)
         if service.deferrer is not None:  # those it admitted (named by a served model)
             models |= service.deferrer.in_flight_counts.models()
         try:
             await service.refresh_model_in_flight(sorted(models))
+            await service.exchange_fleet(replica, fleet_ttl_s)
         except Exception:  # a bug here must not end the loop (admission would lose the cap)
             log.exception("model in-flight refresh failed")
         await asyncio.sleep(interval_s)
 
 
-async def _heartbeat(service: AdmissionService) -> None:
+async def _heartbeat(service: AdmissionService, replica: str) -> None:
     """Keep this replica counted among the live ones (the share of each limit in degraded
     mode), and the degraded time counted while the store's circuit is open."""
-    replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     while True:
         try:
             await service.heartbeat(replica, HEARTBEAT_TTL_S)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from sidecar.core.admission import ModelSignals, Signals, may_go
+from sidecar.core.fleet import NOBODY, Elsewhere, backlogged, merge_summaries
 from sidecar.core.in_flight import InFlightCounts
 from sidecar.core.load import LoadView
 from sidecar.core.queue import HoldQueues, Waiter
@@ -37,12 +38,18 @@ class Deferrer:
         stale_after_s: float,
         alpha_s_per_unit: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        shared: bool = False,
     ) -> None:
         self._policy = policy
         self._load = load
         self.stale_after_s = stale_after_s
         self.clock = clock
-        self.queue = HoldQueues(alpha_s_per_unit, self._bounds())
+        self.queue = HoldQueues(alpha_s_per_unit, self._bounds(), shared=shared)
+        # Gateway topology (`shared`): other replicas' waiters, per model, as of the last
+        # exchange (`core.fleet`).
+        self.shared = shared
+        self._first: dict[str, dict[int, dict[str, int]]] = {}  # replicas that win ties
+        self._after: dict[str, dict[int, dict[str, int]]] = {}
         self._futures: dict[int, asyncio.Future[bool]] = {}
         self._released_since_scrape: dict[str, int] = {}
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
@@ -116,6 +123,31 @@ class Deferrer:
             self.in_flight(model),
         )
 
+    def elsewhere(self, model: str) -> Elsewhere:
+        """Other replicas' waiters for `model`, ordered by the fleet's counters."""
+        first, after = self._first.get(model), self._after.get(model)
+        if not first and not after:
+            return NOBODY
+        return Elsewhere(first or {}, after or {}, self.queue.fairness.counter)
+
+    def adopt_fleet(
+        self, me: str, others: list[tuple[str, str]], counters: dict[tuple[int, str], float]
+    ) -> None:
+        """An exchange's answer, (replica id, summary) of the others (see `core.fleet`):
+        then let go whoever it gives room to."""
+        self._first = merge_summaries([text for replica, text in others if replica < me])
+        self._after = merge_summaries([text for replica, text in others if replica > me])
+        held = backlogged(merge_summaries([text for _, text in others]))
+        self.queue.fairness.adopt(counters, held)
+        self.pump()
+
+    def forget_fleet(self) -> None:
+        """The store cannot say what the other replicas hold: order only this one's (the
+        fairness counters stay as last read)."""
+        self._first, self._after = {}, {}
+        self.queue.fairness.forget_elsewhere()
+        self.pump()
+
     def signals(self, model: str | None) -> Signals:
         """What an admission decision for `model` sees now (None: a request for no model)."""
         if model is None:
@@ -124,7 +156,9 @@ class Deferrer:
         model_signals = self.model_signals(model, view, now)
         served = view.served_models(now, self.stale_after_s)
         # Only this model's waiters: another model's are not ahead of it (own queue, own room).
-        return Signals(model_signals, self.queue.waiting_by_rank(model), served)
+        return Signals(
+            model_signals, self.queue.waiting_by_rank(model), served, self.elsewhere(model)
+        )
 
     def pump(self) -> int:
         """Release waiters from the head of every model's queue while the core says they may
@@ -134,10 +168,11 @@ class Deferrer:
         policy, view, now = self._policy(), self._load(), self.clock()
         released = 0
         for model in self.queue.models():
-            queue = self.queue.queue(model)
+            queue, elsewhere = self.queue.queue(model), self.elsewhere(model)
             while queue is not None and (waiter := queue.peek()) is not None:
                 signals = self.model_signals(model, view, now)
-                if not may_go(policy.classes.get(waiter.klass), signals):
+                reserved = elsewhere.ahead_of(waiter.rank, waiter.tenant)
+                if not may_go(policy.classes.get(waiter.klass), signals, reserved):
                     break
                 self.queue.pop(model)
                 future = self._futures.get(waiter.waiter_id)

@@ -42,6 +42,7 @@ from sidecar.core.decide import (
     malformed,
 )
 from sidecar.core.degraded import degrade
+from sidecar.core.fleet import encode_summary, with_in_transit
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.tokens import TokenEstimate
@@ -104,6 +105,7 @@ class AdmissionService:
                 stale_after_s=stale_after_s,
                 alpha_s_per_unit=queue_alpha_s_per_unit,
                 clock=clock,
+                shared=model_pod is None,  # gateway: one pool, one order (core.fleet)
             )
             if load is not None
             else None
@@ -253,6 +255,30 @@ class AdmissionService:
             self.metrics.model_in_flight.labels(model).set(count)
         if self.deferrer is not None:
             self.deferrer.set_in_flight(counts, started)
+
+    async def exchange_fleet(self, replica: str, ttl_s: float) -> bool:
+        """Gateway topology: share what this replica holds and its fairness counter changes
+        with the other replicas, and take theirs (`core.fleet`). False when the store failed
+        (the changes are sent with the next exchange; the last view stays)."""
+        deferrer = self.deferrer
+        if deferrer is None or not deferrer.shared:
+            return True
+        fairness = deferrer.queue.fairness
+        ops = fairness.take_ops()
+        summary = encode_summary(
+            with_in_transit(deferrer.queue.summary(), deferrer.in_flight_counts.unseen())
+        )
+        try:
+            state = await self.store.fleet_exchange(replica, ttl_s, summary, ops)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("fleet").inc()
+            fairness.restore_ops(ops)
+            # Other replicas' holds are unknown now: reserving room for holds that may be
+            # long gone would idle it. Each replica orders its own until the store is back.
+            deferrer.forget_fleet()
+            return False
+        deferrer.adopt_fleet(replica, state.others, state.counters)
+        return True
 
     async def release_undelivered(self, decision: Decision) -> None:
         """Give back the lease and the bucket charges of an admit that never reached Envoy

@@ -12,12 +12,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from devstack.procs import ManagedProcess
+from devstack.procs import ManagedProcess, ValkeyProcess
+from devstack.stack import MODEL_REPO
+from devstack.triton import TritonProcess
+from tests.binaries import require_binaries
 
 # -- rule 2: the stack marker ---------------------------------------------------------------------
 
@@ -50,3 +54,15 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     yield
     _current["item"] = None
+
+
+@pytest.fixture(scope="module")
+def valkey_and_triton(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, ValkeyProcess, TritonProcess]]:
+    """One Valkey and one Triton (the example models) for a module's sidecar processes, and
+    the work directory they log to."""
+    require_binaries("triton", "valkey")
+    work = tmp_path_factory.mktemp("stack")
+    with ValkeyProcess(work) as valkey, TritonProcess(MODEL_REPO, work) as triton:
+        yield work, valkey, triton

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,7 @@ import redis
 
 from devstack.procs import ValkeyProcess
 from devstack.sidecar_proc import SidecarProcess
-from devstack.stack import MODEL_REPO
 from devstack.triton import TritonProcess
-from tests.binaries import require_binaries
 from tests.stack_client import INFER_PATH, Reply, metric_value, post, wait_for
 
 pytestmark = pytest.mark.stack
@@ -53,16 +50,6 @@ tenants:
     return directory
 
 
-@pytest.fixture(scope="module")
-def shared(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Path, ValkeyProcess, TritonProcess]]:
-    require_binaries("triton", "valkey")
-    work = tmp_path_factory.mktemp("topology")
-    with ValkeyProcess(work) as valkey, TritonProcess(MODEL_REPO, work) as triton:
-        yield work, valkey, triton
-
-
 def ask(sidecar: SidecarProcess) -> Reply:
     """One ext_authz HTTP check, as Envoy sends it."""
     url = f"http://127.0.0.1:{sidecar.http_port}/authz{INFER_PATH}"
@@ -87,9 +74,11 @@ def admits_until_refused(sidecar: SidecarProcess) -> int:
     ids=["pod", "gateway"],
 )
 def test_each_pod_reaches_its_own_max_in_flight(
-    shared: tuple[Path, ValkeyProcess, TritonProcess], pods: tuple[str, str], expected: list[int]
+    valkey_and_triton: tuple[Path, ValkeyProcess, TritonProcess],
+    pods: tuple[str, str],
+    expected: list[int],
 ) -> None:
-    work, valkey, triton = shared
+    work, valkey, triton = valkey_and_triton
     store = redis.Redis.from_url(valkey.url, decode_responses=True)
     store.flushall()
     policy = write_policy(work / "policies")

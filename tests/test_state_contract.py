@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sidecar.app import make_store
+from sidecar.core.fleet import encode_summary
 from sidecar.core.lease import format_lease, parse_lease
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
@@ -1116,3 +1117,40 @@ def test_redis_stalled_server_hits_the_deadline_and_recovers() -> None:
             await store.ping()
 
         run_redis(server.url, body, timeout_s=0.1)
+
+
+# -- fleet_exchange (sidecar.core.fleet): what gateway replicas share ------------------------
+
+A = encode_summary({"m": {0: {"team:a": 2}}})
+B = encode_summary({"m": {2: {"b": 1}}})
+
+
+def test_each_replica_sees_the_others_summaries_and_every_counter(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        first = await store.fleet_exchange("r1", 10.0, A, [("+", 0, "team:a", 3.0)])
+        assert first.others == [] and first.counters == {(0, "team:a"): 3.0}
+        second = await store.fleet_exchange("r2", 10.0, B, [("+", 0, "team:a", 1.5)])
+        assert second.others == [("r1", A)]
+        assert second.counters == {(0, "team:a"): 4.5}
+        lifts = [("^", 2, "b", 7.0), ("^", 0, "team:a", 1.0)]
+        again = await store.fleet_exchange("r1", 10.0, A, lifts)
+        assert again.others == [("r2", B)]
+        # "^" raises to a floor and never lowers: team:a stays at 4.5, b is lifted to 7.
+        assert again.counters == {(0, "team:a"): 4.5, (2, "b"): 7.0}
+
+    harness.run(body)
+
+
+def test_a_replica_holding_nothing_and_a_silent_one_drop_out(harness: Harness) -> None:
+    async def body(store: QuotaStore) -> None:
+        await store.fleet_exchange("r1", 10.0, A, [])
+        await store.fleet_exchange("r2", 0.2, B, [])
+        assert (await store.fleet_exchange("r3", 10.0, "", [])).others == [("r1", A), ("r2", B)]
+        await store.fleet_exchange("r1", 10.0, "", [])  # r1 holds nothing now
+        if harness.clock is not None:
+            harness.clock.advance(0.3)
+        else:
+            await asyncio.sleep(0.3)  # r2 stops exchanging: its summary dies with its ttl
+        assert (await store.fleet_exchange("r3", 10.0, "", [])).others == []
+
+    harness.run(body)

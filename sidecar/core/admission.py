@@ -71,6 +71,7 @@ from sidecar.core.decide import (
     shed_overloaded,
     unknown_model,
 )
+from sidecar.core.fleet import NOBODY, Elsewhere
 from sidecar.core.load import SignalState
 from sidecar.core.types import BucketCheck, Decision, LeaseRef, QuotaResult, RequestAttributes
 from sidecar.policy.model import ClassPolicy, OverloadPolicy, Policy, StaleAction
@@ -130,6 +131,8 @@ class Signals:
     # Held requests of the request's model, per class rank.
     waiting: Mapping[int, int] = field(default_factory=dict)
     served: frozenset[str] | None = None  # the models Triton serves; None: not known now
+    # Other replicas' waiters for the model (gateway topology; `core.fleet`).
+    elsewhere: Elsewhere = NOBODY
 
     def ahead_of(self, rank: int) -> int:
         """The model's waiters that would be served before a new arrival of band `rank`."""
@@ -166,13 +169,25 @@ def has_room(overload: OverloadPolicy, depth: int | None, in_flight: int | None)
     return depth is not None and depth < overload.admit_below and over_cap(overload, in_flight) == 0
 
 
-def may_go(klass: ClassPolicy | None, model: ModelSignals) -> bool:
-    """May the held request at the head of the queue go to Triton now?"""
+def _reserve(
+    depth: int | None, in_flight: int | None, reserved: int
+) -> tuple[int | None, int | None]:
+    """Depth and in-flight count with `reserved` requests (other replicas' waiters that go
+    first: `core.fleet`) counted as already sent."""
+    return (
+        None if depth is None else depth + reserved,
+        None if in_flight is None else in_flight + reserved,
+    )
+
+
+def may_go(klass: ClassPolicy | None, model: ModelSignals, reserved: int = 0) -> bool:
+    """May the held request at the head of the queue go to Triton now? `reserved`: waiters on
+    other replicas that go before it."""
     overload = klass.overload if klass is not None else None
     if overload is None:
         return True
     depth, _ = _depth_read(overload, model.state, model.queue_depth, Reader.HEAD)
-    return has_room(overload, depth, model.in_flight)
+    return has_room(overload, *_reserve(depth, model.in_flight, reserved))
 
 
 # -- The load verdict ---------------------------------------------------------------------------
@@ -204,16 +219,21 @@ def judge_load(
     *,
     relegated: bool = False,
     in_flight: int | None = None,
+    reserved: int = 0,
 ) -> LoadVerdict:
-    """The load rules of the module comment, for a new arrival of `klass`."""
+    """The load rules of the module comment, for a new arrival of `klass`. `reserved`:
+    waiters on other replicas that go before it, counted as already sent."""
     overload = klass.overload
     if overload is None:
         return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
     can_relegate = klass.relegate_to is not None and not relegated
     read, seen = _depth_read(overload, state, queue_depth, Reader.ARRIVAL)
-    depth = read or 0  # an arrival always reads a number (SIGNAL_READING)
+    depth, in_flight = _reserve(read or 0, in_flight, reserved)  # an arrival reads a number
+    depth = depth or 0
     if overload.max_in_flight is not None and in_flight is not None:
         seen = f"{seen}, {in_flight} in flight (max {overload.max_in_flight})"
+    if reserved:
+        seen = f"{seen}, {reserved} held elsewhere go first"
     if has_room(overload, depth, in_flight) and waiting_ahead == 0:
         return LoadVerdict(LoadAction.ADMIT, 0.0, f"{seen} < admit_below {overload.admit_below}")
 
@@ -257,6 +277,7 @@ def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
         signals.ahead_of(admission.klass.rank),
         relegated=admission.relegated,
         in_flight=model.in_flight,
+        reserved=signals.elsewhere.ahead_of(admission.klass.rank, admission.tenant.name),
     )
 
 

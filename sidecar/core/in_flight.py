@@ -41,6 +41,11 @@ class InFlightCounts:
             return None
         return max(0, (known or 0) + local)
 
+    def unseen(self) -> dict[str, int]:
+        """Per model, this replica's admits not known to be in a read yet (what other
+        replicas may not see in the store's count: `core.fleet`'s IN_TRANSIT)."""
+        return {model: admits.total() for model, admits in self._admits.items()}
+
     def models(self) -> set[str]:
         """The models this replica counted an admit of (a read should include them)."""
         return set(self._admits)

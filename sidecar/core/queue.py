@@ -28,6 +28,8 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from sidecar.core.fleet import CounterOp
+
 
 @dataclass(frozen=True, slots=True)
 class Waiter:
@@ -41,34 +43,80 @@ class Waiter:
 
 
 class Fairness:
-    """The VTC counters of every band, and who is backlogged there, over all model queues."""
+    """The VTC counters of every band, and who is backlogged there, over all model queues.
 
-    def __init__(self) -> None:
+    Shared (`shared=True`, the gateway topology): the counters are the fleet's (`core.fleet`).
+    Each change is applied here at once and kept as an op for the next exchange (`take_ops`);
+    `adopt` takes the fleet's counters and the tenants other replicas hold, and re-applies
+    the ops taken after that exchange was sent, so nothing done meanwhile is lost."""
+
+    def __init__(self, *, shared: bool = False) -> None:
         self._counters: dict[int, dict[str, float]] = {}  # rank -> tenant -> counter (ever seen)
         self._backlog: dict[int, dict[str, int]] = {}  # rank -> tenant -> waiters (any model)
+        self._elsewhere: dict[int, set[str]] = {}  # rank -> tenants other replicas hold
+        self._ops: list[CounterOp] | None = [] if shared else None
 
     def counter(self, rank: int, tenant: str) -> float:
         return self._counters.get(rank, {}).get(tenant, 0.0)
 
     def arrive(self, rank: int, tenant: str) -> None:
         """A waiter of `tenant` joins band `rank` on some model. A tenant that was idle in the
-        band is lifted to the smallest counter among the backlogged (or, with none, to the
-        largest ever seen): no credit banked while idle."""
+        band (here and, shared, on every other replica) is lifted to the smallest counter
+        among the backlogged (or, with none, to the largest ever seen): no credit banked
+        while idle."""
         counters = self._counters.setdefault(rank, {})
         backlog = self._backlog.setdefault(rank, {})
-        if tenant not in backlog:
-            backlogged = [counters[t] for t in backlog]
+        elsewhere = self._elsewhere.get(rank, set())
+        if tenant not in backlog and tenant not in elsewhere:
+            backlogged = [counters.get(t, 0.0) for t in {*backlog, *elsewhere}]
             floor = min(backlogged) if backlogged else max(counters.values(), default=0.0)
-            counters[tenant] = max(counters.get(tenant, 0.0), floor)
+            if floor > counters.get(tenant, 0.0):
+                self._apply(("^", rank, tenant, floor))
         backlog[tenant] = backlog.get(tenant, 0) + 1
 
     def leave(self, rank: int, tenant: str, charged_work: float = 0.0) -> None:
         """A waiter left band `rank`: admitted (its tenant is charged its work) or removed."""
-        self._counters[rank][tenant] += charged_work
+        if charged_work:
+            self._apply(("+", rank, tenant, charged_work))
         backlog = self._backlog[rank]
         backlog[tenant] -= 1
         if not backlog[tenant]:
             del backlog[tenant]
+
+    def take_ops(self) -> list[CounterOp]:
+        """The changes since the last call, for the fleet's counters (none when not shared)."""
+        if self._ops is None:
+            return []
+        ops, self._ops = self._ops, []
+        return ops
+
+    def restore_ops(self, ops: list[CounterOp]) -> None:
+        """Ops `take_ops` gave that never reached the fleet: sent again with the next."""
+        if self._ops is not None:
+            self._ops[:0] = ops
+
+    def adopt(
+        self, counters: Mapping[tuple[int, str], float], elsewhere: Mapping[int, set[str]]
+    ) -> None:
+        """The fleet's counters, from an exchange that carried every op taken before it."""
+        self._counters = {}
+        for (rank, tenant), value in counters.items():
+            self._counters.setdefault(rank, {})[tenant] = value
+        self._elsewhere = {rank: set(tenants) for rank, tenants in elsewhere.items()}
+        for op in self._ops or []:  # taken after the exchange was sent: not in it
+            self._apply(op, record=False)
+
+    def forget_elsewhere(self) -> None:
+        """Nothing is known of other replicas' waiters any more."""
+        self._elsewhere = {}
+
+    def _apply(self, op: CounterOp, *, record: bool = True) -> None:
+        kind, rank, tenant, value = op
+        counters = self._counters.setdefault(rank, {})
+        now = counters.get(tenant, 0.0)
+        counters[tenant] = now + value if kind == "+" else max(now, value)
+        if record and self._ops is not None:
+            self._ops.append(op)
 
 
 @dataclass(slots=True)
@@ -112,6 +160,14 @@ class DeferralQueue:
     def waiting_by_rank(self) -> dict[int, int]:
         """How many wait in each band (a copy: a value the admission core can keep)."""
         return {rank: n for rank, n in self._per_rank.items() if n}
+
+    def by_tenant(self) -> dict[int, dict[str, int]]:
+        """Per band, per tenant, how many wait."""
+        return {
+            rank: {tenant: len(heap) for tenant, heap in band.per_tenant.items()}
+            for rank, band in self._bands.items()
+            if band.per_tenant
+        }
 
     def push(self, waiter: Waiter) -> bool:
         """Queue `waiter`; False (and nothing queued) when its class is at its bound."""
@@ -184,10 +240,12 @@ class HoldQueues:
     A model's queue exists while something waits in it (model names come from requests: an
     empty queue is dropped, its tenants' counters live on in `fairness`)."""
 
-    def __init__(self, alpha_s_per_unit: float, max_waiters: Mapping[str, int]) -> None:
+    def __init__(
+        self, alpha_s_per_unit: float, max_waiters: Mapping[str, int], *, shared: bool = False
+    ) -> None:
         self.alpha_s_per_unit = alpha_s_per_unit
         self.max_waiters = dict(max_waiters)
-        self.fairness = Fairness()
+        self.fairness = Fairness(shared=shared)
         self._queues: dict[str, DeferralQueue] = {}
         self._model_of: dict[int, str] = {}  # waiter id -> its model
         self._per_class: dict[str, int] = {}
@@ -218,6 +276,10 @@ class HoldQueues:
     def waiting_by_rank(self, model: str) -> dict[int, int]:
         queue = self._queues.get(model)
         return {} if queue is None else queue.waiting_by_rank()
+
+    def summary(self) -> dict[str, dict[int, dict[str, int]]]:
+        """Per model, per band, per tenant, how many wait (what `core.fleet` shares)."""
+        return {model: queue.by_tenant() for model, queue in self._queues.items()}
 
     def push(self, waiter: Waiter) -> bool:
         """Queue `waiter` in its model's queue; False when its class is at its bound (over

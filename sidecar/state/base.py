@@ -71,12 +71,23 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+from sidecar.core.fleet import CounterOp
 from sidecar.core.types import BucketCheck, LeaseRef, QuotaCheck, QuotaResult
 
 # How long a released id stays refused when the caller does not say: the default lease TTL.
 DEFAULT_TOMBSTONE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class FleetState:
+    """What `fleet_exchange` reads: the other live replicas' (id, summary), and every
+    tenant's fairness counter per band, (rank, tenant) -> counter."""
+
+    others: list[tuple[str, str]]
+    counters: dict[tuple[int, str], float]
 
 
 class QuotaStore(Protocol):
@@ -132,6 +143,15 @@ class QuotaStore(Protocol):
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         """Say that `replica` is alive for `ttl_s` more seconds; the number of live replicas,
         this one included (a store that only this replica uses answers 1).
+        Raises StateUnavailable."""
+        ...
+
+    async def fleet_exchange(
+        self, replica: str, ttl_s: float, summary: str, ops: Sequence[CounterOp]
+    ) -> FleetState:
+        """Store what `replica` holds (`summary`, from `core.fleet.encode_summary`; it counts
+        for `ttl_s`), apply its fairness counter `ops`, and read what the other live
+        replicas hold and every counter, in one atomic step (one call).
         Raises StateUnavailable."""
         ...
 

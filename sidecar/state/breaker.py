@@ -26,9 +26,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from sidecar.core.fleet import CounterOp
 from sidecar.core.types import BucketCheck, LeaseRef, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
-from sidecar.state.base import DEFAULT_TOMBSTONE_S, QuotaStore
+from sidecar.state.base import DEFAULT_TOMBSTONE_S, FleetState, QuotaStore
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,13 @@ class GuardedStore:
 
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         return await self.breaker.call("heartbeat", lambda: self.inner.heartbeat(replica, ttl_s))
+
+    async def fleet_exchange(
+        self, replica: str, ttl_s: float, summary: str, ops: Sequence[CounterOp]
+    ) -> FleetState:
+        return await self.breaker.call(
+            "fleet", lambda: self.inner.fleet_exchange(replica, ttl_s, summary, ops)
+        )
 
     async def ping(self) -> None:
         await self.breaker.call("ping", self.inner.ping)

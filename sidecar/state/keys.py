@@ -52,6 +52,10 @@ MODEL_LEASES = "model_leases"  # sorted set: every tenant's leases of one model,
 # The replicas' heartbeats: sorted set, member = replica id, score = expiry. Its tag is a
 # model tag (no tenant's), and its kind is no model's set, so it is no other key.
 HEARTBEATS_KEY = f"{PREFIX}:{{=replicas}}:heartbeats"
+# A gateway tier's shared holds and fairness counters (`sidecar.core.fleet`): two hashes with
+# one tag, so that one script call reaches both on a cluster.
+FLEET_WAITING_KEY = f"{PREFIX}:{{=fleet}}:waiting"
+FLEET_FAIR_KEY = f"{PREFIX}:{{=fleet}}:fair"
 
 
 def encode_name(name: str) -> str:

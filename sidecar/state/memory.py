@@ -20,10 +20,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from sidecar.core.fleet import CounterOp
 from sidecar.core.gcra import gcra_step
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.state.base import (
     DEFAULT_TOMBSTONE_S,
+    FleetState,
     new_lease_id,
     validate_charge,
     validate_check,
@@ -96,6 +98,9 @@ class MemoryQuotaStore:
         # left keeps the table to about a TTL's worth of releases.
         self._tombstones: dict[tuple[str, str], float] = {}
         self._tombstone_order: deque[tuple[float, tuple[str, str]]] = deque()
+        # fleet_exchange: replica -> (expiry, summary); (rank, tenant) -> counter
+        self._fleet_waiting: dict[str, tuple[float, str]] = {}
+        self._fleet_counters: dict[tuple[int, str], float] = {}
 
     async def acquire(self, check: QuotaCheck) -> QuotaResult:
         return self._evaluate(check, take=True)
@@ -199,6 +204,26 @@ class MemoryQuotaStore:
 
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         return 1  # a memory store serves this replica alone
+
+    async def fleet_exchange(
+        self, replica: str, ttl_s: float, summary: str, ops: Sequence[CounterOp]
+    ) -> FleetState:
+        """As fleet.lua does: replicas sharing this store (in one process) see each other."""
+        now = self._clock()
+        if summary:
+            self._fleet_waiting[replica] = (now + ttl_s, summary)
+        else:
+            self._fleet_waiting.pop(replica, None)
+        for kind, rank, tenant, value in ops:
+            current = self._fleet_counters.get((rank, tenant), 0.0)
+            self._fleet_counters[(rank, tenant)] = (
+                current + value if kind == "+" else max(current, value)
+            )
+        for name, (expiry, _) in list(self._fleet_waiting.items()):
+            if expiry < now:
+                del self._fleet_waiting[name]
+        others = [(n, text) for n, (_, text) in self._fleet_waiting.items() if n != replica]
+        return FleetState(others, dict(self._fleet_counters))
 
     async def ping(self) -> None:
         return None

@@ -49,22 +49,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
+from sidecar.core.fleet import CounterOp, counter_field, parse_counter_field
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
 from sidecar.state.base import (
     DEFAULT_TOMBSTONE_S,
+    FleetState,
     new_lease_id,
     validate_charge,
     validate_check,
@@ -72,8 +71,26 @@ from sidecar.state.base import (
     validate_pod,
     validate_tenant,
 )
-from sidecar.state.keys import HEARTBEATS_KEY, KeyKind, build_key, build_model_key
+from sidecar.state.keys import (
+    FLEET_FAIR_KEY,
+    FLEET_WAITING_KEY,
+    HEARTBEATS_KEY,
+    KeyKind,
+    build_key,
+    build_model_key,
+)
 from sidecar.state.redis_client import make_client
+from sidecar.state.scripts import (
+    ACQUIRE,
+    CHARGE,
+    FLEET,
+    HEARTBEAT,
+    IN_FLIGHT,
+    MODEL_LEASE,
+    RELEASE,
+    RENEW,
+    LuaScript,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +108,6 @@ _DENIED_BY = {
     3: LimitKind.BUCKET,
     4: LimitKind.LEASE_ID_USED,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class LuaScript:
-    name: str
-    source: str
-    sha: str  # SHA-1 of `source`, what Redis names the script by
-
-
-def load_script(name: str) -> LuaScript:
-    """Read `lua/<name>.lua` from the package, with `lua/_prelude.lua` prepended."""
-    lua = resources.files("sidecar.state").joinpath("lua")
-    source = lua.joinpath("_prelude.lua").read_text("utf-8") + lua.joinpath(
-        f"{name}.lua"
-    ).read_text("utf-8")
-    return LuaScript(name, source, hashlib.sha1(source.encode()).hexdigest())
-
-
-ACQUIRE = load_script("acquire")
-RELEASE = load_script("release")
-CHARGE = load_script("charge")
-IN_FLIGHT = load_script("in_flight")
-MODEL_LEASE = load_script("model_lease")
-RENEW = load_script("renew")
-HEARTBEAT = load_script("heartbeat")
 
 
 @contextlib.contextmanager
@@ -246,6 +238,23 @@ class RedisQuotaStore:
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         """Raises StateUnavailable."""
         return int(await self._run(HEARTBEAT, [HEARTBEATS_KEY], [replica, ttl_s]))
+
+    async def fleet_exchange(
+        self, replica: str, ttl_s: float, summary: str, ops: Sequence[CounterOp]
+    ) -> FleetState:
+        """Raises StateUnavailable. Not retried: counter increments are not idempotent."""
+        args: list[str | float] = [replica, ttl_s, summary]
+        for kind, rank, tenant, value in ops:
+            args += [counter_field(rank, tenant), kind, value]
+        keys = [FLEET_WAITING_KEY, FLEET_FAIR_KEY]
+        others, fields = await self._run(FLEET, keys, args, retry=False)
+        counters: dict[tuple[int, str], float] = {}
+        for name, value in zip(fields[::2], fields[1::2], strict=True):
+            parsed = parse_counter_field(_text(name))
+            if parsed is not None:
+                counters[parsed] = float(value)
+        pairs = zip(others[::2], others[1::2], strict=True)
+        return FleetState([(_text(name), _text(text)) for name, text in pairs], counters)
 
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         """Raises StateUnavailable."""
@@ -473,6 +482,10 @@ def _model_key(lease: LeaseRef) -> str:
     """The model set `lease` is counted in (it has a model): the pod's or the fleet's."""
     assert lease.model is not None
     return build_model_key(lease.model, lease.model_pod)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _limit_arg(limit: int | None) -> str:

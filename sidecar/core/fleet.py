@@ -1,0 +1,140 @@
+"""Priority and tenant fairness across the replicas of a gateway tier.
+
+In the gateway topology N replicas hold requests for one pool of Tritons, and each replica
+decides alone when its held head may go. Alone, each would be fair only among its own
+waiters: a noisy tenant sending through every replica gets a turn on each, and a replica
+whose slot frees lets its own batch request go while an interactive request waits on another
+replica. Two things are therefore shared through the store, once per refresh interval, by
+each replica (`store.fleet_exchange`):
+
+- what it holds: per model, per band, per tenant, how many wait (`Summary`);
+- the tenants' fairness counters (VTC, see `core.queue`): each replica sends what it changed
+  (work charged, `+`; a lift of an idle tenant to the backlogged floor, `^`) and reads the
+  fleet's counters back, so every replica orders tenants by the same counters.
+
+The rules, for a request of band `rank` and tenant `t` on this replica:
+- Another replica's waiter is AHEAD of it when its band is better, or its band is the same
+  and its tenant's counter is smaller than `t`'s (the order every replica's own queue uses),
+  or the counters are equal and that replica's id sorts first. Every replica so sees the
+  same total order of heads: one goes, nobody waits for another for ever, and two replicas
+  never both take the last room because they tie.
+- Room that those waiters ahead would take is RESERVED for them: the request may go only if
+  the model has room once they are counted as already in flight (`admission.has_room`).
+- What another replica holds is known as of its last exchange (one refresh interval). A
+  waiter it let go since is still reserved for until then: room stays idle for at most one
+  interval, never given to a request that should wait.
+- A replica also shares, per model, the requests it let go that the store's count may not
+  show yet (`core.in_flight` still keeps them on top of its reads), as the pseudo-band
+  IN_TRANSIT, ahead of every band. Without it a request let go on one replica would be in
+  neither the count another replica read a moment earlier nor the list of waiters it reads
+  now, and that replica would fill the same room.
+- A replica that stopped exchanging (dead, partitioned) drops out after the exchange TTL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+# model -> band (class rank) -> tenant -> how many wait
+Summary = Mapping[str, Mapping[int, Mapping[str, int]]]
+# ("+", rank, tenant, work) adds charged work; ("^", rank, tenant, floor) lifts to a floor
+CounterOp = tuple[str, int, str, float]
+IN_TRANSIT = -(2**31)  # the band of requests let go but maybe not counted yet: ahead of all
+
+
+def _no_counter(rank: int, tenant: str) -> float:
+    return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Elsewhere:
+    """Other replicas' waiters for one model, and the counters that order them: `first`
+    those of replicas whose id sorts before this one's (they win ties), `after` the rest."""
+
+    first: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
+    after: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
+    counter: Callable[[int, str], float] = _no_counter
+
+    def ahead_of(self, rank: int, tenant: str) -> int:
+        """How many of them go before a request of band `rank` and `tenant` (module rules)."""
+        mine = self.counter(rank, tenant)
+        ahead = 0
+        for waiting, ties_win in ((self.first, True), (self.after, False)):
+            for band, tenants in waiting.items():
+                if band < rank:
+                    ahead += sum(tenants.values())
+                elif band == rank:
+                    for other, n in tenants.items():
+                        theirs = self.counter(rank, other)
+                        if theirs < mine or (ties_win and theirs == mine):
+                            ahead += n
+        return ahead
+
+
+NOBODY = Elsewhere()
+
+
+def encode_summary(summary: Summary) -> str:
+    """What one replica holds, as it is stored ("" when it holds nothing)."""
+    if not summary:
+        return ""
+    return json.dumps(
+        {m: {str(r): dict(ts) for r, ts in bands.items()} for m, bands in summary.items()},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+
+
+def merge_summaries(encoded: list[str]) -> dict[str, dict[int, dict[str, int]]]:
+    """Other replicas' summaries, summed. One that cannot be read is skipped: a replica of
+    another version must not stop this one from deciding."""
+    merged: dict[str, dict[int, dict[str, int]]] = {}
+    for text in encoded:
+        try:
+            summary = json.loads(text) if text else {}
+            for model, bands in summary.items():
+                for rank, tenants in bands.items():
+                    into = merged.setdefault(str(model), {}).setdefault(int(rank), {})
+                    for tenant, n in tenants.items():
+                        into[str(tenant)] = into.get(str(tenant), 0) + int(n)
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return merged
+
+
+def backlogged(merged: Mapping[str, Mapping[int, Mapping[str, int]]]) -> dict[int, set[str]]:
+    """Per band, the tenants some other replica holds a waiter of (on any model)."""
+    out: dict[int, set[str]] = {}
+    for bands in merged.values():
+        for rank, tenants in bands.items():
+            if rank != IN_TRANSIT:
+                out.setdefault(rank, set()).update(t for t, n in tenants.items() if n > 0)
+    return out
+
+
+def with_in_transit(
+    summary: Mapping[str, Mapping[int, Mapping[str, int]]], in_transit: Mapping[str, int]
+) -> dict[str, dict[int, dict[str, int]]]:
+    """`summary` plus each model's requests let go and maybe not counted yet."""
+    out = {model: {r: dict(ts) for r, ts in bands.items()} for model, bands in summary.items()}
+    for model, n in in_transit.items():
+        if n > 0:
+            out.setdefault(model, {})[IN_TRANSIT] = {"": n}
+    return out
+
+
+def counter_field(rank: int, tenant: str) -> str:
+    """The store's name of a tenant's counter in a band."""
+    return f"{rank}:{tenant}"
+
+
+def parse_counter_field(name: str) -> tuple[int, str] | None:
+    rank, sep, tenant = name.partition(":")
+    if not sep:
+        return None
+    try:
+        return int(rank), tenant
+    except ValueError:
+        return None

@@ -1,0 +1,118 @@
+"""Priority and fairness across a gateway tier's replicas (`core.fleet`, and the shared
+`Fairness` counters of `core.queue`), as pure rules."""
+
+from __future__ import annotations
+
+from sidecar.core.fleet import (
+    NOBODY,
+    Elsewhere,
+    backlogged,
+    counter_field,
+    encode_summary,
+    merge_summaries,
+    parse_counter_field,
+)
+from sidecar.core.queue import Fairness, HoldQueues, Waiter
+
+COUNTERS = {(0, "noisy"): 10.0, (0, "quiet"): 2.0, (2, "noisy"): 5.0}
+
+
+def counter(rank: int, tenant: str) -> float:
+    return COUNTERS.get((rank, tenant), 0.0)
+
+
+def test_better_bands_elsewhere_are_ahead_whatever_the_tenant() -> None:
+    elsewhere = Elsewhere({}, {0: {"noisy": 3}}, counter)
+    assert elsewhere.ahead_of(2, "quiet") == 3  # batch here, interactive elsewhere
+    assert elsewhere.ahead_of(0, "noisy") == 0  # a tie with a replica whose id sorts after
+
+
+def test_ties_go_to_the_replica_whose_id_sorts_first() -> None:
+    assert Elsewhere({0: {"noisy": 3}}, {}, counter).ahead_of(0, "noisy") == 3
+    assert Elsewhere({}, {0: {"noisy": 3}}, counter).ahead_of(0, "noisy") == 0
+
+
+def test_in_the_same_band_only_tenants_with_smaller_counters_are_ahead() -> None:
+    elsewhere = Elsewhere({0: {"noisy": 4, "quiet": 1}}, {}, counter)
+    assert elsewhere.ahead_of(0, "noisy") == 5  # quiet (served less) and noisy's own (a tie)
+    assert elsewhere.ahead_of(0, "quiet") == 1  # ties: quiet elsewhere, on a first replica
+    assert Elsewhere({}, {0: {"noisy": 4}}, counter).ahead_of(0, "quiet") == 0  # never noisy
+    assert Elsewhere({2: {"noisy": 9}}, {}, counter).ahead_of(0, "quiet") == 0  # worse band
+
+
+def test_nobody_elsewhere_reserves_nothing() -> None:
+    assert NOBODY.ahead_of(0, "anyone") == 0
+
+
+def test_summaries_round_trip_and_sum_over_replicas() -> None:
+    one = encode_summary({"m": {0: {"a": 2}}, "n": {1: {"b": 1}}})
+    two = encode_summary({"m": {0: {"a": 1, "c": 4}}})
+    assert encode_summary({}) == ""
+    merged = merge_summaries([one, two, ""])
+    assert merged == {"m": {0: {"a": 3, "c": 4}}, "n": {1: {"b": 1}}}
+    assert backlogged(merged) == {0: {"a", "c"}, 1: {"b"}}
+
+
+def test_a_summary_that_cannot_be_read_is_skipped_not_fatal() -> None:
+    good = encode_summary({"m": {0: {"a": 1}}})
+    assert merge_summaries(["{not json", '{"m": 3}', '["x"]', good]) == {"m": {0: {"a": 1}}}
+
+
+def test_counter_fields_keep_tenants_with_colons() -> None:
+    assert parse_counter_field(counter_field(2, "team:a")) == (2, "team:a")
+    assert parse_counter_field("x:y") is None
+    assert parse_counter_field("nocolon") is None
+
+
+def test_shared_fairness_records_what_it_changes_and_keeps_it_across_an_exchange() -> None:
+    fairness = Fairness(shared=True)
+    fairness.arrive(0, "a")
+    fairness.leave(0, "a", charged_work=3.0)
+    sent = fairness.take_ops()
+    assert sent == [("+", 0, "a", 3.0)]
+    # While the exchange is out, more work is charged here...
+    fairness.arrive(0, "a")
+    fairness.leave(0, "a", charged_work=2.0)
+    # ...the fleet answers with the counters including what was sent (and others' work)...
+    fairness.adopt({(0, "a"): 3.0 + 10.0, (0, "b"): 4.0}, {})
+    # ...and the work charged meanwhile is applied again on top: nothing is lost.
+    assert fairness.counter(0, "a") == 15.0
+    assert fairness.counter(0, "b") == 4.0
+    assert fairness.take_ops() == [("+", 0, "a", 2.0)]
+
+
+def test_a_tenant_backlogged_on_another_replica_is_not_lifted_there() -> None:
+    fairness = Fairness(shared=True)
+    fairness.adopt({(0, "noisy"): 50.0, (0, "quiet"): 1.0}, {0: {"quiet"}})
+    fairness.arrive(0, "quiet")  # waiting elsewhere: not idle, keeps its counter
+    assert fairness.counter(0, "quiet") == 1.0
+    fairness.arrive(0, "idle")  # idle everywhere: lifted to the backlogged floor (quiet's)
+    assert fairness.counter(0, "idle") == 1.0
+    assert ("^", 0, "idle", 1.0) in fairness.take_ops()
+
+
+def test_failed_exchange_ops_go_out_with_the_next() -> None:
+    fairness = Fairness(shared=True)
+    fairness.arrive(0, "a")
+    fairness.leave(0, "a", charged_work=1.0)
+    lost = fairness.take_ops()
+    fairness.arrive(0, "a")
+    fairness.leave(0, "a", charged_work=2.0)
+    fairness.restore_ops(lost)
+    assert fairness.take_ops() == [("+", 0, "a", 1.0), ("+", 0, "a", 2.0)]
+
+
+def test_a_local_fairness_records_nothing() -> None:
+    fairness = Fairness()
+    fairness.arrive(0, "a")
+    fairness.leave(0, "a", charged_work=1.0)
+    assert fairness.take_ops() == []
+
+
+def test_hold_queues_summary_counts_per_model_band_and_tenant() -> None:
+    queues = HoldQueues(0.0, {"i": 10, "b": 10})
+    for n, (tenant, klass, rank, model) in enumerate(
+        [("a", "i", 0, "m"), ("a", "i", 0, "m"), ("b", "b", 2, "m"), ("a", "b", 2, "n")]
+    ):
+        assert queues.push(Waiter(n, tenant, klass, rank, 1.0 + n, 1.0, model))
+    assert queues.summary() == {"m": {0: {"a": 2}, 2: {"b": 1}}, "n": {2: {"a": 1}}}
