@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -81,6 +82,10 @@ class LeaseKeeper:
     @property
     def backlog(self) -> int:
         return len(self._owed)
+
+    def running_by_class(self) -> Counter[tuple[str, str]]:
+        """The running leases this replica took, per (tenant, class)."""
+        return Counter((r.lease.tenant, r.lease.klass) for r in self._running.values())
 
     def taken(self, lease: LeaseRef) -> None:
         """A lease this replica took: renew it until `ended`."""

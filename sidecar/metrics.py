@@ -107,8 +107,8 @@ class Metrics:
         self.state_stale = Gauge(
             "qos_state_stale_seconds",
             "How old the in-flight gauges (qos_in_flight_requests) are: 0 while the quota store "
-            "answers, else the seconds since it last did. The gauges keep their last values "
-            "while the store is down; alert on this, not on them.",
+            "answers, else the seconds since it last did. While the store is down the gauges "
+            "move with this replica's own requests only; alert on this, not on them.",
             registry=registry,
         )
         self.completions = Counter(

@@ -22,7 +22,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from sidecar.accounting import TokenAccounting
@@ -42,7 +43,6 @@ from sidecar.core.decide import (
     malformed,
 )
 from sidecar.core.degraded import degrade
-from sidecar.core.fleet import encode_summary, with_in_transit
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.tokens import TokenEstimate
@@ -53,6 +53,7 @@ from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
 from sidecar.policy.model import FailMode, Policy
 from sidecar.policy.reload import FixedPolicy, PolicySource
+from sidecar.shared_reads import SharedReads
 from sidecar.state.base import QuotaStore, new_lease_id
 from sidecar.state.breaker import CircuitOpen
 from sidecar.state.memory import MemoryQuotaStore
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 OnHold = Callable[[float], Awaitable[None]]
 
 
-class AdmissionService:
+class AdmissionService(SharedReads):
     def __init__(
         self,
         policy: Policy | PolicySource,
@@ -93,6 +94,7 @@ class AdmissionService:
         self.local = MemoryQuotaStore()
         self.local_leases: dict[str, LeaseRef] = {}
         self.replicas_seen = 1
+        self._in_flight_read = ({}, Counter())  # see SharedReads
         # The leases this replica took (renewed while they run) and the releases it owes;
         # `app` runs its loop. Without it (tests), leases simply live their TTL.
         self.leases = LeaseKeeper(
@@ -216,68 +218,6 @@ class AdmissionService:
         except StateUnavailable:
             self.metrics.state_errors.labels("charge").inc()
             return False
-        return True
-
-    async def refresh_in_flight(self) -> bool:
-        """Copy the store's in-flight counts into the gauge; False when the store failed (the
-        gauges keep older values: `admin.staleness` says how old).
-
-        The counts live in the shared store because a lease granted by one replica may be
-        released through another; every replica therefore reports the same, global number.
-        Every tenant x class is read in one call (one pipelined round trip), not one each:
-        hundreds of tenants on every replica, every second, would otherwise be that many
-        round trips per replica per second.
-        """
-        pairs = [
-            (tenant.name, klass)
-            for tenant in self.policy.tenants.values()
-            for klass in sorted(tenant.allowed_classes)
-        ]
-        try:
-            counts = await self.store.in_flight_many(pairs)
-        except StateUnavailable:
-            self.metrics.state_errors.labels("in_flight").inc()
-            return False
-        for tenant_name, klass in pairs:
-            self.metrics.in_flight.labels(tenant_name, klass).set(counts[(tenant_name, klass)])
-        return True
-
-    async def refresh_model_in_flight(self, models: Iterable[str]) -> None:
-        """Read every model's in-flight count from the store (this pod's, or the fleet's: see
-        `model_pod`) into the deferrer and the gauge, in one call. Store down: they stay."""
-        started = None if self.deferrer is None else self.deferrer.in_flight_counts.read_starts()
-        try:
-            counts = await self.store.model_in_flight_many(list(models), self.model_pod)
-        except StateUnavailable:
-            self.metrics.state_errors.labels("model_in_flight").inc()
-            return
-        for model, count in counts.items():
-            self.metrics.model_in_flight.labels(model).set(count)
-        if self.deferrer is not None:
-            self.deferrer.set_in_flight(counts, started)
-
-    async def exchange_fleet(self, replica: str, ttl_s: float) -> bool:
-        """Gateway topology: share what this replica holds and its fairness counter changes
-        with the other replicas, and take theirs (`core.fleet`). False when the store failed
-        (the changes are sent with the next exchange; the last view stays)."""
-        deferrer = self.deferrer
-        if deferrer is None or not deferrer.shared:
-            return True
-        fairness = deferrer.queue.fairness
-        ops = fairness.take_ops()
-        summary = encode_summary(
-            with_in_transit(deferrer.queue.summary(), deferrer.in_flight_counts.unseen())
-        )
-        try:
-            state = await self.store.fleet_exchange(replica, ttl_s, summary, ops)
-        except StateUnavailable:
-            self.metrics.state_errors.labels("fleet").inc()
-            fairness.restore_ops(ops)
-            # Other replicas' holds are unknown now: reserving room for holds that may be
-            # long gone would idle it. Each replica orders its own until the store is back.
-            deferrer.forget_fleet()
-            return False
-        deferrer.adopt_fleet(replica, state.others, state.counters)
         return True
 
     async def release_undelivered(self, decision: Decision) -> None:

@@ -59,6 +59,10 @@ class OutageStore(MemoryQuotaStore):
         self._fail("heartbeat")
         return self.replicas
 
+    async def in_flight_many(self, pairs: Any) -> Any:
+        self._fail("in_flight")
+        return await super().in_flight_many(pairs)
+
 
 def policy(replicas: int | None = None) -> Policy:
     base = make_policy()
@@ -163,5 +167,37 @@ def test_an_open_circuit_owes_no_release() -> None:
         await admit_many(service, 10)
         # Only the two calls that reached the store (and may have run there) are owed.
         assert service.leases.backlog == 2
+
+    asyncio.run(main())
+
+
+def test_in_flight_gauges_keep_moving_while_the_store_is_down() -> None:
+    """Last count read, plus what this replica started and ended since (issue 10 §3)."""
+
+    async def main() -> None:
+        service, store, metrics = make()
+        await service.heartbeat("me", 6.0)
+
+        def gauge() -> float:
+            return metrics.in_flight.labels("search", "standard")._value.get()
+
+        before = [d for d in await admit_many(service, 2) if d.admitted]
+        assert await service.refresh_in_flight() and gauge() == 2
+        store.down = True
+        during = [d for d in await admit_many(service, 3) if d.admitted]  # local leases
+        assert len(during) == 3
+        assert not await service.refresh_in_flight()
+        assert gauge() == 5  # 2 read + 3 started here since
+        for decision in (*before, during[0]):
+            await service.complete(dict(decision.headers)["x-qos-lease"])
+        assert not await service.refresh_in_flight()
+        assert gauge() == 2  # both of the store's ended (their releases owed) and one local
+        store.down = False
+        await asyncio.sleep(0.6)  # the circuit's next probe
+        assert await service.refresh_in_flight()
+        assert gauge() == 2  # the store's count: its two releases are still owed...
+        await service.leases.drain()
+        assert await service.refresh_in_flight()
+        assert gauge() == 0  # ...and done now; the local leases were never in it
 
     asyncio.run(main())

@@ -1,10 +1,11 @@
 """How old the shared-state gauges are.
 
 The in-flight gauges are read from the quota store, the one place every replica's leases are
-counted. While the store is down they cannot be read; counting this replica's own admits and
-releases instead would be wrong in both directions (fail-open admits take no lease, and a
-lease may be released through another replica), so they keep their last values and
-`qos_state_stale_seconds` says how old those are: 0 while reads succeed.
+counted. While the store is down they cannot be read; they then move with what this replica
+sees (the last count read, plus its own requests started minus those ended since, local
+leases included: `SharedReads._estimate_in_flight`). That misses what other replicas do
+meanwhile and fail-open admits (they take no lease), so `qos_state_stale_seconds` says how
+old the shared part is: 0 while reads succeed.
 """
 
 from __future__ import annotations

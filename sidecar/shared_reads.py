@@ -1,0 +1,114 @@
+"""What a replica reads back from the shared store every interval, and shares there: the
+in-flight gauges of every tenant and class, each model's in-flight count (which
+`max_in_flight` caps), and, in the gateway topology, the fleet's holds and fairness counters
+(`core.fleet`). A mixin of `AdmissionService`, kept apart so that the decision path reads on
+its own."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from sidecar.core.fleet import encode_summary, with_in_transit
+from sidecar.core.types import LeaseRef
+from sidecar.deferral import Deferrer
+from sidecar.errors import StateUnavailable
+from sidecar.leases import LeaseKeeper
+from sidecar.metrics import Metrics
+from sidecar.policy.model import Policy
+from sidecar.state.base import QuotaStore
+
+
+class SharedReads:
+    store: QuotaStore
+    metrics: Metrics
+    leases: LeaseKeeper
+    local_leases: dict[str, LeaseRef]
+    deferrer: Deferrer | None
+    model_pod: str | None
+    # The last in-flight counts read from the store, and this replica's own then.
+    _in_flight_read: tuple[dict[tuple[str, str | None], int], Counter[tuple[str, str]]]
+
+    @property
+    def policy(self) -> Policy:
+        raise NotImplementedError
+
+    async def refresh_in_flight(self) -> bool:
+        """Copy the store's in-flight counts into the gauge; False when the store failed (the
+        gauges keep older values: `admin.staleness` says how old).
+
+        The counts live in the shared store because a lease granted by one replica may be
+        released through another; every replica therefore reports the same, global number.
+        Every tenant x class is read in one call (one pipelined round trip), not one each:
+        hundreds of tenants on every replica, every second, would otherwise be that many
+        round trips per replica per second.
+        """
+        pairs = [
+            (tenant.name, klass)
+            for tenant in self.policy.tenants.values()
+            for klass in sorted(tenant.allowed_classes)
+        ]
+        try:
+            counts = await self.store.in_flight_many(pairs)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("in_flight").inc()
+            self._estimate_in_flight(pairs)
+            return False
+        self._in_flight_read = (dict(counts), self._own_in_flight())
+        for tenant_name, klass in pairs:
+            self.metrics.in_flight.labels(tenant_name, klass).set(counts[(tenant_name, klass)])
+        return True
+
+    def _own_in_flight(self) -> Counter[tuple[str, str]]:
+        """This replica's running requests with a lease, in the store or local (degraded)."""
+        own = self.leases.running_by_class()
+        own.update((lease.tenant, lease.klass) for lease in self.local_leases.values())
+        return own
+
+    def _estimate_in_flight(self, pairs: list[tuple[str, str]]) -> None:
+        """Store down: the gauges move with what this replica sees, the last count read plus
+        this replica's requests started minus those ended since (a lower bound of the truth
+        when others admit meanwhile; `qos_state_stale_seconds` says how old the rest is)."""
+        read, own_then = self._in_flight_read
+        own_now = self._own_in_flight()
+        for pair in pairs:
+            estimate = read.get(pair, 0) + own_now[pair] - own_then[pair]
+            self.metrics.in_flight.labels(*pair).set(max(0, estimate))
+
+    async def refresh_model_in_flight(self, models: Iterable[str]) -> None:
+        """Read every model's in-flight count from the store (this pod's, or the fleet's: see
+        `model_pod`) into the deferrer and the gauge, in one call. Store down: they stay."""
+        started = None if self.deferrer is None else self.deferrer.in_flight_counts.read_starts()
+        try:
+            counts = await self.store.model_in_flight_many(list(models), self.model_pod)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("model_in_flight").inc()
+            return
+        for model, count in counts.items():
+            self.metrics.model_in_flight.labels(model).set(count)
+        if self.deferrer is not None:
+            self.deferrer.set_in_flight(counts, started)
+
+    async def exchange_fleet(self, replica: str, ttl_s: float) -> bool:
+        """Gateway topology: share what this replica holds and its fairness counter changes
+        with the other replicas, and take theirs (`core.fleet`). False when the store failed
+        (the changes are sent with the next exchange; the last view stays)."""
+        deferrer = self.deferrer
+        if deferrer is None or not deferrer.shared:
+            return True
+        fairness = deferrer.queue.fairness
+        ops = fairness.take_ops()
+        summary = encode_summary(
+            with_in_transit(deferrer.queue.summary(), deferrer.in_flight_counts.unseen())
+        )
+        try:
+            state = await self.store.fleet_exchange(replica, ttl_s, summary, ops)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("fleet").inc()
+            fairness.restore_ops(ops)
+            # Other replicas' holds are unknown now: reserving room for holds that may be
+            # long gone would idle it. Each replica orders its own until the store is back.
+            deferrer.forget_fleet()
+            return False
+        deferrer.adopt_fleet(replica, state.others, state.counters)
+        return True
