@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -9,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 INFER_PATH = "/v2/models/simgpu/infer"
@@ -104,3 +106,16 @@ def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
     thread.start()
     return thread, out
+
+
+def key_digest(api_key: str) -> str:
+    """What a policy's `api_key_sha256` lists for `api_key`."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def write_policy_file(directory: Path, text: str) -> Path:
+    """`text` as the one policy file of `directory`; the directory (what QOS_POLICY_PATH
+    names)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "policy.yaml").write_text(text)
+    return directory

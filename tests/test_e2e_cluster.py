@@ -9,7 +9,6 @@ the releases they owe are done no lease is left.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from devstack.sidecar_proc import SidecarProcess
 from devstack.valkey_cluster import ValkeyCluster
 from sidecar.state.keys import KeyKind, build_key
 from tests.binaries import require_binaries
-from tests.stack_client import wait_for
+from tests.stack_client import key_digest, wait_for, write_policy_file
 from tests.test_e2e_fleet import ask, complete
 
 pytestmark = pytest.mark.stack
@@ -29,9 +28,9 @@ LIMIT = 3
 
 
 def write_policy(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(b"k-app").hexdigest()
-    (directory / "policy.yaml").write_text(
+    key = key_digest("k-app")
+    return write_policy_file(
+        directory,
         f"""
 classes:
   standard: {{rank: 1, latency_objective_ms: 2000, max_wait_ms: 0, triton_priority: 1}}
@@ -41,9 +40,8 @@ tenants:
     allowed_classes: [standard]
     default_class: standard
     max_concurrency: {LIMIT}
-"""
+""",
     )
-    return directory
 
 
 def test_a_cluster_shares_the_limit_and_survives_a_killed_primary() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from pathlib import Path
 
@@ -24,7 +23,16 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from devstack.procs import ValkeyProcess
 from devstack.sidecar_proc import SidecarProcess
 from devstack.triton import TritonProcess
-from tests.stack_client import INFER_PATH, Reply, in_background, metric_value, post, wait_for
+from tests.stack_client import (
+    INFER_PATH,
+    Reply,
+    in_background,
+    key_digest,
+    metric_value,
+    post,
+    wait_for,
+    write_policy_file,
+)
 from tests.test_listener_auth import access_log_of, one
 
 pytestmark = pytest.mark.stack
@@ -32,10 +40,10 @@ HOLD_MS = 4000
 
 
 def write_policy(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    keys = {name: hashlib.sha256(f"k-{name}".encode()).hexdigest() for name in ("app", "etl")}
+    keys = {name: key_digest(f"k-{name}") for name in ("app", "etl")}
     overload = "{admit_below: 100, shed_above: 1000, max_in_flight: 1}"
-    (directory / "policy.yaml").write_text(
+    return write_policy_file(
+        directory,
         f"""
 classes:
   interactive:
@@ -59,9 +67,8 @@ tenants:
     match: {{api_key_sha256: [{keys["etl"]}]}}
     allowed_classes: [batch]
     default_class: batch
-"""
+""",
     )
-    return directory
 
 
 def ask(sidecar: SidecarProcess, key: str) -> Reply:

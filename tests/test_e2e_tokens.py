@@ -12,7 +12,6 @@ made good with the tokens Triton really generated, for plain and for streamed re
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -25,7 +24,7 @@ import tritonclient.http as triton_http
 
 from devstack.stack import LocalStack
 from tests.binaries import require_binaries
-from tests.stack_client import Reply, metric_value, post, wait_for
+from tests.stack_client import Reply, key_digest, metric_value, post, wait_for, write_policy_file
 
 pytestmark = [pytest.mark.stack, pytest.mark.faults]
 BURST = 2000  # the tenant's token bucket; it refills at 1 token per second, nearly not at all
@@ -39,7 +38,7 @@ def _probe_tenants() -> str:
     return "".join(
         f"""
   {name}:
-    match: {{api_key_sha256: [{hashlib.sha256(f"k-{name}".encode()).hexdigest()}]}}
+    match: {{api_key_sha256: [{key_digest(f"k-{name}")}]}}
     allowed_classes: [interactive]
     default_class: interactive
     buckets:
@@ -49,9 +48,9 @@ def _probe_tenants() -> str:
 
 
 def write_policy(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(KEY.encode()).hexdigest()
-    (directory / "policy.yaml").write_text(
+    digest = key_digest(KEY)
+    return write_policy_file(
+        directory,
         f"""
 classes:
   interactive: {{rank: 1, latency_objective_ms: 2000, max_wait_ms: 100, triton_priority: 1}}
@@ -73,9 +72,8 @@ tenants:
     default_class: interactive
     buckets:
     - {{unit: cost, rate: 1, per: second, burst: {BURST}}}{_probe_tenants()}
-"""
+""",
     )
-    return directory
 
 
 @pytest.fixture(scope="module")

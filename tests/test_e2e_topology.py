@@ -11,7 +11,6 @@ HTTP listener directly, as Envoy would; no completion arrives, so each admit kee
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from pathlib import Path
 
@@ -21,16 +20,24 @@ import redis
 from devstack.procs import ValkeyProcess
 from devstack.sidecar_proc import SidecarProcess
 from devstack.triton import TritonProcess
-from tests.stack_client import INFER_PATH, Reply, metric_value, post, wait_for
+from tests.stack_client import (
+    INFER_PATH,
+    Reply,
+    key_digest,
+    metric_value,
+    post,
+    wait_for,
+    write_policy_file,
+)
 
 pytestmark = pytest.mark.stack
 CAP = 2
 
 
 def write_policy(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(b"k-app").hexdigest()
-    (directory / "policy.yaml").write_text(
+    key = key_digest("k-app")
+    return write_policy_file(
+        directory,
         f"""
 classes:
   standard:
@@ -45,9 +52,8 @@ tenants:
     allowed_classes: [standard]
     default_class: standard
     max_concurrency: 50
-"""
+""",
     )
-    return directory
 
 
 def ask(sidecar: SidecarProcess) -> Reply:

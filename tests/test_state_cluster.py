@@ -9,6 +9,7 @@ the measured value is printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -246,40 +247,32 @@ def test_a_killed_primary_is_followed_and_leaves_no_lease(
 
 
 def test_sentinel_mode_finds_the_primary() -> None:
-    with tempfile.TemporaryDirectory(prefix="qos-sentinel-") as tmp:
-        primary = ValkeyProcess(Path(tmp) / "p")
-        with primary:
-            replica = ValkeyProcess(
-                Path(tmp) / "r", extra_args=["--replicaof", "127.0.0.1", str(primary.port)]
+    with (
+        tempfile.TemporaryDirectory(prefix="qos-sentinel-") as tmp,
+        sentinel_pair(Path(tmp)) as (primary, _replica, sentinel),
+    ):
+
+        async def main() -> None:
+            store = RedisQuotaStore(
+                f"127.0.0.1:{sentinel.port}",
+                mode="sentinel",
+                sentinel_master="qos",
+                timeout_s=2.0,
             )
-            with (
-                replica,
-                SentinelProcess(
-                    Path(tmp) / "s", primary_port=primary.port, master_name="qos"
-                ) as sentinel,
-            ):
+            try:
+                held = await store.acquire(check("acme", "req-1"))
+                assert held.allowed and held.lease_id is not None
+                assert await store.model_in_flight(MODEL) == 1
+                await store.release(LeaseRef("acme", "gold", held.lease_id, MODEL))
+            finally:
+                await store.close()
 
-                async def main() -> None:
-                    store = RedisQuotaStore(
-                        f"127.0.0.1:{sentinel.port}",
-                        mode="sentinel",
-                        sentinel_master="qos",
-                        timeout_s=2.0,
-                    )
-                    try:
-                        held = await store.acquire(check("acme", "req-1"))
-                        assert held.allowed and held.lease_id is not None
-                        assert await store.model_in_flight(MODEL) == 1
-                        await store.release(LeaseRef("acme", "gold", held.lease_id, MODEL))
-                    finally:
-                        await store.close()
-
-                asyncio.run(main())
-                # The writes went to the primary the sentinel named, and reached its replica.
-                with redis.Redis(port=primary.port) as p:
-                    # The release's tombstone: written on the primary the sentinel named.
-                    assert p.exists(build_key("acme", KeyKind.RELEASED, "req-1"))
-                    assert p.zcard(build_model_key(MODEL)) == 0
+        asyncio.run(main())
+        # The writes went to the primary the sentinel named, and reached its replica.
+        with redis.Redis(port=primary.port) as p:
+            # The release's tombstone: written on the primary the sentinel named.
+            assert p.exists(build_key("acme", KeyKind.RELEASED, "req-1"))
+            assert p.zcard(build_model_key(MODEL)) == 0
 
 
 def test_sentinel_failover_is_followed_and_leaves_no_lease(
@@ -288,55 +281,47 @@ def test_sentinel_failover_is_followed_and_leaves_no_lease(
     """Kill the primary behind Sentinel under a loop of decisions: the sentinel promotes the
     replica, the store finds it by itself (redis-py's sentinel pool asks again after a
     connection error), and once every owed release is done no lease is left."""
-    with tempfile.TemporaryDirectory(prefix="qos-sentinel-") as tmp:
-        primary = ValkeyProcess(Path(tmp) / "p")
-        with primary:
-            replica = ValkeyProcess(
-                Path(tmp) / "r", extra_args=["--replicaof", "127.0.0.1", str(primary.port)]
+    with (
+        tempfile.TemporaryDirectory(prefix="qos-sentinel-") as tmp,
+        sentinel_pair(Path(tmp)) as (primary, replica, sentinel),
+    ):
+        wait_replicated(sentinel.port, replica.port)
+
+        async def main() -> tuple[Loop, float]:
+            redis_store = RedisQuotaStore(
+                f"127.0.0.1:{sentinel.port}",
+                mode="sentinel",
+                sentinel_master="qos",
+                timeout_s=0.1,
             )
-            with (
-                replica,
-                SentinelProcess(
-                    Path(tmp) / "s", primary_port=primary.port, master_name="qos"
-                ) as sentinel,
-            ):
-                wait_replicated(sentinel.port, replica.port)
+            store = GuardedStore(redis_store, CircuitBreaker(probe_interval_s=0.2))
+            try:
+                loop = Loop(store, ["s1", "s2"])
+                workers = [asyncio.create_task(loop.worker(t)) for t in ("s1", "s2")]
+                await asyncio.sleep(0.5)
+                killed_at = time.monotonic()
+                assert primary.pid is not None
+                os.kill(primary.pid, signal.SIGKILL)  # a crash, no handover
+                deadline = killed_at + 30.0
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    failed = [t for t, _, _, ok in loop.events if not ok]
+                    served = [t for t, _, _, ok in loop.events if ok]
+                    if failed and served and served[-1] > max(failed) + 1.0:
+                        break
+                loop.stopped = True
+                await asyncio.gather(*workers)
+                for lease in loop.owed:
+                    await store.release(lease)
+                counts = await redis_store.in_flight_many([("s1", None), ("s2", None)])
+                assert set(counts.values()) == {0}, counts
+                return loop, killed_at
+            finally:
+                await store.close()
 
-                async def main() -> tuple[Loop, float]:
-                    redis_store = RedisQuotaStore(
-                        f"127.0.0.1:{sentinel.port}",
-                        mode="sentinel",
-                        sentinel_master="qos",
-                        timeout_s=0.1,
-                    )
-                    store = GuardedStore(redis_store, CircuitBreaker(probe_interval_s=0.2))
-                    try:
-                        loop = Loop(store, ["s1", "s2"])
-                        workers = [asyncio.create_task(loop.worker(t)) for t in ("s1", "s2")]
-                        await asyncio.sleep(0.5)
-                        killed_at = time.monotonic()
-                        assert primary.pid is not None
-                        os.kill(primary.pid, signal.SIGKILL)  # a crash, no handover
-                        deadline = killed_at + 30.0
-                        while time.monotonic() < deadline:
-                            await asyncio.sleep(0.1)
-                            failed = [t for t, _, _, ok in loop.events if not ok]
-                            served = [t for t, _, _, ok in loop.events if ok]
-                            if failed and served and served[-1] > max(failed) + 1.0:
-                                break
-                        loop.stopped = True
-                        await asyncio.gather(*workers)
-                        for lease in loop.owed:
-                            await store.release(lease)
-                        counts = await redis_store.in_flight_many([("s1", None), ("s2", None)])
-                        assert set(counts.values()) == {0}, counts
-                        return loop, killed_at
-                    finally:
-                        await store.close()
-
-                loop, killed_at = asyncio.run(main())
-                with redis.Redis(port=replica.port) as r:
-                    assert r.info("replication")["role"] == "master"  # promoted
+        loop, killed_at = asyncio.run(main())
+        with redis.Redis(port=replica.port) as r:
+            assert r.info("replication")["role"] == "master"  # promoted
         failures = [t for t, _, _, ok in loop.events if not ok and t >= killed_at]
         assert failures, "killing the primary failed no decision"
         recovered = [t for t, _, _, ok in loop.events if ok and t > max(failures)]
@@ -349,6 +334,19 @@ def test_sentinel_failover_is_followed_and_leaves_no_lease(
                 f" {len(loop.events)}; {len(loop.owed)} releases owed and done after"
             )
         assert window_s < 20.0  # down-after 1 s + election + promotion; generous for CI
+
+
+@contextlib.contextmanager
+def sentinel_pair(tmp: Path) -> Iterator[tuple[ValkeyProcess, ValkeyProcess, SentinelProcess]]:
+    """A primary, its replica, and one sentinel watching them as master "qos"."""
+    with ValkeyProcess(tmp / "p") as primary:
+        follows = ["--replicaof", "127.0.0.1", str(primary.port)]
+        replica = ValkeyProcess(tmp / "r", extra_args=follows)
+        with (
+            replica,
+            SentinelProcess(tmp / "s", primary_port=primary.port, master_name="qos") as sentinel,
+        ):
+            yield primary, replica, sentinel
 
 
 def wait_replicated(sentinel_port: int, replica_port: int, timeout_s: float = 15.0) -> None:
