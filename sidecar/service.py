@@ -89,6 +89,7 @@ class AdmissionService(SharedReads):
         self.clock = clock
         self.model_pod = model_pod  # whose model counts: this pod's, or None: the fleet's
         self._background: set[asyncio.Future[bool]] = set()
+        self._model_writes: dict[str, asyncio.Future[None]] = {}  # lease id -> its model count
         # The degraded mode's store and its leases (see the module comment); `replicas` is
         # the live count the heartbeats showed last (`heartbeat`).
         self.local = MemoryQuotaStore()
@@ -180,6 +181,10 @@ class AdmissionService(SharedReads):
         """Release `lease` now; if the store fails, owe it (retried until it is taken). True if
         a lease was freed now. `counted`: this replica counted it in its model's in flight (a
         held request that never went to Triton was not)."""
+        writing = self._model_writes.get(lease.lease_id)
+        if writing is not None:  # its model entry is on its way: release it after that
+            with contextlib.suppress(Exception):
+                await asyncio.shield(writing)
         if self.local_leases.pop(lease.lease_id, None) is not None:
             released = await self.local.release(lease, tombstone_s=self.policy.lease_ttl_s)
             self.metrics.completions.labels("released" if released else "already_released").inc()
@@ -272,16 +277,10 @@ class AdmissionService(SharedReads):
         """The bookkeeping an answer asks for, then its decision."""
         if answer.give_back is not None:
             await asyncio.shield(self._give_back(answer.give_back))
-        deferrer = self.deferrer
-        if answer.note_admitted is not None and deferrer is not None:
-            deferrer.note_admitted(answer.note_admitted, written=not answer.count_for_model)
+        if answer.note_admitted is not None and self.deferrer is not None:
+            self.deferrer.note_admitted(answer.note_admitted, written=not answer.count_for_model)
         if answer.count_for_model:
-            try:
-                await self._counted(answer.decision, policy.lease_ttl_s)
-            finally:
-                lease = answer.decision.lease
-                if deferrer is not None and lease is not None and lease.model is not None:
-                    deferrer.note_written(lease.model)
+            self._count_for_model(answer.decision, policy.lease_ttl_s)
         return answer.decision
 
     async def _acquire(self, take: TakeQuota) -> QuotaResult | None:
@@ -384,26 +383,27 @@ class AdmissionService(SharedReads):
         signals = self._signals(planned.model)
         return admission.on_hold_end(hold, outcome, signals, policy, held_s)
 
-    async def _counted(self, decision: Decision, lease_ttl_s: float) -> None:
-        """A held request let go to Triton: its lease (which names its model) now counts for
-        that model."""
+    def _count_for_model(self, decision: Decision, lease_ttl_s: float) -> None:
+        """Count an admit's lease for its model in the store, after the answer: off the
+        decision's path (one store call per decision). Until the write lands, this replica
+        counts it itself (`core.in_flight`, pending) and shares it as in transit
+        (`core.fleet`); a release of the lease here waits for the write first, so that the
+        release cannot land before it and leave the entry to its TTL."""
         lease = decision.lease
         if lease is None or lease.model is None:
             return
         store = self.local if lease.lease_id in self.local_leases else self.store
         task = asyncio.ensure_future(store.count_for_model(lease, lease_ttl_s))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # Client gone meanwhile: nobody will carry this lease, so free it (and, once it
-            # is written, its model entry) now rather than at its TTL.
-            await asyncio.shield(self._release_when_done(task, lease))
-            raise
+        self._model_writes[lease.lease_id] = task
 
-    async def _release_when_done(self, task: asyncio.Future[None], lease: LeaseRef) -> None:
-        with contextlib.suppress(Exception):
-            await task
-        await self.release(lease)
+        def written(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                self.metrics.state_errors.labels("model_lease").inc()  # left to its TTL
+            self._model_writes.pop(lease.lease_id, None)
+            if self.deferrer is not None and lease.model is not None:
+                self.deferrer.note_written(lease.model)
+
+        task.add_done_callback(written)
 
     async def _give_back(self, give_back: GiveBack) -> None:
         """Return the lease and the bucket tokens of a request that was never served."""

@@ -144,22 +144,23 @@ def test_shed_for_load_answers_503_and_asks_for_no_quota() -> None:
 
 
 @pytest.mark.parametrize(
-    ("sig", "action", "counts_now"),
+    ("sig", "action"),
     [
-        (signals(0), LoadAction.ADMIT, True),
-        (signals(6), LoadAction.DEFER, False),  # held: not in flight until let go
-        (signals(0, waiting={2: 1}), LoadAction.DEFER, False),  # behind its band's waiter
-        (signals(0, waiting={3: 5}), LoadAction.ADMIT, True),  # a worse band does not count
-        (admission.QUOTA_ONLY, LoadAction.ADMIT, True),  # no view of Triton
+        (signals(0), LoadAction.ADMIT),
+        (signals(6), LoadAction.DEFER),  # held: not in flight until let go
+        (signals(0, waiting={2: 1}), LoadAction.DEFER),  # behind its band's waiter
+        (signals(0, waiting={3: 5}), LoadAction.ADMIT),  # a worse band does not count
+        (admission.QUOTA_ONLY, LoadAction.ADMIT),  # no view of Triton
     ],
 )
-def test_judge_asks_for_quota(sig: Signals, action: LoadAction, counts_now: bool) -> None:
+def test_judge_asks_for_quota(sig: Signals, action: LoadAction) -> None:
     policy = policy_with()
     step = admission.judge(planned(policy), sig, policy)
     assert isinstance(step, TakeQuota)
     assert step.verdict.action is action
     assert step.holds is (action is LoadAction.DEFER)
-    assert step.admission.check.count_model_now is counts_now
+    # Never in the quota call: the answer asks for the model's count (one call per decision).
+    assert step.admission.check.count_model_now is False
     assert step.admission.trace[-1] == step.verdict.why
 
 
@@ -216,6 +217,7 @@ def test_admitted_at_once_is_noted_for_its_model() -> None:
     step = admission.on_quota(take(policy_with(), signals(0)), ALLOWED, NOW)
     assert isinstance(step, Answer)
     assert step.decision.reason is Reason.ADMITTED and step.note_admitted == "simgpu"
+    assert step.count_for_model  # after the answer, by the service
 
 
 def test_admitted_but_deferred_is_held_until_its_deadline() -> None:

@@ -7,7 +7,6 @@ versions of these behaviours are in test_e2e_overload.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from dataclasses import replace
 from types import MappingProxyType
@@ -279,7 +278,10 @@ class SlowModelCount(MemoryQuotaStore):
         await super().count_for_model(lease, ttl_s)
 
 
-def test_client_gone_while_a_let_go_request_is_counted_frees_lease_and_count() -> None:
+def test_an_undelivered_admit_waits_for_its_model_count_then_frees_both() -> None:
+    """The model count is written after the answer (off the decision's path). An admit that
+    never reaches Envoy is released while that write is still on its way: the release waits
+    for it, so the entry is removed too, not left to its TTL."""
     backend = Backend(depth=6)  # over admit_below 4: held
     store = SlowModelCount()
     service = AdmissionService(
@@ -294,12 +296,12 @@ def test_client_gone_while_a_let_go_request_is_counted_frees_lease_and_count() -
         await asyncio.sleep(0.05)
         backend.depth = 0
         assert service.deferrer is not None
-        service.deferrer.on_scrape()  # let go: now being counted for its model
-        await asyncio.sleep(0.05)
-        held.cancel()  # Envoy gave up before the answer
-        with contextlib.suppress(asyncio.CancelledError):
-            await held
-        await asyncio.sleep(0.3)  # the count lands, then the lease and its entry are freed
+        service.deferrer.on_scrape()  # let go: answered, its model count on its way
+        decision = await held
+        assert decision.admitted
+        assert service.deferrer.in_flight("simgpu") == 1  # counted here meanwhile
+        await service.release_undelivered(decision)  # Envoy gave up before the answer
+        await asyncio.sleep(0.3)  # any model write still on its way has landed by now
         assert await in_flight(store) == 0
         assert await store.model_in_flight("simgpu") == 0
 

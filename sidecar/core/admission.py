@@ -371,11 +371,12 @@ def judge(admission: Admission, signals: Signals, policy: Policy) -> TakeQuota |
     if verdict.action is LoadAction.SHED:
         retry_after_s = overload_retry_after_s(admission.klass, verdict)
         return Answer(shed_overloaded(admission, retry_after_s, "shed for load"))
-    if verdict.action is LoadAction.DEFER:
-        # Not in flight while held: its model counts it once it is let go.
-        check = replace(admission.check, count_model_now=False)
-        admission = replace(admission, check=check)
-    return TakeQuota(admission, verdict)
+    # The quota call never counts the model: one store call on the decision's path (the
+    # model's set is in another slot). An admit's answer asks for the count instead
+    # (`Answer.count_for_model`), which the service writes after answering; a held request
+    # is counted once it is let go.
+    check = replace(admission.check, count_model_now=False)
+    return TakeQuota(replace(admission, check=check), verdict)
 
 
 def on_quota(take: TakeQuota, result: QuotaResult | None, now_s: float) -> Hold | Answer:
@@ -385,7 +386,7 @@ def on_quota(take: TakeQuota, result: QuotaResult | None, now_s: float) -> Hold 
     if not decision.admitted or result is None:
         return Answer(decision)
     if not take.holds:
-        return Answer(decision, note_admitted=admission.model or "")
+        return Answer(decision, note_admitted=admission.model or "", count_for_model=True)
     deadline_s = now_s + admission.klass.max_wait_ms / 1000
     return Hold(admission, result, decision, now_s, deadline_s)
 
