@@ -170,6 +170,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         load=monitor.view if monitor is not None else None,
         stale_after_s=settings.triton_stale_ms / 1000,
         queue_alpha_s_per_unit=settings.queue_alpha_ms_per_unit / 1000,
+        release_grace_s=settings.release_grace_ms / 1000,
         model_pod=settings.model_pod,
     )
     if monitor is not None and service.deferrer is not None:

@@ -106,17 +106,22 @@ class LeaseKeeper:
         self._wake.set()
 
     async def drain(self) -> bool:
-        """Try every owed release once, oldest first. False if the store failed (the rest
-        wait for the next try)."""
-        for lease_id, lease in list(self._owed.items()):
-            try:
-                await self._release(lease)
-            except StateUnavailable:
-                self._metrics.release_backlog.set(len(self._owed))
-                return False
-            self._owed.pop(lease_id, None)
+        """Try every owed release once, all together (they share store calls: see
+        `sidecar.releases`). False if the store failed any (those wait for the next try)."""
+        owed = list(self._owed.items())
+        results = await asyncio.gather(
+            *(self._release(lease) for _, lease in owed), return_exceptions=True
+        )
+        ok = True
+        for (lease_id, _), result in zip(owed, results, strict=True):
+            if isinstance(result, StateUnavailable):
+                ok = False
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self._owed.pop(lease_id, None)
         self._metrics.release_backlog.set(len(self._owed))
-        return True
+        return ok
 
     async def renew(self) -> None:
         """Renew every running lease, one store call per tenant; forget the gone ones."""

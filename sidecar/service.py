@@ -19,6 +19,7 @@ with its TTL).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -53,6 +54,7 @@ from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
 from sidecar.policy.model import FailMode, Policy
 from sidecar.policy.reload import FixedPolicy, PolicySource
+from sidecar.releases import ReleaseBatcher
 from sidecar.shared_reads import SharedReads
 from sidecar.state.base import QuotaStore, new_lease_id
 from sidecar.state.breaker import CircuitOpen
@@ -75,6 +77,7 @@ class AdmissionService(SharedReads):
         queue_alpha_s_per_unit: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         model_pod: str | None = None,
+        release_grace_s: float = 0.0,
     ) -> None:
         # The policy's one home is its source (the app's PolicyHolder, which reloads it); a plain
         # Policy is one that never changes. Nothing here keeps a copy.
@@ -90,6 +93,13 @@ class AdmissionService(SharedReads):
         self.model_pod = model_pod  # whose model counts: this pod's, or None: the fleet's
         self._background: set[asyncio.Future[bool]] = set()
         self._model_writes: dict[str, asyncio.Future[None]] = {}  # lease id -> its model count
+        # Requests refused for concurrency that wait for a release of their tenant.
+        self.release_grace_s = release_grace_s
+        self._release_waiters: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        # Every release goes through here: many in one store call (sidecar/releases.py).
+        self.releases = ReleaseBatcher(
+            lambda leases, tombstone_s: self.store.release_many(leases, tombstone_s=tombstone_s)
+        )
         # The degraded mode's store and its leases (see the module comment); `replicas` is
         # the live count the heartbeats showed last (`heartbeat`).
         self.local = MemoryQuotaStore()
@@ -187,6 +197,7 @@ class AdmissionService(SharedReads):
                 await asyncio.shield(writing)
         if self.local_leases.pop(lease.lease_id, None) is not None:
             released = await self.local.release(lease, tombstone_s=self.policy.lease_ttl_s)
+            self._released(lease.tenant)
             self.metrics.completions.labels("released" if released else "already_released").inc()
             if self.deferrer is not None:
                 self.deferrer.pump()
@@ -202,7 +213,8 @@ class AdmissionService(SharedReads):
     async def _release(self, lease: LeaseRef, counted: bool = True) -> bool:
         """One release in the store, with its tombstone (see `sidecar.state.base`). Raises
         StateUnavailable."""
-        released = await self.store.release(lease, tombstone_s=self.policy.lease_ttl_s)
+        released = await self.releases.release(lease, self.policy.lease_ttl_s)
+        self._released(lease.tenant)
         self.metrics.completions.labels("released" if released else "already_released").inc()
         if self.deferrer is not None:
             mine = lease.model is not None and lease.model_pod == self.model_pod
@@ -246,12 +258,15 @@ class AdmissionService(SharedReads):
     ) -> Decision:
         """Run the core's admission machine, performing the I/O each step asks for."""
         step: TakeQuota | Hold | Answer = self._until_quota(compiled, attrs, estimate)
-        if isinstance(step, TakeQuota):
+        while isinstance(step, TakeQuota):
+            if step.release_deadline_s is not None:
+                wait_s = step.release_deadline_s - self.clock()
+                await self._a_release_of(step.admission.tenant.name, wait_s)
             result = await self._acquire(step)
             if result is None and step.admission.klass.on_state_error is FailMode.LOCAL_SHARE:
                 step = replace(step, admission=degrade(step.admission, self.replicas()))
                 result = await self._acquire_locally(step.admission.check)
-            step = admission.on_quota(step, result, self.clock())
+            step = admission.on_quota(step, result, self.clock(), self.release_grace_s)
         if isinstance(step, Hold):
             step = await self._hold(step, compiled.policy, on_hold)
         return await self._perform(step, compiled.policy)
@@ -382,6 +397,31 @@ class AdmissionService(SharedReads):
             self.metrics.held_seconds.labels(klass.name, outcome.value).observe(held_s)
         signals = self._signals(planned.model)
         return admission.on_hold_end(hold, outcome, signals, policy, held_s)
+
+    async def _a_release_of(self, tenant: str, timeout_s: float) -> None:
+        """Until one of `tenant`'s leases is released here for this waiter (one release wakes
+        one waiter, in arrival order: it frees one slot), or `timeout_s` (a release through
+        another replica is not seen here: the next try then comes at the timeout)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._release_waiters.setdefault(tenant, collections.deque())
+        queue.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, max(0.0, timeout_s))
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in queue:
+                queue.remove(waiter)
+            if not queue:
+                self._release_waiters.pop(tenant, None)
+
+    def _released(self, tenant: str) -> None:
+        queue = self._release_waiters.get(tenant)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _count_for_model(self, decision: Decision, lease_ttl_s: float) -> None:
         """Count an admit's lease for its model in the store, after the answer: off the

@@ -28,7 +28,7 @@ from sidecar.core.admission import (
 )
 from sidecar.core.decide import Admission, compile_policy
 from sidecar.core.load import SignalState
-from sidecar.core.types import QuotaResult, Reason, RequestAttributes
+from sidecar.core.types import LimitKind, QuotaResult, Reason, RequestAttributes
 from sidecar.policy.model import (
     ClassPolicy,
     FailMode,
@@ -316,3 +316,31 @@ def test_a_model_triton_does_not_serve_is_404_only_when_that_is_known(
     body = json.loads(decision.body)
     assert body["reason"] == "unknown_model" and body["error"] == "not_found"
     assert body["retry_after_ms"] is None
+
+
+@pytest.mark.parametrize("kind", [LimitKind.CONCURRENCY, LimitKind.CLASS_CONCURRENCY])
+def test_a_concurrency_refusal_waits_for_releases_until_the_grace_ends(kind: LimitKind) -> None:
+    """A finished request's completion can reach the sidecar after its client's next request:
+    a refusal for concurrency waits for a release and asks again, until the grace from the
+    first refusal ends; a refusal then is the answer."""
+    refused = QuotaResult(False, denied_by=kind, retry_after_s=0.7)
+    first = admission.on_quota(take(policy_with(), signals(0)), refused, NOW, 0.05)
+    assert isinstance(first, TakeQuota) and first.release_deadline_s == NOW + 0.05
+    assert "waits up to 0.05s for a release" in first.admission.trace[-1]
+    again = admission.on_quota(first, refused, NOW + 0.04, 0.05)  # another waiter won the slot
+    assert again == first
+    last = admission.on_quota(first, refused, NOW + 0.05, 0.05)
+    assert isinstance(last, Answer) and last.decision.status == 429
+    admitted = admission.on_quota(first, ALLOWED, NOW + 0.01, 0.05)
+    assert isinstance(admitted, Answer) and admitted.decision.admitted
+
+
+def test_a_rate_refusal_or_no_grace_answers_at_once() -> None:
+    over_rate = QuotaResult(False, denied_by=LimitKind.BUCKET, denied_bucket="requests")
+    assert isinstance(
+        admission.on_quota(take(policy_with(), signals(0)), over_rate, NOW, 0.05), Answer
+    )
+    over_concurrency = QuotaResult(False, denied_by=LimitKind.CONCURRENCY, retry_after_s=0.7)
+    assert isinstance(
+        admission.on_quota(take(policy_with(), signals(0)), over_concurrency, NOW), Answer
+    )

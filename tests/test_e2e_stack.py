@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from tests.stack_client import explain, in_background, infer, metric_value, wait
 
 pytestmark = pytest.mark.stack
 MODES = ("http", "grpc", "extproc")
+
+LOOP_CLIENTS, LOOP_REQUESTS = 4, 40
 
 
 def _tenant(name: str, body: str) -> str:
@@ -51,6 +54,11 @@ def write_policy(directory: Path) -> Path:
                     "    max_concurrency: 2\n",
                 )
                 for name in ("conc", "gone")
+            ),
+            _tenant(
+                f"loop-{mode}",
+                "    allowed_classes: [standard]\n    default_class: standard\n"
+                f"    max_concurrency: {LOOP_CLIENTS}\n",
             ),
             _tenant(
                 f"strict-{mode}",
@@ -131,6 +139,24 @@ def test_concurrency_limit_sheds_and_slots_return_after_completion(
         assert out[0].status == 200
     wait_for(lambda: explain(stack.admin_url, key)["outcome"] == "admit", 5, "slots released")
     assert infer(url, api_key=key).status == 200
+
+
+def test_clients_at_their_max_concurrency_get_no_false_429(stack: LocalStack, mode: str) -> None:
+    """LOOP_CLIENTS clients, each sending its next request as soon as its last one is
+    answered, use every slot of their tenant all the time. Each next request reaches the
+    sidecar before Envoy's access-log entry for the last one (flushed every 10 ms), so
+    without the release grace about every other one was refused for concurrency."""
+    url, key = stack.url(mode), f"k-loop-{mode}"
+
+    def client() -> list[int]:
+        return [infer(url, api_key=key, delay_ms=1).status for _ in range(LOOP_REQUESTS)]
+
+    clients = [in_background(client) for _ in range(LOOP_CLIENTS)]
+    statuses = []
+    for thread, out in clients:
+        thread.join(120)
+        statuses += out[0]
+    assert statuses.count(200) == LOOP_CLIENTS * LOOP_REQUESTS, Counter(statuses)
 
 
 def test_client_disconnect_releases_the_slot_before_the_work_ends(

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.policy", "sidecar.settings"),
     ("sidecar.metrics", "sidecar.state"),
     ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
+    ("sidecar.releases",),
     ("sidecar.shared_reads",),
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),

@@ -202,3 +202,47 @@ def test_service_refreshes_300_tenants_in_one_round_trip(
         assert sample("qos_model_in_flight_requests", {"model": "simgpu"}) == 1
 
     asyncio.run(body())
+
+
+def test_release_many_answers_like_one_release_each(harness: Harness) -> None:
+    """Held, not held (released already) and unknown leases, with and without a model: the
+    answers, the tombstones (a late acquire of a released id takes nothing) and the model's
+    set all as `release` leaves them."""
+
+    async def body(store: QuotaStore) -> None:
+        held = [await store.acquire(check(model="llama", max_concurrency=10)) for _ in range(3)]
+        leases = [lease_of(check(model="llama"), result) for result in held]
+        assert await store.release(leases[0])  # released already
+        unknown = replace(leases[1], lease_id="never-acquired")
+        answers = await store.release_many([leases[0], leases[1], leases[2], unknown])
+        assert answers == [False, True, True, False]
+        assert await store.in_flight("acme", None) == 0
+        assert await store.model_in_flight("llama") == 0
+        late = await store.acquire(replace(check(model="llama"), lease_id="never-acquired"))
+        assert not late.allowed  # its release left a tombstone
+
+    harness.run(body)
+
+
+@pytest.mark.stack
+def test_a_burst_of_completions_is_released_in_one_round_trip(
+    valkey: ValkeyServer, redis_sync: redis.Redis, round_trips: list[int]
+) -> None:
+    """200 completions arriving together (one access-log message's worth): one pipeline,
+    not 400 script calls (a release and a model-set removal each)."""
+
+    async def body() -> None:
+        store = RedisQuotaStore(valkey.url, timeout_s=2.0)
+        service = AdmissionService(make_policy(), store, Metrics(CollectorRegistry()))
+        try:
+            c = replace(check(model="llama"), max_concurrency=500)
+            leases = [lease_of(c, await store.acquire(c)) for _ in range(200)]
+            before = round_trips[0]
+            assert all(await asyncio.gather(*(service.release(lease) for lease in leases)))
+            assert round_trips[0] - before == 1
+            assert await store.in_flight("acme", None) == 0
+            assert await store.model_in_flight("llama") == 0
+        finally:
+            await store.close()
+
+    asyncio.run(body())

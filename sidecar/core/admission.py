@@ -73,7 +73,14 @@ from sidecar.core.decide import (
 )
 from sidecar.core.fleet import NOBODY, Elsewhere
 from sidecar.core.load import SignalState
-from sidecar.core.types import BucketCheck, Decision, LeaseRef, QuotaResult, RequestAttributes
+from sidecar.core.types import (
+    BucketCheck,
+    Decision,
+    LeaseRef,
+    LimitKind,
+    QuotaResult,
+    RequestAttributes,
+)
 from sidecar.policy.model import ClassPolicy, OverloadPolicy, Policy, StaleAction
 
 # -- The load signal, as each kind of request reads it ------------------------------------------
@@ -308,10 +315,13 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class TakeQuota:
-    """Check and take the quota of `admission.check` in one store call."""
+    """Check and take the quota of `admission.check` in one store call; first, when
+    `release_deadline_s` is set (a try after a refusal for concurrency), wait for a release
+    of the tenant until then."""
 
     admission: Admission
     verdict: LoadVerdict
+    release_deadline_s: float | None = None
 
     @property
     def holds(self) -> bool:
@@ -379,8 +389,23 @@ def judge(admission: Admission, signals: Signals, policy: Policy) -> TakeQuota |
     return TakeQuota(replace(admission, check=check), verdict)
 
 
-def on_quota(take: TakeQuota, result: QuotaResult | None, now_s: float) -> Hold | Answer:
-    """The store's answer (None: unreachable; the class's fail mode decides)."""
+CONCURRENCY_LIMITS = (LimitKind.CONCURRENCY, LimitKind.CLASS_CONCURRENCY)
+
+
+def on_quota(
+    take: TakeQuota, result: QuotaResult | None, now_s: float, release_grace_s: float = 0.0
+) -> TakeQuota | Hold | Answer:
+    """The store's answer (None: unreachable; the class's fail mode decides). Refused for
+    concurrency: for up to `release_grace_s` from the first refusal, wait for a release that
+    may be on its way (a finished request's completion can reach the sidecar after its
+    client's next request) and ask again; a refusal after that is the answer."""
+    if result is not None and result.denied_by in CONCURRENCY_LIMITS and release_grace_s > 0:
+        if take.release_deadline_s is None:
+            why = f"over concurrency: waits up to {release_grace_s:g}s for a release"
+            admission = replace(take.admission, trace=(*take.admission.trace, why))
+            return replace(take, admission=admission, release_deadline_s=now_s + release_grace_s)
+        if now_s < take.release_deadline_s:
+            return take
     admission = take.admission
     decision = decide(admission, result)
     if not decision.admitted or result is None:

@@ -11,6 +11,7 @@ nothing. The lease TTL is only the backstop for lost entries.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,7 +54,15 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
+        # Each message's entries are completed together (their releases share one store
+        # call: sidecar/releases.py), and the stream is read on meanwhile: a message waits
+        # for no earlier one's round trip. All are done before the stream is answered.
+        pending: set[asyncio.Future[Any]] = set()
         async for message in request_iterator:
-            for entry in message.http_logs.log_entry:
-                await self._complete(entry)
+            entries = message.http_logs.log_entry
+            task = asyncio.ensure_future(asyncio.gather(*(self._complete(e) for e in entries)))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
         return als_pb2.StreamAccessLogsResponse()

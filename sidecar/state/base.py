@@ -108,6 +108,14 @@ class QuotaStore(Protocol):
         (not yet released or expired). Idempotent. Raises StateUnavailable."""
         ...
 
+    async def release_many(
+        self, leases: Sequence[LeaseRef], *, tombstone_s: float = DEFAULT_TOMBSTONE_S
+    ) -> list[bool | None]:
+        """`release` of each lease, sent together: one round trip however many (on a
+        cluster, one per node). Per lease: True if it was held, False if not, None if its
+        release failed (owe it). Raises StateUnavailable when the whole call failed."""
+        ...
+
     async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
         """Extend each of the tenant's `leases` that still exists to expire `ttl_s` from now,
         in its model's set too; the ids of those renewed (the others are gone: released or

@@ -196,6 +196,13 @@ class GuardedStore:
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         return await self.breaker.call("heartbeat", lambda: self.inner.heartbeat(replica, ttl_s))
 
+    async def release_many(
+        self, leases: Sequence[LeaseRef], *, tombstone_s: float = DEFAULT_TOMBSTONE_S
+    ) -> list[bool | None]:
+        return await self.breaker.call(
+            "release_many", lambda: self.inner.release_many(leases, tombstone_s=tombstone_s)
+        )
+
     async def fleet_exchange(
         self, replica: str, ttl_s: float, summary: str, ops: Sequence[CounterOp]
     ) -> FleetState:

@@ -205,6 +205,11 @@ class MemoryQuotaStore:
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         return 1  # a memory store serves this replica alone
 
+    async def release_many(
+        self, leases: Sequence[LeaseRef], *, tombstone_s: float = DEFAULT_TOMBSTONE_S
+    ) -> list[bool | None]:
+        return [await self.release(lease, tombstone_s=tombstone_s) for lease in leases]
+
     async def fleet_exchange(
         self, replica: str, ttl_s: float, summary: str, ops: Sequence[CounterOp]
     ) -> FleetState:

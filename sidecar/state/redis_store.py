@@ -48,15 +48,14 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from sidecar.core.fleet import CounterOp, counter_field, parse_counter_field
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
@@ -80,6 +79,7 @@ from sidecar.state.keys import (
     build_model_key,
 )
 from sidecar.state.redis_client import make_client
+from sidecar.state.redis_pipelines import Pipelines, map_exceptions
 from sidecar.state.scripts import (
     ACQUIRE,
     CHARGE,
@@ -98,9 +98,6 @@ DEFAULT_TIMEOUT_S = 0.05
 # A shard that fails every model step would otherwise log once per request.
 _LOG_EVERY_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 64
-# What one more count adds to the deadline of a many-count read (`_count_many`): about 4x
-# what the server and client take for one.
-_PER_COUNT_S = 50e-6
 
 _DENIED_BY = {
     1: LimitKind.CLASS_CONCURRENCY,
@@ -110,39 +107,7 @@ _DENIED_BY = {
 }
 
 
-@contextlib.contextmanager
-def map_exceptions(operation: str, timeout_s: float) -> Iterator[None]:
-    """Turn whatever the Redis client raises into StateUnavailable, in this one place."""
-    try:
-        yield
-    except TimeoutError as exc:  # our deadline (redis-py's own TimeoutError is a RedisError)
-        raise StateUnavailable(
-            f"redis {operation}: no answer within {timeout_s * 1000:.0f} ms"
-        ) from exc
-    except (RedisError, OSError) as exc:
-        raise StateUnavailable(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
-    except AttributeError as exc:
-        # redis-py's cluster client can drop a dead node's connection while another call is
-        # still writing on it ('NoneType' object has no attribute 'writelines', seen once in
-        # about 8 failovers). Only an error raised inside redis-py itself means that; one of
-        # ours is a bug and propagates.
-        if not _raised_in_redis_py(exc):
-            raise
-        raise StateUnavailable(f"redis {operation}: connection lost: {exc}") from exc
-
-
-def _raised_in_redis_py(exc: BaseException) -> bool:
-    """Whether the innermost frame of `exc`'s traceback is redis-py's code."""
-    tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    module = str(tb.tb_frame.f_globals.get("__name__", ""))
-    return module.split(".")[0] == "redis"
-
-
-class RedisQuotaStore:
+class RedisQuotaStore(Pipelines):
     """Quota state in Redis at `url`: a `redis://`, `rediss://` or `unix://` URL in `single`
     mode, seeds `host:port,...` in `cluster` and `sentinel` modes (see module rules).
 
@@ -352,21 +317,25 @@ class RedisQuotaStore:
         try:
             await self._run(MODEL_LEASE, [model_key], args, deadline)
         except StateUnavailable as exc:
-            if self._on_model_set_failure is not None:
-                self._on_model_set_failure()
-            self._unlogged_failures += 1
-            now = time.monotonic()
-            if now - self._last_failure_log >= _LOG_EVERY_S:
-                log.warning(
-                    "model lease set not updated, %d time(s) since the last report (each "
-                    "leaves the model's in-flight count off by one, for at most a lease TTL); "
-                    "latest: %s %r: %s",
-                    self._unlogged_failures,
-                    operation,
-                    model_key,
-                    exc,
-                )
-                self._last_failure_log, self._unlogged_failures = now, 0
+            self._model_set_failed(operation, model_key, exc)
+
+    def _model_set_failed(self, operation: str, model_key: str, error: BaseException) -> None:
+        """Count and (at most once per `_LOG_EVERY_S`) log a model step that failed."""
+        if self._on_model_set_failure is not None:
+            self._on_model_set_failure()
+        self._unlogged_failures += 1
+        now = time.monotonic()
+        if now - self._last_failure_log >= _LOG_EVERY_S:
+            log.warning(
+                "model lease set not updated, %d time(s) since the last report (each "
+                "leaves the model's in-flight count off by one, for at most a lease TTL); "
+                "latest: %s %r: %s",
+                self._unlogged_failures,
+                operation,
+                model_key,
+                error,
+            )
+            self._last_failure_log, self._unlogged_failures = now, 0
 
     def _deadline(self) -> float:
         """When a call started now must have its answer, on the event loop's clock."""
@@ -407,67 +376,6 @@ class RedisQuotaStore:
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:  # EVAL caches it where the keys live (module rules)
             return await self._client.eval(script.source, len(keys), *keys, *args)
-
-    async def in_flight_many(
-        self, pairs: Sequence[tuple[str, str | None]]
-    ) -> dict[tuple[str, str | None], int]:
-        """Raises StateUnavailable, or ValueError for an empty tenant."""
-        unique = list(dict.fromkeys(pairs))
-        for tenant, _ in unique:
-            validate_tenant(tenant)
-        keys = [
-            build_key(tenant, KeyKind.LEASES)
-            if klass is None
-            else build_key(tenant, KeyKind.CLASS_LEASES, klass)
-            for tenant, klass in unique
-        ]
-        return dict(zip(unique, await self._count_many(keys), strict=True))
-
-    async def model_in_flight_many(
-        self, models: Sequence[str], pod: str | None = None
-    ) -> dict[str, int]:
-        """Raises StateUnavailable, or ValueError for an empty model or pod."""
-        unique = list(dict.fromkeys(models))
-        keys = [build_model_key(model, pod) for model in unique]
-        return dict(zip(unique, await self._count_many(keys), strict=True))
-
-    async def _count_many(self, keys: Sequence[str]) -> list[int]:
-        """`in_flight.lua` on each key, all in one pipeline: one round trip, under one
-        deadline. Each EVALSHA touches one key, so every command stays within one slot and
-        a cluster client may split the pipeline by node (one round trip per node). Not a
-        transaction (MULTI would need every key in one slot): each count is read on its own,
-        which is all a gauge or a load signal needs. NOSCRIPT: load, then run it again.
-
-        The deadline grows with the read: `timeout_s` plus `_PER_COUNT_S` a key. It still
-        bounds a stalled server, while a read of thousands of counts (about 12 us each on a
-        local Valkey: 900 in 12 ms) does not fail every interval against a 50 ms budget sized
-        for one decision. These reads are off the request path: nothing waits on them."""
-        if not keys:
-            return []
-        timeout_s = self._timeout_s + len(keys) * _PER_COUNT_S
-        with map_exceptions("in_flight_many", timeout_s):
-            async with asyncio.timeout(timeout_s):
-                replies = await self._count_pipeline(keys)
-                unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if unknown:  # EVAL on the keys of the nodes that lacked it (module rules)
-                    again = await self._count_pipeline([keys[i] for i in unknown], source=True)
-                    for i, reply in zip(unknown, again, strict=True):
-                        replies[i] = reply
-                for reply in replies:
-                    if isinstance(reply, Exception):
-                        raise reply
-        return [int(reply) for reply in replies]
-
-    async def _count_pipeline(self, keys: Sequence[str], *, source: bool = False) -> list[Any]:
-        """EVALSHA (EVAL when `source`) of `in_flight.lua` on each key, in one pipeline."""
-        command, script = ("EVAL", IN_FLIGHT.source) if source else ("EVALSHA", IN_FLIGHT.sha)
-        async with self._client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                # Not `pipe.evalsha`: redis-py's cluster pipeline refuses that helper (for its
-                # NOSCRIPT handling, which `_count_many` does itself); the command routes by
-                # its one key like any other.
-                pipe.execute_command(command, script, 1, key)
-            return list(await pipe.execute(raise_on_error=False))
 
 
 def _lease_keys(tenant: str, klass: str, lease_id: str) -> list[str]:
