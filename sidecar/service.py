@@ -26,8 +26,10 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 from sidecar.accounting import TokenAccounting
+from sidecar.batching import Batcher
 from sidecar.core import admission
 from sidecar.core.admission import (
     Answer,
@@ -54,7 +56,6 @@ from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
 from sidecar.policy.model import FailMode, Policy
 from sidecar.policy.reload import FixedPolicy, PolicySource
-from sidecar.releases import ReleaseBatcher
 from sidecar.shared_reads import SharedReads
 from sidecar.state.base import QuotaStore, new_lease_id
 from sidecar.state.breaker import CircuitOpen
@@ -92,14 +93,13 @@ class AdmissionService(SharedReads):
         self.clock = clock
         self.model_pod = model_pod  # whose model counts: this pod's, or None: the fleet's
         self._background: set[asyncio.Future[bool]] = set()
-        self._model_writes: dict[str, asyncio.Future[None]] = {}  # lease id -> its model count
+        self._model_writes: dict[str, asyncio.Future[Any]] = {}  # lease id -> its model count
         # Requests refused for concurrency that wait for a release of their tenant.
         self.release_grace_s = release_grace_s
         self._release_waiters: dict[str, collections.deque[asyncio.Future[None]]] = {}
-        # Every release goes through here: many in one store call (sidecar/releases.py).
-        self.releases = ReleaseBatcher(
-            lambda leases, tombstone_s: self.store.release_many(leases, tombstone_s=tombstone_s)
-        )
+        # Releases and model counts go through these: many in one store call (batching.py).
+        self.releases: Batcher[tuple[LeaseRef, float], bool] = Batcher(self._release_many)
+        self.model_counts: Batcher[tuple[LeaseRef, float], bool] = Batcher(self._count_many)
         # The degraded mode's store and its leases (see the module comment); `replicas` is
         # the live count the heartbeats showed last (`heartbeat`).
         self.local = MemoryQuotaStore()
@@ -213,7 +213,7 @@ class AdmissionService(SharedReads):
     async def _release(self, lease: LeaseRef, counted: bool = True) -> bool:
         """One release in the store, with its tombstone (see `sidecar.state.base`). Raises
         StateUnavailable."""
-        released = await self.releases.release(lease, self.policy.lease_ttl_s)
+        released = await self.releases.submit((lease, self.policy.lease_ttl_s))
         self._released(lease.tenant)
         self.metrics.completions.labels("released" if released else "already_released").inc()
         if self.deferrer is not None:
@@ -398,6 +398,16 @@ class AdmissionService(SharedReads):
         signals = self._signals(planned.model)
         return admission.on_hold_end(hold, outcome, signals, policy, held_s)
 
+    async def _release_many(self, items: list[tuple[LeaseRef, float]]) -> list[bool | None]:
+        # One tombstone lifetime per call: the policy's lease TTL, the same for every lease
+        # but across a reload; the longest is used (a tombstone must only be long enough).
+        tombstone_s = max(ttl_s for _, ttl_s in items)
+        return await self.store.release_many([lease for lease, _ in items], tombstone_s=tombstone_s)
+
+    async def _count_many(self, items: list[tuple[LeaseRef, float]]) -> list[bool | None]:
+        await self.store.count_for_model_many([lease for lease, _ in items], items[0][1])
+        return [True] * len(items)
+
     async def _a_release_of(self, tenant: str, timeout_s: float) -> None:
         """Until one of `tenant`'s leases is released here for this waiter (one release wakes
         one waiter, in arrival order: it frees one slot), or `timeout_s` (a release through
@@ -432,11 +442,14 @@ class AdmissionService(SharedReads):
         lease = decision.lease
         if lease is None or lease.model is None:
             return
-        store = self.local if lease.lease_id in self.local_leases else self.store
-        task = asyncio.ensure_future(store.count_for_model(lease, lease_ttl_s))
+        task: asyncio.Future[Any]
+        if lease.lease_id in self.local_leases:
+            task = asyncio.ensure_future(self.local.count_for_model(lease, lease_ttl_s))
+        else:
+            task = asyncio.ensure_future(self.model_counts.submit((lease, lease_ttl_s)))
         self._model_writes[lease.lease_id] = task
 
-        def written(done: asyncio.Future[None]) -> None:
+        def written(done: asyncio.Future[Any]) -> None:
             if not done.cancelled() and done.exception() is not None:
                 self.metrics.state_errors.labels("model_lease").inc()  # left to its TTL
             self._model_writes.pop(lease.lease_id, None)

@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.policy", "sidecar.settings"),
     ("sidecar.metrics", "sidecar.state"),
     ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
-    ("sidecar.releases",),
+    ("sidecar.batching",),
     ("sidecar.shared_reads",),
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),

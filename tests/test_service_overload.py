@@ -258,6 +258,7 @@ def test_max_in_flight_holds_a_request_until_one_of_the_model_ends() -> None:
         assert await store.model_in_flight("simgpu") == 2
         await service.complete(dict(first.headers)["x-qos-lease"])
         decision = await asyncio.wait_for(held, 1.0)
+        await asyncio.sleep(0.01)  # its model count is written after the answer (batched)
         await service.refresh_model_in_flight(["simgpu"])
         sample = service.metrics.registry.get_sample_value(
             "qos_model_in_flight_requests", {"model": "simgpu"}
@@ -378,6 +379,7 @@ def test_a_held_request_that_leaves_does_not_lower_its_models_in_flight_count() 
         await service.refresh_model_in_flight(["simgpu"])
         for _ in range(2):
             assert (await service.check(request(), "test")).reason is Reason.ADMITTED
+        await asyncio.sleep(0.01)  # their model counts are written after the answers
         await service.refresh_model_in_flight(["simgpu"])  # the store says 2
         before = service.deferrer.in_flight("simgpu")
         backend.depth = 6  # over admit_below: the next one is held

@@ -55,7 +55,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         # Each message's entries are completed together (their releases share one store
-        # call: sidecar/releases.py), and the stream is read on meanwhile: a message waits
+        # call: sidecar/batching.py), and the stream is read on meanwhile: a message waits
         # for no earlier one's round trip. All are done before the stream is answered.
         pending: set[asyncio.Future[Any]] = set()
         async for message in request_iterator:

@@ -137,6 +137,11 @@ class QuotaStore(Protocol):
         a lease without a model."""
         ...
 
+    async def count_for_model_many(self, leases: Sequence[LeaseRef], ttl_s: float) -> None:
+        """`count_for_model` of each lease, sent together (one round trip; on a cluster, one
+        per node). Never raises StateUnavailable; ValueError for a lease without a model."""
+        ...
+
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         """Unexpired leases of the tenant, or of the tenant in one class.
         Raises StateUnavailable."""

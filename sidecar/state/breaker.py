@@ -173,6 +173,9 @@ class GuardedStore:
     async def count_for_model(self, lease: LeaseRef, ttl_s: float) -> None:
         await self.inner.count_for_model(lease, ttl_s)
 
+    async def count_for_model_many(self, leases: Sequence[LeaseRef], ttl_s: float) -> None:
+        await self.inner.count_for_model_many(leases, ttl_s)
+
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         return await self.breaker.call("in_flight", lambda: self.inner.in_flight(tenant, klass))
 

@@ -189,6 +189,10 @@ class MemoryQuotaStore:
         now = self._clock()
         self._count_model((lease.model, lease.model_pod), lease.lease_id, now + ttl_s, now)
 
+    async def count_for_model_many(self, leases: Sequence[LeaseRef], ttl_s: float) -> None:
+        for lease in leases:
+            await self.count_for_model(lease, ttl_s)
+
     def _count_model(
         self, model_set: tuple[str, str | None], lease_id: str, expiry: float, now: float
     ) -> None:

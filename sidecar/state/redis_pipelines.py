@@ -103,6 +103,23 @@ class Pipelines:
                 self._model_set_failed("remove", keys[0], reply)
         return [None if isinstance(r, Exception) else bool(r) for r in replies[: len(calls)]]
 
+    async def count_for_model_many(self, leases: Sequence[LeaseRef], ttl_s: float) -> None:
+        """Every lease's entry added to its model's set, in one pipeline. Never raises
+        StateUnavailable: a failure is counted and logged (module rules of redis_store)."""
+        calls: list[Call] = []
+        for lease in leases:
+            if not lease.model:
+                raise ValueError("count_for_model needs a lease with a model")
+            key = build_model_key(lease.model, lease.model_pod)
+            calls.append((MODEL_LEASE, [key], ["add", lease.lease_id, ttl_s]))
+        try:
+            replies = await self._run_many("count_for_model_many", calls)
+        except StateUnavailable as exc:
+            replies = [exc] * len(calls)
+        for (_, keys, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                self._model_set_failed("add", keys[0], reply)
+
     async def in_flight_many(
         self, pairs: Sequence[tuple[str, str | None]]
     ) -> dict[tuple[str, str | None], int]:

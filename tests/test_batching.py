@@ -1,5 +1,5 @@
-"""Releases sent together (`sidecar/releases.py`), and the concurrency grace: what a burst
-of completions costs in store calls, and what a closed-loop client at its limit sees."""
+"""Store calls sent together (`sidecar/batching.py`), and the concurrency grace: what a
+burst of completions costs in store calls, and what a closed-loop client at its limit sees."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.batching import Batcher
 from sidecar.core.types import LeaseRef, RequestAttributes
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
-from sidecar.releases import ReleaseBatcher
 from sidecar.service import AdmissionService
 from sidecar.state.memory import MemoryQuotaStore
 from tests.core_fixtures import make_policy
@@ -26,7 +26,7 @@ class Recording:
         self.failing: set[str] = set()
         self.down = False
 
-    async def __call__(self, leases: list[LeaseRef], tombstone_s: float) -> list[bool | None]:
+    async def __call__(self, leases: list[LeaseRef]) -> list[bool | None]:
         self.calls.append([lease.lease_id for lease in leases])
         await asyncio.sleep(0.01)
         if self.down:
@@ -40,12 +40,12 @@ def lease(n: int) -> LeaseRef:
 
 def test_releases_asked_for_together_share_one_call_and_later_ones_the_next() -> None:
     store = Recording()
-    batcher = ReleaseBatcher(store)
+    batcher: Batcher[LeaseRef, bool] = Batcher(store)
 
     async def body() -> None:
-        first = [asyncio.create_task(batcher.release(lease(n), 10.0)) for n in range(100)]
+        first = [asyncio.create_task(batcher.submit(lease(n))) for n in range(100)]
         await asyncio.sleep(0)  # the tick ends: the 100 go out in one call
-        later = [asyncio.create_task(batcher.release(lease(n), 10.0)) for n in range(100, 150)]
+        later = [asyncio.create_task(batcher.submit(lease(n))) for n in range(100, 150)]
         assert all(await asyncio.gather(*first, *later))
         # The 50 that came while the first call was out went together once it was back.
         assert [len(call) for call in store.calls] == [100, 50]
@@ -55,28 +55,28 @@ def test_releases_asked_for_together_share_one_call_and_later_ones_the_next() ->
 
 def test_a_failed_lease_or_call_raises_for_its_callers_only() -> None:
     store = Recording()
-    batcher = ReleaseBatcher(store)
+    batcher: Batcher[LeaseRef, bool] = Batcher(store)
 
     async def body() -> None:
         store.failing = {"l1"}
         results = await asyncio.gather(
-            *(batcher.release(lease(n), 10.0) for n in range(3)), return_exceptions=True
+            *(batcher.submit(lease(n)) for n in range(3)), return_exceptions=True
         )
         assert results[0] is True and results[2] is True
         assert isinstance(results[1], StateUnavailable)
         store.down = True
         with pytest.raises(StateUnavailable):
-            await batcher.release(lease(9), 10.0)
+            await batcher.submit(lease(9))
 
     asyncio.run(body())
 
 
 def test_a_cancelled_caller_does_not_stop_its_release() -> None:
     store = Recording()
-    batcher = ReleaseBatcher(store)
+    batcher: Batcher[LeaseRef, bool] = Batcher(store)
 
     async def body() -> None:
-        task = asyncio.create_task(batcher.release(lease(1), 10.0))
+        task = asyncio.create_task(batcher.submit(lease(1)))
         await asyncio.sleep(0)
         task.cancel()
         await asyncio.sleep(0.05)
