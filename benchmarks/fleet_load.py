@@ -76,9 +76,10 @@ def write_policy(directory: Path) -> Path:
         "  standard: {rank: 2, latency_objective_ms: 2000, max_wait_ms: 0, triton_priority: 2}\n"
         f"  interactive: {{rank: 1, latency_objective_ms: {INTERACTIVE_OBJECTIVE_MS},"
         " max_wait_ms: 700, triton_priority: 1,\n"
-        f"    overload: {{admit_below: {POOL_CAP}, max_in_flight: {POOL_CAP}}}}}\n"
+        f"    overload: {{admit_below: {POOL_CAP}, shed_above: 1000,"
+        f" max_in_flight: {POOL_CAP}}}}}\n"
         "  pod: {rank: 2, latency_objective_ms: 2000, max_wait_ms: 100, triton_priority: 2,\n"
-        f"    overload: {{admit_below: 100, max_in_flight: {POD_CAP}}}}}\n"
+        f"    overload: {{admit_below: 100, shed_above: 1000, max_in_flight: {POD_CAP}}}}}\n"
         "tenants:\n" + "".join(tenants)
     )
     return directory
@@ -185,6 +186,15 @@ def admitted_per_tenant(sent: Sequence[Sent], start: float, end: float) -> dict[
         if start <= s.sent_at < end and s.ok:
             counts[s.record.tenant] = counts.get(s.record.tenant, 0) + 1
     return counts
+
+
+def statuses(sent: Sequence[Sent]) -> dict[str, dict[str, int]]:
+    """Per tenant, how many requests ended with each status (0: no answer)."""
+    out: dict[str, dict[str, int]] = {}
+    for s in sent:
+        per = out.setdefault(s.record.tenant, {})
+        per[str(s.record.status)] = per.get(str(s.record.status), 0) + 1
+    return out
 
 
 def max_min_shares(demands: Mapping[str, float], total: float) -> dict[str, float]:

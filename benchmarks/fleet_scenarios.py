@@ -34,6 +34,7 @@ from benchmarks.fleet_load import (
     run_in_background,
     run_split,
     schedule,
+    statuses,
 )
 from benchmarks.fleet_stack import (
     Fleet,
@@ -184,7 +185,7 @@ def pod(ctx: Ctx) -> Outcome:
     peaks = [max((v[i] for _, v in sampler.samples), default=0) for i in range(len(pods))]
     out.metrics.update(
         pod_peaks=dict(zip(pods, peaks, strict=True)), samples=len(sampler.samples),
-        admitted=sum(1 for s in sent if s.ok), sent=len(sent),
+        admitted=sum(1 for s in sent if s.ok), sent=len(sent), statuses=statuses(sent),
     )  # fmt: skip
     out.series["pods"] = [(t - t0, list(v)) for t, v in sampler.samples]
     out.targets.append(
@@ -233,6 +234,7 @@ def fairness(ctx: Ctx) -> Outcome:
     out.metrics.update(
         window_s=window, demand=demands, admitted=admitted, entitled=entitled,
         share_error=errors, quiet_violation_pct=violations, admitted_rps=total / window,
+        statuses=statuses(inside),
     )  # fmt: skip
     out.targets += [
         Target(
