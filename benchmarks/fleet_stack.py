@@ -10,8 +10,10 @@ Rules:
   model set); without it, the gateway topology (one set per model for the fleet).
 - Probes ask a sidecar's ext_authz HTTP listener directly, as Envoy does, over one kept-alive
   connection per sidecar: the latency is the sidecar's decision plus one loopback HTTP round
-  trip (about 0.3 ms here). The probe tenant has only a large request bucket, so a probe
-  costs one store call and takes no lease: probes never leave a lease behind.
+  trip (about 0.3 ms here). No request follows and no completion is sent, so each admitted
+  probe leaves its lease until the lease TTL: probes name their own model (`PROBE_MODEL`), so
+  their leases sit only in the probe tenant's and the probe model's sets, which the leak
+  check leaves out (`PROBE_TAGS`) and reports apart.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ from devstack.procs import free_port
 from devstack.sidecar_proc import SidecarProcess
 from devstack.stack import BOOTSTRAPS
 
-INFER_PATH = "/v2/models/simgpu/infer"
+PROBE_MODEL = "probe"
+PROBE_PATH = f"/authz/v2/models/{PROBE_MODEL}/infer"
+# The hash tags of the probe tenant's keys and the probe model's lease set.
+PROBE_TAGS = ("{probe}", "{=probe}")
 Store = redis.Redis | RedisCluster
 
 
@@ -116,24 +121,32 @@ class Fleet:
 
 
 def lease_counts(store: Store) -> dict[str, int]:
-    """Every lease set in the store (tenant, class and model sets) and its size; a cluster
-    client scans every primary."""
+    """Every non-empty lease set in the store (tenant, class and model sets) and its size; a
+    cluster client scans every primary."""
     counts = {}
     for raw in store.scan_iter(match="qos:*leases*", count=1000):
         key = raw.decode() if isinstance(raw, bytes) else str(raw)
         if store.type(key) in (b"zset", "zset"):
-            counts[key] = int(store.zcard(key))
+            size = int(store.zcard(key))
+            if size:
+                counts[key] = size
     return counts
 
 
-def wait_no_leases(store: Store, timeout_s: float) -> tuple[int, float]:
-    """Poll until every lease set is empty: (leases left at the end, seconds waited)."""
+def is_probe_key(key: str) -> bool:
+    return any(tag in key for tag in PROBE_TAGS)
+
+
+def wait_no_leases(store: Store, timeout_s: float) -> tuple[dict[str, int], dict[str, int], float]:
+    """Poll until every lease set but the probes' is empty: (the load's sets left at the end,
+    the probes' sets, seconds waited)."""
     start = time.monotonic()
     while True:
-        left = sum(lease_counts(store).values())
+        counts = lease_counts(store)
+        left = {k: v for k, v in counts.items() if not is_probe_key(k)}
         waited = time.monotonic() - start
-        if left == 0 or waited >= timeout_s:
-            return left, waited
+        if not left or waited >= timeout_s:
+            return left, {k: v for k, v in counts.items() if is_probe_key(k)}, waited
         time.sleep(0.1)
 
 
@@ -197,7 +210,7 @@ class Prober:
     probes: list[Probe] = field(default_factory=list)
 
     def _ask(self, conn: http.client.HTTPConnection) -> int:
-        conn.request("POST", "/authz" + INFER_PATH, body=b"{}", headers={"x-api-key": self.api_key})
+        conn.request("POST", PROBE_PATH, body=b"{}", headers={"x-api-key": self.api_key})
         response = conn.getresponse()
         response.read()
         return response.status
@@ -275,6 +288,17 @@ def histogram_quantile(before: dict[float, float], after: dict[float, float], q:
         if after[bound] - before.get(bound, 0.0) >= q * total:
             return bound
     return float("inf")
+
+
+def histogram_share_within(
+    before: dict[float, float], after: dict[float, float], bound: float
+) -> float:
+    """The share of the decisions between two readings that took at most `bound` seconds
+    (`bound` must be a bucket bound); nan when there were none."""
+    total = after[float("inf")] - before.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan")
+    return (after[bound] - before.get(bound, 0.0)) / total
 
 
 def degraded_sampler(admin_urls: Sequence[str], period_s: float = 0.05) -> Sampler:
