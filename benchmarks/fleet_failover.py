@@ -108,6 +108,10 @@ def _measure(
         window_p99_ms=round(p99, 3),
         window_max_ms=round(max(window, default=float("nan")), 3),
         refused_probes=sum(1 for p in probes if p.status != 200),
+        probe_statuses={
+            str(c): sum(1 for p in probes if p.status == c)
+            for c in sorted({p.status for p in probes})
+        },
         normal_after_promotion_s=round(recovery, 3),
         circuits_closed_after_promotion_s=round(max(degraded_at, default=killed) - promoted, 3),
     )

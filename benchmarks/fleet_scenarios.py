@@ -101,7 +101,7 @@ def check_leaks(ctx: Ctx, out: Outcome, scenario: str) -> None:
     left = sum(sets.values())
     out.metrics["leaked_leases"] = left
     out.metrics["leaked_lease_sets"] = sets
-    out.metrics["probe_leases_left_to_ttl"] = sum(probes.values())
+    out.metrics["probe_leases_left_to_ttl"] = probes
     out.metrics["lease_drain_s"] = round(waited, 2)
     out.targets.append(
         Target(

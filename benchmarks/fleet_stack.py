@@ -11,9 +11,9 @@ Rules:
 - Probes ask a sidecar's ext_authz HTTP listener directly, as Envoy does, over one kept-alive
   connection per sidecar: the latency is the sidecar's decision plus one loopback HTTP round
   trip (about 0.3 ms here). No request follows and no completion is sent, so each admitted
-  probe leaves its lease until the lease TTL: probes name their own model (`PROBE_MODEL`), so
-  their leases sit only in the probe tenant's and the probe model's sets, which the leak
-  check leaves out (`PROBE_TAGS`) and reports apart.
+  probe keeps its lease until the lease TTL. The leak check tells them apart and reports them
+  on their own: they are the probe tenant's sets (`{probe}`), and in a model's set the members
+  named by the probes' `x-request-id` (the lease id, `PROBE_ID_PREFIX`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from devstack.procs import free_port
 from devstack.sidecar_proc import SidecarProcess
 from devstack.stack import BOOTSTRAPS
 
-PROBE_MODEL = "probe"
-PROBE_PATH = f"/authz/v2/models/{PROBE_MODEL}/infer"
-# The hash tags of the probe tenant's keys and the probe model's lease set.
-PROBE_TAGS = ("{probe}", "{=probe}")
+INFER_PATH = "/v2/models/simgpu/infer"
+PROBE_PATH = "/authz" + INFER_PATH
+PROBE_TAG = "{probe}"  # the probe tenant's keys
+PROBE_ID_PREFIX = "fleetprobe-"  # the probes' request ids, hence their lease ids
 Store = redis.Redis | RedisCluster
 
 
@@ -120,33 +120,32 @@ class Fleet:
 # -- the store -------------------------------------------------------------------------------
 
 
-def lease_counts(store: Store) -> dict[str, int]:
-    """Every non-empty lease set in the store (tenant, class and model sets) and its size; a
-    cluster client scans every primary."""
-    counts = {}
+def lease_counts(store: Store) -> tuple[dict[str, int], int]:
+    """Every non-empty lease set in the store (tenant, class and model sets) and how many of
+    its leases are not the probes'; and how many are (module rules). A cluster client scans
+    every primary."""
+    counts, probes = {}, 0
     for raw in store.scan_iter(match="qos:*leases*", count=1000):
         key = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if store.type(key) in (b"zset", "zset"):
-            size = int(store.zcard(key))
-            if size:
-                counts[key] = size
-    return counts
+        if store.type(key) not in (b"zset", "zset"):
+            continue
+        members = [m.decode() if isinstance(m, bytes) else str(m) for m in store.zrange(key, 0, -1)]
+        ours = 0 if PROBE_TAG in key else sum(not m.startswith(PROBE_ID_PREFIX) for m in members)
+        probes += len(members) - ours
+        if ours:
+            counts[key] = ours
+    return counts, probes
 
 
-def is_probe_key(key: str) -> bool:
-    return any(tag in key for tag in PROBE_TAGS)
-
-
-def wait_no_leases(store: Store, timeout_s: float) -> tuple[dict[str, int], dict[str, int], float]:
-    """Poll until every lease set but the probes' is empty: (the load's sets left at the end,
-    the probes' sets, seconds waited)."""
+def wait_no_leases(store: Store, timeout_s: float) -> tuple[dict[str, int], int, float]:
+    """Poll until every lease set holds only probes' leases: (the load's leases left at the
+    end, per set; the probes' leases; seconds waited)."""
     start = time.monotonic()
     while True:
-        counts = lease_counts(store)
-        left = {k: v for k, v in counts.items() if not is_probe_key(k)}
+        left, probes = lease_counts(store)
         waited = time.monotonic() - start
         if not left or waited >= timeout_s:
-            return left, {k: v for k, v in counts.items() if is_probe_key(k)}, waited
+            return left, probes, waited
         time.sleep(0.1)
 
 
@@ -208,9 +207,11 @@ class Prober:
     api_key: str
     period_s: float = 0.005
     probes: list[Probe] = field(default_factory=list)
+    run: str = field(default_factory=lambda: secrets.token_hex(4))  # keeps request ids unique
 
-    def _ask(self, conn: http.client.HTTPConnection) -> int:
-        conn.request("POST", PROBE_PATH, body=b"{}", headers={"x-api-key": self.api_key})
+    def _ask(self, conn: http.client.HTTPConnection, n: int) -> int:
+        headers = {"x-api-key": self.api_key, "x-request-id": f"{PROBE_ID_PREFIX}{self.run}-{n}"}
+        conn.request("POST", PROBE_PATH, body=b"{}", headers=headers)
         response = conn.getresponse()
         response.read()
         return response.status
@@ -225,7 +226,7 @@ class Prober:
             replica = i % len(conns)
             sent = time.monotonic()
             try:
-                status = self._ask(conns[replica])
+                status = self._ask(conns[replica], i)
             except (OSError, http.client.HTTPException):
                 status = 0
                 conns[replica].close()  # reconnects on the next request
