@@ -59,6 +59,7 @@ PHASES = {
              "failover": 20},
 }  # fmt: skip
 LEASE_DRAIN_S = 5.0  # how long the load's last completions may take to release their leases
+LEASE_TTL_S = 10.0  # the policy's lease_ttl_s (the default)
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,22 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 def check_leaks(ctx: Ctx, out: Outcome, scenario: str) -> None:
+    """The load's leases left once it ended (LEASE_DRAIN_S for the last completions); if any
+    are, also whether the lease TTL clears them (reported, not the target)."""
     sets, probes, waited = wait_no_leases(ctx.store, LEASE_DRAIN_S)
     left = sum(sets.values())
-    out.metrics["leaked_leases"] = left
-    out.metrics["leaked_lease_sets"] = sets
-    out.metrics["probe_leases_left_to_ttl"] = probes
-    out.metrics["lease_drain_s"] = round(waited, 2)
+    out.metrics.update(
+        leaked_leases=left, leaked_lease_sets=sets, probe_leases_left_to_ttl=probes,
+        lease_drain_s=round(waited, 2),
+    )  # fmt: skip
+    if left:
+        after_ttl, _, _ = wait_no_leases(ctx.store, LEASE_TTL_S + 1.0)
+        out.metrics["leaked_leases_after_ttl"] = sum(after_ttl.values())
     out.targets.append(
         Target(
             f"leaked_leases_{scenario}",
-            f"{left} leases left {waited:.1f}s after the load ended",
+            f"{left} leases left {waited:.1f}s after the load ended"
+            + (f" ({out.metrics['leaked_leases_after_ttl']} after the lease TTL)" if left else ""),
             f"0 within {LEASE_DRAIN_S:.0f}s, no TTL wait",
             left == 0,
         )
