@@ -3,7 +3,7 @@
 primaries, 3 replicas), with every scenario's traffic split unevenly over the replicas.
 
     python -m benchmarks.fleet --quick                  # at most 10 minutes on 2 cores
-    python -m benchmarks.fleet --full                   # longer phases (60 s windows)
+    python -m benchmarks.fleet --full                   # longer phases (120 s windows)
     python -m benchmarks.fleet --quick --scenarios rate,pod --split 70,10,10,10
 
 Scenarios run in groups that share a fleet (one store and topology each):
@@ -64,8 +64,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="30 s windows (default)")
-    mode.add_argument("--full", action="store_true", help="60 s windows, longer phases")
+    mode.add_argument("--quick", action="store_true", help="60 s rate windows (default)")
+    mode.add_argument("--full", action="store_true", help="120 s rate windows, longer phases")
     names = ",".join(name for name, _ in SCENARIOS)
     parser.add_argument("--scenarios", default=names, help=f"subset of {names}")
     parser.add_argument("--split", default="50,25,15,10", help="traffic share per replica")
@@ -141,7 +141,9 @@ def run_group(
             pod_ids=[f"pod-{i}" for i in range(4)] if group == "pod" else (),
         )
         with fleet:
-            ctx = Ctx(fleet, client, args.split_list, phases, args.seed, args.redis_timeout_ms,
+            # Another seed on the cluster: its rate run is a second sample, not a replay.
+            seed = args.seed + (100 if group == "cluster" else 0)
+            ctx = Ctx(fleet, client, args.split_list, phases, seed, args.redis_timeout_ms,
                       valkey=valkey, cluster=cluster, label=group)  # fmt: skip
             for name in wanted:
                 log(f"scenario {name}")

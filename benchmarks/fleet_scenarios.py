@@ -53,9 +53,9 @@ from devstack.valkey_cluster import ValkeyCluster
 
 # Quick / full phase lengths in seconds (before --scale).
 PHASES = {
-    "quick": {"warmup": 3, "rate": 30, "fair": 20, "base": 4, "outage": 8, "after": 4, "pod": 10,
+    "quick": {"warmup": 3, "rate": 60, "fair": 30, "base": 4, "outage": 8, "after": 4, "pod": 10,
               "failover": 10},
-    "full": {"warmup": 5, "rate": 60, "fair": 60, "base": 5, "outage": 20, "after": 8, "pod": 30,
+    "full": {"warmup": 5, "rate": 120, "fair": 60, "base": 5, "outage": 20, "after": 8, "pod": 30,
              "failover": 20},
 }  # fmt: skip
 LEASE_DRAIN_S = 5.0  # how long the load's last completions may take to release their leases
@@ -162,6 +162,7 @@ def rate(ctx: Ctx) -> Outcome:
     peak = max(counts, default=0)
     out.metrics.update(
         cap_samples=len(counts), cap_peak=peak, cap_sample_errors=sampler.errors,
+        cap_samples_above=sum(1 for c in counts if c > CAPPED_CONCURRENCY),
         capped_refused=sum(1 for s in sent if s.record.tenant == "capped" and not s.ok),
         sent=len(sent), split=list(ctx.split),
     )  # fmt: skip
@@ -194,8 +195,10 @@ def pod(ctx: Ctx) -> Outcome:
         sent = run_split(envoy_urls(ctx), plan)
     out = Outcome()
     peaks = [max((v[i] for _, v in sampler.samples), default=0) for i in range(len(pods))]
+    above = [sum(1 for _, v in sampler.samples if v[i] > POD_CAP) for i in range(len(pods))]
     out.metrics.update(
-        pod_peaks=dict(zip(pods, peaks, strict=True)), samples=len(sampler.samples),
+        pod_peaks=dict(zip(pods, peaks, strict=True)),
+        samples_above_cap=dict(zip(pods, above, strict=True)), samples=len(sampler.samples),
         admitted=sum(1 for s in sent if s.ok), sent=len(sent), statuses=statuses(sent),
     )  # fmt: skip
     out.series["pods"] = [(t - t0, list(v)) for t, v in sampler.samples]
