@@ -230,8 +230,10 @@ def fairness(ctx: Ctx) -> Outcome:
     flows += [Flow(q, "interactive", 0.075 * capacity, replica=i) for i, q in enumerate(QUIET)]
     warmup, window = ctx.phases["warmup"], ctx.phases["fair"]
     plan = schedule(flows, ctx.split, warmup + window, delay_ms=100, seed=ctx.seed)
-    t0 = time.monotonic() + 0.05
-    sent = run_split(envoy_urls(ctx), plan)
+    with zcard_sampler(ctx.store, ["qos:{=simgpu}:model_leases"]) as pool:
+        t0 = time.monotonic() + 0.05
+        sent = run_split(envoy_urls(ctx), plan)
+    pool_counts = [v[0] for _, v in pool.samples]
     start, end = t0 + warmup, t0 + warmup + window
     inside = [s for s in sent if start <= s.sent_at < end]
     demands = {
@@ -248,7 +250,8 @@ def fairness(ctx: Ctx) -> Outcome:
     out.metrics.update(
         window_s=window, demand=demands, admitted=admitted, entitled=entitled,
         share_error=errors, quiet_violation_pct=violations, admitted_rps=total / window,
-        statuses=statuses(inside),
+        statuses=statuses(inside), pool_peak_in_flight=max(pool_counts, default=0),
+        pool_samples_above_cap=sum(1 for c in pool_counts if c > POOL_CAP),
     )  # fmt: skip
     out.targets += [
         Target(
