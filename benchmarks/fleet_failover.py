@@ -59,6 +59,18 @@ def failover(ctx: Ctx) -> Outcome:
 BIN_S = 0.25
 
 
+def _last_degraded(
+    degraded: list[tuple[float, list[float]]], killed: float, promoted: float
+) -> list[float | None]:
+    """Per replica, the last time after the kill it reported itself degraded, in seconds
+    after the promotion (None: never)."""
+    count = len(degraded[0][1]) if degraded else 0
+    return [
+        max((round(t - promoted, 3) for t, v in degraded if t >= killed and v[i]), default=None)
+        for i in range(count)
+    ]
+
+
 def _normal_from(
     prober: Prober, degraded: list[tuple[float, list[float]]], killed: float, bound_ms: float
 ) -> float:
@@ -114,6 +126,7 @@ def _measure(
         },
         normal_after_promotion_s=round(recovery, 3),
         circuits_closed_after_promotion_s=round(max(degraded_at, default=killed) - promoted, 3),
+        last_degraded_after_promotion_s=_last_degraded(degraded, killed, promoted),
     )
     out.series["probes"] = [(p.t - t0, p.latency_s * 1000, p.replica) for p in probes]
     out.series["marks"] = {"killed": killed - t0, "promoted": promoted - t0}
