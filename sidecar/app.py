@@ -194,6 +194,8 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
     sidecar.tasks.append(asyncio.create_task(_heartbeat(service, replica)))
+    if isinstance(service.store, GuardedStore):  # the only probe while Redis is down
+        sidecar.tasks.append(asyncio.create_task(_probe_store(service.store)))
     # Renews the leases of running requests and retries owed releases (sidecar/leases.py).
     sidecar.tasks.append(asyncio.create_task(service.leases.run()))
     log.info(
@@ -352,6 +354,18 @@ async def _refresh_model_in_flight(
         except Exception:  # a bug here must not end the loop (admission would lose the cap)
             log.exception("model in-flight refresh failed")
         await asyncio.sleep(interval_s)
+
+
+async def _probe_store(store: GuardedStore) -> None:
+    """While the store's circuit is open, probe it (one PING per probe interval) so that it
+    closes as soon as the store answers; requests never wait for a probe."""
+    interval_s = store.breaker.probe_interval_s / 4
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await store.probe()
+        except Exception:  # a bug here must not end the loop (the circuit would stay open)
+            log.exception("store probe failed")
 
 
 async def _heartbeat(service: AdmissionService, replica: str) -> None:

@@ -266,7 +266,8 @@ class AdmissionService(SharedReads):
             if result is None and step.admission.klass.on_state_error is FailMode.LOCAL_SHARE:
                 step = replace(step, admission=degrade(step.admission, self.replicas()))
                 result = await self._acquire_locally(step.admission.check)
-            step = admission.on_quota(step, result, self.clock(), self.release_grace_s)
+            signals = self._signals(step.admission.model)  # the load now, for the room
+            step = admission.on_quota(step, result, self.clock(), self.release_grace_s, signals)
         if isinstance(step, Hold):
             step = await self._hold(step, compiled.policy, on_hold)
         return await self._perform(step, compiled.policy)

@@ -344,3 +344,16 @@ def test_a_rate_refusal_or_no_grace_answers_at_once() -> None:
     assert isinstance(
         admission.on_quota(take(policy_with(), signals(0)), over_concurrency, NOW), Answer
     )
+
+
+def test_room_taken_while_the_quota_call_was_out_holds_instead_of_going_over_the_cap() -> None:
+    """Judged to go (in flight 1 of 2), but a held request was let go and another arrival
+    admitted while Redis answered: at the cap now, the request is held, not sent as a third."""
+    policy = policy_with(OverloadPolicy(admit_below=4, shed_above=40, max_in_flight=2))
+    step = take(policy, signals(0, in_flight=1))
+    assert not step.holds
+    held = admission.on_quota(step, ALLOWED, NOW, signals=signals(0, in_flight=2))
+    assert isinstance(held, Hold) and held.deadline_s == NOW + 0.3
+    assert "room gone" in held.admission.trace[-1]
+    still_room = admission.on_quota(step, ALLOWED, NOW, signals=signals(0, in_flight=1))
+    assert isinstance(still_room, Answer) and still_room.decision.admitted

@@ -132,7 +132,8 @@ def test_local_leases_are_released_locally_then_the_store_takes_over() -> None:
 
         store.down = False
         service.store.breaker._next_probe_s = 0.0  # type: ignore[attr-defined]
-        back = await service.check(request(), "test")  # the probe: the store answers
+        await service.store.probe()  # type: ignore[attr-defined]  # the store answers
+        back = await service.check(request(), "test")
         assert back.admitted and "local share" not in " ".join(back.trace)
         assert await store.in_flight("search", None) == 1  # new admits go to the store
         for decision in admitted[1:]:  # local leases drain locally
@@ -193,7 +194,8 @@ def test_in_flight_gauges_keep_moving_while_the_store_is_down() -> None:
         assert not await service.refresh_in_flight()
         assert gauge() == 2  # both of the store's ended (their releases owed) and one local
         store.down = False
-        await asyncio.sleep(0.6)  # the circuit's next probe
+        await asyncio.sleep(0.6)  # the circuit's next probe is due...
+        await service.store.probe()  # type: ignore[attr-defined]  # ...and the store answers
         assert await service.refresh_in_flight()
         assert gauge() == 2  # the store's count: its two releases are still owed...
         await service.leases.drain()

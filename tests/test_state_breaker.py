@@ -28,12 +28,18 @@ class FlakyStore(MemoryQuotaStore):
         super().__init__()
         self.down = False
         self.calls = 0
+        self.pings = 0
 
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         self.calls += 1
         if self.down:
             raise StateUnavailable("redis in_flight: no answer within 50 ms")
         return await super().in_flight(tenant, klass)
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if self.down:
+            raise StateUnavailable("redis ping: no answer within 50 ms")
 
 
 def guarded() -> tuple[GuardedStore, FlakyStore, Clock, list[bool], list[float]]:
@@ -64,25 +70,31 @@ def test_two_failures_open_the_circuit_and_later_calls_fail_fast() -> None:
 
 
 def test_one_probe_per_interval_and_a_successful_probe_closes() -> None:
+    """Probes are the background loop's PINGs, never a request's call: no decision waits for
+    the store while the circuit is open."""
+
     async def main() -> None:
         store, inner, clock, changes, degraded_s = guarded()
         inner.down = True
         await fails(store)
         await fails(store)
         clock.now += 0.4
-        await fails(store)
-        assert inner.calls == 2  # no probe before the interval
+        await store.probe()
+        assert inner.pings == 0  # no probe before the interval
         clock.now += 0.2
-        await fails(store)  # the probe, still failing
-        await fails(store)  # and the next call fails fast again
-        assert inner.calls == 3
+        await store.probe()  # the probe, still failing
+        await store.probe()  # not due again yet
+        assert inner.pings == 1
+        await fails(store)  # requests fail fast, due probe or not
         clock.now += 0.5
+        await fails(store)
+        assert inner.calls == 2
         inner.down = False
-        assert await store.in_flight("acme", None) == 0  # the probe succeeds
+        await store.probe()  # the probe succeeds
         assert not store.breaker.is_open and changes == [True, False]
         assert sum(degraded_s) == pytest.approx(1.1)
         assert await store.in_flight("acme", None) == 0
-        assert inner.calls == 5
+        assert (inner.calls, inner.pings) == (3, 2)
 
     asyncio.run(main())
 
@@ -91,10 +103,11 @@ def test_only_one_probe_runs_at_a_time() -> None:
     breaker = CircuitBreaker(clock=Clock(), failures_to_open=1)
     breaker.failed(StateUnavailable("down"))
     breaker._next_probe_s = 0.0  # a probe is due
-    assert breaker.allow()
-    assert not breaker.allow()  # the others fail fast while the probe runs
+    assert not breaker.allow()  # never a request's call
+    assert breaker.probe_due()
+    assert not breaker.probe_due()  # while it runs
     breaker.abandoned()
-    assert breaker.allow()
+    assert breaker.probe_due()
 
 
 def test_degraded_time_accrues_while_open() -> None:
@@ -119,7 +132,7 @@ def test_one_log_line_per_transition(caplog: pytest.LogCaptureFixture) -> None:
             clock.now += 0.1
         inner.down = False
         clock.now += 1.0
-        await store.in_flight("acme", None)
+        await store.probe()
 
     with caplog.at_level(logging.WARNING, logger="sidecar"):
         asyncio.run(main())

@@ -130,6 +130,13 @@ def test_every_call_runs_on_the_cluster_and_tenants_spread_over_primaries(
             assert c.execute_command("INFO", "memory")["number_of_cached_scripts"] >= 1
 
 
+async def probe_while_open(store: GuardedStore) -> None:
+    """What the app runs beside a guarded store: the probes that close its circuit."""
+    while True:
+        await asyncio.sleep(0.05)
+        await store.probe()
+
+
 class Loop:
     """Workers that acquire and release for `tenants` until stopped, recording each decision's
     time, latency and outcome. A failed acquire or release is owed a release (by its lease
@@ -176,6 +183,7 @@ def test_a_killed_primary_is_followed_and_leaves_no_lease(
         async def main() -> tuple[Loop, float]:
             redis_store = RedisQuotaStore(c.seeds, mode="cluster", timeout_s=0.1)
             store = GuardedStore(redis_store, CircuitBreaker(probe_interval_s=0.2))
+            prober = asyncio.create_task(probe_while_open(store))
             try:
                 loop = Loop(store, tenants)
                 workers = [asyncio.create_task(loop.worker(t)) for t in tenants]
@@ -214,6 +222,7 @@ def test_a_killed_primary_is_followed_and_leaves_no_lease(
             finally:
                 # Closed even when an assertion fails: a leaked connection would surface as
                 # an unclosed-transport warning in whichever test runs next.
+                prober.cancel()
                 await store.close()
 
         loop, killed_at = asyncio.run(main())
@@ -295,6 +304,7 @@ def test_sentinel_failover_is_followed_and_leaves_no_lease(
                 timeout_s=0.1,
             )
             store = GuardedStore(redis_store, CircuitBreaker(probe_interval_s=0.2))
+            prober = asyncio.create_task(probe_while_open(store))
             try:
                 loop = Loop(store, ["s1", "s2"])
                 workers = [asyncio.create_task(loop.worker(t)) for t in ("s1", "s2")]
@@ -317,6 +327,7 @@ def test_sentinel_failover_is_followed_and_leaves_no_lease(
                 assert set(counts.values()) == {0}, counts
                 return loop, killed_at
             finally:
+                prober.cancel()
                 await store.close()
 
         loop, killed_at = asyncio.run(main())

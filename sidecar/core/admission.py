@@ -393,12 +393,21 @@ CONCURRENCY_LIMITS = (LimitKind.CONCURRENCY, LimitKind.CLASS_CONCURRENCY)
 
 
 def on_quota(
-    take: TakeQuota, result: QuotaResult | None, now_s: float, release_grace_s: float = 0.0
+    take: TakeQuota,
+    result: QuotaResult | None,
+    now_s: float,
+    release_grace_s: float = 0.0,
+    signals: Signals | None = None,
 ) -> TakeQuota | Hold | Answer:
     """The store's answer (None: unreachable; the class's fail mode decides). Refused for
     concurrency: for up to `release_grace_s` from the first refusal, wait for a release that
     may be on its way (a finished request's completion can reach the sidecar after its
-    client's next request) and ask again; a refusal after that is the answer."""
+    client's next request) and ask again; a refusal after that is the answer.
+
+    Admitted by quota and judged to go at once: the room is judged again on `signals`, the
+    load as the answer comes back. Others went meanwhile (a held request let go, arrivals
+    judged at the same moment): with no room left it is held like a deferred request,
+    instead of going over `max_in_flight`."""
     if result is not None and result.denied_by in CONCURRENCY_LIMITS and release_grace_s > 0:
         if take.release_deadline_s is None:
             why = f"over concurrency: waits up to {release_grace_s:g}s for a release"
@@ -411,7 +420,11 @@ def on_quota(
     if not decision.admitted or result is None:
         return Answer(decision)
     if not take.holds:
-        return Answer(decision, note_admitted=admission.model or "", count_for_model=True)
+        again = None if signals is None else verdict_for(admission, signals)
+        if again is None or again.action is LoadAction.ADMIT:
+            return Answer(decision, note_admitted=admission.model or "", count_for_model=True)
+        admission = replace(admission, trace=(*admission.trace, f"room gone: {again.why}"))
+        decision = replace(decision, trace=(*decision.trace, f"room gone: {again.why}"))
     deadline_s = now_s + admission.klass.max_wait_ms / 1000
     return Hold(admission, result, decision, now_s, deadline_s)
 

@@ -5,10 +5,12 @@ Rules:
   (StateUnavailable: a timeout, a refused connection, a server error) open the circuit. Two,
   not one: a single lost connection (a restart the pool has not seen yet) is not an outage.
 - Open (degraded): calls raise StateUnavailable at once, without waiting the store's timeout,
-  so a dead Redis costs a decision microseconds instead of `--redis-timeout-ms` each. Every
-  `probe_interval_s` one call is let through as a probe (half-open); while it runs, the others
-  still fail fast. A probe that succeeds closes the circuit; one that fails keeps it open
-  until the next probe.
+  so a dead Redis costs a decision microseconds instead of `--redis-timeout-ms` each. No
+  request's call is ever the probe (a probe that waited the timeout would be a decision that
+  took it): every `probe_interval_s` the app's background loop calls `GuardedStore.probe()`,
+  a PING (half-open). A probe that succeeds closes the circuit; one that fails keeps it open
+  until the next. Once closed, the next failing calls open it again (on a cluster, slots
+  whose primary is not promoted yet).
 - Each transition is logged once (one line when it opens, one when it closes, with how long
   it was open), never once per failed call, and reported through `on_change(degraded)`; the
   time spent open is reported through `on_degraded_s(seconds)`, as it passes (`accrue()`,
@@ -73,12 +75,14 @@ class CircuitBreaker:
         return self._opened_s is not None
 
     def allow(self) -> bool:
-        """May a call go to the store now? True when closed, or for the one probe that is due;
-        the caller must then report `succeeded()` or `failed()`."""
-        if self._opened_s is None:
-            return True
-        now = self._clock()
-        if self._probing or now < self._next_probe_s:
+        """May a request's call go to the store now? Only while closed; the caller then
+        reports `succeeded()` or `failed()`."""
+        return self._opened_s is None
+
+    def probe_due(self) -> bool:
+        """Is a probe due now (open, the interval passed, none running)? True claims it: the
+        caller probes and reports `succeeded()`, `failed()` or `abandoned()`."""
+        if self._opened_s is None or self._probing or self._clock() < self._next_probe_s:
             return False
         self._probing = True
         return True
@@ -152,6 +156,20 @@ class GuardedStore:
     def __init__(self, inner: QuotaStore, breaker: CircuitBreaker) -> None:
         self.inner = inner
         self.breaker = breaker
+
+    async def probe(self) -> None:
+        """If a probe is due, PING the store and close the circuit if it answers."""
+        if not self.breaker.probe_due():
+            return
+        try:
+            await self.inner.ping()
+        except StateUnavailable as exc:
+            self.breaker.failed(exc)
+        except BaseException:
+            self.breaker.abandoned()
+            raise
+        else:
+            self.breaker.succeeded()
 
     async def acquire(self, check: QuotaCheck) -> QuotaResult:
         return await self.breaker.call("acquire", lambda: self.inner.acquire(check))
