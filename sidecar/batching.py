@@ -1,5 +1,6 @@
 """Store calls sent together, so that they keep up with any rate the sidecar admits:
-releases (`release_many`) and the model counts of admits (`count_for_model_many`).
+acquires (`acquire_many`), releases (`release_many`) and the model counts of admits
+(`count_for_model_many`).
 
 One release per store call made each completion wait for its own round trip (two, with the
 model's set), while admissions shared the loop: at a few thousand requests per second the
@@ -8,9 +9,9 @@ slots for seconds (false `over_concurrency`). Here, per kind of call:
 - every item asked for goes into a queue; while no batch is on its way, the queue is sent at
   the end of the current event-loop tick, in one call (one pipeline: one round trip, per node
   on a cluster);
-- while a batch is on its way, new items wait for it to return and then go together: the
-  busier the sidecar, the bigger the batches, and at most one round trip of each kind is in
-  flight;
+- while `max_in_flight` batches are on their way (1 for releases and counts; a few for
+  acquires, whose callers wait), new items wait for one to return and then go together: the
+  busier the sidecar, the bigger the batches;
 - each caller gets its own item's answer, or `StateUnavailable` when that item failed (a
   release is then owed, as before: `LeaseKeeper`); a caller that is cancelled meanwhile does
   not stop its item.
@@ -40,12 +41,14 @@ class Batcher(Generic[T, R]):
         send_many: Callable[[list[T]], Awaitable[list[R | None]]],
         *,
         max_batch: int = MAX_BATCH,
+        max_in_flight: int = 1,
     ) -> None:
         self._send_many = send_many
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._flush_scheduled = False
-        self._sending = False
+        self._sending = 0  # calls on their way
         self.batches = 0  # calls made (for tests and benchmarks: items per call)
         self.sent = 0
 
@@ -60,23 +63,22 @@ class Batcher(Generic[T, R]):
         # Retrieved even when nobody awaits it any more (its caller was cancelled).
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._queue.append((item, future))
-        if not self._flush_scheduled and not self._sending:
+        if not self._flush_scheduled and self._sending < self._max_in_flight:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return await asyncio.shield(future)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._sending or not self._queue:
-            return
-        batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-        self._sending = True
-        task = asyncio.ensure_future(self._send(batch))
-        task.add_done_callback(self._sent)
+        while self._queue and self._sending < self._max_in_flight:
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            self._sending += 1
+            task = asyncio.ensure_future(self._send(batch))
+            task.add_done_callback(self._sent)
 
     def _sent(self, _: asyncio.Future[None]) -> None:
-        self._sending = False
-        if self._queue:  # what queued while the batch was out goes now
+        self._sending -= 1
+        if self._queue:  # what queued while the calls were out goes now
             self._flush()
 
     async def _send(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:

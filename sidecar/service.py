@@ -62,6 +62,11 @@ from sidecar.state.breaker import CircuitOpen
 from sidecar.state.memory import MemoryQuotaStore
 
 log = logging.getLogger(__name__)
+# Acquire pipelines on their way at once: at low load each decision's acquire goes alone at
+# the end of its loop tick; under load, decisions wait for one of these to return and share
+# the next (sidecar/batching.py).
+ACQUIRES_IN_FLIGHT = 4
+
 # Called with the longest a request may now be held, before it is held.
 OnHold = Callable[[float], Awaitable[None]]
 
@@ -100,6 +105,10 @@ class AdmissionService(SharedReads):
         # Releases and model counts go through these: many in one store call (batching.py).
         self.releases: Batcher[tuple[LeaseRef, float], bool] = Batcher(self._release_many)
         self.model_counts: Batcher[tuple[LeaseRef, float], bool] = Batcher(self._count_many)
+        # Acquires of concurrent decisions share a pipeline (each script atomic on its own).
+        self.acquires: Batcher[QuotaCheck, QuotaResult] = Batcher(
+            self.store.acquire_many, max_in_flight=ACQUIRES_IN_FLIGHT
+        )
         # The degraded mode's store and its leases (see the module comment); `replicas` is
         # the live count the heartbeats showed last (`heartbeat`).
         self.local = MemoryQuotaStore()
@@ -308,7 +317,7 @@ class AdmissionService(SharedReads):
         if check.lease_id is None:
             check = replace(check, lease_id=new_lease_id())
         lease = LeaseRef.of(check, check.lease_id or "")
-        task = asyncio.ensure_future(self.store.acquire(check))
+        task = asyncio.ensure_future(self.acquires.submit(check))
         try:
             result = await asyncio.shield(task)
         except StateUnavailable as exc:

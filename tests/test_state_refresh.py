@@ -18,6 +18,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from redis.asyncio.connection import AbstractConnection
 
+from sidecar.core.types import LimitKind, RequestAttributes
 from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
 from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
@@ -242,6 +243,55 @@ def test_a_burst_of_completions_is_released_in_one_round_trip(
             assert round_trips[0] - before == 1
             assert await store.in_flight("acme", None) == 0
             assert await store.model_in_flight("llama") == 0
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_acquire_many_answers_like_one_acquire_each(harness: Harness) -> None:
+    """Admitted, over concurrency, over a bucket and a reused id, sent together: each check
+    gets what `acquire` alone would have given it, in order."""
+
+    async def body(store: QuotaStore) -> None:
+        limited = replace(check(model="llama"), max_concurrency=2)
+        checks = [replace(limited, lease_id=f"id-{n}") for n in range(3)]
+        checks.append(replace(limited, lease_id="id-0"))  # held already
+        results = await store.acquire_many(checks)
+        assert [r is not None and r.allowed for r in results] == [True, True, False, False]
+        assert results[2] is not None and results[2].denied_by is LimitKind.CONCURRENCY
+        assert results[3] is not None and results[3].denied_by is LimitKind.LEASE_ID_USED
+        assert await store.in_flight("acme", None) == 2
+        assert await store.model_in_flight("llama") == 2  # count_model_now, as acquire does
+
+    harness.run(body)
+
+
+@pytest.mark.stack
+def test_concurrent_decisions_share_acquire_pipelines(
+    valkey: ValkeyServer, redis_sync: redis.Redis, round_trips: list[int]
+) -> None:
+    """100 decisions at once: a handful of pipelines (at most 4 on their way at a time), not
+    100 calls; and every one of them decided as alone."""
+
+    async def body() -> None:
+        store = RedisQuotaStore(valkey.url, timeout_s=2.0)
+        policy = make_policy()
+        unlimited = replace(
+            policy.tenants["search"],
+            buckets=(),
+            max_concurrency=None,
+            max_concurrency_per_class=MappingProxyType({}),
+        )
+        policy = replace(policy, tenants=MappingProxyType({"search": unlimited}))
+        service = AdmissionService(policy, store, Metrics(CollectorRegistry()))
+        try:
+            attrs = RequestAttributes("POST", "/v2/models/m/infer", {"x-api-key": "k-search"})
+            await service.check(attrs, "test")  # connects and loads the script
+            before = round_trips[0]
+            decisions = await asyncio.gather(*(service.check(attrs, "test") for _ in range(100)))
+            assert round_trips[0] - before <= 10
+            assert sum(d.admitted for d in decisions) == 100
         finally:
             await store.close()
 

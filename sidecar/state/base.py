@@ -108,6 +108,13 @@ class QuotaStore(Protocol):
         (not yet released or expired). Idempotent. Raises StateUnavailable."""
         ...
 
+    async def acquire_many(self, checks: Sequence[QuotaCheck]) -> list[QuotaResult | None]:
+        """`acquire` of each check (each with its lease id set), sent together: one round
+        trip however many (on a cluster, one per node), each check atomic on its own. Per
+        check its result, or None if its call failed (owe a release of its lease id).
+        Raises StateUnavailable when the whole call failed."""
+        ...
+
     async def release_many(
         self, leases: Sequence[LeaseRef], *, tombstone_s: float = DEFAULT_TOMBSTONE_S
     ) -> list[bool | None]:

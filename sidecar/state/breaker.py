@@ -217,6 +217,9 @@ class GuardedStore:
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         return await self.breaker.call("heartbeat", lambda: self.inner.heartbeat(replica, ttl_s))
 
+    async def acquire_many(self, checks: Sequence[QuotaCheck]) -> list[QuotaResult | None]:
+        return await self.breaker.call("acquire_many", lambda: self.inner.acquire_many(checks))
+
     async def release_many(
         self, leases: Sequence[LeaseRef], *, tombstone_s: float = DEFAULT_TOMBSTONE_S
     ) -> list[bool | None]:

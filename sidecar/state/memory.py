@@ -14,6 +14,7 @@ same expiry: unlike Redis (see `sidecar.state.base`), the two never disagree.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from sidecar.core.fleet import CounterOp
 from sidecar.core.gcra import gcra_step
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
+from sidecar.errors import StateUnavailable
 from sidecar.state.base import (
     DEFAULT_TOMBSTONE_S,
     FleetState,
@@ -208,6 +210,21 @@ class MemoryQuotaStore:
 
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
         return 1  # a memory store serves this replica alone
+
+    async def acquire_many(self, checks: Sequence[QuotaCheck]) -> list[QuotaResult | None]:
+        # Through `acquire`, so that a store built on this one answers the same either way.
+        answers = await asyncio.gather(*(self.acquire(c) for c in checks), return_exceptions=True)
+        if answers and all(isinstance(a, StateUnavailable) for a in answers):
+            raise answers[0]  # type: ignore[misc]  # the whole call failed
+        results: list[QuotaResult | None] = []
+        for answer in answers:
+            if isinstance(answer, StateUnavailable):
+                results.append(None)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                results.append(answer)
+        return results
 
     async def release_many(
         self, leases: Sequence[LeaseRef], *, tombstone_s: float = DEFAULT_TOMBSTONE_S

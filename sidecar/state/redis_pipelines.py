@@ -19,13 +19,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from sidecar.core.types import LeaseRef
+from sidecar.core.types import LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
-from sidecar.state.base import DEFAULT_TOMBSTONE_S, validate_model, validate_pod, validate_tenant
+from sidecar.state.base import (
+    DEFAULT_TOMBSTONE_S,
+    validate_check,
+    validate_model,
+    validate_pod,
+    validate_tenant,
+)
 from sidecar.state.keys import KeyKind, build_key, build_model_key
-from sidecar.state.scripts import IN_FLIGHT, MODEL_LEASE, RELEASE, LuaScript
+from sidecar.state.scripts import ACQUIRE, IN_FLIGHT, MODEL_LEASE, RELEASE, LuaScript
 
 # What one more script adds to the deadline of a pipelined call: about 4x what the server and
 # client take for one (a count: about 12 us on a local Valkey).
@@ -67,12 +74,99 @@ def _raised_in_redis_py(exc: BaseException) -> bool:
     return module.split(".")[0] == "redis"
 
 
+_DENIED_BY = {
+    1: LimitKind.CLASS_CONCURRENCY,
+    2: LimitKind.CONCURRENCY,
+    3: LimitKind.BUCKET,
+    4: LimitKind.LEASE_ID_USED,
+}
+
+
+def acquire_call(check: QuotaCheck, lease_id: str, *, take: bool) -> tuple[list[str], list[Any]]:
+    """acquire.lua's keys and args for `check` (a peek: `take` False, no lease id)."""
+    # A peek writes nothing and reads no tombstone; its key only keeps KEYS' layout.
+    keys = [
+        build_key(check.tenant, KeyKind.LEASES),
+        build_key(check.tenant, KeyKind.CLASS_LEASES, check.klass),
+        build_key(check.tenant, KeyKind.RELEASED, lease_id or "peek"),
+    ]
+    args: list[Any] = [
+        "acquire" if take else "peek",
+        lease_id,
+        check.lease_ttl_s,
+        "" if check.max_concurrency is None else str(check.max_concurrency),
+        "" if check.max_class_concurrency is None else str(check.max_class_concurrency),
+    ]
+    for bucket in check.buckets:
+        keys.append(build_key(check.tenant, KeyKind.BUCKET, bucket.name))
+        args += (bucket.rate_per_s, bucket.burst, bucket.cost)
+    return keys, args
+
+
+def acquire_result(
+    check: QuotaCheck, lease_id: str, reply: Any, *, retried: bool = False
+) -> QuotaResult | None:
+    """acquire.lua's reply as a QuotaResult; None when a retried acquire finds its own id
+    held: the lost first attempt ran after all, its lease exists but its answer is gone."""
+    allowed, denied_code, bucket_index, retry_after, in_flight, class_in_flight = reply
+    if allowed:
+        return QuotaResult(
+            allowed=True,
+            lease_id=lease_id or None,
+            in_flight=int(in_flight),
+            class_in_flight=int(class_in_flight),
+        )
+    denied_by = _DENIED_BY[int(denied_code)]
+    if retried and denied_by is LimitKind.LEASE_ID_USED:
+        return None
+    return QuotaResult(
+        allowed=False,
+        denied_by=denied_by,
+        denied_bucket=(
+            check.buckets[int(bucket_index) - 1].name if denied_by is LimitKind.BUCKET else None
+        ),
+        retry_after_s=float(retry_after),
+        in_flight=int(in_flight),
+        class_in_flight=int(class_in_flight),
+    )
+
+
 class Pipelines:
     _client: Redis | RedisCluster
     _timeout_s: float
 
     def _model_set_failed(self, operation: str, model_key: str, error: BaseException) -> None:
         raise NotImplementedError  # RedisQuotaStore: counted and logged (module rules)
+
+    async def acquire_many(self, checks: Sequence[QuotaCheck]) -> list[QuotaResult | None]:
+        """Every check's `acquire`, in one pipeline (each script atomic on its own: module
+        rules). Per check its result, or None if its call failed (the caller owes a release
+        of its lease id). Lease ids must be set. The model step of a check that asks for it
+        (`count_model_now`) follows in one more pipeline. Raises StateUnavailable when the
+        whole call failed, or ValueError for a bad check."""
+        calls: list[Call] = []
+        for check in checks:
+            validate_check(check)
+            if not check.lease_id:
+                raise ValueError("acquire_many needs checks with lease ids")
+            keys, args = acquire_call(check, check.lease_id, take=True)
+            calls.append((ACQUIRE, keys, args))
+        retried: list[bool] = []
+        replies = await self._run_many("acquire_many", calls, retried)
+        results = [
+            None
+            if isinstance(reply, Exception)
+            else acquire_result(c, c.lease_id or "", reply, retried=bool(retried))
+            for c, reply in zip(checks, replies, strict=True)
+        ]
+        counted = [
+            LeaseRef.of(c, c.lease_id or "")
+            for c, r in zip(checks, results, strict=True)
+            if r is not None and r.allowed and c.model is not None and c.count_model_now
+        ]
+        if counted:
+            await self.count_for_model_many(counted, max(c.lease_ttl_s for c in checks))
+        return results
 
     async def release_many(
         self, leases: Sequence[LeaseRef], *, tombstone_s: float = DEFAULT_TOMBSTONE_S
@@ -153,15 +247,28 @@ class Pipelines:
                     raise reply
         return [int(reply) for reply in replies]
 
-    async def _run_many(self, operation: str, calls: Sequence[Call]) -> list[Any]:
+    async def _run_many(
+        self, operation: str, calls: Sequence[Call], retried: list[bool] | None = None
+    ) -> list[Any]:
         """Each call's reply, or the exception it got, from one pipeline under one deadline
-        (module rules). Raises StateUnavailable when the pipeline itself failed."""
+        (module rules). Raises StateUnavailable when the pipeline itself failed. `retried`
+        gets True appended when the pipeline was sent a second time."""
         if not calls:
             return []
         timeout_s = self._timeout_s + len(calls) * _PER_ITEM_S
         with map_exceptions(operation, timeout_s):
             async with asyncio.timeout(timeout_s):
-                replies = await self._pipeline(calls)
+                try:
+                    replies = await self._pipeline(calls)
+                except RedisConnectionError:
+                    # As `_run` does (module rules of redis_store): connections pooled before
+                    # a restart are dead; drop the idle ones and send once more. Every script
+                    # sent this way is safe to run twice (an acquire carries its lease id).
+                    if isinstance(self._client, Redis):
+                        await self._client.connection_pool.disconnect(inuse_connections=False)
+                    if retried is not None:
+                        retried.append(True)
+                    replies = await self._pipeline(calls)
                 unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
                 if unknown:  # EVAL on the keys of the nodes that lacked it (module rules)
                     again = await self._pipeline([calls[i] for i in unknown], source=True)

@@ -58,7 +58,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from sidecar.core.fleet import CounterOp, counter_field, parse_counter_field
-from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
+from sidecar.core.types import BucketCheck, LeaseRef, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
 from sidecar.state.base import (
     DEFAULT_TOMBSTONE_S,
@@ -79,7 +79,12 @@ from sidecar.state.keys import (
     build_model_key,
 )
 from sidecar.state.redis_client import make_client
-from sidecar.state.redis_pipelines import Pipelines, map_exceptions
+from sidecar.state.redis_pipelines import (
+    Pipelines,
+    acquire_call,
+    acquire_result,
+    map_exceptions,
+)
 from sidecar.state.scripts import (
     ACQUIRE,
     CHARGE,
@@ -98,13 +103,6 @@ DEFAULT_TIMEOUT_S = 0.05
 # A shard that fails every model step would otherwise log once per request.
 _LOG_EVERY_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 64
-
-_DENIED_BY = {
-    1: LimitKind.CLASS_CONCURRENCY,
-    2: LimitKind.CONCURRENCY,
-    3: LimitKind.BUCKET,
-    4: LimitKind.LEASE_ID_USED,
-}
 
 
 class RedisQuotaStore(Pipelines):
@@ -257,47 +255,16 @@ class RedisQuotaStore(Pipelines):
         validate_check(check)
         deadline = self._deadline()
         lease_id = (check.lease_id or new_lease_id()) if take else ""
-        # A peek writes nothing and reads no tombstone; its key only keeps KEYS' layout.
-        keys = _lease_keys(check.tenant, check.klass, lease_id or "peek")
-        args: list[str | float] = [
-            "acquire" if take else "peek",
-            lease_id,
-            check.lease_ttl_s,
-            _limit_arg(check.max_concurrency),
-            _limit_arg(check.max_class_concurrency),
-        ]
-        for bucket in check.buckets:
-            keys.append(build_key(check.tenant, KeyKind.BUCKET, bucket.name))
-            args += (bucket.rate_per_s, bucket.burst, bucket.cost)
+        keys, args = acquire_call(check, lease_id, take=take)
         retried: list[BaseException] = []
         reply = await self._run(ACQUIRE, keys, args, deadline, retried=retried)
-        allowed, denied_code, bucket_index, retry_after, in_flight, class_in_flight = reply
-        if allowed:
-            if take and check.model is not None and check.count_model_now:
-                model_key = build_model_key(check.model, check.model_pod)
-                await self._update_model_set(
-                    "add", model_key, lease_id, deadline, check.lease_ttl_s
-                )
-            return QuotaResult(
-                allowed=True,
-                lease_id=lease_id or None,
-                in_flight=int(in_flight),
-                class_in_flight=int(class_in_flight),
-            )
-        denied_by = _DENIED_BY[int(denied_code)]
-        if retried and take and denied_by is LimitKind.LEASE_ID_USED:
-            # The lost first attempt ran after all: its lease exists but its answer is gone.
+        result = acquire_result(check, lease_id, reply, retried=bool(retried) and take)
+        if result is None:  # the lost first attempt ran after all (see acquire_result)
             raise StateUnavailable(f"redis acquire: {retried[0]}") from retried[0]
-        return QuotaResult(
-            allowed=False,
-            denied_by=denied_by,
-            denied_bucket=(
-                check.buckets[int(bucket_index) - 1].name if denied_by is LimitKind.BUCKET else None
-            ),
-            retry_after_s=float(retry_after),
-            in_flight=int(in_flight),
-            class_in_flight=int(class_in_flight),
-        )
+        if result.allowed and take and check.model is not None and check.count_model_now:
+            model_key = build_model_key(check.model, check.model_pod)
+            await self._update_model_set("add", model_key, lease_id, deadline, check.lease_ttl_s)
+        return result
 
     async def _update_model_set(
         self,
@@ -394,7 +361,3 @@ def _model_key(lease: LeaseRef) -> str:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _limit_arg(limit: int | None) -> str:
-    return "" if limit is None else str(limit)
