@@ -58,6 +58,9 @@ SOCKET_MODE = 0o660
 # (three missed beats: a slow loop is not a dead replica).
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 3 * HEARTBEAT_S
+# Gateway topology: how often replicas read the model counts and exchange their holds while
+# any of them holds a request (one small script call each, per replica).
+FLEET_BUSY_S = 0.025
 
 
 def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
@@ -342,8 +345,12 @@ async def _refresh_model_in_flight(
 ) -> None:
     """Each model's global in-flight count, as often as Triton is scraped: the models Triton
     reports and those the policy names (never names taken from requests: labels stay
-    bounded). In the gateway topology, the fleet's holds and fairness counters too."""
+    bounded). In the gateway topology, the fleet's holds and fairness counters too, and
+    every FLEET_BUSY_S while any replica holds a request: room that frees on one replica is
+    seen by the others (and a hold let go stops being reserved for) within that, not a
+    scrape interval later, which would idle the pool's room for as long."""
     fleet_ttl_s = max(1.0, 4 * interval_s)  # a replica silent for 4 intervals drops out
+    deferrer = service.deferrer
     while True:
         models = set(monitor.view().models) | set(service.policy.models)
         if service.deferrer is not None:  # those it admitted (named by a served model)
@@ -353,7 +360,8 @@ async def _refresh_model_in_flight(
             await service.exchange_fleet(replica, fleet_ttl_s)
         except Exception:  # a bug here must not end the loop (admission would lose the cap)
             log.exception("model in-flight refresh failed")
-        await asyncio.sleep(interval_s)
+        busy = deferrer is not None and deferrer.shared and deferrer.fleet_busy()
+        await asyncio.sleep(min(interval_s, FLEET_BUSY_S) if busy else interval_s)
 
 
 async def _probe_store(store: GuardedStore) -> None:

@@ -141,6 +141,10 @@ class Deferrer:
         self.queue.fairness.adopt(counters, held)
         self.pump()
 
+    def fleet_busy(self) -> bool:
+        """Does this replica, or any other as last seen, hold a request?"""
+        return len(self.queue) > 0 or bool(self._first) or bool(self._after)
+
     def forget_fleet(self) -> None:
         """The store cannot say what the other replicas hold: order only this one's (the
         fairness counters stay as last read)."""
@@ -156,8 +160,11 @@ class Deferrer:
         model_signals = self.model_signals(model, view, now)
         served = view.served_models(now, self.stale_after_s)
         # Only this model's waiters: another model's are not ahead of it (own queue, own room).
+        queue = self.queue.queue(model)
+        counter = self.queue.fairness.counter
+        here = None if queue is None else Elsewhere(queue.by_tenant(), {}, counter)
         return Signals(
-            model_signals, self.queue.waiting_by_rank(model), served, self.elsewhere(model)
+            model_signals, self.queue.waiting_by_rank(model), served, self.elsewhere(model), here
         )
 
     def pump(self) -> int:

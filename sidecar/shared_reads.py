@@ -99,7 +99,7 @@ class SharedReads:
         fairness = deferrer.queue.fairness
         ops = fairness.take_ops()
         summary = encode_summary(
-            with_in_transit(deferrer.queue.summary(), deferrer.in_flight_counts.unseen())
+            with_in_transit(deferrer.queue.summary(), deferrer.in_flight_counts.pending())
         )
         try:
             state = await self.store.fleet_exchange(replica, ttl_s, summary, ops)

@@ -27,6 +27,7 @@ from sidecar.core.admission import (
     may_go,
 )
 from sidecar.core.decide import Admission, compile_policy
+from sidecar.core.fleet import Elsewhere
 from sidecar.core.load import SignalState
 from sidecar.core.types import LimitKind, QuotaResult, Reason, RequestAttributes
 from sidecar.policy.model import (
@@ -357,3 +358,17 @@ def test_room_taken_while_the_quota_call_was_out_holds_instead_of_going_over_the
     assert "room gone" in held.admission.trace[-1]
     still_room = admission.on_quota(step, ALLOWED, NOW, signals=signals(0, in_flight=1))
     assert isinstance(still_room, Answer) and still_room.decision.admitted
+
+
+def test_a_quiet_tenants_arrival_is_not_judged_behind_a_noisy_tenants_backlog() -> None:
+    """Ten of a noisy tenant's requests wait in the band; a quiet tenant that has been served
+    less goes before all of them, so its predicted wait counts none of them (else it would be
+    shed for a wait it would not have)."""
+    counters = {(2, "noisy"): 50.0, (2, "search"): 1.0}
+    here = Elsewhere({2: {"noisy": 10}}, {}, lambda rank, t: counters.get((rank, t), 0.0))
+    crowded = Signals(ModelSignals(FRESH, 6, 20.0), {2: 10}, here=here)
+    assert crowded.ahead_of(2, "search") == 0
+    assert crowded.ahead_of(2, "noisy") == 10  # its own backlog is ahead of it
+    assert crowded.ahead_of(2) == 10  # who is asking unknown: every waiter of the band
+    step = admission.judge(planned(policy_with()), crowded, policy_with())
+    assert isinstance(step, TakeQuota) and step.verdict.predicted_wait_s < 0.3

@@ -140,9 +140,18 @@ class Signals:
     served: frozenset[str] | None = None  # the models Triton serves; None: not known now
     # Other replicas' waiters for the model (gateway topology; `core.fleet`).
     elsewhere: Elsewhere = NOBODY
+    # This replica's waiters for the model per band and tenant, with the counters that order
+    # them: when given, only those its queue serves first are ahead of an arrival.
+    here: Elsewhere | None = None
 
-    def ahead_of(self, rank: int) -> int:
-        """The model's waiters that would be served before a new arrival of band `rank`."""
+    def ahead_of(self, rank: int, tenant: str | None = None) -> int:
+        """The model's waiters here that would be served before a new arrival of band `rank`
+        and `tenant`: a better band's, and in its own band (when `here` says who waits) only
+        those of tenants its queue serves first (a counter no larger than the tenant's: its
+        own waiters, and ties, go first). Without that, a quiet tenant's arrival would count
+        a noisy tenant's backlog as ahead of it, and be shed for a wait it would not have."""
+        if self.here is not None and tenant is not None:
+            return self.here.ahead_of(rank, tenant)
         return sum(n for band, n in self.waiting.items() if band <= rank)
 
 
@@ -281,7 +290,7 @@ def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
         model.state,
         model.queue_depth,
         model.drain_per_s,
-        signals.ahead_of(admission.klass.rank),
+        signals.ahead_of(admission.klass.rank, admission.tenant.name),
         relegated=admission.relegated,
         in_flight=model.in_flight,
         reserved=signals.elsewhere.ahead_of(admission.klass.rank, admission.tenant.name),

@@ -23,11 +23,12 @@ The rules, for a request of band `rank` and tenant `t` on this replica:
 - What another replica holds is known as of its last exchange (one refresh interval). A
   waiter it let go since is still reserved for until then: room stays idle for at most one
   interval, never given to a request that should wait.
-- A replica also shares, per model, the requests it let go that the store's count may not
-  show yet (`core.in_flight` still keeps them on top of its reads), as the pseudo-band
-  IN_TRANSIT, ahead of every band. Without it a request let go on one replica would be in
-  neither the count another replica read a moment earlier nor the list of waiters it reads
-  now, and that replica would fill the same room.
+- A replica also shares, per model, the requests it let go whose count is not written to
+  the store yet (`core.in_flight`'s pending admits), as the pseudo-band IN_TRANSIT, ahead of
+  every band. Without it a request let go on one replica would be in neither the count
+  another replica reads nor the list of waiters it reads, and that replica would fill the
+  same room. (A replica reads the count and exchanges back to back, so a write that lands
+  between the two, unseen by both, is left to the next interval.)
 - A replica that stopped exchanging (dead, partitioned) drops out after the exchange TTL.
 """
 

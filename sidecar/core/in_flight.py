@@ -41,10 +41,13 @@ class InFlightCounts:
             return None
         return max(0, (known or 0) + local)
 
-    def unseen(self) -> dict[str, int]:
-        """Per model, this replica's admits not known to be in a read yet (what other
-        replicas may not see in the store's count: `core.fleet`'s IN_TRANSIT)."""
-        return {model: admits.total() for model, admits in self._admits.items()}
+    def pending(self) -> dict[str, int]:
+        """Per model, this replica's admits whose store write is not confirmed yet: what no
+        other replica's read can show (`core.fleet`'s IN_TRANSIT). Once confirmed, a write
+        is in every read sent after it; sharing it longer would count it twice there, and
+        idle room for an interval per admit (half the pool's throughput when a request
+        lasts about one interval, in the fleet benchmark)."""
+        return {model: admits[PENDING] for model, admits in self._admits.items() if admits[PENDING]}
 
     def models(self) -> set[str]:
         """The models this replica counted an admit of (a read should include them)."""
