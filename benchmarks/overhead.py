@@ -211,7 +211,7 @@ def profile(workdir: Path, redis_url: str, args: argparse.Namespace, out: Path) 
     import io
     import pstats
 
-    raw = out / "profile_D.prof"
+    raw = out.resolve() / "profile_D.prof"  # the sidecar runs in its own working directory
     config = stack.BY_NAME["D"]
     with stack.start(config, workdir / "profile", redis_url, profile_path=raw) as running:
         target = cloadgen.Target(
@@ -254,7 +254,10 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     results[name] = measure(config, running, store, args, rate)
             if args.profile:
                 log("profiling the sidecar in configuration D")
-                results["_profile_D"] = profile(workdir, valkey.url, args, out)
+                try:
+                    results["_profile_D"] = profile(workdir, valkey.url, args, out)
+                except Exception as exc:  # a failed profile must not lose the measurements
+                    log(f"profile failed: {exc!r}")
     return results
 
 
