@@ -155,6 +155,16 @@ def table(configs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _generator_line(configs: dict[str, Any]) -> list[str]:
+    """The generator's speed: A is Envoy alone, so the generator went at least that fast."""
+    if "A" not in configs:
+        return []
+    return [
+        f"The load generator (benchmarks/loadgen_c) drove A at {configs['A']['max_rps']:,.0f}"
+        " req/s: it is faster than every configuration it measures."
+    ]
+
+
 def markdown(report: dict[str, Any], profile_lines: Sequence[str] | None) -> str:
     meta = report["meta"]
     out = [
@@ -164,6 +174,7 @@ def markdown(report: dict[str, Any], profile_lines: Sequence[str] | None) -> str
         f"{meta['duration_s']:g} s per phase, max rate = median of {meta['repeats']} closed-loop"
         f" runs with {meta['connections']} connections; latency open loop from scheduled send"
         " times. CPU and Redis calls are from the last max-rate run.",
+        *_generator_line(report["configs"]),
         "",
         *table(report["configs"]),
         "",
