@@ -1,15 +1,18 @@
 """The overhead benchmark's table, ratios and TARGET lines (issue 11, section 3).
 
 Ratios and added latencies compare a sidecar configuration with its no-op twin of the same
-kind from the same run: C and D with B, E with E0, G with F, H with H0. "Added p99 at half
-max" compares each at half of its own maximum (the same relative load), "at the common rate"
-at the same absolute rate.
+kind from the same run: C and D with B, E with E0, G with F, H with H0, always at the same
+rate: the common rate, or half of the sidecar's maximum (the twin is run at that rate too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from benchmarks.overhead_stack import CONFIGS
+
+ORDER = [c.name for c in CONFIGS]  # the issue's order, for the table
 
 # (target name, sidecar configuration, its twin, goal as a ratio of maximum rates)
 RATIO_TARGETS = (
@@ -27,11 +30,16 @@ BIG_BODY_GOAL_MS = 2.0
 
 
 def _added_p99(configs: dict[str, Any], name: str, phase: str) -> float | None:
+    """p99 over the twin's at the same rate: the common rate, or the sidecar's half maximum
+    (the twin ran that rate too: ``at_sidecar_half``)."""
     row = configs.get(name)
     twin = configs.get(row["twin"]) if row and row["twin"] else None
     if row is None or twin is None:
         return None
-    added = float(row[phase]["latency_ms"]["p99"]) - float(twin[phase]["latency_ms"]["p99"])
+    twin_phase = twin["common"] if phase == "common" else twin["at_sidecar_half"].get(name)
+    if twin_phase is None:
+        return None
+    added = float(row[phase]["latency_ms"]["p99"]) - float(twin_phase["latency_ms"]["p99"])
     return round(added, 3)
 
 
@@ -128,6 +136,9 @@ def _backlog(row: dict[str, Any]) -> str:
         return "—"
     stop = last["at_stop"]
     count = stop.get("leases", stop.get("in_flight", 0))
+    if not last["drained"]:
+        left = last["left"].get("leases", last["left"]["in_flight"])
+        return f"{count:.0f} / never ({left:.0f} left)"
     return f"{count:.0f} / {last['drain_s']:.2f} s"
 
 
@@ -139,7 +150,7 @@ def table(configs: dict[str, Any]) -> list[str]:
         " | leases left at max-rate stop / drain |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in configs.items():
+    for name, row in sorted(configs.items(), key=lambda item: ORDER.index(item[0])):
         ratio = "—" if row["vs_noop"] is None else f"{row['vs_noop']:.2f}"
         added = "—"
         if row["added_p99_ms_common"] is not None:

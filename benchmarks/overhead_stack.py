@@ -85,6 +85,9 @@ CONFIGS: tuple[Config, ...] = (
     ),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
+# Each sidecar runs before its no-op twin, so that the twin can also be measured at the
+# sidecar's half maximum (added latency at the same load) and the 1 MiB pair at one rate.
+RUN_ORDER = ("A", "C", "D", "B", "E", "E0", "G", "F", "H", "H0")
 
 
 def request_body(size: int) -> bytes:

@@ -67,6 +67,12 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
         sidecar["max_rps"] / results["configs"]["B"]["max_rps"], abs=0.001
     )
     assert sidecar["added_p99_ms_common"] is not None
+    # The twin ran after the sidecar, also at the sidecar's half maximum: equal loads compared.
+    twin_at_half = results["configs"]["B"]["at_sidecar_half"]["C"]
+    assert twin_at_half["rate_target"] == sidecar["half"]["rate_target"]
+    assert sidecar["added_p99_ms_half"] == pytest.approx(
+        sidecar["half"]["latency_ms"]["p99"] - twin_at_half["latency_ms"]["p99"], abs=0.001
+    )
     backlog = sidecar["max_runs"][0]["backlog"]
     assert set(backlog["at_stop"]) == {"release_backlog", "in_flight"}  # memory store
     assert backlog["drained"], backlog
