@@ -15,7 +15,8 @@ Per configuration, in this order, each phase measured on its own:
    configuration whose maximum is below the common rate runs it anyway and is marked over
    capacity; the 1 MiB pair (H0, H) uses half of H0's maximum when that is lower, and says so.
 Around every phase: the server's CPU (``/proc/<pid>/stat`` utime+stime) and Valkey's
-``INFO commandstats``, divided by the requests completed. After every phase of a sidecar: the
+``INFO commandstats``, divided by the requests completed, taken once the phase's releases are
+done (they are part of its cost). After every phase of a sidecar: the
 release backlog (``qos_release_backlog``, ``qos_in_flight_requests`` on its admin
 ``/metrics``, the tenant's lease set ``ZCARD`` in Valkey) at the moment the load stops, and how
 long until all are 0. The next phase starts only once they are.
@@ -147,6 +148,10 @@ def run_phase(
     before = backlog(running, client) if running.sidecar is not None else None
     cpu0, calls0 = cpu_seconds(pid), command_calls(client)
     result = cloadgen.run(target, duration_s=args.duration, rate=rate, connections=args.connections)
+    if running.sidecar is not None:
+        # Releases the load left behind are part of its cost: count CPU and Redis commands
+        # once they are done (the drain's own /metrics and ZCARD polls add a few percent).
+        result["backlog"] = wait_drained(running, client, args, before)
     cpu1, calls1 = cpu_seconds(pid), command_calls(client)
     done = max(int(result["completed"]), 1)
     result["cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / done, 4) if pid else None
@@ -156,8 +161,6 @@ def run_phase(
         if calls != calls0.get(name, 0)
     }
     result["redis_calls_per_request"] = per_command if client is not None else None
-    if running.sidecar is not None:
-        result["backlog"] = wait_drained(running, client, args, before)
     return result
 
 
