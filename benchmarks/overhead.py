@@ -1,0 +1,342 @@
+"""What one decision costs: the sidecar against no-op servers of the same kind, in one run.
+
+``python -m benchmarks.overhead`` (quick, under 10 minutes on 2 cores), ``--full``,
+``--configs B,D``, ``--duration S``, ``--profile`` (cProfile of the sidecar in configuration D,
+top 25 cumulative entries in the results). The configurations (A..H) are in
+``benchmarks/overhead_stack.py``; the load comes from the compiled generator in
+``benchmarks/cloadgen.py`` (a Python generator would be slower than what it measures).
+
+Per configuration, in this order, each phase measured on its own:
+1. warm-up (closed loop, not counted);
+2. maximum rate: ``--repeats`` closed-loop runs of ``--duration`` s with ``--connections``
+   connections; the median is the configuration's maximum, the spread is reported;
+3. latency at half that maximum and at the common rate (``--common-rate``, 1,000 req/s), open
+   loop, timed from each request's scheduled send time (coordinated omission corrected). A
+   configuration whose maximum is below the common rate runs it anyway and is marked over
+   capacity; the 1 MiB pair (H0, H) uses half of H0's maximum when that is lower, and says so.
+Around every phase: the server's CPU (``/proc/<pid>/stat`` utime+stime) and Valkey's
+``INFO commandstats``, divided by the requests completed, taken once the phase's releases are
+done (they are part of its cost). After every phase of a sidecar: the
+release backlog (``qos_release_backlog``, ``qos_in_flight_requests`` on its admin
+``/metrics``, the tenant's lease set ``ZCARD`` in Valkey) at the moment the load stops, and how
+long until all are 0. The next phase starts only once they are.
+
+Results: ``results/<stamp>-overhead/`` with ``results.json`` and ``report.md``; the table and
+one ``TARGET`` line per target of issue 11 are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from benchmarks import cloadgen, overhead_report
+from benchmarks import overhead_stack as stack
+from devstack.procs import ValkeyProcess
+
+LEASES_KEY = f"qos:{{{stack.TENANT}}}:leases"  # sidecar.state.keys.build_key(tenant, LEASES)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of ``pid`` in seconds; 0 without a process."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def command_calls(client: redis.Redis | None) -> dict[str, int]:
+    """Calls per command name from ``INFO commandstats`` (our own INFO left out)."""
+    if client is None:
+        return {}
+    stats: dict[str, Any] = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if name != "cmdstat_info"
+    }
+
+
+def admin_gauges(admin_url: str) -> dict[str, float]:
+    """``qos_release_backlog`` and the sum of ``qos_in_flight_requests`` from /metrics."""
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    gauges = {"release_backlog": 0.0, "in_flight": 0.0}
+    for line in text.splitlines():
+        if line.startswith("qos_release_backlog "):
+            gauges["release_backlog"] = float(line.split()[-1])
+        elif line.startswith("qos_in_flight_requests{"):
+            gauges["in_flight"] += float(line.split()[-1])
+    return gauges
+
+
+def backlog(running: stack.Running, client: redis.Redis | None) -> dict[str, float]:
+    assert running.sidecar is not None
+    values = admin_gauges(running.sidecar.admin_url)
+    if client is not None:
+        values["leases"] = float(client.zcard(LEASES_KEY))
+    return values
+
+
+def wait_drained(
+    running: stack.Running,
+    client: redis.Redis | None,
+    args: argparse.Namespace,
+    baseline: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The backlog when the load stopped, and the seconds until each signal is back to
+    ``baseline`` (its value before the phase: 0 unless an earlier phase left leases that were
+    never released). Gives up after ``--drain-timeout`` s, or once nothing has moved for
+    ``--drain-stall`` s (those leases are stuck until their TTL). The in-flight gauge is
+    refreshed once a second, so it lags the lease set by up to that."""
+    base = baseline or {}
+    start = last_move = time.monotonic()
+    at_stop = backlog(running, client)
+    now = dict(at_stop)
+    done_at = {k: 0.0 for k, v in at_stop.items() if v <= base.get(k, 0.0)}
+    while len(done_at) < len(at_stop):
+        elapsed = time.monotonic() - start
+        if elapsed > args.drain_timeout or time.monotonic() - last_move > args.drain_stall:
+            break
+        time.sleep(0.05)
+        values = backlog(running, client)
+        if any(values[k] < now[k] for k in values):
+            last_move = time.monotonic()
+        now = values
+        for name, value in values.items():
+            if value <= base.get(name, 0.0) and name not in done_at:
+                done_at[name] = round(time.monotonic() - start, 3)
+    # The authoritative count: the lease set with Valkey; the gauge with the memory store.
+    primary = "leases" if "leases" in at_stop else "in_flight"
+    drained = primary in done_at and "release_backlog" in done_at
+    waited = round(time.monotonic() - start, 3)
+    return {
+        "before": base,
+        "at_stop": at_stop,
+        "left": now,
+        "back_to_before_after_s": done_at,
+        "drain_s": max(done_at.get(primary, waited), done_at.get("release_backlog", waited)),
+        "drained": drained,
+    }
+
+
+def run_phase(
+    running: stack.Running,
+    target: cloadgen.Target,
+    client: redis.Redis | None,
+    args: argparse.Namespace,
+    rate: float,
+) -> dict[str, Any]:
+    """One load run with the CPU and Redis commands it cost; then the backlog, for a sidecar."""
+    pid = running.server.pid if running.server is not None else None
+    before = backlog(running, client) if running.sidecar is not None else None
+    cpu0, calls0 = cpu_seconds(pid), command_calls(client)
+    result = cloadgen.run(target, duration_s=args.duration, rate=rate, connections=args.connections)
+    if running.sidecar is not None:
+        # Releases the load left behind are part of its cost: count CPU and Redis commands
+        # once they are done (the drain's own /metrics and ZCARD polls add a few percent).
+        result["backlog"] = wait_drained(running, client, args, before)
+    cpu1, calls1 = cpu_seconds(pid), command_calls(client)
+    done = max(int(result["completed"]), 1)
+    result["cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / done, 4) if pid else None
+    per_command = {
+        name: round((calls - calls0.get(name, 0)) / done, 3)
+        for name, calls in calls1.items()
+        if calls != calls0.get(name, 0)
+    }
+    result["redis_calls_per_request"] = per_command if client is not None else None
+    return result
+
+
+def measure(
+    config: stack.Config,
+    running: stack.Running,
+    client: redis.Redis | None,
+    args: argparse.Namespace,
+    common_rate: float | None,
+    sidecar_halves: dict[str, float],
+) -> dict[str, Any]:
+    """Every phase of one configuration. ``common_rate`` None: ``--common-rate``, lowered to
+    half the maximum for a large body (1,000 req/s of 1 MiB is beyond these servers here).
+    ``sidecar_halves``: for a no-op twin, the half-maximum rate of each sidecar compared with
+    it, measured here too (``at_sidecar_half``), so added latency compares equal loads."""
+    target = cloadgen.Target(
+        running.port,
+        f"/v2/models/{stack.MODEL}/infer",
+        stack.request_headers(),
+        stack.request_body(config.body_bytes),
+    )
+    cloadgen.run(target, duration_s=args.warmup, connections=args.connections)
+    if running.sidecar is not None:
+        wait_drained(running, client, args)
+    runs = [run_phase(running, target, client, args, 0.0) for _ in range(args.repeats)]
+    rates = [r["achieved_rps"] for r in runs]
+    max_rps = statistics.median(rates)
+    log(f"{config.name}: max {max_rps:.0f} req/s (runs {', '.join(f'{r:.0f}' for r in rates)})")
+    half_rate = max(1.0, round(max_rps / 2))
+    if common_rate is None:
+        common_rate = min(args.common_rate, half_rate) if config.body_bytes else args.common_rate
+    half = run_phase(running, target, client, args, half_rate)
+    common = run_phase(running, target, client, args, common_rate)
+    at_sidecar_half = {
+        name: run_phase(running, target, client, args, rate)
+        for name, rate in sidecar_halves.items()
+    }
+    return {
+        "label": config.label,
+        "twin": config.twin or None,
+        "body_bytes": len(target.body),
+        "max_rps": max_rps,
+        "max_rps_runs": rates,
+        "max_rps_spread_pct": round((max(rates) - min(rates)) * 100 / max_rps, 1)
+        if max_rps
+        else None,
+        "max_runs": runs,
+        "half": half,
+        "common": common,
+        "common_rate": common_rate,
+        "at_sidecar_half": at_sidecar_half,
+        # Within 25% of its maximum, a server's queueing dominates its latency.
+        "over_capacity_at_common": max_rps < common_rate * 1.25,
+    }
+
+
+def profile(workdir: Path, redis_url: str, args: argparse.Namespace, out: Path) -> list[str]:
+    """Configuration D again, its sidecar under cProfile, closed loop for ``--duration`` s;
+    writes the top 25 cumulative entries to ``out/profile_D.txt`` and returns them."""
+    import io
+    import pstats
+
+    raw = out.resolve() / "profile_D.prof"  # the sidecar runs in its own working directory
+    config = stack.BY_NAME["D"]
+    with stack.start(config, workdir / "profile", redis_url, profile_path=raw) as running:
+        target = cloadgen.Target(
+            running.port, f"/v2/models/{stack.MODEL}/infer", stack.request_headers(), b"{}"
+        )
+        result = cloadgen.run(target, duration_s=args.duration, connections=args.connections)
+    cumulative, own = io.StringIO(), io.StringIO()
+    pstats.Stats(str(raw), stream=cumulative).sort_stats("cumulative").print_stats(25)
+    pstats.Stats(str(raw), stream=own).sort_stats("tottime").print_stats(25)
+    header = (
+        f"cProfile of the sidecar, configuration D, closed loop, {result['completed']} requests"
+        f" in {args.duration:g} s (profiled: slower than unprofiled)\n"
+    )
+    (out / "profile_D.txt").write_text(
+        header + "\n## by cumulative time\n" + cumulative.getvalue()
+        + "\n## by own time\n" + own.getvalue()
+    )  # fmt: skip
+    return cumulative.getvalue().splitlines()
+
+
+def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in stack.BY_NAME]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; known: {list(stack.BY_NAME)}")
+    names.sort(key=stack.RUN_ORDER.index)
+    cloadgen.build()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="qos-overhead-") as tmp:
+        workdir = Path(tmp)
+        with ValkeyProcess(workdir / "valkey") as valkey:
+            client = redis.Redis.from_url(valkey.url)
+            for name in names:
+                config = stack.BY_NAME[name]
+                log(f"{name}: {config.label}")
+                with stack.start(config, workdir / name, valkey.url) as running:
+                    store = client if config.store == "valkey" else None
+                    sidecars = [s for s in results if stack.BY_NAME[s].twin == name]
+                    halves = {s: float(results[s]["half"]["rate_target"]) for s in sidecars}
+                    # The 1 MiB pair shares one rate: the sidecar's (half its maximum at most).
+                    rate = (
+                        results[sidecars[0]]["common_rate"]
+                        if config.body_bytes and sidecars
+                        else None
+                    )
+                    results[name] = measure(config, running, store, args, rate, halves)
+            if args.profile:
+                log("profiling the sidecar in configuration D")
+                try:
+                    results["_profile_D"] = profile(workdir, valkey.url, args, out)
+                except Exception as exc:  # a failed profile must not lose the measurements
+                    log(f"profile failed: {exc!r}")
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__)
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true", help="the default: 5 s phases, 3 repeats")
+    speed.add_argument("--full", action="store_true", help="15 s phases, 5 repeats")
+    parser.add_argument("--configs", default=",".join(c.name for c in stack.CONFIGS))
+    parser.add_argument("--duration", type=float, help="seconds per phase (5 quick, 15 full)")
+    parser.add_argument("--repeats", type=int, help="max-rate runs (3 quick, 5 full)")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--common-rate", type=float, default=1000.0)
+    parser.add_argument("--drain-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--drain-stall", type=float, default=10.0, help="stop waiting when nothing moved for this"
+    )
+    parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=15.0,
+        help="the release backlog target: drained within this many seconds (default 15)",
+    )
+    parser.add_argument("--profile", action="store_true", help="cProfile the sidecar in D")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (15.0 if args.full else 5.0)
+    args.repeats = args.repeats or (5 if args.full else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    out = args.out / f"{stamp}-overhead"
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_all(args, out)
+    profile_lines = results.pop("_profile_D", None)
+    meta = {
+        "started": stamp,
+        "command": " ".join(["python -m benchmarks.overhead", *(argv or sys.argv[1:])]),
+        "duration_s": args.duration,
+        "repeats": args.repeats,
+        "connections": args.connections,
+        "common_rate": args.common_rate,
+        "scrape_interval_s": args.scrape_interval,
+        "cpu_count": os.cpu_count(),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    report = overhead_report.build(meta, results, args.scrape_interval)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    text = overhead_report.markdown(report, profile_lines)
+    (out / "report.md").write_text(text)
+    print(text)
+    print(f"results: {out}")
+    for line in report["target_lines"]:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

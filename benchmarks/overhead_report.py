@@ -1,0 +1,196 @@
+"""The overhead benchmark's table, ratios and TARGET lines (issue 11, section 3).
+
+Ratios and added latencies compare a sidecar configuration with its no-op twin of the same
+kind from the same run: C and D with B, E with E0, G with F, H with H0, always at the same
+rate: the common rate, or half of the sidecar's maximum (the twin is run at that rate too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.overhead_stack import CONFIGS
+
+ORDER = [c.name for c in CONFIGS]  # the issue's order, for the table
+
+# (target name, sidecar configuration, its twin, goal as a ratio of maximum rates)
+RATIO_TARGETS = (
+    ("http_valkey_vs_noop", "D", 0.66),
+    ("grpc_valkey_vs_noop", "E", 0.6),
+    ("extproc_valkey_vs_noop", "G", 0.6),
+)
+# Configurations whose added p99 is held to ADDED_P99_GOAL_MS, by mode name.
+MODES = {"http_memory": "C", "http_valkey": "D", "grpc_valkey": "E", "extproc_valkey": "G"}
+ADDED_P99_GOAL_MS = 1.0
+# Script calls: each is one round trip. INFO commandstats also counts every command a script
+# runs (TIME, ZADD, ...), so "commands in all" is not the number of round trips.
+SCRIPT_COMMANDS = {"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro"}
+BIG_BODY_GOAL_MS = 2.0
+
+
+def _added_p99(configs: dict[str, Any], name: str, phase: str) -> float | None:
+    """p99 over the twin's at the same rate: the common rate, or the sidecar's half maximum
+    (the twin ran that rate too: ``at_sidecar_half``)."""
+    row = configs.get(name)
+    twin = configs.get(row["twin"]) if row and row["twin"] else None
+    if row is None or twin is None:
+        return None
+    twin_phase = twin["common"] if phase == "common" else twin["at_sidecar_half"].get(name)
+    if twin_phase is None:
+        return None
+    added = float(row[phase]["latency_ms"]["p99"]) - float(twin_phase["latency_ms"]["p99"])
+    return round(added, 3)
+
+
+def _ratio(configs: dict[str, Any], name: str) -> float | None:
+    row = configs.get(name)
+    twin = configs.get(row["twin"]) if row and row["twin"] else None
+    if row is None or twin is None or not twin["max_rps"]:
+        return None
+    return round(float(row["max_rps"]) / float(twin["max_rps"]), 3)
+
+
+def _line(name: str, value: str, goal: str, met: bool) -> str:
+    return f"TARGET {name}: {value} ({goal}) {'met' if met else 'missed'}"
+
+
+def _max_drain(configs: dict[str, Any]) -> tuple[float | None, str]:
+    """The longest drain of any sidecar phase (inf when one never drained), and where."""
+    worst: tuple[float | None, str] = (None, "")
+    for name, row in configs.items():
+        for phase in [*row["max_runs"], row["half"], row["common"]]:
+            backlog = phase.get("backlog")
+            if backlog is None:
+                continue
+            drain = backlog["drain_s"] if backlog["drained"] else float("inf")
+            if worst[0] is None or drain > worst[0]:
+                left = backlog["left"].get("leases", backlog["left"]["in_flight"])
+                where = name if backlog["drained"] else f"{name}: {left:.0f} leases never freed"
+                worst = (drain, where)
+    return worst
+
+
+def target_lines(configs: dict[str, Any], scrape_interval_s: float) -> list[str]:
+    """One line per target, ``TARGET <name>: <value> (<goal>) met|missed``."""
+    lines = []
+    for name, config, least in RATIO_TARGETS:
+        ratio = _ratio(configs, config)
+        value = "not measured" if ratio is None else f"{ratio:.2f}"
+        lines.append(_line(name, value, f">= {least}", ratio is not None and ratio >= least))
+    lines.append(_line("http_valkey_leased_vs_noop", "not built", ">= 0.85", False))
+    for phase, label in (("common", "at_common_rate"), ("half", "at_half_max")):
+        for mode, config in MODES.items():
+            added = _added_p99(configs, config, phase)
+            value = "not measured" if added is None else f"{added:.2f} ms"
+            goal = f"<= {ADDED_P99_GOAL_MS:g} ms"
+            met = added is not None and added <= ADDED_P99_GOAL_MS
+            lines.append(_line(f"added_p99_{label}_{mode}", value, goal, met))
+    added = _added_p99(configs, "H", "common")
+    rate = configs["H"]["common_rate"] if "H" in configs else None
+    value = "not measured" if added is None else f"{added:.2f} ms at {rate:g} req/s"
+    goal = f"<= {BIG_BODY_GOAL_MS:g} ms"
+    met = added is not None and added <= BIG_BODY_GOAL_MS
+    lines.append(_line("extproc_1mib_added_p99", value, goal, met))
+    drain, where = _max_drain(configs)
+    value = "not measured" if drain is None else f"{drain:.2f} s to drain ({where})"
+    if drain == float("inf"):
+        value = f"not drained ({where})"
+    met = drain is not None and drain <= scrape_interval_s
+    lines.append(_line("release_backlog_drain", value, f"<= {scrape_interval_s:g} s", met))
+    return lines
+
+
+def build(
+    meta: dict[str, Any], configs: dict[str, Any], scrape_interval_s: float
+) -> dict[str, Any]:
+    """results.json: the meta, every configuration's phases, ratios and target lines."""
+    for name, row in configs.items():
+        row["vs_noop"] = _ratio(configs, name)
+        row["added_p99_ms_common"] = _added_p99(configs, name, "common")
+        row["added_p99_ms_half"] = _added_p99(configs, name, "half")
+    return {
+        "meta": meta,
+        "configs": configs,
+        "target_lines": target_lines(configs, scrape_interval_s),
+    }
+
+
+def _lat(phase: dict[str, Any]) -> str:
+    lat = phase["latency_ms"]
+    rate = phase["rate_target"]
+    return f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f} @ {rate:g}"
+
+
+def _calls(phase: dict[str, Any]) -> str:
+    calls = phase.get("redis_calls_per_request")
+    if calls is None:
+        return "—"
+    scripts = sum(v for k, v in calls.items() if k in SCRIPT_COMMANDS)
+    return f"{scripts:.2f} EVALSHA ({sum(calls.values()):.1f} commands in all)"
+
+
+def _backlog(row: dict[str, Any]) -> str:
+    last = row["max_runs"][-1].get("backlog")
+    if last is None:
+        return "—"
+    stop = last["at_stop"]
+    count = stop.get("leases", stop.get("in_flight", 0))
+    if not last["drained"]:
+        left = last["left"].get("leases", last["left"]["in_flight"])
+        return f"{count:.0f} / never ({left:.0f} left)"
+    return f"{count:.0f} / {last['drain_s']:.2f} s"
+
+
+def table(configs: dict[str, Any]) -> list[str]:
+    lines = [
+        "| configuration | max req/s (spread) | vs its no-op | p50 / p90 / p99 ms @ half max"
+        " | p50 / p90 / p99 ms @ common rate | added p99 ms (half / common)"
+        " | server CPU ms per request | Redis calls per request"
+        " | leases left at max-rate stop / drain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in sorted(configs.items(), key=lambda item: ORDER.index(item[0])):
+        ratio = "—" if row["vs_noop"] is None else f"{row['vs_noop']:.2f}"
+        added = "—"
+        if row["added_p99_ms_common"] is not None:
+            added = f"{row['added_p99_ms_half']:+.2f} / {row['added_p99_ms_common']:+.2f}"
+        over = " (over capacity)" if row["over_capacity_at_common"] else ""
+        cpu = row["max_runs"][-1]["cpu_ms_per_request"]
+        lines.append(
+            f"| {name}: {row['label']} | {row['max_rps']:,.0f} (±{row['max_rps_spread_pct']}%)"
+            f" | {ratio} | {_lat(row['half'])} | {_lat(row['common'])}{over} | {added}"
+            f" | {'—' if cpu is None else f'{cpu:.3f}'} | {_calls(row['max_runs'][-1])}"
+            f" | {_backlog(row)} |"
+        )
+    return lines
+
+
+def _generator_line(configs: dict[str, Any]) -> list[str]:
+    """The generator's speed: A is Envoy alone, so the generator went at least that fast."""
+    if "A" not in configs:
+        return []
+    return [
+        f"The load generator (benchmarks/loadgen_c) drove A at {configs['A']['max_rps']:,.0f}"
+        " req/s: it is faster than every configuration it measures."
+    ]
+
+
+def markdown(report: dict[str, Any], profile_lines: Sequence[str] | None) -> str:
+    meta = report["meta"]
+    out = [
+        f"# Overhead benchmark, {meta['started']}",
+        "",
+        f"Command: `{meta['command']}` ({meta['cpu_count']} CPUs, wall {meta['wall_s']} s).",
+        f"{meta['duration_s']:g} s per phase, max rate = median of {meta['repeats']} closed-loop"
+        f" runs with {meta['connections']} connections; latency open loop from scheduled send"
+        " times. CPU and Redis calls are from the last max-rate run.",
+        *_generator_line(report["configs"]),
+        "",
+        *table(report["configs"]),
+        "",
+        *report["target_lines"],
+    ]
+    if profile_lines:
+        out += ["", "## Profile of the sidecar (configuration D)", "", "```", *profile_lines, "```"]
+    return "\n".join(out) + "\n"
