@@ -20,7 +20,7 @@ from devstack.sidecar_proc import SidecarProcess
 from devstack.valkey_cluster import ValkeyCluster
 from sidecar.state.keys import KeyKind, build_key
 from tests.binaries import require_binaries
-from tests.stack_client import key_digest, wait_for, write_policy_file
+from tests.stack_client import key_digest, metric_value, wait_for, write_policy_file
 from tests.test_e2e_fleet import ask, complete
 
 pytestmark = pytest.mark.stack
@@ -82,11 +82,13 @@ def test_a_cluster_shares_the_limit_and_survives_a_killed_primary() -> None:
                 # at a time, so no 429 either.
                 assert set(statuses) == {200}, statuses
                 print(f"\nkilled primary: decisions {statuses}")
-                wait_for(
-                    lambda: ask(a, "k-app").status == 200 and ask(b, "k-app").status == 200,
-                    20,
-                    "both replicas decide on the promoted replica",
-                )
+                for sidecar in (a, b):  # the circuit closed: decisions in the store again
+                    wait_for(
+                        lambda s=sidecar: metric_value(s.admin_url, "qos_degraded") == 0,
+                        20,
+                        "both replicas out of degraded mode",
+                    )
+                assert ask(a, "k-app").status == 200 and ask(b, "k-app").status == 200
                 # The two admits just above hold a slot each; everything else was released
                 # (owed releases retried until the new primary took them).
                 store = redis.RedisCluster.from_url("redis://" + cluster.seeds.split(",")[0])

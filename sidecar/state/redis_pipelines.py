@@ -19,8 +19,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ClusterDownError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.core.types import LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
@@ -264,17 +265,36 @@ class Pipelines:
                     # As `_run` does (module rules of redis_store): connections pooled before
                     # a restart are dead; drop the idle ones and send once more. Every script
                     # sent this way is safe to run twice (an acquire carries its lease id).
-                    if isinstance(self._client, Redis):
-                        await self._client.connection_pool.disconnect(inuse_connections=False)
+                    await self._forget_connections()
                     if retried is not None:
                         retried.append(True)
                     replies = await self._pipeline(calls)
+                lost = [i for i, reply in enumerate(replies) if _connection_lost(reply)]
+                if lost:
+                    # A cluster pipeline keeps a dead node's connection errors as replies and,
+                    # unlike a single command, does not reread the slot map: without this, a
+                    # killed primary's slots would fail every pipeline until a restart.
+                    await self._forget_connections()
+                    if retried is not None:
+                        retried.append(True)
+                    again = await self._pipeline([calls[i] for i in lost])
+                    for i, reply in zip(lost, again, strict=True):
+                        replies[i] = reply
                 unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
                 if unknown:  # EVAL on the keys of the nodes that lacked it (module rules)
                     again = await self._pipeline([calls[i] for i in unknown], source=True)
                     for i, reply in zip(unknown, again, strict=True):
                         replies[i] = reply
         return replies
+
+    async def _forget_connections(self) -> None:
+        """Drop the connections a failure may have left dead: one server's idle pool; on a
+        cluster, everything, so that the next call reads the slot map again (what redis-py's
+        cluster pipeline does itself when it raises)."""
+        if isinstance(self._client, Redis):
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+        else:
+            await self._client.aclose()
 
     async def _pipeline(self, calls: Sequence[Call], *, source: bool = False) -> list[Any]:
         """EVALSHA (EVAL when `source`) of each call, in one pipeline."""
@@ -286,3 +306,9 @@ class Pipelines:
                 name, body = ("EVAL", script.source) if source else ("EVALSHA", script.sha)
                 pipe.execute_command(name, body, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
+
+
+def _connection_lost(reply: Any) -> bool:
+    """A reply that is the error of a connection lost or refused (a dead node), not the
+    script's own."""
+    return isinstance(reply, (RedisConnectionError, RedisTimeoutError, ClusterDownError))
