@@ -74,9 +74,10 @@ class Deferrer:
         self.in_flight_counts.read(counts, started)
         self.pump()
 
-    def note_ended(self, model: str) -> None:
-        """A request of `model` ended (its lease was released here)."""
-        self.in_flight_counts.ended(model)
+    def note_ended(self, model: str, sent: int | None = None) -> None:
+        """A request of `model` ended (its lease was released here, by a release sent when
+        `in_flight_counts.release_starts()` gave `sent`)."""
+        self.in_flight_counts.ended(model, sent)
 
     async def hold(
         self, tenant: str, klass: str, rank: int, model: str, work: float, deadline_s: float

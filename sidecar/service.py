@@ -222,13 +222,14 @@ class AdmissionService(SharedReads):
     async def _release(self, lease: LeaseRef, counted: bool = True) -> bool:
         """One release in the store, with its tombstone (see `sidecar.state.base`). Raises
         StateUnavailable."""
+        sent = None if self.deferrer is None else self.deferrer.in_flight_counts.release_starts()
         released = await self.releases.submit((lease, self.policy.lease_ttl_s))
         self._released(lease.tenant)
         self.metrics.completions.labels("released" if released else "already_released").inc()
         if self.deferrer is not None:
             mine = lease.model is not None and lease.model_pod == self.model_pod
             if released and counted and mine:
-                self.deferrer.note_ended(lease.model or "")  # of the count this one reads
+                self.deferrer.note_ended(lease.model or "", sent)  # of the count this one reads
             self.deferrer.pump()
         return released
 

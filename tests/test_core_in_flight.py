@@ -65,3 +65,21 @@ def test_a_written_call_without_a_pending_admit_changes_nothing() -> None:
     counts.written("m")
     assert counts.of("m") == 1
     assert counts.models() == set()
+
+
+def test_an_end_confirmed_after_a_read_that_may_show_it_is_not_subtracted() -> None:
+    counts = InFlightCounts()
+    counts.read({"m": 3}, counts.read_starts())
+    sent = counts.release_starts()  # the release goes out
+    counts.read({"m": 2}, counts.read_starts())  # ran after it on the server: shows it
+    counts.ended("m", sent)  # its answer arrives last
+    assert counts.of("m") == 2  # not 1: that would let one request over the cap
+
+
+def test_an_end_confirmed_before_the_next_read_is_subtracted() -> None:
+    counts = InFlightCounts()
+    counts.read({"m": 3}, counts.read_starts())
+    counts.ended("m", counts.release_starts())
+    assert counts.of("m") == 2
+    counts.read({"m": 3}, counts.read_starts())  # the read ran before the release: over, safe
+    assert counts.of("m") == 3

@@ -10,7 +10,11 @@ uncounted admit lets the cap be overshot; a twice-counted one costs one slot unt
 read, one scrape interval later):
 - an admit whose store write was confirmed before the read was sent is in the read: dropped;
 - an admit still being written, or confirmed after the read was sent, is kept on top of it;
-- every end seen so far is dropped at a read (it is in the read, or it will be in the next).
+- every end seen so far is dropped at a read (it is in the read, or it will be in the next);
+- an end whose release was sent before a read was applied, but confirmed after it, is not
+  subtracted at all: that read may already show it (the release ran on the server first and
+  its answer came back last), and subtracting it again would undercount by one until the
+  next read, which let a pod run one request over its cap (the fleet benchmark's `pod`).
 
 Before the first read that names a model, the count is this replica's own admits (the cap
 applies to what it knows); with neither, it is unknown (None) and the cap is not applied.
@@ -31,6 +35,7 @@ class InFlightCounts:
         # confirmed in (PENDING: not yet).
         self._admits: dict[str, Counter[int]] = {}
         self._ended: dict[str, int] = {}
+        self._reads = 0  # how many reads were applied
 
     def of(self, model: str) -> int | None:
         """The model's requests in flight as this replica knows them now."""
@@ -68,8 +73,15 @@ class InFlightCounts:
         admits[PENDING] -= 1
         admits[self._epoch] += 1
 
-    def ended(self, model: str) -> None:
-        """A request of `model` ended and its lease was released here."""
+    def release_starts(self) -> int:
+        """A release is about to be sent: its token for `ended`."""
+        return self._reads
+
+    def ended(self, model: str, sent: int | None = None) -> None:
+        """A request of `model` ended and its lease was released here; `sent`: the token
+        `release_starts` gave before the release was sent (None: sent just now)."""
+        if sent is not None and sent != self._reads:
+            return  # a read applied since may show it already: the next read will
         self._ended[model] = self._ended.get(model, 0) + 1
 
     def read_starts(self) -> int:
@@ -81,6 +93,7 @@ class InFlightCounts:
         """The store's counts, from the read `read_starts` returned `started` for."""
         self._read.update(counts)
         self._ended.clear()
+        self._reads += 1
         for model in list(self._admits):
             admits = self._admits[model]
             kept = Counter(
