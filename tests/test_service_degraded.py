@@ -203,3 +203,27 @@ def test_in_flight_gauges_keep_moving_while_the_store_is_down() -> None:
         assert gauge() == 0  # ...and done now; the local leases were never in it
 
     asyncio.run(main())
+
+
+def test_once_the_circuit_is_open_a_decision_takes_no_loop_tick() -> None:
+    """Degraded decisions are made in one step: no batched store call to wait on, so no
+    other work of the loop runs in the middle of one (the < 1 ms target of issue 10)."""
+
+    async def main() -> None:
+        service, store, _ = make()
+        await service.heartbeat("me", 6.0)
+        store.down = True
+        await admit_many(service, 3)  # the first failures open the circuit
+        assert service.store.breaker.is_open  # type: ignore[attr-defined]
+        for klass in ("standard", "interactive"):  # local share, fail-open
+            step = service.check(request(klass), "test")
+            try:
+                step.send(None)
+            except StopIteration as done:
+                decision = done.value
+            else:
+                step.close()
+                raise AssertionError(f"{klass}: the decision waited on the event loop")
+            assert decision.admitted
+
+    asyncio.run(main())
