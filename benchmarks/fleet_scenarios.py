@@ -41,6 +41,7 @@ from benchmarks.fleet_stack import (
     Prober,
     Store,
     decision_histogram,
+    decision_reasons,
     histogram_quantile,
     histogram_share_within,
     metric_sum,
@@ -252,6 +253,7 @@ def fairness(ctx: Ctx) -> Outcome:
         share_error=errors, quiet_violation_pct=violations, admitted_rps=total / window,
         statuses=statuses(inside), pool_peak_in_flight=max(pool_counts, default=0),
         pool_samples_above_cap=sum(1 for c in pool_counts if c > POOL_CAP),
+        reasons=decision_reasons(ctx.fleet.admin_urls, list(demands)),  # warmup included
     )  # fmt: skip
     out.targets += [
         Target(

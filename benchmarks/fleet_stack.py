@@ -265,6 +265,22 @@ def metric_sum(admin_url: str, name: str, **labels: str) -> float:
     return total
 
 
+def decision_reasons(
+    admin_urls: Sequence[str], tenants: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """Per tenant, `qos_decisions_total` by reason, summed over the sidecars."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reasons: dict[str, dict[str, int]] = {t: defaultdict(int) for t in tenants}
+    for url in admin_urls:
+        for family in text_string_to_metric_families(metrics_text(url)):
+            for sample in family.samples:
+                tenant = sample.labels.get("tenant", "")
+                if sample.name == "qos_decisions_total" and tenant in reasons:
+                    reasons[tenant][sample.labels["reason"]] += int(sample.value)
+    return {t: dict(r) for t, r in reasons.items()}
+
+
 def decision_histogram(admin_urls: Sequence[str]) -> dict[float, float]:
     """`qos_decision_duration_seconds` buckets (upper bound -> cumulative count), summed over
     the sidecars and every label."""

@@ -129,7 +129,8 @@ class Deferrer:
         first, after = self._first.get(model), self._after.get(model)
         if not first and not after:
             return NOBODY
-        return Elsewhere(first or {}, after or {}, self.queue.fairness.counter)
+        fairness = self.queue.fairness
+        return Elsewhere(first or {}, after or {}, fairness.counter, fairness.work_of)
 
     def adopt_fleet(
         self, me: str, others: list[tuple[str, str]], counters: dict[tuple[int, str], float]
@@ -162,8 +163,12 @@ class Deferrer:
         served = view.served_models(now, self.stale_after_s)
         # Only this model's waiters: another model's are not ahead of it (own queue, own room).
         queue = self.queue.queue(model)
-        counter = self.queue.fairness.counter
-        here = None if queue is None else Elsewhere(queue.by_tenant(), {}, counter)
+        fairness = self.queue.fairness
+        here = (
+            None
+            if queue is None
+            else Elsewhere(queue.by_tenant(), {}, fairness.counter, fairness.work_of)
+        )
         return Signals(
             model_signals, self.queue.waiting_by_rank(model), served, self.elsewhere(model), here
         )

@@ -11,6 +11,7 @@ from sidecar.core.fleet import (
     encode_summary,
     merge_summaries,
     parse_counter_field,
+    served_before,
 )
 from sidecar.core.queue import Fairness, HoldQueues, Waiter
 
@@ -116,3 +117,37 @@ def test_hold_queues_summary_counts_per_model_band_and_tenant() -> None:
     ):
         assert queues.push(Waiter(n, tenant, klass, rank, 1.0 + n, 1.0, model))
     assert queues.summary() == {"m": {0: {"a": 2}, 2: {"b": 1}}, "n": {2: {"a": 1}}}
+
+
+def test_of_another_tenants_backlog_only_the_turns_before_mine_are_ahead() -> None:
+    """A quiet tenant lifted to a noisy tenant's counter (a tie) waits for one of the noisy
+    tenant's requests, not its whole backlog; two turns behind, for two."""
+    tied = {(0, "noisy"): 7.0, (0, "quiet"): 7.0}
+    elsewhere = Elsewhere({0: {"noisy": 200}}, {}, lambda r, t: tied.get((r, t), 0.0))
+    assert elsewhere.ahead_of(0, "quiet") == 1  # the tie goes to the first replica
+    assert Elsewhere({}, {0: {"noisy": 200}}, elsewhere.counter).ahead_of(0, "quiet") == 0
+    behind = {(0, "noisy"): 5.0, (0, "quiet"): 7.0}
+    two = Elsewhere({}, {0: {"noisy": 200}}, lambda r, t: behind.get((r, t), 0.0))
+    assert two.ahead_of(0, "quiet") == 2  # noisy at 5 and 6 go first, then quiet at 7
+    heavy = Elsewhere(
+        {}, {0: {"noisy": 200}}, two.counter, lambda r, t: 4.0 if t == "noisy" else 1.0
+    )
+    assert heavy.ahead_of(0, "quiet") == 1  # noisy's requests weigh 4: one turn (5 -> 9)
+    assert two.ahead_of(0, "noisy") == 0  # its own, on a replica that loses ties
+
+
+def test_served_before_counts_turns_and_ties() -> None:
+    assert served_before(10, 0.0, 3.0, 1.0, ties_win=False) == 3  # at 0, 1, 2
+    assert served_before(10, 0.0, 3.0, 1.0, ties_win=True) == 4  # and the tie at 3
+    assert served_before(2, 0.0, 3.0, 1.0, ties_win=True) == 2  # only two wait
+    assert served_before(5, 4.0, 3.0, 1.0, ties_win=True) == 0  # served more than me
+    assert served_before(5, 3.0, 3.0, 1.0, ties_win=False) == 0
+
+
+def test_fairness_learns_each_tenants_work_per_waiter() -> None:
+    fairness = Fairness()
+    assert fairness.work_of(0, "a") == 1.0  # never seen
+    fairness.arrive(0, "a", 40.0)
+    assert fairness.work_of(0, "a") == 40.0
+    fairness.arrive(0, "a", 8.0)
+    assert 8.0 < fairness.work_of(0, "a") < 40.0

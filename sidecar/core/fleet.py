@@ -18,6 +18,13 @@ The rules, for a request of band `rank` and tenant `t` on this replica:
   or the counters are equal and that replica's id sorts first. Every replica so sees the
   same total order of heads: one goes, nobody waits for another for ever, and two replicas
   never both take the last room because they tie.
+- Of another tenant's waiters in the same band, only as many are ahead as go before `t`'s
+  counter is reached: each one served adds its work to its tenant's counter, so a tenant at
+  counter c with n waiters of work w each has min(n, the k with c + k*w below `t`'s counter,
+  or equal to it when ties go its way) ahead. (Counting all n put a quiet tenant lifted to
+  a noisy tenant's counter behind the noisy tenant's whole backlog: it was shed for a wait
+  of seconds it would never have had.) `t`'s own waiters elsewhere tie with it. The work per
+  waiter is the tenant's mean as this replica saw it (`Fairness.work_of`), 1 if never seen.
 - Room that those waiters ahead would take is RESERVED for them: the request may go only if
   the model has room once they are counted as already in flight (`admission.has_room`).
 - What another replica holds is known as of its last exchange (one refresh interval). A
@@ -35,6 +42,7 @@ The rules, for a request of band `rank` and tenant `t` on this replica:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -49,6 +57,23 @@ def _no_counter(rank: int, tenant: str) -> float:
     return 0.0
 
 
+def _unit_work(rank: int, tenant: str) -> float:
+    return 1.0
+
+
+def served_before(n: int, theirs: float, mine: float, work: float, *, ties_win: bool) -> int:
+    """How many of a tenant's `n` waiters (counter `theirs`, `work` each) a tenant at
+    counter `mine` waits for: those served while their counter is still below `mine` (or
+    equal, when ties go their way)."""
+    gap = mine - theirs
+    if n <= 0 or gap < 0 or (gap == 0 and not ties_win):
+        return 0
+    if work <= 0:
+        return n
+    turns = math.floor(gap / work) + 1 if ties_win else math.ceil(gap / work)
+    return min(n, turns)
+
+
 @dataclass(frozen=True, slots=True)
 class Elsewhere:
     """Other replicas' waiters for one model, and the counters that order them: `first`
@@ -57,6 +82,7 @@ class Elsewhere:
     first: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
     after: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
     counter: Callable[[int, str], float] = _no_counter
+    work: Callable[[int, str], float] = _unit_work  # a tenant's work per waiter
 
     def ahead_of(self, rank: int, tenant: str) -> int:
         """How many of them go before a request of band `rank` and `tenant` (module rules)."""
@@ -68,9 +94,11 @@ class Elsewhere:
                     ahead += sum(tenants.values())
                 elif band == rank:
                     for other, n in tenants.items():
-                        theirs = self.counter(rank, other)
-                        if theirs < mine or (ties_win and theirs == mine):
-                            ahead += n
+                        if other == tenant:  # its own: a tie, whoever's id sorts first
+                            ahead += n if ties_win else 0
+                            continue
+                        theirs, work = self.counter(rank, other), self.work(rank, other)
+                        ahead += served_before(n, theirs, mine, work, ties_win=ties_win)
         return ahead
 
 

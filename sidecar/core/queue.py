@@ -55,11 +55,17 @@ class Fairness:
         self._backlog: dict[int, dict[str, int]] = {}  # rank -> tenant -> waiters (any model)
         self._elsewhere: dict[int, set[str]] = {}  # rank -> tenants other replicas hold
         self._ops: list[CounterOp] | None = [] if shared else None
+        self._work: dict[tuple[int, str], float] = {}  # mean work per waiter (moving)
 
     def counter(self, rank: int, tenant: str) -> float:
         return self._counters.get(rank, {}).get(tenant, 0.0)
 
-    def arrive(self, rank: int, tenant: str) -> None:
+    def work_of(self, rank: int, tenant: str) -> float:
+        """The work of `tenant`'s waiters in band `rank`, a moving mean of those that arrived
+        here; 1 for a tenant never seen here."""
+        return self._work.get((rank, tenant), 1.0)
+
+    def arrive(self, rank: int, tenant: str, work: float | None = None) -> None:
         """A waiter of `tenant` joins band `rank` on some model. A tenant that was idle in the
         band (here and, shared, on every other replica) is lifted to the smallest counter
         among the backlogged (or, with none, to the largest ever seen): no credit banked
@@ -73,6 +79,9 @@ class Fairness:
             if floor > counters.get(tenant, 0.0):
                 self._apply(("^", rank, tenant, floor))
         backlog[tenant] = backlog.get(tenant, 0) + 1
+        if work is not None and work > 0:
+            seen = self._work.get((rank, tenant))
+            self._work[(rank, tenant)] = work if seen is None else seen + (work - seen) / 8
 
     def leave(self, rank: int, tenant: str, charged_work: float = 0.0) -> None:
         """A waiter left band `rank`: admitted (its tenant is charged its work) or removed."""
@@ -174,7 +183,7 @@ class DeferralQueue:
         if self._per_class.get(waiter.klass, 0) >= self.max_waiters.get(waiter.klass, 0):
             return False
         band = self._bands.setdefault(waiter.rank, _Band())
-        self.fairness.arrive(waiter.rank, waiter.tenant)
+        self.fairness.arrive(waiter.rank, waiter.tenant, waiter.work)
         key = waiter.deadline_s + self.alpha_s_per_unit * waiter.work
         heap = band.per_tenant.setdefault(waiter.tenant, [])
         heapq.heappush(heap, (key, next(self._sequence), waiter))
