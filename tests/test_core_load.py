@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.core.load import (
+    CounterWindow,
     LoadView,
     SignalState,
     TritonCounters,
@@ -172,3 +173,26 @@ def test_why_triton_is_not_ready(
 ) -> None:
     view = LoadView(models={}, ready=ready, checked_at=checked_at)
     assert view.not_ready(now, 1.0) == problems
+
+
+def test_rates_span_the_drain_window_not_one_scrape_interval() -> None:
+    """Batches complete in steps: per interval the count reads 0, 8, 0, 8... The window
+    measures the drain rate from the scrape about DRAIN_WINDOW_S old."""
+    window = CounterWindow(window_s=1.0)
+    done, rates = 0, []
+    for step in range(20):  # a scrape every 0.1 s; a batch of 8 every 0.2 s: 40/s
+        now = step * 0.1
+        done += 8 if step % 2 else 0
+        counters = TritonCounters(pending=5, success=done)
+        rates.append(derive_load("t0", "m", counters, now, window.base(now)).completions_per_s)
+        window.add(counters, now)
+    steady = rates[10:]
+    assert all(36.0 <= r <= 44.0 for r in steady), steady  # between scrapes: 0 or 80
+
+
+def test_the_window_starts_over_after_a_restart() -> None:
+    window = CounterWindow(window_s=1.0)
+    window.add(TritonCounters(success=500), 0.0)
+    window.add(TritonCounters(success=10), 0.5)  # Triton restarted
+    base = window.base(0.6)
+    assert base is not None and base[0].success == 10

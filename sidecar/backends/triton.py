@@ -19,9 +19,9 @@ import aiohttp
 
 from sidecar.core.load import (
     EMPTY_VIEW,
+    CounterWindow,
     LoadView,
     ModelLoad,
-    TritonCounters,
     derive_load,
     parse_triton_metrics,
 )
@@ -52,7 +52,7 @@ class TritonLoadMonitor:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.clock = clock
-        self._previous: dict[tuple[str, str], tuple[TritonCounters, float]] = {}
+        self._history: dict[tuple[str, str], CounterWindow] = {}
         self._loads: dict[tuple[str, str], ModelLoad] = {}
         self._ready: dict[str, bool] = {}
         self._view = EMPTY_VIEW
@@ -130,15 +130,16 @@ class TritonLoadMonitor:
         for model, counters in page.items():
             key = (endpoint.name, model)
             last = self._loads.get(key)
+            history = self._history.setdefault(key, CounterWindow())
             load = derive_load(
                 endpoint.name,
                 model,
                 counters,
                 now,
-                self._previous.get(key),
+                history.base(now),
                 last_rate=last.completions_per_s if last else 0.0,
             )
-            self._previous[key] = (counters, now)
+            history.add(counters, now)
             self._loads[key] = load
             self.metrics.backend_queue_depth.labels(endpoint.name, model).set(load.queue_depth)
             self.metrics.backend_completions.labels(endpoint.name, model).set(

@@ -10,6 +10,12 @@ Rules:
   completed in between.
 - Versions of one model are summed: admission is per model name, as clients address it.
 - A counter that goes backwards means Triton restarted; the rates start over from that scrape.
+- Rates are measured over a window of about DRAIN_WINDOW_S (`CounterWindow`: from the oldest
+  kept scrape at least that old), not between two consecutive scrapes. Triton completes
+  requests a batch at a time, so one scrape interval holds none, one or two batches: the
+  per-interval rate swung between zero and twice the truth, and a request that came when it
+  read low was shed for a predicted wait it would not have had (the fleet benchmark's quiet
+  tenants, Retry-After 1 s against a 0.7 s budget).
 - An idle interval (nothing completed, nothing waiting) says nothing about how fast Triton
   drains: the last measured rate is kept, so the first burst after a quiet spell is judged
   by what Triton could do, not by "zero completions per second".
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -56,6 +63,32 @@ class TritonCounters:
     queue_us: float = 0.0
     request_us: float = 0.0
     exec_count: float = 0.0
+
+
+DRAIN_WINDOW_S = 1.0  # rates span at least this much of the recent past (when known)
+
+
+class CounterWindow:
+    """One model's scrapes on one endpoint over the last DRAIN_WINDOW_S, oldest first."""
+
+    def __init__(self, window_s: float = DRAIN_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._kept: deque[tuple[TritonCounters, float]] = deque()
+
+    def base(self, now: float) -> tuple[TritonCounters, float] | None:
+        """The scrape to measure rates from at `now`: the newest one at least `window_s`
+        old, else the oldest kept (None before any)."""
+        while len(self._kept) > 1 and now - self._kept[1][1] >= self.window_s:
+            self._kept.popleft()
+        return self._kept[0] if self._kept else None
+
+    def add(self, counters: TritonCounters, now: float) -> None:
+        """Keep a scrape. One whose counters went backwards (a restart) starts over."""
+        if self._kept:
+            newest = self._kept[-1][0]
+            if counters.success + counters.failure < newest.success + newest.failure:
+                self._kept.clear()
+        self._kept.append((counters, now))
 
 
 @dataclass(frozen=True, slots=True)
