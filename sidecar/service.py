@@ -303,8 +303,10 @@ class AdmissionService(SharedReads):
         """The bookkeeping an answer asks for, then its decision."""
         if answer.give_back is not None:
             await asyncio.shield(self._give_back(answer.give_back))
+        lease = answer.decision.lease
+        writes = answer.count_for_model and lease is not None and lease.model is not None
         if answer.note_admitted is not None and self.deferrer is not None:
-            self.deferrer.note_admitted(answer.note_admitted, written=not answer.count_for_model)
+            self.deferrer.note_admitted(answer.note_admitted, written=not writes)
         if answer.count_for_model:
             self._count_for_model(answer.decision, policy.lease_ttl_s)
         return answer.decision
@@ -413,6 +415,10 @@ class AdmissionService(SharedReads):
             held_s = self.clock() - hold.started_s
             self.metrics.held_seconds.labels(klass.name, outcome.value).observe(held_s)
         signals = self._signals(planned.model)
+        if outcome is HoldOutcome.LET_GO and planned.check.model is None and planned.model:
+            # Let go as pending a model write that will not come (the policy counts no
+            # model): it is written as far as this replica's count goes.
+            self.deferrer.note_written(planned.model)
         return admission.on_hold_end(hold, outcome, signals, policy, held_s)
 
     async def _release_many(self, items: list[tuple[LeaseRef, float]]) -> list[bool | None]:

@@ -12,6 +12,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.core.lease import parse_lease
@@ -39,7 +40,9 @@ class Backend:
         return LoadView(models={"simgpu": (load,)}, ready={"t0": True})
 
 
-def policy_with_overload(max_wait_ms: int = 300, relegate: bool = False) -> Any:
+def policy_with_overload(
+    max_wait_ms: int = 300, relegate: bool = False, caps_in_flight: bool = False
+) -> Any:
     policy = make_policy()
     classes = dict(policy.classes)
     classes["standard"] = replace(
@@ -48,7 +51,11 @@ def policy_with_overload(max_wait_ms: int = 300, relegate: bool = False) -> Any:
         overload=OverloadPolicy(admit_below=4, shed_above=40),
         relegate_to="batch" if relegate else None,
     )
-    classes["batch"] = replace(classes["batch"], overload=OverloadPolicy(admit_below=100))
+    # A cap that never binds, so that models are counted (only a `max_in_flight` reads it).
+    cap = 1000 if caps_in_flight else None
+    classes["batch"] = replace(
+        classes["batch"], overload=OverloadPolicy(admit_below=100, max_in_flight=cap)
+    )
     return replace(policy, classes=MappingProxyType(classes))
 
 
@@ -372,7 +379,7 @@ def test_a_held_request_that_leaves_does_not_lower_its_models_in_flight_count() 
     its lease back must not count as one of the model's requests ending: that would let the
     replica admit one over `max_in_flight` until the next refresh."""
     backend = Backend(depth=0)
-    service, store = make(backend, max_wait_ms=5000)
+    service, store = make(backend, max_wait_ms=5000, caps_in_flight=True)
 
     async def body() -> tuple[int | None, int | None]:
         assert service.deferrer is not None
@@ -393,3 +400,29 @@ def test_a_held_request_that_leaves_does_not_lower_its_models_in_flight_count() 
 
     before, after = asyncio.run(body())
     assert before == after == 2
+
+
+@pytest.mark.parametrize("caps", [False, True])
+def test_models_are_counted_only_when_a_class_caps_their_requests_in_flight(caps: bool) -> None:
+    """Only `max_in_flight` reads a model's count: without one, no model set is touched (two
+    store calls fewer per request), and a held request let go leaves nothing pending."""
+    backend = Backend(depth=0)
+    service, store = make(backend, max_wait_ms=5000, caps_in_flight=caps)
+
+    async def body() -> tuple[int, int | None, bool]:
+        assert service.deferrer is not None
+        admitted = await service.check(request(), "test")
+        backend.depth = 6  # over admit_below: held, then let go
+        held = asyncio.create_task(service.check(request(), "test"))
+        await asyncio.sleep(0.05)
+        backend.depth = 0
+        service.deferrer.on_scrape()
+        assert (await held).reason is Reason.ADMITTED_DEFERRED
+        await asyncio.sleep(0.01)  # model counts are written after the answers
+        names_model = admitted.lease is not None and admitted.lease.model is not None
+        pending = service.deferrer.in_flight_counts.pending()
+        return await store.model_in_flight("simgpu"), pending.get("simgpu"), names_model
+
+    counted, pending, names_model = asyncio.run(body())
+    assert (counted, names_model) == ((2, True) if caps else (0, False))
+    assert pending is None  # nothing waits for a write that will not come

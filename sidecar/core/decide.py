@@ -114,6 +114,10 @@ class CompiledPolicy:
     by_api_key: Mapping[str, TenantPolicy]
     by_principal: Mapping[str, TenantPolicy]
     by_header_value: Mapping[str, TenantPolicy]
+    # Does any class cap a model's requests in flight (`overload.max_in_flight`)? Only then
+    # are admits counted in their model's lease set: nothing else reads that count, and
+    # counting costs two store calls per request (add, remove) in another slot.
+    counts_models: bool = True
 
 
 def compile_policy(policy: Policy) -> CompiledPolicy:
@@ -124,8 +128,16 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         keys.update(dict.fromkeys(tenant.match.api_key_sha256, tenant))
         principals.update(dict.fromkeys(tenant.match.principals, tenant))
         values.update(dict.fromkeys(tenant.match.header_values, tenant))
+    counts_models = any(
+        c.overload is not None and c.overload.max_in_flight is not None
+        for c in policy.classes.values()
+    )
     return CompiledPolicy(
-        policy, MappingProxyType(keys), MappingProxyType(principals), MappingProxyType(values)
+        policy,
+        MappingProxyType(keys),
+        MappingProxyType(principals),
+        MappingProxyType(values),
+        counts_models,
     )
 
 
@@ -178,7 +190,8 @@ def plan_request(
         if math.isinf(cost):  # core.tokens.CHARGE_MAX: what the tenant's buckets can hold
             cost = _most_chargeable(tenant, klass, policy.cost_of(model))
         trace.append(f"model {model!r}, {why}")
-    check = quota_check(tenant, klass, cost, policy, model, lease_id_for(attrs.request_id))
+    counted = model if compiled.counts_models else None  # the model whose count it joins
+    check = quota_check(tenant, klass, cost, policy, counted, lease_id_for(attrs.request_id))
     too_big = next((b for b in check.buckets if b.cost > b.burst), None)
     if too_big is not None:
         # No wait would ever fit it: a 429 would have the client retry forever.
@@ -300,7 +313,7 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
     check = admission.check
     if requota:
         requota_check = quota_check(
-            admission.tenant, target, admission.cost, policy, admission.model, check.lease_id
+            admission.tenant, target, admission.cost, policy, check.model, check.lease_id
         )
         check = replace(requota_check, model_pod=check.model_pod)  # the same model count
     return replace(
