@@ -7,6 +7,7 @@ reported as `__unknown__`, so a client cannot grow the series count by inventing
 from __future__ import annotations
 
 from collections.abc import Container
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,6 +19,9 @@ UNKNOWN = "__unknown__"
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Labelled children of the per-decision series, looked up once per label set.
+        self._decision_children: dict[tuple[str, str, str, str], Any] = {}
+        self._decision_seconds_children: dict[str, Any] = {}
         self._decision_series(registry)
         self._adapter_series(registry)
         self._state_series(registry)
@@ -229,12 +233,22 @@ class Metrics:
         )
 
     def record_decision(self, decision: Decision, known_tenants: Container[str], api: str) -> None:
-        tenant = decision.tenant if decision.tenant in known_tenants else UNKNOWN
-        self.decisions.labels(
-            tenant, decision.klass or UNKNOWN, decision.outcome.value, decision.reason.value
-        ).inc()
+        tenant = decision.tenant
+        if tenant is None or tenant not in known_tenants:
+            tenant = UNKNOWN
+        key = (tenant, decision.klass or UNKNOWN, decision.outcome.value, decision.reason.value)
+        child = self._decision_children.get(key)
+        if child is None:  # `labels` is a few microseconds per call: once per label set
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
         if decision.reason is Reason.MALFORMED:
             self.malformed.labels(api).inc()
+
+    def observe_decision_seconds(self, api: str, seconds: float) -> None:
+        child = self._decision_seconds_children.get(api)
+        if child is None:
+            child = self._decision_seconds_children[api] = self.decision_seconds.labels(api)
+        child.observe(seconds)
 
     def set_policy_version(self, version: str) -> None:
         self.policy_info.clear()

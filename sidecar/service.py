@@ -157,7 +157,7 @@ class AdmissionService(SharedReads):
         started = time.perf_counter()
         compiled = policy or self.snapshot()
         decision = await self._check(compiled, attrs, on_hold, estimate)
-        self.metrics.decision_seconds.labels(api).observe(time.perf_counter() - started)
+        self.metrics.observe_decision_seconds(api, time.perf_counter() - started)
         self.metrics.record_decision(decision, compiled.policy.tenants, api)
         return decision
 
@@ -326,7 +326,7 @@ class AdmissionService(SharedReads):
         if check.lease_id is None:
             check = replace(check, lease_id=new_lease_id())
         lease = LeaseRef.of(check, check.lease_id or "")
-        task = asyncio.ensure_future(self.acquires.submit(check))
+        task = self.acquires.enqueue(check)
         try:
             result = await asyncio.shield(task)
         except StateUnavailable as exc:
@@ -469,7 +469,7 @@ class AdmissionService(SharedReads):
         if lease.lease_id in self.local_leases:
             task = asyncio.ensure_future(self.local.count_for_model(lease, lease_ttl_s))
         else:
-            task = asyncio.ensure_future(self.model_counts.submit((lease, lease_ttl_s)))
+            task = self.model_counts.enqueue((lease, lease_ttl_s))
         self._model_writes[lease.lease_id] = task
 
         def written(done: asyncio.Future[Any]) -> None:

@@ -386,16 +386,18 @@ def judge(admission: Admission, signals: Signals, policy: Policy) -> TakeQuota |
     if verdict.action is LoadAction.RELEGATE:
         admission = relegate(admission, policy, verdict.why, requota=True)
         verdict = verdict_for(admission, signals)
-    admission = replace(admission, trace=(*admission.trace, verdict.why))
-    if verdict.action is LoadAction.SHED:
-        retry_after_s = overload_retry_after_s(admission.klass, verdict)
-        return Answer(shed_overloaded(admission, retry_after_s, "shed for load"))
     # The quota call never counts the model: one store call on the decision's path (the
     # model's set is in another slot). An admit's answer asks for the count instead
     # (`Answer.count_for_model`), which the service writes after answering; a held request
-    # is counted once it is let go.
-    check = replace(admission.check, count_model_now=False)
-    return TakeQuota(replace(admission, check=check), verdict)
+    # is counted once it is let go. (`plan` builds its check so already.)
+    check = admission.check
+    if check.count_model_now:
+        check = replace(check, count_model_now=False)
+    admission = replace(admission, check=check, trace=(*admission.trace, verdict.why))
+    if verdict.action is LoadAction.SHED:
+        retry_after_s = overload_retry_after_s(admission.klass, verdict)
+        return Answer(shed_overloaded(admission, retry_after_s, "shed for load"))
+    return TakeQuota(admission, verdict)
 
 
 CONCURRENCY_LIMITS = (LimitKind.CONCURRENCY, LimitKind.CLASS_CONCURRENCY)

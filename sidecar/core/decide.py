@@ -191,7 +191,10 @@ def plan_request(
             cost = _most_chargeable(tenant, klass, policy.cost_of(model))
         trace.append(f"model {model!r}, {why}")
     counted = model if compiled.counts_models else None  # the model whose count it joins
-    check = quota_check(tenant, klass, cost, policy, counted, lease_id_for(attrs.request_id))
+    # The decision's quota call never counts the model (`core.admission.judge` says why).
+    check = quota_check(
+        tenant, klass, cost, policy, counted, lease_id_for(attrs.request_id), count_now=False
+    )
     too_big = next((b for b in check.buckets if b.cost > b.burst), None)
     if too_big is not None:
         # No wait would ever fit it: a 429 would have the client retry forever.
@@ -209,6 +212,8 @@ def quota_check(
     policy: Policy,
     model: str | None = None,
     lease_id: str | None = None,
+    *,
+    count_now: bool = True,
 ) -> QuotaCheck:
     """The limits a request of `klass` must fit: every bucket of the tenant that covers the
     class (a bucket without `classes` covers all), and the concurrency limits."""
@@ -232,6 +237,7 @@ def quota_check(
         lease_ttl_s=policy.lease_ttl_s,
         model=model,
         lease_id=lease_id,
+        count_model_now=count_now,
     )
 
 
@@ -313,7 +319,13 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
     check = admission.check
     if requota:
         requota_check = quota_check(
-            admission.tenant, target, admission.cost, policy, check.model, check.lease_id
+            admission.tenant,
+            target,
+            admission.cost,
+            policy,
+            check.model,
+            check.lease_id,
+            count_now=check.count_model_now,
         )
         check = replace(requota_check, model_pod=check.model_pod)  # the same model count
     return replace(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -42,10 +43,14 @@ _SIGNED_PREFIX = "s1"
 _MAC_BYTES = 16  # 128 bits: forging one takes 2^128 guesses; the header stays short
 
 
+# Names repeat (a policy's tenants, classes, models, pods): encoded once each. The caches are
+# bounded, and a token only reaches `_decode` once its signature was verified.
+@functools.lru_cache(maxsize=4096)
 def _encode(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
+@functools.lru_cache(maxsize=4096)
 def _decode(part: str) -> str | None:
     """The non-empty name `part` encodes, or None if `part` is not what `_encode` writes."""
     padded = part + "=" * (-len(part) % 4)

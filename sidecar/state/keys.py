@@ -31,6 +31,7 @@ Rules:
 from __future__ import annotations
 
 import enum
+import functools
 import re
 
 PREFIX = "qos"
@@ -74,7 +75,12 @@ def build_key(tenant: str, kind: KeyKind, *parts: str) -> str:
     if not tenant:
         raise ValueError("tenant must not be empty: '{}' is no hash tag in Redis Cluster")
     tail = "".join(":" + encode_name(part) for part in parts)
-    return f"{PREFIX}:{{{encode_name(tenant)}}}:{kind.value}{tail}"
+    return f"{_tenant_tag(tenant)}:{kind.value}{tail}"
+
+
+@functools.lru_cache(maxsize=4096)  # a policy's tenants: built once each
+def _tenant_tag(tenant: str) -> str:
+    return f"{PREFIX}:{{{encode_name(tenant)}}}"
 
 
 def build_model_key(model: str, pod: str | None = None) -> str:
