@@ -218,13 +218,15 @@ def measure(
 
 
 def profile(workdir: Path, redis_url: str, args: argparse.Namespace, out: Path) -> list[str]:
-    """Configuration D again, its sidecar under cProfile, closed loop for ``--duration`` s;
-    writes the top 25 cumulative entries to ``out/profile_D.txt`` and returns them."""
+    """Configuration ``--profile-config`` (D) again, its sidecar under cProfile, closed loop
+    for ``--duration`` s; writes the top 25 cumulative entries to ``out/profile_<config>.txt``
+    and returns them."""
     import io
     import pstats
 
-    raw = out.resolve() / "profile_D.prof"  # the sidecar runs in its own working directory
-    config = stack.BY_NAME["D"]
+    name = args.profile_config
+    raw = out.resolve() / f"profile_{name}.prof"  # the sidecar runs in its own directory
+    config = stack.BY_NAME[name]
     with stack.start(config, workdir / "profile", redis_url, profile_path=raw) as running:
         target = cloadgen.Target(
             running.port, f"/v2/models/{stack.MODEL}/infer", stack.request_headers(), b"{}"
@@ -234,10 +236,11 @@ def profile(workdir: Path, redis_url: str, args: argparse.Namespace, out: Path) 
     pstats.Stats(str(raw), stream=cumulative).sort_stats("cumulative").print_stats(25)
     pstats.Stats(str(raw), stream=own).sort_stats("tottime").print_stats(25)
     header = (
-        f"cProfile of the sidecar, configuration D, closed loop, {result['completed']} requests"
-        f" in {args.duration:g} s (profiled: slower than unprofiled)\n"
+        f"cProfile of the sidecar, configuration {name}, closed loop,"
+        f" {result['completed']} requests in {args.duration:g} s (profiled: slower than"
+        " unprofiled)\n"
     )
-    (out / "profile_D.txt").write_text(
+    (out / f"profile_{name}.txt").write_text(
         header + "\n## by cumulative time\n" + cumulative.getvalue()
         + "\n## by own time\n" + own.getvalue()
     )  # fmt: skip
@@ -300,9 +303,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=15.0,
         help="the release backlog target: drained within this many seconds (default 15)",
     )
-    parser.add_argument("--profile", action="store_true", help="cProfile the sidecar in D")
+    parser.add_argument("--profile", action="store_true", help="cProfile one sidecar config")
+    parser.add_argument("--profile-config", default="D", help="which config --profile runs")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
+    config = stack.BY_NAME.get(args.profile_config)
+    if config is None or not config.is_sidecar:
+        parser.error(f"--profile-config: one of the sidecar configs, not {args.profile_config!r}")
     args.duration = args.duration or (15.0 if args.full else 5.0)
     args.repeats = args.repeats or (5 if args.full else 3)
     return args

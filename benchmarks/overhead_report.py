@@ -192,5 +192,5 @@ def markdown(report: dict[str, Any], profile_lines: Sequence[str] | None) -> str
         *report["target_lines"],
     ]
     if profile_lines:
-        out += ["", "## Profile of the sidecar (configuration D)", "", "```", *profile_lines, "```"]
+        out += ["", "## Profile of the sidecar", "", "```", *profile_lines, "```"]
     return "\n".join(out) + "\n"

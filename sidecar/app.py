@@ -61,6 +61,8 @@ HEARTBEAT_TTL_S = 3 * HEARTBEAT_S
 # Gateway topology: how often replicas read the model counts and exchange their holds while
 # any of them holds a request (one small script call each, per replica).
 FLEET_BUSY_S = 0.025
+# Leased mode: how often expired slices give back what they did not spend (core/slices.py).
+SLICE_SWEEP_S = 0.05
 
 
 def make_store(settings: Settings, metrics: Metrics) -> QuotaStore:
@@ -197,6 +199,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
     sidecar.tasks.append(asyncio.create_task(_heartbeat(service, replica)))
+    sidecar.tasks.append(asyncio.create_task(_return_slices(service)))
     if isinstance(service.store, GuardedStore):  # the only probe while Redis is down
         sidecar.tasks.append(asyncio.create_task(_probe_store(service.store)))
     # Renews the leases of running requests and retries owed releases (sidecar/leases.py).
@@ -387,6 +390,17 @@ async def _heartbeat(service: AdmissionService, replica: str) -> None:
         except Exception:  # a bug here must not end the loop
             log.exception("heartbeat failed")
         await asyncio.sleep(HEARTBEAT_S)
+
+
+async def _return_slices(service: AdmissionService) -> None:
+    """Leased mode: give back what expired slices did not spend, every SLICE_SWEEP_S (the
+    most a slice's rest waits beyond its lease_ms)."""
+    while True:
+        await asyncio.sleep(SLICE_SWEEP_S)
+        try:
+            await service.return_slices()
+        except Exception:  # a bug here must not end the loop (units would stay held)
+            log.exception("returning slices failed")
 
 
 async def _refresh_in_flight(service: AdmissionService) -> None:

@@ -95,6 +95,14 @@ class Metrics:
         )
 
     def _state_series(self, registry: CollectorRegistry) -> None:
+        self.slice_calls = Counter(
+            "qos_slice_calls_total",
+            "Leased mode's store calls: slice (a slice taken or refused), cost_only (a slice "
+            "the buckets could not give whole, then the request's cost alone), return (what "
+            "expired slices did not spend, given back).",
+            ["call"],
+            registry=registry,
+        )
         """The shared state: leases in flight, completions, store failures."""
         self.in_flight = Gauge(
             "qos_in_flight_requests",

@@ -14,6 +14,8 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 import grpc
@@ -23,6 +25,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import struct_pb2
+from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2
 
 from sidecar.core.kserve import GRPC_MODEL_INFER_PATH
@@ -31,8 +34,11 @@ from sidecar.core.types import QuotaCheck, QuotaResult
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.ext_proc import ATTRIBUTES_KEY, PRINCIPAL_ATTRIBUTE, ExternalProcessorServicer
 from sidecar.errors import StateUnavailable
+from sidecar.metrics import Metrics
+from sidecar.policy.model import OverloadPolicy
 from sidecar.service import AdmissionService
 from sidecar.state.memory import MemoryQuotaStore
+from tests.core_fixtures import make_policy
 from tests.test_adapters import INFER, KEY, check_request, make_service, sample
 
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -656,7 +662,13 @@ GRPC_SEARCH = {"x-api-key": "k-search", "content-type": "application/grpc", "te"
 
 
 def test_grpc_model_infer_is_decided_on_its_body_for_its_model() -> None:
-    service = make_service()
+    # A class caps a model's requests in flight, so that admits are counted for their model.
+    policy = make_policy()
+    classes = dict(policy.classes)
+    cap = OverloadPolicy(admit_below=1000, max_in_flight=1000)
+    classes["batch"] = replace(classes["batch"], overload=cap)
+    policy = replace(policy, classes=MappingProxyType(classes))
+    service = AdmissionService(policy, MemoryQuotaStore(), Metrics(CollectorRegistry()))
     seen: list[Any] = []
 
     async def body(ext_proc: Any, _: Any) -> None:

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.metrics", "sidecar.state"),
     ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
     ("sidecar.batching",),
-    ("sidecar.shared_reads",),
+    ("sidecar.shared_reads", "sidecar.leased"),
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),
     ("sidecar.app",),

@@ -275,7 +275,10 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
                 "t", TenantMatch(), frozenset(), "c"
             ).on_disallowed_class
         },
-        "bucket": {"per": "second"},
+        "bucket": {
+            "per": "second",
+            "lease_ms": BucketPolicy("requests", BucketUnit.REQUESTS, 1.0, 1.0).lease_ms,
+        },
         "overload": {"on_stale": OverloadPolicy(admit_below=1).on_stale},
     }[obj.name]
     declared = {k: f.default for k, f in obj.fields.items() if f.default is not None}

@@ -378,6 +378,31 @@ def test_peek_answers_like_acquire_and_takes_nothing(harness: Harness) -> None:
     harness.run(body)
 
 
+def test_take_buckets_charges_all_or_nothing_and_takes_no_lease(harness: Harness) -> None:
+    """Leased mode's slices: the buckets of `acquire`, without the lease."""
+
+    async def body(store: QuotaStore) -> None:
+        small, large = bucket("small", burst=5, cost=4), bucket("large", burst=50, cost=4)
+        taken = await store.take_buckets(check(small, large))
+        assert taken.allowed and taken.lease_id is None
+        assert await store.in_flight("acme", None) == 0  # no lease
+        denied = await store.take_buckets(check(small, large))  # small has 1 left
+        assert (denied.allowed, denied.denied_by, denied.denied_bucket) == (
+            False,
+            LimitKind.BUCKET,
+            "small",
+        )
+        assert_retry_after(harness, denied, (4 - 1) / 0.5)
+        # Nothing was charged by the denial: `large` still holds 46.
+        assert (await store.take_buckets(check(bucket("large", burst=50, cost=46)))).allowed
+        assert not (await store.take_buckets(check(bucket("large", burst=50, cost=1)))).allowed
+        for bad in (check(small, max_concurrency=3), check(small, model="m")):
+            with pytest.raises(ValueError):
+                await store.take_buckets(bad)
+
+    harness.run(body)
+
+
 def test_charge_and_refund_move_the_bucket(harness: Harness) -> None:
     async def body(store: QuotaStore) -> None:
         b = bucket(burst=5)

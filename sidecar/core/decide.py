@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from sidecar.core.kserve import Unreadable, model_of
-from sidecar.core.lease import format_lease
+from sidecar.core.lease import format_lease, lease_id_for
 from sidecar.core.types import (
     BucketCheck,
     Decision,
@@ -114,9 +114,8 @@ class CompiledPolicy:
     by_api_key: Mapping[str, TenantPolicy]
     by_principal: Mapping[str, TenantPolicy]
     by_header_value: Mapping[str, TenantPolicy]
-    # Does any class cap a model's requests in flight (`overload.max_in_flight`)? Only then
-    # are admits counted in their model's lease set: nothing else reads that count, and
-    # counting costs two store calls per request (add, remove) in another slot.
+    # Is a model's count read (a class sets `overload.max_in_flight`)? Only then are admits
+    # counted in their model's set: two store calls per request (add, remove), another slot.
     counts_models: bool = True
 
 
@@ -128,17 +127,9 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         keys.update(dict.fromkeys(tenant.match.api_key_sha256, tenant))
         principals.update(dict.fromkeys(tenant.match.principals, tenant))
         values.update(dict.fromkeys(tenant.match.header_values, tenant))
-    counts_models = any(
-        c.overload is not None and c.overload.max_in_flight is not None
-        for c in policy.classes.values()
-    )
-    return CompiledPolicy(
-        policy,
-        MappingProxyType(keys),
-        MappingProxyType(principals),
-        MappingProxyType(values),
-        counts_models,
-    )
+    caps = [c.overload.max_in_flight for c in policy.classes.values() if c.overload is not None]
+    tables = (MappingProxyType(keys), MappingProxyType(principals), MappingProxyType(values))
+    return CompiledPolicy(policy, *tables, any(cap is not None for cap in caps))
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,10 +182,8 @@ def plan_request(
             cost = _most_chargeable(tenant, klass, policy.cost_of(model))
         trace.append(f"model {model!r}, {why}")
     counted = model if compiled.counts_models else None  # the model whose count it joins
-    # The decision's quota call never counts the model (`core.admission.judge` says why).
-    check = quota_check(
-        tenant, klass, cost, policy, counted, lease_id_for(attrs.request_id), count_now=False
-    )
+    lease_id = lease_id_for(attrs.request_id)  # its quota call counts no model: see `judge`
+    check = quota_check(tenant, klass, cost, policy, counted, lease_id, count_now=False)
     too_big = next((b for b in check.buckets if b.cost > b.burst), None)
     if too_big is not None:
         # No wait would ever fit it: a 429 would have the client retry forever.
@@ -224,6 +213,7 @@ def quota_check(
             burst=b.burst,
             cost=1.0 if b.unit is BucketUnit.REQUESTS else cost,
             by_cost=b.unit is BucketUnit.COST,
+            lease_s=b.lease_ms / 1000,
         )
         for b in tenant.buckets
         if not b.classes or klass.name in b.classes
@@ -239,20 +229,6 @@ def quota_check(
         lease_id=lease_id,
         count_model_now=count_now,
     )
-
-
-# What a lease id may be: the lease token carries it as is (`core.lease`), and the store puts
-# it in a key part (`state.keys` encodes it anyway). Envoy's x-request-id is a UUID (36).
-_LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def lease_id_for(request_id: str | None) -> str | None:
-    """The lease id of a request with this x-request-id: the id itself when it is 1-64 of
-    `[A-Za-z0-9_-]`, else None (the service then makes a random one). A client cannot reach key
-    syntax or the token's separators through it."""
-    if request_id is not None and _LEASE_ID.fullmatch(request_id):
-        return request_id
-    return None
 
 
 def decide(admission: Admission, result: QuotaResult | None) -> Decision:
@@ -318,16 +294,9 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
     target = policy.classes[admission.klass.relegate_to or admission.klass.name]
     check = admission.check
     if requota:
-        requota_check = quota_check(
-            admission.tenant,
-            target,
-            admission.cost,
-            policy,
-            check.model,
-            check.lease_id,
-            count_now=check.count_model_now,
-        )
-        check = replace(requota_check, model_pod=check.model_pod)  # the same model count
+        tenant, cost, counts = admission.tenant, admission.cost, check.count_model_now
+        moved = quota_check(tenant, target, cost, policy, check.model, check.lease_id)
+        check = replace(moved, model_pod=check.model_pod, count_model_now=counts)  # same count
     return replace(
         admission,
         klass=target,
@@ -435,8 +404,12 @@ def _most_chargeable(tenant: TenantPolicy, klass: ClassPolicy, fallback: float) 
     return min(bursts, default=fallback)
 
 
-def _admit(
-    admission: Admission, reason: Reason, lease_id: str | None, trace: list[str]
+def _admit(  # charged: the store charged the buckets (with or without a lease: a slice)
+    admission: Admission,
+    reason: Reason,
+    lease_id: str | None,
+    trace: list[str],
+    charged: bool = True,
 ) -> Decision:
     tenant, klass = admission.tenant, admission.klass
     headers = [
@@ -460,7 +433,8 @@ def _admit(
         requested_class=admission.requested_class,
         headers=tuple(headers),
         lease=lease,
-        charged=admission.check.buckets if lease_id else (),
+        # Every admit but a fail-open one was charged (with a lease, or from a leased slice).
+        charged=() if reason is Reason.ADMITTED_FAIL_OPEN else admission.check.buckets,
         triton_priority=klass.triton_priority,
         trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
     )

@@ -115,3 +115,13 @@ def verify_lease(signed: str, key: bytes) -> str | None:
     if not hmac.compare_digest(mac.encode(), _mac(token, key).encode()):
         return None
     return token
+
+
+def lease_id_for(request_id: str | None) -> str | None:
+    """The lease id of a request with this x-request-id: the id itself when it is 1-64 of
+    `[A-Za-z0-9_-]`, else None (the service then makes a random one). A client cannot reach key
+    syntax or the token's separators through it (the token carries the id as is, the store
+    puts it in a key part). Envoy's x-request-id is a UUID (36)."""
+    if request_id is not None and _LEASE_ID.fullmatch(request_id):
+        return request_id
+    return None

@@ -50,6 +50,9 @@ class BucketCheck:
     # Charged in cost units (a `cost` bucket), so a token reconciliation adjusts it; a
     # `requests` bucket always costs 1. Stores ignore it.
     by_cost: bool = False
+    # Leased mode (`core.slices`): how long a replica spends a slice of it locally; 0: exact.
+    # Stores ignore it.
+    lease_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +76,7 @@ class QuotaCheck:
     # not in flight); `count_for_model` counts it when it is let go. The lease still names it.
     count_model_now: bool = True
     # The lease's id: the request's own id (Envoy's x-request-id, see
-    # `core.decide.lease_id_for`), so that a release keyed by the request undoes an acquire
+    # `core.lease.lease_id_for`), so that a release keyed by the request undoes an acquire
     # that runs late. None: the store makes a random one.
     lease_id: str | None = None
 

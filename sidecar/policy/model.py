@@ -223,7 +223,7 @@ def _bucket_from_yaml(kwargs: dict[str, Any]) -> None:
     extra={
         "per": Field(Choice(tuple(PER_SECONDS)), description="The rate's period.", default="second")
     },
-    key_order=("name", "unit", "rate", "per", "burst", "classes"),
+    key_order=("name", "unit", "rate", "per", "burst", "classes", "lease_ms"),
     adapt=_bucket_from_yaml,
 )
 class BucketPolicy:
@@ -247,6 +247,18 @@ class BucketPolicy:
         ListOf(NAME, min_items=1),
         "Only requests of these classes draw on the bucket; default: all.",
         default=frozenset(),
+    )
+    lease_ms: int = setting(
+        Int(minimum=0),
+        "Leased mode (0: exact, one store call per request): a replica takes a slice of the "
+        "bucket, min(rate x lease_ms, burst / 2) units, in one store call and spends it "
+        "locally for lease_ms, giving back what it did not spend. Units are taken before "
+        "they are spent, so the fleet never admits more than the bucket (over-admission 0); "
+        "a tenant may be refused while other replicas hold its units: at most replicas x "
+        "slice, for at most lease_ms. Applies to requests that need no lease of their own: "
+        "every bucket they draw on leased, no max_concurrency, and no class capping "
+        "max_in_flight (see core/slices.py).",
+        default=0,
     )
 
 

@@ -98,6 +98,12 @@ class QuotaStore(Protocol):
         Raises StateUnavailable."""
         ...
 
+    async def take_buckets(self, check: QuotaCheck) -> QuotaResult:
+        """Check every bucket of `check` and, only if all allow, charge them: `acquire`
+        without the lease (leased mode's slices, `core.slices`). The check has no
+        concurrency limit and counts no model (ValueError otherwise)."""
+        ...
+
     async def peek(self, check: QuotaCheck) -> QuotaResult:
         """What `acquire` would answer now, without changing anything (`lease_id` is None).
         Raises StateUnavailable."""
@@ -251,6 +257,16 @@ def _validate_unique(buckets: Sequence[BucketCheck]) -> None:
     if len(buckets) > 1 and len({b.name for b in buckets}) < len(buckets):
         # Two entries of one bucket would share a key and move it twice.
         raise ValueError("bucket names must be unique within a check or charge")
+
+
+def validate_buckets_only(check: QuotaCheck) -> None:
+    """`validate_check`, for `take_buckets`: a check with a concurrency limit, or naming a
+    model to count, needs a lease, which `take_buckets` does not take."""
+    validate_check(check)
+    if check.max_concurrency is not None or check.max_class_concurrency is not None:
+        raise ValueError("take_buckets takes no lease: the check must have no concurrency limit")
+    if check.model is not None:
+        raise ValueError("take_buckets takes no lease: the check must count no model")
 
 
 def validate_check(check: QuotaCheck) -> None:

@@ -177,6 +177,9 @@ class GuardedStore:
     async def peek(self, check: QuotaCheck) -> QuotaResult:
         return await self.breaker.call("peek", lambda: self.inner.peek(check))
 
+    async def take_buckets(self, check: QuotaCheck) -> QuotaResult:
+        return await self.breaker.call("take_buckets", lambda: self.inner.take_buckets(check))
+
     async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
         return await self.breaker.call(
             "release", lambda: self.inner.release(lease, tombstone_s=tombstone_s)

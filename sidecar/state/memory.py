@@ -29,6 +29,7 @@ from sidecar.state.base import (
     DEFAULT_TOMBSTONE_S,
     FleetState,
     new_lease_id,
+    validate_buckets_only,
     validate_charge,
     validate_check,
     validate_model,
@@ -257,7 +258,11 @@ class MemoryQuotaStore:
     async def close(self) -> None:
         return None
 
-    def _evaluate(self, check: QuotaCheck, *, take: bool) -> QuotaResult:
+    async def take_buckets(self, check: QuotaCheck) -> QuotaResult:
+        validate_buckets_only(check)
+        return self._evaluate(check, take=True, lease=False)
+
+    def _evaluate(self, check: QuotaCheck, *, take: bool, lease: bool = True) -> QuotaResult:
         validate_check(check)
         now = self._clock()
         leases = self._live_leases(check.tenant, now)
@@ -274,7 +279,7 @@ class MemoryQuotaStore:
                 class_in_flight=class_in_flight,
             )
 
-        if take and self._lease_id_used(check.tenant, check.lease_id, leases):
+        if take and lease and self._lease_id_used(check.tenant, check.lease_id, leases):
             return denied(LimitKind.LEASE_ID_USED)
         if (
             check.max_class_concurrency is not None
@@ -303,6 +308,8 @@ class MemoryQuotaStore:
 
         for key, tat in new_tats:
             self._store_tat(key, tat, now)
+        if not lease:
+            return QuotaResult(allowed=True, in_flight=in_flight, class_in_flight=class_in_flight)
         lease_id = check.lease_id or new_lease_id()
         expiry = now + check.lease_ttl_s
         self._leases.setdefault(check.tenant, _TenantLeases()).add(lease_id, check.klass, expiry)

@@ -83,8 +83,11 @@ _DENIED_BY = {
 }
 
 
-def acquire_call(check: QuotaCheck, lease_id: str, *, take: bool) -> tuple[list[str], list[Any]]:
-    """acquire.lua's keys and args for `check` (a peek: `take` False, no lease id)."""
+def acquire_call(
+    check: QuotaCheck, lease_id: str, *, take: bool, lease: bool = True
+) -> tuple[list[str], list[Any]]:
+    """acquire.lua's keys and args for `check` (a peek: `take` False, no lease id; the
+    buckets only: `lease` False)."""
     # A peek writes nothing and reads no tombstone; its key only keeps KEYS' layout.
     keys = [
         build_key(check.tenant, KeyKind.LEASES),
@@ -92,7 +95,7 @@ def acquire_call(check: QuotaCheck, lease_id: str, *, take: bool) -> tuple[list[
         build_key(check.tenant, KeyKind.RELEASED, lease_id or "peek"),
     ]
     args: list[Any] = [
-        "acquire" if take else "peek",
+        ("acquire" if lease else "charge") if take else "peek",
         lease_id,
         check.lease_ttl_s,
         "" if check.max_concurrency is None else str(check.max_concurrency),

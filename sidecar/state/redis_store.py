@@ -64,6 +64,7 @@ from sidecar.state.base import (
     DEFAULT_TOMBSTONE_S,
     FleetState,
     new_lease_id,
+    validate_buckets_only,
     validate_charge,
     validate_check,
     validate_model,
@@ -142,6 +143,17 @@ class RedisQuotaStore(Pipelines):
     async def peek(self, check: QuotaCheck) -> QuotaResult:
         """Raises StateUnavailable, or ValueError for an invalid check."""
         return await self._evaluate(check, take=False)
+
+    async def take_buckets(self, check: QuotaCheck) -> QuotaResult:
+        """Raises StateUnavailable, or ValueError for an invalid check or one with a
+        concurrency limit."""
+        validate_buckets_only(check)
+        keys, args = acquire_call(check, "", take=True, lease=False)
+        # A retried charge that ran twice charged twice: tokens lost (under-admission for
+        # one slice), never gained. The result is never None: no lease id to find held.
+        result = acquire_result(check, "", await self._run(ACQUIRE, keys, args))
+        assert result is not None
+        return result
 
     async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
         """Raises StateUnavailable (for the tenant's lease only), or ValueError for an empty

@@ -6,7 +6,8 @@
 -- KEYS[2]    the tenant's lease set for the class  qos:{tenant}:class_leases:<class>
 -- KEYS[3]    the lease id's tombstone               qos:{tenant}:released:<lease id>
 -- KEYS[4..]  one bucket per check                  qos:{tenant}:bucket:<name>
--- ARGV[1]    "acquire" or "peek"
+-- ARGV[1]    "acquire", "peek", or "charge" (the buckets only: no lease, no tombstone read,
+--            and the caller sends no concurrency limit; leased mode's slices)
 -- ARGV[2]    the new lease id: the request's id, or random (made by the client; ignored by
 --            peek)
 -- ARGV[3]    lease TTL, seconds
@@ -23,7 +24,8 @@
 -- rounded to about 10 ns each time it moves, and an exact fit must not be denied for that.
 local EPSILON_S = 1e-6
 
-local take = ARGV[1] == 'acquire'
+local take = ARGV[1] ~= 'peek'
+local lease = ARGV[1] == 'acquire'
 local now = now_s()
 
 local in_flight = count_leases(KEYS[1], now, take)
@@ -36,7 +38,7 @@ end
 -- A released id takes nothing: this acquire ran after its request's release (Redis ran it
 -- late, after the caller gave up on it) and must not leave a lease nobody will release. A
 -- held id is another request reusing a running request's id: it gets no lease of its own.
-if take then
+if lease then
   local held = redis.call('ZSCORE', KEYS[1], ARGV[2])
   if redis.call('EXISTS', KEYS[3]) == 1 or (held and tonumber(held) > now) then
     return denied(4, 0, 0)
@@ -90,6 +92,9 @@ for i, new_tat in pairs(new_tats) do
   -- The key expires when the bucket is full again: a missing key reads as a full bucket, so
   -- idle tenants leave nothing behind.
   redis.call('SET', KEYS[i], fmt(new_tat), 'PX', ttl_ms(new_tat - now))
+end
+if not lease then
+  return {1, 0, 0, '0', in_flight, class_in_flight}
 end
 local expiry = fmt(now + tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])

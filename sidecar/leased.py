@@ -1,0 +1,75 @@
+"""Leased mode's I/O (`core.slices` has the rules): a request spent from a slice this replica
+holds makes no store call; one ask per tenant at a time takes a new slice; expired slices give
+back what they did not spend. A mixin of `AdmissionService`, kept apart so that the decision
+path reads on its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from sidecar.core.slices import Slices
+from sidecar.core.types import QuotaCheck, QuotaResult
+from sidecar.errors import StateUnavailable
+from sidecar.metrics import Metrics
+from sidecar.state.base import QuotaStore
+from sidecar.state.breaker import GuardedStore
+
+# A request spent from a slice held here: allowed, no lease of its own.
+SLICE_SPENT = QuotaResult(allowed=True)
+
+
+class LeasedQuota:
+    store: QuotaStore
+    metrics: Metrics
+    slices: Slices
+    _asking: dict[str, asyncio.Future[None]]
+    clock: Callable[[], float]
+
+    async def take_from_slices(self, check: QuotaCheck) -> QuotaResult | None:
+        """`check` (one that `core.slices.applies` to) from a slice held here, or a new
+        slice taken for it; None: the store is unreachable."""
+        if self.slices.spend(check, self.clock()):
+            return SLICE_SPENT
+        asking = self._asking.get(check.tenant)
+        if asking is not None:  # one ask per tenant at a time: wait for it, then spend
+            await asyncio.shield(asking)
+            if self.slices.spend(check, self.clock()):
+                return SLICE_SPENT
+        done = asyncio.get_running_loop().create_future()
+        self._asking[check.tenant] = done
+        try:
+            return await self._ask_slice(check)
+        finally:
+            del self._asking[check.tenant]
+            done.set_result(None)
+
+    async def _ask_slice(self, check: QuotaCheck) -> QuotaResult | None:
+        """A slice of every bucket of `check`, with its cost; if the buckets cannot give it
+        whole, its cost alone (exact mode). None: unreachable."""
+        if isinstance(self.store, GuardedStore) and self.store.breaker.is_open:
+            self.metrics.state_errors.labels("take_buckets").inc()
+            return None
+        asked = self.slices.ask(check)
+        try:
+            result = await self.store.take_buckets(asked)
+            self.metrics.slice_calls.labels("slice").inc()
+            if result.allowed:
+                self.slices.granted(asked, check, self.clock())
+            elif asked != check:
+                result = await self.store.take_buckets(check)
+                self.metrics.slice_calls.labels("cost_only").inc()
+        except StateUnavailable:
+            self.metrics.state_errors.labels("take_buckets").inc()
+            return None
+        return result
+
+    async def return_slices(self) -> None:
+        """Give back what expired slices did not spend (leased mode). A refund that fails
+        is lost: the tenant is under-admitted by it, never over."""
+        for tenant, refunds in self.slices.expired(self.clock()):
+            try:
+                await self.store.charge(tenant, refunds)
+                self.metrics.slice_calls.labels("return").inc()
+            except StateUnavailable:
+                self.metrics.state_errors.labels("charge").inc()
