@@ -1,7 +1,7 @@
 """The overhead benchmark's table, ratios and TARGET lines (issue 11, section 3).
 
 Ratios and added latencies compare a sidecar configuration with its no-op twin of the same
-kind from the same run: C and D with B, E with E0, G with F, H with H0, always at the same
+kind from the same run: C, D and DL with B, E with E0, G with F, H with H0, always at the same
 rate: the common rate, or half of the sidecar's maximum (the twin is run at that rate too).
 """
 
@@ -27,6 +27,7 @@ ADDED_P99_GOAL_MS = 1.0
 # runs (TIME, ZADD, ...), so "commands in all" is not the number of round trips.
 SCRIPT_COMMANDS = {"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro"}
 BIG_BODY_GOAL_MS = 2.0
+LEASED_CALLS_GOAL = 0.2  # store calls per decision in leased mode
 
 
 def _added_p99(configs: dict[str, Any], name: str, phase: str) -> float | None:
@@ -78,7 +79,13 @@ def target_lines(configs: dict[str, Any], scrape_interval_s: float) -> list[str]
         ratio = _ratio(configs, config)
         value = "not measured" if ratio is None else f"{ratio:.2f}"
         lines.append(_line(name, value, f">= {least}", ratio is not None and ratio >= least))
-    lines.append(_line("http_valkey_leased_vs_noop", "not built", ">= 0.85", False))
+    ratio = _ratio(configs, "DL")
+    value = "not measured" if ratio is None else f"{ratio:.2f}"
+    lines.append(_line("http_valkey_leased_vs_noop", value, ">= 0.85", (ratio or 0) >= 0.85))
+    calls = _script_calls(configs["DL"]["max_runs"][-1]) if "DL" in configs else None
+    value = "not measured" if calls is None else f"{calls:.3f} per decision"
+    met = calls is not None and calls <= LEASED_CALLS_GOAL
+    lines.append(_line("leased_redis_calls", value, f"<= {LEASED_CALLS_GOAL:g}", met))
     for phase, label in (("common", "at_common_rate"), ("half", "at_half_max")):
         for mode, config in MODES.items():
             added = _added_p99(configs, config, phase)
@@ -122,11 +129,18 @@ def _lat(phase: dict[str, Any]) -> str:
     return f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f} @ {rate:g}"
 
 
+def _script_calls(phase: dict[str, Any]) -> float | None:
+    calls = phase.get("redis_calls_per_request")
+    if calls is None:
+        return None
+    return float(sum(v for k, v in calls.items() if k in SCRIPT_COMMANDS))
+
+
 def _calls(phase: dict[str, Any]) -> str:
     calls = phase.get("redis_calls_per_request")
     if calls is None:
         return "—"
-    scripts = sum(v for k, v in calls.items() if k in SCRIPT_COMMANDS)
+    scripts = _script_calls(phase)
     return f"{scripts:.2f} EVALSHA ({sum(calls.values()):.1f} commands in all)"
 
 
