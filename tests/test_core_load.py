@@ -196,3 +196,14 @@ def test_the_window_starts_over_after_a_restart() -> None:
     window.add(TritonCounters(success=10), 0.5)  # Triton restarted
     base = window.base(0.6)
     assert base is not None and base[0].success == 10
+
+
+def test_the_window_never_reaches_back_into_idle_time() -> None:
+    """Idle for a second, then a burst draining at 40/s: the rate read is the burst's, not
+    the burst's completions spread over the idle second too."""
+    window = CounterWindow(window_s=1.0)
+    for step in range(11):  # idle: nothing waits, nothing completes
+        window.add(TritonCounters(success=100), step * 0.1)
+    busy = TritonCounters(pending=20, success=104)  # 0.1 s later: 4 done
+    load = derive_load("t0", "m", busy, 1.1, window.base(1.1), last_rate=40.0)
+    assert load.completions_per_s == pytest.approx(40.0)

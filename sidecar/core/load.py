@@ -11,7 +11,8 @@ Rules:
 - Versions of one model are summed: admission is per model name, as clients address it.
 - A counter that goes backwards means Triton restarted; the rates start over from that scrape.
 - Rates are measured over a window of about DRAIN_WINDOW_S (`CounterWindow`: from the oldest
-  kept scrape at least that old), not between two consecutive scrapes. Triton completes
+  kept scrape at least that old, never from before the last idle scrape), not between two
+  consecutive scrapes. Triton completes
   requests a batch at a time, so one scrape interval holds none, one or two batches: the
   per-interval rate swung between zero and twice the truth, and a request that came when it
   read low was shed for a predicted wait it would not have had (the fleet benchmark's quiet
@@ -83,10 +84,16 @@ class CounterWindow:
         return self._kept[0] if self._kept else None
 
     def add(self, counters: TritonCounters, now: float) -> None:
-        """Keep a scrape. One whose counters went backwards (a restart) starts over."""
+        """Keep a scrape. One whose counters went backwards (a restart) starts over, and so
+        does an idle one (nothing waiting, nothing completed since the last): idle time says
+        nothing about the drain rate, and a window reaching back into it would read a burst
+        that follows as a slow drain."""
         if self._kept:
             newest = self._kept[-1][0]
-            if counters.success + counters.failure < newest.success + newest.failure:
+            done = counters.success + counters.failure
+            before = newest.success + newest.failure
+            idle = done == before and counters.pending == 0 and newest.pending == 0
+            if done < before or idle:
                 self._kept.clear()
         self._kept.append((counters, now))
 
