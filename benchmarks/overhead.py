@@ -94,6 +94,22 @@ def backlog(running: stack.Running, client: redis.Redis | None) -> dict[str, flo
     return values
 
 
+def access_log_drops(running: stack.Running) -> float | None:
+    """Envoy's access-log entries dropped so far (`access_logs.grpc_access_log.logs_dropped`):
+    a dropped entry is a completion the sidecar never hears of, its lease left to renewal's
+    cap and the TTL. None when Envoy's admin cannot be read."""
+    if running.envoy is None:
+        return None
+    try:
+        with urllib.request.urlopen(
+            running.envoy.admin_url + "/stats?filter=grpc_access_log.logs_dropped", timeout=2
+        ) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    return sum(float(line.rsplit(":", 1)[1]) for line in text.splitlines() if ":" in line)
+
+
 def wait_drained(
     running: stack.Running,
     client: redis.Redis | None,
@@ -146,12 +162,16 @@ def run_phase(
     """One load run with the CPU and Redis commands it cost; then the backlog, for a sidecar."""
     pid = running.server.pid if running.server is not None else None
     before = backlog(running, client) if running.sidecar is not None else None
+    drops0 = access_log_drops(running) if running.sidecar is not None else None
     cpu0, calls0 = cpu_seconds(pid), command_calls(client)
     result = cloadgen.run(target, duration_s=args.duration, rate=rate, connections=args.connections)
     if running.sidecar is not None:
         # Releases the load left behind are part of its cost: count CPU and Redis commands
         # once they are done (the drain's own /metrics and ZCARD polls add a few percent).
         result["backlog"] = wait_drained(running, client, args, before)
+        drops1 = access_log_drops(running)
+        if drops0 is not None and drops1 is not None:
+            result["backlog"]["access_log_entries_dropped"] = drops1 - drops0
     cpu1, calls1 = cpu_seconds(pid), command_calls(client)
     done = max(int(result["completed"]), 1)
     result["cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / done, 4) if pid else None

@@ -264,6 +264,7 @@ class Running:
     port: int
     server: ManagedProcess | None  # the no-op twin or the sidecar: its CPU is measured
     sidecar: SidecarProcess | None
+    envoy: EnvoyProcess | None = None
 
 
 @contextlib.contextmanager
@@ -295,5 +296,5 @@ def start(
                 server = sidecar
                 sockets = (str(sidecar.http_socket), str(sidecar.grpc_socket))
             bootstrap = envoy_bootstrap(config.mode, port, *sockets)
-        stack.enter_context(EnvoyProcess(bootstrap, workdir))
-        yield Running(port, server, sidecar)
+        envoy = stack.enter_context(EnvoyProcess(bootstrap, workdir))
+        yield Running(port, server, sidecar, envoy)
