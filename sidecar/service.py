@@ -254,10 +254,10 @@ class AdmissionService(SharedReads, LeasedQuota):
         No completion signal will carry that lease, so waiting for its TTL would hold the
         slot meanwhile. Shielded so the caller's own cancellation cannot interrupt it.
         """
-        lease = decision.lease
-        if lease is None:
+        lease, tenant = decision.lease, decision.tenant
+        if tenant is None or (lease is None and not decision.charged):  # nothing was taken
             return
-        await asyncio.shield(self._give_back(GiveBack(lease.tenant, decision.charged, lease)))
+        await asyncio.shield(self._give_back(GiveBack(tenant, decision.charged, lease)))
 
     async def _check(
         self,

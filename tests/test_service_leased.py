@@ -165,3 +165,27 @@ def test_what_a_slice_did_not_spend_goes_back_to_the_other_replicas() -> None:
         return before, after
 
     assert asyncio.run(body()) == (0, 9)
+
+
+def test_an_admit_envoy_never_used_gives_its_units_back_to_the_bucket() -> None:
+    """A leased admit takes no lease, but its units were charged: an answer that never
+    reached Envoy returns them (as an exact admit returns its lease and charges)."""
+    store_clock = FakeClock()
+    store = MemoryQuotaStore(clock=store_clock)
+    policy = leased_policy(1.0, 20.0, 10_000)  # slices of 10
+
+    async def body() -> tuple[bool, bool]:
+        service = AdmissionService(policy, store, Metrics(CollectorRegistry()))
+        decision = await service.check(request(), "test")  # the bucket: 20 - 10 = 10 left
+        assert decision.admitted and decision.lease is None
+        await service.release_undelivered(decision)
+        whole = check_of(decision, cost=11.0)  # 11 fit only with the unit given back
+        given_back = (await store.take_buckets(whole)).allowed
+        return given_back, (await store.take_buckets(check_of(decision, cost=1.0))).allowed
+
+    assert asyncio.run(body()) == (True, False)
+
+
+def check_of(decision: Any, cost: float) -> QuotaCheck:
+    [bucket] = decision.charged
+    return QuotaCheck("analytics", "batch", (replace(bucket, cost=cost),), None, None, 30.0)
