@@ -31,8 +31,10 @@ class LeasedQuota:
         slice taken for it; None: the store is unreachable."""
         if self.slices.spend(check, self.clock()):
             return SLICE_SPENT
-        asking = self._asking.get(check.tenant)
-        if asking is not None:  # one ask per tenant at a time: wait for it, then spend
+        # One ask per tenant at a time: wait for the one on its way, then spend from what
+        # it brought (several waiters may wake to a slice too small for all: they ask again,
+        # one after the other).
+        while (asking := self._asking.get(check.tenant)) is not None:
             await asyncio.shield(asking)
             if self.slices.spend(check, self.clock()):
                 return SLICE_SPENT
@@ -41,7 +43,8 @@ class LeasedQuota:
         try:
             return await self._ask_slice(check)
         finally:
-            del self._asking[check.tenant]
+            if self._asking.get(check.tenant) is done:
+                del self._asking[check.tenant]
             done.set_result(None)
 
     async def _ask_slice(self, check: QuotaCheck) -> QuotaResult | None:

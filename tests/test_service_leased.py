@@ -47,10 +47,17 @@ class Counting:
 
     def __init__(self, inner: QuotaStore) -> None:
         self.inner, self.takes, self.acquires = inner, 0, 0
+        self.on_the_way = self.most_on_the_way = 0
 
     async def take_buckets(self, check: QuotaCheck) -> QuotaResult:
         self.takes += 1
-        return await self.inner.take_buckets(check)
+        self.on_the_way += 1
+        self.most_on_the_way = max(self.most_on_the_way, self.on_the_way)
+        try:
+            await asyncio.sleep(0.001)  # a round trip: other decisions run meanwhile
+            return await self.inner.take_buckets(check)
+        finally:
+            self.on_the_way -= 1
 
     async def acquire_many(self, checks: Any) -> Any:
         self.acquires += len(checks)
@@ -189,3 +196,22 @@ def test_an_admit_envoy_never_used_gives_its_units_back_to_the_bucket() -> None:
 def check_of(decision: Any, cost: float) -> QuotaCheck:
     [bucket] = decision.charged
     return QuotaCheck("analytics", "batch", (replace(bucket, cost=cost),), None, None, 30.0)
+
+
+def test_many_decisions_at_once_share_one_ask_and_ask_again_in_turn() -> None:
+    """40 decisions arrive together with nothing held; slices of 10 from a burst of 20: they
+    wait for one ask at a time and spend what each brings; the rest are refused, and no
+    decision fails because another's ask ended (several waiters woke to ask again)."""
+
+    async def body() -> tuple[list[bool], int, float]:
+        store = Counting(MemoryQuotaStore())
+        service = AdmissionService(
+            leased_policy(100.0, 20.0, 100), store, Metrics(CollectorRegistry())
+        )  # slices of min(100/s x 0.1 s, 20 / 2) = 10
+        started = time.monotonic()
+        decisions = await asyncio.gather(*(service.check(request(), "test") for _ in range(40)))
+        return [d.admitted for d in decisions], store.most_on_the_way, time.monotonic() - started
+
+    admitted, most_on_the_way, elapsed = asyncio.run(body())
+    assert 20 <= sum(admitted) <= 20 + 100 * elapsed + 1  # the burst, and what refilled
+    assert most_on_the_way == 1  # one ask of the tenant's at a time
