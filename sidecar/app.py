@@ -141,9 +141,12 @@ class Sidecar:
         await self.grpc_server.stop(grace=1.0)
         for runner in self.runners:
             await runner.cleanup()
-        # One last try at the releases still owed; what fails now lives one lease TTL.
+        # One last try at the releases still owed; what fails now lives one lease TTL. And
+        # leased mode's unspent units go back, for the other replicas.
         with contextlib.suppress(Exception):
             await self.service.leases.drain()
+        with contextlib.suppress(Exception):
+            await self.service.return_slices(everything=True)
         for listen in (self.settings.authz_http_listen, self.settings.grpc_listen):
             if listen.unix_path is not None:
                 with contextlib.suppress(OSError):

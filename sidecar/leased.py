@@ -6,6 +6,7 @@ path reads on its own."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 from sidecar.core.slices import Slices
@@ -67,10 +68,11 @@ class LeasedQuota:
             return None
         return result
 
-    async def return_slices(self) -> None:
+    async def return_slices(self, *, everything: bool = False) -> None:
         """Give back what expired slices did not spend (leased mode). A refund that fails
         is lost: the tenant is under-admitted by it, never over."""
-        for tenant, refunds in self.slices.expired(self.clock()):
+        now = math.inf if everything else self.clock()  # everything: at shutdown
+        for tenant, refunds in self.slices.expired(now):
             try:
                 await self.store.charge(tenant, refunds)
                 self.metrics.slice_calls.labels("return").inc()

@@ -215,3 +215,18 @@ def test_many_decisions_at_once_share_one_ask_and_ask_again_in_turn() -> None:
     admitted, most_on_the_way, elapsed = asyncio.run(body())
     assert 20 <= sum(admitted) <= 20 + 100 * elapsed + 1  # the burst, and what refilled
     assert most_on_the_way == 1  # one ask of the tenant's at a time
+
+
+def test_everything_held_goes_back_at_shutdown() -> None:
+    store = MemoryQuotaStore(clock=FakeClock())  # no refill
+    policy = leased_policy(1.0, 20.0, 10_000)  # slices of 10
+
+    async def body() -> tuple[bool, bool]:
+        service = AdmissionService(policy, store, Metrics(CollectorRegistry()))
+        decision = await service.check(request(), "test")  # 9 held here, 10 in the bucket
+        await service.return_slices()  # nothing expired yet: nothing back
+        before = (await store.take_buckets(check_of(decision, cost=11.0))).allowed
+        await service.return_slices(everything=True)
+        return before, (await store.take_buckets(check_of(decision, cost=19.0))).allowed
+
+    assert asyncio.run(body()) == (False, True)

@@ -16,6 +16,7 @@ Rules:
   as negative cost), so a tenant's units sit unused on a replica for at most `lease_s` plus
   the sweep interval. Meanwhile another replica may refuse that tenant for want of units it
   holds: at most replicas x S units, for at most that long (under-admission, bounded).
+  A replica that stops gives back everything it holds (`expired` at infinity).
 - A slice the bucket cannot give whole is not the answer: the request then asks for its own
   cost alone (`ask(whole=False)`), exactly like exact mode, and a refusal carries the
   bucket's Retry-After.
