@@ -80,12 +80,20 @@ class Deferrer:
         self.in_flight_counts.ended(model, sent)
 
     async def hold(
-        self, tenant: str, klass: str, rank: int, model: str, work: float, deadline_s: float
+        self,
+        tenant: str,
+        klass: str,
+        rank: int,
+        model: str,
+        work: float,
+        deadline_s: float,
+        *,
+        counted: bool = True,
     ) -> bool:
         """Wait until admitted (True) or `deadline_s` (this clock) passes (False). A full
         class queue answers False at once."""
         self.queue.max_waiters = self._bounds()  # follow policy reloads
-        waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model)
+        waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model, counted)
         if not self.queue.push(waiter):
             return False
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -191,7 +199,8 @@ class Deferrer:
                 future = self._futures.get(waiter.waiter_id)
                 if future is not None and not future.done():
                     future.set_result(True)
-                    self.note_admitted(model, written=False)  # the service writes it
+                    # The service writes its model entry, if the policy counts models.
+                    self.note_admitted(model, written=not waiter.counted)
                     released += 1
                 queue = self.queue.queue(model)  # dropped once empty
         return released

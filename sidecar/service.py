@@ -405,6 +405,7 @@ class AdmissionService(SharedReads, LeasedQuota):
                 planned.model or "",
                 planned.cost,
                 hold.deadline_s,
+                counted=planned.check.model is not None,
             )
             outcome = HoldOutcome.LET_GO if let_go else HoldOutcome.EXPIRED
         except asyncio.CancelledError:
@@ -416,10 +417,6 @@ class AdmissionService(SharedReads, LeasedQuota):
             held_s = self.clock() - hold.started_s
             self.metrics.held_seconds.labels(klass.name, outcome.value).observe(held_s)
         signals = self._signals(planned.model)
-        if outcome is HoldOutcome.LET_GO and planned.check.model is None and planned.model:
-            # Let go as pending a model write that will not come (the policy counts no
-            # model): it is written as far as this replica's count goes.
-            self.deferrer.note_written(planned.model)
         return admission.on_hold_end(hold, outcome, signals, policy, held_s)
 
     async def _release_many(self, items: list[tuple[LeaseRef, float]]) -> list[bool | None]:

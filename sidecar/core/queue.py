@@ -40,6 +40,7 @@ class Waiter:
     deadline_s: float  # absolute time by which it must be admitted to still make its objective
     work: float  # estimated work units (e.g. tokens); also what VTC charges the tenant
     model: str = ""  # whose queue it waits in, and whose room decides when it may go
+    counted: bool = True  # its lease is written to the model's count once it goes
 
 
 class Fairness:
