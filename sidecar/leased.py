@@ -14,7 +14,6 @@ from sidecar.core.types import QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.state.base import QuotaStore
-from sidecar.state.breaker import GuardedStore
 
 # A request spent from a slice held here: allowed, no lease of its own.
 SLICE_SPENT = QuotaResult(allowed=True)
@@ -51,17 +50,14 @@ class LeasedQuota:
     async def _ask_slice(self, check: QuotaCheck) -> QuotaResult | None:
         """A slice of every bucket of `check`, with its cost; if the buckets cannot give it
         whole, its cost alone (exact mode). None: unreachable."""
-        if isinstance(self.store, GuardedStore) and self.store.breaker.is_open:
-            self.metrics.state_errors.labels("take_buckets").inc()
-            return None
-        asked = self.slices.ask(check)
+        asked = self.slices.ask(check)  # an open circuit answers it at once (no batching)
         try:
             result = await self.store.take_buckets(asked)
             self.metrics.slice_calls.labels("slice").inc()
             if result.allowed:
                 self.slices.granted(asked, check, self.clock())
             elif asked != check:
-                result = await self.store.take_buckets(check)
+                result = await self.store.take_buckets(self.slices.ask(check, whole=False))
                 self.metrics.slice_calls.labels("cost_only").inc()
         except StateUnavailable:
             self.metrics.state_errors.labels("take_buckets").inc()
