@@ -20,8 +20,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         # Labelled children of the per-decision series, looked up once per label set.
-        self._decision_children: dict[tuple[str, str, str, str], Any] = {}
-        self._decision_seconds_children: dict[str, Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._decision_series(registry)
         self._adapter_series(registry)
         self._state_series(registry)
@@ -244,19 +243,22 @@ class Metrics:
         tenant = decision.tenant
         if tenant is None or tenant not in known_tenants:
             tenant = UNKNOWN
-        key = (tenant, decision.klass or UNKNOWN, decision.outcome.value, decision.reason.value)
-        child = self._decision_children.get(key)
-        if child is None:  # `labels` is a few microseconds per call: once per label set
-            child = self._decision_children[key] = self.decisions.labels(*key)
-        child.inc()
+        klass, outcome, reason = decision.klass or UNKNOWN, decision.outcome, decision.reason
+        self._child(self.decisions, tenant, klass, outcome.value, reason.value).inc()
         if decision.reason is Reason.MALFORMED:
             self.malformed.labels(api).inc()
 
     def observe_decision_seconds(self, api: str, seconds: float) -> None:
-        child = self._decision_seconds_children.get(api)
+        self._child(self.decision_seconds, api).observe(seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set (`labels` costs a few
+        microseconds a call, on every decision)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._decision_seconds_children[api] = self.decision_seconds.labels(api)
-        child.observe(seconds)
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def set_policy_version(self, version: str) -> None:
         self.policy_info.clear()
