@@ -245,11 +245,18 @@ async def _start_http(
     # otherwise runs a handler to the end after the client has gone).
     # Header limits at Envoy's own: a long header reaches the core's checks (a JSON 400), not
     # aiohttp's plain-text one.
-    for app, listen in (
-        (build_authz_app(service, lease_key=lease_key, auth=auth), settings.authz_http_listen),
+    # Workers share the Envoy-facing port (sidecar/workers.py rule 1), never the admin one.
+    shared = settings.workers > 1
+    for app, listen, reuse_port in (
+        (
+            build_authz_app(service, lease_key=lease_key, auth=auth),
+            settings.authz_http_listen,
+            shared,
+        ),
         (
             build_admin_app(service, holder, triton_readiness),
             ListenAddr(host=admin_host, port=admin_port),
+            False,
         ),
     ):
         runner = web.AppRunner(
@@ -266,7 +273,9 @@ async def _start_http(
             # asyncio removes a stale socket file left by a killed predecessor.
             site = web.UnixSite(runner, listen.unix_path)
         else:
-            site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+            site = web.TCPSite(
+                runner, listen.host, listen.port, reuse_address=True, reuse_port=reuse_port
+            )
         await site.start()
         if listen.unix_path is not None:
             os.chmod(listen.unix_path, SOCKET_MODE)
@@ -289,6 +298,9 @@ async def _start_grpc(
         options=[
             ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+            # gRPC sets SO_REUSEPORT by default: a second sidecar on the same port would then
+            # silently take half of Envoy's connections. Only workers share it.
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(

@@ -82,7 +82,12 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.app import run
     from sidecar.settings import load_settings
 
-    run(load_settings(args))
+    settings = load_settings(args)
+    if settings.workers > 1 and settings.worker_index < 0:
+        from sidecar.workers import run_workers
+
+        return run_workers(settings)
+    run(settings)
     return 0
 
 

@@ -109,6 +109,9 @@ class Settings:
     topology: str = "gateway"
     pod_id: str = ""  # this pod's name in the pod topology; empty: the hostname (Kubernetes:
     # the pod's name). Unique per pod and stable for a pod's life: its leases name it.
+    # Worker processes sharing the Envoy-facing TCP ports (sidecar/workers.py has the rules).
+    workers: int = 1
+    worker_index: int = -1  # set by the supervisor for its workers; -1: not a worker
 
     @property
     def model_pod(self) -> str | None:
@@ -164,6 +167,8 @@ _HELP = {
     "allow_unauthenticated": "true: allow a non-loopback TCP listener without auth_token",
     "topology": "gateway (model in-flight counts and caps fleet-wide) or pod (per pod)",
     "pod_id": "this pod's id in the pod topology (default: the hostname)",
+    "workers": "worker processes on the same TCP ports (SO_REUSEPORT); > 1 needs Redis",
+    "worker_index": "set by the supervisor for each worker; leave unset",
 }
 
 
@@ -279,7 +284,39 @@ def load_settings(
         raise SettingsError("policy_path: at least one path is needed")
     if settings.topology not in TOPOLOGIES:
         raise SettingsError(f"topology: one of {', '.join(TOPOLOGIES)}, not {settings.topology!r}")
+    _check_workers(settings)
     return settings
+
+
+def _check_workers(settings: Settings) -> None:
+    """sidecar/workers.py rules 1 and 2."""
+    if settings.workers < 1:
+        raise SettingsError("workers: must be at least 1")
+    if settings.workers == 1:
+        return
+    for name, listen in (
+        ("authz_http_addr", settings.authz_http_listen),
+        ("grpc_addr", settings.grpc_listen),
+    ):
+        if listen.unix_path is not None:
+            raise SettingsError(
+                f"{name}: workers > 1 need TCP listeners (HOST:PORT), which every worker opens"
+                " with SO_REUSEPORT; a Unix socket cannot be shared that way"
+            )
+    if not settings.redis_url:
+        raise SettingsError(
+            "redis_url: workers > 1 need a shared store; with the in-memory store each worker"
+            " would enforce every limit on its own"
+        )
+
+
+def env_of(value: object) -> str:
+    """A setting's value as its QOS_* variable spells it (load_settings reads it back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
 
 
 def _check_redis(settings: Settings) -> None:

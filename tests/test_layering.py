@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.shared_reads", "sidecar.leased"),
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),
-    ("sidecar.app",),
+    ("sidecar.app", "sidecar.workers"),
     ("sidecar.cli",),
 )
 # The decision core is pure: the clock, the network and the event loop stay outside it.

@@ -121,6 +121,19 @@ def test_lists_and_empty_hosts() -> None:
             {"QOS_TRITON_URLS": "http://a:8000", "QOS_TRITON_METRICS_URLS": "x,y"},
             "triton_metrics_urls: one per triton_urls entry",
         ),
+        ({"QOS_WORKERS": "0"}, "workers: must be at least 1"),
+        (
+            {"QOS_WORKERS": "2", "QOS_REDIS_URL": "redis://r:6379"},
+            "authz_http_addr: workers > 1 need TCP listeners",
+        ),
+        (
+            {
+                "QOS_WORKERS": "2",
+                "QOS_AUTHZ_HTTP_ADDR": "127.0.0.1:9001",
+                "QOS_GRPC_ADDR": "127.0.0.1:9002",
+            },
+            "redis_url: workers > 1 need a shared store",
+        ),
     ],
 )
 def test_bad_settings_fail_at_start_with_the_setting_named(
@@ -160,3 +173,23 @@ def test_redis_modes_take_seed_lists() -> None:
     )
     assert sentinel.redis_sentinel_master == "qos"
     assert load_settings(parse([]), environ={}).redis_mode == "single"
+
+
+def test_a_worker_reads_back_every_setting_its_supervisor_passes_on() -> None:
+    from sidecar.workers import worker_environment, worker_settings
+
+    settings = load_settings(
+        parse(["--workers", "3", "--triton-urls", "http://a:8000,http://b:8000"]),
+        environ={
+            "QOS_AUTHZ_HTTP_ADDR": "127.0.0.1:9001",
+            "QOS_GRPC_ADDR": "127.0.0.1:9002",
+            "QOS_REDIS_URL": "redis://r:6379",
+            "QOS_ALLOW_UNAUTHENTICATED": "true",
+        },
+    )
+    worker = worker_settings(settings, 2, "k" * 64)
+    env = {k: v for k, v in worker_environment(worker).items() if k.startswith("QOS_")}
+    assert load_settings(parse([]), environ=env) == worker
+    # Worker 2: its own admin port, the shared lease key, still knowing it is one of three.
+    assert (worker.admin_addr, worker.lease_key) == ("127.0.0.1:9092", "k" * 64)
+    assert (worker.workers, worker.worker_index) == (3, 2)
