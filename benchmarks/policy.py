@@ -70,6 +70,7 @@ def write_policy(
     batch_size: int = 16,
     overload_scale: float = 1.0,
     max_in_flight: float = MAX_IN_FLIGHT,
+    protect: str = "none",
 ) -> Path:
     if variant not in POLICY_VARIANTS:
         raise ValueError(f"policy variant {variant!r}: expected one of {POLICY_VARIANTS}")
@@ -80,7 +81,7 @@ def write_policy(
         "lease_ttl_s": 120,
         "classes": {
             c.name: _class_doc(
-                c, classes, variant, batch_size * overload_scale, batch_size, max_in_flight
+                c, classes, variant, batch_size * overload_scale, batch_size, max_in_flight, protect
             )
             for c in classes.values()
         },
@@ -132,6 +133,7 @@ def _class_doc(
     threshold_unit: float,
     batch_size: int,
     max_in_flight: float,
+    protect: str = "none",
 ) -> dict[str, object]:
     doc: dict[str, object] = {
         "rank": c.priority,
@@ -149,6 +151,8 @@ def _class_doc(
     }
     if max_in_flight > 0 and c.name in CAPPED_CLASSES:
         overload["max_in_flight"] = max(1, round(max_in_flight * batch_size))
+    if protect != "none" and c.name in CAPPED_CLASSES:
+        overload["protect"] = protect  # adaptive, max_in_flight its floor (core/protect.py)
     doc["overload"] = overload
     if variant != "nodefer":
         wait_ms = round(MAX_WAIT_SHARE[c.name] * c.deadline_s * 1000)

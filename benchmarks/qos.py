@@ -310,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         "flight per model (0: no cap)",
     )
     parser.add_argument(
+        "--protect",
+        choices=("none", "latency", "balanced", "throughput"),
+        default="none",
+        help="adaptive caps on standard and batch (overload.protect), --max-in-flight "
+        "their floor",
+    )
+    parser.add_argument(
         "--systems", help="comma-separated subset of: " + ",".join(s.name for s in SYSTEMS)
     )
     parser.add_argument("--loads", help="comma-separated multiples of C")
@@ -410,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                         batch_size=model.max_batch,
                         overload_scale=args.overload_scale,
                         max_in_flight=args.max_in_flight,
+                        protect=args.protect,
                     )
                 policy_dir = backend.policy_dirs["full"]
             quotas = tenant_quotas(policy_dir, config.tenants)

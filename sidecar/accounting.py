@@ -6,25 +6,41 @@ and asks the service to charge or refund the difference.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable, Container, Sequence
+from dataclasses import replace
 
 from sidecar.core.decide import refuse_unreadable
 from sidecar.core.kserve import Unreadable
 from sidecar.core.tokens import TokenEstimate, UsageMeter, settlement
-from sidecar.core.types import Decision
+from sidecar.core.types import BucketCheck, Decision
+from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.policy.model import TokenPolicy
 
-Reconcile = Callable[[Decision, float], Awaitable[bool]]
+Charge = Callable[[str, Sequence[BucketCheck]], Awaitable[None]]
 
 
 class TokenAccounting:
     def __init__(
-        self, metrics: Metrics, reconcile: Reconcile, tenants: Callable[[], Container[str]]
+        self, metrics: Metrics, charge: Charge, tenants: Callable[[], Container[str]]
     ) -> None:
         self.metrics = metrics
-        self._reconcile = reconcile
+        self._charge = charge  # the store's: raises StateUnavailable
         self._tenants = tenants  # the policy's tenants, for bounded metric labels
+
+    async def _reconcile(self, decision: Decision, delta: float) -> bool:
+        """Charge (or, negative, refund) `delta` cost units to every cost bucket `decision`
+        charged: an estimate made good once the response said what the request used.
+        False when the store could not be reached (the estimate then stands)."""
+        by_cost = [replace(bucket, cost=delta) for bucket in decision.charged if bucket.by_cost]
+        if decision.tenant is None or not by_cost or delta == 0:
+            return True
+        try:
+            await self._charge(decision.tenant, by_cost)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("charge").inc()
+            return False
+        return True
 
     def note_estimate(self, decision: Decision, estimate: TokenEstimate | None) -> None:
         """Count how a request to a token model was priced: `unestimated` (no body to read;
@@ -63,7 +79,7 @@ class TokenAccounting:
         ended: bool,
     ) -> None:
         """Make an admit's charge good with what its response said (`core.tokens.settlement`):
-        one charge or refund to the buckets it charged (the service's `reconcile`), or none,
+        one charge or refund to the buckets it charged (`_reconcile`), or none,
         leaving the charge standing when the response never said its usage."""
         # Every cost bucket took the same cost: the estimate, or what charge_max came to.
         # (`charged` lists every bucket the admit charged; `requests` buckets cost 1.)

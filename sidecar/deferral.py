@@ -21,12 +21,14 @@ import itertools
 import time
 from collections.abc import Callable
 
-from sidecar.core.admission import ModelSignals, Signals, may_go
+from sidecar.core.admission import may_go
 from sidecar.core.fleet import NOBODY, Elsewhere, backlogged, merge_summaries
 from sidecar.core.in_flight import InFlightCounts
 from sidecar.core.load import LoadView
+from sidecar.core.protect import Protection, presets_for
 from sidecar.core.queue import HoldQueues, Waiter
-from sidecar.policy.model import Policy
+from sidecar.core.signals import ModelSignals, Signals, cap_of
+from sidecar.policy.model import ClassPolicy, Policy
 
 
 class Deferrer:
@@ -53,6 +55,7 @@ class Deferrer:
         self._futures: dict[int, asyncio.Future[bool]] = {}
         self._released_since_scrape: dict[str, int] = {}
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
+        self.protection = Protection()  # adaptive caps (`overload.protect`)
         self._ids = itertools.count(1)
 
     def _bounds(self) -> dict[str, int]:
@@ -125,12 +128,39 @@ class Deferrer:
 
     def model_signals(self, model: str, view: LoadView, now: float) -> ModelSignals:
         """`model`'s load as this replica knows it now (see the module comment)."""
+        policy = self._policy()
+        presets = presets_for(policy, model)
+        caps = self.protection.caps(model, policy.classes.values(), presets, now) if presets else {}
         return ModelSignals(
             view.state_of(model, now, self.stale_after_s),
             view.queue_depth(model) + self.released_since_scrape(model),
             view.completions_per_s(model),
             self.in_flight(model),
+            caps,
         )
+
+    def adaptive_caps(self, model: str) -> dict[str, tuple[int, bool]]:
+        """Each protected class's learnt cap on `model`, and whether it binds now."""
+        binding = self.model_signals(model, self._load(), self.clock()).caps
+        return {
+            klass: (cap, binding.get(klass) is not None)
+            for klass, cap in self.protection.learnt(model).items()
+        }
+
+    def arrived(self, klass: ClassPolicy, model: str | None, signals: Signals) -> None:
+        """A request of `klass` for `model` arrived, judged on `signals`: what adaptive caps
+        learn from arrivals (core/protect.py rules 1 and 2)."""
+        seen = signals.model
+        if model is None or seen is None or klass.overload is None:
+            return
+        cap = cap_of(klass, seen.caps)
+        self.protection.arrived(model, klass, seen.in_flight, cap, self.clock())
+
+    def completed(self, model: str, klass: str, duration_s: float) -> None:
+        """A request of `klass` ended after `duration_s`, as Envoy measured it (rule 2)."""
+        policy = self._policy().classes.get(klass)
+        if policy is not None:
+            self.protection.completed(model, policy, duration_s, self.clock())
 
     def elsewhere(self, model: str) -> Elsewhere:
         """Other replicas' waiters for `model`, ordered by the fleet's counters."""

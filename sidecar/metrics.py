@@ -27,6 +27,7 @@ class Metrics:
         self._degraded_series(registry)
         self._policy_series(registry)
         self._backend_series(registry)
+        self._protection_series(registry)
 
     def _decision_series(self, registry: CollectorRegistry) -> None:
         """What was decided, how fast, and the tokens it counted."""
@@ -176,6 +177,22 @@ class Metrics:
             "qos_replicas",
             "Live replicas sharing the quota store, from their heartbeats (the last count "
             "read; each replica's share of a limit in degraded mode is 1/this).",
+            registry=registry,
+        )
+
+    def _protection_series(self, registry: CollectorRegistry) -> None:
+        """Adaptive caps (overload.protect, core/protect.py)."""
+        self.adaptive_cap = Gauge(
+            "qos_adaptive_cap",
+            "The adaptive cap (overload.protect) of a class on a model's requests in flight, as "
+            "learnt; it applies while qos_adaptive_cap_binding is 1.",
+            ["model", "class"],
+            registry=registry,
+        )
+        self.adaptive_cap_binding = Gauge(
+            "qos_adaptive_cap_binding",
+            "1 while better-ranked classes send the model work, so the adaptive cap applies.",
+            ["model", "class"],
             registry=registry,
         )
 

@@ -37,7 +37,7 @@ from sidecar.core.admission import (
     Hold,
     HoldOutcome,
     LoadAction,
-    Signals,
+    QuotaFirst,
     TakeQuota,
 )
 from sidecar.core.decide import (
@@ -48,6 +48,7 @@ from sidecar.core.decide import (
 from sidecar.core.degraded import degrade
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
+from sidecar.core.signals import QUOTA_ONLY, Signals
 from sidecar.core.tokens import TokenEstimate
 from sidecar.core.types import Decision, LeaseRef, QuotaCheck, QuotaResult, RequestAttributes
 from sidecar.deferral import Deferrer
@@ -91,7 +92,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         self._policy = FixedPolicy(policy) if isinstance(policy, Policy) else policy
         self.store = store
         self.metrics = metrics
-        self.tokens = TokenAccounting(metrics, self.reconcile, lambda: self.policy.tenants)
+        self.tokens = TokenAccounting(metrics, store.charge, lambda: self.policy.tenants)
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
         # alone: treating "no signal" as saturated would shed everything forever.
         self._load = load
@@ -170,14 +171,11 @@ class AdmissionService(SharedReads, LeasedQuota):
     async def explain(self, attrs: RequestAttributes) -> Decision:
         """The decision `attrs` would get now, without taking any quota or holding."""
         step = self._until_quota(self.snapshot(), attrs, None)
+        if isinstance(step, QuotaFirst):
+            step = admission.on_peek(step, await self._peek(step.admission.check))
         if isinstance(step, Answer):
             return step.decision
-        try:
-            result: QuotaResult | None = await self.store.peek(step.admission.check)
-        except StateUnavailable:
-            self.metrics.state_errors.labels("peek").inc()
-            result = None
-        decision = decide(step.admission, result)
+        decision = decide(step.admission, await self._peek(step.admission.check))
         if step.verdict.action is LoadAction.DEFER and decision.admitted:
             # Explain does not wait: say that the real request would be held first.
             wait_ms = step.admission.klass.max_wait_ms
@@ -185,8 +183,8 @@ class AdmissionService(SharedReads, LeasedQuota):
             decision = replace(decision, trace=(*decision.trace, hold))
         return decision
 
-    async def complete(self, lease_token: str | None) -> bool:
-        """Release the lease named by a completion signal. True if a lease was freed."""
+    async def complete(self, lease_token: str | None, duration_s: float | None = None) -> bool:
+        """Release the lease a completion names (True if freed); `duration_s`: Envoy's."""
         if not lease_token:
             self.metrics.completions.labels("no_lease").inc()
             return False
@@ -194,6 +192,8 @@ class AdmissionService(SharedReads, LeasedQuota):
         if lease is None:
             self.metrics.completions.labels("bad_lease").inc()
             return False
+        if duration_s is not None and lease.model is not None and self.deferrer is not None:
+            self.deferrer.completed(lease.model, lease.klass, duration_s)
         return await self.release(lease)
 
     async def release(self, lease: LeaseRef, *, counted: bool = True) -> bool:
@@ -233,20 +233,6 @@ class AdmissionService(SharedReads, LeasedQuota):
             self.deferrer.pump()
         return released
 
-    async def reconcile(self, decision: Decision, delta: float) -> bool:
-        """Charge (or, negative, refund) `delta` cost units to every cost bucket `decision`
-        charged: an estimate made good once the response said what the request used.
-        False when the store could not be reached (the estimate then stands)."""
-        by_cost = [replace(bucket, cost=delta) for bucket in decision.charged if bucket.by_cost]
-        if decision.tenant is None or not by_cost or delta == 0:
-            return True
-        try:
-            await self.store.charge(decision.tenant, by_cost)
-        except StateUnavailable:
-            self.metrics.state_errors.labels("charge").inc()
-            return False
-        return True
-
     async def release_undelivered(self, decision: Decision) -> None:
         """Give back the lease and the bucket charges of an admit that never reached Envoy
         (the call was cancelled, or Envoy timed it out): the request was never served.
@@ -267,7 +253,9 @@ class AdmissionService(SharedReads, LeasedQuota):
         estimate: TokenEstimate | None,
     ) -> Decision:
         """Run the core's admission machine, performing the I/O each step asks for."""
-        step: TakeQuota | Hold | Answer = self._until_quota(compiled, attrs, estimate)
+        step: TakeQuota | QuotaFirst | Hold | Answer = self._until_quota(compiled, attrs, estimate)
+        if isinstance(step, QuotaFirst):  # shed for load, unless over its quota
+            step = admission.on_peek(step, await self._peek(step.admission.check))
         while isinstance(step, TakeQuota):
             if step.release_deadline_s is not None:
                 wait_s = step.release_deadline_s - self.clock()
@@ -285,9 +273,17 @@ class AdmissionService(SharedReads, LeasedQuota):
             step = await self._hold(step, compiled.policy, on_hold)
         return await self._perform(step, compiled.policy)
 
+    async def _peek(self, check: QuotaCheck) -> QuotaResult | None:
+        """The quota as it stands, taking nothing (None: the store cannot say)."""
+        try:
+            return await self.store.peek(check)
+        except StateUnavailable:
+            self.metrics.state_errors.labels("peek").inc()
+            return None
+
     def _until_quota(
         self, compiled: CompiledPolicy, attrs: RequestAttributes, estimate: TokenEstimate | None
-    ) -> TakeQuota | Answer:
+    ) -> TakeQuota | QuotaFirst | Answer:
         """Plan and load verdict: the steps before any state is touched."""
         cost = None if estimate is None else (estimate.cost, estimate.why)
         planned = admission.plan(attrs, compiled, cost)
@@ -295,11 +291,14 @@ class AdmissionService(SharedReads, LeasedQuota):
             return planned
         if self.model_pod is not None and planned.check.model is not None:
             planned = replace(planned, check=replace(planned.check, model_pod=self.model_pod))
-        return admission.judge(planned, self._signals(planned.model), compiled.policy)
+        signals = self._signals(planned.model)
+        if self.deferrer is not None:
+            self.deferrer.arrived(planned.klass, planned.model, signals)
+        return admission.judge(planned, signals, compiled.policy)
 
     def _signals(self, model: str | None) -> Signals:
         if self.deferrer is None:
-            return admission.QUOTA_ONLY  # no view of Triton: quota only
+            return QUOTA_ONLY  # no view of Triton: quota only
         return self.deferrer.signals(model)
 
     async def _perform(self, answer: Answer, policy: Policy) -> Decision:

@@ -88,6 +88,10 @@ class SharedReads:
             self.metrics.model_in_flight.labels(model).set(count)
         if self.deferrer is not None:
             self.deferrer.set_in_flight(counts, started)
+            for model in counts:
+                for klass, (cap, binding) in self.deferrer.adaptive_caps(model).items():
+                    self.metrics.adaptive_cap.labels(model, klass).set(cap)
+                    self.metrics.adaptive_cap_binding.labels(model, klass).set(binding)
 
     async def exchange_fleet(self, replica: str, ttl_s: float) -> bool:
         """Gateway topology: share what this replica holds and its fairness counter changes

@@ -14,14 +14,10 @@ from hypothesis import strategies as st
 
 from sidecar.core import admission
 from sidecar.core.admission import (
-    SIGNAL_READING,
     Answer,
     Hold,
     HoldOutcome,
     LoadAction,
-    ModelSignals,
-    Reader,
-    Signals,
     TakeQuota,
     judge_load,
     may_go,
@@ -29,6 +25,7 @@ from sidecar.core.admission import (
 from sidecar.core.decide import Admission, compile_policy
 from sidecar.core.fleet import Elsewhere
 from sidecar.core.load import SignalState
+from sidecar.core.signals import QUOTA_ONLY, SIGNAL_READING, ModelSignals, Reader, Signals
 from sidecar.core.types import LimitKind, QuotaResult, Reason, RequestAttributes
 from sidecar.policy.model import (
     ClassPolicy,
@@ -137,11 +134,38 @@ def test_one_room_rule_for_arrivals_and_the_head(
 # -- plan and judge: before any state is touched ------------------------------------------------
 
 
-def test_shed_for_load_answers_503_and_asks_for_no_quota() -> None:
-    step = admission.judge(planned(policy_with()), signals(60, drain=20.0), policy_with())
-    assert isinstance(step, Answer) and step.give_back is None
-    assert (step.decision.status, step.decision.reason) == (503, Reason.OVERLOADED)
-    assert json.loads(step.decision.body)["retry_after_ms"] == 2850  # 57 ahead at 20/s
+def test_shed_for_load_answers_503_and_takes_no_quota() -> None:
+    first = admission.judge(planned(policy_with()), signals(60, drain=20.0), policy_with())
+    # The tenant has buckets: its quota is looked at first (taking nothing).
+    assert isinstance(first, admission.QuotaFirst)
+    for seen in (ALLOWED, None):  # within its quota, or the store cannot say
+        step = admission.on_peek(first, seen)
+        assert step.give_back is None and step.decision.lease is None
+        assert (step.decision.status, step.decision.reason) == (503, Reason.OVERLOADED)
+        assert json.loads(step.decision.body)["retry_after_ms"] == 2850  # 57 ahead at 20/s
+
+
+def test_a_request_over_its_quota_is_told_so_even_when_the_load_sheds_it() -> None:
+    """An anonymous flood over its 2 req/s got 503s for load and learnt nothing of its quota
+    (issue 12): it gets the quota's 429 and Retry-After."""
+    first = admission.judge(planned(policy_with()), signals(60, drain=20.0), policy_with())
+    assert isinstance(first, admission.QuotaFirst)
+    over = QuotaResult(False, denied_by=LimitKind.BUCKET, denied_bucket="rps", retry_after_s=0.4)
+    step = admission.on_peek(first, over)
+    assert (step.decision.status, step.decision.reason) == (429, Reason.OVER_RATE)
+    assert json.loads(step.decision.body)["retry_after_ms"] == 400
+    assert step.decision.lease is None and step.give_back is None
+
+
+def test_a_tenant_without_limits_is_shed_for_load_without_a_store_call() -> None:
+    policy = policy_with()
+    tenants = {
+        name: replace(t, buckets=(), max_concurrency=None, max_concurrency_per_class={})
+        for name, t in policy.tenants.items()
+    }
+    policy = replace(policy, tenants=MappingProxyType(tenants))
+    step = admission.judge(planned(policy), signals(60, drain=20.0), policy)
+    assert isinstance(step, Answer) and step.decision.status == 503
 
 
 @pytest.mark.parametrize(
@@ -151,7 +175,7 @@ def test_shed_for_load_answers_503_and_asks_for_no_quota() -> None:
         (signals(6), LoadAction.DEFER),  # held: not in flight until let go
         (signals(0, waiting={2: 1}), LoadAction.DEFER),  # behind its band's waiter
         (signals(0, waiting={3: 5}), LoadAction.ADMIT),  # a worse band does not count
-        (admission.QUOTA_ONLY, LoadAction.ADMIT),  # no view of Triton
+        (QUOTA_ONLY, LoadAction.ADMIT),  # no view of Triton
     ],
 )
 def test_judge_asks_for_quota(sig: Signals, action: LoadAction) -> None:

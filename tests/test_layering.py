@@ -18,7 +18,7 @@ PACKAGE = ROOT / "sidecar"
 # Low to high. A module may import modules of a lower layer, or of its own package.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.errors",),
-    ("sidecar.policy.spec",),  # the vocabulary the model declares its fields in
+    ("sidecar.policy.spec", "sidecar.policy.choices"),  # the vocabulary of the model
     ("sidecar.policy.model",),
     ("sidecar.core",),
     ("sidecar.policy", "sidecar.settings"),

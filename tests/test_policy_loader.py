@@ -466,6 +466,15 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
         ],
     ),
     (
+        "model_preset_without_protect.yaml",
+        [
+            "15: models.llm.protect: no class sets overload.protect, so this preset would change"
+            " nothing; set overload.protect on the classes to cap adaptively",
+            "17: models.vision.protect: expected one of latency, balanced, throughput, got"
+            " 'fastest'",
+        ],
+    ),
+    (
         "unknown_key.yaml",
         [
             "2: classes.gold: missing required key 'rank'",

@@ -102,6 +102,31 @@ def test_deep_queue_sheds_503_with_drain_retry_after_and_takes_no_quota() -> Non
     assert dict(decision.headers)["retry-after"] == "3"
 
 
+def test_over_its_quota_a_request_shed_for_load_gets_the_quotas_429() -> None:
+    """Issue 12: a client over its quota learns so (429, the bucket's Retry-After), not a
+    503 for load that it would retry at the load's pace. Within quota: the load's 503."""
+    backend = Backend(depth=0, drain=20.0)
+    service, store = make(backend)
+
+    async def body() -> tuple[Decision, Decision]:
+        assert service.deferrer is not None
+        for _ in range(20):  # search: burst 20, spent while Triton had room
+            admitted = await service.check(request(), "test")
+            assert admitted.admitted
+            service.deferrer.on_scrape()  # Triton took it
+            await service.complete(dict(admitted.headers)["x-qos-lease"])
+        backend.depth = 60
+        over = await service.check(request(), "test")
+        within = await service.check(request("k-analytics"), "test")
+        assert await in_flight(store) == 0
+        return over, within
+
+    over, within = asyncio.run(body())
+    assert (over.status, over.reason) == (429, Reason.OVER_RATE)
+    assert 0 < json.loads(over.body)["retry_after_ms"] <= 100  # search: one token per 0.1 s
+    assert (within.status, within.reason) == (503, Reason.OVERLOADED)
+
+
 def test_deferred_request_is_admitted_when_capacity_returns() -> None:
     backend = Backend(depth=6)
     service, store = make(backend, max_wait_ms=5000)

@@ -7,7 +7,9 @@ that I/O and feeds the result back; nothing here waits, calls the store or reads
     plan(attrs)                -> Answer (refused: identity, class, malformed, cost)
                                 | Admission
     judge(admission, signals)  -> Answer (shed for load; no quota taken)
+                                | QuotaFirst (shed for load, unless over quota)
                                 | TakeQuota
+    on_peek(quota_first, seen) -> Answer (429 over quota, else the load's 503)
     on_quota(take, result)     -> Answer (admitted, or refused by quota / store down)
                                 | Hold (admitted, but Triton has no room yet)
     on_hold_end(hold, outcome) -> Answer (let go, relegated, not sheddable, or shed with
@@ -59,7 +61,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from sidecar.core.decide import (
     Admission,
@@ -71,8 +73,15 @@ from sidecar.core.decide import (
     shed_overloaded,
     unknown_model,
 )
-from sidecar.core.fleet import NOBODY, Elsewhere
 from sidecar.core.load import SignalState
+from sidecar.core.signals import (
+    NO_CAPS,
+    ModelSignals,
+    Reader,
+    Signals,
+    cap_of,
+    depth_read,
+)
 from sidecar.core.types import (
     BucketCheck,
     Decision,
@@ -81,108 +90,23 @@ from sidecar.core.types import (
     QuotaResult,
     RequestAttributes,
 )
-from sidecar.policy.model import ClassPolicy, OverloadPolicy, Policy, StaleAction
+from sidecar.policy.model import ClassPolicy, OverloadPolicy, Policy
 
-# -- The load signal, as each kind of request reads it ------------------------------------------
-
-
-class Reader(enum.Enum):
-    ARRIVAL = "arrival"  # a request that just came in
-    HEAD = "head"  # the held request at the head of the queue, asking to go
+# -- Room ---------------------------------------------------------------------------------------
 
 
-class Reading(enum.Enum):
-    DEPTH = "the queue depth Triton reported"
-    IDLE = "an empty queue"
-    SATURATED = "a queue at shed_above (or admit_below, if never shed)"
-    NO_ROOM = "no room"
-
-
-# (signal state, the class's on_stale, who reads it) -> what the depth is taken to be. A held
-# request is never let go early on a signal that may be old, whatever on_stale says: it has
-# already been admitted by quota and only waits for evidence of room.
-SIGNAL_READING: Mapping[tuple[SignalState, StaleAction, Reader], Reading] = {
-    **{(SignalState.FRESH, s, r): Reading.DEPTH for s in StaleAction for r in Reader},
-    **{
-        (state, StaleAction.ADMIT, Reader.ARRIVAL): Reading.IDLE
-        for state in (SignalState.STALE, SignalState.MISSING)
-    },
-    **{
-        (state, StaleAction.SATURATED, Reader.ARRIVAL): Reading.SATURATED
-        for state in (SignalState.STALE, SignalState.MISSING)
-    },
-    **{
-        (state, stale, Reader.HEAD): Reading.NO_ROOM
-        for state in (SignalState.STALE, SignalState.MISSING)
-        for stale in StaleAction
-    },
-}
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSignals:
-    """What this replica knows of one model's load at one instant."""
-
-    state: SignalState
-    queue_depth: int  # Triton's at the last scrape, plus what was let go since (unseen yet)
-    drain_per_s: float  # completions per second; 0 when not measured yet
-    in_flight: int | None = None  # every replica's requests in flight; None: never said
-
-
-@dataclass(frozen=True, slots=True)
-class Signals:
-    """The load a decision sees: its model's, and the sidecar's own waiters for that model
-    per band (each model has its own hold queue: another model's waiters are not ahead)."""
-
-    model: ModelSignals | None  # None: no view of Triton for this request (quota only)
-    # Held requests of the request's model, per class rank.
-    waiting: Mapping[int, int] = field(default_factory=dict)
-    served: frozenset[str] | None = None  # the models Triton serves; None: not known now
-    # Other replicas' waiters for the model (gateway topology; `core.fleet`).
-    elsewhere: Elsewhere = NOBODY
-    # This replica's waiters for the model per band and tenant, with the counters that order
-    # them: when given, only those its queue serves first are ahead of an arrival.
-    here: Elsewhere | None = None
-
-    def ahead_of(self, rank: int, tenant: str | None = None) -> int:
-        """The model's waiters here that would be served before a new arrival of band `rank`
-        and `tenant`: a better band's, and in its own band (when `here` says who waits) only
-        those of tenants its queue serves first (a counter no larger than the tenant's: its
-        own waiters, and ties, go first). Without that, a quiet tenant's arrival would count
-        a noisy tenant's backlog as ahead of it, and be shed for a wait it would not have."""
-        if self.here is not None and tenant is not None:
-            return self.here.ahead_of(rank, tenant)
-        return sum(n for band, n in self.waiting.items() if band <= rank)
-
-
-QUOTA_ONLY = Signals(None)
-
-
-def _depth_read(
-    overload: OverloadPolicy, state: SignalState, depth: int, reader: Reader
-) -> tuple[int | None, str]:
-    """The depth a request of `reader` kind sees (None: no room whatever it is), and how."""
-    reading = SIGNAL_READING[(state, overload.on_stale, reader)]
-    if reading is Reading.DEPTH:
-        return depth, f"queue {depth}"
-    if reading is Reading.IDLE:
-        return 0, f"load signal {state.value}, treated as idle"
-    if reading is Reading.SATURATED:
-        saturated = overload.shed_above if overload.shed_above is not None else overload.admit_below
-        return saturated, f"load signal {state.value}, treated as saturated"
-    return None, f"load signal {state.value}: nobody goes early"
-
-
-def over_cap(overload: OverloadPolicy, in_flight: int | None) -> int:
+def over_cap(cap: int | None, in_flight: int | None) -> int:
     """How many of the model's requests in flight are at or over the class's cap (0: under)."""
-    if overload.max_in_flight is None or in_flight is None:
+    if cap is None or in_flight is None:
         return 0
-    return max(0, in_flight - overload.max_in_flight + 1)
+    return max(0, in_flight - cap + 1)
 
 
-def has_room(overload: OverloadPolicy, depth: int | None, in_flight: int | None) -> bool:
+def has_room(
+    overload: OverloadPolicy, depth: int | None, in_flight: int | None, cap: int | None
+) -> bool:
     """THE test of "may one more request of this class go to Triton now"."""
-    return depth is not None and depth < overload.admit_below and over_cap(overload, in_flight) == 0
+    return depth is not None and depth < overload.admit_below and over_cap(cap, in_flight) == 0
 
 
 def _reserve(
@@ -202,8 +126,9 @@ def may_go(klass: ClassPolicy | None, model: ModelSignals, reserved: int = 0) ->
     overload = klass.overload if klass is not None else None
     if overload is None:
         return True
-    depth, _ = _depth_read(overload, model.state, model.queue_depth, Reader.HEAD)
-    return has_room(overload, *_reserve(depth, model.in_flight, reserved))
+    depth, _ = depth_read(overload, model.state, model.queue_depth, Reader.HEAD)
+    cap = cap_of(klass, model.caps) if klass is not None else None
+    return has_room(overload, *_reserve(depth, model.in_flight, reserved), cap)
 
 
 # -- The load verdict ---------------------------------------------------------------------------
@@ -236,24 +161,30 @@ def judge_load(
     relegated: bool = False,
     in_flight: int | None = None,
     reserved: int = 0,
+    caps: Mapping[str, int | None] = NO_CAPS,
 ) -> LoadVerdict:
     """The load rules of the module comment, for a new arrival of `klass`. `reserved`:
-    waiters on other replicas that go before it, counted as already sent."""
+    waiters on other replicas that go before it, counted as already sent. `caps`: the
+    adaptive caps now (`ModelSignals.caps`)."""
     overload = klass.overload
     if overload is None:
         return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
     can_relegate = klass.relegate_to is not None and not relegated
-    read, seen = _depth_read(overload, state, queue_depth, Reader.ARRIVAL)
+    read, seen = depth_read(overload, state, queue_depth, Reader.ARRIVAL)
     depth, in_flight = _reserve(read or 0, in_flight, reserved)  # an arrival reads a number
     depth = depth or 0
-    if overload.max_in_flight is not None and in_flight is not None:
-        seen = f"{seen}, {in_flight} in flight (max {overload.max_in_flight})"
+    cap = cap_of(klass, caps)
+    if cap is not None and in_flight is not None:
+        kind = "adaptive max" if overload.protect is not None else "max"
+        seen = f"{seen}, {in_flight} in flight ({kind} {cap})"
+    elif overload.protect is not None:
+        seen = f"{seen}, adaptive cap off: no better class for the model now"
     if reserved:
         seen = f"{seen}, {reserved} held elsewhere go first"
-    if has_room(overload, depth, in_flight) and waiting_ahead == 0:
+    if has_room(overload, depth, in_flight, cap) and waiting_ahead == 0:
         return LoadVerdict(LoadAction.ADMIT, 0.0, f"{seen} < admit_below {overload.admit_below}")
 
-    ahead = max(0, depth - overload.admit_below + 1, over_cap(overload, in_flight))
+    ahead = max(0, depth - overload.admit_below + 1, over_cap(cap, in_flight))
     ahead += waiting_ahead
     wait_s = ahead / drain_per_s if drain_per_s > 0 else math.inf
     if overload.shed_above is not None and depth >= overload.shed_above:
@@ -294,6 +225,7 @@ def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
         relegated=admission.relegated,
         in_flight=model.in_flight,
         reserved=signals.elsewhere.ahead_of(admission.klass.rank, admission.tenant.name),
+        caps=model.caps,
     )
 
 
@@ -371,7 +303,9 @@ def plan(
     return Answer(planned) if isinstance(planned, Decision) else planned
 
 
-def judge(admission: Admission, signals: Signals, policy: Policy) -> TakeQuota | Answer:
+def judge(
+    admission: Admission, signals: Signals, policy: Policy
+) -> TakeQuota | QuotaFirst | Answer:
     """The load verdict, before any state is touched: shed (costs the tenant nothing),
     relegate once at arrival (the quota moves to the new class), or go on to the quota.
     A model Triton is known not to serve is refused first (the model rule)."""
@@ -396,8 +330,29 @@ def judge(admission: Admission, signals: Signals, policy: Policy) -> TakeQuota |
     admission = replace(admission, check=check, trace=(*admission.trace, verdict.why))
     if verdict.action is LoadAction.SHED:
         retry_after_s = overload_retry_after_s(admission.klass, verdict)
-        return Answer(shed_overloaded(admission, retry_after_s, "shed for load"))
+        shed = Answer(shed_overloaded(admission, retry_after_s, "shed for load"))
+        if check.buckets or check.max_concurrency or check.max_class_concurrency:
+            return QuotaFirst(admission, shed)
+        return shed
     return TakeQuota(admission, verdict)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaFirst:
+    """Shed for load, unless the request is over its quota: then it is told that (429 with
+    the quota's Retry-After), or a client over its quota would retry at the load's pace and
+    never learn that its quota is what stops it. Look at the quota without taking any."""
+
+    admission: Admission
+    shed: Answer
+
+
+def on_peek(step: QuotaFirst, result: QuotaResult | None) -> Answer:
+    """The quota as it stands (None: the store cannot say): the quota's refusal, else the
+    load's."""
+    if result is not None and not result.allowed:
+        return Answer(decide(step.admission, result))
+    return step.shed
 
 
 CONCURRENCY_LIMITS = (LimitKind.CONCURRENCY, LimitKind.CLASS_CONCURRENCY)

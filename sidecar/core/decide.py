@@ -114,8 +114,9 @@ class CompiledPolicy:
     by_api_key: Mapping[str, TenantPolicy]
     by_principal: Mapping[str, TenantPolicy]
     by_header_value: Mapping[str, TenantPolicy]
-    # Is a model's count read (a class sets `overload.max_in_flight`)? Only then are admits
-    # counted in their model's set: two store calls per request (add, remove), another slot.
+    # Is a model's count read (a class sets `overload.max_in_flight` or `protect`)? Only then
+    # are admits counted in their model's set: two store calls per request (add, remove),
+    # another slot.
     counts_models: bool = True
 
 
@@ -127,9 +128,10 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         keys.update(dict.fromkeys(tenant.match.api_key_sha256, tenant))
         principals.update(dict.fromkeys(tenant.match.principals, tenant))
         values.update(dict.fromkeys(tenant.match.header_values, tenant))
-    caps = [c.overload.max_in_flight for c in policy.classes.values() if c.overload is not None]
+    overloads = [c.overload for c in policy.classes.values() if c.overload is not None]
+    capped = any(o.max_in_flight is not None or o.protect is not None for o in overloads)
     tables = (MappingProxyType(keys), MappingProxyType(principals), MappingProxyType(values))
-    return CompiledPolicy(policy, *tables, any(cap is not None for cap in caps))
+    return CompiledPolicy(policy, *tables, capped)
 
 
 @dataclass(frozen=True, slots=True)

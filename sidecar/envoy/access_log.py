@@ -12,6 +12,7 @@ nothing. The lease TTL is only the backstop for lost entries.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +35,19 @@ def lease_of(entry: Any) -> str | None:
     return None
 
 
+def duration_of(entry: Any) -> float | None:
+    """How long the request took, to the last byte sent back to the client. A request the
+    client left before any answer took longer than it would wait: infinite, a miss for
+    adaptive caps (core/protect.py). None when Envoy says nothing of either."""
+    common = entry.common_properties
+    if common.HasField("time_to_last_downstream_tx_byte"):
+        duration = common.time_to_last_downstream_tx_byte
+        return float(duration.seconds) + float(duration.nanos) / 1e9
+    if common.HasField("duration"):  # the stream ended without a response: the client left
+        return math.inf
+    return None
+
+
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, service: AdmissionService, *, lease_key: bytes) -> None:
         self._service = service
@@ -49,7 +63,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             # Forged, unsigned or signed with another key: release nothing.
             self._service.metrics.completions.labels("bad_lease").inc()
             return
-        await self._service.complete(token)
+        await self._service.complete(token, duration_of(entry))
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]

@@ -7,7 +7,7 @@ Rules:
 - Checks here are the ones a single file's walk cannot make: references to classes and
   tenants, relegation going down, `shed_above` above `admit_below`, one tenant per API key,
   principal and header value, bucket names unique within a tenant, cost buckets that can hold
-  one request of the costliest model.
+  one request of the costliest model, a model's protect preset with a class it applies to.
 - `build` runs only when no file had a problem, so every required key is there.
 """
 
@@ -120,6 +120,7 @@ class Merged:
                     self._check_tenant_classes(tenant)
                 self._check_buckets(tenant)
                 self._check_match(name, tenant, owners)
+        self._check_model_presets()
         unknown = self.singletons.get("unknown_tenants")
         if unknown is not None and isinstance(unknown.data, dict):
             fallback = unknown.data.get("tenant")
@@ -154,6 +155,26 @@ class Merged:
                 f"relegate_to {target!r} has rank {other}; it must be a less important class "
                 f"(rank above {own})",
             )
+
+    def _check_model_presets(self) -> None:
+        """A model's `protect` overrides the preset of protected classes: with none, it would
+        silently do nothing."""
+        protected = [
+            name
+            for name, c in self.classes.items()
+            if isinstance(c.data, dict)
+            and isinstance(c.data.get("overload"), dict)
+            and c.data["overload"].get("protect") is not None
+        ]
+        if protected:
+            return
+        for model in self.entities["models"].values():
+            if isinstance(model.data, dict) and model.data.get("protect") is not None:
+                model.problem(
+                    ("protect",),
+                    "no class sets overload.protect, so this preset would change nothing; set "
+                    "overload.protect on the classes to cap adaptively",
+                )
 
     def _class_problem(self, name: str, allowed: list[str] | None) -> str | None:
         if name not in self.classes:

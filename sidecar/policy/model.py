@@ -13,11 +13,21 @@ declarations (see `spec.py`); nothing else repeats them.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from sidecar.policy.choices import (
+    BucketUnit,
+    DisallowedClassAction,
+    FailMode,
+    IdentitySourceKind,
+    Protect,
+    RoutePriority,
+    StaleAction,
+    UnknownTenantAction,
+    UnreadableBody,
+)
 from sidecar.policy.spec import (
     BUCKET_NAME,
     HEADER_NAME,
@@ -37,55 +47,18 @@ from sidecar.policy.spec import (
     setting,
 )
 
-
-class FailMode(enum.Enum):
-    """What a class gets when the shared quota store cannot answer."""
-
-    LOCAL_SHARE = "local_share"  # each replica enforces limit / live replicas, in memory
-    OPEN = "open"  # admit without quota checks (counted in a metric)
-    CLOSED = "closed"  # shed with 503
-
-
-class BucketUnit(enum.Enum):
-    REQUESTS = "requests"  # each request costs 1
-    COST = "cost"  # each request costs its estimated cost units (e.g. LLM tokens)
-
-
-class DisallowedClassAction(enum.Enum):
-    DOWNGRADE = "downgrade"  # serve it in the tenant's default class
-    REJECT = "reject"  # shed with 403
-
-
-class UnknownTenantAction(enum.Enum):
-    REJECT = "reject"  # shed with 401
-    DEFAULT = "default"  # treat as the named default tenant
-
-
-class StaleAction(enum.Enum):
-    """What a class does when Triton's load signals are stale or missing."""
-
-    SATURATED = "saturated"  # act as if the queue were at shed_above (defer, relegate or shed)
-    ADMIT = "admit"  # act as if the queue were empty
-
-
-class RoutePriority(enum.Enum):
-    """The Envoy route priority a class's requests are sent with (x-qos-route-priority)."""
-
-    DEFAULT = "default"
-    HIGH = "high"  # the shipped config routes these with priority HIGH: own circuit breakers
-
-
-class UnreadableBody(enum.Enum):
-    """What a token model does with a request body whose cost cannot be read."""
-
-    REFUSE = "refuse"  # 400 (415 for an encoding Triton does not read), counted
-    CHARGE_MAX = "charge_max"  # admit, charging the most the tenant's cost buckets hold
-
-
-class IdentitySourceKind(enum.Enum):
-    API_KEY = "api_key"  # a secret header; tenants list the SHA-256 hex digests of their keys
-    PRINCIPAL = "principal"  # the mTLS peer principal (URI SAN) Envoy verified
-    HEADER = "header"  # a header set by a trusted hop in front (e.g. jwt_authn claim_to_headers)
+# The vocabularies are declared in choices.py and re-exported from here.
+__all__ = [
+    "BucketUnit",
+    "DisallowedClassAction",
+    "FailMode",
+    "IdentitySourceKind",
+    "Protect",
+    "RoutePriority",
+    "StaleAction",
+    "UnknownTenantAction",
+    "UnreadableBody",
+]
 
 
 @section(
@@ -154,7 +127,18 @@ class OverloadPolicy:
         "Admit at once only while the model has fewer requests in flight (admitted, not yet "
         "ended: on this pod's Triton with QOS_TOPOLOGY=pod, by any replica with gateway); "
         "above it requests are deferred as above admit_below. "
-        "Exact between scrapes; keeps Triton's batches small.",
+        "Exact between scrapes; keeps Triton's batches small. With protect, the floor of "
+        "the adaptive cap (default 1).",
+        default=None,
+    )
+    protect: Protect | None = setting(
+        Choice.of(Protect),
+        "Adaptive cap on the model's requests in flight, instead of a fixed max_in_flight: "
+        "it binds only while better-ranked classes send the model work, and follows the "
+        "latency they get against their objective (latency: keep it at 50%, balanced: 70%, "
+        "throughput: 90%), raised while this class is held back by it and cut when they come "
+        "close. A model's own protect overrides the preset. Needs a latency_objective_ms on "
+        "the better classes (every class has one).",
         default=None,
     )
 
@@ -427,6 +411,12 @@ class ModelPolicy:
         section_spec(TokenPolicy),
         "Estimate each request's cost from its token counts (ext_proc mode only); without "
         "it every request costs cost_per_request.",
+        default=None,
+    )
+    protect: Protect | None = setting(
+        Choice.of(Protect),
+        "The protection preset for this model, overriding the protect of every class that "
+        "sets one (overload.protect) on requests for this model.",
         default=None,
     )
 

@@ -1,0 +1,195 @@
+"""Adaptive protection: how many of a model's requests a lower class may have in flight.
+
+A fixed `max_in_flight` is right for one workload only: too high and a better class waits
+behind long batches of lower work, too low and the GPU runs half-empty batches while a lower
+class with a long deadline is shed (issue 12: 70% of batch work shed at 2x, a third of the
+SLO-met throughput of Triton's priority alone). A class with `overload.protect` instead gets a
+cap that the sidecar finds from what it observes, per model:
+
+1. Presence. The cap binds only while better-ranked work for the model is present or
+   expected: a better-ranked request arrived within the last `horizon` (PRESENCE_GAPS times
+   the mean gap between their arrivals, and at least one of their objectives). Otherwise the
+   class is not capped at all: lower classes get full batches while nobody needs protecting.
+2. Outcome. The cap follows the latency that better-ranked requests of the model get (Envoy's
+   duration of the request, hold included, from the access log), as a share of their class's
+   `latency_objective_ms`. A period lasts at least the shortest objective among them (about
+   how long an admission takes to show in their latencies) and until MIN_SAMPLES of them have
+   completed (or MAX_PERIODS objectives have passed); it ends with one step on the QUANTILE of
+   their shares:
+   - above the preset's TARGET: the cap is multiplied by DECREASE (at least the floor);
+   - else, if the cap held a request of the class back in the period (it arrived with the
+     model's in-flight count at the cap) and some of them completed: the cap grows by
+     INCREASE of itself (at least 1);
+   - else it stays: a cap nobody pushes against says nothing about a larger one.
+3. The floor is the class's `max_in_flight` (1 without it), and the cap never falls below it;
+   it starts there, and is kept per (model, class) across periods of absence (rule 1).
+4. Presets (`Protect`), a model's own overriding the class's: the share of their objective
+   that 95% of better-ranked requests stay under. `latency` keeps them at 60% (smallest
+   batches, most margin), `balanced` at 80%, `throughput` at their objective (fullest
+   batches; about one in twenty of them then comes close to missing).
+
+Every threshold is the policy's own objectives, scaled by the preset; nothing here knows a
+workload. The core is pure: the caller passes the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from sidecar.policy.model import ClassPolicy, Policy, Protect
+
+TARGET = {Protect.LATENCY: 0.6, Protect.BALANCED: 0.8, Protect.THROUGHPUT: 1.0}
+QUANTILE = 0.95
+MIN_SAMPLES = 20
+MAX_PERIODS = 5.0
+DECREASE = 0.8
+INCREASE = 0.1
+PRESENCE_GAPS = 4.0
+GAP_WEIGHT = 0.2  # of the newest gap in the moving mean of arrival gaps
+
+
+@dataclass(slots=True)
+class _Arrivals:
+    """When a class last sent the model a request, and the mean gap between them."""
+
+    last_s: float
+    mean_gap_s: float | None = None
+
+    def saw(self, now_s: float) -> None:
+        gap = max(0.0, now_s - self.last_s)
+        if self.mean_gap_s is None:
+            self.mean_gap_s = gap
+        else:
+            self.mean_gap_s += GAP_WEIGHT * (gap - self.mean_gap_s)
+        self.last_s = now_s
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One protected class's cap on one model, and what its current period saw."""
+
+    rank: int  # of the protected class: completions of better ranks are what it watches
+    cap: float
+    period_start_s: float
+    # As the last `caps` call said: the period, the preset's target share, the floor.
+    period_s: float
+    target: float
+    floor: int
+    shares: list[float] = field(default_factory=list)
+    limited: bool = False
+
+    def advance(self, now_s: float) -> None:
+        """Rule 2: once a period is over, one step, and a new period starts now."""
+        elapsed = now_s - self.period_start_s
+        if elapsed < self.period_s:
+            return
+        if len(self.shares) < MIN_SAMPLES and elapsed < MAX_PERIODS * self.period_s:
+            return
+        shares = sorted(self.shares)
+        if shares and shares[min(len(shares) - 1, int(QUANTILE * len(shares)))] > self.target:
+            self.cap = max(float(self.floor), self.cap * DECREASE)
+        elif self.limited and shares:  # no evidence, no growth
+            self.cap += max(1.0, self.cap * INCREASE)
+        self.shares, self.limited = [], False
+        self.period_start_s = now_s
+
+
+@dataclass(slots=True)
+class Protection:
+    """The adaptive caps of every (model, protected class) this replica has seen."""
+
+    _arrivals: dict[tuple[str, int], _Arrivals] = field(default_factory=dict)
+    _lanes: dict[tuple[str, str], _Lane] = field(default_factory=dict)
+
+    def arrived(
+        self, model: str, klass: ClassPolicy, in_flight: int | None, cap: int | None, now_s: float
+    ) -> None:
+        """A request of `klass` for `model` arrived, the model's count at `in_flight` and its
+        class's cap at `cap` (None: not capped now). Rules 1 and 2 (held back)."""
+        seen = self._arrivals.get((model, klass.rank))
+        if seen is None:
+            self._arrivals[(model, klass.rank)] = _Arrivals(now_s)
+        else:
+            seen.saw(now_s)
+        lane = self._lanes.get((model, klass.name))
+        if lane is not None and cap is not None and in_flight is not None and in_flight >= cap:
+            lane.limited = True
+
+    def completed(self, model: str, klass: ClassPolicy, duration_s: float, now_s: float) -> None:
+        """A request of `klass` for `model` ended after `duration_s` (Envoy's measure): the
+        lanes of classes ranked below it take its share of its objective (rule 2)."""
+        share = duration_s * 1000 / klass.latency_objective_ms
+        for (lane_model, _), lane in self._lanes.items():
+            if lane_model == model and lane.rank > klass.rank:
+                lane.advance(now_s)
+                lane.shares.append(share)
+
+    def caps(
+        self,
+        model: str,
+        classes: Iterable[ClassPolicy],
+        presets: Mapping[str, Protect],
+        now_s: float,
+    ) -> dict[str, int | None]:
+        """The cap of every protected class for `model` (name -> cap; None: it does not bind
+        now). `presets`: each protected class's preset for this model."""
+        ranked = sorted(classes, key=lambda c: c.rank)
+        out: dict[str, int | None] = {}
+        for klass in ranked:
+            preset = presets.get(klass.name)
+            if preset is None or klass.overload is None:
+                continue
+            better = [c for c in ranked if c.rank < klass.rank]
+            out[klass.name] = self._cap(model, klass, better, preset, now_s)
+        return out
+
+    def _cap(
+        self,
+        model: str,
+        klass: ClassPolicy,
+        better: list[ClassPolicy],
+        preset: Protect,
+        now_s: float,
+    ) -> int | None:
+        assert klass.overload is not None
+        floor = klass.overload.max_in_flight or 1
+        if not better:
+            return None  # nobody to protect
+        period_s = min(c.latency_objective_ms for c in better) / 1000
+        lane = self._lanes.get((model, klass.name))
+        if lane is None:
+            lane = _Lane(klass.rank, float(floor), now_s, period_s, TARGET[preset], floor)
+            self._lanes[(model, klass.name)] = lane
+        # Follow policy reloads; a raised floor lifts the cap with it.
+        lane.period_s, lane.target, lane.floor = period_s, TARGET[preset], floor
+        lane.advance(now_s)
+        lane.cap = max(lane.cap, float(floor))
+        if not any(self._present(model, c, now_s) for c in better):
+            return None
+        return int(lane.cap)
+
+    def learnt(self, model: str) -> dict[str, int]:
+        """The cap each protected class has learnt for `model` (bound or not)."""
+        return {name: int(lane.cap) for (m, name), lane in self._lanes.items() if m == model}
+
+    def _present(self, model: str, klass: ClassPolicy, now_s: float) -> bool:
+        """Rule 1: did `klass` send `model` a request recently enough to expect another?"""
+        seen = self._arrivals.get((model, klass.rank))
+        if seen is None:
+            return False
+        horizon_s = klass.latency_objective_ms / 1000
+        if seen.mean_gap_s is not None:
+            horizon_s = max(horizon_s, PRESENCE_GAPS * seen.mean_gap_s)
+        return now_s - seen.last_s <= horizon_s
+
+
+def presets_for(policy: Policy, model: str) -> dict[str, Protect]:
+    """Rule 4: each protected class's preset for `model` (the model's own, else the class's)."""
+    model_policy = policy.models.get(model)
+    override = model_policy.protect if model_policy is not None else None
+    return {
+        c.name: override or c.overload.protect
+        for c in policy.classes.values()
+        if c.overload is not None and c.overload.protect is not None
+    }

@@ -1,0 +1,121 @@
+"""The load signal a decision reads: what this replica knows of a model (`ModelSignals`), the
+waiters ahead (`Signals`), how each kind of request reads a stale signal (`SIGNAL_READING`),
+and which cap on the model's requests in flight a class has now (`cap_of`). Values only; the
+rules that use them are in core/admission.py.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sidecar.core.fleet import NOBODY, Elsewhere
+from sidecar.core.load import SignalState
+from sidecar.policy.model import ClassPolicy, OverloadPolicy, StaleAction
+
+# -- The load signal, as each kind of request reads it ------------------------------------------
+
+
+class Reader(enum.Enum):
+    ARRIVAL = "arrival"  # a request that just came in
+    HEAD = "head"  # the held request at the head of the queue, asking to go
+
+
+class Reading(enum.Enum):
+    DEPTH = "the queue depth Triton reported"
+    IDLE = "an empty queue"
+    SATURATED = "a queue at shed_above (or admit_below, if never shed)"
+    NO_ROOM = "no room"
+
+
+# (signal state, the class's on_stale, who reads it) -> what the depth is taken to be. A held
+# request is never let go early on a signal that may be old, whatever on_stale says: it has
+# already been admitted by quota and only waits for evidence of room.
+SIGNAL_READING: Mapping[tuple[SignalState, StaleAction, Reader], Reading] = {
+    **{(SignalState.FRESH, s, r): Reading.DEPTH for s in StaleAction for r in Reader},
+    **{
+        (state, StaleAction.ADMIT, Reader.ARRIVAL): Reading.IDLE
+        for state in (SignalState.STALE, SignalState.MISSING)
+    },
+    **{
+        (state, StaleAction.SATURATED, Reader.ARRIVAL): Reading.SATURATED
+        for state in (SignalState.STALE, SignalState.MISSING)
+    },
+    **{
+        (state, stale, Reader.HEAD): Reading.NO_ROOM
+        for state in (SignalState.STALE, SignalState.MISSING)
+        for stale in StaleAction
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignals:
+    """What this replica knows of one model's load at one instant."""
+
+    state: SignalState
+    queue_depth: int  # Triton's at the last scrape, plus what was let go since (unseen yet)
+    drain_per_s: float  # completions per second; 0 when not measured yet
+    in_flight: int | None = None  # every replica's requests in flight; None: never said
+    # The adaptive cap of each class with `overload.protect` (core/protect.py; None: it does
+    # not bind now). A protected class missing here is held to its floor, `max_in_flight`.
+    caps: Mapping[str, int | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """The load a decision sees: its model's, and the sidecar's own waiters for that model
+    per band (each model has its own hold queue: another model's waiters are not ahead)."""
+
+    model: ModelSignals | None  # None: no view of Triton for this request (quota only)
+    # Held requests of the request's model, per class rank.
+    waiting: Mapping[int, int] = field(default_factory=dict)
+    served: frozenset[str] | None = None  # the models Triton serves; None: not known now
+    # Other replicas' waiters for the model (gateway topology; `core.fleet`).
+    elsewhere: Elsewhere = NOBODY
+    # This replica's waiters for the model per band and tenant, with the counters that order
+    # them: when given, only those its queue serves first are ahead of an arrival.
+    here: Elsewhere | None = None
+
+    def ahead_of(self, rank: int, tenant: str | None = None) -> int:
+        """The model's waiters here that would be served before a new arrival of band `rank`
+        and `tenant`: a better band's, and in its own band (when `here` says who waits) only
+        those of tenants its queue serves first (a counter no larger than the tenant's: its
+        own waiters, and ties, go first). Without that, a quiet tenant's arrival would count
+        a noisy tenant's backlog as ahead of it, and be shed for a wait it would not have."""
+        if self.here is not None and tenant is not None:
+            return self.here.ahead_of(rank, tenant)
+        return sum(n for band, n in self.waiting.items() if band <= rank)
+
+
+QUOTA_ONLY = Signals(None)
+
+
+def depth_read(
+    overload: OverloadPolicy, state: SignalState, depth: int, reader: Reader
+) -> tuple[int | None, str]:
+    """The depth a request of `reader` kind sees (None: no room whatever it is), and how."""
+    reading = SIGNAL_READING[(state, overload.on_stale, reader)]
+    if reading is Reading.DEPTH:
+        return depth, f"queue {depth}"
+    if reading is Reading.IDLE:
+        return 0, f"load signal {state.value}, treated as idle"
+    if reading is Reading.SATURATED:
+        saturated = overload.shed_above if overload.shed_above is not None else overload.admit_below
+        return saturated, f"load signal {state.value}, treated as saturated"
+    return None, f"load signal {state.value}: nobody goes early"
+
+
+NO_CAPS: Mapping[str, int | None] = {}
+
+
+def cap_of(klass: ClassPolicy, caps: Mapping[str, int | None]) -> int | None:
+    """The class's cap on the model's requests in flight now: adaptive with `protect` (as
+    `caps` says; its floor if `caps` does not say), else the fixed `max_in_flight`."""
+    overload = klass.overload
+    if overload is None:
+        return None
+    if overload.protect is not None:
+        return caps.get(klass.name, overload.max_in_flight or 1)
+    return overload.max_in_flight

@@ -1,0 +1,157 @@
+"""Adaptive caps (sidecar/core/protect.py): pure, the clock is a number."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from sidecar.core.admission import LoadAction, judge_load
+from sidecar.core.load import SignalState
+from sidecar.core.protect import (
+    DECREASE,
+    MAX_PERIODS,
+    MIN_SAMPLES,
+    Protection,
+    presets_for,
+)
+from sidecar.core.signals import cap_of
+from sidecar.policy.model import ClassPolicy, ModelPolicy, OverloadPolicy, Policy, Protect
+
+INTERACTIVE = ClassPolicy(
+    "interactive",
+    rank=1,
+    latency_objective_ms=200,
+    max_wait_ms=50,
+    triton_priority=1,
+    overload=OverloadPolicy(16, 64),
+)
+BATCH = ClassPolicy(
+    "batch",
+    rank=3,
+    latency_objective_ms=20000,
+    max_wait_ms=4000,
+    triton_priority=3,
+    overload=OverloadPolicy(4, 32, max_in_flight=4, protect=Protect.BALANCED),
+)
+CLASSES = (INTERACTIVE, BATCH)
+PRESETS = {"batch": Protect.BALANCED}
+PERIOD_S = 0.2  # the interactive objective
+
+
+def caps(p: Protection, now_s: float) -> int | None:
+    return p.caps("llm", CLASSES, PRESETS, now_s)["batch"]
+
+
+def test_the_cap_binds_only_while_a_better_class_sends_the_model_work() -> None:
+    p = Protection()
+    assert caps(p, 0.0) is None  # nobody to protect: full batches
+    p.arrived("llm", INTERACTIVE, 0, None, 0.0)
+    assert caps(p, 0.05) == 4  # at its floor, max_in_flight
+    # Another model's interactive work does not bind this model's cap.
+    assert p.caps("resnet", CLASSES, PRESETS, 0.05)["batch"] is None
+    # Arrivals every 0.1 s: expected for 4 gaps (0.4 s) after the last one.
+    for i in range(1, 11):
+        p.arrived("llm", INTERACTIVE, 0, None, i * 0.1)
+    assert caps(p, 1.0 + 0.39) == 4
+    assert caps(p, 1.0 + 0.41) is None
+
+
+def period(p: Protection, now: float, share: float, *, held_back: bool = True) -> float:
+    """One period: interactive arrives and MIN_SAMPLES of it complete at `share` of their
+    objective; batch arrives at (held back) or under its cap. Returns the next period's
+    start."""
+    p.arrived("llm", INTERACTIVE, 3, None, now)
+    cap = caps(p, now)
+    assert cap is not None
+    p.arrived("llm", BATCH, cap if held_back else cap - 1, cap, now)
+    for _ in range(MIN_SAMPLES):
+        p.completed("llm", INTERACTIVE, share * INTERACTIVE.latency_objective_ms / 1000, now)
+    return now + PERIOD_S
+
+
+def test_the_cap_grows_while_it_holds_the_class_back_and_latency_is_fine() -> None:
+    p = Protection()
+    now, seen = 0.0, []
+    for _ in range(10):
+        seen.append(caps(p, now) or 0)
+        now = period(p, now, 0.5)  # under balanced's 0.8
+    assert seen[0] == 0  # nobody to protect yet
+    assert seen[1] >= 4 and seen[1:] == sorted(seen[1:]) and seen[-1] > 8
+
+
+def test_the_cap_stays_when_nothing_pushes_against_it() -> None:
+    p = Protection()
+    now = 0.0
+    for _ in range(10):
+        now = period(p, now, 0.2, held_back=False)
+        assert caps(p, now) == 4
+
+
+def test_too_few_samples_wait_for_more_but_not_forever() -> None:
+    p = Protection()
+    p.arrived("llm", INTERACTIVE, 0, None, 0.0)
+    assert caps(p, 0.0) == 4
+    p.arrived("llm", BATCH, 4, 4, 0.0)
+    p.completed("llm", INTERACTIVE, 0.01, 0.0)  # one sample: no step after one period
+    p.arrived("llm", INTERACTIVE, 0, None, PERIOD_S)
+    assert caps(p, PERIOD_S) == 4
+    later = MAX_PERIODS * PERIOD_S + 0.01  # five periods on: step on what there is
+    p.arrived("llm", INTERACTIVE, 0, None, later)
+    assert caps(p, later) == 5
+
+
+def test_a_better_class_near_its_objective_cuts_the_cap_down_to_the_floor() -> None:
+    p = Protection()
+    now = period(p, 0.0, 0.1)
+    for _ in range(12):  # grow it first
+        now = period(p, now, 0.1)
+    high = caps(p, now) or 0
+    assert high > 10
+    now = period(p, now, 0.85)  # 95% of them at 85% of their objective: over balanced's 80%
+    assert (caps(p, now) or 0) <= high * DECREASE
+    for _ in range(20):
+        now = period(p, now, 2.0)  # missing
+    assert caps(p, now) == 4  # never below the floor
+
+
+def test_a_lower_class_latency_does_not_move_the_cap() -> None:
+    p = Protection()
+    now = period(p, 0.0, 0.1)
+    start = caps(p, now) or 0
+    p.arrived("llm", BATCH, start, start, now)
+    for _ in range(MIN_SAMPLES):
+        p.completed("llm", BATCH, 30.0, now)  # batch itself late: not what the cap protects
+        p.completed("llm", INTERACTIVE, 0.02, now)
+    p.arrived("llm", INTERACTIVE, 0, None, now + MAX_PERIODS * PERIOD_S)
+    assert (caps(p, now + MAX_PERIODS * PERIOD_S) or 0) > start
+
+
+@pytest.mark.parametrize(
+    ("model_preset", "expected"), [(None, Protect.BALANCED), (Protect.LATENCY, Protect.LATENCY)]
+)
+def test_a_model_preset_overrides_the_class_preset(
+    model_preset: Protect | None, expected: Protect
+) -> None:
+    policy = Policy(
+        "v",
+        (),
+        classes={"interactive": INTERACTIVE, "batch": BATCH},
+        tenants={},
+        models={"llm": ModelPolicy("llm", protect=model_preset)},
+    )
+    assert presets_for(policy, "llm") == {"batch": expected}
+    assert presets_for(policy, "other") == {"batch": Protect.BALANCED}
+
+
+def test_admission_reads_the_adaptive_cap_and_its_absence() -> None:
+    fresh = SignalState.FRESH
+    # Not binding now (None): 20 in flight, an empty queue, admitted at once.
+    lifted = judge_load(BATCH, fresh, 0, 50.0, 0, in_flight=20, caps={"batch": None})
+    assert lifted.action is LoadAction.ADMIT
+    assert "adaptive cap off" in lifted.why
+    capped = judge_load(BATCH, fresh, 0, 50.0, 0, in_flight=20, caps={"batch": 12})
+    assert capped.action is LoadAction.DEFER and "(adaptive max 12)" in capped.why
+    # Not said (signals built without protection): the floor.
+    assert cap_of(BATCH, {}) == 4
+    assert cap_of(replace(BATCH, overload=replace(BATCH.overload, max_in_flight=None)), {}) == 1
