@@ -22,7 +22,7 @@ import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,10 @@ class GenOptions:
     priority_in_body: bool = False  # KServe v2 ``parameters.priority`` from the class
     siloed: bool = False  # send each class to its own model ``<model>_<class>``
     identity_headers: bool = True  # x-api-key and x-qos-class
+    # Classes whose clients honour Retry-After, as batch jobs do: a 429 or 503 whose
+    # Retry-After lands inside the request's deadline is sent again then (the same request:
+    # its latency counts from the first send).
+    retry_after_classes: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -115,6 +119,7 @@ async def _drive(
     prepared: Sequence[Prepared],
     timeouts: Mapping[str, float],
     on_progress: Callable[[int], None] | None,
+    retry_classes: Collection[str] = (),
 ) -> RunResult:
     loop = asyncio.get_running_loop()
     client_timeouts = {k: aiohttp.ClientTimeout(total=v) for k, v in timeouts.items()}
@@ -144,16 +149,27 @@ async def _drive(
                 r.output_tokens,
             )
             records.append(rec)
+            budget = timeouts[r.klass]
+            timeout = client_timeouts[r.klass]
             try:
-                async with session.post(
-                    p.path, data=p.body, headers=p.headers, timeout=client_timeouts[r.klass]
-                ) as resp:
-                    rec.ttfb = loop.time() - sent
-                    await resp.read()
-                    rec.latency = loop.time() - sent
-                    rec.status = resp.status
-                    rec.retry_after = _retry_after(resp.headers.get("retry-after"))
-                    rec.reason = resp.headers.get("x-qos-reason", "")
+                while True:
+                    async with session.post(
+                        p.path, data=p.body, headers=p.headers, timeout=timeout
+                    ) as resp:
+                        rec.ttfb = loop.time() - sent
+                        await resp.read()
+                        rec.latency = loop.time() - sent
+                        rec.status = resp.status
+                        rec.retry_after = _retry_after(resp.headers.get("retry-after"))
+                        rec.reason = resp.headers.get("x-qos-reason", "")
+                    wait = rec.retry_after
+                    if r.klass not in retry_classes or rec.status not in (429, 503) or not wait:
+                        break
+                    left = budget - (loop.time() - sent) - wait
+                    if left <= 0:  # it would come back too late: the refusal stands
+                        break
+                    await asyncio.sleep(wait)
+                    timeout = aiohttp.ClientTimeout(total=left)
             except TimeoutError:
                 rec.error = "timeout"
             except aiohttp.ClientError as exc:
@@ -199,12 +215,16 @@ def run(
     prepared: Sequence[Prepared],
     timeouts: Mapping[str, float],
     on_progress: Callable[[int], None] | None = None,
+    retry_classes: Collection[str] = (),
 ) -> RunResult:
     """Fire ``prepared`` at ``base_url`` at their scheduled times; return every record once
-    each request has its answer or has timed out (``timeouts`` per class, seconds)."""
+    each request has its answer or has timed out (``timeouts`` per class, seconds).
+    ``retry_classes``: see ``GenOptions.retry_after_classes``."""
     loop = _new_loop()
     try:
-        return loop.run_until_complete(_drive(base_url, prepared, timeouts, on_progress))
+        return loop.run_until_complete(
+            _drive(base_url, prepared, timeouts, on_progress, retry_classes)
+        )
     finally:
         with contextlib.suppress(Exception):
             loop.run_until_complete(loop.shutdown_asyncgens())

@@ -28,7 +28,10 @@ from sidecar.policy.model import BucketUnit
 #   full    - per-class overload thresholds, deferral, relegation of standard to batch
 #   nodefer - the same, but nothing is held (max_wait_ms 0): admit, relegate or shed at once
 #   norelegate - the same as full, without relegation
-POLICY_VARIANTS = ("quota", "full", "nodefer", "norelegate")
+#   latency, balanced, throughput - full, with the standard and batch caps adaptive
+#              (overload.protect with that preset, --max-in-flight their floor)
+PRESETS = ("latency", "balanced", "throughput")
+POLICY_VARIANTS = ("quota", "full", "nodefer", "norelegate", *PRESETS)
 
 # Triton queue depth (requests waiting for the model) thresholds per class, in units of the
 # model's batch: interactive goes to Triton while one batch waits, batch only while almost
@@ -74,6 +77,8 @@ def write_policy(
 ) -> Path:
     if variant not in POLICY_VARIANTS:
         raise ValueError(f"policy variant {variant!r}: expected one of {POLICY_VARIANTS}")
+    if variant in PRESETS:
+        protect = variant
     directory.mkdir(parents=True, exist_ok=True)
     doc: dict[str, object] = {
         "identity": {"sources": [{"kind": "api_key", "header": "x-api-key"}]},

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import report
+from benchmarks import qos_targets, report
 from benchmarks.loadgen import Record, RunResult
 from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo
 from benchmarks.policy import MAX_IN_FLIGHT, tenant_quotas, write_policy
@@ -62,6 +62,8 @@ from devstack.procs import ValkeyProcess
 from devstack.stack import ROOT
 from devstack.triton import TritonProcess
 
+SEED_STRIDE = 1000  # seed k of a point: --seed + the point's index + k * SEED_STRIDE
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -73,6 +75,7 @@ class Mode:
     probe_s: float  # each capacity-search probe
     step_phases: tuple[tuple[float, float], ...]  # (seconds, multiple of C)
     step_systems: tuple[str, ...] | None  # None: all
+    seeds: int = 1  # each point repeated with this many seeds (--seeds), pooled: their mean
 
 
 MODES: dict[str, Mode] = {
@@ -85,6 +88,7 @@ MODES: dict[str, Mode] = {
         probe_s=8.0,
         step_phases=((4.0, 1.0), (6.0, 3.0), (10.0, 1.0)),
         step_systems=("passthrough", "sidecar-http"),
+        seeds=2,
     ),
     "full": Mode(
         "full",
@@ -95,6 +99,7 @@ MODES: dict[str, Mode] = {
         probe_s=15.0,
         step_phases=((15.0, 1.0), (60.0, 3.0), (30.0, 1.0)),
         step_systems=None,
+        seeds=3,
     ),
 }
 
@@ -310,11 +315,16 @@ def main(argv: list[str] | None = None) -> int:
         "flight per model (0: no cap)",
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        help="repeat each point with this many seeds (quick: 2, full: 3); the point is their "
+        "pooled records (the mean), each seed's headline numbers give the spread",
+    )
+    parser.add_argument(
         "--protect",
         choices=("none", "latency", "balanced", "throughput"),
         default="none",
-        help="adaptive caps on standard and batch (overload.protect), --max-in-flight "
-        "their floor",
+        help="adaptive caps on standard and batch (overload.protect), --max-in-flight their floor",
     )
     parser.add_argument(
         "--systems", help="comma-separated subset of: " + ",".join(s.name for s in SYSTEMS)
@@ -335,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         mode = replace(mode, duration_s=args.duration, probe_s=args.duration)
     if args.warmup is not None:
         mode = replace(mode, warmup_s=args.warmup)
+    if args.seeds:
+        mode = replace(mode, seeds=args.seeds)
+    seeds = mode.seeds
     if args.step_systems is not None:
         mode = replace(mode, step_systems=tuple(s for s in args.step_systems.split(",") if s))
     if args.step:
@@ -431,37 +444,58 @@ def main(argv: list[str] | None = None) -> int:
                     for i, m in enumerate(mode.loads):
                         rate = m * capacity
                         before = sidecar_decisions(backend)
-                        res, drained = run_load(
-                            url,
-                            spec,
-                            backend,
-                            config,
-                            rate,
-                            mode.warmup_s + mode.duration_s,
-                            arrival,
-                            args.seed + i,
-                            mode.patience,
-                        )
-                        recs = _measured(res.records, mode.warmup_s)
+                        recs, per_seed, lags, drained, wall_s = [], [], [], 0.0, 0.0
+                        for k in range(seeds):  # each seed: the same seed for every system
+                            res, drained = run_load(
+                                url,
+                                spec,
+                                backend,
+                                config,
+                                rate,
+                                mode.warmup_s + mode.duration_s,
+                                arrival,
+                                args.seed + i + SEED_STRIDE * k,
+                                mode.patience,
+                            )
+                            seed_recs = _measured(res.records, mode.warmup_s)
+                            per_seed.append(
+                                report.headline(
+                                    report.point_stats(
+                                        seed_recs,
+                                        config.classes,
+                                        config.tenants,
+                                        quotas,
+                                        mode.duration_s,
+                                        capacity,
+                                    )
+                                )
+                            )
+                            recs += seed_recs
+                            lags.append(res)
+                            wall_s += res.wall_s
+                            all_rows += [(spec.name, f"{m:g}x", r) for r in res.records]
                         after = sidecar_decisions(backend)
                         decisions = (
                             {k: v - before.get(k, 0.0) for k, v in after.items()}
                             if before is not None and after is not None
                             else None
                         )
+                        # Every seed's records pooled over seeds x duration: the mean.
                         stats = report.point_stats(
                             recs,
                             config.classes,
                             config.tenants,
                             quotas,
-                            mode.duration_s,
+                            mode.duration_s * seeds,
                             capacity,
                             decisions=decisions,
-                            decisions_window_s=res.wall_s,
+                            decisions_window_s=wall_s,
                         )
+                        res = max(lags, key=lambda r: r.lag_p99_ms)
                         stats |= {
                             "m": m,
                             "rate_rps": round(rate, 3),
+                            "seeds": per_seed,
                             "loadgen": {
                                 "lag_p50_ms": round(res.lag_p50_ms, 2),
                                 "lag_p99_ms": round(res.lag_p99_ms, 2),
@@ -470,7 +504,6 @@ def main(argv: list[str] | None = None) -> int:
                             "drain_s": round(drained, 2),
                         }
                         sys_res["points"].append(stats)
-                        all_rows += [(spec.name, f"{m:g}x", r) for r in res.records]
                         if abs(m - 2.0) < 1e-9:
                             per: dict[str, list[float]] = defaultdict(list)
                             for r in recs:
@@ -488,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     g_m, note = report.goodput(
                         [
-                            (p["m"], p["overall"]["worst_class_violation_pct"])
+                            (p["m"], p["overall"]["worst_class_scheduler_violation_pct"])
                             for p in sys_res["points"]
                         ]
                     )
@@ -544,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "capacity_probes": probes,
         "loads": list(mode.loads),
         "duration_s": mode.duration_s,
+        "seeds": seeds,
         "warmup_s": mode.warmup_s,
         "patience": mode.patience,
         "arrival": {"kind": arrival.kind, "cv": arrival.cv},
@@ -567,14 +601,22 @@ def main(argv: list[str] | None = None) -> int:
     write_records(out / "records.csv.gz", all_rows)
     table = report.markdown_table(results)
     report.plot(results, cdf_2x, out)
-    (out / "report.md").write_text(_report_md(results, table))
+    qos_targets.plot_frontier(results, out)
+    targets = qos_targets.target_lines(results)
+    frontier = qos_targets.frontier_md(results)
+    (out / "report.md").write_text(_report_md(results, table, frontier, targets))
     print()
     print(table)
+    print()
+    print(frontier)
     print(f"\nC = {capacity:.2f} req/s; wall time {wall:.0f}s; results in {out}")
+    qos_targets.print_targets(targets)  # last: a run is checked by its tail
     return 0
 
 
-def _report_md(results: Mapping[str, Any], table: str) -> str:
+def _report_md(
+    results: Mapping[str, Any], table: str, frontier: str, targets: Sequence[str]
+) -> str:
     meta = results["meta"]
     return (
         f"# QoS benchmark, {meta['mode']} mode ({meta['started']})\n\n"
@@ -585,7 +627,11 @@ def _report_md(results: Mapping[str, Any], table: str) -> str:
         + f"), loads {meta['loads']} x C, {meta['duration_s']:g}s per point, "
         f"wall time {meta['wall_s']:.0f}s.\n\n"
         + table
-        + "\n\n![violations](violations_vs_load.png)\n\n![latency](latency_cdf_2x.png)\n"
+        + "\n\n## Frontier (interactive violation %, SLO-met / C)\n\n"
+        + frontier
+        + "\n\n![frontier](frontier.png)\n\n```\n"
+        + "\n".join(targets)
+        + "\n```\n\n![violations](violations_vs_load.png)\n\n![latency](latency_cdf_2x.png)\n"
     )
 
 

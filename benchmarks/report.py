@@ -82,6 +82,9 @@ def class_stats(records: Sequence[Record], deadline_s: float, duration_s: float)
         "timeouts": sum(1 for r in records if r.error == "timeout"),
         "slo_met": good,
         "violation_pct": round(_pct(sent - good, sent), 3),
+        # The scheduler's own: a 429 refuses what the tenant's entitlement does not cover,
+        # so it is neither a violation nor a request the system owed (goodput uses this).
+        "scheduler_violation_pct": round(_pct(sent - s429 - good, sent - s429), 3),
         "slo_met_rps": round(good / duration_s, 3),
         "latency_ms": _quantiles([r.latency for r in ok if r.latency is not None]),
         "ttft_ms": _quantiles([r.ttfb for r in ok if r.ttfb is not None]),
@@ -95,6 +98,15 @@ def _decision_rps(
     if decisions is None or not window_s:
         return None
     return round(decisions.get(reason, 0.0) / window_s, 3)
+
+
+def headline(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers a point is judged on, for one seed's spread."""
+    return {
+        "interactive_viol_pct": stats["classes"]["interactive"]["violation_pct"],
+        "worst_class_viol_pct": stats["overall"]["worst_class_violation_pct"],
+        "slo_met_over_c": stats["overall"]["slo_met_over_c"],
+    }
 
 
 def point_stats(
@@ -137,6 +149,9 @@ def point_stats(
         "relegated_rps": _decision_rps(decisions, "admitted_relegated", decisions_window_s),
         "sidecar_decisions": dict(decisions) if decisions is not None else None,
         "violation_pct": round(_pct(sent - good, sent), 3),
+        "worst_class_scheduler_violation_pct": max(
+            (v["scheduler_violation_pct"] for v in per_class.values() if v["sent"]), default=0.0
+        ),
         "worst_class_violation_pct": max(
             (v["violation_pct"] for v in per_class.values() if v["sent"]), default=0.0
         ),

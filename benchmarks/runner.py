@@ -116,6 +116,28 @@ SYSTEMS: tuple[SystemSpec, ...] = (
         quick=False,
     ),
 )
+SYSTEMS = (
+    *SYSTEMS,
+    SystemSpec(
+        "sidecar-http-retry",
+        "qos-sidecar (HTTP); batch clients honour Retry-After within their deadline",
+        "sidecar-http",
+        "http",
+        gen=GenOptions(retry_after_classes=("batch",)),
+        quick=False,
+    ),
+    *(
+        SystemSpec(
+            f"sidecar-http-{preset}",
+            f"qos-sidecar (HTTP), adaptive caps with the {preset} preset (overload.protect)",
+            "sidecar-http",
+            "http",
+            policy_variant=preset,
+            quick=False,
+        )
+        for preset in ("latency", "balanced", "throughput")
+    ),
+)
 SYSTEMS_BY_NAME = {s.name: s for s in SYSTEMS}
 
 
@@ -277,4 +299,4 @@ def run_point(
 ) -> RunResult:
     prepared = loadgen.prepare(schedule, backend.model, backend.tenants, classes, spec.gen)
     timeouts = {name: c.deadline_s * patience for name, c in classes.items()}
-    return loadgen.run(url, prepared, timeouts)
+    return loadgen.run(url, prepared, timeouts, retry_classes=spec.gen.retry_after_classes)

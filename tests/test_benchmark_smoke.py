@@ -31,7 +31,7 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
             sys.executable, "-m", "benchmarks.qos", "--quick",
             "--systems", ",".join(SYSTEMS),
             "--loads", ",".join(str(m) for m in LOADS),
-            "--duration", "3", "--warmup", "0.5",
+            "--duration", "3", "--warmup", "0.5", "--seeds", "2",
             "--capacity", "20",
             "--step-systems", "sidecar-http", "--step", "1,2,2",
             "--out", str(tmp_path),
@@ -48,6 +48,7 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
         assert sorted(p["m"] for p in system["points"]) == list(LOADS), name
         assert system["goodput_over_c"] >= 0
         for point in system["points"]:
+            assert len(point["seeds"]) == 2, name  # each seed's headline, for the spread
             overall = point["overall"]
             assert overall["sent"] > 0
             assert overall["admitted"] > 0, (name, point["m"])  # not a run of errors
@@ -79,7 +80,14 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
     table = (out / "report.md").read_text()
     for name in SYSTEMS:
         assert f"| {name} |" in table
-    for png in ("violations_vs_load.png", "latency_cdf_2x.png"):
+    # Issue 12's targets, last, for the sidecar system only; the frontier in the report.
+    tail = done.stdout.strip().splitlines()
+    targets = [line for line in tail if line.startswith("TARGET ")]
+    assert targets and tail[-len(targets) :] == targets
+    assert all("[sidecar-http]" in line for line in targets)
+    assert any(line.startswith("TARGET slo_met_2x[sidecar-http]") for line in targets)
+    assert "## Frontier" in table
+    for png in ("violations_vs_load.png", "latency_cdf_2x.png", "frontier.png"):
         assert (out / png).stat().st_size > 1000
     with gzip.open(out / "records.csv.gz", "rt") as handle:
         assert handle.readline().startswith("system,run,tenant,class")

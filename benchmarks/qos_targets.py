@@ -1,0 +1,193 @@
+"""Issue 12's targets, judged on one QoS benchmark run: one ``TARGET`` line each, and the
+frontier (every system's (interactive violation %, SLO-met throughput / C) point per load).
+
+Every sidecar system of the run is judged (the shipped HTTP and ext_proc modes, and the
+adaptive presets when they were run). A point is the pooled records of its seeds: the mean;
+each seed's value gives the spread, printed beside it. The baselines are the systems without
+a sidecar in the same run; "best baseline" is the one with the most SLO-met throughput at
+that load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import noisy_impact
+
+LOADS = (2.0, 3.0)
+INTERACTIVE_MAX_PCT = {2.0: 1.0, 3.0: 5.0}
+SLO_MET_SHARE_OF_BEST = 0.9
+OTHER_TENANT_MAX_PCT = 1.0
+RECOVERY_MAX_S = 3.0
+
+
+def _at(system: Mapping[str, Any], m: float) -> Mapping[str, Any] | None:
+    return next((p for p in system["points"] if abs(p["m"] - m) < 1e-9), None)
+
+
+def _spread(point: Mapping[str, Any], key: str, spec: str) -> str:
+    seeds = point.get("seeds") or []
+    if len(seeds) < 2:
+        return ""
+    values = [s[key] for s in seeds if s[key] is not None]
+    return f", seeds {min(values):{spec}}-{max(values):{spec}}" if values else ""
+
+
+def _line(name: str, value: str, goal: str, met: bool) -> str:
+    return f"TARGET {name}: {value} ({goal}) {'met' if met else 'missed'}"
+
+
+def is_sidecar(name: str) -> bool:
+    return name.startswith("sidecar")
+
+
+def frontier(results: Mapping[str, Any]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per system, (m, interactive violation %, SLO-met / C) at every load of the run."""
+    return {
+        name: [
+            (
+                p["m"],
+                p["classes"]["interactive"]["violation_pct"],
+                p["overall"]["slo_met_over_c"] or 0.0,
+            )
+            for p in sorted(s["points"], key=lambda p: p["m"])
+        ]
+        for name, s in results["systems"].items()
+    }
+
+
+def dominated_by(
+    point: tuple[float, float], others: Mapping[str, tuple[float, float]]
+) -> list[str]:
+    """The systems whose (violation %, SLO-met / C) is at least as good on both and better on
+    one than `point`."""
+    viol, met = point
+    return [
+        name for name, (v, s) in others.items() if v <= viol and s >= met and (v < viol or s > met)
+    ]
+
+
+def target_lines(results: Mapping[str, Any]) -> list[str]:
+    systems = results["systems"]
+    baselines = {n: s for n, s in systems.items() if not is_sidecar(n)}
+    lines: list[str] = []
+    for name, system in systems.items():
+        if not is_sidecar(name):
+            continue
+        lines += _class_lines(name, system)
+        lines += _throughput_lines(name, system, baselines)
+        worst, at_m = noisy_impact(system, results["meta"])
+        if worst is None:
+            lines.append(_line(f"noisy_tenant[{name}]", "not measured", "<= 1%", False))
+        else:
+            lines.append(
+                _line(
+                    f"noisy_tenant[{name}]",
+                    f"worst other tenant {worst:.2f}% at {at_m:g}x",
+                    f"<= {OTHER_TENANT_MAX_PCT:g}%",
+                    worst <= OTHER_TENANT_MAX_PCT,
+                )
+            )
+        step = system.get("step")
+        if step is not None:
+            rec = step["recovery_s"]
+            value = f"> {step['after_s']:g} s" if rec is None else f"{rec:.1f} s"
+            met = rec is not None and rec <= RECOVERY_MAX_S
+            lines.append(_line(f"recovery_after_step[{name}]", value, "<= 3 s", met))
+    return lines
+
+
+def _class_lines(name: str, system: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for m in LOADS:
+        p = _at(system, m)
+        goal = f"<= {INTERACTIVE_MAX_PCT[m]:g}%"
+        if p is None:
+            lines.append(_line(f"interactive_viol_{m:g}x[{name}]", "not measured", goal, False))
+            continue
+        v = p["classes"]["interactive"]["violation_pct"]
+        value = f"{v:.2f}%{_spread(p, 'interactive_viol_pct', '.2f')}"
+        met = v <= INTERACTIVE_MAX_PCT[m]
+        lines.append(_line(f"interactive_viol_{m:g}x[{name}]", value, goal, met))
+    return lines
+
+
+def _throughput_lines(
+    name: str, system: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    lines = []
+    for m in LOADS:
+        p = _at(system, m)
+        base = {b: _at(s, m) for b, s in baselines.items()}
+        base_points = {
+            b: (q["classes"]["interactive"]["violation_pct"], q["overall"]["slo_met_over_c"])
+            for b, q in base.items()
+            if q is not None
+        }
+        tag = f"{m:g}x[{name}]"
+        if p is None or not base_points:
+            why = "not measured" if p is None else "no baseline in this run"
+            lines.append(_line(f"slo_met_{tag}", why, ">= 0.9 x best baseline", False))
+            continue
+        best = max(base_points, key=lambda b: base_points[b][1])
+        ratio = p["overall"]["slo_met_over_c"] / base_points[best][1]
+        value = (
+            f"{p['overall']['slo_met_over_c']:.2f} C{_spread(p, 'slo_met_over_c', '.2f')}"
+            f" = {ratio:.2f} x {best}'s {base_points[best][1]:.2f} C"
+        )
+        lines.append(
+            _line(f"slo_met_{tag}", value, ">= 0.9 x best baseline", ratio >= SLO_MET_SHARE_OF_BEST)
+        )
+        mine = (p["classes"]["interactive"]["violation_pct"], p["overall"]["slo_met_over_c"])
+        over = dominated_by(mine, base_points)
+        value = f"dominated by {', '.join(over)}" if over else "no baseline point dominates it"
+        lines.append(_line(f"not_dominated_{tag}", value, "no baseline better on both", not over))
+    return lines
+
+
+def frontier_md(results: Mapping[str, Any]) -> str:
+    """The frontier as a table: one row per system, (violation %, SLO-met / C) per load."""
+    points = frontier(results)
+    loads = sorted({m for pts in points.values() for m, _, _ in pts})
+    head = "| system | " + " | ".join(f"{m:g}x: viol %, SLO-met/C" for m in loads) + " |"
+    lines = [head, "|---|" + "---|" * len(loads)]
+    for name, pts in points.items():
+        by_m = {m: (v, s) for m, v, s in pts}
+        cells = [f"{by_m[m][0]:.1f}, {by_m[m][1]:.2f}" if m in by_m else "—" for m in loads]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_frontier(results: Mapping[str, Any], out: Path) -> Path:
+    """frontier.png: at 2x and 3x, each system a point (interactive violation %, SLO-met / C);
+    better is up and to the left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(LOADS), figsize=(6 * len(LOADS), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], LOADS, strict=True):
+        for name, pts in frontier(results).items():
+            xs = [v for mm, v, _ in pts if abs(mm - m) < 1e-9]
+            ys = [s for mm, _, s in pts if abs(mm - m) < 1e-9]
+            if xs:
+                ax.scatter(xs, ys, marker="o" if is_sidecar(name) else "s", label=name)
+                ax.annotate(name, (xs[0], ys[0]), fontsize=7)
+        ax.set_xlabel("interactive SLO violations (%)")
+        ax.set_ylabel("SLO-met throughput / C")
+        ax.set_title(f"{m:g}x C")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    path = out / "frontier.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_targets(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(line)

@@ -1,0 +1,71 @@
+"""Issue 12's TARGET lines and frontier, judged on a made-up results document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.qos_targets import dominated_by, frontier_md, target_lines
+
+
+def point(m: float, viol: float, met: float, seeds: tuple[float, ...] = ()) -> dict[str, Any]:
+    return {
+        "m": m,
+        "classes": {"interactive": {"violation_pct": viol}},
+        "overall": {"slo_met_over_c": met},
+        "tenants": {"noisy": {"violation_pct": 50.0}, "quiet": {"violation_pct": 0.5}},
+        "seeds": [
+            {"interactive_viol_pct": v, "slo_met_over_c": met, "worst_class_viol_pct": v}
+            for v in seeds
+        ],
+    }
+
+
+def results() -> dict[str, Any]:
+    meta = {
+        "capacity_rps": 10.0,
+        "noisy_tenant": "noisy",
+        "tenants": [
+            {"name": "noisy", "share": 0.4, "quota_rps": 4.0},
+            {"name": "quiet", "share": 0.1, "quota_rps": 5.0},
+        ],
+    }
+    return {
+        "meta": meta,
+        "systems": {
+            "triton-priority": {"points": [point(2.0, 50.0, 1.7), point(3.0, 60.0, 2.4)]},
+            "sidecar-http": {
+                "points": [point(2.0, 0.8, 1.6, (0.5, 1.1)), point(3.0, 6.0, 1.5)],
+                "step": {"recovery_s": 2.5, "after_s": 10},
+            },
+        },
+    }
+
+
+def test_every_target_of_a_sidecar_system_is_judged_on_the_mean_with_its_spread() -> None:
+    lines = target_lines(results())
+    assert all(line.startswith("TARGET ") and "[sidecar-http]" in line for line in lines)
+    by_name = {line.split(":")[0].removeprefix("TARGET "): line for line in lines}
+    assert by_name["interactive_viol_2x[sidecar-http]"].endswith(" met")
+    assert "0.80%, seeds 0.50-1.10" in by_name["interactive_viol_2x[sidecar-http]"]
+    assert by_name["interactive_viol_3x[sidecar-http]"].endswith(" missed")  # 6% > 5%
+    # 1.6 / 1.7 = 0.94 >= 0.9; 1.5 / 2.4 = 0.62 < 0.9
+    assert by_name["slo_met_2x[sidecar-http]"].endswith(" met")
+    assert "0.62 x triton-priority's 2.40 C" in by_name["slo_met_3x[sidecar-http]"]
+    assert by_name["slo_met_3x[sidecar-http]"].endswith(" missed")
+    assert by_name["not_dominated_3x[sidecar-http]"].endswith(" met")
+    assert by_name["noisy_tenant[sidecar-http]"].endswith(" met")  # 0.5% at the highest m
+    assert by_name["recovery_after_step[sidecar-http]"].endswith(" met")
+
+
+def test_a_point_is_dominated_only_by_one_at_least_as_good_on_both_axes() -> None:
+    others = {"a": (1.0, 2.0), "b": (0.5, 1.0), "c": (2.0, 3.0), "same": (1.0, 1.5)}
+    assert dominated_by((1.0, 1.5), others) == ["a"]
+    assert dominated_by((0.1, 5.0), others) == []
+
+
+def test_without_a_baseline_the_throughput_targets_say_so() -> None:
+    doc = results()
+    del doc["systems"]["triton-priority"]
+    lines = [line for line in target_lines(doc) if "slo_met" in line]
+    assert lines and all("no baseline in this run" in line and "missed" in line for line in lines)
+    assert "| sidecar-http | 0.8, 1.60 | 6.0, 1.50 |" in frontier_md(doc)
