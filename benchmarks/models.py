@@ -27,6 +27,10 @@ import numpy.typing as npt
 
 from devstack.stack import MODEL_REPO
 
+# The llm model's own clipping (examples/triton/llm/1/model.py).
+MAX_PROMPT_TOKENS = 32768
+MAX_OUTPUT_TOKENS = 2048
+
 
 @dataclass(frozen=True, slots=True)
 class ModelKind:
@@ -50,17 +54,25 @@ class ModelKind:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def batch_ms(self, prompt: Sequence[int], output: Sequence[int], speed: float) -> float:
-        """The cost model of one batch, as the model's ``execute`` computes it."""
+        """The cost model of one batch, as the model's ``execute`` computes it, with its
+        clipping of the token counts (``llm``: prompt to [0, 32768], output to [1, 2048])."""
         p = self.params
         rows = len(output)
         if rows == 0:
             return 0.0
         if self.name == "llm":
+            prompt = [min(max(0, q), MAX_PROMPT_TOKENS) for q in prompt]
+            output = [min(max(1, o), MAX_OUTPUT_TOKENS) for o in output]
             prefill = p["prefill_base_ms"] + p["prefill_per_token_ms"] * sum(prompt)
             step = p["decode_step_ms"] * (1.0 + p["decode_batch_slowdown"] * (rows - 1))
             return (prefill + max(output) * step) / speed
         tokens = sum(o + q // 10 for q, o in zip(prompt, output, strict=True))
         return (p["base_ms"] + p["per_item_ms"] * rows + p["per_token_ms"] * tokens) / speed
+
+    def lone_s(self, prompt: int, output: int, speed: float) -> float:
+        """Seconds one request takes alone on an idle device: a deadline below this cannot be
+        met by any scheduler."""
+        return self.batch_ms([prompt], [output], speed) / 1000.0
 
     def saturated_throughput(
         self, prompt: npt.NDArray[Any], output: npt.NDArray[Any], speed: float, seed: int = 0

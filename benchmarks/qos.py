@@ -490,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                             capacity,
                             decisions=decisions,
                             decisions_window_s=wall_s,
+                            lone_s=lambda r: model.lone_s(r.prompt_tokens, r.output_tokens, speed),
                         )
                         res = max(lags, key=lambda r: r.lag_p99_ms)
                         stats |= {

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,15 @@ def _quantiles(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def class_stats(records: Sequence[Record], deadline_s: float, duration_s: float) -> dict[str, Any]:
+def class_stats(
+    records: Sequence[Record],
+    deadline_s: float,
+    duration_s: float,
+    lone_s: Callable[[Record], float] | None = None,
+) -> dict[str, Any]:
+    """`lone_s`: a request's time alone on an idle device (the cost model); requests whose
+    deadline is below it are infeasible: counted on their own, and left out of
+    `feasible_violation_pct`."""
     sent = len(records)
     admitted = sum(1 for r in records if is_admitted(r))
     s429 = sum(1 for r in records if r.status == 429)
@@ -86,8 +94,22 @@ def class_stats(records: Sequence[Record], deadline_s: float, duration_s: float)
         # so it is neither a violation nor a request the system owed (goodput uses this).
         "scheduler_violation_pct": round(_pct(sent - s429 - good, sent - s429), 3),
         "slo_met_rps": round(good / duration_s, 3),
+        **_feasibility(records, deadline_s, lone_s),
         "latency_ms": _quantiles([r.latency for r in ok if r.latency is not None]),
         "ttft_ms": _quantiles([r.ttfb for r in ok if r.ttfb is not None]),
+    }
+
+
+def _feasibility(
+    records: Sequence[Record], deadline_s: float, lone_s: Callable[[Record], float] | None
+) -> dict[str, Any]:
+    if lone_s is None:
+        return {}
+    feasible = [r for r in records if lone_s(r) <= deadline_s]
+    good = sum(1 for r in feasible if met(r, deadline_s))
+    return {
+        "infeasible": len(records) - len(feasible),
+        "feasible_violation_pct": round(_pct(len(feasible) - good, len(feasible)), 3),
     }
 
 
@@ -118,6 +140,7 @@ def point_stats(
     capacity_rps: float,
     decisions: Mapping[str, float] | None = None,
     decisions_window_s: float | None = None,
+    lone_s: Callable[[Record], float] | None = None,
 ) -> dict[str, Any]:
     """`decisions`: the sidecar's decisions by reason during the point (the change in its
     `qos_decisions_total` over `decisions_window_s`, warm-up included: the sidecar cannot tell
@@ -126,7 +149,7 @@ def point_stats(
     for r in records:
         by_class[r.klass].append(r)
     per_class = {
-        name: class_stats(by_class.get(name, []), c.deadline_s, duration_s)
+        name: class_stats(by_class.get(name, []), c.deadline_s, duration_s, lone_s)
         for name, c in classes.items()
     }
     sent = len(records)
