@@ -58,6 +58,7 @@ from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
 from sidecar.policy.model import FailMode, Policy
 from sidecar.policy.reload import FixedPolicy, PolicySource
+from sidecar.quota_peek import QuotaPeeks
 from sidecar.shared_reads import SharedReads
 from sidecar.state.base import QuotaStore, new_lease_id
 from sidecar.state.breaker import CircuitOpen, GuardedStore
@@ -93,6 +94,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         self.store = store
         self.metrics = metrics
         self.tokens = TokenAccounting(metrics, store.charge, lambda: self.policy.tenants)
+        self.peeks = QuotaPeeks(store, clock)  # is a request shed for load over its quota?
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
         # alone: treating "no signal" as saturated would shed everything forever.
         self._load = load
@@ -255,7 +257,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         """Run the core's admission machine, performing the I/O each step asks for."""
         step: TakeQuota | QuotaFirst | Hold | Answer = self._until_quota(compiled, attrs, estimate)
         if isinstance(step, QuotaFirst):  # shed for load, unless over its quota
-            step = admission.on_peek(step, await self._peek(step.admission.check))
+            step = admission.on_peek(step, await self.peeks.look(step.admission.check))
         while isinstance(step, TakeQuota):
             if step.release_deadline_s is not None:
                 wait_s = step.release_deadline_s - self.clock()

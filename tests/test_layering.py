@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.policy", "sidecar.settings"),
     ("sidecar.metrics", "sidecar.state"),
     ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
+    ("sidecar.quota_peek",),
     ("sidecar.batching",),
     ("sidecar.shared_reads", "sidecar.leased"),
     ("sidecar.service",),
