@@ -88,7 +88,7 @@ def prepare(
             headers["x-qos-class"] = r.klass
         priority = classes[r.klass].priority if options.priority_in_body else None
         body = model.body(r.prompt_tokens, r.output_tokens, priority)
-        out.append(Prepared(r, f"/v2/models/{name}/infer", headers, body))
+        out.append(Prepared(r, f"/v2/models/{name}/{model.endpoint}", headers, body))
     return out
 
 

@@ -39,7 +39,21 @@ class ModelKind:
     # config.pbtxt parameters at speed 1 (ms), as the benchmark sets them
     params: dict[str, float]
 
+    @property
+    def llm_like(self) -> bool:
+        return self.name in ("llm", "llm_ifb")
+
+    @property
+    def endpoint(self) -> str:
+        """The path suffix the model is called on: a decoupled model cannot serve /infer."""
+        return "generate" if self.name == "llm_ifb" else "infer"
+
     def body(self, prompt: int, output: int, priority: int | None) -> bytes:
+        if self.name == "llm_ifb":  # the generate extension: inputs by name, parameters beside
+            doc: dict[str, object] = {"PROMPT_TOKENS": prompt, "OUTPUT_TOKENS": output}
+            if priority is not None:
+                doc["parameters"] = {"priority": priority}
+            return json.dumps(doc, separators=(",", ":")).encode()
         if self.name == "llm":
             inputs = [
                 {"name": "PROMPT_TOKENS", "shape": [1, 1], "datatype": "INT32", "data": [prompt]},
@@ -48,7 +62,7 @@ class ModelKind:
         else:
             tokens = output + prompt // 10
             inputs = [{"name": "TOKENS", "shape": [1, 1], "datatype": "INT32", "data": [tokens]}]
-        doc: dict[str, object] = {"inputs": inputs}
+        doc = {"inputs": inputs}
         if priority is not None:
             doc["parameters"] = {"priority": priority}
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -60,7 +74,7 @@ class ModelKind:
         rows = len(output)
         if rows == 0:
             return 0.0
-        if self.name == "llm":
+        if self.llm_like:
             prompt = [min(max(0, q), MAX_PROMPT_TOKENS) for q in prompt]
             output = [min(max(1, o), MAX_OUTPUT_TOKENS) for o in output]
             prefill = p["prefill_base_ms"] + p["prefill_per_token_ms"] * sum(prompt)
@@ -77,7 +91,15 @@ class ModelKind:
     def saturated_throughput(
         self, prompt: npt.NDArray[Any], output: npt.NDArray[Any], speed: float, seed: int = 0
     ) -> float:
-        """Requests/s with every batch full (random batches of the given sizes)."""
+        """Requests/s with every batch full (random batches of the given sizes). In flight
+        (llm_ifb), the batch is always full and no row waits for a longer one: each request
+        costs its prefill and its own decode steps at the full batch's step time, shared."""
+        if self.name == "llm_ifb":
+            p = self.params
+            step = p["decode_step_ms"] * (1.0 + p["decode_batch_slowdown"] * (self.max_batch - 1))
+            prefill = p["prefill_base_ms"] + p["prefill_per_token_ms"] * np.clip(prompt, 0, None)
+            decode = np.clip(output, 1, MAX_OUTPUT_TOKENS) * step / self.max_batch
+            return float(len(prompt) / (float(np.sum(prefill + decode)) / speed / 1000.0))
         rng = np.random.default_rng(seed)
         n = len(prompt) - len(prompt) % self.max_batch
         order = rng.permutation(len(prompt))[:n].reshape(-1, self.max_batch)
@@ -88,6 +110,17 @@ class ModelKind:
 MODELS: dict[str, ModelKind] = {
     "llm": ModelKind(
         "llm",
+        16,
+        {
+            "prefill_base_ms": 5.0,
+            "prefill_per_token_ms": 0.02,
+            "decode_step_ms": 1.0,
+            "decode_batch_slowdown": 0.05,
+        },
+    ),
+    # In-flight (continuous) batching: the cost model of llm, spent per decode iteration.
+    "llm_ifb": ModelKind(
+        "llm_ifb",
         16,
         {
             "prefill_base_ms": 5.0,
@@ -122,7 +155,7 @@ def _copy_model(kind: ModelKind, target: Path, name: str, speed: float, source_r
     config = target / name / "config.pbtxt"
     text = config.read_text()
     text = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', text, count=1, flags=re.M)
-    if kind.name == "llm":
+    if kind.llm_like:
         values = dict(kind.params) | {"speed": speed}
     else:  # simgpu has no speed: divide its durations instead
         values = {key: value / speed for key, value in kind.params.items()}

@@ -126,7 +126,7 @@ def measure_lone_ms(url: str, model: ModelKind, config: WorkloadConfig, n: int =
     times = []
     for _ in range(n):
         req = urllib.request.Request(
-            f"{url}/v2/models/{model.name}/infer",
+            f"{url}/v2/models/{model.name}/{model.endpoint}",
             data=body,
             headers={"content-type": "application/json"},
         )

@@ -42,6 +42,18 @@ def test_parse_sums_versions_and_failure_reasons() -> None:
     assert "bad" not in parsed and "inf" not in parsed  # bad values skip their line only
 
 
+def test_an_in_flight_batchers_waiting_requests_are_its_queue() -> None:
+    """TensorRT-LLM's in-flight batcher (and the simulated llm_ifb) takes every request off
+    Triton's queue at once; its own waiting requests are the depth that matters."""
+    page = """nv_inference_pending_request_count{model="llm_ifb",version="1"} 0
+nv_trt_llm_request_metrics{model="llm_ifb",request_type="waiting",version="1"} 12
+nv_trt_llm_request_metrics{model="llm_ifb",request_type="active",version="1"} 16
+nv_trt_llm_request_metrics{model="llm_ifb",request_type="max",version="1"} 16
+nv_inference_request_success{model="llm_ifb",version="1"} 40
+"""
+    assert parse_triton_metrics(page)["llm_ifb"] == TritonCounters(pending=12, success=40)
+
+
 @pytest.mark.parametrize("text", ["", "garbage\n{}\n", "nv_inference_pending_request_count 3"])
 def test_parse_tolerates_junk(text: str) -> None:
     assert parse_triton_metrics(text) == {}

@@ -211,7 +211,7 @@ def triton(
 
 
 def test_models_are_ready(triton: TritonProcess) -> None:
-    for model in ("llm", "llm_stream"):
+    for model in ("llm", "llm_stream", "llm_ifb"):
         status, body = get(triton.http_port, f"/v2/models/{model}/ready")
         assert status == 200, (model, body)
 
@@ -539,3 +539,68 @@ def test_stream_invalid_eos_after_tokens_fails_alone(triton: TritonProcess) -> N
     assert len(bad_events) == 1 and "eos_after_tokens" in bad_events[0][1]["error"]
     assert good_status == 200, good_events
     assert sum(event["OUT_TOKENS"] for _, event in good_events) == 20
+
+
+# -- llm_ifb: in-flight batching -------------------------------------------------------------------
+
+
+def generate(port: int, prompt: int, output: int, priority: int | None = None) -> Result:
+    body: dict[str, Any] = {"PROMPT_TOKENS": prompt, "OUTPUT_TOKENS": output}
+    if priority is not None:
+        body["parameters"] = {"priority": priority}
+    return post(port, "/v2/models/llm_ifb/generate", body)
+
+
+def ifb_requests(triton: TritonProcess, kind: str) -> float:
+    """The model's ``nv_trt_llm_request_metrics`` gauge of ``kind`` (waiting, active, max)."""
+    status, page = get(triton.metrics_port, "/metrics")
+    assert status == 200
+    found = re.search(
+        rf'nv_trt_llm_request_metrics\{{[^}}]*request_type="{kind}"[^}}]*\}} (\S+)', page.decode()
+    )
+    assert found is not None, page.decode()[-2000:]
+    return float(found.group(1))
+
+
+def test_ifb_answers_generate_with_the_tokens_it_generated(triton: TritonProcess) -> None:
+    result = generate(triton.http_port, 500, 100)
+    assert result.status == 200, result.body
+    assert result.body["OUT_TOKENS"] == 100
+    assert ifb_requests(triton, "max") == model_parameters("llm_ifb")["max_active"]
+
+
+def test_ifb_a_request_joins_the_running_batch_and_leaves_when_it_is_done(
+    triton: TritonProcess,
+) -> None:
+    """Static batching (`llm`) makes a request that arrives while a batch runs wait for all of
+    it; in-flight batching lets it join at the next iteration and leave at its own end."""
+    port = triton.http_port
+    long_ms = predicted_ms("llm_ifb", [100], [2000])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        long = pool.submit(generate, port, 100, 2000)
+        wait_for(lambda: ifb_requests(triton, "active") == 1, "the long request running")
+        short = generate(port, 100, 20)
+        assert not long.done(), "the long request ended before the short one was sent"
+        assert short.status == 200 and long.result().status == 200
+    assert short.done_at < long.result().done_at
+    assert short.elapsed_ms < 0.25 * long_ms, (short.elapsed_ms, long_ms)
+
+
+def test_ifb_waiting_requests_join_best_priority_first(triton: TritonProcess) -> None:
+    port = triton.http_port
+    slots = int(model_parameters("llm_ifb")["max_active"])
+    with ThreadPoolExecutor(max_workers=slots + 8) as pool:
+        # Every slot taken, freeing one at a time (different lengths).
+        running = [pool.submit(generate, port, 1, 1200 + 40 * i) for i in range(slots)]
+        wait_for(lambda: ifb_requests(triton, "active") == slots, "every slot taken")
+        low = [pool.submit(generate, port, 1, 20, 3) for _ in range(5)]
+        wait_for(lambda: ifb_requests(triton, "waiting") == 5, "five priority-3 waiting")
+        high = pool.submit(generate, port, 1, 20, 1)
+        wait_for(lambda: ifb_requests(triton, "waiting") == 6, "the priority-1 waiting too")
+        assert not any(r.done() for r in running), "a slot freed before the queue was set up"
+        time.sleep(0.1)  # a few iterations and gauge reports: nobody joins a full batch
+        assert (ifb_requests(triton, "active"), ifb_requests(triton, "waiting")) == (slots, 6)
+        results = [r.result() for r in [*running, *low, high]]
+    assert all(r.status == 200 for r in results)
+    # Queued last, it took the first slot that freed: done before every priority-3 request.
+    assert high.result().done_at < min(r.result().done_at for r in low)

@@ -5,7 +5,9 @@ Rules:
   values may hold commas, escaped quotes and newlines. A line it cannot read is skipped, not
   the page: one odd series must not blind admission to every model.
 - A scrape gives, per model, the queue depth (`nv_inference_pending_request_count`, a gauge
-  that moves instantly) and cumulative counters. Rates come from the difference between two
+  that moves instantly, plus the waiting requests of an in-flight batcher,
+  `nv_trt_llm_request_metrics{request_type="waiting"}`, for backends whose requests leave
+  Triton's queue at once) and cumulative counters. Rates come from the difference between two
   scrapes: completions per second, and the mean queue and request time of the requests that
   completed in between.
 - Versions of one model are summed: admission is per model name, as clients address it.
@@ -51,7 +53,11 @@ _FIELDS = {
     "nv_inference_request_duration_us": "request_us",
     "nv_inference_exec_count": "exec_count",
 }
-_WANTED = tuple(_FIELDS)
+# A backend that batches in flight (TensorRT-LLM's in-flight batcher; the simulated llm_ifb)
+# takes every request off Triton's queue at once: nv_inference_pending_request_count stays 0
+# and its own waiting queue is this gauge's request_type="waiting" sample, added to the depth.
+_IN_FLIGHT_BATCHER = "nv_trt_llm_request_metrics"
+_WANTED = (*_FIELDS, _IN_FLIGHT_BATCHER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,8 @@ def parse_triton_metrics(text: str) -> dict[str, TritonCounters]:
             continue
         for sample in samples:
             field = _FIELDS.get(sample.name)
+            if sample.name == _IN_FLIGHT_BATCHER and sample.labels.get("request_type") == "waiting":
+                field = "pending"
             model = sample.labels.get("model")
             if field is None or model is None or not math.isfinite(sample.value):
                 continue
