@@ -28,7 +28,7 @@ from sidecar.core.load import LoadView
 from sidecar.core.protect import Protection, presets_for
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.signals import ModelSignals, Signals, cap_of
-from sidecar.policy.model import ClassPolicy, Policy
+from sidecar.policy.model import ClassPolicy, Policy, Protect
 
 
 class Deferrer:
@@ -56,6 +56,7 @@ class Deferrer:
         self._released_since_scrape: dict[str, int] = {}
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
         self.protection = Protection()  # adaptive caps (`overload.protect`)
+        self._presets_of: tuple[Policy | None, dict[str, dict[str, Protect]]] = (None, {})
         self._ids = itertools.count(1)
 
     def _bounds(self) -> dict[str, int]:
@@ -129,7 +130,7 @@ class Deferrer:
     def model_signals(self, model: str, view: LoadView, now: float) -> ModelSignals:
         """`model`'s load as this replica knows it now (see the module comment)."""
         policy = self._policy()
-        presets = presets_for(policy, model)
+        presets = self._presets(policy, model)
         caps = self.protection.caps(model, policy.classes.values(), presets, now) if presets else {}
         return ModelSignals(
             view.state_of(model, now, self.stale_after_s),
@@ -138,6 +139,17 @@ class Deferrer:
             self.in_flight(model),
             caps,
         )
+
+    def _presets(self, policy: Policy, model: str) -> dict[str, Protect]:
+        """`presets_for`, worked out once per policy and model (this runs per decision)."""
+        if self._presets_of[0] is not policy:
+            self._presets_of = (policy, {})
+        known = self._presets_of[1]
+        if model not in known:
+            if len(known) >= 1024:  # model names come from requests: bounded
+                known.clear()
+            known[model] = presets_for(policy, model)
+        return known[model]
 
     def adaptive_caps(self, model: str) -> dict[str, tuple[int, bool]]:
         """Each protected class's learnt cap on `model`, and whether it binds now."""

@@ -155,3 +155,33 @@ def test_admission_reads_the_adaptive_cap_and_its_absence() -> None:
     # Not said (signals built without protection): the floor.
     assert cap_of(BATCH, {}) == 4
     assert cap_of(replace(BATCH, overload=replace(BATCH.overload, max_in_flight=None)), {}) == 1
+
+
+def test_random_model_names_cannot_grow_what_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sidecar.core.protect as protect
+
+    monkeypatch.setattr(protect, "MAX_KEPT", 8)
+    p = Protection()
+    for i in range(50):
+        p.arrived(f"m{i}", INTERACTIVE, 0, None, 0.0)
+        p.caps(f"m{i}", CLASSES, PRESETS, 0.0)
+    assert len(p._arrivals) <= 8 and len(p._lanes) <= 8
+
+
+def test_the_queue_thresholds_grow_with_the_cap_above_its_floor() -> None:
+    from sidecar.core.signals import effective_overload
+
+    overload = BATCH.overload
+    assert overload is not None
+    assert effective_overload(BATCH, {"batch": None}) is overload  # not binding
+    assert effective_overload(BATCH, {"batch": 4}) is overload  # at its floor
+    grown = effective_overload(BATCH, {"batch": 8})  # twice the floor
+    assert grown is not None and (grown.admit_below, grown.shed_above) == (8, 64)
+    fresh = SignalState.FRESH
+    # Queue 6: over the policy's admit_below 4, under the grown 8.
+    assert judge_load(BATCH, fresh, 6, 50.0, 0, in_flight=5, caps={"batch": 8}).action is (
+        LoadAction.ADMIT
+    )
+    assert judge_load(BATCH, fresh, 6, 50.0, 0, in_flight=3, caps={"batch": 4}).action is (
+        LoadAction.DEFER
+    )

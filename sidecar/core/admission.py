@@ -81,6 +81,7 @@ from sidecar.core.signals import (
     Signals,
     cap_of,
     depth_read,
+    effective_overload,
 )
 from sidecar.core.types import (
     BucketCheck,
@@ -123,11 +124,11 @@ def _reserve(
 def may_go(klass: ClassPolicy | None, model: ModelSignals, reserved: int = 0) -> bool:
     """May the held request at the head of the queue go to Triton now? `reserved`: waiters on
     other replicas that go before it."""
-    overload = klass.overload if klass is not None else None
-    if overload is None:
+    overload = effective_overload(klass, model.caps) if klass is not None else None
+    if klass is None or overload is None:
         return True
     depth, _ = depth_read(overload, model.state, model.queue_depth, Reader.HEAD)
-    cap = cap_of(klass, model.caps) if klass is not None else None
+    cap = cap_of(klass, model.caps)
     return has_room(overload, *_reserve(depth, model.in_flight, reserved), cap)
 
 
@@ -166,7 +167,7 @@ def judge_load(
     """The load rules of the module comment, for a new arrival of `klass`. `reserved`:
     waiters on other replicas that go before it, counted as already sent. `caps`: the
     adaptive caps now (`ModelSignals.caps`)."""
-    overload = klass.overload
+    overload = effective_overload(klass, caps)
     if overload is None:
         return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
     can_relegate = klass.relegate_to is not None and not relegated

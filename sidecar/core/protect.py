@@ -28,6 +28,16 @@ cap that the sidecar finds from what it observes, per model:
    batches, most margin), `balanced` at 80%, `throughput` at their objective (fullest
    batches; about one in twenty of them then comes close to missing).
 
+5. Model names come from requests: at most MAX_KEPT (model, class) entries are kept, and past
+   that all are forgotten (every cap back at its floor, the safe side), so a client naming
+   random models cannot grow the sidecar's memory.
+
+6. The class's queue thresholds follow the cap: while it binds above its floor, its
+   `admit_below` and `shed_above` are the policy's times cap / floor
+   (`core.signals.effective_overload`). A backend that serves better classes first (Triton's
+   priority levels, an in-flight batcher) keeps them on time with more lower work queued;
+   where it does not, their latency says so and the cap, and the thresholds, come down.
+
 Every threshold is the policy's own objectives, scaled by the preset; nothing here knows a
 workload. The core is pure: the caller passes the clock.
 """
@@ -47,6 +57,7 @@ DECREASE = 0.8
 INCREASE = 0.1
 PRESENCE_GAPS = 4.0
 GAP_WEIGHT = 0.2  # of the newest gap in the moving mean of arrival gaps
+MAX_KEPT = 4096  # (model, class) entries kept; model names come from requests
 
 
 @dataclass(slots=True)
@@ -109,6 +120,8 @@ class Protection:
         class's cap at `cap` (None: not capped now). Rules 1 and 2 (held back)."""
         seen = self._arrivals.get((model, klass.rank))
         if seen is None:
+            if len(self._arrivals) >= MAX_KEPT:
+                self._arrivals.clear()  # rule 5
             self._arrivals[(model, klass.rank)] = _Arrivals(now_s)
         else:
             seen.saw(now_s)
@@ -159,6 +172,8 @@ class Protection:
         period_s = min(c.latency_objective_ms for c in better) / 1000
         lane = self._lanes.get((model, klass.name))
         if lane is None:
+            if len(self._lanes) >= MAX_KEPT:
+                self._lanes.clear()  # rule 5
             lane = _Lane(klass.rank, float(floor), now_s, period_s, TARGET[preset], floor)
             self._lanes[(model, klass.name)] = lane
         # Follow policy reloads; a raised floor lifts the cap with it.

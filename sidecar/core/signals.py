@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sidecar.core.fleet import NOBODY, Elsewhere
 from sidecar.core.load import SignalState
@@ -119,3 +119,23 @@ def cap_of(klass: ClassPolicy, caps: Mapping[str, int | None]) -> int | None:
     if overload.protect is not None:
         return caps.get(klass.name, overload.max_in_flight or 1)
     return overload.max_in_flight
+
+
+def effective_overload(klass: ClassPolicy, caps: Mapping[str, int | None]) -> OverloadPolicy | None:
+    """The class's queue thresholds now. With `protect` and an adaptive cap that binds above
+    its floor, `admit_below` and `shed_above` grow by the same factor (core/protect.py rule
+    6): the better classes have shown they keep their objective with that much more of this
+    class in flight, so its share of the queue grows with it. Never below the policy's."""
+    overload = klass.overload
+    if overload is None or overload.protect is None:
+        return overload
+    cap, floor = caps.get(klass.name), overload.max_in_flight or 1
+    if cap is None or cap <= floor:
+        return overload
+    scale = cap / floor
+    shed = overload.shed_above
+    return replace(
+        overload,
+        admit_below=max(overload.admit_below, round(overload.admit_below * scale)),
+        shed_above=None if shed is None else max(shed, round(shed * scale)),
+    )

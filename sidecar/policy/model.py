@@ -137,8 +137,8 @@ class OverloadPolicy:
         "it binds only while better-ranked classes send the model work, and follows the "
         "latency they get against their objective (latency: keep it at 50%, balanced: 70%, "
         "throughput: 90%), raised while this class is held back by it and cut when they come "
-        "close. A model's own protect overrides the preset. Needs a latency_objective_ms on "
-        "the better classes (every class has one).",
+        "close; admit_below and shed_above grow with it above its floor. A model's own "
+        "protect overrides the preset.",
         default=None,
     )
 
