@@ -28,7 +28,7 @@ cap that the sidecar finds from what it observes, per model:
    batches, most margin), `balanced` at 80%, `throughput` at their objective (fullest
    batches; about one in twenty of them then comes close to missing).
 
-5. Model names come from requests: at most MAX_KEPT (model, class) entries are kept, and past
+5. Model names come from requests: at most MAX_KEPT models' entries are kept, and past
    that all are forgotten (every cap back at its floor, the safe side), so a client naming
    random models cannot grow the sidecar's memory.
 
@@ -57,7 +57,7 @@ DECREASE = 0.8
 INCREASE = 0.1
 PRESENCE_GAPS = 4.0
 GAP_WEIGHT = 0.2  # of the newest gap in the moving mean of arrival gaps
-MAX_KEPT = 4096  # (model, class) entries kept; model names come from requests
+MAX_KEPT = 4096  # models (and (model, class) arrivals) kept; names come from requests
 
 
 @dataclass(slots=True)
@@ -111,7 +111,8 @@ class Protection:
     """The adaptive caps of every (model, protected class) this replica has seen."""
 
     _arrivals: dict[tuple[str, int], _Arrivals] = field(default_factory=dict)
-    _lanes: dict[tuple[str, str], _Lane] = field(default_factory=dict)
+    # model -> class -> lane: a completion (once per request) touches its model's lanes only.
+    _lanes: dict[str, dict[str, _Lane]] = field(default_factory=dict)
 
     def arrived(
         self, model: str, klass: ClassPolicy, in_flight: int | None, cap: int | None, now_s: float
@@ -125,7 +126,7 @@ class Protection:
             self._arrivals[(model, klass.rank)] = _Arrivals(now_s)
         else:
             seen.saw(now_s)
-        lane = self._lanes.get((model, klass.name))
+        lane = self._lanes.get(model, {}).get(klass.name)
         if lane is not None and cap is not None and in_flight is not None and in_flight >= cap:
             lane.limited = True
 
@@ -133,8 +134,8 @@ class Protection:
         """A request of `klass` for `model` ended after `duration_s` (Envoy's measure): the
         lanes of classes ranked below it take its share of its objective (rule 2)."""
         share = duration_s * 1000 / klass.latency_objective_ms
-        for (lane_model, _), lane in self._lanes.items():
-            if lane_model == model and lane.rank > klass.rank:
+        for lane in self._lanes.get(model, {}).values():
+            if lane.rank > klass.rank:
                 lane.advance(now_s)
                 lane.shares.append(share)
 
@@ -170,12 +171,15 @@ class Protection:
         if not better:
             return None  # nobody to protect
         period_s = min(c.latency_objective_ms for c in better) / 1000
-        lane = self._lanes.get((model, klass.name))
-        if lane is None:
+        lanes = self._lanes.get(model)
+        if lanes is None:
             if len(self._lanes) >= MAX_KEPT:
                 self._lanes.clear()  # rule 5
+            lanes = self._lanes[model] = {}
+        lane = lanes.get(klass.name)
+        if lane is None:
             lane = _Lane(klass.rank, float(floor), now_s, period_s, TARGET[preset], floor)
-            self._lanes[(model, klass.name)] = lane
+            lanes[klass.name] = lane
         # Follow policy reloads; a raised floor lifts the cap with it.
         lane.period_s, lane.target, lane.floor = period_s, TARGET[preset], floor
         lane.advance(now_s)
@@ -186,7 +190,7 @@ class Protection:
 
     def learnt(self, model: str) -> dict[str, int]:
         """The cap each protected class has learnt for `model` (bound or not)."""
-        return {name: int(lane.cap) for (m, name), lane in self._lanes.items() if m == model}
+        return {name: int(lane.cap) for name, lane in self._lanes.get(model, {}).items()}
 
     def _present(self, model: str, klass: ClassPolicy, now_s: float) -> bool:
         """Rule 1: did `klass` send `model` a request recently enough to expect another?"""
