@@ -232,15 +232,27 @@ def test_a_disconnected_clients_held_request_leaves_and_frees_its_slot(
     # predicted 1.6-2.0 s against the 1.5 s budget and shed at once in about half the runs.
     # Shorter batches and fewer requests keep the prediction inside the budget, and the real
     # wait (about 0.6 s) still longer than the clients' 0.3 s.
-    busy = Flood(url, 10, delay_ms=100)
-    wait_for(
-        lambda: metric_value(stack.admin_url, "qos_held_requests", **{"class": "batch"}) > 0,
-        10,
-        "held",
-    )
-    quitters = Flood(url, 4, delay_ms=100, timeout_s=0.3)
-    quitters.join()
-    assert {status for _, status, _, _ in quitters.results} == {"TimeoutError"}, quitters.results
+    # A quitter predicted to wait past its class's budget is told 503 at once, as it should
+    # be; on a slow machine the first drain reading can predict that for a whole round. So
+    # rounds (each its own busy flood) run until a quitter was held: it timed out at 0.3 s.
+    rounds: list[list[tuple[float, Any, str | None, str | None]]] = []
+    while len(rounds) < 4 and not any(r[1] == "TimeoutError" for r in sum(rounds, [])):
+        busy = Flood(url, 10, delay_ms=100)
+        try:
+            wait_for(
+                lambda: (
+                    metric_value(stack.admin_url, "qos_held_requests", **{"class": "batch"}) > 0
+                ),
+                10,
+                "held",
+            )
+            quitters = Flood(url, 4, delay_ms=100, timeout_s=0.3)
+            quitters.join()
+            rounds.append(quitters.results)
+        finally:
+            busy.join()
+    seen = {status for _, status, _, _ in sum(rounds, [])}
+    assert "TimeoutError" in seen and seen <= {"TimeoutError", 503}, rounds
     wait_for(
         lambda: (
             metric_value(stack.admin_url, "qos_hold_duration_seconds_count", result="cancelled")
@@ -249,7 +261,6 @@ def test_a_disconnected_clients_held_request_leaves_and_frees_its_slot(
         5,
         "a held request left the queue when its client went",
     )
-    busy.join()
     idle(stack)
     # Every lease of this test came back: the tenant holds no more slots than before it.
     wait_for(

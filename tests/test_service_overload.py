@@ -75,6 +75,16 @@ async def in_flight(store: MemoryQuotaStore) -> int:
     return await store.in_flight("search", None)
 
 
+async def queued(service: AdmissionService, n: int) -> None:
+    """Until `n` requests are held: a few ms on a quiet machine, more on a loaded CI host."""
+    assert service.deferrer is not None
+    for _ in range(300):
+        if len(service.deferrer.queue) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(service.deferrer.queue)} held, not {n}")
+
+
 def test_deep_queue_sheds_503_with_drain_retry_after_and_takes_no_quota() -> None:
     backend = Backend(depth=60, drain=20.0)
     service, store = make(backend)
@@ -133,9 +143,8 @@ def test_deferred_request_is_admitted_when_capacity_returns() -> None:
 
     async def body() -> Decision:
         held = asyncio.create_task(service.check(request(), "test"))
-        await asyncio.sleep(0.05)
-        assert not held.done()
-        assert service.deferrer is not None and len(service.deferrer.queue) == 1
+        await queued(service, 1)
+        assert service.deferrer is not None and not held.done()
         assert await in_flight(store) == 1  # its slot is held while it waits
         backend.depth = 1
         service.deferrer.on_scrape()  # the monitor's next round
@@ -182,7 +191,7 @@ def test_client_gone_while_held_leaves_the_queue_and_frees_its_slot() -> None:
 
     async def body() -> None:
         held = asyncio.create_task(service.check(request(), "test"))
-        await asyncio.sleep(0.05)
+        await queued(service, 1)
         assert await in_flight(store) == 1
         held.cancel()
         await asyncio.gather(held, return_exceptions=True)
@@ -284,7 +293,7 @@ def test_max_in_flight_holds_a_request_until_one_of_the_model_ends() -> None:
         second = await service.check(request(), "test")
         assert first.reason is second.reason is Reason.ADMITTED
         held = asyncio.create_task(service.check(request(), "test"))
-        await asyncio.sleep(0.05)
+        await queued(service, 1)
         assert not held.done()  # two in flight: at the cap
         # Both replicas' view: the store counts what this replica admitted.
         assert await store.model_in_flight("simgpu") == 2
@@ -326,7 +335,7 @@ def test_an_undelivered_admit_waits_for_its_model_count_then_frees_both() -> Non
 
     async def body() -> None:
         held = asyncio.create_task(service.check(request(), "test"))
-        await asyncio.sleep(0.05)
+        await queued(service, 1)
         backend.depth = 0
         assert service.deferrer is not None
         service.deferrer.on_scrape()  # let go: answered, its model count on its way
@@ -376,7 +385,7 @@ def test_a_saturated_models_waiter_does_not_hold_up_another_model() -> None:
 
     async def body() -> tuple[Decision, Decision]:
         held = asyncio.create_task(service.check(for_model("simgpu"), "test"))
-        await asyncio.sleep(0.05)
+        await queued(service, 1)
         assert service.deferrer is not None and len(service.deferrer.queue) == 1
         # The simgpu waiter is not ahead of a request for `other`, which has room: let go now.
         at_once = await asyncio.wait_for(service.check(for_model("other"), "test"), 1.0)
@@ -384,7 +393,7 @@ def test_a_saturated_models_waiter_does_not_hold_up_another_model() -> None:
         # `other` fills up and a request for it is held too, behind nobody of its own model.
         backend.depths["other"] = 6
         waiting = asyncio.create_task(service.check(for_model("other"), "test"))
-        await asyncio.sleep(0.05)
+        await queued(service, 2)
         assert len(service.deferrer.queue) == 2
         backend.depths["other"] = 0
         service.deferrer.on_scrape()  # `other` has room; simgpu's head still may not go
@@ -416,7 +425,7 @@ def test_a_held_request_that_leaves_does_not_lower_its_models_in_flight_count() 
         before = service.deferrer.in_flight("simgpu")
         backend.depth = 6  # over admit_below: the next one is held
         held = asyncio.create_task(service.check(request(), "test"))
-        await asyncio.sleep(0.05)
+        await queued(service, 1)
         assert not held.done() and await in_flight(store) == 3  # held with its lease
         held.cancel()
         await asyncio.gather(held, return_exceptions=True)
@@ -439,7 +448,7 @@ def test_models_are_counted_only_when_a_class_caps_their_requests_in_flight(caps
         admitted = await service.check(request(), "test")
         backend.depth = 6  # over admit_below: held, then let go
         held = asyncio.create_task(service.check(request(), "test"))
-        await asyncio.sleep(0.05)
+        await queued(service, 1)
         backend.depth = 0
         service.deferrer.on_scrape()
         assert (await held).reason is Reason.ADMITTED_DEFERRED
