@@ -33,8 +33,10 @@ class Metrics:
         """What was decided, how fast, and the tokens it counted."""
         self.decisions = Counter(
             "qos_decisions_total",
-            "Admission decisions by tenant, granted class, outcome and reason.",
-            ["tenant", "class", "outcome", "reason"],
+            'Admission decisions by tenant, granted class, outcome and reason; shadow="true": '
+            "what the policy as written decided where a rule of it is not enforced "
+            "(enforce: false), not applied.",
+            ["tenant", "class", "outcome", "reason", "shadow"],
             registry=registry,
         )
         self.decision_seconds = Histogram(
@@ -256,13 +258,17 @@ class Metrics:
             registry=registry,
         )
 
-    def record_decision(self, decision: Decision, known_tenants: Container[str], api: str) -> None:
+    def record_decision(
+        self, decision: Decision, known_tenants: Container[str], api: str, *, shadow: bool = False
+    ) -> None:
+        """`shadow`: what the policy as written decided, not applied (core/shadow.py)."""
         tenant = decision.tenant
         if tenant is None or tenant not in known_tenants:
             tenant = UNKNOWN
         klass, outcome, reason = decision.klass or UNKNOWN, decision.outcome, decision.reason
-        self._child(self.decisions, tenant, klass, outcome.value, reason.value).inc()
-        if decision.reason is Reason.MALFORMED:
+        mode = "true" if shadow else "false"
+        self._child(self.decisions, tenant, klass, outcome.value, reason.value, mode).inc()
+        if decision.reason is Reason.MALFORMED and not shadow:
             self.malformed.labels(api).inc()
 
     def observe_decision_seconds(self, api: str, seconds: float) -> None:

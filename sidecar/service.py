@@ -40,11 +40,7 @@ from sidecar.core.admission import (
     QuotaFirst,
     TakeQuota,
 )
-from sidecar.core.decide import (
-    CompiledPolicy,
-    decide,
-    malformed,
-)
+from sidecar.core.decide import CompiledPolicy, decide, malformed
 from sidecar.core.degraded import degrade
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
@@ -59,6 +55,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy.model import FailMode, Policy
 from sidecar.policy.reload import FixedPolicy, PolicySource
 from sidecar.quota_peek import QuotaPeeks
+from sidecar.shadow_mode import ShadowJudge
 from sidecar.shared_reads import SharedReads
 from sidecar.state.base import QuotaStore, new_lease_id
 from sidecar.state.breaker import CircuitOpen, GuardedStore
@@ -95,6 +92,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         self.metrics = metrics
         self.tokens = TokenAccounting(metrics, store.charge, lambda: self.policy.tenants)
         self.peeks = QuotaPeeks(store, clock)  # is a request shed for load over its quota?
+        self.shadow = ShadowJudge(self)  # rules not enforced, judged beside: core/shadow.py
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
         # alone: treating "no signal" as saturated would shed everything forever.
         self._load = load
@@ -103,8 +101,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         self.model_pod = model_pod  # whose model counts: this pod's, or None: the fleet's
         self._background: set[asyncio.Future[bool]] = set()
         self._model_writes: dict[str, asyncio.Future[Any]] = {}  # lease id -> its model count
-        # Requests refused for concurrency that wait for a release of their tenant.
-        self.release_grace_s = release_grace_s
+        self.release_grace_s = release_grace_s  # how long a concurrency refusal waits
         self._release_waiters: dict[str, collections.deque[asyncio.Future[None]]] = {}
         # Releases and model counts go through these: many in one store call (batching.py).
         self.releases: Batcher[tuple[LeaseRef, float], bool] = Batcher(self._release_many)
@@ -159,7 +156,9 @@ class AdmissionService(SharedReads, LeasedQuota):
         cost_per_request is charged. `policy` pins a snapshot (default: the current one)."""
         started = time.perf_counter()
         compiled = policy or self.snapshot()
-        decision = await self._check(compiled, attrs, on_hold, estimate)
+        decision = await self.shadow.decide(
+            compiled, attrs, estimate, lambda a: self._check(compiled, a, on_hold, estimate), api
+        )
         self.metrics.observe_decision_seconds(api, time.perf_counter() - started)
         self.metrics.record_decision(decision, compiled.policy.tenants, api)
         return decision
@@ -206,6 +205,8 @@ class AdmissionService(SharedReads, LeasedQuota):
         if writing is not None:  # its model entry is on its way: release it after that
             with contextlib.suppress(Exception):
                 await asyncio.shield(writing)
+        if lease.shadow:  # a shadow lease rides with it (core/shadow.py)
+            await self.shadow.release(lease)
         if self.local_leases.pop(lease.lease_id, None) is not None:
             released = await self.local.release(lease, tombstone_s=self.policy.lease_ttl_s)
             self._released(lease.tenant)

@@ -236,7 +236,7 @@ def test_a_disconnected_clients_held_request_leaves_and_frees_its_slot(
     # be; on a slow machine the first drain reading can predict that for a whole round. So
     # rounds (each its own busy flood) run until a quitter was held: it timed out at 0.3 s.
     rounds: list[list[tuple[float, Any, str | None, str | None]]] = []
-    while len(rounds) < 4 and not any(r[1] == "TimeoutError" for r in sum(rounds, [])):
+    while len(rounds) < 4 and not any(r[1] == "TimeoutError" for rs in rounds for r in rs):
         busy = Flood(url, 10, delay_ms=100)
         try:
             wait_for(
@@ -251,7 +251,7 @@ def test_a_disconnected_clients_held_request_leaves_and_frees_its_slot(
             rounds.append(quitters.results)
         finally:
             busy.join()
-    seen = {status for _, status, _, _ in sum(rounds, [])}
+    seen = {r[1] for rs in rounds for r in rs}
     assert "TimeoutError" in seen and seen <= {"TimeoutError", 503}, rounds
     wait_for(
         lambda: (

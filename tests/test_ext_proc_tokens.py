@@ -265,7 +265,13 @@ def test_an_unreadable_body_is_refused_by_default(
 
 
 def decision_labels(reason: str) -> dict[str, str]:
-    return {"outcome": "shed", "reason": reason, "tenant": UNKNOWN, "class": UNKNOWN}
+    return {
+        "outcome": "shed",
+        "reason": reason,
+        "tenant": UNKNOWN,
+        "class": UNKNOWN,
+        "shadow": "false",
+    }
 
 
 def test_charge_max_admits_an_unreadable_body_at_the_buckets_burst() -> None:

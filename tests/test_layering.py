@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
     ("sidecar.quota_peek",),
     ("sidecar.batching",),
-    ("sidecar.shared_reads", "sidecar.leased"),
+    ("sidecar.shared_reads", "sidecar.leased", "sidecar.shadow_mode"),
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),
     ("sidecar.app", "sidecar.workers"),

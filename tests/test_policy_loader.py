@@ -254,13 +254,14 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
     # The sections derive their defaults (shown in the schema and the reference, used by the
     # checks) from the model's dataclass defaults; these are the values a file gets.
     model_defaults = {
-        "policyFile": {"lease_ttl_s": 10.0},
+        "policyFile": {"lease_ttl_s": 10.0, "enforce": True},
         "identity": {"class_header": IdentityPolicy().class_header},
         "class": {
             "on_state_error": ClassPolicy("c", 1, 1, 1, 1).on_state_error,
             "concurrency_retry_after_ms": ClassPolicy("c", 1, 1, 1, 1).concurrency_retry_after_ms,
             "max_queued": ClassPolicy("c", 1, 1, 1, 1).max_queued,
             "route_priority": ClassPolicy("c", 1, 1, 1, 1).route_priority,
+            "enforce": ClassPolicy("c", 1, 1, 1, 1).enforce,
         },
         "model": {"cost_per_request": ModelPolicy("m").cost_per_request},
         "tokens": {
@@ -273,11 +274,13 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
         "tenant": {
             "on_disallowed_class": TenantPolicy(
                 "t", TenantMatch(), frozenset(), "c"
-            ).on_disallowed_class
+            ).on_disallowed_class,
+            "enforce": TenantPolicy("t", TenantMatch(), frozenset(), "c").enforce,
         },
         "bucket": {
             "per": "second",
             "lease_ms": BucketPolicy("requests", BucketUnit.REQUESTS, 1.0, 1.0).lease_ms,
+            "enforce": BucketPolicy("requests", BucketUnit.REQUESTS, 1.0, 1.0).enforce,
         },
         "overload": {"on_stale": OverloadPolicy(admit_below=1).on_stale},
     }[obj.name]
@@ -435,7 +438,7 @@ def test_policy_version_frames_names_and_contents() -> None:
 
 ALLOWED_CLASS_KEYS = (
     "rank, latency_objective_ms, max_wait_ms, triton_priority, on_state_error, "
-    "concurrency_retry_after_ms, overload, relegate_to, max_queued, route_priority"
+    "concurrency_retry_after_ms, overload, relegate_to, max_queued, route_priority, enforce"
 )
 SHA_HINT = "must be 64 hex digits (the SHA-256 digest of the key, not the key itself)"
 HEADER_HINT = "must be a header name (letters, digits and !#$%&'*+-.^_`|~)"
@@ -481,7 +484,8 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
             "3: classes.gold: unknown key 'ranc' (did you mean 'rank'?); "
             f"allowed: {ALLOWED_CLASS_KEYS}",
             "7: unknown key 'tenant' (did you mean 'tenants'?); "
-            "allowed: identity, lease_ttl_s, replicas, unknown_tenants, classes, models, tenants",
+            "allowed: identity, lease_ttl_s, replicas, enforce, unknown_tenants, classes, models, "
+            "tenants",
         ],
     ),
     (

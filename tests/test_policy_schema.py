@@ -87,6 +87,7 @@ def test_schema_shape() -> None:
         "identity",
         "lease_ttl_s",
         "replicas",
+        "enforce",
         "unknown_tenants",
         "classes",
         "models",

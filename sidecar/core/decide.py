@@ -67,6 +67,7 @@ DECISION_HEADERS = (
     HEADER_PRIORITY,
     HEADER_LEASE,
     HEADER_ROUTE_PRIORITY,
+    "x-qos-shadow-decision",  # core/shadow.py's HEADER_SHADOW
 )
 
 _STATUS = {

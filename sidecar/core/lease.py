@@ -15,6 +15,7 @@ Rules:
 - The model and the pod are optional last parts, so tokens written before models (4 parts) or
   pods (5 parts) were counted still parse, with no model or no pod. A pod without a model is
   never written (a pod scopes a model's count), and refused.
+- A lease with a shadow lease beside it (core/shadow.py) is written with `v1s` for `v1`.
 - Parsing is strict: anything this module would not have written is rejected, never guessed at.
   A name part must be the exact encoding of a non-empty name (no padding, no stray characters,
   no other spelling of the same bytes).
@@ -37,6 +38,7 @@ import re
 from sidecar.core.types import LeaseRef
 
 _PREFIX = "v1"
+_SHADOW_PREFIX = "v1s"
 _LEASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_TOKEN_CHARS = 1024
 _SIGNED_PREFIX = "s1"
@@ -66,7 +68,12 @@ def _decode(part: str) -> str | None:
 
 
 def format_lease(lease: LeaseRef) -> str:
-    parts = [_PREFIX, _encode(lease.tenant), _encode(lease.klass), lease.lease_id]
+    parts = [
+        _SHADOW_PREFIX if lease.shadow else _PREFIX,
+        _encode(lease.tenant),
+        _encode(lease.klass),
+        lease.lease_id,
+    ]
     if lease.model is not None:
         parts.append(_encode(lease.model))
         if lease.model_pod is not None:
@@ -79,7 +86,10 @@ def parse_lease(token: str) -> LeaseRef | None:
     if len(token) > _MAX_TOKEN_CHARS:
         return None
     parts = token.split(".")
-    if len(parts) not in (4, 5, 6) or parts[0] != _PREFIX or not _LEASE_ID.match(parts[3]):
+    shadow = parts[0] == _SHADOW_PREFIX
+    if len(parts) not in (4, 5, 6) or parts[0] not in (_PREFIX, _SHADOW_PREFIX):
+        return None
+    if not _LEASE_ID.match(parts[3]):
         return None
     tenant, klass = _decode(parts[1]), _decode(parts[2])
     if tenant is None or klass is None:
@@ -89,7 +99,7 @@ def parse_lease(token: str) -> LeaseRef | None:
         return None
     model = names[0] if names else None
     pod = names[1] if len(names) > 1 else None
-    return LeaseRef(tenant=tenant, klass=klass, lease_id=parts[3], model=model, model_pod=pod)
+    return LeaseRef(tenant, klass, parts[3], model, pod, shadow)
 
 
 def _mac(token: str, key: bytes) -> str:

@@ -105,6 +105,9 @@ class LeaseRef:
     # The pod whose count of `model` holds it (None: the fleet's), so that a release from any
     # replica finds the set it is in (`QuotaCheck.model_pod`).
     model_pod: str | None = None
+    # A shadow lease of the same id is held in the tenant's shadow space (core/shadow.py):
+    # the release frees it too.
+    shadow: bool = False
 
     @classmethod
     def of(cls, check: QuotaCheck, lease_id: str) -> LeaseRef:

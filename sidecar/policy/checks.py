@@ -30,7 +30,11 @@ _MODEL = section_spec(ModelPolicy)
 _ENTITY_MAPS = {
     key: fld.spec.entity for key, fld in _POLICY_FILE.fields.items() if isinstance(fld.spec, MapOf)
 }
-_SINGLETONS = tuple(key for key in _POLICY_FILE.fields if key not in _ENTITY_MAPS)
+# `enforce` is per file: the default of the classes and tenants it defines (`_merge_entities`).
+_PER_FILE = ("enforce",)
+_SINGLETONS = tuple(
+    key for key in _POLICY_FILE.fields if key not in _ENTITY_MAPS and key not in _PER_FILE
+)
 # Long name lists in a message help nobody; show the first few.
 _MAX_NAMES_SHOWN = 10
 
@@ -80,7 +84,10 @@ class Merged:
     def _merge_entities(self, doc: Document, section: str) -> None:
         entity = _ENTITY_MAPS[section]
         defined = self.entities[section]
+        shadow_file = doc.data.get("enforce") is False and section in ("classes", "tenants")
         for name, data in (doc.data.get(section) or {}).items():
+            if shadow_file and isinstance(data, dict):
+                data.setdefault("enforce", False)
             first = defined.get(name)
             if first is not None:
                 # Located at the second definition, naming the first, like a duplicate

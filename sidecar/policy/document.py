@@ -25,6 +25,7 @@ from sidecar.policy.merge_keys import mapping_pairs
 from sidecar.policy.model import Policy
 from sidecar.policy.nodes import Invalid, Loc, NodeFile, node_line, node_type_name, type_name
 from sidecar.policy.spec import (
+    Bool,
     Choice,
     Exclusive,
     Int,
@@ -71,7 +72,7 @@ class Document(NodeFile):
         got = value.type_name if isinstance(value, Invalid) else node_type_name(node, value)
         self.problem(loc, f"expected {_expected(spec)}, got {got}", node_line(node))
 
-    def _scalar(self, node: Node, spec: Str | Int | Num | Choice, loc: Loc) -> Any:
+    def _scalar(self, node: Node, spec: Str | Int | Num | Bool | Choice, loc: Loc) -> Any:
         self.lines[loc] = node_line(node)
         value = self.construct(node)
         if isinstance(value, Invalid):
@@ -86,6 +87,11 @@ class Document(NodeFile):
                 self.problem(loc, reason)
                 return None
             return value.lower() if spec.lower else value
+        if isinstance(spec, Bool):
+            if not isinstance(value, bool) or node.value not in ("true", "false"):
+                self._wrong_type(node, spec, loc, value)
+                return None
+            return value
         if isinstance(spec, Choice):
             if not isinstance(value, str):
                 self._wrong_type(node, spec, loc, value)
@@ -242,6 +248,8 @@ def _expected(spec: Spec) -> str:
         return "an integer"
     if isinstance(spec, Num):
         return "a number"
+    if isinstance(spec, Bool):
+        return "true or false"
     if isinstance(spec, Choice):
         return "one of " + ", ".join(spec.values)
     if isinstance(spec, ListOf):

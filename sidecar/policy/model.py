@@ -34,6 +34,7 @@ from sidecar.policy.spec import (
     NAME,
     NON_EMPTY,
     SHA256_HEX,
+    Bool,
     Choice,
     Exclusive,
     Field,
@@ -59,6 +60,14 @@ __all__ = [
     "UnknownTenantAction",
     "UnreadableBody",
 ]
+
+# Shadow mode (core/shadow.py): the rule is judged in full, and recorded, but not applied.
+ENFORCE_TENANT = (
+    "false: shadow mode for the tenant's buckets and concurrency limits: they are checked in "
+    'a store space of their own and the outcome recorded (metrics with shadow="true", the '
+    "x-qos-shadow-decision header upstream), but requests are admitted as if they were absent."
+)
+ENFORCE_CLASS = "false: shadow mode for the class's overload rules and per-class concurrency."
 
 
 @section(
@@ -189,6 +198,7 @@ class ClassPolicy:
         "priority HIGH, which has its own circuit-breaker thresholds.",
         default=RoutePriority.DEFAULT,
     )
+    enforce: bool = setting(Bool(), ENFORCE_CLASS, default=True)
 
 
 # How many seconds each `per` value spans; buckets are stored with their rate per second.
@@ -207,7 +217,7 @@ def _bucket_from_yaml(kwargs: dict[str, Any]) -> None:
     extra={
         "per": Field(Choice(tuple(PER_SECONDS)), description="The rate's period.", default="second")
     },
-    key_order=("name", "unit", "rate", "per", "burst", "classes", "lease_ms"),
+    key_order=("name", "unit", "rate", "per", "burst", "classes", "lease_ms", "enforce"),
     adapt=_bucket_from_yaml,
 )
 class BucketPolicy:
@@ -244,6 +254,7 @@ class BucketPolicy:
         "max_in_flight (see core/slices.py).",
         default=0,
     )
+    enforce: bool = setting(Bool(), "false: a shadow bucket (see tenant).", default=True)
 
 
 @section("tenantMatch", "How a caller is recognised as this tenant.")
@@ -291,6 +302,7 @@ class TenantPolicy:
         "Requests in flight at once, per allowed class.",
         default_factory=lambda: MappingProxyType({}),
     )
+    enforce: bool = setting(Bool(), ENFORCE_TENANT, default=True)
 
 
 @section(
@@ -429,6 +441,7 @@ class ModelPolicy:
         "identity",
         "lease_ttl_s",
         "replicas",
+        "enforce",
         "unknown_tenants",
         "classes",
         "models",
@@ -469,6 +482,11 @@ class Policy:
         "store is unavailable (on_state_error: local_share). Default: the count the replicas' "
         "heartbeats in the store showed last. At most one file may set it.",
         default=None,
+    )
+    enforce: bool = setting(
+        Bool(),
+        "Per file: the default `enforce` of every class and tenant this file defines.",
+        default=True,
     )
 
     def cost_of(self, model: str | None) -> float:

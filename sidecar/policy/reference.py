@@ -16,6 +16,7 @@ from __future__ import annotations
 from sidecar.policy.model import Policy
 from sidecar.policy.schema import jsonable
 from sidecar.policy.spec import (
+    Bool,
     Choice,
     Exclusive,
     Field,
@@ -93,6 +94,8 @@ def _type(spec: Spec) -> str:
         return "one of " + ", ".join(f"`{value}`" for value in spec.values)
     if isinstance(spec, Int | Num):
         return _number(spec)
+    if isinstance(spec, Bool):
+        return "`true` or `false`"
     return _string(spec)
 
 
@@ -123,7 +126,8 @@ def _default(fld: Field) -> str:
         return "required"
     if fld.default is None:
         return ""
-    return f"`{jsonable(fld.default)}`"
+    value = jsonable(fld.default)
+    return f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
 def _rule(rule: Rule | Exclusive) -> str:

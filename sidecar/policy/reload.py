@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sidecar.core.decide import CompiledPolicy, compile_policy
+from sidecar.core.decide import CompiledPolicy
+from sidecar.core.shadow import compile_with_shadow
 from sidecar.errors import PolicyError
 from sidecar.policy.loader import load_policy, policy_files
 from sidecar.policy.model import Policy
@@ -70,7 +71,7 @@ class FixedPolicy:
     command, tests)."""
 
     def __init__(self, policy: Policy) -> None:
-        self._snapshot = compile_policy(policy)
+        self._snapshot = compile_with_shadow(policy)
 
     def snapshot(self) -> CompiledPolicy:
         return self._snapshot
@@ -100,7 +101,7 @@ class PolicyHolder:
         self.reloads_failed = 0
         # Taken before reading, so an edit made while loading shows up as a change next time.
         self._seen = fingerprint(self.paths)
-        self._snapshot: CompiledPolicy = compile_policy(load_policy(self.paths))
+        self._snapshot: CompiledPolicy = compile_with_shadow(load_policy(self.paths))
         self.last_loaded_at: float = self._clock()
 
     @property
@@ -127,7 +128,7 @@ class PolicyHolder:
         self._seen = fingerprint(self.paths)
         kept = self._snapshot.policy.version
         try:
-            snapshot = compile_policy(load_policy(self.paths))
+            snapshot = compile_with_shadow(load_policy(self.paths))
         except PolicyError as exc:
             self.last_error = exc
             log.error("policy reload failed, keeping %s:\n%s", kept, exc)

@@ -31,6 +31,7 @@ from sidecar.policy.model import (
     UnknownTenantPolicy,
 )
 from sidecar.policy.spec import (
+    Bool,
     Choice,
     Exclusive,
     Int,
@@ -105,6 +106,8 @@ def _spec_schema(spec: Spec, defs: dict[str, Any]) -> dict[str, Any]:
         return out
     if isinstance(spec, Choice):
         return {"type": "string", "enum": list(spec.values)}
+    if isinstance(spec, Bool):
+        return {"type": "boolean"}
     if isinstance(spec, ListOf):
         out = {"type": "array", "items": _spec_schema(spec.item, defs)}
         if spec.min_items:

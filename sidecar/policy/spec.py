@@ -56,6 +56,11 @@ class Num:
 
 
 @dataclass(frozen=True, slots=True)
+class Bool:
+    """`true` or `false` (YAML 1.1's yes/no/on/off are refused: too easy to misread)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Choice:
     """One of a fixed set of strings; converted to a member of `enum` when one is given."""
 
@@ -185,7 +190,7 @@ class Obj:
         return tuple(k for k, f in self.fields.items() if f.required)
 
 
-Spec: TypeAlias = Str | Int | Num | Choice | ListOf | MapOf | Obj
+Spec: TypeAlias = Str | Int | Num | Bool | Choice | ListOf | MapOf | Obj
 
 _SECTIONS: dict[type[Any], Obj] = {}
 
@@ -254,7 +259,7 @@ def _settings(cls: type[Any]) -> list[tuple[str, Field]]:
 
 
 def _is_plain(value: object) -> bool:
-    return isinstance(value, Enum | str | int | float) and not isinstance(value, bool)
+    return isinstance(value, Enum | str | int | float | bool)
 
 
 def build(obj: Obj, data: Mapping[str, Any], **context: Any) -> Any:
