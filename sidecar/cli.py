@@ -127,7 +127,7 @@ async def _explain_offline(paths: list[Path], payload: dict[str, object]) -> dic
     """Against policy files and an empty in-memory store: what a fresh tenant would get."""
     from prometheus_client import CollectorRegistry
 
-    from sidecar.admin.http import decision_json, explain_request_from_json
+    from sidecar.admin.http import explain_request_from_json, explanation_json
     from sidecar.metrics import Metrics
     from sidecar.policy.loader import load_policy
     from sidecar.service import AdmissionService
@@ -138,7 +138,7 @@ async def _explain_offline(paths: list[Path], payload: dict[str, object]) -> dic
     except PolicyError:
         raise
     service = AdmissionService(policy, MemoryQuotaStore(), Metrics(CollectorRegistry()))
-    return decision_json(await service.explain(explain_request_from_json(payload)))
+    return explanation_json(await service.explain(explain_request_from_json(payload)))
 
 
 def _print_explanation(report: dict[str, object]) -> None:

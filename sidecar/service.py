@@ -36,12 +36,12 @@ from sidecar.core.admission import (
     GiveBack,
     Hold,
     HoldOutcome,
-    LoadAction,
     QuotaFirst,
     TakeQuota,
 )
 from sidecar.core.decide import CompiledPolicy, decide, malformed
 from sidecar.core.degraded import degrade
+from sidecar.core.explain import Explanation, explain
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.signals import QUOTA_ONLY, Signals
@@ -169,20 +169,21 @@ class AdmissionService(SharedReads, LeasedQuota):
         self.metrics.record_decision(decision, self.policy.tenants, api)
         return decision
 
-    async def explain(self, attrs: RequestAttributes) -> Decision:
-        """The decision `attrs` would get now, without taking any quota or holding."""
-        step = self._until_quota(self.snapshot(), attrs, None)
+    async def explain(self, attrs: RequestAttributes) -> Explanation:
+        """The decision `attrs` would get now, without taking any quota, holding or counting
+        as an arrival; where it would wait and what would change it (core/explain.py)."""
+        compiled = self.snapshot()
+        planned = admission.plan(attrs, compiled)
+        if isinstance(planned, Answer):
+            return explain(planned.decision)
+        signals = self._signals(planned.model)
+        step = admission.judge(planned, signals, compiled.policy)
+        chosen = planned if isinstance(step, Answer) else step.admission  # relegated: its own
+        result = await self._peek(chosen.check)
         if isinstance(step, QuotaFirst):
-            step = admission.on_peek(step, await self._peek(step.admission.check))
-        if isinstance(step, Answer):
-            return step.decision
-        decision = decide(step.admission, await self._peek(step.admission.check))
-        if step.verdict.action is LoadAction.DEFER and decision.admitted:
-            # Explain does not wait: say that the real request would be held first.
-            wait_ms = step.admission.klass.max_wait_ms
-            hold = f"would be held up to {wait_ms} ms for Triton to have room"
-            decision = replace(decision, trace=(*decision.trace, hold))
-        return decision
+            step = admission.on_peek(step, result)
+        decision = step.decision if isinstance(step, Answer) else decide(chosen, result)
+        return explain(decision, chosen, admission.verdict_for(planned, signals), result)
 
     async def complete(self, lease_token: str | None, duration_s: float | None = None) -> bool:
         """Release the lease a completion names (True if freed); `duration_s`: Envoy's."""

@@ -130,6 +130,9 @@ def test_concurrency_limit_sheds_and_slots_return_after_completion(
         10,
         "both slow requests hold a slot",
     )
+    # Explain names the rule and what would turn it round (issue 13 §6).
+    why = explain(stack.admin_url, key)["would_change"]
+    assert "max_concurrency 2: 2 in flight; admitted when one ends" in why[0], why
     shed = infer(url, api_key=key)
     assert shed.status == 429
     assert shed.json()["reason"] == "over_concurrency"

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.core.explain import Explanation, QueueView
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView, ModelLoad
 from sidecar.core.types import Decision, Reason, RequestAttributes
@@ -264,7 +265,7 @@ def test_explain_shows_load_decisions_without_taking_quota_or_holding() -> None:
     backend = Backend(depth=60, drain=20.0)
     service, store = make(backend, max_wait_ms=5000)
 
-    async def body() -> tuple[Decision, Decision]:
+    async def body() -> tuple[Explanation, Explanation]:
         shed = await service.explain(request())
         backend.depth = 6  # between admit_below and shed_above: a real request would be held
         held = await asyncio.wait_for(service.explain(request()), 1.0)  # explain never waits
@@ -273,9 +274,43 @@ def test_explain_shows_load_decisions_without_taking_quota_or_holding() -> None:
         return shed, held
 
     shed, held = asyncio.run(body())
-    assert (shed.status, shed.reason) == (503, Reason.OVERLOADED)
-    assert held.admitted
-    assert held.trace[-1] == "would be held up to 5000 ms for Triton to have room"
+    assert (shed.decision.status, shed.decision.reason) == (503, Reason.OVERLOADED)
+    # 60 queued, admit_below 4: 57 go first, at 20/s.
+    assert shed.queue == QueueView("simgpu", 57, 58, 57 / 20, 5.0)
+    assert shed.would_change[0].startswith("shed for load: queue 60 >= shed_above 40")
+    assert shed.would_change[1] == "admitted or held once the queue is below shed_above 40"
+    assert held.decision.admitted
+    assert held.queue == QueueView("simgpu", 3, 4, 3 / 20, 5.0)
+    assert held.would_change[0].startswith("would be held: queue 6")
+    assert "has room (admit_below 4); held at most max_wait_ms 5000" in held.would_change[1]
+
+
+def test_explain_says_which_rule_would_change_a_refusal() -> None:
+    backend = Backend(depth=30, drain=20.0)  # 27 ahead at 20/s: 1.35 s, over 300 ms
+    service, _ = make(backend, max_wait_ms=300)
+
+    async def body() -> tuple[Explanation, Explanation]:
+        too_long = await service.explain(request())
+        backend.depth = 0
+        assert service.deferrer is not None
+        for _ in range(20):  # search: burst 20 of its requests bucket
+            admitted = await service.check(request(), "test")
+            assert admitted.admitted
+            service.deferrer.on_scrape()  # Triton took it
+            await service.complete(dict(admitted.headers)["x-qos-lease"])
+        return too_long, await service.explain(request())
+
+    too_long, over_rate = asyncio.run(body())
+    assert too_long.decision.reason is Reason.OVERLOADED
+    assert too_long.would_change[1] == (
+        "class 'standard' max_wait_ms 300 < the predicted wait: max_wait_ms 1350 would hold it "
+        "instead"
+    )
+    assert "relegate_to" in too_long.would_change[2]
+    assert over_rate.decision.reason is Reason.OVER_RATE and over_rate.queue is None
+    assert over_rate.would_change[0].startswith(
+        "bucket 'requests' of tenant 'search' (rate 10/s, burst 20) lacks the 1 units"
+    )
 
 
 def test_max_in_flight_holds_a_request_until_one_of_the_model_ends() -> None:

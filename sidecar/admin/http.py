@@ -18,6 +18,7 @@ Liveness and readiness are separate questions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +27,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.core.explain import Explanation
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.errors import StateUnavailable
 from sidecar.policy.reload import PolicyHolder
@@ -47,6 +49,16 @@ def decision_json(decision: Decision) -> dict[str, Any]:
         "headers": dict(decision.headers),
         "body": json.loads(decision.body) if decision.body else None,
         "trace": list(decision.trace),
+    }
+
+
+def explanation_json(explained: Explanation) -> dict[str, Any]:
+    """A decision as `/v1/explain` shows it: where it would wait, what would change it."""
+    queue = explained.queue
+    return {
+        **decision_json(explained.decision),
+        "queue": None if queue is None else dataclasses.asdict(queue),
+        "would_change": list(explained.would_change),
     }
 
 
@@ -140,7 +152,7 @@ def build_admin_app(
             attrs = explain_request_from_json(await request.json())
         except (ValueError, json.JSONDecodeError) as exc:
             return web.json_response({"error": "bad_request", "message": str(exc)}, status=400)
-        return web.json_response(decision_json(await service.explain(attrs)))
+        return web.json_response(explanation_json(await service.explain(attrs)))
 
     app = web.Application(middlewares=[json_errors])
     app.router.add_get("/metrics", metrics)

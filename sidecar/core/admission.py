@@ -147,6 +147,9 @@ class LoadVerdict:
     action: LoadAction
     predicted_wait_s: float  # inf when nothing is draining
     why: str  # one line for the decision's trace
+    # Requests that go before it: Triton's queue over admit_below (or in flight over the
+    # cap) and the sidecar's own waiters ahead of it; 0 when admitted at once.
+    ahead: int = 0
 
 
 QUOTA_ONLY_VERDICT = LoadVerdict(LoadAction.ADMIT, 0.0, "admission by quota only")
@@ -190,18 +193,22 @@ def judge_load(
     wait_s = ahead / drain_per_s if drain_per_s > 0 else math.inf
     if overload.shed_above is not None and depth >= overload.shed_above:
         action = LoadAction.RELEGATE if can_relegate else LoadAction.SHED
-        return LoadVerdict(action, wait_s, f"{seen} >= shed_above {overload.shed_above}")
+        return LoadVerdict(action, wait_s, f"{seen} >= shed_above {overload.shed_above}", ahead)
     budget_s = klass.max_wait_ms / 1000
     predicted = f"{seen}, {waiting_ahead} waiting: predicted wait {wait_s:.3f}s"
     if drain_per_s <= 0 and budget_s > 0:
-        return LoadVerdict(LoadAction.DEFER, wait_s, f"{seen}, drain rate unknown: held")
+        return LoadVerdict(LoadAction.DEFER, wait_s, f"{seen}, drain rate unknown: held", ahead)
     if wait_s <= budget_s:
-        return LoadVerdict(LoadAction.DEFER, wait_s, f"{predicted} <= max_wait {budget_s:g}s")
+        return LoadVerdict(
+            LoadAction.DEFER, wait_s, f"{predicted} <= max_wait {budget_s:g}s", ahead
+        )
     if can_relegate:
-        return LoadVerdict(LoadAction.RELEGATE, wait_s, f"{predicted} > max_wait {budget_s:g}s")
+        return LoadVerdict(
+            LoadAction.RELEGATE, wait_s, f"{predicted} > max_wait {budget_s:g}s", ahead
+        )
     if overload.shed_above is None:
-        return LoadVerdict(LoadAction.ADMIT, wait_s, f"{predicted}; not sheddable: admitted")
-    return LoadVerdict(LoadAction.SHED, wait_s, f"{predicted} > max_wait {budget_s:g}s")
+        return LoadVerdict(LoadAction.ADMIT, wait_s, f"{predicted}; not sheddable: admitted", ahead)
+    return LoadVerdict(LoadAction.SHED, wait_s, f"{predicted} > max_wait {budget_s:g}s", ahead)
 
 
 def overload_retry_after_s(klass: ClassPolicy, verdict: LoadVerdict) -> float:
