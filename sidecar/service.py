@@ -46,6 +46,7 @@ from sidecar.core.decide import (
     malformed,
 )
 from sidecar.core.degraded import degrade
+from sidecar.core.experience import CompletionTimings
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.signals import QUOTA_ONLY, Signals
@@ -185,17 +186,19 @@ class AdmissionService(SharedReads, LeasedQuota):
             decision = replace(decision, trace=(*decision.trace, hold))
         return decision
 
-    async def complete(self, lease_token: str | None, duration_s: float | None = None) -> bool:
-        """Release the lease a completion names (True if freed); `duration_s`: Envoy's."""
-        if not lease_token:
+    async def complete(self, token: str | None, timings: CompletionTimings | None = None) -> bool:
+        """Release the lease `token` names (True if freed); `timings`: Envoy's."""
+        if not token:
             self.metrics.completions.labels("no_lease").inc()
             return False
-        lease = parse_lease(lease_token)
+        lease = parse_lease(token)
         if lease is None:
             self.metrics.completions.labels("bad_lease").inc()
             return False
-        if duration_s is not None and lease.model is not None and self.deferrer is not None:
-            self.deferrer.completed(lease.model, lease.klass, duration_s)
+        if timings is not None:  # the tenant's experience, and the adaptive caps' latency
+            self.metrics.experience.completed(lease.tenant, lease.klass, timings, self.policy)
+            if timings.duration_s is not None and lease.model and self.deferrer is not None:
+                self.deferrer.completed(lease.model, lease.klass, timings.duration_s)
         return await self.release(lease)
 
     async def release(self, lease: LeaseRef, *, counted: bool = True) -> bool:

@@ -79,6 +79,11 @@ class SharedReads:
         """Read every model's in-flight count from the store (this pod's, or the fleet's: see
         `model_pod`) into the deferrer and the gauge, in one call. Store down: they stay."""
         started = None if self.deferrer is None else self.deferrer.in_flight_counts.read_starts()
+        models = list(models)
+        if self.deferrer is not None:  # what this replica holds per model: no store read
+            for model in models:
+                queue = self.deferrer.queue.queue(model)
+                self.metrics.model_held.labels(model).set(0 if queue is None else len(queue))
         try:
             counts = await self.store.model_in_flight_many(list(models), self.model_pod)
         except StateUnavailable:
