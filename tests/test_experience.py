@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
+from devstack.demo import decision_time_summary
 from sidecar.core.experience import CompletionTimings, SloResult, slo_result
 from sidecar.core.types import RequestAttributes
 from sidecar.envoy.access_log import timings_of
@@ -139,3 +140,15 @@ def test_decision_time_has_sub_millisecond_buckets() -> None:
     assert [below(le) for le in ("5e-05", "0.0001", "0.0002", "0.0005", "0.005")] == [
         1, 1, 3, 4, 5
     ]  # fmt: skip
+
+
+def test_the_demo_reports_sub_millisecond_decision_quantiles() -> None:
+    metrics = Metrics(CollectorRegistry())
+    for _ in range(99):
+        metrics.observe_decision_seconds("http", 0.00015)  # in the (0.1 ms, 0.2 ms] bucket
+    metrics.observe_decision_seconds("http", 0.004)
+    summary = decision_time_summary(generate_latest(metrics.registry).decode())
+    assert "over 100 decisions" in summary
+    # p50: halfway into the bucket's 99 (0.1 + 0.1 x 50/99 ms); p99: its last one, at 0.2 ms.
+    assert "p50 ~0.151 ms (<= 0.2 ms)" in summary, summary
+    assert "p99 ~0.2 ms (<= 0.2 ms)" in summary, summary
