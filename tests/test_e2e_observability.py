@@ -14,6 +14,7 @@ import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -34,13 +35,17 @@ from tests.promql_refs import (
     refs_of,
     template_refs,
 )
-from tests.stack_client import infer, metric_value, wait_for
+from tests.stack_client import in_background, infer, metric_value, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 OBSERVABILITY = ROOT / "examples" / "observability"
 DASHBOARD = OBSERVABILITY / "qos-sidecar-dashboard.json"
 ALERTS = OBSERVABILITY / "qos-sidecar-alerts.yaml"
-KEYS = {"search": "demo-key-search", "analytics": "demo-key-analytics"}
+KEYS = {
+    "search": "demo-key-search",
+    "analytics": "demo-key-analytics",
+    "research": "demo-key-research",
+}
 # Series a healthy run with ordinary traffic never has a sample of: named on /metrics by
 # their HELP and TYPE lines only, so their label names are read from the sidecar's own
 # declarations (`Metrics`), not from the page. Any other series the files use must have
@@ -50,10 +55,6 @@ ONLY_AFTER_EVENTS = {
     "qos_adapter_errors_total": "an adapter failed to answer a call",
     "qos_backend_scrape_errors_total": "a Triton scrape failed",
     "qos_malformed_requests_total": "an Envoy call could not be read",
-    "qos_hold_duration_seconds_bucket": "a request was held",
-    "qos_hold_duration_seconds_count": "a request was held",
-    "qos_hold_duration_seconds_sum": "a request was held",
-    "qos_held_requests": "a request was held",
     "qos_adaptive_cap": "a class with overload.protect saw its model busy",
 }
 # Label values an expression may match on, where the sidecar's code lists them all.
@@ -142,6 +143,27 @@ def test_an_admitted_request_shows_in_its_tenants_latency_and_first_byte(
     assert metric_value(stack.admin_url, "qos_responses_total", **labels, code="2xx") >= sent
 
 
+def hold_some(stack: LocalStack) -> None:
+    """Requests held for Triton: research's batch requests (admitted below 4 waiting) and
+    search's standard ones (below 8) sent together to Triton's one simgpu instance, which runs
+    8 at a time: those that would queue past their class's threshold are held."""
+    url, admin = stack.url("http"), stack.admin_url
+
+    def send(tenant: str, count: int, delay_ms: float) -> list[Any]:
+        key = KEYS[tenant]
+        return [
+            in_background(lambda: infer(url, api_key=key, delay_ms=delay_ms)) for _ in range(count)
+        ]
+
+    for _ in range(3):
+        sent = send("research", 6, 1000) + send("search", 8, 100)
+        for thread, _ in sent:
+            thread.join(30)
+        if metric_value(admin, "qos_hold_duration_seconds_count") > 0:
+            return
+    raise AssertionError("no request was held in 3 rounds")
+
+
 def fail_one_reload(stack: LocalStack) -> None:
     """A policy file that does not load, then a good one: both reload results, and the
     failed reload alert's condition while the bad file is there."""
@@ -168,6 +190,7 @@ def test_every_series_of_the_dashboard_and_alerts_is_exported_with_its_labels(
         assert infer(stack.url("http"), api_key=KEYS["search"]).status == 200
     statuses = {infer(stack.url("http"), api_key=KEYS["analytics"]).status for _ in range(8)}
     assert 200 in statuses
+    hold_some(stack)
     token_accounting(stack.url("extproc"), stack.admin_url)
     fail_one_reload(stack)
     wait_for(
