@@ -211,9 +211,18 @@ def decision_time_summary(metrics_text: str) -> str:
         return "sidecar decision time: no decisions recorded"
 
     def upper_bound(q: float) -> str:
+        """The bucket that holds quantile `q`, and an estimate inside it interpolated as
+        Prometheus's histogram_quantile does (the buckets go down to 50 microseconds)."""
+        lower, below = 0.0, 0.0
         for bound in sorted(buckets):
             if buckets[bound] >= q * total:
-                return "> 1 s" if bound == float("inf") else f"<= {bound * 1000:g} ms"
+                if bound == float("inf"):
+                    return f"> {lower:g} s"
+                inside = buckets[bound] - below
+                share = (q * total - below) / inside if inside else 1.0
+                estimate_ms = (lower + (bound - lower) * share) * 1000
+                return f"~{estimate_ms:.3g} ms (<= {bound * 1000:g} ms)"
+            lower, below = bound, buckets[bound]
         return "?"
 
     return (

@@ -41,6 +41,7 @@ from sidecar.core.admission import (
 )
 from sidecar.core.decide import CompiledPolicy, decide, malformed
 from sidecar.core.degraded import degrade
+from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, explain
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
@@ -185,17 +186,19 @@ class AdmissionService(SharedReads, LeasedQuota):
         decision = step.decision if isinstance(step, Answer) else decide(chosen, result)
         return explain(decision, chosen, admission.verdict_for(planned, signals), result)
 
-    async def complete(self, lease_token: str | None, duration_s: float | None = None) -> bool:
-        """Release the lease a completion names (True if freed); `duration_s`: Envoy's."""
-        if not lease_token:
+    async def complete(self, token: str | None, timings: CompletionTimings | None = None) -> bool:
+        """Release the lease `token` names (True if freed); `timings`: Envoy's."""
+        if not token:
             self.metrics.completions.labels("no_lease").inc()
             return False
-        lease = parse_lease(lease_token)
+        lease = parse_lease(token)
         if lease is None:
             self.metrics.completions.labels("bad_lease").inc()
             return False
-        if duration_s is not None and lease.model is not None and self.deferrer is not None:
-            self.deferrer.completed(lease.model, lease.klass, duration_s)
+        if timings is not None:  # the tenant's experience, and the adaptive caps' latency
+            self.metrics.experience.completed(lease.tenant, lease.klass, timings, self.policy)
+            if timings.duration_s is not None and lease.model and self.deferrer is not None:
+                self.deferrer.completed(lease.model, lease.klass, timings.duration_s)
         return await self.release(lease)
 
     async def release(self, lease: LeaseRef, *, counted: bool = True) -> bool:
@@ -354,31 +357,6 @@ class AdmissionService(SharedReads, LeasedQuota):
         if result.lease_id is not None:
             self.local_leases[result.lease_id] = LeaseRef.of(check, result.lease_id)
         return result
-
-    def replicas(self) -> int:
-        """How many replicas share the limits: the policy's `replicas`, else the heartbeats'."""
-        return self.policy.replicas or self.replicas_seen
-
-    async def heartbeat(self, replica: str, ttl_s: float) -> bool:
-        """Say this replica is alive; remember the live count. Also renews local leases (the
-        store's `LeaseKeeper` never sees them). False when the store did not answer."""
-        local: dict[str, list[LeaseRef]] = {}
-        for lease in self.local_leases.values():
-            local.setdefault(lease.tenant, []).append(lease)
-        for tenant, leases in local.items():
-            held = await self.local.renew(tenant, leases, self.policy.lease_ttl_s)
-            for lease in leases:
-                if lease.lease_id not in held:
-                    self.local_leases.pop(lease.lease_id, None)
-        self.metrics.local_leases.set(len(self.local_leases))
-        try:
-            self.replicas_seen = max(1, await self.store.heartbeat(replica, ttl_s))
-        except StateUnavailable:
-            self.metrics.state_errors.labels("heartbeat").inc()
-            return False
-        finally:
-            self.metrics.replicas.set(self.replicas())
-        return True
 
     def _release_orphan(self, lease: LeaseRef, done: asyncio.Future[QuotaResult]) -> None:
         if done.cancelled() or done.exception() is not None:

@@ -1,6 +1,7 @@
 """What a replica reads back from the shared store every interval, and shares there: the
 in-flight gauges of every tenant and class, each model's in-flight count (which
-`max_in_flight` caps), and, in the gateway topology, the fleet's holds and fairness counters
+`max_in_flight` caps), this replica's heartbeat (the live count degraded mode divides limits
+by), and, in the gateway topology, the fleet's holds and fairness counters
 (`core.fleet`). A mixin of `AdmissionService`, kept apart so that the decision path reads on
 its own."""
 
@@ -17,6 +18,7 @@ from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
 from sidecar.policy.model import Policy
 from sidecar.state.base import QuotaStore
+from sidecar.state.memory import MemoryQuotaStore
 
 
 class SharedReads:
@@ -29,9 +31,37 @@ class SharedReads:
     # The last in-flight counts read from the store, and this replica's own then.
     _in_flight_read: tuple[dict[tuple[str, str | None], int], Counter[tuple[str, str]]]
 
+    local: MemoryQuotaStore  # the degraded mode's store
+    replicas_seen: int
+
     @property
     def policy(self) -> Policy:
         raise NotImplementedError
+
+    def replicas(self) -> int:
+        """How many replicas share the limits: the policy's `replicas`, else the heartbeats'."""
+        return self.policy.replicas or self.replicas_seen
+
+    async def heartbeat(self, replica: str, ttl_s: float) -> bool:
+        """Say this replica is alive; remember the live count. Also renews local leases (the
+        store's `LeaseKeeper` never sees them). False when the store did not answer."""
+        local: dict[str, list[LeaseRef]] = {}
+        for lease in self.local_leases.values():
+            local.setdefault(lease.tenant, []).append(lease)
+        for tenant, leases in local.items():
+            held = await self.local.renew(tenant, leases, self.policy.lease_ttl_s)
+            for lease in leases:
+                if lease.lease_id not in held:
+                    self.local_leases.pop(lease.lease_id, None)
+        self.metrics.local_leases.set(len(self.local_leases))
+        try:
+            self.replicas_seen = max(1, await self.store.heartbeat(replica, ttl_s))
+        except StateUnavailable:
+            self.metrics.state_errors.labels("heartbeat").inc()
+            return False
+        finally:
+            self.metrics.replicas.set(self.replicas())
+        return True
 
     async def refresh_in_flight(self) -> bool:
         """Copy the store's in-flight counts into the gauge; False when the store failed (the
@@ -79,6 +109,11 @@ class SharedReads:
         """Read every model's in-flight count from the store (this pod's, or the fleet's: see
         `model_pod`) into the deferrer and the gauge, in one call. Store down: they stay."""
         started = None if self.deferrer is None else self.deferrer.in_flight_counts.read_starts()
+        models = list(models)
+        if self.deferrer is not None:  # what this replica holds per model: no store read
+            for model in models:
+                queue = self.deferrer.queue.queue(model)
+                self.metrics.model_held.labels(model).set(0 if queue is None else len(queue))
         try:
             counts = await self.store.model_in_flight_many(list(models), self.model_pod)
         except StateUnavailable:

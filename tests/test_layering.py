@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.policy.model",),
     ("sidecar.core",),
     ("sidecar.policy", "sidecar.settings"),
+    ("sidecar.experience",),  # the per-tenant experience series, attached to Metrics
     ("sidecar.metrics", "sidecar.state"),
     ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
     ("sidecar.quota_peek",),

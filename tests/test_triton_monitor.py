@@ -50,6 +50,10 @@ def test_monitor_reads_fake_triton_and_ages_into_stale_on_failure() -> None:
     metrics = Metrics(CollectorRegistry())
     now = [100.0]
 
+    def age() -> float | None:
+        labels = {"endpoint": "t0", "model": "m"}
+        return metrics.registry.get_sample_value("qos_backend_signal_age_seconds", labels)
+
     async def body() -> None:
         runner = web.AppRunner(fake.app())
         await runner.setup()
@@ -69,6 +73,7 @@ def test_monitor_reads_fake_triton_and_ages_into_stale_on_failure() -> None:
             assert view.ready == {"t0": True}
             assert view.state_of("m", now[0], 1.0) is SignalState.FRESH
             assert view.served_models(now[0], 1.0) == {"m"}  # ready and scraped: known
+            assert age() == 0.0
 
             fake.ready_status = 400  # restarting: the page alone is no list of what it serves
             assert (await monitor.scrape_once()).served_models(now[0], 1.0) is None
@@ -78,6 +83,7 @@ def test_monitor_reads_fake_triton_and_ages_into_stale_on_failure() -> None:
             assert view.ready == {"t0": False}
             assert view.queue_depth("m") == 4  # last known value kept ...
             assert view.state_of("m", now[0], 1.0) is SignalState.STALE  # ... but aged
+            assert age() == 2.0  # and its age exported, for the stale-signal alert
             assert view.served is None and view.not_ready(now[0], 1.0) == ["triton t0: not ready"]
         finally:
             await monitor.close()

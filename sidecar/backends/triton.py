@@ -84,8 +84,11 @@ class TritonLoadMonitor:
             )
         pages = await asyncio.gather(*(self._scrape(self._session, e) for e in self.endpoints))
         models: dict[str, list[ModelLoad]] = {}
-        for (_, model), load in self._loads.items():
+        now = self.clock()
+        for (endpoint, model), load in self._loads.items():
             models.setdefault(model, []).append(load)
+            # Kept loads age while their endpoint's scrapes fail: the stale-signal alert's gauge.
+            self.metrics.backend_signal_age.labels(endpoint, model).set(now - load.observed_at)
         # What Triton serves is known only when every endpoint was ready and gave its page in
         # this round (core/load.py's rules). A page with no model at all says nothing.
         known = all(page is not None for page in pages) and all(self._ready.values())
@@ -95,7 +98,7 @@ class TritonLoadMonitor:
             models={m: tuple(loads) for m, loads in models.items()},
             ready=dict(self._ready),
             served=served,
-            checked_at=self.clock(),
+            checked_at=now,
         )
         if self.on_update is not None:
             self.on_update()

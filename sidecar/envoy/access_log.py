@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from sidecar.core.experience import CompletionTimings
 from sidecar.core.lease import verify_lease
 from sidecar.envoy.common import LEASE_KEY, LEASE_NAMESPACES
 from sidecar.service import AdmissionService
@@ -48,6 +49,17 @@ def duration_of(entry: Any) -> float | None:
     return None
 
 
+def timings_of(entry: Any) -> CompletionTimings:
+    """The request's timings and status as Envoy logged them (`core.experience`)."""
+    common = entry.common_properties
+    first_byte_s = None
+    if common.HasField("time_to_first_upstream_rx_byte"):
+        first = common.time_to_first_upstream_rx_byte
+        first_byte_s = float(first.seconds) + float(first.nanos) / 1e9
+    code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    return CompletionTimings(duration_of(entry), first_byte_s, int(code) or None)
+
+
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, service: AdmissionService, *, lease_key: bytes) -> None:
         self._service = service
@@ -63,7 +75,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             # Forged, unsigned or signed with another key: release nothing.
             self._service.metrics.completions.labels("bad_lease").inc()
             return
-        await self._service.complete(token, duration_of(entry))
+        await self._service.complete(token, timings_of(entry))
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
