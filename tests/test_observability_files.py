@@ -86,7 +86,12 @@ def test_every_dashboard_and_alert_expression_is_read() -> None:
 def test_the_dashboard_covers_tenants_models_and_the_sidecar() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert [row.split(":")[0] for row in rows] == ["Tenants and classes", "Models", "The sidecar"]
+    assert [row.split(":")[0] for row in rows] == [
+        "Tenants and classes",
+        "Models",
+        "The sidecar",
+        "Shadow mode",
+    ]
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     for panel in dashboard["panels"]:
