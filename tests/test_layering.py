@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.policy.model",),
     ("sidecar.core",),
     ("sidecar.policy", "sidecar.settings"),
+    ("sidecar.demand",),
     ("sidecar.metrics", "sidecar.state"),
     ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
     ("sidecar.quota_peek",),
