@@ -14,11 +14,10 @@ def samples(ratios: list[tuple[float, float]]) -> list[tuple[float, float, float
 
 
 def test_rise_and_fall_count_from_when_the_ratio_stayed_on_its_new_side() -> None:
-    recorded = samples(
-        [(6, 0.98), (8, 1.02), (9.5, 0.99)]  # 1x: around 1
-        + [(11, 1.05), (12, 0.99), (13, 1.04), (15, 1.3), (20, 2.4), (29, 2.8)]  # 3x
-        + [(31, 2.7), (34, 1.2), (36, 1.05), (37, 0.97), (38, 1.01), (39, 0.96), (40, 0.95)]
-    )
+    at_1x = [(6, 0.98), (8, 1.02), (9.5, 0.99)]  # around 1
+    at_3x = [(11, 1.05), (12, 0.99), (13, 1.04), (15, 1.3), (20, 2.4), (29, 2.8)]
+    after = [(31, 2.7), (34, 1.2), (36, 1.05), (37, 0.97), (38, 1.01), (39, 0.96), (40, 0.95)]
+    recorded = samples([*at_1x, *at_3x, *after])
     signal = step_signal(recorded, T0, PHASES)
     by_level = {c["threshold"]: c for c in signal["crossings"]}
     assert by_level[1.0] == {"threshold": 1.0, "rose_after_s": 3.0, "fell_after_s": 9.0}
