@@ -99,6 +99,7 @@ class RunResult:
     lag_p99_ms: float
     lag_max_ms: float
     wall_s: float
+    start_monotonic: float = 0.0  # time.monotonic() at the schedule's t = 0
 
     @property
     def achieved_rate(self) -> float:
@@ -199,6 +200,7 @@ async def _drive(
         lag_p99_ms=float(np.percentile(lags, 99)) if lags is not None else 0.0,
         lag_max_ms=float(lags.max()) if lags is not None else 0.0,
         wall_s=wall,
+        start_monotonic=wall0 + 0.05,
     )
 
 

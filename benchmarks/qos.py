@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import qos_targets, report
+from benchmarks import demand_probe, qos_targets, report
 from benchmarks.loadgen import Record, RunResult
 from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo
 from benchmarks.policy import MAX_IN_FLIGHT, tenant_quotas, write_policy
@@ -533,17 +533,19 @@ def main(argv: list[str] | None = None) -> int:
                     if spec in step_systems:
                         phases = mode.step_phases
                         run_s = sum(p[0] for p in phases)
-                        res, drained = run_load(
-                            url,
-                            spec,
-                            backend,
-                            config,
-                            capacity,
-                            run_s,
-                            Arrival("step", phases=phases),
-                            args.seed + 500,
-                            mode.patience,
-                        )
+                        admin = backend.sidecar_admin_url
+                        with demand_probe.sampling(admin, model.name) as sampler:
+                            res, drained = run_load(
+                                url,
+                                spec,
+                                backend,
+                                config,
+                                capacity,
+                                run_s,
+                                Arrival("step", phases=phases),
+                                args.seed + 500,
+                                mode.patience,
+                            )
                         step_start = phases[0][0]
                         step_end = phases[0][0] + phases[1][0]
                         rec = report.recovery_s(
@@ -554,6 +556,13 @@ def main(argv: list[str] | None = None) -> int:
                             "after_s": phases[2][0],
                             "drain_s": round(drained, 2),
                         }
+                        if sampler is not None:  # the autoscaling signal (demand_probe.py)
+                            seen = demand_probe.step_signal(
+                                sampler.samples, res.start_monotonic, phases
+                            )
+                            rec["demand_signal"] = seen
+                            rec["demand_signal_text"] = demand_probe.describe(seen, phases)
+                            log(f"{spec.name:>20} step: {rec['demand_signal_text']}")
                         sys_res["step"] = rec
                         all_rows += [(spec.name, "step", r) for r in res.records]
                         log(
@@ -633,6 +642,7 @@ def _report_md(
         + "\n\n![frontier](frontier.png)\n\n```\n"
         + "\n".join(targets)
         + "\n```\n\n![violations](violations_vs_load.png)\n\n![latency](latency_cdf_2x.png)\n"
+        + demand_probe.report_md(results)
     )
 
 

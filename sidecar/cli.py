@@ -1,4 +1,4 @@
-"""`qos-sidecar serve | validate | explain`."""
+"""`qos-sidecar serve | validate | explain | top`."""
 
 from __future__ import annotations
 
@@ -40,12 +40,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--policy", type=Path, action="append", help="evaluate against policy files offline"
     )
 
+    top = commands.add_parser("top", help="live view of tenants, classes and models")
+    top.add_argument("--url", action="append", required=True, help="a sidecar's admin URL")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--policy", type=Path, action="append", default=[], help="for headroom")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
         if args.command == "validate":
             return validate(args.paths)
+        if args.command == "top":
+            from sidecar.top import run as top_run
+
+            return top_run(args.url, args.interval, once=args.once, policy_paths=args.policy)
         return _explain(args)
     except SidecarError as exc:
         print(f"qos-sidecar: {exc}", file=sys.stderr)

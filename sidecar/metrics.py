@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar.core.types import Decision, Reason
+from sidecar.demand import DemandSeries
 from sidecar.experience import ExperienceSeries
 
 UNKNOWN = "__unknown__"
@@ -30,6 +31,7 @@ class Metrics:
         self._backend_series(registry)
         self._protection_series(registry)
         self.experience = ExperienceSeries(registry)  # per-tenant timings and SLO attainment
+        self.demand = DemandSeries(registry)  # the autoscaling signal (sidecar/demand.py)
 
     def _decision_series(self, registry: CollectorRegistry) -> None:
         """What was decided, how fast, and the tokens it counted."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from sidecar.accounting import TokenAccounting
 from sidecar.batching import Batcher
-from sidecar.core import admission, slices
+from sidecar.core import admission, demand, slices
 from sidecar.core.admission import (
     Answer,
     GiveBack,
@@ -276,6 +276,7 @@ class AdmissionService(SharedReads, LeasedQuota):
                 result = await self._acquire_locally(step.admission.check)
             signals = self._signals(step.admission.model)  # the load now, for the room
             step = admission.on_quota(step, result, self.clock(), self.release_grace_s, signals)
+        self.metrics.demand.offered(demand.offered_model(attrs, step))  # its first verdict: demand?
         if isinstance(step, Hold):
             step = await self._hold(step, compiled.policy, on_hold)
         return await self._perform(step, compiled.policy)

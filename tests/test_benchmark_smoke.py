@@ -70,6 +70,10 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
                 assert jain is None or 0.0 < jain <= 1.0 + 1e-9
             assert set(point["tenants"]) == {t["name"] for t in meta["tenants"]}
     assert "step" in results["systems"]["sidecar-http"]
+    # The autoscaling signal was sampled from the sidecar during the step (demand_probe.py).
+    signal = results["systems"]["sidecar-http"]["step"]["demand_signal"]
+    assert signal["samples"] > 0 and signal["ratio_peak"] is not None
+    assert [c["threshold"] for c in signal["crossings"]] == [1.0, 1.1]
     # At 2x capacity the sidecar must refuse or hold something; pass-through has no limiter.
     at_2x = {
         n: next(p for p in s["points"] if p["m"] == 2.0) for n, s in results["systems"].items()

@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.core",),
     ("sidecar.policy", "sidecar.settings"),
     ("sidecar.experience",),  # the per-tenant experience series, attached to Metrics
+    ("sidecar.demand",),
     ("sidecar.metrics", "sidecar.state"),
     ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
     ("sidecar.quota_peek",),
@@ -31,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),
     ("sidecar.app", "sidecar.workers"),
+    ("sidecar.top",),
     ("sidecar.cli",),
 )
 # The decision core is pure: the clock, the network and the event loop stay outside it.

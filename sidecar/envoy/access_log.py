@@ -19,8 +19,9 @@ from typing import Any
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from sidecar.core.demand import drained_model
 from sidecar.core.experience import CompletionTimings
-from sidecar.core.lease import verify_lease
+from sidecar.core.lease import parse_lease, verify_lease
 from sidecar.envoy.common import LEASE_KEY, LEASE_NAMESPACES
 from sidecar.service import AdmissionService
 
@@ -75,6 +76,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             # Forged, unsigned or signed with another key: release nothing.
             self._service.metrics.completions.labels("bad_lease").inc()
             return
+        # The autoscaling signal's drain (core/demand.py rule 2), on this replica.
+        self._service.metrics.demand.drained(drained_model(parse_lease(token), entry.request.path))
         await self._service.complete(token, timings_of(entry))
 
     async def StreamAccessLogs(
