@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar.core.types import Decision, Reason
+from sidecar.usage_series import UsageSeries
 
 UNKNOWN = "__unknown__"
 
@@ -28,6 +29,7 @@ class Metrics:
         self._policy_series(registry)
         self._backend_series(registry)
         self._protection_series(registry)
+        self.usage = UsageSeries(registry)  # per-tenant usage, chargeback (sidecar/usage.py)
 
     def _decision_series(self, registry: CollectorRegistry) -> None:
         """What was decided, how fast, and the tokens it counted."""
