@@ -1,4 +1,4 @@
-"""`qos-sidecar serve | validate | explain`."""
+"""`qos-sidecar serve | validate | explain | usage`."""
 
 from __future__ import annotations
 
@@ -40,12 +40,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--policy", type=Path, action="append", help="evaluate against policy files offline"
     )
 
+    from sidecar import usage_report
+
+    usage = commands.add_parser(
+        "usage", help="per-tenant usage and capacity review, from Prometheus"
+    )
+    usage_report.add_arguments(usage)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
         if args.command == "validate":
             return validate(args.paths)
+        if args.command == "usage":
+            return usage_report.run(args)
         return _explain(args)
     except SidecarError as exc:
         print(f"qos-sidecar: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),
     ("sidecar.app", "sidecar.workers"),
+    ("sidecar.usage_report",),
     ("sidecar.cli",),
 )
 # The decision core is pure: the clock, the network and the event loop stay outside it.
