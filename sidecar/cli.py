@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--policy", type=Path, action="append", help="evaluate against policy files offline"
     )
 
-    from sidecar import usage_report
+    import sidecar.usage_report as usage_report
 
     usage = commands.add_parser(
         "usage", help="per-tenant usage and capacity review, from Prometheus"
