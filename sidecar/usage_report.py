@@ -39,7 +39,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from sidecar.core.usage import UNATTRIBUTED, aligned, sustained_share
+from sidecar.core.usage import UNATTRIBUTED, aligned, split, sustained_share
 from sidecar.errors import SidecarError
 from sidecar.policy.model import BucketUnit, Policy, TenantPolicy
 
@@ -187,6 +187,41 @@ def contention_shares(
     return shares
 
 
+def split_gpu_seconds(
+    api: PrometheusAPI, since: float, until: float, step_s: float
+) -> list[tuple[dict[str, str], float]]:
+    """GPU-seconds per tenant and model, split here (`--gpu-from triton`): in each `step_s`
+    of the period, Triton's compute-time increase as Prometheus scraped it, over every
+    replica's `qos_usage_work_seconds_total` in that step (`core.usage.split`)."""
+    window = f"{max(1, round(step_s))}s"
+    start = since + step_s  # each point covers the step before it
+    work = api.query_range(
+        f"sum by (tenant, model) (increase(qos_usage_work_seconds_total[{window}]))",
+        start,
+        until,
+        step_s,
+    )
+    compute = api.query_range(
+        f"sum by (model) (increase(nv_inference_compute_infer_duration_us[{window}]))",
+        start,
+        until,
+        step_s,
+    )
+    weights: dict[tuple[str, float], dict[str, float]] = {}  # (model, time) -> tenant -> work
+    for labels, values in work:
+        for at, work_s in values:
+            per_tenant = weights.setdefault((labels.get("model", ""), at), {})
+            tenant = labels.get("tenant", "")
+            per_tenant[tenant] = per_tenant.get(tenant, 0.0) + work_s
+    totals: dict[tuple[str, str], float] = {}
+    for labels, values in compute:
+        model = labels.get("model", "")
+        for at, compute_us in values:
+            for tenant, seconds in split(compute_us / 1e6, weights.get((model, at), {})).items():
+                totals[tenant, model] = totals.get((tenant, model), 0.0) + seconds
+    return [({"tenant": tenant, "model": model}, v) for (tenant, model), v in totals.items()]
+
+
 def collect(
     api: PrometheusAPI,
     since: float,
@@ -195,6 +230,7 @@ def collect(
     *,
     step_s: float = 60.0,
     threshold_s: float = 300.0,
+    gpu_from: str = "sidecar",
 ) -> list[UsageRow]:
     """Every tenant and model with usage or demand in [since, until], sorted."""
     if until <= since:
@@ -214,9 +250,22 @@ def collect(
     tokens = _increase(api, "qos_usage_tokens_total", "tenant, model, kind", until, range_s)
     add(tokens, "prompt_tokens", "prompt")
     add(tokens, "generated_tokens", "generated")
-    add(_increase(api, "qos_gpu_seconds_total", "tenant, model", until, range_s), "gpu_seconds")
+    if gpu_from == "triton":
+        add(split_gpu_seconds(api, since, until, step_s), "gpu_seconds")
+    else:
+        add(_increase(api, "qos_gpu_seconds_total", "tenant, model", until, range_s), "gpu_seconds")
     add(_increase(api, "qos_usage_demand_total", "tenant, model", until, range_s), "demand")
     contention = contention_shares(api, since, until, step_s, threshold_s)
+    return _rows(rows, range_s, contention, policy)
+
+
+def _rows(
+    rows: Mapping[tuple[str, str], Mapping[str, float]],
+    range_s: float,
+    contention: Mapping[str, float],
+    policy: Policy | None,
+) -> list[UsageRow]:
+    """The report's rows from the summed values, shares and entitlements added."""
     per_model: dict[str, float] = {}
     for (_, model), row in rows.items():
         per_model[model] = per_model.get(model, 0.0) + row.get("gpu_seconds", 0.0)
@@ -282,7 +331,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", default="now", help="RFC3339, a duration ago, or now")
     parser.add_argument("--format", choices=("table", "csv"), default="table")
     parser.add_argument("--policy", type=Path, action="append", help="for entitlements")
-    parser.add_argument("--step", type=float, default=60.0, help="contention sample step, s")
+    parser.add_argument(
+        "--step", type=float, default=60.0, help="contention sample step (and split step), s"
+    )
+    parser.add_argument(
+        "--gpu-from",
+        choices=("sidecar", "triton"),
+        default="sidecar",
+        help="sidecar: the sidecars' qos_gpu_seconds_total (one sidecar per Triton); triton: "
+        "split Triton's compute counter, scraped by Prometheus, by every replica's work each "
+        "step (several replicas in front of one Triton)",
+    )
     parser.add_argument(
         "--contention-threshold",
         type=float,
@@ -305,6 +364,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         policy,
         step_s=args.step,
         threshold_s=args.contention_threshold,
+        gpu_from=args.gpu_from,
     )
     if args.format == "csv":
         write_csv(rows, out)

@@ -4,9 +4,12 @@ usage` (tests/test_usage_report.py).
 It answers the PromQL shapes the report sends, computed from the samples it holds, and a 400
 (`bad_data`, as Prometheus does) for anything else, so a query the report gets wrong fails:
 - `/api/v1/query`: `sum by (L, ...) (increase(NAME[Ns]))` at `time`: per series, the growth
-  over the samples in (time - N, time], a drop counted as a reset (no extrapolation).
+  over the samples in [time - N, time], a drop counted as a reset. Prometheus extrapolates to
+  the window's edges instead; including the sample on the start makes back-to-back windows
+  add up to the whole, as its extrapolation does on evenly scraped series.
 - `/api/v1/query_range`: `sum|max by (model) (NAME)` from `start` to `end` every `step`: at
-  each step the newest sample at or before it within 5 minutes (Prometheus's lookback).
+  each step the newest sample at or before it within 5 minutes (Prometheus's lookback); and
+  the `increase` shape above, at each step.
 
 Runs aiohttp on a free 127.0.0.1 port in a thread of its own; every query is recorded.
 """
@@ -47,13 +50,25 @@ class FakePrometheus:
     def increase(self, by: list[str], name: str, range_s: float, at: float) -> list[Any]:
         groups: dict[tuple[str, ...], float] = {}
         for series in self.series.get(name, []):
-            inside = [v for t, v in series.samples if at - range_s < t <= at]
+            inside = [v for t, v in series.samples if at - range_s <= t <= at]
             grown = sum(b - a if b >= a else b for a, b in itertools.pairwise(inside))
             key = tuple(series.labels.get(label, "") for label in by)
             groups[key] = groups.get(key, 0.0) + grown
         return [
             {"metric": dict(zip(by, key, strict=True)), "value": [at, repr(total)]}
             for key, total in groups.items()
+        ]
+
+    def increases(self, by: list[str], name: str, range_s: float, steps: list[float]) -> Any:
+        """`increase` at every step, as a matrix."""
+        matrix: dict[tuple[str, ...], list[list[Any]]] = {}
+        for at in steps:
+            for found in self.increase(by, name, range_s, at):
+                key = tuple(found["metric"].get(label, "") for label in by)
+                matrix.setdefault(key, []).append(found["value"])
+        return [
+            {"metric": dict(zip(by, key, strict=True)), "values": values}
+            for key, values in matrix.items()
         ]
 
     def over_time(self, how: str, by: list[str], name: str, steps: list[float]) -> list[Any]:
@@ -100,13 +115,18 @@ def _app(fake: FakePrometheus) -> web.Application:
     async def query_range(request: web.Request) -> web.Response:
         expr = request.query.get("query", "")
         fake.queries.append(expr)
-        found = _GAUGE.match(expr)
-        if found is None:
-            return _bad(f"fake: unsupported query {expr!r}")
         start, end = float(request.query["start"]), float(request.query["end"])
         step = float(request.query["step"])
         steps = [start + i * step for i in range(int((end - start) / step) + 1)]
-        result = fake.over_time(found.group(1), _labels(found.group(2)), found.group(3), steps)
+        gauge, grown = _GAUGE.match(expr), _INCREASE.match(expr)
+        if gauge is not None:
+            result = fake.over_time(gauge.group(1), _labels(gauge.group(2)), gauge.group(3), steps)
+        elif grown is not None:
+            result = fake.increases(
+                _labels(grown.group(1)), grown.group(2), float(grown.group(3)), steps
+            )
+        else:
+            return _bad(f"fake: unsupported query {expr!r}")
         return web.json_response(
             {"status": "success", "data": {"resultType": "matrix", "result": result}}
         )

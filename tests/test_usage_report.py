@@ -167,6 +167,47 @@ def test_a_longer_threshold_finds_no_sustained_contention(
     assert {r["contention_share"] for r in rows if r["model"] == "simgpu"} == {"0.000"}
 
 
+def test_gpu_seconds_split_from_tritons_counter_over_every_replicas_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--gpu-from triton` (several replicas in front of one Triton): each step's compute
+    increase is split over the work of all replicas in that step, so a mix that changes
+    half-way is followed: heavy 3:1 in the first half, 1:1 in the second."""
+    fake = FakePrometheus()
+    first, second = (60, 1800), (1800, 3540)
+    work = {
+        ("heavy", "a"): {first: 2.0, second: 0.5},
+        ("heavy", "b"): {first: 1.0, second: 0.5},
+        ("light", "b"): {first: 1.0, second: 1.0},
+    }
+    for (tenant, instance), rates in work.items():
+        series = _l(tenant, "simgpu", instance)
+        fake.add("qos_usage_work_seconds_total", series, piecewise(rates))
+    compute_us = piecewise({first: 500_000.0, second: 500_000.0})
+    fake.add(
+        "nv_inference_compute_infer_duration_us", {"model": "simgpu", "version": "1"}, compute_us
+    )
+    with serving(fake):
+        code, out = run_usage(
+            capsys, "--prometheus", fake.url, "--format", "csv", "--gpu-from", "triton"
+        )
+    assert code == 0
+    rows = {r["tenant"]: r for r in csv.DictReader(io.StringIO(out))}
+    assert float(rows["heavy"]["gpu_seconds"]) == pytest.approx(0.5 * 1740 * (0.75 + 0.5), abs=1e-2)
+    assert float(rows["light"]["gpu_seconds"]) == pytest.approx(0.5 * 1740 * (0.25 + 0.5), abs=1e-2)
+    assert "sum by (model) (increase(nv_inference_compute_infer_duration_us[60s]))" in fake.queries
+
+
+def piecewise(rates: dict[tuple[int, int], float]) -> list[tuple[float, float]]:
+    """A counter scraped every 15 s growing at `rates[(start, end)]` between T0+start and
+    T0+end."""
+
+    def value(t: float) -> float:
+        return sum(rate * max(0.0, min(t, b) - a) for (a, b), rate in rates.items())
+
+    return [(T0 + t, value(t)) for t in range(-60, 3661, 15)]
+
+
 def test_the_queries_are_prometheus_queries(
     prometheus: FakePrometheus, capsys: pytest.CaptureFixture[str]
 ) -> None:
