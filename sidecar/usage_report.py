@@ -7,7 +7,10 @@ Rules:
   the scrape's own extrapolation are Prometheus's, as in any dashboard.
 - GPU-seconds are `qos_gpu_seconds_total` (Triton's compute time split by work, see
   core/usage.py); the share is of the model's total, `__unattributed__` included, which is
-  listed as a row of its own so the rows add up to Triton's counter.
+  listed as a row of its own so the rows add up to Triton's counter. With several replicas
+  in front of one Triton each replica splits the whole counter over its own work, so
+  `--gpu-from triton` splits Triton's counter (scraped by Prometheus) over every replica's
+  `qos_usage_work_seconds_total` per step instead (`split_gpu_seconds`).
 - Demand is `qos_usage_demand_total` (every decision with a tenant, retries included) per
   second of the period; the entitlement is the tenant's sustained request rate in the
   policy (`--policy`): its tightest `requests` bucket that covers every class, else its
