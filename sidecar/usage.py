@@ -19,10 +19,7 @@ from sidecar.core.usage import HOLD_S, UNATTRIBUTED, ComputeLedger
 from sidecar.metrics import UNKNOWN, Metrics
 
 MAX_TRITON_MODELS = 1024  # models learnt from Triton's pages, for labels: a bound, not a limit
-# Children cached by the raw (tenant, model) a request named: bounded, since a request names
-# any model it likes. A policy reload that adds a tenant or model is seen by new pairs only
-# (the cache is emptied when the policy's tenants change).
-MAX_DEMAND_CHILDREN = 4096
+MAX_CACHED = 4096  # (tenant, model) pairs whose labelled children are kept
 
 
 class UsageLedger:
@@ -39,7 +36,7 @@ class UsageLedger:
         self._tenants = tenants  # the policy's tenants
         self._models = models  # the policy's models
         self._served: set[str] = set()  # models seen on Triton's pages
-        self._demand: dict[tuple[str, str | None], Any] = {}
+        self._cached: dict[tuple[str | None, str | None], tuple[Any, Any, Any]] = {}
         self._tenants_seen: Collection[str] | None = None
         self.compute = ComputeLedger(hold_s)
         self.clock = clock
@@ -52,30 +49,44 @@ class UsageLedger:
             return UNKNOWN
         return model if model in self._served or model in self._models() else UNKNOWN
 
-    def asked(self, tenant: str | None, attrs: RequestAttributes) -> None:
-        """A decision was made for `tenant` (None: no tenant, not counted). On every
-        decision: the labelled child is looked up once per pair (`labels` costs microseconds)."""
-        if tenant is None:
-            return
+    def _children(self, tenant: str | None, model: str | None) -> tuple[Any, Any, Any]:
+        """The (demand, requests, work seconds) children of a raw (tenant, model) pair. Cached
+        only once both are known labels: a pair that is `__unknown__` now (a model Triton has
+        not been scraped for yet) may be known later, and a client naming models at will must
+        not grow the cache."""
         tenants = self._tenants()
         if tenants is not self._tenants_seen:  # a policy reload: labels may have changed
             self._tenants_seen = tenants
-            self._demand.clear()
-        model = attrs.model or model_of(attrs.path)
+            self._cached.clear()
         key = (tenant, model)
-        child = self._demand.get(key)
-        if child is None:
-            child = self.series.demand.labels(self._tenant(tenant), self._model(model))
-            if len(self._demand) < MAX_DEMAND_CHILDREN:
-                self._demand[key] = child
-        child.inc()
+        found = self._cached.get(key)
+        if found is not None:
+            return found
+        labels = (self._tenant(tenant), self._model(model))
+        series = self.series
+        made = (
+            series.demand.labels(*labels),
+            series.requests.labels(*labels),
+            series.work.labels(*labels),
+        )
+        if UNKNOWN not in labels and len(self._cached) < MAX_CACHED:
+            self._cached[key] = made
+        return made
+
+    def asked(self, tenant: str | None, attrs: RequestAttributes) -> None:
+        """A decision was made for `tenant` (None: no tenant, not counted). On every
+        decision: the labelled children are looked up once per pair (`labels` costs
+        microseconds)."""
+        if tenant is not None:
+            self._children(tenant, attrs.model or model_of(attrs.path))[0].inc()
 
     def completed(self, tenant: str | None, model: str | None, upstream_s: float) -> None:
         """A request that reached Triton ended after `upstream_s` upstream."""
-        labels = (self._tenant(tenant), self._model(model))
-        self.series.requests.labels(*labels).inc()
+        _, requests, work = self._children(tenant, model)
+        requests.inc()
         if upstream_s > 0:
-            self.series.work_seconds.labels(*labels).inc(upstream_s)
+            work.inc(upstream_s)
+            labels = (self._tenant(tenant), self._model(model))
             self.compute.note_work(labels[1], labels[0], upstream_s, self.clock())
 
     def scraped(self, endpoint: str, page: Mapping[str, TritonCounters]) -> None:

@@ -32,7 +32,7 @@ class UsageSeries:
             ["tenant", "model", "kind"],
             registry=registry,
         )
-        self.work_seconds = Counter(
+        self.work = Counter(
             "qos_usage_work_seconds_total",
             "Upstream time (request sent to Triton until its response came back) of ended "
             "requests, by tenant and model: the weights GPU-seconds are split by.",

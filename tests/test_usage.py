@@ -134,3 +134,16 @@ def test_an_entry_is_counted_for_the_tenant_the_sidecar_set(registry: CollectorR
     note_usage(usage, entry("/v2/models/llm/infer", "heavy", duration=0.3), None)  # refused
     assert value(registry, "qos_usage_requests_total", tenant="heavy", model="llm") == 1
     assert value(registry, "qos_usage_requests_total", tenant="light", model="llm") == 1
+
+
+def test_a_model_learnt_later_is_labelled_from_then_on(registry: CollectorRegistry) -> None:
+    """A decision before the first scrape counts as `__unknown__`, and is not kept so: the
+    same pair is labelled with its model once Triton's page lists it."""
+    ledger = ledger_on(registry, Clock())
+    attrs = RequestAttributes(method="POST", path="/v2/models/simgpu/infer", headers={})
+    ledger.asked("heavy", attrs)
+    ledger.scraped("t0", {"simgpu": TritonCounters()})
+    ledger.asked("heavy", attrs)
+    ledger.asked("heavy", attrs)
+    assert value(registry, "qos_usage_demand_total", tenant="heavy", model="__unknown__") == 1
+    assert value(registry, "qos_usage_demand_total", tenant="heavy", model="simgpu") == 2
