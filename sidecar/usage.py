@@ -38,6 +38,7 @@ class UsageLedger:
         self._served: set[str] = set()  # models seen on Triton's pages
         self._cached: dict[tuple[str | None, str | None], tuple[Any, Any, Any]] = {}
         self._tenants_seen: Collection[str] | None = None
+        self._paths: dict[str, str | None] = {}  # an HTTP path -> its model
         self.compute = ComputeLedger(hold_s)
         self.clock = clock
 
@@ -77,8 +78,16 @@ class UsageLedger:
         """A decision was made for `tenant` (None: no tenant, not counted). On every
         decision: the labelled children are looked up once per pair (`labels` costs
         microseconds)."""
-        if tenant is not None:
-            self._children(tenant, attrs.model or model_of(attrs.path))[0].inc()
+        if tenant is None:
+            return
+        model = attrs.model
+        if model is None:  # parsing a path costs microseconds: once per path
+            model = self._paths.get(attrs.path, "")
+            if model == "":
+                model = model_of(attrs.path)
+                if len(self._paths) < MAX_CACHED:
+                    self._paths[attrs.path] = model
+        self._children(tenant, model)[0].inc()
 
     def completed(self, tenant: str | None, model: str | None, upstream_s: float) -> None:
         """A request that reached Triton ended after `upstream_s` upstream."""
