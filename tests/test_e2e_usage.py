@@ -1,6 +1,6 @@
 """Issue 13 §5 on the real stack: per-tenant usage (chargeback).
 
-Real Envoy (the shipped ext_authz HTTP bootstrap), Triton running the simulated GPU model,
+Real Envoy (the shipped ext_authz HTTP and ext_proc bootstraps), Triton running the simulated GPU model,
 Valkey, the sidecar as its own process. Two tenants send the same number of requests, one
 with eight times the work of the other. The sidecar's `qos_gpu_seconds_total` split over the
 two must add up to the increase of Triton's own compute-time counter, read from Triton's
@@ -22,6 +22,7 @@ from tests.stack_client import infer, key_digest, metric_value, wait_for, write_
 
 pytestmark = pytest.mark.stack
 HEAVY_MS, LIGHT_MS, EACH = 80.0, 10.0, 8
+MODES = ("http", "extproc")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ classes:
 tenants:{tenants}
 """,
     )
-    with LocalStack(work, policy, modes=("http",)) as running:
+    with LocalStack(work, policy, modes=MODES) as running:
         yield running
 
 
@@ -62,33 +63,48 @@ def gpu_seconds(stack: LocalStack, tenant: str) -> float:
     return metric_value(stack.admin_url, "qos_gpu_seconds_total", tenant=tenant, model="simgpu")
 
 
-def test_gpu_seconds_add_up_to_tritons_compute_time(stack: LocalStack) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_seconds_add_up_to_tritons_compute_time(stack: LocalStack, mode: str) -> None:
     # The sidecar's baseline is its first scrape: wait until it has seen simgpu.
     wait_for(lambda: "simgpu" in _scraped_models(stack), 30, "the sidecar scraped Triton")
     before_s = triton_compute_s(stack)
-    attributed_before = gpu_seconds(stack, "heavy") + gpu_seconds(stack, "light")
+    heavy_before, light_before = gpu_seconds(stack, "heavy"), gpu_seconds(stack, "light")
+    requests_before = {t: requests_of(stack, t) for t in ("heavy", "light")}
     for _ in range(EACH):
-        assert infer(stack.url("http"), api_key="k-heavy", delay_ms=HEAVY_MS).status == 200
-        assert infer(stack.url("http"), api_key="k-light", delay_ms=LIGHT_MS).status == 200
+        assert infer(stack.url(mode), api_key="k-heavy", delay_ms=HEAVY_MS).status == 200
+        assert infer(stack.url(mode), api_key="k-light", delay_ms=LIGHT_MS).status == 200
     grown_s = triton_compute_s(stack) - before_s
     assert grown_s >= EACH * (HEAVY_MS + LIGHT_MS) / 1000 * 0.9  # Triton counted the work
 
+    def grown(tenant: str) -> float:
+        return gpu_seconds(stack, tenant) - (heavy_before if tenant == "heavy" else light_before)
+
     def attributed() -> float:
-        return gpu_seconds(stack, "heavy") + gpu_seconds(stack, "light") - attributed_before
+        return grown("heavy") + grown("light")
 
     wait_for(lambda: attributed() >= grown_s * 0.95, 30, "the compute time was attributed")
-    heavy, light = gpu_seconds(stack, "heavy"), gpu_seconds(stack, "light")
+    heavy, light = grown("heavy"), grown("light")
     unattributed = gpu_seconds(stack, UNATTRIBUTED)
     assert attributed() == pytest.approx(grown_s, rel=0.05), (heavy, light, unattributed)
     assert heavy > 2 * light > 0, (heavy, light)
     for tenant in ("heavy", "light"):
-        requests = metric_value(
-            stack.admin_url, "qos_usage_requests_total", tenant=tenant, model="simgpu"
-        )
-        demand = metric_value(
-            stack.admin_url, "qos_usage_demand_total", tenant=tenant, model="simgpu"
-        )
-        assert requests == EACH and demand == EACH, (tenant, requests, demand)
+        requests = requests_of(stack, tenant) - requests_before[tenant]
+        assert requests == EACH, (tenant, requests)
+
+
+def requests_of(stack: LocalStack, tenant: str) -> float:
+    return metric_value(stack.admin_url, "qos_usage_requests_total", tenant=tenant, model="simgpu")
+
+
+def test_demand_counts_every_decision(stack: LocalStack) -> None:
+    """Every decision of a tenant for simgpu (both modes above, and this test's own) is
+    demand, labelled with the model."""
+    before = metric_value(stack.admin_url, "qos_usage_demand_total", tenant="light", model="simgpu")
+    for _ in range(3):
+        assert infer(stack.url("http"), api_key="k-light", delay_ms=1).status == 200
+    after = metric_value(stack.admin_url, "qos_usage_demand_total", tenant="light", model="simgpu")
+    assert after - before == 3
+    assert metric_value(stack.admin_url, "qos_usage_demand_total", model="__unknown__") == 0
 
 
 def _scraped_models(stack: LocalStack) -> set[str]:
