@@ -1,10 +1,11 @@
 """Issue 13 §5 on the real stack: per-tenant usage (chargeback).
 
 Real Envoy (the shipped ext_authz HTTP and ext_proc bootstraps), Triton running the
-simulated GPU model, Valkey, the sidecar as its own process. Two tenants send the same number of requests, one
-with eight times the work of the other. The sidecar's `qos_gpu_seconds_total` split over the
-two must add up to the increase of Triton's own compute-time counter, read from Triton's
-/metrics, within 5 %, and the heavier tenant must get the bigger share.
+simulated GPU model, Valkey, the sidecar as its own process. Two tenants send the same
+number of requests, one with eight times the work of the other. The sidecar's
+`qos_gpu_seconds_total` split over the two must add up to the increase of Triton's own
+compute-time counter, read from Triton's /metrics, within 5 %, and the heavier tenant must
+get the bigger share.
 """
 
 from __future__ import annotations
