@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import demand_probe, qos_targets, report
+from benchmarks import demand_probe, qos_targets, report, usage_check
 from benchmarks.loadgen import Record, RunResult
 from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo
 from benchmarks.policy import MAX_IN_FLIGHT, tenant_quotas, write_policy
@@ -441,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
                 sys_res: dict[str, Any] = {"description": spec.description, "points": []}
                 results["systems"][spec.name] = sys_res
                 with start_system(spec, backend) as url:
+                    gpu = (  # issue 13 §5: attributed GPU-seconds against Triton's counter
+                        usage_check.GpuSecondsCheck(
+                            backend.triton.metrics_url, backend.sidecar_admin_url
+                        ).start()
+                        if backend.sidecar_admin_url is not None
+                        else None
+                    )
                     for i, m in enumerate(mode.loads):
                         rate = m * capacity
                         before = sidecar_decisions(backend)
@@ -569,6 +576,14 @@ def main(argv: list[str] | None = None) -> int:
                             f"{spec.name:>20} step: recovery {rec['recovery_s']} s"
                             f" (threshold {rec['threshold_pct']}%), drain {drained:.1f}s"
                         )
+                    if gpu is not None:
+                        served: dict[str, float] = defaultdict(float)  # service time per tenant
+                        for name, _, r in all_rows:
+                            if name == spec.name and report.is_admitted(r):
+                                lone = model.lone_s(r.prompt_tokens, r.output_tokens, speed)
+                                served[r.tenant] += lone
+                        sys_res["gpu_seconds"] = gpu.finish(served)
+                        log(usage_check.line(spec.name, sys_res["gpu_seconds"]))
 
     wall = time.monotonic() - started
     results["meta"] = {

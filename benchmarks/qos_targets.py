@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import usage_check
 from benchmarks.report import noisy_impact
 
 LOADS = (2.0, 3.0)
@@ -96,6 +97,8 @@ def target_lines(results: Mapping[str, Any]) -> list[str]:
             value = f"> {step['after_s']:g} s" if rec is None else f"{rec:.1f} s"
             met = rec is not None and rec <= RECOVERY_MAX_S
             lines.append(_line(f"recovery_after_step[{name}]", value, "<= 3 s", met))
+        if "gpu_seconds" in system:  # issue 13 §5
+            lines.append(usage_check.line(name, system["gpu_seconds"]))
     return lines
 
 

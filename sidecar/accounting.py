@@ -42,7 +42,9 @@ class TokenAccounting:
             return False
         return True
 
-    def note_estimate(self, decision: Decision, estimate: TokenEstimate | None) -> None:
+    def note_estimate(
+        self, decision: Decision, estimate: TokenEstimate | None, model: str | None = None
+    ) -> None:
         """Count how a request to a token model was priced: `unestimated` (no body to read;
         `cost_per_request` was charged), `charged_max` (its body could not be read and
         `tokens.unreadable` is charge_max) or, when admitted, `estimated` with its prompt and
@@ -60,6 +62,8 @@ class TokenAccounting:
         labels = (decision.tenant or "", decision.klass or "")
         self.metrics.tokens.labels(*labels, "prompt").inc(estimate.prompt_tokens)
         self.metrics.tokens.labels(*labels, "max").inc(estimate.max_tokens)
+        if model is not None:  # a token model: one of the policy's, a bounded label
+            self.metrics.usage.tokens.labels(labels[0], model, "prompt").inc(estimate.prompt_tokens)
 
     def refuse_unreadable(self, problem: Unreadable, api: str) -> Decision:
         """A token model's body whose cost cannot be read, under `tokens.unreadable: refuse`:
@@ -77,6 +81,7 @@ class TokenAccounting:
         meter: UsageMeter,
         *,
         ended: bool,
+        model: str | None = None,
     ) -> None:
         """Make an admit's charge good with what its response said (`core.tokens.settlement`):
         one charge or refund to the buckets it charged (`_reconcile`), or none,
@@ -90,6 +95,8 @@ class TokenAccounting:
         if generated is not None and not meter.rejected:
             labels = (decision.tenant or "", decision.klass or "")
             self.metrics.tokens.labels(*labels, "generated").inc(generated)
+            if model is not None:
+                self.metrics.usage.tokens.labels(labels[0], model, "generated").inc(generated)
         if delta is not None and not await self._reconcile(decision, delta):
             result = "store_error"
         self.metrics.token_accounting.labels(result).inc()

@@ -183,6 +183,8 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     )
     if monitor is not None and service.deferrer is not None:
         monitor.on_update = service.deferrer.on_scrape
+    if monitor is not None:
+        monitor.on_page = service.usage.scraped  # GPU-seconds per tenant (sidecar/usage.py)
 
     lease_key = lease_key_of(settings)
     auth = TokenCheck(settings.auth_token, metrics.unauthenticated_calls.labels)

@@ -1,4 +1,4 @@
-"""`qos-sidecar serve | validate | explain | top`."""
+"""`qos-sidecar serve | validate | explain | top | usage`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     top.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument("--policy", type=Path, action="append", default=[], help="for headroom")
+    import sidecar.usage_report as usage_report
+
+    usage = commands.add_parser(
+        "usage", help="per-tenant usage and capacity review, from Prometheus"
+    )
+    usage_report.add_arguments(usage)
 
     args = parser.parse_args(argv)
     try:
@@ -56,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sidecar.top import run as top_run
 
             return top_run(args.url, args.interval, once=args.once, policy_paths=args.policy)
+        if args.command == "usage":
+            return usage_report.run(args)
         return _explain(args)
     except SidecarError as exc:
         print(f"qos-sidecar: {exc}", file=sys.stderr)

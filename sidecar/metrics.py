@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sidecar.core.types import Decision, Reason
 from sidecar.demand import DemandSeries
 from sidecar.experience import ExperienceSeries
+from sidecar.usage_series import UsageSeries
 
 UNKNOWN = "__unknown__"
 
@@ -32,6 +33,7 @@ class Metrics:
         self._protection_series(registry)
         self.experience = ExperienceSeries(registry)  # per-tenant timings and SLO attainment
         self.demand = DemandSeries(registry)  # the autoscaling signal (sidecar/demand.py)
+        self.usage = UsageSeries(registry)  # per-tenant usage, chargeback (sidecar/usage.py)
 
     def _decision_series(self, registry: CollectorRegistry) -> None:
         """What was decided, how fast, and the tokens it counted."""

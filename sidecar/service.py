@@ -61,6 +61,7 @@ from sidecar.shared_reads import SharedReads
 from sidecar.state.base import QuotaStore, new_lease_id
 from sidecar.state.breaker import CircuitOpen, GuardedStore
 from sidecar.state.memory import MemoryQuotaStore
+from sidecar.usage import UsageLedger
 
 log = logging.getLogger(__name__)
 # Acquire pipelines on their way at once: at low load each decision's acquire goes alone at
@@ -89,9 +90,9 @@ class AdmissionService(SharedReads, LeasedQuota):
         # The policy's one home is its source (the app's PolicyHolder, which reloads it); a plain
         # Policy is one that never changes. Nothing here keeps a copy.
         self._policy = FixedPolicy(policy) if isinstance(policy, Policy) else policy
-        self.store = store
-        self.metrics = metrics
+        self.store, self.metrics = store, metrics
         self.tokens = TokenAccounting(metrics, store.charge, lambda: self.policy.tenants)
+        self.usage = UsageLedger(metrics, lambda: self.policy.tenants, lambda: self.policy.models)
         self.peeks = QuotaPeeks(store, clock)  # is a request shed for load over its quota?
         self.shadow = ShadowJudge(self)  # rules not enforced, judged beside: core/shadow.py
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
@@ -162,6 +163,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         )
         self.metrics.observe_decision_seconds(api, time.perf_counter() - started)
         self.metrics.record_decision(decision, compiled.policy.tenants, api)
+        self.usage.asked(decision.tenant, attrs)
         return decision
 
     def refuse_malformed(self, message: str, api: str) -> Decision:

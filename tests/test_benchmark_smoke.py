@@ -90,6 +90,12 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
     assert targets and tail[-len(targets) :] == targets
     assert all("[sidecar-http]" in line for line in targets)
     assert any(line.startswith("TARGET slo_met_2x[sidecar-http]") for line in targets)
+    # Issue 13 §5: the GPU-seconds the sidecar attributed add up to Triton's compute time.
+    gpu = results["systems"]["sidecar-http"]["gpu_seconds"]
+    assert gpu["triton_compute_s"] > 0, gpu
+    assert abs(gpu["attributed_over_triton"] - 1.0) <= 0.05, gpu
+    assert "gpu_seconds" not in results["systems"]["passthrough"]
+    assert any(line.startswith("TARGET gpu_seconds_attributed[sidecar-http]") for line in targets)
     assert "## Frontier" in table
     for png in ("violations_vs_load.png", "latency_cdf_2x.png", "frontier.png"):
         assert (out / png).stat().st_size > 1000

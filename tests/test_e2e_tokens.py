@@ -108,6 +108,8 @@ def test_estimates_are_charged_and_reconciled_with_real_usage(stack: LocalStack)
     wait_for(lambda: accounted(stack, "reconciled") >= 1, 10, "the first request reconciled")
     generated = metric_value(stack.admin_url, "qos_tokens_total", tenant="chat", kind="generated")
     assert generated == 50
+    per_model = {"tenant": "chat", "model": "llm", "kind": "generated"}
+    assert metric_value(stack.admin_url, "qos_usage_tokens_total", **per_model) == 50
 
     # Only the refund of 950 makes room for a second estimate of 1400 (2000 - 1500 < 1400).
     second = llm(stack, 500, 900, 50)

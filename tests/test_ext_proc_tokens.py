@@ -168,6 +168,9 @@ def test_the_estimate_is_charged_then_made_good_by_the_response() -> None:
     assert sample(service, "qos_tokens_total", kind="max", **labels) == 1000
     assert sample(service, "qos_tokens_total", kind="generated", **labels) == 100
     assert sample(service, "qos_token_accounting_total", result="reconciled") == 1
+    usage = {"tenant": "search", "model": "llm"}  # per tenant and model (docs/usage.md)
+    assert sample(service, "qos_usage_tokens_total", kind="prompt", **usage) == 500
+    assert sample(service, "qos_usage_tokens_total", kind="generated", **usage) == 100
 
 
 def test_a_streamed_response_is_counted_event_by_event_even_when_cut_short() -> None:

@@ -24,8 +24,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.policy", "sidecar.settings"),
     ("sidecar.experience",),  # the per-tenant experience series, attached to Metrics
     ("sidecar.demand",),
+    ("sidecar.usage_series",),
     ("sidecar.metrics", "sidecar.state"),
-    ("sidecar.backends", "sidecar.deferral", "sidecar.leases", "sidecar.accounting"),
+    (
+        "sidecar.backends",
+        "sidecar.deferral",
+        "sidecar.leases",
+        "sidecar.accounting",
+        "sidecar.usage",
+    ),
     ("sidecar.quota_peek",),
     ("sidecar.batching",),
     ("sidecar.shared_reads", "sidecar.leased", "sidecar.shadow_mode"),
@@ -33,6 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.envoy", "sidecar.admin"),
     ("sidecar.app", "sidecar.workers"),
     ("sidecar.top",),
+    ("sidecar.usage_report",),
     ("sidecar.cli",),
 )
 # The decision core is pure: the clock, the network and the event loop stay outside it.

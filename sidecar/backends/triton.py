@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,6 +22,7 @@ from sidecar.core.load import (
     CounterWindow,
     LoadView,
     ModelLoad,
+    TritonCounters,
     derive_load,
     parse_triton_metrics,
 )
@@ -59,6 +60,8 @@ class TritonLoadMonitor:
         self._session: aiohttp.ClientSession | None = None
         # Called after each round with the new view (the deferral queue's chance to move).
         self.on_update: Callable[[], None] | None = None
+        # Called with each endpoint's parsed page (per-tenant usage reads its compute time).
+        self.on_page: Callable[[str, Mapping[str, TritonCounters]], None] | None = None
 
     def view(self) -> LoadView:
         """The latest view; replaced whole after each round, never mutated."""
@@ -130,6 +133,8 @@ class TritonLoadMonitor:
             return None
         now = self.clock()
         page = parse_triton_metrics(text)
+        if self.on_page is not None:
+            self.on_page(endpoint.name, page)
         for model, counters in page.items():
             key = (endpoint.name, model)
             last = self._loads.get(key)

@@ -52,6 +52,8 @@ _FIELDS = {
     "nv_inference_queue_duration_us": "queue_us",
     "nv_inference_request_duration_us": "request_us",
     "nv_inference_exec_count": "exec_count",
+    # Compute time, for per-tenant usage (core/usage.py), not for admission.
+    "nv_inference_compute_infer_duration_us": "compute_us",
 }
 # A backend that batches in flight (TensorRT-LLM's in-flight batcher; the simulated llm_ifb)
 # takes every request off Triton's queue at once: nv_inference_pending_request_count stays 0
@@ -70,6 +72,7 @@ class TritonCounters:
     queue_us: float = 0.0
     request_us: float = 0.0
     exec_count: float = 0.0
+    compute_us: float = 0.0
 
 
 DRAIN_WINDOW_S = 1.0  # rates span at least this much of the recent past (when known)

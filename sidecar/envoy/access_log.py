@@ -19,9 +19,12 @@ from typing import Any
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from sidecar.core.decide import HEADER_TENANT
 from sidecar.core.demand import drained_model
 from sidecar.core.experience import CompletionTimings
+from sidecar.core.kserve import model_of
 from sidecar.core.lease import parse_lease, verify_lease
+from sidecar.core.types import LeaseRef
 from sidecar.envoy.common import LEASE_KEY, LEASE_NAMESPACES
 from sidecar.service import AdmissionService
 
@@ -61,6 +64,40 @@ def timings_of(entry: Any) -> CompletionTimings:
     return CompletionTimings(duration_of(entry), first_byte_s, int(code) or None)
 
 
+def _seconds(duration: Any) -> float:
+    return float(duration.seconds) + float(duration.nanos) / 1e9
+
+
+def upstream_time_of(entry: Any) -> float | None:
+    """How long the request was with Triton: from its last byte sent upstream (else its first)
+    to the last byte of the response (else the end of the stream). None: it never reached
+    Triton. The weight of its tenant's share of the model's compute time (core/usage.py)."""
+    common = entry.common_properties
+    if common.HasField("time_to_last_upstream_tx_byte"):
+        sent = _seconds(common.time_to_last_upstream_tx_byte)
+    elif common.HasField("time_to_first_upstream_tx_byte"):
+        sent = _seconds(common.time_to_first_upstream_tx_byte)
+    else:
+        return None
+    if common.HasField("time_to_last_upstream_rx_byte"):
+        return max(0.0, _seconds(common.time_to_last_upstream_rx_byte) - sent)
+    if common.HasField("duration"):
+        return max(0.0, _seconds(common.duration) - sent)
+    return None
+
+
+def note_usage(service: AdmissionService, entry: Any, lease: LeaseRef | None) -> None:
+    """Count a request that reached Triton for its tenant and model (sidecar/usage.py). The
+    tenant is the `x-qos-tenant` the sidecar set (Envoy strips clients' copies), else the
+    lease's; the model the lease's, else the HTTP path's (a gRPC path names none)."""
+    upstream_s = upstream_time_of(entry)
+    if upstream_s is None:
+        return
+    tenant = entry.request.request_headers.get(HEADER_TENANT) or (lease and lease.tenant)
+    model = (lease and lease.model) or model_of(entry.request.path)
+    service.usage.completed(tenant or None, model, upstream_s)
+
+
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, service: AdmissionService, *, lease_key: bytes) -> None:
         self._service = service
@@ -68,16 +105,18 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
     async def _complete(self, entry: Any) -> None:
         signed = lease_of(entry)
+        token = None if signed is None else verify_lease(signed, self._lease_key)
+        lease = None if token is None else parse_lease(token)
+        note_usage(self._service, entry, lease)
         if signed is None:
             await self._service.complete(None)  # counted as no_lease
             return
-        token = verify_lease(signed, self._lease_key)
         if token is None:
             # Forged, unsigned or signed with another key: release nothing.
             self._service.metrics.completions.labels("bad_lease").inc()
             return
         # The autoscaling signal's drain (core/demand.py rule 2), on this replica.
-        self._service.metrics.demand.drained(drained_model(parse_lease(token), entry.request.path))
+        self._service.metrics.demand.drained(drained_model(lease, entry.request.path))
         await self._service.complete(token, timings_of(entry))
 
     async def StreamAccessLogs(

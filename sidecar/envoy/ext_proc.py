@@ -218,6 +218,7 @@ class _Usage:
     tokens: TokenPolicy
     estimate: TokenEstimate
     meter: UsageMeter
+    model: str | None = None  # for per-tenant usage (qos_usage_tokens_total)
     ended: bool = False  # the whole response was seen
 
 
@@ -340,20 +341,25 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             return headers_response_for(refusal), Step.REFUSE
         decision = await self._decide(stream, write, estimated)
         if request.tokens is not None:
-            self._service.tokens.note_estimate(decision, estimated)
+            self._service.tokens.note_estimate(decision, estimated, _model(request))
         if not decision.admitted:
             return headers_response_for(decision), Step.REFUSE
         if request.tokens is not None and estimated is not None:
             streamed = is_streamed(request.attrs.path)
             meter = UsageMeter(request.tokens, streamed=streamed)
-            stream.usage = _Usage(request.tokens, estimated, meter)
+            stream.usage = _Usage(request.tokens, estimated, meter, _model(request))
         rewrite, step = self._body_rewrite(stream, body)
         return body_response_for(rewrite, decision, self._lease_key), step
 
     async def _settle(self, admitted: Decision, usage: _Usage) -> None:
         """Make the estimate good with the tokens the response generated (see the module)."""
         await self._service.tokens.settle(
-            admitted, usage.tokens, usage.estimate, usage.meter, ended=usage.ended
+            admitted,
+            usage.tokens,
+            usage.estimate,
+            usage.meter,
+            ended=usage.ended,
+            model=usage.model,
         )
 
     def _body_rewrite(self, stream: _Stream, body: Any) -> tuple[BodyRewrite, Step]:
@@ -375,6 +381,10 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         rewrite = rewrite_body(attrs.path, attrs.headers, body.body, priority)
         self._service.metrics.priority_rewrites.labels(rewrite.result.value).inc()
         return rewrite, step
+
+
+def _model(request: _Request) -> str | None:
+    return request.attrs.model or model_of(request.attrs.path)
 
 
 def _estimate(request: _Request, body: Any) -> TokenEstimate | Unreadable:
