@@ -1,4 +1,4 @@
-"""`qos-sidecar serve | validate | explain`."""
+"""`qos-sidecar serve | validate | explain | simulate`."""
 
 from __future__ import annotations
 
@@ -40,12 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--policy", type=Path, action="append", help="evaluate against policy files offline"
     )
 
+    from sidecar.simulate import command as simulate
+
+    simulate.add_arguments(
+        commands.add_parser("simulate", help="replay recorded traffic under two policies")
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
         if args.command == "validate":
             return validate(args.paths)
+        if args.command == "simulate":
+            return simulate.run(args, sys.stdout, sys.stderr)
         return _explain(args)
     except SidecarError as exc:
         print(f"qos-sidecar: {exc}", file=sys.stderr)

@@ -1,0 +1,256 @@
+"""Replay arrivals through the admission core in virtual time, as `AdmissionService` and the
+`Deferrer` drive it, with `quota.VirtualQuota` for the store and `backend.ModelServer` for
+Triton.
+
+Rules:
+- Every step is the real one: `plan` (identity, class, cost), `judge` (the load verdict),
+  `on_peek` / `on_quota` (the store's answer), `may_go` (the pump), `on_hold_end` (let go or
+  expired). Only the I/O is replaced: the store by `VirtualQuota`, Triton by `ModelServer`,
+  the clock by the replay's virtual time.
+- Identity: a recording names tenants, not their secrets, so each arrival is identified by
+  its tenant NAME (a header source that matches policy tenant names); a name the policy
+  does not know goes to the policy's `unknown_tenants` rule. The class asked for is sent in
+  the policy's class header, as a client sends it.
+- Events at the same instant: completions first (they free room and leases), then hold
+  deadlines, then the arrival. After each completion and each new hold the hold queues are
+  pumped: their heads go while `may_go` says the model has room, as `Deferrer.pump` does.
+- A request let go or admitted goes to its model's server; its lease is released when it
+  completes. A request shed after a hold gives back its lease and bucket charges.
+- Outcomes are final decisions: admitted at once, admitted after a hold, admitted as
+  relegated, 429, 503, or another refusal (401, 403, 400, 404).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from sidecar.core import admission
+from sidecar.core.admission import Answer, Hold, HoldOutcome, QuotaFirst, TakeQuota
+from sidecar.core.decide import CompiledPolicy, compile_policy
+from sidecar.core.fleet import Elsewhere
+from sidecar.core.queue import HoldQueues, Waiter
+from sidecar.core.signals import Signals
+from sidecar.core.types import Decision, Reason, RequestAttributes
+from sidecar.policy.model import IdentitySource, IdentitySourceKind, Policy
+from sidecar.simulate.backend import ModelServer, ServerModel
+from sidecar.simulate.quota import VirtualQuota
+
+# The header replay identifies tenants by (see the module comment); never sent anywhere.
+TENANT_HEADER = "x-qos-simulated-tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One recorded request: when it came, who sent it, what it asked for."""
+
+    at_s: float
+    tenant: str  # the tenant's name
+    klass: str | None  # the class asked for (None: the tenant's default)
+    model: str
+
+
+class Outcome(enum.Enum):
+    ADMITTED = "admitted"
+    HELD = "held"  # admitted after a hold
+    RELEGATED = "relegated"  # admitted in its class's relegate_to class
+    OVER_QUOTA = "429"
+    OVERLOADED = "503"
+    REFUSED = "refused"  # 401, 403, 400, 404: who or what, not how much
+
+
+def outcome_of(decision: Decision) -> Outcome:
+    if decision.admitted:
+        if decision.reason is Reason.ADMITTED_RELEGATED:
+            return Outcome.RELEGATED
+        if decision.reason is Reason.ADMITTED_DEFERRED:
+            return Outcome.HELD
+        return Outcome.ADMITTED
+    if decision.status == 429:
+        return Outcome.OVER_QUOTA
+    if decision.status == 503:
+        return Outcome.OVERLOADED
+    return Outcome.REFUSED
+
+
+def compile_for_replay(policy: Policy) -> CompiledPolicy:
+    """`policy` with tenants identified by name (see the module comment); nothing else
+    changes: classes, limits and the unknown-tenant rule are the policy's."""
+    source = IdentitySource(IdentitySourceKind.HEADER, TENANT_HEADER)
+    # A tenant with no match is reached only through `unknown_tenants`: so it stays here.
+    by_name = {
+        name: tenant
+        for name, tenant in policy.tenants.items()
+        if tenant.match is not None
+        and (tenant.match.api_key_sha256 or tenant.match.principals or tenant.match.header_values)
+    }
+    identity = replace(policy.identity, sources=(source,))
+    compiled = compile_policy(replace(policy, identity=identity))
+    return replace(compiled, by_api_key={}, by_principal={}, by_header_value=by_name)
+
+
+class Replay:
+    """One policy's run over one recording."""
+
+    def __init__(self, policy: Policy, server: ServerModel) -> None:
+        self.policy = policy
+        self.compiled = compile_for_replay(policy)
+        self.server = server
+        self.quota = VirtualQuota()
+        self.servers: dict[str, ModelServer] = {}
+        bounds = {name: klass.max_queued for name, klass in policy.classes.items()}
+        self.queues = HoldQueues(0.0, bounds)
+        self._holds: dict[int, tuple[Hold, int]] = {}  # waiter id -> (hold, arrival index)
+        self._deadlines: list[tuple[float, int]] = []
+        self._completions: list[tuple[float, int, str, str | None]] = []
+        self._ids = itertools.count(1)
+        self.outcomes: list[Outcome | None] = []
+
+    def run(self, arrivals: Iterable[Arrival]) -> list[Outcome]:
+        """The final outcome of every arrival, in their order."""
+        ordered = sorted(enumerate(arrivals), key=lambda pair: (pair[1].at_s, pair[0]))
+        self.outcomes = [None] * len(ordered)
+        for index, arrival in ordered:
+            self._advance(arrival.at_s)
+            self._arrive(index, arrival)
+        self._advance(math.inf)
+        return [o if o is not None else Outcome.REFUSED for o in self.outcomes]
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def _advance(self, until_s: float) -> None:
+        """Every completion and hold deadline up to `until_s`, in time order."""
+        while True:
+            done_s = self._completions[0][0] if self._completions else math.inf
+            deadline_s = self._deadlines[0][0] if self._deadlines else math.inf
+            if min(done_s, deadline_s) > until_s or min(done_s, deadline_s) == math.inf:
+                return
+            if done_s <= deadline_s:
+                _, _, model, lease_id = heapq.heappop(self._completions)
+                self.servers[model].complete()
+                if lease_id is not None:
+                    self.quota.release(lease_id)
+                self._pump(done_s)
+            else:
+                _, waiter_id = heapq.heappop(self._deadlines)
+                self._expire(waiter_id, deadline_s)
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    def _arrive(self, index: int, arrival: Arrival) -> None:
+        now = arrival.at_s
+        headers = {TENANT_HEADER: arrival.tenant}
+        if arrival.klass is not None:
+            headers[self.policy.identity.class_header] = arrival.klass
+        path = f"/v2/models/{arrival.model}/infer"
+        planned = admission.plan(RequestAttributes("POST", path, headers), self.compiled)
+        if isinstance(planned, Answer):
+            self._perform(index, planned, arrival.model, now)
+            return
+        model = planned.model or arrival.model
+        step: TakeQuota | QuotaFirst | Hold | Answer
+        step = admission.judge(planned, self.signals(model), self.policy)
+        if isinstance(step, QuotaFirst):
+            step = admission.on_peek(step, self.quota.peek(step.admission.check, now))
+        if isinstance(step, TakeQuota):
+            result = self.quota.acquire(step.admission.check, now)
+            step = admission.on_quota(step, result, now, 0.0, self.signals(model))
+        if isinstance(step, TakeQuota):  # only with a release grace, which replay has not
+            raise AssertionError("on_quota asked to wait for a release")
+        if isinstance(step, Hold):
+            self._hold(index, step, model, now)
+            return
+        self._perform(index, step, model, now)
+
+    def _hold(self, index: int, hold: Hold, model: str, now: float) -> None:
+        planned = hold.admission
+        waiter = Waiter(
+            next(self._ids),
+            planned.tenant.name,
+            planned.klass.name,
+            planned.klass.rank,
+            hold.deadline_s,
+            planned.cost,
+            model,
+        )
+        if not self.queues.push(waiter):  # the class's queue is full: over at once
+            answer = admission.on_hold_end(
+                hold, HoldOutcome.EXPIRED, self.signals(model), self.policy, 0.0
+            )
+            self._perform(index, answer, model, now)
+            return
+        self._holds[waiter.waiter_id] = (hold, index)
+        heapq.heappush(self._deadlines, (hold.deadline_s, waiter.waiter_id))
+        self._pump(now)
+
+    def _expire(self, waiter_id: int, now: float) -> None:
+        held = self._holds.pop(waiter_id, None)
+        if held is None:  # let go before its deadline
+            return
+        hold, index = held
+        waiter = self.queues.remove(waiter_id)
+        model = waiter.model if waiter is not None else hold.admission.model or ""
+        answer = admission.on_hold_end(
+            hold, HoldOutcome.EXPIRED, self.signals(model), self.policy, now - hold.started_s
+        )
+        self._perform(index, answer, model, now)
+
+    def _pump(self, now: float) -> None:
+        """`Deferrer.pump`: let each model's head go while the model has room."""
+        for model in self.queues.models():
+            queue = self.queues.queue(model)
+            while queue is not None and (waiter := queue.peek()) is not None:
+                klass = self.policy.classes.get(waiter.klass)
+                if not admission.may_go(klass, self._server(model).signals()):
+                    break
+                self.queues.pop(model)
+                hold, index = self._holds.pop(waiter.waiter_id)
+                answer = admission.on_hold_end(
+                    hold, HoldOutcome.LET_GO, self.signals(model), self.policy, now - hold.started_s
+                )
+                self._perform(index, answer, model, now)
+                queue = self.queues.queue(model)
+
+    def _perform(self, index: int, answer: Answer, model: str, now: float) -> None:
+        """The bookkeeping the service does with an answer: give back, or send to Triton."""
+        decision = answer.decision
+        if answer.give_back is not None:
+            give_back = answer.give_back
+            if give_back.lease is not None:
+                self.quota.release(give_back.lease.lease_id)
+            self.quota.refund(give_back.tenant, give_back.buckets, now)
+        if decision.admitted:
+            done_s = self._server(model).send(now)
+            heapq.heappush(
+                self._completions, (done_s, next(self._ids), model, decision.lease_id)
+            )
+        self.outcomes[index] = outcome_of(decision)
+
+    # -- what a decision sees -----------------------------------------------------------------
+
+    def _server(self, model: str) -> ModelServer:
+        server = self.servers.get(model)
+        if server is None:
+            server = self.servers[model] = ModelServer(self.server)
+        return server
+
+    def signals(self, model: str) -> Signals:
+        """`Deferrer.signals`: the model's load and this replay's waiters for it."""
+        queue = self.queues.queue(model)
+        fairness = self.queues.fairness
+        here = (
+            None
+            if queue is None
+            else Elsewhere(queue.by_tenant(), {}, fairness.counter, fairness.work_of)
+        )
+        return Signals(
+            self._server(model).signals(), self.queues.waiting_by_rank(model), None, here=here
+        )
+
+
+def replay(arrivals: Sequence[Arrival], policy: Policy, server: ServerModel) -> list[Outcome]:
+    return Replay(policy, server).run(arrivals)
