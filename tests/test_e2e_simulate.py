@@ -105,9 +105,10 @@ def test_envoys_json_access_log_replays_in_simulate(
         ("acme", "interactive", "m")
     ] * 6
     assert recording.statuses == ("200",) * 6 + ("429",) * 2
-    assert all(later.at_s >= earlier.at_s for earlier, later in zip(
-        recording.arrivals, recording.arrivals[1:], strict=False
-    ))
+    assert all(
+        later.at_s >= earlier.at_s
+        for earlier, later in zip(recording.arrivals, recording.arrivals[1:], strict=False)
+    )
 
     # Replayed: the six admitted requests are acme's; a bucket of burst 4 (and a slow
     # refill) lets 4 through under the proposal, where the current one let all 6.
@@ -116,9 +117,20 @@ def test_envoys_json_access_log_replays_in_simulate(
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = cli.main(
-            ["simulate", str(log_path), "--current", str(current), "--proposed", str(proposed),
-             "--drain-rate", "1000", "--format", "json",
-             "--fail-if", "429_rate_increase_pts[tenant=acme] > 10"]
+            [
+                "simulate",
+                str(log_path),
+                "--current",
+                str(current),
+                "--proposed",
+                str(proposed),
+                "--drain-rate",
+                "1000",
+                "--format",
+                "json",
+                "--fail-if",
+                "429_rate_increase_pts[tenant=acme] > 10",
+            ]
         )
     report = json.loads(out.getvalue())
     acme = next(r for r in report["rows"] if (r["tenant"], r["class"]) == ("acme", "*"))

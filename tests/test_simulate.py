@@ -239,10 +239,22 @@ def test_an_azure_trace_is_dealt_to_tenants_by_weight(tmp_path: Path) -> None:
 def test_the_access_log_reads_tenant_class_model_and_times(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     entries = [
-        {"start_time": "100.000", "duration_ms": 50, "status": 200, "path": "/v2/models/m/infer",
-         "tenant": "acme%20co", "class": "interactive"},
-        {"start_time": "100.500", "duration_ms": 1, "status": 503, "path": "/v2/models/m/infer",
-         "tenant": "acme%20co", "class": None},
+        {
+            "start_time": "100.000",
+            "duration_ms": 50,
+            "status": 200,
+            "path": "/v2/models/m/infer",
+            "tenant": "acme%20co",
+            "class": "interactive",
+        },
+        {
+            "start_time": "100.500",
+            "duration_ms": 1,
+            "status": 503,
+            "path": "/v2/models/m/infer",
+            "tenant": "acme%20co",
+            "class": None,
+        },
     ]
     path.write_text("\n".join(json.dumps(e) for e in entries) + "\n\n")
     recording = read_access_log(path)
@@ -274,8 +286,14 @@ def traffic(tmp_path: Path) -> Path:
     path = tmp_path / "access.log"
     lines = [
         json.dumps(
-            {"start_time": f"{i / 20:.3f}", "duration_ms": 1, "status": 200,
-             "path": "/v2/models/m/infer", "tenant": "acme", "class": "interactive"}
+            {
+                "start_time": f"{i / 20:.3f}",
+                "duration_ms": 1,
+                "status": 200,
+                "path": "/v2/models/m/infer",
+                "tenant": "acme",
+                "class": "interactive",
+            }
         )
         for i in range(20)
     ]
@@ -286,8 +304,16 @@ def traffic(tmp_path: Path) -> Path:
 def test_simulate_passes_when_the_policies_agree(tmp_path: Path, traffic: Path) -> None:
     same = write_policy(tmp_path / "current")
     code, out, _ = run_cli(
-        "simulate", traffic, "--current", same, "--proposed", same, "--drain-rate", "1000",
-        "--fail-if", "shed_rate_increase_pts > 2",
+        "simulate",
+        traffic,
+        "--current",
+        same,
+        "--proposed",
+        same,
+        "--drain-rate",
+        "1000",
+        "--fail-if",
+        "shed_rate_increase_pts > 2",
     )
     assert code == 0, out
     assert "ok   shed_rate_increase_pts > 2" in out
@@ -297,8 +323,18 @@ def test_simulate_fails_a_guard_when_the_proposal_sheds_more(tmp_path: Path, tra
     current = write_policy(tmp_path / "current", rate=100, burst=100)
     proposed = write_policy(tmp_path / "proposed", rate=10, burst=5)
     code, out, _ = run_cli(
-        "simulate", traffic, "--current", current, "--proposed", proposed, "--drain-rate",
-        "1000", "--fail-if", "shed_rate_increase_pts > 2", "--format", "json",
+        "simulate",
+        traffic,
+        "--current",
+        current,
+        "--proposed",
+        proposed,
+        "--drain-rate",
+        "1000",
+        "--fail-if",
+        "shed_rate_increase_pts > 2",
+        "--format",
+        "json",
     )
     assert code == 1
     report = json.loads(out)

@@ -34,23 +34,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--current", type=Path, action="append", required=True, help="policy")
     parser.add_argument("--proposed", type=Path, action="append", required=True, help="policy")
     parser.add_argument(
-        "--input", choices=INPUTS, help="records (benchmark records.csv[.gz]), access-log "
-        "(Envoy JSON lines), azure (LLM trace); default from the file name"
+        "--input",
+        choices=INPUTS,
+        help="records (benchmark records.csv[.gz]), access-log "
+        "(Envoy JSON lines), azure (LLM trace); default from the file name",
     )
-    parser.add_argument("--model", help="model of every request (default: from the path; "
-                        "records and azure: llm)")
+    parser.add_argument(
+        "--model", help="model of every request (default: from the path; records and azure: llm)"
+    )
     parser.add_argument("--system", default="passthrough", help="records: whose rows to replay")
     parser.add_argument("--run", help="records: which run (needed when there are several)")
     parser.add_argument("--measured", help="records: a system whose run to show beside")
     parser.add_argument("--map", help="azure: TENANT[/CLASS]=WEIGHT,... dealt to requests")
-    parser.add_argument("--drain-rate", type=float, help="completions/s of a model's server "
-                        "(default: measured in the recording)")
-    parser.add_argument("--service-ms", type=float, help="a request's time alone on the server "
-                        "(default: measured in the recording)")
-    parser.add_argument("--slots", type=int, default=0, help="requests the server runs at once "
-                        "(default: drain rate x service time)")
-    parser.add_argument("--fail-if", action="append", default=[], metavar="GUARD",
-                        help="exit 1 when this holds, e.g. 'shed_rate_increase_pts > 2'")
+    parser.add_argument(
+        "--drain-rate",
+        type=float,
+        help="completions/s of a model's server (default: measured in the recording)",
+    )
+    parser.add_argument(
+        "--service-ms",
+        type=float,
+        help="a request's time alone on the server (default: measured in the recording)",
+    )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="requests the server runs at once (default: drain rate x service time)",
+    )
+    parser.add_argument(
+        "--fail-if",
+        action="append",
+        default=[],
+        metavar="GUARD",
+        help="exit 1 when this holds, e.g. 'shed_rate_increase_pts > 2'",
+    )
     parser.add_argument("--format", choices=("table", "json"), default="table")
 
 
@@ -85,8 +103,10 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(format_table(rows, _header(about)), file=out)
         for guard, found in checked:
             where = ", ".join(f"{r.tenant}/{r.klass} {v:+.2f}" for r, v in found)
-            print(f"{'FAIL' if found else 'ok  '} {guard.text}{': ' + where if found else ''}",
-                  file=out)
+            print(
+                f"{'FAIL' if found else 'ok  '} {guard.text}{': ' + where if found else ''}",
+                file=out,
+            )
     return 1 if any(found for _, found in checked) else 0
 
 
@@ -167,4 +187,3 @@ def _guard_json(guard: Guard, found: Sequence[tuple[Row, float]]) -> dict[str, o
         "violated": bool(found),
         "where": [{"tenant": r.tenant, "class": r.klass, "value": v} for r, v in found],
     }
-

@@ -55,12 +55,22 @@ class VirtualQuota:
     def _evaluate(self, check: QuotaCheck, now: float, *, take: bool) -> QuotaResult:
         in_flight = self._tenant_leases[check.tenant]
         class_in_flight = self._class_leases[(check.tenant, check.klass)]
-        seen = {"in_flight": in_flight, "class_in_flight": class_in_flight}
+
+        def denied(kind: LimitKind, bucket: str | None = None, retry_s: float = 0.0) -> QuotaResult:
+            return QuotaResult(
+                False,
+                denied_by=kind,
+                denied_bucket=bucket,
+                retry_after_s=retry_s,
+                in_flight=in_flight,
+                class_in_flight=class_in_flight,
+            )
+
         limit = check.max_class_concurrency
         if limit is not None and class_in_flight >= limit:
-            return QuotaResult(False, denied_by=LimitKind.CLASS_CONCURRENCY, **seen)
+            return denied(LimitKind.CLASS_CONCURRENCY)
         if check.max_concurrency is not None and in_flight >= check.max_concurrency:
-            return QuotaResult(False, denied_by=LimitKind.CONCURRENCY, **seen)
+            return denied(LimitKind.CONCURRENCY)
         new_tats: list[tuple[tuple[str, str], float]] = []
         worst: tuple[float, str] | None = None
         for bucket in check.buckets:
@@ -74,15 +84,9 @@ class VirtualQuota:
             elif bucket.cost > 0:
                 new_tats.append((key, step.new_tat))
         if worst is not None:
-            return QuotaResult(
-                False,
-                denied_by=LimitKind.BUCKET,
-                denied_bucket=worst[1],
-                retry_after_s=worst[0],
-                **seen,
-            )
+            return denied(LimitKind.BUCKET, worst[1], worst[0])
         if not take:
-            return QuotaResult(True, **seen)
+            return QuotaResult(True, in_flight=in_flight, class_in_flight=class_in_flight)
         self._tats.update(new_tats)
         lease_id = check.lease_id or f"sim-{next(self._ids)}"
         self._leases[lease_id] = (check.tenant, check.klass)

@@ -225,9 +225,7 @@ class Replay:
             self.quota.refund(give_back.tenant, give_back.buckets, now)
         if decision.admitted:
             done_s = self._server(model).send(now)
-            heapq.heappush(
-                self._completions, (done_s, next(self._ids), model, decision.lease_id)
-            )
+            heapq.heappush(self._completions, (done_s, next(self._ids), model, decision.lease_id))
         self.outcomes[index] = outcome_of(decision)
 
     # -- what a decision sees -----------------------------------------------------------------

@@ -219,13 +219,14 @@ def format_table(rows: Sequence[Row], header: Sequence[str]) -> str:
         measured = row.measured_shed_pct()
         if measured is not None and row.measured is not None:
             seen = row.measured
-            table.append(
-                ("", "", "measured", str(sum(seen.values())), "", "", "", str(seen.get("429", 0)))
-                + (str(seen.get("503", 0)), "", f"{measured:.1f}")
-            )
+            codes = (str(seen.get("429", 0)), str(seen.get("503", 0)))
+            total = str(sum(seen.values()))
+            table.append(("", "", "measured", total, "", "", "", *codes, "", f"{measured:.1f}"))
     widths = [max(len(line[i]) for line in table) for i in range(len(titles))]
     for line in table:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        lines.append(
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        )
     return "\n".join(lines)
 
 

@@ -92,7 +92,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     try:
         if path.suffix == ".gz":
             return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-        return open(path, encoding="utf-8", newline="")  # noqa: SIM115 (closed by the caller)
+        return open(path, encoding="utf-8", newline="")  # closed by the caller
     except OSError as exc:
         raise TrafficError(f"{path}:1: cannot read: {exc.strerror or exc}") from exc
 
@@ -130,7 +130,7 @@ def read_records(
         where = f"{path}:{line}"
         at_s = _number(row["scheduled_s"], where, "scheduled_s")
         if row.get("status", "").startswith("2") and row.get("latency_s"):
-            sent_s = _number(row.get("sent_s") or at_s, where, "sent_s")
+            sent_s = _number(row.get("sent_s") or row["scheduled_s"], where, "sent_s")
             end_s = sent_s + _number(row["latency_s"], where, "latency_s")
             served[row["run"]].append((sent_s, end_s))  # each run is its own timeline
         if row["run"] != run:
@@ -158,7 +158,9 @@ def read_access_log(path: Path, model: str | None = None) -> Recording:
             if not isinstance(entry, dict):
                 raise TrafficError(f"{where}: expected a JSON object")
             start_s = _number(_text(entry.get("start_time")), where, "start_time")
-            duration_s = _number(_text(entry.get("duration_ms")) or "0", where, "duration_ms") / 1000
+            duration_s = (
+                _number(_text(entry.get("duration_ms")) or "0", where, "duration_ms") / 1000
+            )
             tenant = urllib.parse.unquote(_text(entry.get("tenant")))
             klass = _text(entry.get("class")) or None
             name = model or model_of(_text(entry.get("path")).split("?")[0]) or ""
@@ -167,9 +169,7 @@ def read_access_log(path: Path, model: str | None = None) -> Recording:
     if not entries:
         raise TrafficError(f"{path}:1: no access log entries")
     origin = min(start for start, *_ in entries)
-    arrivals = tuple(
-        Arrival(a.at_s - origin, a.tenant, a.klass, a.model) for _, a, _, _ in entries
-    )
+    arrivals = tuple(Arrival(a.at_s - origin, a.tenant, a.klass, a.model) for _, a, _, _ in entries)
     served = tuple((s - origin, s - origin + d) for s, _, d, code in entries if code[:1] == "2")
     return Recording(arrivals, (served,), tuple(code for *_, code in entries))
 
