@@ -368,3 +368,25 @@ def test_simulate_exits_2_on_bad_traffic_or_guard(tmp_path: Path, traffic: Path)
 
 def test_traffic_errors_are_sidecar_errors() -> None:
     assert issubclass(TrafficError, SidecarError) and issubclass(GuardError, SidecarError)
+
+
+def test_the_ci_example_runs_validate_and_simulate_with_flags_that_exist(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    workflow = yaml.safe_load((root / "examples" / "ci" / "policy-what-if.yml").read_text())
+    assert workflow[True]["pull_request"]["paths"] == ["policies/**"]  # YAML 1.1: `on` is True
+    steps = workflow["jobs"]["what-if"]["steps"]
+    script = "\n".join(step.get("run", "") for step in steps)
+    assert "qos-sidecar validate policies/" in script
+    with pytest.raises(SystemExit):
+        cli.main(["simulate", "--help"])
+    known = set(re.findall(r"--[a-z-]+", capsys.readouterr().out))
+    used = set(re.findall(r"--[a-z-]+", script.split("qos-sidecar simulate", 1)[1]))
+    assert used and used <= known, used - known
+    for guard in re.findall(r"--fail-if '([^']+)'", script):
+        parse_guard(guard)
