@@ -16,10 +16,9 @@ Formats (each error is `file:line: message`, raised as `TrafficError`):
 
 The backend estimate comes from the requests the recording saw served (`Recording`): the
 drain rate is completions per second while the backend was busy (the union of the served
-requests' [start, end] intervals, each run its own timeline); the service time is the
-median duration of the requests that ran alone (else the 10th percentile of all). A light
-run counts as busy time in which the backend was not saturated, so the drain rate is a
-lower bound of its capacity: give --drain-rate when it is known.
+requests' [start, end] intervals) in the run where that is highest, since a light run shows
+only its offered load; the service time is the median duration of the requests that ran
+alone (else the 10th percentile of all).
 """
 
 from __future__ import annotations
@@ -54,10 +53,16 @@ class Recording:
     statuses: tuple[str, ...] = ()  # the status each arrival got, when the recording says
 
     def drain_per_s(self) -> float | None:
-        """Completions per second while busy, over every timeline (None: nothing served)."""
-        busy_s = sum(end - start for served in self.served for start, end in _union(served))
-        done = sum(len(served) for served in self.served)
-        return done / busy_s if busy_s > 0 else None
+        """Completions per second while busy, in the timeline (run) where it is highest: a
+        run that saturates the backend shows its capacity (a batching backend completes more
+        per second the fuller its batches), a light one only the load it was offered. None:
+        nothing served."""
+        rates = []
+        for served in self.served:
+            busy_s = sum(end - start for start, end in _union(served))
+            if busy_s > 0:
+                rates.append(len(served) / busy_s)
+        return max(rates, default=None)
 
     def service_s(self) -> float | None:
         """The time of a request alone: the median duration of those that overlapped no
