@@ -90,7 +90,11 @@ def test_envoys_json_access_log_replays_in_simulate(
         for _ in range(6):
             assert request(port, "/v2/models/m/infer", method="POST", headers=headers).status == 200
         authz.script.status = 429
-        authz.script.headers = [("x-qos-reason", "over_rate"), ("retry-after", "1")]
+        authz.script.headers = [
+            ("x-qos-reason", "over_rate"),
+            ("retry-after", "1"),
+            ("x-qos-tenant", "acme"),
+        ]
         for _ in range(2):
             assert request(port, "/v2/models/m/infer", method="POST", headers=headers).status == 429
         lines = lines_in(log_path, 8)
@@ -100,18 +104,20 @@ def test_envoys_json_access_log_replays_in_simulate(
     assert entry["granted_class"] == "interactive"
     assert json.loads(lines[-1])["reason"] == "over_rate"
 
+    assert json.loads(lines[-1])["refused_tenant"] == "acme"  # the refusal names its tenant
+
     recording = read_access_log(log_path)
-    assert [(a.tenant, a.klass, a.model) for a in recording.arrivals[:6]] == [
+    assert [(a.tenant, a.klass, a.model) for a in recording.arrivals] == [
         ("acme", "interactive", "m")
-    ] * 6
+    ] * 8
     assert recording.statuses == ("200",) * 6 + ("429",) * 2
     assert all(
         later.at_s >= earlier.at_s
         for earlier, later in zip(recording.arrivals, recording.arrivals[1:], strict=False)
     )
 
-    # Replayed: the six admitted requests are acme's; a bucket of burst 4 (and a slow
-    # refill) lets 4 through under the proposal, where the current one let all 6.
+    # Replayed: all eight are acme's; a bucket of burst 4 (and a slow refill) lets 4
+    # through under the proposal, where the current one let all 8.
     current = write_policy(tmp_path / "current", rate=100, burst=100)
     proposed = write_policy(tmp_path / "proposed", rate=0.01, burst=4)
     out = io.StringIO()
@@ -134,7 +140,7 @@ def test_envoys_json_access_log_replays_in_simulate(
         )
     report = json.loads(out.getvalue())
     acme = next(r for r in report["rows"] if (r["tenant"], r["class"]) == ("acme", "*"))
-    assert acme["requests"] == 6
-    assert acme["current"]["counts"]["admitted"] == 6
-    assert acme["proposed"]["counts"]["admitted"] == 4 and acme["proposed"]["counts"]["429"] == 2
+    assert acme["requests"] == 8
+    assert acme["current"]["counts"]["admitted"] == 8
+    assert acme["proposed"]["counts"]["admitted"] == 4 and acme["proposed"]["counts"]["429"] == 4
     assert code == 1

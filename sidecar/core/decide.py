@@ -354,6 +354,10 @@ def shed(
     """A refusal with its status, headers and JSON body."""
     status = _STATUS[reason]
     headers = [("content-type", "application/json"), (HEADER_REASON, reason.value)]
+    if tenant is not None:
+        # Who was refused, as on an admit (the body says it too): Envoy's access log records
+        # it, so a recording of refusals names their tenants (`qos-sidecar simulate`).
+        headers.append((HEADER_TENANT, _quote_tenant(tenant)))
     retry_after_ms: int | None = None
     if retry_after_s is not None:
         retry_after_ms = max(1, math.ceil(retry_after_s * 1000))
@@ -380,6 +384,10 @@ def shed(
         retry_after_s=retry_after_s,
         trace=(*trace, f"shed {status} {reason.value}"),
     )
+
+
+def _quote_tenant(name: str) -> str:
+    return urllib.parse.quote(name, safe="-_.~:@/")
 
 
 def malformed(message: str) -> Decision:
@@ -416,7 +424,7 @@ def _admit(  # charged: the store charged the buckets (with or without a lease: 
 ) -> Decision:
     tenant, klass = admission.tenant, admission.klass
     headers = [
-        (HEADER_TENANT, urllib.parse.quote(tenant.name, safe="-_.~:@/")),
+        (HEADER_TENANT, _quote_tenant(tenant.name)),
         (HEADER_CLASS, klass.name),
         (HEADER_PRIORITY, str(klass.triton_priority)),
         (HEADER_ROUTE_PRIORITY, klass.route_priority.value),

@@ -8,8 +8,9 @@ Formats (each error is `file:line: message`, raised as `TrafficError`):
   drain rate).
 - `access-log`: the JSON lines of the shipped Envoy file access log
   (envoy/snippets/file-access-log.yaml): `start_time` (epoch seconds), `duration_ms`,
-  `status`, `path` (the model is read from it), `tenant` (the x-qos-tenant the sidecar set;
-  URL-quoted) and `class` (the x-qos-class the client asked for).
+  `status`, `path` (the model is read from it), `tenant` (the x-qos-tenant the sidecar set
+  on an admitted request) or `refused_tenant` (the one on its refusal), URL-quoted, and
+  `class` (the x-qos-class the client asked for).
 - `azure`: the Azure LLM inference trace (`TIMESTAMP,ContextTokens,GeneratedTokens`), with
   a `--map` of tenants and classes (`TENANT[/CLASS]=WEIGHT,...`) dealt out by smooth
   weighted round robin, so the same trace and map always give the same arrivals.
@@ -166,7 +167,8 @@ def read_access_log(path: Path, model: str | None = None) -> Recording:
             duration_s = (
                 _number(_text(entry.get("duration_ms")) or "0", where, "duration_ms") / 1000
             )
-            tenant = urllib.parse.unquote(_text(entry.get("tenant")))
+            named = _text(entry.get("tenant")) or _text(entry.get("refused_tenant"))
+            tenant = urllib.parse.unquote(named)
             klass = _text(entry.get("class")) or None
             name = model or model_of(_text(entry.get("path")).split("?")[0]) or ""
             status = _text(entry.get("status"))
