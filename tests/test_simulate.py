@@ -151,6 +151,28 @@ def test_a_shed_after_a_hold_gives_back_its_bucket_charge(tmp_path: Path) -> Non
     assert replay(arrivals, policy, ONE_SLOT)[-1] is Outcome.OVER_QUOTA
 
 
+TOKEN_MODEL = """
+models:
+  m:
+    cost_per_request: 10
+    tokens: {prompt_tokens: PROMPT_TOKENS, max_tokens: OUTPUT_TOKENS}
+"""
+
+
+def test_a_token_model_charges_each_request_its_estimate(tmp_path: Path) -> None:
+    # A cost bucket of burst 1000 (and almost no refill): requests of 300 prompt + 100 max
+    # tokens cost 400 each (weights 1), so two fit and the third is over; a request without
+    # counts costs the model's cost_per_request (10) and still fits after them.
+    where = write_policy(tmp_path, rate=0.001, burst=1000)
+    text = (where / "policy.yaml").read_text().replace("unit: requests", "unit: cost")
+    (where / "policy.yaml").write_text(text + TOKEN_MODEL)
+    policy = load_policy([where])
+    sized = [Arrival(0.0, "acme", None, "m", 300, 100) for _ in range(3)]
+    plain = Arrival(0.0, "acme", None, "m")
+    outcomes = replay([*sized, plain], policy, IDLE_SERVER)
+    assert outcomes == [A, A, Outcome.OVER_QUOTA, A]
+
+
 def test_the_server_drains_at_its_rate_and_serves_a_lone_request_in_its_time() -> None:
     server = ModelServer(ServerModel(drain_per_s=4.0, service_s=1.0))
     assert server.model.batch == 4
@@ -194,12 +216,12 @@ def test_a_guard_fails_on_the_tenant_whose_rate_rose() -> None:
 # -- Readers --------------------------------------------------------------------------------
 
 RECORDS = """\
-system,run,tenant,class,scheduled_s,sent_s,status,ttfb_s,latency_s,retry_after_s,reason,error
-passthrough,1x,a,interactive,0.0,0.0,200,0.1,0.1,,,
-passthrough,1x,b,batch,1.0,1.0,200,0.1,0.1,,,
-passthrough,2x,a,interactive,0.0,0.0,200,0.3,0.3,,,
-passthrough,2x,a,interactive,0.0,0.0,200,0.3,0.3,,,
-sidecar-http,1x,a,interactive,0.0,0.0,503,,0.01,1,overloaded,
+system,run,tenant,class,scheduled_s,sent_s,status,ttfb_s,latency_s,retry_after_s,reason,error,prompt_tokens,output_tokens
+passthrough,1x,a,interactive,0.0,0.0,200,0.1,0.1,,,,175,64
+passthrough,1x,b,batch,1.0,1.0,200,0.1,0.1,,,,,
+passthrough,2x,a,interactive,0.0,0.0,200,0.3,0.3,,,,1,1
+passthrough,2x,a,interactive,0.0,0.0,200,0.3,0.3,,,,1,1
+sidecar-http,1x,a,interactive,0.0,0.0,503,,0.01,1,overloaded,,1,1
 """
 
 
@@ -211,6 +233,8 @@ def test_records_give_one_runs_arrivals_and_the_backend_estimate(tmp_path: Path)
         (0.0, "a", "interactive"),
         (1.0, "b", "batch"),
     ]
+    tokens = [(a.prompt_tokens, a.output_tokens) for a in recording.arrivals]
+    assert tokens == [(175, 64), (None, None)]
     # Run 1x: 2 served in 0.2 s busy (10/s); run 2x: 2 together in 0.3 s (6.7/s). The
     # highest is the capacity the recording shows.
     assert recording.drain_per_s() == pytest.approx(10.0)
@@ -230,6 +254,7 @@ def test_an_azure_trace_is_dealt_to_tenants_by_weight(tmp_path: Path) -> None:
     mapping = parse_map("a/interactive=2, b=1")
     recording = read_azure(path, "llm", mapping)
     assert [a.at_s for a in recording.arrivals] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert {(a.prompt_tokens, a.output_tokens) for a in recording.arrivals} == {(100, 10)}
     assert [a.tenant for a in recording.arrivals].count("a") == 4
     assert {(a.tenant, a.klass) for a in recording.arrivals} == {("a", "interactive"), ("b", None)}
     assert deal(3, mapping) == deal(3, mapping)  # the same every time

@@ -351,13 +351,10 @@ def shed(
     retry_after_s: float | None = None,
     detail: str | None = None,
 ) -> Decision:
-    """A refusal with its status, headers and JSON body."""
+    """A refusal with its status, headers (the tenant, when known: Envoy logs it), JSON body."""
     status = _STATUS[reason]
-    headers = [("content-type", "application/json"), (HEADER_REASON, reason.value)]
-    if tenant is not None:
-        # Who was refused, as on an admit (the body says it too): Envoy's access log records
-        # it, so a recording of refusals names their tenants (`qos-sidecar simulate`).
-        headers.append((HEADER_TENANT, _quote_tenant(tenant)))
+    named = [] if tenant is None else [(HEADER_TENANT, urllib.parse.quote(tenant, safe="-_.~:@/"))]
+    headers = [("content-type", "application/json"), (HEADER_REASON, reason.value), *named]
     retry_after_ms: int | None = None
     if retry_after_s is not None:
         retry_after_ms = max(1, math.ceil(retry_after_s * 1000))
@@ -384,10 +381,6 @@ def shed(
         retry_after_s=retry_after_s,
         trace=(*trace, f"shed {status} {reason.value}"),
     )
-
-
-def _quote_tenant(name: str) -> str:
-    return urllib.parse.quote(name, safe="-_.~:@/")
 
 
 def malformed(message: str) -> Decision:
@@ -424,7 +417,7 @@ def _admit(  # charged: the store charged the buckets (with or without a lease: 
 ) -> Decision:
     tenant, klass = admission.tenant, admission.klass
     headers = [
-        (HEADER_TENANT, _quote_tenant(tenant.name)),
+        (HEADER_TENANT, urllib.parse.quote(tenant.name, safe="-_.~:@/")),
         (HEADER_CLASS, klass.name),
         (HEADER_PRIORITY, str(klass.triton_priority)),
         (HEADER_ROUTE_PRIORITY, klass.route_priority.value),

@@ -16,6 +16,11 @@ Rules:
   pumped: their heads go while `may_go` says the model has room, as `Deferrer.pump` does.
 - A request let go or admitted goes to its model's server; its lease is released when it
   completes. A request shed after a hold gives back its lease and bucket charges.
+- Cost: a request for a model whose policy has `tokens`, with token counts in the recording,
+  is priced by `core.tokens.estimate` on a JSON body that holds its prompt tokens (or that
+  many characters' worth of text) and asks for its output tokens as max tokens, as ext_proc
+  mode decides it; the estimate then equals what it generated, so no settlement follows.
+  Without counts (or for another model) it costs the model's `cost_per_request`.
 - Outcomes are final decisions: admitted at once, admitted after a hold, admitted as
   relegated, 429, 503, or another refusal (401, 403, 400, 404).
 """
@@ -25,18 +30,20 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from sidecar.core import admission
+from sidecar.core import admission, tokens
 from sidecar.core.admission import Answer, Hold, HoldOutcome, QuotaFirst, TakeQuota
-from sidecar.core.decide import CompiledPolicy, compile_policy
+from sidecar.core.decide import CompiledPolicy, compile_policy, refuse_unreadable
+from sidecar.core.kserve import Unreadable
 from sidecar.core.fleet import Elsewhere
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.signals import Signals
 from sidecar.core.types import Decision, Reason, RequestAttributes
-from sidecar.policy.model import IdentitySource, IdentitySourceKind, Policy
+from sidecar.policy.model import IdentitySource, IdentitySourceKind, Policy, TokenPolicy
 from sidecar.simulate.backend import ModelServer, ServerModel
 from sidecar.simulate.quota import VirtualQuota
 
@@ -52,6 +59,10 @@ class Arrival:
     tenant: str  # the tenant's name
     klass: str | None  # the class asked for (None: the tenant's default)
     model: str
+    # Token counts, when the recording has them: a model whose policy counts tokens is
+    # charged the estimate of a body that asks for these (see `token_estimate`).
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
 
 
 class Outcome(enum.Enum):
@@ -91,6 +102,21 @@ def compile_for_replay(policy: Policy) -> CompiledPolicy:
     identity = replace(policy.identity, sources=(source,))
     compiled = compile_policy(replace(policy, identity=identity))
     return replace(compiled, by_api_key={}, by_principal={}, by_header_value=by_name)
+
+
+def token_estimate(
+    policy: TokenPolicy, prompt_tokens: int, output_tokens: int
+) -> tokens.TokenEstimate | Unreadable:
+    """What `core.tokens` estimates for a request of these counts (see the module comment)."""
+    body: dict[str, object] = {}
+    if policy.prompt_tokens is not None:
+        body[policy.prompt_tokens] = prompt_tokens
+    elif policy.prompt_text is not None:
+        body[policy.prompt_text] = "x" * math.ceil(prompt_tokens * policy.chars_per_token)
+    if policy.max_tokens is not None:
+        body[policy.max_tokens] = output_tokens
+    raw = json.dumps(body).encode()
+    return tokens.priced(policy, tokens.estimate(policy, {"content-type": "application/json"}, raw))
 
 
 class Replay:
@@ -147,7 +173,17 @@ class Replay:
         if arrival.klass is not None:
             headers[self.policy.identity.class_header] = arrival.klass
         path = f"/v2/models/{arrival.model}/infer"
-        planned = admission.plan(RequestAttributes("POST", path, headers), self.compiled)
+        cost: tuple[float, str] | None = None
+        token_policy = self.policy.tokens_of(arrival.model)
+        if token_policy is not None and arrival.prompt_tokens is not None:
+            found = token_estimate(token_policy, arrival.prompt_tokens, arrival.output_tokens or 0)
+            if isinstance(found, Unreadable):
+                answer = Answer(refuse_unreadable(found))
+                self._perform(index, answer, arrival.model, now)
+                return
+            cost = (found.cost, found.why)
+        attrs = RequestAttributes("POST", path, headers)
+        planned = admission.plan(attrs, self.compiled, cost)
         if isinstance(planned, Answer):
             self._perform(index, planned, arrival.model, now)
             return

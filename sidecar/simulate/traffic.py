@@ -14,6 +14,8 @@ Formats (each error is `file:line: message`, raised as `TrafficError`):
 - `azure`: the Azure LLM inference trace (`TIMESTAMP,ContextTokens,GeneratedTokens`), with
   a `--map` of tenants and classes (`TENANT[/CLASS]=WEIGHT,...`) dealt out by smooth
   weighted round robin, so the same trace and map always give the same arrivals.
+Records and Azure traces carry token counts (`prompt_tokens`/`output_tokens`,
+`ContextTokens`/`GeneratedTokens`), which price requests to a model that counts tokens.
 
 The backend estimate comes from the requests the recording saw served (`Recording`): the
 drain rate is completions per second while the backend was busy (the union of the served
@@ -141,12 +143,23 @@ def read_records(
             served[row["run"]].append((sent_s, end_s))  # each run is its own timeline
         if row["run"] != run:
             continue
-        arrivals.append(Arrival(at_s, row["tenant"], row["class"] or None, model))
+        counts = _tokens(row.get("prompt_tokens"), where), _tokens(row.get("output_tokens"), where)
+        arrivals.append(Arrival(at_s, row["tenant"], row["class"] or None, model, *counts))
         statuses.append(row.get("status") or "")
     if not arrivals:
         raise TrafficError(f"{path}:1: no rows of system {system!r} in run {run!r} ({runs})")
     timelines = tuple(tuple(served[name]) for name in runs)
     return Recording(tuple(arrivals), timelines, tuple(statuses))
+
+
+def _tokens(value: str | None, where: str) -> int | None:
+    """A token count column: None when empty or absent."""
+    if not value:
+        return None
+    count = _number(value, where, "tokens")
+    if count < 0:
+        raise TrafficError(f"{where}: tokens: must not be negative, got {value!r}")
+    return int(count)
 
 
 def read_access_log(path: Path, model: str | None = None) -> Recording:
@@ -225,7 +238,7 @@ def read_azure(
 ) -> Recording:
     """An Azure LLM trace: arrivals at TIMESTAMP (from the first), tenants and classes dealt
     by `mapping`. The trace says nothing about the backend (no served intervals)."""
-    times: list[float] = []
+    times: list[tuple[float, int | None, int | None]] = []
     with _open_text(path) as text:
         reader = csv.DictReader(text)
         if "TIMESTAMP" not in (reader.fieldnames or ()):
@@ -237,13 +250,18 @@ def read_azure(
                 moment = datetime.fromisoformat(stamp[:26] if "." in stamp else stamp)
             except ValueError:
                 raise TrafficError(f"{path}:{line}: TIMESTAMP: cannot read {stamp!r}") from None
-            times.append(moment.timestamp())
+            where = f"{path}:{line}"
+            counts = (
+                _tokens(row.get("ContextTokens"), where),
+                _tokens(row.get("GeneratedTokens"), where),
+            )
+            times.append((moment.timestamp(), *counts))
     if not times:
         raise TrafficError(f"{path}:1: no requests")
-    origin = min(times)
+    origin = min(at for at, _, _ in times)
     who = deal(len(times), mapping)
     arrivals = tuple(
-        Arrival(at - origin, tenant, klass, model)
-        for at, (tenant, klass) in zip(times, who, strict=True)
+        Arrival(at - origin, tenant, klass, model, prompt, output)
+        for (at, prompt, output), (tenant, klass) in zip(times, who, strict=True)
     )
     return Recording(arrivals, ((),))
