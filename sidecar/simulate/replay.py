@@ -38,8 +38,8 @@ from dataclasses import dataclass, replace
 from sidecar.core import admission, tokens
 from sidecar.core.admission import Answer, Hold, HoldOutcome, QuotaFirst, TakeQuota
 from sidecar.core.decide import CompiledPolicy, compile_policy, refuse_unreadable
-from sidecar.core.kserve import Unreadable
 from sidecar.core.fleet import Elsewhere
+from sidecar.core.kserve import Unreadable
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.signals import Signals
 from sidecar.core.types import Decision, Reason, RequestAttributes
