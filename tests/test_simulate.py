@@ -151,6 +151,38 @@ def test_a_shed_after_a_hold_gives_back_its_bucket_charge(tmp_path: Path) -> Non
     assert replay(arrivals, policy, ONE_SLOT)[-1] is Outcome.OVER_QUOTA
 
 
+@pytest.mark.parametrize(
+    ("grace_s", "second"),
+    [
+        # One request in flight at most; the first ends at 0.05 s. The second (at 0.01 s)
+        # waits for that release when its grace reaches past it, else is 429 at once or
+        # at the end of its grace.
+        (0.0, Outcome.OVER_QUOTA),
+        (0.02, Outcome.OVER_QUOTA),
+        (0.1, Outcome.ADMITTED),
+    ],
+)
+def test_a_request_over_concurrency_waits_its_grace_for_a_release(
+    tmp_path: Path, grace_s: float, second: Outcome
+) -> None:
+    where = write_policy(tmp_path, burst=100)
+    text = (where / "policy.yaml").read_text()
+    text = text.replace(
+        "on_disallowed_class: reject\n", "on_disallowed_class: reject\n    max_concurrency: 1\n"
+    )
+    (where / "policy.yaml").write_text(text)
+    server = ServerModel(drain_per_s=20.0, service_s=0.05)
+    arrivals = [Arrival(0.0, "acme", None, "m"), Arrival(0.01, "acme", None, "m")]
+    assert replay(arrivals, load_policy([where]), server, grace_s) == [A, second]
+
+
+def test_the_default_release_grace_is_the_sidecars() -> None:
+    from sidecar.settings import Settings
+    from sidecar.simulate.command import DEFAULT_RELEASE_GRACE_MS
+
+    assert Settings.__dataclass_fields__["release_grace_ms"].default == DEFAULT_RELEASE_GRACE_MS
+
+
 TOKEN_MODEL = """
 models:
   m:

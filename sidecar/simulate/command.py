@@ -27,6 +27,7 @@ from sidecar.simulate.traffic import (
 )
 
 INPUTS = ("records", "access-log", "azure")
+DEFAULT_RELEASE_GRACE_MS = 100  # the sidecar's own default (settings: release_grace_ms)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests the server runs at once (default: drain rate x service time)",
     )
     parser.add_argument(
+        "--release-grace-ms",
+        type=float,
+        default=DEFAULT_RELEASE_GRACE_MS,
+        help="wait for a release before a concurrency 429, as the sidecar's flag of that name",
+    )
+    parser.add_argument(
         "--fail-if",
         action="append",
         default=[],
@@ -84,7 +91,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"qos-sidecar simulate: {exc}", file=err)
         return 2
     arrivals = recording.arrivals
-    outcomes = [replay(arrivals, policy, server) for policy in policies]
+    grace_s = max(0.0, args.release_grace_ms / 1000)
+    outcomes = [replay(arrivals, policy, server, grace_s) for policy in policies]
     rows = compare(arrivals, outcomes[0], outcomes[1], measured)
     checked = [(guard, guard.violations(rows)) for guard in guards]
     about = {

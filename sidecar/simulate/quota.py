@@ -38,13 +38,14 @@ class VirtualQuota:
     def acquire(self, check: QuotaCheck, now: float) -> QuotaResult:
         return self._evaluate(check, now, take=True)
 
-    def release(self, lease_id: str) -> bool:
+    def release(self, lease_id: str) -> str | None:
+        """End a lease; the tenant whose it was (None: no such lease)."""
         held = self._leases.pop(lease_id, None)
         if held is None:
-            return False
+            return None
         self._tenant_leases[held[0]] -= 1
         self._class_leases[held] -= 1
-        return True
+        return held[0]
 
     def refund(self, tenant: str, buckets: Sequence[BucketCheck], now: float) -> None:
         for bucket in buckets:

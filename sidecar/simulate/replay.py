@@ -11,9 +11,13 @@ Rules:
   its tenant NAME (a header source that matches policy tenant names); a name the policy
   does not know goes to the policy's `unknown_tenants` rule. The class asked for is sent in
   the policy's class header, as a client sends it.
-- Events at the same instant: completions first (they free room and leases), then hold
-  deadlines, then the arrival. After each completion and each new hold the hold queues are
-  pumped: their heads go while `may_go` says the model has room, as `Deferrer.pump` does.
+- Events at the same instant: completions first (they free room and leases), then the ends
+  of waits for a release, then hold deadlines, then the arrival. After each completion and
+  each new hold the hold queues are pumped: their heads go while `may_go` says the model
+  has room, as `Deferrer.pump` does.
+- A request refused for concurrency waits up to `release_grace_s` for a release of its
+  tenant (one release wakes one waiter, in arrival order) and tries again, as the service
+  does; at the end of the grace its last answer stands.
 - A request let go or admitted goes to its model's server; its lease is released when it
   completes. A request shed after a hold gives back its lease and bucket charges.
 - Cost: a request for a model whose policy has `tokens`, with token counts in the recording,
@@ -32,6 +36,7 @@ import heapq
 import itertools
 import json
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -122,10 +127,11 @@ def token_estimate(
 class Replay:
     """One policy's run over one recording."""
 
-    def __init__(self, policy: Policy, server: ServerModel) -> None:
+    def __init__(self, policy: Policy, server: ServerModel, release_grace_s: float = 0.0) -> None:
         self.policy = policy
         self.compiled = compile_for_replay(policy)
         self.server = server
+        self.release_grace_s = release_grace_s
         self.quota = VirtualQuota()
         self.servers: dict[str, ModelServer] = {}
         bounds = {name: klass.max_queued for name, klass in policy.classes.items()}
@@ -133,6 +139,10 @@ class Replay:
         self._holds: dict[int, tuple[Hold, int]] = {}  # waiter id -> (hold, arrival index)
         self._deadlines: list[tuple[float, int]] = []
         self._completions: list[tuple[float, int, str, str | None]] = []
+        # Requests refused for concurrency that wait for a release of their tenant.
+        self._waits: dict[int, tuple[TakeQuota, int, str]] = {}  # id -> (step, index, model)
+        self._waits_of: dict[str, deque[int]] = {}  # tenant -> ids, in arrival order
+        self._wait_ends: list[tuple[float, int]] = []
         self._ids = itertools.count(1)
         self.outcomes: list[Outcome | None] = []
 
@@ -149,21 +159,40 @@ class Replay:
     # -- time ---------------------------------------------------------------------------------
 
     def _advance(self, until_s: float) -> None:
-        """Every completion and hold deadline up to `until_s`, in time order."""
+        """Every completion, end of a wait for a release and hold deadline up to `until_s`, in
+        time order (at one instant, in that order)."""
         while True:
-            done_s = self._completions[0][0] if self._completions else math.inf
-            deadline_s = self._deadlines[0][0] if self._deadlines else math.inf
-            if min(done_s, deadline_s) > until_s or min(done_s, deadline_s) == math.inf:
+            heads = [
+                (first, kind)
+                for kind, first in enumerate(
+                    heap[0][0] if heap else math.inf
+                    for heap in (self._completions, self._wait_ends, self._deadlines)
+                )
+            ]
+            if min(heads)[0] == math.inf or min(heads)[0] > until_s:
                 return
-            if done_s <= deadline_s:
+            at_s, kind = min(heads)
+            if kind == 0:
                 _, _, model, lease_id = heapq.heappop(self._completions)
                 self.servers[model].complete()
-                if lease_id is not None:
-                    self.quota.release(lease_id)
-                self._pump(done_s)
+                self._release(lease_id, at_s)
+                self._pump(at_s)
+            elif kind == 1:
+                _, wait_id = heapq.heappop(self._wait_ends)
+                self._try_again(wait_id, at_s)
             else:
                 _, waiter_id = heapq.heappop(self._deadlines)
-                self._expire(waiter_id, deadline_s)
+                self._expire(waiter_id, at_s)
+
+    def _release(self, lease_id: str | None, now: float) -> None:
+        """A lease ends: the tenant's first request waiting for a release tries again."""
+        tenant = None if lease_id is None else self.quota.release(lease_id)
+        waiting = self._waits_of.get(tenant or "")
+        while waiting:
+            wait_id = waiting.popleft()
+            if wait_id in self._waits:
+                self._try_again(wait_id, now)
+                return
 
     # -- the steps ----------------------------------------------------------------------------
 
@@ -193,14 +222,28 @@ class Replay:
         if isinstance(step, QuotaFirst):
             step = admission.on_peek(step, self.quota.peek(step.admission.check, now))
         if isinstance(step, TakeQuota):
-            result = self.quota.acquire(step.admission.check, now)
-            step = admission.on_quota(step, result, now, 0.0, self.signals(model))
-        if isinstance(step, TakeQuota):  # only with a release grace, which replay has not
-            raise AssertionError("on_quota asked to wait for a release")
-        if isinstance(step, Hold):
-            self._hold(index, step, model, now)
+            self._take(index, step, model, now)
             return
         self._perform(index, step, model, now)
+
+    def _take(self, index: int, take: TakeQuota, model: str, now: float) -> None:
+        """The store's answer, then a hold, an answer, or a wait for a release (`on_quota`)."""
+        result = self.quota.acquire(take.admission.check, now)
+        step = admission.on_quota(take, result, now, self.release_grace_s, self.signals(model))
+        if isinstance(step, TakeQuota):
+            wait_id = next(self._ids)
+            self._waits[wait_id] = (step, index, model)
+            self._waits_of.setdefault(step.admission.tenant.name, deque()).append(wait_id)
+            heapq.heappush(self._wait_ends, (step.release_deadline_s or now, wait_id))
+        elif isinstance(step, Hold):
+            self._hold(index, step, model, now)
+        else:
+            self._perform(index, step, model, now)
+
+    def _try_again(self, wait_id: int, now: float) -> None:
+        waiting = self._waits.pop(wait_id, None)
+        if waiting is not None:  # else it already tried again after a release
+            self._take(waiting[1], waiting[0], waiting[2], now)
 
     def _hold(self, index: int, hold: Hold, model: str, now: float) -> None:
         planned = hold.admission
@@ -256,9 +299,9 @@ class Replay:
         decision = answer.decision
         if answer.give_back is not None:
             give_back = answer.give_back
-            if give_back.lease is not None:
-                self.quota.release(give_back.lease.lease_id)
             self.quota.refund(give_back.tenant, give_back.buckets, now)
+            if give_back.lease is not None:
+                self._release(give_back.lease.lease_id, now)
         if decision.admitted:
             done_s = self._server(model).send(now)
             heapq.heappush(self._completions, (done_s, next(self._ids), model, decision.lease_id))
@@ -286,5 +329,7 @@ class Replay:
         )
 
 
-def replay(arrivals: Sequence[Arrival], policy: Policy, server: ServerModel) -> list[Outcome]:
-    return Replay(policy, server).run(arrivals)
+def replay(
+    arrivals: Sequence[Arrival], policy: Policy, server: ServerModel, release_grace_s: float = 0.0
+) -> list[Outcome]:
+    return Replay(policy, server, release_grace_s).run(arrivals)
