@@ -183,6 +183,19 @@ def test_the_default_release_grace_is_the_sidecars() -> None:
     assert Settings.__dataclass_fields__["release_grace_ms"].default == DEFAULT_RELEASE_GRACE_MS
 
 
+def test_a_shadow_bucket_is_replayed_as_enforced_unless_asked_as_written(tmp_path: Path) -> None:
+    where = write_policy(tmp_path, rate=10, burst=5)
+    text = (where / "policy.yaml").read_text().replace("burst: 5}", "burst: 5, enforce: false}")
+    (where / "policy.yaml").write_text(text)
+    policy = load_policy([where])
+    arrivals = every(20, 1.0)
+    # The sidecar enforces no shadow rule: everything is admitted.
+    assert set(replay(arrivals, policy, IDLE_SERVER)) == {Outcome.ADMITTED}
+    # As written the bucket applies: 5 + 10/s over 0.95 s admits 14.
+    written = replay(arrivals, policy, IDLE_SERVER, as_written=True)
+    assert written.count(Outcome.ADMITTED) == 14
+
+
 TOKEN_MODEL = """
 models:
   m:

@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests the server runs at once (default: drain rate x service time)",
     )
     parser.add_argument(
+        "--as-written",
+        action="store_true",
+        help="apply shadow rules (enforce: false) too; default: as the sidecar enforces",
+    )
+    parser.add_argument(
         "--release-grace-ms",
         type=float,
         default=DEFAULT_RELEASE_GRACE_MS,
@@ -92,7 +97,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 2
     arrivals = recording.arrivals
     grace_s = max(0.0, args.release_grace_ms / 1000)
-    outcomes = [replay(arrivals, policy, server, grace_s) for policy in policies]
+    outcomes = [
+        replay(arrivals, policy, server, grace_s, as_written=args.as_written) for policy in policies
+    ]
     rows = compare(arrivals, outcomes[0], outcomes[1], measured)
     checked = [(guard, guard.violations(rows)) for guard in guards]
     about = {

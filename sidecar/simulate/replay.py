@@ -7,6 +7,9 @@ Rules:
   `on_peek` / `on_quota` (the store's answer), `may_go` (the pump), `on_hold_end` (let go or
   expired). Only the I/O is replaced: the store by `VirtualQuota`, Triton by `ModelServer`,
   the clock by the replay's virtual time.
+- The policy is decided as the sidecar enforces it: shadow rules (`enforce: false`,
+  `core.shadow`) taken out; `as_written` applies every rule instead (what turning them on
+  would do). Shadow judgements themselves are not replayed: they change no outcome.
 - Identity: a recording names tenants, not their secrets, so each arrival is identified by
   its tenant NAME (a header source that matches policy tenant names); a name the policy
   does not know goes to the policy's `unknown_tenants` rule. The class asked for is sent in
@@ -46,6 +49,7 @@ from sidecar.core.decide import CompiledPolicy, compile_policy, refuse_unreadabl
 from sidecar.core.fleet import Elsewhere
 from sidecar.core.kserve import Unreadable
 from sidecar.core.queue import HoldQueues, Waiter
+from sidecar.core.shadow import compile_with_shadow
 from sidecar.core.signals import Signals
 from sidecar.core.types import Decision, Reason, RequestAttributes
 from sidecar.policy.model import IdentitySource, IdentitySourceKind, Policy, TokenPolicy
@@ -127,7 +131,17 @@ def token_estimate(
 class Replay:
     """One policy's run over one recording."""
 
-    def __init__(self, policy: Policy, server: ServerModel, release_grace_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        server: ServerModel,
+        release_grace_s: float = 0.0,
+        *,
+        as_written: bool = False,
+    ) -> None:
+        # Decided as the sidecar decides: with the shadow rules (`enforce: false`) taken out,
+        # unless asked to judge the policy as written (every rule applied).
+        policy = policy if as_written else compile_with_shadow(policy).policy
         self.policy = policy
         self.compiled = compile_for_replay(policy)
         self.server = server
@@ -330,6 +344,11 @@ class Replay:
 
 
 def replay(
-    arrivals: Sequence[Arrival], policy: Policy, server: ServerModel, release_grace_s: float = 0.0
+    arrivals: Sequence[Arrival],
+    policy: Policy,
+    server: ServerModel,
+    release_grace_s: float = 0.0,
+    *,
+    as_written: bool = False,
 ) -> list[Outcome]:
-    return Replay(policy, server, release_grace_s).run(arrivals)
+    return Replay(policy, server, release_grace_s, as_written=as_written).run(arrivals)
