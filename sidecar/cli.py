@@ -1,4 +1,4 @@
-"""`qos-sidecar serve | validate | explain | top | usage`."""
+"""`qos-sidecar serve | validate | explain | top | usage | simulate`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "usage", help="per-tenant usage and capacity review, from Prometheus"
     )
     usage_report.add_arguments(usage)
+    from sidecar.simulate import command as simulate
+
+    simulate.add_arguments(
+        commands.add_parser("simulate", help="replay recorded traffic under two policies")
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -64,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return top_run(args.url, args.interval, once=args.once, policy_paths=args.policy)
         if args.command == "usage":
             return usage_report.run(args)
+        if args.command == "simulate":
+            return simulate.run(args, sys.stdout, sys.stderr)
         return _explain(args)
     except SidecarError as exc:
         print(f"qos-sidecar: {exc}", file=sys.stderr)

@@ -139,6 +139,8 @@ def test_early_refusals(
     assert body["tenant"] == tenant
     assert set(body) >= {"error", "reason", "tenant", "class", "retry_after_ms"}
     assert dict(decision.headers)["content-type"] == "application/json"
+    # Who was refused, when known, as the body says (Envoy's access log records it).
+    assert dict(decision.headers).get("x-qos-tenant") == tenant
     # Refusals that retrying cannot fix carry no Retry-After.
     assert "retry-after" not in dict(decision.headers)
 
@@ -197,6 +199,7 @@ def test_quota_denials(
     assert (decision.status, decision.reason) == (status, reason)
     headers = dict(decision.headers)
     assert headers["retry-after"] == retry_after_header
+    assert headers["x-qos-tenant"] == "search"
     body = json.loads(decision.body)
     assert body == {
         "error": "over_quota",

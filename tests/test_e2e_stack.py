@@ -116,6 +116,8 @@ def test_over_rate_is_429_with_retry_after_and_other_tenants_unaffected(
     assert 0 < body["retry_after_ms"] <= 2000
     assert over.headers["retry-after"] == str(-(-body["retry_after_ms"] // 1000))
     assert over.headers["content-type"].startswith("application/json")
+    # The refusal names its tenant, in every mode (Envoy's access log records it).
+    assert over.headers["x-qos-tenant"] == f"rate-{mode}"
     # Another tenant is not affected, even now.
     assert [infer(url, api_key=f"k-calm-{mode}").status for _ in range(5)] == [200] * 5
 

@@ -151,6 +151,7 @@ def minimal_bootstrap(
         "ext-authz-grpc.filter.yaml",
         "ext-proc.filter.yaml",
         "completion-access-log.yaml",
+        "file-access-log.yaml",
         "clusters.yaml",
     ],
 )
@@ -158,7 +159,7 @@ def test_snippet_validates_in_a_minimal_config(name: str, tmp_path: Path) -> Non
     part = snippet(name)
     if name.endswith(".filter.yaml"):
         config = minimal_bootstrap(filters=[part], access_log=[])
-    elif name == "completion-access-log.yaml":
+    elif name.endswith("access-log.yaml"):
         config = minimal_bootstrap(filters=[], access_log=[part])
     else:  # clusters.yaml: already in every minimal config
         config = minimal_bootstrap(filters=[], access_log=[])
@@ -172,7 +173,7 @@ def test_all_snippets_together_validate(tmp_path: Path) -> None:
     for deciding in BOOTSTRAP_FILTERS.values():
         config = minimal_bootstrap(
             filters=[snippet("strip-decision-headers.filter.yaml"), snippet(deciding)],
-            access_log=[snippet("completion-access-log.yaml")],
+            access_log=[snippet("completion-access-log.yaml"), snippet("file-access-log.yaml")],
         )
         path = tmp_path / f"user-{deciding}"
         path.write_text(yaml.safe_dump(config, sort_keys=False))

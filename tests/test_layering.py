@@ -41,6 +41,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.app", "sidecar.workers"),
     ("sidecar.top",),
     ("sidecar.usage_report",),
+    ("sidecar.simulate",),  # replays traffic through the core: uses nothing above policy
     ("sidecar.cli",),
 )
 # The decision core is pure: the clock, the network and the event loop stay outside it.

@@ -351,12 +351,12 @@ def shed(
     retry_after_s: float | None = None,
     detail: str | None = None,
 ) -> Decision:
-    """A refusal with its status, headers and JSON body."""
+    """A refusal with its status, headers (the tenant, when known: Envoy logs it), JSON body."""
     status = _STATUS[reason]
-    headers = [("content-type", "application/json"), (HEADER_REASON, reason.value)]
-    retry_after_ms: int | None = None
-    if retry_after_s is not None:
-        retry_after_ms = max(1, math.ceil(retry_after_s * 1000))
+    named = [] if tenant is None else [(HEADER_TENANT, urllib.parse.quote(tenant, safe="-_.~:@/"))]
+    headers = [("content-type", "application/json"), (HEADER_REASON, reason.value), *named]
+    retry_after_ms = None if retry_after_s is None else max(1, math.ceil(retry_after_s * 1000))
+    if retry_after_ms is not None:
         # Retry-After is whole seconds (RFC 9110); round up so a client that obeys it fits.
         headers.append(("retry-after", str(max(1, math.ceil(retry_after_ms / 1000)))))
     body: dict[str, object] = {
