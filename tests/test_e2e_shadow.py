@@ -17,6 +17,13 @@ import pytest
 
 from devstack.stack import LocalStack
 from tests.stack_client import infer, metric_value, wait_for
+from tests.test_stack_harness import (  # noqa: F401 - fixtures
+    HTTP_BOOTSTRAP,
+    echo,
+    request,
+    start_envoy,
+    workdir,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -84,3 +91,32 @@ def test_a_shadowed_tenant_is_admitted_then_the_same_policy_enforced(tmp_path: P
         # The enforced bucket was never drawn on while shadowed: its burst, then 429.
         assert statuses == [200, 200, 200, 429, 429]
         assert _decisions(stack, "false", "over_rate") == 2
+
+
+def test_upstream_sees_what_the_written_policy_decided(
+    tmp_path: Path,
+    echo: int,  # noqa: F811 - the fixture imported above
+    start_envoy: Any,  # noqa: F811
+) -> None:
+    """The real sidecar behind the shipped HTTP bootstrap, an echo server as Triton: every
+    admitted request carries `x-qos-shadow-decision` upstream, and a client's forged copy
+    never passes."""
+    from devstack.sidecar_proc import SidecarProcess
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.yaml").write_text("enforce: false\n" + POLICY)
+    with SidecarProcess(tmp_path, policies, transport="tcp") as sidecar:
+        port = start_envoy(HTTP_BOOTSTRAP, upstream_port=echo, sidecar_http_port=sidecar.http_port)
+        seen: list[list[str]] = []
+        for _ in range(5):
+            reply = request(
+                port,
+                "/v2/models/simgpu/infer",
+                method="POST",
+                headers={"x-api-key": "k-trial", "x-qos-shadow-decision": "admit 200 forged"},
+                body=b"{}",
+            )
+            assert reply.status == 200
+            seen.append(reply.json()["headers"]["x-qos-shadow-decision"])
+    assert seen == [["admit 200 admitted"]] * 3 + [["shed 429 over_rate"]] * 2
