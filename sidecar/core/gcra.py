@@ -13,7 +13,10 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from sidecar.core.types import BucketCheck
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +39,30 @@ def gcra_step(tat: float, now: float, cost: float, rate_per_s: float, burst: flo
     if excess_s <= 1e-9:
         return GcraStep(True, new_tat, 0.0)
     return GcraStep(False, tat, excess_s)
+
+
+@dataclass(frozen=True, slots=True)
+class BucketsStep:
+    """Every bucket of one check at once: the worst denial, or the TATs to store."""
+
+    denied: tuple[float, str] | None  # (retry_after_s, bucket name) of the worst denial
+    new_tats: tuple[tuple[str, float], ...]  # (bucket name, TAT) to store when not denied
+
+
+def step_buckets(
+    buckets: Iterable[BucketCheck], tats: Mapping[str, float], now: float
+) -> BucketsStep:
+    """All of `buckets` (TATs by bucket name; absent: a full bucket) at `now`. Every bucket is
+    evaluated, so the denial reported is the one that is longest to wait for."""
+    new_tats: list[tuple[str, float]] = []
+    worst: tuple[float, str] | None = None
+    for bucket in buckets:
+        step = gcra_step(
+            tats.get(bucket.name, now), now, bucket.cost, bucket.rate_per_s, bucket.burst
+        )
+        if not step.allowed:
+            if worst is None or step.retry_after_s > worst[0]:
+                worst = (step.retry_after_s, bucket.name)
+        elif bucket.cost > 0:
+            new_tats.append((bucket.name, step.new_tat))
+    return BucketsStep(worst, tuple(new_tats))

@@ -4,7 +4,7 @@ refund do in `sidecar.state` (MemoryQuotaStore, and acquire.lua in Redis), for r
 Rules (the same as `MemoryQuotaStore._evaluate`, in the same order):
 - The tenant's per-class concurrency limit, then its concurrency limit: a limit reached
   refuses (`CLASS_CONCURRENCY`, `CONCURRENCY`) before any bucket is looked at.
-- Every bucket of the check is evaluated with `core.gcra.gcra_step` at `now`; if any refuses,
+- Every bucket of the check is evaluated with `core.gcra.step_buckets` at `now`; if any refuses,
   nothing is taken and the worst refusal (the longest retry) is the answer.
 - Taken: every bucket's TAT moves on, and a lease (tenant, class) is held until released.
   Leases never expire here: replay always releases them (completion or give-back).
@@ -17,7 +17,7 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 
-from sidecar.core.gcra import gcra_step
+from sidecar.core.gcra import step_buckets
 from sidecar.core.types import BucketCheck, LimitKind, QuotaCheck, QuotaResult
 
 
@@ -72,23 +72,14 @@ class VirtualQuota:
             return denied(LimitKind.CLASS_CONCURRENCY)
         if check.max_concurrency is not None and in_flight >= check.max_concurrency:
             return denied(LimitKind.CONCURRENCY)
-        new_tats: list[tuple[tuple[str, str], float]] = []
-        worst: tuple[float, str] | None = None
-        for bucket in check.buckets:
-            key = (check.tenant, bucket.name)
-            step = gcra_step(
-                self._tats.get(key, now), now, bucket.cost, bucket.rate_per_s, bucket.burst
-            )
-            if not step.allowed:
-                if worst is None or step.retry_after_s > worst[0]:
-                    worst = (step.retry_after_s, bucket.name)
-            elif bucket.cost > 0:
-                new_tats.append((key, step.new_tat))
-        if worst is not None:
-            return denied(LimitKind.BUCKET, worst[1], worst[0])
+        tats = {b.name: self._tats[(check.tenant, b.name)] for b in check.buckets
+                if (check.tenant, b.name) in self._tats}  # fmt: skip
+        step = step_buckets(check.buckets, tats, now)
+        if step.denied is not None:
+            return denied(LimitKind.BUCKET, step.denied[1], step.denied[0])
         if not take:
             return QuotaResult(True, in_flight=in_flight, class_in_flight=class_in_flight)
-        self._tats.update(new_tats)
+        self._tats.update(((check.tenant, name), tat) for name, tat in step.new_tats)
         lease_id = check.lease_id or f"sim-{next(self._ids)}"
         self._leases[lease_id] = (check.tenant, check.klass)
         self._tenant_leases[check.tenant] += 1

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.core.fleet import CounterOp
-from sidecar.core.gcra import gcra_step
+from sidecar.core.gcra import step_buckets
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
 from sidecar.state.base import (
@@ -289,25 +289,16 @@ class MemoryQuotaStore:
         if check.max_concurrency is not None and in_flight >= check.max_concurrency:
             return denied(LimitKind.CONCURRENCY)
 
-        new_tats: list[tuple[tuple[str, str], float]] = []
-        worst: tuple[float, str] | None = None  # (retry_after_s, bucket) of the worst denial
-        for bucket in check.buckets:
-            key = (check.tenant, bucket.name)
-            step = gcra_step(
-                self._tats.get(key, now), now, bucket.cost, bucket.rate_per_s, bucket.burst
-            )
-            if not step.allowed:
-                if worst is None or step.retry_after_s > worst[0]:
-                    worst = (step.retry_after_s, bucket.name)
-            elif bucket.cost > 0:
-                new_tats.append((key, step.new_tat))
-        if worst is not None:
-            return denied(LimitKind.BUCKET, worst[1], worst[0])
+        tats = {b.name: self._tats[(check.tenant, b.name)] for b in check.buckets
+                if (check.tenant, b.name) in self._tats}  # fmt: skip
+        step = step_buckets(check.buckets, tats, now)
+        if step.denied is not None:
+            return denied(LimitKind.BUCKET, step.denied[1], step.denied[0])
         if not take:
             return QuotaResult(allowed=True, in_flight=in_flight, class_in_flight=class_in_flight)
 
-        for key, tat in new_tats:
-            self._store_tat(key, tat, now)
+        for name, tat in step.new_tats:
+            self._store_tat((check.tenant, name), tat, now)
         if not lease:
             return QuotaResult(allowed=True, in_flight=in_flight, class_in_flight=class_in_flight)
         lease_id = check.lease_id or new_lease_id()
