@@ -500,8 +500,11 @@ def test_sidecar_reads_triton_load_and_readiness(stack: LocalStack) -> None:
 
 # -- priority forwarding: Triton's own ordering shows it ------------------------------------
 
-QUEUED_BATCH = 24  # three Triton batches (max_batch_size 8) of 200 ms each
-BATCH_MS = 200.0
+# Three Triton batches (max_batch_size 8). 500 ms each: all 24 must be in Triton at once
+# before the interactive pair is sent, and on a loaded host the sidecar forwarding them took
+# longer than a 200 ms batch, so the first batch had ended before the last one arrived.
+QUEUED_BATCH = 24
+BATCH_MS = 500.0
 
 
 def triton_pending(stack: LocalStack) -> float:
