@@ -1,6 +1,6 @@
 """Shadow mode's I/O for `AdmissionService` (`service.shadow`); its rules: `core/shadow.py`.
 
-The enforced decision and the written policy's judgement run side by side (`asyncio.gather`),
+The enforced decision and the written policy's judgement run side by side (a task beside it),
 so a shadowed request waits for the slower of the two, not for both: the judgement is one
 plan, one load verdict and, unless shed for load, one acquire in the tenant's shadow space
 (sent in the same pipeline as the enforced acquire when both are ready in one loop tick).
@@ -52,6 +52,7 @@ class Service(Protocol):
 class ShadowJudge:
     def __init__(self, service: Service) -> None:
         self._service = service
+        self._giving_back: set[asyncio.Future[None]] = set()  # referenced until done
 
     async def decide(
         self,
@@ -88,9 +89,13 @@ class ShadowJudge:
             planned.tenant.name, planned.klass.name
         ):
             return await enforced(attrs)
-        real, (seen, deferred) = await asyncio.gather(
-            enforced(attrs), self._judge_written(shadowed, planned)
-        )
+        judged = asyncio.ensure_future(self._judge_written(shadowed, planned))
+        try:
+            real = await enforced(attrs)
+        except BaseException:  # cancelled (client or Envoy gone) or failed: never served
+            judged.add_done_callback(self._give_back_judged)
+            raise
+        seen, deferred = await judged
         if seen is not None:
             service.metrics.record_decision(seen, shadowed.policy.tenants, api, shadow=True)
         else:
@@ -104,6 +109,18 @@ class ShadowJudge:
             )
             seen = replace(seen, lease=None) if seen is not None else None
         return with_shadow(real, seen, deferred)
+
+    def _give_back_judged(self, judged: asyncio.Future[Seen]) -> None:
+        """The shadow lease of a request whose enforced decision never came, given back
+        once its judgement is done (else the lease keeper would renew it for ever)."""
+        if judged.cancelled() or judged.exception() is not None:
+            return  # an acquire cut short owes its own release (`AdmissionService._acquire`)
+        seen, _ = judged.result()
+        if seen is not None and seen.admitted and seen.lease is not None:
+            give_back = GiveBack(seen.lease.tenant, seen.charged, seen.lease)
+            task = asyncio.ensure_future(self._service._give_back(give_back))
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
 
     async def _judge_written(self, shadowed: ShadowedPolicy, planned: Admission) -> Seen:
         """The written policy's decision, its quota taken in the shadow space; never held."""

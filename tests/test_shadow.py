@@ -176,3 +176,44 @@ def test_shadow_leases_never_count_against_enforced_limits_and_end_with_their_re
     assert decisions[2].reason is Reason.OVER_CONCURRENCY
     assert during == [2, 2]  # the third's shadow lease was given back with its refusal
     assert after == [0, 0]
+
+
+def test_a_held_request_whose_client_leaves_gives_its_shadow_lease_back(tmp_path: Path) -> None:
+    """Enforced: the class holds while Triton's queue is deep. The written policy's judgement
+    took a shadow lease at arrival; the client leaves while held, so the shadow lease must be
+    given back too, not renewed for ever."""
+    from tests.test_service_overload import Backend
+
+    text = (
+        CLASSES.replace("max_wait_ms: 0", "max_wait_ms: 5000").replace(
+            "on_state_error: open}", "on_state_error: open, overload: {admit_below: 2}}"
+        )
+        + "tenants:\n"
+        + tenant("t", "", ", enforce: false")
+    )
+    backend = Backend(depth=6)
+    holder = PolicyHolder([write(tmp_path, {"p.yaml": text})])
+    store = MemoryQuotaStore()
+    service = AdmissionService(holder, store, Metrics(CollectorRegistry()), load=backend.view)
+
+    async def body() -> tuple[int, int, int]:
+        held = asyncio.create_task(service.check(_request("k-t"), "test"))
+        assert service.deferrer is not None
+        for _ in range(300):  # until the enforced request is held
+            if len(service.deferrer.queue) == 1:
+                break
+            await asyncio.sleep(0.01)
+        shadow_during = await store.in_flight(shadow_tenant("t"), None)
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        for _ in range(300):  # the give-back runs once the judgement is done
+            if await store.in_flight(shadow_tenant("t"), None) == 0:
+                break
+            await asyncio.sleep(0.01)
+        return (
+            shadow_during,
+            await store.in_flight(shadow_tenant("t"), None),
+            await store.in_flight("t", None),
+        )
+
+    assert asyncio.run(body()) == (1, 0, 0)
