@@ -252,7 +252,9 @@ def test_a_disconnected_clients_held_request_leaves_and_frees_its_slot(
         finally:
             busy.join()
     seen = {r[1] for rs in rounds for r in rs}
-    assert "TimeoutError" in seen and seen <= {"TimeoutError", 503}, rounds
+    # Held and gone (TimeoutError), told at once (503), or served in time once the busy flood
+    # drained (200): never anything else, and at least one was held.
+    assert "TimeoutError" in seen and seen <= {"TimeoutError", 503, 200}, rounds
     wait_for(
         lambda: (
             metric_value(stack.admin_url, "qos_hold_duration_seconds_count", result="cancelled")
