@@ -268,6 +268,10 @@ class AdmissionService(SharedReads, LeasedQuota):
         while isinstance(step, TakeQuota):
             if step.release_deadline_s is not None:
                 wait_s = step.release_deadline_s - self.clock()
+                if on_hold is not None:  # ext_proc: Envoy waits too; once per phase, so
+                    hold_s = step.admission.klass.max_wait_ms / 1000  # a hold after it too
+                    await on_hold(wait_s + hold_s)
+                    on_hold = None
                 await self._a_release_of(step.admission.tenant.name, wait_s)
             if slices.applies(step.admission.check):  # leased mode: sidecar/leased.py
                 result = await self.take_from_slices(step.admission.check)

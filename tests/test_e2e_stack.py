@@ -92,11 +92,12 @@ def write_policy(directory: Path) -> Path:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     require_binaries("envoy", "triton", "valkey")
     work = tmp_path_factory.mktemp("stack")
-    # A grace of 180 ms, not the default 100: on a loaded 2-core CI host the access-log entry
+    # A grace of 300 ms, not the default 100: on a loaded 2-core CI host the access-log entry
     # of a looping client's last request (flushed every 10 ms) took longer than 100 ms to be
     # released now and then; the loop test checks the mechanism, not the default's margin.
-    # It must stay under ext_proc's 250 ms message_timeout (Envoy answers 504 past it).
-    env = {"QOS_RELEASE_GRACE_MS": "180"}
+    # It is longer than ext_proc's 250 ms message_timeout on purpose: the sidecar extends
+    # Envoy's timeout while it waits (else the concurrency tests' 429s would be Envoy's 504s).
+    env = {"QOS_RELEASE_GRACE_MS": "300"}
     with LocalStack(work, write_policy(work / "policies"), modes=MODES, sidecar_env=env) as running:
         yield running
 
