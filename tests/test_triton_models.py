@@ -583,15 +583,15 @@ def test_ifb_a_request_joins_the_running_batch_and_leaves_when_it_is_done(
     """Static batching (`llm`) makes a request that arrives while a batch runs wait for all of
     it; in-flight batching lets it join at the next iteration and leave at its own end."""
     port = triton.http_port
-    long_ms = predicted_ms("llm_ifb", [100], [2000])
     with ThreadPoolExecutor(max_workers=2) as pool:
         long = pool.submit(generate, port, 100, 2000)
         wait_for(lambda: ifb_requests(triton, "active") == 1, "the long request running")
         short = generate(port, 100, 20)
         assert not long.done(), "the long request ended before the short one was sent"
         assert short.status == 200 and long.result().status == 200
+    # Static batching would end it with the long one, not before: the order is the proof (a
+    # wall-clock ratio to the predicted length failed on a loaded host).
     assert short.done_at < long.result().done_at
-    assert short.elapsed_ms < 0.25 * long_ms, (short.elapsed_ms, long_ms)
 
 
 def test_ifb_waiting_requests_join_best_priority_first(triton: TritonProcess) -> None:
