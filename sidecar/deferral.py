@@ -9,9 +9,10 @@ yet), and the model's requests in flight (the store's count at the last refresh,
 this replica admitted and minus what it saw end since). `pump()` runs after every load scrape,
 in-flight refresh and completion.
 
-A held call ends in one of three ways: admitted (True), its deadline passed (False), or it
-was cancelled because Envoy or the client gave up (the waiter leaves the queue at once and
-the cancellation propagates).
+A held call ends in one of three ways: admitted (True), its deadline passed (False; the
+queue hears of the expiry, which turns its band newest-first), or it was cancelled because
+Envoy or the client gave up (the waiter leaves the queue at once and the cancellation
+propagates).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Deferrer:
         try:
             return await asyncio.wait_for(future, timeout=max(0.0, deadline_s - self.clock()))
         except TimeoutError:
+            self.queue.remove(waiter.waiter_id, expired=True)  # its band turns newest-first
             return False
         finally:
             # Admitted, expired or cancelled (client gone): it leaves the queue now.
@@ -213,12 +215,7 @@ class Deferrer:
         served = view.served_models(now, self.stale_after_s)
         # Only this model's waiters: another model's are not ahead of it (own queue, own room).
         queue = self.queue.queue(model)
-        fairness = self.queue.fairness
-        here = (
-            None
-            if queue is None
-            else Elsewhere(queue.by_tenant(), {}, fairness.counter, fairness.work_of)
-        )
+        here = None if queue is None else queue.ahead_view()
         return Signals(
             model_signals, self.queue.waiting_by_rank(model), served, self.elsewhere(model), here
         )

@@ -229,3 +229,81 @@ def test_model_queues_serve_each_model_by_band_and_count_consistently(
         for rank in (1, 2, 3):
             expected = sum(x.model == model and x.rank <= rank for x in live.values())
             assert q.ahead_of(model, rank) == expected
+
+
+# -- adaptive LIFO: an expiry turns the band newest-first until it is empty -----------------
+
+
+def test_an_expiry_turns_its_band_newest_first_until_the_band_is_empty() -> None:
+    q = HoldQueues(0.0, BOUNDS)
+    old = [replace(w("a", "batch", deadline=float(i)), model="m") for i in range(4)]
+    for waiter in old:
+        assert q.push(waiter)
+    assert q.queue("m").peek() == old[0]  # oldest (earliest deadline) first
+    assert q.remove(old[0].waiter_id, expired=True) == old[0]
+    assert q.queue("m").newest_first() == frozenset({3})
+    new = replace(w("a", "batch", deadline=9.0), model="m")
+    q.push(new)
+    assert [q.pop("m") for _ in range(2)] == [new, old[3]]  # newest first now
+    assert q.pop("m") == old[2] and q.pop("m") == old[1]
+    assert q.queue("m") is None  # empty: nothing is standing any more
+    again = [replace(w("a", "batch", deadline=float(i)), model="m") for i in (5, 6)]
+    for waiter in again:
+        q.push(waiter)
+    assert q.queue("m").newest_first() == frozenset()
+    assert q.pop("m") == again[0]  # oldest first again
+
+
+def test_a_cancelled_waiter_is_no_expiry_and_other_bands_keep_their_order() -> None:
+    q = DeferralQueue(0.0, BOUNDS)
+    std = [w("a", "standard", deadline=float(i)) for i in range(3)]
+    bat = [w("a", "batch", deadline=float(i)) for i in range(3)]
+    for waiter in std + bat:
+        q.push(waiter)
+    q.remove(std[0].waiter_id)  # the client left: says nothing about the queue standing
+    assert q.newest_first() == frozenset()
+    q.remove(bat[0].waiter_id, expired=True)
+    assert q.newest_first() == frozenset({3})
+    assert [x.waiter_id for x in drain(q)] == [
+        std[1].waiter_id,
+        std[2].waiter_id,
+        bat[2].waiter_id,
+        bat[1].waiter_id,
+    ]
+
+
+def test_newest_first_changes_the_order_within_a_tenant_not_the_tenants_turns() -> None:
+    q = DeferralQueue(0.0, {"standard": 1000})
+    noisy = [w("noisy", deadline=float(i)) for i in range(20)]
+    quiet = [w("quiet", deadline=100.0 + i) for i in range(3)]
+    for waiter in noisy + quiet:
+        q.push(waiter)
+    q.remove(noisy[0].waiter_id, expired=True)
+    first = drain(q)[:6]
+    assert [x.tenant for x in first].count("quiet") == 3  # turns alternate as before
+    assert [x for x in first if x.tenant == "noisy"] == noisy[:-4:-1]  # its newest first
+    assert [x for x in first if x.tenant == "quiet"] == quiet[::-1]
+
+
+def test_a_new_arrival_in_a_newest_first_band_is_not_behind_its_own_tenants_waiters() -> None:
+    q = DeferralQueue(0.0, BOUNDS)
+    mine = [w("a", "batch", deadline=float(i)) for i in range(5)]
+    for waiter in mine:
+        q.push(waiter)
+    q.push(w("b", "interactive"))
+    assert q.ahead_view().ahead_of(3, "a") == 6  # a better band's one, and its own 5
+    q.remove(mine[0].waiter_id, expired=True)
+    assert q.ahead_view().ahead_of(3, "a") == 1  # only the better band's
+    assert q.ahead_view().ahead_of(2, "c") == 1  # another band: unchanged
+
+
+def test_left_waiters_do_not_pile_up_under_a_standing_backlog() -> None:
+    """Leaving is lazy; a tenant that is never empty must not keep every entry it had."""
+    q = DeferralQueue(0.0, {"standard": 100_000})
+    for i in range(2000):
+        q.push(w("a", deadline=float(i)))
+        if i >= 10:
+            assert q.pop() is not None  # a backlog of about 10, for ever
+    waiting = q._bands[2].per_tenant["a"]
+    assert waiting.count == 10
+    assert len(waiting.oldest) <= 2 * 10 + 17 and len(waiting.newest) <= 2 * 10 + 17

@@ -83,6 +83,9 @@ class Elsewhere:
     after: Mapping[int, Mapping[str, int]] = field(default_factory=dict)
     counter: Callable[[int, str], float] = _no_counter
     work: Callable[[int, str], float] = _unit_work  # a tenant's work per waiter
+    # Bands whose queue serves each tenant's newest waiter first (`core.queue`): a new
+    # arrival there goes before its own tenant's waiters, not after them.
+    newest_first: frozenset[int] = frozenset()
 
     def ahead_of(self, rank: int, tenant: str) -> int:
         """How many of them go before a request of band `rank` and `tenant` (module rules)."""
@@ -95,7 +98,7 @@ class Elsewhere:
                 elif band == rank:
                     for other, n in tenants.items():
                         if other == tenant:  # its own: a tie, whoever's id sorts first
-                            ahead += n if ties_win else 0
+                            ahead += n if ties_win and band not in self.newest_first else 0
                             continue
                         theirs, work = self.counter(rank, other), self.work(rank, other)
                         ahead += served_before(n, theirs, mine, work, ties_win=ties_win)

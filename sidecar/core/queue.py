@@ -14,7 +14,19 @@ Rules:
   so spreading requests over models buys no extra share. "Backlogged" and "idle" are across
   models too: a tenant waiting on any model is not lifted when it queues for another.
 - Within a tenant, the waiter with the smallest hybrid key goes first:
-  `deadline_s + alpha_s_per_unit * work` (alpha = 0 is earliest-deadline-first).
+  `deadline_s + alpha_s_per_unit * work` (alpha = 0 is earliest-deadline-first)...
+- ...until a waiter of the band EXPIRES (held its whole budget and was not let go). From then
+  until the band is next empty, the band serves each tenant's NEWEST waiter first (adaptive
+  LIFO, as in Facebook's "Fail at Scale"). An expiry proves the band's queue is standing:
+  the model drains its class more slowly than it arrives, and oldest-first then makes every
+  waiter wait nearly its whole budget, so that the ones admitted are late and a new arrival
+  after the overload waits behind a backlog that only expiries clear (issue 12: batch shed
+  for 6 s, and for over 90 s after a 45 s step, after the load fell back to 1x). Newest
+  first, the ones admitted have most of their budget left and the old ones expire, which
+  they would have done anyway. Tenants still take turns by their counters; only the order
+  within a tenant changes. An empty band has nothing standing, so it starts oldest-first
+  again. Nothing here is a threshold: the class's own `max_wait_ms` decides when a waiter
+  expires.
 - Each class has a bound on its waiters, counted over every model (the bound is on the
   sidecar's memory and on what it holds, not per model); a full class refuses new ones (the
   caller sheds).
@@ -28,7 +40,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from sidecar.core.fleet import CounterOp
+from sidecar.core.fleet import CounterOp, Elsewhere
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +142,19 @@ class Fairness:
 
 
 @dataclass(slots=True)
+class _Waiting:
+    """One tenant's waiters in one band, in both orders. Entries of waiters that left stay
+    in the heaps until they reach a top (lazy deletion: leaving is O(1))."""
+
+    oldest: list[tuple[float, int, Waiter]] = field(default_factory=list)  # (key, seq, w)
+    newest: list[tuple[int, Waiter]] = field(default_factory=list)  # (-seq, w)
+    count: int = 0
+
+
+@dataclass(slots=True)
 class _Band:
-    # tenant -> heap of (hybrid key, sequence, waiter)
-    per_tenant: dict[str, list[tuple[float, int, Waiter]]] = field(default_factory=dict)
+    per_tenant: dict[str, _Waiting] = field(default_factory=dict)
+    newest_first: bool = False  # a waiter expired since the band was last empty
 
 
 class DeferralQueue:
@@ -174,7 +196,7 @@ class DeferralQueue:
     def by_tenant(self) -> dict[int, dict[str, int]]:
         """Per band, per tenant, how many wait."""
         return {
-            rank: {tenant: len(heap) for tenant, heap in band.per_tenant.items()}
+            rank: {tenant: waiting.count for tenant, waiting in band.per_tenant.items()}
             for rank, band in self._bands.items()
             if band.per_tenant
         }
@@ -186,8 +208,11 @@ class DeferralQueue:
         band = self._bands.setdefault(waiter.rank, _Band())
         self.fairness.arrive(waiter.rank, waiter.tenant, waiter.work)
         key = waiter.deadline_s + self.alpha_s_per_unit * waiter.work
-        heap = band.per_tenant.setdefault(waiter.tenant, [])
-        heapq.heappush(heap, (key, next(self._sequence), waiter))
+        waiting = band.per_tenant.setdefault(waiter.tenant, _Waiting())
+        sequence = next(self._sequence)
+        heapq.heappush(waiting.oldest, (key, sequence, waiter))
+        heapq.heappush(waiting.newest, (-sequence, waiter))
+        waiting.count += 1
         self._by_id[waiter.waiter_id] = waiter
         self._per_class[waiter.klass] = self._per_class.get(waiter.klass, 0) + 1
         self._per_rank[waiter.rank] = self._per_rank.get(waiter.rank, 0) + 1
@@ -203,22 +228,32 @@ class DeferralQueue:
         chosen = self._choose()
         if chosen is None:
             return None
-        band, tenant, waiter = chosen
-        heapq.heappop(band.per_tenant[tenant])
+        band, _, waiter = chosen
         self._forget(band, waiter, charged_work=waiter.work)
         return waiter
 
-    def remove(self, waiter_id: int) -> Waiter | None:
-        """Take a waiter out (client gone, deadline passed); no counter is charged."""
+    def remove(self, waiter_id: int, *, expired: bool = False) -> Waiter | None:
+        """Take a waiter out (client gone, or `expired`: its budget passed while it waited);
+        no counter is charged. An expiry turns its band newest-first (module rules)."""
         waiter = self._by_id.get(waiter_id)
         if waiter is None:
             return None
         band = self._bands[waiter.rank]
-        heap = band.per_tenant[waiter.tenant]
-        heap[:] = [entry for entry in heap if entry[2].waiter_id != waiter_id]
-        heapq.heapify(heap)
+        band.newest_first = band.newest_first or expired
         self._forget(band, waiter)
         return waiter
+
+    def ahead_view(self) -> Elsewhere:
+        """These waiters as `Elsewhere` sees waiters: who would go before a new arrival
+        (`core.signals.Signals.here`), by the same counters, work and order as `pop`."""
+        fairness = self.fairness
+        return Elsewhere(
+            self.by_tenant(), {}, fairness.counter, fairness.work_of, self.newest_first()
+        )
+
+    def newest_first(self) -> frozenset[int]:
+        """The bands that now serve each tenant's newest waiter first."""
+        return frozenset(rank for rank, band in self._bands.items() if band.newest_first)
 
     def __iter__(self) -> Iterator[Waiter]:
         return iter(list(self._by_id.values()))
@@ -228,20 +263,44 @@ class DeferralQueue:
             band = self._bands[rank]
             if not band.per_tenant:
                 continue
+            heads = {
+                t: self._head(waiting, band.newest_first) for t, waiting in band.per_tenant.items()
+            }
             counter = self.fairness.counter
-            tenant = min(
-                band.per_tenant, key=lambda t: (counter(rank, t), band.per_tenant[t][0][:2])
-            )
-            return band, tenant, band.per_tenant[tenant][0][2]
+            tenant = min(heads, key=lambda t: (counter(rank, t), heads[t][0]))
+            return band, tenant, heads[tenant][1]
         return None
+
+    def _head(self, waiting: _Waiting, newest_first: bool) -> tuple[tuple[float, int], Waiter]:
+        """A tenant's next waiter in the band's order, with its sort key among tenants of
+        equal counters; the entries of waiters that left are dropped on the way."""
+        if newest_first:
+            while waiting.newest[0][1].waiter_id not in self._by_id:
+                heapq.heappop(waiting.newest)
+            negative_sequence, waiter = waiting.newest[0]
+            return (0.0, negative_sequence), waiter
+        while waiting.oldest[0][2].waiter_id not in self._by_id:
+            heapq.heappop(waiting.oldest)
+        key, sequence, waiter = waiting.oldest[0]
+        return (key, sequence), waiter
 
     def _forget(self, band: _Band, waiter: Waiter, charged_work: float = 0.0) -> None:
         del self._by_id[waiter.waiter_id]
         self._per_class[waiter.klass] -= 1
         self._per_rank[waiter.rank] -= 1
         self.fairness.leave(waiter.rank, waiter.tenant, charged_work)
-        if not band.per_tenant[waiter.tenant]:
+        waiting = band.per_tenant[waiter.tenant]
+        waiting.count -= 1
+        if max(len(waiting.oldest), len(waiting.newest)) > 2 * waiting.count + 16:  # bounded
+            alive = self._by_id
+            waiting.oldest = [e for e in waiting.oldest if e[2].waiter_id in alive]
+            waiting.newest = [e for e in waiting.newest if e[1].waiter_id in alive]
+            heapq.heapify(waiting.oldest)
+            heapq.heapify(waiting.newest)
+        if not waiting.count:
             del band.per_tenant[waiter.tenant]
+            if not band.per_tenant:
+                band.newest_first = False  # nothing standing: oldest first again
 
 
 class HoldQueues:
@@ -314,12 +373,13 @@ class HoldQueues:
             self._forget(waiter)
         return waiter
 
-    def remove(self, waiter_id: int) -> Waiter | None:
-        """Take a waiter out of whichever queue it is in; no counter is charged."""
+    def remove(self, waiter_id: int, *, expired: bool = False) -> Waiter | None:
+        """Take a waiter out of whichever queue it is in; no counter is charged. `expired`:
+        see `DeferralQueue.remove`."""
         model = self._model_of.get(waiter_id)
         if model is None:
             return None
-        waiter = self._queues[model].remove(waiter_id)
+        waiter = self._queues[model].remove(waiter_id, expired=expired)
         if waiter is not None:
             self._forget(waiter)
         return waiter

@@ -46,7 +46,6 @@ from dataclasses import dataclass, replace
 from sidecar.core import admission, tokens
 from sidecar.core.admission import Answer, Hold, HoldOutcome, QuotaFirst, TakeQuota
 from sidecar.core.decide import CompiledPolicy, compile_policy, refuse_unreadable
-from sidecar.core.fleet import Elsewhere
 from sidecar.core.kserve import Unreadable
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.shadow import compile_with_shadow
@@ -285,7 +284,7 @@ class Replay:
         if held is None:  # let go before its deadline
             return
         hold, index = held
-        waiter = self.queues.remove(waiter_id)
+        waiter = self.queues.remove(waiter_id, expired=True)
         model = waiter.model if waiter is not None else hold.admission.model or ""
         answer = admission.on_hold_end(
             hold, HoldOutcome.EXPIRED, self.signals(model), self.policy, now - hold.started_s
@@ -332,12 +331,7 @@ class Replay:
     def signals(self, model: str) -> Signals:
         """`Deferrer.signals`: the model's load and this replay's waiters for it."""
         queue = self.queues.queue(model)
-        fairness = self.queues.fairness
-        here = (
-            None
-            if queue is None
-            else Elsewhere(queue.by_tenant(), {}, fairness.counter, fairness.work_of)
-        )
+        here = None if queue is None else queue.ahead_view()
         return Signals(
             self._server(model).signals(), self.queues.waiting_by_rank(model), None, here=here
         )

@@ -1,0 +1,60 @@
+"""Adaptive LIFO through the service (issue 12): once a held request of a class expired, that
+class's queue serves each tenant's newest waiter first, until it is empty.
+
+The Triton view is scripted (`test_service_overload.Backend`); the benchmark's step run shows
+the effect on the real stack (`benchmarks/README.md`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar.core.types import Decision, Reason
+from tests.test_service_overload import Backend, make, queued, request
+
+
+def test_after_an_expiry_a_new_arrival_goes_before_the_older_waiters() -> None:
+    backend = Backend(depth=6, drain=20.0)  # 3 ahead at 20/s: 0.15 s, so every one is held
+    service, _ = make(backend, max_wait_ms=1500)
+    assert service.deferrer is not None
+    deferrer = service.deferrer
+
+    async def body() -> tuple[Decision, Decision, list[asyncio.Task[Decision]]]:
+        first = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 1)
+        await asyncio.sleep(1.0)
+        older = [asyncio.create_task(service.check(request(), "test")) for _ in range(2)]
+        await queued(service, 3)
+        expired = await asyncio.wait_for(first, 3.0)  # its 1.5 s passed; the others' not
+        assert not any(task.done() for task in older)
+        newest = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 3)
+        backend.depth = 3  # room for exactly one
+        deferrer.on_scrape()
+        admitted = await asyncio.wait_for(newest, 1.0)
+        return expired, admitted, older
+
+    expired, admitted, older = asyncio.run(body())
+    assert (expired.status, expired.reason) == (503, Reason.OVERLOADED)
+    assert admitted.reason is Reason.ADMITTED_DEFERRED
+    # asyncio.run cancelled the older ones, still held: they were not let go before it.
+    assert all(task.cancelled() for task in older)
+
+
+def test_without_an_expiry_the_oldest_goes_first() -> None:
+    backend = Backend(depth=6, drain=20.0)
+    service, _ = make(backend, max_wait_ms=1500)
+    assert service.deferrer is not None
+    deferrer = service.deferrer
+
+    async def body() -> tuple[Decision, asyncio.Task[Decision]]:
+        oldest = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 1)
+        newer = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 2)
+        backend.depth = 3
+        deferrer.on_scrape()
+        return await asyncio.wait_for(oldest, 1.0), newer
+
+    admitted, newer = asyncio.run(body())
+    assert admitted.reason is Reason.ADMITTED_DEFERRED
+    assert newer.cancelled()
