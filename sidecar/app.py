@@ -30,6 +30,8 @@ from prometheus_client import CollectorRegistry
 from sidecar.admin.http import build_admin_app
 from sidecar.admin.staleness import InFlightRefresher
 from sidecar.backends.triton import TritonEndpoint, TritonLoadMonitor
+from sidecar.core.holds import HoldBounds
+from sidecar.envoy import authz_grpc, authz_http, ext_proc
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import MAX_FIELD_BYTES, build_authz_app
@@ -154,6 +156,16 @@ class Sidecar:
         await self.service.store.close()
 
 
+def max_hold_ms(settings: Settings) -> dict[str, int]:
+    """Each transport's longest hold (core/holds.py), by the name its adapter decides as."""
+    check = settings.check_max_hold_ms
+    return {
+        authz_http.API: check,
+        authz_grpc.API: check,
+        ext_proc.API: settings.ext_proc_max_hold_ms,
+    }
+
+
 def make_monitor(settings: Settings, metrics: Metrics) -> TritonLoadMonitor | None:
     """The Triton load monitor, when the sidecar is told where Triton is."""
     if not settings.triton_urls:
@@ -181,6 +193,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         release_grace_s=settings.release_grace_ms / 1000,
         model_pod=settings.model_pod,
     )
+    service.hold_bounds = HoldBounds(max_hold_ms(settings))
     if monitor is not None and service.deferrer is not None:
         monitor.on_update = service.deferrer.on_scrape
     if monitor is not None:

@@ -43,6 +43,7 @@ from sidecar.core.decide import CompiledPolicy, decide, malformed
 from sidecar.core.degraded import degrade
 from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, explain
+from sidecar.core.holds import HoldBounds
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.signals import QUOTA_ONLY, Signals
@@ -87,14 +88,14 @@ class AdmissionService(SharedReads, LeasedQuota):
         model_pod: str | None = None,
         release_grace_s: float = 0.0,
     ) -> None:
-        # The policy's one home is its source (the app's PolicyHolder, which reloads it); a plain
-        # Policy is one that never changes. Nothing here keeps a copy.
+        # The policy lives in its source (the app's reloading PolicyHolder); no copy is kept.
         self._policy = FixedPolicy(policy) if isinstance(policy, Policy) else policy
         self.store, self.metrics = store, metrics
         self.tokens = TokenAccounting(metrics, store.charge, lambda: self.policy.tenants)
         self.usage = UsageLedger(metrics, lambda: self.policy.tenants, lambda: self.policy.models)
         self.peeks = QuotaPeeks(store, clock)  # is a request shed for load over its quota?
         self.shadow = ShadowJudge(self)  # rules not enforced, judged beside: core/shadow.py
+        self.hold_bounds = HoldBounds()  # each transport's longest hold (the app sets them)
         # Without a view of Triton (no endpoints configured) classes are admitted on quota
         # alone: treating "no signal" as saturated would shed everything forever.
         self._load = load
@@ -157,7 +158,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         `estimate` is the request's own cost, read from its body; without it the model's
         cost_per_request is charged. `policy` pins a snapshot (default: the current one)."""
         started = time.perf_counter()
-        compiled = policy or self.snapshot()
+        compiled = self.hold_bounds.view(policy or self.snapshot(), api)  # core/holds.py
         decision = await self.shadow.decide(
             compiled, attrs, estimate, lambda a: self._check(compiled, a, on_hold, estimate), api
         )

@@ -89,6 +89,11 @@ class Settings:
     # 50 ms still let one in 160 through on a loaded 2-core machine; a refusal that is real
     # comes 100 ms later, well within any Retry-After. 0: refuse at once.
     release_grace_ms: int = 100
+    # The longest a request is held on each transport (core/holds.py): a class's max_wait_ms
+    # is cut to it. ext_authz (HTTP, gRPC): below Envoy's check timeout (6 s shipped).
+    # ext_proc: at most the filter's max_message_timeout (30 s shipped) minus 0.5 s.
+    check_max_hold_ms: int = 5500
+    ext_proc_max_hold_ms: int = 29500
     log_level: str = "info"
     # Signs lease tokens (HMAC-SHA256). Empty: a random key per process, which only works for
     # one replica that never restarts while requests run: a lease granted by one process and
@@ -161,6 +166,8 @@ _HELP = {
     "triton_stale_ms": "age in ms after which Triton load signals count as stale",
     "queue_alpha_ms_per_unit": "held-request order: deadline + alpha x work; 0 is EDF",
     "release_grace_ms": "wait in ms for a release on its way before a concurrency 429",
+    "check_max_hold_ms": "longest hold in ms on ext_authz (HTTP, gRPC): under the check timeout",
+    "ext_proc_max_hold_ms": "longest hold in ms on ext_proc: max_message_timeout - 500",
     "log_level": "debug, info, warning or error",
     "lease_key": "secret that signs lease tokens; the same on every replica (default: random)",
     "auth_token": "token Envoy must send (x-qos-auth) on every authz, ext_proc and log call",
@@ -278,6 +285,9 @@ def load_settings(
         raise SettingsError("queue_alpha_ms_per_unit: must not be negative")
     if settings.release_grace_ms < 0:
         raise SettingsError("release_grace_ms: must not be negative")
+    for name in ("check_max_hold_ms", "ext_proc_max_hold_ms"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{name}: must not be negative")
     if settings.triton_stale_ms < settings.triton_scrape_ms:
         raise SettingsError("triton_stale_ms: must be at least triton_scrape_ms")
     if not settings.policy_path:

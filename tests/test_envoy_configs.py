@@ -333,6 +333,18 @@ def test_envoy_waits_longer_than_any_shipped_class_may_be_held() -> None:
     assert seconds(http["timeout"]) > longest_s
     assert seconds(grpc["timeout"]) > longest_s
     assert seconds(proc["max_message_timeout"]) >= longest_s + HOLD_MARGIN_S
+    # Whatever a policy says, the sidecar holds no longer than each transport allows.
+    from sidecar.settings import Settings
+
+    defaults = Settings()
+    assert seconds(http["timeout"]) > defaults.check_max_hold_ms / 1000
+    assert seconds(grpc["timeout"]) > defaults.check_max_hold_ms / 1000
+    assert (
+        seconds(proc["max_message_timeout"]) >= defaults.ext_proc_max_hold_ms / 1000 + HOLD_MARGIN_S
+    )
+    bootstrap = hcm_of(load(ENVOY_DIR / "bootstrap-ext-proc.yaml"))["http_filters"]
+    shipped = next(f for f in bootstrap if f["name"] == "envoy.filters.http.ext_proc")
+    assert shipped["typed_config"]["max_message_timeout"] == proc["max_message_timeout"]
 
 
 @pytest.mark.parametrize("mode", ["http", "grpc", "ext-proc"])

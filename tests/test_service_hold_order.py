@@ -1,5 +1,6 @@
-"""Adaptive LIFO through the service (issue 12): once a held request of a class expired, that
-class's queue serves each tenant's newest waiter first, until it is empty.
+"""Holds through the service (issue 12). Adaptive LIFO: once a held request of a class
+expired, that class's queue serves each tenant's newest waiter first, until it is empty. And
+each transport's longest hold (core/holds.py) cuts a class's max_wait_ms.
 
 The Triton view is scripted (`test_service_overload.Backend`); the benchmark's step run shows
 the effect on the real stack (`benchmarks/README.md`)."""
@@ -7,9 +8,16 @@ the effect on the real stack (`benchmarks/README.md`)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+from prometheus_client import CollectorRegistry
+
+from sidecar.core.holds import HoldBounds
 from sidecar.core.types import Decision, Reason
-from tests.test_service_overload import Backend, make, queued, request
+from sidecar.metrics import Metrics
+from sidecar.service import AdmissionService
+from sidecar.state.memory import MemoryQuotaStore
+from tests.test_service_overload import Backend, make, policy_with_overload, queued, request
 
 
 def test_after_an_expiry_a_new_arrival_goes_before_the_older_waiters() -> None:
@@ -58,3 +66,28 @@ def test_without_an_expiry_the_oldest_goes_first() -> None:
     admitted, newer = asyncio.run(body())
     assert admitted.reason is Reason.ADMITTED_DEFERRED
     assert newer.cancelled()
+
+
+def test_a_transport_holds_no_longer_than_its_bound() -> None:
+    """A class that may wait 5 s: a predicted wait of 2.07 s is held on ext_proc (bound 29.5
+    s) and answered at once on ext_authz HTTP (bound 1 s), with that wait as Retry-After."""
+    backend = Backend(depth=34, drain=15.0)  # (34 - 4 + 1) ahead at 15/s: 2.067 s
+    service = AdmissionService(
+        policy_with_overload(max_wait_ms=5000),
+        MemoryQuotaStore(),
+        Metrics(CollectorRegistry()),
+        load=backend.view,
+    )
+    service.hold_bounds = HoldBounds({"http": 1000, "ext_proc": 29500})
+
+    async def body() -> tuple[Decision, bool]:
+        shed = await service.check(request(), "http")
+        held = asyncio.create_task(service.check(request(), "ext_proc"))
+        await queued(service, 1)
+        return shed, not held.done()
+
+    shed, held = asyncio.run(body())
+    assert (shed.status, shed.reason) == (503, Reason.OVERLOADED)
+    assert json.loads(shed.body)["retry_after_ms"] == 2067
+    assert any("max_wait 1s" in step for step in shed.trace)
+    assert held
