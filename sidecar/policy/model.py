@@ -158,7 +158,9 @@ class ClassPolicy:
     rank: int = setting(Int(minimum=1), "1 is the most important.")
     latency_objective_ms: int = setting(Int(minimum=1), "The latency this class aims for.")
     max_wait_ms: int = setting(
-        Int(minimum=0), "How long a request may be held before it is served; 0: never held."
+        Int(minimum=0),
+        "How long a request may be held before it is served; 0: never held. At most "
+        "QOS_CHECK_MAX_HOLD_MS on ext_authz, QOS_EXT_PROC_MAX_HOLD_MS on ext_proc.",
     )
     triton_priority: int = setting(
         Int(minimum=1), "Triton dynamic_batching priority level; 1 is the highest."
