@@ -58,17 +58,18 @@ class HoldBounds:
         self._views: dict[tuple[int, str], tuple[CompiledPolicy, CompiledPolicy]] = {}
 
     def view(self, compiled: CompiledPolicy, api: str) -> CompiledPolicy:
-        """`compiled` as `api` sees it: every class's `max_wait_ms` at most its bound."""
-        bound = self.max_hold_ms.get(api)
-        written = compiled.written if isinstance(compiled, ShadowedPolicy) else None
-        policy = written.policy if written is not None else compiled.policy
-        if bound is None or not over_bound(policy, bound):
-            return compiled
+        """`compiled` as `api` sees it: every class's `max_wait_ms` at most its bound. Per
+        decision this is one lookup: the view (or `compiled` itself) is kept."""
         kept = self._views.get((id(compiled), api))
         if kept is not None and kept[0] is compiled:
             return kept[1]
+        bound = self.max_hold_ms.get(api)
+        written = compiled.written if isinstance(compiled, ShadowedPolicy) else None
+        policy = written.policy if written is not None else compiled.policy
+        view = compiled
+        if bound is not None and over_bound(policy, bound):
+            view = compile_with_shadow(bounded_holds(policy, bound))
         if len(self._views) >= self.KEPT:
             self._views.clear()
-        view = compile_with_shadow(bounded_holds(policy, bound))
         self._views[(id(compiled), api)] = (compiled, view)
         return view
