@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -167,11 +167,10 @@ def find_capacity(
     arrival: Arrival,
     seed: int,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Goodput of passthrough in requests/s: Poisson probes from 0.25x the saturated
-    throughput estimate, x1.25 each, until the worst class passes 1%; interpolated."""
+    """Goodput of passthrough in requests/s (`search_capacity`), each probe a Poisson load of
+    `mode.probe_s` seconds after the warm-up."""
     spec = SYSTEMS_BY_NAME["passthrough"]
     probes: list[dict[str, Any]] = []
-    points: list[tuple[float, float]] = []
 
     def probe(rate: float, i: int) -> float:
         res, _ = run_load(
@@ -196,31 +195,49 @@ def find_capacity(
         worst = float(stats["overall"]["worst_class_violation_pct"])
         probes.append({"rate_rps": round(rate, 3), "worst_class_violation_pct": worst})
         log(f"  capacity probe {rate:7.2f} req/s: worst class {worst:.2f}% violations")
-        points.append((rate, worst))
         return worst
 
-    rate = 0.3 * estimate_rps
-    i = 0
-    # Down until a probe passes, then up by 1.25x until one fails.
-    while probe(rate, i) > report.SLO_TARGET_PCT and i < 4:
+    return search_capacity(probe, 0.3 * estimate_rps), probes
+
+
+def search_capacity(probe: Callable[[float, int], float], start_rps: float) -> float:
+    """The highest rate whose worst class stays within the SLO target, from probes
+    (`probe(rate, i)`: the worst class's violation %, `i` a fresh seed offset each call):
+    down by halves from `start_rps` until a rate passes, then up by 1.25x until one fails;
+    interpolated between the last pass and the first failure.
+
+    A failure must reproduce: a rate over the target is probed again with another seed, and
+    its value is the lower of the two. At 10 req/s a probe holds about 100 requests, so one
+    late request in a host's hiccup is over 1%, and a single such probe ended the search at
+    C = 7.9 and 10.2 req/s on a host where 24 req/s had no violation at all."""
+    calls = iter(range(1_000_000))
+    target = report.SLO_TARGET_PCT
+
+    def judged(rate: float) -> float:
+        first = probe(rate, next(calls))
+        return first if first <= target else min(first, probe(rate, next(calls)))
+
+    points: list[tuple[float, float]] = []
+    rate, steps = start_rps, 0
+    while (value := judged(rate)) > target and steps < 4:
+        points.append((rate, value))
         rate /= 2.0
-        i += 1
-    while i < 14:
-        i += 1
-        rate = max(r for r, v in points if v <= report.SLO_TARGET_PCT) * 1.25
-        if probe(rate, i) > report.SLO_TARGET_PCT:
-            break
-    passed = [(r, v) for r, v in points if v <= report.SLO_TARGET_PCT]
-    if passed:
-        low = max(passed)
-        above = [(r, v) for r, v in points if r > low[0] and v > report.SLO_TARGET_PCT]
-        points = [low, min(above)] if above else [low]
-    if len(points) == 2 and points[0][1] <= report.SLO_TARGET_PCT:
-        (r0, v0), (r1, v1) = points
-        capacity = r0 + (report.SLO_TARGET_PCT - v0) / (v1 - v0) * (r1 - r0)
-    else:
-        capacity = min(points)[0]
-    return float(capacity), probes
+        steps += 1
+    points.append((rate, value))
+    while steps < 14 and value <= target:
+        steps += 1
+        rate = max(r for r, v in points if v <= target) * 1.25
+        value = judged(rate)
+        points.append((rate, value))
+    passed = [(r, v) for r, v in points if v <= target]
+    if not passed:
+        return min(points)[0]
+    low = max(passed)
+    above = [(r, v) for r, v in points if r > low[0] and v > target]
+    if not above:
+        return low[0]
+    (r0, v0), (r1, v1) = low, min(above)
+    return r0 + (target - v0) / (v1 - v0) * (r1 - r0)
 
 
 def write_records(path: Path, rows: list[tuple[str, str, Record]]) -> None:
