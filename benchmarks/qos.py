@@ -20,6 +20,7 @@ import argparse
 import csv
 import datetime as dt
 import gzip
+import itertools
 import json
 import math
 import signal
@@ -210,7 +211,7 @@ def search_capacity(probe: Callable[[float, int], float], start_rps: float) -> f
     its value is the lower of the two. At 10 req/s a probe holds about 100 requests, so one
     late request in a host's hiccup is over 1%, and a single such probe ended the search at
     C = 7.9 and 10.2 req/s on a host where 24 req/s had no violation at all."""
-    calls = iter(range(1_000_000))
+    calls = itertools.count()
     target = report.SLO_TARGET_PCT
 
     def judged(rate: float) -> float:
@@ -224,9 +225,9 @@ def search_capacity(probe: Callable[[float, int], float], start_rps: float) -> f
         rate /= 2.0
         steps += 1
     points.append((rate, value))
-    while steps < 14 and value <= target:
+    while steps < 14 and value <= target:  # `rate` passed: the highest yet
         steps += 1
-        rate = max(r for r, v in points if v <= target) * 1.25
+        rate *= 1.25
         value = judged(rate)
         points.append((rate, value))
     passed = [(r, v) for r, v in points if v <= target]

@@ -66,9 +66,8 @@ class HoldBounds:
         bound = self.max_hold_ms.get(api)
         written = compiled.written if isinstance(compiled, ShadowedPolicy) else None
         policy = written.policy if written is not None else compiled.policy
-        view = compiled
-        if bound is not None and over_bound(policy, bound):
-            view = compile_with_shadow(bounded_holds(policy, bound))
+        bounded = policy if bound is None else bounded_holds(policy, bound)
+        view = compiled if bounded is policy else compile_with_shadow(bounded)
         if len(self._views) >= self.KEPT:
             self._views.clear()
         self._views[(id(compiled), api)] = (compiled, view)
