@@ -26,8 +26,9 @@ latency are real. The next batch starts only when the longest generated sequence
 done.
 
 Each response has ``OUT_TOKENS`` (tokens in this response, per row; a request's responses sum
-to its ``generated``) and ``BATCH_MS`` (ms since the batch started, when the response was
-sent). ``PROMPT_TOKENS`` is clipped to [0, 32768], ``OUTPUT_TOKENS`` to [1, 2048] and
+to its ``generated``) and ``BATCH_MS`` (ms since the batch started, when the step that
+produced the response ended: one clock per step, the same for every stream of the batch).
+``PROMPT_TOKENS`` is clipped to [0, 32768], ``OUTPUT_TOKENS`` to [1, 2048] and
 ``eos_after_tokens`` to >= 1; a request with a negative input, or an ``eos_after_tokens`` that
 is not a non-negative JSON integer, gets one INVALID_ARG error response (HTTP 400 and an error
 event on generate_stream).
@@ -197,7 +198,10 @@ class TritonPythonModel:
             delay = deadline - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            # One reading per step: on a loaded host the sends themselves take milliseconds,
+            # and a clock read per send put two streams of one step 10 ms apart.
+            step_end_ms = (time.monotonic() - started) * 1000.0
             for stream in streams:
                 if not stream.done and (step % self.chunk_tokens == 0 or step == stream.last_step):
-                    stream.send(step, (time.monotonic() - started) * 1000.0)
+                    stream.send(step, step_end_ms)
         return None
