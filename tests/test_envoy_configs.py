@@ -278,7 +278,7 @@ def test_ext_proc_fails_closed_and_sends_what_the_sidecar_needs() -> None:
     assert config["failure_mode_allow"] is False
     assert config["status_on_error"] == {"code": "ServiceUnavailable"}
     assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == "qos_sidecar_grpc"
-    assert config["message_timeout"] == "0.25s"
+    assert config["message_timeout"] == "1s"
     assert config["processing_mode"] == {
         "request_header_mode": "SEND",
         "request_body_mode": "BUFFERED",
