@@ -99,7 +99,7 @@ class Deferrer:
         class queue answers False at once."""
         self.queue.max_waiters = self._bounds()  # follow policy reloads
         waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model, counted)
-        if not self.queue.push(waiter):
+        if not self.queue.push(waiter, self.clock()):
             return False
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._futures[waiter.waiter_id] = future
@@ -216,8 +216,14 @@ class Deferrer:
         # Only this model's waiters: another model's are not ahead of it (own queue, own room).
         queue = self.queue.queue(model)
         here = None if queue is None else queue.ahead_view()
+        paces = {} if queue is None else queue.paces(now)
         return Signals(
-            model_signals, self.queue.waiting_by_rank(model), served, self.elsewhere(model), here
+            model_signals,
+            self.queue.waiting_by_rank(model),
+            served,
+            self.elsewhere(model),
+            here,
+            paces,
         )
 
     def pump(self) -> int:
@@ -234,7 +240,7 @@ class Deferrer:
                 reserved = elsewhere.ahead_of(waiter.rank, waiter.tenant)
                 if not may_go(policy.classes.get(waiter.klass), signals, reserved):
                     break
-                self.queue.pop(model)
+                self.queue.pop(model, now)
                 future = self._futures.get(waiter.waiter_id)
                 if future is not None and not future.done():
                     future.set_result(True)

@@ -307,3 +307,44 @@ def test_left_waiters_do_not_pile_up_under_a_standing_backlog() -> None:
     waiting = q._bands[2].per_tenant["a"]
     assert waiting.count == 10
     assert len(waiting.oldest) <= 2 * 10 + 17 and len(waiting.newest) <= 2 * 10 + 17
+
+
+def test_a_band_has_a_pace_once_it_stands_and_loses_it_when_empty() -> None:
+    from sidecar.core.queue import PACE_KEPT
+
+    q = DeferralQueue(0.0, BOUNDS)
+    waiters = [w("a", "batch", deadline=100.0 + i) for i in range(PACE_KEPT + 10)]
+    for waiter in waiters:
+        q.push(waiter, now_s=0.0)
+    q.push(w("b", "interactive"), now_s=0.0)
+    q.pop(now_s=1.0)  # the interactive one
+    assert q.paces(2.0) == {}  # nothing expired: no band stands, none has a pace
+    q.pop(now_s=2.0)
+    q.pop(now_s=4.0)
+    q.remove(waiters[-1].waiter_id, expired=True)
+    pace = q.paces(6.0)
+    assert list(pace) == [3]  # the standing band only (the interactive one is empty)
+    assert (pace[3].let_go, pace[3].span_s) == (2, 6.0)  # 2 let go since it got busy at 0
+    assert pace[3].wait_s(3) == 12.0  # 4 to go, one per 3 s
+    for i in range(PACE_KEPT):  # then it quickens: only the last PACE_KEPT let-gos count
+        q.pop(now_s=10.0 + i * 0.1)
+    fast = q.paces(10.0 + PACE_KEPT * 0.1)[3]
+    assert fast.let_go == PACE_KEPT - 1 and abs(fast.span_s - PACE_KEPT * 0.1) < 1e-9
+    while q.pop(now_s=20.0) is not None:
+        pass
+    q.push(w("a", "batch"), now_s=30.0)
+    assert q.paces(31.0) == {}  # emptied: its pace starts again, and it no longer stands
+
+
+def test_a_standing_band_that_lets_nobody_go_predicts_a_growing_wait() -> None:
+    from sidecar.core.signals import BandPace, Signals
+
+    q = DeferralQueue(0.0, BOUNDS)
+    for i, tenant in enumerate(["a", "b", "c"]):
+        q.push(w(tenant, "batch", deadline=float(i)), now_s=0.0)
+    q.remove(next(iter(q)).waiter_id, expired=True)
+    for now, expected in ((1.0, 2.0), (4.0, 8.0)):  # 1 of the others ahead; none went
+        signals = Signals(None, q.waiting_by_rank(), here=q.ahead_view(), paces=q.paces(now))
+        assert signals.band_wait_s(3, "c") == expected
+    assert Signals(None).band_wait_s(3, "c") == 0.0  # no pace: no bound
+    assert BandPace(0, 0.0).wait_s(5) == 0.0

@@ -20,22 +20,22 @@ from sidecar.state.memory import MemoryQuotaStore
 from tests.test_service_overload import Backend, make, policy_with_overload, queued, request
 
 
-def test_after_an_expiry_a_new_arrival_goes_before_the_older_waiters() -> None:
+def test_after_an_expiry_the_newest_waiter_goes_before_the_older_ones() -> None:
     backend = Backend(depth=6, drain=20.0)  # 3 ahead at 20/s: 0.15 s, so every one is held
     service, _ = make(backend, max_wait_ms=1500)
     assert service.deferrer is not None
     deferrer = service.deferrer
 
-    async def body() -> tuple[Decision, Decision, list[asyncio.Task[Decision]]]:
+    async def body() -> tuple[Decision, Decision, asyncio.Task[Decision]]:
         first = asyncio.create_task(service.check(request(), "test"))
         await queued(service, 1)
         await asyncio.sleep(1.0)
-        older = [asyncio.create_task(service.check(request(), "test")) for _ in range(2)]
-        await queued(service, 3)
-        expired = await asyncio.wait_for(first, 3.0)  # its 1.5 s passed; the others' not
-        assert not any(task.done() for task in older)
+        older = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 2)
         newest = asyncio.create_task(service.check(request(), "test"))
         await queued(service, 3)
+        expired = await asyncio.wait_for(first, 3.0)  # its 1.5 s passed; the others' not
+        assert not older.done() and not newest.done()
         backend.depth = 3  # room for exactly one
         deferrer.on_scrape()
         admitted = await asyncio.wait_for(newest, 1.0)
@@ -44,8 +44,37 @@ def test_after_an_expiry_a_new_arrival_goes_before_the_older_waiters() -> None:
     expired, admitted, older = asyncio.run(body())
     assert (expired.status, expired.reason) == (503, Reason.OVERLOADED)
     assert admitted.reason is Reason.ADMITTED_DEFERRED
-    # asyncio.run cancelled the older ones, still held: they were not let go before it.
-    assert all(task.cancelled() for task in older)
+    # asyncio.run cancelled the older one, still held: it was not let go before the newest.
+    assert older.cancelled()
+
+
+def test_once_a_band_stands_an_arrival_is_shed_at_its_bands_pace() -> None:
+    """Nothing of the band was let go in the 1.5 s before an expiry, although the model
+    drains 20/s (better work takes it all): an arrival's wait is at least that long, over
+    its 1.5 s budget. Shed at once, Retry-After that wait, instead of held 1.5 s for nothing."""
+    backend = Backend(depth=6, drain=20.0)  # on the drain alone: 0.15 s, it would be held
+    service, _ = make(backend, max_wait_ms=1500)
+
+    async def body() -> tuple[Decision, Decision, float]:
+        first = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 1)
+        await asyncio.sleep(0.5)
+        held = asyncio.create_task(service.check(request(), "test"))  # held too
+        await queued(service, 2)
+        expired = await asyncio.wait_for(first, 3.0)  # the band stands; nothing went
+        started = asyncio.get_running_loop().time()
+        arrival = await service.check(request(), "test")
+        shed_in = asyncio.get_running_loop().time() - started
+        assert (await held).reason is Reason.OVERLOADED
+        return expired, arrival, shed_in
+
+    expired, arrival, shed_in = asyncio.run(body())
+    assert expired.reason is Reason.OVERLOADED
+    assert (arrival.status, arrival.reason) == (503, Reason.OVERLOADED)
+    assert shed_in < 0.5  # at once, not after its 1.5 s budget
+    retry_after_ms = json.loads(arrival.body)["retry_after_ms"]
+    assert retry_after_ms >= 1500, retry_after_ms  # at least the band's span, not 0.15 s
+    assert any("its band's pace" in line for line in arrival.trace), arrival.trace
 
 
 def test_without_an_expiry_the_oldest_goes_first() -> None:

@@ -37,7 +37,9 @@ its tenant nothing):
   else shed with 503.
 - Otherwise predict the wait from the observed drain rate: the requests ahead of this one (the
   queue above `admit_below`, or the in-flight count over the cap, plus the sidecar's own
-  waiters for the model, of the same or a better band) divided by completions per second. The
+  waiters for the model, of the same or a better band) divided by completions per second; and
+  never less than its band's pace gives (`Signals.band_wait_s`: the rate the sidecar has been
+  letting that band's waiters go, which is what better bands leave of the drain). The
   wait fits the class's `max_wait_ms`: defer (hold). It does not: relegate once, else shed at
   once with Retry-After = the predicted wait; a class that is not sheddable is admitted
   instead (it waits in Triton's queue, never refused). Nothing is held just to time out.
@@ -166,10 +168,12 @@ def judge_load(
     in_flight: int | None = None,
     reserved: int = 0,
     caps: Mapping[str, int | None] = NO_CAPS,
+    band_wait_s: float = 0.0,
 ) -> LoadVerdict:
     """The load rules of the module comment, for a new arrival of `klass`. `reserved`:
     waiters on other replicas that go before it, counted as already sent. `caps`: the
-    adaptive caps now (`ModelSignals.caps`)."""
+    adaptive caps now (`ModelSignals.caps`). `band_wait_s`: its wait at the pace its band's
+    waiters are let go (`Signals.band_wait_s`), the least wait predicted."""
     overload = effective_overload(klass, caps)
     if overload is None:
         return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
@@ -191,6 +195,9 @@ def judge_load(
     ahead = max(0, depth - overload.admit_below + 1, over_cap(cap, in_flight))
     ahead += waiting_ahead
     wait_s = ahead / drain_per_s if drain_per_s > 0 else math.inf
+    if band_wait_s > wait_s:
+        wait_s = band_wait_s
+        seen = f"{seen}, its band's pace"
     if overload.shed_above is not None and depth >= overload.shed_above:
         action = LoadAction.RELEGATE if can_relegate else LoadAction.SHED
         return LoadVerdict(action, wait_s, f"{seen} >= shed_above {overload.shed_above}", ahead)
@@ -234,6 +241,7 @@ def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
         in_flight=model.in_flight,
         reserved=signals.elsewhere.ahead_of(admission.klass.rank, admission.tenant.name),
         caps=model.caps,
+        band_wait_s=signals.band_wait_s(admission.klass.rank, admission.tenant.name),
     )
 
 

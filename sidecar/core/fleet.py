@@ -89,19 +89,25 @@ class Elsewhere:
 
     def ahead_of(self, rank: int, tenant: str) -> int:
         """How many of them go before a request of band `rank` and `tenant` (module rules)."""
+        better = sum(
+            sum(tenants.values())
+            for waiting in (self.first, self.after)
+            for band, tenants in waiting.items()
+            if band < rank
+        )
+        return better + self.ahead_in_band(rank, tenant)
+
+    def ahead_in_band(self, rank: int, tenant: str) -> int:
+        """How many of them in band `rank` itself go before a request of `tenant` there."""
         mine = self.counter(rank, tenant)
         ahead = 0
         for waiting, ties_win in ((self.first, True), (self.after, False)):
-            for band, tenants in waiting.items():
-                if band < rank:
-                    ahead += sum(tenants.values())
-                elif band == rank:
-                    for other, n in tenants.items():
-                        if other == tenant:  # its own: a tie, whoever's id sorts first
-                            ahead += n if ties_win and band not in self.newest_first else 0
-                            continue
-                        theirs, work = self.counter(rank, other), self.work(rank, other)
-                        ahead += served_before(n, theirs, mine, work, ties_win=ties_win)
+            for other, n in waiting.get(rank, {}).items():
+                if other == tenant:  # its own: a tie, whoever's id sorts first
+                    ahead += n if ties_win and rank not in self.newest_first else 0
+                    continue
+                theirs, work = self.counter(rank, other), self.work(rank, other)
+                ahead += served_before(n, theirs, mine, work, ties_win=ties_win)
         return ahead
 
 

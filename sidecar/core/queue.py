@@ -27,6 +27,15 @@ Rules:
   within a tenant changes. An empty band has nothing standing, so it starts oldest-first
   again. Nothing here is a threshold: the class's own `max_wait_ms` decides when a waiter
   expires.
+- Each band keeps its PACE: when its waiters were let go since it was last empty (the last
+  PACE_KEPT of them). Once the band stands (a waiter expired, as above), an arrival's
+  predicted wait is never shorter than its band's pace gives for the waiters ahead of it
+  there (`core.signals.BandPace`): the model may drain fast while better bands take all of
+  it, and a lower band's arrival, judged on the model's drain alone, is held its whole budget
+  and then shed (issue 12: batch held 5.5 s, then a 503 with Retry-After 1 s). At its band's
+  pace it is shed at once, with that wait as its Retry-After. Before an expiry the pace is
+  not used: a band busy for less than one budget has seen too little (a batch on the GPU
+  lets nobody go for its whole run, then several at once).
 - Each class has a bound on its waiters, counted over every model (the bound is on the
   sidecar's memory and on what it holds, not per model); a full class refuses new ones (the
   caller sheds).
@@ -37,10 +46,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sidecar.core.fleet import CounterOp, Elsewhere
+from sidecar.core.signals import BandPace
+
+PACE_KEPT = 32  # a band's pace is read over its last let-gos, at most this many
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +168,17 @@ class _Waiting:
 class _Band:
     per_tenant: dict[str, _Waiting] = field(default_factory=dict)
     newest_first: bool = False  # a waiter expired since the band was last empty
+    busy_since_s: float | None = None  # when it was last empty (None: no clock was given)
+    let_go: deque[float] = field(default_factory=lambda: deque(maxlen=PACE_KEPT))
+
+    def pace(self, now_s: float) -> BandPace | None:
+        """How fast its waiters went since it was last empty; None until it stands (module
+        rules)."""
+        if not self.per_tenant or self.busy_since_s is None or not self.newest_first:
+            return None
+        if len(self.let_go) == PACE_KEPT:  # the last PACE_KEPT - 1 let-gos after the oldest
+            return BandPace(PACE_KEPT - 1, now_s - self.let_go[0])
+        return BandPace(len(self.let_go), now_s - self.busy_since_s)
 
 
 class DeferralQueue:
@@ -201,11 +225,14 @@ class DeferralQueue:
             if band.per_tenant
         }
 
-    def push(self, waiter: Waiter) -> bool:
-        """Queue `waiter`; False (and nothing queued) when its class is at its bound."""
+    def push(self, waiter: Waiter, now_s: float | None = None) -> bool:
+        """Queue `waiter`; False (and nothing queued) when its class is at its bound. `now_s`:
+        the clock, for its band's pace (without it the band has none)."""
         if self._per_class.get(waiter.klass, 0) >= self.max_waiters.get(waiter.klass, 0):
             return False
         band = self._bands.setdefault(waiter.rank, _Band())
+        if not band.per_tenant:  # a busy period starts
+            band.busy_since_s = now_s
         self.fairness.arrive(waiter.rank, waiter.tenant, waiter.work)
         key = waiter.deadline_s + self.alpha_s_per_unit * waiter.work
         waiting = band.per_tenant.setdefault(waiter.tenant, _Waiting())
@@ -223,12 +250,15 @@ class DeferralQueue:
         chosen = self._choose()
         return chosen[2] if chosen else None
 
-    def pop(self) -> Waiter | None:
-        """Remove and return the next waiter to admit, charging its tenant's counter."""
+    def pop(self, now_s: float | None = None) -> Waiter | None:
+        """Remove and return the next waiter to admit, charging its tenant's counter; `now_s`
+        is when, for its band's pace."""
         chosen = self._choose()
         if chosen is None:
             return None
         band, _, waiter = chosen
+        if now_s is not None:
+            band.let_go.append(now_s)
         self._forget(band, waiter, charged_work=waiter.work)
         return waiter
 
@@ -250,6 +280,11 @@ class DeferralQueue:
         return Elsewhere(
             self.by_tenant(), {}, fairness.counter, fairness.work_of, self.newest_first()
         )
+
+    def paces(self, now_s: float) -> dict[int, BandPace]:
+        """Each standing band, and how fast its waiters have been let go (module rules)."""
+        found = {rank: band.pace(now_s) for rank, band in self._bands.items()}
+        return {rank: pace for rank, pace in found.items() if pace is not None}
 
     def newest_first(self) -> frozenset[int]:
         """The bands that now serve each tenant's newest waiter first."""
@@ -301,6 +336,8 @@ class DeferralQueue:
             del band.per_tenant[waiter.tenant]
             if not band.per_tenant:
                 band.newest_first = False  # nothing standing: oldest first again
+                band.busy_since_s = None  # and its pace starts again
+                band.let_go.clear()
 
 
 class HoldQueues:
@@ -350,9 +387,9 @@ class HoldQueues:
         """Per model, per band, per tenant, how many wait (what `core.fleet` shares)."""
         return {model: queue.by_tenant() for model, queue in self._queues.items()}
 
-    def push(self, waiter: Waiter) -> bool:
+    def push(self, waiter: Waiter, now_s: float | None = None) -> bool:
         """Queue `waiter` in its model's queue; False when its class is at its bound (over
-        every model)."""
+        every model). `now_s`: see `DeferralQueue.push`."""
         if self.waiting(waiter.klass) >= self.max_waiters.get(waiter.klass, 0):
             return False
         queue = self._queues.get(waiter.model)
@@ -360,15 +397,15 @@ class HoldQueues:
             queue = DeferralQueue(self.alpha_s_per_unit, {}, self.fairness)
             self._queues[waiter.model] = queue
         queue.max_waiters = self.max_waiters  # never the binding bound: the total is
-        queue.push(waiter)
+        queue.push(waiter, now_s)
         self._model_of[waiter.waiter_id] = waiter.model
         self._per_class[waiter.klass] = self.waiting(waiter.klass) + 1
         return True
 
-    def pop(self, model: str) -> Waiter | None:
+    def pop(self, model: str, now_s: float | None = None) -> Waiter | None:
         """The next waiter of `model`'s queue, charged to its tenant (see DeferralQueue)."""
         queue = self._queues.get(model)
-        waiter = None if queue is None else queue.pop()
+        waiter = None if queue is None else queue.pop(now_s)
         if waiter is not None:
             self._forget(waiter)
         return waiter

@@ -64,6 +64,23 @@ class ModelSignals:
 
 
 @dataclass(frozen=True, slots=True)
+class BandPace:
+    """How fast a band's waiters have been let go since the band was last empty: `let_go` of
+    them over the last `span_s` seconds (`core.queue`)."""
+
+    let_go: int
+    span_s: float
+
+    def wait_s(self, ahead: int) -> float:
+        """The wait of a new arrival with `ahead` of the band's waiters before it, at this
+        pace. None let go yet counts as one: all it says is that the pace is slower than one
+        per span, so the longer nobody goes, the longer the wait."""
+        if self.span_s <= 0:
+            return 0.0
+        return (ahead + 1) * self.span_s / max(self.let_go, 1)
+
+
+@dataclass(frozen=True, slots=True)
 class Signals:
     """The load a decision sees: its model's, and the sidecar's own waiters for that model
     per band (each model has its own hold queue: another model's waiters are not ahead)."""
@@ -77,6 +94,8 @@ class Signals:
     # This replica's waiters for the model per band and tenant, with the counters that order
     # them: when given, only those its queue serves first are ahead of an arrival.
     here: Elsewhere | None = None
+    # This replica's bands for the model that have waiters, and how fast they are let go.
+    paces: Mapping[int, BandPace] = field(default_factory=dict)
 
     def ahead_of(self, rank: int, tenant: str | None = None) -> int:
         """The model's waiters here that would be served before a new arrival of band `rank`
@@ -87,6 +106,19 @@ class Signals:
         if self.here is not None and tenant is not None:
             return self.here.ahead_of(rank, tenant)
         return sum(n for band, n in self.waiting.items() if band <= rank)
+
+    def band_wait_s(self, rank: int, tenant: str | None = None) -> float:
+        """The wait of a new arrival of band `rank` and `tenant` at the pace its band's
+        waiters here have been let go (0 while the band has none). A band that better bands
+        leave little room gets a long wait, though the model as a whole drains fast."""
+        pace = self.paces.get(rank)
+        if pace is None:
+            return 0.0
+        if self.here is not None and tenant is not None:
+            ahead = self.here.ahead_in_band(rank, tenant)
+        else:
+            ahead = self.waiting.get(rank, 0)
+        return pace.wait_s(ahead)
 
 
 QUOTA_ONLY = Signals(None)

@@ -231,7 +231,7 @@ class Replay:
             return
         model = planned.model or arrival.model
         step: TakeQuota | QuotaFirst | Hold | Answer
-        step = admission.judge(planned, self.signals(model), self.policy)
+        step = admission.judge(planned, self.signals(model, now), self.policy)
         if isinstance(step, QuotaFirst):
             step = admission.on_peek(step, self.quota.peek(step.admission.check, now))
         if isinstance(step, TakeQuota):
@@ -242,7 +242,7 @@ class Replay:
     def _take(self, index: int, take: TakeQuota, model: str, now: float) -> None:
         """The store's answer, then a hold, an answer, or a wait for a release (`on_quota`)."""
         result = self.quota.acquire(take.admission.check, now)
-        step = admission.on_quota(take, result, now, self.release_grace_s, self.signals(model))
+        step = admission.on_quota(take, result, now, self.release_grace_s, self.signals(model, now))
         if isinstance(step, TakeQuota):
             wait_id = next(self._ids)
             self._waits[wait_id] = (step, index, model)
@@ -269,9 +269,9 @@ class Replay:
             planned.cost,
             model,
         )
-        if not self.queues.push(waiter):  # the class's queue is full: over at once
+        if not self.queues.push(waiter, now):  # the class's queue is full: over at once
             answer = admission.on_hold_end(
-                hold, HoldOutcome.EXPIRED, self.signals(model), self.policy, 0.0
+                hold, HoldOutcome.EXPIRED, self.signals(model, now), self.policy, 0.0
             )
             self._perform(index, answer, model, now)
             return
@@ -287,7 +287,7 @@ class Replay:
         waiter = self.queues.remove(waiter_id, expired=True)
         model = waiter.model if waiter is not None else hold.admission.model or ""
         answer = admission.on_hold_end(
-            hold, HoldOutcome.EXPIRED, self.signals(model), self.policy, now - hold.started_s
+            hold, HoldOutcome.EXPIRED, self.signals(model, now), self.policy, now - hold.started_s
         )
         self._perform(index, answer, model, now)
 
@@ -299,10 +299,11 @@ class Replay:
                 klass = self.policy.classes.get(waiter.klass)
                 if not admission.may_go(klass, self._server(model).signals()):
                     break
-                self.queues.pop(model)
+                self.queues.pop(model, now)
                 hold, index = self._holds.pop(waiter.waiter_id)
+                signals, held_s = self.signals(model, now), now - hold.started_s
                 answer = admission.on_hold_end(
-                    hold, HoldOutcome.LET_GO, self.signals(model), self.policy, now - hold.started_s
+                    hold, HoldOutcome.LET_GO, signals, self.policy, held_s
                 )
                 self._perform(index, answer, model, now)
                 queue = self.queues.queue(model)
@@ -328,13 +329,13 @@ class Replay:
             server = self.servers[model] = ModelServer(self.server)
         return server
 
-    def signals(self, model: str) -> Signals:
+    def signals(self, model: str, now: float) -> Signals:
         """`Deferrer.signals`: the model's load and this replay's waiters for it."""
         queue = self.queues.queue(model)
         here = None if queue is None else queue.ahead_view()
-        return Signals(
-            self._server(model).signals(), self.queues.waiting_by_rank(model), None, here=here
-        )
+        paces = {} if queue is None else queue.paces(now)
+        waiting = self.queues.waiting_by_rank(model)
+        return Signals(self._server(model).signals(), waiting, None, here=here, paces=paces)
 
 
 def replay(
