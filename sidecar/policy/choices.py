@@ -41,9 +41,9 @@ class StaleAction(enum.Enum):
 class Protect(enum.Enum):
     """How hard a class's adaptive cap protects better-ranked classes (core/protect.py)."""
 
-    LATENCY = "latency"  # keep their latency at half their objective: smallest batches
-    BALANCED = "balanced"  # at 70% of it
-    THROUGHPUT = "throughput"  # at 90% of it: fullest batches, least margin
+    LATENCY = "latency"  # 95% of their latency under 60% of their objective: smallest batches
+    BALANCED = "balanced"  # under 80% of it
+    THROUGHPUT = "throughput"  # under all of it: fullest batches, least margin
 
 
 class RoutePriority(enum.Enum):

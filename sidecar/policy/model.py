@@ -1,14 +1,10 @@
 """The policy model: what a validated set of YAML files turns into, each field declared once.
 
-Every type here is a frozen dataclass with slots (`@section` makes it one) so a snapshot can be
-shared by every request in flight and replaced whole, in one assignment, by a reload. YAML keys
-are the field names below (a bucket's `rate` and `per` become `rate_per_s`). Rates are
-normalised to per-second when loaded; durations keep their unit in their name.
-
-Each attribute a policy file sets is declared once, with `setting(spec, description,
-default=...)`: its constraints, what it means, and its default. The loader's checks, the model
-builder, `policies/schema.json` and `docs/policy-reference.md` are all derived from these
-declarations (see `spec.py`); nothing else repeats them.
+Frozen dataclasses with slots (`@section`): a snapshot is shared by every request in flight and
+replaced whole by a reload. YAML keys are the field names (a bucket's `rate` and `per` become
+`rate_per_s`); rates are per second once loaded, durations keep their unit in their name. Each
+attribute is declared once, `setting(spec, description, default=...)`; the loader's checks, the
+builder, `policies/schema.json` and `docs/policy-reference.md` derive from it (`spec.py`).
 """
 
 from __future__ import annotations
@@ -97,8 +93,7 @@ class IdentityPolicy:
         "no tenant. Default: one api_key source reading x-api-key.",
         default=(IdentitySource(IdentitySourceKind.API_KEY, "x-api-key"),),
     )
-    # The header a client uses to *ask* for a class. The granted class goes upstream in
-    # DECISION_HEADERS and is never read back from the client.
+    # The granted class goes upstream in DECISION_HEADERS, never read back from the client.
     class_header: str = setting(
         HEADER_NAME, "The header a client uses to ask for a class.", default="x-qos-class"
     )
@@ -108,10 +103,9 @@ class IdentityPolicy:
 class OverloadPolicy:
     """Backend-aware admission of a class, by the queue depth Triton reports for the model.
 
-    Below `admit_below` (and under `max_in_flight`, if set) a request is admitted at once.
-    From `shed_above` (if set) the class is shed with 503 at once: it is sheddable. In between,
-    a request is deferred (held while it can still make its deadline), relegated, or shed when
-    it cannot.
+    Below `admit_below` (and under `max_in_flight`, if set): admitted at once. From `shed_above`
+    (if set): shed with 503 at once. In between: deferred (held while it can still make its
+    deadline), relegated, or shed when it cannot.
     """
 
     admit_below: int = setting(
@@ -144,10 +138,10 @@ class OverloadPolicy:
         Choice.of(Protect),
         "Adaptive cap on the model's requests in flight, instead of a fixed max_in_flight: "
         "it binds only while better-ranked classes send the model work, and follows the "
-        "latency they get against their objective (latency: keep it at 50%, balanced: 70%, "
-        "throughput: 90%), raised while this class is held back by it and cut when they come "
-        "close; admit_below and shed_above grow with it above its floor. A model's own "
-        "protect overrides the preset.",
+        "latency they get against their objective (95% of them under latency: 60%, balanced: "
+        "80%, throughput: 100% of it), raised while this class is held back by it and cut when "
+        "they come close; admit_below and shed_above grow with it above its floor. A model's "
+        "own protect overrides the preset.",
         default=None,
     )
 
@@ -203,7 +197,6 @@ class ClassPolicy:
     enforce: bool = setting(Bool(), ENFORCE_CLASS, default=True)
 
 
-# How many seconds each `per` value spans; buckets are stored with their rate per second.
 PER_SECONDS: Mapping[str, int] = MappingProxyType({"second": 1, "minute": 60})
 
 
