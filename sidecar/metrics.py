@@ -297,6 +297,10 @@ class Metrics:
         if decision.reason is Reason.MALFORMED and not shadow:
             self.malformed.labels(api).inc()
 
+    def completed(self, released: bool) -> None:
+        """A lease's release ran: it freed the lease, or found it freed already."""
+        self._child(self.completions, "released" if released else "already_released").inc()
+
     def observe_decision_seconds(self, api: str, seconds: float) -> None:
         self._child(self.decision_seconds, api).observe(seconds)
 

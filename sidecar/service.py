@@ -217,7 +217,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         if self.local_leases.pop(lease.lease_id, None) is not None:
             released = await self.local.release(lease, tombstone_s=self.policy.lease_ttl_s)
             self._released(lease.tenant)
-            self.metrics.completions.labels("released" if released else "already_released").inc()
+            self.metrics.completed(released)
             if self.deferrer is not None:
                 self.deferrer.pump()
             return released
@@ -235,7 +235,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         sent = None if self.deferrer is None else self.deferrer.in_flight_counts.release_starts()
         released = await self.releases.submit((lease, self.policy.lease_ttl_s))
         self._released(lease.tenant)
-        self.metrics.completions.labels("released" if released else "already_released").inc()
+        self.metrics.completed(released)
         if self.deferrer is not None:
             mine = lease.model is not None and lease.model_pod == self.model_pod
             if released and counted and mine:

@@ -19,7 +19,7 @@ from sidecar.core.usage import HOLD_S, UNATTRIBUTED, ComputeLedger
 from sidecar.metrics import UNKNOWN, Metrics
 
 MAX_TRITON_MODELS = 1024  # models learnt from Triton's pages, for labels: a bound, not a limit
-MAX_CACHED = 4096  # (tenant, model) pairs whose labelled children are kept
+MAX_CACHED = 4096  # (tenant, model) label pairs whose children are kept
 
 
 class UsageLedger:
@@ -36,7 +36,7 @@ class UsageLedger:
         self._tenants = tenants  # the policy's tenants
         self._models = models  # the policy's models
         self._served: set[str] = set()  # models seen on Triton's pages
-        self._cached: dict[tuple[str | None, str | None], tuple[Any, Any, Any]] = {}
+        self._cached: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._tenants_seen: Collection[str] | None = None
         self._paths: dict[str, str | None] = {}  # an HTTP path -> its model
         self.compute = ComputeLedger(hold_s)
@@ -51,27 +51,25 @@ class UsageLedger:
         return model if model in self._served or model in self._models() else UNKNOWN
 
     def _children(self, tenant: str | None, model: str | None) -> tuple[Any, Any, Any]:
-        """The (demand, requests, work seconds) children of a raw (tenant, model) pair. Cached
-        only once both are known labels: a pair that is `__unknown__` now (a model Triton has
-        not been scraped for yet) may be known later, and a client naming models at will must
-        not grow the cache."""
+        """The (demand, requests, work seconds) children of a raw (tenant, model) pair, kept
+        per label pair: a client naming models at will only ever reaches `__unknown__`, so
+        the cache is bounded by the policy's tenants and the models Triton serves."""
         tenants = self._tenants()
         if tenants is not self._tenants_seen:  # a policy reload: labels may have changed
             self._tenants_seen = tenants
             self._cached.clear()
-        key = (tenant, model)
-        found = self._cached.get(key)
+        labels = (self._tenant(tenant), self._model(model))
+        found = self._cached.get(labels)
         if found is not None:
             return found
-        labels = (self._tenant(tenant), self._model(model))
         series = self.series
         made = (
             series.demand.labels(*labels),
             series.requests.labels(*labels),
             series.work.labels(*labels),
         )
-        if UNKNOWN not in labels and len(self._cached) < MAX_CACHED:
-            self._cached[key] = made
+        if len(self._cached) < MAX_CACHED:
+            self._cached[labels] = made
         return made
 
     def asked(self, tenant: str | None, attrs: RequestAttributes) -> None:

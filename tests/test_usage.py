@@ -78,9 +78,13 @@ def test_labels_are_bounded(registry: CollectorRegistry) -> None:
     ledger.completed("heavy", "llm", 0.1)  # a policy model, never scraped
     assert value(registry, "qos_usage_requests_total", tenant="__unknown__", model="__unknown__")
     assert value(registry, "qos_usage_requests_total", tenant="heavy", model="llm") == 1
+    ledger.completed("light", "simgpu", 0.1)  # not scraped yet: unknown
     ledger.scraped("t0", {"simgpu": TritonCounters()})
     ledger.completed("light", "simgpu", 0.1)  # served by Triton: now a label
     assert value(registry, "qos_usage_requests_total", tenant="light", model="simgpu") == 1
+    for i in range(100):  # a client naming models at will grows nothing
+        ledger.completed("light", f"made-up-{i}", 0.1)
+    assert len(ledger._cached) == 4  # (label pairs) unknown x2, heavy/llm, light/simgpu
 
 
 def test_demand_counts_every_decision_with_a_tenant(registry: CollectorRegistry) -> None:

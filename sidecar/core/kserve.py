@@ -48,6 +48,7 @@ What happens for each kind of request:
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import struct
 import urllib.parse
@@ -102,6 +103,7 @@ _MODEL_NAME_FIELD = 1  # ModelInferRequest.model_name (tests check it against tr
 _LENGTH_DELIMITED = 2
 
 
+@functools.lru_cache(maxsize=4096)  # a decision reads its path three times; paths repeat
 def parse_path(path: str) -> tuple[Endpoint, str | None] | None:
     """The endpoint `path` calls and, over HTTP, its model (rules 1 to 3); None for a path
     that is not an inference call. A gRPC call's model is in its body: None here."""
