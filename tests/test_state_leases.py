@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 
+import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
@@ -132,6 +133,7 @@ def test_renew_never_brings_back_an_expired_lease(harness: Harness) -> None:
     harness.run(body)
 
 
+@pytest.mark.stack
 def test_redis_leaves_no_lease_key_behind(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
     """After release only the tombstone is left, and it expires on its own."""
 
