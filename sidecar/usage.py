@@ -38,7 +38,6 @@ class UsageLedger:
         self._served: set[str] = set()  # models seen on Triton's pages
         self._cached: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._tenants_seen: Collection[str] | None = None
-        self._paths: dict[str, str | None] = {}  # an HTTP path -> its model
         self.compute = ComputeLedger(hold_s)
         self.clock = clock
 
@@ -78,13 +77,7 @@ class UsageLedger:
         microseconds)."""
         if tenant is None:
             return
-        model = attrs.model
-        if model is None:  # parsing a path costs microseconds: once per path
-            model = self._paths.get(attrs.path, "")
-            if model == "":
-                model = model_of(attrs.path)
-                if len(self._paths) < MAX_CACHED:
-                    self._paths[attrs.path] = model
+        model = attrs.model if attrs.model is not None else model_of(attrs.path)  # memoized
         self._children(tenant, model)[0].inc()
 
     def completed(self, tenant: str | None, model: str | None, upstream_s: float) -> None:
