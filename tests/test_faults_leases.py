@@ -8,6 +8,7 @@ and, once the load stops, no lease is left in Valkey. Each test has its stack of
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -76,6 +77,10 @@ def lease_keys(stack: LocalStack) -> list[str]:
         return sorted(k for k in client.scan_iter("qos:*") if "leases" in k)
 
 
+def _refused_for_concurrency(reply: Reply) -> bool:
+    return reply.status == 429 and json.loads(reply.body).get("reason") == "over_concurrency"
+
+
 def restart_sidecar(stack: LocalStack) -> float:
     """SIGKILL is done by the caller; start the sidecar again on the same sockets or ports
     (Envoy's config names them) with the same lease key, which forgets every lease it was
@@ -97,7 +102,9 @@ def test_sidecar_killed_while_its_requests_end_gives_their_slots_back(stack: Loc
         running = [pool.submit(infer, url, api_key=key, delay_ms=2500) for _ in range(3)]
         # All slots taken: the next request is refused while they run.
         wait_for(lambda: leases_of(stack, "crash") == 3, 10, "the running requests' leases")
-        assert infer(url, api_key=key).json()["reason"] == "over_concurrency"
+        # A store call slower than `redis_timeout_ms` (50 ms) fails open for this class (no
+        # lease taken): on a loaded host one try can be admitted that way. Polled, not skipped.
+        wait_for(lambda: _refused_for_concurrency(infer(url, api_key=key)), 1.5, "a refusal")
         kill_sidecar(stack)
         done: list[Reply] = [f.result(timeout=30) for f in running]  # they end meanwhile
     print(f"\n[{mode}] running requests ended while the sidecar was down: "
