@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 import redis
@@ -1054,25 +1055,21 @@ def test_redis_each_call_is_one_script_whose_keys_share_one_hash_tag(
     calls: list[list[str]] = []
 
     async def body(store: RedisQuotaStore) -> None:
-        evalsha, eval_ = store._client.evalsha, store._client.eval
-        noscript: list[str] = []
+        # Every single-server call goes through the store's pipe (redis_pipe.py).
+        assert store._pipe is not None
+        execute = store._pipe.execute
 
-        async def spy(sha: str, numkeys: int, *keys_and_args: object) -> object:
-            try:
-                answer = await evalsha(sha, numkeys, *keys_and_args)  # type: ignore[arg-type]
-            except redis.exceptions.NoScriptError:  # its EVAL is the call: counted there
-                noscript.append(sha)
-                raise
-            calls.append([str(k) for k in keys_and_args[:numkeys]])
-            return answer
+        async def spy(commands: Sequence[Sequence[Any]]) -> list[Any]:
+            replies = await execute(commands)
+            for command, reply in zip(commands, replies, strict=True):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    continue  # its EVAL is the call: counted there
+                if command[0] in ("EVALSHA", "EVAL"):
+                    numkeys = int(command[2])
+                    calls.append([str(k) for k in command[3 : 3 + numkeys]])
+            return replies
 
-        async def spy_eval(source: str, numkeys: int, *keys_and_args: object) -> object:
-            answer = await eval_(source, numkeys, *keys_and_args)  # type: ignore[arg-type]
-            calls.append([str(k) for k in keys_and_args[:numkeys]])
-            return answer
-
-        store._client.evalsha = spy  # type: ignore[method-assign]
-        store._client.eval = spy_eval  # type: ignore[method-assign]
+        store._pipe.execute = spy  # type: ignore[method-assign]
         c = check(
             bucket("req"), bucket("tokens"), bucket("x:y"), tenant=tenant, klass="gold",
             model="llama", max_concurrency=5, max_class_concurrency=5,

@@ -22,6 +22,7 @@ from sidecar.core.types import LimitKind, RequestAttributes
 from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
 from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from sidecar.state.redis_pipe import _Replies
 from tests.core_fixtures import make_policy
 from tests.fixtures_valkey import ValkeyServer
 from tests.test_state_contract import FakeClock, Harness, check, lease_of, run_redis
@@ -55,7 +56,8 @@ def harness(request: pytest.FixtureRequest) -> Harness:
 
 @pytest.fixture
 def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many writes every Redis connection made (one per command, one per pipeline)."""
+    """How many writes every Redis connection made (one per command, one per pipeline), the
+    store's pipe (redis_pipe.py) included."""
     sent = [0]
     original = AbstractConnection.send_packed_command
 
@@ -64,6 +66,13 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         await original(self, *args, **kwargs)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    sends = _Replies.send  # the single-server store's own connection: one write per call
+
+    def counted_send(self: _Replies, *args: Any) -> None:
+        sent[0] += 1
+        sends(self, *args)
+
+    monkeypatch.setattr(_Replies, "send", counted_send)
     return sent
 
 

@@ -33,8 +33,8 @@ def check(lease_id: str) -> QuotaCheck:
 def drop_first_answer(store: RedisQuotaStore, *, after_running: bool) -> list[int]:
     """Make the next script call fail with a connection error: before it reached the server,
     or (`after_running`) after the server ran it and before its answer came back."""
-    client: Any = store._client
-    real, calls = client.evalsha, [0]
+    pipe: Any = store._pipe  # every single-server call goes through it (redis_pipe.py)
+    real, calls = pipe.execute, [0]
 
     async def flaky(*args: Any) -> Any:
         calls[0] += 1
@@ -44,7 +44,7 @@ def drop_first_answer(store: RedisQuotaStore, *, after_running: bool) -> list[in
             raise RedisConnectionError("Connection closed by server.")
         return await real(*args)
 
-    client.evalsha = flaky
+    pipe.execute = flaky
     return calls
 
 

@@ -33,6 +33,7 @@ from sidecar.state.base import (
     validate_tenant,
 )
 from sidecar.state.keys import KeyKind, build_key, build_model_key
+from sidecar.state.redis_pipe import RedisPipe
 from sidecar.state.scripts import ACQUIRE, IN_FLIGHT, MODEL_LEASE, RELEASE, LuaScript
 
 # What one more script adds to the deadline of a pipelined call: about 4x what the server and
@@ -137,6 +138,7 @@ def acquire_result(
 
 class Pipelines:
     _client: Redis | RedisCluster
+    _pipe: RedisPipe | None  # single mode's own connection (redis_pipe.py), else redis-py
     _timeout_s: float
 
     def _model_set_failed(self, operation: str, model_key: str, error: BaseException) -> None:
@@ -295,20 +297,36 @@ class Pipelines:
         cluster, everything, so that the next call reads the slot map again (what redis-py's
         cluster pipeline does itself when it raises)."""
         if isinstance(self._client, Redis):
-            await self._client.connection_pool.disconnect(inuse_connections=False)
+            await self._forget_idle()
         else:
             await self._client.aclose()
 
+    async def _forget_idle(self) -> None:
+        """One server: its connection and every idle pooled connection, as old as the one
+        that failed, are dropped; the next call connects afresh."""
+        if self._pipe is not None:
+            self._pipe.drop()
+        if isinstance(self._client, Redis):
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+
     async def _pipeline(self, calls: Sequence[Call], *, source: bool = False) -> list[Any]:
         """EVALSHA (EVAL when `source`) of each call, in one pipeline."""
+        if self._pipe is not None:
+            return await self._pipe.execute([script_command(call, source) for call in calls])
         async with self._client.pipeline(transaction=False) as pipe:
-            for script, keys, args in calls:
+            for call in calls:
                 # Not `pipe.evalsha`: redis-py's cluster pipeline refuses that helper (for its
                 # NOSCRIPT handling, which `_run_many` does itself); the command routes by
                 # its keys (one slot) like any other.
-                name, body = ("EVAL", script.source) if source else ("EVALSHA", script.sha)
-                pipe.execute_command(name, body, len(keys), *keys, *args)
+                pipe.execute_command(*script_command(call, source))
             return list(await pipe.execute(raise_on_error=False))
+
+
+def script_command(call: Call, source: bool = False) -> tuple[Any, ...]:
+    """The EVALSHA (EVAL when `source`) command of one script call."""
+    script, keys, args = call
+    name, body = ("EVAL", script.source) if source else ("EVALSHA", script.sha)
+    return (name, body, len(keys), *keys, *args)
 
 
 def _connection_lost(reply: Any) -> bool:
