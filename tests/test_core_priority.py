@@ -173,6 +173,7 @@ def test_any_json_object_changes_only_in_parameters_priority(
     indent: int | None,
     ascii_only: bool,
 ) -> None:
+    request.pop("parameters", None)  # `parameters` below decides it (hypothesis drew this key)
     if parameters is not None:
         request["parameters"] = parameters
     body = json.dumps(request, indent=indent, ensure_ascii=ascii_only).encode()
@@ -351,3 +352,62 @@ def test_any_model_infer_request_changes_only_in_parameters_priority(
     (message,) = unframe(rewritten)
     original.parameters["priority"].CopyFrom(service_pb2.InferParameter(int64_param=priority))
     assert service_pb2.ModelInferRequest.FromString(message) == original
+
+
+# -- rule 6: the class's Triton timeout beside its priority --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "parameters"),
+    [
+        (b'{"inputs":[]}', {"priority": 2, "timeout": 150000}),
+        (b'{"parameters":{"priority":9},"inputs":[]}', {"priority": 2, "timeout": 150000}),
+        (  # the client's own timeout is replaced, its other parameters kept
+            b'{"inputs":[],"parameters":{"timeout":99999999,"x":"y"}}',
+            {"timeout": 150000, "priority": 2, "x": "y"},
+        ),
+    ],
+)
+def test_json_gets_the_classes_timeout_in_microseconds(
+    body: bytes, parameters: dict[str, Any]
+) -> None:
+    rewrite = rewrite_body(INFER, {"content-type": JSON}, body, 2, 150)
+    assert rewrite.result is RewriteResult.REWRITTEN and rewrite.body is not None
+    doc = json.loads(rewrite.body)
+    assert doc["parameters"] == parameters
+    assert doc["inputs"] == []
+    assert dict(rewrite.headers)["content-length"] == str(len(rewrite.body))
+
+
+def test_no_timeout_without_the_classes_setting() -> None:
+    rewrite = rewrite_body(INFER, {"content-type": JSON}, b'{"inputs":[]}', 2)
+    assert rewrite.body is not None
+    assert json.loads(rewrite.body)["parameters"] == {"priority": 2}
+
+
+def test_grpc_gets_the_timeout_as_int64_microseconds() -> None:
+    original = infer_request(timeout=service_pb2.InferParameter(int64_param=5))
+    rewrite = rewrite_body(
+        GRPC_MODEL_INFER_PATH, {"content-type": GRPC}, frame(original.SerializeToString()), 1, 40
+    )
+    assert rewrite.body is not None
+    (message,) = unframe(rewrite.body)
+    parsed = service_pb2.ModelInferRequest.FromString(message)
+    assert parsed.parameters["timeout"].WhichOneof("parameter_choice") == "int64_param"
+    assert parsed.parameters["timeout"].int64_param == 40000
+    assert parsed.parameters["priority"].int64_param == 1
+
+
+def test_binary_tensors_get_the_timeout_in_their_json_header() -> None:
+    tensor = b'{"name":"X","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":3}}'
+    header = b'{"inputs":[' + tensor + b"]}"
+    headers = {"content-type": "application/octet-stream", INFER_HEADER_LENGTH: str(len(header))}
+    rewrite = rewrite_body(INFER, headers, header + b"abc", 1, 7)
+    assert rewrite.body is not None and rewrite.body.endswith(b"abc")
+    new_length = int(dict(rewrite.headers)[INFER_HEADER_LENGTH])
+    assert json.loads(rewrite.body[:new_length])["parameters"] == {"priority": 1, "timeout": 7000}
+
+
+def test_a_timeout_is_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        rewrite_body(INFER, {"content-type": JSON}, b'{"inputs":[]}', 1, 0)

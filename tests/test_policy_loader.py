@@ -438,7 +438,8 @@ def test_policy_version_frames_names_and_contents() -> None:
 
 ALLOWED_CLASS_KEYS = (
     "rank, latency_objective_ms, max_wait_ms, triton_priority, on_state_error, "
-    "concurrency_retry_after_ms, overload, relegate_to, max_queued, route_priority, enforce"
+    "concurrency_retry_after_ms, overload, relegate_to, max_queued, route_priority, "
+    "triton_timeout_ms, enforce"
 )
 SHA_HINT = "must be 64 hex digits (the SHA-256 digest of the key, not the key itself)"
 HEADER_HINT = "must be a header name (letters, digits and !#$%&'*+-.^_`|~)"

