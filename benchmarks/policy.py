@@ -77,6 +77,7 @@ def write_policy(
     overload_scale: float = 1.0,
     max_in_flight: float = MAX_IN_FLIGHT,
     protect: str = "none",
+    triton_timeout: bool = True,
 ) -> Path:
     if variant not in POLICY_VARIANTS:
         raise ValueError(f"policy variant {variant!r}: expected one of {POLICY_VARIANTS}")
@@ -90,6 +91,11 @@ def write_policy(
         "classes": {
             c.name: _class_doc(
                 c, classes, variant, batch_size * overload_scale, batch_size, max_in_flight, protect
+            )
+            | (
+                {"triton_timeout_ms": _deadline_ms(c)}
+                if triton_timeout and variant != "quota"
+                else {}
             )
             for c in classes.values()
         },
@@ -145,7 +151,7 @@ def _class_doc(
 ) -> dict[str, object]:
     doc: dict[str, object] = {
         "rank": c.priority,
-        "latency_objective_ms": max(1, round(c.deadline_s * 1000)),
+        "latency_objective_ms": _deadline_ms(c),
         "max_wait_ms": 0,
         "triton_priority": c.priority,
         "on_state_error": "open",
@@ -167,6 +173,12 @@ def _class_doc(
     if variant != "norelegate" and c.name == "standard" and "batch" in classes:
         doc["relegate_to"] = "batch"
     return doc
+
+
+def _deadline_ms(c: ClassSpec) -> int:
+    """The class's deadline as its latency objective; also its Triton queue timeout (ext_proc
+    mode: a request still queued in Triton past its deadline has missed it, and is not run)."""
+    return max(1, round(c.deadline_s * 1000))
 
 
 def tenant_quotas(policy_path: Path, tenants: Sequence[TenantSpec]) -> dict[str, Quota]:

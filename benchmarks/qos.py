@@ -345,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         help="adaptive caps on standard and batch (overload.protect), --max-in-flight their floor",
     )
     parser.add_argument(
+        "--triton-timeout",
+        choices=("objective", "none"),
+        default="objective",
+        help="each class's triton_timeout_ms in the generated policy: its deadline (ext_proc "
+        "writes it into the body; Triton then drops a request still queued past it), or none",
+    )
+    parser.add_argument(
         "--systems", help="comma-separated subset of: " + ",".join(s.name for s in SYSTEMS)
     )
     parser.add_argument("--loads", help="comma-separated multiples of C")
@@ -449,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                         overload_scale=args.overload_scale,
                         max_in_flight=args.max_in_flight,
                         protect=args.protect,
+                        triton_timeout=args.triton_timeout == "objective",
                     )
                 policy_dir = backend.policy_dirs["full"]
             quotas = tenant_quotas(policy_dir, config.tenants)
