@@ -149,12 +149,21 @@ def _set_params(text: str, values: dict[str, float]) -> str:
     return text.rstrip() + "\n" + "\n".join(lines) + "\n"
 
 
-def _copy_model(kind: ModelKind, target: Path, name: str, speed: float, source_repo: Path) -> None:
+def _copy_model(
+    kind: ModelKind, target: Path, name: str, speed: float, source_repo: Path, instances: int = 1
+) -> None:
     source = source_repo / kind.name
     shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
     config = target / name / "config.pbtxt"
     text = config.read_text()
     text = re.sub(r'^name:\s*"[^"]*"', f'name: "{name}"', text, count=1, flags=re.M)
+    text, found = re.subn(
+        r"instance_group \[ \{ kind: KIND_CPU, count: \d+ \} \]",
+        f"instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]",
+        text,
+    )
+    if found != 1:
+        raise ValueError(f"{config}: expected one KIND_CPU instance_group line")
     if kind.llm_like:
         values = dict(kind.params) | {"speed": speed}
     else:  # simgpu has no speed: divide its durations instead
@@ -168,15 +177,18 @@ def make_model_repo(
     speed: float,
     silo_classes: Sequence[str] = (),
     source_repo: Path = MODEL_REPO,
+    instances: int = 1,
 ) -> Path:
-    """Write a model repository under ``target``: the model at ``speed``, and one copy per
-    class in ``silo_classes`` at ``speed / len(silo_classes)``."""
+    """Write a model repository under ``target``: the model at ``speed`` with ``instances``
+    instances (simulated devices), and one copy per class in ``silo_classes`` with one
+    instance at ``speed * instances / len(silo_classes)``: the silos together have the
+    shared model's hardware. With as many instances as classes, each silo is one full-speed
+    device of its own (QoServe's siloed deployment against the same devices shared)."""
     target.mkdir(parents=True, exist_ok=True)
-    _copy_model(kind, target, kind.name, speed, source_repo)
+    _copy_model(kind, target, kind.name, speed, source_repo, instances)
     for klass in silo_classes:
-        _copy_model(
-            kind, target, silo_name(kind.name, klass), speed / len(silo_classes), source_repo
-        )
+        silo_speed = speed * instances / len(silo_classes)
+        _copy_model(kind, target, silo_name(kind.name, klass), silo_speed, source_repo)
     return target
 
 

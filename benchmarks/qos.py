@@ -345,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         help="adaptive caps on standard and batch (overload.protect), --max-in-flight their floor",
     )
     parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="simulated devices (Triton instances) of the shared model; the siloed baseline "
+        "splits the same devices among the classes (3: one full-speed device per class, as "
+        "QoServe compares)",
+    )
+    parser.add_argument(
         "--triton-timeout",
         choices=("objective", "none"),
         default="objective",
@@ -405,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(config, slo_scale=scale)
     deadlines = {n: c.deadline_s for n, c in config.classes.items()}
     log(
-        f"model {model.name} at speed {speed:.3f} (saturated throughput about"
-        f" {args.target_throughput:.0f} req/s); SLO scale factor {scale:g}: deadlines "
-        + ", ".join(f"{n} {d:g}s" for n, d in deadlines.items())
+        f"model {model.name} at speed {speed:.3f}, {args.instances} instance(s) (saturated"
+        f" throughput about {args.target_throughput:.0f} req/s each); SLO scale factor"
+        f" {scale:g}: deadlines " + ", ".join(f"{n} {d:g}s" for n, d in deadlines.items())
     )
     log(f"results in {out}")
 
@@ -417,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="qos-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        repo = make_model_repo(model, tmp / "models", speed, silo_classes=CLASS_NAMES)
+        repo = make_model_repo(
+            model, tmp / "models", speed, silo_classes=CLASS_NAMES, instances=args.instances
+        )
         need_valkey = any(s.sidecar_mode for s in systems)
         with (
             TritonProcess(repo, tmp / "work") as triton,
@@ -618,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 1),
         "model": model.name,
         "model_speed": round(speed, 4),
+        "model_instances": args.instances,
         "target_saturated_throughput_rps": args.target_throughput,
         "lone_request_ms_measured": round(lone_ms, 2),
         "slo_scale": scale,
@@ -671,7 +682,8 @@ def _report_md(
     meta = results["meta"]
     return (
         f"# QoS benchmark, {meta['mode']} mode ({meta['started']})\n\n"
-        f"Model `{meta['model']}` (simulated) at speed {meta['model_speed']}, "
+        f"Model `{meta['model']}` (simulated) at speed {meta['model_speed']}"
+        f" x {meta.get('model_instances', 1)} instance(s), "
         f"C = {meta['capacity_rps']} req/s (passthrough goodput), SLO scale factor "
         f"{meta['slo_scale']} (deadlines "
         + ", ".join(f"{k} {v:g}s" for k, v in meta["deadlines_s"].items())

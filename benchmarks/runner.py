@@ -77,7 +77,8 @@ SYSTEMS: tuple[SystemSpec, ...] = (
     ),
     SystemSpec(
         "siloed",
-        "one model per class, each 1/3 of the speed (client targets /v2/models/<m>_<class>)",
+        "one model per class sharing the shared model's devices (--instances; 1: each 1/3 of"
+        " its speed, 3: one full-speed device each); the client targets /v2/models/<m>_<class>",
         "passthrough",
         gen=GenOptions(siloed=True),
     ),
