@@ -19,6 +19,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from devstack.procs import ValkeyProcess
 from sidecar.core.types import BucketCheck, QuotaCheck
 from sidecar.errors import StateUnavailable
+from sidecar.state import redis_pipe
 from sidecar.state.redis_pipe import RedisPipe
 from sidecar.state.redis_store import RedisQuotaStore
 from tests.fixtures_valkey import ValkeyServer
@@ -104,20 +105,47 @@ def test_a_stalled_servers_late_replies_never_reach_a_later_caller(
             assert await pipe.execute([("SET", "pipe:n", "1")]) == [b"OK"]
             valkey.pause()
             try:
-                waiting = asyncio.ensure_future(pipe.execute([("GET", "pipe:n")]))
-                await asyncio.sleep(0.05)
-                with pytest.raises(TimeoutError):
-                    async with asyncio.timeout(0.2):
-                        await pipe.execute([("ECHO", "given up")])
-                # The caller that gave up dropped the connection: the other waiting one
-                # fails at once instead of waiting on a server that does not answer.
+                for command in (("GET", "pipe:n"), ("ECHO", "given up")):
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.2):
+                            await pipe.execute([command])
+            finally:
+                valkey.resume()
+            # The same connection: the two replies owed to callers that left are read and
+            # thrown away, and each later caller gets its own.
+            assert await pipe.execute([("ECHO", "mine")]) == [b"mine"]
+            assert await pipe.execute([("GET", "pipe:n"), ("ECHO", "x")]) == [b"1", b"x"]
+        finally:
+            await pipe.aclose()
+
+    run(main())
+
+
+def test_a_server_owing_too_many_replies_is_dropped(
+    valkey: ValkeyServer,
+    run: Callable[[Coroutine[Any, Any, None]], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(redis_pipe, "MAX_ABANDONED", 2)
+
+    async def main() -> None:
+        pipe = pipe_for(valkey)
+        try:
+            assert await pipe.execute([("PING",)]) == [b"PONG"]
+            valkey.pause()
+            try:
+                waiting = asyncio.ensure_future(pipe.execute([("ECHO", "still here")]))
+                for _ in range(3):  # the third caller to leave makes three owed: dropped
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.1):
+                            await pipe.execute([("PING",)])
+                # The caller still waiting fails at once instead of waiting for a server
+                # that does not answer.
                 with pytest.raises(RedisConnectionError):
                     await asyncio.wait_for(waiting, 1.0)
             finally:
                 valkey.resume()
-            # A fresh connection: its first reply is its own, not the dropped one's.
-            assert await pipe.execute([("ECHO", "mine")]) == [b"mine"]
-            assert await pipe.execute([("GET", "pipe:n")]) == [b"1"]
+            assert await pipe.execute([("ECHO", "fresh")]) == [b"fresh"]
         finally:
             await pipe.aclose()
 
