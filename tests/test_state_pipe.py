@@ -6,7 +6,8 @@ a URL's user, password and db are handled as redis-py would."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,14 @@ def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]],
     return uvloop.run if request.param == "uvloop" else asyncio.run
 
 
-def pipe_for(server: ValkeyProcess) -> RedisPipe:
+@contextlib.asynccontextmanager
+async def open_pipe(server: ValkeyProcess) -> AsyncIterator[RedisPipe]:
     pipe = RedisPipe.for_url(server.url)
     assert pipe is not None
-    return pipe
+    try:
+        yield pipe
+    finally:
+        await pipe.aclose()
 
 
 def test_urls_it_serves_and_those_it_leaves_to_redis_py() -> None:
@@ -57,8 +62,7 @@ def test_concurrent_callers_each_get_their_own_replies(
     valkey: ValkeyServer, run: Callable[[Coroutine[Any, Any, None]], None]
 ) -> None:
     async def main() -> None:
-        pipe = pipe_for(valkey)
-        try:
+        async with open_pipe(valkey) as pipe:
 
             async def one(i: int) -> None:
                 commands = [("ECHO", f"c{i}-{j}") for j in range(i % 5 + 1)]
@@ -66,8 +70,6 @@ def test_concurrent_callers_each_get_their_own_replies(
                 assert replies == [f"c{i}-{j}".encode() for j in range(i % 5 + 1)]
 
             await asyncio.gather(*(one(i) for i in range(300)))
-        finally:
-            await pipe.aclose()
 
     run(main())
 
@@ -76,8 +78,7 @@ def test_error_replies_are_values_beside_the_others(
     valkey: ValkeyServer, run: Callable[[Coroutine[Any, Any, None]], None]
 ) -> None:
     async def main() -> None:
-        pipe = pipe_for(valkey)
-        try:
+        async with open_pipe(valkey) as pipe:
             replies = await pipe.execute(
                 [
                     ("SET", "pipe:text", "x"),
@@ -86,8 +87,6 @@ def test_error_replies_are_values_beside_the_others(
                     ("EVAL", "return {1, 2, 'three'}", 0),
                 ]
             )
-        finally:
-            await pipe.aclose()
         assert replies[0] == b"OK"
         assert isinstance(replies[1], ResponseError) and "not an integer" in str(replies[1])
         assert isinstance(replies[2], NoScriptError)
@@ -100,8 +99,7 @@ def test_a_stalled_servers_late_replies_never_reach_a_later_caller(
     valkey: ValkeyServer, run: Callable[[Coroutine[Any, Any, None]], None]
 ) -> None:
     async def main() -> None:
-        pipe = pipe_for(valkey)
-        try:
+        async with open_pipe(valkey) as pipe:
             assert await pipe.execute([("SET", "pipe:n", "1")]) == [b"OK"]
             valkey.pause()
             try:
@@ -115,8 +113,6 @@ def test_a_stalled_servers_late_replies_never_reach_a_later_caller(
             # thrown away, and each later caller gets its own.
             assert await pipe.execute([("ECHO", "mine")]) == [b"mine"]
             assert await pipe.execute([("GET", "pipe:n"), ("ECHO", "x")]) == [b"1", b"x"]
-        finally:
-            await pipe.aclose()
 
     run(main())
 
@@ -129,8 +125,7 @@ def test_a_server_owing_too_many_replies_is_dropped(
     monkeypatch.setattr(redis_pipe, "MAX_ABANDONED", 2)
 
     async def main() -> None:
-        pipe = pipe_for(valkey)
-        try:
+        async with open_pipe(valkey) as pipe:
             assert await pipe.execute([("PING",)]) == [b"PONG"]
             valkey.pause()
             try:
@@ -146,8 +141,6 @@ def test_a_server_owing_too_many_replies_is_dropped(
             finally:
                 valkey.resume()
             assert await pipe.execute([("ECHO", "fresh")]) == [b"fresh"]
-        finally:
-            await pipe.aclose()
 
     run(main())
 
