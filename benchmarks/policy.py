@@ -53,8 +53,8 @@ CAPPED_CLASSES = ("standard", "batch")
 MAX_IN_FLIGHT = 0.375
 # How long each class may be held, as a share of its deadline. Batch work that can still make
 # its deadline is held rather than shed (issue 12): half of it, the other half for the GPU.
-# Each transport cuts the hold to what Envoy waits (sidecar/core/holds.py: 5.5 s on ext_authz,
-# 29.5 s on ext_proc), so the policy states the intent and needs no cap of its own.
+# Each transport cuts the hold to what Envoy waits (sidecar/core/holds.py: 29.5 s on ext_authz
+# and on ext_proc), so the policy states the intent and needs no cap of its own.
 MAX_WAIT_SHARE = {"interactive": 0.4, "standard": 0.3, "batch": 0.5}
 
 

@@ -35,7 +35,7 @@ from sidecar.envoy import authz_grpc, authz_http, ext_proc
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import MAX_FIELD_BYTES, build_authz_app
-from sidecar.envoy.common import TokenCheck
+from sidecar.envoy.common import TokenCheck, grpc_health_handler
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.metrics import Metrics
 from sidecar.policy.reload import PolicyHolder
@@ -327,6 +327,7 @@ async def _start_grpc(
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
         AccessLogServicer(service, lease_key=lease_key), server
     )
+    server.add_generic_rpc_handlers((grpc_health_handler(),))
     listen = settings.grpc_listen
     if listen.unix_path is not None:
         _prepare_socket_dir(listen.unix_path)

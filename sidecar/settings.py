@@ -92,7 +92,7 @@ class Settings:
     # The longest a request is held on each transport (core/holds.py): a class's max_wait_ms
     # is cut to it. ext_authz (HTTP, gRPC): below Envoy's check timeout (6 s shipped).
     # ext_proc: at most the filter's max_message_timeout (30 s shipped) minus 0.5 s.
-    check_max_hold_ms: int = 5500
+    check_max_hold_ms: int = 29500
     ext_proc_max_hold_ms: int = 29500
     log_level: str = "info"
     # Signs lease tokens (HMAC-SHA256). Empty: a random key per process, which only works for

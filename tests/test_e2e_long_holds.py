@@ -1,8 +1,8 @@
 """Each transport's longest hold on the real Envoy and sidecar (issue 12 §1, core/holds.py).
 
 A batch class may be held up to 7 s. Behind the shipped ext_proc bootstrap the sidecar holds
-it that long (its `max_message_timeout` of 30 s lets it extend the message timeout past the
-old 6 s) and answers itself; behind the shipped ext_authz HTTP bootstrap it holds no longer
+it that long (its `max_message_timeout` of 30 s lets it extend the message timeout) and
+answers itself; behind the shipped ext_authz HTTP bootstrap it holds no longer
 than `QOS_CHECK_MAX_HOLD_MS` and answers itself too, before Envoy's check timeout. Either
 way the client gets the sidecar's 503 with its reason and Retry-After, never Envoy's.
 
@@ -114,5 +114,5 @@ def test_each_transport_holds_as_long_as_it_can_and_the_sidecar_answers(
         assert reply.status == 503, (mode, reply)
         assert reply.headers.get("x-qos-reason") == "overloaded", (mode, reply.headers)
         assert "retry-after" in reply.headers, mode
-    assert 1.4 <= answers["http"][1] < 5.0  # its bound, not the class's 7 s nor Envoy's 6 s
-    assert 6.9 <= answers["ext_proc"][1] < 12.0  # the class's whole 7 s: past the old 6 s
+    assert 1.4 <= answers["http"][1] < 5.0  # its bound, not the class's 7 s
+    assert 6.9 <= answers["ext_proc"][1] < 12.0  # the class's whole 7 s

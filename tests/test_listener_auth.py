@@ -27,7 +27,13 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
 from sidecar.app import Sidecar, start
-from sidecar.envoy.common import AUTH_HEADER, TokenCheck
+from sidecar.envoy.common import (
+    AUTH_HEADER,
+    GRPC_HEALTH_METHOD,
+    HEALTH_PATH,
+    HEALTH_STATUS,
+    TokenCheck,
+)
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings
 from tests.test_adapters import check_request
@@ -191,3 +197,37 @@ def test_token_check_alone() -> None:
     assert (
         metrics.registry.get_sample_value("qos_unauthenticated_calls_total", {"api": "grpc"}) == 6
     )
+
+
+def test_health_answers_need_no_token_and_decide_nothing(socket_dir: Path) -> None:
+    """Rule 6: Envoy's health checks carry no token (the shipped clusters send none); they are
+    answered anyway, and neither is a check: no decision, no lease, no refusal counted."""
+
+    async def body() -> None:
+        sidecar = await running(settings_for(socket_dir))
+        try:
+            connector = aiohttp.UnixConnector(path=str(socket_dir / "authz.sock"))
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(f"http://sidecar{HEALTH_PATH}") as r,
+            ):
+                assert r.status == HEALTH_STATUS == 204  # not 200: never an ext_authz allow
+                assert "x-qos-lease" not in r.headers
+            async with grpc.aio.insecure_channel(f"unix:{socket_dir}/grpc.sock") as channel:
+                health = channel.unary_unary(GRPC_HEALTH_METHOD)
+                # grpc.health.v1.HealthCheckResponse{status: SERVING} on the wire.
+                assert await health(b"") == b"\x08\x01"
+        finally:
+            await sidecar.stop()
+        assert sample(sidecar, "qos_unauthenticated_calls_total", api="http") == 0
+        assert sample(sidecar, "qos_unauthenticated_calls_total", api="other") == 0
+        decided = [
+            sample.value
+            for family in sidecar.metrics.registry.collect()
+            if family.name == "qos_decisions"
+            for sample in family.samples
+            if sample.name == "qos_decisions_total"
+        ]
+        assert sum(decided) == 0
+
+    asyncio.run(body())

@@ -40,6 +40,7 @@ from google.rpc import status_pb2
 from devstack.envoy import EnvoyProcess, render_bootstrap
 from devstack.procs import ManagedProcess, ProcessStartError, ValkeyProcess, free_port, wait_http
 from devstack.triton import TritonProcess
+from sidecar.envoy.common import HEALTH_PATH, HEALTH_STATUS, grpc_health_handler
 from tests.binaries import require_binaries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +168,9 @@ class AuthzHandler(QuietHandler):
 
     def handle_any(self) -> None:
         self.read_body()
+        if self.command == "GET" and self.path == HEALTH_PATH:  # Envoy's health check
+            self.send(HEALTH_STATUS, [], b"")
+            return
         script = self.server.script
         script.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
         script.leases += 1
@@ -300,6 +304,7 @@ class GrpcStub:
         server = grpc.aio.server()
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.check, server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.sink, server)
+        server.add_generic_rpc_handlers((grpc_health_handler(),))  # Envoy's health check
         self.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self._ready.set()

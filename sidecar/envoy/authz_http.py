@@ -11,7 +11,8 @@ with `x-qos-status: 503`, and the shipped Envoy config's local-reply mapper
 The lease goes back as the response header `x-qos-lease`, signed; the shipped filter turns it
 into dynamic metadata (`dynamic_metadata_from_headers`) and does not copy it upstream (see
 `common.py`, rule 4). A call whose path does not start with the prefix was not written by
-Envoy: it is refused 400 (counted as malformed) and takes nothing.
+Envoy: it is refused 400 (counted as malformed) and takes nothing. The one exception is
+Envoy's health check, `GET /healthz`, answered 204 (`common.py`, rule 6).
 
 Every answer is JSON with a reason, whoever calls: a header that is not UTF-8 is 400
 `malformed` (aiohttp hands such bytes over as surrogate escapes, which no identity can match),
@@ -34,6 +35,8 @@ from sidecar.core.decide import HEADER_LEASE
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.envoy.common import (
     AUTH_HEADER,
+    HEALTH_PATH,
+    HEALTH_STATUS,
     UNAUTHENTICATED_BODY,
     TokenCheck,
     headers_for_envoy,
@@ -139,6 +142,10 @@ def build_authz_app(
         await release_if_undelivered(service, decision, delivered=connected)
         return response_for(decision, lease_key)
 
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=HEALTH_STATUS)  # common.py, rule 6
+
     app = web.Application(middlewares=[json_errors])
+    app.router.add_get(HEALTH_PATH, health)
     app.router.add_route("*", "/{tail:.*}", check)
     return app

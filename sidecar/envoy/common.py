@@ -28,6 +28,14 @@ Rules:
    StreamAccessLogs) ends UNAUTHENTICATED. Envoy sends the token as the header `x-qos-auth`
    (`http_service.authorization_request.headers_to_add`) or as gRPC metadata of that name
    (`grpc_service.initial_metadata`). `TokenCheck` is the one place this is decided.
+6. Envoy health-checks both listeners (`envoy/snippets/clusters.yaml`), so that a sidecar that
+   hangs (alive, not answering) is taken out within seconds and new requests get Envoy's 503
+   at once instead of waiting the whole check timeout: ext_authz HTTP answers `GET
+   HEALTH_PATH` with 204, the gRPC server the standard `grpc.health.v1.Health/Check` with
+   SERVING. Both answer from the event loop that answers checks, so they say what Envoy
+   needs to know: whether a check would be answered now. 204 is not 200, so to the ext_authz
+   filter the health route can only ever deny, whoever calls it. Neither needs the token of
+   rule 5: they read nothing, take nothing and say only that the loop runs.
 """
 
 from __future__ import annotations
@@ -61,6 +69,13 @@ UNAUTHENTICATED_BODY = json.dumps(
     {"error": "unauthenticated", "reason": "unauthenticated", "detail": UNAUTHENTICATED_REASON},
     separators=(",", ":"),
 ).encode()
+# Rule 6.
+HEALTH_PATH = "/healthz"
+HEALTH_STATUS = 204
+GRPC_HEALTH_SERVICE = "grpc.health.v1.Health"
+GRPC_HEALTH_METHOD = f"/{GRPC_HEALTH_SERVICE}/Check"
+# grpc.health.v1.HealthCheckResponse{status: SERVING}: field 1 (varint) = 1.
+_SERVING = b"\x08\x01"
 # The gRPC methods, named by the API label of qos_unauthenticated_calls_total (bounded).
 _GRPC_APIS = {
     "/envoy.service.auth.v3.Authorization/Check": "grpc",
@@ -105,6 +120,8 @@ class _TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: Any,
     ) -> Any:
         handler = await continuation(handler_call_details)
+        if handler_call_details.method == GRPC_HEALTH_METHOD:  # rule 6
+            return handler
         presented = None
         for key, value in handler_call_details.invocation_metadata or ():
             if key == AUTH_HEADER:
@@ -203,3 +220,16 @@ async def release_if_undelivered(
     freed first is simply found gone (`already_released`)."""
     if decision is not None and decision.lease is not None and not delivered:
         await service.release_undelivered(decision)
+
+
+def grpc_health_handler() -> grpc.GenericRpcHandler:
+    """Rule 6: `grpc.health.v1.Health/Check` answers SERVING for any service name (the
+    request is not parsed; there is one service to speak for). Written as raw bytes, which
+    keeps the health protos out of the dependencies."""
+
+    async def check(_request: bytes, _context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return _SERVING
+
+    return grpc.method_handlers_generic_handler(
+        GRPC_HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(check)}
+    )
