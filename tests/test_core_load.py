@@ -219,3 +219,90 @@ def test_the_window_never_reaches_back_into_idle_time() -> None:
     busy = TritonCounters(pending=20, success=104)  # 0.1 s later: 4 done
     load = derive_load("t0", "m", busy, 1.1, window.base(1.1), last_rate=40.0)
     assert load.completions_per_s == pytest.approx(40.0)
+
+
+def _parse_with_prometheus_client(text: str) -> dict[str, TritonCounters]:
+    """The reference: the same rules, with prometheus_client's own text parser reading each
+    wanted line (what parse_triton_metrics did before it read lines itself)."""
+    import math
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sidecar.core.load import _FIELDS, _IN_FLIGHT_BATCHER, _WANTED
+
+    fields: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith(_WANTED):
+            continue
+        try:
+            samples = [s for family in text_string_to_metric_families(line) for s in family.samples]
+        except (ValueError, IndexError):  # IndexError: `{model="a", = "b"}`, for one
+            continue
+        for sample in samples:
+            field = _FIELDS.get(sample.name)
+            if sample.name == _IN_FLIGHT_BATCHER and sample.labels.get("request_type") == "waiting":
+                field = "pending"
+            model = sample.labels.get("model")
+            if field is None or model is None or not math.isfinite(sample.value):
+                continue
+            per_model = fields.setdefault(model, {})
+            per_model[field] = per_model.get(field, 0.0) + sample.value
+    return {model: TritonCounters(**values) for model, values in fields.items()}
+
+
+_NAMES = [
+    "nv_inference_pending_request_count",
+    "nv_inference_request_success",
+    "nv_inference_exec_count",
+    "nv_trt_llm_request_metrics",
+    "nv_inference_exec_count_x",
+]
+_TEXT = st.text(alphabet='ab,{}=" \\né"n1', max_size=8)
+
+
+@st.composite
+def _lines(draw: st.DrawFn, *, well_formed: bool = False) -> str:
+    """One sample line of a wanted (or a near) family; `well_formed`: as the format says."""
+    keys = ["model", "version", "request_type"] + ([] if well_formed else ["xmodel", "a.b", ""])
+    pairs = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(keys),
+                _TEXT,
+                st.booleans() if not well_formed else st.just(True),  # escaped, or raw
+                st.sampled_from(["", " "]),
+            ),
+            max_size=3,
+            unique_by=(lambda pair: pair[0]) if well_formed else (lambda pair: id(pair)),
+        )
+    )
+    labels = []
+    for key, value, escape, pad in pairs:
+        if escape:
+            value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        labels.append(f'{pad}{key}{pad}={pad}"{value}"{pad}')
+    block = draw(st.sampled_from(["", "{" + ",".join(labels) + "}", "{" + ",".join(labels) + ",}"]))
+    numbers = ["3", "1e3", "-2.5", "NaN", "+Inf", "0"]
+    value = draw(st.sampled_from(numbers + ([] if well_formed else ["five", "", "0x10", "1_0"])))
+    stamps = ["", " 1700000000000"] + ([] if well_formed else [" 1.5", " x", " 1 2", " 1_0"])
+    stamp = draw(st.sampled_from(stamps))
+    gap = draw(st.sampled_from([" ", "  "] + ([] if well_formed else [""])))
+    name = draw(st.sampled_from(_NAMES))
+    return f"{name}{block}{gap}{value}{stamp}".replace("\n", "\\n")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_lines(well_formed=True), min_size=1, max_size=4))
+def test_well_formed_lines_read_as_prometheus_clients_parser_reads_them(lines: list[str]) -> None:
+    page = "\n".join(lines) + "\n"
+    assert parse_triton_metrics(page) == _parse_with_prometheus_client(page)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_lines())
+def test_any_line_is_read_as_prometheus_client_reads_it_or_skipped(line: str) -> None:
+    """On malformed lines the reader may be stricter than prometheus_client's parser (which
+    calls itself laxer than the format), never laxer, and it never raises where that parser
+    raises something other than ValueError (the old reader then lost the whole page)."""
+    ours = parse_triton_metrics(line + "\n")
+    assert ours in ({}, _parse_with_prometheus_client(line + "\n"))
