@@ -28,6 +28,8 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
+from sidecar.envoy.common import HEALTH_PATH, HEALTH_STATUS, grpc_health_handler
+
 
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     async def Check(
@@ -73,8 +75,14 @@ async def _allow(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+async def _healthy(request: web.Request) -> web.Response:
+    return web.Response(status=HEALTH_STATUS)
+
+
 async def serve(http_addr: str, grpc_addr: str, ready_file: Path | None) -> None:
     app = web.Application()
+    # The shipped clusters health-check the sidecar's listeners: answered as the sidecar does.
+    app.router.add_get(HEALTH_PATH, _healthy)
     app.router.add_route("*", "/{tail:.*}", _allow)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -89,6 +97,7 @@ async def serve(http_addr: str, grpc_addr: str, ready_file: Path | None) -> None
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(), server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(NoopAccessLog(), server)
+    server.add_generic_rpc_handlers((grpc_health_handler(),))
     if server.add_insecure_port(grpc_addr) == 0:
         raise OSError(f"cannot listen on {grpc_addr}")
     await server.start()

@@ -81,8 +81,14 @@ def test_sidecar_down_is_503_with_a_json_body_and_retry_after(stack: LocalStack,
         "reason": "sidecar_unavailable",
         "retry_after_ms": 1000,
     }
-    # And the sidecar's own answers keep their bodies: the mapper matched only Envoy's.
-    assert infer(stack.url(mode), api_key=f"k-calm-{mode}").status == 200
+    # Back, and the sidecar's own answers keep their bodies (the mapper matched only Envoy's):
+    # each Envoy's health check routes to it again within its unhealthy interval (0.2 s).
+    for each in MODES:
+        wait_for(
+            lambda each=each: infer(stack.url(each), api_key=f"k-calm-{each}").status == 200,
+            5,
+            f"the restarted sidecar is routed to again ({each})",
+        )
 
 
 def test_envoy_reaches_the_sidecar_over_unix_sockets_in_every_mode(stack: LocalStack) -> None:
