@@ -23,6 +23,7 @@ from tests.test_stack_harness import (  # noqa: F401 - fixtures
     HTTP_BOOTSTRAP,
     Reply,
     echo,
+    policy_dir,
     request,
     start_envoy,
     workdir,
@@ -88,9 +89,7 @@ def test_a_hung_sidecar_is_taken_out_within_seconds_and_comes_back(
 ) -> None:
     from devstack.sidecar_proc import SidecarProcess
 
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(POLICY)
+    policies = policy_dir(tmp_path, POLICY)
     with SidecarProcess(tmp_path, policies, transport="tcp") as sidecar:
         port = start_envoy(
             BOOTSTRAPS[mode],

@@ -25,6 +25,7 @@ from tests.test_stack_harness import (  # noqa: F401 - fixtures
     HTTP_BOOTSTRAP,
     QuietHandler,
     echo,
+    policy_dir,
     request,
     serving,
     start_envoy,
@@ -82,9 +83,7 @@ def test_each_transport_holds_as_long_as_it_can_and_the_sidecar_answers(
 ) -> None:
     from devstack.sidecar_proc import SidecarProcess
 
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text(POLICY)
+    policies = policy_dir(tmp_path, POLICY)
     env = {
         "QOS_TRITON_URLS": triton,
         "QOS_TRITON_METRICS_URLS": f"{triton}/metrics",

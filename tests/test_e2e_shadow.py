@@ -20,6 +20,7 @@ from tests.stack_client import infer, metric_value, wait_for
 from tests.test_stack_harness import (  # noqa: F401 - fixtures
     HTTP_BOOTSTRAP,
     echo,
+    policy_dir,
     request,
     start_envoy,
     workdir,
@@ -67,10 +68,8 @@ def _shadow_leases(stack: LocalStack) -> Any:
 
 
 def test_a_shadowed_tenant_is_admitted_then_the_same_policy_enforced(tmp_path: Path) -> None:
-    policies = tmp_path / "policies"
-    policies.mkdir()
+    policies = policy_dir(tmp_path, "enforce: false\n" + POLICY)
     policy_file = policies / "p.yaml"
-    policy_file.write_text("enforce: false\n" + POLICY)
     with LocalStack(tmp_path / "work", policies, modes=MODES) as stack:
         for mode in MODES:
             statuses = [infer(stack.url(mode), api_key="k-trial").status for _ in range(3)]
@@ -103,9 +102,7 @@ def test_upstream_sees_what_the_written_policy_decided(
     never passes."""
     from devstack.sidecar_proc import SidecarProcess
 
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "p.yaml").write_text("enforce: false\n" + POLICY)
+    policies = policy_dir(tmp_path, "enforce: false\n" + POLICY)
     with SidecarProcess(tmp_path, policies, transport="tcp") as sidecar:
         port = start_envoy(HTTP_BOOTSTRAP, upstream_port=echo, sidecar_http_port=sidecar.http_port)
         seen: list[list[str]] = []

@@ -89,6 +89,14 @@ def request(
         conn.close()
 
 
+def policy_dir(parent: Path, text: str) -> Path:
+    """A policy directory under `parent` holding one file, `p.yaml`, with `text`."""
+    directory = parent / "policies"
+    directory.mkdir()
+    (directory / "p.yaml").write_text(text)
+    return directory
+
+
 def infer_body(tokens: int = 4) -> bytes:
     return json.dumps(
         {"inputs": [{"name": "TOKENS", "shape": [1, 1], "datatype": "INT32", "data": [tokens]}]}
