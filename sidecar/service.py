@@ -40,7 +40,6 @@ from sidecar.core.admission import (
     TakeQuota,
 )
 from sidecar.core.decide import CompiledPolicy, decide, malformed
-from sidecar.core.degraded import degrade
 from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, explain
 from sidecar.core.holds import HoldBounds
@@ -91,7 +90,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         # The policy lives in its source (the app's reloading PolicyHolder); no copy is kept.
         self._policy = FixedPolicy(policy) if isinstance(policy, Policy) else policy
         self.store, self.metrics = store, metrics
-        self.tokens = TokenAccounting(metrics, store.charge, lambda: self.policy.tenants)
+        self.tokens = TokenAccounting(metrics, self._charge, lambda: self.policy.tenants)
         self.usage = UsageLedger(metrics, lambda: self.policy.tenants, lambda: self.policy.models)
         self.peeks = QuotaPeeks(store, clock)  # is a request shed for load over its quota?
         self.shadow = ShadowJudge(self)  # rules not enforced, judged beside: core/shadow.py
@@ -113,7 +112,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         self.acquires = Batcher(self.store.acquire_many, max_in_flight=ACQUIRES_IN_FLIGHT)
         # The degraded mode's store and its leases (see the module comment); `replicas` is
         # the live count the heartbeats showed last (`heartbeat`).
-        self.local = MemoryQuotaStore()
+        self.local = MemoryQuotaStore(clock=clock)
         self.slices, self._asking = slices.Slices(), {}  # leased mode: sidecar/leased.py
         self.local_leases: dict[str, LeaseRef] = {}
         self.replicas_seen = 1
@@ -279,7 +278,7 @@ class AdmissionService(SharedReads, LeasedQuota):
             else:
                 result = await self._acquire(step)
             if result is None and step.admission.klass.on_state_error is FailMode.LOCAL_SHARE:
-                step = replace(step, admission=degrade(step.admission, self.replicas()))
+                step = replace(step, admission=self._degrade(step.admission))
                 result = await self._acquire_locally(step.admission.check)
             signals = self._signals(step.admission.model)  # the load now, for the room
             step = admission.on_quota(step, result, self.clock(), self.release_grace_s, signals)
@@ -355,6 +354,8 @@ class AdmissionService(SharedReads, LeasedQuota):
             raise
         if result.lease_id is not None:
             self.leases.taken(lease)
+        if result.allowed:
+            self._spent(check.tenant, check.buckets)
         return result
 
     async def _acquire_locally(self, check: QuotaCheck) -> QuotaResult:
@@ -471,7 +472,7 @@ class AdmissionService(SharedReads, LeasedQuota):
     async def _give_back(self, give_back: GiveBack) -> None:
         """Return the lease and the bucket tokens of a request that was never served."""
         lease = give_back.lease
-        store = self.local if lease and lease.lease_id in self.local_leases else self.store
+        local = lease is not None and lease.lease_id in self.local_leases
         if give_back.lease is not None:
             # Held, so never counted for its model: its end must not lower that count.
             await self.release(give_back.lease, counted=False)
@@ -479,6 +480,6 @@ class AdmissionService(SharedReads, LeasedQuota):
         if not refunds:
             return
         try:
-            await store.charge(give_back.tenant, refunds)
+            await (self.local.charge if local else self._charge)(give_back.tenant, refunds)
         except StateUnavailable:
             self.metrics.state_errors.labels("charge").inc()

@@ -2,16 +2,19 @@
 in-flight gauges of every tenant and class, each model's in-flight count (which
 `max_in_flight` caps), this replica's heartbeat (the live count degraded mode divides limits
 by), and, in the gateway topology, the fleet's holds and fairness counters
-(`core.fleet`). A mixin of `AdmissionService`, kept apart so that the decision path reads on
+(`core.fleet`); and what degraded mode starts from (this replica's spend and running requests,
+`core.degraded`). A mixin of `AdmissionService`, kept apart so that the decision path reads on
 its own."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from sidecar.core.decide import Admission
+from sidecar.core.degraded import degrade, share_of
 from sidecar.core.fleet import encode_summary, with_in_transit
-from sidecar.core.types import LeaseRef
+from sidecar.core.types import BucketCheck, LeaseRef
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
 from sidecar.leases import LeaseKeeper
@@ -41,6 +44,23 @@ class SharedReads:
     def replicas(self) -> int:
         """How many replicas share the limits: the policy's `replicas`, else the heartbeats'."""
         return self.policy.replicas or self.replicas_seen
+
+    def _degrade(self, planned: Admission) -> Admission:
+        """`planned` at this replica's local share, less what it runs already (core.degraded)."""
+        running = self.leases.running_of(planned.check.tenant, planned.check.klass)
+        return degrade(planned, self.replicas(), *running)
+
+    def _spent(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        """A charge (or refund) the shared store took, recorded at this replica's share in the
+        local store, so that degraded mode starts from it (core.degraded)."""
+        n = self.replicas()
+        for bucket in buckets:
+            self.local.record(tenant, bucket.name, bucket.cost, *share_of(bucket, n))
+
+    async def _charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        """Charge the shared store (raises StateUnavailable), and record it locally."""
+        await self.store.charge(tenant, buckets)
+        self._spent(tenant, buckets)
 
     async def heartbeat(self, replica: str, ttl_s: float) -> bool:
         """Say this replica is alive; remember the live count. Also renews local leases (the

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.core.gcra import gcra_step
+from sidecar.core.gcra import gcra_step, recorded_tat
 
 rates = st.floats(min_value=0.1, max_value=1000.0)
 bursts = st.floats(min_value=1.0, max_value=500.0)
@@ -70,3 +71,39 @@ def test_cost_above_burst_never_fits() -> None:
     step = gcra_step(0.0, 10.0, 11.0, 1.0, 10.0)
     assert not step.allowed
     assert step.retry_after_s == 10.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=rates,
+    burst=bursts,
+    records=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=5.0),
+            st.floats(min_value=-600.0, max_value=600.0),
+        ),
+        min_size=1,
+        max_size=100,
+    ),
+)
+def test_a_recorded_charge_moves_the_level_and_stops_at_empty_and_full(
+    rate: float, burst: float, records: list[tuple[float, float]]
+) -> None:
+    """What was spent elsewhere comes off the level (a refund goes back on), never below empty
+    (no debt) and never above full."""
+    tat, now = 0.0, 0.0
+
+    def level() -> float:
+        return burst - rate * (max(tat, now) - now)
+
+    for gap, cost in records:
+        now += gap
+        before = level()
+        tat = recorded_tat(tat, now, cost, rate, burst)
+        assert level() == pytest.approx(min(burst, max(0.0, before - cost)), abs=1e-6)
+
+
+def test_a_recorded_charge_is_what_a_checked_one_would_have_taken() -> None:
+    checked = gcra_step(0.0, 10.0, 30.0, 10.0, 100.0)
+    assert checked.allowed
+    assert recorded_tat(0.0, 10.0, 30.0, 10.0, 100.0) == checked.new_tat

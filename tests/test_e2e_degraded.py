@@ -32,6 +32,7 @@ REPLICAS = 2  # this sidecar and one other, whose heartbeat the test writes
 OUTAGE_S = 4.0
 REDIS_TIMEOUT_MS = 200  # long, so that a decision that waited for Redis is plain to see
 LOAD_THREADS = 4
+SPENT_RATE, SPENT_BURST = 0.05, 6  # a bucket that refills one request per 20 s
 EPOCH_S = 1704067200  # the Lua prelude's epoch: heartbeat scores are seconds since it
 
 
@@ -57,6 +58,16 @@ def write_policy(directory: Path) -> Path:
             "free",
             "    allowed_classes: [standard]\n    default_class: standard\n"
             "    max_concurrency: 16\n",
+        )
+        + _tenant(
+            "spent",
+            "    allowed_classes: [standard]\n    default_class: standard\n"
+            f"    buckets: [{{unit: requests, rate: {SPENT_RATE}, burst: {SPENT_BURST}}}]\n",
+        )
+        + _tenant(
+            "busy",
+            "    allowed_classes: [standard]\n    default_class: standard\n"
+            f"    max_concurrency: {REPLICAS}\n",
         )
     )
     return directory
@@ -170,13 +181,19 @@ class Load:
             thread.join(30)
 
 
-def test_valkey_down_under_load_fails_fast_and_admits_the_local_share(stack: LocalStack) -> None:
+def another_replica(stack: LocalStack) -> None:
+    """Write a second replica's heartbeat (an hour long) and wait until the sidecar counts it."""
     assert stack.valkey is not None
     client = redis.Redis.from_url(stack.valkey.url)
     seconds, _ = client.time()
     client.zadd(HEARTBEATS_KEY, {"another-replica": seconds - EPOCH_S + 3600})
     client.close()
     wait_for(lambda: metric_value(stack.admin_url, "qos_replicas") == REPLICAS, 10, "2 replicas")
+
+
+def test_valkey_down_under_load_fails_fast_and_admits_the_local_share(stack: LocalStack) -> None:
+    another_replica(stack)
+    assert stack.valkey is not None
     degraded_s = metric_value(stack.admin_url, "qos_degraded_seconds_total")
 
     with Load(stack.url("http")) as load:
@@ -226,3 +243,62 @@ def test_valkey_down_under_load_fails_fast_and_admits_the_local_share(stack: Loc
     # (The load ran on after the return and may have emptied the bucket for a few ms.)
     wait_for(lambda: infer(stack.url("http"), api_key="k-metered").status == 200, 5, "admitted")
     assert counters(stack) == (errors, fail_open)
+
+
+def stall_valkey(stack: LocalStack) -> None:
+    """SIGSTOP Valkey (it answers nothing, calls time out) and wait for the circuit to open."""
+    assert stack.valkey is not None and stack.valkey.pid is not None
+    os.kill(stack.valkey.pid, signal.SIGSTOP)
+    wait_for(lambda: metric_value(stack.admin_url, "qos_degraded") == 1, 10, "circuit open")
+
+
+def end_stall(stack: LocalStack) -> None:
+    """A fresh Valkey in the stopped one's place, and the circuit closed again."""
+    restart_valkey(stack)
+    wait_for(lambda: metric_value(stack.admin_url, "qos_degraded") == 0, 10, "circuit closed")
+
+
+def test_a_spent_bucket_stays_spent_through_a_valkey_stall(stack: LocalStack) -> None:
+    """A stall must not hand a tenant a fresh burst: its local share starts from what this
+    replica spent through the store (here all of it), not from full."""
+    another_replica(stack)  # the share: 1/2 of the bucket, 3 requests, one per 40 s
+    url = stack.url("http")
+    statuses = [infer(url, api_key="k-spent").status for _ in range(SPENT_BURST + 2)]
+    assert statuses == [200] * SPENT_BURST + [429, 429]  # the fleet's bucket, spent
+    stall_valkey(stack)
+    try:
+        during = [infer(url, api_key="k-spent") for _ in range(4)]
+    finally:
+        end_stall(stack)
+    assert [reply.status for reply in during] == [429] * 4
+    # Refused by the local share (a 429 with the bucket's wait), not by the store.
+    assert all(reply.json()["reason"] == "over_rate" for reply in during), during[0].body
+    assert int(during[0].headers["retry-after"]) >= 10
+
+
+def test_running_requests_keep_their_places_through_a_valkey_stall(stack: LocalStack) -> None:
+    """max_concurrency 2 over 2 replicas: a share of 1. With both running here (admitted
+    through the store), a stall admits nothing more until one of them ends."""
+    another_replica(stack)
+    url = stack.url("http")
+    running = [
+        threading.Thread(target=infer, args=(url,), kwargs={"api_key": "k-busy", "delay_ms": 5000})
+        for _ in range(REPLICAS)
+    ]
+    for thread in running:
+        thread.start()
+    try:
+        labels = {"tenant": "busy", "class": "standard"}
+        in_flight = lambda: metric_value(stack.admin_url, "qos_in_flight_requests", **labels)  # noqa: E731
+        wait_for(lambda: in_flight() == REPLICAS, 10, "both running")
+        stall_valkey(stack)
+        refused = infer(url, api_key="k-busy")
+        for thread in running:
+            thread.join(30)
+        # Both ended (their completions come through Envoy's access log, flushed within a
+        # second): the share's one place is free, still in the stall.
+        wait_for(lambda: infer(url, api_key="k-busy").status == 200, 5, "admitted")
+        assert metric_value(stack.admin_url, "qos_degraded") == 1
+    finally:
+        end_stall(stack)
+    assert refused.status == 429 and refused.json()["reason"] == "over_concurrency", refused.body

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
@@ -11,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.core.lease import parse_lease
 from sidecar.core.types import (
+    BucketCheck,
     Decision,
     LeaseRef,
     QuotaCheck,
@@ -32,8 +35,8 @@ INFER = "/v2/models/simgpu/infer"
 class OutageStore(MemoryQuotaStore):
     """A memory store that, while `down`, fails every call that can fail; counts calls."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock=clock)
         self.down = False
         self.releases: list[str] = []
         self.replicas = 2
@@ -186,13 +189,13 @@ def test_in_flight_gauges_keep_moving_while_the_store_is_down() -> None:
         assert await service.refresh_in_flight() and gauge() == 2
         store.down = True
         during = [d for d in await admit_many(service, 3) if d.admitted]  # local leases
-        assert len(during) == 3
+        assert len(during) == 2  # its share (8 / 2) less the 2 it runs through the store
         assert not await service.refresh_in_flight()
-        assert gauge() == 5  # 2 read + 3 started here since
+        assert gauge() == 4  # 2 read + 2 started here since
         for decision in (*before, during[0]):
             await service.complete(dict(decision.headers)["x-qos-lease"])
         assert not await service.refresh_in_flight()
-        assert gauge() == 2  # both of the store's ended (their releases owed) and one local
+        assert gauge() == 1  # both of the store's ended (their releases owed) and one local
         store.down = False
         await asyncio.sleep(0.6)  # the circuit's next probe is due...
         await service.store.probe()  # type: ignore[attr-defined]  # ...and the store answers
@@ -225,5 +228,66 @@ def test_once_the_circuit_is_open_a_decision_takes_no_loop_tick() -> None:
                 step.close()
                 raise AssertionError(f"{klass}: the decision waited on the event loop")
             assert decision.admitted
+
+    asyncio.run(main())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_clocked(clock: Clock) -> tuple[AdmissionService, OutageStore]:
+    store, metrics = OutageStore(clock), Metrics(CollectorRegistry())
+    guarded = GuardedStore(store, CircuitBreaker(clock=clock))
+    return AdmissionService(policy(), guarded, metrics, clock=clock), store
+
+
+async def spend(service: AdmissionService, n: int) -> list[Decision]:
+    """n requests through the store, each ended before the next (the bucket, not the
+    concurrency limit, is what runs out)."""
+    decisions = []
+    for _ in range(n):
+        decision = await service.check(request(), "test")
+        decisions.append(decision)
+        if decision.admitted:
+            await service.complete(dict(decision.headers)["x-qos-lease"])
+    return decisions
+
+
+def test_a_bucket_spent_through_the_store_stays_spent_when_it_goes_down() -> None:
+    """search: 20 requests of burst, 10 per second. Spent through the store, then the store
+    goes down: the local share starts empty, not full, and refills at the share's rate."""
+
+    async def main() -> None:
+        clock = Clock()
+        service, store = make_clocked(clock)
+        assert await service.heartbeat("me", 6.0)  # two replicas: a share of 10, 5 per second
+        assert [d.admitted for d in await spend(service, 21)] == [True] * 20 + [False]
+        store.down = True
+        assert [d.reason for d in await spend(service, 2)] == [Reason.OVER_RATE] * 2
+        clock.now += 1.0  # the share refills 5 in a second
+        assert [d.admitted for d in await spend(service, 6)] == [True] * 5 + [False]
+
+    asyncio.run(main())
+
+
+def test_what_the_store_refunds_comes_back_to_the_local_share_too() -> None:
+    """A token reconciliation refund (here 4 requests' worth) reaches the local record too."""
+
+    async def main() -> None:
+        clock = Clock()
+        service, store = make_clocked(clock)
+        assert await service.heartbeat("me", 6.0)
+        await spend(service, 20)
+        bucket = next(b for b in service.policy.tenants["search"].buckets if b.name == "requests")
+        refund = BucketCheck("requests", bucket.rate_per_s, bucket.burst, -4.0)
+        await service.tokens._charge("search", [refund])  # the store took it, and the record
+        store.down = True
+        # This replica's own spend, given back: 4 more here (its half was empty, never owing).
+        assert [d.admitted for d in await spend(service, 5)] == [True] * 4 + [False]
 
     asyncio.run(main())

@@ -7,6 +7,8 @@ Rules:
 - A request of `cost` fits when `max(tat, now) + cost / rate - now <= burst / rate`.
 - When it does not fit, `retry_after_s` is the wait after which this same cost would fit.
   A cost above `burst` can never fit; its retry_after_s is the time to refill completely.
+- `recorded_tat` charges without a check (what was spent elsewhere), at most down to an empty
+  bucket (TAT `now + burst / rate`), and refunds (a negative cost) at most up to a full one.
 - The Redis script `sidecar/state/lua/acquire.lua` implements the same arithmetic against the
   Redis server's clock; the contract tests run both stores through the same cases.
 """
@@ -39,6 +41,12 @@ def gcra_step(tat: float, now: float, cost: float, rate_per_s: float, burst: flo
     if excess_s <= 1e-9:
         return GcraStep(True, new_tat, 0.0)
     return GcraStep(False, tat, excess_s)
+
+
+def recorded_tat(tat: float, now: float, cost: float, rate_per_s: float, burst: float) -> float:
+    """The TAT after `cost` is recorded without a check: never past empty, never past full."""
+    charged = max(tat, now) + cost / rate_per_s
+    return min(max(charged, now), now + burst / rate_per_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.core.fleet import CounterOp
-from sidecar.core.gcra import step_buckets
+from sidecar.core.gcra import recorded_tat, step_buckets
 from sidecar.core.types import BucketCheck, LeaseRef, LimitKind, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
 from sidecar.state.base import (
@@ -178,6 +178,15 @@ class MemoryQuotaStore:
             tat = max(self._tats.get(key, now), now)
             # A refund moves the TAT back, but never before now: a bucket holds at most `burst`.
             self._store_tat(key, max(tat + bucket.cost / bucket.rate_per_s, now), now)
+
+    def record(self, tenant: str, name: str, cost: float, rate_per_s: float, burst: float) -> None:
+        """Charge (or, negative, refund) bucket `name` without a check, at most down to empty:
+        what was spent elsewhere (the shared store, which checked the arguments), so that a
+        later check here starts from it (`core.degraded`). Never a debt: a replica that spent
+        faster than its share refills from empty, as a fresh one would from full."""
+        now, key = self._clock(), (tenant, name)
+        tat = recorded_tat(self._tats.get(key, now), now, cost, rate_per_s, burst)
+        self._store_tat(key, tat, now)
 
     async def in_flight(self, tenant: str, klass: str | None) -> int:
         validate_tenant(tenant)
