@@ -1,16 +1,17 @@
 """Leased mode's I/O (`core.slices` has the rules): a request spent from a slice this replica
 holds makes no store call; one ask per tenant at a time takes a new slice; expired slices give
-back what they did not spend. A mixin of `AdmissionService`, kept apart so that the decision
-path reads on its own."""
+back what they did not spend. What the store charged and refunded is recorded for degraded
+mode, as in exact mode (`core.degraded`). A mixin of `AdmissionService`, kept apart so that
+the decision path reads on its own."""
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sidecar.core.slices import Slices
-from sidecar.core.types import QuotaCheck, QuotaResult
+from sidecar.core.types import BucketCheck, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.state.base import QuotaStore
@@ -25,6 +26,13 @@ class LeasedQuota:
     slices: Slices
     _asking: dict[str, asyncio.Future[None]]
     clock: Callable[[], float]
+
+    # Degraded mode starts from what the store charged (sidecar.shared_reads).
+    def _spent(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        raise NotImplementedError
+
+    async def _charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        raise NotImplementedError
 
     async def take_from_slices(self, check: QuotaCheck) -> QuotaResult | None:
         """`check` (one that `core.slices.applies` to) from a slice held here, or a new
@@ -57,8 +65,11 @@ class LeasedQuota:
             if result.allowed:
                 self.slices.granted(asked, check, self.clock())
             elif asked != check:
-                result = await self.store.take_buckets(self.slices.ask(check, whole=False))
+                asked = self.slices.ask(check, whole=False)
+                result = await self.store.take_buckets(asked)
                 self.metrics.slice_calls.labels("cost_only").inc()
+            if result.allowed:  # what the store charged, recorded for degraded mode
+                self._spent(check.tenant, asked.buckets)
         except StateUnavailable:
             self.metrics.state_errors.labels("take_buckets").inc()
             return None
@@ -70,7 +81,7 @@ class LeasedQuota:
         now = math.inf if everything else self.clock()  # everything: at shutdown
         for tenant, refunds in self.slices.expired(now):
             try:
-                await self.store.charge(tenant, refunds)
+                await self._charge(tenant, refunds)
                 self.metrics.slice_calls.labels("return").inc()
             except StateUnavailable:
                 self.metrics.state_errors.labels("charge").inc()

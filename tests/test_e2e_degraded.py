@@ -65,6 +65,12 @@ def write_policy(directory: Path) -> Path:
             f"    buckets: [{{unit: requests, rate: {SPENT_RATE}, burst: {SPENT_BURST}}}]\n",
         )
         + _tenant(
+            "sliced",  # leased mode: slices of 2 (0.05/s x 40 s), spent here
+            "    allowed_classes: [standard]\n    default_class: standard\n"
+            f"    buckets: [{{unit: requests, rate: {SPENT_RATE}, burst: {SPENT_BURST}, "
+            "lease_ms: 40000}]\n",
+        )
+        + _tenant(
             "busy",
             "    allowed_classes: [standard]\n    default_class: standard\n"
             f"    max_concurrency: {REPLICAS}\n",
@@ -258,16 +264,18 @@ def end_stall(stack: LocalStack) -> None:
     wait_for(lambda: metric_value(stack.admin_url, "qos_degraded") == 0, 10, "circuit closed")
 
 
-def test_a_spent_bucket_stays_spent_through_a_valkey_stall(stack: LocalStack) -> None:
+@pytest.mark.parametrize("tenant", ["spent", "sliced"])
+def test_a_spent_bucket_stays_spent_through_a_valkey_stall(stack: LocalStack, tenant: str) -> None:
     """A stall must not hand a tenant a fresh burst: its local share starts from what this
-    replica spent through the store (here all of it), not from full."""
+    replica spent through the store (here all of it), not from full. In exact mode and in
+    leased mode (slices taken from the store, spent here)."""
     another_replica(stack)  # the share: 1/2 of the bucket, 3 requests, one per 40 s
     url = stack.url("http")
-    statuses = [infer(url, api_key="k-spent").status for _ in range(SPENT_BURST + 2)]
+    statuses = [infer(url, api_key=f"k-{tenant}").status for _ in range(SPENT_BURST + 2)]
     assert statuses == [200] * SPENT_BURST + [429, 429]  # the fleet's bucket, spent
     stall_valkey(stack)
     try:
-        during = [infer(url, api_key="k-spent") for _ in range(4)]
+        during = [infer(url, api_key=f"k-{tenant}") for _ in range(4)]
     finally:
         end_stall(stack)
     assert [reply.status for reply in during] == [429] * 4

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sidecar.core.types import QuotaCheck, QuotaResult, Reason, RequestAttributes
+from sidecar.core.types import Decision, QuotaCheck, QuotaResult, Reason, RequestAttributes
+from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
-from sidecar.policy.model import BucketPolicy, BucketUnit, Policy
+from sidecar.policy.model import BucketPolicy, BucketUnit, FailMode, Policy
 from sidecar.service import AdmissionService
 from sidecar.state.base import QuotaStore
 from sidecar.state.memory import MemoryQuotaStore
@@ -230,3 +231,44 @@ def test_everything_held_goes_back_at_shutdown() -> None:
         return before, (await store.take_buckets(check_of(decision, cost=19.0))).allowed
 
     assert asyncio.run(body()) == (False, True)
+
+
+class Failing(MemoryQuotaStore):
+    """A memory store whose bucket calls fail while `down` (a Redis stall)."""
+
+    down = False
+
+    async def take_buckets(self, check: QuotaCheck) -> QuotaResult:
+        if self.down:
+            raise StateUnavailable("redis take_buckets: no answer within 50 ms")
+        return await super().take_buckets(check)
+
+    async def charge(self, tenant: str, buckets: Any) -> None:
+        if self.down:
+            raise StateUnavailable("redis charge: no answer within 50 ms")
+        await super().charge(tenant, buckets)
+
+
+def test_slices_the_store_charged_count_in_the_local_share_when_it_stalls() -> None:
+    """Burst 20 (1/s) taken as two slices of 10 and spent; then the store stalls. The local
+    share starts from the 20 the store charged, not from a full bucket: 10 s later it admits
+    the 10 the bucket refilled, as the store would, not 20."""
+    clock = FakeClock()
+    store = Failing(clock=clock)
+    base = leased_policy(1.0, 20.0, 10_000)
+    local_share = {k: replace(c, on_state_error=FailMode.LOCAL_SHARE)
+                   for k, c in base.classes.items()}  # fmt: skip
+    policy = replace(base, classes=MappingProxyType(local_share))
+
+    async def body() -> tuple[list[bool], list[Decision]]:
+        service = AdmissionService(policy, store, Metrics(CollectorRegistry()), clock=clock)
+        spent = [(await service.check(request(), "test")).admitted for _ in range(21)]
+        store.down = True
+        clock.now += 10.0  # both slices over: the next request asks the stalled store
+        return spent, [await service.check(request(), "test") for _ in range(12)]
+
+    spent, stalled = asyncio.run(body())
+    assert spent == [True] * 20 + [False]
+    assert [d.admitted for d in stalled] == [True] * 10 + [False] * 2
+    assert "takes its local share" in " ".join(stalled[0].trace)
+    assert stalled[-1].reason is Reason.OVER_RATE
