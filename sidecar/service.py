@@ -40,6 +40,7 @@ from sidecar.core.admission import (
     TakeQuota,
 )
 from sidecar.core.decide import CompiledPolicy, decide, malformed
+from sidecar.core.degraded import LocalSpend
 from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, explain
 from sidecar.core.holds import HoldBounds
@@ -114,7 +115,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         # the live count the heartbeats showed last (`heartbeat`).
         self.local = MemoryQuotaStore(clock=clock)
         self.slices, self._asking = slices.Slices(), {}  # leased mode: sidecar/leased.py
-        self.local_leases: dict[str, LeaseRef] = {}
+        self.local_leases, self.local_spend = {}, LocalSpend()  # see SharedReads
         self.replicas_seen = 1
         self._in_flight_read = ({}, Counter())  # see SharedReads
         # The leases this replica took (renewed while they run) and the releases it owes;
@@ -278,8 +279,9 @@ class AdmissionService(SharedReads, LeasedQuota):
             else:
                 result = await self._acquire(step)
             if result is None and step.admission.klass.on_state_error is FailMode.LOCAL_SHARE:
+                owed = step.admission.check.buckets  # the store's, not the share's
                 step = replace(step, admission=self._degrade(step.admission))
-                result = await self._acquire_locally(step.admission.check)
+                result = await self._acquire_locally(step.admission.check, owed)
             signals = self._signals(step.admission.model)  # the load now, for the room
             step = admission.on_quota(step, result, self.clock(), self.release_grace_s, signals)
         self.metrics.demand.offered(demand.offered_model(attrs, step))  # its first verdict: demand?
@@ -356,15 +358,6 @@ class AdmissionService(SharedReads, LeasedQuota):
             self.leases.taken(lease)
         if result.allowed:
             self._spent(check.tenant, check.buckets)
-        return result
-
-    async def _acquire_locally(self, check: QuotaCheck) -> QuotaResult:
-        """Take `check` (already this replica's share) in the local store."""
-        if check.lease_id is None:
-            check = replace(check, lease_id=new_lease_id())
-        result = await self.local.acquire(check)
-        if result.lease_id is not None:
-            self.local_leases[result.lease_id] = LeaseRef.of(check, result.lease_id)
         return result
 
     def _release_orphan(self, lease: LeaseRef, done: asyncio.Future[QuotaResult]) -> None:
@@ -479,6 +472,8 @@ class AdmissionService(SharedReads, LeasedQuota):
         refunds = [replace(bucket, cost=-bucket.cost) for bucket in give_back.buckets]
         if not refunds:
             return
+        if local:
+            self.local_spend.given_back(give_back.tenant, give_back.buckets)
         try:
             await (self.local.charge if local else self._charge)(give_back.tenant, refunds)
         except StateUnavailable:

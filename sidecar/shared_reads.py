@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from sidecar.core.decide import Admission
-from sidecar.core.degraded import degrade, share_of
+from sidecar.core.degraded import LocalSpend, degrade, share_of
 from sidecar.core.fleet import encode_summary, with_in_transit
-from sidecar.core.types import BucketCheck, LeaseRef
+from sidecar.core.types import BucketCheck, LeaseRef, QuotaCheck, QuotaResult
 from sidecar.deferral import Deferrer
 from sidecar.errors import StateUnavailable
 from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
 from sidecar.policy.model import Policy
-from sidecar.state.base import QuotaStore
+from sidecar.state.base import QuotaStore, new_lease_id
 from sidecar.state.memory import MemoryQuotaStore
 
 
@@ -35,6 +36,7 @@ class SharedReads:
     _in_flight_read: tuple[dict[tuple[str, str | None], int], Counter[tuple[str, str]]]
 
     local: MemoryQuotaStore  # the degraded mode's store
+    local_spend: LocalSpend  # what it admitted, owed to the store
     replicas_seen: int
 
     @property
@@ -49,6 +51,20 @@ class SharedReads:
         """`planned` at this replica's local share, less what it runs already (core.degraded)."""
         running = self.leases.running_of(planned.check.tenant, planned.check.klass)
         return degrade(planned, self.replicas(), *running)
+
+    async def _acquire_locally(
+        self, check: QuotaCheck, owed: tuple[BucketCheck, ...]
+    ) -> QuotaResult:
+        """Take `check` (already this replica's share) in the local store; if it is taken,
+        the store is owed `owed` (core.degraded)."""
+        if check.lease_id is None:
+            check = replace(check, lease_id=new_lease_id())
+        result = await self.local.acquire(check)
+        if result.lease_id is not None:
+            self.local_leases[result.lease_id] = LeaseRef.of(check, result.lease_id)
+        if result.allowed:
+            self.local_spend.spent(check.tenant, owed)
+        return result
 
     def _spent(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
         """A charge (or refund) the shared store took, recorded at this replica's share in the
@@ -81,7 +97,21 @@ class SharedReads:
             return False
         finally:
             self.metrics.replicas.set(self.replicas())
+        await self.settle_local_spend()
         return True
+
+    async def settle_local_spend(self) -> None:
+        """Charge the store what the local share admitted while it was down (one call per
+        tenant, `core.degraded`); what a failed call did not settle stays owed."""
+        owed = self.local_spend.take()
+        for i, (tenant, buckets) in enumerate(owed):
+            try:
+                await self.store.charge(tenant, buckets)
+            except StateUnavailable:
+                self.metrics.state_errors.labels("charge").inc()
+                for later, unsettled in owed[i:]:
+                    self.local_spend.spent(later, unsettled)
+                return
 
     async def refresh_in_flight(self) -> bool:
         """Copy the store's in-flight counts into the gauge; False when the store failed (the

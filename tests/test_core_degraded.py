@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from sidecar.core.degraded import degrade, local_share, share_buckets
+from sidecar.core.degraded import LocalSpend, degrade, local_share, share_buckets
 from sidecar.core.types import BucketCheck, QuotaCheck
 from tests.test_core_decide import attrs, plan
 
@@ -104,3 +106,19 @@ def test_degrade_says_what_runs_already() -> None:
     degraded = degrade(admission, 2, 3, 1)
     assert (degraded.check.max_concurrency, degraded.check.max_class_concurrency) == (1, None)
     assert degraded.trace[-1].endswith(", less the 3 it admitted through the store and still runs")
+
+
+def test_local_spend_adds_up_what_is_owed_per_tenant_and_bucket() -> None:
+    owed = LocalSpend()
+    assert not owed and owed.take() == []
+    owed.spent("acme", (REQUESTS, TOKENS))
+    owed.spent("acme", (REQUESTS, replace(TOKENS, cost=100.0)))
+    owed.spent("zeta", (REQUESTS,))
+    owed.given_back("acme", (replace(TOKENS, cost=100.0),))  # never served
+    owed.given_back("acme", (replace(REQUESTS, name="unknown"),))  # nothing owed there
+    owed.given_back("zeta", (replace(REQUESTS, cost=5.0),))  # never below nothing
+    assert owed
+    due = dict(owed.take())
+    # The store's buckets, as they were, with what is owed as their cost; nothing for zeta.
+    assert due == {"acme": (replace(REQUESTS, cost=2.0), TOKENS)}
+    assert not owed and owed.take() == []

@@ -71,6 +71,11 @@ def write_policy(directory: Path) -> Path:
             "lease_ms: 40000}]\n",
         )
         + _tenant(
+            "owing",
+            "    allowed_classes: [standard]\n    default_class: standard\n"
+            f"    buckets: [{{unit: requests, rate: {SPENT_RATE}, burst: {SPENT_BURST}}}]\n",
+        )
+        + _tenant(
             "busy",
             "    allowed_classes: [standard]\n    default_class: standard\n"
             f"    max_concurrency: {REPLICAS}\n",
@@ -310,3 +315,22 @@ def test_running_requests_keep_their_places_through_a_valkey_stall(stack: LocalS
     finally:
         end_stall(stack)
     assert refused.status == 429 and refused.json()["reason"] == "over_concurrency", refused.body
+
+
+def test_what_a_stall_admitted_is_charged_to_valkey_once_it_is_back(stack: LocalStack) -> None:
+    """Burst 6 over 2 replicas: the local share admits 3 during the stall. Valkey comes back
+    (empty: a restart), and is charged those 3, so the tenant gets 3 more, not a whole 6."""
+    another_replica(stack)
+    url = stack.url("http")
+    stall_valkey(stack)
+    try:
+        during = [infer(url, api_key="k-owing").status for _ in range(SPENT_BURST // 2 + 1)]
+    finally:
+        end_stall(stack)
+    assert during == [200] * (SPENT_BURST // 2) + [429]
+    assert stack.valkey is not None
+    with redis.Redis.from_url(stack.valkey.url) as client:
+        # Settled with the next heartbeat (every 2 s): the tenant's bucket is in Valkey.
+        wait_for(lambda: bool(client.keys("qos:{owing}:*")), 10, "the local admits charged")
+    after = [infer(url, api_key="k-owing").status for _ in range(SPENT_BURST)]
+    assert after == [200] * (SPENT_BURST // 2) + [429] * (SPENT_BURST // 2)

@@ -38,6 +38,7 @@ class OutageStore(MemoryQuotaStore):
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock=clock)
         self.down = False
+        self.fail_charges = False
         self.releases: list[str] = []
         self.replicas = 2
 
@@ -56,6 +57,8 @@ class OutageStore(MemoryQuotaStore):
 
     async def charge(self, tenant: str, buckets: Any) -> None:
         self._fail("charge")
+        if self.fail_charges:
+            raise StateUnavailable("redis charge: no answer within 50 ms")
         await super().charge(tenant, buckets)
 
     async def heartbeat(self, replica: str, ttl_s: float) -> int:
@@ -289,5 +292,32 @@ def test_what_the_store_refunds_comes_back_to_the_local_share_too() -> None:
         store.down = True
         # This replica's own spend, given back: 4 more here (its half was empty, never owing).
         assert [d.admitted for d in await spend(service, 5)] == [True] * 4 + [False]
+
+    asyncio.run(main())
+
+
+def test_what_the_local_share_admitted_is_charged_to_the_store_once_it_answers() -> None:
+    """The store's bucket refills through an outage while the local share admits: once it
+    answers, the local admits are charged there, so its burst is not handed out twice. A
+    charge that fails stays owed."""
+
+    async def main() -> None:
+        clock = Clock()
+        service, store = make_clocked(clock)
+        assert await service.heartbeat("me", 6.0)  # two replicas: a share of 10
+        store.down = True
+        assert [d.admitted for d in await spend(service, 11)] == [True] * 10 + [False]
+        assert not await service.heartbeat("me", 6.0)  # still down: nothing settled
+        store.down = False
+        service.store.breaker._next_probe_s = 0.0  # type: ignore[attr-defined]
+        await service.store.probe()  # type: ignore[attr-defined]  # the store answers
+        store.fail_charges = True  # ...but the charge fails: owed still
+        assert await service.heartbeat("me", 6.0)
+        store.fail_charges = False
+        assert await service.heartbeat("me", 6.0)  # settled: 10 of the store's 20 gone
+        assert [d.admitted for d in await spend(service, 11)] == [True] * 10 + [False]
+        assert await service.heartbeat("me", 6.0)  # nothing owed now: no second charge
+        clock.now += 1.0  # 10 per second
+        assert [d.admitted for d in await spend(service, 11)] == [True] * 10 + [False]
 
     asyncio.run(main())

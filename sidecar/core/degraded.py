@@ -22,6 +22,11 @@ Rules:
   replicas than the limit, the fleet may then run up to one request per replica. What this
   replica runs already is then taken off, down to 0 (nothing more until one ends).
 - Everything else (tenant, class, cost, lease id, TTL, model) is the check's own.
+- What the local share admitted is owed to the store (`LocalSpend`): once it answers again,
+  each tenant's bucket units spent here during the outage (less what was given back) are
+  charged there, in one call per tenant, so that the store's buckets, which refilled all
+  along, do not hand out the outage's units a second time. A charge that fails stays owed
+  for the next try.
 - `replicas` below 1 counts as 1: a count never read means this replica is alone, as far as
   it knows.
 """
@@ -84,3 +89,38 @@ def _share(limit: int | None, replicas: int, running: int) -> int | None:
     if limit is None or limit == 0:
         return limit
     return max(0, max(1, limit // replicas) - running)
+
+
+class LocalSpend:
+    """Bucket units the local share admitted, per tenant and bucket, not yet charged to the
+    store (module rules). The buckets kept are the store's (not the share's): a charge there
+    moves a bucket by cost / its own rate."""
+
+    def __init__(self) -> None:
+        self._owed: dict[str, dict[str, BucketCheck]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._owed)
+
+    def spent(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        """`buckets` (the store's, with the cost taken) were spent locally."""
+        owed = self._owed.setdefault(tenant, {})
+        for bucket in buckets:
+            before = owed.get(bucket.name)
+            cost = bucket.cost + (before.cost if before is not None else 0.0)
+            owed[bucket.name] = replace(bucket, cost=cost)
+
+    def given_back(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
+        """The costs of `buckets`, which a local admit took and gave back (never served), are
+        owed no more."""
+        owed = self._owed.get(tenant, {})
+        for bucket in buckets:
+            if (before := owed.get(bucket.name)) is not None:
+                owed[bucket.name] = replace(before, cost=max(0.0, before.cost - bucket.cost))
+
+    def take(self) -> list[tuple[str, tuple[BucketCheck, ...]]]:
+        """Everything owed, per tenant, forgotten here: give back what a failed charge did
+        not settle with `spent`."""
+        owed, self._owed = self._owed, {}
+        due = ((t, tuple(b for b in by_name.values() if b.cost > 0)) for t, by_name in owed.items())
+        return [(tenant, buckets) for tenant, buckets in due if buckets]
