@@ -9,7 +9,7 @@ its own."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from sidecar.core.decide import Admission
@@ -36,6 +36,7 @@ class SharedReads:
     _in_flight_read: tuple[dict[tuple[str, str | None], int], Counter[tuple[str, str]]]
 
     local: MemoryQuotaStore  # the degraded mode's store
+    clock: Callable[[], float]
     local_spend: LocalSpend  # what it admitted, owed to the store
     replicas_seen: int
 
@@ -63,7 +64,7 @@ class SharedReads:
         if result.lease_id is not None:
             self.local_leases[result.lease_id] = LeaseRef.of(check, result.lease_id)
         if result.allowed:
-            self.local_spend.spent(check.tenant, owed)
+            self.local_spend.spent(check.tenant, owed, self.clock())
         return result
 
     def _spent(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
@@ -103,14 +104,15 @@ class SharedReads:
     async def settle_local_spend(self) -> None:
         """Charge the store what the local share admitted while it was down (one call per
         tenant, `core.degraded`); what a failed call did not settle stays owed."""
-        owed = self.local_spend.take()
+        now = self.clock()
+        owed = self.local_spend.take(now)
         for i, (tenant, buckets) in enumerate(owed):
             try:
                 await self.store.charge(tenant, buckets)
             except StateUnavailable:
                 self.metrics.state_errors.labels("charge").inc()
                 for later, unsettled in owed[i:]:
-                    self.local_spend.spent(later, unsettled)
+                    self.local_spend.spent(later, unsettled, now)
                 return
 
     async def refresh_in_flight(self) -> bool:

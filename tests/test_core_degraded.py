@@ -108,17 +108,36 @@ def test_degrade_says_what_runs_already() -> None:
     assert degraded.trace[-1].endswith(", less the 3 it admitted through the store and still runs")
 
 
-def test_local_spend_adds_up_what_is_owed_per_tenant_and_bucket() -> None:
+def test_local_spend_owes_what_ran_ahead_of_the_refill() -> None:
+    """REQUESTS refills 10 per second (burst 20), TOKENS 1,000 (burst 4,000)."""
     owed = LocalSpend()
-    assert not owed and owed.take() == []
-    owed.spent("acme", (REQUESTS, TOKENS))
-    owed.spent("acme", (REQUESTS, replace(TOKENS, cost=100.0)))
-    owed.spent("zeta", (REQUESTS,))
-    owed.given_back("acme", (replace(TOKENS, cost=100.0),))  # never served
+    assert owed.take(0.0) == []
+    for _ in range(5):  # 5 requests at once, and 5 x 300 tokens
+        owed.spent("acme", (REQUESTS, TOKENS), 0.0)
+    owed.spent("zeta", (REQUESTS,), 0.0)
+    owed.given_back("acme", (replace(TOKENS, cost=500.0),))  # never served
     owed.given_back("acme", (replace(REQUESTS, name="unknown"),))  # nothing owed there
-    owed.given_back("zeta", (replace(REQUESTS, cost=5.0),))  # never below nothing
-    assert owed
-    due = dict(owed.take())
-    # The store's buckets, as they were, with what is owed as their cost; nothing for zeta.
-    assert due == {"acme": (replace(REQUESTS, cost=2.0), TOKENS)}
-    assert not owed and owed.take() == []
+    # 0.2 s later: 2 requests and 200 tokens have refilled; zeta's 1 request is refilled too.
+    due = dict(owed.take(0.2))
+    assert set(due) == {"acme"}
+    assert [(b.name, b.rate_per_s, b.burst) for b in due["acme"]] == [
+        ("requests", 10.0, 20.0),  # the store's buckets, not a share
+        ("tokens", 1000.0, 4000.0),
+    ]
+    assert [b.cost for b in due["acme"]] == pytest.approx([3.0, 800.0])
+    assert owed.take(0.2) == []  # taken: forgotten here
+
+
+def test_local_spend_spent_no_faster_than_the_refill_owes_nothing() -> None:
+    owed = LocalSpend()
+    for i in range(10):  # one request every 0.1 s: exactly the rate
+        owed.spent("acme", (REQUESTS,), i * 0.1)
+    assert owed.take(1.0) == []
+
+
+def test_local_spend_owes_at_most_a_burst() -> None:
+    owed = LocalSpend()
+    for _ in range(50):
+        owed.spent("acme", (REQUESTS,), 0.0)
+    [(_, (bucket,))] = owed.take(0.0)
+    assert bucket.cost == 20.0

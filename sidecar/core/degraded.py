@@ -23,10 +23,10 @@ Rules:
   replica runs already is then taken off, down to 0 (nothing more until one ends).
 - Everything else (tenant, class, cost, lease id, TTL, model) is the check's own.
 - What the local share admitted is owed to the store (`LocalSpend`): once it answers again,
-  each tenant's bucket units spent here during the outage (less what was given back) are
-  charged there, in one call per tenant, so that the store's buckets, which refilled all
-  along, do not hand out the outage's units a second time. A charge that fails stays owed
-  for the next try.
+  each tenant's bucket units spent here during the outage (less what was given back, and
+  less what the bucket would have refilled since each was spent) are charged there, in one
+  call per tenant, so that the store's buckets, which refilled all along, do not hand out
+  the outage's units a second time. A charge that fails stays owed for the next try.
 - `replicas` below 1 counts as 1: a count never read means this replica is alone, as far as
   it knows.
 """
@@ -93,34 +93,45 @@ def _share(limit: int | None, replicas: int, running: int) -> int | None:
 
 class LocalSpend:
     """Bucket units the local share admitted, per tenant and bucket, not yet charged to the
-    store (module rules). The buckets kept are the store's (not the share's): a charge there
-    moves a bucket by cost / its own rate."""
+    store (module rules). Kept per bucket as a GCRA TAT at the store bucket's own rate: what
+    was spent no faster than the bucket refills is owed no more by the time it is settled,
+    as the store would have counted it had it seen each admit when it happened; only what
+    ran ahead of the refill is charged (at most a burst).
+
+    Exact when this replica alone spent the tenant's units. When several spent at once, each
+    charges only what ran ahead of the whole bucket's refill, so the store is charged at most
+    what the fleet owed, never more: no tenant gets less than its policy because of it, and
+    what is not charged is over-admitted as it was before settling existed."""
 
     def __init__(self) -> None:
-        self._owed: dict[str, dict[str, BucketCheck]] = {}
+        self._tats: dict[str, dict[str, tuple[BucketCheck, float]]] = {}
 
-    def __bool__(self) -> bool:
-        return bool(self._owed)
-
-    def spent(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
-        """`buckets` (the store's, with the cost taken) were spent locally."""
-        owed = self._owed.setdefault(tenant, {})
+    def spent(self, tenant: str, buckets: Sequence[BucketCheck], now: float) -> None:
+        """`buckets` (the store's, with the cost taken) were spent locally at `now`."""
+        by_name = self._tats.setdefault(tenant, {})
         for bucket in buckets:
-            before = owed.get(bucket.name)
-            cost = bucket.cost + (before.cost if before is not None else 0.0)
-            owed[bucket.name] = replace(bucket, cost=cost)
+            tat = by_name.get(bucket.name, (bucket, now))[1]
+            by_name[bucket.name] = (bucket, max(tat, now) + bucket.cost / bucket.rate_per_s)
 
     def given_back(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
         """The costs of `buckets`, which a local admit took and gave back (never served), are
         owed no more."""
-        owed = self._owed.get(tenant, {})
+        by_name = self._tats.get(tenant, {})
         for bucket in buckets:
-            if (before := owed.get(bucket.name)) is not None:
-                owed[bucket.name] = replace(before, cost=max(0.0, before.cost - bucket.cost))
+            if (kept := by_name.get(bucket.name)) is not None:
+                by_name[bucket.name] = (kept[0], kept[1] - bucket.cost / kept[0].rate_per_s)
 
-    def take(self) -> list[tuple[str, tuple[BucketCheck, ...]]]:
-        """Everything owed, per tenant, forgotten here: give back what a failed charge did
-        not settle with `spent`."""
-        owed, self._owed = self._owed, {}
-        due = ((t, tuple(b for b in by_name.values() if b.cost > 0)) for t, by_name in owed.items())
-        return [(tenant, buckets) for tenant, buckets in due if buckets]
+    def take(self, now: float) -> list[tuple[str, tuple[BucketCheck, ...]]]:
+        """What is owed at `now`, per tenant, as the store's buckets with that cost; forgotten
+        here (what a failed charge did not settle goes back with `spent`)."""
+        tats, self._tats = self._tats, {}
+        owed = []
+        for tenant, by_name in tats.items():
+            due = tuple(
+                replace(bucket, cost=min(bucket.burst, (tat - now) * bucket.rate_per_s))
+                for bucket, tat in by_name.values()
+                if tat > now
+            )
+            if due:
+                owed.append((tenant, due))
+        return owed
