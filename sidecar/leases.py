@@ -28,7 +28,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from sidecar.core.types import LeaseRef
 from sidecar.errors import StateUnavailable
@@ -42,15 +41,6 @@ DEFAULT_MAX_RENEW_S = 900.0
 # Retries of owed releases: the first soon, then doubling while the store stays down.
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 2.0
-
-
-K = TypeVar("K")
-
-
-def _one_less(counts: Counter[K], key: K) -> None:
-    counts[key] -= 1
-    if counts[key] <= 0:
-        del counts[key]
 
 
 @dataclass(slots=True)
@@ -82,9 +72,6 @@ class LeaseKeeper:
         self._max_renew_s = max_renew_s
         self._clock = clock
         self._running: dict[str, _Running] = {}
-        # Kept with `_running`, so that degraded mode's count costs nothing per decision.
-        self._by_class: Counter[tuple[str, str]] = Counter()
-        self._by_tenant: Counter[str] = Counter()
         self._owed: dict[str, LeaseRef] = {}  # by lease id: owing one twice is one release
         self._wake = asyncio.Event()
 
@@ -98,28 +85,15 @@ class LeaseKeeper:
 
     def running_by_class(self) -> Counter[tuple[str, str]]:
         """The running leases this replica took, per (tenant, class)."""
-        return Counter(self._by_class)
-
-    def running_of(self, tenant: str, klass: str) -> tuple[int, int]:
-        """How many leases this replica took runs for `tenant`, and for its class `klass`."""
-        return self._by_tenant[tenant], self._by_class[(tenant, klass)]
+        return Counter((r.lease.tenant, r.lease.klass) for r in self._running.values())
 
     def taken(self, lease: LeaseRef) -> None:
         """A lease this replica took: renew it until `ended`."""
-        if lease.lease_id not in self._running:
-            self._by_class[(lease.tenant, lease.klass)] += 1
-            self._by_tenant[lease.tenant] += 1
         self._running[lease.lease_id] = _Running(lease, self._clock())
 
     def ended(self, lease: LeaseRef) -> None:
         """The lease's request ended (its release is under way): stop renewing it."""
-        self._forget(lease.lease_id)
-
-    def _forget(self, lease_id: str) -> None:
-        running = self._running.pop(lease_id, None)
-        if running is not None:
-            _one_less(self._by_class, (running.lease.tenant, running.lease.klass))
-            _one_less(self._by_tenant, running.lease.tenant)
+        self._running.pop(lease.lease_id, None)
 
     def owe(self, lease: LeaseRef) -> None:
         """Release `lease` later, retrying until the store takes it."""
@@ -155,7 +129,7 @@ class LeaseKeeper:
         by_tenant: dict[str, list[LeaseRef]] = {}
         for lease_id, running in list(self._running.items()):
             if now - running.taken_s > self._max_renew_s:
-                self._forget(lease_id)  # its completion was lost: let the TTL end it
+                del self._running[lease_id]  # its completion was lost: let the TTL end it
                 continue
             by_tenant.setdefault(running.lease.tenant, []).append(running.lease)
         for tenant, leases in by_tenant.items():
@@ -166,7 +140,7 @@ class LeaseKeeper:
                 continue  # the next round tries again, within the TTL
             for lease in leases:
                 if lease.lease_id not in held:
-                    self._forget(lease.lease_id)
+                    self._running.pop(lease.lease_id, None)
         self._metrics.leases_renewing.set(len(self._running))
 
     async def run(self) -> None:
