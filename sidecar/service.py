@@ -40,7 +40,7 @@ from sidecar.core.admission import (
     TakeQuota,
 )
 from sidecar.core.decide import CompiledPolicy, decide, malformed
-from sidecar.core.degraded import LocalSpend
+from sidecar.core.degraded import LocalSpend, degrade
 from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, explain
 from sidecar.core.holds import HoldBounds
@@ -280,7 +280,7 @@ class AdmissionService(SharedReads, LeasedQuota):
                 result = await self._acquire(step)
             if result is None and step.admission.klass.on_state_error is FailMode.LOCAL_SHARE:
                 owed = step.admission.check.buckets  # the store's, not the share's
-                step = replace(step, admission=self._degrade(step.admission))
+                step = replace(step, admission=degrade(step.admission, self.replicas()))
                 result = await self._acquire_locally(step.admission.check, owed)
             signals = self._signals(step.admission.model)  # the load now, for the room
             step = admission.on_quota(step, result, self.clock(), self.release_grace_s, signals)

@@ -2,7 +2,7 @@
 in-flight gauges of every tenant and class, each model's in-flight count (which
 `max_in_flight` caps), this replica's heartbeat (the live count degraded mode divides limits
 by), and, in the gateway topology, the fleet's holds and fairness counters
-(`core.fleet`); and what degraded mode starts from (this replica's spend and running requests,
+(`core.fleet`); and what degraded mode starts from and owes (this replica's spend,
 `core.degraded`). A mixin of `AdmissionService`, kept apart so that the decision path reads on
 its own."""
 
@@ -12,8 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
-from sidecar.core.decide import Admission
-from sidecar.core.degraded import LocalSpend, degrade, share_of
+from sidecar.core.degraded import LocalSpend, share_of
 from sidecar.core.fleet import encode_summary, with_in_transit
 from sidecar.core.types import BucketCheck, LeaseRef, QuotaCheck, QuotaResult
 from sidecar.deferral import Deferrer
@@ -47,11 +46,6 @@ class SharedReads:
     def replicas(self) -> int:
         """How many replicas share the limits: the policy's `replicas`, else the heartbeats'."""
         return self.policy.replicas or self.replicas_seen
-
-    def _degrade(self, planned: Admission) -> Admission:
-        """`planned` at this replica's local share, less what it runs already (core.degraded)."""
-        running = self.leases.running_of(planned.check.tenant, planned.check.klass)
-        return degrade(planned, self.replicas(), *running)
 
     async def _acquire_locally(
         self, check: QuotaCheck, owed: tuple[BucketCheck, ...]

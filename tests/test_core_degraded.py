@@ -78,34 +78,10 @@ def test_degrade_says_so_in_the_trace() -> None:
     assert degraded.trace[:-1] == admission.trace
 
 
-@pytest.mark.parametrize(
-    "replicas, running, running_class, limits",
-    [
-        (1, 3, 1, (5, 1)),  # alone: the whole limit, less what runs
-        (2, 3, 1, (1, 0)),  # a share of 4 and of 1
-        (2, 6, 2, (0, 0)),  # more running than the share: nothing more, never below 0
-        (4, 0, 0, (2, 1)),  # nothing running: the share as before
-        (40, 1, 1, (0, 0)),  # the one-at-a-time share, taken
-    ],
-)
-def test_what_this_replica_runs_takes_its_places_in_the_share(
-    replicas: int, running: int, running_class: int, limits: tuple[int, int]
-) -> None:
-    shared = local_share(check(concurrency=8, per_class=2), replicas, running, running_class)
-    assert (shared.max_concurrency, shared.max_class_concurrency) == limits
-
-
 def test_share_buckets_is_the_local_shares_buckets() -> None:
     """The rule the service records a shared charge by is the one the local check uses."""
     for replicas in (1, 2, 3, 40):
         assert share_buckets((REQUESTS, TOKENS), replicas) == local_share(check(), replicas).buckets
-
-
-def test_degrade_says_what_runs_already() -> None:
-    admission = plan(attrs(x_api_key="k-search"))
-    degraded = degrade(admission, 2, 3, 1)
-    assert (degraded.check.max_concurrency, degraded.check.max_class_concurrency) == (1, None)
-    assert degraded.trace[-1].endswith(", less the 3 it admitted through the store and still runs")
 
 
 def test_local_spend_owes_what_ran_ahead_of_the_refill() -> None:

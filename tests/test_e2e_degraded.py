@@ -75,11 +75,6 @@ def write_policy(directory: Path) -> Path:
             "    allowed_classes: [standard]\n    default_class: standard\n"
             f"    buckets: [{{unit: requests, rate: {SPENT_RATE}, burst: {SPENT_BURST}}}]\n",
         )
-        + _tenant(
-            "busy",
-            "    allowed_classes: [standard]\n    default_class: standard\n"
-            f"    max_concurrency: {REPLICAS}\n",
-        )
     )
     return directory
 
@@ -287,34 +282,6 @@ def test_a_spent_bucket_stays_spent_through_a_valkey_stall(stack: LocalStack, te
     # Refused by the local share (a 429 with the bucket's wait), not by the store.
     assert all(reply.json()["reason"] == "over_rate" for reply in during), during[0].body
     assert int(during[0].headers["retry-after"]) >= 10
-
-
-def test_running_requests_keep_their_places_through_a_valkey_stall(stack: LocalStack) -> None:
-    """max_concurrency 2 over 2 replicas: a share of 1. With both running here (admitted
-    through the store), a stall admits nothing more until one of them ends."""
-    another_replica(stack)
-    url = stack.url("http")
-    running = [
-        threading.Thread(target=infer, args=(url,), kwargs={"api_key": "k-busy", "delay_ms": 5000})
-        for _ in range(REPLICAS)
-    ]
-    for thread in running:
-        thread.start()
-    try:
-        labels = {"tenant": "busy", "class": "standard"}
-        in_flight = lambda: metric_value(stack.admin_url, "qos_in_flight_requests", **labels)  # noqa: E731
-        wait_for(lambda: in_flight() == REPLICAS, 10, "both running")
-        stall_valkey(stack)
-        refused = infer(url, api_key="k-busy")
-        for thread in running:
-            thread.join(30)
-        # Both ended (their completions come through Envoy's access log, flushed within a
-        # second): the share's one place is free, still in the stall.
-        wait_for(lambda: infer(url, api_key="k-busy").status == 200, 5, "admitted")
-        assert metric_value(stack.admin_url, "qos_degraded") == 1
-    finally:
-        end_stall(stack)
-    assert refused.status == 429 and refused.json()["reason"] == "over_concurrency", refused.body
 
 
 def test_what_a_stall_admitted_is_charged_to_valkey_once_it_is_back(stack: LocalStack) -> None:

@@ -9,18 +9,19 @@ Rules:
 - A bucket's rate and burst are both divided (`share_of`). The burst stays at least the
   request's cost (and at least 1), or a request that fits the real bucket could never pass a
   small share.
-- A share starts from what this replica already spent, not from a full bucket or an empty
-  slot count: a store stall must not hand every tenant a fresh burst on top of what it used.
-  - Buckets: while the store answers, each charge this replica makes there (and each refund)
-    is made again at its share in the local store, at most down to empty (`share_of` gives
-    the shares; the service records them).
-  - Concurrency: the requests this replica admitted through the store and still runs,
-    `running` (the tenant's) and `running_class` (the class's), take their places in the
-    share.
+- A bucket share starts from what this replica already spent, not from a full bucket: a
+  store stall must not hand every tenant a fresh burst on top of what it used. While the
+  store answers, each charge this replica makes there (and each refund) is made again at its
+  share in the local store, at most down to empty (`share_of` gives the shares; the service
+  records them).
 - A concurrency limit is divided and rounded down, but stays at least 1: a replica with a
   share of less than one request still runs one at a time rather than none. With more
-  replicas than the limit, the fleet may then run up to one request per replica. What this
-  replica runs already is then taken off, down to 0 (nothing more until one ends).
+  replicas than the limit, the fleet may then run up to one request per replica. The share
+  counts the leases taken locally only: this replica cannot tell which of those it took
+  through the store still run (a completion may reach another replica or worker, and it
+  learns of that at its next renewal, which the outage stops). So while they run, a tenant
+  may have up to its limit plus the replicas' shares in flight; they end as their requests
+  do (or with the lease TTL).
 - Everything else (tenant, class, cost, lease id, TTL, model) is the check's own.
 - What the local share admitted is owed to the store (`LocalSpend`): once it answers again,
   each tenant's bucket units spent here during the outage (less what was given back, and
@@ -56,39 +57,33 @@ def share_buckets(buckets: Sequence[BucketCheck], replicas: int) -> tuple[Bucket
     return tuple(replace(b, rate_per_s=rate, burst=burst) for b, (rate, burst) in shares)
 
 
-def local_share(
-    check: QuotaCheck, replicas: int, running: int = 0, running_class: int = 0
-) -> QuotaCheck:
-    """`check` with each limit divided by `replicas`, less what this replica runs already
-    (see module rules)."""
+def local_share(check: QuotaCheck, replicas: int) -> QuotaCheck:
+    """`check` with each limit divided by `replicas` (see module rules)."""
     n = max(1, replicas)
+    if n == 1:
+        return check
     return replace(
         check,
         buckets=share_buckets(check.buckets, n),
-        max_concurrency=_share(check.max_concurrency, n, running),
-        max_class_concurrency=_share(check.max_class_concurrency, n, running_class),
+        max_concurrency=_share(check.max_concurrency, n),
+        max_class_concurrency=_share(check.max_class_concurrency, n),
     )
 
 
-def degrade(
-    admission: Admission, replicas: int, running: int = 0, running_class: int = 0
-) -> Admission:
+def degrade(admission: Admission, replicas: int) -> Admission:
     """`admission` checked against this replica's local share, said in its trace."""
     n = max(1, replicas)
     why = (
         f"quota store unavailable; class {admission.klass.name!r} takes its local share "
         f"(1/{n} of each limit, {n} live replica{'s' if n != 1 else ''})"
     )
-    if running:
-        why += f", less the {running} it admitted through the store and still runs"
-    check = local_share(admission.check, n, running, running_class)
-    return replace(admission, check=check, trace=(*admission.trace, why))
+    return replace(admission, check=local_share(admission.check, n), trace=(*admission.trace, why))
 
 
-def _share(limit: int | None, replicas: int, running: int) -> int | None:
+def _share(limit: int | None, replicas: int) -> int | None:
     if limit is None or limit == 0:
         return limit
-    return max(0, max(1, limit // replicas) - running)
+    return max(1, limit // replicas)
 
 
 class LocalSpend:

@@ -162,8 +162,8 @@ class ClassPolicy:
     on_state_error: FailMode = setting(
         Choice.of(FailMode),
         "When the shared quota store cannot answer: local_share enforces this replica's share "
-        "of every limit (the limit over the live replicas, less what this replica spent and "
-        "runs) in memory, open admits without quota checks, closed sheds with 503.",
+        "of every limit (the limit over the live replicas; a bucket's less what this replica "
+        "spent) in memory, open admits without quota checks, closed sheds with 503.",
         default=FailMode.LOCAL_SHARE,
     )
     concurrency_retry_after_ms: int = setting(
