@@ -28,6 +28,7 @@ from sidecar.service import AdmissionService
 from sidecar.state.breaker import CircuitBreaker, GuardedStore
 from sidecar.state.memory import MemoryQuotaStore
 from tests.core_fixtures import make_policy
+from tests.test_state_contract import FakeClock
 
 INFER = "/v2/models/simgpu/infer"
 
@@ -49,6 +50,10 @@ class OutageStore(MemoryQuotaStore):
     async def acquire(self, check: QuotaCheck) -> QuotaResult:
         self._fail("acquire")
         return await super().acquire(check)
+
+    async def take_buckets(self, check: QuotaCheck) -> QuotaResult:
+        self._fail("take_buckets")
+        return await super().take_buckets(check)
 
     async def release(self, lease: LeaseRef, *, tombstone_s: float = 10.0) -> bool:
         self.releases.append(lease.lease_id)
@@ -235,15 +240,7 @@ def test_once_the_circuit_is_open_a_decision_takes_no_loop_tick() -> None:
     asyncio.run(main())
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_clocked(clock: Clock) -> tuple[AdmissionService, OutageStore]:
+def make_clocked(clock: FakeClock) -> tuple[AdmissionService, OutageStore]:
     store, metrics = OutageStore(clock), Metrics(CollectorRegistry())
     guarded = GuardedStore(store, CircuitBreaker(clock=clock))
     return AdmissionService(policy(), guarded, metrics, clock=clock), store
@@ -266,7 +263,7 @@ def test_a_bucket_spent_through_the_store_stays_spent_when_it_goes_down() -> Non
     goes down: the local share starts empty, not full, and refills at the share's rate."""
 
     async def main() -> None:
-        clock = Clock()
+        clock = FakeClock()
         service, store = make_clocked(clock)
         assert await service.heartbeat("me", 6.0)  # two replicas: a share of 10, 5 per second
         assert [d.admitted for d in await spend(service, 21)] == [True] * 20 + [False]
@@ -282,7 +279,7 @@ def test_what_the_store_refunds_comes_back_to_the_local_share_too() -> None:
     """A token reconciliation refund (here 4 requests' worth) reaches the local record too."""
 
     async def main() -> None:
-        clock = Clock()
+        clock = FakeClock()
         service, store = make_clocked(clock)
         assert await service.heartbeat("me", 6.0)
         await spend(service, 20)
@@ -302,7 +299,7 @@ def test_what_the_local_share_admitted_is_charged_to_the_store_once_it_answers()
     charge that fails stays owed."""
 
     async def main() -> None:
-        clock = Clock()
+        clock = FakeClock()
         service, store = make_clocked(clock)
         assert await service.heartbeat("me", 6.0)  # two replicas: a share of 10
         store.down = True

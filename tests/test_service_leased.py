@@ -16,7 +16,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.core.types import Decision, QuotaCheck, QuotaResult, Reason, RequestAttributes
-from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.policy.model import BucketPolicy, BucketUnit, FailMode, Policy
 from sidecar.service import AdmissionService
@@ -25,6 +24,7 @@ from sidecar.state.memory import MemoryQuotaStore
 from sidecar.state.redis_store import RedisQuotaStore
 from tests.core_fixtures import make_policy
 from tests.fixtures_valkey import ValkeyServer
+from tests.test_service_degraded import OutageStore
 from tests.test_state_contract import FakeClock
 
 INFER = "/v2/models/simgpu/infer"
@@ -233,28 +233,12 @@ def test_everything_held_goes_back_at_shutdown() -> None:
     assert asyncio.run(body()) == (False, True)
 
 
-class Failing(MemoryQuotaStore):
-    """A memory store whose bucket calls fail while `down` (a Redis stall)."""
-
-    down = False
-
-    async def take_buckets(self, check: QuotaCheck) -> QuotaResult:
-        if self.down:
-            raise StateUnavailable("redis take_buckets: no answer within 50 ms")
-        return await super().take_buckets(check)
-
-    async def charge(self, tenant: str, buckets: Any) -> None:
-        if self.down:
-            raise StateUnavailable("redis charge: no answer within 50 ms")
-        await super().charge(tenant, buckets)
-
-
 def test_slices_the_store_charged_count_in_the_local_share_when_it_stalls() -> None:
     """Burst 20 (1/s) taken as two slices of 10 and spent; then the store stalls. The local
     share starts from the 20 the store charged, not from a full bucket: 10 s later it admits
     the 10 the bucket refilled, as the store would, not 20."""
     clock = FakeClock()
-    store = Failing(clock=clock)
+    store = OutageStore(clock)
     base = leased_policy(1.0, 20.0, 10_000)
     local_share = {k: replace(c, on_state_error=FailMode.LOCAL_SHARE)
                    for k, c in base.classes.items()}  # fmt: skip
