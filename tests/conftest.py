@@ -8,14 +8,26 @@
 2. A test that starts a process of the harness (`devstack.procs.ManagedProcess`: Valkey,
    Triton, Envoy, the sidecar) carries the `stack` marker, so `-m "not stack"` really runs
    no process. The check is made at start: a test without the marker that starts one fails.
+3. gRPC's asyncio runtime starts once per session (`_one_grpc_aio_runtime`). grpc.aio keeps
+   one completion queue and its poller thread while any channel or server lives, and shuts
+   them down when the last one is freed; the in-process tests run each test in its own
+   `asyncio.run`, so without this the queue was shut down and restarted after nearly every
+   test. Shutdown joins the poller thread until the queue drains, a step with known races in
+   grpc (grpc/grpc#40989, #22365): one CI run hung in tests/test_ext_proc.py until the
+   90-minute limit. Each new event loop is bound to the one queue as grpc.aio does for any
+   program with several loops.
+4. A test that still hangs fails after `timeout` seconds (pyproject, pytest-timeout) with
+   every thread's stack printed, and the run goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from devstack.procs import ManagedProcess, ValkeyProcess
@@ -66,3 +78,21 @@ def valkey_and_triton(
     work = tmp_path_factory.mktemp("stack")
     with ValkeyProcess(work) as valkey, TritonProcess(MODEL_REPO, work) as triton:
         yield work, valkey, triton
+
+
+# -- rule 3: one grpc.aio runtime ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_grpc_aio_runtime() -> None:
+    """Take one reference to grpc.aio's runtime for the whole session (module doc, rule 3).
+    It is bound to a loop of its own, closed at once: the tests' loops bind themselves."""
+
+    async def init() -> None:
+        grpc.aio.init_grpc_aio()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(init())
+    finally:
+        loop.close()
