@@ -21,6 +21,12 @@ release backlog (``qos_release_backlog``, ``qos_in_flight_requests`` on its admi
 ``/metrics``, the tenant's lease set ``ZCARD`` in Valkey) at the moment the load stops, and how
 long until all are 0. The next phase starts only once they are.
 
+Then the paired rounds (``--paired N``, default ``--repeats``; 0 skips them): each twin and its
+sidecars are started together and measured at their maximum rate in alternation, N rounds, so
+that each round's ratio compares runs made seconds apart. The ratio targets are judged on the
+median of those ratios (``overhead_report``); this host's speed has been seen to change by 4x
+between configurations measured minutes apart.
+
 Results: ``results/<stamp>-overhead/`` with ``results.json`` and ``report.md``; the table and
 one ``TARGET`` line per target of issue 11 are printed at the end.
 """
@@ -28,6 +34,7 @@ one ``TARGET`` line per target of issue 11 are printed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -184,6 +191,72 @@ def run_phase(
     return result
 
 
+def target_of(config: stack.Config, running: stack.Running) -> cloadgen.Target:
+    return cloadgen.Target(
+        running.port,
+        f"/v2/models/{stack.MODEL}/infer",
+        stack.request_headers(),
+        stack.request_body(config.body_bytes),
+    )
+
+
+def warm_up(
+    running: stack.Running,
+    target: cloadgen.Target,
+    client: redis.Redis | None,
+    args: argparse.Namespace,
+) -> None:
+    cloadgen.run(target, duration_s=args.warmup, connections=args.connections)
+    if running.sidecar is not None:
+        wait_drained(running, client, args)
+
+
+def paired_rounds(
+    names: list[str], workdir: Path, redis_url: str, client: redis.Redis, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Each sidecar's maximum rate against its no-op twin's, measured in alternation: the twin
+    and its sidecars are all started, and each round runs every one of them once, closed loop
+    (the order rotates from round to round). A host that speeds up or slows down during the
+    run moves both sides of a round's ratio alike; the configurations measured one after the
+    other above can be minutes apart. The 1 MiB pair is left out (no ratio target)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        config = stack.BY_NAME[name]
+        if config.twin in names and not config.body_bytes:
+            groups.setdefault(config.twin, []).append(name)
+    found: dict[str, Any] = {}
+    for twin, sidecars in groups.items():
+        members = [twin, *sidecars]
+        log(f"paired rounds: {', '.join(members)}")
+        with contextlib.ExitStack() as started:
+            running, targets = {}, {}
+            for name in members:
+                config = stack.BY_NAME[name]
+                where = workdir / "paired" / name
+                running[name] = started.enter_context(stack.start(config, where, redis_url))
+                targets[name] = target_of(config, running[name])
+            stores = {n: client if stack.BY_NAME[n].store == "valkey" else None for n in members}
+            for name in members:
+                warm_up(running[name], targets[name], stores[name], args)
+            rates: dict[str, list[float]] = {name: [] for name in members}
+            for round_ in range(args.paired):
+                turn = round_ % len(members)
+                for name in members[turn:] + members[:turn]:
+                    phase = run_phase(running[name], targets[name], stores[name], args, 0.0)
+                    rates[name].append(float(phase["achieved_rps"]))
+        for name in sidecars:
+            ratios = [s / t for s, t in zip(rates[name], rates[twin], strict=True) if t > 0]
+            found[name] = {
+                "twin": twin,
+                "ratio": round(statistics.median(ratios), 3) if ratios else None,
+                "ratios": [round(r, 3) for r in ratios],
+                "rps": rates[name],
+                "twin_rps": rates[twin],
+            }
+            log(f"{name}/{twin} paired: {', '.join(f'{r:.2f}' for r in ratios)}")
+    return found
+
+
 def measure(
     config: stack.Config,
     running: stack.Running,
@@ -196,15 +269,8 @@ def measure(
     half the maximum for a large body (1,000 req/s of 1 MiB is beyond these servers here).
     ``sidecar_halves``: for a no-op twin, the half-maximum rate of each sidecar compared with
     it, measured here too (``at_sidecar_half``), so added latency compares equal loads."""
-    target = cloadgen.Target(
-        running.port,
-        f"/v2/models/{stack.MODEL}/infer",
-        stack.request_headers(),
-        stack.request_body(config.body_bytes),
-    )
-    cloadgen.run(target, duration_s=args.warmup, connections=args.connections)
-    if running.sidecar is not None:
-        wait_drained(running, client, args)
+    target = target_of(config, running)
+    warm_up(running, target, client, args)
     runs = [run_phase(running, target, client, args, 0.0) for _ in range(args.repeats)]
     rates = [r["achieved_rps"] for r in runs]
     max_rps = statistics.median(rates)
@@ -293,6 +359,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                         else None
                     )
                     results[name] = measure(config, running, store, args, rate, halves)
+            if args.paired > 0:
+                results["_paired"] = paired_rounds(names, workdir, valkey.url, client, args)
             if args.profile:
                 log("profiling the sidecar in configuration D")
                 try:
@@ -310,6 +378,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", default=",".join(c.name for c in stack.CONFIGS))
     parser.add_argument("--duration", type=float, help="seconds per phase (5 quick, 15 full)")
     parser.add_argument("--repeats", type=int, help="max-rate runs (3 quick, 5 full)")
+    parser.add_argument(
+        "--paired",
+        type=int,
+        help="rounds of alternated max-rate runs, sidecar and twin (default: --repeats; 0: none)",
+    )
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--common-rate", type=float, default=1000.0)
@@ -332,6 +405,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--profile-config: one of the sidecar configs, not {args.profile_config!r}")
     args.duration = args.duration or (15.0 if args.full else 5.0)
     args.repeats = args.repeats or (5 if args.full else 3)
+    args.paired = args.repeats if args.paired is None else args.paired
     return args
 
 
@@ -343,18 +417,20 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = run_all(args, out)
     profile_lines = results.pop("_profile_D", None)
+    paired = results.pop("_paired", {})
     meta = {
         "started": stamp,
         "command": " ".join(["python -m benchmarks.overhead", *(argv or sys.argv[1:])]),
         "duration_s": args.duration,
         "repeats": args.repeats,
+        "paired_rounds": args.paired,
         "connections": args.connections,
         "common_rate": args.common_rate,
         "scrape_interval_s": args.scrape_interval,
         "cpu_count": os.cpu_count(),
         "wall_s": round(time.monotonic() - started, 1),
     }
-    report = overhead_report.build(meta, results, args.scrape_interval)
+    report = overhead_report.build(meta, results, args.scrape_interval, paired)
     (out / "results.json").write_text(json.dumps(report, indent=2))
     text = overhead_report.markdown(report, profile_lines)
     (out / "report.md").write_text(text)

@@ -3,6 +3,10 @@
 Ratios and added latencies compare a sidecar configuration with its no-op twin of the same
 kind from the same run: C, D and DL with B, E with E0, G with F, H with H0, always at the same
 rate: the common rate, or half of the sidecar's maximum (the twin is run at that rate too).
+
+A ratio target is judged on the paired rounds when the run has them (`paired`: the median of
+the per-round ratios of runs made in alternation, see `overhead.paired_rounds`), else on the
+maxima measured one configuration after the other. Both are printed, with the rounds' spread.
 """
 
 from __future__ import annotations
@@ -52,6 +56,20 @@ def _ratio(configs: dict[str, Any], name: str) -> float | None:
     return round(float(row["max_rps"]) / float(twin["max_rps"]), 3)
 
 
+def _judged_ratio(
+    configs: dict[str, Any], paired: dict[str, Any], name: str
+) -> tuple[float | None, str]:
+    """The ratio a target is judged on, and how it reads: the paired rounds' median with
+    every round, and the sequential ratio beside it."""
+    sequential = _ratio(configs, name)
+    rounds = paired.get(name)
+    if rounds is None or rounds["ratio"] is None:
+        return sequential, "not measured" if sequential is None else f"{sequential:.2f}"
+    each = ", ".join(f"{r:.2f}" for r in rounds["ratios"])
+    after = "" if sequential is None else f"; one after the other {sequential:.2f}"
+    return rounds["ratio"], f"{rounds['ratio']:.2f} (median of paired rounds {each}{after})"
+
+
 def _line(name: str, value: str, goal: str, met: bool) -> str:
     return f"TARGET {name}: {value} ({goal}) {'met' if met else 'missed'}"
 
@@ -72,15 +90,16 @@ def _max_drain(configs: dict[str, Any]) -> tuple[float | None, str]:
     return worst
 
 
-def target_lines(configs: dict[str, Any], scrape_interval_s: float) -> list[str]:
+def target_lines(
+    configs: dict[str, Any], scrape_interval_s: float, paired: dict[str, Any] | None = None
+) -> list[str]:
     """One line per target, ``TARGET <name>: <value> (<goal>) met|missed``."""
     lines = []
+    paired = paired or {}
     for name, config, least in RATIO_TARGETS:
-        ratio = _ratio(configs, config)
-        value = "not measured" if ratio is None else f"{ratio:.2f}"
+        ratio, value = _judged_ratio(configs, paired, config)
         lines.append(_line(name, value, f">= {least}", ratio is not None and ratio >= least))
-    ratio = _ratio(configs, "DL")
-    value = "not measured" if ratio is None else f"{ratio:.2f}"
+    ratio, value = _judged_ratio(configs, paired, "DL")
     lines.append(_line("http_valkey_leased_vs_noop", value, ">= 0.85", (ratio or 0) >= 0.85))
     calls = _script_calls(configs["DL"]["max_runs"][-1]) if "DL" in configs else None
     value = "not measured" if calls is None else f"{calls:.3f} per decision"
@@ -109,17 +128,22 @@ def target_lines(configs: dict[str, Any], scrape_interval_s: float) -> list[str]
 
 
 def build(
-    meta: dict[str, Any], configs: dict[str, Any], scrape_interval_s: float
+    meta: dict[str, Any],
+    configs: dict[str, Any],
+    scrape_interval_s: float,
+    paired: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """results.json: the meta, every configuration's phases, ratios and target lines."""
+    paired = paired or {}
     for name, row in configs.items():
         row["vs_noop"] = _ratio(configs, name)
+        row["paired"] = paired.get(name)
         row["added_p99_ms_common"] = _added_p99(configs, name, "common")
         row["added_p99_ms_half"] = _added_p99(configs, name, "half")
     return {
         "meta": meta,
         "configs": configs,
-        "target_lines": target_lines(configs, scrape_interval_s),
+        "target_lines": target_lines(configs, scrape_interval_s, paired),
     }
 
 
@@ -166,6 +190,10 @@ def table(configs: dict[str, Any]) -> list[str]:
     ]
     for name, row in sorted(configs.items(), key=lambda item: ORDER.index(item[0])):
         ratio = "—" if row["vs_noop"] is None else f"{row['vs_noop']:.2f}"
+        rounds = row.get("paired")
+        if rounds is not None and rounds["ratio"] is not None:
+            spread = f"{min(rounds['ratios']):.2f}-{max(rounds['ratios']):.2f}"
+            ratio = f"{ratio}; paired {rounds['ratio']:.2f} ({spread})"
         added = "—"
         if row["added_p99_ms_common"] is not None:
             added = f"{row['added_p99_ms_half']:+.2f} / {row['added_p99_ms_common']:+.2f}"
@@ -198,7 +226,9 @@ def markdown(report: dict[str, Any], profile_lines: Sequence[str] | None) -> str
         f"Command: `{meta['command']}` ({meta['cpu_count']} CPUs, wall {meta['wall_s']} s).",
         f"{meta['duration_s']:g} s per phase, max rate = median of {meta['repeats']} closed-loop"
         f" runs with {meta['connections']} connections; latency open loop from scheduled send"
-        " times. CPU and Redis calls are from the last max-rate run.",
+        ' times. CPU and Redis calls are from the last max-rate run. "paired": the median (and'
+        f" range) of {meta.get('paired_rounds', 0)} rounds of max-rate runs made in alternation"
+        " with the twin, which the ratio targets are judged on.",
         *_generator_line(report["configs"]),
         "",
         *table(report["configs"]),

@@ -2,8 +2,9 @@
 
 Checks the shape of what it writes and its TARGET lines, never the values (this machine is
 shared and noisy): that the load went through (every answer 200, from Envoy in front of the
-no-op server and of the sidecar), that the sidecar row carries its twin's ratio, its CPU and
-its release backlog, and that the output ends with one TARGET line per target of issue 11.
+no-op server and of the sidecar), that the sidecar row carries its twin's ratio (one after the
+other, and from the paired round), its CPU and its release backlog, and that the output ends
+with one TARGET line per target of issue 11.
 """
 
 from __future__ import annotations
@@ -78,8 +79,16 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert set(backlog["at_stop"]) == {"release_backlog", "in_flight"}  # memory store
     assert backlog["drained"], backlog
     assert sidecar["common"]["redis_calls_per_request"] is None
+    # The paired round (--paired defaults to --repeats): B and C once each, in alternation,
+    # both started; its ratio is the one a ratio target is judged on.
+    paired = sidecar["paired"]
+    assert paired["twin"] == "B" and len(paired["rps"]) == len(paired["twin_rps"]) == 1
+    assert min(paired["rps"] + paired["twin_rps"]) > 0
+    assert paired["ratio"] == pytest.approx(paired["rps"][0] / paired["twin_rps"][0], abs=0.001)
+    assert results["configs"]["B"]["paired"] is None  # a twin has no ratio of its own
     report = (out / "report.md").read_text()
     assert "| B: no-op ext_authz HTTP" in report and "| C: sidecar ext_authz HTTP" in report
+    assert f"paired {paired['ratio']:.2f}" in report
 
     lines = done.stdout.strip().splitlines()
     targets = lines[-len(EXPECTED_TARGETS) :]
