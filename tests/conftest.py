@@ -17,7 +17,8 @@
    90-minute limit. Each new event loop is bound to the one queue as grpc.aio does for any
    program with several loops.
 4. A test that still hangs fails after `timeout` seconds (pyproject, pytest-timeout) with
-   every thread's stack printed, and the run goes on.
+   every thread's stack printed, and the run goes on; past `session_timeout` the run stops
+   after its current test, with its summary, inside CI's limit.
 """
 
 from __future__ import annotations
