@@ -25,7 +25,7 @@ from sidecar.core.types import LeaseRef, RequestAttributes
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import build_authz_app
-from sidecar.envoy.common import release_if_undelivered
+from sidecar.envoy.common import HEALTH_PATH, HEALTH_STATUS, release_if_undelivered
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
@@ -143,6 +143,29 @@ def test_http_overload_travels_as_430_with_x_qos_status_503() -> None:
 
     asyncio.run(with_http(service, body))
     assert sample(service, "qos_state_errors_total", operation="acquire") == 2
+
+
+def test_http_health_check_is_answered_and_anything_unforeseen_is_a_json_500() -> None:
+    class BrokenStore(MemoryQuotaStore):
+        async def acquire(self, check: Any) -> Any:
+            raise RuntimeError("a bug, not an outage")
+
+    service = make_service(BrokenStore())
+
+    async def body(client: TestClient[Any, Any]) -> None:
+        for method in ("GET", "HEAD"):  # Envoy's health check (common.py, rule 6)
+            assert (await client.request(method, HEALTH_PATH)).status == HEALTH_STATUS
+        # Any other method on that path is a call Envoy did not write: 400, taking nothing.
+        other = await client.post(HEALTH_PATH, headers={"x-api-key": "k-analytics"})
+        assert other.status == 400
+        assert (await other.json())["reason"] == "malformed"
+        broken = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
+        assert broken.status == 500
+        assert broken.content_type == "application/json"
+        assert (await broken.json())["reason"] == "internal_error"
+
+    asyncio.run(with_http(service, body))
+    assert sample(service, "qos_adapter_errors_total", api="http") == 1
 
 
 def test_http_path_prefix_and_principal_header() -> None:
