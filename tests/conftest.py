@@ -12,10 +12,10 @@
    one completion queue and its poller thread while any channel or server lives, and shuts
    them down when the last one is freed; the in-process tests run each test in its own
    `asyncio.run`, so without this the queue was shut down and restarted after nearly every
-   test. Shutdown joins the poller thread until the queue drains, a step with known races in
-   grpc (grpc/grpc#40989, #22365): one CI run hung in tests/test_ext_proc.py until the
-   90-minute limit. Each new event loop is bound to the one queue as grpc.aio does for any
-   program with several loops.
+   test. Shutdown joins the poller thread until the queue drains, a step with known hangs in
+   grpc (grpc/grpc#40989, #22365). One CI run hung in tests/test_ext_proc.py until its
+   90-minute limit, most likely there (not reproduced here). Each new event loop is bound to
+   the one queue, as grpc.aio does for any program with several loops.
 4. A test that still hangs fails after `timeout` seconds (pyproject, pytest-timeout) with
    every thread's stack printed, and the run goes on; past `session_timeout` the run stops
    after its current test, with its summary, inside CI's limit.
