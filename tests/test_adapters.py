@@ -123,12 +123,18 @@ def test_http_admit_sets_decision_headers_and_shed_has_json_body() -> None:
     )
 
 
-def test_http_overload_travels_as_430_with_x_qos_status_503() -> None:
-    class DownStore(MemoryQuotaStore):
-        async def acquire(self, check: Any) -> Any:
-            raise StateUnavailable("down")
+def acquire_raising(exc: Exception) -> MemoryQuotaStore:
+    """A memory store whose every acquire raises `exc`."""
 
-    service = make_service(DownStore())
+    class Failing(MemoryQuotaStore):
+        async def acquire(self, check: Any) -> Any:
+            raise exc
+
+    return Failing()
+
+
+def test_http_overload_travels_as_430_with_x_qos_status_503() -> None:
+    service = make_service(acquire_raising(StateUnavailable("down")))
 
     async def body(client: TestClient[Any, Any]) -> None:
         closed = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
@@ -146,11 +152,7 @@ def test_http_overload_travels_as_430_with_x_qos_status_503() -> None:
 
 
 def test_http_health_check_is_answered_and_anything_unforeseen_is_a_json_500() -> None:
-    class BrokenStore(MemoryQuotaStore):
-        async def acquire(self, check: Any) -> Any:
-            raise RuntimeError("a bug, not an outage")
-
-    service = make_service(BrokenStore())
+    service = make_service(acquire_raising(RuntimeError("a bug, not an outage")))
 
     async def body(client: TestClient[Any, Any]) -> None:
         for method in ("GET", "HEAD"):  # Envoy's health check (common.py, rule 6)
