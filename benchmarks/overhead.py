@@ -314,9 +314,7 @@ def profile(workdir: Path, redis_url: str, args: argparse.Namespace, out: Path) 
     raw = out.resolve() / f"profile_{name}.prof"  # the sidecar runs in its own directory
     config = stack.BY_NAME[name]
     with stack.start(config, workdir / "profile", redis_url, profile_path=raw) as running:
-        target = cloadgen.Target(
-            running.port, f"/v2/models/{stack.MODEL}/infer", stack.request_headers(), b"{}"
-        )
+        target = target_of(config, running)  # the request the measured phases send
         result = cloadgen.run(target, duration_s=args.duration, connections=args.connections)
     cumulative, own = io.StringIO(), io.StringIO()
     pstats.Stats(str(raw), stream=cumulative).sort_stats("cumulative").print_stats(25)
@@ -362,7 +360,7 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             if args.paired > 0:
                 results["_paired"] = paired_rounds(names, workdir, valkey.url, client, args)
             if args.profile:
-                log("profiling the sidecar in configuration D")
+                log(f"profiling the sidecar in configuration {args.profile_config}")
                 try:
                     results["_profile_D"] = profile(workdir, valkey.url, args, out)
                 except Exception as exc:  # a failed profile must not lose the measurements
