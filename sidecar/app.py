@@ -34,13 +34,14 @@ from sidecar.core.holds import HoldBounds
 from sidecar.envoy import authz_grpc, authz_http, ext_proc
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
-from sidecar.envoy.authz_http import MAX_FIELD_BYTES, build_authz_app
+from sidecar.envoy.authz_http import AuthzHttp
 from sidecar.envoy.common import TokenCheck, grpc_health_handler
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
+from sidecar.envoy.http_wire import WireListener
 from sidecar.metrics import Metrics
 from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
-from sidecar.settings import ListenAddr, Settings
+from sidecar.settings import Settings
 from sidecar.state.base import QuotaStore
 from sidecar.state.breaker import CircuitBreaker, GuardedStore
 from sidecar.state.memory import MemoryQuotaStore
@@ -124,6 +125,7 @@ class Sidecar:
     holder: PolicyHolder
     service: AdmissionService
     metrics: Metrics
+    authz_listener: WireListener
     runners: list[web.AppRunner]
     grpc_server: Any
     tasks: list[asyncio.Task[None]]
@@ -141,6 +143,7 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.grpc_server.stop(grace=1.0)
+        await self.authz_listener.close()
         for runner in self.runners:
             await runner.cleanup()
         # One last try at the releases still owed; what fails now lives one lease TTL. And
@@ -201,9 +204,9 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
 
     lease_key = lease_key_of(settings)
     auth = TokenCheck(settings.auth_token, metrics.unauthenticated_calls.labels)
-    runners = await _start_http(settings, service, holder, monitor, lease_key, auth)
+    authz, runners = await _start_http(settings, service, holder, monitor, lease_key, auth)
     server = await _start_grpc(settings, service, lease_key, auth)
-    sidecar = Sidecar(settings, holder, service, metrics, runners, server, [], monitor)
+    sidecar = Sidecar(settings, holder, service, metrics, authz, runners, server, [], monitor)
     replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # in the store
     if monitor is not None:
         sidecar.tasks.append(asyncio.create_task(monitor.run()))
@@ -243,8 +246,8 @@ async def _start_http(
     monitor: TritonLoadMonitor | None,
     lease_key: bytes,
     auth: TokenCheck,
-) -> list[web.AppRunner]:
-    """ext_authz over HTTP (a Unix socket or TCP) and the admin listener (TCP)."""
+) -> tuple[WireListener, list[web.AppRunner]]:
+    """ext_authz over HTTP (a Unix socket or TCP) and the admin listener (TCP, aiohttp)."""
 
     async def triton_readiness() -> tuple[list[str], dict[str, Any]]:
         if monitor is None:
@@ -254,48 +257,26 @@ async def _start_http(
         problems = view.not_ready(monitor.clock(), settings.triton_stale_ms / 1000)
         return problems, {"triton": dict(view.ready)}
 
+    authz = AuthzHttp(service, lease_key=lease_key, auth=auth).listener()
+    listen = settings.authz_http_listen
+    if listen.unix_path is not None:
+        _prepare_socket_dir(listen.unix_path)
+        # asyncio removes a stale socket file left by a killed predecessor.
+        await authz.start_unix(listen.unix_path)
+        os.chmod(listen.unix_path, SOCKET_MODE)
+    else:
+        # Workers share the Envoy-facing port (sidecar/workers.py rule 1), never the admin one.
+        await authz.start_tcp(listen.host, listen.port, reuse_port=settings.workers > 1)
     admin_host, admin_port = settings.admin_host_port
-    runners: list[web.AppRunner] = []
-    # handler_cancellation: when Envoy gives up on a call, stop deciding for it (aiohttp
-    # otherwise runs a handler to the end after the client has gone).
-    # Header limits at Envoy's own: a long header reaches the core's checks (a JSON 400), not
-    # aiohttp's plain-text one.
-    # Workers share the Envoy-facing port (sidecar/workers.py rule 1), never the admin one.
-    shared = settings.workers > 1
-    for app, listen, reuse_port in (
-        (
-            build_authz_app(service, lease_key=lease_key, auth=auth),
-            settings.authz_http_listen,
-            shared,
-        ),
-        (
-            build_admin_app(service, holder, triton_readiness),
-            ListenAddr(host=admin_host, port=admin_port),
-            False,
-        ),
-    ):
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=True,
-            access_log=None,
-            max_field_size=MAX_FIELD_BYTES,
-            max_line_size=MAX_FIELD_BYTES,
-        )
-        await runner.setup()
-        site: web.BaseSite
-        if listen.unix_path is not None:
-            _prepare_socket_dir(listen.unix_path)
-            # asyncio removes a stale socket file left by a killed predecessor.
-            site = web.UnixSite(runner, listen.unix_path)
-        else:
-            site = web.TCPSite(
-                runner, listen.host, listen.port, reuse_address=True, reuse_port=reuse_port
-            )
-        await site.start()
-        if listen.unix_path is not None:
-            os.chmod(listen.unix_path, SOCKET_MODE)
-        runners.append(runner)
-    return runners
+    # handler_cancellation: when a caller gives up, stop answering it.
+    runner = web.AppRunner(
+        build_admin_app(service, holder, triton_readiness),
+        handler_cancellation=True,
+        access_log=None,
+    )
+    await runner.setup()
+    await web.TCPSite(runner, admin_host, admin_port, reuse_address=True).start()
+    return authz, [runner]
 
 
 def _prepare_socket_dir(path: str) -> None:

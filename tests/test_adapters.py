@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import ClientSession
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -24,7 +24,7 @@ from sidecar.core.lease import format_lease, sign_lease, verify_lease
 from sidecar.core.types import LeaseRef, RequestAttributes
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
-from sidecar.envoy.authz_http import build_authz_app
+from sidecar.envoy.authz_http import AuthzHttp
 from sidecar.envoy.common import HEALTH_PATH, HEALTH_STATUS, release_if_undelivered
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
@@ -49,14 +49,16 @@ def sample(service: AdmissionService, name: str, **labels: str) -> float:
 
 
 async def with_http(
-    service: AdmissionService, body: Callable[[TestClient[Any, Any]], Awaitable[None]]
+    service: AdmissionService, body: Callable[[ClientSession], Awaitable[None]]
 ) -> None:
-    client = TestClient(TestServer(build_authz_app(service, lease_key=KEY)))
-    await client.start_server()
+    """The ext_authz HTTP listener on a free port, and a client whose paths are relative."""
+    listener = AuthzHttp(service, lease_key=KEY).listener()
+    await listener.start_tcp("127.0.0.1", 0, reuse_port=False)
     try:
-        await body(client)
+        async with ClientSession(base_url=f"http://127.0.0.1:{listener.port}") as client:
+            await body(client)
     finally:
-        await client.close()
+        await listener.close()
 
 
 async def with_grpc(service: AdmissionService, body: Callable[[Any, Any], Awaitable[None]]) -> None:
@@ -92,7 +94,7 @@ def check_request(headers: dict[str, str], path: str = INFER, principal: str = "
 def test_http_admit_sets_decision_headers_and_shed_has_json_body() -> None:
     service = make_service()
 
-    async def body(client: TestClient[Any, Any]) -> None:
+    async def body(client: ClientSession) -> None:
         ok = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
         assert ok.status == 200
         assert ok.headers["x-qos-tenant"] == "analytics"
@@ -136,7 +138,7 @@ def acquire_raising(exc: Exception) -> MemoryQuotaStore:
 def test_http_overload_travels_as_430_with_x_qos_status_503() -> None:
     service = make_service(acquire_raising(StateUnavailable("down")))
 
-    async def body(client: TestClient[Any, Any]) -> None:
+    async def body(client: ClientSession) -> None:
         closed = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
         # Envoy turns a 5xx from an HTTP authz server into its own error; the shipped
         # config's local-reply mapper turns this back into 503.
@@ -154,7 +156,7 @@ def test_http_overload_travels_as_430_with_x_qos_status_503() -> None:
 def test_http_health_check_is_answered_and_anything_unforeseen_is_a_json_500() -> None:
     service = make_service(acquire_raising(RuntimeError("a bug, not an outage")))
 
-    async def body(client: TestClient[Any, Any]) -> None:
+    async def body(client: ClientSession) -> None:
         for method in ("GET", "HEAD"):  # Envoy's health check (common.py, rule 6)
             assert (await client.request(method, HEALTH_PATH)).status == HEALTH_STATUS
         # Any other method on that path is a call Envoy did not write: 400, taking nothing.
@@ -173,7 +175,7 @@ def test_http_health_check_is_answered_and_anything_unforeseen_is_a_json_500() -
 def test_http_path_prefix_and_principal_header() -> None:
     service = make_service()
 
-    async def body(client: TestClient[Any, Any]) -> None:
+    async def body(client: ClientSession) -> None:
         ok = await client.post(
             "/authz/v2/models/llm/infer",
             headers={"x-qos-peer-principal": "spiffe://test/analytics"},
@@ -196,7 +198,7 @@ def test_grpc_and_http_give_the_same_decisions() -> None:
     http_seen: list[tuple[int, str | None, str | None]] = []
     grpc_seen: list[tuple[int, str | None, str | None]] = []
 
-    async def http_body(client: TestClient[Any, Any]) -> None:
+    async def http_body(client: ClientSession) -> None:
         for headers in cases:
             r = await client.post("/authz" + INFER, headers=headers)
             reason = (await r.json())["reason"] if r.status != 200 else None
@@ -246,7 +248,7 @@ def test_grpc_malformed_check_request_is_400_and_counted() -> None:
 def test_http_call_without_the_authz_prefix_takes_no_lease() -> None:
     service = make_service()
 
-    async def body(client: TestClient[Any, Any]) -> None:
+    async def body(client: ClientSession) -> None:
         for path in ("/", "/v2/models/simgpu/infer", "/authz"):
             refused = await client.post(path)
             assert refused.status == 400

@@ -14,22 +14,22 @@ into dynamic metadata (`dynamic_metadata_from_headers`) and does not copy it ups
 Envoy: it is refused 400 (counted as malformed) and takes nothing. The one exception is
 Envoy's health check, `GET /healthz`, answered 204 (`common.py`, rule 6).
 
-Every answer is JSON with a reason, whoever calls: a header that is not UTF-8 is 400
-`malformed` (aiohttp hands such bytes over as surrogate escapes, which no identity can match),
-and anything this module did not foresee is 500 `internal_error` with a JSON body, counted in
-`qos_adapter_errors_total`, never aiohttp's plain-text page. Header limits are raised to
-Envoy's own (`MAX_FIELD_BYTES`) so that the core's length and syntax checks, not aiohttp's
-parser, answer an oversized header.
+The listener is `http_wire.WireListener`, a small HTTP/1.1 server for Envoy's dialect. Every
+answer is JSON with a reason, whoever calls: a request the wire refuses (a malformed line, a
+header section over Envoy's own limits, a transfer-encoding) and a header that is not UTF-8
+(handed over as surrogate escapes, which no identity can match) are 400 `malformed`, counted
+in `qos_malformed_requests_total`; anything this module did not foresee is 500
+`internal_error` with a JSON body, counted in `qos_adapter_errors_total`. A single field may
+be as long as Envoy allows (`MAX_FIELD_BYTES`), so the core's length and syntax checks, not
+the wire, answer an oversized header.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
-
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from sidecar.core.decide import HEADER_LEASE
 from sidecar.core.types import Decision, RequestAttributes
@@ -44,6 +44,7 @@ from sidecar.envoy.common import (
     release_if_undelivered,
     signed_lease,
 )
+from sidecar.envoy.http_wire import WireError, WireListener, WireRequest, WireResponse
 from sidecar.service import AdmissionService
 
 # Set by Envoy from the verified client certificate (authorization_request.headers_to_add),
@@ -54,8 +55,19 @@ STATUS_HEADER = "x-qos-status"
 OVERLOAD_WIRE_STATUS = 430
 API = "http"
 # Envoy refuses request headers over 60 KiB in total (max_request_headers_kb), so it never
-# forwards a longer field: with these limits aiohttp's parser never answers before the core.
+# forwards a longer field; the wire accepts a header section of up to 96 KiB.
 MAX_FIELD_BYTES = 64 * 1024
+_JSON = (("content-type", "application/json"),)
+_INTERNAL = WireResponse(
+    500,
+    _JSON,
+    json.dumps(
+        {"error": "internal", "reason": "internal_error", "retry_after_ms": None},
+        separators=(",", ":"),
+    ).encode(),
+)
+_UNAUTHENTICATED = WireResponse(401, _JSON, UNAUTHENTICATED_BODY)
+_HEALTHY = WireResponse(HEALTH_STATUS)
 log = logging.getLogger(__name__)
 
 
@@ -69,15 +81,16 @@ def not_text(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def attributes_from_request(request: web.BaseRequest, path_prefix: str) -> RequestAttributes | None:
+def attributes_of(
+    request: WireRequest, headers: dict[str, str], path_prefix: str
+) -> RequestAttributes | None:
     """The attributes of the client request Envoy asks about; None when the path lacks the
     prefix (then Envoy did not send it)."""
-    path = request.raw_path
+    path = request.target
     if path_prefix:
         if not path.startswith(path_prefix + "/"):
             return None
         path = path[len(path_prefix) :]
-    headers, _ = read_headers(request.headers.items())
     return RequestAttributes(
         method=request.method,
         path=path,
@@ -87,65 +100,64 @@ def attributes_from_request(request: web.BaseRequest, path_prefix: str) -> Reque
     )
 
 
-def response_for(decision: Decision, lease_key: bytes) -> web.Response:
-    headers = dict(headers_for_envoy(decision))
+def response_for(decision: Decision, lease_key: bytes) -> WireResponse:
+    headers = headers_for_envoy(decision)
     lease = signed_lease(decision, lease_key)
     if lease is not None:
-        headers[HEADER_LEASE] = lease
+        headers = (*headers, (HEADER_LEASE, lease))
     status = decision.status
     if status >= 500:
-        headers[STATUS_HEADER] = str(status)
+        headers = (*headers, (STATUS_HEADER, str(status)))
         status = OVERLOAD_WIRE_STATUS
-    return web.Response(status=status, headers=headers, body=decision.body)
+    return WireResponse(status, headers, decision.body)
 
 
-def build_authz_app(
-    service: AdmissionService,
-    *,
-    lease_key: bytes,
-    auth: TokenCheck | None = None,
-    path_prefix: str = "/authz",
-) -> web.Application:
-    @web.middleware
-    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException:
-            raise  # none is raised here: every path is routed to `check`
-        except Exception:
-            log.exception("authz request failed")
-            service.metrics.adapter_errors.labels(API).inc()
-            body = {"error": "internal", "reason": "internal_error", "retry_after_ms": None}
-            return web.Response(
-                status=500,
-                body=json.dumps(body, separators=(",", ":")).encode(),
-                content_type="application/json",
-            )
+class AuthzHttp:
+    """The ext_authz HTTP adapter: a `WireListener`'s handler, refusal and failure."""
 
-    async def check(request: web.Request) -> web.Response:
+    def __init__(
+        self,
+        service: AdmissionService,
+        *,
+        lease_key: bytes,
+        auth: TokenCheck | None = None,
+        path_prefix: str = "/authz",
+    ) -> None:
+        self._service = service
+        self._lease_key = lease_key
+        self._auth = auth
+        self._path_prefix = path_prefix
+
+    def listener(self) -> WireListener:
+        return WireListener(self.answer, self.refuse, self.fail)
+
+    async def answer(self, request: WireRequest, transport: asyncio.Transport) -> WireResponse:
+        headers, _ = read_headers(request.headers)
+        if request.method in ("GET", "HEAD") and request.target.split("?", 1)[0] == HEALTH_PATH:
+            return _HEALTHY  # common.py, rule 6
         # Without the token (common.py, rule 5): 401, and nothing is read or taken.
-        if auth is not None and not auth.admits(request.headers.get(AUTH_HEADER), API):
-            return web.Response(
-                status=401, body=UNAUTHENTICATED_BODY, content_type="application/json"
-            )
-        attrs = attributes_from_request(request, path_prefix)
+        if self._auth is not None and not self._auth.admits(headers.get(AUTH_HEADER), API):
+            return _UNAUTHENTICATED
+        attrs = attributes_of(request, headers, self._path_prefix)
         if attrs is None:
-            refused = service.refuse_malformed(f"authz path must start with {path_prefix}/", API)
-            return response_for(refused, lease_key)
+            detail = f"authz path must start with {self._path_prefix}/"
+            return response_for(self._service.refuse_malformed(detail, API), self._lease_key)
         bad = not_text(attrs.headers)
         if bad is not None:
-            refused = service.refuse_malformed(f"header {bad!r} is not UTF-8", API)
-            return response_for(refused, lease_key)
-        decision = await service.check(attrs, API)
+            detail = f"header {bad!r} is not UTF-8"
+            return response_for(self._service.refuse_malformed(detail, API), self._lease_key)
+        decision = await self._service.check(attrs, API)
         # Envoy hung up while we decided: nobody will carry this lease to completion.
-        connected = request.transport is not None and not request.transport.is_closing()
-        await release_if_undelivered(service, decision, delivered=connected)
-        return response_for(decision, lease_key)
+        await release_if_undelivered(self._service, decision, delivered=not transport.is_closing())
+        return response_for(decision, self._lease_key)
 
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(status=HEALTH_STATUS)  # common.py, rule 6
+    def refuse(self, error: WireError) -> WireResponse:
+        """A request the wire could not read: 400 `malformed`, counted, nothing taken."""
+        refused = self._service.refuse_malformed(error.detail, API)
+        return response_for(refused, self._lease_key)
 
-    app = web.Application(middlewares=[json_errors])
-    app.router.add_get(HEALTH_PATH, health)
-    app.router.add_route("*", "/{tail:.*}", check)
-    return app
+    def fail(self, error: Exception) -> WireResponse:
+        """Anything unforeseen: a JSON 500, logged and counted."""
+        log.error("authz request failed", exc_info=error)
+        self._service.metrics.adapter_errors.labels(API).inc()
+        return _INTERNAL

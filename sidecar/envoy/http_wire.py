@@ -1,0 +1,276 @@
+"""A small HTTP/1.1 server for the one caller of the ext_authz HTTP listener: Envoy.
+
+Why not aiohttp: the listener answers one request per inference request, and aiohttp's
+request, router, middleware and response objects cost more than the decision they carry
+(about 28 µs of CPU per request for aiohttp's no-op server on the benchmark host, 8 µs for a
+bare protocol; `python -m benchmarks.overhead`). Envoy's ext_authz client sends a narrow
+dialect of HTTP/1.1, so this module reads that dialect strictly and refuses the rest.
+
+Rules (the parser, `parse_head`, does no I/O; `WireListener` below is the asyncio part):
+1. A request is a request line, `METHOD SP target SP HTTP/1.1` (or `HTTP/1.0`), and header
+   lines `name: value` up to an empty line. The method and the names are RFC 9110 tokens,
+   the target is ASCII, a value holds no control character but tab; a line that starts with
+   white space (obsolete folding) or breaks any of this is refused (400). Names are lower
+   case; the values are text decoded as UTF-8 with surrogate escapes, so that a value that
+   is not UTF-8 reaches the adapter, which answers it with its own JSON 400.
+2. Limits: the header section is at most MAX_HEAD_BYTES and MAX_FIELDS lines. Envoy never
+   sends more (60 KiB of request headers in all, `max_request_headers_kb`); a longer one is
+   refused (400) and the connection closed.
+3. Bodies: `Content-Length` only (Envoy's ext_authz client always sets it). Its bytes are
+   skipped, never kept: the check decides on the headers. `Transfer-Encoding` is refused
+   (400), and so are two different lengths or one that is not a number.
+4. One request at a time per connection, answered in order; bytes that arrive meanwhile wait
+   in the buffer (reading pauses past MAX_BUFFERED_BYTES). `Connection: close`, and HTTP/1.0
+   without `keep-alive`, close the connection after the answer. Every refusal closes it too:
+   after a malformed request the stream's framing cannot be trusted.
+5. When the peer goes away while a request is being answered, that request's task is
+   cancelled (what aiohttp's `handler_cancellation` did): a decision nobody waits for stops,
+   and the adapter releases any lease it took (`common.py`, rule 3).
+6. Answers carry `content-length` (but 1xx, 204 and 304, which may not); a header name or
+   value with CR or LF is a bug, never sent: like an exception of the handler, it is
+   answered by the listener's `failure` (the adapter's JSON 500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+
+MAX_HEAD_BYTES = 96 * 1024
+MAX_FIELDS = 256
+MAX_BUFFERED_BYTES = 256 * 1024
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
+# A value: any byte but the control characters (tab allowed inside), no white space at its ends.
+_VALUE = rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)"
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*" + _VALUE + rb"[ \t]*")
+_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+class WireError(Exception):
+    """A request this server refuses: `detail` says why (for the 400's JSON body)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class WireRequest:
+    method: str
+    target: str  # as sent: path and query
+    headers: tuple[tuple[str, str], ...]  # (lower-case name, value), in order, repeats kept
+    content_length: int
+    keep_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WireResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+
+def parse_head(head: bytes) -> WireRequest:
+    """Rule 1-3: the request whose header section (without its final CRLF CRLF) is `head`.
+    Raises WireError."""
+    if len(head) > MAX_HEAD_BYTES:
+        raise WireError(f"header section over {MAX_HEAD_BYTES} bytes")
+    lines = head.split(b"\r\n")
+    if len(lines) > MAX_FIELDS + 1:
+        raise WireError(f"more than {MAX_FIELDS} header lines")
+    start = _REQUEST_LINE.fullmatch(lines[0])
+    if start is None:
+        raise WireError("request line is not `METHOD target HTTP/1.x` with an ASCII target")
+    method, target, minor = start.groups()
+    headers: list[tuple[str, str]] = []
+    lengths: set[bytes] = set()
+    keep_alive = minor == b"1"
+    for line in lines[1:]:
+        field = _FIELD.fullmatch(line)
+        if field is None:
+            raise WireError("malformed header line")
+        raw_name, raw_value = field.groups()
+        name = raw_name.decode("ascii").lower()
+        if name == "content-length":
+            lengths.add(raw_value)
+        elif name == "transfer-encoding":
+            raise WireError("transfer-encoding is not accepted; send content-length")
+        elif name == "connection":
+            tokens = {t.strip().lower() for t in raw_value.split(b",")}
+            keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
+        headers.append((name, raw_value.decode("utf-8", "surrogateescape")))
+    return WireRequest(
+        method.decode("ascii"), target.decode("ascii"), tuple(headers), _length(lengths), keep_alive
+    )
+
+
+def _length(values: set[bytes]) -> int:
+    if not values:
+        return 0
+    if len(values) > 1:
+        raise WireError("conflicting content-length headers")
+    (value,) = values
+    if not value.isdigit() or len(value) > 12:
+        raise WireError("content-length is not a number of bytes")
+    return int(value)
+
+
+def encode_response(response: WireResponse, *, close: bool) -> bytes:
+    """Rule 6: the answer's bytes. Raises ValueError for a CR or LF in a header."""
+    lines = [f"HTTP/1.1 {response.status} {_PHRASES.get(response.status, 'Unknown')}"]
+    for name, value in response.headers:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"header {name!r}: CR or LF in an answer's header")
+        lines.append(f"{name}: {value}")
+    if response.status >= 200 and response.status not in (204, 304):
+        lines.append(f"content-length: {len(response.body)}")
+    elif response.body:
+        raise ValueError(f"a {response.status} answer has no body")
+    if close:
+        lines.append("connection: close")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8") + response.body
+
+
+Handler = Callable[[WireRequest, asyncio.Transport], Awaitable[WireResponse]]
+Refusal = Callable[[WireError], WireResponse]
+Failure = Callable[[Exception], WireResponse]
+
+
+class _Connection(asyncio.Protocol):
+    """Rules 2-5 for one connection."""
+
+    def __init__(self, listener: WireListener) -> None:
+        self._listener = listener
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._skip = 0  # body bytes of the current request still to drop (rule 3)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports have the methods, not the class: no isinstance here.
+        self._transport = cast(asyncio.Transport, transport)
+        self._listener.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._listener.connections.discard(self)
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()  # rule 5
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._buffer += data
+        if self._task is None:
+            self._next()
+        elif len(self._buffer) > MAX_BUFFERED_BYTES and self._transport is not None:
+            self._transport.pause_reading()
+            self._paused = True
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _next(self) -> None:
+        """Start answering the next complete request in the buffer, if there is one."""
+        if self._skip:
+            dropped = min(self._skip, len(self._buffer))
+            del self._buffer[:dropped]
+            self._skip -= dropped
+            if self._skip:
+                return
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD_BYTES:
+                self._refuse(WireError(f"header section over {MAX_HEAD_BYTES} bytes"))
+            return
+        head = bytes(self._buffer[:end])
+        del self._buffer[: end + 4]
+        try:
+            request = parse_head(head)
+        except WireError as error:
+            self._refuse(error)
+            return
+        self._skip = request.content_length
+        self._task = asyncio.ensure_future(self._answer(request))
+
+    async def _answer(self, request: WireRequest) -> None:
+        transport = self._transport
+        assert transport is not None
+        keep = request.keep_alive
+        try:
+            response = await self._listener.handler(request, transport)
+            answer = encode_response(response, close=not keep)
+        except Exception as error:  # rule 6; CancelledError (rule 5) is not caught
+            answer = encode_response(self._listener.failure(error), close=not keep)
+        self._task = None
+        if self._closing:
+            return
+        transport.write(answer)
+        if not keep:
+            self._closing = True
+            transport.close()
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        if self._buffer:
+            self._next()
+
+    def _refuse(self, error: WireError) -> None:
+        """Rule 4: a refusal is answered and the connection closed."""
+        self._closing = True
+        if self._transport is not None:
+            answer = self._listener.refusal(error)
+            self._transport.write(encode_response(answer, close=True))
+            self._transport.close()
+
+
+class WireListener:
+    """The listening socket and its connections: `handler` answers each request, `refusal`
+    each WireError (rule 1-3), `failure` whatever the handler raised or answered that cannot
+    be sent (rule 6)."""
+
+    def __init__(self, handler: Handler, refusal: Refusal, failure: Failure) -> None:
+        self.handler = handler
+        self.refusal = refusal
+        self.failure = failure
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start_unix(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), path)
+
+    async def start_tcp(self, host: str, port: int, *, reuse_port: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_address=True, reuse_port=reuse_port
+        )
+
+    @property
+    def port(self) -> int:
+        """The TCP port listened on (for a listener started on port 0)."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening and close every connection (their answers in progress are
+        cancelled, rule 5)."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        await asyncio.sleep(0)  # let the cancelled answers run their cleanup
