@@ -19,9 +19,9 @@ answer is JSON with a reason, whoever calls: a request the wire refuses (a malfo
 header section over Envoy's own limits, a transfer-encoding) and a header that is not UTF-8
 (handed over as surrogate escapes, which no identity can match) are 400 `malformed`, counted
 in `qos_malformed_requests_total`; anything this module did not foresee is 500
-`internal_error` with a JSON body, counted in `qos_adapter_errors_total`. A single field may
-be as long as Envoy allows (`MAX_FIELD_BYTES`), so the core's length and syntax checks, not
-the wire, answer an oversized header.
+`internal_error` with a JSON body, counted in `qos_adapter_errors_total`. The wire takes a
+header section larger than Envoy ever sends (`http_wire.MAX_HEAD_BYTES`), so the core's
+length and syntax checks, not the wire, answer an oversized header.
 """
 
 from __future__ import annotations
@@ -54,9 +54,6 @@ STATUS_HEADER = "x-qos-status"
 # Must match the status_code_filter in envoy/snippets/overload-local-reply.yaml.
 OVERLOAD_WIRE_STATUS = 430
 API = "http"
-# Envoy refuses request headers over 60 KiB in total (max_request_headers_kb), so it never
-# forwards a longer field; the wire accepts a header section of up to 96 KiB.
-MAX_FIELD_BYTES = 64 * 1024
 _JSON = (("content-type", "application/json"),)
 _INTERNAL = WireResponse(
     500,
