@@ -284,3 +284,34 @@ def test_closing_the_listener_closes_its_idle_connections(loop: str) -> None:
         return rest
 
     assert LOOPS[loop](main()) == b""
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_closing_the_listener_cancels_an_answer_in_progress_before_it_returns(
+    loop: str,
+) -> None:
+    async def main() -> list[str]:
+        events: list[str] = []
+        started = asyncio.Event()
+
+        async def held(request: WireRequest, transport: asyncio.Transport) -> WireResponse:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)  # cleanup that waits, as giving back a lease does
+                events.append("cleaned up")
+                raise
+            return WireResponse(200)
+
+        listener = WireListener(held, lambda e: WireResponse(400), lambda e: WireResponse(500))
+        await listener.start_tcp("127.0.0.1", 0, reuse_port=False)
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"GET /held HTTP/1.1\r\n\r\n")
+        await asyncio.wait_for(started.wait(), 5)
+        await listener.close()
+        seen = list(events)  # what had happened when close returned
+        writer.close()
+        return seen
+
+    assert LOOPS[loop](main()) == ["cleaned up"]

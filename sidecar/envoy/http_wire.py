@@ -50,6 +50,7 @@ _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
 _VALUE = rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)"
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*" + _VALUE + rb"[ \t]*")
 _PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+_OVERSIZE = f"header section over {MAX_HEAD_BYTES} bytes"
 
 
 class WireError(Exception):
@@ -80,7 +81,7 @@ def parse_head(head: bytes) -> WireRequest:
     """Rule 1-3: the request whose header section (without its final CRLF CRLF) is `head`.
     Raises WireError."""
     if len(head) > MAX_HEAD_BYTES:
-        raise WireError(f"header section over {MAX_HEAD_BYTES} bytes")
+        raise WireError(_OVERSIZE)
     lines = head.split(b"\r\n")
     if len(lines) > MAX_FIELDS + 1:
         raise WireError(f"more than {MAX_FIELDS} header lines")
@@ -176,9 +177,16 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
             self._paused = True
 
-    def close(self) -> None:
+    def close(self) -> asyncio.Task[None] | None:
+        """Close the connection; its answer in progress, if any, is cancelled (rule 5) and
+        returned, for the caller to wait on."""
+        self._closing = True
         if self._transport is not None:
             self._transport.close()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        return task
 
     def _next(self) -> None:
         """Start answering the next complete request in the buffer, if there is one."""
@@ -190,8 +198,8 @@ class _Connection(asyncio.Protocol):
                 return
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
-            if len(self._buffer) > MAX_HEAD_BYTES:
-                self._refuse(WireError(f"header section over {MAX_HEAD_BYTES} bytes"))
+            if len(self._buffer) > MAX_HEAD_BYTES:  # no end in sight: refused now
+                self._refuse(WireError(_OVERSIZE))
             return
         head = bytes(self._buffer[:end])
         del self._buffer[: end + 4]
@@ -268,9 +276,9 @@ class WireListener:
         cancelled, rule 5)."""
         if self._server is not None:
             self._server.close()
-        for connection in list(self.connections):
-            connection.close()
+        answers = [t for c in list(self.connections) if (t := c.close()) is not None]
+        if answers:  # their cleanup (a lease taken is given back) runs before we return
+            await asyncio.wait(answers, timeout=1.0)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
-        await asyncio.sleep(0)  # let the cancelled answers run their cleanup
