@@ -373,7 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--quick", action="store_true", help="the default: 5 s phases, 3 repeats")
     speed.add_argument("--full", action="store_true", help="15 s phases, 5 repeats")
-    parser.add_argument("--configs", default=",".join(c.name for c in stack.CONFIGS))
+    parser.add_argument(
+        "--configs",
+        default=stack.DEFAULT_CONFIGS,
+        help="default: all but EL and GL (gRPC and ext_proc in leased mode, no target)",
+    )
     parser.add_argument("--duration", type=float, help="seconds per phase (5 quick, 15 full)")
     parser.add_argument("--repeats", type=int, help="max-rate runs (3 quick, 5 full)")
     parser.add_argument(

@@ -59,6 +59,7 @@ class Config:
     twin: str = ""  # the no-op configuration it is compared with
     body_bytes: int = 0  # 0: a small JSON body
     leased: bool = False  # the policy's bucket in leased mode, and no concurrency limit
+    extra: bool = False  # measured only when named in --configs (no target reads it)
 
     @property
     def is_sidecar(self) -> bool:
@@ -81,8 +82,28 @@ CONFIGS: tuple[Config, ...] = (
     ),
     Config("E0", "no-op ext_authz gRPC (grpc.aio)", "grpc", "noop"),
     Config("E", "sidecar ext_authz gRPC, Valkey", "grpc", "sidecar", "valkey", "E0"),
+    Config(
+        "EL",
+        "sidecar ext_authz gRPC, Valkey, leased mode",
+        "grpc",
+        "sidecar",
+        "valkey",
+        "E0",
+        leased=True,
+        extra=True,
+    ),
     Config("F", "no-op ext_proc", "ext_proc", "noop"),
     Config("G", "sidecar ext_proc, Valkey", "ext_proc", "sidecar", "valkey", "F"),
+    Config(
+        "GL",
+        "sidecar ext_proc, Valkey, leased mode",
+        "ext_proc",
+        "sidecar",
+        "valkey",
+        "F",
+        leased=True,
+        extra=True,
+    ),
     Config("H0", "no-op ext_proc, 1 MiB body", "ext_proc", "noop", body_bytes=BIG_BODY_BYTES),
     Config(
         "H",
@@ -95,9 +116,10 @@ CONFIGS: tuple[Config, ...] = (
     ),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
+DEFAULT_CONFIGS = ",".join(c.name for c in CONFIGS if not c.extra)
 # Each sidecar runs before its no-op twin, so that the twin can also be measured at the
 # sidecar's half maximum (added latency at the same load) and the 1 MiB pair at one rate.
-RUN_ORDER = ("A", "C", "D", "DL", "B", "E", "E0", "G", "F", "H", "H0")
+RUN_ORDER = ("A", "C", "D", "DL", "B", "E", "EL", "E0", "G", "GL", "F", "H", "H0")
 
 
 def request_body(size: int) -> bytes:
