@@ -29,7 +29,8 @@ from sidecar.policy.model import BucketUnit
 #   nodefer - the same, but nothing is held (max_wait_ms 0): admit, relegate or shed at once
 #   norelegate - the same as full, without relegation
 #   latency, balanced, throughput - full, with the standard and batch caps adaptive
-#              (overload.protect with that preset, --max-in-flight their floor)
+#              (overload.protect with that preset); their floor is --preset-floor (default
+#              none: a cap of 1), so that nothing in them is tuned on this workload
 PRESETS = ("latency", "balanced", "throughput")
 POLICY_VARIANTS = ("quota", "full", "nodefer", "norelegate", *PRESETS)
 
@@ -78,11 +79,12 @@ def write_policy(
     max_in_flight: float = MAX_IN_FLIGHT,
     protect: str = "none",
     triton_timeout: bool = True,
+    preset_floor: float = 0.0,
 ) -> Path:
     if variant not in POLICY_VARIANTS:
         raise ValueError(f"policy variant {variant!r}: expected one of {POLICY_VARIANTS}")
     if variant in PRESETS:
-        protect = variant
+        protect, max_in_flight = variant, preset_floor
     directory.mkdir(parents=True, exist_ok=True)
     doc: dict[str, object] = {
         "identity": {"sources": [{"kind": "api_key", "header": "x-api-key"}]},

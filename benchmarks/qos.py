@@ -345,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         help="adaptive caps on standard and batch (overload.protect), --max-in-flight their floor",
     )
     parser.add_argument(
+        "--preset-floor",
+        type=float,
+        default=0.0,
+        help="the sidecar-*-latency/balanced/throughput systems' cap floor, in batches of "
+        "requests in flight per model (default 0: none, a cap of 1)",
+    )
+    parser.add_argument(
         "--instances",
         type=int,
         default=1,
@@ -467,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_in_flight=args.max_in_flight,
                         protect=args.protect,
                         triton_timeout=args.triton_timeout == "objective",
+                        preset_floor=args.preset_floor,
                     )
                 policy_dir = backend.policy_dirs["full"]
             quotas = tenant_quotas(policy_dir, config.tenants)
