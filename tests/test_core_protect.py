@@ -185,3 +185,67 @@ def test_the_queue_thresholds_grow_with_the_cap_above_its_floor() -> None:
     assert judge_load(BATCH, fresh, 6, 50.0, 0, in_flight=3, caps={"batch": 4}).action is (
         LoadAction.DEFER
     )
+
+
+STANDARD = ClassPolicy(
+    "standard",
+    rank=2,
+    latency_objective_ms=2000,
+    max_wait_ms=500,
+    triton_priority=2,
+    overload=OverloadPolicy(8, 48, protect=Protect.BALANCED),
+)
+THREE = (INTERACTIVE, STANDARD, BATCH)
+BOTH = {"standard": Protect.BALANCED, "batch": Protect.BALANCED}
+
+
+def test_a_class_far_inside_its_objective_does_not_dilute_one_near_it() -> None:
+    """Batch watches interactive and standard: standard's completions, each a small share of
+    its own objective, must not outvote interactive's near theirs."""
+    p = Protection()
+    now = 0.0
+    for _ in range(12):  # grow the batch cap while everyone is well inside
+        p.arrived("llm", INTERACTIVE, 0, None, now)
+        cap = p.caps("llm", THREE, {"batch": Protect.BALANCED}, now)["batch"] or 0
+        p.arrived("llm", BATCH, cap, cap, now)
+        for _ in range(MIN_SAMPLES):
+            p.completed("llm", INTERACTIVE, 0.02, now)
+        now += PERIOD_S
+    high = p.caps("llm", THREE, {"batch": Protect.BALANCED}, now)["batch"] or 0
+    assert high > 8
+    # One interactive request in ten at 90% of its objective (its 95th percentile over
+    # balanced's 80%), while three times as many standard requests finish at 10% of theirs:
+    # pooled, the 95th percentile would be an interactive one at 30%.
+    p.arrived("llm", INTERACTIVE, 0, None, now)
+    p.arrived("llm", BATCH, high, high, now)
+    for i in range(MIN_SAMPLES):
+        share = 0.9 if i % 10 == 0 else 0.3
+        p.completed("llm", INTERACTIVE, share * INTERACTIVE.latency_objective_ms / 1000, now)
+    for _ in range(3 * MIN_SAMPLES):
+        p.completed("llm", STANDARD, 0.1 * STANDARD.latency_objective_ms / 1000, now)
+    now += PERIOD_S
+    p.arrived("llm", INTERACTIVE, 0, None, now)
+    assert (p.caps("llm", THREE, {"batch": Protect.BALANCED}, now)["batch"] or 0) <= high * 0.8
+
+
+def test_a_lower_class_is_never_let_in_where_a_better_protected_one_is_not() -> None:
+    p = Protection()
+    now = 0.0
+    for _ in range(12):  # batch's cap grows (held back, interactive fine); standard's is not
+        p.arrived("llm", INTERACTIVE, 0, None, now)  # pushed against, so it stays at 1
+        cap = p.caps("llm", THREE, BOTH, now)["batch"] or 0
+        p.arrived("llm", BATCH, cap, cap, now)
+        for _ in range(MIN_SAMPLES):
+            p.completed("llm", INTERACTIVE, 0.02, now)
+        now += PERIOD_S
+    assert p.learnt("llm")["batch"] > 8 and p.learnt("llm")["standard"] == 1
+    # Held to standard's 1, but never below its own floor (max_in_flight 4).
+    assert p.caps("llm", THREE, BOTH, now) == {"standard": 1, "batch": 4}
+    # Not binding for standard (no class above it protected, nobody above present): batch
+    # keeps its own.
+    later = now + 60.0
+    p.arrived("llm", STANDARD, 0, None, later)
+    assert p.caps("llm", THREE, BOTH, later) == {
+        "standard": None,
+        "batch": p.learnt("llm")["batch"],
+    }

@@ -15,7 +15,9 @@ cap that the sidecar finds from what it observes, per model:
    `latency_objective_ms`. A period lasts at least the shortest objective among them (about
    how long an admission takes to show in their latencies) and until MIN_SAMPLES of them have
    completed (or MAX_PERIODS objectives have passed); it ends with one step on the QUANTILE of
-   their shares:
+   their shares, taken per better class (the worst of them decides: a class far inside its
+   objective must not dilute one near it; batch watching interactive and standard once grew
+   its cap to 13 while standard's, watching interactive alone, fell to 3):
    - above the preset's TARGET: the cap is multiplied by DECREASE (at least the floor);
    - else, if the cap held a request of the class back in the period (it arrived with the
      model's in-flight count at the cap) and some of them completed: the cap grows by
@@ -23,6 +25,8 @@ cap that the sidecar finds from what it observes, per model:
    - else it stays: a cap nobody pushes against says nothing about a larger one.
 3. The floor is the class's `max_in_flight` (1 without it), and the cap never falls below it;
    it starts there, and is kept per (model, class) across periods of absence (rule 1).
+   A class is never let in where a better-ranked protected class would not be: while theirs
+   binds, its cap is at most theirs (but not below its own floor).
 4. Presets (`Protect`), a model's own overriding the class's: the share of their objective
    that 95% of better-ranked requests stay under. `latency` keeps them at 60% (smallest
    batches, most margin), `balanced` at 80%, `throughput` at their objective (fullest
@@ -87,7 +91,8 @@ class _Lane:
     period_s: float
     target: float
     floor: int
-    shares: list[float] = field(default_factory=list)
+    shares: dict[int, list[float]] = field(default_factory=dict)  # better rank -> shares
+    samples: int = 0
     limited: bool = False
 
     def advance(self, now_s: float) -> None:
@@ -95,15 +100,23 @@ class _Lane:
         elapsed = now_s - self.period_start_s
         if elapsed < self.period_s:
             return
-        if len(self.shares) < MIN_SAMPLES and elapsed < MAX_PERIODS * self.period_s:
+        if self.samples < MIN_SAMPLES and elapsed < MAX_PERIODS * self.period_s:
             return
-        shares = sorted(self.shares)
-        if shares and shares[min(len(shares) - 1, int(QUANTILE * len(shares)))] > self.target:
+        if any(_quantile(shares) > self.target for shares in self.shares.values()):
             self.cap = max(float(self.floor), self.cap * DECREASE)
-        elif self.limited and shares:  # no evidence, no growth
+        elif self.limited and self.samples:  # no evidence, no growth
             self.cap += max(1.0, self.cap * INCREASE)
-        self.shares, self.limited = [], False
+        self.shares, self.samples, self.limited = {}, 0, False
         self.period_start_s = now_s
+
+    def took(self, rank: int, share: float) -> None:
+        self.shares.setdefault(rank, []).append(share)
+        self.samples += 1
+
+
+def _quantile(shares: list[float]) -> float:
+    ordered = sorted(shares)
+    return ordered[min(len(ordered) - 1, int(QUANTILE * len(ordered)))]
 
 
 @dataclass(slots=True)
@@ -137,7 +150,7 @@ class Protection:
         for lane in self._lanes.get(model, {}).values():
             if lane.rank > klass.rank:
                 lane.advance(now_s)
-                lane.shares.append(share)
+                lane.took(klass.rank, share)
 
     def caps(
         self,
@@ -150,12 +163,18 @@ class Protection:
         now). `presets`: each protected class's preset for this model."""
         ranked = sorted(classes, key=lambda c: c.rank)
         out: dict[str, int | None] = {}
+        above: int | None = None  # the least binding cap of a better-ranked protected class
         for klass in ranked:
             preset = presets.get(klass.name)
             if preset is None or klass.overload is None:
                 continue
             better = [c for c in ranked if c.rank < klass.rank]
-            out[klass.name] = self._cap(model, klass, better, preset, now_s)
+            cap = self._cap(model, klass, better, preset, now_s)
+            if cap is not None and above is not None:
+                cap = max(klass.overload.max_in_flight or 1, min(cap, above))  # rule 3
+            out[klass.name] = cap
+            if cap is not None:
+                above = cap if above is None else min(above, cap)
         return out
 
     def _cap(
