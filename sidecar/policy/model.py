@@ -138,11 +138,10 @@ class OverloadPolicy:
         Choice.of(Protect),
         "Adaptive cap on the model's requests in flight, instead of a fixed max_in_flight: "
         "it binds only while better-ranked classes send the model work, and follows the "
-        "latency they get against their objective (95% of each better class under latency: "
-        "60%, balanced: 80%, throughput: 100% of it), raised while this class is held back by "
-        "it and cut when one of them comes close; never above the cap of a better-ranked "
-        "protected class while that binds; admit_below and shed_above grow with it above its "
-        "floor. A model's own protect overrides the preset.",
+        "latency they get against their objective (95% of each under latency: 60%, balanced: "
+        "80%, throughput: 100% of it), raised while it holds this class back, cut when one comes "
+        "close, never above a better protected class's cap while that binds; admit_below and "
+        "shed_above grow with it above its floor. A model's own protect overrides the preset.",
         default=None,
     )
 
