@@ -28,19 +28,22 @@ def _at(system: Mapping[str, Any], m: float) -> Mapping[str, Any] | None:
     return next((p for p in system["points"] if abs(p["m"] - m) < 1e-9), None)
 
 
-def _spread(point: Mapping[str, Any], key: str, spec: str) -> str:
+def _seed_values(point: Mapping[str, Any], key: str) -> list[float]:
+    """Each seed's `key`, when the point has two seeds or more (one is no spread)."""
     seeds = point.get("seeds") or []
-    if len(seeds) < 2:
-        return ""
-    values = [s[key] for s in seeds if s[key] is not None]
+    return [s[key] for s in seeds if s[key] is not None] if len(seeds) >= 2 else []
+
+
+def _spread(point: Mapping[str, Any], key: str, spec: str) -> str:
+    values = _seed_values(point, key)
     return f", seeds {min(values):{spec}}-{max(values):{spec}}" if values else ""
 
 
 def _straddles(point: Mapping[str, Any], key: str, goal: float) -> str:
     """Issue 12 §2: a target is judged on the mean, and a claim made only when the spread
     allows it. Seeds on both sides of the goal allow none: said beside the value."""
-    values = [s[key] for s in point.get("seeds") or [] if s[key] is not None]
-    if len(values) >= 2 and min(values) <= goal < max(values):
+    values = _seed_values(point, key)
+    if values and min(values) <= goal < max(values):
         return "; seeds on both sides of the goal: no claim either way"
     return ""
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from sidecar.core.signals import cap_floor
 from sidecar.policy.model import ClassPolicy, Policy, Protect
 
 TARGET = {Protect.LATENCY: 0.6, Protect.BALANCED: 0.8, Protect.THROUGHPUT: 1.0}
@@ -171,7 +172,7 @@ class Protection:
             better = [c for c in ranked if c.rank < klass.rank]
             cap = self._cap(model, klass, better, preset, now_s)
             if cap is not None and above is not None:
-                cap = max(klass.overload.max_in_flight or 1, min(cap, above))  # rule 3
+                cap = max(cap_floor(klass.overload), min(cap, above))  # rule 3
             out[klass.name] = cap
             if cap is not None:
                 above = cap if above is None else min(above, cap)
@@ -186,7 +187,7 @@ class Protection:
         now_s: float,
     ) -> int | None:
         assert klass.overload is not None
-        floor = klass.overload.max_in_flight or 1
+        floor = cap_floor(klass.overload)
         if not better:
             return None  # nobody to protect
         period_s = min(c.latency_objective_ms for c in better) / 1000

@@ -142,6 +142,11 @@ def depth_read(
 NO_CAPS: Mapping[str, int | None] = {}
 
 
+def cap_floor(overload: OverloadPolicy) -> int:
+    """An adaptive cap's floor (core/protect.py rule 3): `max_in_flight`, 1 without it."""
+    return overload.max_in_flight or 1
+
+
 def cap_of(klass: ClassPolicy, caps: Mapping[str, int | None]) -> int | None:
     """The class's cap on the model's requests in flight now: adaptive with `protect` (as
     `caps` says; its floor if `caps` does not say), else the fixed `max_in_flight`."""
@@ -149,7 +154,7 @@ def cap_of(klass: ClassPolicy, caps: Mapping[str, int | None]) -> int | None:
     if overload is None:
         return None
     if overload.protect is not None:
-        return caps.get(klass.name, overload.max_in_flight or 1)
+        return caps.get(klass.name, cap_floor(overload))
     return overload.max_in_flight
 
 
@@ -161,7 +166,7 @@ def effective_overload(klass: ClassPolicy, caps: Mapping[str, int | None]) -> Ov
     overload = klass.overload
     if overload is None or overload.protect is None:
         return overload
-    cap, floor = caps.get(klass.name), overload.max_in_flight or 1
+    cap, floor = caps.get(klass.name), cap_floor(overload)
     if cap is None or cap <= floor:
         return overload
     scale = cap / floor
