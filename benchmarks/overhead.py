@@ -68,6 +68,14 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def redis_cpu_seconds(client: redis.Redis | None) -> float:
+    """Valkey's own CPU (``INFO cpu``: user + system, main thread and all) in seconds."""
+    if client is None:
+        return 0.0
+    info: dict[str, Any] = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def command_calls(client: redis.Redis | None) -> dict[str, int]:
     """Calls per command name from ``INFO commandstats`` (our own INFO left out)."""
     if client is None:
@@ -166,11 +174,14 @@ def run_phase(
     args: argparse.Namespace,
     rate: float,
 ) -> dict[str, Any]:
-    """One load run with the CPU and Redis commands it cost; then the backlog, for a sidecar."""
+    """One load run with the CPU (the server's, Envoy's, Valkey's) and Redis commands it cost;
+    then the backlog, for a sidecar."""
     pid = running.server.pid if running.server is not None else None
+    envoy_pid = running.envoy.pid if running.envoy is not None else None
     before = backlog(running, client) if running.sidecar is not None else None
     drops0 = access_log_drops(running) if running.sidecar is not None else None
     cpu0, calls0 = cpu_seconds(pid), command_calls(client)
+    envoy0, redis0 = cpu_seconds(envoy_pid), redis_cpu_seconds(client)
     result = cloadgen.run(target, duration_s=args.duration, rate=rate, connections=args.connections)
     if running.sidecar is not None:
         # Releases the load left behind are part of its cost: count CPU and Redis commands
@@ -180,8 +191,16 @@ def run_phase(
         if drops0 is not None and drops1 is not None:
             result["backlog"]["access_log_entries_dropped"] = drops1 - drops0
     cpu1, calls1 = cpu_seconds(pid), command_calls(client)
+    envoy1, redis1 = cpu_seconds(envoy_pid), redis_cpu_seconds(client)
     done = max(int(result["completed"]), 1)
     result["cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / done, 4) if pid else None
+    # Where the 2-core budget goes: Envoy's and Valkey's share beside the server's.
+    result["envoy_cpu_ms_per_request"] = (
+        round((envoy1 - envoy0) * 1000 / done, 4) if envoy_pid else None
+    )
+    result["redis_cpu_ms_per_request"] = (
+        round((redis1 - redis0) * 1000 / done, 4) if client is not None else None
+    )
     per_command = {
         name: round((calls - calls0.get(name, 0)) / done, 3)
         for name, calls in calls1.items()

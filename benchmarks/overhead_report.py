@@ -168,6 +168,11 @@ def _calls(phase: dict[str, Any]) -> str:
     return f"{scripts:.2f} EVALSHA ({sum(calls.values()):.1f} commands in all)"
 
 
+def _cpu(phase: dict[str, Any]) -> str:
+    values = (phase[f"{who}cpu_ms_per_request"] for who in ("", "envoy_", "redis_"))
+    return " / ".join("—" if v is None else f"{v:.3f}" for v in values)
+
+
 def _backlog(row: dict[str, Any]) -> str:
     last = row["max_runs"][-1].get("backlog")
     if last is None:
@@ -184,7 +189,7 @@ def table(configs: dict[str, Any]) -> list[str]:
     lines = [
         "| configuration | max req/s (spread) | vs its no-op | p50 / p90 / p99 ms @ half max"
         " | p50 / p90 / p99 ms @ common rate | added p99 ms (half / common)"
-        " | server CPU ms per request | Redis calls per request"
+        " | CPU ms per request: server / Envoy / Valkey | Redis calls per request"
         " | leases left at max-rate stop / drain |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -198,11 +203,11 @@ def table(configs: dict[str, Any]) -> list[str]:
         if row["added_p99_ms_common"] is not None:
             added = f"{row['added_p99_ms_half']:+.2f} / {row['added_p99_ms_common']:+.2f}"
         over = " (over capacity)" if row["over_capacity_at_common"] else ""
-        cpu = row["max_runs"][-1]["cpu_ms_per_request"]
+        cpu = _cpu(row["max_runs"][-1])
         lines.append(
             f"| {name}: {row['label']} | {row['max_rps']:,.0f} (±{row['max_rps_spread_pct']}%)"
             f" | {ratio} | {_lat(row['half'])} | {_lat(row['common'])}{over} | {added}"
-            f" | {'—' if cpu is None else f'{cpu:.3f}'} | {_calls(row['max_runs'][-1])}"
+            f" | {cpu} | {_calls(row['max_runs'][-1])}"
             f" | {_backlog(row)} |"
         )
     return lines

@@ -60,6 +60,8 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
             assert phase["completed"] > 0, name
             assert set(phase["status"]) == {"200"}, (name, phase["status"])  # not errors
             assert phase["cpu_ms_per_request"] > 0, name
+            assert phase["envoy_cpu_ms_per_request"] > 0, name
+            assert phase["redis_cpu_ms_per_request"] is None, name  # neither B nor C uses it
             assert set(phase["latency_ms"]) >= {"p50", "p90", "p99"}
         assert row["common"]["rate_target"] == 200
         assert row["half"]["rate_target"] == round(row["max_rps"] / 2)
