@@ -1,7 +1,9 @@
 """Token accounting for models with a `tokens` policy (ext_proc mode): how a request was
 priced, the refusal of a body whose cost cannot be read, and the settlement of an estimate
 with what the response said. The arithmetic is the core's (`core.tokens`); this counts it
-and asks the service to charge or refund the difference.
+and asks the service to charge or refund the difference. Each settled response also tells
+how fast its model generated (`core.pace`), which the size rule reads
+(`seconds_per_token`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import replace
 
 from sidecar.core.decide import refuse_unreadable
 from sidecar.core.kserve import Unreadable
+from sidecar.core.pace import GenerationPace
 from sidecar.core.tokens import TokenEstimate, UsageMeter, settlement
 from sidecar.core.types import BucketCheck, Decision
 from sidecar.errors import StateUnavailable
@@ -27,6 +30,13 @@ class TokenAccounting:
         self.metrics = metrics
         self._charge = charge  # the store's: raises StateUnavailable
         self._tenants = tenants  # the policy's tenants, for bounded metric labels
+        # Per token model (the policy's: bounded), its fastest pace seen (core/pace.py).
+        self._paces: dict[str, GenerationPace] = {}
+
+    def seconds_per_token(self, model: str | None) -> float | None:
+        """The fastest pace `model` has shown (None: not enough responses settled yet)."""
+        pace = self._paces.get(model) if model else None
+        return None if pace is None else pace.seconds_per_token()
 
     async def _reconcile(self, decision: Decision, delta: float) -> bool:
         """Charge (or, negative, refund) `delta` cost units to every cost bucket `decision`
@@ -82,10 +92,12 @@ class TokenAccounting:
         *,
         ended: bool,
         model: str | None = None,
+        elapsed_s: float | None = None,
     ) -> None:
         """Make an admit's charge good with what its response said (`core.tokens.settlement`):
         one charge or refund to the buckets it charged (`_reconcile`), or none,
-        leaving the charge standing when the response never said its usage."""
+        leaving the charge standing when the response never said its usage. A whole response
+        `elapsed_s` after its admission is its model's pace (core/pace.py rule 1)."""
         # Every cost bucket took the same cost: the estimate, or what charge_max came to.
         # (`charged` lists every bucket the admit charged; `requests` buckets cost 1.)
         by_cost = [bucket.cost for bucket in decision.charged if bucket.by_cost]
@@ -97,6 +109,8 @@ class TokenAccounting:
             self.metrics.tokens.labels(*labels, "generated").inc(generated)
             if model is not None:
                 self.metrics.usage.tokens.labels(labels[0], model, "generated").inc(generated)
+            if model is not None and ended and elapsed_s is not None:
+                self._paces.setdefault(model, GenerationPace()).observe(generated, elapsed_s)
         if delta is not None and not await self._reconcile(decision, delta):
             result = "store_error"
         self.metrics.token_accounting.labels(result).inc()

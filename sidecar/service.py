@@ -39,7 +39,7 @@ from sidecar.core.admission import (
     QuotaFirst,
     TakeQuota,
 )
-from sidecar.core.decide import CompiledPolicy, decide, malformed
+from sidecar.core.decide import Admission, CompiledPolicy, decide, malformed
 from sidecar.core.degraded import LocalSpend, degrade
 from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, explain
@@ -303,6 +303,9 @@ class AdmissionService(SharedReads, LeasedQuota):
         """Plan and load verdict: the steps before any state is touched."""
         cost = None if estimate is None else (estimate.cost, estimate.why)
         planned = admission.plan(attrs, compiled, cost)
+        if isinstance(planned, Admission) and estimate is not None and estimate.readable:
+            pace = self.tokens.seconds_per_token(planned.model)
+            planned = admission.on_size(planned, estimate.max_tokens, pace, compiled.policy)
         if isinstance(planned, Answer):
             return planned
         if self.model_pod is not None and planned.check.model is not None:

@@ -19,6 +19,7 @@ PACKAGE = ROOT / "sidecar"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.errors",),
     ("sidecar.policy.spec", "sidecar.policy.choices"),  # the vocabulary of the model
+    ("sidecar.policy.token_policy",),  # a section of it, re-exported by the model
     ("sidecar.policy.model",),
     ("sidecar.core",),
     ("sidecar.policy", "sidecar.settings"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -25,6 +26,7 @@ from sidecar.policy.model import (
     IdentityPolicy,
     IdentitySource,
     IdentitySourceKind,
+    Infeasible,
     ModelPolicy,
     OverloadPolicy,
     RoutePriority,
@@ -166,15 +168,16 @@ def test_examples_load_with_expected_identity_models_and_settings() -> None:
     llm_tokens = TokenPolicy(
         prompt_tokens="PROMPT_TOKENS", max_tokens="OUTPUT_TOKENS", output_tokens="OUT_TOKENS"
     )
+    relegated = replace(llm_tokens, infeasible=Infeasible.RELEGATE)
     assert dict(policy.models) == {
         "simgpu": ModelPolicy("simgpu", 10.0),
-        "llm": ModelPolicy("llm", 600.0, llm_tokens),
+        "llm": ModelPolicy("llm", 600.0, relegated),
         "llm_stream": ModelPolicy("llm_stream", 600.0, llm_tokens),
     }
     assert isinstance(policy.models, MappingProxyType)
     assert policy.cost_of("simgpu") == 10.0
     assert policy.tokens_of("simgpu") is None
-    assert policy.tokens_of("llm") == llm_tokens
+    assert policy.tokens_of("llm") == relegated
     assert policy.lease_ttl_s == 10.0
     assert policy.sources == tuple(
         str(POLICIES / name)
@@ -270,6 +273,7 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
             "prompt_weight": TokenPolicy().prompt_weight,
             "output_weight": TokenPolicy().output_weight,
             "unreadable": TokenPolicy().unreadable,
+            "infeasible": TokenPolicy().infeasible,
         },
         "tenant": {
             "on_disallowed_class": TenantPolicy(
@@ -670,6 +674,8 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
             "12: models.llm.tokens.chars_per_token: must be greater than 0, got 0",
             "13: models.llm.tokens.prompt_weight: must be at least 0, got -0.5",
             "14: models.llm.tokens.output_weight: must be a finite number, got inf",
+            "15: models.llm.tokens.infeasible: expected one of admit, relegate, refuse, "
+            "got 'reject'",
         ],
     ),
     (
@@ -683,7 +689,7 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
             "15: models.llm.tokens: unknown key 'max_token' (did you mean 'max_tokens'?); "
             "allowed: prompt_tokens, prompt_text, max_tokens, default_max_tokens, "
             "output_tokens, output_text, response_prompt_tokens, unreadable, chars_per_token, "
-            "prompt_weight, output_weight",
+            "prompt_weight, output_weight, infeasible",
             "17: models.llm_stream.tokens: expected a mapping, got string",
             "19: models.chat.tokens: expected a mapping, got null",
         ],

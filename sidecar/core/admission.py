@@ -6,6 +6,8 @@ that I/O and feeds the result back; nothing here waits, calls the store or reads
 
     plan(attrs)                -> Answer (refused: identity, class, malformed, cost)
                                 | Admission
+    on_size(admission, ...)    -> Admission (as planned, or relegated)
+                                | Answer (refused: infeasible)
     judge(admission, signals)  -> Answer (shed for load; no quota taken)
                                 | QuotaFirst (shed for load, unless over quota)
                                 | TakeQuota
@@ -14,6 +16,13 @@ that I/O and feeds the result back; nothing here waits, calls the store or reads
                                 | Hold (admitted, but Triton has no room yet)
     on_hold_end(hold, outcome) -> Answer (let go, relegated, not sheddable, or shed with
                                   everything given back)
+
+Size rule (`on_size`, a token model's request whose max tokens its body says, before
+everything else): a request whose max tokens cannot be generated within its class's objective
+even alone, at the fastest pace the model has shown (core/pace.py), is refused 422
+`infeasible` with the most max tokens the class can take, or relegated once to its class's
+`relegate_to` (served as asked without one), or served as asked: the model's
+`tokens.infeasible`. No quota is taken and nothing is held for it first.
 
 Model rule (`judge`, before the load rules): a request for a model Triton does not serve is
 refused 404 `unknown_model`, with no Retry-After (a typo is not cured by waiting), and takes
@@ -61,6 +70,7 @@ Hold rules (`on_hold_end`):
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -71,11 +81,13 @@ from sidecar.core.decide import (
     admit_after_wait,
     decide,
     plan_request,
+    refuse,
     relegate,
     shed_overloaded,
     unknown_model,
 )
 from sidecar.core.load import SignalState
+from sidecar.core.pace import infeasibility
 from sidecar.core.signals import (
     NO_CAPS,
     ModelSignals,
@@ -91,9 +103,10 @@ from sidecar.core.types import (
     LeaseRef,
     LimitKind,
     QuotaResult,
+    Reason,
     RequestAttributes,
 )
-from sidecar.policy.model import ClassPolicy, OverloadPolicy, Policy
+from sidecar.policy.model import ClassPolicy, Infeasible, OverloadPolicy, Policy
 
 # -- Room ---------------------------------------------------------------------------------------
 
@@ -317,6 +330,27 @@ def plan(
     """Identity, class and cost (core.decide): an early answer, or what to judge."""
     planned = plan_request(attrs, compiled, estimate)
     return Answer(planned) if isinstance(planned, Decision) else planned
+
+
+def on_size(
+    admission: Admission, max_tokens: int, seconds_per_token: float | None, policy: Policy
+) -> Admission | Answer:
+    """The size rule: `max_tokens` (the body's) at the model's fastest pace seen
+    (`seconds_per_token`, None: not known yet) against the class's objective."""
+    tokens = policy.tokens_of(admission.model)
+    if tokens is None or tokens.infeasible is Infeasible.ADMIT:
+        return admission
+    found = infeasibility(max_tokens, seconds_per_token, admission.klass.latency_objective_ms)
+    if found is None:
+        return admission
+    if tokens.infeasible is Infeasible.REFUSE:
+        decision = refuse(admission, Reason.INFEASIBLE, found.why)
+        body = {**json.loads(decision.body), "message": found.why}
+        body["most_max_tokens"] = found.most_tokens  # what the client may ask in this class
+        return Answer(replace(decision, body=json.dumps(body, separators=(",", ":")).encode()))
+    if admission.klass.relegate_to is None or admission.relegated:
+        return replace(admission, trace=(*admission.trace, f"{found.why}; served as asked"))
+    return relegate(admission, policy, found.why, requota=True)
 
 
 def judge(

@@ -85,6 +85,7 @@ _STATUS = {
     Reason.UNREADABLE_BODY: 400,
     Reason.UNSUPPORTED_ENCODING: 415,
     Reason.UNKNOWN_MODEL: 404,
+    Reason.INFEASIBLE: 422,
 }
 _ERROR = {
     401: "unauthenticated",
@@ -94,6 +95,7 @@ _ERROR = {
     400: "bad_request",
     415: "unsupported_media_type",
     404: "not_found",
+    422: "unprocessable",
 }
 _LIMIT_REASON = {
     LimitKind.BUCKET: Reason.OVER_RATE,
@@ -319,24 +321,22 @@ def admit_after_wait(admission: Admission, result: QuotaResult, why: str) -> Dec
 
 def shed_overloaded(admission: Admission, retry_after_s: float, why: str) -> Decision:
     """503 for load: Triton cannot serve this class in time; come back after the drain."""
-    return shed(
-        Reason.OVERLOADED,
-        admission.tenant.name,
-        admission.klass.name,
-        admission.requested_class,
-        [*admission.trace, why],
-        retry_after_s=retry_after_s,
-    )
+    return refuse(admission, Reason.OVERLOADED, why, retry_after_s=retry_after_s)
 
 
 def unknown_model(admission: Admission, why: str) -> Decision:
     """404 for a model Triton does not serve: no Retry-After, since waiting cures no typo."""
+    return refuse(admission, Reason.UNKNOWN_MODEL, why)
+
+
+def refuse(
+    admission: Admission, reason: Reason, why: str, *, retry_after_s: float | None = None
+) -> Decision:
+    """`shed` for a planned request: its tenant and classes, its trace and `why`."""
+    tenant, klass = admission.tenant.name, admission.klass.name
+    trace = [*admission.trace, why]
     return shed(
-        Reason.UNKNOWN_MODEL,
-        admission.tenant.name,
-        admission.klass.name,
-        admission.requested_class,
-        [*admission.trace, why],
+        reason, tenant, klass, admission.requested_class, trace, retry_after_s=retry_after_s
     )
 
 

@@ -139,4 +139,6 @@ _FIXED = {
     Reason.UNKNOWN_MODEL: "Triton does not serve this model (a name typo?)",
     Reason.COST_OVER_BURST: "the request costs more than a bucket's burst can ever hold: "
     "a larger burst, or a smaller max tokens in the request",
+    Reason.INFEASIBLE: "its max tokens cannot be generated within the class's objective even "
+    "alone: fewer max tokens, a class with a longer objective, or tokens.infeasible: relegate",
 }

@@ -145,6 +145,9 @@ class Reason(enum.Enum):
     UNSUPPORTED_ENCODING = "unsupported_encoding"
     # The request names a model Triton is known not to serve (a typo): 404, not a retry.
     UNKNOWN_MODEL = "unknown_model"
+    # A token model's request whose max tokens cannot be generated within its class's
+    # objective even alone (core/pace.py, `tokens.infeasible: refuse`): 422, not a retry.
+    INFEASIBLE = "infeasible"
 
 
 @dataclass(frozen=True, slots=True)

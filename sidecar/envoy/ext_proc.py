@@ -220,6 +220,7 @@ class _Usage:
     meter: UsageMeter
     model: str | None = None  # for per-tenant usage (qos_usage_tokens_total)
     ended: bool = False  # the whole response was seen
+    admitted_s: float = 0.0  # the service's clock when it was admitted: its model's pace
 
 
 @dataclass(slots=True)
@@ -347,7 +348,10 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if request.tokens is not None and estimated is not None:
             streamed = is_streamed(request.attrs.path)
             meter = UsageMeter(request.tokens, streamed=streamed)
-            stream.usage = _Usage(request.tokens, estimated, meter, _model(request))
+            admitted_s = self._service.clock()
+            stream.usage = _Usage(
+                request.tokens, estimated, meter, _model(request), False, admitted_s
+            )
         rewrite, step = self._body_rewrite(stream, body)
         return body_response_for(rewrite, decision, self._lease_key), step
 
@@ -360,6 +364,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             usage.meter,
             ended=usage.ended,
             model=usage.model,
+            elapsed_s=self._service.clock() - usage.admitted_s,
         )
 
     def _body_rewrite(self, stream: _Stream, body: Any) -> tuple[BodyRewrite, Step]:

@@ -64,3 +64,12 @@ class IdentitySourceKind(enum.Enum):
     API_KEY = "api_key"  # a secret header; tenants list the SHA-256 hex digests of their keys
     PRINCIPAL = "principal"  # the mTLS peer principal (URI SAN) Envoy verified
     HEADER = "header"  # a header set by a trusted hop in front (e.g. jwt_authn claim_to_headers)
+
+
+class Infeasible(enum.Enum):
+    """What a token model's request gets when its max tokens, at the fastest pace the model
+    has been seen to generate, take longer than its class's latency objective (core/pace.py)."""
+
+    ADMIT = "admit"  # served as asked
+    RELEGATE = "relegate"  # moved to its class's relegate_to once; served as asked without one
+    REFUSE = "refuse"  # 422 `infeasible` at once, with the most max tokens the class can take

@@ -1,0 +1,154 @@
+"""A model's pace as its settled responses show it, and the size rule that reads it
+(core/pace.py, core.admission.on_size): no event loop, no clock."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from types import MappingProxyType
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.core import admission
+from sidecar.core.admission import Answer
+from sidecar.core.decide import Admission, compile_policy
+from sidecar.core.pace import MIN_SEEN, GenerationPace, infeasibility
+from sidecar.core.types import Reason, RequestAttributes
+from sidecar.policy.model import Infeasible, ModelPolicy, Policy, TokenPolicy
+from tests.core_fixtures import make_policy
+
+LLM = "/v2/models/llm/infer"
+
+
+def seen(*pairs: tuple[int, float], window: int = 256) -> GenerationPace:
+    pace = GenerationPace(window=window)
+    for generated, elapsed_s in pairs:
+        pace.observe(generated, elapsed_s)
+    return pace
+
+
+def test_no_pace_until_enough_responses() -> None:
+    pace = seen(*[(100, 0.5)] * (MIN_SEEN - 1))
+    assert pace.seconds_per_token() is None
+    pace.observe(100, 0.5)
+    assert pace.seconds_per_token() == pytest.approx(0.005)
+
+
+def test_the_fastest_response_is_the_pace() -> None:
+    # Queueing and shared batches only slow a response down: the least per token is the bound.
+    pace = seen((100, 2.0), (10, 0.05), *[(50, 1.0)] * MIN_SEEN)
+    assert pace.seconds_per_token() == pytest.approx(0.005)
+
+
+def test_responses_that_say_nothing_are_not_counted() -> None:
+    pace = seen((0, 1.0), (10, 0.0), (10, -1.0), (10, float("inf")), (10, float("nan")))
+    for _ in range(MIN_SEEN - 1):
+        pace.observe(10, 0.1)
+    assert pace.seconds_per_token() is None  # only the 7 real ones
+
+
+def test_a_model_that_became_slower_is_seen_as_slower() -> None:
+    pace = seen(*[(100, 0.1)] * MIN_SEEN, window=MIN_SEEN)
+    for _ in range(MIN_SEEN):
+        pace.observe(100, 0.4)
+    assert pace.seconds_per_token() == pytest.approx(0.004)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 4096), st.floats(1e-4, 100.0)), min_size=MIN_SEEN, max_size=50
+    )
+)
+def test_the_pace_never_exceeds_any_response_s_own(pairs: list[tuple[int, float]]) -> None:
+    pace = seen(*pairs).seconds_per_token()
+    assert pace is not None
+    assert all(pace <= elapsed / generated * (1 + 1e-12) for generated, elapsed in pairs)
+    assert any(pace == pytest.approx(elapsed / generated) for generated, elapsed in pairs)
+
+
+def test_infeasibility_is_judged_on_max_tokens_at_the_pace() -> None:
+    assert infeasibility(400, 0.005, 2000) is None  # 2 s: exactly the objective
+    assert infeasibility(5000, None, 2000) is None  # no pace: nothing assumed
+    found = infeasibility(401, 0.005, 2000)
+    assert found is not None
+    assert found.alone_s == pytest.approx(2.005) and found.most_tokens == 400
+    assert "401 max tokens" in found.why and "2000 ms objective" in found.why
+
+
+@given(st.integers(1, 100_000), st.floats(1e-5, 1.0), st.integers(1, 600_000))
+def test_the_most_tokens_always_fit(max_tokens: int, pace: float, objective_ms: int) -> None:
+    found = infeasibility(max_tokens, pace, objective_ms)
+    if found is not None:
+        assert found.most_tokens < max_tokens
+        assert infeasibility(found.most_tokens, pace, objective_ms) is None
+
+
+# -- the size rule --------------------------------------------------------------------------
+
+
+def llm_policy(infeasible: Infeasible, relegate: bool = False) -> Policy:
+    policy = make_policy()
+    tokens = TokenPolicy(prompt_tokens="PROMPT", max_tokens="MAX", infeasible=infeasible)
+    classes = dict(policy.classes)
+    if relegate:
+        classes["standard"] = replace(classes["standard"], relegate_to="batch")
+    return replace(
+        policy,
+        classes=MappingProxyType(classes),
+        models=MappingProxyType({"llm": ModelPolicy("llm", 300.0, tokens)}),
+    )
+
+
+def planned(policy: Policy, path: str = LLM) -> Admission:
+    attrs = RequestAttributes("POST", path, {"x-api-key": "k-search", "x-qos-class": "standard"})
+    step = admission.plan(attrs, compile_policy(policy), (500.0, "estimated"))
+    assert isinstance(step, Admission)
+    return step
+
+
+def test_refused_with_what_the_class_can_take() -> None:
+    policy = llm_policy(Infeasible.REFUSE, relegate=True)  # refuse refuses, relegate_to or not
+    step = admission.on_size(planned(policy), 500, 0.005, policy)  # 2.5 s against 2 s
+    assert isinstance(step, Answer)
+    decision = step.decision
+    assert (decision.status, decision.reason) == (422, Reason.INFEASIBLE)
+    assert decision.retry_after_s is None and not decision.charged and decision.lease is None
+    body = json.loads(decision.body)
+    assert body["reason"] == "infeasible" and body["most_max_tokens"] == 400
+    assert body["class"] == "standard" and "500 max tokens" in body["message"]
+
+
+def test_relegated_once_to_relegate_to() -> None:
+    policy = llm_policy(Infeasible.RELEGATE, relegate=True)
+    step = admission.on_size(planned(policy), 500, 0.005, policy)
+    assert isinstance(step, Admission)
+    assert (step.klass.name, step.check.klass, step.relegated) == ("batch", "batch", True)
+    # Already relegated (by load, say): not moved again, served as it is.
+    again = admission.on_size(step, 50_000, 0.005, policy)
+    assert isinstance(again, Admission) and again.klass.name == "batch"
+
+
+def test_relegate_without_a_class_to_go_to_serves_it_as_asked() -> None:
+    policy = llm_policy(Infeasible.RELEGATE)
+    step = admission.on_size(planned(policy), 500, 0.005, policy)
+    assert isinstance(step, Admission) and step.klass.name == "standard"
+    assert "served as asked" in step.trace[-1]
+
+
+@pytest.mark.parametrize(
+    ("infeasible", "max_tokens", "pace", "path"),
+    [
+        (Infeasible.ADMIT, 500, 0.005, LLM),  # the default: the rule is off
+        (Infeasible.REFUSE, 400, 0.005, LLM),  # fits exactly
+        (Infeasible.REFUSE, 500, None, LLM),  # no pace seen yet
+        (Infeasible.REFUSE, 500, 0.005, "/v2/models/simgpu/infer"),  # not a token model
+    ],
+)
+def test_left_as_planned(
+    infeasible: Infeasible, max_tokens: int, pace: float | None, path: str
+) -> None:
+    policy = llm_policy(infeasible, relegate=True)
+    before = planned(policy, path)
+    assert admission.on_size(before, max_tokens, pace, policy) == before
