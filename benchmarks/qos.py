@@ -345,6 +345,16 @@ def main(argv: list[str] | None = None) -> int:
         help="adaptive caps on standard and batch (overload.protect), --max-in-flight their floor",
     )
     parser.add_argument(
+        "--infeasible",
+        choices=("admit", "relegate", "refuse"),
+        default="refuse",
+        help="the sidecar policy's tokens.infeasible for the LLM models (ext_proc rows read "
+        "token counts; ext_authz rows never see a body): what becomes of a request whose "
+        "max tokens its class's deadline cannot hold even alone, at the pace the sidecar saw "
+        "(default refuse: the pace is a lower bound, so only requests that would miss anyway "
+        "are refused, and they stop holding batches)",
+    )
+    parser.add_argument(
         "--preset-floor",
         type=float,
         default=0.0,
@@ -475,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                         protect=args.protect,
                         triton_timeout=args.triton_timeout == "objective",
                         preset_floor=args.preset_floor,
+                        model=model.name if model.llm_like else None,
+                        infeasible=args.infeasible,
                     )
                 policy_dir = backend.policy_dirs["full"]
             quotas = tenant_quotas(policy_dir, config.tenants)

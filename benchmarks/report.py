@@ -4,8 +4,10 @@ Definitions (QOS-BENCHMARK.md):
 
 * a request **meets its SLO** when it got a 2xx answer within its class's deadline (measured
   from when it was sent); late, failed, timed-out and shed requests are **violations**;
-* **shed** = 429 (over quota) or 503 (overload) answers; **errors** = everything else that is
-  not 2xx (other statuses, timeouts, connection errors); admitted + shed + errors = sent;
+* **shed** = 429 (over quota) or 503 (overload) answers; **refused infeasible** = 422 answers
+  (the sidecar's `tokens.infeasible: refuse`: max tokens its class's deadline cannot hold even
+  alone), violations too; **errors** = everything else that is not 2xx (other statuses,
+  timeouts, connection errors); admitted + shed + refused infeasible + errors = sent;
 * **goodput** = the highest load multiple m at which the worst class's violation rate is at
   most 1%, linearly interpolated between the two sweep points around the first crossing
   (from (0, 0%) when the lowest point already exceeds 1%);
@@ -78,7 +80,8 @@ def class_stats(
     admitted = sum(1 for r in records if is_admitted(r))
     s429 = sum(1 for r in records if r.status == 429)
     s503 = sum(1 for r in records if r.status == 503)
-    errors = sent - admitted - s429 - s503
+    s422 = sum(1 for r in records if r.status == 422)
+    errors = sent - admitted - s429 - s503 - s422
     good = sum(1 for r in records if met(r, deadline_s))
     ok = [r for r in records if is_admitted(r) and r.latency is not None]
     return {
@@ -86,6 +89,7 @@ def class_stats(
         "admitted": admitted,
         "shed_429": s429,
         "shed_503": s503,
+        "refused_infeasible": s422,
         "errors": errors,
         "timeouts": sum(1 for r in records if r.error == "timeout"),
         "slo_met": good,
@@ -156,13 +160,15 @@ def point_stats(
     good = sum(v["slo_met"] for v in per_class.values())
     s429 = sum(v["shed_429"] for v in per_class.values())
     s503 = sum(v["shed_503"] for v in per_class.values())
+    s422 = sum(v["refused_infeasible"] for v in per_class.values())
     admitted = sum(v["admitted"] for v in per_class.values())
     overall = {
         "sent": sent,
         "admitted": admitted,
         "shed_429": s429,
         "shed_503": s503,
-        "errors": sent - admitted - s429 - s503,
+        "refused_infeasible": s422,
+        "errors": sent - admitted - s429 - s503 - s422,
         "offered_rps": round(sent / duration_s, 3),
         "slo_met_rps": round(good / duration_s, 3),
         "slo_met_over_c": round(good / duration_s / capacity_rps, 4) if capacity_rps else None,

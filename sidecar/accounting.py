@@ -33,6 +33,13 @@ class TokenAccounting:
         # Per token model (the policy's: bounded), its fastest pace seen (core/pace.py).
         self._paces: dict[str, GenerationPace] = {}
 
+    def _observe_pace(self, model: str, generated: int, elapsed_s: float) -> None:
+        pace = self._paces.setdefault(model, GenerationPace())
+        pace.observe(generated, elapsed_s)
+        fastest = pace.seconds_per_token()
+        if fastest is not None:
+            self.metrics.generation_pace.labels(model).set(fastest)
+
     def seconds_per_token(self, model: str | None) -> float | None:
         """The fastest pace `model` has shown (None: not enough responses settled yet)."""
         pace = self._paces.get(model) if model else None
@@ -110,7 +117,7 @@ class TokenAccounting:
             if model is not None:
                 self.metrics.usage.tokens.labels(labels[0], model, "generated").inc(generated)
             if model is not None and ended and elapsed_s is not None:
-                self._paces.setdefault(model, GenerationPace()).observe(generated, elapsed_s)
+                self._observe_pace(model, generated, elapsed_s)
         if delta is not None and not await self._reconcile(decision, delta):
             result = "store_error"
         self.metrics.token_accounting.labels(result).inc()

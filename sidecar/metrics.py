@@ -76,6 +76,13 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.generation_pace = Gauge(
+            "qos_model_seconds_per_token",
+            "A token model's fastest pace seen: the least seconds per generated token over its "
+            "last settled responses (core/pace.py), what tokens.infeasible judges max tokens by.",
+            ["model"],
+            registry=registry,
+        )
 
     def _adapter_series(self, registry: CollectorRegistry) -> None:
         """What the Envoy adapters saw that never became a decision, or more than one."""

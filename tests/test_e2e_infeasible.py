@@ -122,6 +122,9 @@ def test_refused_at_once_once_the_model_has_shown_its_pace(stack: LocalStack) ->
     assert first.status == 200, first.body
     assert decisions(stack, reason="infeasible") == 0
     learn(stack, llm, MIN_SEEN)
+    # The pace it learnt, on /metrics: never below the model's 1 ms per token floor.
+    pace = metric_value(stack.admin_url, "qos_model_seconds_per_token", model="llm")
+    assert 0.001 <= pace < OBJECTIVE_MS / 1000 / 200, pace
 
     served = triton_requests(stack, "llm")
     refused = llm(stack, 1000)
