@@ -30,20 +30,21 @@ class TokenAccounting:
         self.metrics = metrics
         self._charge = charge  # the store's: raises StateUnavailable
         self._tenants = tenants  # the policy's tenants, for bounded metric labels
-        # Per token model (the policy's: bounded), its fastest pace seen (core/pace.py).
+        # Per token model (the policy's: bounded), the pace its responses showed (core/pace.py).
         self._paces: dict[str, GenerationPace] = {}
 
     def _observe_pace(self, model: str, generated: int, elapsed_s: float) -> None:
         pace = self._paces.setdefault(model, GenerationPace())
         pace.observe(generated, elapsed_s)
-        fastest = pace.seconds_per_token()
+        fastest = pace.fastest()
         if fastest is not None:
             self.metrics.generation_pace.labels(model).set(fastest)
 
-    def seconds_per_token(self, model: str | None) -> float | None:
-        """The fastest pace `model` has shown (None: not enough responses settled yet)."""
+    def seconds_per_token(self, model: str | None, tokens: int) -> float | None:
+        """The pace `model` has shown on responses of at least `tokens` tokens (core/pace.py
+        rule 2; None: not enough of them settled yet)."""
         pace = self._paces.get(model) if model else None
-        return None if pace is None else pace.seconds_per_token()
+        return None if pace is None else pace.seconds_per_token(tokens)
 
     async def _reconcile(self, decision: Decision, delta: float) -> bool:
         """Charge (or, negative, refund) `delta` cost units to every cost bucket `decision`

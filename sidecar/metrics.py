@@ -79,7 +79,8 @@ class Metrics:
         self.generation_pace = Gauge(
             "qos_model_seconds_per_token",
             "A token model's fastest pace seen: the least seconds per generated token over its "
-            "last settled responses (core/pace.py), what tokens.infeasible judges max tokens by.",
+            "last settled responses (core/pace.py); tokens.infeasible judges a request by the "
+            "least among those at least as long as it.",
             ["model"],
             registry=registry,
         )

@@ -117,11 +117,12 @@ def decisions(stack: LocalStack, **labels: str) -> float:
 
 
 def test_refused_at_once_once_the_model_has_shown_its_pace(stack: LocalStack) -> None:
-    # No pace yet: nothing is assumed about the model, so the long request is served.
+    # No pace yet: nothing is assumed about the model, so the long request is served; its
+    # response is the one long enough to judge the next such request by (core/pace.py).
     first = llm(stack, 1000)
     assert first.status == 200, first.body
-    assert decisions(stack, reason="infeasible") == 0
     learn(stack, llm, MIN_SEEN)
+    assert decisions(stack, reason="infeasible") == 0
     # The pace it learnt, on /metrics: never below the model's 1 ms per token floor.
     pace = metric_value(stack.admin_url, "qos_model_seconds_per_token", model="llm")
     assert 0.001 <= pace < OBJECTIVE_MS / 1000 / 200, pace
@@ -147,7 +148,15 @@ def test_refused_at_once_once_the_model_has_shown_its_pace(stack: LocalStack) ->
 
 
 def test_relegated_to_the_class_relegate_to_names(stack: LocalStack) -> None:
+    relegated = decisions(stack, reason="admitted_relegated", **{"class": "bulk"})
+    # Short responses only: they say nothing of a long request's pace, which is not judged.
     learn(stack, stream, MIN_SEEN)
+    before = settled(stack)
+    first = stream(stack, 1000)
+    assert first.status == 200, first.body
+    assert decisions(stack, reason="admitted_relegated", **{"class": "bulk"}) == relegated
+    wait_for(lambda: settled(stack) > before, 10, "the long stream settled")
+
     relegated = decisions(stack, reason="admitted_relegated", **{"class": "bulk"})
     long = stream(stack, 1000)
     assert long.status == 200, long.body

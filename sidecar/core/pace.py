@@ -3,26 +3,29 @@ within their class's objective (a token model's `tokens.infeasible`).
 
 Rules:
 1. A settled response (ext_proc, a model with `tokens`) says how many tokens it generated and
-   how long it took from its admission to the end of its response. That time is at least what
-   the model needs to generate those tokens alone: queueing in Triton, sharing a batch and the
-   prefill only add to it. So the least seconds per generated token over the model's recent
-   responses is the fastest pace it has shown, and a lower bound of the pace of a request
-   alone on an idle model. Nothing is assumed about the model: a slower GPU, a bigger model
-   or a busier node all show in the responses. The window (`WINDOW` responses) lets a model
-   that became slower be seen as slower; a pace is read only from `MIN_SEEN` responses on.
-2. A request whose max tokens at that pace take longer than its class's latency objective
+   how long it took from its admission to the end of its response: its model's fixed costs
+   (the prefill, the round trip), any wait (Triton's queue, a shared batch) and one decode
+   step per token. Nothing is assumed about the model: a slower GPU, a bigger model or a
+   busier node all show in the responses. The window (`WINDOW` responses) lets a model that
+   became slower be seen as slower; nothing is read before `MIN_SEEN` responses.
+2. The pace a request of `n` max tokens is judged by is the least seconds per generated token
+   among the window's responses that generated at least `n` tokens (`seconds_per_token(n)`).
+   Scaled down to `n` tokens, such a response is no slower than `n` tokens alone would be when
+   it waited for nothing: its fixed costs are spread over at least as many tokens. Responses
+   shorter than the request are not used: their fixed costs, spread over fewer tokens, would
+   overstate a long request's time. With no response that long, the request is not judged.
+3. A request whose `n` max tokens at that pace take longer than its class's latency objective
    cannot meet it even alone (`infeasibility`): `core.admission.on_size` refuses it (422
-   `infeasible`, with the most max tokens the class can take), relegates it or serves it, as
-   the model's `tokens.infeasible` says, before any quota is taken or any hold. Refusing it at
-   once spares the client a wait that cannot end well, and spares every request that would
-   have waited behind it in Triton's batches.
-3. The bound is a lower bound (rule 1), so a request that could meet its objective is never
-   judged infeasible by the pace; it is judged on the max tokens it asks for, which a client
-   may set far above what it generates.
+   `infeasible`, with the most max tokens the class can take at that pace), relegates it or
+   serves it, as the model's `tokens.infeasible` says, before any quota is taken or any hold.
+   Refusing it at once spares the client a wait that cannot end well, and spares every
+   request that would have waited behind it in Triton's batches. It is judged on the max
+   tokens it asks for, which a client may set far above what it generates.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -32,23 +35,38 @@ MIN_SEEN = 8  # responses before a pace is read (one fast outlier cannot decide 
 
 
 class GenerationPace:
-    """One model's fastest pace over its last `window` settled responses (rule 1)."""
+    """One model's responses over its last `window` settled ones (rules 1 and 2)."""
 
     def __init__(self, window: int = WINDOW, min_seen: int = MIN_SEEN) -> None:
-        self._seen: deque[float] = deque(maxlen=window)
+        self._seen: deque[tuple[int, float]] = deque(maxlen=window)  # (generated, s/token)
         self._min_seen = min_seen
-        self._fastest: float | None = None
+        self._lengths: list[int] = []  # generated, ascending
+        self._fastest_from: list[float] = []  # least s/token among _lengths[i:]
 
     def observe(self, generated: int, elapsed_s: float) -> None:
         """A response that generated `generated` tokens in `elapsed_s` since its admission."""
         if generated < 1 or not elapsed_s > 0 or not math.isfinite(elapsed_s):
             return
-        self._seen.append(elapsed_s / generated)
-        self._fastest = min(self._seen) if len(self._seen) >= self._min_seen else None
+        self._seen.append((generated, elapsed_s / generated))
+        ordered = sorted(self._seen)
+        self._lengths = [generated for generated, _ in ordered]
+        fastest, suffix = math.inf, []
+        for _, pace in reversed(ordered):
+            fastest = min(fastest, pace)
+            suffix.append(fastest)
+        self._fastest_from = suffix[::-1]
 
-    def seconds_per_token(self) -> float | None:
-        """The least seconds per generated token seen (None: too few responses yet)."""
-        return self._fastest
+    def seconds_per_token(self, tokens: int) -> float | None:
+        """Rule 2: the least seconds per token among responses of at least `tokens` tokens
+        (None: fewer than `min_seen` responses, or none that long)."""
+        if len(self._seen) < self._min_seen:
+            return None
+        first = bisect.bisect_left(self._lengths, tokens)
+        return self._fastest_from[first] if first < len(self._fastest_from) else None
+
+    def fastest(self) -> float | None:
+        """The least seconds per token of any response in the window (for /metrics)."""
+        return self.seconds_per_token(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +80,8 @@ class Infeasibility:
 
     @property
     def most_tokens(self) -> int:
-        """The most max tokens a request of this class can ask for at this pace."""
+        """The most max tokens a request of this class can ask for: at this pace (a shorter
+        request's pace is no slower, rule 2), they fit its objective."""
         most = max(0, math.floor(self.objective_s / self.seconds_per_token))
         while most > 0 and most * self.seconds_per_token > self.objective_s:  # float rounding
             most -= 1
@@ -71,17 +90,17 @@ class Infeasibility:
     @property
     def why(self) -> str:
         return (
-            f"{self.max_tokens} max tokens take at least {self.alone_s * 1000:.0f} ms at the "
-            f"model's fastest pace ({self.seconds_per_token * 1000:.3g} ms/token), over the "
-            f"class's {self.objective_s * 1000:.0f} ms objective"
+            f"{self.max_tokens} max tokens take {self.alone_s * 1000:.0f} ms at the model's "
+            f"fastest pace on responses as long ({self.seconds_per_token * 1000:.3g} ms/token), "
+            f"over the class's {self.objective_s * 1000:.0f} ms objective"
         )
 
 
 def infeasibility(
     max_tokens: int, seconds_per_token: float | None, objective_ms: int
 ) -> Infeasibility | None:
-    """Rule 2: the request's infeasibility, or None when it may meet its objective (or no
-    pace is known yet)."""
+    """Rule 3: the request's infeasibility, or None when it may meet its objective (or no
+    pace judges it)."""
     if seconds_per_token is None or max_tokens < 1:
         return None
     needed_s = max_tokens * seconds_per_token
