@@ -56,6 +56,7 @@ ONLY_AFTER_EVENTS = {
     "qos_backend_scrape_errors_total": "a Triton scrape failed",
     "qos_malformed_requests_total": "an Envoy call could not be read",
     "qos_adaptive_cap": "a class with overload.protect saw its model busy",
+    "qos_model_seconds_per_token": "a token model settled 8 responses (ext_proc)",
 }
 # Label values an expression may match on, where the sidecar's code lists them all.
 KNOWN_VALUES = {
