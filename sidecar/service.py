@@ -192,8 +192,7 @@ class AdmissionService(SharedReads, LeasedQuota):
     async def complete(self, token: str | None, timings: CompletionTimings | None = None) -> bool:
         """Release the lease `token` names (True if freed); `timings`: Envoy's."""
         if not token:
-            self.metrics.completions.labels("no_lease").inc()
-            return False
+            return self.completed_without_lease()
         lease = parse_lease(token)
         if lease is None:
             self.metrics.completions.labels("bad_lease").inc()
@@ -203,6 +202,11 @@ class AdmissionService(SharedReads, LeasedQuota):
             if timings.duration_s is not None and lease.model and self.deferrer is not None:
                 self.deferrer.completed(lease.model, lease.klass, timings.duration_s)
         return await self.release(lease)
+
+    def completed_without_lease(self) -> bool:
+        """A completion that names no lease (an admit that took none): counted, nothing freed."""
+        self.metrics.completions.labels("no_lease").inc()
+        return False
 
     async def release(self, lease: LeaseRef, *, counted: bool = True) -> bool:
         """Release `lease` now; if the store fails, owe it (retried until it is taken). True if

@@ -310,6 +310,12 @@ def test_access_log_stream_releases_leases() -> None:
                     log_entry=[entry(leases[1], "qos.sidecar"), entry(leases[1])]
                 )
             ),
+            # Only entries without a lease (leased mode's slices): counted, nothing to free.
+            als_pb2.StreamAccessLogsMessage(
+                http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+                    log_entry=[entry(None), entry(None)]
+                )
+            ),
         ]
 
         async def stream() -> Any:
@@ -325,7 +331,7 @@ def test_access_log_stream_releases_leases() -> None:
     asyncio.run(with_grpc(service, body))
     for result, count in (
         ("released", 2),
-        ("no_lease", 1),
+        ("no_lease", 3),
         ("bad_lease", 3),
         ("already_released", 1),
     ):
