@@ -307,7 +307,11 @@ class Metrics:
 
     def completed(self, released: bool) -> None:
         """A lease's release ran: it freed the lease, or found it freed already."""
-        self._child(self.completions, "released" if released else "already_released").inc()
+        self.completion("released" if released else "already_released")
+
+    def completion(self, result: str) -> None:
+        """One completion signal (`qos_completions_total`), by its result."""
+        self._child(self.completions, result).inc()
 
     def observe_decision_seconds(self, api: str, seconds: float) -> None:
         self._child(self.decision_seconds, api).observe(seconds)

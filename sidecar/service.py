@@ -195,7 +195,7 @@ class AdmissionService(SharedReads, LeasedQuota):
             return self.completed_without_lease()
         lease = parse_lease(token)
         if lease is None:
-            self.metrics.completions.labels("bad_lease").inc()
+            self.metrics.completion("bad_lease")
             return False
         if timings is not None:  # the tenant's experience, and the adaptive caps' latency
             self.metrics.experience.completed(lease.tenant, lease.klass, timings, self.policy)
@@ -205,7 +205,7 @@ class AdmissionService(SharedReads, LeasedQuota):
 
     def completed_without_lease(self) -> bool:
         """A completion that names no lease (an admit that took none): counted, nothing freed."""
-        self.metrics.completions.labels("no_lease").inc()
+        self.metrics.completion("no_lease")
         return False
 
     async def release(self, lease: LeaseRef, *, counted: bool = True) -> bool:

@@ -119,7 +119,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         note_usage(self._service, entry, lease)
         if token is None:
             # Forged, unsigned or signed with another key: release nothing.
-            self._service.metrics.completions.labels("bad_lease").inc()
+            self._service.metrics.completion("bad_lease")
             return
         # The autoscaling signal's drain (core/demand.py rule 2), on this replica.
         self._service.metrics.demand.drained(drained_model(lease, entry.request.path))
