@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the sidecar policy's tokens.infeasible for the LLM models (ext_proc rows read "
         "token counts; ext_authz rows never see a body): what becomes of a request whose "
         "max tokens its class's deadline cannot hold even alone, at the pace the sidecar saw "
-        "(default refuse: judged by responses at least as long, so only requests that would "
-        "miss anyway are refused, and they stop holding batches)",
+        "(default refuse: judged by responses as long, from prompts no longer, so only "
+        "requests that would miss anyway are refused, and they stop holding batches)",
     )
     parser.add_argument(
         "--preset-floor",

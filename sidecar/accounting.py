@@ -33,18 +33,18 @@ class TokenAccounting:
         # Per token model (the policy's: bounded), the pace its responses showed (core/pace.py).
         self._paces: dict[str, GenerationPace] = {}
 
-    def _observe_pace(self, model: str, generated: int, elapsed_s: float) -> None:
+    def _observe_pace(self, model: str, generated: int, elapsed_s: float, prompt: int) -> None:
         pace = self._paces.setdefault(model, GenerationPace())
-        pace.observe(generated, elapsed_s)
+        pace.observe(generated, elapsed_s, prompt)
         fastest = pace.fastest()
         if fastest is not None:
             self.metrics.generation_pace.labels(model).set(fastest)
 
-    def seconds_per_token(self, model: str | None, tokens: int) -> float | None:
-        """The pace `model` has shown on responses of at least `tokens` tokens (core/pace.py
-        rule 2; None: not enough of them settled yet)."""
+    def seconds_per_token(self, model: str | None, tokens: int, prompt: int) -> float | None:
+        """The pace `model` has shown on responses of at least `tokens` tokens from a prompt
+        of at most `prompt` (core/pace.py rule 2; None: none such settled yet)."""
         pace = self._paces.get(model) if model else None
-        return None if pace is None else pace.seconds_per_token(tokens)
+        return None if pace is None else pace.seconds_per_token(tokens, prompt)
 
     async def _reconcile(self, decision: Decision, delta: float) -> bool:
         """Charge (or, negative, refund) `delta` cost units to every cost bucket `decision`
@@ -117,8 +117,9 @@ class TokenAccounting:
             self.metrics.tokens.labels(*labels, "generated").inc(generated)
             if model is not None:
                 self.metrics.usage.tokens.labels(labels[0], model, "generated").inc(generated)
-            if model is not None and ended and elapsed_s is not None:
-                self._observe_pace(model, generated, elapsed_s)
+            # Its prompt is the request's, so an unreadable one (charge_max) says no pace.
+            if model is not None and ended and elapsed_s is not None and estimate.readable:
+                self._observe_pace(model, generated, elapsed_s, estimate.prompt_tokens)
         if delta is not None and not await self._reconcile(decision, delta):
             result = "store_error"
         self.metrics.token_accounting.labels(result).inc()

@@ -80,7 +80,7 @@ class Metrics:
             "qos_model_seconds_per_token",
             "A token model's fastest pace seen: the least seconds per generated token over its "
             "last settled responses (core/pace.py); tokens.infeasible judges a request by the "
-            "least among those at least as long as it.",
+            "least among those at least as long as it, from a prompt no longer.",
             ["model"],
             registry=registry,
         )

@@ -308,7 +308,8 @@ class AdmissionService(SharedReads, LeasedQuota):
         cost = None if estimate is None else (estimate.cost, estimate.why)
         planned = admission.plan(attrs, compiled, cost)
         if isinstance(planned, Admission) and estimate is not None and estimate.readable:
-            pace = self.tokens.seconds_per_token(planned.model, estimate.max_tokens)
+            asked = (estimate.max_tokens, estimate.prompt_tokens)
+            pace = self.tokens.seconds_per_token(planned.model, *asked)
             planned = admission.on_size(planned, estimate.max_tokens, pace, compiled.policy)
         if isinstance(planned, Answer):
             return planned

@@ -22,18 +22,21 @@ from tests.core_fixtures import make_policy
 LLM = "/v2/models/llm/infer"
 
 
-def seen(*pairs: tuple[int, float], window: int = 256) -> GenerationPace:
+def seen(
+    *responses: tuple[int, float] | tuple[int, float, int], window: int = 256
+) -> GenerationPace:
+    """A pace that saw `responses`: (generated, elapsed_s[, prompt tokens, default 10])."""
     pace = GenerationPace(window=window)
-    for generated, elapsed_s in pairs:
-        pace.observe(generated, elapsed_s)
+    for generated, elapsed_s, *prompt in responses:
+        pace.observe(generated, elapsed_s, prompt[0] if prompt else 10)
     return pace
 
 
 def test_no_pace_until_enough_responses() -> None:
     pace = seen(*[(100, 0.5)] * (MIN_SEEN - 1))
-    assert pace.seconds_per_token(100) is None and pace.fastest() is None
-    pace.observe(100, 0.5)
-    assert pace.seconds_per_token(100) == pytest.approx(0.005)
+    assert pace.seconds_per_token(100, 10) is None and pace.fastest() is None
+    pace.observe(100, 0.5, 10)
+    assert pace.seconds_per_token(100, 10) == pytest.approx(0.005)
 
 
 def test_a_request_is_judged_by_responses_at_least_as_long() -> None:
@@ -41,42 +44,54 @@ def test_a_request_is_judged_by_responses_at_least_as_long() -> None:
     # 5 ms per token, though the long ones show 1 ms. A 500-token request is judged by the
     # long ones only; a 10-token one by every response.
     pace = seen(*[(10, 0.05)] * MIN_SEEN, (1000, 1.2), (600, 0.6), (200, 0.5))
-    assert pace.seconds_per_token(500) == pytest.approx(0.001)  # 600 tokens in 0.6 s
-    assert pace.seconds_per_token(601) == pytest.approx(0.0012)  # only the 1000-token one
-    assert pace.seconds_per_token(10) == pytest.approx(0.001)
-    assert pace.seconds_per_token(1001) is None  # nothing that long seen: not judged
+    assert pace.seconds_per_token(500, 10) == pytest.approx(0.001)  # 600 tokens in 0.6 s
+    assert pace.seconds_per_token(601, 10) == pytest.approx(0.0012)  # only the 1000-token one
+    assert pace.seconds_per_token(10, 10) == pytest.approx(0.001)
+    assert pace.seconds_per_token(1001, 10) is None  # nothing that long seen: not judged
     assert pace.fastest() == pytest.approx(0.001)
+
+
+def test_a_request_is_judged_by_responses_with_a_prompt_no_longer() -> None:
+    # A 30,000-token prompt's prefill is in its response's time: it says nothing of how fast
+    # a request with a short prompt can go, only of one with a prompt at least as long.
+    pace = seen(*[(1000, 2.0, 30_000)] * MIN_SEEN, (1000, 1.5, 5_000))
+    assert pace.seconds_per_token(1000, 10) is None
+    assert pace.seconds_per_token(1000, 5_000) == pytest.approx(0.0015)
+    assert pace.seconds_per_token(1000, 40_000) == pytest.approx(0.0015)
 
 
 def test_responses_that_say_nothing_are_not_counted() -> None:
     pace = seen((0, 1.0), (10, 0.0), (10, -1.0), (10, float("inf")), (10, float("nan")))
     for _ in range(MIN_SEEN - 1):
-        pace.observe(10, 0.1)
-    assert pace.seconds_per_token(1) is None  # only the 7 real ones
+        pace.observe(10, 0.1, 10)
+    assert pace.seconds_per_token(1, 10) is None  # only the 7 real ones
 
 
 def test_a_model_that_became_slower_is_seen_as_slower() -> None:
     pace = seen(*[(100, 0.1)] * MIN_SEEN, window=MIN_SEEN)
     for _ in range(MIN_SEEN):
-        pace.observe(100, 0.4)
-    assert pace.seconds_per_token(100) == pytest.approx(0.004)
+        pace.observe(100, 0.4, 10)
+    assert pace.seconds_per_token(100, 10) == pytest.approx(0.004)
 
 
 @given(
     st.lists(
-        st.tuples(st.integers(1, 4096), st.floats(1e-4, 100.0)), min_size=MIN_SEEN, max_size=50
+        st.tuples(st.integers(1, 4096), st.floats(1e-4, 100.0), st.integers(0, 50_000)),
+        min_size=MIN_SEEN,
+        max_size=50,
     ),
     st.integers(1, 5000),
+    st.integers(0, 50_000),
 )
-def test_the_pace_is_the_least_of_the_responses_at_least_as_long(
-    pairs: list[tuple[int, float]], tokens: int
+def test_the_pace_is_the_least_of_the_responses_that_may_judge_it(
+    responses: list[tuple[int, float, int]], tokens: int, prompt: int
 ) -> None:
-    pace = seen(*pairs).seconds_per_token(tokens)
-    long_enough = [elapsed / generated for generated, elapsed in pairs if generated >= tokens]
-    if not long_enough:
+    pace = seen(*responses).seconds_per_token(tokens, prompt)
+    judges = [e / n for n, e, p in responses if n >= tokens and p <= prompt]
+    if not judges:
         assert pace is None
     else:
-        assert pace == pytest.approx(min(long_enough))
+        assert pace == pytest.approx(min(judges))
 
 
 def test_infeasibility_is_judged_on_max_tokens_at_the_pace() -> None:

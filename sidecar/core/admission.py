@@ -19,10 +19,10 @@ that I/O and feeds the result back; nothing here waits, calls the store or reads
 
 Size rule (`on_size`, a token model's request whose max tokens its body says, before
 everything else): a request whose max tokens cannot be generated within its class's objective
-even alone, at the pace the model has shown on responses at least that long (core/pace.py),
-is refused 422 `infeasible` with the most max tokens the class can take, or relegated once to
-its class's `relegate_to` (served as asked without one), or served as asked: the model's
-`tokens.infeasible`. No quota is taken and nothing is held for it first.
+even alone, at the pace the model has shown on responses at least that long, from prompts no
+longer (core/pace.py), is refused 422 `infeasible` with the most max tokens the class can
+take, or relegated once to its class's `relegate_to` (served as asked without one), or served
+as asked: the model's `tokens.infeasible`. No quota is taken and nothing is held for it first.
 
 Model rule (`judge`, before the load rules): a request for a model Triton does not serve is
 refused 404 `unknown_model`, with no Retry-After (a typo is not cured by waiting), and takes
@@ -336,8 +336,8 @@ def on_size(
     admission: Admission, max_tokens: int, seconds_per_token: float | None, policy: Policy
 ) -> Admission | Answer:
     """The size rule: `max_tokens` (the body's) at the pace the model has shown on responses
-    at least that long (`seconds_per_token`, core/pace.py; None: none seen yet) against the
-    class's objective."""
+    at least that long from prompts no longer (`seconds_per_token`, core/pace.py; None: none
+    seen yet) against the class's objective."""
     tokens = policy.tokens_of(admission.model)
     if tokens is None or tokens.infeasible is Infeasible.ADMIT:
         return admission

@@ -8,12 +8,14 @@ Rules:
    step per token. Nothing is assumed about the model: a slower GPU, a bigger model or a
    busier node all show in the responses. The window (`WINDOW` responses) lets a model that
    became slower be seen as slower; nothing is read before `MIN_SEEN` responses.
-2. The pace a request of `n` max tokens is judged by is the least seconds per generated token
-   among the window's responses that generated at least `n` tokens (`seconds_per_token(n)`).
-   Scaled down to `n` tokens, such a response is no slower than `n` tokens alone would be when
-   it waited for nothing: its fixed costs are spread over at least as many tokens. Responses
-   shorter than the request are not used: their fixed costs, spread over fewer tokens, would
-   overstate a long request's time. With no response that long, the request is not judged.
+2. The pace a request of `n` max tokens and a prompt of `p` tokens is judged by is the least
+   seconds per generated token among the window's responses that generated at least `n`
+   tokens from a prompt of at most `p` (`seconds_per_token(n, p)`). Scaled down to `n`
+   tokens, such a response is no slower than the request alone would be when it waited for
+   nothing: its fixed costs are no larger (a prompt no longer) and are spread over at least
+   as many tokens. Other responses are not used: a shorter one spreads its fixed costs over
+   fewer tokens, and one with a longer prompt carries a longer prefill, so either would
+   overstate the request's time. With no such response, the request is not judged.
 3. A request whose `n` max tokens at that pace take longer than its class's latency objective
    cannot meet it even alone (`infeasibility`): `core.admission.on_size` refuses it (422
    `infeasible`, with the most max tokens the class can take at that pace), relegates it or
@@ -25,7 +27,6 @@ Rules:
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -38,35 +39,32 @@ class GenerationPace:
     """One model's responses over its last `window` settled ones (rules 1 and 2)."""
 
     def __init__(self, window: int = WINDOW, min_seen: int = MIN_SEEN) -> None:
-        self._seen: deque[tuple[int, float]] = deque(maxlen=window)  # (generated, s/token)
+        # (tokens generated, prompt tokens, seconds per generated token)
+        self._seen: deque[tuple[int, int, float]] = deque(maxlen=window)
         self._min_seen = min_seen
-        self._lengths: list[int] = []  # generated, ascending
-        self._fastest_from: list[float] = []  # least s/token among _lengths[i:]
 
-    def observe(self, generated: int, elapsed_s: float) -> None:
-        """A response that generated `generated` tokens in `elapsed_s` since its admission."""
+    def observe(self, generated: int, elapsed_s: float, prompt_tokens: int = 0) -> None:
+        """A response that generated `generated` tokens from a prompt of `prompt_tokens` in
+        `elapsed_s` since its admission."""
         if generated < 1 or not elapsed_s > 0 or not math.isfinite(elapsed_s):
             return
-        self._seen.append((generated, elapsed_s / generated))
-        ordered = sorted(self._seen)
-        self._lengths = [generated for generated, _ in ordered]
-        fastest, suffix = math.inf, []
-        for _, pace in reversed(ordered):
-            fastest = min(fastest, pace)
-            suffix.append(fastest)
-        self._fastest_from = suffix[::-1]
+        self._seen.append((generated, max(0, prompt_tokens), elapsed_s / generated))
 
-    def seconds_per_token(self, tokens: int) -> float | None:
+    def seconds_per_token(self, tokens: int, prompt_tokens: int) -> float | None:
         """Rule 2: the least seconds per token among responses of at least `tokens` tokens
-        (None: fewer than `min_seen` responses, or none that long)."""
+        from a prompt of at most `prompt_tokens` (None: fewer than `min_seen` responses, or
+        none such). One pass over the window: a token model's decisions come tens or
+        hundreds a second, not thousands."""
         if len(self._seen) < self._min_seen:
             return None
-        first = bisect.bisect_left(self._lengths, tokens)
-        return self._fastest_from[first] if first < len(self._fastest_from) else None
+        paces = [pace for n, p, pace in self._seen if n >= tokens and p <= prompt_tokens]
+        return min(paces) if paces else None
 
     def fastest(self) -> float | None:
         """The least seconds per token of any response in the window (for /metrics)."""
-        return self.seconds_per_token(1)
+        if len(self._seen) < self._min_seen:
+            return None
+        return min(pace for _, _, pace in self._seen)
 
 
 @dataclass(frozen=True, slots=True)

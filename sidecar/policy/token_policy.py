@@ -94,7 +94,8 @@ class TokenPolicy:
         Choice.of(Infeasible),
         "A request whose max tokens cannot be generated within its class's "
         "latency_objective_ms even alone: at the least seconds per generated token among "
-        "this model's last 256 settled responses that generated at least as many tokens "
+        "this model's last 256 settled responses that generated at least as many tokens from a "
+        "prompt no longer "
         "(judged from 8 responses on, and only with one that long). refuse answers 422 "
         "`infeasible` at once, saying the most max tokens the class can take; relegate moves "
         "it to its class's relegate_to (served as asked in a class without one); admit "
