@@ -286,6 +286,11 @@ def test_batching_runs_concurrent_requests_together(triton: TritonProcess) -> No
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = [f.result() for f in [pool.submit(one) for _ in range(8)]]
     assert all(r.status == 200 for r in results), [r.body for r in results]
+    # The client can have its answer before Triton counts the request: wait for the count.
+    wait_for(
+        lambda: _llm_counter(triton, "nv_inference_request_success") >= served + 8,
+        "Triton to count the eight requests",
+    )
     assert _llm_counter(triton, "nv_inference_request_success") - served == 8
     assert _llm_counter(triton, "nv_inference_exec_count") - executions < 8
 
@@ -512,6 +517,12 @@ def test_stream_stops_at_eos_after_tokens(triton: TritonProcess) -> None:
         status, events = generate_stream(triton.http_port, body)
         assert status == 200, events
         assert [event["OUT_TOKENS"] for _, event in events] == expected
+    # A decoupled model sends its last response before its execution ends and is counted:
+    # wait for Triton to count both.
+    wait_for(
+        lambda: _llm_counter(triton, "nv_inference_exec_count", "llm_stream") >= executions + 2,
+        "Triton to count both executions",
+    )
     assert _llm_counter(triton, "nv_inference_exec_count", "llm_stream") - executions == 2
     spent_ms = (
         _llm_counter(triton, "nv_inference_compute_infer_duration_us", "llm_stream") - compute_us
