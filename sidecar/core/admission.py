@@ -70,7 +70,6 @@ Hold rules (`on_hold_end`):
 from __future__ import annotations
 
 import enum
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -84,7 +83,6 @@ from sidecar.core.decide import (
     refuse,
     relegate,
     shed_overloaded,
-    unknown_model,
 )
 from sidecar.core.load import SignalState
 from sidecar.core.pace import infeasibility
@@ -344,11 +342,9 @@ def on_size(
     found = infeasibility(max_tokens, seconds_per_token, admission.klass.latency_objective_ms)
     if found is None:
         return admission
-    if tokens.infeasible is Infeasible.REFUSE:
-        decision = refuse(admission, Reason.INFEASIBLE, found.why)
-        body = {**json.loads(decision.body), "message": found.why}
-        body["most_max_tokens"] = found.most_tokens  # what the client may ask in this class
-        return Answer(replace(decision, body=json.dumps(body, separators=(",", ":")).encode()))
+    if tokens.infeasible is Infeasible.REFUSE:  # with what the client may ask in this class
+        extra = {"message": found.why, "most_max_tokens": found.most_tokens}
+        return Answer(refuse(admission, Reason.INFEASIBLE, found.why, extra=extra))
     if admission.klass.relegate_to is None or admission.relegated:
         return replace(admission, trace=(*admission.trace, f"{found.why}; served as asked"))
     return relegate(admission, policy, found.why, requota=True)
@@ -366,7 +362,7 @@ def judge(
         and admission.model not in signals.served
     ):
         why = f"model {admission.model!r} is not among the {len(signals.served)} Triton serves"
-        return Answer(unknown_model(admission, why))
+        return Answer(refuse(admission, Reason.UNKNOWN_MODEL, why))  # 404: waiting cures no typo
     verdict = verdict_for(admission, signals)
     if verdict.action is LoadAction.RELEGATE:
         admission = relegate(admission, policy, verdict.why, requota=True)

@@ -324,20 +324,18 @@ def shed_overloaded(admission: Admission, retry_after_s: float, why: str) -> Dec
     return refuse(admission, Reason.OVERLOADED, why, retry_after_s=retry_after_s)
 
 
-def unknown_model(admission: Admission, why: str) -> Decision:
-    """404 for a model Triton does not serve: no Retry-After, since waiting cures no typo."""
-    return refuse(admission, Reason.UNKNOWN_MODEL, why)
-
-
 def refuse(
-    admission: Admission, reason: Reason, why: str, *, retry_after_s: float | None = None
+    admission: Admission,
+    reason: Reason,
+    why: str,
+    *,
+    retry_after_s: float | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> Decision:
     """`shed` for a planned request: its tenant and classes, its trace and `why`."""
     tenant, klass = admission.tenant.name, admission.klass.name
-    trace = [*admission.trace, why]
-    return shed(
-        reason, tenant, klass, admission.requested_class, trace, retry_after_s=retry_after_s
-    )
+    trace, requested = [*admission.trace, why], admission.requested_class
+    return shed(reason, tenant, klass, requested, trace, retry_after_s=retry_after_s, extra=extra)
 
 
 def shed(
@@ -349,8 +347,10 @@ def shed(
     *,
     retry_after_s: float | None = None,
     detail: str | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> Decision:
-    """A refusal with its status, headers (the tenant, when known: Envoy logs it), JSON body."""
+    """A refusal with its status, headers (the tenant, when known: Envoy logs it), JSON body
+    (with `extra`'s fields: what the client can do about it)."""
     status = _STATUS[reason]
     named = [] if tenant is None else [(HEADER_TENANT, urllib.parse.quote(tenant, safe="-_.~:@/"))]
     headers = [("content-type", "application/json"), (HEADER_REASON, reason.value), *named]
@@ -367,6 +367,7 @@ def shed(
     }
     if detail is not None:
         body["limit"] = detail
+    body.update(extra or {})
     return Decision(
         outcome=Outcome.SHED,
         status=status,
@@ -389,9 +390,7 @@ def malformed(message: str) -> Decision:
 def refuse_unreadable(problem: Unreadable) -> Decision:
     """A token model's body whose cost cannot be read, under `tokens.unreadable: refuse`."""
     reason = Reason.UNSUPPORTED_ENCODING if problem.unsupported_encoding else Reason.UNREADABLE_BODY
-    decision = shed(reason, None, None, None, [problem.why])
-    body = {**json.loads(decision.body), "message": problem.why}  # what to fix, for the client
-    return replace(decision, body=json.dumps(body, separators=(",", ":")).encode())
+    return shed(reason, None, None, None, [problem.why], extra={"message": problem.why})
 
 
 def _most_chargeable(tenant: TenantPolicy, klass: ClassPolicy, fallback: float) -> float:

@@ -28,6 +28,7 @@ Rules:
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from dataclasses import dataclass
 
@@ -62,9 +63,7 @@ class GenerationPace:
 
     def fastest(self) -> float | None:
         """The least seconds per token of any response in the window (for /metrics)."""
-        if len(self._seen) < self._min_seen:
-            return None
-        return min(pace for _, _, pace in self._seen)
+        return self.seconds_per_token(1, sys.maxsize)
 
 
 @dataclass(frozen=True, slots=True)

@@ -349,9 +349,8 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             streamed = is_streamed(request.attrs.path)
             meter = UsageMeter(request.tokens, streamed=streamed)
             admitted_s = self._service.clock()
-            stream.usage = _Usage(
-                request.tokens, estimated, meter, _model(request), False, admitted_s
-            )
+            model = _model(request)
+            stream.usage = _Usage(request.tokens, estimated, meter, model, admitted_s=admitted_s)
         rewrite, step = self._body_rewrite(stream, body)
         return body_response_for(rewrite, decision, self._lease_key), step
 
