@@ -38,7 +38,7 @@ import numpy as np
 from benchmarks import demand_probe, qos_targets, report, usage_check
 from benchmarks.loadgen import Record, RunResult
 from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo
-from benchmarks.policy import MAX_IN_FLIGHT, tenant_quotas, write_policy
+from benchmarks.policy import DEFAULT, MAX_IN_FLIGHT, tenant_quotas, write_policy
 from benchmarks.runner import (
     SYSTEMS,
     SYSTEMS_BY_NAME,
@@ -329,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-in-flight",
         type=float,
         default=MAX_IN_FLIGHT,
-        help="admit standard and batch at once only below this many batches of requests in "
-        "flight per model (0: no cap)",
+        help="the static policy (sidecar-http-static): admit standard and batch at once only "
+        "below this many batches of requests in flight per model (0: no cap)",
     )
     parser.add_argument(
         "--seeds",
@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "--protect",
         choices=("none", "latency", "balanced", "throughput"),
         default="none",
-        help="adaptive caps on standard and batch (overload.protect), --max-in-flight their floor",
+        help="the static policy (sidecar-http-static) with adaptive caps on standard and batch "
+        "(overload.protect), --max-in-flight their floor",
     )
     parser.add_argument(
         "--infeasible",
@@ -358,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         "--preset-floor",
         type=float,
         default=0.0,
-        help="the sidecar-*-latency/balanced/throughput systems' cap floor, in batches of "
-        "requests in flight per model (default 0: none, a cap of 1)",
+        help="the adaptive caps' floor in the sidecar rows (balanced; sidecar-http-latency and "
+        "-throughput), in batches of requests in flight per model (default 0: none, a cap of 1)",
     )
     parser.add_argument(
         "--instances",
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.policy:
                 policy_dir = backend.policy_dir = args.policy
             else:
-                variants = {s.policy_variant for s in systems if s.sidecar_mode} | {"full"}
+                variants = {s.policy_variant for s in systems if s.sidecar_mode} | {DEFAULT}
                 for variant in sorted(variants):
                     backend.policy_dirs[variant] = write_policy(
                         out / "policy" / variant,
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                         model=model.name if model.llm_like else None,
                         infeasible=args.infeasible,
                     )
-                policy_dir = backend.policy_dirs["full"]
+                policy_dir = backend.policy_dirs[DEFAULT]
             quotas = tenant_quotas(policy_dir, config.tenants)
             backend.quotas = quotas
 

@@ -28,7 +28,8 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.loadgen import GenOptions, RunResult
 from benchmarks.models import ModelKind
-from benchmarks.policy import Quota
+from benchmarks.policy import DEFAULT as DEFAULT_POLICY
+from benchmarks.policy import PRESETS, Quota
 from benchmarks.workload import ClassSpec, Request, TenantSpec
 from devstack.envoy import EnvoyProcess, render_bootstrap
 from devstack.procs import ValkeyProcess, free_port
@@ -57,7 +58,7 @@ class SystemSpec:
     gen: GenOptions = field(default_factory=GenOptions)
     # Which generated policy the sidecar runs (benchmarks/policy.py POLICY_VARIANTS); a
     # user's --policy replaces them all.
-    policy_variant: str = "full"
+    policy_variant: str = DEFAULT_POLICY
     quick: bool = True  # part of the quick mode's default set of systems
 
 
@@ -82,13 +83,19 @@ SYSTEMS: tuple[SystemSpec, ...] = (
         "passthrough",
         gen=GenOptions(siloed=True),
     ),
-    SystemSpec("sidecar-http", "qos-sidecar, ext_authz HTTP mode", "sidecar-http", "http"),
+    SystemSpec(
+        "sidecar-http",
+        f"qos-sidecar, ext_authz HTTP mode ({DEFAULT_POLICY} preset)",
+        "sidecar-http",
+        "http",
+    ),
     SystemSpec(
         "sidecar-grpc", "qos-sidecar, ext_authz gRPC mode", "sidecar-grpc", "grpc", quick=False
     ),
     SystemSpec(
         "sidecar-extproc",
-        "qos-sidecar, ext_proc mode (also puts the class's priority into Triton's request)",
+        f"qos-sidecar, ext_proc mode ({DEFAULT_POLICY} preset; also puts the class's priority"
+        " into Triton's request)",
         "sidecar-extproc",
         "extproc",
     ),
@@ -127,6 +134,15 @@ SYSTEMS = (
         gen=GenOptions(retry_after_classes=("batch",)),
         quick=False,
     ),
+    SystemSpec(
+        "sidecar-http-static",
+        "qos-sidecar (HTTP), standard and batch capped at --max-in-flight batches (a number"
+        " measured on the default workload) instead of adaptive caps",
+        "sidecar-http",
+        "http",
+        policy_variant="static",
+        quick=False,
+    ),
     *(
         SystemSpec(
             f"sidecar-http-{preset}",
@@ -136,7 +152,8 @@ SYSTEMS = (
             policy_variant=preset,
             quick=False,
         )
-        for preset in ("latency", "balanced", "throughput")
+        for preset in PRESETS
+        if preset != DEFAULT_POLICY  # that one is sidecar-http
     ),
 )
 SYSTEMS_BY_NAME = {s.name: s for s in SYSTEMS}

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.binaries import require_binaries
 
@@ -101,7 +102,11 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
         assert (out / png).stat().st_size > 1000
     with gzip.open(out / "records.csv.gz", "rt") as handle:
         assert handle.readline().startswith("system,run,tenant,class")
-    assert (out / "policy" / "full" / "bench.yaml").is_file()  # the sidecar systems run
+    # The sidecar rows run the balanced preset: caps learnt, none fixed by this workload.
+    shipped = yaml.safe_load((out / "policy" / "balanced" / "bench.yaml").read_text())
+    for klass in ("standard", "batch"):
+        assert shipped["classes"][klass]["overload"]["protect"] == "balanced"
+        assert "max_in_flight" not in shipped["classes"][klass]["overload"]
 
 
 def check_sidecar_counts(name: str, point: dict[str, object]) -> None:
