@@ -101,6 +101,50 @@ def test_too_few_samples_wait_for_more_but_not_forever() -> None:
     assert caps(p, later) == 5
 
 
+def one_period(p: Protection, now: float, shares: list[float]) -> float:
+    """Interactive completes at each of `shares` of its objective while batch is held back at
+    its cap. Returns the batch cap one period later."""
+    p.arrived("llm", INTERACTIVE, 3, None, now)
+    cap = caps(p, now) or 0
+    p.arrived("llm", BATCH, cap, cap, now)
+    for share in shares:
+        p.completed("llm", INTERACTIVE, share * INTERACTIVE.latency_objective_ms / 1000, now)
+    later = now + 1.01 * PERIOD_S  # one period on, whatever the sums of floats round to
+    p.arrived("llm", INTERACTIVE, 3, None, later)
+    return caps(p, later) or 0
+
+
+def grown() -> tuple[Protection, float, int]:
+    """A cap grown for eight periods, its last period closed: (protection, now, cap)."""
+    p = Protection()
+    now = 0.0
+    for _ in range(8):
+        now = period(p, now, 0.1)
+    now += 0.01 * PERIOD_S
+    return p, now, caps(p, now) or 0
+
+
+def test_the_95th_percentile_of_twenty_is_the_nineteenth_not_the_largest() -> None:
+    """One share of 20 over the target is the 5% the preset allows: the cap grows. The largest
+    of 20 would step on a 98th percentile and sit lower than the preset says."""
+    fine = [0.5] * (MIN_SAMPLES - 1)
+    assert one_period(Protection(), 0.0, [*fine, 0.95]) == 5  # from its floor 4
+    assert one_period(Protection(), 0.0, [*fine[:-1], 0.95, 0.95]) == 4  # two: cut (floor)
+    p, now, high = grown()
+    assert one_period(p, now, [*fine[:-1], 0.95, 0.95]) <= high * DECREASE
+
+
+def test_a_period_whose_outcome_is_known_ends_without_waiting_for_more() -> None:
+    """Two of three over the target after one objective: no twenty shares could put the 95th
+    percentile back under it, so the cap comes down now."""
+    p, now, high = grown()
+    assert high > 8
+    assert one_period(p, now, [0.5, 0.95, 0.95]) <= high * DECREASE
+    # One of three over: not known yet, the period waits for more.
+    q, now, high = grown()
+    assert one_period(q, now, [0.5, 0.5, 0.95]) == high
+
+
 def test_a_better_class_near_its_objective_cuts_the_cap_down_to_the_floor() -> None:
     p = Protection()
     now = period(p, 0.0, 0.1)

@@ -14,7 +14,10 @@ cap that the sidecar finds from what it observes, per model:
    duration of the request, hold included, from the access log), as a share of their class's
    `latency_objective_ms`. A period lasts at least the shortest objective among them (about
    how long an admission takes to show in their latencies) and until MIN_SAMPLES of them have
-   completed (or MAX_PERIODS objectives have passed); it ends with one step on the QUANTILE of
+   completed (or MAX_PERIODS objectives have passed, or sooner once more of them are over the
+   target than MIN_SAMPLES could hold under it: the outcome is known, and waiting for the rest
+   only leaves the cap too high for longer); it ends with one step on the QUANTILE (nearest
+   rank: of 20 shares the 19th, not the largest, which would track a 98th percentile) of
    their shares, taken per better class (the worst of them decides: a class far inside its
    objective must not dilute one near it; batch watching interactive and standard once grew
    its cap to 13 while standard's, watching interactive alone, fell to 3):
@@ -48,6 +51,7 @@ workload. The core is pure: the caller passes the clock.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -101,7 +105,11 @@ class _Lane:
         elapsed = now_s - self.period_start_s
         if elapsed < self.period_s:
             return
-        if self.samples < MIN_SAMPLES and elapsed < MAX_PERIODS * self.period_s:
+        if (
+            self.samples < MIN_SAMPLES
+            and elapsed < MAX_PERIODS * self.period_s
+            and not self._known_late()
+        ):
             return
         if any(_quantile(shares) > self.target for shares in self.shares.values()):
             self.cap = max(float(self.floor), self.cap * DECREASE)
@@ -110,14 +118,24 @@ class _Lane:
         self.shares, self.samples, self.limited = {}, 0, False
         self.period_start_s = now_s
 
+    def _known_late(self) -> bool:
+        """Does some better class have more shares over the target than MIN_SAMPLES of them
+        could hold with their QUANTILE still under it?"""
+        allowed = MIN_SAMPLES - math.ceil(QUANTILE * MIN_SAMPLES)
+        return any(
+            sum(share > self.target for share in shares) > allowed
+            for shares in self.shares.values()
+        )
+
     def took(self, rank: int, share: float) -> None:
         self.shares.setdefault(rank, []).append(share)
         self.samples += 1
 
 
 def _quantile(shares: list[float]) -> float:
+    """The nearest-rank QUANTILE: the smallest share that QUANTILE of them are at or under."""
     ordered = sorted(shares)
-    return ordered[min(len(ordered) - 1, int(QUANTILE * len(ordered)))]
+    return ordered[max(0, math.ceil(QUANTILE * len(ordered)) - 1)]
 
 
 @dataclass(slots=True)
