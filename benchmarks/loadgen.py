@@ -4,7 +4,12 @@ The whole schedule is built before the run (URL, headers and body of every reque
 each request is fired at its time as its own task; the generator never waits for responses
 before sending the next one. For every request it records tenant, class, scheduled and
 actual send time, status, time to first byte (response headers; equal to the latency when the
-response is not streamed), completion time, ``Retry-After`` and ``x-qos-reason``.
+response is not streamed), completion time, ``Retry-After`` and ``x-qos-reason``. A request of
+a streamed class (``GenOptions.stream_classes``, on a model that streams: ``llm_ifb``) goes to
+``generate_stream`` and reads the server-sent events as they come: its time to first byte is
+then its time to first token (the first event), and it also records its time per output token,
+``(latency - ttft) / (tokens - 1)`` over the tokens its events carried (as vLLM's benchmark
+defines it).
 
 A request that gets no answer within its class's deadline times ``patience`` is abandoned
 (status 0, error ``timeout``): it has missed its deadline anyway, and waiting longer would
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 import tempfile
 import time
@@ -45,6 +51,8 @@ class GenOptions:
     # Retry-After lands inside the request's deadline is sent again then (the same request:
     # its latency counts from the first send).
     retry_after_classes: tuple[str, ...] = ()
+    # Classes whose requests are streamed (generate_stream), where the model can stream.
+    stream_classes: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -54,13 +62,14 @@ class Record:
     scheduled: float  # s from the start of the run
     sent: float  # s from the start of the run, when the request was handed to aiohttp
     status: int  # HTTP status; 0 when no answer came (timeout, connection error)
-    ttfb: float | None  # s from sent to the response headers
+    ttfb: float | None  # s from sent to the response headers (streamed: to the first event)
     latency: float | None  # s from sent to the end of the response body
     retry_after: float | None
     reason: str
     error: str
     prompt_tokens: int = 0
     output_tokens: int = 0
+    tpot: float | None = None  # streamed: s per output token after the first
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,7 @@ class Prepared:
     path: str
     headers: Mapping[str, str]
     body: bytes
+    stream: bool = False
 
 
 def prepare(
@@ -87,9 +97,34 @@ def prepare(
             headers["x-api-key"] = keys[r.tenant]
             headers["x-qos-class"] = r.klass
         priority = classes[r.klass].priority if options.priority_in_body else None
-        body = model.body(r.prompt_tokens, r.output_tokens, priority)
-        out.append(Prepared(r, f"/v2/models/{name}/{model.endpoint}", headers, body))
+        stream = model.streams and r.klass in options.stream_classes
+        body = model.body(r.prompt_tokens, r.output_tokens, priority, stream=stream)
+        endpoint = "generate_stream" if stream else model.endpoint
+        out.append(Prepared(r, f"/v2/models/{name}/{endpoint}", headers, body, stream))
     return out
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, rec: Record, sent: float) -> None:
+    """Read a generate_stream response's events: the first sets the record's time to first
+    token, their ``OUT_TOKENS`` its time per output token."""
+    loop = asyncio.get_running_loop()
+    tokens = 0
+    async for line in resp.content:
+        if not line.startswith(b"data:"):
+            continue
+        if tokens == 0:
+            rec.ttfb = loop.time() - sent
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("OUT_TOKENS"), int):
+            tokens += event["OUT_TOKENS"]
+        elif isinstance(event, dict) and "error" in event:
+            rec.error = "stream_error"
+    rec.latency = loop.time() - sent
+    if tokens > 1 and rec.ttfb is not None:
+        rec.tpot = (rec.latency - rec.ttfb) / (tokens - 1)
 
 
 @dataclass
@@ -158,8 +193,12 @@ async def _drive(
                         p.path, data=p.body, headers=p.headers, timeout=timeout
                     ) as resp:
                         rec.ttfb = loop.time() - sent
-                        await resp.read()
-                        rec.latency = loop.time() - sent
+                        if p.stream and resp.status == 200:
+                            rec.ttfb = None
+                            await _read_stream(resp, rec, sent)
+                        else:
+                            await resp.read()
+                            rec.latency = loop.time() - sent
                         rec.status = resp.status
                         rec.retry_after = _retry_after(resp.headers.get("retry-after"))
                         rec.reason = resp.headers.get("x-qos-reason", "")

@@ -48,11 +48,21 @@ class ModelKind:
         """The path suffix the model is called on: a decoupled model cannot serve /infer."""
         return "generate" if self.name == "llm_ifb" else "infer"
 
-    def body(self, prompt: int, output: int, priority: int | None) -> bytes:
+    @property
+    def streams(self) -> bool:
+        """Can it send a request's tokens as they are generated (generate_stream)?"""
+        return self.name == "llm_ifb"
+
+    def body(
+        self, prompt: int, output: int, priority: int | None, *, stream: bool = False
+    ) -> bytes:
         if self.name == "llm_ifb":  # the generate extension: inputs by name, parameters beside
             doc: dict[str, object] = {"PROMPT_TOKENS": prompt, "OUTPUT_TOKENS": output}
-            if priority is not None:
-                doc["parameters"] = {"priority": priority}
+            parameters: dict[str, object] = {} if priority is None else {"priority": priority}
+            if stream:
+                parameters["stream_tokens"] = True
+            if parameters:
+                doc["parameters"] = parameters
             return json.dumps(doc, separators=(",", ":")).encode()
         if self.name == "llm":
             inputs = [
@@ -194,3 +204,11 @@ def make_model_repo(
 
 def silo_name(model: str, klass: str) -> str:
     return f"{model}_{klass}"
+
+
+def stream_classes(spec: str, model: ModelKind) -> tuple[str, ...]:
+    """The classes ``--stream`` names (comma-separated; "none": none), where ``model`` streams:
+    on one that does not, nothing is streamed."""
+    if not model.streams or spec.strip().lower() in ("", "none"):
+        return ()
+    return tuple(name.strip() for name in spec.split(",") if name.strip())

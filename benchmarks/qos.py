@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks import demand_probe, qos_targets, report, usage_check
 from benchmarks.loadgen import Record, RunResult
-from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo
+from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo, stream_classes
 from benchmarks.policy import DEFAULT, MAX_IN_FLIGHT, tenant_quotas, write_policy
 from benchmarks.runner import (
     SYSTEMS,
@@ -260,6 +260,7 @@ def write_records(path: Path, rows: list[tuple[str, str, Record]]) -> None:
                 "error",
                 "prompt_tokens",
                 "output_tokens",
+                "tpot_s",
             ]
         )
         for system, run, r in rows:
@@ -279,6 +280,7 @@ def write_records(path: Path, rows: list[tuple[str, str, Record]]) -> None:
                     r.error,
                     r.prompt_tokens,
                     r.output_tokens,
+                    "" if r.tpot is None else f"{r.tpot:.5f}",
                 ]
             )
 
@@ -319,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         help="tenant quotas sum to this many times C (generated policy only)",
     )
     parser.add_argument("--mix", default="1,1,1", help="interactive,standard,batch weights")
+    parser.add_argument(
+        "--stream",
+        default="interactive",
+        help="classes whose requests are streamed (generate_stream: time to first token and"
+        " time per output token reported), on a model that streams (llm_ifb); 'none' for none",
+    )
     parser.add_argument(
         "--overload-scale",
         type=float,
@@ -416,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     model = MODELS[args.model]
+    streamed = stream_classes(args.stream, model)
+    if not set(streamed) <= set(CLASS_NAMES):
+        parser.error(f"--stream {args.stream}: classes are {', '.join(CLASS_NAMES)}")
     trace = load_trace(args.trace) if args.trace else None
     weights = [float(x) for x in args.mix.split(",")]
     config = WorkloadConfig(
@@ -451,7 +462,14 @@ def main(argv: list[str] | None = None) -> int:
             TritonProcess(repo, tmp / "work") as triton,
             ValkeyProcess(tmp / "work") if need_valkey else _null() as valkey,
         ):
-            backend = Backend(tmp / "work", triton, valkey, model, tenants=config.tenants)
+            backend = Backend(
+                tmp / "work",
+                triton,
+                valkey,
+                model,
+                tenants=config.tenants,
+                stream_classes=streamed,
+            )
             log(f"Triton ready ({triton.http_url}); Valkey: {valkey.url if valkey else 'none'}")
 
             # -- capacity ------------------------------------------------------------------
@@ -648,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": stamp,
         "wall_s": round(wall, 1),
         "model": model.name,
+        "streamed_classes": list(streamed),
         "model_speed": round(speed, 4),
         "model_instances": args.instances,
         "target_saturated_throughput_rps": args.target_throughput,
@@ -683,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_records(out / "records.csv.gz", all_rows)
     table = report.markdown_table(results)
+    if streamed_md := report.streamed_table(results):
+        table += "\n\nStreamed (time to first token, time per output token):\n\n" + streamed_md
     report.plot(results, cdf_2x, out)
     qos_targets.plot_frontier(results, out)
     targets = qos_targets.target_lines(results)

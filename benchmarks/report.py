@@ -101,7 +101,14 @@ def class_stats(
         **_feasibility(records, deadline_s, lone_s),
         "latency_ms": _quantiles([r.latency for r in ok if r.latency is not None]),
         "ttft_ms": _quantiles([r.ttfb for r in ok if r.ttfb is not None]),
+        **_per_token(ok),
     }
+
+
+def _per_token(ok: Sequence[Record]) -> dict[str, Any]:
+    """Time per output token of a streamed class's answered requests (none: not streamed)."""
+    tpot = [r.tpot for r in ok if r.tpot is not None]
+    return {"tpot_ms": _quantiles(tpot)} if tpot else {}
 
 
 def _feasibility(
@@ -356,6 +363,32 @@ def markdown_table(results: Mapping[str, Any]) -> str:
             f"| {name} | {gtxt} | {_fmt(iv2)} | {_fmt(iv3)} | {_fmt(sm2, '.2f')} "
             f"| {_fmt(sm3, '.2f')} | {other} | {shed} | {rec} |"
         )
+    return "\n".join(lines)
+
+
+def streamed_table(results: Mapping[str, Any]) -> str:
+    """Time to first token and per output token of each streamed class (empty: none)."""
+    streamed = results["meta"].get("streamed_classes") or []
+    loads = results["meta"]["loads"]
+    if not streamed:
+        return ""
+    lines = [
+        "| system | class | "
+        + " | ".join(f"{m:g}x: TTFT p50/p99, TPOT p50/p99 ms" for m in loads)
+        + " |",
+        "|---|---|" + "---|" * len(loads),
+    ]
+    for name, s in results["systems"].items():
+        for klass in streamed:
+            cells = []
+            for m in loads:
+                c = (_at(s, m) or {}).get("classes", {}).get(klass, {})
+                ttft, tpot = c.get("ttft_ms") or {}, c.get("tpot_ms") or {}
+                cells.append(
+                    f"{_fmt(ttft.get('p50'))}/{_fmt(ttft.get('p99'))}, "
+                    f"{_fmt(tpot.get('p50'), '.2f')}/{_fmt(tpot.get('p99'), '.2f')}"
+                )
+            lines.append(f"| {name} | {klass} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,7 @@ class Backend:
     quotas: Mapping[str, Quota] = field(default_factory=dict)
     tenants: Sequence[TenantSpec] = ()
     sidecar_admin_url: str | None = None  # the running system's sidecar, if it has one
+    stream_classes: tuple[str, ...] = ()  # streamed by every system, where the model streams
 
 
 def local_ratelimit_descriptors(
@@ -315,6 +316,7 @@ def run_point(
     classes: Mapping[str, ClassSpec],
     patience: float,
 ) -> RunResult:
-    prepared = loadgen.prepare(schedule, backend.model, backend.tenants, classes, spec.gen)
+    gen = replace(spec.gen, stream_classes=backend.stream_classes)
+    prepared = loadgen.prepare(schedule, backend.model, backend.tenants, classes, gen)
     timeouts = {name: c.deadline_s * patience for name, c in classes.items()}
     return loadgen.run(url, prepared, timeouts, retry_classes=spec.gen.retry_after_classes)

@@ -7,11 +7,13 @@ failed does not pass, and the sidecar rows differ from pass-through where they m
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -24,24 +26,34 @@ SYSTEMS = ("passthrough", "sidecar-http")
 LOADS = (0.5, 2.0)
 
 
-def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
-    require_binaries("envoy", "triton", "valkey")
-    pytest.importorskip("matplotlib")
+def run_quick(
+    tmp_path: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], Path, dict[str, Any]]:
+    """`benchmarks.qos --quick` on 3 s points at C = 20 with `args`: the finished process,
+    its results folder and its results.json."""
     done = subprocess.run(
         [
-            sys.executable, "-m", "benchmarks.qos", "--quick",
-            "--systems", ",".join(SYSTEMS),
-            "--loads", ",".join(str(m) for m in LOADS),
-            "--duration", "3", "--warmup", "0.5", "--seeds", "2",
-            "--capacity", "20",
-            "--step-systems", "sidecar-http", "--step", "1,2,2",
-            "--out", str(tmp_path),
+            sys.executable, "-m", "benchmarks.qos", "--quick", "--duration", "3",
+            "--warmup", "0.5", "--capacity", "20", "--out", str(tmp_path), *args,
         ],
         capture_output=True, text=True, timeout=150, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out,) = list(tmp_path.iterdir())
-    results = json.loads((out / "results.json").read_text())
+    results: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return done, out, results
+
+
+def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
+    require_binaries("envoy", "triton", "valkey")
+    pytest.importorskip("matplotlib")
+    done, out, results = run_quick(
+        tmp_path,
+        "--systems", ",".join(SYSTEMS),
+        "--loads", ",".join(str(m) for m in LOADS),
+        "--seeds", "2",
+        "--step-systems", "sidecar-http", "--step", "1,2,2",
+    )  # fmt: skip
     meta = results["meta"]
     assert meta["capacity_rps"] == 20
     assert set(results["systems"]) == set(SYSTEMS)
@@ -123,3 +135,31 @@ def check_sidecar_counts(name: str, point: dict[str, object]) -> None:
     admitted = sum(v for k, v in decisions.items() if k.startswith("admitted"))
     assert admitted > 0, (name, decisions)
     assert overall["deferred_rps"] >= 0 and overall["relegated_rps"] >= 0
+
+
+def test_a_streamed_class_on_the_in_flight_batcher_reports_ttft_and_tpot(tmp_path: Path) -> None:
+    """Issue 12 §3: on `llm_ifb` interactive is streamed (generate_stream, through the
+    sidecar's ext_proc, which counts the tokens as they pass), and the report gives its time to
+    first token, before its last, and its time per output token; other classes are not."""
+    require_binaries("envoy", "triton", "valkey")
+    pytest.importorskip("matplotlib")
+    _, out, results = run_quick(
+        tmp_path,
+        "--model", "llm_ifb", "--systems", "passthrough,sidecar-extproc",
+        "--loads", "0.5", "--seeds", "1", "--step-systems", "none",
+    )  # fmt: skip
+    assert results["meta"]["streamed_classes"] == ["interactive"]
+    for name, system in results["systems"].items():
+        (point,) = system["points"]
+        interactive = point["classes"]["interactive"]
+        assert interactive["slo_met"] > 0, (name, interactive)
+        ttft, latency = interactive["ttft_ms"], interactive["latency_ms"]
+        assert 0 < ttft["p50"] < latency["p50"], (name, interactive)
+        assert 0 < interactive["tpot_ms"]["p50"] < ttft["p99"], (name, interactive)
+        assert "tpot_ms" not in point["classes"]["standard"], name
+    assert "TTFT p50/p99, TPOT p50/p99 ms" in (out / "report.md").read_text()
+    with gzip.open(out / "records.csv.gz", "rt") as handle:
+        rows = list(csv.DictReader(handle))
+    streamed = [r for r in rows if r["class"] == "interactive" and r["status"] == "200"]
+    assert streamed and all(r["tpot_s"] for r in streamed)
+    assert not any(r["tpot_s"] for r in rows if r["class"] != "interactive")

@@ -408,15 +408,17 @@ def test_batch_runs_until_its_longest_generated_sequence(triton: TritonProcess) 
 # -- llm_stream ------------------------------------------------------------------------------------
 
 
-def generate_stream(port: int, body: dict[str, Any]) -> tuple[int, list[tuple[float, Any]]]:
-    """POST to generate_stream; return the status and every SSE event with its arrival time
-    (seconds after the request was sent)."""
+def generate_stream(
+    port: int, body: dict[str, Any], model: str = "llm_stream"
+) -> tuple[int, list[tuple[float, Any]]]:
+    """POST to the model's generate_stream; return the status and every SSE event with its
+    arrival time (seconds after the request was sent)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         sent_at = time.monotonic()
         conn.request(
             "POST",
-            "/v2/models/llm_stream/generate_stream",
+            f"/v2/models/{model}/generate_stream",
             json.dumps(body),
             {"content-type": "application/json"},
         )
@@ -624,3 +626,26 @@ def test_ifb_waiting_requests_join_best_priority_first(triton: TritonProcess) ->
     assert all(r.status == 200 for r in results)
     # Queued last, it took the first slot that freed: done before every priority-3 request.
     assert high.result().done_at < min(r.result().done_at for r in low)
+
+
+def test_ifb_streams_the_tokens_of_every_iteration_when_asked(triton: TritonProcess) -> None:
+    """`stream_tokens`: one response per iteration with what it generated, the last FINAL,
+    so a client sees its first tokens long before its last (time to first token and time per
+    output token are real); `eos_after_tokens` still ends the sequence early."""
+    per = int(model_parameters("llm_ifb")["iteration_tokens"])
+    body = {"PROMPT_TOKENS": 10, "OUTPUT_TOKENS": 5 * per + 3}
+    status, events = generate_stream(
+        triton.http_port, {**body, "parameters": {"stream_tokens": True}}, "llm_ifb"
+    )
+    assert status == 200, events
+    assert [e["OUT_TOKENS"] for _, e in events] == [per] * 5 + [3]
+    assert events[0][0] < events[-1][0]
+    status, events = generate_stream(
+        triton.http_port,
+        {**body, "parameters": {"stream_tokens": True, "eos_after_tokens": per + 1}},
+        "llm_ifb",
+    )
+    assert status == 200 and [e["OUT_TOKENS"] for _, e in events] == [per, 1], events
+    # Without it, one answer with every token, as on /generate.
+    status, events = generate_stream(triton.http_port, body, "llm_ifb")
+    assert status == 200 and [e["OUT_TOKENS"] for _, e in events] == [5 * per + 3], events

@@ -18,6 +18,11 @@ batch at the next iteration, and a finished one leaves it at once. This model do
   model of ``llm``, spent per iteration. A sequence done within an iteration is answered at its
   end (one response, FINAL), with ``OUT_TOKENS`` (tokens generated) and ``BATCH_MS`` (ms from
   its joining the batch to its answer).
+- A request with ``"parameters": {"stream_tokens": true}``, sent to ``/generate_stream``, is
+  answered after every iteration instead: one response with the tokens that iteration
+  generated for it (``OUT_TOKENS``; a request's responses sum to its tokens generated), the
+  last one FINAL, so time to first token and time per output token are real. Only
+  ``/generate_stream`` takes more than one response.
 - Its waiting and running sequences are exported the way TensorRT-LLM's backend exports them,
   ``nv_trt_llm_request_metrics{model, version, request_type="waiting"|"active"|"max"}``, the
   queue the sidecar reads for a backend that batches in flight (sidecar/core/load.py).
@@ -68,8 +73,7 @@ def _eos_after_tokens(request: Any) -> int | None:
     passes every key of a ``generate`` or ``generate_stream`` body's ``"parameters"``
     (``priority`` included).
     """
-    read = getattr(request, "parameters", None)
-    parameters = json.loads(read() or "{}") if read is not None else {}
+    parameters = _parameters(request)
     if EOS_PARAMETER not in parameters:
         return None
     value = parameters[EOS_PARAMETER]
@@ -106,9 +110,14 @@ def _read(request: Any) -> tuple[np.ndarray, np.ndarray] | str:
     return np.clip(prompt, 0, MAX_PROMPT_TOKENS), generated
 
 
-def _priority(request: Any, default: int) -> int:
+def _parameters(request: Any) -> dict[str, Any]:
     read = getattr(request, "parameters", None)
-    value = json.loads(read() or "{}").get("priority") if read is not None else None
+    parameters = json.loads(read() or "{}") if read is not None else {}
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def _priority(request: Any, default: int) -> int:
+    value = _parameters(request).get("priority")
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return default
@@ -124,17 +133,30 @@ class _Sequence:
         self.target = target
         self.generated = 0
         self.joined = 0.0
+        self.stream = _parameters(request).get("stream_tokens") is True
 
-    def answer(self, now: float) -> None:
+    def step(self, steps: int, now: float) -> bool:
+        """`steps` more decode steps: answer what they generated as the request asks. Returns
+        whether it is done."""
+        before = self.generated
+        self.generated = min(self.target, before + steps)
+        done = self.generated >= self.target
+        if self.stream:
+            self._send(self.generated - before, now, FINAL if done else 0)
+        elif done:
+            self._send(self.target, now, FINAL)
+        return done
+
+    def _send(self, tokens: int, now: float, flags: int) -> None:
         response = pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor("OUT_TOKENS", np.array([[self.target]], dtype=np.int32)),
+                pb_utils.Tensor("OUT_TOKENS", np.array([[tokens]], dtype=np.int32)),
                 pb_utils.Tensor(
                     "BATCH_MS", np.array([[(now - self.joined) * 1000.0]], dtype=np.float32)
                 ),
             ]
         )
-        self.sender.send(response, flags=FINAL)
+        self.sender.send(response, flags=flags)
 
 
 class TritonPythonModel:
@@ -218,14 +240,7 @@ class TritonPythonModel:
             if delay > 0:
                 time.sleep(delay)
             now = time.monotonic()
-            still = []
-            for sequence in active:
-                sequence.generated += steps
-                if sequence.generated >= sequence.target:
-                    sequence.answer(now)
-                else:
-                    still.append(sequence)
-            active = still
+            active = [sequence for sequence in active if not sequence.step(steps, now)]
 
     def _report(self, waiting: int, active: int) -> None:
         """The gauges, at most every REPORT_S: each set is a round trip through the stub, and
