@@ -9,7 +9,8 @@ a streamed class (``GenOptions.stream_classes``, on a model that streams: ``llm_
 ``generate_stream`` and reads the server-sent events as they come: its time to first byte is
 then its time to first token (the first event), and it also records its time per output token,
 ``(latency - ttft) / (tokens - 1)`` over the tokens its events carried (as vLLM's benchmark
-defines it).
+defines it). A stream that ends in an error event keeps its status and gets the error
+``stream_error``: it failed, whenever it ended.
 
 A request that gets no answer within its class's deadline times ``patience`` is abandoned
 (status 0, error ``timeout``): it has missed its deadline anyway, and waiting longer would

@@ -49,7 +49,8 @@ def is_admitted(r: Record) -> bool:
 
 
 def met(r: Record, deadline_s: float) -> bool:
-    return is_admitted(r) and r.latency is not None and r.latency <= deadline_s
+    """Answered in time, and whole: a stream that ended in an error event failed."""
+    return is_admitted(r) and not r.error and r.latency is not None and r.latency <= deadline_s
 
 
 def _pct(part: float, whole: float) -> float:
