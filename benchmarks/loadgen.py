@@ -193,11 +193,10 @@ async def _drive(
                     async with session.post(
                         p.path, data=p.body, headers=p.headers, timeout=timeout
                     ) as resp:
-                        rec.ttfb = loop.time() - sent
                         if p.stream and resp.status == 200:
-                            rec.ttfb = None
                             await _read_stream(resp, rec, sent)
                         else:
+                            rec.ttfb = loop.time() - sent
                             await resp.read()
                             rec.latency = loop.time() - sent
                         rec.status = resp.status

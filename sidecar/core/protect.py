@@ -67,6 +67,8 @@ INCREASE = 0.1
 PRESENCE_GAPS = 4.0
 GAP_WEIGHT = 0.2  # of the newest gap in the moving mean of arrival gaps
 MAX_KEPT = 4096  # models (and (model, class) arrivals) kept; names come from requests
+# Shares over the target that MIN_SAMPLES of them may hold with their QUANTILE under it.
+OVER_ALLOWED = MIN_SAMPLES - math.ceil(QUANTILE * MIN_SAMPLES)
 
 
 @dataclass(slots=True)
@@ -97,6 +99,7 @@ class _Lane:
     target: float
     floor: int
     shares: dict[int, list[float]] = field(default_factory=dict)  # better rank -> shares
+    over: dict[int, int] = field(default_factory=dict)  # better rank -> shares over the target
     samples: int = 0
     limited: bool = False
 
@@ -108,27 +111,20 @@ class _Lane:
         if (
             self.samples < MIN_SAMPLES
             and elapsed < MAX_PERIODS * self.period_s
-            and not self._known_late()
+            and max(self.over.values(), default=0) <= OVER_ALLOWED  # outcome not known yet
         ):
             return
         if any(_quantile(shares) > self.target for shares in self.shares.values()):
             self.cap = max(float(self.floor), self.cap * DECREASE)
         elif self.limited and self.samples:  # no evidence, no growth
             self.cap += max(1.0, self.cap * INCREASE)
-        self.shares, self.samples, self.limited = {}, 0, False
+        self.shares, self.over, self.samples, self.limited = {}, {}, 0, False
         self.period_start_s = now_s
-
-    def _known_late(self) -> bool:
-        """Does some better class have more shares over the target than MIN_SAMPLES of them
-        could hold with their QUANTILE still under it?"""
-        allowed = MIN_SAMPLES - math.ceil(QUANTILE * MIN_SAMPLES)
-        return any(
-            sum(share > self.target for share in shares) > allowed
-            for shares in self.shares.values()
-        )
 
     def took(self, rank: int, share: float) -> None:
         self.shares.setdefault(rank, []).append(share)
+        if share > self.target:
+            self.over[rank] = self.over.get(rank, 0) + 1
         self.samples += 1
 
 
