@@ -1,7 +1,10 @@
 """The autoscaling signal during the QoS benchmark's step run (issue 13 section 4).
 
 `DemandSampler` polls the sidecar's admin /metrics in a thread while the step load runs, keeping
-(monotonic time, qos_model_demand_ratio, demand rate, drain rate) for the model. `step_signal`
+(monotonic time, qos_model_demand_ratio, demand rate, drain rate) for the model, and each
+protected class's adaptive cap as it stood (`qos_adaptive_cap`, None while it does not bind)
+with the model's requests held and in flight: what explains how fast lower classes come back
+after the step. `step_signal`
 turns the samples into what the report states: how long after the 1x -> 3x step the ratio rose
 above a threshold (and stayed there until the step back), and how long after the 3x -> 1x step
 it fell below it (and stayed there until the run ended); None when it never did. Pure, so it
@@ -22,20 +25,37 @@ from prometheus_client.parser import text_string_to_metric_families
 THRESHOLDS = (1.0, 1.1)  # 1: demand over drain; 1.1: the KEDA example's threshold
 Sample = tuple[float, float, float, float]  # (t, ratio, demand per s, drain per s)
 NAMES = ("qos_model_demand_ratio", "qos_model_demand_rate", "qos_model_drain_rate")
+CAP, BINDING = "qos_adaptive_cap", "qos_adaptive_cap_binding"
+COUNTS = {"qos_model_held_requests": "held", "qos_model_in_flight_requests": "in_flight"}
+# "cap:<class>" -> its adaptive cap (None while it does not bind), "held", "in_flight"
+Caps = dict[str, int | None]
 
 
-def read_signal(admin_url: str, model: str) -> tuple[float, float, float] | None:
-    """The model's (ratio, demand, drain) on the sidecar now; None when it has no series."""
+def read_signal(admin_url: str, model: str) -> tuple[tuple[float, float, float] | None, Caps]:
+    """The model's (ratio, demand, drain) on the sidecar now (None when it has no series), and
+    its protected classes' caps with its requests held and in flight (`Caps`)."""
     with urllib.request.urlopen(admin_url + "/metrics", timeout=5) as response:
         text = response.read().decode()
     found: dict[str, float] = {}
+    learnt: dict[str, float] = {}
+    binding: dict[str, float] = {}
+    caps: Caps = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in NAMES and sample.labels.get("model") == model:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name in NAMES:
                 found[sample.name] = sample.value
+            elif sample.name in COUNTS:
+                caps[COUNTS[sample.name]] = int(sample.value)
+            elif sample.name in (CAP, BINDING):
+                into = learnt if sample.name == CAP else binding
+                into[sample.labels.get("class", "")] = sample.value
+    for klass, cap in sorted(learnt.items()):
+        caps[f"cap:{klass}"] = int(cap) if binding.get(klass) else None
     if len(found) < len(NAMES):
-        return None
-    return (found[NAMES[0]], found[NAMES[1]], found[NAMES[2]])
+        return None, caps
+    return (found[NAMES[0]], found[NAMES[1]], found[NAMES[2]]), caps
 
 
 class DemandSampler:
@@ -44,6 +64,7 @@ class DemandSampler:
     def __init__(self, admin_url: str, model: str, interval_s: float = 0.5) -> None:
         self.admin_url, self.model, self.interval_s = admin_url, model, interval_s
         self.samples: list[Sample] = []
+        self.caps: list[tuple[float, Caps]] = []
         self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -60,12 +81,14 @@ class DemandSampler:
         while not self._stop.is_set():
             now = time.monotonic()
             try:
-                signal = read_signal(self.admin_url, self.model)
+                signal, caps = read_signal(self.admin_url, self.model)
             except OSError:
                 self.errors += 1
-                signal = None
+                signal, caps = None, {}
             if signal is not None:
                 self.samples.append((now, *signal))
+            if caps:
+                self.caps.append((now, caps))
             self._stop.wait(self.interval_s)
 
 
@@ -139,6 +162,33 @@ def describe(signal: dict[str, Any], phases: Sequence[tuple[float, float]]) -> s
     return "; ".join(lines) + " " + shape
 
 
+def caps_text(series: Sequence[tuple[float, Caps]], phases: Sequence[tuple[float, float]]) -> str:
+    """The sampled caps and counts (`Caps`, at seconds since the run started) in words: each
+    one's median before the step, in the 3x phase, in the first 10 s after it and later
+    (a cap that did not bind is left out of its median); '' without samples."""
+    up = phases[0][0]
+    down = up + phases[1][0]
+    spans = {
+        "before the step": (up / 2, up),
+        "in the 3x phase": (up, down),
+        "0-10 s after it": (down, down + 10.0),
+        "later": (down + 10.0, down + phases[2][0]),
+    }
+    names = sorted({name for _, caps in series for name in caps})
+    parts = []
+    for span, (start, end) in spans.items():
+        medians = []
+        for name in names:
+            seen = sorted(
+                v for t, caps in series if start <= t < end and (v := caps.get(name)) is not None
+            )
+            if seen:
+                medians.append(f"{name.removeprefix('cap:')} {seen[len(seen) // 2]}")
+        if medians:
+            parts.append(f"{span}: " + ", ".join(medians))
+    return "; ".join(parts)
+
+
 def sampling(admin_url: str | None, model: str) -> AbstractContextManager[DemandSampler | None]:
     """A sampler of the system's sidecar, or nothing for a system without one."""
     return DemandSampler(admin_url, model) if admin_url is not None else nullcontext(None)
@@ -146,13 +196,19 @@ def sampling(admin_url: str | None, model: str) -> AbstractContextManager[Demand
 
 def report_md(results: dict[str, Any]) -> str:
     """The report's section: each system's signal in its step run (empty without any)."""
-    lines = [
-        f"- `{name}`: {system['step']['demand_signal_text']}"
+    steps = [
+        (name, system["step"])
         for name, system in results["systems"].items()
         if "demand_signal_text" in system.get("step", {})
     ]
-    if not lines:
+    if not steps:
         return ""
+    lines = [f"- `{name}`: {step['demand_signal_text']}" for name, step in steps]
+    caps = [
+        f"- `{name}`: {text}"
+        for name, step in steps
+        if step.get("caps") and (text := caps_text(step["caps"], step["phases"]))
+    ]
     return (
         "\n## Autoscaling signal in the step run\n\n"
         "The sidecar's `qos_model_demand_ratio` for the model (demand: admitted, held or shed "
@@ -160,4 +216,12 @@ def report_md(results: dict[str, Any]) -> str:
         "every 0.5 s; a crossing counts from when the ratio stayed on its new side.\n\n"
         + "\n".join(lines)
         + "\n"
+        + (
+            "\nSampled with it: the adaptive caps of the protected classes (while they bind), "
+            "the requests the sidecar held and those in flight for the model, as medians:\n\n"
+            + "\n".join(caps)
+            + "\n"
+            if caps
+            else ""
+        )
     )

@@ -644,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
                             )
                             rec["demand_signal"] = seen
                             rec["demand_signal_text"] = demand_probe.describe(seen, phases)
+                            rec["caps"] = [  # (s since the run started, caps and counts)
+                                (round(t - res.start_monotonic, 2), caps)
+                                for t, caps in sampler.caps
+                            ]
                             log(f"{spec.name:>20} step: {rec['demand_signal_text']}")
                         sys_res["step"] = rec
                         all_rows += [(spec.name, "step", r) for r in res.records]

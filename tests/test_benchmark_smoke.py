@@ -87,6 +87,10 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
     signal = results["systems"]["sidecar-http"]["step"]["demand_signal"]
     assert signal["samples"] > 0 and signal["ratio_peak"] is not None
     assert [c["threshold"] for c in signal["crossings"]] == [1.0, 1.1]
+    # So were the adaptive caps and the model's held and in-flight counts.
+    caps = results["systems"]["sidecar-http"]["step"]["caps"]
+    assert any({"held", "in_flight", "cap:batch"} <= set(c) for _, c in caps)
+    assert "the adaptive caps of the protected classes" in (out / "report.md").read_text()
     # At 2x capacity the sidecar must refuse or hold something; pass-through has no limiter.
     at_2x = {
         n: next(p for p in s["points"] if p["m"] == 2.0) for n, s in results["systems"].items()

@@ -3,7 +3,7 @@ recorded samples."""
 
 from __future__ import annotations
 
-from benchmarks.demand_probe import describe, report_md, step_signal
+from benchmarks.demand_probe import caps_text, describe, report_md, step_signal
 
 PHASES = ((10.0, 1.0), (20.0, 3.0), (10.0, 1.0))  # step up at 10 s, down at 30 s, end at 40 s
 T0 = 500.0
@@ -48,3 +48,26 @@ def test_the_report_section_lists_the_systems_that_have_one() -> None:
     assert "- `sidecar-http`: signal rose above 1 after 2 s" in section
     assert "passthrough" not in section
     assert report_md({"systems": {"passthrough": {}}}) == ""
+
+
+def test_the_caps_are_told_as_medians_per_phase_leaving_out_a_cap_that_did_not_bind() -> None:
+    series = [
+        (2.0, {"cap:batch": None, "held": 0}),  # before half of the 1x phase: not counted
+        (6.0, {"cap:batch": 8, "held": 1}),
+        (8.0, {"cap:batch": None, "held": 3}),  # did not bind: not in the cap's median
+        (9.0, {"cap:batch": 12, "held": 2}),
+        (15.0, {"cap:batch": 1, "held": 90}),
+        (25.0, {"cap:batch": 3, "held": 120}),
+        (29.0, {"cap:batch": 2, "held": 100}),
+        (31.0, {"cap:batch": 4, "held": 20}),
+    ]
+    text = caps_text(series, PHASES)
+    assert text == (
+        "before the step: batch 12, held 2; in the 3x phase: batch 2, held 100;"
+        " 0-10 s after it: batch 4, held 20"
+    )
+    assert caps_text([], PHASES) == ""
+    results = {
+        "systems": {"s": {"step": {"demand_signal_text": "x", "caps": series, "phases": PHASES}}}
+    }
+    assert "- `s`: before the step: batch 12" in report_md(results)
