@@ -1,0 +1,66 @@
+"""The QoS benchmark's arrival times (benchmarks/workload.py): a renewal process (Poisson or
+gamma) holds the point's count exactly and keeps its gaps' burstiness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.workload import Arrival, arrival_times
+
+BURSTY = Arrival("gamma", cv=4.0)
+
+
+@pytest.mark.parametrize("arrival", [Arrival(), BURSTY], ids=["poisson", "gamma-cv4"])
+def test_a_point_holds_its_rate_times_its_duration_in_order_within_the_window(
+    arrival: Arrival,
+) -> None:
+    for seed in range(20):
+        for rate in (11.84, 23.68, 47.36):
+            times, rows = arrival_times(np.random.default_rng(seed), arrival, rate, 11.5)
+            assert rows is None
+            assert len(times) in (int(rate * 11.5), int(rate * 11.5) + 1)
+            assert np.all(np.diff(times) >= 0)
+            assert times[0] >= 0.0 and times[-1] < 11.5
+
+
+def test_a_point_at_twice_the_rate_never_holds_fewer_requests() -> None:
+    """Drawn freely, gamma cv 4 gaps gave a quick point fewer requests than the point at
+    half its rate (issue 12). Each point has its own seed, as in the benchmark."""
+    for seed in range(50):
+        counts = [
+            len(arrival_times(np.random.default_rng(10 * seed + i), BURSTY, m * 23.68, 11.5)[0])
+            for i, m in enumerate((0.5, 1, 2, 3))
+        ]
+        assert counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_the_fractional_part_of_the_count_is_kept_on_average() -> None:
+    counts = [
+        len(arrival_times(np.random.default_rng(s), Arrival(), 2.5, 1.0)[0]) for s in range(400)
+    ]
+    assert set(counts) == {2, 3}
+    assert abs(np.mean(counts) - 2.5) < 0.1
+
+
+@pytest.mark.parametrize(("arrival", "low", "high"), [(Arrival(), 0.9, 1.1), (BURSTY, 3.0, 5.0)])
+def test_the_gaps_keep_their_coefficient_of_variation(
+    arrival: Arrival, low: float, high: float
+) -> None:
+    cvs = []
+    for seed in range(10):
+        gaps = np.diff(arrival_times(np.random.default_rng(seed), arrival, 50.0, 100.0)[0])
+        cvs.append(gaps.std() / gaps.mean())
+    assert low < float(np.median(cvs)) < high
+
+
+def test_bursty_arrivals_come_in_clusters_that_poisson_ones_do_not() -> None:
+    """Counts per 100 ms at 50 req/s: gamma cv 4 leaves many windows empty, Poisson few."""
+
+    def empty_share(arrival: Arrival) -> float:
+        times = arrival_times(np.random.default_rng(3), arrival, 50.0, 100.0)[0]
+        counts = np.bincount((times / 0.1).astype(int), minlength=1000)
+        return float(np.mean(counts == 0))
+
+    assert empty_share(Arrival()) < 0.05  # e^-5 of them
+    assert empty_share(BURSTY) > 0.3
