@@ -23,12 +23,14 @@ import time
 from collections.abc import Callable
 
 from sidecar.core.admission import may_go
+from sidecar.core.experience import CompletionTimings
 from sidecar.core.fleet import NOBODY, Elsewhere, backlogged, merge_summaries
 from sidecar.core.in_flight import InFlightCounts
 from sidecar.core.load import LoadView
 from sidecar.core.protect import Protection, presets_for
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.signals import ModelSignals, Signals, cap_of
+from sidecar.core.upstream import UpstreamTimes
 from sidecar.policy.model import ClassPolicy, Policy, Protect
 
 
@@ -57,6 +59,7 @@ class Deferrer:
         self._released_since_scrape: dict[str, int] = {}
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
         self.protection = Protection()  # adaptive caps (`overload.protect`)
+        self.upstream = UpstreamTimes()  # each class's time in Triton: its hold budget
         self._presets_of: tuple[Policy | None, dict[str, dict[str, Protect]]] = (None, {})
         self._ids = itertools.count(1)
 
@@ -140,6 +143,7 @@ class Deferrer:
             view.completions_per_s(model),
             self.in_flight(model),
             caps,
+            self.upstream.of(model),
         )
 
     def _presets(self, policy: Policy, model: str) -> dict[str, Protect]:
@@ -170,11 +174,14 @@ class Deferrer:
         cap = cap_of(klass, seen.caps)
         self.protection.arrived(model, klass, seen.in_flight, cap, self.clock())
 
-    def completed(self, model: str, klass: str, duration_s: float) -> None:
-        """A request of `klass` ended after `duration_s`, as Envoy measured it (rule 2)."""
+    def completed(self, model: str, klass: str, timings: CompletionTimings) -> None:
+        """A request of `klass` for `model` ended, as Envoy measured it: its whole duration
+        (core/protect.py rule 2) and its time upstream (core/upstream.py)."""
+        if timings.upstream_s is not None:
+            self.upstream.took(model, klass, timings.upstream_s)
         policy = self._policy().classes.get(klass)
-        if policy is not None:
-            self.protection.completed(model, policy, duration_s, self.clock())
+        if policy is not None and timings.duration_s is not None:
+            self.protection.completed(model, policy, timings.duration_s, self.clock())
 
     def elsewhere(self, model: str) -> Elsewhere:
         """Other replicas' waiters for `model`, ordered by the fleet's counters."""

@@ -189,8 +189,12 @@ class AdmissionService(SharedReads, LeasedQuota):
         decision = step.decision if isinstance(step, Answer) else decide(chosen, result)
         return explain(decision, chosen, admission.verdict_for(planned, signals), result)
 
-    async def complete(self, token: str | None, timings: CompletionTimings | None = None) -> bool:
-        """Release the lease `token` names (True if freed); `timings`: Envoy's."""
+    async def complete(
+        self, token: str | None, timings: CompletionTimings | None = None, model: str | None = None
+    ) -> bool:
+        """Release the lease `token` names (True if freed); `timings`: Envoy's; `model`: the
+        request's, as the access log names it (a lease names one only where models are
+        counted), for its class's time upstream."""
         if not token:
             return self.completed_without_lease()
         lease = parse_lease(token)
@@ -199,8 +203,8 @@ class AdmissionService(SharedReads, LeasedQuota):
             return False
         if timings is not None:  # the tenant's experience, and the adaptive caps' latency
             self.metrics.experience.completed(lease.tenant, lease.klass, timings, self.policy)
-            if timings.duration_s is not None and lease.model and self.deferrer is not None:
-                self.deferrer.completed(lease.model, lease.klass, timings.duration_s)
+            if (lease.model or model) and self.deferrer is not None:
+                self.deferrer.completed(lease.model or model or "", lease.klass, timings)
         return await self.release(lease)
 
     def completed_without_lease(self) -> bool:

@@ -396,3 +396,17 @@ def test_a_quiet_tenants_arrival_is_not_judged_behind_a_noisy_tenants_backlog() 
     assert crowded.ahead_of(2) == 10  # who is asking unknown: every waiter of the band
     step = admission.judge(planned(policy_with()), crowded, policy_with())
     assert isinstance(step, TakeQuota) and step.verdict.predicted_wait_s < 0.3
+
+
+def test_a_hold_ends_at_the_budget_its_class_leaves_upstream() -> None:
+    """Held at a quota answer: the hold's deadline is the budget as the load says it now,
+    max_wait (300 ms) cut to the objective less the class's median time upstream."""
+    policy = policy_with()
+    objective_s = policy.classes["standard"].latency_objective_ms / 1000
+    step = take(policy, signals(6))  # 3 ahead at 20/s: 0.15 s, held
+    assert step.holds
+    slow = Signals(ModelSignals(FRESH, 6, 20.0, upstream_s={"standard": objective_s - 0.1}))
+    held = admission.on_quota(step, ALLOWED, NOW, signals=slow)
+    assert isinstance(held, Hold) and held.deadline_s == pytest.approx(NOW + 0.1)
+    plain = admission.on_quota(step, ALLOWED, NOW, signals=signals(6))
+    assert isinstance(plain, Hold) and plain.deadline_s == pytest.approx(NOW + 0.3)

@@ -119,3 +119,18 @@ def test_the_larger_excess_of_queue_and_in_flight_counts() -> None:
     # Queue 10 (3 over admit_below 8), in flight 7 (2 over the cap 6): 3 ahead.
     verdict = judge_load(capped(6), FRESH, 10, 10.0, 0, in_flight=7)
     assert verdict.predicted_wait_s == pytest.approx(0.3)
+
+
+def test_the_hold_budget_is_cut_to_what_the_class_takes_upstream() -> None:
+    """max_wait 500 ms of a 2 s objective: 1.7 s upstream lately leaves 300 ms. A wait of
+    0.4 s fits max_wait but not that: the request is shed at once (it would be let go only to
+    miss), with the cut said in its trace and its budget in the verdict."""
+    slow = {"standard": 1.7}
+    verdict = judge_load(klass(), FRESH, 11, 10.0, 0, upstream_s=slow)  # 4 ahead: 0.4 s
+    assert verdict.action is LoadAction.SHED
+    assert "hold budget 0.300s (standard took 1.700s upstream lately)" in verdict.why
+    assert verdict.budget_s == pytest.approx(0.3)
+    fits = judge_load(klass(), FRESH, 10, 10.0, 0, upstream_s=slow)  # 3 ahead: 0.3 s
+    assert fits.action is LoadAction.DEFER
+    fast = judge_load(klass(), FRESH, 11, 10.0, 0, upstream_s={"standard": 0.2})
+    assert fast.action is LoadAction.DEFER and "<= max_wait 0.5s" in fast.why

@@ -49,7 +49,9 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 def test_timings_are_read_from_the_access_log_entry() -> None:
     served = accesslog_pb2.HTTPAccessLogEntry(
         common_properties=accesslog_pb2.AccessLogCommon(
+            time_to_last_upstream_tx_byte=_duration(0.025),
             time_to_first_upstream_rx_byte=_duration(0.125),
+            time_to_last_upstream_rx_byte=_duration(1.275),
             time_to_last_downstream_tx_byte=_duration(1.5),
             duration=_duration(1.5),
         ),
@@ -57,7 +59,8 @@ def test_timings_are_read_from_the_access_log_entry() -> None:
             response_code=wrappers_pb2.UInt32Value(value=200)
         ),
     )
-    assert timings_of(served) == CompletionTimings(1.5, 0.125, 200)
+    # With Triton from its last byte sent to the last byte back: 1.25 s.
+    assert timings_of(served) == CompletionTimings(1.5, 0.125, 200, 1.25)
     # The client left before any answer: no response code, no first byte, infinite duration.
     left = accesslog_pb2.HTTPAccessLogEntry(
         common_properties=accesslog_pb2.AccessLogCommon(duration=_duration(2.0))

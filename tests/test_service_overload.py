@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, QueueView
 from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView, ModelLoad
 from sidecar.core.types import Decision, Reason, RequestAttributes
+from sidecar.core.upstream import MIN_SEEN
 from sidecar.metrics import Metrics
 from sidecar.policy.model import OverloadPolicy
 from sidecar.service import AdmissionService
@@ -495,3 +497,41 @@ def test_models_are_counted_only_when_a_class_caps_their_requests_in_flight(caps
     counted, pending, names_model = asyncio.run(body())
     assert (counted, names_model) == ((2, True) if caps else (0, False))
     assert pending is None  # nothing waits for a write that will not come
+
+
+def test_a_class_slow_upstream_is_not_held_to_be_let_go_too_late() -> None:
+    """Standard's requests have lately spent 1.95 s of their 2 s objective in Triton (as the
+    access log says): a request that would wait 0.15 s for room is shed at once, not held
+    to be let go with too little time left (core/upstream.py, `hold_budget_s`). Once they
+    are fast again, it is held as before."""
+    backend = Backend(depth=0)
+    service, store = make(backend, max_wait_ms=300)
+    assert service.deferrer is not None
+
+    async def served(upstream_s: float) -> None:
+        for _ in range(MIN_SEEN):
+            backend.depth = 0
+            service.deferrer.on_scrape()  # what was let go is in Triton's count now
+            admitted = await service.check(request(), "test")
+            token = dict(admitted.headers)["x-qos-lease"]
+            timings = CompletionTimings(upstream_s + 0.01, upstream_s, 200, upstream_s)
+            await service.complete(token, timings, "simgpu")  # the access log names the model
+
+    async def body() -> Decision:
+        await served(1.95)
+        backend.depth = 6  # 3 ahead at 20/s: 0.15 s, within max_wait but not what is left
+        service.deferrer.on_scrape()
+        shed = await service.check(request(), "test")
+        assert await in_flight(store) == 0
+        await served(0.1)
+        backend.depth = 6
+        service.deferrer.on_scrape()
+        held = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 1)
+        held.cancel()
+        return shed
+
+    shed = asyncio.run(body())
+    assert shed.reason is Reason.OVERLOADED
+    cut = "hold budget 0.050s (standard took 1.950s upstream lately)"
+    assert any(cut in step for step in shed.trace), shed.trace

@@ -49,9 +49,14 @@ its tenant nothing):
   waiters for the model, of the same or a better band) divided by completions per second; and
   never less than its band's pace gives (`Signals.band_wait_s`: the rate the sidecar has been
   letting that band's waiters go, which is what better bands leave of the drain). The
-  wait fits the class's `max_wait_ms`: defer (hold). It does not: relegate once, else shed at
+  wait fits the class's hold budget: defer (hold). It does not: relegate once, else shed at
   once with Retry-After = the predicted wait; a class that is not sheddable is admitted
   instead (it waits in Triton's queue, never refused). Nothing is held just to time out.
+- The hold budget (`core.signals.hold_budget_s`) is the class's `max_wait_ms`, cut to what
+  leaves the request, within its objective, the time three in four of its class's requests
+  have lately spent upstream on the model (core/upstream.py): let go later, it would miss as
+  they did, on GPU time that the requests behind it needed. A hold ends at its budget as it
+  stood when the hold began.
 - No drain rate measured yet (a cold start): the wait cannot be predicted, so a class that may
   wait is deferred within its budget rather than shed on a guess.
 
@@ -94,6 +99,7 @@ from sidecar.core.signals import (
     cap_of,
     depth_read,
     effective_overload,
+    hold_budget_s,
 )
 from sidecar.core.types import (
     BucketCheck,
@@ -163,8 +169,11 @@ class LoadVerdict:
     # Requests that go before it: Triton's queue over admit_below (or in flight over the
     # cap) and the sidecar's own waiters ahead of it; 0 when admitted at once.
     ahead: int = 0
+    # The hold budget it was judged against (`hold_budget_s`); None: not judged on a wait.
+    budget_s: float | None = None
 
 
+NO_UPSTREAM: Mapping[str, float] = {}
 QUOTA_ONLY_VERDICT = LoadVerdict(LoadAction.ADMIT, 0.0, "admission by quota only")
 
 
@@ -180,11 +189,13 @@ def judge_load(
     reserved: int = 0,
     caps: Mapping[str, int | None] = NO_CAPS,
     band_wait_s: float = 0.0,
+    upstream_s: Mapping[str, float] = NO_UPSTREAM,
 ) -> LoadVerdict:
     """The load rules of the module comment, for a new arrival of `klass`. `reserved`:
     waiters on other replicas that go before it, counted as already sent. `caps`: the
     adaptive caps now (`ModelSignals.caps`). `band_wait_s`: its wait at the pace its band's
-    waiters are let go (`Signals.band_wait_s`), the least wait predicted."""
+    waiters are let go (`Signals.band_wait_s`), the least wait predicted. `upstream_s`: the
+    classes' times upstream lately (`ModelSignals.upstream_s`), which cut the hold budget."""
     overload = effective_overload(klass, caps)
     if overload is None:
         return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
@@ -212,21 +223,32 @@ def judge_load(
     if overload.shed_above is not None and depth >= overload.shed_above:
         action = LoadAction.RELEGATE if can_relegate else LoadAction.SHED
         return LoadVerdict(action, wait_s, f"{seen} >= shed_above {overload.shed_above}", ahead)
-    budget_s = klass.max_wait_ms / 1000
+    budget_s, limit = _budget(klass, upstream_s)
     predicted = f"{seen}, {waiting_ahead} waiting: predicted wait {wait_s:.3f}s"
     if drain_per_s <= 0 and budget_s > 0:
-        return LoadVerdict(LoadAction.DEFER, wait_s, f"{seen}, drain rate unknown: held", ahead)
+        why = f"{seen}, drain rate unknown: held"
+        return LoadVerdict(LoadAction.DEFER, wait_s, why, ahead, budget_s)
     if wait_s <= budget_s:
-        return LoadVerdict(
-            LoadAction.DEFER, wait_s, f"{predicted} <= max_wait {budget_s:g}s", ahead
-        )
+        return LoadVerdict(LoadAction.DEFER, wait_s, f"{predicted} <= {limit}", ahead, budget_s)
     if can_relegate:
-        return LoadVerdict(
-            LoadAction.RELEGATE, wait_s, f"{predicted} > max_wait {budget_s:g}s", ahead
-        )
+        why = f"{predicted} > {limit}"
+        return LoadVerdict(LoadAction.RELEGATE, wait_s, why, ahead, budget_s)
     if overload.shed_above is None:
-        return LoadVerdict(LoadAction.ADMIT, wait_s, f"{predicted}; not sheddable: admitted", ahead)
-    return LoadVerdict(LoadAction.SHED, wait_s, f"{predicted} > max_wait {budget_s:g}s", ahead)
+        why = f"{predicted}; not sheddable: admitted"
+        return LoadVerdict(LoadAction.ADMIT, wait_s, why, ahead, budget_s)
+    return LoadVerdict(LoadAction.SHED, wait_s, f"{predicted} > {limit}", ahead, budget_s)
+
+
+def _budget(klass: ClassPolicy, upstream_s: Mapping[str, float]) -> tuple[float, str]:
+    """The class's hold budget on the model now, and how a verdict's trace names it."""
+    budget_s = hold_budget_s(klass, upstream_s)
+    if budget_s >= klass.max_wait_ms / 1000:
+        return budget_s, f"max_wait {budget_s:g}s"
+    took_s = upstream_s[klass.name]
+    return (
+        budget_s,
+        f"hold budget {budget_s:.3f}s ({klass.name} took {took_s:.3f}s upstream lately)",
+    )
 
 
 def overload_retry_after_s(klass: ClassPolicy, verdict: LoadVerdict) -> float:
@@ -253,6 +275,7 @@ def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
         reserved=signals.elsewhere.ahead_of(admission.klass.rank, admission.tenant.name),
         caps=model.caps,
         band_wait_s=signals.band_wait_s(admission.klass.rank, admission.tenant.name),
+        upstream_s=model.upstream_s,
     )
 
 
@@ -438,7 +461,9 @@ def on_quota(
             return Answer(decision, note_admitted=admission.model or "", count_for_model=True)
         admission = replace(admission, trace=(*admission.trace, f"room gone: {again.why}"))
         decision = replace(decision, trace=(*decision.trace, f"room gone: {again.why}"))
-    deadline_s = now_s + admission.klass.max_wait_ms / 1000
+    model = None if signals is None else signals.model
+    upstream_s = NO_UPSTREAM if model is None else model.upstream_s
+    deadline_s = now_s + hold_budget_s(admission.klass, upstream_s)
     return Hold(admission, result, decision, now_s, deadline_s)
 
 

@@ -28,6 +28,7 @@ class CompletionTimings:
     duration_s: float | None = None  # to the last byte sent back; inf: the client left first
     first_byte_s: float | None = None  # to the first byte received from upstream (Triton)
     status: int | None = None  # the response code sent to the client; None: no response
+    upstream_s: float | None = None  # with Triton (core/upstream.py); None: never reached it
 
 
 class SloResult(enum.Enum):

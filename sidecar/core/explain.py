@@ -49,7 +49,9 @@ def explain(
     queue = None
     if planned is not None and verdict is not None and verdict.action is not LoadAction.ADMIT:
         wait = verdict.predicted_wait_s if math.isfinite(verdict.predicted_wait_s) else None
-        budget_s = planned.klass.max_wait_ms / 1000
+        budget_s = verdict.budget_s
+        if budget_s is None:
+            budget_s = planned.klass.max_wait_ms / 1000
         queue = QueueView(planned.model or "", verdict.ahead, verdict.ahead + 1, wait, budget_s)
     return Explanation(decision, queue, _would_change(decision, planned, verdict, result))
 

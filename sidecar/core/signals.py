@@ -61,6 +61,9 @@ class ModelSignals:
     # The adaptive cap of each class with `overload.protect` (core/protect.py; None: it does
     # not bind now). A protected class missing here is held to its floor, `max_in_flight`.
     caps: Mapping[str, int | None] = field(default_factory=dict)
+    # Each class's time upstream on the model lately, the lower quartile (core/upstream.py;
+    # absent: not known): what `hold_budget_s` leaves a held request.
+    upstream_s: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,18 @@ def cap_of(klass: ClassPolicy, caps: Mapping[str, int | None]) -> int | None:
     if overload.protect is not None:
         return caps.get(klass.name, cap_floor(overload))
     return overload.max_in_flight
+
+
+def hold_budget_s(klass: ClassPolicy, upstream_s: Mapping[str, float]) -> float:
+    """The longest a request of `klass` is held for the model: its `max_wait_ms`, cut to what
+    leaves it, within its objective, the time three in four of its class's requests have
+    lately spent upstream on the model (core/upstream.py rule 3). Let go later, it would
+    miss as they did, on GPU time the requests behind it needed."""
+    budget_s = klass.max_wait_ms / 1000
+    took_s = upstream_s.get(klass.name)
+    if took_s is None:
+        return budget_s
+    return max(0.0, min(budget_s, klass.latency_objective_ms / 1000 - took_s))
 
 
 def effective_overload(klass: ClassPolicy, caps: Mapping[str, int | None]) -> OverloadPolicy | None:

@@ -61,7 +61,9 @@ def timings_of(entry: Any) -> CompletionTimings:
         first = common.time_to_first_upstream_rx_byte
         first_byte_s = float(first.seconds) + float(first.nanos) / 1e9
     code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
-    return CompletionTimings(duration_of(entry), first_byte_s, int(code) or None)
+    return CompletionTimings(
+        duration_of(entry), first_byte_s, int(code) or None, upstream_time_of(entry)
+    )
 
 
 def _seconds(duration: Any) -> float:
@@ -118,8 +120,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             self._service.metrics.completion("bad_lease")
             return
         # The autoscaling signal's drain (core/demand.py rule 2), on this replica.
-        self._service.metrics.demand.drained(drained_model(lease, entry.request.path))
-        await self._service.complete(token, timings_of(entry))
+        model = drained_model(lease, entry.request.path)
+        self._service.metrics.demand.drained(model)
+        await self._service.complete(token, timings_of(entry), model)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]

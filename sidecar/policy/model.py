@@ -158,7 +158,9 @@ class ClassPolicy:
     max_wait_ms: int = setting(
         Int(minimum=0),
         "How long a request may be held before it is served; 0: never held. At most "
-        "QOS_CHECK_MAX_HOLD_MS on ext_authz, QOS_EXT_PROC_MAX_HOLD_MS on ext_proc.",
+        "QOS_CHECK_MAX_HOLD_MS on ext_authz, QOS_EXT_PROC_MAX_HOLD_MS on ext_proc, and at "
+        "most what leaves it, within latency_objective_ms, the time three in four of its "
+        "class's requests have lately spent in Triton on the model.",
     )
     triton_priority: int = setting(
         Int(minimum=1), "Triton dynamic_batching priority level; 1 is the highest."
