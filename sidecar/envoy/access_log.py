@@ -92,7 +92,13 @@ def note_usage(service: AdmissionService, entry: Any, lease: LeaseRef | None) ->
     """Count a request that reached Triton for its tenant and model (sidecar/usage.py). The
     tenant is the `x-qos-tenant` the sidecar set (Envoy strips clients' copies), else the
     lease's; the model the lease's, else the HTTP path's (a gRPC path names none)."""
-    upstream_s = upstream_time_of(entry)
+    _note_usage(service, entry, lease, upstream_time_of(entry))
+
+
+def _note_usage(
+    service: AdmissionService, entry: Any, lease: LeaseRef | None, upstream_s: float | None
+) -> None:
+    """`note_usage`, with the entry's upstream time already read (`timings_of` reads it)."""
     if upstream_s is None:
         return
     tenant = entry.request.request_headers.get(HEADER_TENANT) or (lease and lease.tenant)
@@ -114,7 +120,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     async def _complete(self, entry: Any, signed: str) -> None:
         token = verify_lease(signed, self._lease_key)
         lease = None if token is None else parse_lease(token)
-        note_usage(self._service, entry, lease)
+        timings = timings_of(entry)  # the upstream time once, for usage and hold budgets
+        _note_usage(self._service, entry, lease, timings.upstream_s)
         if token is None:
             # Forged, unsigned or signed with another key: release nothing.
             self._service.metrics.completion("bad_lease")
@@ -122,7 +129,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         # The autoscaling signal's drain (core/demand.py rule 2), on this replica.
         model = drained_model(lease, entry.request.path)
         self._service.metrics.demand.drained(model)
-        await self._service.complete(token, timings_of(entry), model)
+        await self._service.complete(token, timings, model)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
