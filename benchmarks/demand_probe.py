@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -194,7 +194,7 @@ def sampling(admin_url: str | None, model: str) -> AbstractContextManager[Demand
     return DemandSampler(admin_url, model) if admin_url is not None else nullcontext(None)
 
 
-def report_md(results: dict[str, Any]) -> str:
+def report_md(results: Mapping[str, Any]) -> str:
     """The report's section: each system's signal in its step run (empty without any)."""
     steps = [
         (name, system["step"])

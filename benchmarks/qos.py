@@ -651,9 +651,11 @@ def main(argv: list[str] | None = None) -> int:
                             log(f"{spec.name:>20} step: {rec['demand_signal_text']}")
                         sys_res["step"] = rec
                         all_rows += [(spec.name, "step", r) for r in res.records]
+                        last = rec.get("last_over")
                         log(
                             f"{spec.name:>20} step: recovery {rec['recovery_s']} s"
                             f" (threshold {rec['threshold_pct']}%), drain {drained:.1f}s"
+                            + (f"; {report.describe_last_over(last)}" if last else "")
                         )
                     if gpu is not None:
                         served: dict[str, float] = defaultdict(float)  # service time per tenant

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import usage_check
-from benchmarks.report import noisy_impact
+from benchmarks.report import describe_last_over, noisy_impact
 
 LOADS = (2.0, 3.0)
 INTERACTIVE_MAX_PCT = {2.0: 1.0, 3.0: 5.0}
@@ -107,6 +107,8 @@ def target_lines(results: Mapping[str, Any]) -> list[str]:
         if step is not None:
             rec = step["recovery_s"]
             value = f"> {step['after_s']:g} s" if rec is None else f"{rec:.1f} s"
+            if "last_over" in step:
+                value = f"{value}; {describe_last_over(step['last_over'])}"
             met = rec is not None and rec <= RECOVERY_MAX_S
             lines.append(_line(f"recovery_after_step[{name}]", value, "<= 3 s", met))
         if "gpu_seconds" in system:  # issue 13 §5

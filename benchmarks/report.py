@@ -18,7 +18,8 @@ Definitions (QOS-BENCHMARK.md):
   a tenant getting more than its due (x > 1) lowers it as much as one getting less;
 * **recovery** after the step: seconds from the end of the 3x phase until the rolling
   (by send time) violation rate of the worst class is back at or below max(1%, its level
-  before the step) and stays there.
+  before the step) and stays there; with it, the last window over that, its worst class and
+  how its requests missed (refused with a status, timed out, or late).
 
 Only records sent after the warm-up count. Every number here is computed from the records.
 """
@@ -248,6 +249,33 @@ def goodput(points: Sequence[tuple[float, float]]) -> tuple[float, str]:
     return prev_m, "at least (never above 1%)"
 
 
+def how_missed(r: Record) -> str:
+    """How a request missed its deadline: the refusal's status, the client's error, or late."""
+    if r.status and not is_admitted(r):
+        return str(r.status)
+    return r.error or "late"
+
+
+def _window(
+    records: Sequence[Record], classes: Mapping[str, ClassSpec], t0: float, t1: float
+) -> dict[str, Any] | None:
+    """The worst class among those sent in [t0, t1) (at least 3 requests): its violation %,
+    and how many of how many missed, how (`how_missed`)."""
+    sent: dict[str, int] = defaultdict(int)
+    how: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        if t0 <= r.scheduled < t1:
+            sent[r.klass] += 1
+            if not met(r, classes[r.klass].deadline_s):
+                how[r.klass][how_missed(r)] += 1
+    counted = [k for k in sent if sent[k] >= 3]
+    if not counted:
+        return None
+    k = max(counted, key=lambda k: _pct(sum(how[k].values()), sent[k]))
+    bad = sum(how[k].values())
+    return {"class": k, "pct": _pct(bad, sent[k]), "bad": bad, "sent": sent[k], "how": dict(how[k])}
+
+
 def recovery_s(
     records: Sequence[Record],
     classes: Mapping[str, ClassSpec],
@@ -257,17 +285,13 @@ def recovery_s(
     window_s: float = 1.0,
     hop_s: float = 0.25,
 ) -> dict[str, Any]:
-    """Recovery after the step (see the module docstring); None when not recovered."""
+    """Recovery after the step (see the module docstring); None when not recovered. With it,
+    the last window over the threshold (`last_over`): when it began after the step, its worst
+    class, and how that class's requests missed, which says what held the recovery back."""
 
     def worst(t0: float, t1: float) -> float:
-        sent: dict[str, int] = defaultdict(int)
-        bad: dict[str, int] = defaultdict(int)
-        for r in records:
-            if t0 <= r.scheduled < t1:
-                sent[r.klass] += 1
-                if not met(r, classes[r.klass].deadline_s):
-                    bad[r.klass] += 1
-        return max((_pct(bad[k], sent[k]) for k in sent if sent[k] >= 3), default=0.0)
+        w = _window(records, classes, t0, t1)
+        return 0.0 if w is None else float(w["pct"])
 
     before = worst(max(0.0, step_start - 4.0), step_start)
     threshold = max(SLO_TARGET_PCT, before)
@@ -280,7 +304,6 @@ def recovery_s(
         if v > threshold:
             last_bad = t
         t += hop_s
-    during = worst(step_start, step_end)
     if not series:
         return {"recovery_s": None, "threshold_pct": threshold, "series": []}
     if last_bad is None:
@@ -289,16 +312,27 @@ def recovery_s(
         rec = None  # still violating at the end of the run
     else:
         rec = round(last_bad + hop_s - step_end, 3)
-    return {
+    out: dict[str, Any] = {
         "recovery_s": rec,
         "threshold_pct": round(threshold, 3),
         "worst_violation_before_pct": round(before, 3),
-        "worst_violation_during_pct": round(during, 3),
+        "worst_violation_during_pct": round(worst(step_start, step_end), 3),
         "series": series,
     }
+    if last_bad is not None:
+        last = _window(records, classes, last_bad, last_bad + window_s)
+        assert last is not None  # it was over the threshold
+        out["last_over"] = {"at_s": round(last_bad - step_end, 3)} | last
+    return out
 
 
-# -- table and plots ----------------------------------------------------------------------------
+def describe_last_over(last: Mapping[str, Any]) -> str:
+    """`recovery_s`'s last window over the threshold, in words."""
+    how = ", ".join(f"{n} {k}" for k, n in sorted(last["how"].items(), key=lambda kv: -kv[1]))
+    return (
+        f"last over at +{last['at_s']:g} s: {last['class']} {last['bad']} of {last['sent']}"
+        f" missed ({how})"
+    )
 
 
 def _at(system: Mapping[str, Any], m: float) -> Mapping[str, Any] | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from benchmarks.loadgen import Record
-from benchmarks.report import class_stats, met
+from benchmarks.qos_targets import target_lines
+from benchmarks.report import class_stats, describe_last_over, met, recovery_s
+from benchmarks.workload import ClassSpec
 
 
 def record(latency: float, *, error: str = "", tpot: float | None = None) -> Record:
@@ -22,3 +24,58 @@ def test_time_per_output_token_is_reported_only_for_streamed_requests() -> None:
     assert "tpot_ms" not in class_stats([record(0.1)], 0.2, 1.0)
     failed = class_stats([record(0.1, error="stream_error", tpot=0.002)], 0.2, 1.0)
     assert failed["slo_met"] == 0 and failed["violation_pct"] == 100.0
+
+
+def sent(klass: str, at: float, status: int = 200, latency: float | None = 0.1) -> Record:
+    error = "timeout" if status == 0 else ""
+    return Record("t", klass, at, at, status, latency, latency, None, "", error)
+
+
+CLASSES = {"interactive": ClassSpec("interactive", 0.2, 1), "batch": ClassSpec("batch", 10, 3)}
+
+
+def test_recovery_says_which_class_held_it_back_and_how_it_missed() -> None:
+    """Step from 10 s to 20 s, run to 30 s. Interactive is fine once the step is over; batch
+    is shed until 24 s (and one request times out at 23.5 s): recovery is 24 s after the end of
+    the step's last window over 1%, and the report names batch and its 503s."""
+    records = []
+    for i in range(300):
+        t = i * 0.1
+        records.append(sent("interactive", t, latency=0.5 if 10 <= t < 20 else 0.1))
+        if 20 <= t < 24 and i % 2:
+            status = 0 if abs(t - 23.5) < 0.01 else 503
+            records.append(sent("batch", t, status, None))
+        else:
+            records.append(sent("batch", t))
+    rec = recovery_s(records, CLASSES, 10.0, 20.0, 30.0)
+    assert rec["recovery_s"] == 4.0  # the window [23.75, 24.75) still held the last 503
+    last = rec["last_over"]
+    assert (last["at_s"], last["class"]) == (3.75, "batch")
+    assert last["how"] == {"503": 1} and (last["bad"], last["sent"]) == (1, 10)
+    assert describe_last_over(last) == "last over at +3.75 s: batch 1 of 10 missed (1 503)"
+    # A second earlier, the timeout is in the window too, and counted as such.
+    earlier = recovery_s(records[: 2 * 238], CLASSES, 10.0, 20.0, 23.8)
+    assert earlier["recovery_s"] is None  # still over at the end of that run
+    assert earlier["last_over"]["how"] == {"503": 4, "timeout": 1}  # [22.75, 23.75)
+    # Nothing over the threshold after the step: recovered at once, nothing to name.
+    calm = [r for r in records if not (r.klass == "batch" and r.status != 200)]
+    calm_rec = recovery_s(calm, CLASSES, 10.0, 20.0, 30.0)
+    assert calm_rec["recovery_s"] == 0.0 and "last_over" not in calm_rec
+
+
+def test_the_recovery_target_line_names_what_held_it_back() -> None:
+    last = {"at_s": 3.75, "class": "batch", "bad": 2, "sent": 13, "how": {"503": 1, "timeout": 1}}
+    results = {
+        "meta": {"capacity_rps": 10.0, "noisy_tenant": "n", "tenants": []},
+        "systems": {
+            "sidecar-http": {
+                "points": [],
+                "step": {"recovery_s": 4.0, "after_s": 10, "last_over": last},
+            }
+        },
+    }
+    line = next(x for x in target_lines(results) if x.startswith("TARGET recovery"))
+    assert line == (
+        "TARGET recovery_after_step[sidecar-http]: 4.0 s; last over at +3.75 s: batch 2 of 13"
+        " missed (1 503, 1 timeout) (<= 3 s) missed"
+    )
