@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                         last = rec.get("last_over")
                         log(
                             f"{spec.name:>20} step: recovery {rec['recovery_s']} s"
-                            f" (threshold {rec['threshold_pct']}%), drain {drained:.1f}s"
+                            f" (thresholds {rec['threshold_pct']} %), drain {drained:.1f}s"
                             + (f"; {report.describe_last_over(last)}" if last else "")
                         )
                     if gpu is not None:

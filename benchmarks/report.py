@@ -17,9 +17,9 @@ Definitions (QOS-BENCHMARK.md):
   classes in proportion to its demand; J = (sum x)^2 / (n * sum x^2). 1 is perfectly fair;
   a tenant getting more than its due (x > 1) lowers it as much as one getting less;
 * **recovery** after the step: seconds from the end of the 3x phase until the rolling
-  (by send time) violation rate of the worst class is back at or below max(1%, its level
-  before the step) and stays there; with it, the last window over that, its worst class and
-  how its requests missed (refused with a status, timed out, or late).
+  (by send time) violation rate of every class is back at or below max(1%, that class's own
+  level in the 4 s before the step) and stays there; with it, the last window over, the class
+  furthest over and how its requests missed (refused with a status, timed out, or late).
 
 Only records sent after the warm-up count. Every number here is computed from the records.
 """
@@ -256,11 +256,11 @@ def how_missed(r: Record) -> str:
     return r.error or "late"
 
 
-def _window(
+def _tally(
     records: Sequence[Record], classes: Mapping[str, ClassSpec], t0: float, t1: float
-) -> dict[str, Any] | None:
-    """The worst class among those sent in [t0, t1) (at least 3 requests): its violation %,
-    and how many of how many missed, how (`how_missed`)."""
+) -> dict[str, dict[str, Any]]:
+    """Each class with at least 3 requests sent in [t0, t1): its violation %, how many of how
+    many missed, and how (`how_missed`)."""
     sent: dict[str, int] = defaultdict(int)
     how: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
@@ -268,12 +268,20 @@ def _window(
             sent[r.klass] += 1
             if not met(r, classes[r.klass].deadline_s):
                 how[r.klass][how_missed(r)] += 1
-    counted = [k for k in sent if sent[k] >= 3]
-    if not counted:
-        return None
-    k = max(counted, key=lambda k: _pct(sum(how[k].values()), sent[k]))
-    bad = sum(how[k].values())
-    return {"class": k, "pct": _pct(bad, sent[k]), "bad": bad, "sent": sent[k], "how": dict(how[k])}
+    out = {}
+    for k, n in sent.items():
+        if n >= 3:
+            bad = sum(how[k].values())
+            out[k] = {"class": k, "pct": _pct(bad, n), "bad": bad, "sent": n, "how": dict(how[k])}
+    return out
+
+
+def _over(
+    tally: Mapping[str, Mapping[str, Any]], thresholds: Mapping[str, float]
+) -> Mapping[str, Any] | None:
+    """The class furthest over its own threshold, or None when none is over."""
+    over = [t for k, t in tally.items() if t["pct"] > thresholds.get(k, SLO_TARGET_PCT)]
+    return max(over, key=lambda t: t["pct"] - thresholds.get(t["class"], 0.0), default=None)
 
 
 def recovery_s(
@@ -285,44 +293,41 @@ def recovery_s(
     window_s: float = 1.0,
     hop_s: float = 0.25,
 ) -> dict[str, Any]:
-    """Recovery after the step (see the module docstring); None when not recovered. With it,
-    the last window over the threshold (`last_over`): when it began after the step, its worst
-    class, and how that class's requests missed, which says what held the recovery back."""
+    """Recovery after the step (see the module docstring); None when not recovered. Each class
+    is held to its own level before the step (at least 1%): a class already refused before it
+    does not excuse another. With it, the last window over (`last_over`): when it began after
+    the step, the class furthest over, and how its requests missed."""
 
     def worst(t0: float, t1: float) -> float:
-        w = _window(records, classes, t0, t1)
-        return 0.0 if w is None else float(w["pct"])
+        return max((t["pct"] for t in _tally(records, classes, t0, t1).values()), default=0.0)
 
-    before = worst(max(0.0, step_start - 4.0), step_start)
-    threshold = max(SLO_TARGET_PCT, before)
+    before = _tally(records, classes, max(0.0, step_start - 4.0), step_start)
+    thresholds = {k: max(SLO_TARGET_PCT, before[k]["pct"] if k in before else 0.0) for k in classes}
     series = []
     t = step_end
-    last_bad: float | None = None
+    last: tuple[float, Mapping[str, Any]] | None = None
     while t + window_s <= run_end + 1e-9:
-        v = worst(t, t + window_s)
-        series.append((round(t - step_end, 3), round(v, 2)))
-        if v > threshold:
-            last_bad = t
+        tally = _tally(records, classes, t, t + window_s)
+        series.append((round(t - step_end, 3), round(worst(t, t + window_s), 2)))
+        over = _over(tally, thresholds)
+        if over is not None:
+            last = (t, over)
         t += hop_s
-    if not series:
-        return {"recovery_s": None, "threshold_pct": threshold, "series": []}
-    if last_bad is None:
-        rec: float | None = 0.0
-    elif last_bad + hop_s + window_s > run_end - 1e-9:
-        rec = None  # still violating at the end of the run
-    else:
-        rec = round(last_bad + hop_s - step_end, 3)
     out: dict[str, Any] = {
-        "recovery_s": rec,
-        "threshold_pct": round(threshold, 3),
-        "worst_violation_before_pct": round(before, 3),
+        "recovery_s": None,
+        "threshold_pct": {k: round(v, 3) for k, v in thresholds.items()},
+        "violation_before_pct": {k: round(v["pct"], 3) for k, v in before.items()},
         "worst_violation_during_pct": round(worst(step_start, step_end), 3),
         "series": series,
     }
-    if last_bad is not None:
-        last = _window(records, classes, last_bad, last_bad + window_s)
-        assert last is not None  # it was over the threshold
-        out["last_over"] = {"at_s": round(last_bad - step_end, 3)} | last
+    if not series:
+        return out
+    if last is None:
+        out["recovery_s"] = 0.0
+    elif last[0] + hop_s + window_s <= run_end - 1e-9:  # else still over at the run's end
+        out["recovery_s"] = round(last[0] + hop_s - step_end, 3)
+    if last is not None:
+        out["last_over"] = {"at_s": round(last[0] - step_end, 3)} | dict(last[1])
     return out
 
 

@@ -63,6 +63,22 @@ def test_recovery_says_which_class_held_it_back_and_how_it_missed() -> None:
     assert calm_rec["recovery_s"] == 0.0 and "last_over" not in calm_rec
 
 
+def test_a_class_refused_before_the_step_does_not_excuse_another_after_it() -> None:
+    """Batch was shed half the time before the step (its threshold 50%); interactive was fine
+    (1%). Interactive late until 25 s is not recovered at 22 s however bad batch was before."""
+    records = []
+    for i in range(300):
+        t = i * 0.1
+        late = 10 <= t < 25 and i % 2 == 0
+        records.append(sent("interactive", t, latency=0.5 if late else 0.1))
+        shed = t < 10 and i % 2 == 1
+        records.append(sent("batch", t, 503, None) if shed else sent("batch", t, latency=1.0))
+    rec = recovery_s(records, CLASSES, 10.0, 20.0, 30.0)
+    assert rec["threshold_pct"] == {"interactive": 1.0, "batch": 50.0}
+    assert rec["last_over"]["class"] == "interactive" and rec["last_over"]["how"] == {"late": 1}
+    assert rec["recovery_s"] == 5.0  # [24.75, 25.75) held the last late one (sent at 24.8)
+
+
 def test_the_recovery_target_line_names_what_held_it_back() -> None:
     last = {"at_s": 3.75, "class": "batch", "bad": 2, "sent": 13, "how": {"503": 1, "timeout": 1}}
     results = {
