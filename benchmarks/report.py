@@ -276,12 +276,16 @@ def _tally(
     return out
 
 
+def _worst_pct(tally: Mapping[str, Mapping[str, Any]]) -> float:
+    return max((t["pct"] for t in tally.values()), default=0.0)
+
+
 def _over(
     tally: Mapping[str, Mapping[str, Any]], thresholds: Mapping[str, float]
 ) -> Mapping[str, Any] | None:
     """The class furthest over its own threshold, or None when none is over."""
-    over = [t for k, t in tally.items() if t["pct"] > thresholds.get(k, SLO_TARGET_PCT)]
-    return max(over, key=lambda t: t["pct"] - thresholds.get(t["class"], 0.0), default=None)
+    over = [t for k, t in tally.items() if t["pct"] > thresholds[k]]
+    return max(over, key=lambda t: t["pct"] - thresholds[t["class"]], default=None)
 
 
 def recovery_s(
@@ -298,9 +302,6 @@ def recovery_s(
     does not excuse another. With it, the last window over (`last_over`): when it began after
     the step, the class furthest over, and how its requests missed."""
 
-    def worst(t0: float, t1: float) -> float:
-        return max((t["pct"] for t in _tally(records, classes, t0, t1).values()), default=0.0)
-
     before = _tally(records, classes, max(0.0, step_start - 4.0), step_start)
     thresholds = {k: max(SLO_TARGET_PCT, before[k]["pct"] if k in before else 0.0) for k in classes}
     series = []
@@ -308,7 +309,7 @@ def recovery_s(
     last: tuple[float, Mapping[str, Any]] | None = None
     while t + window_s <= run_end + 1e-9:
         tally = _tally(records, classes, t, t + window_s)
-        series.append((round(t - step_end, 3), round(worst(t, t + window_s), 2)))
+        series.append((round(t - step_end, 3), round(_worst_pct(tally), 2)))
         over = _over(tally, thresholds)
         if over is not None:
             last = (t, over)
@@ -317,7 +318,9 @@ def recovery_s(
         "recovery_s": None,
         "threshold_pct": {k: round(v, 3) for k, v in thresholds.items()},
         "violation_before_pct": {k: round(v["pct"], 3) for k, v in before.items()},
-        "worst_violation_during_pct": round(worst(step_start, step_end), 3),
+        "worst_violation_during_pct": round(
+            _worst_pct(_tally(records, classes, step_start, step_end)), 3
+        ),
         "series": series,
     }
     if not series:
@@ -338,6 +341,9 @@ def describe_last_over(last: Mapping[str, Any]) -> str:
         f"last over at +{last['at_s']:g} s: {last['class']} {last['bad']} of {last['sent']}"
         f" missed ({how})"
     )
+
+
+# -- table and plots ----------------------------------------------------------------------------
 
 
 def _at(system: Mapping[str, Any], m: float) -> Mapping[str, Any] | None:

@@ -203,8 +203,9 @@ class AdmissionService(SharedReads, LeasedQuota):
             return False
         if timings is not None:  # the tenant's experience, and the adaptive caps' latency
             self.metrics.experience.completed(lease.tenant, lease.klass, timings, self.policy)
-            if (lease.model or model) and self.deferrer is not None:
-                self.deferrer.completed(lease.model or model or "", lease.klass, timings)
+            named = lease.model or model
+            if named and self.deferrer is not None:
+                self.deferrer.completed(named, lease.klass, timings)
         return await self.release(lease)
 
     def completed_without_lease(self) -> bool:
