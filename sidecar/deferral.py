@@ -23,13 +23,15 @@ import time
 from collections.abc import Callable
 
 from sidecar.core.admission import may_go
-from sidecar.core.experience import CompletionTimings
+from sidecar.core.experience import CompletionTimings, SloResult, slo_result
 from sidecar.core.fleet import NOBODY, Elsewhere, backlogged, merge_summaries
 from sidecar.core.in_flight import InFlightCounts
+from sidecar.core.lateness import Lateness
 from sidecar.core.load import LoadView
 from sidecar.core.protect import Protection, presets_for
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.signals import ModelSignals, Signals, cap_of
+from sidecar.core.types import Decision, Reason
 from sidecar.core.upstream import UpstreamTimes
 from sidecar.policy.model import ClassPolicy, Policy, Protect
 
@@ -60,6 +62,8 @@ class Deferrer:
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
         self.protection = Protection()  # adaptive caps (`overload.protect`)
         self.upstream = UpstreamTimes()  # each class's time in Triton: its hold budget
+        self.lateness = Lateness()  # depths its requests sent at once end late from
+        self.limits_published: dict[str, set[str]] = {}  # model -> classes in the metric
         self._presets_of: tuple[Policy | None, dict[str, dict[str, Protect]]] = (None, {})
         self._ids = itertools.count(1)
 
@@ -117,9 +121,19 @@ class Deferrer:
             self.queue.remove(waiter.waiter_id)
             self._futures.pop(waiter.waiter_id, None)
 
-    def note_admitted(self, model: str, *, written: bool = True) -> None:
+    def note_admitted(
+        self, model: str, written: bool = True, decision: Decision | None = None
+    ) -> None:
         """A request went to Triton: count it until the next scrape and read see it. Not
-        `written`: its model entry is still to be written (`note_written` follows)."""
+        `written`: its model entry is still to be written (`note_written` follows). Sent at
+        once with a lease (`decision`), of a class the load may shed: its depth is noted for
+        its end (core/lateness.py)."""
+        lease = None if decision is None else decision.lease
+        if lease is not None and decision is not None and decision.reason is Reason.ADMITTED:
+            klass = self._policy().classes.get(lease.klass)
+            if klass is not None and klass.overload is not None and klass.overload.shed_above:
+                depth = self._load().queue_depth(model) + self.released_since_scrape(model)
+                self.lateness.sent(lease.lease_id, model, lease.klass, depth)
         self._released_since_scrape[model] = self.released_since_scrape(model) + 1
         self.in_flight_counts.admitted(model, written=written)
 
@@ -144,6 +158,7 @@ class Deferrer:
             self.in_flight(model),
             caps,
             self.upstream.of(model),
+            self.lateness.of(model, now),
         )
 
     def _presets(self, policy: Policy, model: str) -> dict[str, Protect]:
@@ -174,13 +189,22 @@ class Deferrer:
         cap = cap_of(klass, seen.caps)
         self.protection.arrived(model, klass, seen.in_flight, cap, self.clock())
 
-    def completed(self, model: str, klass: str, timings: CompletionTimings) -> None:
+    def completed(
+        self, model: str, klass: str, timings: CompletionTimings, lease_id: str | None = None
+    ) -> None:
         """A request of `klass` for `model` ended, as Envoy measured it: its whole duration
-        (core/protect.py rule 2) and its time upstream (core/upstream.py)."""
+        (core/protect.py rule 2, core/lateness.py), its time upstream (core/upstream.py)."""
         if timings.upstream_s is not None:
             self.upstream.took(model, klass, timings.upstream_s)
         policy = self._policy().classes.get(klass)
-        if policy is not None and timings.duration_s is not None:
+        if policy is None:
+            return
+        if lease_id is not None:
+            result = slo_result(timings, policy.latency_objective_ms)
+            late = None if result is None else result is not SloResult.MET
+            objective_s = policy.latency_objective_ms / 1000
+            self.lateness.ended(lease_id, late, self.clock(), objective_s)
+        if timings.duration_s is not None:
             self.protection.completed(model, policy, timings.duration_s, self.clock())
 
     def elsewhere(self, model: str) -> Elsewhere:

@@ -216,6 +216,14 @@ class Metrics:
             ["model", "class"],
             registry=registry,
         )
+        self.lateness_limit = Gauge(
+            "qos_lateness_limit",
+            "The model's queue depth from which a class's requests sent at once have lately "
+            "ended after its objective more often than not (core/lateness.py): its arrivals "
+            "there are shed or relegated at once. No series: no such depth now.",
+            ["model", "class"],
+            registry=registry,
+        )
 
     def _policy_series(self, registry: CollectorRegistry) -> None:
         """Policy loads and the version in use."""

@@ -205,7 +205,7 @@ class AdmissionService(SharedReads, LeasedQuota):
             self.metrics.experience.completed(lease.tenant, lease.klass, timings, self.policy)
             named = lease.model or model
             if named and self.deferrer is not None:
-                self.deferrer.completed(named, lease.klass, timings)
+                self.deferrer.completed(named, lease.klass, timings, lease.lease_id)
         return await self.release(lease)
 
     def completed_without_lease(self) -> bool:
@@ -337,7 +337,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         lease = answer.decision.lease
         writes = answer.count_for_model and lease is not None and lease.model is not None
         if answer.note_admitted is not None and self.deferrer is not None:
-            self.deferrer.note_admitted(answer.note_admitted, written=not writes)
+            self.deferrer.note_admitted(answer.note_admitted, not writes, answer.decision)
         if answer.count_for_model:
             self._count_for_model(answer.decision, policy.lease_ttl_s)
         return answer.decision

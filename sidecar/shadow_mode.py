@@ -15,11 +15,11 @@ from typing import Protocol
 
 from sidecar.batching import Batcher
 from sidecar.core import admission
-from sidecar.core.admission import Answer, GiveBack, Hold, LoadAction, QuotaFirst, TakeQuota
+from sidecar.core.admission import Answer, GiveBack, Hold, QuotaFirst, TakeQuota
 from sidecar.core.decide import Admission, CompiledPolicy
 from sidecar.core.lease import lease_id_for
 from sidecar.core.shadow import ShadowedPolicy, shadow_check, shadow_tenant, with_shadow
-from sidecar.core.signals import Signals
+from sidecar.core.signals import LoadAction, Signals
 from sidecar.core.tokens import TokenEstimate
 from sidecar.core.types import Decision, LeaseRef, QuotaCheck, QuotaResult, RequestAttributes
 from sidecar.errors import StateUnavailable

@@ -160,6 +160,7 @@ class SharedReads:
             for model in models:
                 queue = self.deferrer.queue.queue(model)
                 self.metrics.model_held.labels(model).set(0 if queue is None else len(queue))
+                self._publish_limits(self.deferrer, model)
         try:
             counts = await self.store.model_in_flight_many(list(models), self.model_pod)
         except StateUnavailable:
@@ -173,6 +174,16 @@ class SharedReads:
                 for klass, (cap, binding) in self.deferrer.adaptive_caps(model).items():
                     self.metrics.adaptive_cap.labels(model, klass).set(cap)
                     self.metrics.adaptive_cap_binding.labels(model, klass).set(binding)
+
+    def _publish_limits(self, deferrer: Deferrer, model: str) -> None:
+        """`qos_lateness_limit` of each class on `model`: set where one holds, else removed."""
+        limits = deferrer.lateness.of(model, deferrer.clock())
+        published = deferrer.limits_published
+        for klass in published.get(model, set()) - set(limits):
+            self.metrics.lateness_limit.remove(model, klass)
+        for klass, depth in limits.items():
+            self.metrics.lateness_limit.labels(model, klass).set(depth)
+        published[model] = set(limits)
 
     async def exchange_fleet(self, replica: str, ttl_s: float) -> bool:
         """Gateway topology: share what this replica holds and its fairness counter changes

@@ -134,3 +134,24 @@ def test_the_hold_budget_is_cut_to_what_the_class_takes_upstream() -> None:
     assert fits.action is LoadAction.DEFER
     fast = judge_load(klass(), FRESH, 11, 10.0, 0, upstream_s={"standard": 0.2})
     assert fast.action is LoadAction.DEFER and "<= max_wait 0.5s" in fast.why
+
+
+@pytest.mark.parametrize(
+    ("policy", "depth", "late_from", "action"),
+    [
+        (klass(), 5, None, LoadAction.ADMIT),  # nothing learnt: sent at once
+        (klass(), 5, 6, LoadAction.ADMIT),  # under the lateness limit
+        (klass(), 6, 6, LoadAction.SHED),  # at it: most sent there lately ended late
+        (klass(relegate_to="batch"), 7, 6, LoadAction.RELEGATE),
+        (klass(shed_above=None), 7, 6, LoadAction.ADMIT),  # never shed by load
+    ],
+)
+def test_an_arrival_at_its_classs_lateness_limit_is_not_sent(
+    policy: ClassPolicy, depth: int, late_from: int | None, action: LoadAction
+) -> None:
+    verdict = judge_load(policy, FRESH, depth, 10.0, 0, late_from=late_from)
+    assert verdict.action is action
+    if action is not LoadAction.ADMIT:
+        assert "most of standard sent at 6 or more lately ended late" in verdict.why
+        # Retry-After: the drain down to the limit, (depth - 6 + 1) at 10/s
+        assert verdict.predicted_wait_s == pytest.approx((depth - 5) / 10)

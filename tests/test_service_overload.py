@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.core import lateness
 from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, QueueView
 from sidecar.core.lease import parse_lease
@@ -535,3 +536,40 @@ def test_a_class_slow_upstream_is_not_held_to_be_let_go_too_late() -> None:
     assert shed.reason is Reason.OVERLOADED
     cut = "hold budget 0.050s (standard took 1.950s upstream lately)"
     assert any(cut in step for step in shed.trace), shed.trace
+
+
+def test_an_arrival_where_most_sent_lately_ended_late_is_shed_at_once() -> None:
+    """Requests sent at once with 3 queued ended after standard's 2 s objective (as the access
+    log says), those sent with 1 queued within it: an arrival with 3 queued is shed at once
+    (core/lateness.py), taking no quota; one with 1 queued is sent. A request held and let
+    go says nothing about the depth it went at."""
+    backend = Backend(depth=0)
+    service, store = make(backend, max_wait_ms=300)
+    assert service.deferrer is not None
+    objective_s = make_policy().classes["standard"].latency_objective_ms / 1000
+
+    async def sent_at(depth: int, took_s: float) -> None:
+        for _ in range(lateness.MIN_SEEN):
+            backend.depth = depth
+            service.deferrer.on_scrape()  # what was sent is in Triton's count now
+            admitted = await service.check(request(), "test")
+            assert admitted.reason is Reason.ADMITTED, admitted.trace
+            token = dict(admitted.headers)["x-qos-lease"]
+            timings = CompletionTimings(took_s, took_s, 200, took_s - 0.01)
+            await service.complete(token, timings, "simgpu")
+
+    async def body() -> tuple[Decision, Decision]:
+        await sent_at(3, objective_s + 0.5)
+        await sent_at(1, objective_s / 2)
+        backend.depth = 3
+        service.deferrer.on_scrape()
+        shed = await service.check(request(), "test")
+        assert await in_flight(store) == 0
+        backend.depth = 1
+        service.deferrer.on_scrape()
+        return shed, await service.check(request(), "test")
+
+    shed, sent = asyncio.run(body())
+    assert shed.reason is Reason.OVERLOADED
+    assert any("most of standard sent at 3 or more lately ended late" in s for s in shed.trace)
+    assert sent.reason is Reason.ADMITTED

@@ -17,12 +17,10 @@ that I/O and feeds the result back; nothing here waits, calls the store or reads
     on_hold_end(hold, outcome) -> Answer (let go, relegated, not sheddable, or shed with
                                   everything given back)
 
-Size rule (`on_size`, a token model's request whose max tokens its body says, before
-everything else): a request whose max tokens cannot be generated within its class's objective
-even alone, at the pace the model has shown on responses at least that long, from prompts no
-longer (core/pace.py), is refused 422 `infeasible` with the most max tokens the class can
-take, or relegated once to its class's `relegate_to` (served as asked without one), or served
-as asked: the model's `tokens.infeasible`. No quota is taken and nothing is held for it first.
+Size rule (`on_size`, before everything else): a token model's request whose max tokens
+cannot be generated within its class's objective even alone, at the model's pace lately
+(core/pace.py), is refused 422 `infeasible` (with the most the class can take), relegated
+once, or served as asked: the model's `tokens.infeasible`. No quota is taken for it first.
 
 Model rule (`judge`, before the load rules): a request for a model Triton does not serve is
 refused 404 `unknown_model`, with no Retry-After (a typo is not cured by waiting), and takes
@@ -42,6 +40,8 @@ its tenant nothing):
   read differs between the two, by `SIGNAL_READING` below.
 - A new arrival with room, and nobody for its model of the same or a better band already
   waiting: admit. (Each model has its own hold queue; another model's waiters are not ahead.)
+  Unless it is at or over its class's lateness limit (core/lateness.py): a sheddable class
+  is then relegated once or shed at once, Retry-After the drain time down to the limit.
 - At or above `shed_above` (sheddable classes): relegate once if the class names a target,
   else shed with 503.
 - Otherwise predict the wait from the observed drain rate: the requests ahead of this one (the
@@ -52,11 +52,9 @@ its tenant nothing):
   wait fits the class's hold budget: defer (hold). It does not: relegate once, else shed at
   once with Retry-After = the predicted wait; a class that is not sheddable is admitted
   instead (it waits in Triton's queue, never refused). Nothing is held just to time out.
-- The hold budget (`core.signals.hold_budget_s`) is the class's `max_wait_ms`, cut to what
-  leaves the request, within its objective, the time three in four of its class's requests
-  have lately spent upstream on the model (core/upstream.py): let go later, it would miss as
-  they did, on GPU time that the requests behind it needed. A hold ends at its budget as it
-  stood when the hold began.
+- The hold budget (`core.signals.hold_budget_s`): `max_wait_ms`, cut to what leaves the
+  request, within its objective, the time its class lately took upstream (core/upstream.py).
+  A hold ends at its budget as it stood when the hold began.
 - No drain rate measured yet (a cold start): the wait cannot be predicted, so a class that may
   wait is deferred within its budget rather than shed on a guess.
 
@@ -93,6 +91,10 @@ from sidecar.core.load import SignalState
 from sidecar.core.pace import infeasibility
 from sidecar.core.signals import (
     NO_CAPS,
+    NO_UPSTREAM,
+    QUOTA_ONLY_VERDICT,
+    LoadAction,
+    LoadVerdict,
     ModelSignals,
     Reader,
     Signals,
@@ -154,29 +156,6 @@ def may_go(klass: ClassPolicy | None, model: ModelSignals, reserved: int = 0) ->
 # -- The load verdict ---------------------------------------------------------------------------
 
 
-class LoadAction(enum.Enum):
-    ADMIT = "admit"
-    DEFER = "defer"
-    RELEGATE = "relegate"
-    SHED = "shed"
-
-
-@dataclass(frozen=True, slots=True)
-class LoadVerdict:
-    action: LoadAction
-    predicted_wait_s: float  # inf when nothing is draining
-    why: str  # one line for the decision's trace
-    # Requests that go before it: Triton's queue over admit_below (or in flight over the
-    # cap) and the sidecar's own waiters ahead of it; 0 when admitted at once.
-    ahead: int = 0
-    # The hold budget it was judged against (`hold_budget_s`); None: not judged on a wait.
-    budget_s: float | None = None
-
-
-NO_UPSTREAM: Mapping[str, float] = {}
-QUOTA_ONLY_VERDICT = LoadVerdict(LoadAction.ADMIT, 0.0, "admission by quota only")
-
-
 def judge_load(
     klass: ClassPolicy,
     state: SignalState,
@@ -190,12 +169,14 @@ def judge_load(
     caps: Mapping[str, int | None] = NO_CAPS,
     band_wait_s: float = 0.0,
     upstream_s: Mapping[str, float] = NO_UPSTREAM,
+    late_from: int | None = None,
 ) -> LoadVerdict:
     """The load rules of the module comment, for a new arrival of `klass`. `reserved`:
     waiters on other replicas that go before it, counted as already sent. `caps`: the
     adaptive caps now (`ModelSignals.caps`). `band_wait_s`: its wait at the pace its band's
     waiters are let go (`Signals.band_wait_s`), the least wait predicted. `upstream_s`: the
-    classes' times upstream lately (`ModelSignals.upstream_s`), which cut the hold budget."""
+    classes' times upstream lately (`ModelSignals.upstream_s`), which cut the hold budget.
+    `late_from`: the class's lateness limit (`ModelSignals.late_from`)."""
     overload = effective_overload(klass, caps)
     if overload is None:
         return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
@@ -204,14 +185,11 @@ def judge_load(
     depth, in_flight = _reserve(read or 0, in_flight, reserved)  # an arrival reads a number
     depth = depth or 0
     cap = cap_of(klass, caps)
-    if cap is not None and in_flight is not None:
-        kind = "adaptive max" if overload.protect is not None else "max"
-        seen = f"{seen}, {in_flight} in flight ({kind} {cap})"
-    elif overload.protect is not None:
-        seen = f"{seen}, adaptive cap off: no better class for the model now"
-    if reserved:
-        seen = f"{seen}, {reserved} held elsewhere go first"
+    seen = _seen(seen, overload, cap, in_flight, reserved)
     if has_room(overload, depth, in_flight, cap) and waiting_ahead == 0:
+        late = _sent_late(klass, depth, drain_per_s, late_from, can_relegate, seen)
+        if late is not None:
+            return late
         return LoadVerdict(LoadAction.ADMIT, 0.0, f"{seen} < admit_below {overload.admit_below}")
 
     ahead = max(0, depth - overload.admit_below + 1, over_cap(cap, in_flight))
@@ -237,6 +215,33 @@ def judge_load(
         why = f"{predicted}; not sheddable: admitted"
         return LoadVerdict(LoadAction.ADMIT, wait_s, why, ahead, budget_s)
     return LoadVerdict(LoadAction.SHED, wait_s, f"{predicted} > {limit}", ahead, budget_s)
+
+
+def _seen(
+    seen: str, overload: OverloadPolicy, cap: int | None, in_flight: int | None, reserved: int
+) -> str:
+    """The verdict's trace of what an arrival saw: the depth read, in flight, held elsewhere."""
+    if cap is not None and in_flight is not None:
+        kind = "adaptive max" if overload.protect is not None else "max"
+        seen = f"{seen}, {in_flight} in flight ({kind} {cap})"
+    elif overload.protect is not None:
+        seen = f"{seen}, adaptive cap off: no better class for the model now"
+    if reserved:
+        seen = f"{seen}, {reserved} held elsewhere go first"
+    return seen
+
+
+def _sent_late(
+    klass: ClassPolicy, depth: int, drain: float, late_from: int | None, relegate: bool, seen: str
+) -> LoadVerdict | None:
+    """The lateness rule (core/lateness.py) for an arrival with room: None, sent at once."""
+    overload = klass.overload
+    if late_from is None or depth < late_from or overload is None or overload.shed_above is None:
+        return None  # under the limit, or never shed by load
+    ahead = depth - late_from + 1
+    why = f"{seen}: most of {klass.name} sent at {late_from} or more lately ended late"
+    action = LoadAction.RELEGATE if relegate else LoadAction.SHED
+    return LoadVerdict(action, ahead / drain if drain > 0 else math.inf, why, ahead)
 
 
 def _budget(klass: ClassPolicy, upstream_s: Mapping[str, float]) -> tuple[float, str]:
@@ -276,6 +281,7 @@ def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
         caps=model.caps,
         band_wait_s=signals.band_wait_s(admission.klass.rank, admission.tenant.name),
         upstream_s=model.upstream_s,
+        late_from=model.late_from.get(admission.klass.name),
     )
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sidecar.core.admission import LoadAction, LoadVerdict
 from sidecar.core.decide import Admission
+from sidecar.core.signals import LoadAction, LoadVerdict
 from sidecar.core.types import Decision, QuotaResult, Reason
 
 

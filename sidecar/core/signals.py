@@ -64,6 +64,9 @@ class ModelSignals:
     # Each class's time upstream on the model lately, the lower quartile (core/upstream.py;
     # absent: not known): what `hold_budget_s` leaves a held request.
     upstream_s: Mapping[str, float] = field(default_factory=dict)
+    # Each class's lateness limit: the depth from which its requests sent at once have
+    # lately ended late more often than not (core/lateness.py; absent: none).
+    late_from: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +130,31 @@ class Signals:
 QUOTA_ONLY = Signals(None)
 
 
+# -- The verdict the load rules give (core/admission.py) ---------------------------------------
+
+
+class LoadAction(enum.Enum):
+    ADMIT = "admit"
+    DEFER = "defer"
+    RELEGATE = "relegate"
+    SHED = "shed"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadVerdict:
+    action: LoadAction
+    predicted_wait_s: float  # inf when nothing is draining
+    why: str  # one line for the decision's trace
+    # Requests that go before it: Triton's queue over admit_below (or in flight over the
+    # cap) and the sidecar's own waiters ahead of it; 0 when admitted at once.
+    ahead: int = 0
+    # The hold budget it was judged against (`hold_budget_s`); None: not judged on a wait.
+    budget_s: float | None = None
+
+
+QUOTA_ONLY_VERDICT = LoadVerdict(LoadAction.ADMIT, 0.0, "admission by quota only")
+
+
 def depth_read(
     overload: OverloadPolicy, state: SignalState, depth: int, reader: Reader
 ) -> tuple[int | None, str]:
@@ -143,6 +171,7 @@ def depth_read(
 
 
 NO_CAPS: Mapping[str, int | None] = {}
+NO_UPSTREAM: Mapping[str, float] = {}
 
 
 def cap_floor(overload: OverloadPolicy) -> int:

@@ -1,0 +1,86 @@
+"""The lateness limit (core/lateness.py): at which queue depths a class's requests sent at once
+have lately ended late more often than not. Pure: a frozen clock, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.core import lateness
+from sidecar.core.lateness import HORIZONS, MIN_SEEN, Lateness
+
+
+def sent_and_ended(
+    tracker: Lateness, outcomes: list[tuple[int, bool]], now: float = 0.0, klass: str = "i"
+) -> None:
+    for n, (depth, late) in enumerate(outcomes):
+        lease = f"{klass}-{now}-{n}"
+        tracker.sent(lease, "llm", klass, depth)
+        tracker.ended(lease, late, now, 1.0)
+
+
+def test_the_limit_is_where_most_requests_sent_at_once_ended_late() -> None:
+    tracker = Lateness()
+    on_time = [(depth, False) for depth in range(8) for _ in range(3)]
+    late = [(depth, True) for depth in range(10, 16) for _ in range(3)]
+    sent_and_ended(tracker, on_time + late + [(8, False), (9, True)])
+    assert tracker.of("llm", 0.0) == {"i": 9}
+    assert tracker.of("other", 0.0) == {}
+
+
+def test_no_limit_while_most_are_on_time_or_too_few_were_seen() -> None:
+    tracker = Lateness()
+    sent_and_ended(tracker, [(depth, depth % 3 == 0) for depth in range(16)])  # a third late
+    assert tracker.of("llm", 0.0) == {}
+    few = Lateness()
+    sent_and_ended(few, [(15, True)] * (MIN_SEEN - 1))
+    assert few.of("llm", 0.0) == {}
+    sent_and_ended(few, [(15, True)])
+    assert few.of("llm", 0.0) == {"i": 15}
+
+
+def test_a_few_on_time_deep_or_shallow_do_not_move_the_limit_across_many_late() -> None:
+    """Lateness is taken to grow with depth (adjacent violators pooled): two lucky requests at
+    depth 14 do not lift the limit above depths 10-13, where most ended late, and five on
+    time at depth 0 do not pull it down to 0 beside twenty late at 15."""
+    tracker = Lateness()
+    sent_and_ended(tracker, [(d, True) for d in (10, 11, 12, 13) for _ in range(4)])
+    sent_and_ended(tracker, [(14, False), (14, False), (3, False), (4, False)], klass="i")
+    assert tracker.of("llm", 0.0) == {"i": 10}
+    sparse = Lateness()
+    sent_and_ended(sparse, [(0, False)] * 5 + [(15, True)] * 20)
+    assert sparse.of("llm", 0.0) == {"i": 15}
+
+
+def test_the_limit_lifts_once_its_outcomes_are_older_than_ten_objectives() -> None:
+    tracker = Lateness()
+    sent_and_ended(tracker, [(12, True)] * 10, now=0.0)  # objective 1 s
+    assert tracker.of("llm", HORIZONS) == {"i": 12}
+    assert tracker.of("llm", HORIZONS + 0.1) == {}  # nothing sent there since: try again
+
+
+def test_only_the_noted_and_judged_count() -> None:
+    tracker = Lateness()
+    for n in range(10):
+        tracker.ended(f"never-sent-{n}", True, 0.0, 1.0)  # another replica's, or restarted
+        tracker.sent(f"unjudged-{n}", "llm", "i", 12)
+        tracker.ended(f"unjudged-{n}", None, 0.0, 1.0)  # Envoy did not say how long it took
+    assert tracker.of("llm", 0.0) == {}
+    tracker.ended("unjudged-0", True, 0.0, 1.0)  # an end is counted once
+    assert tracker.of("llm", 0.0) == {}
+
+
+def test_memory_is_bounded_by_names_from_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lateness, "MAX_KEPT", 3)
+    monkeypatch.setattr(lateness, "MAX_PENDING", 5)
+    tracker = Lateness()
+    for n in range(5):  # five models: past three every entry is forgotten
+        for k in range(MIN_SEEN):
+            tracker.sent(f"m{n}-{k}", f"m{n}", "i", 12)
+            tracker.ended(f"m{n}-{k}", True, 0.0, 1.0)
+    assert tracker.of("m0", 0.0) == {}
+    assert tracker.of("m4", 0.0) == {"i": 12}
+    for n in range(7):
+        tracker.sent(f"lost-{n}", "m4", "i", 1)  # ends never heard: forgotten past five
+    tracker.ended("lost-0", False, 0.0, 1.0)
+    tracker.ended("lost-6", False, 0.0, 1.0)
+    assert len(tracker._outcomes[("m4", "i")].kept) == MIN_SEEN + 1
