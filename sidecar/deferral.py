@@ -22,6 +22,7 @@ import itertools
 import time
 from collections.abc import Callable
 
+from sidecar.core import lateness
 from sidecar.core.admission import may_go
 from sidecar.core.experience import CompletionTimings, SloResult, slo_result
 from sidecar.core.fleet import NOBODY, Elsewhere, backlogged, merge_summaries
@@ -131,7 +132,7 @@ class Deferrer:
         lease = None if decision is None else decision.lease
         if lease is not None and decision is not None and decision.reason is Reason.ADMITTED:
             klass = self._policy().classes.get(lease.klass)
-            if klass is not None and klass.overload is not None and klass.overload.shed_above:
+            if klass is not None and lateness.applies(klass):
                 depth = self._load().queue_depth(model) + self.released_since_scrape(model)
                 self.lateness.sent(lease.lease_id, model, lease.klass, depth)
         self._released_since_scrape[model] = self.released_since_scrape(model) + 1

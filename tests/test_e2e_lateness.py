@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from devstack.stack import LocalStack
-from tests.binaries import require_binaries
 from tests.stack_client import metric_value, wait_for
-from tests.test_e2e_overload import Flood, _key, idle
+from tests.test_e2e_overload import Flood, _key, idle, watching_stack
 
 pytestmark = pytest.mark.stack
 OBJECTIVE_S = 0.2
@@ -54,15 +53,7 @@ tenants:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    require_binaries("envoy", "triton", "valkey")
-    work = tmp_path_factory.mktemp("lateness")
-    with LocalStack(
-        work,
-        write_policy(work / "policies"),
-        modes=("http",),
-        sidecar_env={"QOS_TRITON_SCRAPE_MS": "50", "QOS_TRITON_STALE_MS": "1000"},
-    ) as running:
-        yield running
+    yield from watching_stack(tmp_path_factory, "lateness", write_policy)
 
 
 def limit(stack: LocalStack) -> float:

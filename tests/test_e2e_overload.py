@@ -14,7 +14,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +76,28 @@ tenants:
     return directory
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def watching_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    write: Callable[[Path], Path],
+    modes: tuple[str, ...] = ("http",),
+) -> Iterator[LocalStack]:
+    """A stack with the policy `write` puts in place, its sidecar watching Triton every
+    50 ms (stale after 1 s): what the overload modules' fixtures share."""
     require_binaries("envoy", "triton", "valkey")
-    work = tmp_path_factory.mktemp("overload")
+    work = tmp_path_factory.mktemp(name)
     with LocalStack(
         work,
-        write_policy(work / "policies"),
-        modes=("extproc", "http"),
+        write(work / "policies"),
+        modes=modes,
         sidecar_env={"QOS_TRITON_SCRAPE_MS": "50", "QOS_TRITON_STALE_MS": "1000"},
     ) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    yield from watching_stack(tmp_path_factory, "overload", write_policy, ("extproc", "http"))
 
 
 class Flood:

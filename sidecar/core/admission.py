@@ -77,6 +77,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from sidecar.core import lateness
 from sidecar.core.decide import (
     Admission,
     CompiledPolicy,
@@ -235,8 +236,7 @@ def _sent_late(
     klass: ClassPolicy, depth: int, drain: float, late_from: int | None, relegate: bool, seen: str
 ) -> LoadVerdict | None:
     """The lateness rule (core/lateness.py) for an arrival with room: None, sent at once."""
-    overload = klass.overload
-    if late_from is None or depth < late_from or overload is None or overload.shed_above is None:
+    if late_from is None or depth < late_from or not lateness.applies(klass):
         return None  # under the limit, or never shed by load
     ahead = depth - late_from + 1
     why = f"{seen}: most of {klass.name} sent at {late_from} or more lately ended late"

@@ -47,11 +47,19 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from sidecar.policy.model import ClassPolicy
+
 KEPT = 128
 MIN_SEEN = 8
 HORIZONS = 10.0  # of the class's objective
 MAX_PENDING = 65536
 MAX_KEPT = 4096
+
+
+def applies(klass: ClassPolicy) -> bool:
+    """Rules 3 and 5: only a class the load may shed has a limit, and only its requests are
+    noted."""
+    return klass.overload is not None and klass.overload.shed_above is not None
 
 
 @dataclass(slots=True)
