@@ -134,7 +134,7 @@ class Deferrer:
             klass = self._policy().classes.get(lease.klass)
             if klass is not None and lateness.applies(klass):
                 depth = self._load().queue_depth(model) + self.released_since_scrape(model)
-                self.lateness.sent(lease.lease_id, model, lease.klass, depth)
+                self.lateness.sent(lease.lease_id, model, lease.klass, depth, self.clock())
         self._released_since_scrape[model] = self.released_since_scrape(model) + 1
         self.in_flight_counts.admitted(model, written=written)
 
@@ -159,7 +159,7 @@ class Deferrer:
             self.in_flight(model),
             caps,
             self.upstream.of(model),
-            self.lateness.of(model, now),
+            self.lateness.enforced(model, now),
         )
 
     def _presets(self, policy: Policy, model: str) -> dict[str, Protect]:

@@ -3,6 +3,8 @@ have lately ended late more often than not. Pure: a frozen clock, no event loop.
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 
 from sidecar.core import lateness
@@ -14,7 +16,7 @@ def sent_and_ended(
 ) -> None:
     for n, (depth, late) in enumerate(outcomes):
         lease = f"{klass}-{now}-{n}"
-        tracker.sent(lease, "llm", klass, depth)
+        tracker.sent(lease, "llm", klass, depth, now)
         tracker.ended(lease, late, now, 1.0)
 
 
@@ -62,7 +64,7 @@ def test_only_the_noted_and_judged_count() -> None:
     tracker = Lateness()
     for n in range(10):
         tracker.ended(f"never-sent-{n}", True, 0.0, 1.0)  # another replica's, or restarted
-        tracker.sent(f"unjudged-{n}", "llm", "i", 12)
+        tracker.sent(f"unjudged-{n}", "llm", "i", 12, 0.0)
         tracker.ended(f"unjudged-{n}", None, 0.0, 1.0)  # Envoy did not say how long it took
     assert tracker.of("llm", 0.0) == {}
     tracker.ended("unjudged-0", True, 0.0, 1.0)  # an end is counted once
@@ -75,12 +77,49 @@ def test_memory_is_bounded_by_names_from_requests(monkeypatch: pytest.MonkeyPatc
     tracker = Lateness()
     for n in range(5):  # five models: past three every entry is forgotten
         for k in range(MIN_SEEN):
-            tracker.sent(f"m{n}-{k}", f"m{n}", "i", 12)
+            tracker.sent(f"m{n}-{k}", f"m{n}", "i", 12, 0.0)
             tracker.ended(f"m{n}-{k}", True, 0.0, 1.0)
     assert tracker.of("m0", 0.0) == {}
     assert tracker.of("m4", 0.0) == {"i": 12}
     for n in range(7):
-        tracker.sent(f"lost-{n}", "m4", "i", 1)  # ends never heard: forgotten past five
+        tracker.sent(f"lost-{n}", "m4", "i", 1, 0.0)  # ends never heard: forgotten past five
     tracker.ended("lost-0", False, 0.0, 1.0)
     tracker.ended("lost-6", False, 0.0, 1.0)
     assert len(tracker._outcomes[("m4", "i")].kept) == MIN_SEEN + 1
+
+
+def test_a_limit_short_of_evidence_is_probed_and_holds_while_its_probes_end_late() -> None:
+    """Rule 4: before the outcomes at or over the limit age out and it lifts by itself, the
+    next arrivals there are sent as probes, up to twice MIN_SEEN evidence with those out;
+    late probes keep the limit, on-time ones lift it. Objective 1 s: horizon 10 s."""
+    tracker = Lateness()
+    sent_and_ended(tracker, [(12, True)] * MIN_SEEN, now=0.0)
+    sent_and_ended(tracker, [(12, True)] * MIN_SEEN, now=5.0)
+    assert tracker.enforced("llm", 5.0) == {"i": 12}  # sixteen at or over it: enforced
+    assert tracker.of("llm", 10.5) == {"i": 12} and tracker.enforced("llm", 10.5) == {}
+    for n in range(MIN_SEEN):  # probes go out: evidence and probes make sixteen again
+        tracker.sent(f"probe-{n}", "llm", "i", 12 + n, 10.5)
+    assert tracker.enforced("llm", 10.5) == {"i": 12}
+    tracker.sent("under", "llm", "i", 3, 10.5)  # under the limit: no probe
+    assert tracker._outcomes[("llm", "i")].probes == deque([10.5] * MIN_SEEN)
+    for n in range(MIN_SEEN):
+        tracker.ended(f"probe-{n}", True, 11.0, 1.0)  # late: the limit holds past 15 s
+    assert tracker.of("llm", 15.5) == {"i": 12}
+    assert tracker.enforced("llm", 15.5) == {}  # and is probed again
+    probed = Lateness()
+    sent_and_ended(probed, [(12, True)] * MIN_SEEN, now=0.0)
+    sent_and_ended(probed, [(12, False)] * MIN_SEEN, now=9.0)  # probes on time: 8 of 16 late
+    assert probed.of("llm", 9.0) == {}
+
+
+def test_a_probe_whose_end_is_never_heard_counts_for_one_horizon() -> None:
+    tracker = Lateness()
+    sent_and_ended(tracker, [(12, True)] * MIN_SEEN, now=0.0)
+    assert tracker.enforced("llm", 0.0) == {}  # eight: probed at once
+    for n in range(MIN_SEEN):
+        tracker.sent(f"lost-{n}", "llm", "i", 12, 1.0)
+    assert tracker.enforced("llm", 1.0) == {"i": 12}  # eight kept and eight probes out
+    assert tracker.enforced("llm", 10.5) == {}  # the kept ones aged out: the limit lifted
+    sent_and_ended(tracker, [(12, True)] * MIN_SEEN, now=10.5)
+    assert tracker.enforced("llm", 10.5) == {"i": 12}  # the lost probes still count ...
+    assert tracker.enforced("llm", 11.5) == {}  # ... for one horizon, then probe again

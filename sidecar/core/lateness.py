@@ -29,9 +29,18 @@ Rules:
    depth at or over its class's limit is relegated (once, if the class names a target) or shed
    at once, before any quota is taken; a class never shed by load (no `shed_above`) is sent as
    before. The depths under the limit keep being sent, and the batches they join are shorter.
-4. A depth refused is not sent, so nothing new is learnt about it: its outcomes age out
-   (rule 1), the limit lifts, and requests at that depth are sent again and say whether it
-   still holds. Load that falls lifts it the same way.
+4. A depth refused is not sent, so nothing new would be learnt about it: its outcomes would
+   age out (rule 1), the limit lift, and a surge of requests at that depth be sent and end
+   late before it held again (benchmarks/README.md, "Probing the limit"). So it is PROBED:
+   while fewer than PROBED_WITH (twice MIN_SEEN) outcomes at or over it are kept, counting
+   the probes still out, it is not enforced for the class's next arrivals (`enforced`), and
+   one sent at or over it is a probe. A limit holds on MIN_SEEN at least, so the other half
+   are there before the oldest age out. The limit then holds while its probes end late, and
+   lifts when they end on time (their pool is no longer mostly late) or when the load falls
+   and no arrival reaches it (its outcomes age out). A probe whose end is never heard
+   counts as out for one horizon. Probing costs about PROBED_WITH requests per horizon sent
+   where most ended late (more only where arrivals are judged before the probes sent just
+   ahead of them are noted).
 5. Only requests sent at once with a lease, of a class the load may shed (`shed_above`), are
    noted (the lease id joins the decision to its access-log entry). A held request is let go
    with part of its objective spent, so its lateness says less about the depth. A noted
@@ -51,6 +60,7 @@ from sidecar.policy.model import ClassPolicy
 
 KEPT = 128
 MIN_SEEN = 8
+PROBED_WITH = 2 * MIN_SEEN  # outcomes at or over a limit, probes out included (rule 4)
 HORIZONS = 10.0  # of the class's objective
 MAX_PENDING = 65536
 MAX_KEPT = 4096
@@ -69,6 +79,14 @@ class _Outcomes:
     kept: deque[tuple[float, int, bool]] = field(default_factory=lambda: deque(maxlen=KEPT))
     limit: int | None = None
     horizon_s: float = 0.0  # as the last outcome's objective gave it
+    at_limit: int = 0  # kept outcomes at or over the limit (rule 4)
+    probes: deque[float] = field(default_factory=deque)  # when each probe still out was sent
+
+    def probe_due(self, now_s: float) -> bool:
+        """Rule 4: a limit with too little evidence at or over it, probes out included."""
+        while self.probes and now_s - self.probes[0] > self.horizon_s:
+            self.probes.popleft()  # never heard of: counted out for one horizon
+        return self.limit is not None and self.at_limit + len(self.probes) < PROBED_WITH
 
     def expire(self, now_s: float) -> bool:
         """Drop outcomes older than the horizon (rules 1 and 4); True if any went."""
@@ -94,34 +112,46 @@ class _Outcomes:
                 last = blocks.pop()
                 blocks[-1][1] += last[1]
                 blocks[-1][2] += last[2]
-        self.limit = next(
+        self.limit = limit = next(
             (first for first, seen, late in blocks if 2 * late > seen and seen >= MIN_SEEN), None
         )
+        self.at_limit = 0 if limit is None else sum(depth >= limit for _, depth, _ in self.kept)
 
 
 class Lateness:
     """Every (model, class)'s kept outcomes by depth sent at, and their limits (rule 2)."""
 
     def __init__(self) -> None:
-        self._sent: dict[str, tuple[str, str, int]] = {}  # lease id -> model, class, depth
+        # lease id -> model, class, depth, whether it was a probe (rule 4)
+        self._sent: dict[str, tuple[str, str, int, bool]] = {}
         self._outcomes: dict[tuple[str, str], _Outcomes] = {}
         self._limits: dict[str, dict[str, int]] = {}  # model -> class -> limit
 
-    def sent(self, lease_id: str, model: str, klass: str, depth: int) -> None:
-        """A request of `klass` went to Triton at once with `depth` queued (rule 5)."""
+    def sent(self, lease_id: str, model: str, klass: str, depth: int, now_s: float) -> None:
+        """A request of `klass` went to Triton at once with `depth` queued (rule 5); at or
+        over the class's limit, as a probe (rule 4)."""
         if len(self._sent) >= MAX_PENDING:
             self._sent.clear()
-        self._sent[lease_id] = (model, klass, max(0, depth))
+        depth = max(0, depth)
+        outcomes = self._outcomes.get((model, klass))
+        probe = outcomes is not None and outcomes.limit is not None and depth >= outcomes.limit
+        if probe and outcomes is not None:
+            outcomes.probes.append(now_s)
+        self._sent[lease_id] = (model, klass, depth, probe)
 
     def ended(self, lease_id: str, late: bool | None, now_s: float, objective_s: float) -> None:
         """The request of `lease_id` ended, late or not (None: not judged) against its
         class's `objective_s`: rule 1."""
         noted = self._sent.pop(lease_id, None)
-        if noted is None or late is None:
+        if noted is None:
             return
-        model, klass, depth = noted
+        model, klass, depth, probe = noted
         key = (model, klass)
         outcomes = self._outcomes.get(key)
+        if probe and outcomes is not None and outcomes.probes:
+            outcomes.probes.popleft()  # one fewer out (which one does not matter)
+        if late is None:
+            return
         if outcomes is None:
             if len(self._outcomes) >= MAX_KEPT:
                 self._outcomes.clear()
@@ -143,6 +173,13 @@ class Lateness:
             if outcomes.expire(now_s):
                 self._publish(model, klass, outcomes)
         return self._limits.get(model, NO_LIMITS)
+
+    def enforced(self, model: str, now_s: float) -> dict[str, int]:
+        """`of`, less the classes whose limit is to be probed now (rule 4): what the load
+        rules apply to the next arrival."""
+        limits = self.of(model, now_s)
+        due = [k for k in limits if self._outcomes[(model, k)].probe_due(now_s)]
+        return {k: v for k, v in limits.items() if k not in due} if due else limits
 
     def _publish(self, model: str, klass: str, outcomes: _Outcomes) -> None:
         outcomes.relimit()
