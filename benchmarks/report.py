@@ -212,6 +212,8 @@ def point_stats(
             "admitted_rps": round(admitted_t / duration_s, 3),
             "slo_met_rps": round(good_t / duration_s, 3),
             "violation_pct": round(_pct(n - good_t, n), 3),
+            "sent": n,
+            "violations": n - good_t,
             "quota_rps": round(quota, 3) if quota is not None else None,
             "admitted_over_quota": round(admitted_t / duration_s / quota, 3) if quota else None,
         }
@@ -364,16 +366,26 @@ def noisy_impact(
     """Worst violation % of any other tenant at the highest load where every other tenant's
     expected demand (its share of m * C) is within its quota, so its violations are the noisy
     tenant's doing; (value, m)."""
+    worst = noisy_worst(system, meta)
+    return (None, None) if worst is None else (worst[1]["violation_pct"], worst[2])
+
+
+def noisy_worst(
+    system: Mapping[str, Any], meta: Mapping[str, Any]
+) -> tuple[str, Mapping[str, Any], float] | None:
+    """`noisy_impact`'s tenant: (name, its numbers at that point, m); None when no load
+    qualifies."""
     capacity = meta["capacity_rps"]
     quiet = [t for t in meta["tenants"] if t["name"] != meta["noisy_tenant"]]
-    best: tuple[float | None, float | None] = (None, None)
+    best: tuple[str, Mapping[str, Any], float] | None = None
     for p in sorted(system["points"], key=lambda p: p["m"]):
         within = all(
             t["quota_rps"] is None or t["share"] * p["m"] * capacity <= t["quota_rps"]
             for t in quiet
         )
         if within and quiet:
-            best = (max(p["tenants"][t["name"]]["violation_pct"] for t in quiet), p["m"])
+            name = max(quiet, key=lambda t: p["tenants"][t["name"]]["violation_pct"])["name"]
+            best = (name, p["tenants"][name], p["m"])
     return best
 
 

@@ -95,3 +95,35 @@ def test_the_recovery_target_line_names_what_held_it_back() -> None:
         "TARGET recovery_after_step[sidecar-http]: 4.0 s; last over at +3.75 s: batch 2 of 13"
         " missed (1 503, 1 timeout) (<= 3 s) missed"
     )
+
+
+def test_the_noisy_tenant_line_names_the_worst_quiet_tenant_and_its_counts() -> None:
+    """Two quiet tenants within their quotas at 1x: the worse one is named with how many of
+    its requests missed (2 of 58 is 3.45%: one miss fewer would still be over 1%). Results
+    written before the counts were kept give the share alone."""
+    tenants = [
+        {"name": "n", "share": 0.5, "quota_rps": None},
+        {"name": "big", "share": 0.4, "quota_rps": None},
+        {"name": "small", "share": 0.1, "quota_rps": None},
+    ]
+    point = {
+        "m": 1.0,
+        "tenants": {
+            "n": {"violation_pct": 40.0, "sent": 290, "violations": 116},
+            "big": {"violation_pct": 0.5, "sent": 232, "violations": 1},
+            "small": {"violation_pct": 3.448, "sent": 58, "violations": 2},
+        },
+    }
+    results = {
+        "meta": {"capacity_rps": 29.0, "noisy_tenant": "n", "tenants": tenants},
+        "systems": {"sidecar-http": {"points": [point]}},
+    }
+    line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
+    assert line == (
+        "TARGET noisy_tenant[sidecar-http]: worst other tenant small 3.45% (2 of 58) at 1x"
+        " (<= 1%) missed"
+    )
+    for numbers in point["tenants"].values():
+        del numbers["sent"], numbers["violations"]
+    line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
+    assert "worst other tenant small 3.45% at 1x (<= 1%) missed" in line
