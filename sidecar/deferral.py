@@ -133,7 +133,7 @@ class Deferrer:
         if lease is not None and decision is not None and decision.reason is Reason.ADMITTED:
             klass = self._policy().classes.get(lease.klass)
             if klass is not None and lateness.applies(klass):
-                depth = self._load().queue_depth(model) + self.released_since_scrape(model)
+                depth = self._depth(self._load(), model)
                 self.lateness.sent(lease.lease_id, model, lease.klass, depth, self.clock())
         self._released_since_scrape[model] = self.released_since_scrape(model) + 1
         self.in_flight_counts.admitted(model, written=written)
@@ -154,13 +154,18 @@ class Deferrer:
         caps = self.protection.caps(model, policy.classes.values(), presets, now) if presets else {}
         return ModelSignals(
             view.state_of(model, now, self.stale_after_s),
-            view.queue_depth(model) + self.released_since_scrape(model),
+            self._depth(view, model),
             view.completions_per_s(model),
             self.in_flight(model),
             caps,
             self.upstream.of(model),
             self.lateness.enforced(model, now),
         )
+
+    def _depth(self, view: LoadView, model: str) -> int:
+        """`model`'s queue depth as an arrival reads it (`ModelSignals.queue_depth`), and as
+        the lateness limit notes a request sent at once: Triton's, plus what went since."""
+        return view.queue_depth(model) + self.released_since_scrape(model)
 
     def _presets(self, policy: Policy, model: str) -> dict[str, Protect]:
         """`presets_for`, worked out once per policy and model (this runs per decision)."""
@@ -200,7 +205,7 @@ class Deferrer:
         policy = self._policy().classes.get(klass)
         if policy is None:
             return
-        if lease_id is not None:
+        if lease_id is not None and lateness.applies(policy):  # only those are noted
             result = slo_result(timings, policy.latency_objective_ms)
             late = None if result is None else result is not SloResult.MET
             objective_s = policy.latency_objective_ms / 1000
