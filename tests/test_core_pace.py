@@ -47,8 +47,21 @@ def test_a_request_is_judged_by_responses_at_least_as_long() -> None:
     assert pace.seconds_per_token(500, 10) == pytest.approx(0.001)  # 600 tokens in 0.6 s
     assert pace.seconds_per_token(601, 10) == pytest.approx(0.0012)  # only the 1000-token one
     assert pace.seconds_per_token(10, 10) == pytest.approx(0.001)
-    assert pace.seconds_per_token(1001, 10) is None  # nothing that long seen: not judged
     assert pace.fastest() == pytest.approx(0.001)
+
+
+def test_a_request_longer_than_any_response_is_judged_by_the_longest() -> None:
+    # Nothing of 1001 tokens was seen. The MIN_SEEN longest responses (prompts no longer) judge
+    # it: here the 1000-, 600- and 200-token ones and five of the 10-token ones, whose least
+    # pace is the 600-token one's. A short response's fixed costs never judge it alone.
+    pace = seen(*[(10, 0.05)] * MIN_SEEN, (1000, 1.2), (600, 0.6), (200, 0.5))
+    assert pace.seconds_per_token(1001, 10) == pytest.approx(0.001)
+    long_ones = seen(*[(10, 0.001)] * MIN_SEEN, *[(300, 0.3)] * MIN_SEEN)
+    assert long_ones.seconds_per_token(400, 10) == pytest.approx(0.001)  # not the 10-token 0.1 ms
+    # Fewer than MIN_SEEN responses from prompts no longer: not judged.
+    few = seen(*[(100, 0.5, 5_000)] * MIN_SEEN, *[(100, 0.5, 10)] * (MIN_SEEN - 1))
+    assert few.seconds_per_token(200, 10) is None
+    assert few.seconds_per_token(200, 5_000) == pytest.approx(0.005)
 
 
 def test_a_request_is_judged_by_responses_with_a_prompt_no_longer() -> None:
@@ -88,10 +101,14 @@ def test_the_pace_is_the_least_of_the_responses_that_may_judge_it(
 ) -> None:
     pace = seen(*responses).seconds_per_token(tokens, prompt)
     judges = [e / n for n, e, p in responses if n >= tokens and p <= prompt]
-    if not judges:
-        assert pace is None
-    else:
+    shorter = sorted(((n, e / n) for n, e, p in responses if p <= prompt), reverse=True)
+    if judges:
         assert pace == pytest.approx(min(judges))
+    elif len(shorter) < MIN_SEEN:
+        assert pace is None
+    else:  # the MIN_SEEN longest (of equal lengths at the cut, the slower ones)
+        assert pace == pytest.approx(min(p for _, p in shorter[:MIN_SEEN]))
+        assert pace is not None and pace >= min(e / n for n, e, p in responses if p <= prompt)
 
 
 def test_infeasibility_is_judged_on_max_tokens_at_the_pace() -> None:

@@ -15,7 +15,17 @@ Rules:
    nothing: its fixed costs are no larger (a prompt no longer) and are spread over at least
    as many tokens. Other responses are not used: a shorter one spreads its fixed costs over
    fewer tokens, and one with a longer prompt carries a longer prefill, so either would
-   overstate the request's time. With no such response, the request is not judged.
+   overstate the request's time.
+   A request longer than every response of the window (from prompts no longer) is judged by
+   the `MIN_SEEN` longest of them instead: the least seconds per token among those. A long
+   request's run is what holds a static batch, and every request queued behind it, so it is
+   the one that most needs judging; it is also the one no response as long may have preceded
+   (one 469-token request in a run of thousands). Their fixed costs are spread over fewer
+   tokens than the request's, so this pace errs slow by those costs over their length (a
+   5 ms prefill over 200 tokens adds 0.025 ms a token, where a decode step under load takes
+   0.6). Under load it is the pace at the batch size the model runs now: a request that
+   would fit its objective alone but not in the full batches it would join is judged by those.
+   With fewer than `MIN_SEEN` responses from prompts no longer, it is not judged.
 3. A request whose `n` max tokens at that pace take longer than its class's latency objective
    cannot meet it even alone (`infeasibility`): `core.admission.on_size` refuses it (422
    `infeasible`, with the most max tokens the class can take at that pace), relegates it or
@@ -27,6 +37,7 @@ Rules:
 
 from __future__ import annotations
 
+import heapq
 import math
 import sys
 from collections import deque
@@ -53,13 +64,20 @@ class GenerationPace:
 
     def seconds_per_token(self, tokens: int, prompt_tokens: int) -> float | None:
         """Rule 2: the least seconds per token among responses of at least `tokens` tokens
-        from a prompt of at most `prompt_tokens` (None: fewer than `min_seen` responses, or
-        none such). One pass over the window: a token model's decisions come tens or
+        from a prompt of at most `prompt_tokens`, or with none that long among the
+        `min_seen` longest from such prompts (None: fewer than `min_seen` responses, or
+        fewer such). One pass over the window: a token model's decisions come tens or
         hundreds a second, not thousands."""
         if len(self._seen) < self._min_seen:
             return None
         paces = [pace for n, p, pace in self._seen if n >= tokens and p <= prompt_tokens]
-        return min(paces) if paces else None
+        if paces:
+            return min(paces)
+        shorter = [(n, pace) for n, p, pace in self._seen if p <= prompt_tokens]
+        if len(shorter) < self._min_seen:
+            return None
+        longest = heapq.nlargest(self._min_seen, shorter)  # longer than `tokens`: none is
+        return min(pace for _, pace in longest)
 
     def fastest(self) -> float | None:
         """The least seconds per token of any response in the window (for /metrics)."""
@@ -88,8 +106,9 @@ class Infeasibility:
     def why(self) -> str:
         return (
             f"{self.max_tokens} max tokens take {self.alone_s * 1000:.0f} ms at the model's "
-            f"fastest pace on responses as long ({self.seconds_per_token * 1000:.3g} ms/token), "
-            f"over the class's {self.objective_s * 1000:.0f} ms objective"
+            f"fastest recent pace on responses as long, or its longest "
+            f"({self.seconds_per_token * 1000:.3g} ms/token), over the class's "
+            f"{self.objective_s * 1000:.0f} ms objective"
         )
 
 

@@ -68,8 +68,8 @@ class IdentitySourceKind(enum.Enum):
 
 class Infeasible(enum.Enum):
     """What a token model's request gets when its max tokens, at the fastest pace the model
-    has been seen to generate as many from a prompt no longer, take longer than its class's
-    objective (core/pace.py)."""
+    has been seen to generate as many from a prompt no longer (more than any: its longest
+    responses' pace), take longer than its class's objective (core/pace.py)."""
 
     ADMIT = "admit"  # served as asked
     RELEGATE = "relegate"  # moved to its class's relegate_to once; served as asked without one

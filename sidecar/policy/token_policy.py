@@ -93,13 +93,13 @@ class TokenPolicy:
     infeasible: Infeasible = setting(
         Choice.of(Infeasible),
         "A request whose max tokens cannot be generated within its class's "
-        "latency_objective_ms even alone: at the least seconds per generated token among "
-        "this model's last 256 settled responses that generated at least as many tokens from a "
-        "prompt no longer "
-        "(judged from 8 responses on, and only with one that long). refuse answers 422 "
-        "`infeasible` at once, saying the most max tokens the class can take; relegate moves "
-        "it to its class's relegate_to (served as asked in a class without one); admit "
-        "serves it as asked. Judged on the max tokens asked for: a client that asks for far "
-        "more than it generates is judged by that.",
+        "latency_objective_ms: at the least seconds per generated token among this model's last"
+        " 256 settled responses that generated at least as many tokens from a prompt no longer,"
+        " or with none that long among the 8 longest from such prompts (under load, the pace of"
+        " the batches the model runs now; judged from 8 responses on). refuse answers 422 "
+        "`infeasible` at once, saying the most max tokens the class can take; relegate moves it"
+        " to its class's relegate_to (served as asked in a class without one); admit serves it "
+        "as asked. Judged on the max tokens asked for: a client that asks for far more than it "
+        "generates is judged by that.",
         default=Infeasible.ADMIT,
     )
