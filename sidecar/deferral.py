@@ -10,9 +10,9 @@ this replica admitted and minus what it saw end since). `pump()` runs after ever
 in-flight refresh and completion.
 
 A held call ends in one of three ways: admitted (True), its deadline passed (False; the
-queue hears of the expiry, which turns its band newest-first), or it was cancelled because
-Envoy or the client gave up (the waiter leaves the queue at once and the cancellation
-propagates).
+queue hears of the expiry, which turns its band newest-first) or an arrival displaced it
+from its class's full queue (False), or it was cancelled because Envoy or the client gave up
+(the waiter leaves the queue at once and the cancellation propagates).
 """
 
 from __future__ import annotations
@@ -103,11 +103,18 @@ class Deferrer:
         *,
         counted: bool = True,
     ) -> bool:
-        """Wait until admitted (True) or `deadline_s` (this clock) passes (False). A full
-        class queue answers False at once."""
+        """Wait until admitted (True) or `deadline_s` (this clock) passes (False). At its
+        class's bound it displaces a waiter of the class, whose hold then ends False (or,
+        with none to displace, answers False at once; `HoldQueues.push`)."""
         self.queue.max_waiters = self._bounds()  # follow policy reloads
         waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model, counted)
-        if not self.queue.push(waiter, self.clock()):
+        pushed = self.queue.push(waiter, self.clock())
+        displaced = (
+            None if pushed.displaced is None else self._futures.get(pushed.displaced.waiter_id)
+        )
+        if displaced is not None and not displaced.done():
+            displaced.set_result(False)  # its hold ends as if its budget had passed
+        if not pushed.queued:
             return False
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._futures[waiter.waiter_id] = future

@@ -115,7 +115,7 @@ def test_hold_queues_summary_counts_per_model_band_and_tenant() -> None:
     for n, (tenant, klass, rank, model) in enumerate(
         [("a", "i", 0, "m"), ("a", "i", 0, "m"), ("b", "b", 2, "m"), ("a", "b", 2, "n")]
     ):
-        assert queues.push(Waiter(n, tenant, klass, rank, 1.0 + n, 1.0, model))
+        assert queues.push(Waiter(n, tenant, klass, rank, 1.0 + n, 1.0, model)).queued
     assert queues.summary() == {"m": {0: {"a": 2}, 2: {"b": 1}}, "n": {2: {"a": 1}}}
 
 

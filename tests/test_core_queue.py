@@ -169,9 +169,9 @@ def test_a_blocked_model_does_not_block_another_and_is_not_ahead_of_it() -> None
     q = HoldQueues(0.0, BOUNDS)
     blocked = [mw("a", "saturated", "interactive", deadline=1.0) for _ in range(3)]
     for waiter in blocked:
-        assert q.push(waiter)
+        assert q.push(waiter).queued
     other = mw("b", "idle", "batch", deadline=50.0)
-    assert q.push(other)
+    assert q.push(other).queued
     # A new arrival for `idle` queues behind `idle`'s waiters only, whatever its band.
     assert q.ahead_of("idle", rank=1) == 0 and q.ahead_of("idle", rank=3) == 1
     assert q.ahead_of("saturated", rank=3) == 3 and q.waiting_by_rank("idle") == {3: 1}
@@ -182,12 +182,50 @@ def test_a_blocked_model_does_not_block_another_and_is_not_ahead_of_it() -> None
 
 def test_a_class_bound_counts_its_waiters_over_every_model() -> None:
     q = HoldQueues(0.0, {"standard": 2})
-    first = mw("a", "m1")
-    assert q.push(first) and q.push(mw("a", "m2"))
-    assert not q.push(mw("a", "m3"))  # the class holds 2, wherever they wait
-    assert q.waiting("standard") == 2
-    assert q.remove(first.waiter_id) == first and q.remove(first.waiter_id) is None
-    assert q.push(mw("a", "m3"))
+    first, second = mw("a", "m1", deadline=1.0), mw("a", "m2", deadline=2.0)
+    for waiter in (first, second):
+        pushed = q.push(waiter)
+        assert pushed.queued and pushed.displaced is None
+    third = mw("a", "m3", deadline=3.0)
+    pushed = q.push(third)  # the class holds 2, wherever they wait: one of them makes room
+    assert pushed.queued and pushed.displaced is not None
+    assert q.waiting("standard") == 2 and pushed.displaced.waiter_id not in q
+    assert q.remove(pushed.displaced.waiter_id) is None  # already out
+
+
+def test_a_full_class_displaces_the_oldest_of_the_tenant_holding_most() -> None:
+    q = HoldQueues(0.0, {"batch": 4, "standard": 10})
+    noisy = [mw("noisy", "m", "batch", deadline=float(d)) for d in (5, 1, 3)]
+    quiet = mw("quiet", "m", "batch", deadline=0.5)  # older than any of noisy's
+    for waiter in [*noisy, quiet]:
+        assert q.push(waiter).queued
+    other_class = mw("noisy", "m", "standard", deadline=0.1)
+    assert q.push(other_class).displaced is None  # its own class is not full
+    pushed = q.push(mw("quiet", "m", "batch", deadline=9.0))
+    # The flooding tenant loses its own earliest deadline, never the quiet tenant's waiter,
+    # nor a waiter of another class.
+    assert pushed.queued and pushed.displaced == noisy[1]
+    assert quiet.waiter_id in q and other_class.waiter_id in q
+    # A full queue bounds memory; it does not turn the band newest-first as an expiry does.
+    assert q.queue("m").newest_first() == frozenset()
+    assert q.waiting("batch") == 4
+
+
+def test_a_full_class_displaces_on_the_model_holding_most_when_none_waits_here() -> None:
+    q = HoldQueues(0.0, {"batch": 3})
+    m1 = mw("a", "m1", "batch", deadline=1.0)
+    m2 = [mw("b", "m2", "batch", deadline=float(d)) for d in (4, 2)]
+    for waiter in [m1, *m2]:
+        assert q.push(waiter).queued
+    pushed = q.push(mw("c", "m3", "batch"))
+    assert pushed.queued and pushed.displaced == m2[1]  # m2 holds the most of the class
+    assert q.models() == ["m1", "m2", "m3"]
+
+
+def test_a_class_bound_of_zero_holds_nothing() -> None:
+    q = HoldQueues(0.0, {"batch": 0})
+    pushed = q.push(mw("a", "m", "batch"))
+    assert not pushed.queued and pushed.displaced is None and len(q) == 0
 
 
 @settings(max_examples=200, deadline=None)
@@ -210,7 +248,11 @@ def test_model_queues_serve_each_model_by_band_and_count_consistently(
     for op, tenant, klass, model in ops:
         if op == "push":
             waiter = mw(tenant, model, klass)
-            assert q.push(waiter)
+            pushed = q.push(waiter)
+            assert pushed.queued
+            if pushed.displaced is not None:  # its class was full: it made room
+                assert pushed.displaced.klass == klass
+                del live[pushed.displaced.waiter_id]
             live[waiter.waiter_id] = waiter
         elif op == "pop":
             got = q.pop(model)
@@ -238,7 +280,7 @@ def test_an_expiry_turns_its_band_newest_first_until_the_band_is_empty() -> None
     q = HoldQueues(0.0, BOUNDS)
     old = [replace(w("a", "batch", deadline=float(i)), model="m") for i in range(4)]
     for waiter in old:
-        assert q.push(waiter)
+        assert q.push(waiter).queued
     assert q.queue("m").peek() == old[0]  # oldest (earliest deadline) first
     assert q.remove(old[0].waiter_id, expired=True) == old[0]
     assert q.queue("m").newest_first() == frozenset({3})

@@ -60,7 +60,7 @@ its tenant nothing):
 
 Hold rules (`on_hold_end`):
 - Let go (the model had room for the head of the queue): admitted as deferred.
-- Expired (or the class's queue was full): relegated once if the class names a target and the
+- Expired (or displaced from a full queue): relegated once if the class names a target and the
   request was not relegated yet; the relegated request must have room in its new class now,
   or it is shed (otherwise every request that waited out its hold would pour into Triton's
   queue at the lower priority). Not sheddable: admitted anyway. Else shed 503.

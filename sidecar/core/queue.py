@@ -37,8 +37,20 @@ Rules:
   not used: a band busy for less than one budget has seen too little (a batch on the GPU
   lets nobody go for its whole run, then several at once).
 - Each class has a bound on its waiters, counted over every model (the bound is on the
-  sidecar's memory and on what it holds, not per model); a full class refuses new ones (the
-  caller sheds).
+  sidecar's memory and on what it holds, not per model). An arrival at a full class
+  DISPLACES one waiter of its class, which ends its hold as if its budget had passed (the
+  caller relegates or sheds it): the earliest-deadline waiter of the tenant holding the most
+  of the class in the arrival's model's queue (or, with none of the class there, in the
+  model's queue holding the most of it). A tenant flooding the queue loses its own oldest,
+  never another tenant's. Refusing the arrival instead kept a full queue's oldest waiters
+  ahead of every new one: after a surge the class was shed for as long as the backlog took
+  to drain, though each new arrival could still make its deadline (issue 12: batch 503s at
+  1x for 9 s after the 3x step, every one "no room" with 256 held from the surge). The
+  band's order stays as it was: a full queue bounds memory, it does not show that waiters
+  miss (turning the band newest-first here, as an expiry does, let its pace shed batch
+  arrivals at once in steady overload: a third less batch served at 3x in a paired run).
+  With nothing of its class held anywhere (a bound of 0), the arrival is refused (the
+  caller sheds it).
 - Pure and synchronous: the async holder around it owns the futures and the clock.
 """
 
@@ -152,6 +164,14 @@ class Fairness:
         counters[tenant] = now + value if kind == "+" else max(now, value)
         if record and self._ops is not None:
             self._ops.append(op)
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    """What `HoldQueues.push` did: queued the arrival, and the waiter it displaced."""
+
+    queued: bool
+    displaced: Waiter | None = None
 
 
 @dataclass(slots=True)
@@ -273,6 +293,18 @@ class DeferralQueue:
         self._forget(band, waiter)
         return waiter
 
+    def displaceable(self, klass: str, rank: int) -> Waiter | None:
+        """The earliest-deadline waiter of `klass` of the tenant holding the most of them in
+        band `rank` here (`HoldQueues.push`); None when none waits."""
+        by_tenant: dict[str, list[Waiter]] = {}
+        for waiter in self._by_id.values():
+            if waiter.klass == klass and waiter.rank == rank:
+                by_tenant.setdefault(waiter.tenant, []).append(waiter)
+        if not by_tenant:
+            return None
+        most = max(by_tenant.values(), key=len)
+        return min(most, key=lambda w: (w.deadline_s, w.waiter_id))
+
     def ahead_view(self) -> Elsewhere:
         """These waiters as `Elsewhere` sees waiters: who would go before a new arrival
         (`core.signals.Signals.here`), by the same counters, work and order as `pop`."""
@@ -387,11 +419,16 @@ class HoldQueues:
         """Per model, per band, per tenant, how many wait (what `core.fleet` shares)."""
         return {model: queue.by_tenant() for model, queue in self._queues.items()}
 
-    def push(self, waiter: Waiter, now_s: float | None = None) -> bool:
-        """Queue `waiter` in its model's queue; False when its class is at its bound (over
-        every model). `now_s`: see `DeferralQueue.push`."""
+    def push(self, waiter: Waiter, now_s: float | None = None) -> Pushed:
+        """Queue `waiter` in its model's queue. At its class's bound (over every model), it
+        displaces a waiter of its class (module rules), which is returned, already removed;
+        with none to displace, nothing is queued. `now_s`: see `DeferralQueue.push`."""
+        displaced = None
         if self.waiting(waiter.klass) >= self.max_waiters.get(waiter.klass, 0):
-            return False
+            displaced = self._displaceable(waiter)
+            if displaced is None:
+                return Pushed(False)
+            self.remove(displaced.waiter_id)
         queue = self._queues.get(waiter.model)
         if queue is None:
             queue = DeferralQueue(self.alpha_s_per_unit, {}, self.fairness)
@@ -400,7 +437,17 @@ class HoldQueues:
         queue.push(waiter, now_s)
         self._model_of[waiter.waiter_id] = waiter.model
         self._per_class[waiter.klass] = self.waiting(waiter.klass) + 1
-        return True
+        return Pushed(True, displaced)
+
+    def _displaceable(self, arrival: Waiter) -> Waiter | None:
+        """The waiter a full class's `arrival` displaces (module rules), or None."""
+        here = self._queues.get(arrival.model)
+        found = None if here is None else here.displaceable(arrival.klass, arrival.rank)
+        if found is not None:
+            return found
+        held = [q for q in self._queues.values() if q.waiting(arrival.klass)]
+        most = max(held, key=lambda q: q.waiting(arrival.klass), default=None)
+        return None if most is None else most.displaceable(arrival.klass, arrival.rank)
 
     def pop(self, model: str, now_s: float | None = None) -> Waiter | None:
         """The next waiter of `model`'s queue, charged to its tenant (see DeferralQueue)."""

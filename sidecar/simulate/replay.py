@@ -269,7 +269,10 @@ class Replay:
             planned.cost,
             model,
         )
-        if not self.queues.push(waiter, now):  # the class's queue is full: over at once
+        pushed = self.queues.push(waiter, now)
+        if pushed.displaced is not None:  # its hold ends as if its budget had passed
+            self._expire(pushed.displaced.waiter_id, now)
+        if not pushed.queued:  # the class's queue is full, nothing to displace: over at once
             answer = admission.on_hold_end(
                 hold, HoldOutcome.EXPIRED, self.signals(model, now), self.policy, 0.0
             )
