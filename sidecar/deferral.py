@@ -9,9 +9,9 @@ yet), and the model's requests in flight (the store's count at the last refresh,
 this replica admitted and minus what it saw end since). `pump()` runs after every load scrape,
 in-flight refresh and completion.
 
-A held call ends in one of three ways: admitted (True), its deadline passed (False; the
-queue hears of the expiry, which turns its band newest-first) or an arrival displaced it
-from its class's full queue (False), or it was cancelled because Envoy or the client gave up
+A held call ends in one of four ways: admitted (LET_GO), its deadline passed (EXPIRED; the
+queue hears of the expiry, which turns its band newest-first), an arrival displaced it from
+its class's full queue (DISPLACED), or it was cancelled because Envoy or the client gave up
 (the waiter leaves the queue at once and the cancellation propagates).
 """
 
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from sidecar.core import lateness
-from sidecar.core.admission import may_go
+from sidecar.core.admission import HoldOutcome, may_go
 from sidecar.core.experience import CompletionTimings, SloResult, slo_result
 from sidecar.core.fleet import NOBODY, Elsewhere, backlogged, merge_summaries
 from sidecar.core.in_flight import InFlightCounts
@@ -58,7 +58,7 @@ class Deferrer:
         self.shared = shared
         self._first: dict[str, dict[int, dict[str, int]]] = {}  # replicas that win ties
         self._after: dict[str, dict[int, dict[str, int]]] = {}
-        self._futures: dict[int, asyncio.Future[bool]] = {}
+        self._futures: dict[int, asyncio.Future[HoldOutcome]] = {}
         self._released_since_scrape: dict[str, int] = {}
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
         self.protection = Protection()  # adaptive caps (`overload.protect`)
@@ -102,10 +102,10 @@ class Deferrer:
         deadline_s: float,
         *,
         counted: bool = True,
-    ) -> bool:
-        """Wait until admitted (True) or `deadline_s` (this clock) passes (False). At its
-        class's bound it displaces a waiter of the class, whose hold then ends False (or,
-        with none to displace, answers False at once; `HoldQueues.push`)."""
+    ) -> HoldOutcome:
+        """Wait until admitted (LET_GO) or `deadline_s` (this clock) passes (EXPIRED). At its
+        class's bound it displaces a waiter of the class, whose hold then ends DISPLACED (or,
+        with none to displace, answers EXPIRED at once; `HoldQueues.push`)."""
         self.queue.max_waiters = self._bounds()  # follow policy reloads
         waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model, counted)
         pushed = self.queue.push(waiter, self.clock())
@@ -113,17 +113,17 @@ class Deferrer:
             None if pushed.displaced is None else self._futures.get(pushed.displaced.waiter_id)
         )
         if displaced is not None and not displaced.done():
-            displaced.set_result(False)  # its hold ends as if its budget had passed
+            displaced.set_result(HoldOutcome.DISPLACED)
         if not pushed.queued:
-            return False
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            return HoldOutcome.EXPIRED
+        future: asyncio.Future[HoldOutcome] = asyncio.get_running_loop().create_future()
         self._futures[waiter.waiter_id] = future
         self.pump()
         try:
             return await asyncio.wait_for(future, timeout=max(0.0, deadline_s - self.clock()))
         except TimeoutError:
             self.queue.remove(waiter.waiter_id, expired=True)  # its band turns newest-first
-            return False
+            return HoldOutcome.EXPIRED
         finally:
             # Admitted, expired or cancelled (client gone): it leaves the queue now.
             self.queue.remove(waiter.waiter_id)
@@ -287,7 +287,7 @@ class Deferrer:
                 self.queue.pop(model, now)
                 future = self._futures.get(waiter.waiter_id)
                 if future is not None and not future.done():
-                    future.set_result(True)
+                    future.set_result(HoldOutcome.LET_GO)
                     # The service writes its model entry, if the policy counts models.
                     self.note_admitted(model, written=not waiter.counted)
                     released += 1

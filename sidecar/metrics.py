@@ -255,7 +255,9 @@ class Metrics:
         )
         self.held_seconds = Histogram(
             "qos_hold_duration_seconds",
-            "How long held requests waited, by class and how the hold ended.",
+            "How long held requests waited, by class and how the hold ended: admitted, "
+            "expired, displaced (an arrival at the class's full queue took its place) or "
+            "cancelled.",
             ["class", "result"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=registry,

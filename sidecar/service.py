@@ -394,7 +394,7 @@ class AdmissionService(SharedReads, LeasedQuota):
         try:
             if on_hold is not None:
                 await on_hold(hold.max_wait_s)
-            let_go = await self.deferrer.hold(
+            outcome = await self.deferrer.hold(
                 planned.tenant.name,
                 klass.name,
                 klass.rank,
@@ -403,7 +403,6 @@ class AdmissionService(SharedReads, LeasedQuota):
                 hold.deadline_s,
                 counted=planned.check.model is not None,
             )
-            outcome = HoldOutcome.LET_GO if let_go else HoldOutcome.EXPIRED
         except asyncio.CancelledError:
             # Client or Envoy gone while held: its slot and tokens were never used.
             await asyncio.shield(self._give_back(hold.give_back()))

@@ -63,6 +63,14 @@ def held(stack: LocalStack) -> float:
     return metric_value(stack.admin_url, "qos_held_requests", **{"class": "batch"})
 
 
+def displaced(stack: LocalStack) -> float:
+    return metric_value(
+        stack.admin_url,
+        "qos_hold_duration_seconds_count",
+        **{"class": "batch", "result": "displaced"},
+    )
+
+
 def timed(url: str, key: str, delay_ms: float) -> tuple[Reply, float]:
     """The reply and the monotonic time it came back."""
     reply = infer(url, api_key=key, delay_ms=delay_ms, timeout_s=60)
@@ -73,6 +81,7 @@ def test_a_new_arrival_displaces_the_flooding_tenants_oldest_and_goes_first(
     stack: LocalStack,
 ) -> None:
     url = stack.url("http")
+    displaced_before = displaced(stack)
     with ThreadPoolExecutor(max_workers=QUEUED + 2) as pool:
         long = pool.submit(timed, url, "k-flood", LONG_MS)
         wait_for(
@@ -94,6 +103,7 @@ def test_a_new_arrival_displaces_the_flooding_tenants_oldest_and_goes_first(
         assert oldest_reply.headers.get("retry-after") is not None
         assert not long.done() or oldest_at < long.result()[1], "shed only after the GPU freed"
         assert oldest_at - sent < LONG_MS / 1000
+        assert displaced(stack) == displaced_before + 1  # how an operator sees it
         # The newcomer is held, not refused, and takes its tenant's turn once the GPU frees:
         # the flood's next waiter, then the newcomer (its tenant was given nothing yet),
         # before the flood's last.

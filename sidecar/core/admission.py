@@ -340,14 +340,14 @@ class Hold:
         return self.deadline_s - self.started_s
 
     def give_back(self) -> GiveBack:
-        return GiveBack(
-            self.admission.tenant.name, self.admission.check.buckets, self.decision.lease
-        )
+        admission = self.admission
+        return GiveBack(admission.tenant.name, admission.check.buckets, self.decision.lease)
 
 
 class HoldOutcome(enum.Enum):
     LET_GO = "admitted"  # values are the qos_hold_duration_seconds outcome label
     EXPIRED = "expired"
+    DISPLACED = "displaced"  # an arrival at its class's full queue took its place: as EXPIRED
     CANCELLED = "cancelled"
 
 

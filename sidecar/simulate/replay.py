@@ -271,7 +271,7 @@ class Replay:
         )
         pushed = self.queues.push(waiter, now)
         if pushed.displaced is not None:  # its hold ends as if its budget had passed
-            self._expire(pushed.displaced.waiter_id, now)
+            self._expire(pushed.displaced.waiter_id, now, HoldOutcome.DISPLACED)
         if not pushed.queued:  # the class's queue is full, nothing to displace: over at once
             answer = admission.on_hold_end(
                 hold, HoldOutcome.EXPIRED, self.signals(model, now), self.policy, 0.0
@@ -282,7 +282,9 @@ class Replay:
         heapq.heappush(self._deadlines, (hold.deadline_s, waiter.waiter_id))
         self._pump(now)
 
-    def _expire(self, waiter_id: int, now: float) -> None:
+    def _expire(
+        self, waiter_id: int, now: float, outcome: HoldOutcome = HoldOutcome.EXPIRED
+    ) -> None:
         held = self._holds.pop(waiter_id, None)
         if held is None:  # let go before its deadline
             return
@@ -290,7 +292,7 @@ class Replay:
         waiter = self.queues.remove(waiter_id, expired=True)
         model = waiter.model if waiter is not None else hold.admission.model or ""
         answer = admission.on_hold_end(
-            hold, HoldOutcome.EXPIRED, self.signals(model, now), self.policy, now - hold.started_s
+            hold, outcome, self.signals(model, now), self.policy, now - hold.started_s
         )
         self._perform(index, answer, model, now)
 
