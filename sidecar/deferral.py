@@ -102,13 +102,14 @@ class Deferrer:
         deadline_s: float,
         *,
         counted: bool = True,
+        displace: bool = True,
     ) -> HoldOutcome:
         """Wait until admitted (LET_GO) or `deadline_s` (this clock) passes (EXPIRED). At its
         class's bound it displaces a waiter of the class, whose hold then ends DISPLACED (or,
-        with none to displace, answers EXPIRED at once; `HoldQueues.push`)."""
+        with none to displace or not `displace`, answers EXPIRED at once; `HoldQueues.push`)."""
         self.queue.max_waiters = self._bounds()  # follow policy reloads
         waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model, counted)
-        pushed = self.queue.push(waiter, self.clock())
+        pushed = self.queue.push(waiter, self.clock(), displace=displace)
         displaced = (
             None if pushed.displaced is None else self._futures.get(pushed.displaced.waiter_id)
         )

@@ -402,6 +402,7 @@ class AdmissionService(SharedReads, LeasedQuota):
                 planned.cost,
                 hold.deadline_s,
                 counted=planned.check.model is not None,
+                displace=not planned.relegated,  # relegated work never displaces the class's
             )
         except asyncio.CancelledError:
             # Client or Envoy gone while held: its slot and tokens were never used.

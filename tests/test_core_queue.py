@@ -222,6 +222,14 @@ def test_a_full_class_displaces_on_the_model_holding_most_when_none_waits_here()
     assert q.models() == ["m1", "m2", "m3"]
 
 
+def test_a_request_relegated_into_a_full_class_displaces_nobody() -> None:
+    q = HoldQueues(0.0, {"batch": 1})
+    own = mw("a", "m", "batch", deadline=1.0)
+    assert q.push(own).queued
+    pushed = q.push(mw("b", "m", "batch", deadline=9.0), displace=False)
+    assert not pushed.queued and pushed.displaced is None and own.waiter_id in q
+
+
 def test_a_class_bound_of_zero_holds_nothing() -> None:
     q = HoldQueues(0.0, {"batch": 0})
     pushed = q.push(mw("a", "m", "batch"))

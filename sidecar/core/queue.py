@@ -50,7 +50,11 @@ Rules:
   miss (turning the band newest-first here, as an expiry does, let its pace shed batch
   arrivals at once in steady overload: a third less batch served at 3x in a paired run).
   With nothing of its class held anywhere (a bound of 0), the arrival is refused (the
-  caller sheds it).
+  caller sheds it). So is a request RELEGATED into the class: it has already lost its own
+  class, and its client waits by that class's deadline, not this one's; displacing the
+  class's own work for it lost both (issue 12, ext_proc at 3x: standard requests relegated
+  into a full batch queue timed out at their 1.8 s, 548 against 249, while the batch
+  waiters they displaced could have made 18 s).
 - Pure and synchronous: the async holder around it owns the futures and the clock.
 """
 
@@ -419,13 +423,14 @@ class HoldQueues:
         """Per model, per band, per tenant, how many wait (what `core.fleet` shares)."""
         return {model: queue.by_tenant() for model, queue in self._queues.items()}
 
-    def push(self, waiter: Waiter, now_s: float | None = None) -> Pushed:
+    def push(self, waiter: Waiter, now_s: float | None = None, *, displace: bool = True) -> Pushed:
         """Queue `waiter` in its model's queue. At its class's bound (over every model), it
         displaces a waiter of its class (module rules), which is returned, already removed;
-        with none to displace, nothing is queued. `now_s`: see `DeferralQueue.push`."""
+        with none to displace, or not `displace` (relegated into the class), nothing is
+        queued. `now_s`: see `DeferralQueue.push`."""
         displaced = None
         if self.waiting(waiter.klass) >= self.max_waiters.get(waiter.klass, 0):
-            displaced = self._displaceable(waiter)
+            displaced = self._displaceable(waiter) if displace else None
             if displaced is None:
                 return Pushed(False)
             self.remove(displaced.waiter_id)

@@ -191,9 +191,10 @@ class ClassPolicy:
     max_queued: int = setting(
         Int(minimum=0),
         "The most requests of this class held (deferred) at once per replica. At the "
-        "bound, a new arrival takes the place of the earliest-deadline waiter of the tenant "
-        "holding the most of the class (that one is relegated or shed, as when its hold "
-        "expires), and the class's waiters then go newest first; with 0, nothing is held.",
+        "bound, a new arrival of the class (not one relegated into it, which is shed) takes "
+        "the place of the earliest-deadline waiter of the tenant holding the most of the "
+        "class; that one is relegated or shed, as when its hold expires. With 0, nothing "
+        "is held.",
         default=256,
     )
     route_priority: RoutePriority = setting(

@@ -269,7 +269,7 @@ class Replay:
             planned.cost,
             model,
         )
-        pushed = self.queues.push(waiter, now)
+        pushed = self.queues.push(waiter, now, displace=not planned.relegated)
         if pushed.displaced is not None:  # its hold ends as if its budget had passed
             self._expire(pushed.displaced.waiter_id, now, HoldOutcome.DISPLACED)
         if not pushed.queued:  # the class's queue is full, nothing to displace: over at once
