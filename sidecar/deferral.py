@@ -5,7 +5,10 @@ shared across the models, hybrid key); whether a model's head may go is the pure
 `core.admission.may_go`, on that model's signals. This module owns the futures the held Envoy calls
 wait on, and what this replica knows of each model between two reads of the shared state
 (`model_signals`): the requests it let go since the last scrape (the scrape has not seen them
-yet), and the model's requests in flight (the store's count at the last refresh, plus what
+yet), less the ones that ended since (each end is a batch's row done, so the queue moved on by
+one: a queue depth that counted only what went grew through every scrape interval, by about
+17 at 70 let go a second, and held or shed arrivals at a queue Triton had emptied), and the
+model's requests in flight (the store's count at the last refresh, plus what
 this replica admitted and minus what it saw end since). `pump()` runs after every load scrape,
 in-flight refresh and completion.
 
@@ -60,6 +63,7 @@ class Deferrer:
         self._after: dict[str, dict[int, dict[str, int]]] = {}
         self._futures: dict[int, asyncio.Future[HoldOutcome]] = {}
         self._released_since_scrape: dict[str, int] = {}
+        self._ended_since_scrape: dict[str, int] = {}
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
         self.protection = Protection()  # adaptive caps (`overload.protect`)
         self.upstream = UpstreamTimes()  # each class's time in Triton: its hold budget
@@ -91,6 +95,7 @@ class Deferrer:
         """A request of `model` ended (its lease was released here, by a release sent when
         `in_flight_counts.release_starts()` gave `sent`)."""
         self.in_flight_counts.ended(model, sent)
+        self._ended_since_scrape[model] = self._ended_since_scrape.get(model, 0) + 1
 
     async def hold(
         self,
@@ -153,6 +158,7 @@ class Deferrer:
     def on_scrape(self) -> None:
         """A fresh load view arrived: it counts everything released so far."""
         self._released_since_scrape.clear()
+        self._ended_since_scrape.clear()
         self.pump()
 
     def model_signals(self, model: str, view: LoadView, now: float) -> ModelSignals:
@@ -172,8 +178,10 @@ class Deferrer:
 
     def _depth(self, view: LoadView, model: str) -> int:
         """`model`'s queue depth as an arrival reads it (`ModelSignals.queue_depth`), and as
-        the lateness limit notes a request sent at once: Triton's, plus what went since."""
-        return view.queue_depth(model) + self.released_since_scrape(model)
+        the lateness limit notes a request sent at once: Triton's, plus what went since, less
+        what ended since (a batch that ends takes the next rows off the queue)."""
+        went = self.released_since_scrape(model) - self._ended_since_scrape.get(model, 0)
+        return max(0, view.queue_depth(model) + went)
 
     def _presets(self, policy: Policy, model: str) -> dict[str, Protect]:
         """`presets_for`, worked out once per policy and model (this runs per decision)."""

@@ -25,6 +25,12 @@ Rules:
    the model is the first depth of the shallowest pool where more than half were late,
    among at least MIN_SEEN of them; None without one. More often late than not: what is sent
    from there costs the model more than it serves, on average.
+   2b. A limit needs requests sent beneath it that ended on time: when the shallowest pool is
+   the mostly late one (late from an empty queue on, or from the shallowest depth seen), the
+   depth is not what made them late (a long batch ahead of them did), and there is no limit.
+   Without this rule a transient of long batches gave a limit of 0: every arrival of the
+   class was shed for a horizon while the model idled (benchmarks/README.md, "Depth between
+   scrapes").
 3. What it is for (`core.admission.judge_load`): an arrival that would be sent at once at a
    depth at or over its class's limit is relegated (once, if the class names a target) or shed
    at once, before any quota is taken; a class never shed by load (no `shed_above`) is sent as
@@ -112,9 +118,12 @@ class _Outcomes:
                 last = blocks.pop()
                 blocks[-1][1] += last[1]
                 blocks[-1][2] += last[2]
-        self.limit = limit = next(
-            (first for first, seen, late in blocks if 2 * late > seen and seen >= MIN_SEEN), None
+        limit = next(
+            (i for i, (_, seen, late) in enumerate(blocks) if 2 * late > seen and seen >= MIN_SEEN),
+            None,
         )
+        # Rule 2b: late from the shallowest depth seen on, the depth is not what makes it late.
+        self.limit = limit = None if limit is None or limit == 0 else blocks[limit][0]
         self.at_limit = 0 if limit is None else sum(depth >= limit for _, depth, _ in self.kept)
 
 
