@@ -62,8 +62,8 @@ class Deferrer:
         self._first: dict[str, dict[int, dict[str, int]]] = {}  # replicas that win ties
         self._after: dict[str, dict[int, dict[str, int]]] = {}
         self._futures: dict[int, asyncio.Future[HoldOutcome]] = {}
-        self._released_since_scrape: dict[str, int] = {}
-        self._ended_since_scrape: dict[str, int] = {}
+        # Per model, let go less ended since the last scrape (what the scrape has not seen).
+        self._since_scrape: dict[str, int] = {}
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
         self.protection = Protection()  # adaptive caps (`overload.protect`)
         self.upstream = UpstreamTimes()  # each class's time in Triton: its hold budget
@@ -74,9 +74,6 @@ class Deferrer:
 
     def _bounds(self) -> dict[str, int]:
         return {name: c.max_queued for name, c in self._policy().classes.items()}
-
-    def released_since_scrape(self, model: str) -> int:
-        return self._released_since_scrape.get(model, 0)
 
     def in_flight(self, model: str) -> int | None:
         """The model's requests in flight, as far as this replica knows; None when nobody
@@ -95,7 +92,7 @@ class Deferrer:
         """A request of `model` ended (its lease was released here, by a release sent when
         `in_flight_counts.release_starts()` gave `sent`)."""
         self.in_flight_counts.ended(model, sent)
-        self._ended_since_scrape[model] = self._ended_since_scrape.get(model, 0) + 1
+        self._since_scrape[model] = self._since_scrape.get(model, 0) - 1
 
     async def hold(
         self,
@@ -148,7 +145,7 @@ class Deferrer:
             if klass is not None and lateness.applies(klass):
                 depth = self._depth(self._load(), model)
                 self.lateness.sent(lease.lease_id, model, lease.klass, depth, self.clock())
-        self._released_since_scrape[model] = self.released_since_scrape(model) + 1
+        self._since_scrape[model] = self._since_scrape.get(model, 0) + 1
         self.in_flight_counts.admitted(model, written=written)
 
     def note_written(self, model: str) -> None:
@@ -157,8 +154,7 @@ class Deferrer:
 
     def on_scrape(self) -> None:
         """A fresh load view arrived: it counts everything released so far."""
-        self._released_since_scrape.clear()
-        self._ended_since_scrape.clear()
+        self._since_scrape.clear()
         self.pump()
 
     def model_signals(self, model: str, view: LoadView, now: float) -> ModelSignals:
@@ -180,8 +176,7 @@ class Deferrer:
         """`model`'s queue depth as an arrival reads it (`ModelSignals.queue_depth`), and as
         the lateness limit notes a request sent at once: Triton's, plus what went since, less
         what ended since (a batch that ends takes the next rows off the queue)."""
-        went = self.released_since_scrape(model) - self._ended_since_scrape.get(model, 0)
-        return max(0, view.queue_depth(model) + went)
+        return max(0, view.queue_depth(model) + self._since_scrape.get(model, 0))
 
     def _presets(self, policy: Policy, model: str) -> dict[str, Protect]:
         """`presets_for`, worked out once per policy and model (this runs per decision)."""

@@ -118,12 +118,12 @@ class _Outcomes:
                 last = blocks.pop()
                 blocks[-1][1] += last[1]
                 blocks[-1][2] += last[2]
-        limit = next(
+        first_late = next(
             (i for i, (_, seen, late) in enumerate(blocks) if 2 * late > seen and seen >= MIN_SEEN),
             None,
         )
-        # Rule 2b: late from the shallowest depth seen on, the depth is not what makes it late.
-        self.limit = limit = None if limit is None or limit == 0 else blocks[limit][0]
+        # Rule 2b: the shallowest pool late (index 0) is no limit, as none late is.
+        self.limit = limit = blocks[first_late][0] if first_late else None
         self.at_limit = 0 if limit is None else sum(depth >= limit for _, depth, _ in self.kept)
 
 
