@@ -35,13 +35,16 @@ from sidecar.envoy import authz_grpc, authz_http, ext_proc
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.authz_http import AuthzHttp
-from sidecar.envoy.common import TokenCheck, grpc_health_handler
+from sidecar.envoy.common import UNAUTHENTICATED_REASON, TokenCheck, grpc_health_handler
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
+from sidecar.envoy.grpc_methods import envoy_methods
+from sidecar.envoy.grpc_wire import GrpcWireServer
 from sidecar.envoy.http_wire import WireListener
+from sidecar.envoy.listening import SocketListener
 from sidecar.metrics import Metrics
 from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
-from sidecar.settings import Settings
+from sidecar.settings import ListenAddr, Settings
 from sidecar.state.base import QuotaStore
 from sidecar.state.breaker import CircuitBreaker, GuardedStore
 from sidecar.state.memory import MemoryQuotaStore
@@ -258,15 +261,7 @@ async def _start_http(
         return problems, {"triton": dict(view.ready)}
 
     authz = AuthzHttp(service, lease_key=lease_key, auth=auth).listener()
-    listen = settings.authz_http_listen
-    if listen.unix_path is not None:
-        _prepare_socket_dir(listen.unix_path)
-        # asyncio removes a stale socket file left by a killed predecessor.
-        await authz.start_unix(listen.unix_path)
-        os.chmod(listen.unix_path, SOCKET_MODE)
-    else:
-        # Workers share the Envoy-facing port (sidecar/workers.py rule 1), never the admin one.
-        await authz.start_tcp(listen.host, listen.port, reuse_port=settings.workers > 1)
+    await _listen(authz, settings.authz_http_listen, settings)
     admin_host, admin_port = settings.admin_host_port
     # handler_cancellation: when a caller gives up, stop answering it.
     runner = web.AppRunner(
@@ -284,11 +279,38 @@ def _prepare_socket_dir(path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
 
 
+async def _listen(listener: SocketListener, listen: ListenAddr, settings: Settings) -> None:
+    """An Envoy-facing listener on its Unix socket (Envoy's group may connect) or TCP port."""
+    if listen.unix_path is not None:
+        _prepare_socket_dir(listen.unix_path)
+        await listener.start_unix(listen.unix_path)
+        os.chmod(listen.unix_path, SOCKET_MODE)
+    else:
+        # Workers share the Envoy-facing ports (sidecar/workers.py rule 1), never the admin one.
+        await listener.start_tcp(listen.host, listen.port, reuse_port=settings.workers > 1)
+
+
 async def _start_grpc(
     settings: Settings, service: AdmissionService, lease_key: bytes, auth: TokenCheck
 ) -> Any:
     """ext_authz over gRPC, ext_proc and the access-log completion stream, on one server
     (a Unix socket or TCP); every call passes the token check first."""
+    if settings.grpc_server == "grpcio":
+        return await _start_grpcio(settings, service, lease_key, auth)
+    server = GrpcWireServer(
+        envoy_methods(service, lease_key),
+        auth,
+        max_message_bytes=GRPC_MAX_MESSAGE_BYTES,
+        unauthenticated_reason=UNAUTHENTICATED_REASON,
+    )
+    await _listen(server, settings.grpc_listen, settings)
+    return server
+
+
+async def _start_grpcio(
+    settings: Settings, service: AdmissionService, lease_key: bytes, auth: TokenCheck
+) -> Any:
+    """`_start_grpc` on grpc.aio."""
     server = grpc.aio.server(
         interceptors=[auth.grpc_interceptor()],
         options=[

@@ -34,6 +34,7 @@ MAX_SOCKET_PATH_BYTES = 107
 SOCKET_DIR = "/tmp/qos-sidecar"
 # The `topology` setting's values (see Settings.topology).
 TOPOLOGIES = ("gateway", "pod")
+GRPC_SERVERS = ("own", "grpcio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,9 @@ class Settings:
     # completion stream. Unix sockets by default (module rule 1).
     authz_http_addr: str = f"{UNIX_PREFIX}{SOCKET_DIR}/authz.sock"
     grpc_addr: str = f"{UNIX_PREFIX}{SOCKET_DIR}/grpc.sock"
+    # What serves grpc_addr: "own" (sidecar/envoy/grpc_wire.py, a small HTTP/2 server for
+    # Envoy's calls, about a third of grpc.aio's CPU per call) or "grpcio" (grpc.aio).
+    grpc_server: str = "own"
     admin_addr: str = "127.0.0.1:9090"  # metrics, health, policy, explain: localhost by default
     redis_url: str = ""  # empty: the embedded in-memory store (one replica only)
     # single: redis_url is one server's URL. cluster: redis_url lists seed nodes, and
@@ -153,6 +157,7 @@ class Settings:
 _HELP = {
     "authz_http_addr": "ext_authz HTTP listener: unix:/path (default) or HOST:PORT",
     "grpc_addr": "gRPC listener (ext_authz, ext_proc, access log): unix:/path or HOST:PORT",
+    "grpc_server": "own (the sidecar's HTTP/2 server) or grpcio (grpc.aio) on grpc_addr",
     "admin_addr": "listen address of metrics, health, policy and explain",
     "redis_url": "Redis URL for shared quota state; empty uses an in-memory store",
     "redis_mode": "single (redis_url is a URL), cluster or sentinel (redis_url: HOST:PORT,...)",
@@ -292,6 +297,10 @@ def load_settings(
         raise SettingsError("triton_stale_ms: must be at least triton_scrape_ms")
     if not settings.policy_path:
         raise SettingsError("policy_path: at least one path is needed")
+    if settings.grpc_server not in GRPC_SERVERS:
+        raise SettingsError(
+            f"grpc_server: one of {', '.join(GRPC_SERVERS)}, not {settings.grpc_server!r}"
+        )
     if settings.topology not in TOPOLOGIES:
         raise SettingsError(f"topology: one of {', '.join(TOPOLOGIES)}, not {settings.topology!r}")
     _check_workers(settings)

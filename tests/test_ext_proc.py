@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
@@ -28,11 +28,15 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2
 
+from sidecar.app import GRPC_MAX_MESSAGE_BYTES
 from sidecar.core.kserve import GRPC_MODEL_INFER_PATH
 from sidecar.core.lease import parse_lease, verify_lease
 from sidecar.core.types import QuotaCheck, QuotaResult
 from sidecar.envoy.authz_grpc import AuthorizationServicer
+from sidecar.envoy.common import TokenCheck
 from sidecar.envoy.ext_proc import ATTRIBUTES_KEY, PRINCIPAL_ATTRIBUTE, ExternalProcessorServicer
+from sidecar.envoy.grpc_methods import envoy_methods
+from sidecar.envoy.grpc_wire import GrpcWireServer
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.policy.model import OverloadPolicy
@@ -44,19 +48,42 @@ from tests.test_adapters import INFER, KEY, check_request, make_service, sample
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
+SERVER = {"kind": "grpcio"}
+
+
+@pytest.fixture(autouse=True, params=["grpcio", "own"])
+def grpc_server_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs on both servers of Settings.grpc_server: grpc.aio and the
+    sidecar's own (sidecar/envoy/grpc_wire.py), with grpc.aio's client."""
+    SERVER["kind"] = request.param
+    yield request.param
+    SERVER["kind"] = "grpcio"
+
+
 async def with_ext_proc(
     service: AdmissionService, body: Callable[[Any, Any], Awaitable[None]]
 ) -> None:
     """Run `body(ext_proc_stub, authz_stub)` against one in-process gRPC server."""
-    server = grpc.aio.server()
-    ep_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(service, lease_key=KEY), server
-    )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(service, lease_key=KEY), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server: Any
+    if SERVER["kind"] == "own":
+        server = GrpcWireServer(
+            envoy_methods(service, KEY),
+            TokenCheck("", lambda api: None),
+            max_message_bytes=GRPC_MAX_MESSAGE_BYTES,
+            unauthenticated_reason="",
+        )
+        await server.start_tcp("127.0.0.1", 0, reuse_port=False)
+        port = server.port
+    else:
+        server = grpc.aio.server()
+        ep_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorServicer(service, lease_key=KEY), server
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationServicer(service, lease_key=KEY), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await body(
@@ -64,7 +91,7 @@ async def with_ext_proc(
                 external_auth_pb2_grpc.AuthorizationStub(channel),
             )
     finally:
-        await server.stop(None)
+        await server.stop(0)
 
 
 def run(service: AdmissionService, body: Callable[[Any, Any], Awaitable[None]]) -> None:

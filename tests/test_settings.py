@@ -193,3 +193,11 @@ def test_a_worker_reads_back_every_setting_its_supervisor_passes_on() -> None:
     # Worker 2: its own admin port, the shared lease key, still knowing it is one of three.
     assert (worker.admin_addr, worker.lease_key) == ("127.0.0.1:9092", "k" * 64)
     assert (worker.workers, worker.worker_index) == (3, 2)
+
+
+def test_the_grpc_server_is_ours_unless_grpcio_is_asked_for() -> None:
+    assert load_settings(parse([]), environ={}).grpc_server == "own"
+    chosen = load_settings(parse([]), environ={"QOS_GRPC_SERVER": "grpcio"})
+    assert chosen.grpc_server == "grpcio"
+    with pytest.raises(SettingsError, match="grpc_server: one of own, grpcio, not 'grpc'"):
+        load_settings(parse(["--grpc-server", "grpc"]), environ={})

@@ -75,7 +75,7 @@ HEALTH_STATUS = 204
 GRPC_HEALTH_SERVICE = "grpc.health.v1.Health"
 GRPC_HEALTH_METHOD = f"/{GRPC_HEALTH_SERVICE}/Check"
 # grpc.health.v1.HealthCheckResponse{status: SERVING}: field 1 (varint) = 1.
-_SERVING = b"\x08\x01"
+SERVING = b"\x08\x01"
 # The gRPC methods, named by the API label of qos_unauthenticated_calls_total (bounded).
 _GRPC_APIS = {
     "/envoy.service.auth.v3.Authorization/Check": "grpc",
@@ -228,7 +228,7 @@ def grpc_health_handler() -> grpc.GenericRpcHandler:
     keeps the health protos out of the dependencies."""
 
     async def check(_request: bytes, _context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        return _SERVING
+        return SERVING
 
     return grpc.method_handlers_generic_handler(
         GRPC_HEALTH_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(check)}

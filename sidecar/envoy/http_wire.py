@@ -41,6 +41,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
+from sidecar.envoy.listening import SocketListener
+
 MAX_HEAD_BYTES = 96 * 1024
 MAX_FIELDS = 256
 MAX_BUFFERED_BYTES = 256 * 1024
@@ -243,7 +245,7 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
-class WireListener:
+class WireListener(SocketListener):
     """The listening socket and its connections: `handler` answers each request, `refusal`
     each WireError (rule 1-3), `failure` whatever the handler raised or answered that cannot
     be sent (rule 6)."""
@@ -253,23 +255,9 @@ class WireListener:
         self.refusal = refusal
         self.failure = failure
         self.connections: set[_Connection] = set()
-        self._server: asyncio.Server | None = None
 
-    async def start_unix(self, path: str) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _Connection(self), path)
-
-    async def start_tcp(self, host: str, port: int, *, reuse_port: bool) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, reuse_port=reuse_port
-        )
-
-    @property
-    def port(self) -> int:
-        """The TCP port listened on (for a listener started on port 0)."""
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+    def connection(self) -> asyncio.Protocol:
+        return _Connection(self)
 
     async def close(self) -> None:
         """Stop listening and close every connection (their answers in progress are
