@@ -97,6 +97,7 @@ class _Stream:
     receive_window: int = RECEIVE_WINDOW
     remote_ended: bool = False
     local_ended: bool = False
+    sent: int = 0  # octets of the first waiting DATA payload already sent
     # Frames waiting for window (rule 2): (frame type, payload, end_stream).
     waiting: collections.deque[tuple[int, bytes, bool]] = field(default_factory=collections.deque)
 
@@ -359,27 +360,34 @@ class H2Connection:
                 self._flush(stream_id, stream)
 
     def _flush(self, stream_id: int, stream: _Stream) -> None:
-        """Rule 2: frames out in order, DATA as far as both windows allow."""
-        waiting = stream.waiting
+        """Rule 2: frames out in order, DATA as far as both windows allow. A large payload is
+        sent from a view, a frame at a time, never re-sliced (that copied it once per frame)."""
+        waiting, out = stream.waiting, self.outbox
         while waiting:
             kind, payload, end_stream = waiting[0]
             if kind != DATA:
                 flags = END_HEADERS | (END_STREAM if end_stream else 0)
-                self.outbox += frame(kind, flags, stream_id, payload)
+                out += frame(kind, flags, stream_id, payload)
                 waiting.popleft()
                 continue
-            room = min(self._send_window, stream.send_window, self._peer_frame)
-            if room <= 0 and payload:
-                return
-            chunk, rest = payload[:room], payload[room:]
-            self._send_window -= len(chunk)
-            stream.send_window -= len(chunk)
-            last = end_stream and not rest
-            self.outbox += frame(DATA, END_STREAM if last else 0, stream_id, chunk)
-            if rest:
-                waiting[0] = (kind, rest, end_stream)
-            else:
-                waiting.popleft()
+            view, sent = memoryview(payload), stream.sent
+            while True:
+                size = min(self._send_window, stream.send_window, self._peer_frame)
+                size = min(size, len(view) - sent)
+                last = sent + size == len(view)
+                if size <= 0 and not last:
+                    stream.sent = sent
+                    return
+                self._send_window -= size
+                stream.send_window -= size
+                flags = END_STREAM if end_stream and last else 0
+                out += _HEADER.pack((size << 8) | DATA, flags, stream_id)
+                out += view[sent : sent + size]
+                sent += size
+                if last:
+                    break
+            stream.sent = 0
+            waiting.popleft()
         if stream.local_ended:
             if not stream.remote_ended:  # rule 4
                 self.outbox += frame(RST_STREAM, 0, stream_id, NO_ERROR.to_bytes(4))
