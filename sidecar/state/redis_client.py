@@ -19,6 +19,7 @@ hiredis does not take (a bool, a command name with a space) goes to redis-py's o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import hiredis
@@ -110,7 +111,9 @@ def make_client(
     if mode == "sentinel":
         if not sentinel_master:
             raise ValueError("sentinel mode needs the primary's name (sentinel_master)")
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        # redis-py typed Sentinel's constructor only in 8.x; the alias types it for both.
+        make_sentinel = cast(Callable[..., Sentinel], Sentinel)
+        sentinel = make_sentinel(
             seeds,
             sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
         )
