@@ -245,3 +245,19 @@ def test_after_goaway_open_streams_finish_and_new_ones_are_ignored() -> None:
     assert [(k, s) for k, _, s, _ in taken(conn)] == [(DATA, 1)]
     conn.goaway()  # ours after theirs: nothing more to say
     assert taken(conn) == []
+
+
+def test_a_payload_sent_across_window_updates_arrives_whole_and_in_order() -> None:
+    conn, encoder = opened(struct.pack(">HI", 4, 10_000))
+    conn.receive(frame(HEADERS, END_HEADERS | END_STREAM, 1, encoder.encode(REQUEST)))
+    taken(conn)
+    payload = bytes(range(256)) * 160  # 40,960 octets
+    conn.send_data(1, payload, end_stream=True)
+    received = [taken(conn)]
+    for _ in range(4):
+        conn.receive(frame(WINDOW_UPDATE, 0, 1, (10_000).to_bytes(4, "big")))
+        received.append(taken(conn))
+    data = [f for batch in received for f in batch if f[0] == DATA]
+    assert all(len(p) <= 10_000 for _, _, _, p in data)
+    assert b"".join(p for _, _, _, p in data) == payload
+    assert [f & END_STREAM for _, f, _, _ in data][-1] and conn.streams == {}
