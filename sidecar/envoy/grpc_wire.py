@@ -6,10 +6,13 @@ app.py). Why: see h2_conn.py; `--grpc-server grpcio` keeps grpc.aio.
 
 Rules:
 1. A call is a stream whose `:path` names a method of the table; `content-type` must start
-   with `application/grpc`. An unknown path ends UNIMPLEMENTED, a wrong content type gets
-   HTTP 415, both at once (trailers-only) and without reading the body.
+   with `application/grpc`. A wrong content type gets HTTP 415 at once; an unknown path ends
+   UNIMPLEMENTED (trailers-only) without reading the body.
 2. With an auth token configured, a call without it (`x-qos-auth` metadata) ends
    UNAUTHENTICATED before its request is read (common.py rule 5); health is exempt (rule 6).
+   Such refusals wait for the call's first DATA frame or its end, which they drop unread: a
+   grpc-core client whose first write is still under way when the status comes reports
+   INTERNAL (its write failed) instead of the status it was sent.
 3. Messages carry the 5-octet gRPC prefix. A compressed one (this server never offers an
    encoding, so none should come) ends the call INTERNAL, one over `max_message_bytes`
    RESOURCE_EXHAUSTED, a unary call without exactly one message INTERNAL, a message that does
@@ -204,6 +207,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.h2 = h2_conn.H2Connection()
         self.calls: dict[int, _Call] = {}
+        self.refusing: dict[int, tuple[int, str]] = {}  # rules 1, 2: the client sends first
         self.transport: asyncio.Transport | None = None
         self._write_scheduled = False
 
@@ -224,9 +228,12 @@ class _Connection(asyncio.Protocol):
                 call = self.calls.get(event.stream_id)
                 if call is not None:
                     call.feed(event.data, event.ended)
+                elif event.stream_id in self.refusing:
+                    self._refuse(event.stream_id, *self.refusing.pop(event.stream_id))
             elif isinstance(event, h2_conn.RequestStarted):
                 self._start(event)
             elif isinstance(event, h2_conn.StreamReset):
+                self.refusing.pop(event.stream_id, None)
                 call = self.calls.get(event.stream_id)
                 if call is not None:
                     self._cancel(call)
@@ -253,16 +260,23 @@ class _Connection(asyncio.Protocol):
         method_name = (path or b"").decode("latin-1")
         method = self.server.methods.get(method_name)
         if method is None:
-            self._refuse(event.stream_id, UNIMPLEMENTED, f"unknown method {method_name}")
+            self._refuse_when_sent(event, UNIMPLEMENTED, f"unknown method {method_name}")
             return
         if method_name != GRPC_HEALTH_METHOD and not self.server.auth.admits(presented, method.api):
-            self._refuse(event.stream_id, UNAUTHENTICATED, self.server.unauthenticated_reason)
+            self._refuse_when_sent(event, UNAUTHENTICATED, self.server.unauthenticated_reason)
             return
         call = _Call(self, event.stream_id, method, headers)
         self.calls[event.stream_id] = call
         if event.ended:
             call.ended = True
         call.task = asyncio.ensure_future(self._run(call))
+
+    def _refuse_when_sent(self, event: h2_conn.RequestStarted, code: int, message: str) -> None:
+        """Rules 1, 2: refuse at the request's first DATA frame or its end."""
+        if event.ended:
+            self._refuse(event.stream_id, code, message)
+        else:
+            self.refusing[event.stream_id] = (code, message)
 
     def _refuse(self, stream_id: int, code: int, message: str) -> None:
         """Trailers-only, before the request is read (rules 1, 2)."""
@@ -309,7 +323,7 @@ class _Connection(asyncio.Protocol):
         if out and self.transport is not None:
             self.transport.write(bytes(out))
         out.clear()
-        done = self.h2.closed or (self.h2.going_away and not self.calls)
+        done = self.h2.closed or (self.h2.going_away and not self.calls and not self.refusing)
         if done and self.transport is not None:
             self.transport.close()
 
