@@ -101,6 +101,39 @@ def admin_gauges(admin_url: str) -> dict[str, float]:
     return gauges
 
 
+def gc_totals(admin_url: str) -> dict[str, float]:
+    """The sidecar's ``qos_gc_pause_seconds`` so far: collections by generation, the pause
+    sum, and the cumulative bucket counts (``le`` -> collections at most that long)."""
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("qos_gc_pause_seconds_"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        kind = series.removeprefix("qos_gc_pause_seconds_").split("{", 1)[0]
+        pairs = (pair.split("=", 1) for pair in series.split("{", 1)[1][:-1].split(","))
+        labels = {name: quoted.strip('"') for name, quoted in pairs}
+        key = "le:" + labels["le"] if kind == "bucket" else kind + ":" + labels["generation"]
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def gc_during(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the collector cost in one phase: collections (all, generation 2), the pauses'
+    sum in ms, and the bucket the longest one fell in (its upper bound, ms)."""
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    buckets = sorted((float(key[3:]), n) for key, n in delta.items() if key.startswith("le:"))
+    total = delta.get("le:+Inf", 0.0)
+    longest = next((le for le, n in buckets if total > 0 and n >= total), None)
+    return {
+        "collections": int(sum(n for key, n in delta.items() if key.startswith("count:"))),
+        "gen2_collections": int(delta.get("count:2", 0.0)),
+        "pause_ms": round(1000 * sum(n for key, n in delta.items() if key.startswith("sum:")), 3),
+        "longest_ms_at_most": None if longest is None else round(1000 * longest, 3),
+    }
+
+
 def backlog(running: stack.Running, client: redis.Redis | None) -> dict[str, float]:
     assert running.sidecar is not None
     values = admin_gauges(running.sidecar.admin_url)
@@ -179,6 +212,7 @@ def run_phase(
     pid = running.server.pid if running.server is not None else None
     envoy_pid = running.envoy.pid if running.envoy is not None else None
     before = backlog(running, client) if running.sidecar is not None else None
+    gc0 = gc_totals(running.sidecar.admin_url) if running.sidecar is not None else None
     drops0 = access_log_drops(running) if running.sidecar is not None else None
     cpu0, calls0 = cpu_seconds(pid), command_calls(client)
     envoy0, redis0 = cpu_seconds(envoy_pid), redis_cpu_seconds(client)
@@ -188,6 +222,8 @@ def run_phase(
         # once they are done (the drain's own /metrics and ZCARD polls add a few percent).
         result["backlog"] = wait_drained(running, client, args, before)
         drops1 = access_log_drops(running)
+        if gc0 is not None:
+            result["gc"] = gc_during(gc0, gc_totals(running.sidecar.admin_url))
         if drops0 is not None and drops1 is not None:
             result["backlog"]["access_log_entries_dropped"] = drops1 - drops0
     cpu1, calls1 = cpu_seconds(pid), command_calls(client)

@@ -213,6 +213,29 @@ def table(configs: dict[str, Any]) -> list[str]:
     return lines
 
 
+def gc_lines(configs: dict[str, Any]) -> list[str]:
+    """Python's collector in each sidecar, per latency phase (`qos_gc_pause_seconds`): a
+    pause is time no decision is made, so it bounds what the added p99 can be."""
+    lines = []
+    for name, row in sorted(configs.items(), key=lambda item: ORDER.index(item[0])):
+        parts = []
+        for phase in ("half", "common"):
+            gc = (row.get(phase) or {}).get("gc")
+            if gc is None:
+                continue
+            longest = gc["longest_ms_at_most"]
+            parts.append(
+                f"@ {phase}: {gc['collections']} collections ({gc['gen2_collections']} full),"
+                f" {gc['pause_ms']:.1f} ms in all"
+                + ("" if longest is None else f", the longest at most {longest:g} ms")
+            )
+        if parts:
+            lines.append(f"- {name}: " + "; ".join(parts))
+    if not lines:
+        return []
+    return ["Garbage collector pauses in the sidecar (`qos_gc_pause_seconds`):", "", *lines, ""]
+
+
 def _generator_line(configs: dict[str, Any]) -> list[str]:
     """The generator's speed: A is Envoy alone, so the generator went at least that fast."""
     if "A" not in configs:
@@ -238,6 +261,7 @@ def markdown(report: dict[str, Any], profile_lines: Sequence[str] | None) -> str
         "",
         *table(report["configs"]),
         "",
+        *gc_lines(report["configs"]),
         *report["target_lines"],
     ]
     if profile_lines:

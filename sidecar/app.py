@@ -41,6 +41,7 @@ from sidecar.envoy.grpc_methods import envoy_methods
 from sidecar.envoy.grpc_wire import GrpcWireServer
 from sidecar.envoy.http_wire import WireListener
 from sidecar.envoy.listening import SocketListener
+from sidecar.gc_pauses import PauseWatcher, freeze_start_up
 from sidecar.metrics import Metrics
 from sidecar.policy.reload import PolicyHolder
 from sidecar.service import AdmissionService
@@ -133,6 +134,7 @@ class Sidecar:
     grpc_server: Any
     tasks: list[asyncio.Task[None]]
     monitor: TritonLoadMonitor | None = None
+    gc_watcher: PauseWatcher | None = None
 
     def reload_policy(self) -> bool:
         """Reload the policy files (SIGHUP, or a change seen by the poll). Never raises: the
@@ -140,6 +142,8 @@ class Sidecar:
         return self.holder.reload()
 
     async def stop(self) -> None:
+        if self.gc_watcher is not None:
+            self.gc_watcher.stop()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -210,6 +214,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     authz, runners = await _start_http(settings, service, holder, monitor, lease_key, auth)
     server = await _start_grpc(settings, service, lease_key, auth)
     sidecar = Sidecar(settings, holder, service, metrics, authz, runners, server, [], monitor)
+    sidecar.gc_watcher = PauseWatcher(metrics.gc_pause_seconds)
     replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # in the store
     if monitor is not None:
         sidecar.tasks.append(asyncio.create_task(monitor.run()))
@@ -346,6 +351,7 @@ async def _start_grpcio(
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the policy."""
     sidecar = await start(settings)
+    freeze_start_up()  # the process's own start-up only: tests start sidecars in one process
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, sidecar.reload_policy)

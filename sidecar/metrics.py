@@ -17,6 +17,12 @@ from sidecar.experience import ExperienceSeries
 from sidecar.usage_series import UsageSeries
 
 UNKNOWN = "__unknown__"
+# Sub-millisecond resolution: a decision without a hold takes tens to hundreds of
+# microseconds, and its p99 is what the overhead budget is about.
+DECISION_BUCKETS = (
+    *(0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075),
+    *(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+)
 
 
 class Metrics:
@@ -49,12 +55,15 @@ class Metrics:
             "qos_decision_duration_seconds",
             "Time to decide, from the Envoy call's arrival to the answer, by API.",
             ["api"],
-            # Sub-millisecond resolution: a decision without a hold takes tens to hundreds of
-            # microseconds, and its p99 is what the overhead budget is about.
-            buckets=(
-                *(0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075),
-                *(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
-            ),
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.gc_pause_seconds = Histogram(
+            "qos_gc_pause_seconds",
+            "Pauses of Python's garbage collector, by generation (0-2): no decision is made "
+            "meanwhile (sidecar/gc_pauses.py).",
+            ["generation"],
+            buckets=DECISION_BUCKETS,
             registry=registry,
         )
         self.tokens = Counter(

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.experience",),  # the per-tenant experience series, attached to Metrics
     ("sidecar.demand",),
     ("sidecar.usage_series",),
-    ("sidecar.metrics", "sidecar.state"),
+    ("sidecar.metrics", "sidecar.state", "sidecar.gc_pauses"),
     (
         "sidecar.backends",
         "sidecar.deferral",

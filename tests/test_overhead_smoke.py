@@ -81,6 +81,11 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert set(backlog["at_stop"]) == {"release_backlog", "in_flight"}  # memory store
     assert backlog["drained"], backlog
     assert sidecar["common"]["redis_calls_per_request"] is None
+    # The collector's pauses in each phase, from the sidecar's own histogram; none for B.
+    gc = sidecar["common"]["gc"]
+    assert set(gc) == {"collections", "gen2_collections", "pause_ms", "longest_ms_at_most"}
+    assert gc["collections"] >= gc["gen2_collections"] >= 0 and gc["pause_ms"] >= 0
+    assert "gc" not in results["configs"]["B"]["common"]
     # The paired round (--paired defaults to --repeats): B and C once each, in alternation,
     # both started; its ratio is the one a ratio target is judged on.
     paired = sidecar["paired"]
