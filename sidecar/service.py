@@ -190,14 +190,19 @@ class AdmissionService(SharedReads, LeasedQuota):
         return explain(decision, chosen, admission.verdict_for(planned, signals), result)
 
     async def complete(
-        self, token: str | None, timings: CompletionTimings | None = None, model: str | None = None
+        self,
+        token: str | None,
+        timings: CompletionTimings | None = None,
+        model: str | None = None,
+        *,
+        parsed: LeaseRef | None = None,
     ) -> bool:
         """Release the lease `token` names (True if freed); `timings`: Envoy's; `model`: the
         request's, as the access log names it (a lease names one only where models are
-        counted), for its class's time upstream."""
+        counted), for its class's time upstream. `parsed`: `token` read already."""
         if not token:
             return self.completed_without_lease()
-        lease = parse_lease(token)
+        lease = parsed or parse_lease(token)
         if lease is None:
             self.metrics.completion("bad_lease")
             return False

@@ -129,7 +129,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         # The autoscaling signal's drain (core/demand.py rule 2), on this replica.
         model = drained_model(lease, entry.request.path)
         self._service.metrics.demand.drained(model)
-        await self._service.complete(token, timings, model)
+        await self._service.complete(token, timings, model, parsed=lease)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
