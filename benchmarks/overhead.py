@@ -47,9 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import cloadgen, overhead_report
 from benchmarks import overhead_stack as stack
+from benchmarks.fleet_stack import metrics_text
 from devstack.procs import ValkeyProcess
 
 LEASES_KEY = f"qos:{{{stack.TENANT}}}:leases"  # sidecar.state.keys.build_key(tenant, LEASES)
@@ -90,10 +92,8 @@ def command_calls(client: redis.Redis | None) -> dict[str, int]:
 
 def admin_gauges(admin_url: str) -> dict[str, float]:
     """``qos_release_backlog`` and the sum of ``qos_in_flight_requests`` from /metrics."""
-    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
     gauges = {"release_backlog": 0.0, "in_flight": 0.0}
-    for line in text.splitlines():
+    for line in metrics_text(admin_url).splitlines():
         if line.startswith("qos_release_backlog "):
             gauges["release_backlog"] = float(line.split()[-1])
         elif line.startswith("qos_in_flight_requests{"):
@@ -102,20 +102,22 @@ def admin_gauges(admin_url: str) -> dict[str, float]:
 
 
 def gc_totals(admin_url: str) -> dict[str, float]:
-    """The sidecar's ``qos_gc_pause_seconds`` so far: collections by generation, the pause
-    sum, and the cumulative bucket counts (``le`` -> collections at most that long)."""
-    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
+    """The sidecar's ``qos_gc_pause_seconds`` so far: collections (``count:<generation>``),
+    pause sums (``sum:<generation>``) and cumulative buckets over all generations
+    (``le:<bound>`` -> collections at most that long)."""
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("qos_gc_pause_seconds_"):
+    for family in text_string_to_metric_families(metrics_text(admin_url)):
+        if family.name != "qos_gc_pause_seconds":
             continue
-        series, value = line.rsplit(" ", 1)
-        kind = series.removeprefix("qos_gc_pause_seconds_").split("{", 1)[0]
-        pairs = (pair.split("=", 1) for pair in series.split("{", 1)[1][:-1].split(","))
-        labels = {name: quoted.strip('"') for name, quoted in pairs}
-        key = "le:" + labels["le"] if kind == "bucket" else kind + ":" + labels["generation"]
-        totals[key] = totals.get(key, 0.0) + float(value)
+        for sample in family.samples:
+            kind = sample.name.removeprefix("qos_gc_pause_seconds_")
+            if kind == "bucket":
+                key = "le:" + sample.labels["le"]
+            elif kind in ("count", "sum"):
+                key = kind + ":" + sample.labels["generation"]
+            else:
+                continue  # _created
+            totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 
 
