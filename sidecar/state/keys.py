@@ -72,6 +72,19 @@ def encode_name(name: str) -> str:
 def build_key(tenant: str, kind: KeyKind, *parts: str) -> str:
     """The key of `kind` for `tenant`, e.g. `build_key("acme", KeyKind.BUCKET, "tokens")` is
     `qos:{acme}:bucket:tokens`. Raises ValueError for an empty tenant (see module rules)."""
+    if kind is KeyKind.RELEASED:  # one per lease id: nothing to reuse
+        return _build_key(tenant, kind, parts)
+    return _policy_key(tenant, kind, parts)
+
+
+@functools.lru_cache(maxsize=16384)
+def _policy_key(tenant: str, kind: KeyKind, parts: tuple[str, ...]) -> str:
+    """A key whose parts are policy names (tenant, class, bucket): a few per tenant, each
+    built once instead of encoded on every call (several a decision)."""
+    return _build_key(tenant, kind, parts)
+
+
+def _build_key(tenant: str, kind: KeyKind, parts: tuple[str, ...]) -> str:
     if not tenant:
         raise ValueError("tenant must not be empty: '{}' is no hash tag in Redis Cluster")
     tail = "".join(":" + encode_name(part) for part in parts)
