@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from typing import Any
 
 from sidecar.accounting import TokenAccounting
 from sidecar.batching import Batcher
+from sidecar.completions import Completions
 from sidecar.core import admission, demand, slices
 from sidecar.core.admission import (
     Answer,
@@ -41,10 +41,8 @@ from sidecar.core.admission import (
 )
 from sidecar.core.decide import Admission, CompiledPolicy, decide, malformed
 from sidecar.core.degraded import LocalSpend, degrade
-from sidecar.core.experience import CompletionTimings
 from sidecar.core.explain import Explanation, explain
 from sidecar.core.holds import HoldBounds
-from sidecar.core.lease import parse_lease
 from sidecar.core.load import LoadView
 from sidecar.core.signals import QUOTA_ONLY, Signals
 from sidecar.core.tokens import TokenEstimate
@@ -74,7 +72,7 @@ ACQUIRES_IN_FLIGHT = 4
 OnHold = Callable[[float], Awaitable[None]]
 
 
-class AdmissionService(SharedReads, LeasedQuota):
+class AdmissionService(Completions, SharedReads, LeasedQuota):
     def __init__(
         self,
         policy: Policy | PolicySource,
@@ -188,74 +186,6 @@ class AdmissionService(SharedReads, LeasedQuota):
             step = admission.on_peek(step, result)
         decision = step.decision if isinstance(step, Answer) else decide(chosen, result)
         return explain(decision, chosen, admission.verdict_for(planned, signals), result)
-
-    async def complete(
-        self,
-        token: str | None,
-        timings: CompletionTimings | None = None,
-        model: str | None = None,
-        *,
-        parsed: LeaseRef | None = None,
-    ) -> bool:
-        """Release the lease `token` names (True if freed); `timings`: Envoy's; `model`: the
-        request's, as the access log names it (a lease names one only where models are
-        counted), for its class's time upstream. `parsed`: `token` read already."""
-        if not token:
-            return self.completed_without_lease()
-        lease = parsed or parse_lease(token)
-        if lease is None:
-            self.metrics.completion("bad_lease")
-            return False
-        if timings is not None:  # the tenant's experience, and the adaptive caps' latency
-            self.metrics.experience.completed(lease.tenant, lease.klass, timings, self.policy)
-            named = lease.model or model
-            if named and self.deferrer is not None:
-                self.deferrer.completed(named, lease.klass, timings, lease.lease_id)
-        return await self.release(lease)
-
-    def completed_without_lease(self) -> bool:
-        """A completion that names no lease (an admit that took none): counted, nothing freed."""
-        self.metrics.completion("no_lease")
-        return False
-
-    async def release(self, lease: LeaseRef, *, counted: bool = True) -> bool:
-        """Release `lease` now; if the store fails, owe it (retried until it is taken). True if
-        a lease was freed now. `counted`: this replica counted it in its model's in flight (a
-        held request that never went to Triton was not)."""
-        writing = self._model_writes.get(lease.lease_id)
-        if writing is not None:  # its model entry is on its way: release it after that
-            with contextlib.suppress(Exception):
-                await asyncio.shield(writing)
-        if lease.shadow:  # a shadow lease rides with it (core/shadow.py)
-            await self.shadow.release(lease)
-        if self.local_leases.pop(lease.lease_id, None) is not None:
-            released = await self.local.release(lease, tombstone_s=self.policy.lease_ttl_s)
-            self._released(lease.tenant)
-            self.metrics.completed(released)
-            if self.deferrer is not None:
-                self.deferrer.pump()
-            return released
-        self.leases.ended(lease)
-        try:
-            return await self._release(lease, counted)
-        except StateUnavailable:
-            self.metrics.state_errors.labels("release").inc()
-            self.leases.owe(lease)
-            return False
-
-    async def _release(self, lease: LeaseRef, counted: bool = True) -> bool:
-        """One release in the store, with its tombstone (see `sidecar.state.base`). Raises
-        StateUnavailable."""
-        sent = None if self.deferrer is None else self.deferrer.in_flight_counts.release_starts()
-        released = await self.releases.submit((lease, self.policy.lease_ttl_s))
-        self._released(lease.tenant)
-        self.metrics.completed(released)
-        if self.deferrer is not None:
-            mine = lease.model is not None and lease.model_pod == self.model_pod
-            if released and counted and mine:
-                self.deferrer.note_ended(lease.model or "", sent)  # of the count this one reads
-            self.deferrer.pump()
-        return released
 
     async def release_undelivered(self, decision: Decision) -> None:
         """Give back the lease and the bucket charges of an admit that never reached Envoy
@@ -420,40 +350,9 @@ class AdmissionService(SharedReads, LeasedQuota):
         signals = self._signals(planned.model)
         return admission.on_hold_end(hold, outcome, signals, policy, held_s)
 
-    async def _release_many(self, items: list[tuple[LeaseRef, float]]) -> list[bool | None]:
-        # One tombstone lifetime per call: the policy's lease TTL, the same for every lease
-        # but across a reload; the longest is used (a tombstone must only be long enough).
-        tombstone_s = max(ttl_s for _, ttl_s in items)
-        return await self.store.release_many([lease for lease, _ in items], tombstone_s=tombstone_s)
-
     async def _count_many(self, items: list[tuple[LeaseRef, float]]) -> list[bool | None]:
         await self.store.count_for_model_many([lease for lease, _ in items], items[0][1])
         return [True] * len(items)
-
-    async def _a_release_of(self, tenant: str, timeout_s: float) -> None:
-        """Until one of `tenant`'s leases is released here for this waiter (one release wakes
-        one waiter, in arrival order: it frees one slot), or `timeout_s` (a release through
-        another replica is not seen here: the next try then comes at the timeout)."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self._release_waiters.setdefault(tenant, collections.deque())
-        queue.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, max(0.0, timeout_s))
-        except TimeoutError:
-            pass
-        finally:
-            if waiter in queue:
-                queue.remove(waiter)
-            if not queue:
-                self._release_waiters.pop(tenant, None)
-
-    def _released(self, tenant: str) -> None:
-        queue = self._release_waiters.get(tenant)
-        while queue:
-            waiter = queue.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     def _count_for_model(self, decision: Decision, lease_ttl_s: float) -> None:
         """Count an admit's lease for its model in the store, after the answer: off the

@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.quota_peek",),
     ("sidecar.batching",),
     ("sidecar.shared_reads", "sidecar.leased", "sidecar.shadow_mode"),
+    ("sidecar.completions",),
     ("sidecar.service",),
     ("sidecar.envoy", "sidecar.admin"),
     ("sidecar.app", "sidecar.workers"),

@@ -228,6 +228,55 @@ def test_a_release_that_fails_is_retried_not_dropped() -> None:
     asyncio.run(body())
 
 
+def test_a_queued_release_needs_no_task_and_a_failed_one_is_owed() -> None:
+    """The access log's path (sidecar/completions.py rule 2): the batch's own future, no
+    coroutine or task per lease; a store failure is owed without anyone awaiting it."""
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+
+    async def body() -> None:
+        first = await service.check(SEARCH, "test")
+        second = await service.check(SEARCH, "test")
+        assert first.lease is not None and second.lease is not None
+        done = service.release_queued(first.lease)
+        assert not isinstance(done, asyncio.Task)
+        assert await done
+        assert await store.in_flight("search", None) == 1
+        store.down = True
+        failed = service.release_queued(second.lease)
+        with pytest.raises(StateUnavailable):
+            await failed
+        assert service.leases.backlog == 1
+        store.down = False
+        assert await service.leases.drain()
+        assert await store.in_flight("search", None) == 0
+
+    asyncio.run(body())
+
+
+def test_a_release_whose_caller_is_cancelled_is_still_counted() -> None:
+    """Rule 1: the bookkeeping runs when the store answers, not in the caller: a waiter for
+    the tenant's slot wakes, and the completion is counted."""
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+
+    async def body() -> None:
+        decision = await service.check(SEARCH, "test")
+        assert decision.lease is not None
+        waiter = asyncio.ensure_future(service._a_release_of("search", 60.0))
+        caller = asyncio.ensure_future(service.release(decision.lease))
+        await asyncio.sleep(0)  # the release is queued
+        caller.cancel()
+        await asyncio.wait_for(waiter, 5.0)  # woken by the release, not by its timeout
+        registry = service.metrics.registry
+        assert registry.get_sample_value("qos_completions_total", {"result": "released"}) == 1
+        assert await store.in_flight("search", None) == 0
+
+    asyncio.run(body())
+
+
 def test_running_leases_are_renewed_until_released() -> None:
     clock = FakeClock()
     store = FlakyStore(clock)

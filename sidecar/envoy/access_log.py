@@ -26,6 +26,7 @@ from sidecar.core.kserve import model_of
 from sidecar.core.lease import parse_lease, verify_lease
 from sidecar.core.types import LeaseRef
 from sidecar.envoy.common import LEASE_KEY, LEASE_NAMESPACES
+from sidecar.errors import StateUnavailable
 from sidecar.service import AdmissionService
 
 
@@ -117,7 +118,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         note_usage(self._service, entry, None)
         self._service.completed_without_lease()
 
-    async def _complete(self, entry: Any, signed: str) -> None:
+    def _complete(self, entry: Any, signed: str) -> bool | asyncio.Future[bool]:
+        """The entry's lease checked and its release started (`AdmissionService.complete_queued`):
+        what to await for it, or a bool where nothing is to release."""
         token = verify_lease(signed, self._lease_key)
         lease = None if token is None else parse_lease(token)
         timings = timings_of(entry)  # the upstream time once, for usage and hold budgets
@@ -125,32 +128,46 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         if token is None:
             # Forged, unsigned or signed with another key: release nothing.
             self._service.metrics.completion("bad_lease")
-            return
+            return False
         # The autoscaling signal's drain (core/demand.py rule 2), on this replica.
         model = drained_model(lease, entry.request.path)
         self._service.metrics.demand.drained(model)
-        await self._service.complete(token, timings, model, parsed=lease)
+        return self._service.complete_queued(token, timings, model, parsed=lease)
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        # Each message's entries are completed together (their releases share one store
-        # call: sidecar/batching.py), and the stream is read on meanwhile: a message waits
-        # for no earlier one's round trip. All are done before the stream is answered.
-        pending: set[asyncio.Future[Any]] = set()
+        # Each entry's release is queued as it is read (their store calls share batches:
+        # sidecar/batching.py), with no coroutine per entry where none is needed
+        # (sidecar/completions.py rule 2), and the stream is read on meanwhile. All are done
+        # before the stream is answered.
+        pending: list[asyncio.Future[bool]] = []
+        settle_at = _SETTLE_EVERY
         async for message in request_iterator:
-            leased = []
             for entry in message.http_logs.log_entry:
                 signed = lease_of(entry)
                 if signed is None:
                     self._complete_unleased(entry)
-                else:
-                    leased.append(self._complete(entry, signed))
-            if not leased:
-                continue
-            task = asyncio.ensure_future(asyncio.gather(*leased))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+                    continue
+                done = self._complete(entry, signed)
+                if not isinstance(done, bool):
+                    pending.append(done)
+            if len(pending) >= settle_at:
+                pending = _unsettled(pending)
+                settle_at = max(_SETTLE_EVERY, 2 * len(pending))
         if pending:
-            await asyncio.gather(*pending)
+            # A failed release is owed already (completions.py rule 3): only bugs raise.
+            for result in await asyncio.gather(*pending, return_exceptions=True):
+                if isinstance(result, BaseException) and not isinstance(result, StateUnavailable):
+                    raise result
         return als_pb2.StreamAccessLogsResponse()
+
+
+# How many started releases a stream keeps before it forgets those already done.
+_SETTLE_EVERY = 1024
+
+
+def _unsettled(pending: list[asyncio.Future[bool]]) -> list[asyncio.Future[bool]]:
+    """The releases of a long stream still on their way: a stream that stays open for hours
+    does not keep every release it started."""
+    return [done for done in pending if not done.done()]
