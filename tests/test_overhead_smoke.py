@@ -107,3 +107,19 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert "TARGET http_valkey_vs_noop: not measured (>= 0.66) missed" in targets
     assert "TARGET http_valkey_leased_vs_noop: not measured (>= 0.85) missed" in targets
     assert "TARGET leased_redis_calls: not measured (<= 0.2) missed" in targets
+
+
+def test_the_completion_cost_benchmark_completes_every_entry(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`python -m benchmarks.completion_cost`: every entry fed to the access-log servicer is
+    completed (it raises otherwise), and one line of microseconds per entry is printed."""
+    from benchmarks import completion_cost
+
+    assert completion_cost.main(["--entries", "200", "--per-message", "7", "--repeats", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(
+        r"access-log completion: [0-9.]+ us of CPU per entry \(median of 2; runs [0-9., ]+\),"
+        r" 200 entries, 7 per message, memory store",
+        line,
+    ), line
