@@ -109,17 +109,17 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert "TARGET leased_redis_calls: not measured (<= 0.2) missed" in targets
 
 
-def test_the_completion_cost_benchmark_completes_every_entry(
+def test_the_request_cost_benchmark_admits_and_releases_every_request(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`python -m benchmarks.completion_cost`: every entry fed to the access-log servicer is
-    completed (it raises otherwise), and one line of microseconds per entry is printed."""
-    from benchmarks import completion_cost
+    """`python -m benchmarks.request_cost`: every request fed to the ext_authz adapter is
+    admitted with a lease and every lease is released through the access-log servicer (it
+    raises otherwise), and it prints microseconds per request of each part."""
+    from benchmarks import request_cost
 
-    assert completion_cost.main(["--entries", "200", "--per-message", "7", "--repeats", "2"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert re.fullmatch(
-        r"access-log completion: [0-9.]+ us of CPU per entry \(median of 2; runs [0-9., ]+\),"
-        r" 200 entries, 7 per message, memory store",
-        line,
-    ), line
+    assert request_cost.main(["--requests", "200", "--per-message", "7", "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "200 requests, ext_authz HTTP, memory store, medians of 2 runs"
+    number = r"[0-9.]+ us of CPU per request \(runs [0-9.]+, [0-9.]+\)"
+    assert re.fullmatch(f"decision: {number}", lines[1]), lines[1]
+    assert re.fullmatch(f"completion \\(7 per message\\): {number}", lines[2]), lines[2]
