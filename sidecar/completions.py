@@ -70,7 +70,7 @@ class Completions:
         if isinstance(done, bool):
             return done
         try:
-            return await done
+            return await asyncio.shield(done)  # a cancelled caller leaves the release going
         except StateUnavailable:  # owed already (rule 3)
             return False
 

@@ -4,14 +4,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
+from sidecar.core.lease import format_lease, sign_lease
 from sidecar.core.types import LeaseRef, LimitKind, QuotaCheck, QuotaResult, RequestAttributes
+from sidecar.envoy.access_log import AccessLogServicer
+from sidecar.envoy.common import LEASE_KEY
 from sidecar.errors import StateUnavailable
 from sidecar.leases import LeaseKeeper
 from sidecar.metrics import Metrics
@@ -324,3 +332,70 @@ def test_a_full_backlog_counts_what_it_drops() -> None:
     keeper.owe(LeaseRef("a", "b", "two"))
     assert keeper.backlog == 1
     assert metrics.registry.get_sample_value("qos_release_backlog_dropped_total") == 1
+
+
+class GatedStore(MemoryQuotaStore):
+    """The memory store whose releases wait until `opened` (a slow Redis answering late)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.opened: asyncio.Event | None = None
+
+    async def release_many(
+        self, leases: Sequence[LeaseRef], *, tombstone_s: float = 10.0
+    ) -> list[bool | None]:
+        assert self.opened is not None
+        await self.opened.wait()
+        return await super().release_many(leases, tombstone_s=tombstone_s)
+
+
+def signed_entry(lease: LeaseRef, key: bytes) -> Any:
+    """An access-log entry as Envoy sends it: the signed lease in ext_authz's metadata."""
+    fields = struct_pb2.Struct()
+    fields.update({LEASE_KEY: sign_lease(format_lease(lease), key)})
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(fields)
+    return accesslog_pb2.HTTPAccessLogEntry(
+        common_properties=accesslog_pb2.AccessLogCommon(metadata=metadata)
+    )
+
+
+@pytest.mark.parametrize("caller", ["complete", "access_log_stream"])
+def test_a_completion_cancelled_while_its_release_is_out_is_still_counted(caller: str) -> None:
+    """completions.py rule 1, through both ways in: `complete` awaits the release shielded,
+    and the access-log stream waits for its releases without cancelling them when Envoy
+    resets it. The release lands when the store answers, and is counted then."""
+    clock = FakeClock()
+    store = GatedStore(clock)
+    service = service_on(store, clock)
+    key = b"test-key-of-thirty-two-bytes-abc"
+
+    async def body() -> None:
+        store.opened = asyncio.Event()
+        decision = await service.check(SEARCH, "test")
+        assert decision.lease is not None
+        if caller == "complete":
+            ending = asyncio.ensure_future(service.complete(format_lease(decision.lease)))
+        else:
+            message = als_pb2.StreamAccessLogsMessage(
+                http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+                    log_entry=[signed_entry(decision.lease, key)]
+                )
+            )
+
+            async def stream() -> AsyncIterator[Any]:
+                yield message
+
+            servicer = AccessLogServicer(service, lease_key=key)
+            ending = asyncio.ensure_future(servicer.StreamAccessLogs(stream(), None))
+        for _ in range(5):
+            await asyncio.sleep(0)  # the release is queued and its store call waits
+        ending.cancel()
+        store.opened.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        registry = service.metrics.registry
+        assert registry.get_sample_value("qos_completions_total", {"result": "released"}) == 1
+        assert await store.in_flight("search", None) == 0
+
+    asyncio.run(body())

@@ -149,17 +149,20 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 if signed is None:
                     self._complete_unleased(entry)
                     continue
-                done = self._complete(entry, signed)
-                if not isinstance(done, bool):
-                    pending.append(done)
+                started = self._complete(entry, signed)
+                if not isinstance(started, bool):
+                    pending.append(started)
             if len(pending) >= settle_at:
                 pending = _unsettled(pending)
                 settle_at = max(_SETTLE_EVERY, 2 * len(pending))
         if pending:
+            # `wait`, not `gather`: a stream cancelled meanwhile leaves its releases going.
             # A failed release is owed already (completions.py rule 3): only bugs raise.
-            for result in await asyncio.gather(*pending, return_exceptions=True):
-                if isinstance(result, BaseException) and not isinstance(result, StateUnavailable):
-                    raise result
+            finished, _ = await asyncio.wait(pending)
+            for future in finished:
+                error = None if future.cancelled() else future.exception()
+                if error is not None and not isinstance(error, StateUnavailable):
+                    raise error
         return als_pb2.StreamAccessLogsResponse()
 
 
