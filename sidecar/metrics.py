@@ -105,7 +105,8 @@ class Metrics:
         self.adapter_errors = Counter(
             "qos_adapter_errors_total",
             "Envoy calls an adapter failed to answer with a decision (answered 500 with a JSON "
-            "reason, internal_error), by API.",
+            "reason, internal_error), and access-log entries it failed on (api=access_log), by "
+            "API.",
             ["api"],
             registry=registry,
         )

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.core.lease import format_lease, sign_lease
 from sidecar.core.types import LeaseRef, LimitKind, QuotaCheck, QuotaResult, RequestAttributes
+from sidecar.envoy import access_log
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.common import LEASE_KEY
 from sidecar.errors import StateUnavailable
@@ -397,5 +398,49 @@ def test_a_completion_cancelled_while_its_release_is_out_is_still_counted(caller
         registry = service.metrics.registry
         assert registry.get_sample_value("qos_completions_total", {"result": "released"}) == 1
         assert await store.in_flight("search", None) == 0
+
+    asyncio.run(body())
+
+
+def test_an_entry_the_adapter_fails_on_leaves_the_others_completed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug on one access-log entry is counted and logged; the message's other entries are
+    still released and the stream is answered (a scripted failure: no real entry trips one)."""
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    service = service_on(store, clock)
+    key = b"test-key-of-thirty-two-bytes-abc"
+    real_timings = access_log.timings_of
+
+    def timings_of(entry: Any) -> Any:
+        if entry.request.path == "/broken":
+            raise RuntimeError("a bug")
+        return real_timings(entry)
+
+    monkeypatch.setattr(access_log, "timings_of", timings_of)
+
+    async def body() -> None:
+        first = await service.check(SEARCH, "test")
+        second = await service.check(SEARCH, "test")
+        assert first.lease is not None and second.lease is not None
+        broken = signed_entry(first.lease, key)
+        broken.request.path = "/broken"
+        message = als_pb2.StreamAccessLogsMessage(
+            http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+                log_entry=[broken, signed_entry(second.lease, key)]
+            )
+        )
+
+        async def stream() -> AsyncIterator[Any]:
+            yield message
+
+        servicer = AccessLogServicer(service, lease_key=key)
+        assert await servicer.StreamAccessLogs(stream(), None) is not None
+        registry = service.metrics.registry
+        assert registry.get_sample_value("qos_completions_total", {"result": "released"}) == 1
+        errors = registry.get_sample_value("qos_adapter_errors_total", {"api": "access_log"})
+        assert errors == 1
+        assert await store.in_flight("search", None) == 1  # the broken entry's, to its TTL
 
     asyncio.run(body())

@@ -12,6 +12,7 @@ nothing. The lease TTL is only the backstop for lost entries.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,9 @@ from sidecar.core.types import LeaseRef
 from sidecar.envoy.common import LEASE_KEY, LEASE_NAMESPACES
 from sidecar.errors import StateUnavailable
 from sidecar.service import AdmissionService
+
+API = "access_log"  # qos_adapter_errors_total's label for an entry this adapter failed on
+log = logging.getLogger(__name__)
 
 
 def lease_of(entry: Any) -> str | None:
@@ -149,7 +153,12 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 if signed is None:
                     self._complete_unleased(entry)
                     continue
-                started = self._complete(entry, signed)
+                try:
+                    started = self._complete(entry, signed)
+                except Exception:  # a bug: this entry's lease waits for its TTL, the rest go on
+                    log.exception("access-log entry failed")
+                    self._service.metrics.adapter_errors.labels(API).inc()
+                    continue
                 if not isinstance(started, bool):
                     pending.append(started)
             if len(pending) >= settle_at:
