@@ -311,7 +311,9 @@ class MemoryQuotaStore:
             return QuotaResult(allowed=True, in_flight=in_flight, class_in_flight=class_in_flight)
         lease_id = check.lease_id or new_lease_id()
         expiry = now + check.lease_ttl_s
-        self._leases.setdefault(check.tenant, _TenantLeases()).add(lease_id, check.klass, expiry)
+        if leases is None:  # built only when the tenant holds none (setdefault built one a call)
+            leases = self._leases[check.tenant] = _TenantLeases()
+        leases.add(lease_id, check.klass, expiry)
         if check.model is not None and check.count_model_now:
             self._count_model((check.model, check.model_pod), lease_id, expiry, now)
         return QuotaResult(
