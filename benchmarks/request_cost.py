@@ -1,5 +1,6 @@
 """What one request costs the sidecar's CPU, in process, without the wire: ``python -m
-benchmarks.request_cost [--requests N] [--per-message K] [--repeats R]``.
+benchmarks.request_cost [--requests N] [--per-message K] [--repeats R] [--store
+memory|valkey]``.
 
 The overhead benchmark sees the sidecar's cost only mixed with Envoy's, Valkey's and the load
 generator's on two shared cores, where a change of a few microseconds is lost in the host's
@@ -9,6 +10,9 @@ memory store (no network):
 - decision: the head Envoy sends (`POST /authz/...` with the client's allowed headers) parsed
   by the HTTP wire, answered by the ext_authz adapter (identity, plan, quota, lease, signed
   answer) and encoded, one request after the other;
+  With `--store valkey`, a Valkey server on loopback holds the state, as in production, and
+  what is measured is the sidecar's side of each store call (its client, not the server's
+  CPU, and one call per decision: nothing here is batched);
 - completion: each admitted request's access-log entry (its signed lease in the dynamic
   metadata, `K` entries per stream message as Envoy batches them) through the access-log
   servicer: lease checked, experience and usage recorded, lease released.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -28,6 +33,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import redis
 import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -36,6 +42,8 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
 from benchmarks.overhead_stack import API_KEY, MODEL, write_policy
+from devstack.procs import ValkeyProcess
+from sidecar.app import make_store
 from sidecar.core.decide import HEADER_LEASE
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_http import AuthzHttp
@@ -44,7 +52,7 @@ from sidecar.envoy.http_wire import encode_response, parse_head
 from sidecar.metrics import Metrics
 from sidecar.policy.loader import load_policy
 from sidecar.service import AdmissionService
-from sidecar.state import MemoryQuotaStore
+from sidecar.settings import load_settings
 
 KEY = b"request-cost-benchmark-key-of-32b"
 PATH = f"/v2/models/{MODEL}/infer"
@@ -78,11 +86,14 @@ def _entry(signed: str) -> Any:
     )
 
 
-async def _one_run(policy_path: Path, requests: int, per_message: int) -> tuple[float, float]:
+async def _one_run(
+    policy_path: Path, requests: int, per_message: int, redis_url: str | None
+) -> tuple[float, float]:
     """CPU microseconds per request of `requests` decisions, then of their completions."""
-    service = AdmissionService(
-        load_policy([policy_path]), MemoryQuotaStore(), Metrics(CollectorRegistry())
-    )
+    metrics = Metrics(CollectorRegistry())
+    settings = load_settings(environ={"QOS_REDIS_URL": redis_url} if redis_url else {})
+    store = make_store(settings, metrics)  # as the sidecar builds it
+    service = AdmissionService(load_policy([policy_path]), store, metrics)
     adapter = AuthzHttp(service, lease_key=KEY)
     transport: Any = _OpenTransport()
     heads = [_head(str(uuid.uuid4())) for _ in range(requests)]
@@ -118,6 +129,7 @@ async def _one_run(policy_path: Path, requests: int, per_message: int) -> tuple[
     )
     if released != requests:
         raise RuntimeError(f"{released} of {requests} leases released")
+    await store.close()
     return decided / requests * 1e6, completed / requests * 1e6
 
 
@@ -131,14 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--per-message", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--store", choices=("memory", "valkey"), default="memory")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
         policy = write_policy(Path(directory))
-        runs = [
-            uvloop.run(_one_run(policy, args.requests, args.per_message))
-            for _ in range(args.repeats)
-        ]
-    print(f"{args.requests} requests, ext_authz HTTP, memory store, medians of {len(runs)} runs")
+        url = None
+        if args.store == "valkey":
+            url = stack.enter_context(ValkeyProcess(Path(directory) / "valkey")).url
+        runs = []
+        for _ in range(args.repeats):
+            if url is not None:
+                redis.Redis.from_url(url).flushall()  # each run from an empty store
+            runs.append(uvloop.run(_one_run(policy, args.requests, args.per_message, url)))
+    print(
+        f"{args.requests} requests, ext_authz HTTP, {args.store} store, medians of {len(runs)} runs"
+    )
     print(_summary("decision", [d for d, _ in runs]))
     print(_summary(f"completion ({args.per_message} per message)", [c for _, c in runs]))
     return 0

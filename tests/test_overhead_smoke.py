@@ -109,17 +109,19 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert "TARGET leased_redis_calls: not measured (<= 0.2) missed" in targets
 
 
+@pytest.mark.parametrize("store", ["memory", "valkey"])
 def test_the_request_cost_benchmark_admits_and_releases_every_request(
-    capsys: pytest.CaptureFixture[str],
+    store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`python -m benchmarks.request_cost`: every request fed to the ext_authz adapter is
     admitted with a lease and every lease is released through the access-log servicer (it
-    raises otherwise), and it prints microseconds per request of each part."""
+    raises otherwise), on either store, and it prints microseconds per request of each part."""
     from benchmarks import request_cost
 
-    assert request_cost.main(["--requests", "200", "--per-message", "7", "--repeats", "2"]) == 0
+    args = ["--requests", "200", "--per-message", "7", "--repeats", "2", "--store", store]
+    assert request_cost.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "200 requests, ext_authz HTTP, memory store, medians of 2 runs"
+    assert lines[0] == f"200 requests, ext_authz HTTP, {store} store, medians of 2 runs"
     number = r"[0-9.]+ us of CPU per request \(runs [0-9.]+, [0-9.]+\)"
     assert re.fullmatch(f"decision: {number}", lines[1]), lines[1]
     assert re.fullmatch(f"completion \\(7 per message\\): {number}", lines[2]), lines[2]
