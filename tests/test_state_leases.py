@@ -264,28 +264,6 @@ def test_a_queued_release_needs_no_task_and_a_failed_one_is_owed() -> None:
     asyncio.run(body())
 
 
-def test_a_release_whose_caller_is_cancelled_is_still_counted() -> None:
-    """Rule 1: the bookkeeping runs when the store answers, not in the caller: a waiter for
-    the tenant's slot wakes, and the completion is counted."""
-    clock = FakeClock()
-    store = FlakyStore(clock)
-    service = service_on(store, clock)
-
-    async def body() -> None:
-        decision = await service.check(SEARCH, "test")
-        assert decision.lease is not None
-        waiter = asyncio.ensure_future(service._a_release_of("search", 60.0))
-        caller = asyncio.ensure_future(service.release(decision.lease))
-        await asyncio.sleep(0)  # the release is queued
-        caller.cancel()
-        await asyncio.wait_for(waiter, 5.0)  # woken by the release, not by its timeout
-        registry = service.metrics.registry
-        assert registry.get_sample_value("qos_completions_total", {"result": "released"}) == 1
-        assert await store.in_flight("search", None) == 0
-
-    asyncio.run(body())
-
-
 def test_running_leases_are_renewed_until_released() -> None:
     clock = FakeClock()
     store = FlakyStore(clock)
@@ -361,11 +339,12 @@ def signed_entry(lease: LeaseRef, key: bytes) -> Any:
     )
 
 
-@pytest.mark.parametrize("caller", ["complete", "access_log_stream"])
+@pytest.mark.parametrize("caller", ["release", "complete", "access_log_stream"])
 def test_a_completion_cancelled_while_its_release_is_out_is_still_counted(caller: str) -> None:
-    """completions.py rule 1, through both ways in: `complete` awaits the release shielded,
-    and the access-log stream waits for its releases without cancelling them when Envoy
-    resets it. The release lands when the store answers, and is counted then."""
+    """completions.py rule 1, every way in: the bookkeeping runs when the store answers, not
+    in the caller (`complete` awaits the release shielded, and the access-log stream waits
+    for its releases without cancelling them when Envoy resets it): a waiter for the
+    tenant's slot wakes, and the completion is counted."""
     clock = FakeClock()
     store = GatedStore(clock)
     service = service_on(store, clock)
@@ -375,7 +354,10 @@ def test_a_completion_cancelled_while_its_release_is_out_is_still_counted(caller
         store.opened = asyncio.Event()
         decision = await service.check(SEARCH, "test")
         assert decision.lease is not None
-        if caller == "complete":
+        waiter = asyncio.ensure_future(service._a_release_of("search", 60.0))
+        if caller == "release":
+            ending = asyncio.ensure_future(service.release(decision.lease))
+        elif caller == "complete":
             ending = asyncio.ensure_future(service.complete(format_lease(decision.lease)))
         else:
             message = als_pb2.StreamAccessLogsMessage(
@@ -393,8 +375,7 @@ def test_a_completion_cancelled_while_its_release_is_out_is_still_counted(caller
             await asyncio.sleep(0)  # the release is queued and its store call waits
         ending.cancel()
         store.opened.set()
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await asyncio.wait_for(waiter, 5.0)  # woken by the release, not by its timeout
         registry = service.metrics.registry
         assert registry.get_sample_value("qos_completions_total", {"result": "released"}) == 1
         assert await store.in_flight("search", None) == 0

@@ -145,8 +145,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         # sidecar/batching.py), with no coroutine per entry where none is needed
         # (sidecar/completions.py rule 2), and the stream is read on meanwhile. All are done
         # before the stream is answered.
-        pending: list[asyncio.Future[bool]] = []
-        settle_at = _SETTLE_EVERY
+        pending: set[asyncio.Future[bool]] = set()  # each leaves it once done
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
                 signed = lease_of(entry)
@@ -159,11 +158,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                     log.exception("access-log entry failed")
                     self._service.metrics.adapter_errors.labels(API).inc()
                     continue
-                if not isinstance(started, bool):
-                    pending.append(started)
-            if len(pending) >= settle_at:
-                pending = _unsettled(pending)
-                settle_at = max(_SETTLE_EVERY, 2 * len(pending))
+                if not isinstance(started, bool) and not started.done():
+                    pending.add(started)
+                    started.add_done_callback(pending.discard)
         if pending:
             # `wait`, not `gather`: a stream cancelled meanwhile leaves its releases going.
             # A failed release is owed already (completions.py rule 3): only bugs raise.
@@ -173,13 +170,3 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 if error is not None and not isinstance(error, StateUnavailable):
                     raise error
         return als_pb2.StreamAccessLogsResponse()
-
-
-# How many started releases a stream keeps before it forgets those already done.
-_SETTLE_EVERY = 1024
-
-
-def _unsettled(pending: list[asyncio.Future[bool]]) -> list[asyncio.Future[bool]]:
-    """The releases of a long stream still on their way: a stream that stays open for hours
-    does not keep every release it started."""
-    return [done for done in pending if not done.done()]
