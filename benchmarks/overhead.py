@@ -23,9 +23,12 @@ long until all are 0. The next phase starts only once they are.
 
 Then the paired rounds (``--paired N``, default ``--repeats``; 0 skips them): each twin and its
 sidecars are started together and measured at their maximum rate in alternation, N rounds, so
-that each round's ratio compares runs made seconds apart. The ratio targets are judged on the
-median of those ratios (``overhead_report``); this host's speed has been seen to change by 4x
-between configurations measured minutes apart.
+that each round's ratio compares runs made seconds apart; then, in the same round and order,
+each at the common rate for ``--paired-latency`` s, so that each round's added p99 compares
+runs made seconds apart too. The ratio targets, and the added-p99 targets at the common rate,
+are judged on the median of the rounds (``overhead_report``); this host's speed has been seen
+to change by 4x between configurations measured minutes apart, and the added p99 of one
+configuration to change sides of its goal between two runs an hour apart.
 
 Results: ``results/<stamp>-overhead/`` with ``results.json`` and ``report.md``; the table and
 one ``TARGET`` line per target of issue 11 are printed at the end.
@@ -273,9 +276,10 @@ def paired_rounds(
 ) -> dict[str, Any]:
     """Each sidecar's maximum rate against its no-op twin's, measured in alternation: the twin
     and its sidecars are all started, and each round runs every one of them once, closed loop
-    (the order rotates from round to round). A host that speeds up or slows down during the
-    run moves both sides of a round's ratio alike; the configurations measured one after the
-    other above can be minutes apart. The 1 MiB pair is left out (no ratio target)."""
+    (the order rotates from round to round), then once each at the common rate, open loop.
+    A host that speeds up or slows down during the run moves both sides of a round's ratio
+    (and of its added p99) alike; the configurations measured one after the other above can
+    be minutes apart. The 1 MiB pair is left out (its rate is its own)."""
     groups: dict[str, list[str]] = {}
     for name in names:
         config = stack.BY_NAME[name]
@@ -296,22 +300,42 @@ def paired_rounds(
             for name in members:
                 warm_up(running[name], targets[name], stores[name], args)
             rates: dict[str, list[float]] = {name: [] for name in members}
+            p99s: dict[str, list[float]] = {name: [] for name in members}
+            latency = argparse.Namespace(**{**vars(args), "duration": args.paired_latency})
             for round_ in range(args.paired):
                 turn = round_ % len(members)
-                for name in members[turn:] + members[:turn]:
+                order = members[turn:] + members[:turn]
+                for name in order:
                     phase = run_phase(running[name], targets[name], stores[name], args, 0.0)
                     rates[name].append(float(phase["achieved_rps"]))
+                for name in order if args.paired_latency > 0 else ():
+                    rate = args.common_rate
+                    phase = run_phase(running[name], targets[name], stores[name], latency, rate)
+                    p99s[name].append(float(phase["latency_ms"]["p99"]))
         for name in sidecars:
-            ratios = [s / t for s, t in zip(rates[name], rates[twin], strict=True) if t > 0]
-            found[name] = {
-                "twin": twin,
-                "ratio": round(statistics.median(ratios), 3) if ratios else None,
-                "ratios": [round(r, 3) for r in ratios],
-                "rps": rates[name],
-                "twin_rps": rates[twin],
-            }
-            log(f"{name}/{twin} paired: {', '.join(f'{r:.2f}' for r in ratios)}")
+            found[name] = _paired_result(twin, rates[name], rates[twin], p99s[name], p99s[twin])
+            log(f"{name}/{twin} paired: {', '.join(f'{r:.2f}' for r in found[name]['ratios'])}")
     return found
+
+
+def _paired_result(
+    twin: str, rps: list[float], twin_rps: list[float], p99: list[float], twin_p99: list[float]
+) -> dict[str, Any]:
+    """A sidecar's paired rounds against its twin: the ratio of maximum rates per round, and
+    the p99 added at the common rate per round, each with its median."""
+    ratios = [s / t for s, t in zip(rps, twin_rps, strict=True) if t > 0]
+    added = [s - t for s, t in zip(p99, twin_p99, strict=True)]
+    return {
+        "twin": twin,
+        "ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "ratios": [round(r, 3) for r in ratios],
+        "rps": rps,
+        "twin_rps": twin_rps,
+        "added_p99_ms_common": round(statistics.median(added), 3) if added else None,
+        "added_p99_ms_common_rounds": [round(a, 3) for a in added],
+        "p99_ms_common": p99,
+        "twin_p99_ms_common": twin_p99,
+    }
 
 
 def measure(
@@ -442,6 +466,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="rounds of alternated max-rate runs, sidecar and twin (default: --repeats; 0: none)",
     )
+    parser.add_argument(
+        "--paired-latency",
+        type=float,
+        help="seconds of each paired round's run at the common rate, sidecar and twin, which "
+        "the added-p99 targets at that rate are judged on (3 quick, 10 full; 0: none)",
+    )
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--common-rate", type=float, default=1000.0)
@@ -465,6 +495,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (15.0 if args.full else 5.0)
     args.repeats = args.repeats or (5 if args.full else 3)
     args.paired = args.repeats if args.paired is None else args.paired
+    if args.paired_latency is None:
+        args.paired_latency = 10.0 if args.full else 3.0
     return args
 
 
@@ -483,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "repeats": args.repeats,
         "paired_rounds": args.paired,
+        "paired_latency_s": args.paired_latency,
         "connections": args.connections,
         "common_rate": args.common_rate,
         "scrape_interval_s": args.scrape_interval,

@@ -44,7 +44,7 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
         [
             sys.executable, "-m", "benchmarks.overhead",
             "--configs", "B,C", "--duration", "2", "--repeats", "1", "--warmup", "0.5",
-            "--common-rate", "200", "--out", str(tmp_path),
+            "--common-rate", "200", "--paired-latency", "1", "--out", str(tmp_path),
         ],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -93,6 +93,12 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert min(paired["rps"] + paired["twin_rps"]) > 0
     assert paired["ratio"] == pytest.approx(paired["rps"][0] / paired["twin_rps"][0], abs=0.001)
     assert results["configs"]["B"]["paired"] is None  # a twin has no ratio of its own
+    # The same round ran both at the common rate too: the added-p99 target at that rate is
+    # judged on the rounds' median, with the one-after-the-other value beside it.
+    assert len(paired["p99_ms_common"]) == len(paired["twin_p99_ms_common"]) == 1
+    added = paired["p99_ms_common"][0] - paired["twin_p99_ms_common"][0]
+    assert paired["added_p99_ms_common"] == pytest.approx(added, abs=0.001)
+    assert results["meta"]["paired_latency_s"] == 1
     report = (out / "report.md").read_text()
     assert "| B: no-op ext_authz HTTP" in report and "| C: sidecar ext_authz HTTP" in report
     assert f"paired {paired['ratio']:.2f}" in report
@@ -107,6 +113,11 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert "TARGET http_valkey_vs_noop: not measured (>= 0.66) missed" in targets
     assert "TARGET http_valkey_leased_vs_noop: not measured (>= 0.85) missed" in targets
     assert "TARGET leased_redis_calls: not measured (<= 0.2) missed" in targets
+    (judged,) = [t for t in targets if t.startswith("TARGET added_p99_at_common_rate_http_memory")]
+    one_after = f"one after the other {sidecar['added_p99_ms_common']:.2f})"
+    assert f"{paired['added_p99_ms_common']:.2f} ms (median of paired rounds" in judged
+    assert one_after in judged
+    assert ("met" if paired["added_p99_ms_common"] <= 1.0 else "missed") == judged.split()[-1]
 
 
 @pytest.mark.parametrize("store", ["memory", "valkey"])
