@@ -94,8 +94,7 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         self.peeks = QuotaPeeks(store, clock)  # is a request shed for load over its quota?
         self.shadow = ShadowJudge(self)  # rules not enforced, judged beside: core/shadow.py
         self.hold_bounds = HoldBounds()  # each transport's longest hold (the app sets them)
-        # Without a view of Triton (no endpoints configured) classes are admitted on quota
-        # alone: treating "no signal" as saturated would shed everything forever.
+        # No view of Triton (no endpoints): admitted on quota alone, never shed on no signal.
         self._load = load
         self.stale_after_s = stale_after_s
         self.clock = clock
@@ -107,10 +106,11 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         # Releases and model counts go through these: many in one store call (batching.py).
         self.releases: Batcher[tuple[LeaseRef, float], bool] = Batcher(self._release_many)
         self.model_counts: Batcher[tuple[LeaseRef, float], bool] = Batcher(self._count_many)
-        # Acquires of concurrent decisions share a pipeline (each script atomic on its own).
+        # Acquires share a pipeline (each atomic); a store in this process is not batched.
         self.acquires = Batcher(self.store.acquire_many, max_in_flight=ACQUIRES_IN_FLIGHT)
-        # The degraded mode's store and its leases (see the module comment); `replicas` is
-        # the live count the heartbeats showed last (`heartbeat`).
+        self._acquire_inline = getattr(store, "answers_inline", False) is True
+        # The degraded mode's store and its leases (see the module comment); `replicas`: the
+        # live count the heartbeats showed last (`heartbeat`).
         self.local = MemoryQuotaStore(clock=clock)
         self.slices, self._asking = slices.Slices(), {}  # leased mode: sidecar/leased.py
         self.local_leases, self.local_spend = {}, LocalSpend()  # see SharedReads
@@ -290,9 +290,12 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         if check.lease_id is None:
             check = replace(check, lease_id=new_lease_id())
         lease = LeaseRef.of(check, check.lease_id or "")
-        task = self.acquires.enqueue(check)
+        # A store in this process (`answers_inline`) is called directly: its acquire never
+        # suspends, so a batch would only cost a loop turn and its futures (a third of the
+        # memory store's decision, `benchmarks/request_cost.py`) and the decision a wait.
+        task = None if self._acquire_inline else self.acquires.enqueue(check)
         try:
-            result = await asyncio.shield(task)
+            result = await (self.store.acquire(check) if task is None else asyncio.shield(task))
         except StateUnavailable as exc:
             # Not logged per call: the store's circuit breaker logs each outage once.
             self.metrics.state_errors.labels("acquire").inc()
@@ -300,7 +303,8 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
                 self.leases.owe(lease)
             return None
         except asyncio.CancelledError:
-            task.add_done_callback(lambda done: self._release_orphan(lease, done))
+            if task is not None:
+                task.add_done_callback(lambda done: self._release_orphan(lease, done))
             raise
         if result.lease_id is not None:
             self.leases.taken(lease)

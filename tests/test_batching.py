@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sidecar.batching import Batcher
-from sidecar.core.types import LeaseRef, RequestAttributes
+from sidecar.core.types import LeaseRef, QuotaCheck, QuotaResult, RequestAttributes
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
@@ -112,5 +112,36 @@ def test_a_refusal_for_concurrency_waits_for_the_release_on_its_way() -> None:
         # None on its way: the 10th is refused, after the grace.
         refused = await service.check(request(), "test")
         assert refused.status == 429
+
+    asyncio.run(body())
+
+
+class Suspending(MemoryQuotaStore):
+    """A store whose acquires wait a tick, as a remote store's round trip does."""
+
+    answers_inline = False
+
+    async def acquire(self, check: QuotaCheck) -> QuotaResult:
+        await asyncio.sleep(0)
+        return await super().acquire(check)
+
+
+def test_an_in_process_store_answers_a_decision_inline_and_a_remote_one_is_batched() -> None:
+    """The memory store's acquire never suspends: the decision is made within the step that
+    asked (no batch, no loop turn: the task is done after one step). A store whose acquire
+    waits for a round trip goes through the acquire batcher, where concurrent decisions share
+    one call."""
+    policy = make_policy()
+
+    async def body() -> None:
+        inline = AdmissionService(policy, MemoryQuotaStore(), Metrics(CollectorRegistry()))
+        step = asyncio.get_running_loop().create_task(inline.check(request(), "test"))
+        await asyncio.sleep(0)  # the task's first step runs here, and only that
+        assert step.done() and step.result().admitted
+        assert inline.acquires.batches == 0
+        remote = AdmissionService(policy, Suspending(), Metrics(CollectorRegistry()))
+        decisions = await asyncio.gather(*(remote.check(request(), "test") for _ in range(5)))
+        assert all(d.admitted for d in decisions)
+        assert (remote.acquires.batches, remote.acquires.sent) == (1, 5)
 
     asyncio.run(body())

@@ -564,7 +564,10 @@ def test_cancel_after_the_last_answer_leaves_the_lease_to_the_access_log() -> No
 
 
 class SlowStore(MemoryQuotaStore):
-    """acquire waits until the test lets it go on, and notes whether it was cancelled."""
+    """acquire waits until the test lets it go on, and notes whether it was cancelled: it
+    suspends, as a remote store's does, so it is not answered inline."""
+
+    answers_inline = False
 
     def __init__(self) -> None:
         super().__init__()

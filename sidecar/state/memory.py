@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from sidecar.core.fleet import CounterOp
 from sidecar.core.gcra import recorded_tat, step_buckets
@@ -87,7 +88,13 @@ class _ModelLeases:
 
 
 class MemoryQuotaStore:
-    """Quota state in this process. `clock` returns seconds; only differences matter."""
+    """Quota state in this process. `clock` returns seconds; only differences matter.
+
+    `answers_inline`: no call suspends (nothing here awaits), so the service calls `acquire`
+    directly rather than batching it (`AdmissionService._acquire`). A subclass whose calls
+    wait on something sets it False, and is then batched and shielded like a remote store."""
+
+    answers_inline: ClassVar[bool] = True
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
