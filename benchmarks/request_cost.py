@@ -1,6 +1,6 @@
 """What one request costs the sidecar's CPU, in process, without the wire: ``python -m
 benchmarks.request_cost [--requests N] [--per-message K] [--repeats R] [--store
-memory|valkey]``.
+memory|valkey] [--leased]``.
 
 The overhead benchmark sees the sidecar's cost only mixed with Envoy's, Valkey's and the load
 generator's on two shared cores, where a change of a few microseconds is lost in the host's
@@ -13,6 +13,8 @@ memory store (no network):
   With `--store valkey`, a Valkey server on loopback holds the state, as in production, and
   what is measured is the sidecar's side of each store call (its client, not the server's
   CPU, and one call per decision: nothing here is batched);
+- with `--leased`, configuration DL's policy: the bucket in leased mode and no concurrency
+  limit, so each decision spends from a slice and its access-log entry carries no lease;
 - completion: each admitted request's access-log entry (its signed lease in the dynamic
   metadata, `K` entries per stream message as Envoy batches them) through the access-log
   servicer: lease checked, experience and usage recorded, lease released.
@@ -87,7 +89,7 @@ def _entry(signed: str) -> Any:
 
 
 async def _one_run(
-    policy_path: Path, requests: int, per_message: int, redis_url: str | None
+    policy_path: Path, requests: int, per_message: int, redis_url: str | None, leased: bool = False
 ) -> tuple[float, float]:
     """CPU microseconds per request of `requests` decisions, then of their completions."""
     metrics = Metrics(CollectorRegistry())
@@ -98,14 +100,20 @@ async def _one_run(
     transport: Any = _OpenTransport()
     heads = [_head(str(uuid.uuid4())) for _ in range(requests)]
     leases: list[Any] = []
+    statuses: list[int] = []
     started = time.process_time()
     for head in heads:
         answer = await adapter.answer(parse_head(head), transport)
         encode_response(answer, close=False)
         leases.append(answer.headers)
+        statuses.append(answer.status)
     decided = time.process_time() - started
     leases = [dict(headers).get(HEADER_LEASE, "") for headers in leases]
-    if not all(leases):
+    if leased:  # spent from slices: no lease to release, an entry each all the same
+        refused = sum(1 for status in statuses if status != 200)
+        if refused:
+            raise RuntimeError(f"{refused} of {requests} requests were not admitted")
+    elif not all(leases):
         raise RuntimeError(f"{leases.count('')} of {requests} requests were not admitted")
     messages = [
         als_pb2.StreamAccessLogsMessage(
@@ -124,11 +132,12 @@ async def _one_run(
     started = time.process_time()
     await AccessLogServicer(service, lease_key=KEY).StreamAccessLogs(stream(), None)
     completed = time.process_time() - started
+    result = "no_lease" if leased else "released"
     released = service.metrics.registry.get_sample_value(
-        "qos_completions_total", {"result": "released"}
+        "qos_completions_total", {"result": result}
     )
     if released != requests:
-        raise RuntimeError(f"{released} of {requests} leases released")
+        raise RuntimeError(f"{released} of {requests} completions {result}")
     await store.close()
     return decided / requests * 1e6, completed / requests * 1e6
 
@@ -144,9 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-message", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--store", choices=("memory", "valkey"), default="memory")
+    parser.add_argument(
+        "--leased",
+        action="store_true",
+        help="the bucket in leased mode and no concurrency limit (configuration DL): "
+        "decisions spend from slices, completions carry no lease",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
-        policy = write_policy(Path(directory))
+        policy = write_policy(Path(directory), leased=args.leased)
         url = None
         if args.store == "valkey":
             url = stack.enter_context(ValkeyProcess(Path(directory) / "valkey")).url
@@ -154,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             if url is not None:
                 redis.Redis.from_url(url).flushall()  # each run from an empty store
-            runs.append(uvloop.run(_one_run(policy, args.requests, args.per_message, url)))
+            run = _one_run(policy, args.requests, args.per_message, url, args.leased)
+            runs.append(uvloop.run(run))
+    mode = ", leased mode" if args.leased else ""
     print(
-        f"{args.requests} requests, ext_authz HTTP, {args.store} store, medians of {len(runs)} runs"
+        f"{args.requests} requests, ext_authz HTTP, {args.store} store{mode},"
+        f" medians of {len(runs)} runs"
     )
     print(_summary("decision", [d for d, _ in runs]))
     print(_summary(f"completion ({args.per_message} per message)", [c for _, c in runs]))

@@ -120,19 +120,24 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert ("met" if paired["added_p99_ms_common"] <= 1.0 else "missed") == judged.split()[-1]
 
 
-@pytest.mark.parametrize("store", ["memory", "valkey"])
+@pytest.mark.parametrize(
+    ("store", "leased"), [("memory", False), ("valkey", False), ("memory", True)]
+)
 def test_the_request_cost_benchmark_admits_and_releases_every_request(
-    store: str, capsys: pytest.CaptureFixture[str]
+    store: str, leased: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`python -m benchmarks.request_cost`: every request fed to the ext_authz adapter is
     admitted with a lease and every lease is released through the access-log servicer (it
-    raises otherwise), on either store, and it prints microseconds per request of each part."""
+    raises otherwise), on either store; in leased mode every request is admitted from slices
+    and every completion counted without a lease. It prints microseconds per request of each
+    part."""
     from benchmarks import request_cost
 
     args = ["--requests", "200", "--per-message", "7", "--repeats", "2", "--store", store]
-    assert request_cost.main(args) == 0
+    assert request_cost.main(args + (["--leased"] if leased else [])) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == f"200 requests, ext_authz HTTP, {store} store, medians of 2 runs"
+    mode = ", leased mode" if leased else ""
+    assert lines[0] == f"200 requests, ext_authz HTTP, {store} store{mode}, medians of 2 runs"
     number = r"[0-9.]+ us of CPU per request \(runs [0-9.]+, [0-9.]+\)"
     assert re.fullmatch(f"decision: {number}", lines[1]), lines[1]
     assert re.fullmatch(f"completion \\(7 per message\\): {number}", lines[2]), lines[2]
