@@ -81,3 +81,28 @@ def test_seeds_all_on_one_side_of_the_goal_allow_the_claim() -> None:
     lines = [line for line in target_lines(doc) if "interactive_viol" in line]
     assert len(lines) == 2 and not any("both sides" in line for line in lines)
     assert lines[0].endswith(" met") and lines[1].endswith(" missed")
+
+
+def test_the_presets_form_the_frontier_when_no_one_of_them_meets_both_targets() -> None:
+    """Balanced meets the throughput target and not the interactive one at 2x, latency the
+    other way round: the presets' line is met, as neither is dominated. At 3x neither meets
+    the interactive target: missed. With one preset in the run there is no such line."""
+    doc = results()
+    doc["systems"]["sidecar-http"]["points"][0] = point(2.0, 2.0, 1.6)
+    doc["systems"]["sidecar-http-latency"] = {
+        "points": [point(2.0, 0.2, 1.3), point(3.0, 5.5, 1.4)]
+    }
+    lines = target_lines(doc)
+    by_name = {line.split(":")[0].removeprefix("TARGET "): line for line in lines}
+    two = by_name["presets_frontier_2x"]
+    assert two.endswith(" met"), two
+    assert "interactive met by latency, SLO-met by balanced; none dominated" in two
+    assert "balanced 2.00% interactive, 0.94 x the best baseline" in two
+    assert by_name["presets_frontier_3x"].endswith(" missed")
+    assert "interactive met by none" in by_name["presets_frontier_3x"]
+    # A baseline at least as good on both axes as one preset: missed, and named.
+    doc["systems"]["passthrough"] = {"points": [point(2.0, 0.1, 1.35), point(3.0, 70.0, 1.0)]}
+    two = next(x for x in target_lines(doc) if x.startswith("TARGET presets_frontier_2x"))
+    assert two.endswith(" missed") and "dominated: latency by passthrough" in two
+    del doc["systems"]["sidecar-http-latency"]
+    assert not [x for x in target_lines(doc) if "presets_frontier" in x]
