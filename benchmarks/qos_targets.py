@@ -71,6 +71,18 @@ def frontier(results: Mapping[str, Any]) -> dict[str, list[tuple[float, float, f
     }
 
 
+def _points_at(
+    systems: Mapping[str, Mapping[str, Any]], m: float
+) -> dict[str, tuple[float, float]]:
+    """Each system's (interactive violation %, SLO-met / C) at load `m`, where it ran it."""
+    found = {name: _at(system, m) for name, system in systems.items()}
+    return {
+        name: (p["classes"]["interactive"]["violation_pct"], p["overall"]["slo_met_over_c"])
+        for name, p in found.items()
+        if p is not None
+    }
+
+
 def dominated_by(
     point: tuple[float, float], others: Mapping[str, tuple[float, float]]
 ) -> list[str]:
@@ -119,24 +131,14 @@ def _preset_lines(
         return []
     lines = []
     for m in LOADS:
-        points = {row: _at(systems[row], m) for row in run}
-        base = {b: _at(s, m) for b, s in baselines.items()}
-        base_points = {
-            b: (q["classes"]["interactive"]["violation_pct"], q["overall"]["slo_met_over_c"])
-            for b, q in base.items()
-            if q is not None
-        }
+        base_points = _points_at(baselines, m)
+        mine = _points_at({row: systems[row] for row in run}, m)
         name = f"presets_frontier_{m:g}x"
         goal = "a preset meets each target, no baseline dominates a preset"
-        if any(q is None for q in points.values()) or not base_points:
+        if len(mine) < len(run) or not base_points:
             lines.append(_line(name, "not measured", goal, False))
             continue
         best = max(v[1] for v in base_points.values())
-        mine = {
-            row: (q["classes"]["interactive"]["violation_pct"], q["overall"]["slo_met_over_c"])
-            for row, q in points.items()
-            if q is not None
-        }
         fast = [r for r, (v, _) in mine.items() if v <= INTERACTIVE_MAX_PCT[m]]
         full = [r for r, (_, met) in mine.items() if met >= SLO_MET_SHARE_OF_BEST * best]
         over = {r: dominated_by(mine[r], base_points) for r in mine}
@@ -204,12 +206,7 @@ def _throughput_lines(
     lines = []
     for m in LOADS:
         p = _at(system, m)
-        base = {b: _at(s, m) for b, s in baselines.items()}
-        base_points = {
-            b: (q["classes"]["interactive"]["violation_pct"], q["overall"]["slo_met_over_c"])
-            for b, q in base.items()
-            if q is not None
-        }
+        base_points = _points_at(baselines, m)
         tag = f"{m:g}x[{name}]"
         if p is None or not base_points:
             why = "not measured" if p is None else "no baseline in this run"
