@@ -108,7 +108,7 @@ class MemoryQuotaStore:
         self._leases: dict[str, _TenantLeases] = {}
         # (model, pod or None for the fleet's count) -> its leases: `keys.build_model_key`'s parts
         self._model_leases: dict[tuple[str, str | None], _ModelLeases] = {}
-        # Released ids, (tenant, id) -> expiry, and the same in release order for pruning:
+        # Released ids, (tenant, id) as one string -> expiry, and the ids in release order:
         # tombstones mostly share one TTL, so the oldest expire first and pruning from the
         # left keeps the table to about a TTL's worth of releases.
         # Both hold strings and floats only (`_tombstone_key`), which the garbage collector does
