@@ -301,6 +301,7 @@ def paired_rounds(
                 warm_up(running[name], targets[name], stores[name], args)
             rates: dict[str, list[float]] = {name: [] for name in members}
             p99s: dict[str, list[float]] = {name: [] for name in members}
+            # The common-rate runs are `--paired-latency` s long: args with that duration.
             latency = argparse.Namespace(**{**vars(args), "duration": args.paired_latency})
             for round_ in range(args.paired):
                 turn = round_ % len(members)
@@ -308,7 +309,9 @@ def paired_rounds(
                 for name in order:
                     phase = run_phase(running[name], targets[name], stores[name], args, 0.0)
                     rates[name].append(float(phase["achieved_rps"]))
-                for name in order if args.paired_latency > 0 else ():
+                if args.paired_latency <= 0:
+                    continue
+                for name in order:
                     rate = args.common_rate
                     phase = run_phase(running[name], targets[name], stores[name], latency, rate)
                     p99s[name].append(float(phase["latency_ms"]["p99"]))

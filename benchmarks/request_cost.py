@@ -99,22 +99,19 @@ async def _one_run(
     adapter = AuthzHttp(service, lease_key=KEY)
     transport: Any = _OpenTransport()
     heads = [_head(str(uuid.uuid4())) for _ in range(requests)]
-    leases: list[Any] = []
-    statuses: list[int] = []
+    answers = []
     started = time.process_time()
     for head in heads:
         answer = await adapter.answer(parse_head(head), transport)
         encode_response(answer, close=False)
-        leases.append(answer.headers)
-        statuses.append(answer.status)
+        answers.append(answer)
     decided = time.process_time() - started
-    leases = [dict(headers).get(HEADER_LEASE, "") for headers in leases]
-    if leased:  # spent from slices: no lease to release, an entry each all the same
-        refused = sum(1 for status in statuses if status != 200)
-        if refused:
-            raise RuntimeError(f"{refused} of {requests} requests were not admitted")
-    elif not all(leases):
-        raise RuntimeError(f"{leases.count('')} of {requests} requests were not admitted")
+    # Leased: spent from slices, no lease to release (an entry each all the same).
+    refused = sum(1 for answer in answers if answer.status != 200)
+    leases = [dict(answer.headers).get(HEADER_LEASE, "") for answer in answers]
+    if refused or not (leased or all(leases)):
+        missing = refused or leases.count("")
+        raise RuntimeError(f"{missing} of {requests} requests were not admitted")
     messages = [
         als_pb2.StreamAccessLogsMessage(
             http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
