@@ -31,10 +31,12 @@ from tritonclient.grpc import service_pb2
 from sidecar.app import GRPC_MAX_MESSAGE_BYTES
 from sidecar.core.kserve import GRPC_MODEL_INFER_PATH
 from sidecar.core.lease import parse_lease, verify_lease
-from sidecar.core.types import QuotaCheck, QuotaResult
+from sidecar.core.priority import rewrite_body
+from sidecar.core.types import QuotaCheck, QuotaResult, RequestAttributes
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.common import TokenCheck
 from sidecar.envoy.ext_proc import ATTRIBUTES_KEY, PRINCIPAL_ATTRIBUTE, ExternalProcessorServicer
+from sidecar.envoy.ext_proc_answers import SplitBody, body_response_for
 from sidecar.envoy.grpc_methods import envoy_methods
 from sidecar.envoy.grpc_wire import GrpcWireServer
 from sidecar.errors import StateUnavailable
@@ -746,3 +748,30 @@ def test_overload_admission_applies_to_a_grpc_model_infer() -> None:
     immediate = seen[1].immediate_response
     assert immediate.status.code == 503
     assert json.loads(immediate.body)["reason"] == "overloaded"
+
+
+@pytest.mark.parametrize("admitted", [False, True])
+@pytest.mark.parametrize("size", [40, 1 << 20])
+def test_a_split_answer_is_read_as_the_whole_answer(admitted: bool, size: int) -> None:
+    """ext_proc_answers: the head and the body's wrapping, joined, parse as the answer with
+    the body inside it (a parser merges the message field that comes twice), for a small
+    body and a megabyte, with and without the decision of a request decided on its body."""
+    service = make_service()
+    admit = None
+    if admitted:
+        attrs = RequestAttributes("POST", INFER, SEARCH_INTERACTIVE)
+        admit = asyncio.run(service.check(attrs, "ext_proc"))
+        assert admit.admitted
+    padding = b"x" * max(0, size - 40)
+    body = b'{"inputs":[{"name":"P","data":["' + padding + b'"]}]}'
+    rewrite = rewrite_body(INFER, {"content-type": "application/json"}, body, 2)
+    assert rewrite.body is not None
+
+    whole = body_response_for(rewrite, admit, KEY)
+    split = body_response_for(rewrite, admit, KEY, split=True)
+    assert isinstance(split, SplitBody)
+    head, tail = split.wire_parts()
+    assert tail is rewrite.body  # the body itself, not a copy
+    assert ep.ProcessingResponse.FromString(head + tail) == whole
+    assert split.message() == whole
+    assert whole.request_body.response.body_mutation.body == rewrite.body

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 
 from sidecar.envoy import h2_conn
 from sidecar.envoy.common import TokenCheck
-from sidecar.envoy.grpc_wire import GrpcWireServer, Method
+from sidecar.envoy.grpc_wire import GrpcWireServer, Method, _Call
 from sidecar.envoy.h2_conn import DATA, END_HEADERS, END_STREAM, HEADERS, SETTINGS, frame
 from sidecar.envoy.header_block import HeaderDecoder
 from tests.test_h2_conn import frames
@@ -54,8 +55,14 @@ async def _wait_forever(_request: bytes, _context: Any) -> bytes:
     return b""
 
 
+def _in_parts(data: bytes) -> tuple[bytes, ...]:
+    """A message in the parts a SplitBody sends: a small head, then the large rest."""
+    return data[:7], data[7:]
+
+
 METHODS = {
     "/t.T/Echo": Method("test", False, _raw, _raw, _echo),
+    "/t.T/Parts": Method("test", False, _raw, _in_parts, _echo),
     "/t.T/Fail": Method("test", False, _raw, _raw, _fail),
     "/t.T/Count": Method("test", True, _raw, _raw, _count),
     "/t.T/Wait": Method("test", False, _raw, _raw, _wait_forever),
@@ -128,6 +135,43 @@ def test_calls_that_cannot_be_served_end_with_their_grpc_status(
         assert await unary(server.port, "/t.T/Echo", b"ok") == b"ko"  # the server goes on
 
     serve(body)
+
+
+@pytest.mark.parametrize("size", [100, 300_000])
+def test_a_message_serialized_in_parts_arrives_whole(size: int) -> None:
+    """Rule 5 with `Method.serialize` giving parts: small ones are joined with the prefix, a
+    large one goes as it is; the client reads one message either way. 300 kB crosses many
+    DATA frames both ways."""
+    request = bytes(range(256)) * (size // 256) + b"end"
+
+    async def body(server: GrpcWireServer) -> None:
+        assert await unary(server.port, "/t.T/Parts", request) == request[::-1]
+        assert await unary(server.port, "/t.T/Parts", b"ab") == b"ba"  # a part left empty
+
+    serve(body, limit=1 << 20)
+
+
+def test_a_message_in_many_frames_wakes_its_handler_once_it_is_whole() -> None:
+    """Rule 3: a handler waiting for a message is woken when it is whole (or the request
+    ends), not at each of the 64 frames a megabyte comes in."""
+
+    async def body() -> None:
+        conn = SimpleNamespace(server=SimpleNamespace(max_message_bytes=1 << 20))
+        call = _Call(conn, 1, METHODS["/t.T/Count"], [])  # type: ignore[arg-type]
+        message = b"m" * 100_000
+        data = len(message).to_bytes(5, "big") + message + (3).to_bytes(5, "big") + b"abc"
+        wakes = 0
+        for start in range(0, len(data), 16_384):
+            call.waiter = asyncio.get_running_loop().create_future()
+            call.feed(data[start : start + 16_384], ended=False)
+            wakes += call.waiter.done()
+        assert wakes == 1  # the last frame: both messages whole
+        assert list(call.messages) == [message, b"abc"]
+        call.waiter = asyncio.get_running_loop().create_future()
+        call.feed(b"", ended=True)
+        assert call.waiter.done() and call.ended
+
+    asyncio.run(body())
 
 
 def test_without_the_token_a_call_is_refused_before_it_is_read() -> None:

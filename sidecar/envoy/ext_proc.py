@@ -234,9 +234,14 @@ class _Stream:
 
 
 class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, service: AdmissionService, *, lease_key: bytes) -> None:
+    def __init__(
+        self, service: AdmissionService, *, lease_key: bytes, split_bodies: bool = False
+    ) -> None:
+        """`split_bodies`: answer a rewritten body as a `SplitBody` (the sidecar's own gRPC
+        server sends it without joining it; grpc.aio needs whole messages)."""
         self._service = service
         self._lease_key = lease_key
+        self._split = split_bodies
 
     async def Process(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -272,7 +277,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             return await self._decide_on_body(stream, request.request_body, write)
         if kind == "request_body" and stream.phase in (Phase.BODY, Phase.BODY_CHUNKS):
             rewrite, step = self._body_rewrite(stream, request.request_body)
-            return body_response_for(rewrite), step
+            return body_response_for(rewrite, split=self._split), step
         empty = EMPTY_ANSWER.get(kind)
         if empty is None:
             return self._refuse(f"ext_proc stream sent {kind or 'an empty message'} mid-request")
@@ -352,7 +357,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             model = _model(request)
             stream.usage = _Usage(request.tokens, estimated, meter, model, admitted_s=admitted_s)
         rewrite, step = self._body_rewrite(stream, body)
-        return body_response_for(rewrite, decision, self._lease_key), step
+        return body_response_for(rewrite, decision, self._lease_key, split=self._split), step
 
     async def _settle(self, admitted: Decision, usage: _Usage) -> None:
         """Make the estimate good with the tokens the response generated (see the module)."""

@@ -1,10 +1,19 @@
 """The messages the sidecar answers an ext_proc stream with (see `sidecar.envoy.ext_proc` for
 when each is sent): the decision as a header mutation or an ImmediateResponse, the rewritten
-body, the continue that waits for the body, and the hold's timeout extension."""
+body, the continue that waits for the body, and the hold's timeout extension.
+
+A rewritten body can be answered as a `SplitBody`: the answer without its body, encoded by
+protobuf, and the body after it with the few octets of field wrapping that put it in
+`request_body.response.body_mutation.body`. A parser merges a message field that comes twice,
+so Envoy reads the same answer; the body (a megabyte, for a large tensor) is then never copied
+into a protobuf message and out of it again. The sidecar's own gRPC server sends the parts as
+they are (`grpc_methods`); grpc.aio gets whole messages.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -83,30 +92,78 @@ def headers_response_for(decision: Decision, lease_key: bytes = b"") -> Any:
     )
 
 
+# Field numbers of the path from a ProcessingResponse to its new request body, outermost first.
+_BODY_PATH = (
+    ext_proc_pb2.ProcessingResponse.DESCRIPTOR.fields_by_name["request_body"].number,
+    ext_proc_pb2.BodyResponse.DESCRIPTOR.fields_by_name["response"].number,
+    ext_proc_pb2.CommonResponse.DESCRIPTOR.fields_by_name["body_mutation"].number,
+    ext_proc_pb2.BodyMutation.DESCRIPTOR.fields_by_name["body"].number,
+)
+_LENGTH_DELIMITED = 2  # protobuf wire type of bytes and of embedded messages
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitBody:
+    """An answer whose new body is kept apart from the protobuf message (module comment)."""
+
+    head: Any  # the ProcessingResponse without the body
+    body: bytes
+
+    def wire_parts(self) -> tuple[bytes, bytes]:
+        """The answer's encoding in two parts: the head's and the wrapping, then the body."""
+        wrapping, size = b"", len(self.body)
+        for number in reversed(_BODY_PATH):
+            field = _varint(number << 3 | _LENGTH_DELIMITED) + _varint(size)
+            wrapping, size = field + wrapping, size + len(field)
+        return self.head.SerializeToString() + wrapping, self.body
+
+    def message(self) -> Any:
+        """The same answer as one protobuf message (for grpc.aio and for tests)."""
+        whole = ext_proc_pb2.ProcessingResponse()
+        whole.CopyFrom(self.head)
+        whole.request_body.response.body_mutation.body = self.body
+        return whole
+
+
 def body_response_for(
-    rewrite: BodyRewrite, admit: Decision | None = None, lease_key: bytes = b""
+    rewrite: BodyRewrite,
+    admit: Decision | None = None,
+    lease_key: bytes = b"",
+    *,
+    split: bool = False,
 ) -> Any:
     """The answer to request_body: the new body with its headers, or continue unchanged.
     With `admit` (a request decided on its body) the decision headers are set too, and the
-    route chosen again with them."""
+    route chosen again with them. `split`: a new body comes as a `SplitBody`."""
     headers = (*(headers_for_envoy(admit) if admit is not None else ()), *rewrite.headers)
     metadata = None if admit is None else lease_metadata(admit, lease_key)
     if rewrite.body is None and not headers:
         return ext_proc_pb2.ProcessingResponse(
             request_body=ext_proc_pb2.BodyResponse(), dynamic_metadata=metadata
         )
-    return ext_proc_pb2.ProcessingResponse(
+    inline = rewrite.body is not None and not split
+    answer = ext_proc_pb2.ProcessingResponse(
         request_body=ext_proc_pb2.BodyResponse(
             response=ext_proc_pb2.CommonResponse(
                 header_mutation=ext_proc_pb2.HeaderMutation(set_headers=_header_options(headers)),
-                body_mutation=(
-                    None if rewrite.body is None else ext_proc_pb2.BodyMutation(body=rewrite.body)
-                ),
+                body_mutation=ext_proc_pb2.BodyMutation(body=rewrite.body) if inline else None,
                 clear_route_cache=admit is not None,
             )
         ),
         dynamic_metadata=metadata,
     )
+    if rewrite.body is None or inline:
+        return answer
+    return SplitBody(answer, rewrite.body)
 
 
 def wait_for_body(meter_response: bool) -> Any:

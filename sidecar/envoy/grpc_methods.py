@@ -13,6 +13,7 @@ from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.common import GRPC_HEALTH_METHOD, SERVING
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
+from sidecar.envoy.ext_proc_answers import SplitBody
 from sidecar.envoy.grpc_wire import Method
 from sidecar.service import AdmissionService
 
@@ -20,6 +21,13 @@ from sidecar.service import AdmissionService
 def _serialize(message: Any) -> bytes:
     data: bytes = message.SerializeToString()
     return data
+
+
+def _serialize_parts(message: Any) -> bytes | tuple[bytes, ...]:
+    """An ext_proc answer: a `SplitBody` in its parts, sent without joining them."""
+    if isinstance(message, SplitBody):
+        return message.wire_parts()
+    return _serialize(message)
 
 
 def _raw(data: bytes) -> bytes:
@@ -33,7 +41,7 @@ async def _serving(_request: bytes, _context: Any) -> bytes:
 
 def envoy_methods(service: AdmissionService, lease_key: bytes) -> dict[str, Method]:
     authz = AuthorizationServicer(service, lease_key=lease_key)
-    processor = ExternalProcessorServicer(service, lease_key=lease_key)
+    processor = ExternalProcessorServicer(service, lease_key=lease_key, split_bodies=True)
     access_log = AccessLogServicer(service, lease_key=lease_key)
     return {
         "/envoy.service.auth.v3.Authorization/Check": Method(
@@ -43,7 +51,7 @@ def envoy_methods(service: AdmissionService, lease_key: bytes) -> dict[str, Meth
             "ext_proc",
             True,
             external_processor_pb2.ProcessingRequest.FromString,
-            _serialize,
+            _serialize_parts,
             processor.Process,
         ),
         "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs": Method(

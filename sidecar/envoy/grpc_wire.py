@@ -65,7 +65,7 @@ class Method:
     api: str  # the label of qos_unauthenticated_calls_total
     streaming: bool
     parse: Callable[[bytes], Any]
-    serialize: Callable[[Any], bytes]
+    serialize: Callable[[Any], bytes | tuple[bytes, ...]]  # a message, or it in parts
     handler: Callable[[Any, Any], Awaitable[Any]]
 
 
@@ -108,6 +108,7 @@ class _Call:
         self.method = method
         self.headers = headers
         self.buffer = bytearray()
+        self.needed = 5  # octets of `buffer` that make its first message whole
         self.messages: collections.deque[bytes] = collections.deque()
         self.ended = False
         self.cancelled = False
@@ -117,8 +118,13 @@ class _Call:
         self.error: CallError | None = None
 
     def feed(self, data: bytes, ended: bool) -> None:
+        """One DATA frame's payload. The handler is woken only when a message is whole, the
+        request ended or failed: a 1 MiB message comes in 64 frames."""
         self.buffer += data
         buffer, limit = self.buffer, self.conn.server.max_message_bytes
+        if len(buffer) < self.needed and not ended:
+            return  # the message under way is not whole yet
+        messages = len(self.messages)
         while len(buffer) >= 5 and self.error is None:
             length = int.from_bytes(buffer[1:5], "big")
             if buffer[0]:
@@ -126,14 +132,17 @@ class _Call:
             elif length > limit:
                 self.error = CallError(RESOURCE_EXHAUSTED, f"message of {length} bytes > {limit}")
             elif len(buffer) >= 5 + length:
-                self.messages.append(bytes(buffer[5 : 5 + length]))
+                with memoryview(buffer) as view:  # one copy, not a slice and a copy
+                    self.messages.append(bytes(view[5 : 5 + length]))
                 del buffer[: 5 + length]
             else:
                 break
+        self.needed = 5 + int.from_bytes(buffer[1:5], "big") if len(buffer) >= 5 else 5
         self.ended = self.ended or ended
         if self.error is not None:
             self.buffer.clear()
-        self._wake()
+        if ended or self.error is not None or len(self.messages) > messages:
+            self._wake()
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -172,17 +181,24 @@ class _Call:
         except Exception as exc:
             raise CallError(INTERNAL, f"request does not parse: {exc}") from exc
 
-    def send_message(self, data: bytes) -> None:
+    def send_message(self, data: bytes | tuple[bytes, ...]) -> None:
+        """One message, whole or in parts: small parts go joined with the prefix, a large
+        one (a body) as it is, not copied again only to put a few octets before it."""
         conn = self.conn.h2
         if not self.answered:
             self.answered = True
             conn.send_headers(self.stream_id, _RESPONSE_HEADERS)
-        prefix = len(data).to_bytes(5, "big")
-        if len(data) < _JOIN_BELOW:
-            conn.send_data(self.stream_id, prefix + data)
-        else:  # a body: not copied again only to put 5 octets before it
-            conn.send_data(self.stream_id, prefix)
-            conn.send_data(self.stream_id, data)
+        parts = (data,) if isinstance(data, bytes) else data
+        small = [sum(len(part) for part in parts).to_bytes(5, "big")]
+        for part in parts:
+            if len(part) < _JOIN_BELOW:
+                small.append(part)
+                continue
+            conn.send_data(self.stream_id, b"".join(small))
+            conn.send_data(self.stream_id, part)
+            small = []
+        if small:
+            conn.send_data(self.stream_id, b"".join(small))
         self.conn.wrote()
 
     def finish(self, code: int, message: str = "") -> None:
@@ -321,8 +337,10 @@ class _Connection(asyncio.Protocol):
         self._write_scheduled = False
         out = self.h2.outbox
         if out and self.transport is not None:
-            self.transport.write(bytes(out))
-        out.clear()
+            self.h2.outbox = bytearray()  # given to the transport as it is, not copied
+            self.transport.write(out)
+        else:
+            out.clear()
         done = self.h2.closed or (self.h2.going_away and not self.calls and not self.refusing)
         if done and self.transport is not None:
             self.transport.close()

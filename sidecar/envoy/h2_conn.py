@@ -6,7 +6,8 @@ and its threads slow the sidecar's own Python beside them; the calls Envoy makes
 dialect of HTTP/2 (h2c, prior knowledge, no push, no compression, small messages).
 
 `H2Connection.receive(data)` returns what happened (`Event`s); the send methods append the
-bytes to write to `outbox`, which the caller writes and empties. Rules:
+bytes to write to `outbox`, which the caller writes and empties (or takes, leaving a new one
+in its place). Rules:
 1. The client opens with the 24-octet preface and a SETTINGS frame; the server's SETTINGS
    go first in the outbox. Anything else first is a PROTOCOL_ERROR.
 2. Flow control, receiving: the server advertises large windows (RECEIVE_WINDOW on the
@@ -157,19 +158,20 @@ class H2Connection:
     def _frames(self, events: list[Event]) -> None:
         buffer = self._buffer
         offset = 0
-        while len(buffer) - offset >= 9:
-            word, flags, stream_id = _HEADER.unpack_from(buffer, offset)
-            length, kind = word >> 8, word & 0xFF
-            stream_id &= MAX_WINDOW
-            if length > MAX_FRAME:
-                raise _ProtocolViolation(FRAME_SIZE_ERROR, f"frame of {length} octets")
-            if len(buffer) - offset - 9 < length:
-                break
-            payload = bytes(buffer[offset + 9 : offset + 9 + length])
-            offset += 9 + length
-            self._frame(kind, flags, stream_id, payload, events)
-            if self.closed:
-                break
+        with memoryview(buffer) as view:  # a payload copied once, not sliced and copied
+            while len(buffer) - offset >= 9:
+                word, flags, stream_id = _HEADER.unpack_from(buffer, offset)
+                length, kind = word >> 8, word & 0xFF
+                stream_id &= MAX_WINDOW
+                if length > MAX_FRAME:
+                    raise _ProtocolViolation(FRAME_SIZE_ERROR, f"frame of {length} octets")
+                if len(buffer) - offset - 9 < length:
+                    break
+                payload = bytes(view[offset + 9 : offset + 9 + length])
+                offset += 9 + length
+                self._frame(kind, flags, stream_id, payload, events)
+                if self.closed:
+                    break
         del buffer[:offset]
 
     def _frame(
