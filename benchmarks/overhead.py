@@ -301,6 +301,7 @@ def paired_rounds(
                 warm_up(running[name], targets[name], stores[name], args)
             rates: dict[str, list[float]] = {name: [] for name in members}
             p99s: dict[str, list[float]] = {name: [] for name in members}
+            answers = {name: [0, 0] for name in members}  # failed, in all (report.invalid)
             # The common-rate runs are `--paired-latency` s long: args with that duration.
             latency = argparse.Namespace(**{**vars(args), "duration": args.paired_latency})
             for round_ in range(args.paired):
@@ -309,16 +310,27 @@ def paired_rounds(
                 for name in order:
                     phase = run_phase(running[name], targets[name], stores[name], args, 0.0)
                     rates[name].append(float(phase["achieved_rps"]))
+                    _count_answers(answers[name], phase)
                 if args.paired_latency <= 0:
                     continue
                 for name in order:
                     rate = args.common_rate
                     phase = run_phase(running[name], targets[name], stores[name], latency, rate)
                     p99s[name].append(float(phase["latency_ms"]["p99"]))
+                    _count_answers(answers[name], phase)
+        for name in members:
+            found.setdefault(name, {})["answers_failed"] = answers[name]
         for name in sidecars:
-            found[name] = _paired_result(twin, rates[name], rates[twin], p99s[name], p99s[twin])
+            result = _paired_result(twin, rates[name], rates[twin], p99s[name], p99s[twin])
+            found[name].update(result)
             log(f"{name}/{twin} paired: {', '.join(f'{r:.2f}' for r in found[name]['ratios'])}")
     return found
+
+
+def _count_answers(tally: list[int], phase: dict[str, Any]) -> None:
+    failed, total = overhead_report.failed_answers(phase)
+    tally[0] += failed
+    tally[1] += total
 
 
 def _paired_result(

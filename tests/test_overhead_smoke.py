@@ -92,7 +92,12 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert paired["twin"] == "B" and len(paired["rps"]) == len(paired["twin_rps"]) == 1
     assert min(paired["rps"] + paired["twin_rps"]) > 0
     assert paired["ratio"] == pytest.approx(paired["rps"][0] / paired["twin_rps"][0], abs=0.001)
-    assert results["configs"]["B"]["paired"] is None  # a twin has no ratio of its own
+    assert "ratio" not in results["configs"]["B"]["paired"]  # a twin has no ratio of its own
+    # Every answer of both, in their phases and in the round, was 200: the run is valid.
+    for name, row in results["configs"].items():
+        failed, total = row["paired"]["answers_failed"]
+        assert failed == 0 and total > 0, name
+        assert row["invalid"] is None, name
     # The same round ran both at the common rate too: the added-p99 target at that rate is
     # judged on the rounds' median, with the one-after-the-other value beside it.
     assert len(paired["p99_ms_common"]) == len(paired["twin_p99_ms_common"]) == 1

@@ -1,0 +1,75 @@
+"""The overhead benchmark's judgement of its own runs (benchmarks/overhead_report.py): a
+configuration whose answers were not 200 measured a failure, and no target reads it as met."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.overhead_report import INVALID_SHARE, failed_answers, invalid, target_lines
+
+
+def _phase(rps: float, p99: float, status: dict[str, int], errors: int = 0) -> dict[str, Any]:
+    return {
+        "completed": sum(status.values()),
+        "errors": errors,
+        "connect_errors": 0,
+        "status": status,
+        "achieved_rps": rps,
+        "rate_target": rps,
+        "latency_ms": {"p50": p99 / 2, "p90": p99, "p99": p99},
+    }
+
+
+def _row(twin: str | None, rps: float, status: dict[str, int]) -> dict[str, Any]:
+    phase = _phase(rps, 2.0, status)
+    return {
+        "twin": twin,
+        "max_rps": rps,
+        "max_runs": [phase],
+        "half": phase,
+        "common": phase,
+        "common_rate": 100.0,
+        "at_sidecar_half": {},
+    }
+
+
+def _lines(sidecar_status: dict[str, int]) -> list[str]:
+    configs = {"F": _row(None, 1000.0, {"200": 5000}), "G": _row("F", 1500.0, sidecar_status)}
+    return target_lines(configs, 15.0)
+
+
+def test_a_configuration_answering_503_is_invalid_and_no_target_reading_it_is_met() -> None:
+    """G at 1.5 times its twin's rate, every answer a 503: the ratio would read 1.5, met."""
+    (line,) = [t for t in _lines({"503": 7500}) if t.startswith("TARGET extproc_valkey_vs_noop")]
+    assert line == (
+        "TARGET extproc_valkey_vs_noop: invalid: 22500 of 22500 answers of G were not 200"
+        " (22500 503) (>= 0.6) missed"
+    )
+    (added,) = [t for t in _lines({"503": 7500}) if "at_common_rate_extproc" in t]
+    assert "invalid" in added and added.endswith("missed")
+
+
+def test_a_few_failed_answers_leave_the_run_valid_and_more_do_not() -> None:
+    few = round(INVALID_SHARE * 7500) - 1  # per phase, three phases: under the share
+    assert failed_answers(_phase(1, 1, {"200": 7500 - few, "503": few})) == (few, 7500)
+    (valid,) = [t for t in _lines({"200": 7500 - few, "503": few}) if "extproc_valkey_vs" in t]
+    assert valid.startswith("TARGET extproc_valkey_vs_noop: 1.50 (>= 0.6)") and "met" in valid
+    many = {"200": 7000, "503": 400, "500": 100}
+    configs = {"F": _row(None, 1000.0, {"200": 5000}), "G": _row("F", 1500.0, many)}
+    assert invalid(configs, {}, "G") == (
+        "invalid: 1500 of 22500 answers of G were not 200 (300 500, 1200 503)"
+    )
+    assert invalid(configs, {}, "F") is None
+
+
+def test_errors_and_a_failing_twin_invalidate_the_comparison_too() -> None:
+    configs = {"F": _row(None, 1000.0, {"200": 5000}), "G": _row("F", 900.0, {"200": 5000})}
+    configs["F"]["common"] = _phase(1000.0, 2.0, {"200": 4000}, errors=1000)
+    (line,) = [t for t in target_lines(configs, 15.0) if "extproc_valkey_vs" in t]
+    assert "invalid: 1000 of 15000 answers of F were not 200 (1000 errors)" in line
+    assert line.endswith("missed")
+    paired = {"G": {"answers_failed": [50, 100]}}
+    configs["F"]["common"] = _phase(1000.0, 2.0, {"200": 5000})
+    assert invalid(configs, paired, "G") == (
+        "invalid: 50 of 15100 answers of G were not 200 (50 in the paired rounds)"
+    )
