@@ -44,11 +44,18 @@ LEASED_CALLS_GOAL = 0.2  # store calls per decision in leased mode
 INVALID_SHARE = 0.001  # of a configuration's answers: other than 200, or errors
 
 
+def _answers(phase: dict[str, Any]) -> tuple[dict[str, int], int, int]:
+    """Of one load run: the count of each answer other than 200, the errors, and all
+    (answers plus errors)."""
+    errors = int(phase.get("errors", 0)) + int(phase.get("connect_errors", 0))
+    other = {str(c): int(n) for c, n in phase.get("status", {}).items() if str(c) != "200"}
+    return other, errors, int(phase.get("completed", 0)) + errors
+
+
 def failed_answers(phase: dict[str, Any]) -> tuple[int, int]:
     """(answers other than 200 plus errors, answers plus errors) of one load run."""
-    errors = int(phase.get("errors", 0)) + int(phase.get("connect_errors", 0))
-    other = sum(int(n) for code, n in phase.get("status", {}).items() if str(code) != "200")
-    return other + errors, int(phase.get("completed", 0)) + errors
+    other, errors, total = _answers(phase)
+    return sum(other.values()) + errors, total
 
 
 def invalid(configs: dict[str, Any], paired: dict[str, Any], name: str) -> str | None:
@@ -57,23 +64,22 @@ def invalid(configs: dict[str, Any], paired: dict[str, Any], name: str) -> str |
     if row is None:
         return None
     phases = [*row["max_runs"], row["half"], row["common"], *row["at_sidecar_half"].values()]
-    counts = [failed_answers(phase) for phase in phases]
-    in_rounds = tuple((paired.get(name) or {}).get("answers_failed", (0, 0)))
-    failed = sum(c[0] for c in counts) + in_rounds[0]
-    total = sum(c[1] for c in counts) + in_rounds[1]
+    in_rounds, total_in_rounds = (paired.get(name) or {}).get("answers_failed", (0, 0))
+    seen: dict[str, int] = {}
+    errors, total = 0, total_in_rounds
+    for phase in phases:
+        other, phase_errors, phase_total = _answers(phase)
+        for code, n in other.items():
+            seen[code] = seen.get(code, 0) + n
+        errors, total = errors + phase_errors, total + phase_total
+    failed = sum(seen.values()) + errors + in_rounds
     if failed <= INVALID_SHARE * total:
         return None
-    seen: dict[str, int] = {}
-    for phase in phases:
-        for code, n in phase.get("status", {}).items():
-            if str(code) != "200":
-                seen[str(code)] = seen.get(str(code), 0) + int(n)
-    errors = sum(c[0] for c in counts) - sum(seen.values())
     kinds = [f"{n} {code}" for code, n in sorted(seen.items())]
     if errors:
         kinds.append(f"{errors} errors")
-    if in_rounds[0]:
-        kinds.append(f"{in_rounds[0]} in the paired rounds")
+    if in_rounds:
+        kinds.append(f"{in_rounds} in the paired rounds")
     return f"invalid: {failed} of {total} answers of {name} were not 200 ({', '.join(kinds)})"
 
 

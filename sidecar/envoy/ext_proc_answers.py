@@ -127,7 +127,7 @@ class SplitBody:
         return self.head.SerializeToString() + wrapping, self.body
 
     def message(self) -> Any:
-        """The same answer as one protobuf message (for grpc.aio and for tests)."""
+        """The same answer as one protobuf message (what a reader of `wire_parts` gets)."""
         whole = ext_proc_pb2.ProcessingResponse()
         whole.CopyFrom(self.head)
         whole.request_body.response.body_mutation.body = self.body
