@@ -200,11 +200,21 @@ class Deferrer:
     def arrived(self, klass: ClassPolicy, model: str | None, signals: Signals) -> None:
         """A request of `klass` for `model` arrived, judged on `signals`: what adaptive caps
         learn from arrivals (core/protect.py rules 1 and 2)."""
-        seen = signals.model
-        if model is None or seen is None or klass.overload is None:
+        seen = signals.model  # a class with no overload block is protected all the same
+        if model is None or seen is None:
             return
         cap = cap_of(klass, seen.caps)
         self.protection.arrived(model, klass, seen.in_flight, cap, self.clock())
+
+    def at_room(self, klass: ClassPolicy, model: str | None, signals: Signals) -> None:
+        """A request of `klass` for `model`, its quota taken, is judged for room on `signals`:
+        whether its class's cap held it back (core/protect.py `at_cap`)."""
+        if model is not None and signals.model is not None:
+            self._at_cap(klass, model, signals.model)
+
+    def _at_cap(self, klass: ClassPolicy | None, model: str, seen: ModelSignals) -> None:
+        if klass is not None:
+            self.protection.at_cap(model, klass, seen.in_flight, cap_of(klass, seen.caps))
 
     def completed(
         self, model: str, klass: str, timings: CompletionTimings, lease_id: str | None = None
@@ -286,7 +296,9 @@ class Deferrer:
             while queue is not None and (waiter := queue.peek()) is not None:
                 signals = self.model_signals(model, view, now)
                 reserved = elsewhere.ahead_of(waiter.rank, waiter.tenant)
-                if not may_go(policy.classes.get(waiter.klass), signals, reserved):
+                klass = policy.classes.get(waiter.klass)
+                if not may_go(klass, signals, reserved):
+                    self._at_cap(klass, model, signals)
                     break
                 self.queue.pop(model, now)
                 future = self._futures.get(waiter.waiter_id)

@@ -227,6 +227,8 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
                 step = replace(step, admission=degrade(step.admission, self.replicas()))
                 result = await self._acquire_locally(step.admission.check, owed)
             signals = self._signals(step.admission.model)  # the load now, for the room
+            if self.deferrer is not None:
+                self.deferrer.at_room(step.admission.klass, step.admission.model, signals)
             step = admission.on_quota(step, result, self.clock(), self.release_grace_s, signals)
         self.metrics.demand.offered(demand.offered_model(attrs, step))  # its first verdict: demand?
         if isinstance(step, Hold):

@@ -22,8 +22,9 @@ cap that the sidecar finds from what it observes, per model:
    objective must not dilute one near it; batch watching interactive and standard once grew
    its cap to 13 while standard's, watching interactive alone, fell to 3):
    - above the preset's TARGET: the cap is multiplied by DECREASE (at least the floor);
-   - else, if the cap held a request of the class back in the period (it arrived with the
-     model's in-flight count at the cap) and some of them completed: the cap grows by
+   - else, if the cap held a request of the class back in the period (it found the model's
+     in-flight count at the cap: on arrival, once its quota was taken, or waiting at the head
+     of the model's queue; `at_cap`) and some of them completed: the cap grows by
      INCREASE of itself (at least 1);
    - else it stays: a cap nobody pushes against says nothing about a larger one.
 3. The floor is the class's `max_in_flight` (1 without it), and the cap never falls below it;
@@ -154,6 +155,16 @@ class Protection:
             self._arrivals[(model, klass.rank)] = _Arrivals(now_s)
         else:
             seen.saw(now_s)
+        self.at_cap(model, klass, in_flight, cap)
+
+    def at_cap(
+        self, model: str, klass: ClassPolicy, in_flight: int | None, cap: int | None
+    ) -> None:
+        """A request of `klass` for `model` found the model's count at `in_flight` and its
+        class's cap at `cap`: at or over it, the cap held it back in this period (rule 2).
+        Read on arrival, again once its quota is taken (concurrent arrivals all read the count
+        before any of them was sent), and while it waits at the head of the model's queue (a
+        request still held when a period starts is held back in that period too)."""
         lane = self._lanes.get(model, {}).get(klass.name)
         if lane is not None and cap is not None and in_flight is not None and in_flight >= cap:
             lane.limited = True
