@@ -163,7 +163,8 @@ _HELP = {
     "redis_mode": "single (redis_url is a URL), cluster or sentinel (redis_url: HOST:PORT,...)",
     "redis_sentinel_master": "sentinel mode: the monitored primary's name",
     "redis_timeout_ms": "Redis call timeout in ms; slower calls follow the class fail mode",
-    "policy_path": "policy file or directory (comma-separated for several)",
+    "policy_path": "policy file or directory (comma-separated for several; one that exists "
+    "as written is one path, commas and all)",
     "policy_poll_ms": "policy change check interval in ms (SIGHUP reloads at once)",
     "triton_urls": "comma-separated Triton HTTP base URLs (readiness, load signals)",
     "triton_metrics_urls": "Triton metrics URLs, paired with triton_urls by position",
@@ -261,6 +262,8 @@ def load_settings(
                 values[f.name] = int(raw)
             except ValueError:
                 raise SettingsError(f"{f.name}: expected an integer, got {raw!r}") from None
+        elif f.name == "policy_path":
+            values[f.name] = _split_paths(raw)
         elif f.type == "tuple[str, ...]":
             values[f.name] = _split_list(raw)
         elif f.type == "bool":
@@ -352,6 +355,14 @@ def _check_redis(settings: Settings) -> None:
             split_addr(seed.strip().split("://", 1)[-1].split("/", 1)[0], "redis_url")
     if settings.redis_mode == "sentinel" and not settings.redis_sentinel_master:
         raise SettingsError("redis_sentinel_master: sentinel mode needs the primary's name")
+
+
+def _split_paths(raw: str | Sequence[str]) -> tuple[str, ...]:
+    """Paths, comma-separated; one that exists as written is one path, commas and all
+    (`runs/mix-3,1,1/policy`)."""
+    if isinstance(raw, str) and raw.strip() and os.path.exists(raw.strip()):
+        return (raw.strip(),)
+    return _split_list(raw)
 
 
 def _split_list(raw: str | Sequence[str]) -> tuple[str, ...]:

@@ -91,6 +91,18 @@ def test_lists_and_empty_hosts() -> None:
     ]
 
 
+def test_a_policy_path_with_a_comma_that_exists_is_one_path(tmp_path: Path) -> None:
+    """A directory named like a class mix (`mix-3,1,1`) once split into three paths that
+    did not exist: one that exists as written is taken whole."""
+    named = tmp_path / "mix-3,1,1"
+    named.mkdir()
+    settings = load_settings(parse([]), environ={"QOS_POLICY_PATH": f"{named} "})
+    assert settings.policy_path == (str(named),)
+    both = f"{tmp_path / 'a'},{tmp_path / 'b'}"  # neither exists as a whole: two paths
+    settings = load_settings(parse([]), environ={"QOS_POLICY_PATH": both})
+    assert settings.policy_path == (str(tmp_path / "a"), str(tmp_path / "b"))
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
