@@ -227,27 +227,33 @@ def arrival_times(
     if arrival.kind == "trace":
         if trace is None:
             raise ValueError("arrival 'trace' needs a trace file (--trace)")
-        stretch = trace.mean_rate / rate  # trace seconds -> run seconds
-        n = len(trace.offsets_s)
-        start = int(rng.integers(0, n))
-        picked: list[float] = []
-        rows: list[int] = []
-        base = float(trace.offsets_s[start])
-        index, wrapped = start, 0.0
-        while True:
-            t = (float(trace.offsets_s[index]) - base + wrapped) * stretch
-            if t >= duration_s:
-                break
-            picked.append(t)
-            rows.append(index)
-            index += 1
-            if index == n:  # wrap around to the start of the trace
-                index = 0
-                wrapped += float(trace.offsets_s[-1]) + 1.0 / trace.mean_rate
-            if len(picked) > 10_000_000:
-                break
-        return np.asarray(picked), np.asarray(rows, dtype=np.int64)
+        return _trace_window(rng, trace, rate, duration_s)
     raise ValueError(f"unknown arrival kind {arrival.kind!r}")
+
+
+def _trace_window(
+    rng: np.random.Generator, trace: Trace, rate: float, duration_s: float
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """`rate * duration_s` consecutive trace rows from a random start (wrapping round the
+    trace's end), their times scaled to end at `duration_s`: the trace's clusters and lulls,
+    at the point's rate. The whole run's stretch (the trace's mean rate over `rate`) gave
+    each point as many rows as its stretch of the trace held: with a quiet stretch, the 3x
+    point of a quick run sent 795 requests where 2x sent 957 (issue 12)."""
+    mean = rate * duration_s
+    count = int(mean) + int(rng.random() < mean - int(mean))
+    n = len(trace.offsets_s)
+    start = int(rng.integers(0, n))
+    if count == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    index = start + np.arange(count + 1)
+    rows = index % n
+    lap = float(trace.offsets_s[-1] - trace.offsets_s[0]) + 1.0 / trace.mean_rate
+    at = trace.offsets_s[rows] + (index // n) * lap - trace.offsets_s[start]
+    if at[count] <= 0:  # every row at one instant: spread evenly
+        times: npt.NDArray[Any] = np.arange(count) / count * duration_s
+    else:
+        times = at[:count] / at[count] * duration_s
+    return np.minimum(times, np.nextafter(duration_s, 0.0)), rows[:count].astype(np.int64)
 
 
 def _renewal(

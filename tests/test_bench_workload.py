@@ -3,10 +3,12 @@ gamma) holds the point's count exactly and keeps its gaps' burstiness."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from benchmarks.workload import Arrival, arrival_times
+from benchmarks.workload import Arrival, Trace, arrival_times
 
 BURSTY = Arrival("gamma", cv=4.0)
 
@@ -64,3 +66,40 @@ def test_bursty_arrivals_come_in_clusters_that_poisson_ones_do_not() -> None:
 
     assert empty_share(Arrival()) < 0.05  # e^-5 of them
     assert empty_share(BURSTY) > 0.3
+
+
+def bursty_trace() -> Trace:
+    """Clusters of ten rows 1 ms apart, a quiet second between clusters, 100 clusters."""
+    offsets = np.asarray([c * 1.0 + i * 0.001 for c in range(100) for i in range(10)])
+    sizes = np.arange(len(offsets), dtype=np.int64)
+    return Trace(Path("synthetic.csv"), offsets, sizes, sizes)
+
+
+def test_a_trace_window_holds_the_points_count_and_the_traces_shape() -> None:
+    trace = bursty_trace()
+    for seed in range(20):
+        times, rows = arrival_times(
+            np.random.default_rng(seed), Arrival("trace"), 30.0, 10.0, trace
+        )
+        assert rows is not None and len(times) == len(rows) == 300
+        assert np.all(np.diff(times) >= 0) and times[0] == 0.0 and times[-1] < 10.0
+        # Consecutive rows (round the end), and their gaps in the trace's proportions.
+        assert np.all(np.diff(rows) % len(trace.offsets_s) == 1)
+        gaps = np.diff(times)
+        assert np.isclose(gaps.max() / gaps[gaps > 0].min(), 0.991 / 0.001, rtol=1e-6)
+
+
+def test_a_trace_point_at_a_higher_rate_never_holds_fewer_requests() -> None:
+    """Before, each point held what its stretch of the trace held: a quiet stretch gave 3x
+    fewer requests than 2x."""
+    trace = bursty_trace()
+    for seed in range(20):
+        counts = [
+            len(
+                arrival_times(
+                    np.random.default_rng(seed + m), Arrival("trace"), m * 17.5, 10.0, trace
+                )[0]
+            )
+            for m in (1, 2, 3)
+        ]
+        assert counts == sorted(counts) and counts[0] >= 174
