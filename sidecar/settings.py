@@ -22,6 +22,7 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from sidecar.errors import SettingsError
 
@@ -255,21 +256,8 @@ def load_settings(
         raw = getattr(args, f.name, None) if args is not None else None
         if raw is None:
             raw = environ.get("QOS_" + f.name.upper())
-        if raw is None:
-            continue
-        if f.type == "int":
-            try:
-                values[f.name] = int(raw)
-            except ValueError:
-                raise SettingsError(f"{f.name}: expected an integer, got {raw!r}") from None
-        elif f.name == "policy_path":
-            values[f.name] = _split_paths(raw)
-        elif f.type == "tuple[str, ...]":
-            values[f.name] = _split_list(raw)
-        elif f.type == "bool":
-            values[f.name] = raw if isinstance(raw, bool) else _parse_bool(raw, f.name)
-        else:
-            values[f.name] = raw
+        if raw is not None:
+            values[f.name] = _parse_value(f.name, str(f.type), raw)
     settings = Settings(**values)  # type: ignore[arg-type]
     # Validate addresses at start, not at first use, and spell them out: grpc cannot bind
     # ":PORT" (the HTTP listeners take it to mean 0.0.0.0) and wants absolute socket paths.
@@ -355,6 +343,22 @@ def _check_redis(settings: Settings) -> None:
             split_addr(seed.strip().split("://", 1)[-1].split("/", 1)[0], "redis_url")
     if settings.redis_mode == "sentinel" and not settings.redis_sentinel_master:
         raise SettingsError("redis_sentinel_master: sentinel mode needs the primary's name")
+
+
+def _parse_value(name: str, kind: str, raw: Any) -> object:
+    """One setting's value from its flag or environment variable, as its field's type."""
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
+    if name == "policy_path":
+        return _split_paths(raw)
+    if kind == "tuple[str, ...]":
+        return _split_list(raw)
+    if kind == "bool":
+        return raw if isinstance(raw, bool) else _parse_bool(raw, name)
+    return raw
 
 
 def _split_paths(raw: str | Sequence[str]) -> tuple[str, ...]:
