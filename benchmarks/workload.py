@@ -239,21 +239,34 @@ def _trace_window(
     at the point's rate. The whole run's stretch (the trace's mean rate over `rate`) gave
     each point as many rows as its stretch of the trace held: with a quiet stretch, the 3x
     point of a quick run sent 795 requests where 2x sent 957 (issue 12)."""
-    mean = rate * duration_s
-    count = int(mean) + int(rng.random() < mean - int(mean))
+    count = _point_count(rng, rate, duration_s)
     n = len(trace.offsets_s)
     start = int(rng.integers(0, n))
-    if count == 0:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
     index = start + np.arange(count + 1)
     rows = index % n
     lap = float(trace.offsets_s[-1] - trace.offsets_s[0]) + 1.0 / trace.mean_rate
     at = trace.offsets_s[rows] + (index // n) * lap - trace.offsets_s[start]
-    if at[count] <= 0:  # every row at one instant: spread evenly
-        times: npt.NDArray[Any] = np.arange(count) / count * duration_s
-    else:
-        times = at[:count] / at[count] * duration_s
-    return np.minimum(times, np.nextafter(duration_s, 0.0)), rows[:count].astype(np.int64)
+    return _fit(at, duration_s), rows[:count].astype(np.int64)
+
+
+def _point_count(rng: np.random.Generator, rate: float, duration_s: float) -> int:
+    """A point's request count: `rate * duration_s`, its fraction rounded at random so that
+    the mean is kept."""
+    mean = rate * duration_s
+    return int(mean) + int(rng.random() < mean - int(mean))
+
+
+def _fit(ends: npt.NDArray[Any], duration_s: float) -> npt.NDArray[Any]:
+    """The first n of n + 1 increasing offsets, scaled so that the last would fall at the
+    window's end: n send times in [0, duration_s), their proportions kept."""
+    n = len(ends) - 1
+    if n <= 0:
+        return np.zeros(0)
+    if ends[n] <= 0:  # all at one instant (a trace's rows with one timestamp): evenly
+        return np.arange(n) / n * duration_s
+    times: npt.NDArray[Any] = ends[:n] / ends[n] * duration_s
+    # A last gap of 1e-17 of the sum (gamma with cv 4 draws such) rounds onto the window's end.
+    return np.minimum(times, np.nextafter(duration_s, 0.0))
 
 
 def _renewal(
@@ -268,14 +281,10 @@ def _renewal(
     that its (n+1)th arrival is at the window's end; the clusters within the window stay
     (exponential gaps give the uniform order statistics of a Poisson process with n in it)."""
     draw = gaps  # callable k -> array of k gaps
-    mean = rate * duration_s
-    n = int(mean) + int(rng.random() < mean - int(mean))
+    n = _point_count(rng, rate, duration_s)
     if n == 0:
         return np.zeros(0)
-    ends = np.cumsum(draw(n + 1))  # type: ignore[operator]
-    times: npt.NDArray[Any] = ends[:n] / ends[n] * duration_s
-    # A last gap of 1e-17 of the sum (gamma with cv 4 draws such) rounds onto the window's end.
-    return np.minimum(times, np.nextafter(duration_s, 0.0))
+    return _fit(np.cumsum(draw(n + 1)), duration_s)  # type: ignore[operator]
 
 
 def generate(
