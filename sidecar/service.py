@@ -39,7 +39,8 @@ from sidecar.core.admission import (
     QuotaFirst,
     TakeQuota,
 )
-from sidecar.core.decide import Admission, CompiledPolicy, decide, malformed
+from sidecar.core.compiled import CompiledPolicy
+from sidecar.core.decide import Admission, decide, malformed
 from sidecar.core.degraded import LocalSpend, degrade
 from sidecar.core.explain import Explanation, explain
 from sidecar.core.holds import HoldBounds

@@ -16,7 +16,8 @@ from typing import Protocol
 from sidecar.batching import Batcher
 from sidecar.core import admission
 from sidecar.core.admission import Answer, GiveBack, Hold, QuotaFirst, TakeQuota
-from sidecar.core.decide import Admission, CompiledPolicy
+from sidecar.core.compiled import CompiledPolicy
+from sidecar.core.decide import Admission
 from sidecar.core.lease import lease_id_for
 from sidecar.core.shadow import ShadowedPolicy, shadow_check, shadow_tenant, with_shadow
 from sidecar.core.signals import LoadAction, Signals

@@ -22,7 +22,8 @@ from sidecar.core.admission import (
     judge_load,
     may_go,
 )
-from sidecar.core.decide import Admission, compile_policy
+from sidecar.core.compiled import compile_policy
+from sidecar.core.decide import Admission
 from sidecar.core.fleet import Elsewhere
 from sidecar.core.load import SignalState
 from sidecar.core.signals import QUOTA_ONLY, SIGNAL_READING, ModelSignals, Reader, Signals

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from sidecar.core.compiled import compile_policy
 from sidecar.core.decide import (
     Admission,
-    compile_policy,
     decide,
     malformed,
     plan_request,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from types import MappingProxyType
 
-from sidecar.core.decide import compile_policy
+from sidecar.core.compiled import compile_policy
 from sidecar.core.holds import HoldBounds, bounded_holds, over_bound
 from sidecar.core.shadow import ShadowedPolicy, compile_with_shadow
 from sidecar.policy.model import Policy

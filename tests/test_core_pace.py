@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from sidecar.core import admission
 from sidecar.core.admission import Answer
-from sidecar.core.decide import Admission, compile_policy
+from sidecar.core.compiled import compile_policy
+from sidecar.core.decide import Admission
 from sidecar.core.pace import MIN_SEEN, GenerationPace, infeasibility
 from sidecar.core.types import Reason, RequestAttributes
 from sidecar.policy.model import Infeasible, ModelPolicy, Policy, TokenPolicy

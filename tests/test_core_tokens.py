@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton_http
 
-from sidecar.core.decide import Admission, compile_policy, plan_request, refuse_unreadable
+from sidecar.core.compiled import compile_policy
+from sidecar.core.decide import Admission, plan_request, refuse_unreadable
 from sidecar.core.kserve import Unreadable, is_streamed
 from sidecar.core.tokens import (
     CHARGE_MAX,

@@ -22,7 +22,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from prometheus_client import CollectorRegistry
 
-from sidecar.core.decide import CompiledPolicy, compile_policy
+from sidecar.core.compiled import CompiledPolicy, compile_policy
 from sidecar.core.tokens import MAX_JSON_BYTES
 from sidecar.core.types import BucketCheck, QuotaCheck
 from sidecar.metrics import UNKNOWN, Metrics

@@ -78,9 +78,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from sidecar.core import lateness
+from sidecar.core.compiled import CompiledPolicy
 from sidecar.core.decide import (
     Admission,
-    CompiledPolicy,
     admit_after_wait,
     decide,
     plan_request,

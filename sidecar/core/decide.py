@@ -21,15 +21,15 @@ the decision headers upstream, each one overwriting whatever the client sent.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import math
 import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 
+from sidecar.core.compiled import CompiledPolicy, bucket_checks
 from sidecar.core.kserve import Unreadable, model_of
 from sidecar.core.lease import format_lease, lease_id_for
 from sidecar.core.types import (
@@ -110,33 +110,6 @@ _MAX_IDENTITY_CHARS = 4096
 
 
 @dataclass(frozen=True, slots=True)
-class CompiledPolicy:
-    """A policy with the lookup tables the hot path needs, built once per reload."""
-
-    policy: Policy
-    by_api_key: Mapping[str, TenantPolicy]
-    by_principal: Mapping[str, TenantPolicy]
-    by_header_value: Mapping[str, TenantPolicy]
-    # Is a model's count read (a class sets `overload.max_in_flight` or `protect`)? Only then
-    # are admits counted in their model's set (two store calls more, in another slot).
-    counts_models: bool = True
-
-
-def compile_policy(policy: Policy) -> CompiledPolicy:
-    keys: dict[str, TenantPolicy] = {}
-    principals: dict[str, TenantPolicy] = {}
-    values: dict[str, TenantPolicy] = {}
-    for tenant in policy.tenants.values():
-        keys.update(dict.fromkeys(tenant.match.api_key_sha256, tenant))
-        principals.update(dict.fromkeys(tenant.match.principals, tenant))
-        values.update(dict.fromkeys(tenant.match.header_values, tenant))
-    overloads = [c.overload for c in policy.classes.values() if c.overload is not None]
-    capped = any(o.max_in_flight is not None or o.protect is not None for o in overloads)
-    tables = (MappingProxyType(keys), MappingProxyType(principals), MappingProxyType(values))
-    return CompiledPolicy(policy, *tables, capped)
-
-
-@dataclass(frozen=True, slots=True)
 class Admission:
     """A request that needs the quota store: who, which class, and what to check."""
 
@@ -187,7 +160,10 @@ def plan_request(
         trace.append(f"model {model!r}, {why}")
     counted = model if compiled.counts_models else None  # the model whose count it joins
     lease_id = lease_id_for(attrs.request_id)  # its quota call counts no model: see `judge`
-    check = quota_check(tenant, klass, cost, policy, counted, lease_id, count_now=False)
+    buckets = None if estimate is not None else compiled.policy_buckets(tenant, klass, cost)
+    check = quota_check(
+        tenant, klass, cost, policy, counted, lease_id, count_now=False, buckets=buckets
+    )
     too_big = next((b for b in check.buckets if b.cost > b.burst), None)
     if too_big is not None:
         # No wait would ever fit it: a 429 would have the client retry forever.
@@ -207,25 +183,14 @@ def quota_check(
     lease_id: str | None = None,
     *,
     count_now: bool = True,
+    buckets: tuple[BucketCheck, ...] | None = None,
 ) -> QuotaCheck:
-    """The limits a request of `klass` must fit: every bucket of the tenant that covers the
-    class (a bucket without `classes` covers all), and the concurrency limits."""
-    buckets = tuple(
-        BucketCheck(
-            name=b.name,
-            rate_per_s=b.rate_per_s,
-            burst=b.burst,
-            cost=1.0 if b.unit is BucketUnit.REQUESTS else cost,
-            by_cost=b.unit is BucketUnit.COST,
-            lease_s=b.lease_ms / 1000,
-        )
-        for b in tenant.buckets
-        if not b.classes or klass.name in b.classes
-    )
+    """The limits a request of `klass` must fit: its `buckets` (default: `bucket_checks`),
+    and the concurrency limits."""
     return QuotaCheck(
         tenant=tenant.name,
         klass=klass.name,
-        buckets=buckets,
+        buckets=bucket_checks(tenant, klass, cost) if buckets is None else buckets,
         max_concurrency=tenant.max_concurrency,
         max_class_concurrency=tenant.max_concurrency_per_class.get(klass.name),
         lease_ttl_s=policy.lease_ttl_s,
@@ -352,7 +317,7 @@ def shed(
     """A refusal with its status, headers (the tenant, when known: Envoy logs it), JSON body
     (with `extra`'s fields: what the client can do about it)."""
     status = _STATUS[reason]
-    named = [] if tenant is None else [(HEADER_TENANT, urllib.parse.quote(tenant, safe="-_.~:@/"))]
+    named = [] if tenant is None else [(HEADER_TENANT, _tenant_header(tenant))]
     headers = [("content-type", "application/json"), (HEADER_REASON, reason.value), *named]
     retry_after_ms = None if retry_after_s is None else max(1, math.ceil(retry_after_s * 1000))
     if retry_after_ms is not None:
@@ -413,18 +378,14 @@ def _admit(  # charged: the store charged the buckets (with or without a lease: 
     charged: bool = True,
 ) -> Decision:
     tenant, klass = admission.tenant, admission.klass
-    headers = [
-        (HEADER_TENANT, urllib.parse.quote(tenant.name, safe="-_.~:@/")),
-        (HEADER_CLASS, klass.name),
-        (HEADER_PRIORITY, str(klass.triton_priority)),
-        (HEADER_ROUTE_PRIORITY, klass.route_priority.value),
-    ]
+    route = klass.route_priority.value
+    headers = _granted(tenant.name, klass.name, klass.triton_priority, route)
     lease = None
     if lease_id is not None:
         # The lease lives under the class its quota was taken in, which a relegation after
         # the quota was taken does not change, and counts for its model.
         lease = LeaseRef.of(admission.check, lease_id)
-        headers.append((HEADER_LEASE, format_lease(lease)))
+        headers = (*headers, (HEADER_LEASE, format_lease(lease)))
     return Decision(
         outcome=Outcome.ADMIT,
         status=200,
@@ -432,7 +393,7 @@ def _admit(  # charged: the store charged the buckets (with or without a lease: 
         tenant=tenant.name,
         klass=klass.name,
         requested_class=admission.requested_class,
-        headers=tuple(headers),
+        headers=headers,
         lease=lease,
         # Every admit but a fail-open one was charged (with a lease, or from a leased slice).
         charged=() if reason is Reason.ADMITTED_FAIL_OPEN else admission.check.buckets,
@@ -460,8 +421,7 @@ def _identify(
             return shed(Reason.MALFORMED, None, None, None, trace)
         seen_identity = True
         if source.kind is IdentitySourceKind.API_KEY:
-            digest = hashlib.sha256(value.encode()).hexdigest()
-            found = compiled.by_api_key.get(digest)
+            found = compiled.tenant_of_key(value)
             label = f"api key in {source.header!r}"
         elif source.kind is IdentitySourceKind.PRINCIPAL:
             found = compiled.by_principal.get(value)
@@ -480,6 +440,24 @@ def _identify(
         trace.append(f"{reason.value}: served as default tenant {default.name!r}")
         return default
     return shed(reason, None, None, None, trace)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tenant_header(tenant: str) -> str:
+    """`x-qos-tenant`'s value: the name percent-encoded but for what a name may hold."""
+    return urllib.parse.quote(tenant, safe="-_.~:@/")
+
+
+@functools.lru_cache(maxsize=4096)
+def _granted(tenant: str, klass: str, priority: int, route: str) -> tuple[tuple[str, str], ...]:
+    """An admit's decision headers but its lease: the same for every admit of a tenant in a
+    class, so built once (the arguments are all it reads, so a reload needs no clearing)."""
+    return (
+        (HEADER_TENANT, _tenant_header(tenant)),
+        (HEADER_CLASS, klass),
+        (HEADER_PRIORITY, str(priority)),
+        (HEADER_ROUTE_PRIORITY, route),
+    )
 
 
 def _choose_class(

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
-from sidecar.core.decide import CompiledPolicy
+from sidecar.core.compiled import CompiledPolicy
 from sidecar.core.shadow import ShadowedPolicy, compile_with_shadow
 from sidecar.policy.model import Policy
 

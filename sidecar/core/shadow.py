@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from sidecar.core.decide import HEADER_LEASE, CompiledPolicy, compile_policy
+from sidecar.core.compiled import CompiledPolicy, compile_policy
+from sidecar.core.decide import HEADER_LEASE
 from sidecar.core.lease import format_lease
 from sidecar.core.types import Decision, QuotaCheck
 from sidecar.policy.model import ClassPolicy, Policy, TenantPolicy

@@ -74,7 +74,7 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 
-from sidecar.core.decide import CompiledPolicy
+from sidecar.core.compiled import CompiledPolicy
 from sidecar.core.kserve import (
     GRPC_MODEL_INFER_PATH,
     Unreadable,

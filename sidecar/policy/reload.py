@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sidecar.core.decide import CompiledPolicy
+from sidecar.core.compiled import CompiledPolicy
 from sidecar.core.shadow import compile_with_shadow
 from sidecar.errors import PolicyError
 from sidecar.policy.loader import load_policy, policy_files

@@ -45,7 +45,8 @@ from dataclasses import dataclass, replace
 
 from sidecar.core import admission, tokens
 from sidecar.core.admission import Answer, Hold, HoldOutcome, QuotaFirst, TakeQuota
-from sidecar.core.decide import CompiledPolicy, compile_policy, refuse_unreadable
+from sidecar.core.compiled import CompiledPolicy, compile_policy
+from sidecar.core.decide import refuse_unreadable
 from sidecar.core.kserve import Unreadable
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.shadow import compile_with_shadow
