@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -294,3 +295,26 @@ def test_class_scoped_buckets_only_charge_their_classes() -> None:
     interactive = plan(attrs(x_api_key="k-search", x_qos_class="interactive"), compiled)
     assert [b.name for b in standard.check.buckets] == ["requests", "tokens", "standard-only"]
     assert [b.name for b in interactive.check.buckets] == ["requests", "tokens"]
+
+
+def test_traced_is_replace_with_a_longer_trace() -> None:
+    """`Admission.traced` builds what `dataclasses.replace` would, field by field."""
+    admission = dataclasses.replace(plan(attrs(x_api_key="k-search")), relegated=True, cost=7.0)
+    other = dataclasses.replace(admission.check, lease_id="other")
+    longer = (*admission.trace, "why")
+    assert admission.traced("why") == dataclasses.replace(admission, trace=longer)
+    assert admission.traced("why", other) == dataclasses.replace(
+        admission, check=other, trace=longer
+    )
+    # It names every field: one added to Admission must be passed on by `traced` too.
+    assert [f.name for f in dataclasses.fields(Admission)] == [
+        "tenant",
+        "klass",
+        "requested_class",
+        "downgraded",
+        "model",
+        "check",
+        "trace",
+        "relegated",
+        "cost",
+    ]

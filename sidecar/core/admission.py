@@ -375,7 +375,7 @@ def on_size(
         extra = {"message": found.why, "most_max_tokens": found.most_tokens}
         return Answer(refuse(admission, Reason.INFEASIBLE, found.why, extra=extra))
     if admission.klass.relegate_to is None or admission.relegated:
-        return replace(admission, trace=(*admission.trace, f"{found.why}; served as asked"))
+        return admission.traced(f"{found.why}; served as asked")
     return relegate(admission, policy, found.why, requota=True)
 
 
@@ -403,7 +403,7 @@ def judge(
     check = admission.check
     if check.count_model_now:
         check = replace(check, count_model_now=False)
-    admission = replace(admission, check=check, trace=(*admission.trace, verdict.why))
+    admission = admission.traced(verdict.why, check)
     if verdict.action is LoadAction.SHED:
         retry_after_s = overload_retry_after_s(admission.klass, verdict)
         shed = Answer(shed_overloaded(admission, retry_after_s, "shed for load"))
@@ -453,7 +453,7 @@ def on_quota(
     if result is not None and result.denied_by in CONCURRENCY_LIMITS and release_grace_s > 0:
         if take.release_deadline_s is None:
             why = f"over concurrency: waits up to {release_grace_s:g}s for a release"
-            admission = replace(take.admission, trace=(*take.admission.trace, why))
+            admission = take.admission.traced(why)
             return replace(take, admission=admission, release_deadline_s=now_s + release_grace_s)
         if now_s < take.release_deadline_s:
             return take
@@ -465,7 +465,7 @@ def on_quota(
         again = None if signals is None else verdict_for(admission, signals)
         if again is None or again.action is LoadAction.ADMIT:
             return Answer(decision, note_admitted=admission.model or "", count_for_model=True)
-        admission = replace(admission, trace=(*admission.trace, f"room gone: {again.why}"))
+        admission = admission.traced(f"room gone: {again.why}")
         decision = replace(decision, trace=(*decision.trace, f"room gone: {again.why}"))
     model = None if signals is None else signals.model
     upstream_s = NO_UPSTREAM if model is None else model.upstream_s

@@ -123,6 +123,21 @@ class Admission:
     relegated: bool = False
     cost: float = 1.0  # the cost units `cost` buckets are charged
 
+    def traced(self, why: str, check: QuotaCheck | None = None) -> Admission:
+        """This admission with `why` added to its trace (and `check` for its own, if given):
+        what `dataclasses.replace` would make, built directly, as it is on every decision."""
+        return Admission(
+            self.tenant,
+            self.klass,
+            self.requested_class,
+            self.downgraded,
+            self.model,
+            self.check if check is None else check,
+            (*self.trace, why),
+            self.relegated,
+            self.cost,
+        )
+
 
 def plan_request(
     attrs: RequestAttributes,

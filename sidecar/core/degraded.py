@@ -77,7 +77,7 @@ def degrade(admission: Admission, replicas: int) -> Admission:
         f"quota store unavailable; class {admission.klass.name!r} takes its local share "
         f"(1/{n} of each limit, {n} live replica{'s' if n != 1 else ''})"
     )
-    return replace(admission, check=local_share(admission.check, n), trace=(*admission.trace, why))
+    return admission.traced(why, local_share(admission.check, n))
 
 
 def _share(limit: int | None, replicas: int) -> int | None:
