@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sidecar.core.types import Decision, Reason
 from sidecar.demand import DemandSeries
 from sidecar.experience import ExperienceSeries
+from sidecar.plain_metrics import PlainCounter, PlainHistogram
 from sidecar.usage_series import UsageSeries
 
 UNKNOWN = "__unknown__"
@@ -43,20 +44,21 @@ class Metrics:
 
     def _decision_series(self, registry: CollectorRegistry) -> None:
         """What was decided, how fast, and the tokens it counted."""
-        self.decisions = Counter(
+        # Updated on every decision: plain numbers, no lock (plain_metrics.py).
+        self.decisions = PlainCounter(
             "qos_decisions_total",
             'Admission decisions by tenant, granted class, outcome and reason; shadow="true": '
             "what the policy as written decided where a rule of it is not enforced "
             "(enforce: false), not applied.",
             ["tenant", "class", "outcome", "reason", "shadow"],
-            registry=registry,
+            registry,
         )
-        self.decision_seconds = Histogram(
+        self.decision_seconds = PlainHistogram(
             "qos_decision_duration_seconds",
             "Time to decide, from the Envoy call's arrival to the answer, by API.",
             ["api"],
-            buckets=DECISION_BUCKETS,
-            registry=registry,
+            DECISION_BUCKETS,
+            registry,
         )
         self.gc_pause_seconds = Histogram(
             "qos_gc_pause_seconds",
@@ -321,7 +323,7 @@ class Metrics:
             tenant = UNKNOWN
         klass, outcome, reason = decision.klass or UNKNOWN, decision.outcome, decision.reason
         mode = "true" if shadow else "false"
-        self._child(self.decisions, tenant, klass, outcome.value, reason.value, mode).inc()
+        self.decisions.inc((tenant, klass, outcome.value, reason.value, mode))
         if decision.reason is Reason.MALFORMED and not shadow:
             self.malformed.labels(api).inc()
 
@@ -334,7 +336,7 @@ class Metrics:
         self._child(self.completions, result).inc()
 
     def observe_decision_seconds(self, api: str, seconds: float) -> None:
-        self._child(self.decision_seconds, api).observe(seconds)
+        self.decision_seconds.observe((api,), seconds)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once per label set (`labels` costs a few

@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.experience",),  # the per-tenant experience series, attached to Metrics
     ("sidecar.demand",),
     ("sidecar.usage_series",),
+    ("sidecar.plain_metrics",),  # lock-free series of the decision path, for Metrics
     ("sidecar.metrics", "sidecar.state", "sidecar.gc_pauses"),
     (
         "sidecar.backends",
