@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -53,6 +54,7 @@ from sidecar.state.redis_store import RedisQuotaStore
 
 log = logging.getLogger("sidecar")
 IN_FLIGHT_REFRESH_S = 1.0
+OPEN_FILES_CEILING = 1 << 20  # what `raise_open_files_limit` asks for at most
 # In ext_proc mode a request body arrives as one gRPC message, as large as Envoy's buffer limit
 # (per_connection_buffer_limit_bytes, 1 MiB by default). gRPC's default cap of 4 MiB would make
 # a raised Envoy limit fail with 503; this leaves room for it.
@@ -363,10 +365,29 @@ async def serve(settings: Settings) -> None:
         await sidecar.stop()
 
 
+def raise_open_files_limit() -> int:
+    """The soft limit on open files raised to the hard one (at most 2**20, Linux's usual
+    ceiling); the soft limit after. Each held ext_authz HTTP request keeps one Envoy
+    connection open (a class holds up to its `max_queued`, 1024 by default), and a soft limit
+    of 1024, common on hosts, would refuse connections before the queues fill."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_CEILING)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open files: soft limit %d, cannot raise it to %d: %s", soft, target, exc)
+            return soft
+        log.info("open files: soft limit raised from %d to %d", soft, target)
+        return target
+    return soft
+
+
 def run(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    raise_open_files_limit()
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency; this only guards odd platforms

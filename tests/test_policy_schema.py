@@ -74,7 +74,7 @@ def test_module_prints_what_is_committed(module: str, render: Callable[[], str])
 def test_reference_shows_every_key_and_its_default() -> None:
     reference = render_reference()
     assert "## `tenants.<tenant>.buckets[]`" in reference
-    assert "| `max_queued` | integer ≥ 0 | `256` |" in reference
+    assert "| `max_queued` | integer ≥ 0 | `1024` |" in reference
     assert "| `rate` | number > 0 | required |" in reference
     assert "- Give at most one of `prompt_tokens` and `prompt_text`." in reference
 

@@ -194,8 +194,11 @@ class ClassPolicy:
         "bound, a new arrival of the class (not one relegated into it, which is shed) takes "
         "the place of the earliest-deadline waiter of the tenant holding the most of the "
         "class; that one is relegated or shed, as when its hold expires. With 0, nothing "
-        "is held.",
-        default=256,
+        "is held. A safety bound, not a deadline rule: an arrival is held only while its "
+        "predicted wait fits its hold budget. Each held ext_authz HTTP request keeps one "
+        "Envoy connection to the sidecar open: keep the sum over classes under the sidecar "
+        "cluster's max_connections (8192 in envoy/snippets/clusters.yaml).",
+        default=1024,
     )
     route_priority: RoutePriority = setting(
         Choice.of(RoutePriority),
