@@ -466,7 +466,7 @@ def on_quota(
         if again is None or again.action is LoadAction.ADMIT:
             return Answer(decision, note_admitted=admission.model or "", count_for_model=True)
         admission = admission.traced(f"room gone: {again.why}")
-        decision = replace(decision, trace=(*decision.trace, f"room gone: {again.why}"))
+        decision = replace(decision, trace=(*decision.trace, admission.trace[-1]))
     model = None if signals is None else signals.model
     upstream_s = NO_UPSTREAM if model is None else model.upstream_s
     deadline_s = now_s + hold_budget_s(admission.klass, upstream_s)
