@@ -10,6 +10,7 @@ that load.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,28 @@ def dominated_by(
     ]
 
 
+def wilson_interval_pct(misses: int, sent: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% with the default z) of a miss share, in percent: where
+    the share of a tenant's requests that miss may lie, given `misses` of `sent`."""
+    if sent <= 0:
+        return (0.0, 100.0)
+    share = misses / sent
+    centre = share + z * z / (2 * sent)
+    half = z * math.sqrt(share * (1 - share) / sent + z * z / (4 * sent * sent))
+    scale = 1 + z * z / sent
+    return (100 * max(0.0, (centre - half) / scale), 100 * min(1.0, (centre + half) / scale))
+
+
+def _count_claim(numbers: Mapping[str, Any], goal_pct: float) -> str:
+    """Issue 12 §2 for a share of a few dozen requests, where seeds give no spread (the
+    tenant's requests are pooled): a count whose 95% interval holds the goal allows no claim
+    either way, and the line says so beside the value it is judged on."""
+    low, high = wilson_interval_pct(int(numbers["violations"]), int(numbers["sent"]))
+    if low <= goal_pct <= high:
+        return f"; 95% interval {low:.2f}-{high:.2f}%: the count allows no claim either way"
+    return ""
+
+
 def _noisy_line(name: str, system: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     """The worst other tenant, with its counts where the results have them: a tenant of a few
     dozen requests is over 1% with one miss, which its share alone does not show."""
@@ -103,9 +126,10 @@ def _noisy_line(name: str, system: Mapping[str, Any], meta: Mapping[str, Any]) -
     tenant, numbers, at_m = worst
     pct = numbers["violation_pct"]
     counts = f" ({numbers['violations']} of {numbers['sent']})" if "sent" in numbers else ""
+    claim = _count_claim(numbers, OTHER_TENANT_MAX_PCT) if "sent" in numbers else ""
     return _line(
         f"noisy_tenant[{name}]",
-        f"worst other tenant {tenant} {pct:.2f}%{counts} at {at_m:g}x",
+        f"worst other tenant {tenant} {pct:.2f}%{counts} at {at_m:g}x{claim}",
         f"<= {OTHER_TENANT_MAX_PCT:g}%",
         pct <= OTHER_TENANT_MAX_PCT,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.loadgen import Record
-from benchmarks.qos_targets import target_lines
+from benchmarks.qos_targets import target_lines, wilson_interval_pct
 from benchmarks.report import class_stats, describe_last_over, met, recovery_s
 from benchmarks.workload import ClassSpec
 
@@ -120,10 +120,47 @@ def test_the_noisy_tenant_line_names_the_worst_quiet_tenant_and_its_counts() -> 
     }
     line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
     assert line == (
-        "TARGET noisy_tenant[sidecar-http]: worst other tenant small 3.45% (2 of 58) at 1x"
-        " (<= 1%) missed"
+        "TARGET noisy_tenant[sidecar-http]: worst other tenant small 3.45% (2 of 58) at 1x;"
+        " 95% interval 0.95-11.73%: the count allows no claim either way (<= 1%) missed"
     )
     for numbers in point["tenants"].values():
         del numbers["sent"], numbers["violations"]
     line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
     assert "worst other tenant small 3.45% at 1x (<= 1%) missed" in line
+
+
+def test_the_noisy_tenant_line_claims_only_what_its_count_allows() -> None:
+    """Judged on the share either way; the note comes only where the 95% interval of the
+    count holds 1%: 30 of 1,000 and 1 of 1,000 allow a claim, 3 of 400 does not."""
+    tenants = [{"name": "n", "share": 0.5, "quota_rps": None}]
+    tenants.append({"name": "q", "share": 0.5, "quota_rps": None})
+    for misses, sent, verdict, note in (
+        (30, 1000, "missed", False),
+        (1, 1000, "met", False),
+        (3, 400, "met", True),
+    ):
+        pct = 100 * misses / sent
+        point = {
+            "m": 1.0,
+            "tenants": {
+                "n": {"violation_pct": 40.0, "sent": 100, "violations": 40},
+                "q": {"violation_pct": pct, "sent": sent, "violations": misses},
+            },
+        }
+        results = {
+            "meta": {"capacity_rps": 29.0, "noisy_tenant": "n", "tenants": tenants},
+            "systems": {"sidecar-http": {"points": [point]}},
+        }
+        line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
+        assert line.endswith(f"(<= 1%) {verdict}"), line
+        assert ("no claim either way" in line) is note, line
+
+
+def test_the_wilson_interval_matches_known_values() -> None:
+    """Published values of the 95% Wilson interval: 1 of 54, 0 of 1,000, half of 100."""
+    low, high = wilson_interval_pct(1, 54)
+    assert (round(low, 2), round(high, 2)) == (0.33, 9.77)
+    low, high = wilson_interval_pct(0, 1000)
+    assert (low, round(high, 3)) == (0.0, 0.383)
+    low, high = wilson_interval_pct(50, 100)
+    assert (round(low, 1), round(high, 1)) == (40.4, 59.6)
