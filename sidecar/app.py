@@ -206,6 +206,7 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
         model_pod=settings.model_pod,
     )
     service.hold_bounds = HoldBounds(max_hold_ms(settings))
+    service.explain_refusals = settings.explain_refusals
     if monitor is not None and service.deferrer is not None:
         monitor.on_update = service.deferrer.on_scrape
     if monitor is not None:

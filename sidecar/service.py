@@ -42,7 +42,7 @@ from sidecar.core.admission import (
 from sidecar.core.compiled import CompiledPolicy
 from sidecar.core.decide import Admission, decide, malformed
 from sidecar.core.degraded import LocalSpend, degrade
-from sidecar.core.explain import Explanation, explain
+from sidecar.core.explain import Explanation, explain, with_trace
 from sidecar.core.holds import HoldBounds
 from sidecar.core.load import LoadView
 from sidecar.core.signals import QUOTA_ONLY, Signals
@@ -74,6 +74,8 @@ OnHold = Callable[[float], Awaitable[None]]
 
 
 class AdmissionService(Completions, SharedReads, LeasedQuota):
+    explain_refusals = False  # refusals carry their trace (the app sets it; core/explain.py)
+
     def __init__(
         self,
         policy: Policy | PolicySource,
@@ -164,7 +166,7 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         self.metrics.observe_decision_seconds(api, time.perf_counter() - started)
         self.metrics.record_decision(decision, compiled.policy.tenants, api)
         self.usage.asked(decision.tenant, attrs)
-        return decision
+        return with_trace(decision) if self.explain_refusals else decision
 
     def refuse_malformed(self, message: str, api: str) -> Decision:
         """For adapters that cannot even build the request's attributes: 400, counted."""

@@ -110,6 +110,9 @@ class Settings:
     auth_token: str = ""
     # Start even with a non-loopback TCP listener and no auth_token (module rule 3).
     allow_unauthenticated: bool = False
+    # A refusal's JSON body also carries its decision's trace (core/explain.py `with_trace`).
+    # Off by default: the trace shows queue depths, caps and class names to the client.
+    explain_refusals: bool = False
 
     # Topology (examples/deploy/README.md): the scope of per-model in-flight counts and of
     # `max_in_flight`. "gateway": the replicas front one pool of Tritons, so a model's count
@@ -179,6 +182,7 @@ _HELP = {
     "lease_key": "secret that signs lease tokens; the same on every replica (default: random)",
     "auth_token": "token Envoy must send (x-qos-auth) on every authz, ext_proc and log call",
     "allow_unauthenticated": "true: allow a non-loopback TCP listener without auth_token",
+    "explain_refusals": "true: a refusal's JSON body carries the decision's trace (its steps)",
     "topology": "gateway (model in-flight counts and caps fleet-wide) or pod (per pod)",
     "pod_id": "this pod's id in the pod topology (default: the hostname)",
     "workers": "worker processes on the same TCP ports (SO_REUSEPORT); > 1 needs Redis",

@@ -109,7 +109,13 @@ def test_http_admit_sets_decision_headers_and_shed_has_json_body() -> None:
         shed = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
         assert shed.status == 429
         assert shed.headers["retry-after"] == "1"
-        assert (await shed.json())["reason"] == "over_rate"
+        refusal = await shed.json()
+        assert refusal["reason"] == "over_rate"
+        assert "trace" not in refusal  # QOS_EXPLAIN_REFUSALS is off by default
+        service.explain_refusals = True
+        shed = await client.post("/authz" + INFER, headers={"x-api-key": "k-analytics"})
+        steps = (await shed.json())["trace"]
+        assert "tenant 'analytics'" in steps[0] and steps[-1] == "shed 429 over_rate", steps
 
     asyncio.run(with_http(service, body))
     assert (

@@ -97,7 +97,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     # released now and then; the loop test checks the mechanism, not the default's margin.
     # It is longer than ext_proc's 250 ms message_timeout on purpose: the sidecar extends
     # Envoy's timeout while it waits (else the concurrency tests' 429s would be Envoy's 504s).
-    env = {"QOS_RELEASE_GRACE_MS": "300"}
+    # Refusals carry their decision's trace here (QOS_EXPLAIN_REFUSALS; off by default):
+    # each mode's 429 must bring it through Envoy to the client.
+    env = {"QOS_RELEASE_GRACE_MS": "300", "QOS_EXPLAIN_REFUSALS": "true"}
     with LocalStack(work, write_policy(work / "policies"), modes=MODES, sidecar_env=env) as running:
         yield running
 
@@ -124,6 +126,9 @@ def test_over_rate_is_429_with_retry_after_and_other_tenants_unaffected(
     assert over.headers["content-type"].startswith("application/json")
     # The refusal names its tenant, in every mode (Envoy's access log records it).
     assert over.headers["x-qos-tenant"] == f"rate-{mode}"
+    # And, with QOS_EXPLAIN_REFUSALS, every step of its decision, from the key to the shed.
+    assert f"tenant 'rate-{mode}'" in body["trace"][0], body["trace"]
+    assert body["trace"][-1] == "shed 429 over_rate", body["trace"]
     # Another tenant is not affected, even now.
     assert [infer(url, api_key=f"k-calm-{mode}").status for _ in range(5)] == [200] * 5
 

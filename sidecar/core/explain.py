@@ -10,16 +10,22 @@ Rules:
   how many are in flight, the threshold and the queue depth). One line each; the first is
   the rule that decided. Read from the same values the decision was made from: a preview,
   not a promise (others may take the room meanwhile).
+- `with_trace`: with `QOS_EXPLAIN_REFUSALS`, a refusal's JSON body also carries its decision's
+  trace, every step the rules took to it, in order (the same steps `/v1/explain` shows for a
+  hypothetical request): who the key named, the class, the model and cost, the queue, the
+  predicted wait against the budget, how long it was held. Off by default: the steps show
+  the load (queue depths, in-flight counts and caps) and other classes' names to the client.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sidecar.core.decide import Admission
 from sidecar.core.signals import LoadAction, LoadVerdict
-from sidecar.core.types import Decision, QuotaResult, Reason
+from sidecar.core.types import Decision, Outcome, QuotaResult, Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,3 +150,18 @@ _FIXED = {
     Reason.INFEASIBLE: "its max tokens cannot be generated within the class's objective even "
     "alone: fewer max tokens, a class with a longer objective, or tokens.infeasible: relegate",
 }
+
+
+def with_trace(decision: Decision) -> Decision:
+    """A refusal whose body is a JSON object, with its trace added as `trace` (module rules);
+    anything else as it is."""
+    if decision.outcome is not Outcome.SHED or not decision.trace:
+        return decision
+    try:
+        body = json.loads(decision.body)
+    except ValueError:
+        return decision
+    if not isinstance(body, dict):
+        return decision
+    body["trace"] = list(decision.trace)
+    return replace(decision, body=json.dumps(body, separators=(",", ":")).encode())
