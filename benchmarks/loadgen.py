@@ -71,6 +71,7 @@ class Record:
     prompt_tokens: int = 0
     output_tokens: int = 0
     tpot: float | None = None  # streamed: s per output token after the first
+    trace: str = ""  # a refusal's decision steps, " | "-joined (QOS_EXPLAIN_REFUSALS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,15 @@ class RunResult:
         return len(self.records) / self.wall_s if self.wall_s > 0 else 0.0
 
 
+def _trace_of(body: bytes) -> str:
+    """A refusal's decision steps (the sidecar's `trace`, with QOS_EXPLAIN_REFUSALS)."""
+    try:
+        steps = json.loads(body).get("trace")
+    except (ValueError, AttributeError):
+        return ""
+    return " | ".join(str(step) for step in steps) if isinstance(steps, list) else ""
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -197,8 +207,10 @@ async def _drive(
                             await _read_stream(resp, rec, sent)
                         else:
                             rec.ttfb = loop.time() - sent
-                            await resp.read()
+                            answer = await resp.read()
                             rec.latency = loop.time() - sent
+                            if resp.status != 200 and b'"trace"' in answer:
+                                rec.trace = _trace_of(answer)
                         rec.status = resp.status
                         rec.retry_after = _retry_after(resp.headers.get("retry-after"))
                         rec.reason = resp.headers.get("x-qos-reason", "")

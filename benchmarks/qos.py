@@ -261,6 +261,7 @@ def write_records(path: Path, rows: list[tuple[str, str, Record]]) -> None:
                 "prompt_tokens",
                 "output_tokens",
                 "tpot_s",
+                "trace",
             ]
         )
         for system, run, r in rows:
@@ -281,6 +282,7 @@ def write_records(path: Path, rows: list[tuple[str, str, Record]]) -> None:
                     r.prompt_tokens,
                     r.output_tokens,
                     "" if r.tpot is None else f"{r.tpot:.5f}",
+                    r.trace,
                 ]
             )
 
@@ -302,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default=default_model())
     parser.add_argument("--arrival", choices=("poisson", "gamma", "trace"), default="poisson")
     parser.add_argument("--cv", type=float, default=2.0, help="gap CV for --arrival gamma")
+    parser.add_argument(
+        "--explain-refusals",
+        action="store_true",
+        help="run every sidecar with QOS_EXPLAIN_REFUSALS: records.csv.gz keeps each refusal's "
+        "decision steps (column trace)",
+    )
     parser.add_argument(
         "--target-throughput",
         type=float,
@@ -471,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 model,
                 tenants=config.tenants,
                 stream_classes=streamed,
+                sidecar_env={"QOS_EXPLAIN_REFUSALS": "true"} if args.explain_refusals else {},
             )
             log(f"Triton ready ({triton.http_url}); Valkey: {valkey.url if valkey else 'none'}")
 

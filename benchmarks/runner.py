@@ -176,6 +176,7 @@ class Backend:
     tenants: Sequence[TenantSpec] = ()
     sidecar_admin_url: str | None = None  # the running system's sidecar, if it has one
     stream_classes: tuple[str, ...] = ()  # streamed by every system, where the model streams
+    sidecar_env: Mapping[str, str] = field(default_factory=dict)  # every sidecar's (run-wide)
 
 
 def local_ratelimit_descriptors(
@@ -246,6 +247,7 @@ def start_system(spec: SystemSpec, backend: Backend) -> Iterator[str]:
                 "QOS_TRITON_URLS": backend.triton.http_url,
                 "QOS_TRITON_METRICS_URLS": backend.triton.metrics_url,
                 "QOS_TRITON_SCRAPE_MS": "100",
+                **backend.sidecar_env,
                 **spec.sidecar_env,
             }
             sidecar = stack.enter_context(

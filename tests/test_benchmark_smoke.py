@@ -52,7 +52,7 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
         "--systems", ",".join(SYSTEMS),
         "--loads", ",".join(str(m) for m in LOADS),
         "--seeds", "2",
-        "--step-systems", "sidecar-http", "--step", "1,2,2",
+        "--step-systems", "sidecar-http", "--step", "1,2,2", "--explain-refusals",
     )  # fmt: skip
     meta = results["meta"]
     assert meta["capacity_rps"] == 20
@@ -118,6 +118,14 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
         assert (out / png).stat().st_size > 1000
     with gzip.open(out / "records.csv.gz", "rt") as handle:
         assert handle.readline().startswith("system,run,tenant,class")
+    with gzip.open(out / "records.csv.gz", "rt") as handle:
+        rows = list(csv.DictReader(handle))
+    # --explain-refusals: each of the sidecar's refusals came with its decision's steps.
+    refused = [r for r in rows if r["system"] == "sidecar-http" and r["status"] in ("429", "503")]
+    assert refused
+    for r in refused:
+        assert r["trace"].endswith(f"shed {r['status']} {r['reason']}"), r
+    assert not any(r["trace"] for r in rows if r["status"] == "200")
     # The sidecar rows run the balanced preset: caps learnt, none fixed by this workload.
     shipped = yaml.safe_load((out / "policy" / "balanced" / "bench.yaml").read_text())
     for klass in ("standard", "batch"):
