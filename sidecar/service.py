@@ -56,6 +56,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy.model import FailMode, Policy
 from sidecar.policy.reload import FixedPolicy, PolicySource
 from sidecar.quota_peek import QuotaPeeks
+from sidecar.recent_refusals import RecentRefusals
 from sidecar.shadow_mode import ShadowJudge
 from sidecar.shared_reads import SharedReads
 from sidecar.state.base import QuotaStore, new_lease_id
@@ -98,8 +99,8 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         self.shadow = ShadowJudge(self)  # rules not enforced, judged beside: core/shadow.py
         self.hold_bounds = HoldBounds()  # each transport's longest hold (the app sets them)
         # No view of Triton (no endpoints): admitted on quota alone, never shed on no signal.
-        self._load = load
-        self.stale_after_s = stale_after_s
+        self._load, self.stale_after_s = load, stale_after_s
+        self.refusals = RecentRefusals()  # the last refusals, with their steps: /v1/refusals
         self.clock = clock
         self.model_pod = model_pod  # whose model counts: this pod's, or None: the fleet's
         self._background: set[asyncio.Future[bool]] = set()
@@ -166,12 +167,14 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         self.metrics.observe_decision_seconds(api, time.perf_counter() - started)
         self.metrics.record_decision(decision, compiled.policy.tenants, api)
         self.usage.asked(decision.tenant, attrs)
+        self.refusals.note(decision, attrs)
         return with_trace(decision) if self.explain_refusals else decision
 
     def refuse_malformed(self, message: str, api: str) -> Decision:
         """For adapters that cannot even build the request's attributes: 400, counted."""
         decision = malformed(message)
         self.metrics.record_decision(decision, self.policy.tenants, api)
+        self.refusals.note(decision)
         return decision
 
     async def explain(self, attrs: RequestAttributes) -> Explanation:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,6 +130,10 @@ def test_over_rate_is_429_with_retry_after_and_other_tenants_unaffected(
     # And, with QOS_EXPLAIN_REFUSALS, every step of its decision, from the key to the shed.
     assert f"tenant 'rate-{mode}'" in body["trace"][0], body["trace"]
     assert body["trace"][-1] == "shed 429 over_rate", body["trace"]
+    # The operator finds it afterwards on the admin listener, with the same steps.
+    with urllib.request.urlopen(f"{stack.admin_url}/v1/refusals?tenant=rate-{mode}") as reply:
+        kept = json.load(reply)["refusals"]
+    assert kept and kept[0]["reason"] == "over_rate" and kept[0]["trace"] == body["trace"]
     # Another tenant is not affected, even now.
     assert [infer(url, api_key=f"k-calm-{mode}").status for _ in range(5)] == [200] * 5
 

@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "sidecar.accounting",
         "sidecar.usage",
     ),
-    ("sidecar.quota_peek",),
+    ("sidecar.quota_peek", "sidecar.recent_refusals"),
     ("sidecar.batching",),
     ("sidecar.shared_reads", "sidecar.leased", "sidecar.shadow_mode"),
     ("sidecar.completions",),

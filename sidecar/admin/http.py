@@ -1,7 +1,11 @@
-"""The admin listener: /metrics, /healthz, /readyz, /v1/policy, /v1/explain.
+"""The admin listener: /metrics, /healthz, /readyz, /v1/policy, /v1/explain, /v1/refusals.
 
-It binds to localhost unless configured otherwise: explain reveals policy details and the
-policy endpoint lists tenants, which are not for the public side of a mesh.
+It binds to localhost unless configured otherwise: explain reveals policy details, the
+policy endpoint lists tenants and refusals shows the load, which are not for the public side
+of a mesh.
+
+`/v1/refusals` (sidecar/recent_refusals.py): this process's last refusals, newest first, each
+with the steps of its decision; `?tenant=NAME` for one tenant's, `?limit=N` for at most N.
 
 Liveness and readiness are separate questions:
 - `/healthz` (liveness): the process answers. 200 always; restart the sidecar only if not.
@@ -31,6 +35,7 @@ from sidecar.core.explain import Explanation
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.errors import StateUnavailable
 from sidecar.policy.reload import PolicyHolder
+from sidecar.recent_refusals import KEPT
 from sidecar.service import AdmissionService
 
 # Readiness of what the sidecar fronts: (why it is not ready, empty when it is; report).
@@ -154,10 +159,22 @@ def build_admin_app(
             return web.json_response({"error": "bad_request", "message": str(exc)}, status=400)
         return web.json_response(explanation_json(await service.explain(attrs)))
 
+    async def refusals(request: web.Request) -> web.Response:
+        tenant = request.query.get("tenant")
+        try:
+            limit = int(request.query.get("limit", str(KEPT)))
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            message = "limit: expected a whole number >= 0"
+            return web.json_response({"error": "bad_request", "message": message}, status=400)
+        return web.json_response({"refusals": service.refusals.read(tenant, limit)})
+
     app = web.Application(middlewares=[json_errors])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/policy", policy)
     app.router.add_post("/v1/explain", explain)
+    app.router.add_get("/v1/refusals", refusals)
     return app
