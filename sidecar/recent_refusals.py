@@ -48,18 +48,19 @@ class RecentRefusals:
                 break
             if tenant is not None and decision.tenant != tenant:
                 continue
-            out.append(
-                {
-                    "at": at,
-                    "request_id": request_id,
-                    "path": path,
-                    "status": decision.status,
-                    "reason": decision.reason.value,
-                    "tenant": decision.tenant,
-                    "class": decision.klass,
-                    "requested_class": decision.requested_class,
-                    "retry_after_s": decision.retry_after_s,
-                    "trace": list(decision.trace),
-                }
-            )
+            out.append({"at": at, "request_id": request_id, "path": path, **decided(decision)})
         return out
+
+
+def decided(decision: Decision) -> dict[str, Any]:
+    """What a decision answered and why, as the admin listener shows it (JSON-ready)."""
+    return {
+        "outcome": decision.outcome.value,
+        "status": decision.status,
+        "reason": decision.reason.value,
+        "tenant": decision.tenant,
+        "class": decision.klass,
+        "requested_class": decision.requested_class,
+        "retry_after_s": decision.retry_after_s,
+        "trace": list(decision.trace),
+    }

@@ -35,7 +35,7 @@ from sidecar.core.explain import Explanation
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.errors import StateUnavailable
 from sidecar.policy.reload import PolicyHolder
-from sidecar.recent_refusals import KEPT
+from sidecar.recent_refusals import KEPT, decided
 from sidecar.service import AdmissionService
 
 # Readiness of what the sidecar fronts: (why it is not ready, empty when it is; report).
@@ -44,16 +44,9 @@ ReadinessProbe = Callable[[], Awaitable[tuple[list[str], dict[str, Any]]]]
 
 def decision_json(decision: Decision) -> dict[str, Any]:
     return {
-        "outcome": decision.outcome.value,
-        "status": decision.status,
-        "reason": decision.reason.value,
-        "tenant": decision.tenant,
-        "class": decision.klass,
-        "requested_class": decision.requested_class,
-        "retry_after_s": decision.retry_after_s,
+        **decided(decision),
         "headers": dict(decision.headers),
         "body": json.loads(decision.body) if decision.body else None,
-        "trace": list(decision.trace),
     }
 
 
