@@ -1,4 +1,4 @@
-"""`qos-sidecar serve | validate | explain | top | usage | simulate`."""
+"""`qos-sidecar serve | validate | explain | refusals | top | usage | simulate`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from sidecar.errors import PolicyError, SidecarError
 
@@ -27,18 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("validate", help="check policy files; non-zero on any error")
     check.add_argument("paths", nargs="+", type=Path)
 
-    explain = commands.add_parser(
-        "explain", help="show the decision a request would get, without taking quota"
-    )
-    explain.add_argument("path", help="request path, e.g. /v2/models/simgpu/infer")
-    explain.add_argument("-H", "--header", action="append", default=[], help="NAME: VALUE")
-    explain.add_argument("--method", default="POST")
-    explain.add_argument("--principal")
-    where = explain.add_mutually_exclusive_group()
-    where.add_argument("--admin", help="ask a running sidecar, e.g. http://127.0.0.1:9090")
-    where.add_argument(
-        "--policy", type=Path, action="append", help="evaluate against policy files offline"
-    )
+    _add_explain(commands)
+    _add_refusals(commands)
 
     top = commands.add_parser("top", help="live view of tenants, classes and models")
     top.add_argument("--url", action="append", required=True, help="a sidecar's admin URL")
@@ -71,10 +63,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             return usage_report.run(args)
         if args.command == "simulate":
             return simulate.run(args, sys.stdout, sys.stderr)
+        if args.command == "refusals":
+            return _refusals(args.admin, args.tenant, args.limit)
         return _explain(args)
     except SidecarError as exc:
         print(f"qos-sidecar: {exc}", file=sys.stderr)
         return 2
+
+
+def _add_explain(commands: Any) -> None:
+    explain = commands.add_parser(
+        "explain", help="show the decision a request would get, without taking quota"
+    )
+    explain.add_argument("path", help="request path, e.g. /v2/models/simgpu/infer")
+    explain.add_argument("-H", "--header", action="append", default=[], help="NAME: VALUE")
+    explain.add_argument("--method", default="POST")
+    explain.add_argument("--principal")
+    where = explain.add_mutually_exclusive_group()
+    where.add_argument("--admin", help="ask a running sidecar, e.g. http://127.0.0.1:9090")
+    where.add_argument(
+        "--policy", type=Path, action="append", help="evaluate against policy files offline"
+    )
+
+
+def _add_refusals(commands: Any) -> None:
+    refusals = commands.add_parser(
+        "refusals", help="the last refusals of running sidecars, with each decision's steps"
+    )
+    refusals.add_argument("--admin", action="append", required=True, help="an admin URL")
+    refusals.add_argument("--tenant", help="only this tenant's")
+    refusals.add_argument("--limit", type=int, default=20, help="at most this many (newest)")
 
 
 def validate(
@@ -145,6 +163,30 @@ def _explain(args: argparse.Namespace) -> int:
     else:
         report = asyncio.run(_explain_offline(args.policy or [Path("policies")], payload))
     _print_explanation(report)
+    return 0
+
+
+def _refusals(admins: list[str], tenant: str | None, limit: int) -> int:
+    """Every replica's `/v1/refusals`, merged newest first: replicas keep their own."""
+    query = urllib.parse.urlencode(
+        {"limit": max(0, limit), **({"tenant": tenant} if tenant else {})}
+    )
+    found: list[tuple[float, str, dict[str, Any]]] = []
+    for admin in admins:
+        try:
+            with urllib.request.urlopen(f"{admin.rstrip('/')}/v1/refusals?{query}", timeout=5) as r:
+                found += [(e["at"], admin, e) for e in json.load(r)["refusals"]]
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            print(f"qos-sidecar: cannot read {admin}: {exc}", file=sys.stderr)
+            return 2
+    for at, admin, entry in sorted(found, key=lambda f: f[0], reverse=True)[: max(0, limit)]:
+        when = time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
+        print(
+            f"{when} {entry['status']} {entry['reason']} tenant={entry['tenant']} "
+            f"class={entry['class']} id={entry['request_id']} ({admin})"
+        )
+        for step in entry["trace"]:
+            print(f"  - {step}")
     return 0
 
 

@@ -6,7 +6,9 @@ forwarding, which only ext_proc does, is shown by Triton's own ordering.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import time
 import urllib.request
@@ -19,6 +21,7 @@ import pytest
 
 from devstack.sidecar_proc import SidecarProcess
 from devstack.stack import LocalStack
+from sidecar.cli import main
 from tests.binaries import require_binaries
 from tests.stack_client import explain, in_background, infer, metric_value, wait_for
 
@@ -134,6 +137,13 @@ def test_over_rate_is_429_with_retry_after_and_other_tenants_unaffected(
     with urllib.request.urlopen(f"{stack.admin_url}/v1/refusals?tenant=rate-{mode}") as reply:
         kept = json.load(reply)["refusals"]
     assert kept and kept[0]["reason"] == "over_rate" and kept[0]["trace"] == body["trace"]
+    # And `qos-sidecar refusals` prints it, with its steps.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["refusals", "--admin", stack.admin_url, "--tenant", f"rate-{mode}"])
+    lines = printed.getvalue().splitlines()
+    assert code == 0 and f" 429 over_rate tenant=rate-{mode} " in lines[0], lines
+    assert lines[1 : 1 + len(body["trace"])] == [f"  - {step}" for step in body["trace"]]
     # Another tenant is not affected, even now.
     assert [infer(url, api_key=f"k-calm-{mode}").status for _ in range(5)] == [200] * 5
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
@@ -83,3 +84,12 @@ def test_the_admin_listener_shows_a_tenants_last_refusals_with_their_steps() -> 
             await client.close()
 
     asyncio.run(body())
+
+
+def test_the_refusals_command_says_which_replica_it_could_not_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sidecar.cli import main
+
+    assert main(["refusals", "--admin", "http://127.0.0.1:9"]) == 2  # nothing listens there
+    assert "cannot read http://127.0.0.1:9" in capsys.readouterr().err
