@@ -1,0 +1,142 @@
+"""Paired QoS runs of two versions of the code: the working tree against a git revision.
+
+    python -m benchmarks.ab --base HEAD~1 --seeds 3,5,7 -- --quick --capacity 59.05 \\
+        --systems sidecar-http --loads 2,3 --seeds 2 --step-systems none
+
+On these shared 2-core machines one run of one seed moves SLO-met by 0.1 C and interactive
+violations by several points from one run to the next (benchmarks/README.md), so a change
+is judged on runs of both versions made side by side, on the same seeds. For each seed this
+runs `python -m benchmarks.qos ARGS --seed S` once in the working tree (uncommitted changes
+included: try a change before committing it) and once in a temporary git worktree of
+`--base`, alternating which goes first, with the same interpreter. It then prints, for each
+sidecar system and load, both versions' interactive violation % and SLO-met / C per seed,
+their means, and the new-minus-base difference per seed: a claim needs differences that
+agree in sign, not one mean beside another.
+
+Nothing here is a benchmark of its own: the numbers are `benchmarks.qos`'s, from each run's
+results.json, kept under `--out` (`new-S/`, `base-S/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSIONS = ("new", "base")
+
+
+def headline(results: Mapping[str, Any]) -> dict[tuple[str, float], tuple[float, float]]:
+    """Each sidecar system's (interactive violation %, SLO-met / C) at each load of a run."""
+    found: dict[tuple[str, float], tuple[float, float]] = {}
+    for name, system in results["systems"].items():
+        if not name.startswith("sidecar"):
+            continue
+        for point in system["points"]:
+            violation = point["classes"]["interactive"]["violation_pct"]
+            met = point["overall"]["slo_met_over_c"] or 0.0
+            found[(name, float(point["m"]))] = (violation, met)
+    return found
+
+
+def compare(
+    runs: Mapping[str, Mapping[int, Mapping[tuple[str, float], tuple[float, float]]]],
+) -> list[str]:
+    """The table of the module comment, one line per system, load and measure."""
+    seeds = sorted(set(runs["new"]) & set(runs["base"]))
+    keys = sorted(
+        {k for seed in seeds for k in runs["new"][seed]}
+        & {k for seed in seeds for k in runs["base"][seed]}
+    )
+    lines = []
+    for system, m in keys:
+        for index, (label, unit) in enumerate((("interactive viol", "%"), ("SLO-met", " C"))):
+            new = [runs["new"][s][(system, m)][index] for s in seeds]
+            base = [runs["base"][s][(system, m)][index] for s in seeds]
+            diff = [a - b for a, b in zip(new, base, strict=True)]
+            signs = {(d > 0) - (d < 0) for d in diff}
+            agree = "all one sign" if len(signs) == 1 and 0 not in signs else "signs differ"
+            lines.append(
+                f"{system} {m:g}x {label}: new {_values(new, unit)} | base {_values(base, unit)}"
+                f" | new-base {', '.join(f'{d:+.2f}' for d in diff)}"
+                f" (mean {statistics.fmean(diff):+.2f}, {agree})"
+            )
+    return lines
+
+
+def _values(values: Sequence[float], unit: str) -> str:
+    each = ", ".join(f"{v:.2f}" for v in values)
+    return f"{each} (mean {statistics.fmean(values):.2f}{unit})"
+
+
+def _run(where: Path, args: Sequence[str], seed: int, out: Path) -> dict[str, Any]:
+    """One `benchmarks.qos` run of the code in `where`; its results.json. PYTHONPATH names
+    `where` for every process the run starts: the sidecar runs from its own work directory,
+    and would otherwise import the package the virtual environment installed (this tree)."""
+    out.mkdir(parents=True)
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.qos",
+        *args,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(where)}
+    done = subprocess.run(command, cwd=where, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{where}: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return dict(json.loads((folder / "results.json").read_text()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__)
+    parser.add_argument("--base", required=True, help="the git revision to compare against")
+    parser.add_argument("--seeds", default="3,5,7", help="comma-separated; one pair each")
+    parser.add_argument("--out", type=Path, default=ROOT / "results", help="results root")
+    parser.add_argument("qos_args", nargs=argparse.REMAINDER, help="-- then benchmarks.qos's")
+    args = parser.parse_args(argv)
+    qos_args = [a for a in args.qos_args if a != "--"]
+    if "--seed" in qos_args or "--out" in qos_args:
+        parser.error("--seed and --out are set per run; leave them out of the qos arguments")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    out = args.out / (time.strftime("%Y-%m-%d-%H%M%S") + "-ab")
+    runs: dict[str, dict[int, Any]] = {v: {} for v in VERSIONS}
+    with tempfile.TemporaryDirectory(prefix="qos-ab-") as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(base), args.base],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+        try:
+            for index, seed in enumerate(seeds):
+                order = VERSIONS if index % 2 == 0 else VERSIONS[::-1]
+                for version in order:
+                    where = ROOT if version == "new" else base
+                    results = _run(where, qos_args, seed, out / f"{version}-{seed}")
+                    runs[version][seed] = headline(results)
+                    print(f"ran {version} with --seed {seed}", file=sys.stderr, flush=True)
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False
+            )
+    print(f"paired runs, new = working tree, base = {args.base}; results in {out}")
+    for line in compare(runs):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

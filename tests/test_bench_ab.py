@@ -1,0 +1,33 @@
+"""The paired comparison of two versions' QoS runs (benchmarks/ab.py): its summary, pure.
+A real pair of tiny runs was made by hand when the tool was written (benchmarks/README.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.ab import compare, headline
+
+
+def results(violation: float, met: float) -> dict[str, Any]:
+    point = {
+        "m": 2.0,
+        "classes": {"interactive": {"violation_pct": violation}},
+        "overall": {"slo_met_over_c": met},
+    }
+    baseline = {"m": 2.0, "classes": {"interactive": {"violation_pct": 90.0}},
+                "overall": {"slo_met_over_c": 1.0}}  # fmt: skip
+    return {"systems": {"sidecar-http": {"points": [point]}, "passthrough": {"points": [baseline]}}}
+
+
+def test_only_sidecar_systems_are_compared_seed_by_seed() -> None:
+    assert headline(results(2.0, 1.5)) == {("sidecar-http", 2.0): (2.0, 1.5)}
+    runs = {
+        "new": {3: headline(results(1.0, 1.6)), 5: headline(results(3.0, 1.7))},
+        "base": {3: headline(results(2.0, 1.5)), 5: headline(results(2.5, 1.5)), 7: {}},
+    }
+    violation, met = compare(runs)  # seed 7 ran only once: not a pair, left out
+    assert violation == (
+        "sidecar-http 2x interactive viol: new 1.00, 3.00 (mean 2.00%) | base 2.00, 2.50"
+        " (mean 2.25%) | new-base -1.00, +0.50 (mean -0.25, signs differ)"
+    )
+    assert met.endswith("| new-base +0.10, +0.20 (mean +0.15, all one sign)"), met
