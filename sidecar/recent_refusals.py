@@ -11,6 +11,7 @@ Rules:
 - The ring is bounded (KEPT entries): a flood of refusals costs a constant amount of memory
   and pushes out the oldest. Noting one is O(1), on the deciding loop.
 - Read newest first, optionally only one tenant's, at most `limit` of them.
+- The path is kept without its query: a query may carry a credential.
 - Per process: each replica (and each worker) keeps its own; query each one.
 """
 
@@ -37,7 +38,7 @@ class RecentRefusals:
         """Keep `decision` if it refused the request (module rules)."""
         if decision.outcome is Outcome.SHED:
             request_id = None if attrs is None else attrs.request_id
-            path = "" if attrs is None else attrs.path
+            path = "" if attrs is None else attrs.path.partition("?")[0]
             self._kept.append((self._clock(), decision, request_id, path))
 
     def read(self, tenant: str | None = None, limit: int = KEPT) -> list[dict[str, Any]]:

@@ -47,6 +47,8 @@ def test_only_refusals_are_kept_newest_first_in_a_bounded_ring() -> None:
     assert [r["request_id"] for r in ring.read(tenant="a")] == ["r3"]
     assert [r["request_id"] for r in ring.read(limit=1)] == ["r4"]
     assert ring.read(tenant="nobody") == [] and ring.read(limit=0) == []
+    ring.note(refusal("a", 9), RequestAttributes("POST", INFER + "?api_key=secret", {}))
+    assert ring.read(limit=1)[0]["path"] == INFER  # a query may carry a credential
     ring.note(malformed("no path"))  # refused before anything was known: kept, no request id
     assert ring.read(limit=1)[0]["request_id"] is None
     assert ring.read(limit=1)[0]["status"] == 400
