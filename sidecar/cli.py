@@ -167,18 +167,20 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _refusals(admins: list[str], tenant: str | None, limit: int) -> int:
-    """Every replica's `/v1/refusals`, merged newest first: replicas keep their own."""
+    """Every replica's `/v1/refusals`, merged newest first: replicas keep their own. One that
+    cannot be read is named on stderr and the exit status is 2, after what the others had."""
     query = urllib.parse.urlencode(
         {"limit": max(0, limit), **({"tenant": tenant} if tenant else {})}
     )
     found: list[tuple[float, str, dict[str, Any]]] = []
+    unread = 0
     for admin in admins:
         try:
             with urllib.request.urlopen(f"{admin.rstrip('/')}/v1/refusals?{query}", timeout=5) as r:
                 found += [(e["at"], admin, e) for e in json.load(r)["refusals"]]
         except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
             print(f"qos-sidecar: cannot read {admin}: {exc}", file=sys.stderr)
-            return 2
+            unread += 1
     for at, admin, entry in sorted(found, key=lambda f: f[0], reverse=True)[: max(0, limit)]:
         when = time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
         print(
@@ -187,7 +189,7 @@ def _refusals(admins: list[str], tenant: str | None, limit: int) -> int:
         )
         for step in entry["trace"]:
             print(f"  - {step}")
-    return 0
+    return 2 if unread else 0
 
 
 async def _explain_offline(paths: list[Path], payload: dict[str, object]) -> dict[str, object]:

@@ -144,6 +144,12 @@ def test_over_rate_is_429_with_retry_after_and_other_tenants_unaffected(
     lines = printed.getvalue().splitlines()
     assert code == 0 and f" 429 over_rate tenant=rate-{mode} " in lines[0], lines
     assert lines[1 : 1 + len(body["trace"])] == [f"  - {step}" for step in body["trace"]]
+    # A replica that cannot be read does not hide what the others kept; the status says so.
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        admins = ["--admin", stack.admin_url, "--admin", "http://127.0.0.1:9"]  # nothing on 9
+        code = main(["refusals", *admins, "--tenant", f"rate-{mode}"])
+    assert code == 2 and again.getvalue() == printed.getvalue()
     # Another tenant is not affected, even now.
     assert [infer(url, api_key=f"k-calm-{mode}").status for _ in range(5)] == [200] * 5
 
