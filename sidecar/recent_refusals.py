@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from sidecar.core.explain import decided
 from sidecar.core.types import Decision, Outcome, RequestAttributes
 
 KEPT = 256
@@ -51,17 +52,3 @@ class RecentRefusals:
                 continue
             out.append({"at": at, "request_id": request_id, "path": path, **decided(decision)})
         return out
-
-
-def decided(decision: Decision) -> dict[str, Any]:
-    """What a decision answered and why, as the admin listener shows it (JSON-ready)."""
-    return {
-        "outcome": decision.outcome.value,
-        "status": decision.status,
-        "reason": decision.reason.value,
-        "tenant": decision.tenant,
-        "class": decision.klass,
-        "requested_class": decision.requested_class,
-        "retry_after_s": decision.retry_after_s,
-        "trace": list(decision.trace),
-    }

@@ -31,11 +31,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.core.explain import Explanation
+from sidecar.core.explain import Explanation, decided
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.errors import StateUnavailable
 from sidecar.policy.reload import PolicyHolder
-from sidecar.recent_refusals import KEPT, decided
+from sidecar.recent_refusals import KEPT
 from sidecar.service import AdmissionService
 
 # Readiness of what the sidecar fronts: (why it is not ready, empty when it is; report).

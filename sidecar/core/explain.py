@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sidecar.core.decide import Admission
 from sidecar.core.signals import LoadAction, LoadVerdict
@@ -165,3 +166,18 @@ def with_trace(decision: Decision) -> Decision:
         return decision
     body["trace"] = list(decision.trace)
     return replace(decision, body=json.dumps(body, separators=(",", ":")).encode())
+
+
+def decided(decision: Decision) -> dict[str, Any]:
+    """What a decision answered and why, JSON-ready: what `/v1/explain` and `/v1/refusals`
+    show of every decision."""
+    return {
+        "outcome": decision.outcome.value,
+        "status": decision.status,
+        "reason": decision.reason.value,
+        "tenant": decision.tenant,
+        "class": decision.klass,
+        "requested_class": decision.requested_class,
+        "retry_after_s": decision.retry_after_s,
+        "trace": list(decision.trace),
+    }
