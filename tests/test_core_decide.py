@@ -299,7 +299,8 @@ def test_class_scoped_buckets_only_charge_their_classes() -> None:
 
 def test_traced_is_replace_with_a_longer_trace() -> None:
     """`Admission.traced` builds what `dataclasses.replace` would, field by field."""
-    admission = dataclasses.replace(plan(attrs(x_api_key="k-search")), relegated=True, cost=7.0)
+    planned = plan(attrs(x_api_key="k-search"))
+    admission = dataclasses.replace(planned, relegated=True, cost=7.0, client_wait_s=1.5)
     other = dataclasses.replace(admission.check, lease_id="other")
     longer = (*admission.trace, "why")
     assert admission.traced("why") == dataclasses.replace(admission, trace=longer)
@@ -317,4 +318,5 @@ def test_traced_is_replace_with_a_longer_trace() -> None:
         "trace",
         "relegated",
         "cost",
+        "client_wait_s",
     ]

@@ -258,7 +258,10 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
     # checks) from the model's dataclass defaults; these are the values a file gets.
     model_defaults = {
         "policyFile": {"lease_ttl_s": 10.0, "enforce": True},
-        "identity": {"class_header": IdentityPolicy().class_header},
+        "identity": {
+            "class_header": IdentityPolicy().class_header,
+            "timeout_header": IdentityPolicy().timeout_header,
+        },
         "class": {
             "on_state_error": ClassPolicy("c", 1, 1, 1, 1).on_state_error,
             "concurrency_retry_after_ms": ClassPolicy("c", 1, 1, 1, 1).concurrency_retry_after_ms,

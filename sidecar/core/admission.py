@@ -53,7 +53,8 @@ its tenant nothing):
   once with Retry-After = the predicted wait; a class that is not sheddable is admitted
   instead (it waits in Triton's queue, never refused). Nothing is held just to time out.
 - The hold budget (`core.signals.hold_budget_s`): `max_wait_ms`, cut to what leaves the
-  request, within its objective, the time its class lately took upstream (core/upstream.py).
+  request, within its objective and within the wait its client states (core/client_wait.py),
+  the time its class lately took upstream (core/upstream.py).
   A hold ends at its budget as it stood when the hold began.
 - No drain rate measured yet (a cold start): the wait cannot be predicted, so a class that may
   wait is deferred within its budget rather than shed on a guess.
@@ -102,6 +103,7 @@ from sidecar.core.signals import (
     cap_of,
     depth_read,
     effective_overload,
+    held_budget,
     hold_budget_s,
 )
 from sidecar.core.types import (
@@ -171,13 +173,14 @@ def judge_load(
     band_wait_s: float = 0.0,
     upstream_s: Mapping[str, float] = NO_UPSTREAM,
     late_from: int | None = None,
+    client_wait_s: float | None = None,
 ) -> LoadVerdict:
     """The load rules of the module comment, for a new arrival of `klass`. `reserved`:
     waiters on other replicas that go before it, counted as already sent. `caps`: the
     adaptive caps now (`ModelSignals.caps`). `band_wait_s`: its wait at the pace its band's
     waiters are let go (`Signals.band_wait_s`), the least wait predicted. `upstream_s`: the
-    classes' times upstream lately (`ModelSignals.upstream_s`), which cut the hold budget.
-    `late_from`: the class's lateness limit (`ModelSignals.late_from`)."""
+    classes' times upstream lately (`ModelSignals.upstream_s`) and `client_wait_s` (its
+    client's, core/client_wait.py) cut the hold budget. `late_from`: its lateness limit."""
     overload = effective_overload(klass, caps)
     if overload is None:
         return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
@@ -202,10 +205,10 @@ def judge_load(
     if overload.shed_above is not None and depth >= overload.shed_above:
         action = LoadAction.RELEGATE if can_relegate else LoadAction.SHED
         return LoadVerdict(action, wait_s, f"{seen} >= shed_above {overload.shed_above}", ahead)
-    budget_s, limit = _budget(klass, upstream_s)
+    budget_s, limit = held_budget(klass, upstream_s, client_wait_s)
     predicted = f"{seen}, {waiting_ahead} waiting: predicted wait {wait_s:.3f}s"
     if drain_per_s <= 0 and budget_s > 0:
-        why = f"{seen}, drain rate unknown: held"
+        why = f"{seen}, drain rate unknown: held within {limit}"
         return LoadVerdict(LoadAction.DEFER, wait_s, why, ahead, budget_s)
     if wait_s <= budget_s:
         return LoadVerdict(LoadAction.DEFER, wait_s, f"{predicted} <= {limit}", ahead, budget_s)
@@ -244,18 +247,6 @@ def _sent_late(
     return LoadVerdict(action, ahead / drain if drain > 0 else math.inf, why, ahead)
 
 
-def _budget(klass: ClassPolicy, upstream_s: Mapping[str, float]) -> tuple[float, str]:
-    """The class's hold budget on the model now, and how a verdict's trace names it."""
-    budget_s = hold_budget_s(klass, upstream_s)
-    if budget_s >= klass.max_wait_ms / 1000:
-        return budget_s, f"max_wait {budget_s:g}s"
-    took_s = upstream_s[klass.name]
-    return (
-        budget_s,
-        f"hold budget {budget_s:.3f}s ({klass.name} took {took_s:.3f}s upstream lately)",
-    )
-
-
 def overload_retry_after_s(klass: ClassPolicy, verdict: LoadVerdict) -> float:
     """When to come back: the predicted drain time, or the class's fallback when nothing
     drains (stale signal, stalled Triton)."""
@@ -282,6 +273,7 @@ def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
         band_wait_s=signals.band_wait_s(admission.klass.rank, admission.tenant.name),
         upstream_s=model.upstream_s,
         late_from=model.late_from.get(admission.klass.name),
+        client_wait_s=admission.client_wait_s,
     )
 
 
@@ -469,7 +461,7 @@ def on_quota(
         decision = replace(decision, trace=(*decision.trace, admission.trace[-1]))
     model = None if signals is None else signals.model
     upstream_s = NO_UPSTREAM if model is None else model.upstream_s
-    deadline_s = now_s + hold_budget_s(admission.klass, upstream_s)
+    deadline_s = now_s + hold_budget_s(admission.klass, upstream_s, admission.client_wait_s)
     return Hold(admission, result, decision, now_s, deadline_s)
 
 

@@ -29,6 +29,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from sidecar.core.client_wait import client_wait_s
 from sidecar.core.compiled import CompiledPolicy, bucket_checks
 from sidecar.core.kserve import Unreadable, model_of
 from sidecar.core.lease import format_lease, lease_id_for
@@ -122,6 +123,7 @@ class Admission:
     trace: tuple[str, ...]
     relegated: bool = False
     cost: float = 1.0  # the cost units `cost` buckets are charged
+    client_wait_s: float | None = None  # what the client says it waits (core/client_wait.py)
 
     def traced(self, why: str, check: QuotaCheck | None = None) -> Admission:
         """This admission with `why` added to its trace (and `check` for its own, if given):
@@ -136,6 +138,7 @@ class Admission:
             (*self.trace, why),
             self.relegated,
             self.cost,
+            self.client_wait_s,
         )
 
 
@@ -186,7 +189,10 @@ def plan_request(
         return shed(
             Reason.COST_OVER_BURST, tenant.name, klass.name, requested, trace, detail=too_big.name
         )
-    return Admission(tenant, klass, requested, downgraded, model, check, tuple(trace), cost=cost)
+    waits = client_wait_s(attrs.headers, policy.identity.timeout_header, trace)
+    return Admission(
+        tenant, klass, requested, downgraded, model, check, (*trace,), False, cost, waits
+    )
 
 
 def quota_check(

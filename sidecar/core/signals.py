@@ -190,16 +190,35 @@ def cap_of(klass: ClassPolicy, caps: Mapping[str, int | None]) -> int | None:
     return overload.max_in_flight
 
 
-def hold_budget_s(klass: ClassPolicy, upstream_s: Mapping[str, float]) -> float:
+def hold_budget_s(
+    klass: ClassPolicy, upstream_s: Mapping[str, float], client_wait_s: float | None = None
+) -> float:
     """The longest a request of `klass` is held for the model: its `max_wait_ms`, cut to what
     leaves it, within its objective, the time three in four of its class's requests have
     lately spent upstream on the model (core/upstream.py rule 3). Let go later, it would
-    miss as they did, on GPU time the requests behind it needed."""
+    miss as they did, on GPU time the requests behind it needed. The wait its client states
+    (`client_wait_s`, core/client_wait.py) cuts it the same way."""
     budget_s = klass.max_wait_ms / 1000
     took_s = upstream_s.get(klass.name)
-    if took_s is None:
-        return budget_s
-    return max(0.0, min(budget_s, klass.latency_objective_ms / 1000 - took_s))
+    if took_s is not None:
+        budget_s = min(budget_s, klass.latency_objective_ms / 1000 - took_s)
+    if client_wait_s is not None:
+        budget_s = min(budget_s, client_wait_s - (took_s or 0.0))
+    return max(0.0, budget_s)
+
+
+def held_budget(
+    klass: ClassPolicy, upstream_s: Mapping[str, float], client_wait_s: float | None
+) -> tuple[float, str]:
+    """The request's hold budget on the model now, and how a verdict's trace names it."""
+    budget_s = hold_budget_s(klass, upstream_s, client_wait_s)
+    if budget_s >= klass.max_wait_ms / 1000:
+        return budget_s, f"max_wait {budget_s:g}s"
+    took_s = upstream_s.get(klass.name)
+    took = "" if took_s is None else f"{klass.name} took {took_s:.3f}s upstream lately"
+    if client_wait_s is not None and budget_s < hold_budget_s(klass, upstream_s):
+        took = f"its client waits {client_wait_s:.3f}s" + (took and f", {took}")
+    return budget_s, f"hold budget {budget_s:.3f}s ({took})"
 
 
 def effective_overload(klass: ClassPolicy, caps: Mapping[str, int | None]) -> OverloadPolicy | None:

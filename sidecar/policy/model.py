@@ -101,6 +101,12 @@ class IdentityPolicy:
     class_header: str = setting(
         HEADER_NAME, "The header a client uses to ask for a class.", default="x-qos-class"
     )
+    timeout_header: str = setting(
+        HEADER_NAME,
+        "The header in which a client (or a gateway in front) states how many milliseconds it "
+        "waits for an answer: no request is held longer. grpc-timeout is read as well.",
+        default="x-qos-timeout-ms",
+    )
 
 
 @section("overload", "Backend-aware admission of a class.")
