@@ -105,10 +105,13 @@ class Deferrer:
         *,
         counted: bool = True,
         displace: bool = True,
+        shows_standing: bool = True,
     ) -> HoldOutcome:
         """Wait until admitted (LET_GO) or `deadline_s` (this clock) passes (EXPIRED). At its
         class's bound it displaces a waiter of the class, whose hold then ends DISPLACED (or,
-        with none to displace or not `displace`, answers EXPIRED at once; `HoldQueues.push`)."""
+        with none to displace or not `displace`, answers EXPIRED at once; `HoldQueues.push`).
+        Not `shows_standing` (its client cut its deadline short), its expiry leaves its band's
+        order as it was (core/queue.py)."""
         self.queue.max_waiters = self._bounds()  # follow policy reloads
         waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model, counted)
         pushed = self.queue.push(waiter, self.clock(), displace=displace)
@@ -125,7 +128,8 @@ class Deferrer:
         try:
             return await asyncio.wait_for(future, timeout=max(0.0, deadline_s - self.clock()))
         except TimeoutError:
-            self.queue.remove(waiter.waiter_id, expired=True)  # its band turns newest-first
+            # Its band turns newest-first, unless its client's wait, not its class's, ended it.
+            self.queue.remove(waiter.waiter_id, expired=shows_standing)
             return HoldOutcome.EXPIRED
         finally:
             # Admitted, expired or cancelled (client gone): it leaves the queue now.

@@ -101,6 +101,10 @@ def test_the_clients_wait_cuts_the_hold_budget_and_never_lengthens_it() -> None:
     # A client that waits less than the class takes upstream: nothing left to hold for.
     assert hold_budget_s(INTERACTIVE, {"interactive": 0.03}, 0.02) == 0.0
     assert hold_budget_s(INTERACTIVE, {"interactive": 0.03}, None) == pytest.approx(0.09)
+    # Its own time unknown: the least any class of the model took (no request is quicker).
+    quick_others = {"standard": 0.04, "batch": 0.5}
+    assert hold_budget_s(INTERACTIVE, quick_others, 0.1) == pytest.approx(0.06)
+    assert hold_budget_s(INTERACTIVE, quick_others, None) == pytest.approx(0.09)
 
 
 def test_a_wait_the_client_will_not_sit_out_is_relegated_or_shed_at_once() -> None:
@@ -130,6 +134,7 @@ def test_a_hold_ends_when_its_client_would_stop_waiting() -> None:
     slow = Signals(ModelSignals(SignalState.FRESH, 6, 20.0, upstream_s={"standard": 0.05}))
     held = admission.on_quota(step, ALLOWED, NOW, signals=slow)
     assert isinstance(held, Hold) and held.deadline_s == pytest.approx(NOW + 0.2)
+    assert held.client_cut  # the class's budget was 250 ms: its expiry shows no standing band
 
 
 def test_relegated_into_a_longer_class_it_is_still_held_only_while_its_client_waits() -> None:
@@ -152,3 +157,4 @@ def test_relegated_into_a_longer_class_it_is_still_held_only_while_its_client_wa
     assert isinstance(step, TakeQuota)
     held = admission.on_quota(step, ALLOWED, NOW, signals=signals(50, drain=200.0))
     assert isinstance(held, Hold) and held.deadline_s == pytest.approx(NOW + 5.0)
+    assert not held.client_cut

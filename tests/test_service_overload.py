@@ -578,3 +578,32 @@ def test_an_arrival_where_most_sent_lately_ended_late_is_shed_at_once(
     assert shed.reason is Reason.OVERLOADED
     assert any("most of standard sent at 3 or more lately ended late" in s for s in shed.trace)
     assert sent.reason is Reason.ADMITTED
+
+
+def test_a_hold_its_client_cut_short_does_not_turn_its_band_newest_first() -> None:
+    """An expiry turns the band newest-first (core/queue.py): the class's budget was waited
+    out. One whose client's own wait ended it shows no such thing. Standard waits up to
+    600 ms; B's client says 200 ms. When B's hold ends, A (the class's budget) still waits
+    and the band is as it was; when A's ends, the band turns newest-first for D."""
+    backend = Backend(depth=5, drain=20.0)  # 2 ahead: 0.1 s predicted, more with waiters
+    service, _ = make(backend, max_wait_ms=600)
+    cut = RequestAttributes("POST", INFER, {**request().headers, "x-qos-timeout-ms": "200"})
+
+    async def body() -> tuple[Decision, frozenset[int], frozenset[int]]:
+        assert service.deferrer is not None
+        band = service.deferrer.queue
+        a = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 1)
+        b = await service.check(cut, "test")  # held 200 ms, then shed
+        after_b = band.queue("simgpu").newest_first()
+        d = asyncio.create_task(service.check(request(), "test"))
+        await queued(service, 2)
+        await a  # held its whole 600 ms
+        after_a = band.queue("simgpu").newest_first()
+        await d
+        return b, after_b, after_a
+
+    b, after_b, after_a = asyncio.run(body())
+    assert b.status == 503 and any("its client waits 0.200s" in s for s in b.trace), b.trace
+    assert after_b == frozenset()
+    assert after_a == frozenset({2})  # standard's rank

@@ -326,6 +326,9 @@ class Hold:
     decision: Decision  # the admit it holds (its lease)
     started_s: float
     deadline_s: float
+    # Its client's wait cut its deadline short of its class's budget: expiring, it shows
+    # nothing of its band's queue (core/queue.py).
+    client_cut: bool = False
 
     @property
     def max_wait_s(self) -> float:
@@ -461,8 +464,9 @@ def on_quota(
         decision = replace(decision, trace=(*decision.trace, admission.trace[-1]))
     model = None if signals is None else signals.model
     upstream_s = NO_UPSTREAM if model is None else model.upstream_s
-    deadline_s = now_s + hold_budget_s(admission.klass, upstream_s, admission.client_wait_s)
-    return Hold(admission, result, decision, now_s, deadline_s)
+    budget_s = hold_budget_s(admission.klass, upstream_s, admission.client_wait_s)
+    cut = budget_s < hold_budget_s(admission.klass, upstream_s)
+    return Hold(admission, result, decision, now_s, now_s + budget_s, cut)
 
 
 def on_hold_end(

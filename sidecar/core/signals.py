@@ -202,8 +202,9 @@ def hold_budget_s(
     took_s = upstream_s.get(klass.name)
     if took_s is not None:
         budget_s = min(budget_s, klass.latency_objective_ms / 1000 - took_s)
-    if client_wait_s is not None:
-        budget_s = min(budget_s, client_wait_s - (took_s or 0.0))
+    if client_wait_s is not None:  # unknown for the class: the least any class lately took
+        least_s = took_s if took_s is not None else min(upstream_s.values(), default=0.0)
+        budget_s = min(budget_s, client_wait_s - least_s)
     return max(0.0, budget_s)
 
 

@@ -290,7 +290,7 @@ class Replay:
         if held is None:  # let go before its deadline
             return
         hold, index = held
-        waiter = self.queues.remove(waiter_id, expired=True)
+        waiter = self.queues.remove(waiter_id, expired=not hold.client_cut)  # as the Deferrer
         model = waiter.model if waiter is not None else hold.admission.model or ""
         answer = admission.on_hold_end(
             hold, outcome, self.signals(model, now), self.policy, now - hold.started_s
