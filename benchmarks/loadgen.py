@@ -89,8 +89,13 @@ def prepare(
     tenants: Sequence[TenantSpec],
     classes: Mapping[str, ClassSpec],
     options: GenOptions,
+    timeouts: Mapping[str, float] | None = None,
 ) -> list[Prepared]:
+    """Each request as it is sent. With ``timeouts`` (per class, seconds), a client that sends
+    identity headers also states how long it waits, in x-qos-timeout-ms, as a client with a
+    deadline does (sidecar/core/client_wait.py; gRPC clients send grpc-timeout)."""
     keys = {t.name: t.api_key for t in tenants}
+    waits = {k: str(round(v * 1000)) for k, v in (timeouts or {}).items()}
     out = []
     for r in schedule:
         name = silo_name(model.name, r.klass) if options.siloed else model.name
@@ -98,6 +103,8 @@ def prepare(
         if options.identity_headers:
             headers["x-api-key"] = keys[r.tenant]
             headers["x-qos-class"] = r.klass
+            if r.klass in waits:
+                headers["x-qos-timeout-ms"] = waits[r.klass]
         priority = classes[r.klass].priority if options.priority_in_body else None
         stream = model.streams and r.klass in options.stream_classes
         body = model.body(r.prompt_tokens, r.output_tokens, priority, stream=stream)
@@ -198,10 +205,11 @@ async def _drive(
             records.append(rec)
             budget = timeouts[r.klass]
             timeout = client_timeouts[r.klass]
+            headers = p.headers
             try:
                 while True:
                     async with session.post(
-                        p.path, data=p.body, headers=p.headers, timeout=timeout
+                        p.path, data=p.body, headers=headers, timeout=timeout
                     ) as resp:
                         if p.stream and resp.status == 200:
                             await _read_stream(resp, rec, sent)
@@ -222,6 +230,8 @@ async def _drive(
                         break
                     await asyncio.sleep(wait)
                     timeout = aiohttp.ClientTimeout(total=left)
+                    if "x-qos-timeout-ms" in headers:  # it states what is left of its wait
+                        headers = {**headers, "x-qos-timeout-ms": str(round(left * 1000))}
             except TimeoutError:
                 rec.error = "timeout"
             except aiohttp.ClientError as exc:

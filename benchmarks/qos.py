@@ -305,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arrival", choices=("poisson", "gamma", "trace"), default="poisson")
     parser.add_argument("--cv", type=float, default=2.0, help="gap CV for --arrival gamma")
     parser.add_argument(
+        "--no-client-wait",
+        action="store_true",
+        help="clients do not state their timeout (x-qos-timeout-ms), so the sidecar holds "
+        "requests as their class says however long the client waits",
+    )
+    parser.add_argument(
         "--explain-refusals",
         action="store_true",
         help="run every sidecar with QOS_EXPLAIN_REFUSALS: records.csv.gz keeps each refusal's "
@@ -480,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 tenants=config.tenants,
                 stream_classes=streamed,
                 sidecar_env={"QOS_EXPLAIN_REFUSALS": "true"} if args.explain_refusals else {},
+                client_wait=not args.no_client_wait,
             )
             log(f"Triton ready ({triton.http_url}); Valkey: {valkey.url if valkey else 'none'}")
 
@@ -699,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "warmup_s": mode.warmup_s,
         "patience": mode.patience,
+        "client_wait": not args.no_client_wait,
         "arrival": {"kind": arrival.kind, "cv": arrival.cv},
         "trace": str(args.trace) if args.trace else None,
         "policy": str(policy_dir),

@@ -177,6 +177,7 @@ class Backend:
     sidecar_admin_url: str | None = None  # the running system's sidecar, if it has one
     stream_classes: tuple[str, ...] = ()  # streamed by every system, where the model streams
     sidecar_env: Mapping[str, str] = field(default_factory=dict)  # every sidecar's (run-wide)
+    client_wait: bool = True  # clients state their timeout (x-qos-timeout-ms)
 
 
 def local_ratelimit_descriptors(
@@ -321,6 +322,7 @@ def run_point(
     patience: float,
 ) -> RunResult:
     gen = replace(spec.gen, stream_classes=backend.stream_classes)
-    prepared = loadgen.prepare(schedule, backend.model, backend.tenants, classes, gen)
     timeouts = {name: c.deadline_s * patience for name, c in classes.items()}
+    stated = timeouts if backend.client_wait else None
+    prepared = loadgen.prepare(schedule, backend.model, backend.tenants, classes, gen, stated)
     return loadgen.run(url, prepared, timeouts, retry_classes=spec.gen.retry_after_classes)

@@ -103,3 +103,24 @@ def test_a_trace_point_at_a_higher_rate_never_holds_fewer_requests() -> None:
             for m in (1, 2, 3)
         ]
         assert counts == sorted(counts) and counts[0] >= 174
+
+
+def test_a_client_with_identity_headers_states_its_classs_timeout() -> None:
+    """The sidecar rows' clients say how long they wait (x-qos-timeout-ms, what the sidecar
+    bounds holds by); the baselines' send nothing of the kind, nor does a run without it."""
+    from benchmarks.loadgen import GenOptions, prepare
+    from benchmarks.models import MODELS
+    from benchmarks.workload import WorkloadConfig, generate
+
+    config = WorkloadConfig()
+    schedule = generate(config, 20.0, 5.0, seed=3)
+    timeouts = {name: c.deadline_s * 2 for name, c in config.classes.items()}
+    model, tenants, classes = MODELS["llm"], config.tenants, config.classes
+    stated = prepare(schedule, model, tenants, classes, GenOptions(), timeouts)
+    assert {p.request.klass for p in stated} == set(config.classes)
+    for p in stated:
+        assert p.headers["x-qos-timeout-ms"] == str(round(timeouts[p.request.klass] * 1000))
+    plain = prepare(schedule, model, tenants, classes, GenOptions(identity_headers=False), timeouts)
+    assert not any("x-qos-timeout-ms" in p.headers for p in plain)
+    unstated = prepare(schedule, model, tenants, classes, GenOptions())
+    assert not any("x-qos-timeout-ms" in p.headers for p in unstated)
