@@ -105,15 +105,17 @@ class Deferrer:
         *,
         counted: bool = True,
         displace: bool = True,
-        shows_standing: bool = True,
+        client_cut: bool = False,
     ) -> HoldOutcome:
         """Wait until admitted (LET_GO) or `deadline_s` (this clock) passes (EXPIRED). At its
         class's bound it displaces a waiter of the class, whose hold then ends DISPLACED (or,
         with none to displace or not `displace`, answers EXPIRED at once; `HoldQueues.push`).
-        Not `shows_standing` (its client cut its deadline short), its expiry leaves its band's
-        order as it was (core/queue.py)."""
+        `client_cut`: its client's wait, not its class's budget, set `deadline_s` (core/queue.py
+        reads its expiry accordingly)."""
         self.queue.max_waiters = self._bounds()  # follow policy reloads
-        waiter = Waiter(next(self._ids), tenant, klass, rank, deadline_s, work, model, counted)
+        waiter = Waiter(
+            next(self._ids), tenant, klass, rank, deadline_s, work, model, counted, client_cut
+        )
         pushed = self.queue.push(waiter, self.clock(), displace=displace)
         displaced = (
             None if pushed.displaced is None else self._futures.get(pushed.displaced.waiter_id)
@@ -128,8 +130,7 @@ class Deferrer:
         try:
             return await asyncio.wait_for(future, timeout=max(0.0, deadline_s - self.clock()))
         except TimeoutError:
-            # Its band turns newest-first, unless its client's wait, not its class's, ended it.
-            self.queue.remove(waiter.waiter_id, expired=shows_standing)
+            self.queue.remove(waiter.waiter_id, expired=True)  # its band may turn newest-first
             return HoldOutcome.EXPIRED
         finally:
             # Admitted, expired or cancelled (client gone): it leaves the queue now.

@@ -350,7 +350,7 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
                 hold.deadline_s,
                 counted=planned.check.model is not None,
                 displace=not planned.relegated,  # relegated work never displaces the class's
-                shows_standing=not hold.client_cut,
+                client_cut=hold.client_cut,
             )
         except asyncio.CancelledError:
             # Client or Envoy gone while held: its slot and tokens were never used.

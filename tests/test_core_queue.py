@@ -304,6 +304,21 @@ def test_an_expiry_turns_its_band_newest_first_until_the_band_is_empty() -> None
     assert q.pop("m") == again[0]  # oldest first again
 
 
+def test_an_expiry_its_clients_wait_set_leaves_the_band_as_it_was() -> None:
+    """A waiter whose deadline was its client's wait, before its class's budget, shows only
+    that its client waits less: its expiry is read as a cancellation."""
+    q = HoldQueues(0.0, BOUNDS)
+    cut = replace(w("a", "batch", deadline=1.0), model="m", client_cut=True)
+    own = [replace(w("a", "batch", deadline=float(i)), model="m") for i in (2, 3)]
+    for waiter in (cut, *own):
+        assert q.push(waiter).queued
+    assert q.remove(cut.waiter_id, expired=True) == cut
+    assert q.queue("m").newest_first() == frozenset()
+    assert q.queue("m").peek() == own[0]  # still oldest first
+    assert q.remove(own[0].waiter_id, expired=True) == own[0]
+    assert q.queue("m").newest_first() == frozenset({3})  # its class's budget: standing
+
+
 def test_a_cancelled_waiter_is_no_expiry_and_other_bands_keep_their_order() -> None:
     q = DeferralQueue(0.0, BOUNDS)
     std = [w("a", "standard", deadline=float(i)) for i in range(3)]

@@ -52,7 +52,7 @@ its tenant nothing):
   wait fits the class's hold budget: defer (hold). It does not: relegate once, else shed at
   once with Retry-After = the predicted wait; a class that is not sheddable is admitted
   instead (it waits in Triton's queue, never refused). Nothing is held just to time out.
-- The hold budget (`core.signals.hold_budget_s`): `max_wait_ms`, cut to what leaves the
+- The hold budget (`core.signals.hold_budget`): `max_wait_ms`, cut to what leaves the
   request, within its objective and within the wait its client states (core/client_wait.py),
   the time its class lately took upstream (core/upstream.py).
   A hold ends at its budget as it stood when the hold began.
@@ -104,7 +104,7 @@ from sidecar.core.signals import (
     depth_read,
     effective_overload,
     held_budget,
-    hold_budget_s,
+    hold_budget,
 )
 from sidecar.core.types import (
     BucketCheck,
@@ -464,8 +464,7 @@ def on_quota(
         decision = replace(decision, trace=(*decision.trace, admission.trace[-1]))
     model = None if signals is None else signals.model
     upstream_s = NO_UPSTREAM if model is None else model.upstream_s
-    budget_s = hold_budget_s(admission.klass, upstream_s, admission.client_wait_s)
-    cut = budget_s < hold_budget_s(admission.klass, upstream_s)
+    budget_s, cut = hold_budget(admission.klass, upstream_s, admission.client_wait_s)
     return Hold(admission, result, decision, now_s, now_s + budget_s, cut)
 
 

@@ -85,6 +85,7 @@ class Waiter:
     work: float  # estimated work units (e.g. tokens); also what VTC charges the tenant
     model: str = ""  # whose queue it waits in, and whose room decides when it may go
     counted: bool = True  # its lease is written to the model's count once it goes
+    client_cut: bool = False  # its deadline is its client's wait, before its class's budget
 
 
 class Fairness:
@@ -291,12 +292,13 @@ class DeferralQueue:
 
     def remove(self, waiter_id: int, *, expired: bool = False) -> Waiter | None:
         """Take a waiter out (client gone, or `expired`: its budget passed while it waited);
-        no counter is charged. An expiry turns its band newest-first (module rules)."""
+        no counter is charged. An expiry of its class's budget, not its client's, turns its
+        band newest-first (module rules)."""
         waiter = self._by_id.get(waiter_id)
         if waiter is None:
             return None
         band = self._bands[waiter.rank]
-        band.newest_first = band.newest_first or expired
+        band.newest_first = band.newest_first or (expired and not waiter.client_cut)
         self._forget(band, waiter)
         return waiter
 

@@ -190,34 +190,44 @@ def cap_of(klass: ClassPolicy, caps: Mapping[str, int | None]) -> int | None:
     return overload.max_in_flight
 
 
-def hold_budget_s(
+def hold_budget(
     klass: ClassPolicy, upstream_s: Mapping[str, float], client_wait_s: float | None = None
-) -> float:
-    """The longest a request of `klass` is held for the model: its `max_wait_ms`, cut to what
-    leaves it, within its objective, the time three in four of its class's requests have
-    lately spent upstream on the model (core/upstream.py rule 3). Let go later, it would
-    miss as they did, on GPU time the requests behind it needed. The wait its client states
-    (`client_wait_s`, core/client_wait.py) cuts it the same way."""
+) -> tuple[float, bool]:
+    """The longest a request of `klass` is held for the model, and whether its client's wait
+    (`client_wait_s`, core/client_wait.py) cut it short of what the class gives: its
+    `max_wait_ms`, cut to what leaves it, within its objective, the time three in four of
+    its class's requests have lately spent upstream on the model (core/upstream.py rule 3).
+    Let go later, it would miss as they did, on GPU time the requests behind it needed. The
+    client's wait cuts it the same way."""
     budget_s = klass.max_wait_ms / 1000
     took_s = upstream_s.get(klass.name)
     if took_s is not None:
-        budget_s = min(budget_s, klass.latency_objective_ms / 1000 - took_s)
-    if client_wait_s is not None:  # unknown for the class: the least any class lately took
-        least_s = took_s if took_s is not None else min(upstream_s.values(), default=0.0)
-        budget_s = min(budget_s, client_wait_s - least_s)
-    return max(0.0, budget_s)
+        budget_s = max(0.0, min(budget_s, klass.latency_objective_ms / 1000 - took_s))
+    if client_wait_s is None:
+        return budget_s, False
+    # Its class's time unknown: the least any class lately took (client_wait.py rule 4).
+    least_s = took_s if took_s is not None else min(upstream_s.values(), default=0.0)
+    client_s = max(0.0, client_wait_s - least_s)
+    return (client_s, True) if client_s < budget_s else (budget_s, False)
+
+
+def hold_budget_s(
+    klass: ClassPolicy, upstream_s: Mapping[str, float], client_wait_s: float | None = None
+) -> float:
+    """`hold_budget` without whether the client cut it."""
+    return hold_budget(klass, upstream_s, client_wait_s)[0]
 
 
 def held_budget(
     klass: ClassPolicy, upstream_s: Mapping[str, float], client_wait_s: float | None
 ) -> tuple[float, str]:
     """The request's hold budget on the model now, and how a verdict's trace names it."""
-    budget_s = hold_budget_s(klass, upstream_s, client_wait_s)
+    budget_s, cut = hold_budget(klass, upstream_s, client_wait_s)
     if budget_s >= klass.max_wait_ms / 1000:
         return budget_s, f"max_wait {budget_s:g}s"
     took_s = upstream_s.get(klass.name)
     took = "" if took_s is None else f"{klass.name} took {took_s:.3f}s upstream lately"
-    if client_wait_s is not None and budget_s < hold_budget_s(klass, upstream_s):
+    if cut:
         took = f"its client waits {client_wait_s:.3f}s" + (took and f", {took}")
     return budget_s, f"hold budget {budget_s:.3f}s ({took})"
 

@@ -269,6 +269,7 @@ class Replay:
             hold.deadline_s,
             planned.cost,
             model,
+            client_cut=hold.client_cut,
         )
         pushed = self.queues.push(waiter, now, displace=not planned.relegated)
         if pushed.displaced is not None:  # its hold ends as if its budget had passed
@@ -290,7 +291,7 @@ class Replay:
         if held is None:  # let go before its deadline
             return
         hold, index = held
-        waiter = self.queues.remove(waiter_id, expired=not hold.client_cut)  # as the Deferrer
+        waiter = self.queues.remove(waiter_id, expired=True)
         model = waiter.model if waiter is not None else hold.admission.model or ""
         answer = admission.on_hold_end(
             hold, outcome, self.signals(model, now), self.policy, now - hold.started_s
