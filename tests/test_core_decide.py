@@ -107,6 +107,17 @@ def test_admitted_requests(
     assert (lease.tenant, lease.klass, lease.lease_id) == (tenant, klass, "abc123")
 
 
+@pytest.mark.parametrize(("timeout_header", "wait_s"), [(None, None), ("600", 0.6), ("x", None)])
+def test_an_admit_carries_what_its_client_waits(
+    timeout_header: str | None, wait_s: float | None
+) -> None:
+    """The body rewrite turns it into Triton's queue timeout (core/priority.py rule 7)."""
+    headers = {} if timeout_header is None else {"x_qos_timeout_ms": timeout_header}
+    admission = plan(attrs(x_api_key="k-search", **headers))
+    assert admission.client_wait_s == wait_s
+    assert decide(admission, ALLOWED).client_wait_s == wait_s
+
+
 @pytest.mark.parametrize(
     ("request_attrs", "status", "reason", "tenant"),
     [

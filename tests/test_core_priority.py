@@ -18,6 +18,7 @@ from tritonclient.grpc import service_pb2
 from sidecar.core.kserve import GRPC_MODEL_INFER_PATH, INFER_HEADER_LENGTH
 from sidecar.core.priority import (
     RewriteResult,
+    queue_timeout_ms,
     rewrite_body,
     with_triton_priority,
 )
@@ -411,3 +412,48 @@ def test_binary_tensors_get_the_timeout_in_their_json_header() -> None:
 def test_a_timeout_is_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         rewrite_body(INFER, {"content-type": JSON}, b'{"inputs":[]}', 1, 0)
+
+
+# -- rule 7: what is left of the client's stated wait ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("class_ms", "client_wait_s", "waited_s", "expected"),
+    [
+        (None, None, 0.5, None),  # nobody asked for one
+        (150, None, 0.5, 150),  # the class's alone
+        (None, 0.6, 0.2, 400),  # what is left of the client's
+        (None, 0.6, 0.2004, 400),  # rounded up to a whole millisecond: never cut short
+        (150, 0.6, 0.2, 150),  # the shorter wins: the class's
+        (500, 0.6, 0.2, 400),  # the shorter wins: the client's
+        (None, 0.6, 0.6, 1),  # nothing left: at least 1 ms (0 would mean none to Triton)
+        (None, 0.6, 9.0, 1),
+        (150, 0.6, 9.0, 1),
+    ],
+)
+def test_the_timeout_is_the_class_or_what_is_left_of_the_clients_wait(
+    class_ms: int | None, client_wait_s: float | None, waited_s: float, expected: int | None
+) -> None:
+    assert queue_timeout_ms(class_ms, client_wait_s, waited_s) == expected
+
+
+@given(
+    class_ms=st.none() | st.integers(1, 10**7),
+    client_wait_s=st.none() | st.floats(0.0, 1e4),
+    waited_s=st.floats(0.0, 1e4),
+)
+def test_a_timeout_asked_for_is_always_one_triton_accepts(
+    class_ms: int | None, client_wait_s: float | None, waited_s: float
+) -> None:
+    timeout = queue_timeout_ms(class_ms, client_wait_s, waited_s)
+    if class_ms is None and client_wait_s is None:
+        assert timeout is None
+        return
+    assert timeout is not None and timeout >= 1
+    assert class_ms is None or timeout <= class_ms
+    if client_wait_s is not None:  # never less than the client has left, within the class's
+        limit = float("inf") if class_ms is None else class_ms
+        assert timeout >= min(limit, (client_wait_s - waited_s) * 1000.0)
+    # and it goes into a body as Triton reads it
+    body = rewrite_body(INFER, {"content-type": JSON}, b'{"inputs":[]}', 1, timeout).body
+    assert body is not None and json.loads(body)["parameters"]["timeout"] == timeout * 1000

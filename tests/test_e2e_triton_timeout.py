@@ -1,8 +1,9 @@
-"""A class's `triton_timeout_ms` on the real stack (ext_proc, core/priority.py rule 6).
+"""Triton's queue timeout on the real stack (ext_proc, core/priority.py rules 6 and 7).
 
-Triton 2.51 runs a queued HTTP request whose client has gone. With the class's timeout
-written into the body, a request still queued behind a long batch past that timeout is
-rejected by Triton (503) and never run; a request of a class without one waits and runs.
+Triton 2.51 runs a queued HTTP request whose client has gone. With the class's timeout, or
+what is left of the wait its client stated, written into the body, a request still queued
+behind a long batch past that timeout is rejected by Triton (503) and never run; a request of
+a class without one, whose client states no wait or a longer one, waits and runs.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def successes_at_least(stack: LocalStack, count: float, within_s: float = 10.0) 
     return seen
 
 
-def test_a_request_queued_past_its_classes_triton_timeout_is_never_run(
+def test_a_request_queued_past_its_timeout_or_its_clients_wait_is_never_run(
     stack: LocalStack,
 ) -> None:
     url = stack.url("extproc")
@@ -76,15 +77,22 @@ def test_a_request_queued_past_its_classes_triton_timeout_is_never_run(
     before = successes_at_least(stack, 1)
     replies: dict[str, Reply] = {}
 
-    def send(name: str, klass: str, delay_ms: float) -> None:
-        replies[name] = infer(url, api_key=KEY, klass=klass, delay_ms=delay_ms)
+    def send(name: str, klass: str, delay_ms: float, waits_ms: str | None = None) -> None:
+        # The client states its wait but does not give up: the answer shows what Triton did.
+        said = {} if waits_ms is None else {"x-qos-timeout-ms": waits_ms}
+        replies[name] = infer(url, api_key=KEY, klass=klass, delay_ms=delay_ms, headers=said)
 
     long = threading.Thread(target=send, args=("long", "standard", 1500.0))
     long.start()
     time.sleep(0.3)  # set-up, not a measurement: the long batch is running for 1.2 s more
     waiting = [
-        threading.Thread(target=send, args=(name, klass, 1.0))
-        for name, klass in (("quick", "quick"), ("standard", "standard"))
+        threading.Thread(target=send, args=(name, klass, 1.0, waits_ms))
+        for name, klass, waits_ms in (
+            ("quick", "quick", None),
+            ("standard", "standard", None),
+            ("waits 400 ms", "standard", "400"),
+            ("waits 20 s", "standard", "20000"),
+        )
     ]
     for thread in waiting:
         thread.start()
@@ -92,8 +100,11 @@ def test_a_request_queued_past_its_classes_triton_timeout_is_never_run(
         thread.join(30)
     assert replies["long"].status == 200
     assert replies["standard"].status == 200  # no timeout: it waited for the model and ran
-    # Queued for about 1.2 s against its 200 ms: Triton refused it without running it.
-    assert replies["quick"].status == 503, replies["quick"].body
-    assert b"timeout" in replies["quick"].body.lower()
-    # Long and standard ran; quick would make it 3 (it was refused: nothing is still coming).
-    assert successes_at_least(stack, before + 2) - before == 2
+    assert replies["waits 20 s"].status == 200  # its client waits longer than the queue
+    # Queued for about 1.2 s against its 200 ms, and against what was left of its client's
+    # 400 ms: Triton refused both without running them.
+    for name in ("quick", "waits 400 ms"):
+        assert replies[name].status == 503, (name, replies[name].body)
+        assert b"timeout" in replies[name].body.lower(), (name, replies[name].body)
+    # Three ran; a refused one would make it 4 or 5 (nothing is still coming).
+    assert successes_at_least(stack, before + 3) - before == 3

@@ -420,6 +420,7 @@ def _admit(  # charged: the store charged the buckets (with or without a lease: 
         charged=() if reason is Reason.ADMITTED_FAIL_OPEN else admission.check.buckets,
         triton_priority=klass.triton_priority,
         triton_timeout_ms=klass.triton_timeout_ms,
+        client_wait_s=admission.client_wait_s,
         trace=(*trace, f"admit as {klass.name!r} (triton priority {klass.triton_priority})"),
     )
 

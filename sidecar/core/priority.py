@@ -35,12 +35,20 @@ Rules:
    queued after that long, instead of running it for a client that has gone: Triton 2.51 runs
    a queued HTTP request whose client disconnected. Only models whose dynamic_batching queue
    policy sets `allow_timeout_override: true` (and a longer default timeout) honour it.
+7. A request whose client states how long it waits (`grpc-timeout` or the policy's timeout
+   header, `core/client_wait.py`) gets as its timeout what is left of that wait when its body
+   goes to Triton, counted from when the sidecar saw its headers (the client started waiting
+   no later), in whole milliseconds rounded up and at least 1, or the class's
+   `triton_timeout_ms` where that is shorter (`queue_timeout_ms`). A request Triton would
+   still have queued after its client has gone is then refused instead of run: GPU time goes
+   to requests someone waits for.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -131,6 +139,18 @@ def rewrite_body(
     return BodyRewrite(
         RewriteResult.REWRITTEN, rewritten, (("content-length", str(len(rewritten))),)
     )
+
+
+def queue_timeout_ms(
+    class_ms: int | None, client_wait_s: float | None, waited_s: float
+) -> int | None:
+    """Rule 7: the Triton timeout (ms) to ask for, None for none. `class_ms`: the class's
+    `triton_timeout_ms`; `client_wait_s`: what the client said it waits; `waited_s`: how long
+    ago the sidecar saw the request's headers."""
+    if client_wait_s is None:
+        return class_ms
+    left_ms = max(1, math.ceil((client_wait_s - waited_s) * 1000.0))
+    return left_ms if class_ms is None else min(class_ms, left_ms)
 
 
 def with_triton_priority(body: bytes, content_type: str, priority: int) -> bytes | None:

@@ -172,6 +172,9 @@ class Decision:
     triton_priority: int | None = None
     # The Triton timeout an admit asks for, in ms (the class's `triton_timeout_ms`); None: none.
     triton_timeout_ms: int | None = None
+    # What the admitted request's client said it waits, in s (core/client_wait.py); None: not
+    # said. With the class's timeout it sets Triton's (core/priority.py rule 7).
+    client_wait_s: float | None = None
     # Human-readable steps that led here, for /v1/explain and debug logs.
     trace: tuple[str, ...] = field(default=())
 

@@ -82,7 +82,7 @@ from sidecar.core.kserve import (
     is_streamed,
     model_of,
 )
-from sidecar.core.priority import BodyRewrite, RewriteResult, rewrite_body
+from sidecar.core.priority import BodyRewrite, RewriteResult, queue_timeout_ms, rewrite_body
 from sidecar.core.tokens import TokenEstimate, UsageMeter, estimate, priced
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.envoy.common import (
@@ -209,6 +209,7 @@ class _Request:
     attrs: RequestAttributes
     policy: CompiledPolicy  # the snapshot taken at the headers, used to the stream's end
     tokens: TokenPolicy | None  # the model's token policy: decided on the body, metered
+    arrived_s: float  # the service's clock at the headers: its client waits from no later
 
 
 @dataclass(slots=True)
@@ -295,7 +296,8 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if attrs is None:
             return self._refuse("ext_proc request headers lack :method or :path")
         snapshot = self._service.snapshot()
-        stream.request = _Request(attrs, snapshot, snapshot.policy.tokens_of(model_of(attrs.path)))
+        tokens_of = snapshot.policy.tokens_of(model_of(attrs.path))
+        stream.request = _Request(attrs, snapshot, tokens_of, self._service.clock())
         body_follows = not request.request_headers.end_of_stream
         tokens = stream.request.tokens
         if body_follows and (tokens is not None or attrs.path == GRPC_MODEL_INFER_PATH):
@@ -387,7 +389,9 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if priority is None:
             return BodyRewrite(RewriteResult.UNSUPPORTED), step
         attrs = stream.request.attrs
-        timeout_ms = stream.admitted.triton_timeout_ms
+        admitted = stream.admitted
+        waited_s = self._service.clock() - stream.request.arrived_s
+        timeout_ms = queue_timeout_ms(admitted.triton_timeout_ms, admitted.client_wait_s, waited_s)
         rewrite = rewrite_body(attrs.path, attrs.headers, body.body, priority, timeout_ms)
         self._service.metrics.priority_rewrites.labels(rewrite.result.value).inc()
         return rewrite, step

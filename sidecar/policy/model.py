@@ -104,7 +104,9 @@ class IdentityPolicy:
     timeout_header: str = setting(
         HEADER_NAME,
         "The header in which a client (or a gateway in front) states how many milliseconds it "
-        "waits for an answer: no request is held longer. grpc-timeout is read as well.",
+        "waits for an answer: no request is held longer, and in ext_proc mode what is left of "
+        "it becomes the request's Triton timeout (see triton_timeout_ms). grpc-timeout is read "
+        "as well.",
         default="x-qos-timeout-ms",
     )
 
@@ -216,7 +218,9 @@ class ClassPolicy:
         Int(minimum=1),
         "ext_proc only: written as the request's Triton timeout; one still queued in Triton "
         "after it is rejected (503) and never run, where the model's queue policy sets "
-        "allow_timeout_override (examples/triton/README.md).",
+        "allow_timeout_override (examples/triton/README.md). A client that states its wait "
+        "(identity.timeout_header, grpc-timeout) gets what is left of it instead where that "
+        "is shorter, with or without this setting.",
         default=None,
     )
     enforce: bool = setting(Bool(), ENFORCE_CLASS, default=True)
