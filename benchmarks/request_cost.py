@@ -1,6 +1,6 @@
 """What one request costs the sidecar's CPU, in process, without the wire: ``python -m
 benchmarks.request_cost [--requests N] [--per-message K] [--repeats R] [--store
-memory|valkey] [--leased]``.
+memory|valkey] [--leased] [--body-bytes B]``.
 
 The overhead benchmark sees the sidecar's cost only mixed with Envoy's, Valkey's and the load
 generator's on two shared cores, where a change of a few microseconds is lost in the host's
@@ -18,6 +18,10 @@ memory store (no network):
 - completion: each admitted request's access-log entry (its signed lease in the dynamic
   metadata, `K` entries per stream message as Envoy batches them) through the access-log
   servicer: lease checked, experience and usage recorded, lease released.
+- with `--body-bytes B`, also an ext_proc request body of B bytes (configuration H's JSON
+  body): its `ProcessingRequest` read as the sidecar's own gRPC server reads it (the
+  method table's parse), the priority written into it (`core.priority.rewrite_body`), and the
+  answer put in the parts the server sends (`SplitBody`), all but the HTTP/2 framing.
 Printed: CPU microseconds per request of each part (process time, so a busy neighbour shows
 less than in wall time) for each of `R` runs, and their medians.
 """
@@ -40,16 +44,20 @@ import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry
 
-from benchmarks.overhead_stack import API_KEY, MODEL, write_policy
+from benchmarks.overhead_stack import API_KEY, BIG_BODY_BYTES, MODEL, request_body, write_policy
 from devstack.procs import ValkeyProcess
 from sidecar.app import make_store
 from sidecar.core.decide import HEADER_LEASE
+from sidecar.core.priority import RewriteResult, rewrite_body
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_http import AuthzHttp
 from sidecar.envoy.common import LEASE_KEY
+from sidecar.envoy.ext_proc_answers import body_response_for
+from sidecar.envoy.grpc_methods import envoy_methods
 from sidecar.envoy.http_wire import encode_response, parse_head
 from sidecar.metrics import Metrics
 from sidecar.policy.loader import load_policy
@@ -58,6 +66,7 @@ from sidecar.settings import load_settings
 
 KEY = b"request-cost-benchmark-key-of-32b"
 PATH = f"/v2/models/{MODEL}/infer"
+EXT_PROC_PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
 
 class _OpenTransport:
@@ -139,6 +148,31 @@ async def _one_run(
     return decided / requests * 1e6, completed / requests * 1e6
 
 
+def _body_run(service: AdmissionService, size: int, requests: int) -> float:
+    """CPU microseconds per ext_proc request body of `size` bytes (module docstring)."""
+    method = envoy_methods(service, KEY)[EXT_PROC_PATH]
+    body = request_body(size)
+    message = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+    data = message.SerializeToString()
+    headers = {"content-type": "application/json"}
+    started = time.process_time()
+    for _ in range(requests):
+        read = method.parse(data).request_body
+        rewrite = rewrite_body(PATH, headers, read.body, 2)
+        if rewrite.result is not RewriteResult.REWRITTEN:
+            raise RuntimeError(f"the body was not rewritten: {rewrite.result.value}")
+        method.serialize(body_response_for(rewrite, split=True))
+    return (time.process_time() - started) / requests * 1e6
+
+
+def _body_runs(policy: Path, size: int, requests: int, repeats: int) -> list[float]:
+    metrics = Metrics(CollectorRegistry())
+    service = AdmissionService(
+        load_policy([policy]), make_store(load_settings(environ={}), metrics), metrics
+    )
+    return [_body_run(service, size, requests) for _ in range(repeats)]
+
+
 def _summary(name: str, runs: list[float]) -> str:
     listed = ", ".join(f"{r:.1f}" for r in runs)
     return f"{name}: {statistics.median(runs):.1f} us of CPU per request (runs {listed})"
@@ -156,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the bucket in leased mode and no concurrency limit (configuration DL): "
         "decisions spend from slices, completions carry no lease",
     )
+    parser.add_argument(
+        "--body-bytes",
+        type=int,
+        default=0,
+        help="also an ext_proc request body of this many bytes (configuration H: "
+        f"{BIG_BODY_BYTES}); 1,000 of them a run",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
         policy = write_policy(Path(directory), leased=args.leased)
@@ -168,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 redis.Redis.from_url(url).flushall()  # each run from an empty store
             run = _one_run(policy, args.requests, args.per_message, url, args.leased)
             runs.append(uvloop.run(run))
+        bodies = _body_runs(policy, args.body_bytes, 1000, args.repeats) if args.body_bytes else []
     mode = ", leased mode" if args.leased else ""
     print(
         f"{args.requests} requests, ext_authz HTTP, {args.store} store{mode},"
@@ -175,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(_summary("decision", [d for d, _ in runs]))
     print(_summary(f"completion ({args.per_message} per message)", [c for _, c in runs]))
+    if bodies:
+        print(_summary(f"ext_proc request body of {args.body_bytes} bytes", bodies))
     return 0
 
 

@@ -151,3 +151,17 @@ def test_the_request_cost_benchmark_admits_and_releases_every_request(
     number = r"[0-9.]+ us of CPU per request \(runs [0-9.]+, [0-9.]+\)"
     assert re.fullmatch(f"decision: {number}", lines[1]), lines[1]
     assert re.fullmatch(f"completion \\(7 per message\\): {number}", lines[2]), lines[2]
+
+
+def test_the_request_cost_benchmark_rewrites_every_large_body(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--body-bytes`: a body read apart from its message (ext_proc_parse) is rewritten every
+    time (the run raises otherwise) and its cost printed."""
+    from benchmarks import request_cost
+
+    args = ["--requests", "20", "--repeats", "2", "--body-bytes", "70000"]
+    assert request_cost.main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    number = r"[0-9.]+ us of CPU per request \(runs [0-9.]+, [0-9.]+\)"
+    assert re.fullmatch(f"ext_proc request body of 70000 bytes: {number}", last), last

@@ -156,13 +156,17 @@ def grpc_model_name(body: bytes) -> str | None:
 # -- protobuf wire format ------------------------------------------------------------------------
 
 
-def protobuf_fields(message: bytes) -> list[tuple[int, int, int, int]] | None:
+def protobuf_fields(
+    message: bytes, begin: int = 0, end: int | None = None
+) -> list[tuple[int, int, int, int]] | None:
     """The top-level fields of a protobuf message as (field number, wire type, start, end),
     where `message[start:end]` is the value (for length-delimited fields, without the
     length); None when `message` is not a sequence of well-formed fields. Values are not
-    decoded, so a message of large tensors costs a few steps per field."""
+    decoded, so a message of large tensors costs a few steps per field. `begin` and `end`:
+    the message is `message[begin:end]` (an embedded one, read in place), indices stay
+    those of `message`."""
     fields: list[tuple[int, int, int, int]] = []
-    i, end = 0, len(message)
+    i, end = begin, len(message) if end is None else end
     while i < end:
         tag, i = read_varint(message, i)
         number, wire_type = tag >> 3, tag & 7

@@ -7,13 +7,13 @@ from typing import Any
 
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.auth.v3 import external_auth_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2
 
 from sidecar.envoy.access_log import AccessLogServicer
 from sidecar.envoy.authz_grpc import AuthorizationServicer
 from sidecar.envoy.common import GRPC_HEALTH_METHOD, SERVING
 from sidecar.envoy.ext_proc import ExternalProcessorServicer
 from sidecar.envoy.ext_proc_answers import SplitBody
+from sidecar.envoy.ext_proc_parse import parse_processing_request
 from sidecar.envoy.grpc_wire import Method
 from sidecar.service import AdmissionService
 
@@ -50,7 +50,7 @@ def envoy_methods(service: AdmissionService, lease_key: bytes) -> dict[str, Meth
         "/envoy.service.ext_proc.v3.ExternalProcessor/Process": Method(
             "ext_proc",
             True,
-            external_processor_pb2.ProcessingRequest.FromString,
+            parse_processing_request,
             _serialize_parts,
             processor.Process,
         ),
