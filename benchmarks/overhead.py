@@ -25,8 +25,9 @@ Then the paired rounds (``--paired N``, default ``--repeats``; 0 skips them): ea
 sidecars are started together and measured at their maximum rate in alternation, N rounds, so
 that each round's ratio compares runs made seconds apart; then, in the same round and order,
 each at the common rate for ``--paired-latency`` s, so that each round's added p99 compares
-runs made seconds apart too. The ratio targets, and the added-p99 targets at the common rate,
-are judged on the median of the rounds (``overhead_report``); this host's speed has been seen
+runs made seconds apart too (the 1 MiB pair at its own rate, the one its phases ran at). The
+ratio targets, and the added-p99 targets at the common rate and the 1 MiB pair's, are judged
+on the median of the rounds (``overhead_report``); this host's speed has been seen
 to change by 4x between configurations measured minutes apart, and the added p99 of one
 configuration to change sides of its goal between two runs an hour apart.
 
@@ -272,18 +273,24 @@ def warm_up(
 
 
 def paired_rounds(
-    names: list[str], workdir: Path, redis_url: str, client: redis.Redis, args: argparse.Namespace
+    names: list[str],
+    workdir: Path,
+    redis_url: str,
+    client: redis.Redis,
+    args: argparse.Namespace,
+    common_rates: dict[str, float],
 ) -> dict[str, Any]:
     """Each sidecar's maximum rate against its no-op twin's, measured in alternation: the twin
     and its sidecars are all started, and each round runs every one of them once, closed loop
     (the order rotates from round to round), then once each at the common rate, open loop.
     A host that speeds up or slows down during the run moves both sides of a round's ratio
     (and of its added p99) alike; the configurations measured one after the other above can
-    be minutes apart. The 1 MiB pair is left out (its rate is its own)."""
+    be minutes apart. ``common_rates``: each configuration's rate at the common rate (the
+    1 MiB pair's is its own, lower)."""
     groups: dict[str, list[str]] = {}
     for name in names:
         config = stack.BY_NAME[name]
-        if config.twin in names and not config.body_bytes:
+        if config.twin in names:
             groups.setdefault(config.twin, []).append(name)
     found: dict[str, Any] = {}
     for twin, sidecars in groups.items():
@@ -314,7 +321,7 @@ def paired_rounds(
                 if args.paired_latency <= 0:
                     continue
                 for name in order:
-                    rate = args.common_rate
+                    rate = common_rates[name]
                     phase = run_phase(running[name], targets[name], stores[name], latency, rate)
                     p99s[name].append(float(phase["latency_ms"]["p99"]))
                     _count_answers(answers[name], phase)
@@ -322,7 +329,7 @@ def paired_rounds(
             found.setdefault(name, {})["answers_failed"] = answers[name]
         for name in sidecars:
             result = _paired_result(twin, rates[name], rates[twin], p99s[name], p99s[twin])
-            found[name].update(result)
+            found[name].update(result, common_rate=common_rates[name])
             log(f"{name}/{twin} paired: {', '.join(f'{r:.2f}' for r in found[name]['ratios'])}")
     return found
 
@@ -454,7 +461,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     )
                     results[name] = measure(config, running, store, args, rate, halves)
             if args.paired > 0:
-                results["_paired"] = paired_rounds(names, workdir, valkey.url, client, args)
+                rates = {name: float(results[name]["common_rate"]) for name in names}
+                results["_paired"] = paired_rounds(names, workdir, valkey.url, client, args, rates)
             if args.profile:
                 log(f"profiling the sidecar in configuration {args.profile_config}")
                 try:

@@ -188,9 +188,9 @@ def target_lines(
             added, value = _judged_added_p99(configs, paired, config, phase)
             met = added is not None and added <= ADDED_P99_GOAL_MS
             judged(f"added_p99_{label}_{mode}", config, value, f"<= {ADDED_P99_GOAL_MS:g} ms", met)
-    added = _added_p99(configs, "H", "common")
-    rate = configs["H"]["common_rate"] if "H" in configs else None
-    value = "not measured" if added is None else f"{added:.2f} ms at {rate:g} req/s"
+    added, value = _judged_added_p99(configs, paired, "H", "common")
+    if added is not None:
+        value = f"{value} at {configs['H']['common_rate']:g} req/s"
     met = added is not None and added <= BIG_BODY_GOAL_MS
     judged("extproc_1mib_added_p99", "H", value, f"<= {BIG_BODY_GOAL_MS:g} ms", met)
     drain, where = _max_drain(configs)

@@ -73,3 +73,22 @@ def test_errors_and_a_failing_twin_invalidate_the_comparison_too() -> None:
     assert invalid(configs, paired, "G") == (
         "invalid: 50 of 15100 answers of G were not 200 (50 in the paired rounds)"
     )
+
+
+def test_the_1mib_target_is_judged_on_the_paired_rounds_at_its_own_rate() -> None:
+    """H's one pair of phases says +6 ms; its rounds, run seconds apart, +1.5 (median)."""
+    configs = {"H0": _row(None, 400.0, {"200": 5000}), "H": _row("H0", 300.0, {"200": 5000})}
+    configs["H0"]["common"] = _phase(150.0, 4.0, {"200": 5000})
+    configs["H"]["common"] = _phase(150.0, 10.0, {"200": 5000})
+    configs["H"]["common_rate"] = 150.0
+
+    def line(paired: dict[str, Any]) -> str:
+        (found,) = [t for t in target_lines(configs, 15.0, paired) if "extproc_1mib" in t]
+        return found
+
+    assert line({}) == "TARGET extproc_1mib_added_p99: 6.00 ms at 150 req/s (<= 2 ms) missed"
+    rounds = {"added_p99_ms_common": 1.5, "added_p99_ms_common_rounds": [1.2, 1.5, 3.0]}
+    assert line({"H": {"ratio": 0.75, "ratios": [0.75], **rounds}}) == (
+        "TARGET extproc_1mib_added_p99: 1.50 ms (median of paired rounds 1.20, 1.50, 3.00;"
+        " one after the other 6.00) at 150 req/s (<= 2 ms) met"
+    )
