@@ -62,7 +62,7 @@ MAX_IN_FLIGHT = 0.375
 # How long each class may be held, as a share of its deadline. Batch work that can still make
 # its deadline is held rather than shed (issue 12): for its whole deadline, which the sidecar
 # cuts to what the class's recent time in Triton leaves of it (sidecar/core/signals.py,
-# hold_budget_s), so nothing in the share is this workload's. Half the deadline (until
+# hold_budget), so nothing in the share is this workload's. Half the deadline (until
 # 2026-12-03) shed batch work at the end of a hold that still had time to run: see
 # benchmarks/README.md, "Batch holds". Each transport cuts the hold to what Envoy waits
 # (sidecar/core/holds.py: 29.5 s on ext_authz and on ext_proc), so the policy states the

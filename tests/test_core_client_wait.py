@@ -1,5 +1,5 @@
 """What a client says it waits, and how it bounds its hold (core/client_wait.py,
-core.signals.hold_budget_s). Pure: the frozen clock and scripted signals of the admission
+core.signals.hold_budget). Pure: the frozen clock and scripted signals of the admission
 tests."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from sidecar.core.client_wait import client_wait_s, grpc_timeout_s, millis_s
 from sidecar.core.compiled import compile_policy
 from sidecar.core.decide import Admission
 from sidecar.core.load import SignalState
-from sidecar.core.signals import ModelSignals, Signals, hold_budget_s
+from sidecar.core.signals import ModelSignals, Signals, hold_budget
 from sidecar.core.types import RequestAttributes
 from sidecar.policy.model import IdentityPolicy, OverloadPolicy
 from tests.test_core_admission import ALLOWED, INFER, NOW, policy_with, signals
@@ -94,17 +94,17 @@ def test_a_planned_request_carries_its_clients_wait_and_the_policy_names_the_hea
 
 def test_the_clients_wait_cuts_the_hold_budget_and_never_lengthens_it() -> None:
     # INTERACTIVE: max_wait 90 ms, objective 225 ms.
-    assert hold_budget_s(INTERACTIVE, {}, 0.05) == pytest.approx(0.05)
-    assert hold_budget_s(INTERACTIVE, {}, 60.0) == pytest.approx(0.09)  # never more
+    assert hold_budget(INTERACTIVE, {}, 0.05)[0] == pytest.approx(0.05)
+    assert hold_budget(INTERACTIVE, {}, 60.0)[0] == pytest.approx(0.09)  # never more
     # Upstream takes 30 ms lately: what the client's 100 ms leaves is 70 ms.
-    assert hold_budget_s(INTERACTIVE, {"interactive": 0.03}, 0.1) == pytest.approx(0.07)
+    assert hold_budget(INTERACTIVE, {"interactive": 0.03}, 0.1)[0] == pytest.approx(0.07)
     # A client that waits less than the class takes upstream: nothing left to hold for.
-    assert hold_budget_s(INTERACTIVE, {"interactive": 0.03}, 0.02) == 0.0
-    assert hold_budget_s(INTERACTIVE, {"interactive": 0.03}, None) == pytest.approx(0.09)
+    assert hold_budget(INTERACTIVE, {"interactive": 0.03}, 0.02)[0] == 0.0
+    assert hold_budget(INTERACTIVE, {"interactive": 0.03}, None)[0] == pytest.approx(0.09)
     # Its own time unknown: the least any class of the model took (no request is quicker).
     quick_others = {"standard": 0.04, "batch": 0.5}
-    assert hold_budget_s(INTERACTIVE, quick_others, 0.1) == pytest.approx(0.06)
-    assert hold_budget_s(INTERACTIVE, quick_others, None) == pytest.approx(0.09)
+    assert hold_budget(INTERACTIVE, quick_others, 0.1)[0] == pytest.approx(0.06)
+    assert hold_budget(INTERACTIVE, quick_others, None)[0] == pytest.approx(0.09)
 
 
 def test_a_wait_the_client_will_not_sit_out_is_relegated_or_shed_at_once() -> None:

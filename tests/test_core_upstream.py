@@ -1,11 +1,11 @@
 """Each class's time upstream on each model, and the hold budget it leaves (core/upstream.py,
-core.signals.hold_budget_s). Pure."""
+core.signals.hold_budget). Pure."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from sidecar.core.signals import hold_budget_s
+from sidecar.core.signals import hold_budget
 from sidecar.core.upstream import KEPT, MAX_KEPT, MIN_SEEN, UpstreamTimes
 from sidecar.policy.model import ClassPolicy, FailMode, OverloadPolicy
 
@@ -48,13 +48,13 @@ def test_model_names_from_requests_cannot_grow_it_without_bound() -> None:
 
 def test_the_hold_budget_leaves_the_class_time_upstream_within_the_objective() -> None:
     # Unknown: the policy's max_wait (90 ms).
-    assert hold_budget_s(INTERACTIVE, {}) == 0.09
+    assert hold_budget(INTERACTIVE, {})[0] == 0.09
     # 110 ms upstream leaves 115 ms of the 225: more than max_wait, which stands.
-    assert hold_budget_s(INTERACTIVE, {"interactive": 0.11}) == 0.09
+    assert hold_budget(INTERACTIVE, {"interactive": 0.11})[0] == 0.09
     # 190 ms upstream leaves 35 ms: held longer, it would miss as three in four did.
-    assert abs(hold_budget_s(INTERACTIVE, {"interactive": 0.19}) - 0.035) < 1e-9
+    assert abs(hold_budget(INTERACTIVE, {"interactive": 0.19})[0] - 0.035) < 1e-9
     # Slower than the objective: no hold at all.
-    assert hold_budget_s(INTERACTIVE, {"interactive": 0.3}) == 0.0
+    assert hold_budget(INTERACTIVE, {"interactive": 0.3})[0] == 0.0
     # Another class's time says nothing of this one's.
-    assert hold_budget_s(INTERACTIVE, {"batch": 30.0}) == 0.09
-    assert hold_budget_s(replace(INTERACTIVE, max_wait_ms=0), {"interactive": 0.01}) == 0.0
+    assert hold_budget(INTERACTIVE, {"batch": 30.0})[0] == 0.09
+    assert hold_budget(replace(INTERACTIVE, max_wait_ms=0), {"interactive": 0.01})[0] == 0.0

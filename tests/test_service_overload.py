@@ -503,7 +503,7 @@ def test_models_are_counted_only_when_a_class_caps_their_requests_in_flight(caps
 def test_a_class_slow_upstream_is_not_held_to_be_let_go_too_late() -> None:
     """Standard's requests have lately spent 1.95 s of their 2 s objective in Triton (as the
     access log says): a request that would wait 0.15 s for room is shed at once, not held
-    to be let go with too little time left (core/upstream.py, `hold_budget_s`). Once they
+    to be let go with too little time left (core/upstream.py, `hold_budget`). Once they
     are fast again, it is held as before."""
     backend = Backend(depth=0)
     service, store = make(backend, max_wait_ms=300)

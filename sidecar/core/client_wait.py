@@ -10,7 +10,7 @@ Rules:
 2. A value in neither format is ignored, and the decision's trace says so: the client is then
    held as its class says, as one that sent no header. A wrong timeout is no reason to refuse
    the request.
-3. What it is for (`core.signals.hold_budget_s`): a hold never outlasts the client. Held
+3. What it is for (`core.signals.hold_budget`): a hold never outlasts the client. Held
    past it, the request would be answered to no one, or let go onto the GPU for a client that
    has left. So the hold budget is also cut to the client's wait minus the time its class has
    lately spent upstream, exactly as the class's objective cuts it (core/upstream.py rule 3),

@@ -62,7 +62,7 @@ class ModelSignals:
     # not bind now). A protected class missing here is held to its floor, `max_in_flight`.
     caps: Mapping[str, int | None] = field(default_factory=dict)
     # Each class's time upstream on the model lately, the lower quartile (core/upstream.py;
-    # absent: not known): what `hold_budget_s` leaves a held request.
+    # absent: not known): what `hold_budget` leaves a held request.
     upstream_s: Mapping[str, float] = field(default_factory=dict)
     # Each class's lateness limit: the depth from which its requests sent at once have
     # lately ended late more often than not (core/lateness.py; absent: none).
@@ -148,7 +148,7 @@ class LoadVerdict:
     # Requests that go before it: Triton's queue over admit_below (or in flight over the
     # cap) and the sidecar's own waiters ahead of it; 0 when admitted at once.
     ahead: int = 0
-    # The hold budget it was judged against (`hold_budget_s`); None: not judged on a wait.
+    # The hold budget it was judged against (`hold_budget`); None: not judged on a wait.
     budget_s: float | None = None
 
 
@@ -209,13 +209,6 @@ def hold_budget(
     least_s = took_s if took_s is not None else min(upstream_s.values(), default=0.0)
     client_s = max(0.0, client_wait_s - least_s)
     return (client_s, True) if client_s < budget_s else (budget_s, False)
-
-
-def hold_budget_s(
-    klass: ClassPolicy, upstream_s: Mapping[str, float], client_wait_s: float | None = None
-) -> float:
-    """`hold_budget` without whether the client cut it."""
-    return hold_budget(klass, upstream_s, client_wait_s)[0]
 
 
 def held_budget(

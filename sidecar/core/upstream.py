@@ -6,7 +6,7 @@ Rules:
 2. Per (model, class), the last KEPT of them are kept; the class's time on the model is their
    lower quartile (nearest rank): three in four took at least that. Fewer than MIN_SEEN:
    not known.
-3. What it is for (`core.signals.hold_budget_s`): a request held past its objective minus
+3. What it is for (`core.signals.hold_budget`): a request held past its objective minus
    that time would be let go only to miss, as three in four of its class did lately, and
    its GPU time would come out of the requests behind it. With interactive demand at 1.8x
    what the model serves (issue 12, `--mix 3,1,1` at 3x), requests let go at the end of a

@@ -34,11 +34,7 @@ class HttpBodyApart:
     """`request_body` of a message read in two parts: the body and what protobuf read."""
 
     body: bytes
-    parsed: Any  # the HttpBody without its body
-
-    @property
-    def end_of_stream(self) -> bool:
-        return bool(self.parsed.end_of_stream)
+    parsed: Any  # the HttpBody without its body: end_of_stream and the rest as sent
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.parsed, name)
