@@ -9,7 +9,9 @@ top 25 cumulative entries in the results). The configurations (A..H) are in
 Per configuration, in this order, each phase measured on its own:
 1. warm-up (closed loop, not counted);
 2. maximum rate: ``--repeats`` closed-loop runs of ``--duration`` s with ``--connections``
-   connections; the median is the configuration's maximum, the spread is reported;
+   connections; the median is the configuration's maximum, the spread is reported. A
+   configuration no ratio reads (A, Envoy alone, or one run without its twin or sidecars)
+   gets one run: its maximum is context, and the quick run stays within its 10 minutes;
 3. latency at half that maximum and at the common rate (``--common-rate``, 1,000 req/s), open
    loop, timed from each request's scheduled send time (coordinated omission corrected). A
    configuration whose maximum is below the common rate runs it anyway and is marked over
@@ -365,6 +367,14 @@ def _paired_result(
     }
 
 
+def max_rate_runs(name: str, names: list[str], repeats: int) -> int:
+    """How many maximum-rate runs configuration `name` gets among `names`: `repeats` where
+    a ratio reads its maximum (a sidecar with its twin, or a twin with a sidecar), else one."""
+    config = stack.BY_NAME[name]
+    compared = config.twin in names or any(stack.BY_NAME[n].twin == name for n in names)
+    return repeats if compared else 1
+
+
 def measure(
     config: stack.Config,
     running: stack.Running,
@@ -372,14 +382,16 @@ def measure(
     args: argparse.Namespace,
     common_rate: float | None,
     sidecar_halves: dict[str, float],
+    repeats: int,
 ) -> dict[str, Any]:
     """Every phase of one configuration. ``common_rate`` None: ``--common-rate``, lowered to
     half the maximum for a large body (1,000 req/s of 1 MiB is beyond these servers here).
     ``sidecar_halves``: for a no-op twin, the half-maximum rate of each sidecar compared with
-    it, measured here too (``at_sidecar_half``), so added latency compares equal loads."""
+    it, measured here too (``at_sidecar_half``), so added latency compares equal loads.
+    ``repeats``: its maximum-rate runs (``max_rate_runs``)."""
     target = target_of(config, running)
     warm_up(running, target, client, args)
-    runs = [run_phase(running, target, client, args, 0.0) for _ in range(args.repeats)]
+    runs = [run_phase(running, target, client, args, 0.0) for _ in range(repeats)]
     rates = [r["achieved_rps"] for r in runs]
     max_rps = statistics.median(rates)
     log(f"{config.name}: max {max_rps:.0f} req/s (runs {', '.join(f'{r:.0f}' for r in rates)})")
@@ -469,7 +481,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                         if config.body_bytes and sidecars
                         else None
                     )
-                    results[name] = measure(config, running, store, args, rate, halves)
+                    repeats = max_rate_runs(name, names, args.repeats)
+                    results[name] = measure(config, running, store, args, rate, halves, repeats)
             if args.paired > 0:
                 rates = {name: float(results[name]["common_rate"]) for name in names}
                 results["_paired"] = paired_rounds(names, workdir, valkey.url, client, args, rates)

@@ -286,8 +286,10 @@ def table(configs: dict[str, Any]) -> list[str]:
             ratio = f"{ratio}; **{row['invalid']}**"
         over = " (over capacity)" if row["over_capacity_at_common"] else ""
         cpu = _cpu(row["max_runs"][-1])
+        runs = len(row["max_runs"])
+        spread = f"±{row['max_rps_spread_pct']}%" if runs > 1 else "one run"
         lines.append(
-            f"| {name}: {row['label']} | {row['max_rps']:,.0f} (±{row['max_rps_spread_pct']}%)"
+            f"| {name}: {row['label']} | {row['max_rps']:,.0f} ({spread})"
             f" | {ratio} | {_lat(row['half'])} | {_lat(row['common'])}{over} | {added}"
             f" | {cpu} | {_calls(row['max_runs'][-1])}"
             f" | {_backlog(row)} |"

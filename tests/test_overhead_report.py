@@ -92,3 +92,15 @@ def test_the_1mib_target_is_judged_on_the_paired_rounds_at_its_own_rate() -> Non
         "TARGET extproc_1mib_added_p99: 1.50 ms (median of paired rounds 1.20, 1.50, 3.00;"
         " one after the other 6.00) at 150 req/s (<= 2 ms) met"
     )
+
+
+def test_only_a_maximum_a_ratio_reads_is_run_more_than_once() -> None:
+    """Envoy alone (A) is context: one maximum-rate run. A sidecar and its twin get every
+    repeat, but only when both are measured."""
+    from benchmarks.overhead import max_rate_runs
+
+    names = ["A", "B", "C", "D", "E"]
+    assert max_rate_runs("A", names, 3) == 1
+    assert [max_rate_runs(n, names, 3) for n in ("B", "C", "D")] == [3, 3, 3]
+    assert max_rate_runs("E", names, 3) == 1  # its twin, E0, is not measured
+    assert max_rate_runs("E0", ["E0"], 3) == 1
