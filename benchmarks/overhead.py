@@ -319,10 +319,11 @@ def paired_rounds(
             for round_ in range(args.paired):
                 turn = round_ % len(members)
                 order = members[turn:] + members[:turn]
-                for name in order if ratio_read else ():
-                    phase = run_phase(running[name], targets[name], stores[name], args, 0.0)
-                    rates[name].append(float(phase["achieved_rps"]))
-                    _count_answers(answers[name], phase)
+                if ratio_read:
+                    for name in order:
+                        phase = run_phase(running[name], targets[name], stores[name], args, 0.0)
+                        rates[name].append(float(phase["achieved_rps"]))
+                        _count_answers(answers[name], phase)
                 if args.paired_latency <= 0:
                     continue
                 for name in order:

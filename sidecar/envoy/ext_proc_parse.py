@@ -78,13 +78,13 @@ def _body_apart(data: bytes) -> tuple[bytes, bytes] | None:
     if inner is None or body is None or body[1] - body[0] < APART_FROM:
         return None
     body_start, body_end = body
-    # The body's field runs from its tag (just after the field before it) to its end.
-    before = max((f[3] for f in inner if f[3] <= body_start), default=begin)
-    inner_rest = data[begin:before] + data[body_end:end]
-    tag_end = max((f[3] for f in fields if f[3] <= begin), default=0)
+    # A field runs from its tag, just after the end of the field before it, to its end.
+    body_tag = max((f[3] for f in inner if f[3] <= body_start), default=begin)
+    inner_rest = data[begin:body_tag] + data[body_end:end]
+    wrapper_tag = max((f[3] for f in fields if f[3] <= begin), default=0)
     rest = b"".join(
         (
-            data[:tag_end],
+            data[:wrapper_tag],
             encode_varint(_REQUEST_BODY << 3 | _LENGTH_DELIMITED),
             encode_varint(len(inner_rest)),
             inner_rest,
