@@ -50,6 +50,9 @@ def test_a_request_reads_as_sent_with_names_in_lower_case_and_repeats_kept() -> 
         (b"GET / HTTP/1.1\r\nconnection: Keep-Alive, Close", False),
         (b"GET / HTTP/1.0", False),
         (b"GET / HTTP/1.0\r\nConnection: keep-alive", True),
+        # Tokens are read as ASCII: the Kelvin sign lower-cases to "k" in Python, not in HTTP.
+        (b"GET / HTTP/1.0\r\nConnection: \xe2\x84\xaaeep-alive", False),
+        (b"GET / HTTP/1.1\r\nConnection: \xe2\x80\xa8close", True),
     ],
 )
 def test_keep_alive_follows_the_version_and_the_connection_header(
@@ -75,6 +78,8 @@ def test_a_value_that_is_not_utf8_reaches_the_adapter_as_surrogate_escapes() -> 
         (b"GET / HTTP/1.1\r\nx-a: b\r\n folded", "malformed header line"),
         (b"GET / HTTP/1.1\r\nx-a: b\x00c", "malformed header line"),
         (b"GET / HTTP/1.1\r\nx-a: b\nc", "malformed header line"),
+        (b"GET / HTTP/1.1\r\nx-a\nx-b: c", "malformed header line"),
+        (b"GET / HTTP/1.1\r\nx a: c", "malformed header line"),
         (b"GET / HTTP/1.1\r\nno colon", "malformed header line"),
         (b"GET / HTTP/1.1\r\n: empty name", "malformed header line"),
         (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked", "transfer-encoding"),

@@ -46,11 +46,16 @@ from sidecar.envoy.listening import SocketListener
 MAX_HEAD_BYTES = 96 * 1024
 MAX_FIELDS = 256
 MAX_BUFFERED_BYTES = 256 * 1024
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.([01])")
-# A value: any byte but the control characters (tab allowed inside), no white space at its ends.
-_VALUE = rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)"
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*" + _VALUE + rb"[ \t]*")
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(r"(" + _TOKEN + r") ([\x21-\x7e]+) HTTP/1\.([01])")
+# The names joined by ":", which no name holds (each ends at its line's first colon): one
+# match for them all, not one a line (rule 1).
+_NAMES = re.compile(r"(?:" + _TOKEN + r":)*" + _TOKEN)
+# A value, its white space stripped: any character but the control characters (tab allowed
+# inside). The head is read as text decoded with surrogate escapes, so a byte above 0x7f is a
+# character outside every ASCII class here, as it was a byte outside them.
+_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
+_FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
 _PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 _OVERSIZE = f"header section over {MAX_HEAD_BYTES} bytes"
 
@@ -84,7 +89,7 @@ def parse_head(head: bytes) -> WireRequest:
     Raises WireError."""
     if len(head) > MAX_HEAD_BYTES:
         raise WireError(_OVERSIZE)
-    lines = head.split(b"\r\n")
+    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
     if len(lines) > MAX_FIELDS + 1:
         raise WireError(f"more than {MAX_FIELDS} header lines")
     start = _REQUEST_LINE.fullmatch(lines[0])
@@ -92,34 +97,44 @@ def parse_head(head: bytes) -> WireRequest:
         raise WireError("request line is not `METHOD target HTTP/1.x` with an ASCII target")
     method, target, minor = start.groups()
     headers: list[tuple[str, str]] = []
-    lengths: set[bytes] = set()
-    keep_alive = minor == b"1"
+    names: list[str] = []
     for line in lines[1:]:
-        field = _FIELD.fullmatch(line)
-        if field is None:
+        name, colon, value = line.partition(":")
+        value = value.strip(" \t")
+        # isprintable: no control character at all, the common case, without a regex call.
+        if not colon or not (value.isprintable() or _VALUE.fullmatch(value)):
             raise WireError("malformed header line")
-        raw_name, raw_value = field.groups()
-        name = raw_name.decode("ascii").lower()
-        if name == "content-length":
-            lengths.add(raw_value)
-        elif name == "transfer-encoding":
-            raise WireError("transfer-encoding is not accepted; send content-length")
-        elif name == "connection":
-            tokens = {t.strip().lower() for t in raw_value.split(b",")}
-            keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
-        headers.append((name, raw_value.decode("utf-8", "surrogateescape")))
-    return WireRequest(
-        method.decode("ascii"), target.decode("ascii"), tuple(headers), _length(lengths), keep_alive
-    )
+        names.append(name)
+        headers.append((name.lower(), value))
+    if names and _NAMES.fullmatch(":".join(names)) is None:
+        raise WireError("malformed header line")
+    return WireRequest(method, target, tuple(headers), *_framing(headers, minor == "1"))
 
 
-def _length(values: set[bytes]) -> int:
+def _framing(headers: list[tuple[str, str]], keep_alive: bool) -> tuple[int, bool]:
+    """Rules 3-4: the body's length and whether the connection stays open."""
+    lengths: set[str] = set()
+    for name, value in headers:
+        if name in _FRAMING:
+            if name == "content-length":
+                lengths.add(value)
+            elif name == "transfer-encoding":
+                raise WireError("transfer-encoding is not accepted; send content-length")
+            else:
+                # ASCII only, as the bytes were read: "\u212a".lower() is "k".
+                tokens = {t.strip(" \t").lower() for t in value.split(",") if t.isascii()}
+                keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
+    return _length(lengths), keep_alive
+
+
+def _length(values: set[str]) -> int:
     if not values:
         return 0
     if len(values) > 1:
         raise WireError("conflicting content-length headers")
     (value,) = values
-    if not value.isdigit() or len(value) > 12:
+    # ASCII digits only: str.isdigit also takes digits like "²", which int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > 12:
         raise WireError("content-length is not a number of bytes")
     return int(value)
 
