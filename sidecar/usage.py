@@ -37,6 +37,7 @@ class UsageLedger:
         self._models = models  # the policy's models
         self._served: set[str] = set()  # models seen on Triton's pages
         self._cached: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._raw: dict[tuple[str | None, str | None], tuple[Any, Any, Any]] = {}
         self._tenants_seen: Collection[str] | None = None
         self.compute = ComputeLedger(hold_s)
         self.clock = clock
@@ -52,15 +53,27 @@ class UsageLedger:
     def _children(self, tenant: str | None, model: str | None) -> tuple[Any, Any, Any]:
         """The (demand, requests, work seconds) children of a raw (tenant, model) pair, kept
         per label pair: a client naming models at will only ever reaches `__unknown__`, so
-        the cache is bounded by the policy's tenants and the models Triton serves."""
+        the cache is bounded by the policy's tenants and the models Triton serves. The raw
+        pairs seen are kept too (at most MAX_CACHED), so that a pair seen before costs one
+        lookup, not the labels' membership tests."""
         tenants = self._tenants()
         if tenants is not self._tenants_seen:  # a policy reload: labels may have changed
             self._tenants_seen = tenants
             self._cached.clear()
-        labels = (self._tenant(tenant), self._model(model))
-        found = self._cached.get(labels)
+            self._raw.clear()
+        raw = (tenant, model)
+        found = self._raw.get(raw)
         if found is not None:
             return found
+        labels = (self._tenant(tenant), self._model(model))
+        found = self._cached.get(labels)
+        if found is None:
+            found = self._made(labels)
+        if len(self._raw) < MAX_CACHED:
+            self._raw[raw] = found
+        return found
+
+    def _made(self, labels: tuple[str, str]) -> tuple[Any, Any, Any]:
         series = self.series
         made = (
             series.demand.labels(*labels),
@@ -95,6 +108,7 @@ class UsageLedger:
         for model, counters in page.items():
             if model not in self._served and len(self._served) < MAX_TRITON_MODELS:
                 self._served.add(model)
+                self._raw.clear()  # a pair that read `__unknown__` may now read the model
             if self._model(model) == model:  # past the bound: uncounted, never mixed up
                 self.compute.note_counter(endpoint, model, counters.compute_us, now)
         self.settle(now)

@@ -14,7 +14,7 @@ from sidecar.core.load import TritonCounters
 from sidecar.core.types import LeaseRef, RequestAttributes
 from sidecar.envoy.access_log import note_usage, upstream_time_of
 from sidecar.metrics import Metrics
-from sidecar.usage import UsageLedger
+from sidecar.usage import MAX_CACHED, UsageLedger
 
 TENANTS = {"heavy", "light"}
 
@@ -85,6 +85,13 @@ def test_labels_are_bounded(registry: CollectorRegistry) -> None:
     for i in range(100):  # a client naming models at will grows nothing
         ledger.completed("light", f"made-up-{i}", 0.1)
     assert len(ledger._cached) == 4  # (label pairs) unknown x2, heavy/llm, light/simgpu
+    for i in range(MAX_CACHED):  # the raw pairs seen are kept up to a bound, then looked up
+        ledger.completed("light", f"made-up-{i}", 0.1)
+    assert len(ledger._raw) == MAX_CACHED
+    # Every one counted: these, the 100 above and light/simgpu before its scrape.
+    assert value(registry, "qos_usage_requests_total", tenant="light", model="__unknown__") == (
+        MAX_CACHED + 100 + 1
+    )
 
 
 def test_demand_counts_every_decision_with_a_tenant(registry: CollectorRegistry) -> None:
