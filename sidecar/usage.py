@@ -39,6 +39,7 @@ class UsageLedger:
         self._cached: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._raw: dict[tuple[str | None, str | None], tuple[Any, Any, Any]] = {}
         self._tenants_seen: Collection[str] | None = None
+        self._models_seen: Collection[str] | None = None
         self.compute = ComputeLedger(hold_s)
         self.clock = clock
 
@@ -60,6 +61,10 @@ class UsageLedger:
         if tenants is not self._tenants_seen:  # a policy reload: labels may have changed
             self._tenants_seen = tenants
             self._cached.clear()
+            self._raw.clear()
+        models = self._models()
+        if models is not self._models_seen:  # the raw pairs' labels read the models too
+            self._models_seen = models
             self._raw.clear()
         raw = (tenant, model)
         found = self._raw.get(raw)

@@ -17,6 +17,7 @@ from sidecar.metrics import Metrics
 from sidecar.usage import MAX_CACHED, UsageLedger
 
 TENANTS = {"heavy", "light"}
+MODELS = {"llm"}
 
 
 class Clock:
@@ -33,7 +34,7 @@ def registry() -> CollectorRegistry:
 
 
 def ledger_on(registry: CollectorRegistry, clock: Clock) -> UsageLedger:
-    return UsageLedger(Metrics(registry), lambda: TENANTS, lambda: {"llm"}, clock=clock)
+    return UsageLedger(Metrics(registry), lambda: TENANTS, lambda: MODELS, clock=clock)
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -92,6 +93,19 @@ def test_labels_are_bounded(registry: CollectorRegistry) -> None:
     assert value(registry, "qos_usage_requests_total", tenant="light", model="__unknown__") == (
         MAX_CACHED + 100 + 1
     )
+
+
+def test_a_reload_that_adds_a_model_labels_it_from_then_on(registry: CollectorRegistry) -> None:
+    """The raw pairs seen are remembered; a policy whose models differ (same tenants) is a
+    new reading of them."""
+    models = {"llm"}
+    ledger = UsageLedger(Metrics(registry), lambda: TENANTS, lambda: models, clock=Clock())
+    ledger.completed("heavy", "vision", 0.1)
+    ledger.completed("heavy", "vision", 0.1)
+    models = {"llm", "vision"}  # the reload
+    ledger.completed("heavy", "vision", 0.1)
+    assert value(registry, "qos_usage_requests_total", tenant="heavy", model="__unknown__") == 2
+    assert value(registry, "qos_usage_requests_total", tenant="heavy", model="vision") == 1
 
 
 def test_demand_counts_every_decision_with_a_tenant(registry: CollectorRegistry) -> None:
