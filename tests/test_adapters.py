@@ -265,6 +265,46 @@ def test_http_call_without_the_authz_prefix_takes_no_lease() -> None:
     assert sample(service, "qos_malformed_requests_total", api="http") == 3
 
 
+async def _raw_http(service: AdmissionService, head: bytes) -> tuple[int, dict[str, str], Any]:
+    """One request written as raw bytes to the HTTP listener: its status, headers and JSON."""
+    listener = AuthzHttp(service, lease_key=KEY).listener()
+    await listener.start_tcp("127.0.0.1", 0, reuse_port=False)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(head + b"\r\n\r\n")
+        answer = await reader.readuntil(b"\r\n\r\n")
+        lines = answer.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:] if line)
+        body = await reader.readexactly(int(headers["content-length"]))
+        writer.close()
+        return int(lines[0].split()[1]), headers, json.loads(body) if body else None
+    finally:
+        await listener.close()
+
+
+def test_http_header_that_is_not_utf8_is_a_400_naming_it() -> None:
+    service = make_service()
+    head = b"POST /authz" + INFER.encode() + b" HTTP/1.1\r\nx-api-key: k-\xff\r\nx-b: \xc3\xa9"
+    status, _, body = asyncio.run(_raw_http(service, head))
+    assert status == 400
+    assert body["reason"] == "malformed"
+    (refused,) = service.refusals.read()  # what the admin's recent refusals show
+    assert refused["trace"][0] == "header 'x-api-key' is not UTF-8"
+    # UTF-8 beyond ASCII is text: read, not refused (here the tenant's key, then an unknown).
+    status, headers, _ = asyncio.run(_raw_http(service, head.replace(b"\xff", b"\xc3\xa9")))
+    assert status != 400 and "x-qos-lease" not in headers
+
+
+def test_http_repeated_header_is_read_joined_with_a_comma() -> None:
+    service = make_service()
+    once = b"POST /authz" + INFER.encode() + b" HTTP/1.1\r\nx-api-key: k-analytics"
+    status, headers, _ = asyncio.run(_raw_http(service, once))
+    assert status == 200 and headers["x-qos-tenant"] == "analytics"
+    # Twice: "k-analytics,k-analytics", which is nobody's key.
+    status, headers, _ = asyncio.run(_raw_http(service, once + b"\r\nx-api-key: k-analytics"))
+    assert status != 200 and "x-qos-lease" not in headers
+
+
 def test_access_log_stream_releases_leases() -> None:
     service = make_service()
 

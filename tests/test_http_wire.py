@@ -64,6 +64,8 @@ def test_keep_alive_follows_the_version_and_the_connection_header(
 def test_a_value_that_is_not_utf8_reaches_the_adapter_as_surrogate_escapes() -> None:
     request = parse_head(b"GET / HTTP/1.1\r\nx-api-key: \xff\xfe")
     assert request.headers == (("x-api-key", "\udcff\udcfe"),)
+    assert not request.utf8  # the adapter looks for the header (authz_http.not_text)
+    assert parse_head(b"GET / HTTP/1.1\r\nx-api-key: caf\xc3\xa9").utf8
 
 
 @pytest.mark.parametrize(

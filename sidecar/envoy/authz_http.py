@@ -78,6 +78,16 @@ def not_text(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def headers_of(request: WireRequest) -> dict[str, str]:
+    """`read_headers` of the request's fields. The wire's names are lower-case tokens already
+    (`http_wire.py`, rule 1) and never pseudo-headers, so where no name repeats they are one
+    `dict` call; a repeat is joined as `read_headers` joins it."""
+    headers = dict(request.headers)
+    if len(headers) == len(request.headers):
+        return headers
+    return read_headers(request.headers)[0]
+
+
 def attributes_of(
     request: WireRequest, headers: dict[str, str], path_prefix: str
 ) -> RequestAttributes | None:
@@ -129,7 +139,7 @@ class AuthzHttp:
         return WireListener(self.answer, self.refuse, self.fail)
 
     async def answer(self, request: WireRequest, transport: asyncio.Transport) -> WireResponse:
-        headers, _ = read_headers(request.headers)
+        headers = headers_of(request)
         if request.method in ("GET", "HEAD") and request.target.split("?", 1)[0] == HEALTH_PATH:
             return _HEALTHY  # common.py, rule 6
         # Without the token (common.py, rule 5): 401, and nothing is read or taken.
@@ -139,7 +149,7 @@ class AuthzHttp:
         if attrs is None:
             detail = f"authz path must start with {self._path_prefix}/"
             return response_for(self._service.refuse_malformed(detail, API), self._lease_key)
-        bad = not_text(attrs.headers)
+        bad = None if request.utf8 else not_text(attrs.headers)
         if bad is not None:
             detail = f"header {bad!r} is not UTF-8"
             return response_for(self._service.refuse_malformed(detail, API), self._lease_key)

@@ -12,7 +12,8 @@ Rules (the parser, `parse_head`, does no I/O; `WireListener` below is the asynci
    the target is ASCII, a value holds no control character but tab; a line that starts with
    white space (obsolete folding) or breaks any of this is refused (400). Names are lower
    case; the values are text decoded as UTF-8 with surrogate escapes, so that a value that
-   is not UTF-8 reaches the adapter, which answers it with its own JSON 400.
+   is not UTF-8 reaches the adapter, which answers it with its own JSON 400 (`utf8` says
+   whether the whole head was UTF-8, so that the adapter need not look otherwise).
 2. Limits: the header section is at most MAX_HEAD_BYTES and MAX_FIELDS lines. Envoy never
    sends more (60 KiB of request headers in all, `max_request_headers_kb`); a longer one is
    refused (400) and the connection closed.
@@ -75,6 +76,7 @@ class WireRequest:
     headers: tuple[tuple[str, str], ...]  # (lower-case name, value), in order, repeats kept
     content_length: int
     keep_alive: bool
+    utf8: bool = True  # the whole head was UTF-8: no value holds a surrogate escape
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,11 @@ def parse_head(head: bytes) -> WireRequest:
     Raises WireError."""
     if len(head) > MAX_HEAD_BYTES:
         raise WireError(_OVERSIZE)
-    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
+    try:
+        text, utf8 = head.decode("utf-8"), True
+    except UnicodeDecodeError:
+        text, utf8 = head.decode("utf-8", "surrogateescape"), False
+    lines = text.split("\r\n")
     if len(lines) > MAX_FIELDS + 1:
         raise WireError(f"more than {MAX_FIELDS} header lines")
     start = _REQUEST_LINE.fullmatch(lines[0])
@@ -108,7 +114,8 @@ def parse_head(head: bytes) -> WireRequest:
         headers.append((name.lower(), value))
     if names and _NAMES.fullmatch(":".join(names)) is None:
         raise WireError("malformed header line")
-    return WireRequest(method, target, tuple(headers), *_framing(headers, minor == "1"))
+    length, keep_alive = _framing(headers, minor == "1")
+    return WireRequest(method, target, tuple(headers), length, keep_alive, utf8)
 
 
 def _framing(headers: list[tuple[str, str]], keep_alive: bool) -> tuple[int, bool]:
