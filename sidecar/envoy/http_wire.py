@@ -104,6 +104,7 @@ def parse_head(head: bytes) -> WireRequest:
     method, target, minor = start.groups()
     headers: list[tuple[str, str]] = []
     names: list[str] = []
+    framing: list[tuple[str, str]] = []  # the fields rules 3-4 read, seen in the same pass
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         value = value.strip(" \t")
@@ -111,26 +112,29 @@ def parse_head(head: bytes) -> WireRequest:
         if not colon or not (value.isprintable() or _VALUE.fullmatch(value)):
             raise WireError("malformed header line")
         names.append(name)
-        headers.append((name.lower(), value))
+        field = (name.lower(), value)
+        headers.append(field)
+        if field[0] in _FRAMING:
+            framing.append(field)
     if names and _NAMES.fullmatch(":".join(names)) is None:
         raise WireError("malformed header line")
-    length, keep_alive = _framing(headers, minor == "1")
+    length, keep_alive = _framing(framing, minor == "1")
     return WireRequest(method, target, tuple(headers), length, keep_alive, utf8)
 
 
-def _framing(headers: list[tuple[str, str]], keep_alive: bool) -> tuple[int, bool]:
-    """Rules 3-4: the body's length and whether the connection stays open."""
+def _framing(fields: list[tuple[str, str]], keep_alive: bool) -> tuple[int, bool]:
+    """Rules 3-4: the body's length and whether the connection stays open, from the head's
+    content-length, transfer-encoding and connection fields."""
     lengths: set[str] = set()
-    for name, value in headers:
-        if name in _FRAMING:
-            if name == "content-length":
-                lengths.add(value)
-            elif name == "transfer-encoding":
-                raise WireError("transfer-encoding is not accepted; send content-length")
-            else:
-                # ASCII only, as the bytes were read: "\u212a".lower() is "k".
-                tokens = {t.strip(" \t").lower() for t in value.split(",") if t.isascii()}
-                keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
+    for name, value in fields:
+        if name == "content-length":
+            lengths.add(value)
+        elif name == "transfer-encoding":
+            raise WireError("transfer-encoding is not accepted; send content-length")
+        else:
+            # ASCII only, as the bytes were read: "\u212a".lower() is "k".
+            tokens = {t.strip(" \t").lower() for t in value.split(",") if t.isascii()}
+            keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
     return _length(lengths), keep_alive
 
 
