@@ -23,6 +23,7 @@ from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
 from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from sidecar.state.redis_pipe import _Replies
+from sidecar.state.redis_pipelines import RELEASES_PER_CALL
 from tests.core_fixtures import make_policy
 from tests.fixtures_valkey import ValkeyServer
 from tests.test_state_contract import FakeClock, Harness, check, lease_of, run_redis
@@ -234,23 +235,65 @@ def test_release_many_answers_like_one_release_each(harness: Harness) -> None:
     harness.run(body)
 
 
+def test_release_many_frees_more_leases_than_one_call_carries(harness: Harness) -> None:
+    """Two tenants, three classes, more leases than RELEASES_PER_CALL, some released already:
+    each lease answered as `release` alone would, every set left empty, every id
+    tombstoned."""
+
+    async def body(store: QuotaStore) -> None:
+        leases = []
+        for n in range(RELEASES_PER_CALL + 10):
+            c = check(tenant=f"t{n % 2}", klass=CLASSES[n % 3], model="llama")
+            leases.append(lease_of(c, await store.acquire(c)))
+        gone = leases[::7]
+        for lease in gone:
+            assert await store.release(lease)
+        answers = await store.release_many(leases)
+        assert answers == [lease not in gone for lease in leases]
+        for tenant in ("t0", "t1"):
+            assert await store.in_flight(tenant, None) == 0
+            for klass in CLASSES:
+                assert await store.in_flight(tenant, klass) == 0
+        assert await store.model_in_flight("llama") == 0
+        for lease in leases[:3]:
+            again = check(tenant=lease.tenant, klass=lease.klass)
+            late = await store.acquire(replace(again, lease_id=lease.lease_id))
+            assert not late.allowed and late.denied_by is LimitKind.LEASE_ID_USED
+
+    harness.run(body)
+
+
+SCRIPTS = ("evalsha", "eval")
+
+
+def _script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in SCRIPTS)
+
+
 @pytest.mark.stack
 def test_a_burst_of_completions_is_released_in_one_round_trip(
     valkey: ValkeyServer, redis_sync: redis.Redis, round_trips: list[int]
 ) -> None:
-    """200 completions arriving together (one access-log message's worth): one pipeline,
-    not 400 script calls (a release and a model-set removal each)."""
+    """200 completions of two tenants arriving together (one access-log message's worth): one
+    pipeline, and one script call per tenant and per model set for each RELEASES_PER_CALL
+    leases, not 400 (a release and a model-set removal each)."""
 
     async def body() -> None:
         store = RedisQuotaStore(valkey.url, timeout_s=2.0)
         service = AdmissionService(make_policy(), store, Metrics(CollectorRegistry()))
         try:
-            c = replace(check(model="llama"), max_concurrency=500)
-            leases = [lease_of(c, await store.acquire(c)) for _ in range(200)]
-            before = round_trips[0]
+            leases = []
+            for n in range(200):
+                c = replace(check(tenant=f"t{n % 2}", model="llama"), max_concurrency=500)
+                leases.append(lease_of(c, await store.acquire(c)))
+            await store.release(leases.pop())  # loads the scripts
+            before, scripts = round_trips[0], _script_calls(redis_sync)
             assert all(await asyncio.gather(*(service.release(lease) for lease in leases)))
             assert round_trips[0] - before == 1
-            assert await store.in_flight("acme", None) == 0
+            # t0: 100 leases, t1: 99, 64 a call; the model's set: 199
+            assert _script_calls(redis_sync) - scripts == 2 + 2 + 4
+            assert await store.in_flight("t0", None) == await store.in_flight("t1", None) == 0
             assert await store.model_in_flight("llama") == 0
         finally:
             await store.close()

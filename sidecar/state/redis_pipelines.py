@@ -43,6 +43,11 @@ _PER_ITEM_S = 50e-6
 # One script call in a pipeline: the script, its keys, its args.
 Call = tuple[LuaScript, list[str], list[str | float]]
 
+# Leases one release.lua (or model_lease.lua remove) call frees at most: a burst of
+# completions costs the server one script's fixed cost per this many, and one call still holds
+# the server for well under a millisecond (about 4 commands a lease).
+RELEASES_PER_CALL = 64
+
 
 @contextlib.contextmanager
 def map_exceptions(operation: str, timeout_s: float) -> Iterator[None]:
@@ -136,6 +141,27 @@ def acquire_result(
     )
 
 
+def release_call(tenant: str, leases: Sequence[LeaseRef], tombstone_s: float) -> Call:
+    """release.lua's keys and args for `leases`, all of `tenant` (their sets share one slot)."""
+    keys = [build_key(tenant, KeyKind.LEASES)]
+    args: list[str | float] = [tombstone_s]
+    class_index: dict[str, int] = {}
+    for lease in leases:
+        if lease.klass not in class_index:
+            keys.append(build_key(tenant, KeyKind.CLASS_LEASES, lease.klass))
+            class_index[lease.klass] = len(keys)  # Lua's KEYS are 1-based
+        keys.append(build_key(tenant, KeyKind.RELEASED, lease.lease_id))
+        args += (lease.lease_id, class_index[lease.klass], len(keys))
+    return RELEASE, keys, args
+
+
+def _chunks(by_key: dict[str, list[int]]) -> Iterator[tuple[str, list[int]]]:
+    """Each key's indexes, RELEASES_PER_CALL at most at a time."""
+    for key, indexes in by_key.items():
+        for start in range(0, len(indexes), RELEASES_PER_CALL):
+            yield key, indexes[start : start + RELEASES_PER_CALL]
+
+
 class Pipelines:
     _client: Redis | RedisCluster
     _pipe: RedisPipe | None  # single mode's own connection (redis_pipe.py), else redis-py
@@ -178,30 +204,41 @@ class Pipelines:
         self, leases: Sequence[LeaseRef], *, tombstone_s: float = DEFAULT_TOMBSTONE_S
     ) -> list[bool | None]:
         """Every lease's `release` (release.lua, and the removal from its model's set) in one
-        pipeline: one round trip, however many leases (per node on a cluster). Per lease: True
-        if it was held, False if not, None if its release failed (the caller owes it). Raises
-        StateUnavailable when the whole call failed, or ValueError for an empty tenant."""
-        calls: list[Call] = []
-        for lease in leases:
+        pipeline: one round trip, however many leases (per node on a cluster), and one script
+        call per tenant and per model set (RELEASES_PER_CALL leases at most each). Per lease:
+        True if it was held, False if not, None if its release failed (the caller owes it).
+        Raises StateUnavailable when the whole call failed, or ValueError for an empty
+        tenant."""
+        by_tenant: dict[str, list[int]] = {}
+        by_model: dict[str, list[int]] = {}
+        for i, lease in enumerate(leases):
             validate_tenant(lease.tenant)
             validate_model(lease.model)
             validate_pod(lease.model_pod)
-            keys = [
-                build_key(lease.tenant, KeyKind.LEASES),
-                build_key(lease.tenant, KeyKind.CLASS_LEASES, lease.klass),
-                build_key(lease.tenant, KeyKind.RELEASED, lease.lease_id),
-            ]
-            calls.append((RELEASE, keys, [lease.lease_id, tombstone_s]))
-        model_calls: list[Call] = [
-            (MODEL_LEASE, [build_model_key(model, lease.model_pod)], ["remove", lease.lease_id, 0])
-            for lease in leases
-            if (model := lease.model) is not None
+            by_tenant.setdefault(lease.tenant, []).append(i)
+            if lease.model is not None:
+                by_model.setdefault(build_model_key(lease.model, lease.model_pod), []).append(i)
+        tenant_chunks = list(_chunks(by_tenant))
+        calls = [
+            release_call(tenant, [leases[i] for i in chunk], tombstone_s)
+            for tenant, chunk in tenant_chunks
         ]
-        replies = await self._run_many("release_many", [*calls, *model_calls])
+        model_calls: list[Call] = [
+            (MODEL_LEASE, [key], ["remove", *(leases[i].lease_id for i in chunk)])
+            for key, chunk in _chunks(by_model)
+        ]
+        replies = await self._run_many(
+            "release_many", [*calls, *model_calls], items=len(leases) + len(by_model)
+        )
         for (_, keys, _), reply in zip(model_calls, replies[len(calls) :], strict=True):
             if isinstance(reply, Exception):
                 self._model_set_failed("remove", keys[0], reply)
-        return [None if isinstance(r, Exception) else bool(r) for r in replies[: len(calls)]]
+        held: list[bool | None] = [None] * len(leases)
+        for (_, chunk), reply in zip(tenant_chunks, replies[: len(calls)], strict=True):
+            if not isinstance(reply, Exception):
+                for i, answer in zip(chunk, reply, strict=True):
+                    held[i] = bool(answer)
+        return held
 
     async def count_for_model_many(self, leases: Sequence[LeaseRef], ttl_s: float) -> None:
         """Every lease's entry added to its model's set, in one pipeline. Never raises
@@ -254,14 +291,20 @@ class Pipelines:
         return [int(reply) for reply in replies]
 
     async def _run_many(
-        self, operation: str, calls: Sequence[Call], retried: list[bool] | None = None
+        self,
+        operation: str,
+        calls: Sequence[Call],
+        retried: list[bool] | None = None,
+        items: int | None = None,
     ) -> list[Any]:
         """Each call's reply, or the exception it got, from one pipeline under one deadline
         (module rules). Raises StateUnavailable when the pipeline itself failed. `retried`
-        gets True appended when the pipeline was sent a second time."""
+        gets True appended when the pipeline was sent a second time. `items`: how many items
+        the calls carry in all, where a call carries more than one (the deadline grows with
+        them), else one a call."""
         if not calls:
             return []
-        timeout_s = self._timeout_s + len(calls) * _PER_ITEM_S
+        timeout_s = self._timeout_s + (items or len(calls)) * _PER_ITEM_S
         with map_exceptions(operation, timeout_s):
             async with asyncio.timeout(timeout_s):
                 try:

@@ -87,6 +87,7 @@ from sidecar.state.redis_pipelines import (
     acquire_call,
     acquire_result,
     map_exceptions,
+    release_call,
     script_command,
 )
 from sidecar.state.scripts import (
@@ -96,7 +97,6 @@ from sidecar.state.scripts import (
     HEARTBEAT,
     IN_FLIGHT,
     MODEL_LEASE,
-    RELEASE,
     RENEW,
     LuaScript,
 )
@@ -162,13 +162,13 @@ class RedisQuotaStore(Pipelines):
     async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
         """Raises StateUnavailable (for the tenant's lease only), or ValueError for an empty
         tenant or model."""
-        keys = _lease_keys(lease.tenant, lease.klass, lease.lease_id)
+        validate_tenant(lease.tenant)
         validate_model(lease.model)
         validate_pod(lease.model_pod)
         deadline = self._deadline()
-        args: list[str | float] = [lease.lease_id, tombstone_s]
+        script, keys, args = release_call(lease.tenant, [lease], tombstone_s)
         try:
-            held = bool(await self._run(RELEASE, keys, args, deadline))
+            (held,) = await self._run(script, keys, args, deadline)
         except StateUnavailable:
             # The request has left the model whether or not its tenant's lease could be
             # freed, so its model entry is still removed if that shard answers.
@@ -177,7 +177,7 @@ class RedisQuotaStore(Pipelines):
             raise
         if lease.model is not None:
             await self._update_model_set("remove", _model_key(lease), lease.lease_id, deadline)
-        return held
+        return bool(held)
 
     async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
         """Raises StateUnavailable (for the tenant's sets only), or ValueError for an empty
@@ -302,7 +302,9 @@ class RedisQuotaStore(Pipelines):
         `renew_ids` there ("renew"). Never raises StateUnavailable: a failure is counted and
         logged (see module rules)."""
         args: list[str | float] = [operation, lease_id, ttl_s]
-        if operation == "renew":
+        if operation == "remove":
+            args = [operation, lease_id]
+        elif operation == "renew":
             args = [operation, ttl_s, *renew_ids]
         try:
             await self._run(MODEL_LEASE, [model_key], args, deadline)
@@ -373,14 +375,6 @@ class RedisQuotaStore(Pipelines):
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:  # EVAL caches it where the keys live (module rules)
             return await self._client.eval(script.source, len(keys), *keys, *args)
-
-
-def _lease_keys(tenant: str, klass: str, lease_id: str) -> list[str]:
-    return [
-        build_key(tenant, KeyKind.LEASES),
-        build_key(tenant, KeyKind.CLASS_LEASES, klass),
-        build_key(tenant, KeyKind.RELEASED, lease_id),
-    ]
 
 
 def _model_key(lease: LeaseRef) -> str:

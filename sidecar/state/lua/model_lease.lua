@@ -1,4 +1,4 @@
--- model_lease.lua: add one lease to a model's lease set, or remove it. Called right after
+-- model_lease.lua: add one lease to a model's lease set, or remove leases. Called right after
 -- acquire.lua allowed (add) or release.lua ran (remove): the model's set has its own hash tag,
 -- so it may live on another shard than the tenant's keys and cannot be in their script.
 -- sidecar/state/base.py says what that costs.
@@ -6,8 +6,9 @@
 -- KEYS[1]  the model's lease set  qos:{=<model>}:model_leases (the fleet's count, gateway
 --          topology) or qos:{=<model>@<pod>}:model_leases (one pod's, pod topology)
 -- ARGV[1]  "add" or "remove"
--- ARGV[2]  the lease id (the one acquire.lua just added for the tenant)
--- ARGV[3]  lease TTL, seconds (add only)
+-- ARGV[2]  add: the lease id (the one acquire.lua just added for the tenant)
+-- ARGV[3]  add: the lease TTL, seconds
+-- ARGV[2..]  remove: the lease ids (one call removes a completion burst's worth)
 --
 -- The expiry is counted from this server's clock, now: the set is only ever compared with the
 -- clock of the server that holds it, which need not be the tenant's.
@@ -15,8 +16,8 @@
 -- Or "renew": ARGV[2] the TTL, seconds; ARGV[3..] lease ids. Each that is still in the set
 -- and unexpired gets the new expiry (ZADD XX: a removed entry stays removed).
 --
--- Returns, for add, the model's in-flight count including the new lease; for remove, 1 if the
--- lease was held (present and unexpired), else 0. Removing twice is safe.
+-- Returns, for add, the model's in-flight count including the new lease; for remove, how many
+-- of the leases were held (present and unexpired). Removing twice is safe.
 
 local now = now_s()
 if ARGV[1] == 'add' then
@@ -37,9 +38,12 @@ if ARGV[1] == 'renew' then
   expire_lease_set(KEYS[1], now)
   return renewed
 end
-local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
-redis.call('ZREM', KEYS[1], ARGV[2])
-if expiry and tonumber(expiry) > now then
-  return 1
+local held = 0
+for a = 2, #ARGV do
+  local expiry = redis.call('ZSCORE', KEYS[1], ARGV[a])
+  redis.call('ZREM', KEYS[1], ARGV[a])
+  if expiry and tonumber(expiry) > now then
+    held = held + 1
+  end
 end
-return 0
+return held
