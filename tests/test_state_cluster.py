@@ -112,9 +112,12 @@ def test_every_call_runs_on_the_cluster_and_tenants_spread_over_primaries(
         assert await store.in_flight_many(pairs) == dict.fromkeys(pairs, 1)
         assert await store.heartbeat("replica-a", 5.0) == 1
         assert await store.heartbeat("replica-b", 5.0) == 2
-        for lease in leases:
-            assert await store.release(lease)
-            assert not await store.release(lease)  # idempotent
+        assert await store.release(leases[0])
+        assert not await store.release(leases[0])  # idempotent
+        # Together: one script call per tenant, each on the primary of its tenant's tag, and
+        # one for the model's set, all in one pipeline.
+        assert await store.release_many(leases) == [False] + [True] * (len(leases) - 1)
+        assert await store.release_many(leases) == [False] * len(leases)
         assert await store.in_flight_many(pairs) == dict.fromkeys(pairs, 0)
         assert await store.model_in_flight(MODEL) == 0
 
