@@ -320,6 +320,28 @@ def gc_lines(configs: dict[str, Any]) -> list[str]:
     return ["Garbage collector pauses in the sidecar (`qos_gc_pause_seconds`):", "", *lines, ""]
 
 
+def store_lines(configs: dict[str, Any]) -> list[str]:
+    """What the shared store spends per decision, as fleet sizing reads it: every replica's
+    decisions land on the same Redis, so one core of it serves about 1 / (its CPU per
+    decision) decisions a second, whatever the replicas. From each configuration's last
+    maximum-rate run; only where a decision makes store calls (not leased mode)."""
+    lines = []
+    for name, row in sorted(configs.items(), key=lambda item: ORDER.index(item[0])):
+        phase = row["max_runs"][-1]
+        cpu_ms, scripts = phase.get("redis_cpu_ms_per_request"), _script_calls(phase)
+        if cpu_ms is None or scripts is None or scripts < 0.5 or cpu_ms <= 0:
+            continue
+        lines.append(
+            f"- {name}: {cpu_ms:.3f} ms of Valkey's CPU and {scripts:.2f} script calls per"
+            f" request: one Valkey core would serve about {1000 / cpu_ms:,.0f} such decisions"
+            " a second, shared by every replica"
+        )
+    if not lines:
+        return []
+    head = "The shared store's share (this host's speed, loopback, no TLS):"
+    return [head, "", *lines, ""]
+
+
 def _generator_line(configs: dict[str, Any]) -> list[str]:
     """The generator's speed: A is Envoy alone, so the generator went at least that fast."""
     if "A" not in configs:
@@ -348,6 +370,7 @@ def markdown(report: dict[str, Any], profile_lines: Sequence[str] | None) -> str
         *table(report["configs"]),
         "",
         *gc_lines(report["configs"]),
+        *store_lines(report["configs"]),
         *report["target_lines"],
     ]
     if profile_lines:
