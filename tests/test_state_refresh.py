@@ -23,7 +23,7 @@ from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
 from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from sidecar.state.redis_pipe import _Replies
-from sidecar.state.redis_pipelines import RELEASES_PER_CALL
+from sidecar.state.redis_pipelines import LEASES_PER_CALL
 from tests.core_fixtures import make_policy
 from tests.fixtures_valkey import ValkeyServer
 from tests.test_state_contract import FakeClock, Harness, check, lease_of, run_redis
@@ -236,13 +236,13 @@ def test_release_many_answers_like_one_release_each(harness: Harness) -> None:
 
 
 def test_release_many_frees_more_leases_than_one_call_carries(harness: Harness) -> None:
-    """Two tenants, three classes, more leases than RELEASES_PER_CALL, some released already:
+    """Two tenants, three classes, more leases than LEASES_PER_CALL, some released already:
     each lease answered as `release` alone would, every set left empty, every id
     tombstoned."""
 
     async def body(store: QuotaStore) -> None:
         leases = []
-        for n in range(RELEASES_PER_CALL + 10):
+        for n in range(LEASES_PER_CALL + 10):
             c = check(tenant=f"t{n % 2}", klass=CLASSES[n % 3], model="llama")
             leases.append(lease_of(c, await store.acquire(c)))
         gone = leases[::7]
@@ -276,7 +276,7 @@ def test_a_burst_of_completions_is_released_in_one_round_trip(
     valkey: ValkeyServer, redis_sync: redis.Redis, round_trips: list[int]
 ) -> None:
     """200 completions of two tenants arriving together (one access-log message's worth): one
-    pipeline, and one script call per tenant and per model set for each RELEASES_PER_CALL
+    pipeline, and one script call per tenant and per model set for each LEASES_PER_CALL
     leases, not 400 (a release and a model-set removal each)."""
 
     async def body() -> None:
@@ -295,6 +295,55 @@ def test_a_burst_of_completions_is_released_in_one_round_trip(
             assert _script_calls(redis_sync) - scripts == 2 + 2 + 4
             assert await store.in_flight("t0", None) == await store.in_flight("t1", None) == 0
             assert await store.model_in_flight("llama") == 0
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_count_for_model_many_counts_every_lease_in_its_own_models_set(harness: Harness) -> None:
+    """More leases than one call carries, over two models and two pods of one: each counted
+    where `count_for_model` alone would count it, and a release takes each out again."""
+
+    async def body(store: QuotaStore) -> None:
+        leases = []
+        for n in range(LEASES_PER_CALL + 10):
+            c = check(tenant=f"t{n % 2}")  # held without a model, then let go to one
+            lease = lease_of(c, await store.acquire(c))
+            model, pod = ("llama", None) if n % 3 else ("phi", f"pod-{n % 2}")
+            leases.append(replace(lease, model=model, model_pod=pod))
+        await store.count_for_model_many(leases, 60.0)
+        on = {"llama": None, "phi": "pod-0"}
+        counts = {m: sum(1 for x in leases if (x.model, x.model_pod) == (m, on[m])) for m in on}
+        assert await store.model_in_flight("llama") == counts["llama"]
+        assert await store.model_in_flight("phi", "pod-0") == counts["phi"]
+        assert await store.model_in_flight("phi", "pod-1") == len(leases) - sum(counts.values())
+        assert all(await store.release_many(leases))
+        assert await store.model_in_flight("llama") == 0
+        assert await store.model_in_flight("phi", "pod-1") == 0
+
+    harness.run(body)
+
+
+@pytest.mark.stack
+def test_a_ticks_admits_are_counted_for_their_model_in_one_call_per_lease_batch(
+    valkey: ValkeyServer, redis_sync: redis.Redis
+) -> None:
+    """200 admits let go to one model together: one script call per LEASES_PER_CALL, not one
+    per lease."""
+
+    async def body() -> None:
+        store = RedisQuotaStore(valkey.url, timeout_s=2.0)
+        try:
+            leases = []
+            for _ in range(200):
+                c = check()
+                leases.append(replace(lease_of(c, await store.acquire(c)), model="llama"))
+            await store.count_for_model(leases.pop(), 60.0)  # loads the script
+            scripts = _script_calls(redis_sync)
+            await store.count_for_model_many(leases, 60.0)
+            assert _script_calls(redis_sync) - scripts == 4  # 199 leases, 64 a call
+            assert await store.model_in_flight("llama") == 200
         finally:
             await store.close()
 

@@ -43,10 +43,10 @@ _PER_ITEM_S = 50e-6
 # One script call in a pipeline: the script, its keys, its args.
 Call = tuple[LuaScript, list[str], list[str | float]]
 
-# Leases one release.lua (or model_lease.lua remove) call frees at most: a burst of
-# completions costs the server one script's fixed cost per this many, and one call still holds
-# the server for well under a millisecond (about 4 commands a lease).
-RELEASES_PER_CALL = 64
+# Leases one release.lua or model_lease.lua call frees (or counts) at most: a burst of
+# completions or admits costs the server one script's fixed cost per this many, and one call
+# still holds the server for well under a millisecond (about 4 commands a lease at most).
+LEASES_PER_CALL = 64
 
 
 @contextlib.contextmanager
@@ -156,10 +156,10 @@ def release_call(tenant: str, leases: Sequence[LeaseRef], tombstone_s: float) ->
 
 
 def _chunks(by_key: dict[str, list[int]]) -> Iterator[tuple[str, list[int]]]:
-    """Each key's indexes, RELEASES_PER_CALL at most at a time."""
+    """Each key's indexes, LEASES_PER_CALL at most at a time."""
     for key, indexes in by_key.items():
-        for start in range(0, len(indexes), RELEASES_PER_CALL):
-            yield key, indexes[start : start + RELEASES_PER_CALL]
+        for start in range(0, len(indexes), LEASES_PER_CALL):
+            yield key, indexes[start : start + LEASES_PER_CALL]
 
 
 class Pipelines:
@@ -205,7 +205,7 @@ class Pipelines:
     ) -> list[bool | None]:
         """Every lease's `release` (release.lua, and the removal from its model's set) in one
         pipeline: one round trip, however many leases (per node on a cluster), and one script
-        call per tenant and per model set (RELEASES_PER_CALL leases at most each). Per lease:
+        call per tenant and per model set (LEASES_PER_CALL leases at most each). Per lease:
         True if it was held, False if not, None if its release failed (the caller owes it).
         Raises StateUnavailable when the whole call failed, or ValueError for an empty
         tenant."""
@@ -241,16 +241,20 @@ class Pipelines:
         return held
 
     async def count_for_model_many(self, leases: Sequence[LeaseRef], ttl_s: float) -> None:
-        """Every lease's entry added to its model's set, in one pipeline. Never raises
-        StateUnavailable: a failure is counted and logged (module rules of redis_store)."""
-        calls: list[Call] = []
-        for lease in leases:
+        """Every lease's entry added to its model's set, in one pipeline: one script call per
+        model set (LEASES_PER_CALL leases at most each). Never raises StateUnavailable: a
+        failure is counted and logged (module rules of redis_store)."""
+        by_model: dict[str, list[int]] = {}
+        for i, lease in enumerate(leases):
             if not lease.model:
                 raise ValueError("count_for_model needs a lease with a model")
-            key = build_model_key(lease.model, lease.model_pod)
-            calls.append((MODEL_LEASE, [key], ["add", lease.lease_id, ttl_s]))
+            by_model.setdefault(build_model_key(lease.model, lease.model_pod), []).append(i)
+        calls: list[Call] = [
+            (MODEL_LEASE, [key], ["add", ttl_s, *(leases[i].lease_id for i in chunk)])
+            for key, chunk in _chunks(by_model)
+        ]
         try:
-            replies = await self._run_many("count_for_model_many", calls)
+            replies = await self._run_many("count_for_model_many", calls, items=len(leases))
         except StateUnavailable as exc:
             replies = [exc] * len(calls)
         for (_, keys, _), reply in zip(calls, replies, strict=True):

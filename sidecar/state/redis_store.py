@@ -301,7 +301,7 @@ class RedisQuotaStore(Pipelines):
         """Add the lease to the model's set ("add"), remove it ("remove"), or renew
         `renew_ids` there ("renew"). Never raises StateUnavailable: a failure is counted and
         logged (see module rules)."""
-        args: list[str | float] = [operation, lease_id, ttl_s]
+        args: list[str | float] = [operation, ttl_s, lease_id]  # "add"
         if operation == "remove":
             args = [operation, lease_id]
         elif operation == "renew":

@@ -1,4 +1,4 @@
--- model_lease.lua: add one lease to a model's lease set, or remove leases. Called right after
+-- model_lease.lua: add leases to a model's lease set, or remove them. Called right after
 -- acquire.lua allowed (add) or release.lua ran (remove): the model's set has its own hash tag,
 -- so it may live on another shard than the tenant's keys and cannot be in their script.
 -- sidecar/state/base.py says what that costs.
@@ -6,8 +6,8 @@
 -- KEYS[1]  the model's lease set  qos:{=<model>}:model_leases (the fleet's count, gateway
 --          topology) or qos:{=<model>@<pod>}:model_leases (one pod's, pod topology)
 -- ARGV[1]  "add" or "remove"
--- ARGV[2]  add: the lease id (the one acquire.lua just added for the tenant)
--- ARGV[3]  add: the lease TTL, seconds
+-- ARGV[2]  add: the leases' TTL, seconds; ARGV[3..] their ids (those acquire.lua just added
+--          for their tenants: one call adds a loop tick's admits)
 -- ARGV[2..]  remove: the lease ids (one call removes a completion burst's worth)
 --
 -- The expiry is counted from this server's clock, now: the set is only ever compared with the
@@ -16,13 +16,16 @@
 -- Or "renew": ARGV[2] the TTL, seconds; ARGV[3..] lease ids. Each that is still in the set
 -- and unexpired gets the new expiry (ZADD XX: a removed entry stays removed).
 --
--- Returns, for add, the model's in-flight count including the new lease; for remove, how many
+-- Returns, for add, the model's in-flight count including the new leases; for remove, how many
 -- of the leases were held (present and unexpired). Removing twice is safe.
 
 local now = now_s()
 if ARGV[1] == 'add' then
   count_leases(KEYS[1], now, true) -- prune: the set holds no more than what is in flight
-  redis.call('ZADD', KEYS[1], fmt(now + tonumber(ARGV[3])), ARGV[2])
+  local expiry = fmt(now + tonumber(ARGV[2]))
+  for a = 3, #ARGV do
+    redis.call('ZADD', KEYS[1], expiry, ARGV[a])
+  end
   expire_lease_set(KEYS[1], now)
   return redis.call('ZCARD', KEYS[1])
 end
