@@ -131,14 +131,15 @@ def _judged_ratio(
     configs: dict[str, Any], paired: dict[str, Any], name: str
 ) -> tuple[float | None, str]:
     """The ratio a target is judged on, and how it reads: the paired rounds' median with
-    every round, and the sequential ratio beside it."""
+    every round, and the sequential ratio beside it. The judged value has the three decimals
+    it is compared with, so that one a hair under its goal does not read as the goal."""
     sequential = _ratio(configs, name)
     rounds = paired.get(name)
     if rounds is None or rounds["ratio"] is None:
-        return sequential, "not measured" if sequential is None else f"{sequential:.2f}"
+        return sequential, "not measured" if sequential is None else f"{sequential:.3f}"
     each = ", ".join(f"{r:.2f}" for r in rounds["ratios"])
     after = "" if sequential is None else f"; one after the other {sequential:.2f}"
-    return rounds["ratio"], f"{rounds['ratio']:.2f} (median of paired rounds {each}{after})"
+    return rounds["ratio"], f"{rounds['ratio']:.3f} (median of paired rounds {each}{after})"
 
 
 def _line(name: str, value: str, goal: str, met: bool) -> str:

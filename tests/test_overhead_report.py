@@ -59,7 +59,7 @@ def test_a_few_failed_answers_leave_the_run_valid_and_more_do_not() -> None:
     few = round(INVALID_SHARE * 7500) - 1  # per phase, three phases: under the share
     assert failed_answers(_phase(1, 1, {"200": 7500 - few, "503": few})) == (few, 7500)
     (valid,) = [t for t in _lines({"200": 7500 - few, "503": few}) if "extproc_valkey_vs" in t]
-    assert valid.startswith("TARGET extproc_valkey_vs_noop: 1.50 (>= 0.6)") and "met" in valid
+    assert valid.startswith("TARGET extproc_valkey_vs_noop: 1.500 (>= 0.6)") and "met" in valid
     many = {"200": 7000, "503": 400, "500": 100}
     configs = {"F": _row(None, 1000.0, {"200": 5000}), "G": _row("F", 1500.0, many)}
     assert invalid(configs, {}, "G") == (
@@ -126,3 +126,12 @@ def test_the_store_share_is_sized_from_valkeys_cpu_per_decision_where_decisions_
         " would serve about 20,000 such decisions a second, shared by every replica"
     ]
     assert store_lines({"C": memory}) == []
+
+
+def test_a_ratio_a_hair_under_its_goal_reads_with_the_decimals_it_was_judged_on() -> None:
+    configs = {"B": _row(None, 1000.0, {"200": 5000}), "DL": _row("B", 849.0, {"200": 4245})}
+    configs["DL"]["max_runs"][-1]["redis_calls_per_request"] = {}
+    paired = {"DL": {"ratio": 0.849, "ratios": [0.851, 0.849, 0.79]}}
+    line = next(x for x in target_lines(configs, 15.0, paired) if "leased_vs_noop" in x)
+    assert line.startswith("TARGET http_valkey_leased_vs_noop: 0.849 (median of paired rounds")
+    assert line.endswith("(>= 0.85) missed")
