@@ -112,11 +112,11 @@ def _judged_added_p99(
     sequential = _added_p99(configs, name, phase)
     rounds = paired.get(name) if phase == "common" else None
     if rounds is None or rounds.get("added_p99_ms_common") is None:
-        return sequential, "not measured" if sequential is None else f"{sequential:.2f} ms"
+        return sequential, "not measured" if sequential is None else f"{sequential:.3f} ms"
     each = ", ".join(f"{r:.2f}" for r in rounds["added_p99_ms_common_rounds"])
     after = "" if sequential is None else f"; one after the other {sequential:.2f}"
     median = rounds["added_p99_ms_common"]
-    return median, f"{median:.2f} ms (median of paired rounds {each}{after})"
+    return median, f"{median:.3f} ms (median of paired rounds {each}{after})"
 
 
 def _ratio(configs: dict[str, Any], name: str) -> float | None:

@@ -92,10 +92,10 @@ def test_the_1mib_target_is_judged_on_the_paired_rounds_at_its_own_rate() -> Non
         (found,) = [t for t in target_lines(configs, 15.0, paired) if "extproc_1mib" in t]
         return found
 
-    assert line({}) == "TARGET extproc_1mib_added_p99: 6.00 ms at 150 req/s (<= 2 ms) missed"
+    assert line({}) == "TARGET extproc_1mib_added_p99: 6.000 ms at 150 req/s (<= 2 ms) missed"
     rounds = {"added_p99_ms_common": 1.5, "added_p99_ms_common_rounds": [1.2, 1.5, 3.0]}
     assert line({"H": {"ratio": 0.75, "ratios": [0.75], **rounds}}) == (
-        "TARGET extproc_1mib_added_p99: 1.50 ms (median of paired rounds 1.20, 1.50, 3.00;"
+        "TARGET extproc_1mib_added_p99: 1.500 ms (median of paired rounds 1.20, 1.50, 3.00;"
         " one after the other 6.00) at 150 req/s (<= 2 ms) met"
     )
 

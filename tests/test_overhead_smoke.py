@@ -120,7 +120,7 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     assert "TARGET leased_redis_calls: not measured (<= 0.2) missed" in targets
     (judged,) = [t for t in targets if t.startswith("TARGET added_p99_at_common_rate_http_memory")]
     one_after = f"one after the other {sidecar['added_p99_ms_common']:.2f})"
-    assert f"{paired['added_p99_ms_common']:.2f} ms (median of paired rounds" in judged
+    assert f"{paired['added_p99_ms_common']:.3f} ms (median of paired rounds" in judged
     assert one_after in judged
     assert ("met" if paired["added_p99_ms_common"] <= 1.0 else "missed") == judged.split()[-1]
 
