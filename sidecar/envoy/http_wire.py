@@ -76,7 +76,7 @@ class WireRequest:
     headers: tuple[tuple[str, str], ...]  # (lower-case name, value), in order, repeats kept
     content_length: int
     keep_alive: bool
-    utf8: bool = True  # the whole head was UTF-8: no value holds a surrogate escape
+    utf8: bool  # the whole head was UTF-8: no value holds a surrogate escape
 
 
 @dataclass(frozen=True, slots=True)

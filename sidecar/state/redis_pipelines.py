@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -155,6 +155,15 @@ def release_call(tenant: str, leases: Sequence[LeaseRef], tombstone_s: float) ->
     return RELEASE, keys, args
 
 
+def _indexes_by(keys: Iterable[str | None]) -> dict[str, list[int]]:
+    """The positions of each key in `keys`, None skipped: the leases of one script call."""
+    found: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            found.setdefault(key, []).append(i)
+    return found
+
+
 def _chunks(by_key: dict[str, list[int]]) -> Iterator[tuple[str, list[int]]]:
     """Each key's indexes, LEASES_PER_CALL at most at a time."""
     for key, indexes in by_key.items():
@@ -209,16 +218,12 @@ class Pipelines:
         True if it was held, False if not, None if its release failed (the caller owes it).
         Raises StateUnavailable when the whole call failed, or ValueError for an empty
         tenant."""
-        by_tenant: dict[str, list[int]] = {}
-        by_model: dict[str, list[int]] = {}
-        for i, lease in enumerate(leases):
+        for lease in leases:
             validate_tenant(lease.tenant)
             validate_model(lease.model)
             validate_pod(lease.model_pod)
-            by_tenant.setdefault(lease.tenant, []).append(i)
-            if lease.model is not None:
-                by_model.setdefault(build_model_key(lease.model, lease.model_pod), []).append(i)
-        tenant_chunks = list(_chunks(by_tenant))
+        by_model = _indexes_by(None if x.model is None else model_set_key(x) for x in leases)
+        tenant_chunks = list(_chunks(_indexes_by(lease.tenant for lease in leases)))
         calls = [
             release_call(tenant, [leases[i] for i in chunk], tombstone_s)
             for tenant, chunk in tenant_chunks
@@ -227,8 +232,9 @@ class Pipelines:
             (MODEL_LEASE, [key], ["remove", *(leases[i].lease_id for i in chunk)])
             for key, chunk in _chunks(by_model)
         ]
+        counted = sum(len(chunk) for chunk in by_model.values())
         replies = await self._run_many(
-            "release_many", [*calls, *model_calls], items=len(leases) + len(by_model)
+            "release_many", [*calls, *model_calls], items=len(leases) + counted
         )
         for (_, keys, _), reply in zip(model_calls, replies[len(calls) :], strict=True):
             if isinstance(reply, Exception):
@@ -244,11 +250,9 @@ class Pipelines:
         """Every lease's entry added to its model's set, in one pipeline: one script call per
         model set (LEASES_PER_CALL leases at most each). Never raises StateUnavailable: a
         failure is counted and logged (module rules of redis_store)."""
-        by_model: dict[str, list[int]] = {}
-        for i, lease in enumerate(leases):
-            if not lease.model:
-                raise ValueError("count_for_model needs a lease with a model")
-            by_model.setdefault(build_model_key(lease.model, lease.model_pod), []).append(i)
+        if not all(lease.model for lease in leases):
+            raise ValueError("count_for_model needs a lease with a model")
+        by_model = _indexes_by(model_set_key(lease) for lease in leases)
         calls: list[Call] = [
             (MODEL_LEASE, [key], ["add", ttl_s, *(leases[i].lease_id for i in chunk)])
             for key, chunk in _chunks(by_model)
@@ -374,6 +378,12 @@ def script_command(call: Call, source: bool = False) -> tuple[Any, ...]:
     script, keys, args = call
     name, body = ("EVAL", script.source) if source else ("EVALSHA", script.sha)
     return (name, body, len(keys), *keys, *args)
+
+
+def model_set_key(lease: LeaseRef) -> str:
+    """The model set `lease` is counted in (it has a model): the pod's or the fleet's."""
+    assert lease.model is not None
+    return build_model_key(lease.model, lease.model_pod)
 
 
 def _connection_lost(reply: Any) -> bool:

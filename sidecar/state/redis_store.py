@@ -87,6 +87,7 @@ from sidecar.state.redis_pipelines import (
     acquire_call,
     acquire_result,
     map_exceptions,
+    model_set_key,
     release_call,
     script_command,
 )
@@ -167,16 +168,17 @@ class RedisQuotaStore(Pipelines):
         validate_pod(lease.model_pod)
         deadline = self._deadline()
         script, keys, args = release_call(lease.tenant, [lease], tombstone_s)
+        model_key = None if lease.model is None else model_set_key(lease)
         try:
             (held,) = await self._run(script, keys, args, deadline)
         except StateUnavailable:
             # The request has left the model whether or not its tenant's lease could be
             # freed, so its model entry is still removed if that shard answers.
-            if lease.model is not None:
-                await self._update_model_set("remove", _model_key(lease), lease.lease_id, deadline)
+            if model_key is not None:
+                await self._update_model_set("remove", model_key, lease.lease_id, deadline)
             raise
-        if lease.model is not None:
-            await self._update_model_set("remove", _model_key(lease), lease.lease_id, deadline)
+        if model_key is not None:
+            await self._update_model_set("remove", model_key, lease.lease_id, deadline)
         return bool(held)
 
     async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
@@ -200,7 +202,7 @@ class RedisQuotaStore(Pipelines):
         by_model: dict[str, list[str]] = {}  # model set key -> its leases' ids
         for lease in renewed:
             if lease.model is not None:
-                by_model.setdefault(_model_key(lease), []).append(lease.lease_id)
+                by_model.setdefault(model_set_key(lease), []).append(lease.lease_id)
         for model_key, ids in by_model.items():
             await self._update_model_set("renew", model_key, "", deadline, ttl_s, ids)
         return {lease.lease_id for lease in renewed}
@@ -249,7 +251,7 @@ class RedisQuotaStore(Pipelines):
         if not lease.model:
             raise ValueError("count_for_model needs a lease with a model")
         await self._update_model_set(
-            "add", _model_key(lease), lease.lease_id, self._deadline(), ttl_s
+            "add", model_set_key(lease), lease.lease_id, self._deadline(), ttl_s
         )
 
     async def model_in_flight(self, model: str, pod: str | None = None) -> int:
@@ -375,12 +377,6 @@ class RedisQuotaStore(Pipelines):
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:  # EVAL caches it where the keys live (module rules)
             return await self._client.eval(script.source, len(keys), *keys, *args)
-
-
-def _model_key(lease: LeaseRef) -> str:
-    """The model set `lease` is counted in (it has a model): the pod's or the fleet's."""
-    assert lease.model is not None
-    return build_model_key(lease.model, lease.model_pod)
 
 
 def _text(value: bytes | str) -> str:
