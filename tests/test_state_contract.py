@@ -10,6 +10,7 @@ The only real wait is lease expiry on Redis, with a 50 ms TTL, polled with a dea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -1118,7 +1119,12 @@ def test_redis_stopped_mid_test_raises_state_unavailable_quickly() -> None:
     with ValkeyServer() as server:
 
         async def body(store: RedisQuotaStore) -> None:
-            assert (await store.acquire(check(bucket()))).allowed  # a pooled connection
+            first = None
+            for _ in range(3):  # set-up: the first call also connects and loads the script,
+                with contextlib.suppress(StateUnavailable):  # which a busy host can stretch
+                    first = await store.acquire(check(bucket()))  # past the 50 ms budget
+                    break
+            assert first is not None and first.allowed  # a pooled connection
             server.stop()
             started = time.monotonic()
             with pytest.raises(StateUnavailable):
