@@ -32,12 +32,12 @@ from sidecar.core.fleet import NOBODY, Elsewhere, backlogged, merge_summaries
 from sidecar.core.in_flight import InFlightCounts
 from sidecar.core.lateness import Lateness
 from sidecar.core.load import LoadView
-from sidecar.core.protect import Protection, presets_for
+from sidecar.core.protect import Protection, shares_for
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.signals import ModelSignals, Signals, cap_of
 from sidecar.core.types import Decision, Reason
 from sidecar.core.upstream import UpstreamTimes
-from sidecar.policy.model import ClassPolicy, Policy, Protect
+from sidecar.policy.model import ClassPolicy, Policy
 
 
 class Deferrer:
@@ -69,7 +69,7 @@ class Deferrer:
         self.upstream = UpstreamTimes()  # each class's time in Triton: its hold budget
         self.lateness = Lateness()  # depths its requests sent at once end late from
         self.limits_published: dict[str, set[str]] = {}  # model -> classes in the metric
-        self._presets_of: tuple[Policy | None, dict[str, dict[str, Protect]]] = (None, {})
+        self._shares_of: tuple[Policy | None, dict[str, dict[str, float]]] = (None, {})
         self._ids = itertools.count(1)
 
     def _bounds(self) -> dict[str, int]:
@@ -165,8 +165,8 @@ class Deferrer:
     def model_signals(self, model: str, view: LoadView, now: float) -> ModelSignals:
         """`model`'s load as this replica knows it now (see the module comment)."""
         policy = self._policy()
-        presets = self._presets(policy, model)
-        caps = self.protection.caps(model, policy.classes.values(), presets, now) if presets else {}
+        shares = self._shares(policy, model)
+        caps = self.protection.caps(model, policy.classes.values(), shares, now) if shares else {}
         return ModelSignals(
             view.state_of(model, now, self.stale_after_s),
             self._depth(view, model),
@@ -183,15 +183,15 @@ class Deferrer:
         what ended since (a batch that ends takes the next rows off the queue)."""
         return max(0, view.queue_depth(model) + self._since_scrape.get(model, 0))
 
-    def _presets(self, policy: Policy, model: str) -> dict[str, Protect]:
-        """`presets_for`, worked out once per policy and model (this runs per decision)."""
-        if self._presets_of[0] is not policy:
-            self._presets_of = (policy, {})
-        known = self._presets_of[1]
+    def _shares(self, policy: Policy, model: str) -> dict[str, float]:
+        """`shares_for`, worked out once per policy and model (this runs per decision)."""
+        if self._shares_of[0] is not policy:
+            self._shares_of = (policy, {})
+        known = self._shares_of[1]
         if model not in known:
             if len(known) >= 1024:  # model names come from requests: bounded
                 known.clear()
-            known[model] = presets_for(policy, model)
+            known[model] = shares_for(policy, model)
         return known[model]
 
     def adaptive_caps(self, model: str) -> dict[str, tuple[int, bool]]:

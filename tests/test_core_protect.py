@@ -12,8 +12,9 @@ from sidecar.core.protect import (
     DECREASE,
     MAX_PERIODS,
     MIN_SAMPLES,
+    TARGET,
     Protection,
-    presets_for,
+    shares_for,
 )
 from sidecar.core.signals import cap_of
 from sidecar.policy.model import ClassPolicy, ModelPolicy, OverloadPolicy, Policy, Protect
@@ -35,12 +36,12 @@ BATCH = ClassPolicy(
     overload=OverloadPolicy(4, 32, max_in_flight=4, protect=Protect.BALANCED),
 )
 CLASSES = (INTERACTIVE, BATCH)
-PRESETS = {"batch": Protect.BALANCED}
+SHARES = {"batch": TARGET[Protect.BALANCED]}
 PERIOD_S = 0.2  # the interactive objective
 
 
 def caps(p: Protection, now_s: float) -> int | None:
-    return p.caps("llm", CLASSES, PRESETS, now_s)["batch"]
+    return p.caps("llm", CLASSES, SHARES, now_s)["batch"]
 
 
 def test_the_cap_binds_only_while_a_better_class_sends_the_model_work() -> None:
@@ -49,7 +50,7 @@ def test_the_cap_binds_only_while_a_better_class_sends_the_model_work() -> None:
     p.arrived("llm", INTERACTIVE, 0, None, 0.0)
     assert caps(p, 0.05) == 4  # at its floor, max_in_flight
     # Another model's interactive work does not bind this model's cap.
-    assert p.caps("resnet", CLASSES, PRESETS, 0.05)["batch"] is None
+    assert p.caps("resnet", CLASSES, SHARES, 0.05)["batch"] is None
     # Arrivals every 0.1 s: expected for 4 gaps (0.4 s) after the last one.
     for i in range(1, 11):
         p.arrived("llm", INTERACTIVE, 0, None, i * 0.1)
@@ -184,8 +185,42 @@ def test_a_model_preset_overrides_the_class_preset(
         tenants={},
         models={"llm": ModelPolicy("llm", protect=model_preset)},
     )
-    assert presets_for(policy, "llm") == {"batch": expected}
-    assert presets_for(policy, "other") == {"batch": Protect.BALANCED}
+    assert shares_for(policy, "llm") == {"batch": TARGET[expected]}
+    assert shares_for(policy, "other") == {"batch": TARGET[Protect.BALANCED]}
+
+
+def test_a_class_share_replaces_its_preset_share_and_a_model_preset_overrides_both() -> None:
+    shared = replace(BATCH, overload=replace(BATCH.overload, protect_share=0.5))
+    policy = Policy(
+        "v",
+        (),
+        classes={"interactive": INTERACTIVE, "batch": shared},
+        tenants={},
+        models={"llm": ModelPolicy("llm", protect=Protect.THROUGHPUT)},
+    )
+    assert shares_for(policy, "other") == {"batch": 0.5}
+    assert shares_for(policy, "llm") == {"batch": TARGET[Protect.THROUGHPUT]}
+
+
+def test_a_lower_share_cuts_the_cap_where_the_preset_lets_it_grow() -> None:
+    """Interactive at 70% of its objective: under balanced's 80%, over a share of 60%."""
+
+    def run(share: float) -> list[int]:
+        p, now, seen = Protection(), 0.0, []
+        for _ in range(8):
+            p.arrived("llm", INTERACTIVE, 3, None, now)
+            cap = p.caps("llm", CLASSES, {"batch": share}, now)["batch"]
+            assert cap is not None
+            seen.append(cap)
+            p.arrived("llm", BATCH, cap, cap, now)  # held back at its cap
+            for _ in range(MIN_SAMPLES):
+                p.completed("llm", INTERACTIVE, 0.7 * INTERACTIVE.latency_objective_ms / 1000, now)
+            now += PERIOD_S
+        return seen
+
+    grown, held = run(TARGET[Protect.BALANCED]), run(0.6)
+    assert grown[-1] > grown[0]
+    assert held == [4] * len(held)  # cut at each step, never below its floor
 
 
 def test_admission_reads_the_adaptive_cap_and_its_absence() -> None:
@@ -208,7 +243,7 @@ def test_random_model_names_cannot_grow_what_is_kept(monkeypatch: pytest.MonkeyP
     p = Protection()
     for i in range(50):
         p.arrived(f"m{i}", INTERACTIVE, 0, None, 0.0)
-        p.caps(f"m{i}", CLASSES, PRESETS, 0.0)
+        p.caps(f"m{i}", CLASSES, SHARES, 0.0)
     assert len(p._arrivals) <= 8 and len(p._lanes) <= 8
 
 
@@ -240,7 +275,7 @@ STANDARD = ClassPolicy(
     overload=OverloadPolicy(8, 48, protect=Protect.BALANCED),
 )
 THREE = (INTERACTIVE, STANDARD, BATCH)
-BOTH = {"standard": Protect.BALANCED, "batch": Protect.BALANCED}
+BOTH = {"standard": TARGET[Protect.BALANCED], "batch": TARGET[Protect.BALANCED]}
 
 
 def test_a_class_far_inside_its_objective_does_not_dilute_one_near_it() -> None:
@@ -250,12 +285,12 @@ def test_a_class_far_inside_its_objective_does_not_dilute_one_near_it() -> None:
     now = 0.0
     for _ in range(12):  # grow the batch cap while everyone is well inside
         p.arrived("llm", INTERACTIVE, 0, None, now)
-        cap = p.caps("llm", THREE, {"batch": Protect.BALANCED}, now)["batch"] or 0
+        cap = p.caps("llm", THREE, SHARES, now)["batch"] or 0
         p.arrived("llm", BATCH, cap, cap, now)
         for _ in range(MIN_SAMPLES):
             p.completed("llm", INTERACTIVE, 0.02, now)
         now += PERIOD_S
-    high = p.caps("llm", THREE, {"batch": Protect.BALANCED}, now)["batch"] or 0
+    high = p.caps("llm", THREE, SHARES, now)["batch"] or 0
     assert high > 8
     # One interactive request in ten at 90% of its objective (its 95th percentile over
     # balanced's 80%), while three times as many standard requests finish at 10% of theirs:
@@ -269,7 +304,7 @@ def test_a_class_far_inside_its_objective_does_not_dilute_one_near_it() -> None:
         p.completed("llm", STANDARD, 0.1 * STANDARD.latency_objective_ms / 1000, now)
     now += PERIOD_S
     p.arrived("llm", INTERACTIVE, 0, None, now)
-    assert (p.caps("llm", THREE, {"batch": Protect.BALANCED}, now)["batch"] or 0) <= high * 0.8
+    assert (p.caps("llm", THREE, SHARES, now)["batch"] or 0) <= high * 0.8
 
 
 def test_a_lower_class_is_never_let_in_where_a_better_protected_one_is_not() -> None:

@@ -117,3 +117,54 @@ def test_fast_interactive_completions_raise_the_cap_that_holds_batch_back(
         "the learnt cap grows",
     )
     burst.join()
+
+
+def learnt_cap(stack: LocalStack) -> float:
+    return metric_value(stack.admin_url, "qos_adaptive_cap", model="simgpu", **{"class": "batch"})
+
+
+def fast_interactive_period(stack: LocalStack) -> Flood:
+    """Batch held back at its cap while more than MIN_SAMPLES fast interactive requests end:
+    one period's evidence. Returns the burst (still running)."""
+    url = stack.url("http")
+    assert infer(url, api_key="k-web", delay_ms=5).status == 200
+    burst = Flood(url, 2 * BURST, delay_ms=300)
+    for _ in range(25):
+        assert infer(url, api_key="k-web", delay_ms=5).status == 200
+    return burst
+
+
+def test_a_lower_protect_share_cuts_the_cap_that_the_same_completions_raise(
+    stack: LocalStack,
+) -> None:
+    """`protect_share` is rule 2's target: interactive requests that end at about 1% of their
+    objective are under throughput's share (the cap grows) and over a share of 0.001 (the cap
+    is cut), on the same stack after a hot reload."""
+    assert stack.sidecar is not None
+    idle(stack)
+    learnt = learnt_cap(stack)
+    burst = fast_interactive_period(stack)
+    wait_for(lambda: learnt_cap(stack) > learnt, 10, "the learnt cap grows")
+    burst.join()
+    raised = learnt_cap(stack)
+
+    policy_file = stack.sidecar.policy_path / "policy.yaml"
+    good = policy_file.read_text()
+    reloads = metric_value(stack.admin_url, "qos_policy_reloads_total", result="ok")
+    try:
+        policy_file.write_text(
+            good.replace("protect: throughput}", "protect: throughput, protect_share: 0.001}")
+        )
+        wait_for(
+            lambda: (
+                metric_value(stack.admin_url, "qos_policy_reloads_total", result="ok") > reloads
+            ),
+            10,
+            "the policy with protect_share loaded",
+        )
+        idle(stack)
+        burst = fast_interactive_period(stack)
+        wait_for(lambda: learnt_cap(stack) < raised, 10, "the learnt cap is cut")
+        burst.join()
+    finally:
+        policy_file.write_text(good)

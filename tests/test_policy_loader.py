@@ -486,6 +486,14 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
         ],
     ),
     (
+        "protect_share.yaml",
+        [
+            "12: classes.standard.overload.protect_share: must be at most 1, got 1.5",
+            "18: classes.batch.overload.protect_share: protect_share sets the share of an"
+            " adaptive cap, and this class has none; set overload.protect as well",
+        ],
+    ),
+    (
         "unknown_key.yaml",
         [
             "2: classes.gold: missing required key 'rank'",

@@ -34,7 +34,9 @@ cap that the sidecar finds from what it observes, per model:
 4. Presets (`Protect`), a model's own overriding the class's: the share of their objective
    that 95% of better-ranked requests stay under. `latency` keeps them at 60% (smallest
    batches, most margin), `balanced` at 80%, `throughput` at their objective (fullest
-   batches; about one in twenty of them then comes close to missing).
+   batches; about one in twenty of them then comes close to missing). A class's
+   `protect_share` replaces its preset's share (the knob between and beyond the presets); a
+   model's own preset overrides that too.
 
 5. Model names come from requests: at most MAX_KEPT models' entries are kept, and past
    that all are forgotten (every cap back at its floor, the safe side), so a client naming
@@ -182,20 +184,20 @@ class Protection:
         self,
         model: str,
         classes: Iterable[ClassPolicy],
-        presets: Mapping[str, Protect],
+        shares: Mapping[str, float],
         now_s: float,
     ) -> dict[str, int | None]:
         """The cap of every protected class for `model` (name -> cap; None: it does not bind
-        now). `presets`: each protected class's preset for this model."""
+        now). `shares`: each protected class's target share for this model (`shares_for`)."""
         ranked = sorted(classes, key=lambda c: c.rank)
         out: dict[str, int | None] = {}
         above: int | None = None  # the least binding cap of a better-ranked protected class
         for klass in ranked:
-            preset = presets.get(klass.name)
-            if preset is None or klass.overload is None:
+            share = shares.get(klass.name)
+            if share is None or klass.overload is None:
                 continue
             better = [c for c in ranked if c.rank < klass.rank]
-            cap = self._cap(model, klass, better, preset, now_s)
+            cap = self._cap(model, klass, better, share, now_s)
             if cap is not None and above is not None:
                 cap = max(cap_floor(klass.overload), min(cap, above))  # rule 3
             out[klass.name] = cap
@@ -208,7 +210,7 @@ class Protection:
         model: str,
         klass: ClassPolicy,
         better: list[ClassPolicy],
-        preset: Protect,
+        share: float,
         now_s: float,
     ) -> int | None:
         assert klass.overload is not None
@@ -223,10 +225,10 @@ class Protection:
             lanes = self._lanes[model] = {}
         lane = lanes.get(klass.name)
         if lane is None:
-            lane = _Lane(klass.rank, float(floor), now_s, period_s, TARGET[preset], floor)
+            lane = _Lane(klass.rank, float(floor), now_s, period_s, share, floor)
             lanes[klass.name] = lane
         # Follow policy reloads; a raised floor lifts the cap with it.
-        lane.period_s, lane.target, lane.floor = period_s, TARGET[preset], floor
+        lane.period_s, lane.target, lane.floor = period_s, share, floor
         lane.advance(now_s)
         lane.cap = max(lane.cap, float(floor))
         if not any(self._present(model, c, now_s) for c in better):
@@ -248,12 +250,19 @@ class Protection:
         return now_s - seen.last_s <= horizon_s
 
 
-def presets_for(policy: Policy, model: str) -> dict[str, Protect]:
-    """Rule 4: each protected class's preset for `model` (the model's own, else the class's)."""
+def shares_for(policy: Policy, model: str) -> dict[str, float]:
+    """Rule 4: each protected class's target share for `model`: the model's own preset's, else
+    the class's `protect_share`, else its preset's."""
     model_policy = policy.models.get(model)
     override = model_policy.protect if model_policy is not None else None
-    return {
-        c.name: override or c.overload.protect
-        for c in policy.classes.values()
-        if c.overload is not None and c.overload.protect is not None
-    }
+    out = {}
+    for c in policy.classes.values():
+        if c.overload is None or c.overload.protect is None:
+            continue
+        if override is not None:
+            out[c.name] = TARGET[override]
+        elif c.overload.protect_share is not None:
+            out[c.name] = c.overload.protect_share
+        else:
+            out[c.name] = TARGET[c.overload.protect]
+    return out

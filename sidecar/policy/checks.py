@@ -145,6 +145,12 @@ class Merged:
                     ("overload", "shed_above"),
                     f"shed_above ({shed}) must be greater than admit_below ({admit})",
                 )
+            if overload.get("protect_share") is not None and overload.get("protect") is None:
+                klass.problem(
+                    ("overload", "protect_share"),
+                    "protect_share sets the share of an adaptive cap, and this class has none; "
+                    "set overload.protect as well",
+                )
         target = klass.data.get("relegate_to")
         if target is None:
             return

@@ -120,6 +120,9 @@ class Document(NodeFile):
         if spec.exclusive_minimum is not None and value <= spec.exclusive_minimum:
             self.problem(loc, f"must be greater than {spec.exclusive_minimum:g}, got {value}")
             return None
+        if spec.maximum is not None and value > spec.maximum:
+            self.problem(loc, f"must be at most {spec.maximum:g}, got {value}")
+            return None
         return value
 
     def _list(self, node: Node, spec: ListOf, loc: Loc, line: int) -> Any:

@@ -156,6 +156,14 @@ class OverloadPolicy:
         "shed_above grow with it above its floor. A model's own protect overrides the preset.",
         default=None,
     )
+    protect_share: float | None = setting(
+        Num(exclusive_minimum=0, maximum=1),
+        "With protect: the share of their objective that 95% of better-ranked requests must "
+        "stay under, instead of the preset's (latency 0.6, balanced 0.8, throughput 1). "
+        "Lower keeps them further from their objective and lets less of this class in. A "
+        "model's own protect overrides it.",
+        default=None,
+    )
 
 
 @section("class", "A service class: how important a request is and how long it may wait.")

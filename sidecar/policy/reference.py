@@ -105,6 +105,8 @@ def _number(spec: Int | Num) -> str:
         out += f" ≥ {spec.minimum:g}"
     if isinstance(spec, Num) and spec.exclusive_minimum is not None:
         out += f" > {spec.exclusive_minimum:g}"
+    if isinstance(spec, Num) and spec.maximum is not None:
+        out += f", ≤ {spec.maximum:g}"
     return out
 
 

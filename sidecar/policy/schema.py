@@ -103,6 +103,8 @@ def _spec_schema(spec: Spec, defs: dict[str, Any]) -> dict[str, Any]:
             out["minimum"] = spec.minimum
         if spec.exclusive_minimum is not None:
             out["exclusiveMinimum"] = spec.exclusive_minimum
+        if spec.maximum is not None:
+            out["maximum"] = spec.maximum
         return out
     if isinstance(spec, Choice):
         return {"type": "string", "enum": list(spec.values)}

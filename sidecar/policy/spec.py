@@ -53,6 +53,7 @@ class Num:
 
     minimum: float | None = None
     exclusive_minimum: float | None = None
+    maximum: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
