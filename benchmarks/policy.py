@@ -13,6 +13,7 @@ the sidecar and the report can put each tenant's admitted rate against its quota
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from sidecar.policy.model import BucketUnit
 #             standard and batch caps adaptive instead (overload.protect with that preset);
 #             their floor is --preset-floor (default none: a cap of 1), so that nothing in
 #             them is tuned on this workload
+#   share-X - the default preset with overload.protect_share X (0 < X <= 1) on standard and
+#             batch: the knob between and beyond the presets, for the frontier's curve
 #   nodefer - the default, but nothing is held (max_wait_ms 0): admit, relegate or shed at once
 #   norelegate - the default, without relegation
 # DEFAULT is what the sidecar rows run (sidecar-http, -grpc, -extproc): issue 12 asks for
@@ -40,6 +43,22 @@ from sidecar.policy.model import BucketUnit
 PRESETS = ("latency", "balanced", "throughput")
 DEFAULT = "balanced"
 POLICY_VARIANTS = ("quota", "static", "nodefer", "norelegate", *PRESETS)
+SHARE_PREFIX = "share-"
+SHARE_ROW = f"sidecar-http-{SHARE_PREFIX}"  # the system that runs a share-X variant
+
+
+def share_of(variant: str) -> float | None:
+    """The protect_share of a `share-X` variant (None for any other variant)."""
+    if not variant.startswith(SHARE_PREFIX):
+        return None
+    try:
+        share = float(variant[len(SHARE_PREFIX) :])
+    except ValueError:
+        share = math.nan
+    if not 0 < share <= 1:
+        raise ValueError(f"policy variant {variant!r}: the share must be a number in (0, 1]")
+    return share
+
 
 # Triton queue depth (requests waiting for the model) thresholds per class, in units of the
 # model's batch: interactive goes to Triton while one batch waits, batch only while almost
@@ -94,11 +113,12 @@ def write_policy(
     model: str | None = None,
     infeasible: str = "admit",
 ) -> Path:
-    if variant not in POLICY_VARIANTS:
+    share = share_of(variant)
+    if variant not in POLICY_VARIANTS and share is None:
         raise ValueError(f"policy variant {variant!r}: expected one of {POLICY_VARIANTS}")
     if variant in PRESETS:
         protect, max_in_flight = variant, preset_floor
-    elif variant in ("nodefer", "norelegate"):  # the default with one feature off
+    elif variant in ("nodefer", "norelegate") or share is not None:  # the default, one change
         protect, max_in_flight = DEFAULT, preset_floor
     directory.mkdir(parents=True, exist_ok=True)
     doc: dict[str, object] = {
@@ -107,7 +127,14 @@ def write_policy(
         "lease_ttl_s": 120,
         "classes": {
             c.name: _class_doc(
-                c, classes, variant, batch_size * overload_scale, batch_size, max_in_flight, protect
+                c,
+                classes,
+                variant,
+                batch_size * overload_scale,
+                batch_size,
+                max_in_flight,
+                protect,
+                share,
             )
             | (
                 {"triton_timeout_ms": _deadline_ms(c)}
@@ -170,6 +197,7 @@ def _class_doc(
     batch_size: int,
     max_in_flight: float,
     protect: str = "none",
+    share: float | None = None,
 ) -> dict[str, object]:
     doc: dict[str, object] = {
         "rank": c.priority,
@@ -189,6 +217,8 @@ def _class_doc(
         overload["max_in_flight"] = max(1, round(max_in_flight * batch_size))
     if protect != "none" and c.name in CAPPED_CLASSES:
         overload["protect"] = protect  # adaptive, max_in_flight its floor (core/protect.py)
+        if share is not None:
+            overload["protect_share"] = share
     doc["overload"] = overload
     if variant != "nodefer":
         doc["max_wait_ms"] = round(MAX_WAIT_SHARE[c.name] * c.deadline_s * 1000)

@@ -47,6 +47,7 @@ from benchmarks.runner import (
     run_point,
     sidecar_decisions,
     start_system,
+    system_named,
     wait_idle,
 )
 from benchmarks.workload import (
@@ -402,7 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         "writes it into the body; Triton then drops a request still queued past it), or none",
     )
     parser.add_argument(
-        "--systems", help="comma-separated subset of: " + ",".join(s.name for s in SYSTEMS)
+        "--systems",
+        help="comma-separated subset of: "
+        + ",".join(s.name for s in SYSTEMS)
+        + "; and sidecar-http-share-X (0 < X <= 1): sidecar-http with overload.protect_share X, "
+        "a point of the knob's curve on the frontier",
     )
     parser.add_argument("--loads", help="comma-separated multiples of C")
     parser.add_argument("--duration", type=float, help="seconds per load point")
@@ -429,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         secs = [float(x) for x in args.step.split(",")]
         mode = replace(mode, step_phases=((secs[0], 1.0), (secs[1], 3.0), (secs[2], 1.0)))
     if args.systems:
-        systems = [SYSTEMS_BY_NAME[n] for n in args.systems.split(",")]
+        systems = [system_named(n) for n in args.systems.split(",")]
     else:
         systems = [s for s in SYSTEMS if s.quick or args.full]
     step_systems = [s for s in systems if mode.step_systems is None or s.name in mode.step_systems]
@@ -733,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     qos_targets.plot_frontier(results, out)
     targets = qos_targets.target_lines(results)
     frontier = qos_targets.frontier_md(results)
+    knob = qos_targets.curve_md(results)
+    if knob:
+        frontier += "\n\nThe knob's curve: sidecar-http by overload.protect_share\n\n" + knob
     (out / "report.md").write_text(_report_md(results, table, frontier, targets))
     print()
     print(table)

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import usage_check
+from benchmarks.policy import SHARE_ROW, share_of
 from benchmarks.report import describe_last_over, noisy_worst
+from sidecar.core.protect import TARGET
+from sidecar.policy.model import Protect
 
 LOADS = (2.0, 3.0)
 INTERACTIVE_MAX_PCT = {2.0: 1.0, 3.0: 5.0}
@@ -252,6 +255,40 @@ def _throughput_lines(
     return lines
 
 
+def knob_share(name: str) -> float | None:
+    """The protect_share a sidecar-http row runs: a shipped preset's (PRESET_ROWS), or a
+    sweep row's (`sidecar-http-share-X`); None for any other system."""
+    if name in PRESET_ROWS:
+        return TARGET[Protect(PRESET_ROWS[name])]
+    if name.startswith(SHARE_ROW):
+        return share_of(name.removeprefix("sidecar-http-"))
+    return None
+
+
+def curve(results: Mapping[str, Any]) -> list[tuple[float, str]]:
+    """The knob's curve: (protect_share, row) of every sidecar-http row run, by share."""
+    return sorted(
+        (share, name) for name in results["systems"] if (share := knob_share(name)) is not None
+    )
+
+
+def curve_md(results: Mapping[str, Any]) -> str:
+    """The sidecar-http rows by protect_share (presets at theirs), when two or more ran: what
+    moving the knob trades, per load."""
+    rows = curve(results)
+    if len(rows) < 2:
+        return ""
+    points = frontier(results)
+    loads = sorted({m for _, name in rows for m, _, _ in points[name]})
+    head = "| protect_share | row | " + " | ".join(f"{m:g}x: viol %, SLO-met/C" for m in loads)
+    lines = [head + " |", "|---|---|" + "---|" * len(loads)]
+    for share, name in rows:
+        by_m = {m: (v, met) for m, v, met in points[name]}
+        cells = [f"{by_m[m][0]:.1f}, {by_m[m][1]:.2f}" if m in by_m else "—" for m in loads]
+        lines.append(f"| {share:g} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def frontier_md(results: Mapping[str, Any]) -> str:
     """The frontier as a table: one row per system, (violation %, SLO-met / C) per load."""
     points = frontier(results)
@@ -281,6 +318,14 @@ def plot_frontier(results: Mapping[str, Any], out: Path) -> Path:
             if xs:
                 ax.scatter(xs, ys, marker="o" if is_sidecar(name) else "s", label=name)
                 ax.annotate(name, (xs[0], ys[0]), fontsize=7)
+        knob = [
+            pt
+            for _, name in curve(results)
+            for pt in frontier(results)[name]
+            if abs(pt[0] - m) < 1e-9
+        ]
+        if len(knob) > 1:  # the knob's curve, by protect_share
+            ax.plot([v for _, v, _ in knob], [s for _, _, s in knob], "k--", lw=0.8)
         ax.set_xlabel("interactive SLO violations (%)")
         ax.set_ylabel("SLO-met throughput / C")
         ax.set_title(f"{m:g}x C")

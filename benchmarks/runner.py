@@ -29,7 +29,7 @@ from benchmarks import loadgen
 from benchmarks.loadgen import GenOptions, RunResult
 from benchmarks.models import ModelKind
 from benchmarks.policy import DEFAULT as DEFAULT_POLICY
-from benchmarks.policy import PRESETS, Quota
+from benchmarks.policy import PRESETS, SHARE_ROW, Quota, share_of
 from benchmarks.workload import ClassSpec, Request, TenantSpec
 from devstack.envoy import EnvoyProcess, render_bootstrap
 from devstack.procs import ValkeyProcess, free_port
@@ -159,6 +159,26 @@ SYSTEMS = (
     ),
 )
 SYSTEMS_BY_NAME = {s.name: s for s in SYSTEMS}
+
+
+def system_named(name: str) -> SystemSpec:
+    """A system of SYSTEMS, or `sidecar-http-share-X`: sidecar-http with overload.protect_share
+    X on its protected classes (a point of the knob's sweep on the frontier)."""
+    if name.startswith(SHARE_ROW):
+        variant = name.removeprefix("sidecar-http-")
+        share = share_of(variant)  # a bad share stops the run before anything starts
+        return SystemSpec(
+            name,
+            f"qos-sidecar (HTTP), the {DEFAULT_POLICY} preset with protect_share {share}",
+            "sidecar-http",
+            "http",
+            policy_variant=variant,
+            quick=False,
+        )
+    if name not in SYSTEMS_BY_NAME:
+        known = ", ".join(SYSTEMS_BY_NAME)
+        raise ValueError(f"unknown system {name!r}: one of {known}, or {SHARE_ROW}X (0 < X <= 1)")
+    return SYSTEMS_BY_NAME[name]
 
 
 @dataclass

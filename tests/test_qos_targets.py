@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from benchmarks.qos_targets import dominated_by, frontier_md, target_lines
+import pytest
+
+from benchmarks.qos_targets import curve, curve_md, dominated_by, frontier_md, target_lines
+from sidecar.policy.model import Protect
 
 
 def point(m: float, viol: float, met: float, seeds: tuple[float, ...] = ()) -> dict[str, Any]:
@@ -106,3 +110,45 @@ def test_the_presets_form_the_frontier_when_no_one_of_them_meets_both_targets() 
     assert two.endswith(" missed") and "dominated: latency by passthrough" in two
     del doc["systems"]["sidecar-http-latency"]
     assert not [x for x in target_lines(doc) if "presets_frontier" in x]
+
+
+def test_a_share_row_runs_the_default_preset_with_its_share_and_loads(tmp_path: Path) -> None:
+    from benchmarks.policy import write_policy
+    from benchmarks.runner import system_named
+    from benchmarks.workload import CLASS_NAMES, CLASS_PRIORITY, ClassSpec, default_tenants
+    from sidecar.policy.loader import load_policy
+
+    spec = system_named("sidecar-http-share-0.45")
+    assert (spec.sidecar_mode, spec.policy_variant) == ("http", "share-0.45")
+    classes = {n: ClassSpec(n, 0.25 * 8**i, CLASS_PRIORITY[n]) for i, n in enumerate(CLASS_NAMES)}
+    directory = write_policy(
+        tmp_path / "p", default_tenants(), classes, 50.0, variant=spec.policy_variant
+    )
+    policy = load_policy([directory / "bench.yaml"])
+    for name in ("standard", "batch"):
+        overload = policy.classes[name].overload
+        assert overload is not None
+        assert (overload.protect, overload.protect_share) == (Protect.BALANCED, 0.45)
+    assert policy.classes["interactive"].overload is not None
+    assert policy.classes["interactive"].overload.protect_share is None
+    for bad in ("sidecar-http-share-0", "sidecar-http-share-1.5", "sidecar-http-share-x"):
+        with pytest.raises(ValueError, match=r"the share must be a number in \(0, 1\]"):
+            system_named(bad)
+
+
+def test_the_knobs_curve_orders_the_http_rows_by_share() -> None:
+    doc = results()
+    http = doc["systems"]["sidecar-http"]
+    doc["systems"]["sidecar-http-latency"] = {"points": [point(2.0, 0.5, 1.4)]}
+    doc["systems"]["sidecar-http-share-0.4"] = {"points": [point(2.0, 0.2, 1.2)]}
+    doc["systems"]["sidecar-extproc"] = http  # not on the HTTP knob's curve
+    assert curve(doc) == [
+        (0.4, "sidecar-http-share-0.4"),
+        (0.6, "sidecar-http-latency"),
+        (0.8, "sidecar-http"),
+    ]
+    lines = curve_md(doc).splitlines()
+    assert lines[2] == "| 0.4 | sidecar-http-share-0.4 | 0.2, 1.20 | — |"
+    assert lines[4] == "| 0.8 | sidecar-http | 0.8, 1.60 | 6.0, 1.50 |"
+    del doc["systems"]["sidecar-http-share-0.4"], doc["systems"]["sidecar-http-latency"]
+    assert curve_md(doc) == ""  # one row is no curve
