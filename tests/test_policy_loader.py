@@ -29,6 +29,7 @@ from sidecar.policy.model import (
     Infeasible,
     ModelPolicy,
     OverloadPolicy,
+    Protect,
     RoutePriority,
     TenantMatch,
     TenantPolicy,
@@ -82,6 +83,9 @@ def write(path: Path, text: str) -> Path:
 # --- the shipped examples ----------------------------------------------------------------
 
 
+BALANCED = Protect.BALANCED  # the shipped lower classes' adaptive caps
+
+
 def test_examples_load_with_expected_classes() -> None:
     policy = load_policy([POLICIES])
     assert isinstance(policy.classes, MappingProxyType)
@@ -98,13 +102,35 @@ def test_examples_load_with_expected_classes() -> None:
             route_priority=RoutePriority.HIGH,
         ),
         "standard": ClassPolicy(
-            "standard", 2, 2000, 500, 2, FailMode.OPEN, 1000, OverloadPolicy(8, 48), "batch"
+            "standard",
+            2,
+            2000,
+            500,
+            2,
+            FailMode.OPEN,
+            1000,
+            OverloadPolicy(8, 48, protect=BALANCED),
+            "batch",
         ),
         "batch": ClassPolicy(
-            "batch", 3, 20000, 5000, 3, FailMode.CLOSED, 2000, OverloadPolicy(4, 32)
+            "batch",
+            3,
+            20000,
+            5000,
+            3,
+            FailMode.CLOSED,
+            2000,
+            OverloadPolicy(4, 32, protect=BALANCED),
         ),
         "opportunistic": ClassPolicy(
-            "opportunistic", 4, 60000, 0, 4, FailMode.CLOSED, 5000, OverloadPolicy(1, 8)
+            "opportunistic",
+            4,
+            60000,
+            0,
+            4,
+            FailMode.CLOSED,
+            5000,
+            OverloadPolicy(1, 8, protect=BALANCED),
         ),
     }
 
