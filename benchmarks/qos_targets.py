@@ -280,25 +280,28 @@ def curve_md(results: Mapping[str, Any]) -> str:
         return ""
     points = frontier(results)
     loads = sorted({m for _, name in rows for m, _, _ in points[name]})
-    head = "| protect_share | row | " + " | ".join(f"{m:g}x: viol %, SLO-met/C" for m in loads)
-    lines = [head + " |", "|---|---|" + "---|" * len(loads)]
-    for share, name in rows:
-        by_m = {m: (v, met) for m, v, met in points[name]}
-        cells = [f"{by_m[m][0]:.1f}, {by_m[m][1]:.2f}" if m in by_m else "—" for m in loads]
-        lines.append(f"| {share:g} | {name} | " + " | ".join(cells) + " |")
+    lines = ["| protect_share | row | " + _load_heads(loads), "|---|---|" + "---|" * len(loads)]
+    lines += [f"| {share:g} | {name} | " + _cells(points[name], loads) for share, name in rows]
     return "\n".join(lines)
+
+
+def _load_heads(loads: Sequence[float]) -> str:
+    return " | ".join(f"{m:g}x: viol %, SLO-met/C" for m in loads) + " |"
+
+
+def _cells(pts: Sequence[tuple[float, float, float]], loads: Sequence[float]) -> str:
+    """One system's (violation %, SLO-met / C) per load, "—" where it did not run it."""
+    by_m = {m: (v, met) for m, v, met in pts}
+    cells = [f"{by_m[m][0]:.1f}, {by_m[m][1]:.2f}" if m in by_m else "—" for m in loads]
+    return " | ".join(cells) + " |"
 
 
 def frontier_md(results: Mapping[str, Any]) -> str:
     """The frontier as a table: one row per system, (violation %, SLO-met / C) per load."""
     points = frontier(results)
     loads = sorted({m for pts in points.values() for m, _, _ in pts})
-    head = "| system | " + " | ".join(f"{m:g}x: viol %, SLO-met/C" for m in loads) + " |"
-    lines = [head, "|---|" + "---|" * len(loads)]
-    for name, pts in points.items():
-        by_m = {m: (v, s) for m, v, s in pts}
-        cells = [f"{by_m[m][0]:.1f}, {by_m[m][1]:.2f}" if m in by_m else "—" for m in loads]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = ["| system | " + _load_heads(loads), "|---|" + "---|" * len(loads)]
+    lines += [f"| {name} | " + _cells(pts, loads) for name, pts in points.items()]
     return "\n".join(lines)
 
 
