@@ -13,8 +13,11 @@ Rules this module keeps, because tests and the demo rely on them:
   deadline raises ``ProcessStartError`` carrying the tail of its log file.
 * Only the standard library (plus PyYAML, already a sidecar dependency) is used, so the harness
   adds no heavy dependency to the demo.
-* Ports come from ``free_port()``: ask the kernel for an unused port, then hand it to the server.
-  Another process could take the port in between; on a test machine that race is rare enough.
+* Ports come from ``free_port()``: an unused port below the kernel's ephemeral range, handed to
+  the server. Outgoing connections (the load generators', the sidecar's, Envoy's) draw their
+  local ports from that range, so none can take the port between the pick and the server's
+  bind: with ports from the range itself, a QoS benchmark run once lost an Envoy start that
+  way.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import importlib.util
 import itertools
 import os
+import random
 import re
 import shutil
 import signal
@@ -52,13 +56,47 @@ class ProcessStartError(RuntimeError):
 _RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=512)
 
 
+# Where free_port looks: from LOWEST_PORT to just below the ephemeral range, if that leaves at
+# least MIN_SPAN ports; else the kernel picks (from the ephemeral range, as before).
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10_000
+MIN_SPAN = 4_096
+_TRIES = 64
+
+
+def _below_ephemeral() -> range | None:
+    """The ports under the kernel's ephemeral range that free_port draws from, or None."""
+    try:
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return range(LOWEST_PORT, low) if low - LOWEST_PORT >= MIN_SPAN else None
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = LOCALHOST) -> int:
     """Return a TCP port on ``host`` that was free a moment ago and that this process has not
-    handed out lately."""
+    handed out lately: below the ephemeral range where there is room (see the module
+    docstring), else one the kernel picks."""
+    ports = _below_ephemeral()
+    if ports is not None:
+        for _ in range(_TRIES):
+            port = random.choice(ports)
+            if port not in _RECENT_PORTS and _bindable(host, port):
+                _RECENT_PORTS.append(port)
+                return port
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
-            port: int = sock.getsockname()[1]
+            port = sock.getsockname()[1]
         if port not in _RECENT_PORTS:
             _RECENT_PORTS.append(port)
             return port
