@@ -64,7 +64,7 @@ MIN_SPAN = 4_096
 _TRIES = 64
 
 
-def _below_ephemeral() -> range | None:
+def below_ephemeral() -> range | None:
     """The ports under the kernel's ephemeral range that free_port draws from, or None."""
     try:
         low = int(EPHEMERAL_RANGE.read_text().split()[0])
@@ -86,7 +86,7 @@ def free_port(host: str = LOCALHOST) -> int:
     """Return a TCP port on ``host`` that was free a moment ago and that this process has not
     handed out lately: below the ephemeral range where there is room (see the module
     docstring), else one the kernel picks."""
-    ports = _below_ephemeral()
+    ports = below_ephemeral()
     if ports is not None:
         for _ in range(_TRIES):
             port = random.choice(ports)

@@ -27,7 +27,14 @@ from typing import Self
 
 import redis
 
-from devstack.procs import LOCALHOST, ManagedProcess, ValkeyProcess, free_port
+from devstack.procs import (
+    LOCALHOST,
+    MIN_SPAN,
+    ManagedProcess,
+    ValkeyProcess,
+    below_ephemeral,
+    free_port,
+)
 
 SLOTS = 16384
 NODE_TIMEOUT_MS = 1000
@@ -182,13 +189,20 @@ class SentinelProcess(ManagedProcess):
             time.sleep(0.05)
 
 
+BUS_OFFSET = 10_000  # Valkey's cluster bus listens on its port + this
+
+
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too: Valkey needs both, so the
-    port must be at most 55535, below the usual ephemeral range `free_port` draws from."""
+    """A free port whose cluster bus port (+10000) is free too: Valkey needs both. Both below
+    the ephemeral range where it leaves room (as `free_port`'s), else at most 55535."""
+    below = below_ephemeral()
+    low, high = (20000, 45000)
+    if below is not None and len(below) - BUS_OFFSET >= MIN_SPAN:
+        low, high = below.start, below.stop - 1 - BUS_OFFSET
     while True:
-        port = random.randint(20000, 45000)
+        port = random.randint(low, high)
         try:
-            for p in (port, port + 10000):
+            for p in (port, port + BUS_OFFSET):
                 with socket.socket() as sock:
                     sock.bind((LOCALHOST, p))
         except OSError:

@@ -46,8 +46,8 @@ def test_without_room_below_the_range_the_kernel_picks(
     narrow = tmp_path / "ip_local_port_range"
     narrow.write_text(f"{procs.LOWEST_PORT + 100}\t60999\n")
     monkeypatch.setattr(procs, "EPHEMERAL_RANGE", narrow)
-    assert procs._below_ephemeral() is None
+    assert procs.below_ephemeral() is None
     monkeypatch.setattr(procs, "EPHEMERAL_RANGE", tmp_path / "missing")
-    assert procs._below_ephemeral() is None
+    assert procs.below_ephemeral() is None
     port = procs.free_port()
     assert port > 0 and procs._bindable(procs.LOCALHOST, port)
