@@ -96,10 +96,10 @@ def free_port(host: str = LOCALHOST) -> int:
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        if port not in _RECENT_PORTS:
-            _RECENT_PORTS.append(port)
-            return port
+            picked: int = sock.getsockname()[1]
+        if picked not in _RECENT_PORTS:
+            _RECENT_PORTS.append(picked)
+            return picked
 
 
 def wait_http(
