@@ -18,6 +18,14 @@ from tests.binaries import require_binaries
 pytestmark = pytest.mark.stack
 
 
+def bare_backend(workdir: Path) -> Backend:
+    """What the passthrough system's Envoy needs of a backend: a Triton port to route to
+    (nothing listens there)."""
+    return Backend(
+        workdir, triton=cast(Any, SimpleNamespace(http_port=1)), valkey=None, model=cast(Any, None)
+    )
+
+
 def test_envoy_starts_again_on_fresh_ports_when_its_port_was_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -30,12 +38,7 @@ def test_envoy_starts_again_on_fresh_ports_when_its_port_was_taken(
         picks = [busy, busy]  # the first two starts find it taken
         real = runner.free_port
         monkeypatch.setattr(runner, "free_port", lambda: picks.pop(0) if picks else real())
-        backend = Backend(
-            tmp_path,
-            triton=cast(Any, SimpleNamespace(http_port=1)),
-            valkey=None,
-            model=cast(Any, None),
-        )
+        backend = bare_backend(tmp_path)
         with start_system(SYSTEMS_BY_NAME["passthrough"], backend) as url:
             assert not picks and not url.endswith(f":{busy}")
             try:  # Envoy answers (Triton is not there: 503)
@@ -52,12 +55,7 @@ def test_envoy_gives_up_after_its_tries(tmp_path: Path, monkeypatch: pytest.Monk
         taken.listen()
         busy = taken.getsockname()[1]
         monkeypatch.setattr(runner, "free_port", lambda: busy)
-        backend = Backend(
-            tmp_path,
-            triton=cast(Any, SimpleNamespace(http_port=1)),
-            valkey=None,
-            model=cast(Any, None),
-        )
+        backend = bare_backend(tmp_path)
         system = start_system(SYSTEMS_BY_NAME["passthrough"], backend)
         with pytest.raises(runner.ProcessStartError, match="Address already in use"), system:
             pass
