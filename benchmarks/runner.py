@@ -32,7 +32,7 @@ from benchmarks.policy import DEFAULT as DEFAULT_POLICY
 from benchmarks.policy import PRESETS, SHARE_ROW, Quota, share_of
 from benchmarks.workload import ClassSpec, Request, TenantSpec
 from devstack.envoy import EnvoyProcess, render_bootstrap
-from devstack.procs import ProcessStartError, ValkeyProcess, free_port
+from devstack.procs import ValkeyProcess, free_port
 from devstack.sidecar_proc import SidecarProcess
 from devstack.stack import BOOTSTRAPS, ROOT
 from devstack.triton import TritonProcess
@@ -279,38 +279,13 @@ def start_system(spec: SystemSpec, backend: Backend) -> Iterator[str]:
                     extra_env=env,
                 )
             )
-        config = _start_envoy(stack, spec, backend, sidecar)
+        config = envoy_config(spec, backend, sidecar)
+        stack.enter_context(EnvoyProcess(config, backend.workdir))
         backend.sidecar_admin_url = sidecar.admin_url if sidecar is not None else None
         try:
             yield listen_url(config)
         finally:
             backend.sidecar_admin_url = None
-
-
-ENVOY_STARTS = 3  # tries when the listener's port was taken before Envoy could bind it
-
-
-def _start_envoy(
-    stack: contextlib.ExitStack,
-    spec: SystemSpec,
-    backend: Backend,
-    sidecar: SidecarProcess | None,
-) -> dict[str, Any]:
-    """Start the system's Envoy on a free port; its config. A port that was free when picked
-    can be taken by then (the load generator's and the sidecar's own connections draw from
-    the same ephemeral range): one run lost its last system to this after six minutes, so
-    Envoy is started again on fresh ports, up to ENVOY_STARTS times in all."""
-    for _ in range(ENVOY_STARTS - 1):
-        config = envoy_config(spec, backend, sidecar)
-        try:
-            stack.enter_context(EnvoyProcess(config, backend.workdir))
-            return config
-        except ProcessStartError as exc:
-            if "Address already in use" not in str(exc):
-                raise
-    config = envoy_config(spec, backend, sidecar)
-    stack.enter_context(EnvoyProcess(config, backend.workdir))
-    return config
 
 
 def sidecar_decisions(backend: Backend) -> dict[str, float] | None:
