@@ -73,7 +73,8 @@ def below_ephemeral() -> range | None:
     return range(LOWEST_PORT, low) if low - LOWEST_PORT >= MIN_SPAN else None
 
 
-def _bindable(host: str, port: int) -> bool:
+def bindable(host: str, port: int) -> bool:
+    """Whether `port` on `host` could be bound just now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
@@ -90,7 +91,7 @@ def free_port(host: str = LOCALHOST) -> int:
     if ports is not None:
         for _ in range(_TRIES):
             port = random.choice(ports)
-            if port not in _RECENT_PORTS and _bindable(host, port):
+            if port not in _RECENT_PORTS and bindable(host, port):
                 _RECENT_PORTS.append(port)
                 return port
     while True:

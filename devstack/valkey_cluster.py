@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import time
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +32,7 @@ from devstack.procs import (
     ManagedProcess,
     ValkeyProcess,
     below_ephemeral,
+    bindable,
     free_port,
 )
 
@@ -201,13 +201,8 @@ def _cluster_port() -> int:
         low, high = below.start, below.stop - 1 - BUS_OFFSET
     while True:
         port = random.randint(low, high)
-        try:
-            for p in (port, port + BUS_OFFSET):
-                with socket.socket() as sock:
-                    sock.bind((LOCALHOST, p))
-        except OSError:
-            continue
-        return port
+        if bindable(LOCALHOST, port) and bindable(LOCALHOST, port + BUS_OFFSET):
+            return port
 
 
 def _text(reply: object) -> str:

@@ -50,4 +50,4 @@ def test_without_room_below_the_range_the_kernel_picks(
     monkeypatch.setattr(procs, "EPHEMERAL_RANGE", tmp_path / "missing")
     assert procs.below_ephemeral() is None
     port = procs.free_port()
-    assert port > 0 and procs._bindable(procs.LOCALHOST, port)
+    assert port > 0 and procs.bindable(procs.LOCALHOST, port)
