@@ -69,11 +69,25 @@ def log(msg: str) -> None:
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of ``pid`` in seconds; 0 without a process."""
+    """utime + stime of ``pid`` and of its live descendants (the workers of `serve
+    --workers N`) in seconds; 0 without a process."""
     if pid is None:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):  # one that just exited counts nothing
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+    return total / CLOCK_TICKS
+
+
+def host_cpu_ticks() -> tuple[int, int]:
+    """The host's CPU time in clock ticks since boot, all cores: (all of it, idle + iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]
 
 
 def redis_cpu_seconds(client: redis.Redis | None) -> float:
@@ -224,7 +238,12 @@ def run_phase(
     drops0 = access_log_drops(running) if running.sidecar is not None else None
     cpu0, calls0 = cpu_seconds(pid), command_calls(client)
     envoy0, redis0 = cpu_seconds(envoy_pid), redis_cpu_seconds(client)
+    host0 = host_cpu_ticks()
     result = cloadgen.run(target, duration_s=args.duration, rate=rate, connections=args.connections)
+    host1 = host_cpu_ticks()
+    # Idle CPU while the load ran: at the maximum rate, a share left idle means the
+    # processes waited on each other, not on the CPU (benchmarks/README.md, issue 11).
+    result["host_idle_share"] = round((host1[1] - host0[1]) / max(host1[0] - host0[0], 1), 3)
     if running.sidecar is not None:
         # Releases the load left behind are part of its cost: count CPU and Redis commands
         # once they are done (the drain's own /metrics and ZCARD polls add a few percent).
@@ -504,7 +523,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--configs",
         default=stack.DEFAULT_CONFIGS,
-        help="default: all but EL and GL (gRPC and ext_proc in leased mode, no target)",
+        help="default: all but EL, GL (gRPC and ext_proc in leased mode) and DW (D with"
+        " two workers): no target reads them",
     )
     parser.add_argument("--duration", type=float, help="seconds per phase (5 quick, 15 full)")
     parser.add_argument("--repeats", type=int, help="max-rate runs (3 quick, 5 full)")

@@ -20,6 +20,7 @@ reads it, or its twin, says "invalid" and is missed.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -321,6 +322,41 @@ def gc_lines(configs: dict[str, Any]) -> list[str]:
     return ["Garbage collector pauses in the sidecar (`qos_gc_pause_seconds`):", "", *lines, ""]
 
 
+def idle_lines(configs: dict[str, Any], cores: int) -> list[str]:
+    """How busy the host was at each configuration's maximum rate: idle CPU there means the
+    rate was set by the processes waiting on each other (one request crosses the generator,
+    Envoy, the server and Valkey in turn), not by the CPU. The cores each process kept busy
+    are from the last run (its CPU per request, releases included, times its rate)."""
+    lines = []
+    for name, row in sorted(configs.items(), key=lambda item: ORDER.index(item[0])):
+        runs = row["max_runs"]
+        shares = [r["host_idle_share"] for r in runs if r.get("host_idle_share") is not None]
+        if not shares:
+            continue
+        last = runs[-1]
+        busy = [
+            f"{label} {last[key] * last['achieved_rps'] / 1000:.2f}"
+            for label, key in (
+                ("server", "cpu_ms_per_request"),
+                ("Envoy", "envoy_cpu_ms_per_request"),
+                ("Valkey", "redis_cpu_ms_per_request"),
+            )
+            if last.get(key)
+        ]
+        lines.append(
+            f"- {name}: {statistics.median(shares) * 100:.0f}% idle"
+            f" (runs {', '.join(f'{s * 100:.0f}' for s in shares)}%); cores busy in the last"
+            f" run: {', '.join(busy) or 'none measured'}"
+        )
+    if not lines:
+        return []
+    head = (
+        f"The host's CPU at the maximum rate (of its {cores} cores, while the load ran): a"
+        " configuration with idle CPU there waits between its processes, not on the CPU."
+    )
+    return [head, "", *lines, ""]
+
+
 def store_lines(configs: dict[str, Any]) -> list[str]:
     """What the shared store spends per decision, as fleet sizing reads it: every replica's
     decisions land on the same Redis, so one core of it serves about 1 / (its CPU per
@@ -371,6 +407,7 @@ def markdown(report: dict[str, Any], profile_lines: Sequence[str] | None) -> str
         *table(report["configs"]),
         "",
         *gc_lines(report["configs"]),
+        *idle_lines(report["configs"], int(meta["cpu_count"])),
         *store_lines(report["configs"]),
         *report["target_lines"],
     ]

@@ -60,6 +60,7 @@ class Config:
     body_bytes: int = 0  # 0: a small JSON body
     leased: bool = False  # the policy's bucket in leased mode, and no concurrency limit
     extra: bool = False  # measured only when named in --configs (no target reads it)
+    workers: int = 1  # sidecar only: `serve --workers N`, which listens on TCP (SO_REUSEPORT)
 
     @property
     def is_sidecar(self) -> bool:
@@ -79,6 +80,16 @@ CONFIGS: tuple[Config, ...] = (
         "valkey",
         "B",
         leased=True,
+    ),
+    Config(
+        "DW",
+        "sidecar ext_authz HTTP, Valkey, 2 workers",
+        "http",
+        "sidecar",
+        "valkey",
+        "B",
+        extra=True,
+        workers=2,
     ),
     Config("E0", "no-op ext_authz gRPC (grpc.aio)", "grpc", "noop"),
     Config("E", "sidecar ext_authz gRPC, Valkey", "grpc", "sidecar", "valkey", "E0"),
@@ -119,7 +130,7 @@ BY_NAME = {c.name: c for c in CONFIGS}
 DEFAULT_CONFIGS = ",".join(c.name for c in CONFIGS if not c.extra)
 # Each sidecar runs before its no-op twin, so that the twin can also be measured at the
 # sidecar's half maximum (added latency at the same load) and the 1 MiB pair at one rate.
-RUN_ORDER = ("A", "C", "D", "DL", "B", "E", "EL", "E0", "G", "GL", "F", "H", "H0")
+RUN_ORDER = ("A", "C", "D", "DL", "DW", "B", "E", "EL", "E0", "G", "GL", "F", "H", "H0")
 
 
 def request_body(size: int) -> bytes:
@@ -187,16 +198,11 @@ def envoy_alone_bootstrap(port: int) -> dict[str, Any]:
     return config
 
 
-def envoy_bootstrap(mode: str, port: int, http_socket: str, grpc_socket: str) -> dict[str, Any]:
-    """The shipped bootstrap of ``mode`` on ``port``, pointed at the given sockets, with its
-    routes replaced by one ``direct_response`` and the buffer filter before the router."""
-    config = render_bootstrap(
-        BOOTSTRAPS[mode],
-        listen_port=port,
-        admin_port=free_port(),
-        sidecar_http_socket=http_socket,
-        sidecar_grpc_socket=grpc_socket,
-    )
+def envoy_bootstrap(mode: str, port: int, **server: Any) -> dict[str, Any]:
+    """The shipped bootstrap of ``mode`` on ``port``, pointed at the server (``render_bootstrap``'s
+    ``sidecar_*_socket`` or ``sidecar_*_port``), with its routes replaced by one
+    ``direct_response`` and the buffer filter before the router."""
+    config = render_bootstrap(BOOTSTRAPS[mode], listen_port=port, admin_port=free_port(), **server)
     manager = _connection_manager(config)
     for host in manager["route_config"]["virtual_hosts"]:
         host["routes"] = [
@@ -304,19 +310,28 @@ def start(
         else:
             if config.server == "noop":
                 noop = stack.enter_context(NoopProcess(workdir))
-                server, sockets = noop, (noop.http_socket, noop.grpc_socket)
+                server = noop
+                endpoints = {
+                    "sidecar_http_socket": noop.http_socket,
+                    "sidecar_grpc_socket": noop.grpc_socket,
+                }
             else:
                 policy = write_policy(workdir / "policy", leased=config.leased)
                 url = redis_url if config.store == "valkey" else ""
-                if profile_path is None:
-                    sidecar = SidecarProcess(workdir, policy, redis_url=url)
-                else:
+                if profile_path is not None:
                     sidecar = ProfiledSidecar(
                         workdir, policy, redis_url=url, profile_path=profile_path
                     )
+                elif config.workers > 1:  # SO_REUSEPORT: TCP listeners (README, --workers)
+                    workers = {"QOS_WORKERS": str(config.workers)}
+                    sidecar = SidecarProcess(
+                        workdir, policy, redis_url=url, transport="tcp", extra_env=workers
+                    )
+                else:
+                    sidecar = SidecarProcess(workdir, policy, redis_url=url)
                 stack.enter_context(sidecar)
                 server = sidecar
-                sockets = (str(sidecar.http_socket), str(sidecar.grpc_socket))
-            bootstrap = envoy_bootstrap(config.mode, port, *sockets)
+                endpoints = sidecar.envoy_endpoints()
+            bootstrap = envoy_bootstrap(config.mode, port, **endpoints)
         envoy = stack.enter_context(EnvoyProcess(bootstrap, workdir))
         yield Running(port, server, sidecar, envoy)

@@ -8,6 +8,7 @@ from typing import Any
 from benchmarks.overhead_report import (
     INVALID_SHARE,
     failed_answers,
+    idle_lines,
     invalid,
     store_lines,
     target_lines,
@@ -126,6 +127,23 @@ def test_the_store_share_is_sized_from_valkeys_cpu_per_decision_where_decisions_
         " would serve about 20,000 such decisions a second, shared by every replica"
     ]
     assert store_lines({"C": memory}) == []
+
+
+def test_idle_cpu_at_the_maximum_is_reported_per_configuration_with_each_process_cores() -> None:
+    waiting, saturated = _row("B", 4000.0, {"200": 20000}), _row(None, 12000.0, {"200": 60000})
+    waiting["max_runs"] = [dict(waiting["max_runs"][0], host_idle_share=s) for s in (0.3, 0.4, 0.2)]
+    waiting["max_runs"][-1].update(
+        cpu_ms_per_request=0.15, envoy_cpu_ms_per_request=0.1, redis_cpu_ms_per_request=0.05
+    )
+    saturated["max_runs"][0].update(host_idle_share=0.02, cpu_ms_per_request=0.04)
+    lines = idle_lines({"D": waiting, "B": saturated, "C": _row("B", 1.0, {"200": 5})}, 2)
+    assert [line for line in lines if line.startswith("- ")] == [
+        "- B: 2% idle (runs 2%); cores busy in the last run: server 0.48",
+        "- D: 30% idle (runs 30, 40, 20%); cores busy in the last run: server 0.60, Envoy 0.40,"
+        " Valkey 0.20",
+    ]
+    assert "of its 2 cores" in lines[0]
+    assert idle_lines({"C": _row("B", 1.0, {"200": 5})}, 2) == []
 
 
 def test_a_ratio_a_hair_under_its_goal_reads_with_the_decimals_it_was_judged_on() -> None:

@@ -63,6 +63,7 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
             assert phase["envoy_cpu_ms_per_request"] > 0, name
             assert phase["redis_cpu_ms_per_request"] is None, name  # neither B nor C uses it
             assert set(phase["latency_ms"]) >= {"p50", "p90", "p99"}
+            assert 0 <= phase["host_idle_share"] <= 1, name  # /proc/stat while the load ran
         assert row["common"]["rate_target"] == 200
         assert row["half"]["rate_target"] == round(row["max_rps"] / 2)
     sidecar = results["configs"]["C"]
@@ -107,6 +108,7 @@ def test_overhead_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> Non
     report = (out / "report.md").read_text()
     assert "| B: no-op ext_authz HTTP" in report and "| C: sidecar ext_authz HTTP" in report
     assert f"paired {paired['ratio']:.2f}" in report
+    assert "The host's CPU at the maximum rate" in report and "- C: " in report
 
     lines = done.stdout.strip().splitlines()
     targets = lines[-len(EXPECTED_TARGETS) :]
@@ -165,3 +167,38 @@ def test_the_request_cost_benchmark_rewrites_every_large_body(
     last = capsys.readouterr().out.strip().splitlines()[-1]
     number = r"[0-9.]+ us of CPU per request \(runs [0-9.]+, [0-9.]+\)"
     assert re.fullmatch(f"ext_proc request body of 70000 bytes: {number}", last), last
+
+
+def test_the_two_worker_configuration_answers_through_both_workers_and_counts_their_cpu(
+    tmp_path: Path,
+) -> None:
+    """DW (`serve --workers 2`, extra): Envoy reaches both workers over TCP (each counts
+    decisions on its own admin port, the first's + 1), every answer is 200, and the server's
+    CPU is the supervisor's and both workers' together, which the supervisor's own counter
+    lacks."""
+    require_binaries("envoy", "valkey")
+    from benchmarks import cloadgen
+    from benchmarks import overhead_stack as stack
+    from benchmarks.fleet_stack import metric_sum
+    from benchmarks.overhead import CLOCK_TICKS, cpu_seconds, target_of
+    from devstack.procs import LOCALHOST, ValkeyProcess
+
+    with ValkeyProcess(tmp_path / "valkey") as valkey:
+        config = stack.BY_NAME["DW"]
+        assert config.extra and config.name not in stack.DEFAULT_CONFIGS.split(",")
+        with stack.start(config, tmp_path / "DW", valkey.url) as running:
+            assert running.sidecar is not None and running.sidecar.pid is not None
+            pid, admin_port = running.sidecar.pid, running.sidecar.admin_port
+            assert len(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) == 2
+            # 32 concurrent requests hold 32 connections to the workers (HTTP/1.1), which
+            # SO_REUSEPORT spreads by their source ports.
+            result = cloadgen.run(target_of(config, running), duration_s=1.0, connections=32)
+            assert result["completed"] > 0 and set(result["status"]) == {"200"}, result
+            decided = [
+                metric_sum(f"http://{LOCALHOST}:{admin_port + i}", "qos_decisions_total")
+                for i in range(2)
+            ]
+            assert min(decided) > 0 and sum(decided) >= result["completed"], decided
+            own = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            own_s = (int(own[11]) + int(own[12])) / CLOCK_TICKS
+            assert cpu_seconds(pid) > own_s + 0.05  # the workers' CPU is counted
