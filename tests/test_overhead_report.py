@@ -116,14 +116,14 @@ def test_only_a_maximum_a_ratio_reads_is_run_more_than_once() -> None:
 def test_the_store_share_is_sized_from_valkeys_cpu_per_decision_where_decisions_call_it() -> None:
     exact, leased, memory = (_row("B", 3000.0, {"200": 15000}) for _ in range(3))
     exact["max_runs"][-1].update(
-        redis_cpu_ms_per_request=0.05, redis_calls_per_request={"evalsha": 1.02, "zadd": 2.0}
+        redis_cpu_ms_per_request=0.05, redis_calls_per_request={"evalsha": 0.15, "zadd": 0.25}
     )
     leased["max_runs"][-1].update(
         redis_cpu_ms_per_request=0.001, redis_calls_per_request={"evalsha": 0.002}
     )
     lines = store_lines({"D": exact, "DL": leased, "C": memory})
     assert [line for line in lines if line.startswith("- ")] == [
-        "- D: 0.050 ms of Valkey's CPU and 1.02 script calls per request: one Valkey core"
+        "- D: 0.050 ms of Valkey's CPU and 0.15 script calls per request: one Valkey core"
         " would serve about 20,000 such decisions a second, shared by every replica"
     ]
     assert store_lines({"C": memory}) == []

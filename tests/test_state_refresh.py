@@ -18,7 +18,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from redis.asyncio.connection import AbstractConnection
 
-from sidecar.core.types import LimitKind, RequestAttributes
+from sidecar.core.types import LimitKind, QuotaCheck, QuotaResult, RequestAttributes
 from sidecar.metrics import Metrics
 from sidecar.service import AdmissionService
 from sidecar.state import MemoryQuotaStore, QuotaStore, RedisQuotaStore
@@ -26,7 +26,7 @@ from sidecar.state.redis_pipe import _Replies
 from sidecar.state.redis_pipelines import LEASES_PER_CALL
 from tests.core_fixtures import make_policy
 from tests.fixtures_valkey import ValkeyServer
-from tests.test_state_contract import FakeClock, Harness, check, lease_of, run_redis
+from tests.test_state_contract import FakeClock, Harness, bucket, check, lease_of, run_redis
 
 CLASSES = ("interactive", "standard", "batch")
 
@@ -366,6 +366,101 @@ def test_acquire_many_answers_like_one_acquire_each(harness: Harness) -> None:
         assert await store.model_in_flight("llama") == 2  # count_model_now, as acquire does
 
     harness.run(body)
+
+
+def _mixed_batch(run: str) -> list[QuotaCheck]:
+    """Two tenants (named for the `run`) and two classes sharing buckets and limits: a batch
+    whose checks decide each other (a bucket two take from, a class limit, a tenant limit, a
+    reused id)."""
+    req = bucket("req", rate=0.5, burst=3)
+    a = check(req, tenant=f"acme-{run}", max_concurrency=4, max_class_concurrency=2)
+    b = check(req, tenant=f"beta-{run}", max_concurrency=1)
+    heavy = replace(a, klass="batch", buckets=(req, bucket("tok", rate=10.0, burst=40, cost=30)))
+    return [
+        replace(a, lease_id="a0", buckets=(req, bucket("tok", rate=10.0, burst=40, cost=15))),
+        replace(a, lease_id="a1"),
+        replace(a, lease_id="a2"),  # its class's third: over the class limit
+        replace(b, lease_id="b0"),  # another tenant: its own bucket and counts
+        replace(heavy, lease_id="a3"),  # "tok": 15 + 30 > 40, and "req" not charged
+        replace(b, lease_id="b1"),  # beta's second: over its tenant limit
+        replace(a, lease_id="a1", klass="batch"),  # held by the second
+        replace(a, lease_id="a4", klass="batch"),  # "req"'s third
+        replace(a, lease_id="a5", klass="batch"),  # "req": none left
+    ]
+
+
+def _answer(result: QuotaResult | None) -> tuple[Any, ...]:
+    assert result is not None
+    return (
+        result.allowed,
+        result.denied_by,
+        result.denied_bucket,
+        result.in_flight,
+        result.class_in_flight,
+        round(result.retry_after_s),
+    )
+
+
+async def _state(store: QuotaStore, run: str) -> tuple[Any, ...]:
+    """What a batch leaves: in-flight counts, and what one more check of each bucket hears."""
+    pairs = [(f"acme-{run}", k) for k in (None, "standard", "batch")] + [(f"beta-{run}", None)]
+    counts = await store.in_flight_many(pairs)
+    probe = check(bucket("req", rate=0.5, burst=3), bucket("tok", rate=10.0, burst=40))
+    peeked = await store.peek(replace(probe, tenant=f"acme-{run}"))
+    return [counts[p] for p in pairs], peeked.allowed, round(peeked.retry_after_s)
+
+
+def test_a_batch_of_two_tenants_answers_as_its_checks_one_after_the_other(
+    harness: Harness,
+) -> None:
+    """acquire_many of the mixed batch answers each check as `acquire` would, one after the
+    other, and leaves the same state: counts and buckets."""
+
+    async def body(store: QuotaStore) -> None:
+        answers = [[_answer(await store.acquire(c)) for c in _mixed_batch("one")]]
+        answers.append([_answer(r) for r in await store.acquire_many(_mixed_batch("many"))])
+        assert answers[0] == answers[1]
+        allowed = [True, True, False, True, False, False, False, True, False]
+        assert [a[0] for a in answers[1]] == allowed
+        assert [a[1] for a in answers[1]][2:] == [
+            LimitKind.CLASS_CONCURRENCY,
+            None,
+            LimitKind.BUCKET,
+            LimitKind.CONCURRENCY,
+            LimitKind.LEASE_ID_USED,
+            None,
+            LimitKind.BUCKET,
+        ]
+        assert [a[2] for a in answers[1]][4::4] == ["tok", "req"]
+        assert await _state(store, "one") == await _state(store, "many")
+        assert await _state(store, "many") == ([3, 2, 1, 1], False, 2)
+
+    harness.run(body)
+
+
+@pytest.mark.stack
+def test_a_ticks_acquires_cost_one_script_call_per_tenant(
+    valkey: ValkeyServer, redis_sync: redis.Redis
+) -> None:
+    """150 acquires of one tenant and 10 of another, sent together: three calls for the first
+    (64 a call at most) and one for the second, not 160."""
+
+    async def body() -> None:
+        store = RedisQuotaStore(valkey.url, timeout_s=2.0)
+        try:
+            await store.acquire(check(tenant="warm"))  # loads the script
+            scripts = _script_calls(redis_sync)
+            checks = [replace(check(), lease_id=f"a{n}") for n in range(150)]
+            checks += [replace(check(tenant="beta"), lease_id=f"b{n}") for n in range(10)]
+            results = await store.acquire_many(checks)
+            assert all(r is not None and r.allowed for r in results)
+            assert _script_calls(redis_sync) - scripts == 4
+            assert await store.in_flight("acme", None) == 150
+            assert [r.in_flight for r in results[:150] if r is not None] == list(range(1, 151))
+        finally:
+            await store.close()
+
+    asyncio.run(body())
 
 
 @pytest.mark.stack

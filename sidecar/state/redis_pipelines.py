@@ -43,9 +43,10 @@ _PER_ITEM_S = 50e-6
 # One script call in a pipeline: the script, its keys, its args.
 Call = tuple[LuaScript, list[str], list[str | float]]
 
-# Leases one release.lua or model_lease.lua call frees (or counts) at most: a burst of
-# completions or admits costs the server one script's fixed cost per this many, and one call
-# still holds the server for well under a millisecond (about 4 commands a lease at most).
+# Requests or leases one acquire.lua, release.lua or model_lease.lua call judges, frees (or
+# counts) at most: a burst of decisions, completions or admits costs the server one script's
+# fixed cost per this many, and one call still holds the server for well under a millisecond
+# (about 4 commands a request or lease at most, beyond the call's own).
 LEASES_PER_CALL = 64
 
 
@@ -90,26 +91,31 @@ _DENIED_BY = {
 
 
 def acquire_call(
-    check: QuotaCheck, lease_id: str, *, take: bool, lease: bool = True
+    requests: Sequence[tuple[QuotaCheck, str]], *, take: bool, lease: bool = True
 ) -> tuple[list[str], list[Any]]:
-    """acquire.lua's keys and args for `check` (a peek: `take` False, no lease id; the
-    buckets only: `lease` False)."""
-    # A peek writes nothing and reads no tombstone; its key only keeps KEYS' layout.
-    keys = [
-        build_key(check.tenant, KeyKind.LEASES),
-        build_key(check.tenant, KeyKind.CLASS_LEASES, check.klass),
-        build_key(check.tenant, KeyKind.RELEASED, lease_id or "peek"),
-    ]
-    args: list[Any] = [
-        ("acquire" if lease else "charge") if take else "peek",
-        lease_id,
-        check.lease_ttl_s,
-        "" if check.max_concurrency is None else str(check.max_concurrency),
-        "" if check.max_class_concurrency is None else str(check.max_class_concurrency),
-    ]
-    for bucket in check.buckets:
-        keys.append(build_key(check.tenant, KeyKind.BUCKET, bucket.name))
-        args += (bucket.rate_per_s, bucket.burst, bucket.cost)
+    """acquire.lua's keys and args for `requests`, each a check and its lease id, all of one
+    tenant (a peek: `take` False, no lease id; the buckets only: `lease` False)."""
+    tenant = requests[0][0].tenant
+    keys = [build_key(tenant, KeyKind.LEASES)]
+    args: list[Any] = [("acquire" if lease else "charge") if take else "peek"]
+    for check, lease_id in requests:
+        if check.tenant != tenant:
+            raise ValueError("one acquire.lua call judges the requests of one tenant")
+        # A peek writes nothing and reads no tombstone; its key only keeps KEYS' layout.
+        keys += (
+            build_key(tenant, KeyKind.CLASS_LEASES, check.klass),
+            build_key(tenant, KeyKind.RELEASED, lease_id or "peek"),
+        )
+        args += (
+            lease_id,
+            check.lease_ttl_s,
+            "" if check.max_concurrency is None else str(check.max_concurrency),
+            "" if check.max_class_concurrency is None else str(check.max_class_concurrency),
+            len(check.buckets),
+        )
+        for bucket in check.buckets:
+            keys.append(build_key(tenant, KeyKind.BUCKET, bucket.name))
+            args += (bucket.rate_per_s, bucket.burst, bucket.cost)
     return keys, args
 
 
@@ -180,26 +186,37 @@ class Pipelines:
         raise NotImplementedError  # RedisQuotaStore: counted and logged (module rules)
 
     async def acquire_many(self, checks: Sequence[QuotaCheck]) -> list[QuotaResult | None]:
-        """Every check's `acquire`, in one pipeline (each script atomic on its own: module
-        rules). Per check its result, or None if its call failed (the caller owes a release
-        of its lease id). Lease ids must be set. The model step of a check that asks for it
+        """Every check's `acquire`, in one pipeline: one acquire.lua call per tenant (at most
+        LEASES_PER_CALL checks each), which judges its checks one after the other, each all or
+        nothing as if alone (each call atomic on its own: module rules). Per check its
+        result, or None if its call failed (the caller owes a release of its lease id).
+        Lease ids must be set. The model step of a check that asks for it
         (`count_model_now`) follows in one more pipeline. Raises StateUnavailable when the
         whole call failed, or ValueError for a bad check."""
-        calls: list[Call] = []
         for check in checks:
             validate_check(check)
             if not check.lease_id:
                 raise ValueError("acquire_many needs checks with lease ids")
-            keys, args = acquire_call(check, check.lease_id, take=True)
-            calls.append((ACQUIRE, keys, args))
-        retried: list[bool] = []
-        replies = await self._run_many("acquire_many", calls, retried)
-        results = [
-            None
-            if isinstance(reply, Exception)
-            else acquire_result(c, c.lease_id or "", reply, retried=bool(retried))
-            for c, reply in zip(checks, replies, strict=True)
+        # One call per tenant (LEASES_PER_CALL requests at most): its keys share one slot.
+        chunks = list(_chunks(_indexes_by(check.tenant for check in checks)))
+        calls: list[Call] = [
+            (
+                ACQUIRE,
+                *acquire_call([(checks[i], checks[i].lease_id or "") for i in chunk], take=True),
+            )
+            for _, chunk in chunks
         ]
+        retried: list[bool] = []
+        replies = await self._run_many("acquire_many", calls, retried, items=len(checks))
+        results: list[QuotaResult | None] = [None] * len(checks)
+        for (_, chunk), reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, Exception):
+                continue  # each of its checks failed
+            for i, answer in zip(chunk, reply, strict=True):
+                check = checks[i]
+                results[i] = acquire_result(
+                    check, check.lease_id or "", answer, retried=bool(retried)
+                )
         counted = [
             LeaseRef.of(c, c.lease_id or "")
             for c, r in zip(checks, results, strict=True)

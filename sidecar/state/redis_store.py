@@ -3,7 +3,9 @@
 Rules:
 - Every state change is one Lua script from `sidecar/state/lua/`, run atomically by the server
   with one EVALSHA: one round trip per acquire, release or charge (of any number of the
-  tenant's buckets). The one exception is a
+  tenant's buckets). Batched calls (`redis_pipelines.py`) carry many of one tenant in one
+  call: acquire.lua judges its requests one after the other, release.lua frees its leases
+  one by one, each as if alone. The one exception is a
   lease counted for a model: its model entry lives in another slot, so it takes a second
   script, `model_lease.lua`, right after the first (base.py says what can go wrong between
   them). The scripts use the server's clock (see `_prelude.lua`), so replicas with skewed
@@ -153,10 +155,11 @@ class RedisQuotaStore(Pipelines):
         """Raises StateUnavailable, or ValueError for an invalid check or one with a
         concurrency limit."""
         validate_buckets_only(check)
-        keys, args = acquire_call(check, "", take=True, lease=False)
+        keys, args = acquire_call([(check, "")], take=True, lease=False)
         # A retried charge that ran twice charged twice: tokens lost (under-admission for
         # one slice), never gained. The result is never None: no lease id to find held.
-        result = acquire_result(check, "", await self._run(ACQUIRE, keys, args))
+        (reply,) = await self._run(ACQUIRE, keys, args)
+        result = acquire_result(check, "", reply)
         assert result is not None
         return result
 
@@ -280,9 +283,9 @@ class RedisQuotaStore(Pipelines):
         validate_check(check)
         deadline = self._deadline()
         lease_id = (check.lease_id or new_lease_id()) if take else ""
-        keys, args = acquire_call(check, lease_id, take=take)
+        keys, args = acquire_call([(check, lease_id)], take=take)
         retried: list[BaseException] = []
-        reply = await self._run(ACQUIRE, keys, args, deadline, retried=retried)
+        (reply,) = await self._run(ACQUIRE, keys, args, deadline, retried=retried)
         result = acquire_result(check, lease_id, reply, retried=bool(retried) and take)
         if result is None:  # the lost first attempt ran after all (see acquire_result)
             raise StateUnavailable(f"redis acquire: {retried[0]}") from retried[0]
