@@ -322,13 +322,14 @@ def start(
                     sidecar = ProfiledSidecar(
                         workdir, policy, redis_url=url, profile_path=profile_path
                     )
-                elif config.workers > 1:  # SO_REUSEPORT: TCP listeners (README, --workers)
-                    workers = {"QOS_WORKERS": str(config.workers)}
+                else:  # workers share their ports by SO_REUSEPORT: TCP (README, --workers)
                     sidecar = SidecarProcess(
-                        workdir, policy, redis_url=url, transport="tcp", extra_env=workers
+                        workdir,
+                        policy,
+                        redis_url=url,
+                        transport="tcp" if config.workers > 1 else "unix",
+                        extra_env={"QOS_WORKERS": str(config.workers)},
                     )
-                else:
-                    sidecar = SidecarProcess(workdir, policy, redis_url=url)
                 stack.enter_context(sidecar)
                 server = sidecar
                 endpoints = sidecar.envoy_endpoints()
