@@ -25,6 +25,13 @@ negative input, or an ``eos_after_tokens`` that is not a non-negative JSON integ
 INVALID_ARG error (HTTP 400) and takes no part in the batch. Every other request gets
 ``OUT_TOKENS`` (``generated``, per row) and ``BATCH_MS`` (the measured wall time of its batch).
 
+With the config parameter ``batch_log`` set to a file path (it is not in the shipped
+config.pbtxt), every batch appends one line to it: ``<start> <end> <rows>``, the start and end
+as ``time.monotonic()`` seconds (the clock every process of the host shares) and the batch's
+row count. It shows when the simulated device was busy and when it sat idle
+(``benchmarks/triton_stalls.py`` reads it). Unset or empty: nothing is written. A failed write
+is logged once and writing stops; the batch is served anyway.
+
 This file runs inside Triton's python stub, not in the sidecar: it must import only the
 standard library, numpy and ``triton_python_backend_utils``.
 """
@@ -82,6 +89,9 @@ class TritonPythonModel:
         self.decode_step_ms = _param(config, "decode_step_ms", 1.0)
         self.decode_batch_slowdown = _param(config, "decode_batch_slowdown", 0.05)
         self.speed = _param(config, "speed", 1.0)
+        log_path = config.get("parameters", {}).get("batch_log", {}).get("string_value", "")
+        # Kept open for the model's life (one line a batch), closed in finalize.
+        self.batch_log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
         if self.speed <= 0:
             raise pb_utils.TritonModelException(f"llm: speed must be > 0, got {self.speed}")
         if int(np.__version__.split(".", 1)[0]) >= 2:
@@ -128,6 +138,19 @@ class TritonPythonModel:
             generated = np.minimum(generated, eos_after)
         return np.clip(prompt, 0, MAX_PROMPT_TOKENS), generated
 
+    def finalize(self) -> None:
+        if self.batch_log is not None:
+            self.batch_log.close()
+
+    def _log_batch(self, started: float, ended: float, rows: int) -> None:
+        if self.batch_log is None:
+            return
+        try:
+            self.batch_log.write(f"{started:.6f} {ended:.6f} {rows}\n")
+        except OSError as exc:
+            pb_utils.Logger.log_warn(f"llm: batch_log write failed, no more lines: {exc}")
+            self.batch_log = None
+
     def execute(self, requests: list[Any]) -> list[Any]:
         started = time.monotonic()
         parsed = [self._read(request) for request in requests]
@@ -139,7 +162,9 @@ class TritonPythonModel:
                 generated_tokens.extend(int(v) for v in item[1])
 
         time.sleep(self.batch_ms(prompt_tokens, generated_tokens) / 1000.0)
-        elapsed_ms = (time.monotonic() - started) * 1000.0
+        ended = time.monotonic()
+        elapsed_ms = (ended - started) * 1000.0
+        self._log_batch(started, ended, len(generated_tokens))
 
         responses = []
         for item in parsed:
