@@ -34,7 +34,7 @@ from sidecar.state.base import (
 )
 from sidecar.state.keys import KeyKind, build_key, build_model_key
 from sidecar.state.redis_pipe import RedisPipe
-from sidecar.state.scripts import ACQUIRE, IN_FLIGHT, MODEL_LEASE, RELEASE, LuaScript
+from sidecar.state.scripts import ACQUIRE, IN_FLIGHT, MODEL_LEASE, RELEASE, RENEW, LuaScript
 
 # What one more script adds to the deadline of a pipelined call: about 4x what the server and
 # client take for one (a count: about 12 us on a local Valkey).
@@ -147,18 +147,35 @@ def acquire_result(
     )
 
 
+def _class_set(tenant: str, klass: str, keys: list[str], index: dict[str, int]) -> int:
+    """The position in Lua's 1-based KEYS of `klass`'s lease set, appended to `keys` the
+    first time a call names it (`index`: class -> position so far)."""
+    if klass not in index:
+        keys.append(build_key(tenant, KeyKind.CLASS_LEASES, klass))
+        index[klass] = len(keys)
+    return index[klass]
+
+
 def release_call(tenant: str, leases: Sequence[LeaseRef], tombstone_s: float) -> Call:
     """release.lua's keys and args for `leases`, all of `tenant` (their sets share one slot)."""
     keys = [build_key(tenant, KeyKind.LEASES)]
     args: list[str | float] = [tombstone_s]
-    class_index: dict[str, int] = {}
+    index: dict[str, int] = {}
     for lease in leases:
-        if lease.klass not in class_index:
-            keys.append(build_key(tenant, KeyKind.CLASS_LEASES, lease.klass))
-            class_index[lease.klass] = len(keys)  # Lua's KEYS are 1-based
+        klass = _class_set(tenant, lease.klass, keys, index)
         keys.append(build_key(tenant, KeyKind.RELEASED, lease.lease_id))
-        args += (lease.lease_id, class_index[lease.klass], len(keys))
+        args += (lease.lease_id, klass, len(keys))
     return RELEASE, keys, args
+
+
+def renew_call(tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> Call:
+    """renew.lua's keys and args for `leases`, all of `tenant`."""
+    keys = [build_key(tenant, KeyKind.LEASES)]
+    args: list[str | float] = [ttl_s]
+    index: dict[str, int] = {}
+    for lease in leases:
+        args += (lease.lease_id, _class_set(tenant, lease.klass, keys, index))
+    return RENEW, keys, args
 
 
 def _indexes_by(keys: Iterable[str | None]) -> dict[str, list[int]]:

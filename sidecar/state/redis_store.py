@@ -91,6 +91,7 @@ from sidecar.state.redis_pipelines import (
     map_exceptions,
     model_set_key,
     release_call,
+    renew_call,
     script_command,
 )
 from sidecar.state.scripts import (
@@ -100,7 +101,6 @@ from sidecar.state.scripts import (
     HEARTBEAT,
     IN_FLIGHT,
     MODEL_LEASE,
-    RENEW,
     LuaScript,
 )
 
@@ -191,15 +191,7 @@ class RedisQuotaStore(Pipelines):
         if not leases:
             return set()
         deadline = self._deadline()
-        keys = [build_key(tenant, KeyKind.LEASES)]
-        class_index: dict[str, int] = {}
-        args: list[str | float] = [ttl_s]
-        for lease in leases:
-            if lease.klass not in class_index:
-                keys.append(build_key(tenant, KeyKind.CLASS_LEASES, lease.klass))
-                class_index[lease.klass] = len(keys)  # Lua's KEYS are 1-based
-            args += (lease.lease_id, class_index[lease.klass])
-        reply = await self._run(RENEW, keys, args, deadline)
+        reply = await self._run(*renew_call(tenant, leases, ttl_s), deadline)
         gone = {i.decode() if isinstance(i, bytes) else str(i) for i in reply}
         renewed = [lease for lease in leases if lease.lease_id not in gone]
         by_model: dict[str, list[str]] = {}  # model set key -> its leases' ids
