@@ -1,6 +1,6 @@
 """Does Triton leave queued requests waiting while its model instance is idle? Triton alone.
 
-``python -m benchmarks.triton_stalls`` (about 3 minutes) starts Triton with the simulated
+``python -m benchmarks.triton_stalls`` (about 6 minutes) starts Triton with the simulated
 ``llm`` model of the QoS benchmark (same speed: ``--target-throughput``), sends it bursty
 traffic straight over HTTP (no Envoy, no sidecar; gamma arrivals, ``--cv``), and reads the
 model's own log of its batches (``batch_log``, examples/triton/llm/1/model.py). A **stall** is
@@ -236,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         default=100.0,
         help="the model's speed as the QoS benchmark sets it: saturated req/s",
     )
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="configurations to run, comma-separated"
+    )
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     if not set(variants) <= set(VARIANTS):
