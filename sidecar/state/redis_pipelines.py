@@ -178,7 +178,7 @@ def renew_call(tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> Call:
     return RENEW, keys, args
 
 
-def _indexes_by(keys: Iterable[str | None]) -> dict[str, list[int]]:
+def indexes_by(keys: Iterable[str | None]) -> dict[str, list[int]]:
     """The positions of each key in `keys`, None skipped: the leases of one script call."""
     found: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
@@ -215,7 +215,7 @@ class Pipelines:
             if not check.lease_id:
                 raise ValueError("acquire_many needs checks with lease ids")
         # One call per tenant (LEASES_PER_CALL requests at most): its keys share one slot.
-        chunks = list(_chunks(_indexes_by(check.tenant for check in checks)))
+        chunks = list(_chunks(indexes_by(check.tenant for check in checks)))
         calls: list[Call] = [
             (
                 ACQUIRE,
@@ -256,8 +256,8 @@ class Pipelines:
             validate_tenant(lease.tenant)
             validate_model(lease.model)
             validate_pod(lease.model_pod)
-        by_model = _indexes_by(None if x.model is None else model_set_key(x) for x in leases)
-        tenant_chunks = list(_chunks(_indexes_by(lease.tenant for lease in leases)))
+        by_model = indexes_by(None if x.model is None else model_set_key(x) for x in leases)
+        tenant_chunks = list(_chunks(indexes_by(lease.tenant for lease in leases)))
         calls = [
             release_call(tenant, [leases[i] for i in chunk], tombstone_s)
             for tenant, chunk in tenant_chunks
@@ -286,7 +286,7 @@ class Pipelines:
         failure is counted and logged (module rules of redis_store)."""
         if not all(lease.model for lease in leases):
             raise ValueError("count_for_model needs a lease with a model")
-        by_model = _indexes_by(model_set_key(lease) for lease in leases)
+        by_model = indexes_by(model_set_key(lease) for lease in leases)
         calls: list[Call] = [
             (MODEL_LEASE, [key], ["add", ttl_s, *(leases[i].lease_id for i in chunk)])
             for key, chunk in _chunks(by_model)

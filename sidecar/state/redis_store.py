@@ -88,6 +88,7 @@ from sidecar.state.redis_pipelines import (
     Pipelines,
     acquire_call,
     acquire_result,
+    indexes_by,
     map_exceptions,
     model_set_key,
     release_call,
@@ -194,11 +195,9 @@ class RedisQuotaStore(Pipelines):
         reply = await self._run(*renew_call(tenant, leases, ttl_s), deadline)
         gone = {i.decode() if isinstance(i, bytes) else str(i) for i in reply}
         renewed = [lease for lease in leases if lease.lease_id not in gone]
-        by_model: dict[str, list[str]] = {}  # model set key -> its leases' ids
-        for lease in renewed:
-            if lease.model is not None:
-                by_model.setdefault(model_set_key(lease), []).append(lease.lease_id)
-        for model_key, ids in by_model.items():
+        by_model = indexes_by(None if x.model is None else model_set_key(x) for x in renewed)
+        for model_key, indexes in by_model.items():
+            ids = [renewed[i].lease_id for i in indexes]
             await self._update_model_set("renew", model_key, "", deadline, ttl_s, ids)
         return {lease.lease_id for lease in renewed}
 
