@@ -14,7 +14,10 @@ Three model configurations, seeds in alternation:
   the sidecar's priorities need) and a ``default_queue_policy``;
 - ``no-priority``: the same without either, every request sent without a priority;
 - ``two-instances``: as shipped, with two instances that Triton's rate limiter runs one at a
-  time (one ``DEVICE`` resource, ``--rate-limit=execution_count``): still one device.
+  time (one ``DEVICE`` resource, ``--rate-limit=execution_count``): still one device;
+- ``nudged``: as shipped, with the sidecar's nudger (``sidecar/backends/nudge.py``, every
+  10 ms, the ``triton_nudge_ms`` default) running beside the client, busy while the client
+  has a request unanswered: what the sidecar does for the stall.
 
 Why they differ (Triton core, ``src/scheduler_utils.cc`` and ``src/dynamic_batch_scheduler.cc``
 at the time of writing): a queue with priority levels, or with a timeout policy a request may
@@ -51,12 +54,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 
 from benchmarks.models import MODELS, make_model_repo
 from benchmarks.workload import CLASS_PRIORITY, Arrival, WorkloadConfig, generate, sample_sizes
 from devstack.triton import TritonProcess
+from sidecar.backends.nudge import TritonNudger
+from sidecar.backends.triton import TritonEndpoint
+from sidecar.metrics import Metrics
 
-VARIANTS = ("shipped", "no-priority", "two-instances")
+VARIANTS = ("shipped", "no-priority", "two-instances", "nudged")
 # Two instances of the model that share one device: Triton's rate limiter lets one run at a time.
 RATE_LIMITED = ["--rate-limit=execution_count", "--rate-limit-resource=DEVICE:1"]
 GRACE_S = 0.002  # a request's way from the client into Triton's queue, on loopback
@@ -137,10 +144,21 @@ def configure(repo: Path, variant: str, log: Path) -> None:
     config.write_text(text)
 
 
-async def _send_all(url: str, schedule: Sequence[Any], priorities: bool) -> list[float]:
-    """Send every request at its time; the send times of those answered 200."""
+async def _send_all(
+    triton: TritonProcess, schedule: Sequence[Any], priorities: bool, nudged: bool
+) -> tuple[list[float], dict[str, float]]:
+    """Send every request at its time; the send times of those answered 200, and the
+    nudger's answers by outcome (when ``nudged``)."""
+    url = triton.http_url
     sent: list[float] = []
+    waiting = [0]
     timeout = aiohttp.ClientTimeout(total=120)
+    metrics = Metrics(CollectorRegistry())
+    endpoint = TritonEndpoint("triton-0", url, triton.metrics_url)
+    nudger = TritonNudger(
+        [endpoint], metrics, busy=lambda: [("triton-0", "llm")] if waiting[0] else []
+    )
+    nudging = asyncio.create_task(nudger.run()) if nudged else None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def one(request: Any, at: float) -> None:
@@ -151,16 +169,30 @@ async def _send_all(url: str, schedule: Sequence[Any], priorities: bool) -> list
                 CLASS_PRIORITY[request.klass] if priorities else None,
             )
             started = time.monotonic()
-            async with session.post(
-                f"{url}/v2/models/llm/infer", data=body, timeout=timeout
-            ) as response:
-                await response.read()
-                if response.status == 200:
-                    sent.append(started)
+            waiting[0] += 1
+            try:
+                async with session.post(
+                    f"{url}/v2/models/llm/infer", data=body, timeout=timeout
+                ) as response:
+                    await response.read()
+                    if response.status == 200:
+                        sent.append(started)
+            finally:
+                waiting[0] -= 1
 
         begin = time.monotonic() + 0.2
         await asyncio.gather(*(one(r, begin + r.t) for r in schedule))
-    return sent
+    if nudging is not None:
+        nudging.cancel()
+        await asyncio.gather(nudging, return_exceptions=True)
+    outcomes = {
+        s.labels["outcome"]: s.value
+        for m in metrics.registry.collect()
+        if m.name == "qos_triton_nudges"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    return sent, outcomes
 
 
 def run_once(args: argparse.Namespace, variant: str, seed: int, work: Path) -> dict[str, Any]:
@@ -175,7 +207,9 @@ def run_once(args: argparse.Namespace, variant: str, seed: int, work: Path) -> d
     schedule = generate(config, args.rate, args.duration, Arrival("gamma", cv=args.cv), seed)
     extra = RATE_LIMITED if variant == "two-instances" else []
     with TritonProcess(repo, run_dir / "triton", extra_args=extra) as triton:
-        sends = asyncio.run(_send_all(triton.http_url, schedule, variant != "no-priority"))
+        sends, nudges = asyncio.run(
+            _send_all(triton, schedule, variant != "no-priority", variant == "nudged")
+        )
     batches = read_batches(log)
     stalls = find_stalls(batches, sends)
     span = (batches[-1].end - batches[0].start) if batches else 0.0
@@ -193,6 +227,7 @@ def run_once(args: argparse.Namespace, variant: str, seed: int, work: Path) -> d
         "woken_by_send": sum(s.woken_by_send for s in stalls),
         "span_s": round(span, 3),
         "stalled_share": round(sum(s.seconds for s in stalls) / span, 4) if span else 0.0,
+        "nudges": nudges,
         "stall_list": [asdict(s) for s in stalls],
     }
 
@@ -255,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{variant} seed {seed}: {run['batches']} batches, {run['answered']} of "
                     f"{run['requests']} answered, {run['stalls']} stalls, longest "
-                    f"{run['longest_ms']} ms",
+                    f"{run['longest_ms']} ms"
+                    + (f", nudges {run['nudges']}" if run["nudges"] else ""),
                     flush=True,
                 )
                 runs.append(run)

@@ -16,7 +16,7 @@ import resource
 import secrets
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.admin.http import build_admin_app
 from sidecar.admin.staleness import InFlightRefresher
+from sidecar.backends.nudge import TritonNudger
 from sidecar.backends.triton import TritonEndpoint, TritonLoadMonitor
 from sidecar.core.holds import HoldBounds
 from sidecar.envoy import authz_grpc, authz_http, ext_proc
@@ -190,6 +191,37 @@ def make_monitor(settings: Settings, metrics: Metrics) -> TritonLoadMonitor | No
     )
 
 
+def _beside_triton(
+    settings: Settings, monitor: TritonLoadMonitor, service: AdmissionService, replica: str
+) -> list[Coroutine[Any, Any, None]]:
+    """What runs beside the Triton endpoints, with the monitor's hooks set: the monitor, the
+    model in-flight refresh, and the nudger if nudges are on."""
+    if service.deferrer is not None:
+        monitor.on_update = service.deferrer.on_scrape
+    monitor.on_page = service.usage.scraped  # GPU-seconds per tenant (sidecar/usage.py)
+    interval_s = settings.triton_scrape_ms / 1000
+    works = [monitor.run(), _refresh_model_in_flight(service, monitor, interval_s, replica)]
+    nudger = make_nudger(settings, monitor, service)
+    if nudger is not None:
+        works.append(nudger.run())
+    return works
+
+
+def make_nudger(
+    settings: Settings, monitor: TritonLoadMonitor | None, service: AdmissionService
+) -> TritonNudger | None:
+    """The nudger of Triton's stalling batchers (core/nudge.py), if nudges are on: in one
+    process, the first worker or the only one."""
+    if monitor is None or not settings.triton_nudge_ms or settings.worker_index > 0:
+        return None
+    deferrer = service.deferrer
+    return TritonNudger.beside(
+        monitor,
+        lambda model: None if deferrer is None else deferrer.in_flight(model),
+        settings.triton_nudge_ms / 1000,
+    )
+
+
 async def start(settings: Settings, registry: CollectorRegistry | None = None) -> Sidecar:
     """Start every listener; raises PolicyError if the policy is invalid at start."""
     metrics = Metrics(registry or CollectorRegistry())
@@ -207,10 +239,6 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     )
     service.hold_bounds = HoldBounds(max_hold_ms(settings))
     service.explain_refusals = settings.explain_refusals
-    if monitor is not None and service.deferrer is not None:
-        monitor.on_update = service.deferrer.on_scrape
-    if monitor is not None:
-        monitor.on_page = service.usage.scraped  # GPU-seconds per tenant (sidecar/usage.py)
 
     lease_key = lease_key_of(settings)
     auth = TokenCheck(settings.auth_token, metrics.unauthenticated_calls.labels)
@@ -220,14 +248,8 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     sidecar.gc_watcher = PauseWatcher(metrics.gc_pause_seconds)
     replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # in the store
     if monitor is not None:
-        sidecar.tasks.append(asyncio.create_task(monitor.run()))
-        sidecar.tasks.append(
-            asyncio.create_task(
-                _refresh_model_in_flight(
-                    service, monitor, settings.triton_scrape_ms / 1000, replica
-                )
-            )
-        )
+        for work in _beside_triton(settings, monitor, service, replica):
+            sidecar.tasks.append(asyncio.create_task(work))
     sidecar.tasks.append(asyncio.create_task(_watch_policy(sidecar)))
     sidecar.tasks.append(asyncio.create_task(_refresh_in_flight(service)))
     sidecar.tasks.append(asyncio.create_task(_heartbeat(service, replica)))

@@ -313,6 +313,25 @@ class Metrics:
             ["endpoint"],
             registry=registry,
         )
+        self._nudge_series(registry)
+
+    def _nudge_series(self, registry: CollectorRegistry) -> None:
+        """The nudges of Triton's stalling batchers (sidecar/backends/nudge.py)."""
+        self.nudges = Counter(
+            "qos_triton_nudges_total",
+            "Nudges sent to Triton's dynamic batchers (sidecar/core/nudge.py), by endpoint, model "
+            "and outcome: rejected (the expected answer; Triton counts each as a failed request, "
+            "reason REJECTED), ran, refused (either stops the model's nudges), failed.",
+            ["endpoint", "model", "outcome"],
+            registry=registry,
+        )
+        self.nudge_enabled = Gauge(
+            "qos_triton_nudge_enabled",
+            "1 if a model's configuration lets the sidecar nudge it, 0 if not (the log says "
+            "why), by endpoint and model.",
+            ["endpoint", "model"],
+            registry=registry,
+        )
 
     def record_decision(
         self, decision: Decision, known_tenants: Container[str], api: str, *, shadow: bool = False

@@ -85,6 +85,9 @@ class Settings:
     triton_metrics_urls: tuple[str, ...] = ()
     triton_scrape_ms: int = 250  # how often Triton's queue depth and counters are read
     triton_stale_ms: int = 1000  # load signals older than this are stale (see on_stale)
+    # How often each busy model is nudged: a request Triton rejects unrun, whose enqueue ends
+    # a stall of its batcher (sidecar/core/nudge.py has the rules). 0: never.
+    triton_nudge_ms: int = 10
     # QoServe's hybrid key for held requests: deadline + alpha x estimated work (cost units).
     # 0 is earliest-deadline-first; QoServe's artifact uses 0.008 s per token.
     queue_alpha_ms_per_unit: int = 0
@@ -174,6 +177,7 @@ _HELP = {
     "triton_metrics_urls": "Triton metrics URLs, paired with triton_urls by position",
     "triton_scrape_ms": "Triton metrics scrape interval in ms",
     "triton_stale_ms": "age in ms after which Triton load signals count as stale",
+    "triton_nudge_ms": "nudge interval in ms for busy models whose batcher can stall; 0: never",
     "queue_alpha_ms_per_unit": "held-request order: deadline + alpha x work; 0 is EDF",
     "release_grace_ms": "wait in ms for a release on its way before a concurrency 429",
     "check_max_hold_ms": "longest hold in ms on ext_authz (HTTP, gRPC): under the check timeout",
@@ -285,6 +289,8 @@ def load_settings(
         raise SettingsError("queue_alpha_ms_per_unit: must not be negative")
     if settings.release_grace_ms < 0:
         raise SettingsError("release_grace_ms: must not be negative")
+    if settings.triton_nudge_ms < 0:
+        raise SettingsError("triton_nudge_ms: must not be negative")
     for name in ("check_max_hold_ms", "ext_proc_max_hold_ms"):
         if getattr(settings, name) < 0:
             raise SettingsError(f"{name}: must not be negative")

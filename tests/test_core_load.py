@@ -33,10 +33,11 @@ nv_inference_request_success{model="inf",version="1"} +Inf
 """
 
 
-def test_parse_sums_versions_and_failure_reasons() -> None:
+def test_parse_sums_versions_and_failure_reasons_but_rejections() -> None:
     parsed = parse_triton_metrics(PAGE)
+    # REJECTED failures did no work (and hold every replica's nudges): not completions.
     assert parsed["simgpu"] == TritonCounters(
-        pending=9, success=100, failure=4, queue_us=52000, request_us=208000, exec_count=20
+        pending=9, success=100, failure=1, queue_us=52000, request_us=208000, exec_count=20
     )
     assert parsed["llm"] == TritonCounters(pending=0)
     assert "bad" not in parsed and "inf" not in parsed  # bad values skip their line only

@@ -95,12 +95,14 @@ def settled(stack: LocalStack) -> float:
 
 
 def triton_requests(stack: LocalStack, model: str) -> int:
-    """Every request Triton finished for `model`, succeeded or failed."""
+    """Every request Triton finished for `model`, succeeded or failed, but those rejected in
+    its queue: the sidecar's nudges are (sidecar/core/nudge.py), and no client request here."""
     assert stack.triton is not None
     with urllib.request.urlopen(stack.triton.metrics_url, timeout=5) as response:
         text = response.read().decode()
-    pattern = rf'^nv_inference_request_(?:success|failure)\{{[^}}]*model="{model}"[^}}]*\}} (\S+)'
-    return int(sum(float(v) for v in re.findall(pattern, text, re.M)))
+    pattern = rf'^nv_inference_request_(?:success|failure)\{{([^}}]*model="{model}"[^}}]*)\}} (\S+)'
+    found = re.findall(pattern, text, re.M)
+    return int(sum(float(v) for labels, v in found if 'reason="REJECTED"' not in labels))
 
 
 def learn(stack: LocalStack, send: Callable[[LocalStack, int], Reply], count: int) -> None:

@@ -647,6 +647,21 @@ def test_ext_proc_priority_makes_triton_serve_interactive_first(stack: LocalStac
     assert with_priority >= QUEUED_BATCH // 2 - 4
     assert without <= 2
     assert with_priority - without >= 6
+    # Meanwhile the sidecar nudged simgpu's batcher (sidecar/core/nudge.py): every nudge
+    # answered was rejected unrun, and none ran.
+    nudges = {
+        outcome: metric_value(
+            stack.admin_url,
+            "qos_triton_nudges_total",
+            endpoint="triton-0",
+            model="simgpu",
+            outcome=outcome,
+        )
+        for outcome in ("rejected", "ran", "refused")
+    }
+    assert nudges["rejected"] > 0 and nudges["ran"] == nudges["refused"] == 0, nudges
+    enabled = {"endpoint": "triton-0", "model": "simgpu"}
+    assert metric_value(stack.admin_url, "qos_triton_nudge_enabled", **enabled) == 1
 
 
 def test_a_grpc_model_infer_request_rewritten_by_the_sidecar_gets_triton_priority(

@@ -128,6 +128,7 @@ def test_a_policy_path_with_a_comma_that_exists_is_one_path(tmp_path: Path) -> N
             "redis_sentinel_master: sentinel mode needs the primary's name",
         ),
         ({"QOS_QUEUE_ALPHA_MS_PER_UNIT": "-1"}, "queue_alpha_ms_per_unit: must not be negative"),
+        ({"QOS_TRITON_NUDGE_MS": "-1"}, "triton_nudge_ms: must not be negative"),
         ({"QOS_TRITON_STALE_MS": "100"}, "triton_stale_ms: must be at least triton_scrape_ms"),
         (
             {"QOS_TRITON_URLS": "http://a:8000", "QOS_TRITON_METRICS_URLS": "x,y"},

@@ -72,7 +72,7 @@ def test_a_short_run_logs_every_row_it_served(tmp_path: Path) -> None:
     assert main(["--seeds", "1", "--duration", "2", "--out", str(tmp_path)]) == 0
     (out,) = list(tmp_path.iterdir())
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert [r["variant"] for r in runs] == ["shipped", "no-priority", "two-instances"]
+    assert [r["variant"] for r in runs] == ["shipped", "no-priority", "two-instances", "nudged"]
     for run in runs:
         assert run["requests"] > 10
         assert run["answered"] == run["requests"]
@@ -80,6 +80,8 @@ def test_a_short_run_logs_every_row_it_served(tmp_path: Path) -> None:
         assert run["batches"] >= 2
         assert all(s["end"] > s["start"] for s in run["stall_list"])
         assert run["overlapping"] == 0  # one simulated device: two instances never run at once
+    nudged = runs[-1]["nudges"]  # answered, every one a rejection: none ran (rows_run above)
+    assert nudged["rejected"] > 0 and set(nudged) == {"rejected"}
     assert "| shipped | 1 |" in (out / "report.md").read_text()
 
 

@@ -62,6 +62,9 @@ class TritonLoadMonitor:
         self.on_update: Callable[[], None] | None = None
         # Called with each endpoint's parsed page (per-tenant usage reads its compute time).
         self.on_page: Callable[[str, Mapping[str, TritonCounters]], None] | None = None
+        # Takes what is not the model's work out of a model's counters before they become its
+        # load (the sidecar's own nudges: core/nudge.py, rule 4).
+        self.discount: Callable[[str, str, TritonCounters], TritonCounters] | None = None
 
     def view(self) -> LoadView:
         """The latest view; replaced whole after each round, never mutated."""
@@ -137,6 +140,8 @@ class TritonLoadMonitor:
             self.on_page(endpoint.name, page)
         for model, counters in page.items():
             key = (endpoint.name, model)
+            if self.discount is not None:
+                counters = self.discount(endpoint.name, model, counters)
             last = self._loads.get(key)
             history = self._history.setdefault(key, CounterWindow())
             load = derive_load(

@@ -16,6 +16,9 @@ Rules:
   scrapes: completions per second, and the mean queue and request time of the requests that
   completed in between.
 - Versions of one model are summed: admission is per model name, as clients address it.
+- Failures Triton counts as REJECTED are not completions: a request rejected in the queue (its
+  timeout, a full queue) did no work, and every replica's nudges are among them (rule 4 of
+  `core/nudge.py`: hundreds a second would read as a drain rate Triton does not have).
 - A counter that goes backwards means Triton restarted; the rates start over from that scrape.
 - Rates are measured over a window of about DRAIN_WINDOW_S (`CounterWindow`: from the oldest
   kept scrape at least that old, never from before the last idle scrape), not between two
@@ -146,6 +149,8 @@ def parse_triton_metrics(text: str) -> dict[str, TritonCounters]:
         field = _FIELDS.get(name)
         if name == _IN_FLIGHT_BATCHER and labels.get("request_type") == "waiting":
             field = "pending"
+        elif field == "failure" and labels.get("reason") == "REJECTED":
+            continue
         model = labels.get("model")
         if field is None or model is None or not math.isfinite(value):
             continue
