@@ -15,9 +15,10 @@ Three model configurations, seeds in alternation:
 - ``no-priority``: the same without either, every request sent without a priority;
 - ``two-instances``: as shipped, with two instances that Triton's rate limiter runs one at a
   time (one ``DEVICE`` resource, ``--rate-limit=execution_count``): still one device;
-- ``nudged``: as shipped, with the sidecar's nudger (``sidecar/backends/nudge.py``, every
-  10 ms, the ``triton_nudge_ms`` default) running beside the client, busy while the client
-  has a request unanswered: what the sidecar does for the stall.
+- ``nudged``: as shipped, with the sidecar's nudger (``sidecar/backends/nudge.py``, ticking
+  every 10 ms, the ``triton_nudge_ms`` default) running beside the client: busy while the
+  client has a request unanswered, told of each answer as the sidecar is of each request's
+  end, so a nudge follows each batch's end: what the sidecar does for the stall.
 
 Why they differ (Triton core, ``src/scheduler_utils.cc`` and ``src/dynamic_batch_scheduler.cc``
 at the time of writing): a queue with priority levels, or with a timeout policy a request may
@@ -179,6 +180,7 @@ async def _send_all(
                         sent.append(started)
             finally:
                 waiting[0] -= 1
+                nudger.ended("llm")  # as the sidecar is told of a request's end
 
         begin = time.monotonic() + 0.2
         await asyncio.gather(*(one(r, begin + r.t) for r in schedule))

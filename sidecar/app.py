@@ -215,11 +215,11 @@ def make_nudger(
     if monitor is None or not settings.triton_nudge_ms or settings.worker_index > 0:
         return None
     deferrer = service.deferrer
-    return TritonNudger.beside(
-        monitor,
-        lambda model: None if deferrer is None else deferrer.in_flight(model),
-        settings.triton_nudge_ms / 1000,
-    )
+    if deferrer is None:  # it is told of request ends: without it nothing says when to nudge
+        return None
+    nudger = TritonNudger.beside(monitor, deferrer.in_flight, settings.triton_nudge_ms / 1000)
+    deferrer.on_ended = nudger.ended
+    return nudger
 
 
 async def start(settings: Settings, registry: CollectorRegistry | None = None) -> Sidecar:

@@ -65,6 +65,7 @@ class Deferrer:
         # Per model, let go less ended since the last scrape (what the scrape has not seen).
         self._since_scrape: dict[str, int] = {}
         self.in_flight_counts = InFlightCounts()  # the store's, plus what happened here since
+        self.on_ended: Callable[[str], None] | None = None  # told of each request's end
         self.protection = Protection()  # adaptive caps (`overload.protect`)
         self.upstream = UpstreamTimes()  # each class's time in Triton: its hold budget
         self.lateness = Lateness()  # depths its requests sent at once end late from
@@ -225,7 +226,10 @@ class Deferrer:
         self, model: str, klass: str, timings: CompletionTimings, lease_id: str | None = None
     ) -> None:
         """A request of `klass` for `model` ended, as Envoy measured it: its whole duration
-        (core/protect.py rule 2, core/lateness.py), its time upstream (core/upstream.py)."""
+        (core/protect.py rule 2, core/lateness.py), its time upstream (core/upstream.py).
+        `on_ended` is told (the nudger: a batch of the model may have just ended)."""
+        if self.on_ended is not None:
+            self.on_ended(model)
         if timings.upstream_s is not None:
             self.upstream.took(model, klass, timings.upstream_s)
         policy = self._policy().classes.get(klass)

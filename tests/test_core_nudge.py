@@ -179,6 +179,20 @@ def test_the_ledger_takes_waiting_nudges_off_the_depth_and_never_below_zero() ->
     assert ledger.waiting("t0", "llm") == 0
 
 
+def test_a_nudge_is_due_once_after_requests_end_and_per_endpoint() -> None:
+    ledger = NudgeLedger()
+    assert not ledger.due("t0", "llm")  # nothing ended: no batch end to follow
+    ledger.ended("llm")
+    ledger.ended("llm")  # two ends between ticks (one batch): one nudge
+    assert ledger.due("t0", "llm") and ledger.due("t1", "llm") and not ledger.due("t0", "x")
+    ledger.sent("t0", "llm")
+    assert not ledger.due("t0", "llm") and ledger.due("t1", "llm")
+    ledger.answered("t0", "llm")
+    assert not ledger.due("t0", "llm")  # an answer is no end of a request
+    ledger.ended("llm")
+    assert ledger.due("t0", "llm")
+
+
 def test_rejected_failures_are_not_completions() -> None:
     page = (
         'nv_inference_request_success{model="llm",version="1"} 10\n'

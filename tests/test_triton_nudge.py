@@ -87,6 +87,8 @@ def test_nudges_wait_out_a_batch_are_rejected_unrun_and_stay_out_of_the_depth(
             nudging = asyncio.create_task(nudger.run())
             worker = threading.Thread(target=infer)
             try:
+                nudger.ledger.ended("simgpu")
+                nudger.ledger.ended("plain")
                 for _ in range(500):  # both configs read
                     if None not in (nudger.plan_of("t0", "simgpu"), nudger.plan_of("t0", "plain")):
                         break
@@ -95,6 +97,7 @@ def test_nudges_wait_out_a_batch_are_rejected_unrun_and_stay_out_of_the_depth(
                 for _ in range(1000):  # a few nudges sent since the batch began
                     if nudger.ledger.waiting("t0", "simgpu") >= 5 or not worker.is_alive():
                         break
+                    nudger.ledger.ended("simgpu")  # as if requests kept ending: one is due
                     await asyncio.sleep(0.01)
                 waiting = nudger.ledger.waiting("t0", "simgpu")
                 raw = (await asyncio.to_thread(page))["pending"]
@@ -134,3 +137,20 @@ def test_nudges_wait_out_a_batch_are_rejected_unrun_and_stay_out_of_the_depth(
             )
             == 0
         )
+
+
+def test_only_ends_of_a_model_busy_at_the_last_round_count() -> None:
+    """The model of an end comes from a request's path: names Triton's load view does not
+    show busy never enter the ledger, so a client cannot grow it."""
+    busy = [("t0", "llm")]
+    nudger = TritonNudger(
+        [TritonEndpoint("t0", "http://127.0.0.1:9", "http://127.0.0.1:9/metrics")],
+        Metrics(CollectorRegistry()),
+        busy=lambda: busy,
+    )
+    nudger.ended("llm")
+    assert not nudger.ledger.due("t0", "llm")  # no round yet: nothing known busy
+    nudger._busy_models = frozenset({"llm"})  # what a round over `busy` leaves
+    nudger.ended("llm")
+    nudger.ended("made-up")
+    assert nudger.ledger.due("t0", "llm") and not nudger.ledger.due("t0", "made-up")

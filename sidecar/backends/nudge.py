@@ -1,10 +1,10 @@
 """Send nudges to Triton's busy models (the rules are in `sidecar.core.nudge`).
 
-One task per sidecar. Every `interval_s` it sends one nudge to each model that is busy
-(`core.nudge.wants_nudge`) on each endpoint that serves it and whose configuration allows
-one, and does not wait for the answer: a nudge sent during a batch waits in Triton's queue
-until that batch ends, and the next one must go out meanwhile (the stall starts when the
-batch ends; only an enqueue after that ends it). A model's configuration is read once from
+One task per sidecar. Every `interval_s` it sends one nudge to each model that is busy and
+due (`core.nudge`, rule 5: a request of it ended since its last nudge) on each endpoint that
+serves it and whose configuration allows one. It does not wait for the answer: a nudge that
+lands during a batch waits in Triton's queue until that batch ends, and the next one must be
+free to go out after the next end. A model's configuration is read once from
 `/v2/models/<m>/config` (again after CONFIG_RETRY_S if that read failed). Failures never
 reach a decision; a nudge answered 200 or 400 stops that model's nudges for good and is
 logged.
@@ -53,6 +53,7 @@ class TritonNudger:
         # Per (endpoint, model): the plan, why there is none, or when its read failed.
         self._plans: dict[tuple[str, str], NudgePlan | str | float] = {}
         self._reading: set[tuple[str, str]] = set()
+        self._busy_models: frozenset[str] = frozenset()  # of the last round
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
@@ -64,7 +65,8 @@ class TritonNudger:
         interval_s: float,
     ) -> TritonNudger:
         """A nudger of the monitor's endpoints, busy by its view and `in_flight` (requests of
-        a model in flight, None: not known); its ledger then discounts the monitor's depths."""
+        a model in flight, None: not known); its ledger then discounts the monitor's depths.
+        Tell it each request's end (`ended`)."""
         nudger = cls(
             monitor.endpoints,
             monitor.metrics,
@@ -73,6 +75,12 @@ class TritonNudger:
         )
         monitor.discount = nudger.ledger.discount
         return nudger
+
+    def ended(self, model: str) -> None:
+        """A request of `model` ended. Counted only for a model busy at the last round: the
+        name comes from a request's path, and a client must not grow the ledger."""
+        if model in self._busy_models:
+            self.ledger.ended(model)
 
     def plan_of(self, endpoint: str, model: str) -> NudgePlan | str | None:
         """The model's plan, why it gets none, or None while not known."""
@@ -102,7 +110,9 @@ class TritonNudger:
         """Send this round's nudges (and read configs not known yet); how many were sent."""
         sent = 0
         now = self.clock()
-        for key in self.busy():
+        pairs = list(self.busy())
+        self._busy_models = frozenset(model for _, model in pairs)
+        for key in pairs:
             endpoint = self.endpoints.get(key[0])
             if endpoint is None:
                 continue
@@ -111,7 +121,11 @@ class TritonNudger:
                 if key not in self._reading:
                     self._reading.add(key)
                     self._spawn(self._read_config(endpoint, key[1]))
-            elif isinstance(plan, NudgePlan) and self.ledger.waiting(*key) < MAX_WAITING:
+            elif (
+                isinstance(plan, NudgePlan)
+                and self.ledger.due(*key)
+                and self.ledger.waiting(*key) < MAX_WAITING
+            ):
                 self.ledger.sent(*key)
                 self._spawn(self._nudge(endpoint, plan))
                 sent += 1

@@ -31,10 +31,15 @@ A nudge is an enqueue that ends such a stall and does no work. The rules:
    few in transit either way, for the moment they are). Another replica's
    nudges it cannot see: in a gateway tier each reading may hold up to a batch time over the
    interval of them per other nudging replica.
-5. A model is nudged on an endpoint while a stall there could hold a request: while this
-   replica counts requests of it in flight (fleet-wide in the gateway topology), or Triton's
-   last scrape showed it queueing there (`busy_pairs`). Each replica nudges on its own, at
-   most once per interval per model and endpoint (the `triton_nudge_ms` setting).
+5. A model is nudged on an endpoint after a request of it ends, since a stall starts at a
+   batch's end: once per end this replica sees (several ends between two ticks of the nudger
+   make one nudge), while the model still has requests in flight (fleet-wide in the gateway
+   topology) or Triton's last scrape showed it queueing there (`busy_pairs`,
+   `NudgeLedger.due`). An end is seen a few milliseconds after the batch's (Envoy's access log
+   or the ext_proc stream), well after the instance is back waiting, so the nudge's enqueue
+   wakes the batcher. Nudging on a clock instead (every interval while busy) piles nudges
+   up in the queue during every batch: in a gateway tier each replica then reads the
+   others' as queue depth, which broke the fleet benchmark's fairness (14-142% off its share).
 """
 
 from __future__ import annotations
@@ -177,14 +182,26 @@ def classify(status: int | None, body: bytes) -> NudgeOutcome:
 
 
 class NudgeLedger:
-    """Per endpoint and model: this replica's nudges sent and not answered (rule 4)."""
+    """Per endpoint and model: this replica's nudges sent and not answered (rule 4), and
+    whether one is due (rule 5)."""
 
     def __init__(self) -> None:
         self._waiting: dict[tuple[str, str], int] = {}
+        self._ends: dict[str, int] = {}  # per model: requests seen to end
+        self._nudged: dict[tuple[str, str], int] = {}  # the ends seen at the last nudge
+
+    def ended(self, model: str) -> None:
+        """A request of `model` ended."""
+        self._ends[model] = self._ends.get(model, 0) + 1
+
+    def due(self, endpoint: str, model: str) -> bool:
+        """Whether a request of the model ended since its last nudge on the endpoint."""
+        return self._ends.get(model, 0) > self._nudged.get((endpoint, model), 0)
 
     def sent(self, endpoint: str, model: str) -> None:
         key = (endpoint, model)
         self._waiting[key] = self._waiting.get(key, 0) + 1
+        self._nudged[key] = self._ends.get(model, 0)
 
     def answered(self, endpoint: str, model: str) -> None:
         key = (endpoint, model)
