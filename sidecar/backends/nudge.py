@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_RETRY_S = 10.0  # a config that could not be read is asked for again after this
 MAX_WAITING = 1000  # per endpoint and model: nudges not answered beyond this are not sent
+# A nudge that lands during a batch is answered when that batch ends: its answer is awaited
+# longer than any batch runs, or it would be counted answered (and off the depth discount)
+# while it still waits in Triton's queue.
+NUDGE_TIMEOUT_S = 120.0
 
 
 class TritonNudger:
@@ -39,7 +43,7 @@ class TritonNudger:
         *,
         busy: Callable[[], Iterable[tuple[str, str]]],
         interval_s: float = 0.01,
-        timeout_s: float = 5.0,
+        timeout_s: float = NUDGE_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`busy()` names the (endpoint, model) pairs that may stall now."""
