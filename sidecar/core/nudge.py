@@ -28,9 +28,9 @@ A nudge is an enqueue that ends such a stall and does no work. The rules:
    `nv_inference_pending_request_count`. Nudges wait there while a batch runs (the batcher
    looks at the queue only between batches), so `NudgeLedger.discount` takes this replica's
    nudges sent and not yet answered off the queue depth (never below 0; it errs low by the
-   few in transit either way, for the moment they are). Another replica's
-   nudges it cannot see: in a gateway tier each reading may hold up to a batch time over the
-   interval of them per other nudging replica.
+   few in transit either way, for the moment they are). Another replica's nudges it cannot
+   see: in a gateway tier a reading may hold one per other replica that heard of an end,
+   until the batch it landed in ends.
 5. A model is nudged on an endpoint after a request of it ends, since a stall starts at a
    batch's end: once per end this replica sees (several ends between two ticks of the nudger
    make one nudge), while the model still has requests in flight (fleet-wide in the gateway
@@ -58,8 +58,9 @@ MAX_ELEMENTS = 4096  # of all inputs together: a nudge must stay cheap to send a
 
 # Triton's data types and a JSON value of each that is zero (or empty).
 _ZERO: dict[str, object] = {
-    **dict.fromkeys(("TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8"), 0),
-    **dict.fromkeys(("TYPE_INT16", "TYPE_INT32", "TYPE_INT64"), 0),
+    **dict.fromkeys(
+        (f"TYPE_{kind}{bits}" for kind in ("INT", "UINT") for bits in (8, 16, 32, 64)), 0
+    ),
     **dict.fromkeys(("TYPE_FP16", "TYPE_FP32", "TYPE_FP64"), 0.0),
     "TYPE_BOOL": False,
     "TYPE_STRING": "",
