@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import demand_probe, qos_targets, report, usage_check
+from benchmarks import demand_probe, device_log, qos_targets, report, usage_check
 from benchmarks.loadgen import Record, RunResult
 from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo, stream_classes
 from benchmarks.policy import DEFAULT, MAX_IN_FLIGHT, tenant_quotas, write_policy
@@ -50,6 +50,7 @@ from benchmarks.runner import (
     system_named,
     wait_idle,
 )
+from benchmarks.triton_stalls import read_batches
 from benchmarks.workload import (
     CLASS_NAMES,
     PAPER_DEADLINES_S,
@@ -318,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         "decision steps (column trace)",
     )
     parser.add_argument(
+        "--device-log",
+        action="store_true",
+        help="the llm model logs its batches (device.log): each point then says where its "
+        "classes' latency went, waiting or in their batch, and how long the device sat idle "
+        "while a request waited (benchmarks/device_log.py)",
+    )
+    parser.add_argument(
         "--target-throughput",
         type=float,
         default=100.0,
@@ -445,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     model = MODELS[args.model]
+    if args.device_log and model.name != "llm":
+        parser.error("--device-log: only the llm model logs its batches")
     streamed = stream_classes(args.stream, model)
     if not set(streamed) <= set(CLASS_NAMES):
         parser.error(f"--stream {args.stream}: classes are {', '.join(CLASS_NAMES)}")
@@ -478,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         repo = make_model_repo(
             model, tmp / "models", speed, silo_classes=CLASS_NAMES, instances=args.instances
         )
+        device = out / "device.log" if args.device_log else None
+        if device is not None:
+            device_log.attach(repo, model.name, device)
         need_valkey = any(s.sidecar_mode for s in systems)
         with (
             TritonProcess(repo, tmp / "work") as triton,
@@ -550,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                         rate = m * capacity
                         before = sidecar_decisions(backend)
                         recs, per_seed, lags, drained, wall_s = [], [], [], 0.0, 0.0
+                        seeds_run: list[tuple[RunResult, list[Record]]] = []
                         for k in range(seeds):  # each seed: the same seed for every system
                             res, drained = run_load(
                                 url,
@@ -577,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                             recs += seed_recs
                             lags.append(res)
+                            seeds_run.append((res, seed_recs))
                             wall_s += res.wall_s
                             all_rows += [(spec.name, f"{m:g}x", r) for r in res.records]
                         after = sidecar_decisions(backend)
@@ -609,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
                             },
                             "drain_s": round(drained, 2),
                         }
+                        if device is not None and not spec.gen.siloed:  # its own models
+                            stats["device"] = device_log.point(read_batches(device), seeds_run)
                         sys_res["points"].append(stats)
                         if abs(m - 2.0) < 1e-9:
                             per: dict[str, list[float]] = defaultdict(list)
@@ -625,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{o['shed_503']} lag p99 {res.lag_p99_ms:.1f} ms"
                             f" drain {drained:.1f}s"
                         )
+                        if "device" in stats:
+                            log(f"{'':>20}       {device_log.describe(stats['device'])}")
                     g_m, note = report.goodput(
                         [
                             (p["m"], p["overall"]["worst_class_scheduler_violation_pct"])

@@ -53,6 +53,7 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
         "--loads", ",".join(str(m) for m in LOADS),
         "--seeds", "2",
         "--step-systems", "sidecar-http", "--step", "1,2,2", "--explain-refusals",
+        "--device-log",
     )  # fmt: skip
     meta = results["meta"]
     assert meta["capacity_rps"] == 20
@@ -82,6 +83,7 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
             for jain in point["jain"].values():
                 assert jain is None or 0.0 < jain <= 1.0 + 1e-9
             assert set(point["tenants"]) == {t["name"] for t in meta["tenants"]}
+            check_device(name, point)
     assert "step" in results["systems"]["sidecar-http"]
     # The autoscaling signal was sampled from the sidecar during the step (demand_probe.py).
     signal = results["systems"]["sidecar-http"]["step"]["demand_signal"]
@@ -131,6 +133,22 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
     for klass in ("standard", "batch"):
         assert shipped["classes"][klass]["overload"]["protect"] == "balanced"
         assert "max_in_flight" not in shipped["classes"][klass]["overload"]
+
+
+def check_device(name: str, point: dict[str, Any]) -> None:
+    """--device-log: nearly every answered request was found in a batch the model logged (an
+    answer reaches the client within 10 ms of its batch's end), and the waits and batch
+    lengths read from them are in order."""
+    device = point["device"]
+    assert device["answered"] > 0, name
+    assert device["matched"] >= 0.95 * device["answered"], (name, device)
+    share = device["idle_while_waiting_share"]
+    assert share is not None and 0.0 <= share < 1.0, (name, device)
+    assert set(device["classes"]) <= {"interactive", "standard", "batch"}
+    for klass, c in device["classes"].items():
+        assert c["wait_ms_p50"] >= -1.0, (name, klass, c)  # a send just before its batch
+        assert c["wait_ms_p50"] <= c["wait_ms_p99"] and c["batch_ms_p50"] <= c["batch_ms_p95"]
+        assert c["batch_ms_p50"] > 0, (name, klass, c)
 
 
 def check_sidecar_counts(name: str, point: dict[str, object]) -> None:

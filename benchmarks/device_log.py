@@ -1,0 +1,123 @@
+"""What the simulated device did during a QoS point: ``python -m benchmarks.qos --device-log``.
+
+The ``llm`` model writes one line per batch it runs (``batch_log``,
+examples/triton/llm/1/model.py): its start, its end (``time.monotonic()``, the clock the load
+generator's ``RunResult.start_monotonic`` reads) and its rows. For each point this module
+joins that log to the point's records and says where a class's latency went:
+
+- **wait**: from the client's send to the start of the batch the request ran in: the
+  sidecar's hold, Envoy, Triton's queue, and the rest of the batch running when it arrived;
+- **batch**: the length of the batch it ran in (static batching: its longest row's length,
+  whatever the request's own);
+- **idle while waiting**: time the device ran nothing although a request answered 200 had
+  been sent and had not started yet (``benchmarks.triton_stalls.find_stalls`` on their send
+  times). A request held by the sidecar counts as waiting from its send, so this is an upper
+  bound on Triton's own stalls; a request the sidecar refused is left out (it never reached
+  Triton).
+
+A request is matched to the batch whose end is the latest at or before its answer, at most
+``MATCH_S`` before it (the answer's way back through Envoy to the client). Only the ``llm``
+model writes a batch log.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.loadgen import Record, RunResult
+from benchmarks.triton_stalls import Batch, find_stalls
+
+MATCH_S = 0.010  # the most an answer may reach the client after its batch's end
+
+
+def attach(repo: Path, model: str, log: Path) -> None:
+    """Make ``model`` in ``repo`` log its batches to ``log`` (replacing any earlier path)."""
+    config = repo / model / "config.pbtxt"
+    text = re.sub(r'\nparameters \{ key: "batch_log"[^\n]*', "", config.read_text())
+    param = f'parameters {{ key: "batch_log" value: {{ string_value: "{log}" }} }}'
+    config.write_text(text.rstrip() + "\n" + param + "\n")
+
+
+def batch_of(batches: Sequence[Batch], ends: Sequence[float], answered_at: float) -> Batch | None:
+    """The batch a request answered at ``answered_at`` ran in (``ends``: the batches' ends,
+    in the same order, ascending), or None when no batch ended within ``MATCH_S`` before."""
+    i = bisect.bisect_right(ends, answered_at) - 1
+    if i < 0 or answered_at - ends[i] > MATCH_S:
+        return None
+    return batches[i]
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+
+def point(
+    batches: Iterable[Batch], runs: Sequence[tuple[RunResult, Sequence[Record]]]
+) -> dict[str, Any]:
+    """The device's view of one point: ``runs`` are its seeds' results, each with its
+    measured records (warm-up excluded)."""
+    ordered = sorted(batches, key=lambda b: b.end)
+    ends = [b.end for b in ordered]
+    waits: dict[str, list[float]] = {}
+    lengths: dict[str, list[float]] = {}
+    answered = matched = 0
+    idle_s = window_s = longest_s = 0.0
+    for result, records in runs:
+        t0 = result.start_monotonic
+        ok = [r for r in records if r.status == 200 and r.latency is not None]
+        if not ok:
+            continue
+        first = t0 + min(r.sent for r in records)
+        last = t0 + max(r.sent + (r.latency or 0.0) for r in ok)
+        window_s += last - first
+        inside = sorted((b for b in ordered if first <= b.start and b.end <= last), key=_start)
+        for stall in find_stalls(inside, [t0 + r.sent for r in ok]):
+            idle_s += stall.seconds
+            longest_s = max(longest_s, stall.seconds)
+        for r in ok:
+            answered += 1
+            assert r.latency is not None
+            batch = batch_of(ordered, ends, t0 + r.sent + r.latency)
+            if batch is None:
+                continue
+            matched += 1
+            waits.setdefault(r.klass, []).append(batch.start - (t0 + r.sent))
+            lengths.setdefault(r.klass, []).append(batch.end - batch.start)
+    return {
+        "answered": answered,
+        "matched": matched,
+        "idle_while_waiting_share": round(idle_s / window_s, 5) if window_s > 0 else None,
+        "longest_idle_while_waiting_ms": round(longest_s * 1000, 1),
+        "classes": {
+            k: {
+                "wait_ms_p50": _pct(waits[k], 50),
+                "wait_ms_p99": _pct(waits[k], 99),
+                "batch_ms_p50": _pct(lengths[k], 50),
+                "batch_ms_p95": _pct(lengths[k], 95),
+            }
+            for k in sorted(waits)
+        },
+    }
+
+
+def _start(batch: Batch) -> float:
+    return batch.start
+
+
+def describe(device: dict[str, Any], klass: str = "interactive") -> str:
+    """The point's log-line suffix: the class's wait and batch, and the idle share."""
+    c = device["classes"].get(klass)
+    share = device["idle_while_waiting_share"]
+    idle = "n/a" if share is None else f"{share * 100:.2f}%"
+    if c is None:
+        return f"device idle while waiting {idle}"
+    return (
+        f"{klass} wait p50/p99 {c['wait_ms_p50']}/{c['wait_ms_p99']} ms, batch p50/p95"
+        f" {c['batch_ms_p50']}/{c['batch_ms_p95']} ms; device idle while waiting {idle}"
+    )

@@ -1,0 +1,85 @@
+"""benchmarks/device_log.py: joining the model's batch log to a QoS point's records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import device_log
+from benchmarks.loadgen import Record, RunResult
+from benchmarks.triton_stalls import Batch, read_batches
+
+T0 = 1000.0  # the run's start on the monotonic clock
+
+
+def record(klass: str, sent: float, latency: float | None, status: int = 200) -> Record:
+    return Record("t1", klass, sent, sent, status, latency, latency, None, "", "")
+
+
+def run(records: list[Record]) -> tuple[RunResult, list[Record]]:
+    return RunResult(records, 0.0, 0.0, 0.0, 1.0, start_monotonic=T0), records
+
+
+def test_a_request_is_matched_to_the_batch_that_ended_just_before_its_answer() -> None:
+    batches = [Batch(T0 + 0.0, T0 + 0.1, 2), Batch(T0 + 0.1, T0 + 0.3, 3)]
+    ends = [b.end for b in batches]
+    assert device_log.batch_of(batches, ends, T0 + 0.302) == batches[1]
+    assert device_log.batch_of(batches, ends, T0 + 0.105) == batches[0]
+    # Not within MATCH_S of any end (or before every end): no batch.
+    assert device_log.batch_of(batches, ends, T0 + 0.2) is None
+    assert device_log.batch_of(batches, ends, T0 + 0.05) is None
+
+
+def test_a_point_says_how_long_each_class_waited_and_how_long_its_batch_ran() -> None:
+    batches = [
+        Batch(T0 + 0.00, T0 + 0.10, 1),
+        Batch(T0 + 0.10, T0 + 0.30, 2),
+        # idle from 0.30 to 0.40 although the batch request sent at 0.25 waited
+        Batch(T0 + 0.40, T0 + 0.45, 1),
+    ]
+    records = [
+        record("interactive", 0.00, 0.101),  # ran at once in the first batch
+        record("interactive", 0.05, 0.251),  # waited 50 ms for the second
+        record("standard", 0.08, 0.221),  # waited 20 ms, ran in the second
+        record("batch", 0.25, 0.201),  # waited 150 ms, 100 of them with the device idle
+        record("interactive", 0.26, None, status=0),  # its client gave up: not answered
+        record("standard", 0.27, 0.001, status=503),  # refused: never reached Triton
+    ]
+    point = device_log.point(batches, [run(records)])
+    assert point["answered"] == 4 and point["matched"] == 4
+    interactive = point["classes"]["interactive"]
+    assert interactive["wait_ms_p50"] == 25.0  # 0 and 50 ms
+    assert interactive["batch_ms_p95"] == 195.0  # 100 and 200 ms, interpolated
+    assert point["classes"]["batch"] == {
+        "wait_ms_p50": 150.0,
+        "wait_ms_p99": 150.0,
+        "batch_ms_p50": 50.0,
+        "batch_ms_p95": 50.0,
+    }
+    # The device sat idle 0.30-0.40 while the batch request waited (its send plus the grace
+    # for its way into Triton is before 0.30): 100 ms of the 0.00-0.45 window.
+    assert point["longest_idle_while_waiting_ms"] == 100.0
+    assert point["idle_while_waiting_share"] == round(0.1 / 0.451, 5)
+    assert "interactive wait p50/p99 25.0/" in device_log.describe(point)
+
+
+def test_a_refused_request_does_not_make_the_device_look_idle_while_it_waited() -> None:
+    batches = [Batch(T0 + 0.0, T0 + 0.1, 1), Batch(T0 + 0.3, T0 + 0.4, 1)]
+    records = [
+        record("interactive", 0.0, 0.101),
+        record("batch", 0.05, 0.001, status=503),  # refused by the sidecar
+        record("interactive", 0.29, 0.111),  # sent during the idle stretch
+    ]
+    point = device_log.point(batches, [run(records)])
+    assert point["idle_while_waiting_share"] == 0.0
+
+
+def test_attach_points_the_model_at_the_log_once(tmp_path: Path) -> None:
+    (tmp_path / "llm").mkdir()
+    config = tmp_path / "llm" / "config.pbtxt"
+    config.write_text('name: "llm"\nmax_batch_size: 16\n')
+    device_log.attach(tmp_path, "llm", tmp_path / "a.log")
+    device_log.attach(tmp_path, "llm", tmp_path / "b.log")
+    text = config.read_text()
+    assert text.count("batch_log") == 1 and str(tmp_path / "b.log") in text
+    assert text.startswith('name: "llm"\nmax_batch_size: 16\n')
+    assert read_batches(tmp_path / "b.log") == []
