@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    out = args.out / f"{stamp}-{mode.name}"
+    out = args.out.resolve() / f"{stamp}-{mode.name}"  # the sidecar and Triton run elsewhere
     out.mkdir(parents=True, exist_ok=True)
 
     model = MODELS[args.model]
