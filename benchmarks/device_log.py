@@ -23,9 +23,7 @@ model writes a batch log.
 from __future__ import annotations
 
 import bisect
-import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,14 +32,6 @@ from benchmarks.loadgen import Record, RunResult
 from benchmarks.triton_stalls import Batch, find_stalls
 
 MATCH_S = 0.010  # the most an answer may reach the client after its batch's end
-
-
-def attach(repo: Path, model: str, log: Path) -> None:
-    """Make ``model`` in ``repo`` log its batches to ``log`` (replacing any earlier path)."""
-    config = repo / model / "config.pbtxt"
-    text = re.sub(r'\nparameters \{ key: "batch_log"[^\n]*', "", config.read_text())
-    param = f'parameters {{ key: "batch_log" value: {{ string_value: "{log}" }} }}'
-    config.write_text(text.rstrip() + "\n" + param + "\n")
 
 
 def batch_of(batches: Sequence[Batch], ends: Sequence[float], answered_at: float) -> Batch | None:
@@ -76,7 +66,9 @@ def point(
         first = t0 + min(r.sent for r in records)
         last = t0 + max(r.sent + (r.latency or 0.0) for r in ok)
         window_s += last - first
-        inside = sorted((b for b in ordered if first <= b.start and b.end <= last), key=_start)
+        inside = sorted(
+            (b for b in ordered if first <= b.start and b.end <= last), key=lambda b: b.start
+        )
         for stall in find_stalls(inside, [t0 + r.sent for r in ok]):
             idle_s += stall.seconds
             longest_s = max(longest_s, stall.seconds)
@@ -104,10 +96,6 @@ def point(
             for k in sorted(waits)
         },
     }
-
-
-def _start(batch: Batch) -> float:
-    return batch.start
 
 
 def describe(device: dict[str, Any], klass: str = "interactive") -> str:

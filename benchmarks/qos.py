@@ -50,7 +50,7 @@ from benchmarks.runner import (
     system_named,
     wait_idle,
 )
-from benchmarks.triton_stalls import read_batches
+from benchmarks.triton_stalls import attach_batch_log, read_batches
 from benchmarks.workload import (
     CLASS_NAMES,
     PAPER_DEADLINES_S,
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         device = out / "device.log" if args.device_log else None
         if device is not None:
-            device_log.attach(repo, model.name, device)
+            attach_batch_log(repo, model.name, device)
         need_valkey = any(s.sidecar_mode for s in systems)
         with (
             TritonProcess(repo, tmp / "work") as triton,

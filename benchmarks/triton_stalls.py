@@ -123,13 +123,20 @@ def read_batches(path: Path) -> list[Batch]:
     return sorted(batches, key=lambda b: b.start)
 
 
+def attach_batch_log(repo: Path, model: str, log: Path) -> None:
+    """Make ``model`` in ``repo`` log its batches to ``log`` (replacing any earlier path)."""
+    config = repo / model / "config.pbtxt"
+    text = re.sub(r'\nparameters \{ key: "batch_log"[^\n]*', "", config.read_text())
+    param = f'parameters {{ key: "batch_log" value: {{ string_value: "{log}" }} }}'
+    config.write_text(text.rstrip() + "\n" + param + "\n")
+
+
 def configure(repo: Path, variant: str, log: Path) -> None:
     """Point the model's batch log at ``log``; for ``no-priority`` drop its priority levels
     and queue policy too."""
+    attach_batch_log(repo, "llm", log)
     config = repo / "llm" / "config.pbtxt"
-    text = config.read_text().rstrip() + (
-        f'\nparameters {{ key: "batch_log" value: {{ string_value: "{log}" }} }}\n'
-    )
+    text = config.read_text()
     if variant == "no-priority":
         text = re.sub(r"\n\s*(priority_levels|default_priority_level): \d+", "", text)
         text = re.sub(r"\n\s*default_queue_policy \{[^}]*\}", "", text)

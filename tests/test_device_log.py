@@ -6,7 +6,7 @@ from pathlib import Path
 
 from benchmarks import device_log
 from benchmarks.loadgen import Record, RunResult
-from benchmarks.triton_stalls import Batch, read_batches
+from benchmarks.triton_stalls import Batch, attach_batch_log, read_batches
 
 T0 = 1000.0  # the run's start on the monotonic clock
 
@@ -77,8 +77,8 @@ def test_attach_points_the_model_at_the_log_once(tmp_path: Path) -> None:
     (tmp_path / "llm").mkdir()
     config = tmp_path / "llm" / "config.pbtxt"
     config.write_text('name: "llm"\nmax_batch_size: 16\n')
-    device_log.attach(tmp_path, "llm", tmp_path / "a.log")
-    device_log.attach(tmp_path, "llm", tmp_path / "b.log")
+    attach_batch_log(tmp_path, "llm", tmp_path / "a.log")
+    attach_batch_log(tmp_path, "llm", tmp_path / "b.log")
     text = config.read_text()
     assert text.count("batch_log") == 1 and str(tmp_path / "b.log") in text
     assert text.startswith('name: "llm"\nmax_batch_size: 16\n')
