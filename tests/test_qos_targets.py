@@ -144,7 +144,7 @@ def test_the_knobs_curve_orders_the_http_rows_by_share() -> None:
     doc["systems"]["sidecar-extproc"] = http  # not on the HTTP knob's curve
     assert curve(doc) == [
         (0.4, "sidecar-http-share-0.4"),
-        (0.6, "sidecar-http-latency"),
+        (0.45, "sidecar-http-latency"),
         (0.8, "sidecar-http"),
     ]
     lines = curve_md(doc).splitlines()

@@ -41,7 +41,7 @@ class StaleAction(enum.Enum):
 class Protect(enum.Enum):
     """How hard a class's adaptive cap protects better-ranked classes (core/protect.py)."""
 
-    LATENCY = "latency"  # 95% of their latency under 60% of their objective: smallest batches
+    LATENCY = "latency"  # 95% of their latency under 45% of their objective: smallest batches
     BALANCED = "balanced"  # under 80% of it
     THROUGHPUT = "throughput"  # under all of it: fullest batches, least margin
 

@@ -150,7 +150,7 @@ class OverloadPolicy:
         Choice.of(Protect),
         "Adaptive cap on the model's requests in flight, instead of a fixed max_in_flight: "
         "it binds only while better-ranked classes send the model work, and follows the "
-        "latency they get against their objective (95% of each under latency: 60%, balanced: "
+        "latency they get against their objective (95% of each under latency: 45%, balanced: "
         "80%, throughput: 100% of it), raised while it holds this class back, cut when one comes "
         "close, never above a better protected class's cap while that binds; admit_below and "
         "shed_above grow with it above its floor. A model's own protect overrides the preset.",
@@ -159,7 +159,7 @@ class OverloadPolicy:
     protect_share: float | None = setting(
         Num(exclusive_minimum=0, maximum=1),
         "With protect: the share of their objective that 95% of better-ranked requests must "
-        "stay under, instead of the preset's (latency 0.6, balanced 0.8, throughput 1). "
+        "stay under, instead of the preset's (latency 0.45, balanced 0.8, throughput 1). "
         "Lower keeps them further from their objective and lets less of this class in. A "
         "model's own protect overrides it.",
         default=None,
