@@ -151,9 +151,12 @@ class OverloadPolicy:
         "Adaptive cap on the model's requests in flight, instead of a fixed max_in_flight: "
         "it binds only while better-ranked classes send the model work, and follows the "
         "latency they get against their objective (95% of each under latency: 45%, balanced: "
-        "80%, throughput: 100% of it), raised while it holds this class back, cut when one comes "
-        "close, never above a better protected class's cap while that binds; admit_below and "
-        "shed_above grow with it above its floor. A model's own protect overrides the preset.",
+        "80%, throughput: 100% of it; where better classes' own load alone keeps them near "
+        "their share, the cap stays at its floor and a class with a short max_wait_ms is "
+        "shed, which under latency can start at about capacity), raised while it holds this "
+        "class back, cut when one comes close, never above a better protected class's cap "
+        "while that binds; admit_below and shed_above grow with it above its floor. A "
+        "model's own protect overrides the preset.",
         default=None,
     )
     protect_share: float | None = setting(
