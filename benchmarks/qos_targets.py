@@ -122,6 +122,17 @@ def _count_claim(numbers: Mapping[str, Any], goal_pct: float, goal: str = "") ->
     return ""
 
 
+def _how_ended(numbers: Mapping[str, Any]) -> str:
+    """How a tenant's violations ended, where the results say: a quiet tenant's requests
+    refused for load may be the policy's own trade (a preset that sheds a lower class near
+    capacity) rather than the noisy tenant's doing, and the line lets a reader tell."""
+    if not numbers.get("violations") or "refused_503" not in numbers:
+        return ""
+    s503, s429 = int(numbers["refused_503"]), int(numbers["refused_429"])
+    late = int(numbers["violations"]) - s503 - s429
+    return f": {s503} refused for load (503), {s429} over quota (429), {late} late or failed"
+
+
 def _noisy_line(name: str, system: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     """The worst other tenant, with its counts where the results have them: a tenant of a few
     dozen requests is over 1% with one miss, which its share alone does not show."""
@@ -130,7 +141,11 @@ def _noisy_line(name: str, system: Mapping[str, Any], meta: Mapping[str, Any]) -
         return _line(f"noisy_tenant[{name}]", "not measured", "<= 1%", False)
     tenant, numbers, at_m = worst
     pct = numbers["violation_pct"]
-    counts = f" ({numbers['violations']} of {numbers['sent']})" if "sent" in numbers else ""
+    counts = (
+        f" ({numbers['violations']} of {numbers['sent']}{_how_ended(numbers)})"
+        if "sent" in numbers
+        else ""
+    )
     claim = _count_claim(numbers, OTHER_TENANT_MAX_PCT) if "sent" in numbers else ""
     return _line(
         f"noisy_tenant[{name}]",

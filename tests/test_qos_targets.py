@@ -152,3 +152,19 @@ def test_the_knobs_curve_orders_the_http_rows_by_share() -> None:
     assert lines[4] == "| 0.8 | sidecar-http | 0.8, 1.60 | 6.0, 1.50 |"
     del doc["systems"]["sidecar-http-share-0.4"], doc["systems"]["sidecar-http-latency"]
     assert curve_md(doc) == ""  # one row is no curve
+
+
+def test_the_noisy_tenant_line_says_how_the_worst_tenants_misses_ended() -> None:
+    doc = results()
+    for p in doc["systems"]["sidecar-http"]["points"]:
+        p["tenants"]["quiet"] = {
+            "violation_pct": 10.0,
+            "sent": 60,
+            "violations": 6,
+            "refused_503": 4,
+            "refused_429": 1,
+        }
+    lines = {line.split(":")[0]: line for line in target_lines(doc)}
+    line = lines["TARGET noisy_tenant[sidecar-http]"]
+    assert "(6 of 60: 4 refused for load (503), 1 over quota (429), 1 late or failed)" in line
+    assert line.endswith(" missed")
