@@ -126,9 +126,9 @@ def _how_ended(numbers: Mapping[str, Any]) -> str:
     """How a tenant's violations ended, where the results say: a quiet tenant's requests
     refused for load may be the policy's own trade (a preset that sheds a lower class near
     capacity) rather than the noisy tenant's doing, and the line lets a reader tell."""
-    if not numbers.get("violations") or "refused_503" not in numbers:
+    if not numbers.get("violations") or "shed_503" not in numbers:
         return ""
-    s503, s429 = int(numbers["refused_503"]), int(numbers["refused_429"])
+    s503, s429 = int(numbers["shed_503"]), int(numbers["shed_429"])
     late = int(numbers["violations"]) - s503 - s429
     return f": {s503} refused for load (503), {s429} over quota (429), {late} late or failed"
 

@@ -215,8 +215,8 @@ def point_stats(
             "sent": n,
             "violations": n - good_t,
             # How they ended: refused for load, refused over quota; the rest late or failed.
-            "refused_503": sum(1 for r in mine if r.status == 503),
-            "refused_429": sum(1 for r in mine if r.status == 429),
+            "shed_503": sum(1 for r in mine if r.status == 503),
+            "shed_429": sum(1 for r in mine if r.status == 429),
             "quota_rps": round(quota, 3) if quota is not None else None,
             "admitted_over_quota": round(admitted_t / duration_s / quota, 3) if quota else None,
         }

@@ -85,10 +85,10 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
             assert set(point["tenants"]) == {t["name"] for t in meta["tenants"]}
             # A tenant's refusals are among its violations, and they add up to the point's.
             for tenant in point["tenants"].values():
-                refused = tenant["refused_503"] + tenant["refused_429"]
+                refused = tenant["shed_503"] + tenant["shed_429"]
                 assert refused <= tenant["violations"] <= tenant["sent"]
             for code in ("503", "429"):
-                total = sum(t[f"refused_{code}"] for t in point["tenants"].values())
+                total = sum(t[f"shed_{code}"] for t in point["tenants"].values())
                 assert total == overall[f"shed_{code}"], (name, code)
             check_device(name, point)
     assert "step" in results["systems"]["sidecar-http"]

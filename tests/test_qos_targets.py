@@ -161,8 +161,8 @@ def test_the_noisy_tenant_line_says_how_the_worst_tenants_misses_ended() -> None
             "violation_pct": 10.0,
             "sent": 60,
             "violations": 6,
-            "refused_503": 4,
-            "refused_429": 1,
+            "shed_503": 4,
+            "shed_429": 1,
         }
     lines = {line.split(":")[0]: line for line in target_lines(doc)}
     line = lines["TARGET noisy_tenant[sidecar-http]"]
