@@ -15,6 +15,14 @@ joins that log to the point's records and says where a class's latency went:
   bound on Triton's own stalls; a request the sidecar refused is left out (it never reached
   Triton).
 
+- **missed behind** (given the classes' deadlines): for each request of a class that missed
+  its deadline without being refused (answered late, or its client gave up), the longest
+  batch that ran while it waited and ran (from its send to its answer, or to its deadline
+  when no answer came), and the class of that batch's longest request (the most output
+  tokens among the batch's answered requests; static batching runs a batch until its longest
+  row is done, so that request set the batch's length): whose long request the miss waited
+  through. ``unknown``: no answered request was matched to that batch.
+
 A request is matched to the batch whose end is the latest at or before its answer, at most
 ``MATCH_S`` before it (the answer's way back through Envoy to the client). Only the ``llm``
 model writes a batch log.
@@ -23,7 +31,8 @@ model writes a batch log.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,17 +57,24 @@ def _pct(values: Sequence[float], q: float) -> float | None:
 
 
 def point(
-    batches: Iterable[Batch], runs: Sequence[tuple[RunResult, Sequence[Record]]]
+    batches: Iterable[Batch],
+    runs: Sequence[tuple[RunResult, Sequence[Record]]],
+    deadlines: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The device's view of one point: ``runs`` are its seeds' results, each with its
-    measured records (warm-up excluded)."""
+    measured records (warm-up excluded); with ``deadlines`` (per class, s), also whose long
+    request each class's misses waited through (``missed_behind``)."""
     ordered = sorted(batches, key=lambda b: b.end)
     ends = [b.end for b in ordered]
     waits: dict[str, list[float]] = {}
     lengths: dict[str, list[float]] = {}
+    behind: dict[str, Counter[str]] = {}
     answered = matched = 0
     idle_s = window_s = longest_s = 0.0
     for result, records in runs:
+        if deadlines is not None:
+            for klass, who in missed_behind(ordered, ends, result, records, deadlines).items():
+                behind.setdefault(klass, Counter()).update(who)
         t0 = result.start_monotonic
         ok = [r for r in records if r.status == 200 and r.latency is not None]
         if not ok:
@@ -95,7 +111,54 @@ def point(
             }
             for k in sorted(waits)
         },
+        "missed_behind": {k: dict(who.most_common()) for k, who in sorted(behind.items())},
     }
+
+
+def _missed(r: Record, deadline_s: float) -> bool:
+    """Missed its deadline without being refused: answered late, or its client gave up."""
+    if r.status == 200:
+        return r.latency is not None and r.latency > deadline_s
+    return r.status == 0
+
+
+def missed_behind(
+    ordered: Sequence[Batch],
+    ends: Sequence[float],
+    result: RunResult,
+    records: Sequence[Record],
+    deadlines: Mapping[str, float],
+) -> dict[str, Counter[str]]:
+    """Per class, its misses by the class of the longest request of the longest batch each
+    waited through (module comment)."""
+    t0 = result.start_monotonic
+    index = {id(b): i for i, b in enumerate(ordered)}
+    longest: dict[int, Record] = {}  # batch index -> its answered request of most tokens
+    for r in records:
+        if r.status == 200 and r.latency is not None:
+            batch = batch_of(ordered, ends, t0 + r.sent + r.latency)
+            if batch is not None:
+                i = index[id(batch)]
+                if i not in longest or r.output_tokens > longest[i].output_tokens:
+                    longest[i] = r
+    out: dict[str, Counter[str]] = {}
+    for r in records:
+        deadline_s = deadlines.get(r.klass)
+        if deadline_s is None or not _missed(r, deadline_s):
+            continue
+        start = t0 + r.sent
+        stop = start + (r.latency if r.status == 200 and r.latency is not None else deadline_s)
+        overlapping = []  # one instance: batches in order of their ends are in order of starts
+        i = bisect.bisect_right(ends, start)
+        while i < len(ordered) and ordered[i].start < stop:
+            overlapping.append(i)
+            i += 1
+        who = "no batch"
+        if overlapping:
+            widest = max(overlapping, key=lambda i: ordered[i].end - ordered[i].start)
+            who = longest[widest].klass if widest in longest else "unknown"
+        out.setdefault(r.klass, Counter())[who] += 1
+    return out
 
 
 def describe(device: dict[str, Any], klass: str = "interactive") -> str:
@@ -105,7 +168,11 @@ def describe(device: dict[str, Any], klass: str = "interactive") -> str:
     idle = "n/a" if share is None else f"{share * 100:.2f}%"
     if c is None:
         return f"device idle while waiting {idle}"
-    return (
+    text = (
         f"{klass} wait p50/p99 {c['wait_ms_p50']}/{c['wait_ms_p99']} ms, batch p50/p95"
         f" {c['batch_ms_p50']}/{c['batch_ms_p95']} ms; device idle while waiting {idle}"
     )
+    if who := device.get("missed_behind", {}).get(klass):
+        named = ", ".join(f"{k} {n}" for k, n in who.items())
+        text += f"; its misses by the longest batch's longest request: {named}"
+    return text

@@ -625,7 +625,9 @@ def main(argv: list[str] | None = None) -> int:
                             "drain_s": round(drained, 2),
                         }
                         if device is not None and not spec.gen.siloed:  # its own models
-                            stats["device"] = device_log.point(read_batches(device), seeds_run)
+                            stats["device"] = device_log.point(
+                                read_batches(device), seeds_run, deadlines
+                            )
                         sys_res["points"].append(stats)
                         if abs(m - 2.0) < 1e-9:
                             per: dict[str, list[float]] = defaultdict(list)

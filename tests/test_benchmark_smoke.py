@@ -144,8 +144,8 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
 
 def check_device(name: str, point: dict[str, Any]) -> None:
     """--device-log: nearly every answered request was found in a batch the model logged (an
-    answer reaches the client within 10 ms of its batch's end), and the waits and batch
-    lengths read from them are in order."""
+    answer reaches the client within 10 ms of its batch's end), the waits and batch lengths
+    read from them are in order, and the misses put down to a long request are misses."""
     device = point["device"]
     assert device["answered"] > 0, name
     assert device["matched"] >= 0.95 * device["answered"], (name, device)
@@ -156,6 +156,11 @@ def check_device(name: str, point: dict[str, Any]) -> None:
         assert c["wait_ms_p50"] >= -1.0, (name, klass, c)  # a send just before its batch
         assert c["wait_ms_p50"] <= c["wait_ms_p99"] and c["batch_ms_p50"] <= c["batch_ms_p95"]
         assert c["batch_ms_p50"] > 0, (name, klass, c)
+    # Each miss that was not a refusal is put down to one class (or to none found), once.
+    for klass, who in device["missed_behind"].items():
+        assert set(who) <= {"interactive", "standard", "batch", "unknown", "no batch"}
+        stats = point["classes"][klass]
+        assert 0 < sum(who.values()) <= stats["admitted"] - stats["slo_met"] + stats["errors"]
 
 
 def check_sidecar_counts(name: str, point: dict[str, object]) -> None:

@@ -83,3 +83,37 @@ def test_attach_points_the_model_at_the_log_once(tmp_path: Path) -> None:
     assert text.count("batch_log") == 1 and str(tmp_path / "b.log") in text
     assert text.startswith('name: "llm"\nmax_batch_size: 16\n')
     assert read_batches(tmp_path / "b.log") == []
+
+
+def test_a_miss_is_put_down_to_the_longest_request_of_the_longest_batch_it_waited_through() -> None:
+    def sized(klass: str, sent: float, latency: float | None, tokens: int, status: int = 200):
+        return Record("t1", klass, sent, sent, status, latency, latency, None, "", "", 10, tokens)
+
+    batches = [
+        Batch(T0 + 0.00, T0 + 0.05, 2),
+        Batch(T0 + 0.05, T0 + 0.25, 2),  # 200 ms: a long standard request set its length
+        Batch(T0 + 0.25, T0 + 0.30, 3),
+    ]
+    records = [
+        sized("interactive", 0.00, 0.051, 20),
+        sized("batch", 0.00, 0.051, 30),  # the first batch's longest: not waited through
+        sized("standard", 0.02, 0.231, 300),
+        sized("interactive", 0.03, 0.221, 40),  # ran in the long batch: late by 0.1 s deadline
+        sized("interactive", 0.06, 0.241, 20),  # waited it out, ran in the third: late
+        sized("interactive", 0.07, None, 50, status=0),  # gave up at its deadline, inside it
+        sized("interactive", 0.08, 0.001, 10, status=503),  # refused: not a miss
+        sized("interactive", 0.26, 0.041, 10),  # on time
+    ]
+    deadlines = {"interactive": 0.1, "standard": 1.0, "batch": 10.0}
+    point = device_log.point(batches, [run(records)], deadlines)
+    assert point["missed_behind"] == {"interactive": {"standard": 3}}
+    assert "its misses by the longest batch's longest request: standard 3" in (
+        device_log.describe(point)
+    )
+    # A batch none of whose requests was answered cannot name one; without deadlines, no
+    # attribution at all.
+    lone = [sized("interactive", 0.06, None, 50, status=0)]
+    assert device_log.point(batches, [run(lone)], deadlines)["missed_behind"] == {
+        "interactive": {"unknown": 1}
+    }
+    assert device_log.point(batches, [run(records)])["missed_behind"] == {}
