@@ -208,7 +208,8 @@ def test_renew_never_brings_back_an_expired_lease(harness: Harness) -> None:
 
 @pytest.mark.stack
 def test_redis_leaves_no_lease_key_behind(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
-    """After release only the tombstone is left, and it expires on its own."""
+    """After release only the tombstone is left, in the tenant's set of them, which expires
+    with its last tombstone."""
 
     async def body(store: RedisQuotaStore) -> None:
         c = replace(check(bucket(), model="llama"), lease_id=REQUEST_ID)
@@ -216,8 +217,39 @@ def test_redis_leaves_no_lease_key_behind(valkey: ValkeyServer, redis_sync: redi
 
     run_redis(valkey.url, body, timeout_s=2.0)
     keys = set(redis_sync.scan_iter("qos:*"))
-    assert keys == {"qos:{acme}:bucket:req", f"qos:{{acme}}:released:{REQUEST_ID}"}
-    assert 0 < redis_sync.pttl(f"qos:{{acme}}:released:{REQUEST_ID}") <= 5000
+    assert keys == {"qos:{acme}:bucket:req", "qos:{acme}:released"}
+    assert redis_sync.zrange("qos:{acme}:released", 0, -1) == [REQUEST_ID]
+    assert 0 < redis_sync.pttl("qos:{acme}:released") <= 5000
+
+
+@pytest.mark.stack
+def test_redis_tombstones_that_ended_are_removed_by_the_next_release(
+    valkey: ValkeyServer, redis_sync: redis.Redis
+) -> None:
+    """Tombstones are not keys that Redis expires in bursts: each release removes those that
+    ended, and the set's TTL follows its longest one, whatever the TTL of the last call."""
+
+    async def body(store: RedisQuotaStore) -> None:
+        keep = replace(check(bucket(burst=100)), lease_id="keep")  # keeps the set alive
+        await store.release(lease_of(keep, await store.acquire(keep)), tombstone_s=30)
+        short = [replace(check(bucket(burst=100)), lease_id=f"short-{i}") for i in range(50)]
+        leases = [lease_of(c, await store.acquire(c)) for c in short]
+        assert all(await store.release_many(leases, tombstone_s=0.05))
+        assert redis_sync.zcard("qos:{acme}:released") == 51
+        refused = await store.acquire(short[0])  # a released id takes nothing while its
+        assert refused.denied_by is LimitKind.LEASE_ID_USED  # tombstone lasts
+        await asyncio.sleep(0.1)  # and once it ended, takes a lease again
+        assert (await store.acquire(short[1])).allowed
+        long = replace(check(bucket(burst=100)), lease_id="long")
+        await store.release(lease_of(long, await store.acquire(long)), tombstone_s=30)
+        assert redis_sync.zrange("qos:{acme}:released", 0, -1) == ["keep", "long"]  # 50 ended
+        last = replace(check(bucket(burst=100)), lease_id="last")
+        await store.release(lease_of(last, await store.acquire(last)), tombstone_s=1)
+        assert redis_sync.pttl("qos:{acme}:released") > 20_000  # the 30 s ones hold it
+        again = await store.acquire(long)
+        assert not again.allowed and again.denied_by is LimitKind.LEASE_ID_USED
+
+    run_redis(valkey.url, body, timeout_s=5.0)
 
 
 # -- the service's side: releases owed and retried, leases renewed (sidecar/leases.py) -------

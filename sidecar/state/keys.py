@@ -45,7 +45,8 @@ class KeyKind(enum.Enum):
     BUCKET = "bucket"  # string: a GCRA bucket's TAT; part: the bucket name
     LEASES = "leases"  # sorted set: the tenant's leases, score = expiry; no part
     CLASS_LEASES = "class_leases"  # sorted set: the tenant's leases in one class; part: class
-    RELEASED = "released"  # string: a released lease id's tombstone (expires); part: lease id
+    # sorted set: the tenant's released lease ids, score = when each tombstone ends; no part
+    RELEASED = "released"
 
 
 # Not a `KeyKind`: those are a tenant's keys, this is the one key with a model's hash tag.
@@ -72,8 +73,6 @@ def encode_name(name: str) -> str:
 def build_key(tenant: str, kind: KeyKind, *parts: str) -> str:
     """The key of `kind` for `tenant`, e.g. `build_key("acme", KeyKind.BUCKET, "tokens")` is
     `qos:{acme}:bucket:tokens`. Raises ValueError for an empty tenant (see module rules)."""
-    if kind is KeyKind.RELEASED:  # one per lease id: nothing to reuse
-        return _build_key(tenant, kind, parts)
     return _policy_key(tenant, kind, parts)
 
 

@@ -101,10 +101,11 @@ def acquire_call(
     for check, lease_id in requests:
         if check.tenant != tenant:
             raise ValueError("one acquire.lua call judges the requests of one tenant")
-        # A peek writes nothing and reads no tombstone; its key only keeps KEYS' layout.
+        # Each request's tombstones: the tenant's one set, named again to keep KEYS' layout
+        # (a peek writes nothing and reads none).
         keys += (
             build_key(tenant, KeyKind.CLASS_LEASES, check.klass),
-            build_key(tenant, KeyKind.RELEASED, lease_id or "peek"),
+            build_key(tenant, KeyKind.RELEASED),
         )
         args += (
             lease_id,
@@ -158,13 +159,11 @@ def _class_set(tenant: str, klass: str, keys: list[str], index: dict[str, int]) 
 
 def release_call(tenant: str, leases: Sequence[LeaseRef], tombstone_s: float) -> Call:
     """release.lua's keys and args for `leases`, all of `tenant` (their sets share one slot)."""
-    keys = [build_key(tenant, KeyKind.LEASES)]
+    keys = [build_key(tenant, KeyKind.LEASES), build_key(tenant, KeyKind.RELEASED)]
     args: list[str | float] = [tombstone_s]
     index: dict[str, int] = {}
     for lease in leases:
-        klass = _class_set(tenant, lease.klass, keys, index)
-        keys.append(build_key(tenant, KeyKind.RELEASED, lease.lease_id))
-        args += (lease.lease_id, klass, len(keys))
+        args += (lease.lease_id, _class_set(tenant, lease.klass, keys, index))
     return RELEASE, keys, args
 
 

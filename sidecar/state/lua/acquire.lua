@@ -12,7 +12,7 @@
 --
 -- KEYS[1]    the tenant's lease set                qos:{tenant}:leases
 -- KEYS[2..]  per request: the lease set of its class  qos:{tenant}:class_leases:<class>,
---            its lease id's tombstone                 qos:{tenant}:released:<lease id>,
+--            the tenant's tombstones (the same set for each)  qos:{tenant}:released,
 --            then one bucket per check                qos:{tenant}:bucket:<name>
 -- ARGV[1]    "acquire", "peek", or "charge" (the buckets only: no lease, no tombstone read,
 --            and the caller sends no concurrency limit; leased mode's slices)
@@ -117,7 +117,8 @@ local function judge(k, a, n)
       return denied(4, 0, 0)
     end
     local held = redis.call('ZSCORE', KEYS[1], id)
-    if redis.call('EXISTS', KEYS[k + 1]) == 1 or (held and tonumber(held) > now) then
+    local released = redis.call('ZSCORE', KEYS[k + 1], id)
+    if (released and tonumber(released) > now) or (held and tonumber(held) > now) then
       return denied(4, 0, 0)
     end
   end
