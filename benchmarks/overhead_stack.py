@@ -151,7 +151,7 @@ def request_headers() -> dict[str, str]:
 LEASE_MS = 100
 
 
-def write_policy(directory: Path, *, leased: bool = False) -> Path:
+def write_policy(directory: Path, *, leased: bool = False, lease_ttl_s: float = 30) -> Path:
     """A policy that admits everything: one tenant with limits far above any rate here, and a
     ``max_concurrency`` so that every request takes and releases a concurrency lease. Leased:
     the bucket in leased mode (``lease_ms``) and no concurrency limit, so that requests are
@@ -159,7 +159,7 @@ def write_policy(directory: Path, *, leased: bool = False) -> Path:
     doc = {
         "identity": {"sources": [{"kind": "api_key", "header": "x-api-key"}]},
         "unknown_tenants": {"action": "reject"},
-        "lease_ttl_s": 30,
+        "lease_ttl_s": lease_ttl_s,
         "classes": {
             "standard": {
                 "rank": 1,
@@ -297,9 +297,14 @@ class Running:
 
 @contextlib.contextmanager
 def start(
-    config: Config, workdir: Path, redis_url: str, profile_path: Path | None = None
+    config: Config,
+    workdir: Path,
+    redis_url: str,
+    profile_path: Path | None = None,
+    lease_ttl_s: float = 30,
 ) -> Iterator[Running]:
-    """Start ``config``'s processes (the server first, then Envoy) and stop them after."""
+    """Start ``config``'s processes (the server first, then Envoy) and stop them after; a
+    sidecar's policy gives its leases ``lease_ttl_s`` (and their tombstones)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -316,7 +321,9 @@ def start(
                     "sidecar_grpc_socket": noop.grpc_socket,
                 }
             else:
-                policy = write_policy(workdir / "policy", leased=config.leased)
+                policy = write_policy(
+                    workdir / "policy", leased=config.leased, lease_ttl_s=lease_ttl_s
+                )
                 url = redis_url if config.store == "valkey" else ""
                 if profile_path is not None:
                     sidecar = ProfiledSidecar(
