@@ -96,17 +96,12 @@ def acquire_call(
     """acquire.lua's keys and args for `requests`, each a check and its lease id, all of one
     tenant (a peek: `take` False, no lease id; the buckets only: `lease` False)."""
     tenant = requests[0][0].tenant
-    keys = [build_key(tenant, KeyKind.LEASES)]
+    keys = [build_key(tenant, KeyKind.LEASES), build_key(tenant, KeyKind.RELEASED)]
     args: list[Any] = [("acquire" if lease else "charge") if take else "peek"]
     for check, lease_id in requests:
         if check.tenant != tenant:
             raise ValueError("one acquire.lua call judges the requests of one tenant")
-        # Each request's tombstones: the tenant's one set, named again to keep KEYS' layout
-        # (a peek writes nothing and reads none).
-        keys += (
-            build_key(tenant, KeyKind.CLASS_LEASES, check.klass),
-            build_key(tenant, KeyKind.RELEASED),
-        )
+        keys.append(build_key(tenant, KeyKind.CLASS_LEASES, check.klass))
         args += (
             lease_id,
             check.lease_ttl_s,

@@ -11,8 +11,8 @@
 -- the bucket writes, the sets' TTLs) is paid once per call, not once per request.
 --
 -- KEYS[1]    the tenant's lease set                qos:{tenant}:leases
--- KEYS[2..]  per request: the lease set of its class  qos:{tenant}:class_leases:<class>,
---            the tenant's tombstones (the same set for each)  qos:{tenant}:released,
+-- KEYS[2]    the tenant's tombstones (sorted set, score = when each ends)  qos:{tenant}:released
+-- KEYS[3..]  per request: the lease set of its class  qos:{tenant}:class_leases:<class>,
 --            then one bucket per check                qos:{tenant}:bucket:<name>
 -- ARGV[1]    "acquire", "peek", or "charge" (the buckets only: no lease, no tombstone read,
 --            and the caller sends no concurrency limit; leased mode's slices)
@@ -77,7 +77,7 @@ end
 local function worst_bucket(k, a, n, new_tats)
   local worst_index, worst_retry = 0, -1
   for j = 0, n - 1 do
-    local key = KEYS[k + 2 + j]
+    local key = KEYS[k + 1 + j]
     local b = a + 5 + 3 * j
     local rate, burst, cost = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
     if cost > 0 then
@@ -117,7 +117,7 @@ local function judge(k, a, n)
       return denied(4, 0, 0)
     end
     local held = redis.call('ZSCORE', KEYS[1], id)
-    local released = redis.call('ZSCORE', KEYS[k + 1], id)
+    local released = redis.call('ZSCORE', KEYS[2], id)
     if (released and tonumber(released) > now) or (held and tonumber(held) > now) then
       return denied(4, 0, 0)
     end
@@ -156,11 +156,11 @@ local function judge(k, a, n)
 end
 
 local replies = {}
-local k, a = 2, 2
+local k, a = 3, 2
 while a <= #ARGV do
   local n = tonumber(ARGV[a + 4])
   replies[#replies + 1] = judge(k, a, n)
-  k, a = k + 2 + n, a + 5 + 3 * n
+  k, a = k + 1 + n, a + 5 + 3 * n
 end
 
 for _, key in ipairs(charged_order) do
