@@ -72,11 +72,25 @@ def point(
     answered = matched = 0
     idle_s = window_s = longest_s = 0.0
     for result, records in runs:
-        if deadlines is not None:
-            for klass, who in missed_behind(ordered, ends, result, records, deadlines).items():
-                behind.setdefault(klass, Counter()).update(who)
         t0 = result.start_monotonic
         ok = [r for r in records if r.status == 200 and r.latency is not None]
+        longest: dict[int, Record] = {}  # id of a batch -> its answered request of most tokens
+        for r in ok:
+            answered += 1
+            assert r.latency is not None
+            batch = batch_of(ordered, ends, t0 + r.sent + r.latency)
+            if batch is None:
+                continue
+            matched += 1
+            waits.setdefault(r.klass, []).append(batch.start - (t0 + r.sent))
+            lengths.setdefault(r.klass, []).append(batch.end - batch.start)
+            top = longest.get(id(batch))
+            if top is None or r.output_tokens > top.output_tokens:
+                longest[id(batch)] = r
+        if deadlines is not None:
+            misses = missed_behind(ordered, ends, t0, records, deadlines, longest)
+            for klass, who in misses.items():
+                behind.setdefault(klass, Counter()).update(who)
         if not ok:
             continue
         first = t0 + min(r.sent for r in records)
@@ -88,15 +102,6 @@ def point(
         for stall in find_stalls(inside, [t0 + r.sent for r in ok]):
             idle_s += stall.seconds
             longest_s = max(longest_s, stall.seconds)
-        for r in ok:
-            answered += 1
-            assert r.latency is not None
-            batch = batch_of(ordered, ends, t0 + r.sent + r.latency)
-            if batch is None:
-                continue
-            matched += 1
-            waits.setdefault(r.klass, []).append(batch.start - (t0 + r.sent))
-            lengths.setdefault(r.klass, []).append(batch.end - batch.start)
     return {
         "answered": answered,
         "matched": matched,
@@ -125,22 +130,14 @@ def _missed(r: Record, deadline_s: float) -> bool:
 def missed_behind(
     ordered: Sequence[Batch],
     ends: Sequence[float],
-    result: RunResult,
+    t0: float,
     records: Sequence[Record],
     deadlines: Mapping[str, float],
+    longest: Mapping[int, Record],
 ) -> dict[str, Counter[str]]:
     """Per class, its misses by the class of the longest request of the longest batch each
-    waited through (module comment)."""
-    t0 = result.start_monotonic
-    index = {id(b): i for i, b in enumerate(ordered)}
-    longest: dict[int, Record] = {}  # batch index -> its answered request of most tokens
-    for r in records:
-        if r.status == 200 and r.latency is not None:
-            batch = batch_of(ordered, ends, t0 + r.sent + r.latency)
-            if batch is not None:
-                i = index[id(batch)]
-                if i not in longest or r.output_tokens > longest[i].output_tokens:
-                    longest[i] = r
+    waited through (module comment); `longest`: each batch's (by `id`) answered request of
+    most tokens, as `point` matched them."""
     out: dict[str, Counter[str]] = {}
     for r in records:
         deadline_s = deadlines.get(r.klass)
@@ -156,7 +153,8 @@ def missed_behind(
         who = "no batch"
         if overlapping:
             widest = max(overlapping, key=lambda i: ordered[i].end - ordered[i].start)
-            who = longest[widest].klass if widest in longest else "unknown"
+            top = longest.get(id(ordered[widest]))
+            who = "unknown" if top is None else top.klass
         out.setdefault(r.klass, Counter())[who] += 1
     return out
 

@@ -27,6 +27,7 @@ import redis
 
 from benchmarks import cloadgen
 from benchmarks import overhead_stack as stack
+from benchmarks.overhead import target_of
 from devstack.procs import ValkeyProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,12 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             client.config_set("latency-monitor-threshold", 1)
             config = stack.BY_NAME["D"]
             with stack.start(config, workdir / "D", valkey.url, lease_ttl_s=args.ttl) as running:
-                target = cloadgen.Target(
-                    running.port,
-                    f"/v2/models/{stack.MODEL}/infer",
-                    stack.request_headers(),
-                    stack.request_body(0),
-                )
+                target = target_of(config, running)
                 started = time.monotonic()
                 burst = cloadgen.run(target, duration_s=args.burst, connections=32)
                 after_burst = client.dbsize()
