@@ -17,6 +17,7 @@ Procedure (see benchmarks/README.md and ../shared/QOS-BENCHMARK.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import gzip
@@ -159,6 +160,73 @@ def run_load(
     result = run_point(url, spec, backend, schedule, config.classes, patience)
     drained = wait_idle(backend.triton)
     return result, drained
+
+
+def _step(
+    url: str,
+    spec: SystemSpec,
+    backend: Backend,
+    config: WorkloadConfig,
+    capacity: float,
+    mode: Mode,
+    seeds: int,
+    seed: int,
+    model_name: str,
+) -> tuple[dict[str, Any], list[Record]]:
+    """The step workload (1x -> 3x -> 1x), once per seed as a point is: recovery from every
+    seed's records pooled (`report.recovery_s`), each seed's own as its spread; the sidecar's
+    autoscaling signal and caps sampled through the first."""
+    phases = mode.step_phases
+    run_s = sum(p[0] for p in phases)
+    step_start, step_end = phases[0][0], phases[0][0] + phases[1][0]
+    runs: list[list[Record]] = []
+    drained_s: list[float] = []
+    seen: dict[str, Any] = {}
+    for k in range(seeds):
+        sampling = demand_probe.sampling(backend.sidecar_admin_url, model_name) if k == 0 else None
+        with sampling or contextlib.nullcontext() as sampler:
+            res, drained = run_load(
+                url,
+                spec,
+                backend,
+                config,
+                capacity,
+                run_s,
+                Arrival("step", phases=phases),
+                seed + 500 + SEED_STRIDE * k,
+                mode.patience,
+            )
+        runs.append(res.records)
+        drained_s.append(drained)
+        if sampler is not None:  # the autoscaling signal (demand_probe.py)
+            signal_seen = demand_probe.step_signal(sampler.samples, res.start_monotonic, phases)
+            seen = {
+                "demand_signal": signal_seen,
+                "demand_signal_text": demand_probe.describe(signal_seen, phases),
+                "caps": [  # (s since the run started, caps and counts)
+                    (round(t - res.start_monotonic, 2), caps) for t, caps in sampler.caps
+                ],
+            }
+            log(f"{spec.name:>20} step: {seen['demand_signal_text']}")
+    pooled = [r for records in runs for r in records]
+    rec = report.recovery_s(pooled, config.classes, step_start, step_end, run_s)
+    per_seed = [
+        report.recovery_s(records, config.classes, step_start, step_end, run_s)["recovery_s"]
+        for records in runs
+    ]
+    rec |= {
+        "phases": phases,
+        "after_s": phases[2][0],
+        "drain_s": round(max(drained_s), 2),
+        "seeds": per_seed,
+    } | seen
+    last = rec.get("last_over")
+    log(
+        f"{spec.name:>20} step: recovery {rec['recovery_s']} s over {seeds} seed(s), each"
+        f" {per_seed} (thresholds {rec['threshold_pct']} %), drain {max(drained_s):.1f}s"
+        + (f"; {report.describe_last_over(last)}" if last else "")
+    )
+    return rec, pooled
 
 
 def find_capacity(
@@ -657,50 +725,11 @@ def main(argv: list[str] | None = None) -> int:
 
                     # -- step ------------------------------------------------------------------
                     if spec in step_systems:
-                        phases = mode.step_phases
-                        run_s = sum(p[0] for p in phases)
-                        admin = backend.sidecar_admin_url
-                        with demand_probe.sampling(admin, model.name) as sampler:
-                            res, drained = run_load(
-                                url,
-                                spec,
-                                backend,
-                                config,
-                                capacity,
-                                run_s,
-                                Arrival("step", phases=phases),
-                                args.seed + 500,
-                                mode.patience,
-                            )
-                        step_start = phases[0][0]
-                        step_end = phases[0][0] + phases[1][0]
-                        rec = report.recovery_s(
-                            res.records, config.classes, step_start, step_end, run_s
+                        rec, step_rows = _step(
+                            url, spec, backend, config, capacity, mode, seeds, args.seed, model.name
                         )
-                        rec |= {
-                            "phases": phases,
-                            "after_s": phases[2][0],
-                            "drain_s": round(drained, 2),
-                        }
-                        if sampler is not None:  # the autoscaling signal (demand_probe.py)
-                            seen = demand_probe.step_signal(
-                                sampler.samples, res.start_monotonic, phases
-                            )
-                            rec["demand_signal"] = seen
-                            rec["demand_signal_text"] = demand_probe.describe(seen, phases)
-                            rec["caps"] = [  # (s since the run started, caps and counts)
-                                (round(t - res.start_monotonic, 2), caps)
-                                for t, caps in sampler.caps
-                            ]
-                            log(f"{spec.name:>20} step: {rec['demand_signal_text']}")
                         sys_res["step"] = rec
-                        all_rows += [(spec.name, "step", r) for r in res.records]
-                        last = rec.get("last_over")
-                        log(
-                            f"{spec.name:>20} step: recovery {rec['recovery_s']} s"
-                            f" (thresholds {rec['threshold_pct']} %), drain {drained:.1f}s"
-                            + (f"; {report.describe_last_over(last)}" if last else "")
-                        )
+                        all_rows += [(spec.name, "step", r) for r in step_rows]
                     if gpu is not None:
                         served: dict[str, float] = defaultdict(float)  # service time per tenant
                         for name, _, r in all_rows:

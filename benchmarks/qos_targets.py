@@ -212,7 +212,7 @@ def target_lines(results: Mapping[str, Any]) -> list[str]:
         step = system.get("step")
         if step is not None:
             rec = step["recovery_s"]
-            value = f"> {step['after_s']:g} s" if rec is None else f"{rec:.1f} s"
+            value = _recovery_text(rec, step["after_s"]) + _recovery_seeds(step)
             if "last_over" in step:
                 last = step["last_over"]
                 value = f"{value}; {describe_last_over(last)}"
@@ -226,6 +226,25 @@ def target_lines(results: Mapping[str, Any]) -> list[str]:
         if "gpu_seconds" in system:  # issue 13 §5
             lines.append(usage_check.line(name, system["gpu_seconds"]))
     return lines
+
+
+def _recovery_text(rec: float | None, after_s: float) -> str:
+    return f"> {after_s:g} s" if rec is None else f"{rec:.1f} s"
+
+
+def _recovery_seeds(step: Mapping[str, Any]) -> str:
+    """Each seed's recovery beside the pooled one, and whether they straddle the goal (issue
+    12 §2; a seed not back within the run counts as beyond it). Results written before the
+    step ran once per seed have none."""
+    seeds = step.get("seeds")
+    if not seeds or len(seeds) < 2:
+        return ""
+    each = ", ".join(_recovery_text(s, step["after_s"]) for s in seeds)
+    within = [s is not None and s <= RECOVERY_MAX_S for s in seeds]
+    straddles = (
+        "; seeds on both sides of the goal: no claim either way" if len(set(within)) > 1 else ""
+    )
+    return f" (seeds pooled; each alone: {each}){straddles}"
 
 
 def _class_lines(name: str, system: Mapping[str, Any]) -> list[str]:

@@ -18,8 +18,14 @@ Definitions (QOS-BENCHMARK.md):
   a tenant getting more than its due (x > 1) lowers it as much as one getting less;
 * **recovery** after the step: seconds from the end of the 3x phase until the rolling
   (by send time) violation rate of every class is back at or below max(1%, that class's own
-  level in the 4 s before the step) and stays there; with it, the last window over, the class
+  level before the step) and stays there; with it, the last window over, the class
   furthest over and how its requests missed (refused with a status, timed out, or late).
+  A class's own level is that of its requests whose deadline had passed when the step began
+  (sent in the BEFORE_S seconds before that): one sent just before the step runs into it, and
+  its miss is the step's, not the class's level (a class whose deadline is longer than the
+  time before the step has no level of its own there, and is held to 1%). The step is run
+  once per seed and every seed's records are pooled, as a point's are; each seed's recovery
+  is the spread.
 
 Only records sent after the warm-up count. Every number here is computed from the records.
 """
@@ -39,6 +45,7 @@ from benchmarks.policy import Quota
 from benchmarks.workload import ClassSpec, TenantSpec
 
 SLO_TARGET_PCT = 1.0
+BEFORE_S = 4.0  # how long before the step a class's own level is taken from (`recovery_s`)
 
 
 def is_shed(r: Record) -> bool:
@@ -262,14 +269,20 @@ def how_missed(r: Record) -> str:
 
 
 def _tally(
-    records: Sequence[Record], classes: Mapping[str, ClassSpec], t0: float, t1: float
+    records: Sequence[Record],
+    classes: Mapping[str, ClassSpec],
+    t0: float,
+    t1: float,
+    settled: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Each class with at least 3 requests sent in [t0, t1): its violation %, how many of how
-    many missed, and how (`how_missed`)."""
+    many missed, and how (`how_missed`). `settled`: each class's window ends its deadline
+    earlier, so that every request in it was over (met or missed) by t1."""
     sent: dict[str, int] = defaultdict(int)
     how: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in records:
-        if t0 <= r.scheduled < t1:
+        shift = classes[r.klass].deadline_s if settled else 0.0
+        if t0 - shift <= r.scheduled < t1 - shift:
             sent[r.klass] += 1
             if not met(r, classes[r.klass].deadline_s):
                 how[r.klass][how_missed(r)] += 1
@@ -304,10 +317,12 @@ def recovery_s(
 ) -> dict[str, Any]:
     """Recovery after the step (see the module docstring); None when not recovered. Each class
     is held to its own level before the step (at least 1%): a class already refused before it
-    does not excuse another. With it, the last window over (`last_over`): when it began after
-    the step, the class furthest over, and how its requests missed."""
+    does not excuse another, and a request the step itself made late does not count in that
+    level. With it, the last window over (`last_over`): when it began after the step, the
+    class furthest over, and how its requests missed. `records` may pool several runs of the
+    same step (their times from each run's start)."""
 
-    before = _tally(records, classes, max(0.0, step_start - 4.0), step_start)
+    before = _tally(records, classes, step_start - BEFORE_S, step_start, settled=True)
     thresholds = {k: max(SLO_TARGET_PCT, before[k]["pct"] if k in before else 0.0) for k in classes}
     series = []
     t = step_end

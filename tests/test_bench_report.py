@@ -66,6 +66,7 @@ def test_recovery_says_which_class_held_it_back_and_how_it_missed() -> None:
 def test_a_class_refused_before_the_step_does_not_excuse_another_after_it() -> None:
     """Batch was shed half the time before the step (its threshold 50%); interactive was fine
     (1%). Interactive late until 25 s is not recovered at 22 s however bad batch was before."""
+    classes = CLASSES | {"batch": ClassSpec("batch", 2.0, 3)}  # its level: sent in [4, 8)
     records = []
     for i in range(300):
         t = i * 0.1
@@ -73,10 +74,50 @@ def test_a_class_refused_before_the_step_does_not_excuse_another_after_it() -> N
         records.append(sent("interactive", t, latency=0.5 if late else 0.1))
         shed = t < 10 and i % 2 == 1
         records.append(sent("batch", t, 503, None) if shed else sent("batch", t, latency=1.0))
-    rec = recovery_s(records, CLASSES, 10.0, 20.0, 30.0)
+    rec = recovery_s(records, classes, 10.0, 20.0, 30.0)
     assert rec["threshold_pct"] == {"interactive": 1.0, "batch": 50.0}
     assert rec["last_over"]["class"] == "interactive" and rec["last_over"]["how"] == {"late": 1}
     assert rec["recovery_s"] == 5.0  # [24.75, 25.75) held the last late one (sent at 24.8)
+
+
+def test_a_class_level_before_the_step_leaves_out_what_the_step_made_late() -> None:
+    """100 requests a second. Interactive (deadline 0.2 s) met everything sent before 9.85 s;
+    what it sent in the 0.15 s before the 10 s step ran into the step and was late. Its own
+    level is 0%, not 15 of 400 (3.75%), so two late at 25 s (2 of 100 in a window) keep it
+    from having recovered until the window past them. Batch's deadline (10 s) is longer than
+    the 4 s before the step: it has no level of its own there, and is held to 1% (it too was
+    late just before the step)."""
+    records = []
+    for i in range(3000):
+        t = i * 0.01
+        hurt = 9.85 <= t < 20 or 25 <= t < 25.015
+        records.append(sent("interactive", t, latency=0.5 if hurt else 0.1))
+        records.append(sent("batch", t, latency=20.0 if 8 <= t < 10 else 1.0))
+    rec = recovery_s(records, CLASSES, 10.0, 20.0, 30.0)
+    assert rec["violation_before_pct"] == {"interactive": 0.0}
+    assert rec["threshold_pct"] == {"interactive": 1.0, "batch": 1.0}
+    assert rec["last_over"]["class"] == "interactive" and rec["last_over"]["bad"] == 2
+    assert rec["recovery_s"] == 5.25  # [25, 26) is the last window that holds them
+    # Two runs of that step pooled (the seeds of a run): the same, with twice the requests.
+    pooled = recovery_s(records + records, CLASSES, 10.0, 20.0, 30.0)
+    assert pooled["recovery_s"] == 5.25 and pooled["last_over"]["sent"] == 200
+
+
+def test_the_recovery_target_line_gives_each_seed_and_whether_they_straddle_the_goal() -> None:
+    step = {"recovery_s": 2.5, "after_s": 10, "seeds": [0.0, 2.5]}
+    results = {
+        "meta": {"capacity_rps": 10.0, "noisy_tenant": "n", "tenants": []},
+        "systems": {"sidecar-http": {"points": [], "step": step}},
+    }
+    line = next(x for x in target_lines(results) if x.startswith("TARGET recovery"))
+    assert line == (
+        "TARGET recovery_after_step[sidecar-http]: 2.5 s (seeds pooled; each alone: 0.0 s,"
+        " 2.5 s) (<= 3 s) met"
+    )
+    step["seeds"] = [0.0, None]  # one seed not back within the 10 s observed
+    line = next(x for x in target_lines(results) if x.startswith("TARGET recovery"))
+    assert "each alone: 0.0 s, > 10 s); seeds on both sides of the goal" in line
+    assert line.endswith(" met")  # judged on the pooled records, as a point is
 
 
 def test_the_recovery_target_line_names_what_held_it_back() -> None:

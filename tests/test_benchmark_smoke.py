@@ -91,7 +91,9 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
                 total = sum(t[f"shed_{code}"] for t in point["tenants"].values())
                 assert total == overall[f"shed_{code}"], (name, code)
             check_device(name, point)
-    assert "step" in results["systems"]["sidecar-http"]
+    step = results["systems"]["sidecar-http"]["step"]
+    assert len(step["seeds"]) == 2  # the step ran once per seed; recovery from both pooled
+    assert all(s is None or 0.0 <= s <= 2.0 for s in step["seeds"])
     # The autoscaling signal was sampled from the sidecar during the step (demand_probe.py).
     signal = results["systems"]["sidecar-http"]["step"]["demand_signal"]
     assert signal["samples"] > 0 and signal["ratio_peak"] is not None
