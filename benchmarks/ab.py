@@ -11,7 +11,8 @@ included: try a change before committing it) and once in a temporary git worktre
 `--base`, alternating which goes first, with the same interpreter. It then prints, for each
 sidecar system and load, both versions' interactive violation % and SLO-met / C per seed,
 their means, and the new-minus-base difference per seed: a claim needs differences that
-agree in sign, not one mean beside another.
+agree in sign, not one mean beside another. Where the runs had a step, each sidecar system's
+recovery per seed too, and in how many pairs the new version came back sooner or later.
 
 Nothing here is a benchmark of its own: the numbers are `benchmarks.qos`'s, from each run's
 results.json, kept under `--out` (`new-S/`, `base-S/`).
@@ -73,6 +74,47 @@ def compare(
     return lines
 
 
+def recoveries(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """Each sidecar system's recovery after the step, where the run had one (None: not back
+    within the seconds observed)."""
+    return {
+        name: system["step"]["recovery_s"]
+        for name, system in results["systems"].items()
+        if name.startswith("sidecar") and system.get("step")
+    }
+
+
+def compare_recovery(runs: Mapping[str, Mapping[int, Mapping[str, float | None]]]) -> list[str]:
+    """One line per system that ran the step in both versions: each seed's recovery, and in
+    how many pairs the new version came back sooner or later (not back counts as latest)."""
+    seeds = sorted(set(runs["new"]) & set(runs["base"]))
+    systems = sorted(
+        {n for s in seeds for n in runs["new"][s]} & {n for s in seeds for n in runs["base"][s]}
+    )
+    lines = []
+    for name in systems:
+        paired = [s for s in seeds if name in runs["new"][s] and name in runs["base"][s]]
+        new = [runs["new"][s][name] for s in paired]
+        base = [runs["base"][s][name] for s in paired]
+        order = [_later(a, b) for a, b in zip(new, base, strict=True)]
+        lines.append(
+            f"{name} recovery: new {_seconds(new)} | base {_seconds(base)} | new sooner in"
+            f" {order.count(-1)}, later in {order.count(1)}, the same in {order.count(0)}"
+            f" of {len(paired)} pairs"
+        )
+    return lines
+
+
+def _later(new: float | None, base: float | None) -> int:
+    """1 when `new` came back later than `base`, -1 sooner, 0 the same (None: never)."""
+    a, b = (float("inf") if v is None else v for v in (new, base))
+    return (a > b) - (a < b)
+
+
+def _seconds(values: Sequence[float | None]) -> str:
+    return ", ".join("not back" if v is None else f"{v:g} s" for v in values)
+
+
 def _values(values: Sequence[float], unit: str) -> str:
     each = ", ".join(f"{v:.2f}" for v in values)
     return f"{each} (mean {statistics.fmean(values):.2f}{unit})"
@@ -114,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     out = args.out / (time.strftime("%Y-%m-%d-%H%M%S") + "-ab")
     runs: dict[str, dict[int, Any]] = {v: {} for v in VERSIONS}
+    steps: dict[str, dict[int, dict[str, float | None]]] = {v: {} for v in VERSIONS}
     with tempfile.TemporaryDirectory(prefix="qos-ab-") as tmp:
         base = Path(tmp) / "base"
         subprocess.run(
@@ -127,13 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     where = ROOT if version == "new" else base
                     results = _run(where, qos_args, seed, out / f"{version}-{seed}")
                     runs[version][seed] = headline(results)
+                    steps[version][seed] = recoveries(results)
                     print(f"ran {version} with --seed {seed}", file=sys.stderr, flush=True)
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False
             )
     print(f"paired runs, new = working tree, base = {args.base}; results in {out}")
-    for line in compare(runs):
+    for line in compare(runs) + compare_recovery(steps):
         print(line)
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.ab import compare, headline
+from benchmarks.ab import compare, compare_recovery, headline, recoveries
 
 
 def results(violation: float, met: float) -> dict[str, Any]:
@@ -31,3 +31,22 @@ def test_only_sidecar_systems_are_compared_seed_by_seed() -> None:
         " (mean 2.25%) | new-base -1.00, +0.50 (mean -0.25, signs differ)"
     )
     assert met.endswith("| new-base +0.10, +0.20 (mean +0.15, all one sign)"), met
+
+
+def test_recovery_after_the_step_is_compared_pair_by_pair() -> None:
+    def stepped(recovery: float | None) -> dict[str, Any]:
+        run = results(1.0, 1.5)
+        run["systems"]["sidecar-http"]["step"] = {"recovery_s": recovery, "after_s": 10}
+        run["systems"]["passthrough"]["step"] = {"recovery_s": None, "after_s": 10}
+        return run
+
+    assert recoveries(stepped(2.5)) == {"sidecar-http": 2.5}  # sidecar systems only
+    assert recoveries(results(1.0, 1.5)) == {}  # no step run
+    runs = {
+        "new": {3: recoveries(stepped(3.0)), 5: recoveries(stepped(None)), 7: {}},
+        "base": {3: recoveries(stepped(0.75)), 5: recoveries(stepped(6.5)), 7: {}},
+    }
+    assert compare_recovery(runs) == [
+        "sidecar-http recovery: new 3 s, not back | base 0.75 s, 6.5 s | new sooner in 0, later"
+        " in 2, the same in 0 of 2 pairs"
+    ]
