@@ -183,8 +183,11 @@ def _step(
     drained_s: list[float] = []
     seen: dict[str, Any] = {}
     for k in range(seeds):
-        sampling = demand_probe.sampling(backend.sidecar_admin_url, model_name) if k == 0 else None
-        with sampling or contextlib.nullcontext() as sampler:
+        with (
+            demand_probe.sampling(backend.sidecar_admin_url, model_name)
+            if k == 0  # the first seed's run only
+            else contextlib.nullcontext()
+        ) as sampler:
             res, drained = run_load(
                 url,
                 spec,
