@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import yaml
 
 from benchmarks.loadgen import _direct_response_bootstrap
 from devstack.envoy import EnvoyProcess, render_bootstrap
-from devstack.procs import ManagedProcess, free_port
+from devstack.procs import ManagedProcess, free_port, python_environment
 from devstack.sidecar_proc import SidecarProcess, short_socket_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -256,9 +255,7 @@ class NoopProcess(ManagedProcess):
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        return env
+        return python_environment()
 
     def wait_ready(self, deadline: float) -> None:
         while not self.ready_file.exists():
@@ -278,11 +275,6 @@ class ProfiledSidecar(SidecarProcess):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "benchmarks.profiled_sidecar", str(self.profile_path)]
-
-    def environment(self) -> dict[str, str]:
-        env = super().environment()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        return env
 
 
 @dataclass

@@ -45,6 +45,20 @@ from typing import ClassVar, Self
 LOCALHOST = "127.0.0.1"
 
 
+# The checkout this harness is in. A Python server it starts imports from here first, not
+# from whichever checkout the virtual environment installed: an A/B run from a git worktree
+# would otherwise measure the installed code twice.
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def python_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a Python server of this checkout (see CHECKOUT)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
 class ProcessStartError(RuntimeError):
     """A server exited, or did not become ready before its deadline. The message ends with
     the last lines of the server's log."""

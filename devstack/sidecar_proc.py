@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
-from devstack.procs import LOCALHOST, ManagedProcess, free_port, wait_http
+from devstack.procs import LOCALHOST, ManagedProcess, free_port, python_environment, wait_http
 
 Transport = Literal["unix", "tcp"]
 
@@ -103,8 +103,7 @@ class SidecarProcess(ManagedProcess):
         return [sys.executable, "-m", "sidecar.cli", "serve"]
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
+        env = python_environment(
             {
                 "QOS_AUTHZ_HTTP_ADDR": self.authz_http_addr,
                 "QOS_GRPC_ADDR": self.grpc_target,

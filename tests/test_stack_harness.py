@@ -38,7 +38,15 @@ from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from devstack.envoy import EnvoyProcess, render_bootstrap
-from devstack.procs import ManagedProcess, ProcessStartError, ValkeyProcess, free_port, wait_http
+from devstack.procs import (
+    CHECKOUT,
+    ManagedProcess,
+    ProcessStartError,
+    ValkeyProcess,
+    free_port,
+    python_environment,
+    wait_http,
+)
 from devstack.triton import TritonProcess
 from sidecar.envoy.common import HEALTH_PATH, HEALTH_STATUS, grpc_health_handler
 from tests.binaries import require_binaries
@@ -450,6 +458,26 @@ class Crasher(ManagedProcess):
 def test_start_failure_reports_the_log_tail(tmp_path: Path) -> None:
     with pytest.raises(ProcessStartError, match=r"(?s)exited with status 3.*boom: bad flag"):
         Crasher(tmp_path).start()
+
+
+def test_a_python_server_runs_this_checkouts_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An A/B run from a git worktree starts the worktree's sidecar, not the one that some
+    # other path (here a decoy on PYTHONPATH; in practice the venv's install) would give.
+    decoy = tmp_path / "decoy" / "sidecar"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(decoy.parent))
+    found = subprocess.run(
+        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
+        env=python_environment(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(found) == CHECKOUT / "sidecar" / "__init__.py"
 
 
 def test_wait_http_times_out_with_the_last_error() -> None:
