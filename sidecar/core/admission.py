@@ -76,7 +76,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from sidecar.core import lateness
 from sidecar.core.compiled import CompiledPolicy
@@ -91,6 +91,7 @@ from sidecar.core.decide import (
 )
 from sidecar.core.load import SignalState
 from sidecar.core.pace import infeasibility
+from sidecar.core.record import record
 from sidecar.core.signals import (
     NO_CAPS,
     NO_UPSTREAM,
@@ -280,7 +281,7 @@ def verdict_for(admission: Admission, signals: Signals) -> LoadVerdict:
 # -- The steps ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GiveBack:
     """Return what a request that was never served took: its lease and its bucket charges."""
 
@@ -289,7 +290,7 @@ class GiveBack:
     lease: LeaseRef | None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Answer:
     """The decision, and the bookkeeping the service performs with it."""
 
@@ -302,7 +303,7 @@ class Answer:
     count_for_model: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TakeQuota:
     """Check and take the quota of `admission.check` in one store call; first, when
     `release_deadline_s` is set (a try after a refusal for concurrency), wait for a release
@@ -317,7 +318,7 @@ class TakeQuota:
         return self.verdict.action is LoadAction.DEFER
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Hold:
     """Hold the admitted request until the Deferrer lets it go or `deadline_s` passes."""
 
@@ -408,7 +409,7 @@ def judge(
     return TakeQuota(admission, verdict)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QuotaFirst:
     """Shed for load, unless the request is over its quota: then it is told that (429 with
     the quota's Retry-After), or a client over its quota would retry at the load's pace and

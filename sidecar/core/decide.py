@@ -27,12 +27,13 @@ import math
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from sidecar.core.client_wait import client_wait_s
 from sidecar.core.compiled import CompiledPolicy, bucket_checks
 from sidecar.core.kserve import Unreadable, model_of
 from sidecar.core.lease import format_lease, lease_id_for
+from sidecar.core.record import record
 from sidecar.core.types import (
     BucketCheck,
     Decision,
@@ -110,7 +111,7 @@ _CLASS_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAX_IDENTITY_CHARS = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Admission:
     """A request that needs the quota store: who, which class, and what to check."""
 

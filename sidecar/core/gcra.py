@@ -16,12 +16,12 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
+from sidecar.core.record import record
 from sidecar.core.types import BucketCheck
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GcraStep:
     allowed: bool
     new_tat: float  # the TAT to store if the request is taken (unchanged when not allowed)
@@ -49,7 +49,7 @@ def recorded_tat(tat: float, now: float, cost: float, rate_per_s: float, burst: 
     return min(max(charged, now), now + burst / rate_per_s)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BucketsStep:
     """Every bucket of one check at once: the worst denial, or the TATs to store."""
 

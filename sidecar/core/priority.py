@@ -51,7 +51,6 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from sidecar.core.kserve import (
     INFER_HEADER_LENGTH,
@@ -60,6 +59,7 @@ from sidecar.core.kserve import (
     parse_path,
     protobuf_fields,
 )
+from sidecar.core.record import record
 
 # The request headers the rewrite reads besides the path: Envoy must forward them to the sidecar.
 BODY_HEADERS = ("content-type", "content-encoding", INFER_HEADER_LENGTH)
@@ -103,7 +103,7 @@ class RewriteResult(enum.Enum):
     MALFORMED = "malformed"  # not a KServe v2 request object, or broken gRPC framing
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BodyRewrite:
     """What to do with a request body: `body` and `headers` are set only when REWRITTEN."""
 
@@ -250,7 +250,7 @@ def _splice(data: bytes, start: int, end: int, new: bytes) -> bytes:
         return b"".join((view[:start], new, view[end:]))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Object:
     start: int  # index of "{"
     end: int  # index just past "}"

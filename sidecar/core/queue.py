@@ -70,12 +70,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sidecar.core.fleet import CounterOp, Elsewhere
+from sidecar.core.record import record
 from sidecar.core.signals import BandPace
 
 PACE_KEPT = 32  # a band's pace is read over its last let-gos, at most this many
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Waiter:
     waiter_id: int
     tenant: str
@@ -174,7 +175,7 @@ class Fairness:
             self._ops.append(op)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Pushed:
     """What `HoldQueues.push` did: queued the arrival, and the waiter it displaced."""
 

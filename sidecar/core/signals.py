@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from sidecar.core.fleet import NOBODY, Elsewhere
 from sidecar.core.load import SignalState
+from sidecar.core.record import record
 from sidecar.policy.model import ClassPolicy, OverloadPolicy, StaleAction
 
 # -- The load signal, as each kind of request reads it ------------------------------------------
@@ -140,7 +141,7 @@ class LoadAction(enum.Enum):
     SHED = "shed"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LoadVerdict:
     action: LoadAction
     predicted_wait_s: float  # inf when nothing is draining

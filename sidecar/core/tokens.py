@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from sidecar.core.kserve import (
     INFER_HEADER_LENGTH,
@@ -47,6 +46,7 @@ from sidecar.core.kserve import (
     decode_body,
     decode_tensor,
 )
+from sidecar.core.record import record
 from sidecar.policy.model import TokenPolicy, UnreadableBody
 
 # The most this module decodes from one body or one stream event, and the most a compressed
@@ -60,7 +60,7 @@ CHARGE_MAX = math.inf
 _MAX_DEPTH = 32
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TokenEstimate:
     """A request's cost as estimated at admission, and what it was made from."""
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from sidecar.core.record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestAttributes:
     """What the sidecar knows about one request, independent of the Envoy API used."""
 
@@ -39,7 +41,7 @@ class LimitKind(enum.Enum):
     LEASE_ID_USED = "lease_id_used"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BucketCheck:
     """One GCRA bucket to check and, if every limit allows, charge `cost` to."""
 
@@ -55,7 +57,7 @@ class BucketCheck:
     lease_s: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QuotaCheck:
     """Everything the store needs to check and take a request's quota in one round trip."""
 
@@ -81,7 +83,7 @@ class QuotaCheck:
     lease_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QuotaResult:
     """What the store found. When `allowed`, the quota was taken and `lease_id` is held."""
 
@@ -94,7 +96,7 @@ class QuotaResult:
     class_in_flight: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LeaseRef:
     """Enough to release a concurrency lease from any replica, parsed from the lease token."""
 
@@ -150,7 +152,7 @@ class Reason(enum.Enum):
     INFEASIBLE = "infeasible"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Decision:
     outcome: Outcome
     status: int  # HTTP status: 200 to admit, else what the client gets

@@ -39,6 +39,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from sidecar.core.record import record
+
 UNATTRIBUTED = "__unattributed__"
 HOLD_S = 5.0  # how long compute waits for its work, and work for its compute
 
@@ -62,7 +64,7 @@ def split(total: float, weights: Mapping[str, float]) -> dict[str, float]:
     return {key: total * (weight / whole) for key, weight in positive.items()}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Attribution:
     """Compute seconds of one model given to tenants (`UNATTRIBUTED` included)."""
 

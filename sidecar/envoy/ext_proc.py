@@ -83,6 +83,7 @@ from sidecar.core.kserve import (
     model_of,
 )
 from sidecar.core.priority import BodyRewrite, RewriteResult, queue_timeout_ms, rewrite_body
+from sidecar.core.record import record
 from sidecar.core.tokens import TokenEstimate, UsageMeter, estimate, priced
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.envoy.common import (
@@ -202,7 +203,7 @@ def _principal(request: Any) -> str | None:
     return str(fields[PRINCIPAL_ATTRIBUTE].string_value) or None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Request:
     """What the request headers said, fixed for the whole stream."""
 

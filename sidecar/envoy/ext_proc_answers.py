@@ -13,7 +13,6 @@ they are (`grpc_methods`); grpc.aio gets whole messages.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -22,6 +21,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2
 
 from sidecar.core.priority import BodyRewrite
+from sidecar.core.record import record
 from sidecar.core.types import Decision
 from sidecar.envoy.common import (
     header_options,
@@ -111,7 +111,7 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SplitBody:
     """An answer whose new body is kept apart from the protobuf message (module comment)."""
 

@@ -16,12 +16,12 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 
 from sidecar.core.kserve import encode_varint, protobuf_fields
+from sidecar.core.record import record
 
 APART_FROM = 64 * 1024  # octets of body from which it is read apart (rule 1)
 _LENGTH_DELIMITED = 2
@@ -29,7 +29,7 @@ _REQUEST_BODY = ext_proc_pb2.ProcessingRequest.DESCRIPTOR.fields_by_name["reques
 _BODY = ext_proc_pb2.HttpBody.DESCRIPTOR.fields_by_name["body"].number
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HttpBodyApart:
     """`request_body` of a message read in two parts: the body and what protobuf read."""
 
@@ -40,7 +40,7 @@ class HttpBodyApart:
         return getattr(self.parsed, name)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestApart:
     """A `ProcessingRequest` whose request body was read apart from the rest (rule 2)."""
 

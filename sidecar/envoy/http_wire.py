@@ -39,9 +39,9 @@ import contextlib
 import http
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import cast
 
+from sidecar.core.record import record
 from sidecar.envoy.listening import SocketListener
 
 MAX_HEAD_BYTES = 96 * 1024
@@ -69,7 +69,7 @@ class WireError(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WireRequest:
     method: str
     target: str  # as sent: path and query
@@ -79,7 +79,7 @@ class WireRequest:
     utf8: bool  # the whole head was UTF-8: no value holds a surrogate escape
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WireResponse:
     status: int
     headers: tuple[tuple[str, str], ...] = ()
