@@ -122,8 +122,10 @@ def _values(values: Sequence[float], unit: str) -> str:
 
 def _run(where: Path, args: Sequence[str], seed: int, out: Path) -> dict[str, Any]:
     """One `benchmarks.qos` run of the code in `where`; its results.json. PYTHONPATH names
-    `where` for every process the run starts: the sidecar runs from its own work directory,
-    and would otherwise import the package the virtual environment installed (this tree)."""
+    `where` for every process the run starts: the harness puts its own checkout first since
+    a8ef4e7 (`devstack.procs.python_environment`), but a base older than that starts its
+    sidecar from a work directory, which would import the package the virtual environment
+    installed (this tree)."""
     out.mkdir(parents=True)
     command = [
         sys.executable,
