@@ -242,6 +242,11 @@ static void arm(int tfd, double at) {              /* absolute CLOCK_MONOTONIC t
     timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
 }
 
+static void disarm(int tfd) {
+    struct itimerspec its = {0};
+    timerfd_settime(tfd, 0, &its, NULL);
+}
+
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *path = "/", *body_file = NULL;
     int port = 0, nconn = 32;
@@ -321,7 +326,13 @@ int main(int argc, char **argv) {
         }
         outstanding = 0;
         for (int i = 0; i < nconn; i++) outstanding += conns[i].busy;
-        if (rate > 0 && t < stop) arm(tfd, next < stop ? next : stop);
+        /* A request due with no connection free waits for a completion, not the timer: a
+         * timer armed in the past fires at once, and the loop would spin a whole core away
+         * from the target it measures exactly when the target is behind. */
+        if (rate > 0 && t < stop) {
+            if (next > t) arm(tfd, next < stop ? next : stop);
+            else disarm(tfd);
+        }
         int timeout_ms = t < stop ? (rate > 0 ? 100 : 10) : 10;
         int n = epoll_wait(ep, events, 256, timeout_ms);
         for (int k = 0; k < n; k++) {
