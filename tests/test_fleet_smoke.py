@@ -33,6 +33,8 @@ def test_fleet_benchmark_tiny_run_writes_targets_and_results(tmp_path: Path) -> 
     assert {
         "tenant_rate_single_metered-a",
         "tenant_rate_single_metered-b",
+        "bucket_bound_single_metered-a",
+        "bucket_bound_single_metered-b",
         "concurrency_cap_single",
         "leaked_leases_rate_single",
     } <= names
