@@ -101,8 +101,11 @@ def validate(
     """`qos-sidecar validate PATH...`: check policy files without starting anything.
 
     Prints every problem as `file:line: message` (the form editors and CI logs link to) on
-    `err` (stderr) and returns 1, or a one-line summary on `out` (stdout) and returns 0.
+    `err` (stderr) and returns 1, or a one-line summary on `out` (stdout) and returns 0,
+    with a `note:` line on `err` for each setting that is valid but changes nothing (a
+    `lease_ms` that no request can use: `core.slices.leases_without_effect`).
     """
+    from sidecar.core.slices import leases_without_effect
     from sidecar.policy.loader import load_policy
 
     out = sys.stdout if out is None else out
@@ -118,6 +121,8 @@ def validate(
         f"version {policy.version}",
         file=out,
     )
+    for note in leases_without_effect(policy):
+        print(f"note: {note}", file=err)
     return 0
 
 

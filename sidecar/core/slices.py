@@ -22,6 +22,8 @@ Rules:
   bucket's Retry-After.
 - At most half the burst per slice: one replica never holds a whole burst, and the first
   request after an idle spell does not empty the bucket for the others.
+- A leased bucket that no request can spend through slices is named when its policy loads
+  (`leases_without_effect`): `lease_ms` is then not an error, but it changes nothing.
 - Pure: the caller owns the store calls and the clock.
 """
 
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from sidecar.core.compiled import counting_classes
 from sidecar.core.types import BucketCheck, QuotaCheck
+from sidecar.policy.model import BucketPolicy, Policy, TenantPolicy
 
 
 @dataclass(slots=True)
@@ -47,6 +51,42 @@ def applies(check: QuotaCheck) -> bool:
         and check.max_class_concurrency is None
         and check.model is None
         and all(b.lease_s > 0 for b in check.buckets)
+    )
+
+
+def leases_without_effect(policy: Policy) -> list[str]:
+    """Each leased bucket (`lease_ms` > 0) that no request can spend through slices, and
+    why (`applies`: such requests take a lease in the store, as in exact mode)."""
+    counting = counting_classes(policy)
+    notes = []
+    for tenant in policy.tenants.values():
+        for bucket in tenant.buckets:
+            why = _why_exact(tenant, bucket, counting) if bucket.lease_ms > 0 else None
+            if why is not None:
+                notes.append(
+                    f"tenant {tenant.name!r}, bucket {bucket.name!r}: lease_ms"
+                    f" {bucket.lease_ms} has no effect: {why}"
+                )
+    return notes
+
+
+def _why_exact(tenant: TenantPolicy, bucket: BucketPolicy, counting: tuple[str, ...]) -> str | None:
+    if counting:
+        return (
+            f"class {counting[0]!r} reads its model's count (overload max_in_flight or"
+            " protect), so every request counts in its model's set with a lease in the store"
+        )
+    if tenant.max_concurrency is not None:
+        return "the tenant's max_concurrency gives each of its requests a lease in the store"
+    for klass in bucket.classes or tenant.allowed_classes:
+        exact = any(
+            b.lease_ms <= 0 and (not b.classes or klass in b.classes) for b in tenant.buckets
+        )
+        if not exact and klass not in tenant.max_concurrency_per_class:
+            return None  # this class's requests spend slices
+    return (
+        "each class it covers also draws on a bucket without lease_ms or has a"
+        " max_concurrency_per_class"
     )
 
 

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from sidecar.core.compiled import CompiledPolicy
 from sidecar.core.shadow import compile_with_shadow
+from sidecar.core.slices import leases_without_effect
 from sidecar.errors import PolicyError
 from sidecar.policy.loader import load_policy, policy_files
 from sidecar.policy.model import Policy
@@ -77,6 +78,12 @@ class FixedPolicy:
         return self._snapshot
 
 
+def _log_notes(policy: Policy) -> None:
+    """What a valid policy asks for and will not get (`qos-sidecar validate` prints the same)."""
+    for note in leases_without_effect(policy):
+        log.warning("policy %s: %s", policy.version, note)
+
+
 class PolicyHolder:
     """Holds the policy every request reads, and swaps it for a new valid one on reload."""
 
@@ -103,6 +110,7 @@ class PolicyHolder:
         self._seen = fingerprint(self.paths)
         self._snapshot: CompiledPolicy = compile_with_shadow(load_policy(self.paths))
         self.last_loaded_at: float = self._clock()
+        _log_notes(self._snapshot.policy)
 
     @property
     def current(self) -> Policy:
@@ -141,6 +149,7 @@ class PolicyHolder:
             self.last_error = None
             self.last_loaded_at = self._clock()
             log.info("policy %s loaded", snapshot.policy.version)
+            _log_notes(snapshot.policy)
             ok = True
         if ok:
             self.reloads_ok += 1
