@@ -2,10 +2,11 @@
 only to requests that need no lease of their own (`core.slices.applies`), so a policy whose
 classes count their model's requests, or a tenant with a concurrency limit, runs the bucket
 exactly. `qos-sidecar validate` prints a note (and still succeeds); a sidecar logs it when it
-loads the policy."""
+loads the policy, and its admin `/v1/policy` lists it under `notes`."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from pathlib import Path
@@ -13,11 +14,17 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
+from sidecar.admin.http import build_admin_app
 from sidecar.cli import validate
 from sidecar.core.slices import leases_without_effect
+from sidecar.metrics import Metrics
 from sidecar.policy.loader import load_policy
 from sidecar.policy.reload import PolicyHolder
+from sidecar.service import AdmissionService
+from sidecar.state.memory import MemoryQuotaStore
 
 
 def write(tmp_path: Path, *, overload: dict[str, Any] | None = None, **tenant: Any) -> Path:
@@ -110,3 +117,23 @@ def test_a_sidecar_logs_the_note_when_it_loads_the_policy(
     with caplog.at_level(logging.WARNING, logger="sidecar.policy.reload"):
         assert holder.reload()
     assert not [r for r in caplog.records if "has no effect" in r.getMessage()]
+
+
+def test_the_admin_policy_endpoint_lists_the_note(tmp_path: Path) -> None:
+    path = write(tmp_path, buckets=[LEASED], max_concurrency=5)
+    holder = PolicyHolder([path])
+    service = AdmissionService(holder, MemoryQuotaStore(), Metrics(CollectorRegistry()))
+
+    async def notes() -> Any:
+        client: TestClient[Any, Any] = TestClient(TestServer(build_admin_app(service, holder)))
+        await client.start_server()
+        try:
+            return (await (await client.get("/v1/policy")).json())["notes"]
+        finally:
+            await client.close()
+
+    (note,) = asyncio.run(notes())
+    assert note.startswith("tenant 'acme', bucket 'req': lease_ms 100 has no effect")
+    write(tmp_path, buckets=[LEASED])
+    assert holder.reload()  # the service reads the holder's current policy
+    assert asyncio.run(notes()) == []

@@ -1,5 +1,9 @@
 """The admin listener: /metrics, /healthz, /readyz, /v1/policy, /v1/explain, /v1/refusals.
 
+`/v1/policy`: the loaded policy's version, sources, classes and tenants, the last reload's
+problems, and `notes`: settings that are valid but change nothing (`qos-sidecar validate`
+prints the same).
+
 It binds to localhost unless configured otherwise: explain reveals policy details, the
 policy endpoint lists tenants and refusals shows the load, which are not for the public side
 of a mesh.
@@ -32,6 +36,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.core.explain import Explanation, decided
+from sidecar.core.slices import leases_without_effect
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.errors import StateUnavailable
 from sidecar.policy.reload import PolicyHolder
@@ -142,6 +147,8 @@ def build_admin_app(
                 "classes": sorted(current.classes),
                 "tenants": sorted(current.tenants),
                 "last_error": [str(p) for p in error.problems] if error else None,
+                # Valid settings that change nothing, as `qos-sidecar validate` notes them.
+                "notes": leases_without_effect(current),
             }
         )
 
