@@ -105,6 +105,7 @@ def validate(
     with a `note:` line on `err` for each setting that is valid but changes nothing (a
     `lease_ms` that no request can use: `core.slices.leases_without_effect`).
     """
+    from sidecar.core.shadow import compile_with_shadow
     from sidecar.core.slices import leases_without_effect
     from sidecar.policy.loader import load_policy
 
@@ -121,7 +122,7 @@ def validate(
         f"version {policy.version}",
         file=out,
     )
-    for note in leases_without_effect(policy):
+    for note in leases_without_effect(compile_with_shadow(policy).policy):  # as enforced
         print(f"note: {note}", file=err)
     return 0
 

@@ -27,11 +27,19 @@ from sidecar.service import AdmissionService
 from sidecar.state.memory import MemoryQuotaStore
 
 
-def write(tmp_path: Path, *, overload: dict[str, Any] | None = None, **tenant: Any) -> Path:
+def write(
+    tmp_path: Path,
+    *,
+    overload: dict[str, Any] | None = None,
+    enforce: bool = True,
+    **tenant: Any,
+) -> Path:
     standard: dict[str, Any] = {"rank": 2, "latency_objective_ms": 2000, "max_wait_ms": 0}
     standard["triton_priority"] = 2
     if overload is not None:
         standard["overload"] = overload
+    if not enforce:  # the class's overload rules in shadow mode
+        standard["enforce"] = False
     doc = {
         "identity": {"sources": [{"kind": "api_key", "header": "x-api-key"}]},
         "classes": {
@@ -92,6 +100,19 @@ def test_a_tenant_concurrency_limit_or_an_exact_bucket_on_every_class(tmp_path: 
     limits = {"interactive": 2, "standard": 2}
     assert len(notes(write(tmp_path, buckets=[LEASED], max_concurrency_per_class=limits))) == 1
     assert notes(write(tmp_path, buckets=[LEASED], max_concurrency_per_class={"standard": 2})) == []
+
+
+def test_a_shadow_class_that_would_count_its_model_leaves_leased_mode_in_effect(
+    tmp_path: Path,
+) -> None:
+    # Requests are decided with the policy as enforced: a class's shadow overload reads no
+    # count, so the bucket's slices are spent.
+    overload = {"admit_below": 4, "shed_above": 8, "max_in_flight": 3}
+    out, err = io.StringIO(), io.StringIO()
+    path = write(tmp_path, overload=overload, enforce=False, buckets=[LEASED])
+    assert validate([path], out=out, err=err) == 0
+    assert err.getvalue() == ""
+    assert PolicyHolder([path]).snapshot().counts_models is False
 
 
 def test_validate_prints_the_note_and_succeeds(tmp_path: Path) -> None:

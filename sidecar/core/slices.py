@@ -56,7 +56,8 @@ def applies(check: QuotaCheck) -> bool:
 
 def leases_without_effect(policy: Policy) -> list[str]:
     """Each leased bucket (`lease_ms` > 0) that no request can spend through slices, and
-    why (`applies`: such requests take a lease in the store, as in exact mode)."""
+    why (`applies`: such requests take a lease in the store, as in exact mode). `policy` as
+    enforced (`core.shadow`: shadow rules out), which is what decides."""
     counting = counting_classes(policy)
     notes = []
     for tenant in policy.tenants.values():
