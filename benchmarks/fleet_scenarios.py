@@ -201,11 +201,10 @@ def most_over_bucket(sent: Sequence[Sent], tenant: str, rate: float, burst: floa
     of the run from its first request, admitted - (burst + rate x time since the first).
     No replica, exact or leased, may admit past the bucket, so this stays at or under the
     requests of BOUND_SLACK_S at the rate (send times precede the decisions)."""
-    times = sorted(s.sent_at for s in sent if s.record.tenant == tenant)
+    first = min((s.sent_at for s in sent if s.record.tenant == tenant), default=None)
     admitted = sorted(s.sent_at for s in sent if s.record.tenant == tenant and s.ok)
-    if not times or not admitted:
+    if first is None or not admitted:
         return 0.0
-    first = times[0]
     return max(n - (burst + rate * (t - first)) for n, t in enumerate(admitted, start=1))
 
 
