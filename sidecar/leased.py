@@ -14,9 +14,10 @@ from sidecar.core.slices import Slices
 from sidecar.core.types import BucketCheck, QuotaCheck, QuotaResult
 from sidecar.errors import StateUnavailable
 from sidecar.metrics import Metrics
-from sidecar.state.base import QuotaStore
+from sidecar.state.base import QuotaStore, new_lease_id
 
-# A request spent from a slice held here: allowed, no lease of its own.
+# A request spent from a slice held here: allowed, no lease of its own (one counted for its
+# model gets one in the model's set: `take_from_slices`).
 SLICE_SPENT = QuotaResult(allowed=True)
 
 
@@ -36,7 +37,15 @@ class LeasedQuota:
 
     async def take_from_slices(self, check: QuotaCheck) -> QuotaResult | None:
         """`check` (one that `core.slices.applies` to) from a slice held here, or a new
-        slice taken for it; None: the store is unreachable."""
+        slice taken for it; None: the store is unreachable. A check counted for its model
+        gets a lease held in the model's set alone (`LeaseRef.model_only`), written there
+        after the answer as in exact mode (`_count_for_model`, which has it renewed)."""
+        result = await self._from_slices(check)
+        if result is None or not result.allowed or check.model is None:
+            return result
+        return QuotaResult(allowed=True, lease_id=check.lease_id or new_lease_id(), model_only=True)
+
+    async def _from_slices(self, check: QuotaCheck) -> QuotaResult | None:
         if self.slices.spend(check, self.clock()):
             return SLICE_SPENT
         # One ask per tenant at a time: wait for the one on its way, then spend from what
@@ -64,7 +73,7 @@ class LeasedQuota:
             self.metrics.slice_calls.labels("slice").inc()
             if result.allowed:
                 self.slices.granted(asked, check, self.clock())
-            elif asked != check:
+            elif asked.buckets != check.buckets:
                 asked = self.slices.ask(check, whole=False)
                 result = await self.store.take_buckets(asked)
                 self.metrics.slice_calls.labels("cost_only").inc()

@@ -384,8 +384,12 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         self._model_writes[lease.lease_id] = task
 
         def written(done: asyncio.Future[Any]) -> None:
-            if not done.cancelled() and done.exception() is not None:
+            if done.cancelled():
+                pass
+            elif done.exception() is not None:
                 self.metrics.state_errors.labels("model_lease").inc()  # left to its TTL
+            elif lease.model_only:  # the entry is its whole lease: renewed while it runs
+                self.leases.taken(lease)
             self._model_writes.pop(lease.lease_id, None)
             if self.deferrer is not None and lease.model is not None:
                 self.deferrer.note_written(lease.model)

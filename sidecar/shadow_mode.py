@@ -150,7 +150,7 @@ class ShadowJudge:
         the completions)."""
         service = self._service
         shadow = replace(lease, tenant=shadow_tenant(lease.tenant), model=None, model_pod=None)
-        shadow = replace(shadow, shadow=False)
+        shadow = replace(shadow, shadow=False, model_only=False)  # a tenant lease, always
         service.leases.ended(shadow)
         try:
             await service.releases.submit((shadow, service.policy.lease_ttl_s))

@@ -128,3 +128,20 @@ def test_tokens_written_before_pods_still_parse_as_the_fleets_count() -> None:
 )
 def test_rejects_malformed_pod_parts(token: str) -> None:
     assert parse_lease(token) is None
+
+
+@given(shadow=st.booleans(), pod=st.none() | names)
+def test_a_model_only_lease_round_trips_with_its_own_prefix(shadow: bool, pod: str | None) -> None:
+    lease = LeaseRef("acme", "gold", "abc", "llama", pod, shadow, model_only=True)
+    token = format_lease(lease)
+    assert token.startswith("v1sm." if shadow else "v1m.")
+    assert parse_lease(token) == lease
+    # The flag is in the signed part: dropping it is a forgery, not another lease.
+    signed = sign_lease(token, KEY)
+    assert verify_lease(signed.replace(".v1m.", ".v1.").replace(".v1sm.", ".v1s."), KEY) is None
+
+
+def test_a_model_only_token_without_its_model_is_refused() -> None:
+    # Its model's entry is all it holds: without a model it names nothing to release.
+    assert parse_lease("v1m.YWNtZQ.Z29sZA.abc") is None
+    assert parse_lease("v1ms.YWNtZQ.Z29sZA.abc.bQ") is None  # not a prefix this module writes

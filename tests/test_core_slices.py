@@ -15,11 +15,11 @@ def check(*buckets: BucketCheck, **kwargs: object) -> QuotaCheck:
     return replace(base, **kwargs)  # type: ignore[arg-type]
 
 
-def test_only_requests_that_need_no_lease_go_through_slices() -> None:
+def test_only_requests_that_need_no_tenant_lease_go_through_slices() -> None:
     assert applies(check())
     assert not applies(check(max_concurrency=4))  # a lease per request
     assert not applies(check(max_class_concurrency=4))
-    assert not applies(check(model="m"))  # counted for its model: a lease
+    assert applies(check(model="m"))  # counted for its model: that entry is its lease
     assert not applies(check(LEASED, replace(LEASED, name="tok", lease_s=0.0)))  # one exact
     assert not applies(check(buckets=()))
 

@@ -40,10 +40,11 @@ classes:
     triton_priority: 3
     overload: {{admit_below: 64, shed_above: 200, max_in_flight: 1, protect: throughput}}
 tenants:
-  flood:
+  flood:  # leased mode: each admit's lease is its model's entry alone (core/slices.py)
     match: {{api_key_sha256: [{_key("flood")}]}}
     allowed_classes: [batch]
     default_class: batch
+    buckets: [{{unit: requests, rate: 1000, burst: 400, lease_ms: 500}}]
   web:
     match: {{api_key_sha256: [{_key("web")}]}}
     allowed_classes: [interactive]
@@ -93,6 +94,10 @@ def test_the_cap_binds_only_once_a_better_class_sends_the_model_work(stack: Loca
     # One went at once (the cap's floor is 1); the others waited their turn. (Two at once at
     # most: an arrival judged just before the first one's model entry was counted.)
     assert deferred(stack) >= before + BURST - 2
+    # The flood's leases were model entries only, and Envoy's completions freed them all.
+    in_flight = "qos_model_in_flight_requests"
+    wait_for(lambda: metric_value(stack.admin_url, in_flight, model="simgpu") == 0, 5, "freed")
+    assert metric_value(stack.admin_url, "qos_slice_calls_total", call="slice") >= 1
 
 
 def test_fast_interactive_completions_raise_the_cap_that_holds_batch_back(

@@ -34,7 +34,13 @@ pytestmark = pytest.mark.stack
 CAP = 2
 
 
-def write_policy(directory: Path) -> Path:
+# The tenant's limit: a concurrency limit (exact mode: a lease in its sets per request), or a
+# leased bucket and none (leased mode: each request's lease is its model's entry alone).
+EXACT = "max_concurrency: 50"
+LEASED = "buckets: [{unit: requests, rate: 1000, burst: 100, lease_ms: 1000}]"
+
+
+def write_policy(directory: Path, limit: str = EXACT) -> Path:
     key = key_digest("k-app")
     return write_policy_file(
         directory,
@@ -51,7 +57,7 @@ tenants:
     match: {{api_key_sha256: [{key}]}}
     allowed_classes: [standard]
     default_class: standard
-    max_concurrency: 50
+    {limit}
 """,
     )
 
@@ -72,22 +78,24 @@ def admits_until_refused(sidecar: SidecarProcess) -> int:
 
 
 @pytest.mark.parametrize(
-    ("pods", "expected"),
+    ("pods", "expected", "limit"),
     [
-        (("pod-a", "pod-b"), [CAP, CAP]),  # each pod its own cap: 2 x CAP at once
-        (("", ""), [CAP, 0]),  # gateway: one pool, one cap
+        (("pod-a", "pod-b"), [CAP, CAP], EXACT),  # each pod its own cap: 2 x CAP at once
+        (("", ""), [CAP, 0], EXACT),  # gateway: one pool, one cap
+        (("", ""), [CAP, 0], LEASED),  # the same with no lease in the tenant's sets
     ],
-    ids=["pod", "gateway"],
+    ids=["pod", "gateway", "gateway-leased"],
 )
 def test_each_pod_reaches_its_own_max_in_flight(
     valkey_and_triton: tuple[Path, ValkeyProcess, TritonProcess],
     pods: tuple[str, str],
     expected: list[int],
+    limit: str,
 ) -> None:
     work, valkey, triton = valkey_and_triton
     store = redis.Redis.from_url(valkey.url, decode_responses=True)
     store.flushall()
-    policy = write_policy(work / "policies")
+    policy = write_policy(work / "policies", limit)
     with contextlib.ExitStack() as stack:
         sidecars = [
             stack.enter_context(
@@ -126,6 +134,9 @@ def test_each_pod_reaches_its_own_max_in_flight(
             assert metric_value(second.admin_url, "qos_model_in_flight_requests") == CAP
         else:
             assert store.zcard("qos:{=simgpu}:model_leases") == CAP
-        # Tenant concurrency stays global in both: every admit counts once for the tenant.
-        assert store.zcard("qos:{app}:leases") == sum(expected)
+        # Tenant concurrency stays global in both: every admit counts once for the tenant;
+        # in leased mode the model's entry is each admit's whole lease.
+        assert store.zcard("qos:{app}:leases") == (sum(expected) if limit == EXACT else 0)
+        if limit == LEASED:
+            assert metric_value(first.admin_url, "qos_slice_calls_total", call="slice") == 1
     store.close()

@@ -547,6 +547,40 @@ def test_model_leases_expire_after_their_ttl(harness: Harness) -> None:
     harness.run(body)
 
 
+def test_a_model_only_lease_lives_in_its_model_set_alone(harness: Harness) -> None:
+    """Leased mode's lease of a counted request (`LeaseRef.model_only`): no tenant lease,
+    only the model's entry, which `count_for_model` writes and `renew` and `release` find
+    there; a second release frees nothing, and a tenant lease beside it is released as
+    before in the same call."""
+
+    async def body(store: QuotaStore) -> None:
+        only = LeaseRef("acme", "standard", "only-1", "llama", model_only=True)
+        await store.count_for_model(only, 60.0)
+        assert await store.model_in_flight("llama") == 1
+        assert await store.in_flight("acme", None) == 0  # no tenant lease
+        assert await store.renew("acme", [only], 60.0) == {"only-1"}
+        c = check(model="llama")
+        held = await store.acquire(c)
+        exact = lease_of(c, held)
+        assert await store.model_in_flight("llama") == 2
+        assert await store.release_many([only, exact]) == [True, True]
+        assert await store.model_in_flight("llama") == 0
+        assert await store.in_flight("acme", None) == 0
+        assert await store.release(only) is False  # released already: nothing freed twice
+        assert await store.renew("acme", [only], 60.0) == set()  # gone: never brought back
+        assert await store.model_in_flight("llama") == 0
+        with pytest.raises(ValueError):
+            await store.release(LeaseRef("acme", "standard", "x", model_only=True))
+
+        short = LeaseRef("acme", "standard", "only-2", "llama", model_only=True)
+        await store.count_for_model(short, 0.05)
+        await harness.let_leases_expire(store, 0.05, "acme", "llama")
+        assert await store.renew("acme", [short], 60.0) == set()  # expired: gone
+        assert await store.release(short) is False
+
+    harness.run(body)
+
+
 def test_leases_of_one_model_add_up_across_tenants_and_classes(harness: Harness) -> None:
     async def body(store: QuotaStore) -> None:
         acme_gold = check(tenant="acme", klass="gold", model="llama")

@@ -249,7 +249,7 @@ def decide(admission: Admission, result: QuotaResult | None) -> Decision:
             reason = Reason.ADMITTED_DOWNGRADED
         else:
             reason = Reason.ADMITTED
-        return _admit(admission, reason, result.lease_id, trace)
+        return _admit(admission, reason, result.lease_id, trace, model_only=result.model_only)
     denied_by = result.denied_by or LimitKind.BUCKET
     reason = _LIMIT_REASON[denied_by]
     if denied_by is LimitKind.BUCKET:
@@ -303,7 +303,8 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
 def admit_after_wait(admission: Admission, result: QuotaResult, why: str) -> Decision:
     """The admit of a request that was held (deferred) until Triton had room."""
     reason = Reason.ADMITTED_RELEGATED if admission.relegated else Reason.ADMITTED_DEFERRED
-    return _admit(admission, reason, result.lease_id, [*admission.trace, why])
+    trace = [*admission.trace, why]
+    return _admit(admission, reason, result.lease_id, trace, model_only=result.model_only)
 
 
 def shed_overloaded(admission: Admission, retry_after_s: float, why: str) -> Decision:
@@ -398,6 +399,8 @@ def _admit(  # charged: the store charged the buckets (with or without a lease: 
     lease_id: str | None,
     trace: list[str],
     charged: bool = True,
+    *,
+    model_only: bool = False,
 ) -> Decision:
     tenant, klass = admission.tenant, admission.klass
     route = klass.route_priority.value
@@ -406,7 +409,7 @@ def _admit(  # charged: the store charged the buckets (with or without a lease: 
     if lease_id is not None:
         # The lease lives under the class its quota was taken in, which a relegation after
         # the quota was taken does not change, and counts for its model.
-        lease = LeaseRef.of(admission.check, lease_id)
+        lease = LeaseRef.of(admission.check, lease_id, model_only=model_only)
         headers = (*headers, (HEADER_LEASE, format_lease(lease)))
     return Decision(
         outcome=Outcome.ADMIT,

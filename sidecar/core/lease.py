@@ -15,7 +15,9 @@ Rules:
 - The model and the pod are optional last parts, so tokens written before models (4 parts) or
   pods (5 parts) were counted still parse, with no model or no pod. A pod without a model is
   never written (a pod scopes a model's count), and refused.
-- A lease with a shadow lease beside it (core/shadow.py) is written with `v1s` for `v1`.
+- A lease with a shadow lease beside it (core/shadow.py) is written with `v1s` for `v1`; a
+  lease held only in its model's set (`LeaseRef.model_only`, a request spent from a leased
+  slice) with `v1m`, or `v1sm` for both. A model-only token always names its model.
 - Parsing is strict: anything this module would not have written is rejected, never guessed at.
   A name part must be the exact encoding of a non-empty name (no padding, no stray characters,
   no other spelling of the same bytes).
@@ -36,8 +38,9 @@ import re
 
 from sidecar.core.types import LeaseRef
 
-_PREFIX = "v1"
-_SHADOW_PREFIX = "v1s"
+# Prefix -> (shadow, model_only): the flags a token's first part carries.
+_FLAGS = {"v1": (False, False), "v1s": (True, False), "v1m": (False, True), "v1sm": (True, True)}
+_PREFIXES = {flags: prefix for prefix, flags in _FLAGS.items()}
 _LEASE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_TOKEN_CHARS = 1024
 _SIGNED_PREFIX = "s1"
@@ -68,7 +71,7 @@ def _decode(part: str) -> str | None:
 
 def format_lease(lease: LeaseRef) -> str:
     parts = [
-        _SHADOW_PREFIX if lease.shadow else _PREFIX,
+        _PREFIXES[(lease.shadow, lease.model_only)],
         _encode(lease.tenant),
         _encode(lease.klass),
         lease.lease_id,
@@ -85,8 +88,11 @@ def parse_lease(token: str) -> LeaseRef | None:
     if len(token) > _MAX_TOKEN_CHARS:
         return None
     parts = token.split(".")
-    shadow = parts[0] == _SHADOW_PREFIX
-    if len(parts) not in (4, 5, 6) or parts[0] not in (_PREFIX, _SHADOW_PREFIX):
+    flags = _FLAGS.get(parts[0])
+    if len(parts) not in (4, 5, 6) or flags is None:
+        return None
+    shadow, model_only = flags
+    if model_only and len(parts) == 4:  # held in a model's set: it names the model
         return None
     if not _LEASE_ID.match(parts[3]):
         return None
@@ -98,7 +104,7 @@ def parse_lease(token: str) -> LeaseRef | None:
         return None
     model = names[0] if names else None
     pod = names[1] if len(names) > 1 else None
-    return LeaseRef(tenant, klass, parts[3], model, pod, shadow)
+    return LeaseRef(tenant, klass, parts[3], model, pod, shadow, model_only)
 
 
 @functools.lru_cache(maxsize=8)

@@ -3,9 +3,14 @@ most decisions make no store call at all.
 
 Rules:
 - A bucket with `lease_ms` > 0 is leased (`BucketCheck.lease_s`). A request goes through
-  slices only when it needs no lease of its own (`applies`): every bucket it draws on is
-  leased, it has no concurrency limit, and it counts for no model (`max_in_flight`). Those
-  take a lease in the store, one call per request, as in exact mode.
+  slices only when it needs no lease in its tenant's sets (`applies`): every bucket it draws
+  on is leased and it has no concurrency limit (tenant or class). Those take a lease in the
+  store, one call per request, as in exact mode.
+- A request counted for its model (a policy whose classes read the model's count) still
+  spends from slices: its lease is its model's entry alone (`LeaseRef.model_only`), written
+  after the answer and released at its end as in exact mode, so the decision waits on no
+  store call. The model's count is a load signal, not a limit, so nothing is over-admitted
+  by it.
 - A slice is taken from the shared bucket, with the request that asks for it, in one call
   (`store.take_buckets`, all or nothing over the request's buckets): per bucket
   S = min(rate x lease_s, burst / 2) units, and at least the request's own cost. This replica
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from sidecar.core.compiled import counting_classes
 from sidecar.core.types import BucketCheck, QuotaCheck
 from sidecar.policy.model import BucketPolicy, Policy, TenantPolicy
 
@@ -49,7 +53,6 @@ def applies(check: QuotaCheck) -> bool:
         bool(check.buckets)
         and check.max_concurrency is None
         and check.max_class_concurrency is None
-        and check.model is None
         and all(b.lease_s > 0 for b in check.buckets)
     )
 
@@ -58,11 +61,10 @@ def leases_without_effect(policy: Policy) -> list[str]:
     """Each leased bucket (`lease_ms` > 0) that no request can spend through slices, and
     why (`applies`: such requests take a lease in the store, as in exact mode). `policy` as
     enforced (`core.shadow`: shadow rules out), which is what decides."""
-    counting = counting_classes(policy)
     notes = []
     for tenant in policy.tenants.values():
         for bucket in tenant.buckets:
-            why = _why_exact(tenant, bucket, counting) if bucket.lease_ms > 0 else None
+            why = _why_exact(tenant, bucket) if bucket.lease_ms > 0 else None
             if why is not None:
                 notes.append(
                     f"tenant {tenant.name!r}, bucket {bucket.name!r}: lease_ms"
@@ -71,12 +73,7 @@ def leases_without_effect(policy: Policy) -> list[str]:
     return notes
 
 
-def _why_exact(tenant: TenantPolicy, bucket: BucketPolicy, counting: tuple[str, ...]) -> str | None:
-    if counting:
-        return (
-            f"class {counting[0]!r} reads its model's count (overload max_in_flight or"
-            " protect), so every request counts in its model's set with a lease in the store"
-        )
+def _why_exact(tenant: TenantPolicy, bucket: BucketPolicy) -> str | None:
     if tenant.max_concurrency is not None:
         return "the tenant's max_concurrency gives each of its requests a lease in the store"
     for klass in bucket.classes or tenant.allowed_classes:
@@ -117,11 +114,13 @@ class Slices:
         return True
 
     def ask(self, check: QuotaCheck, *, whole: bool = True) -> QuotaCheck:
-        """What to take from the store for `check`: with `whole`, its cost and a slice of
-        every bucket; without, its cost alone."""
-        if not whole:
-            return check
-        return replace(check, buckets=tuple(replace(b, cost=slice_size(b)) for b in check.buckets))
+        """What to take from the store for `check` (its buckets alone: no lease, so no model
+        to count): with `whole`, its cost and a slice of every bucket; without, its cost
+        alone."""
+        buckets = tuple(replace(b, cost=slice_size(b)) for b in check.buckets)
+        return replace(
+            check, buckets=buckets if whole else check.buckets, model=None, model_pod=None
+        )
 
     def granted(self, asked: QuotaCheck, check: QuotaCheck, now: float) -> None:
         """The store gave `asked` for `check`: keep what is left beyond `check`'s cost (added

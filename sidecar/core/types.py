@@ -94,6 +94,9 @@ class QuotaResult:
     retry_after_s: float = 0.0  # for BUCKET denials: when the bucket will hold enough tokens
     in_flight: int = 0  # the tenant's in-flight requests after this call
     class_in_flight: int = 0
+    # Allowed from a leased slice (`core.slices`) for a request counted for its model:
+    # `lease_id` is held in no tenant set, only (once counted) in the model's.
+    model_only: bool = False
 
 
 @record
@@ -110,11 +113,16 @@ class LeaseRef:
     # A shadow lease of the same id is held in the tenant's shadow space (core/shadow.py):
     # the release frees it too.
     shadow: bool = False
+    # Held in no tenant set, only in its model's (a request spent from a leased slice,
+    # `core.slices`): a release or renewal touches the model's set alone.
+    model_only: bool = False
 
     @classmethod
-    def of(cls, check: QuotaCheck, lease_id: str) -> LeaseRef:
+    def of(cls, check: QuotaCheck, lease_id: str, *, model_only: bool = False) -> LeaseRef:
         """The lease `check` takes under `lease_id`: it names whatever a release needs."""
-        return cls(check.tenant, check.klass, lease_id, check.model, check.model_pod)
+        return cls(
+            check.tenant, check.klass, lease_id, check.model, check.model_pod, model_only=model_only
+        )
 
 
 class Outcome(enum.Enum):

@@ -284,12 +284,13 @@ class BucketPolicy:
         "locally for lease_ms, giving back what it did not spend. Units are taken before "
         "they are spent, so the fleet never admits more than the bucket (over-admission 0); "
         "a tenant may be refused while other replicas hold its units: at most replicas x "
-        "slice, for at most lease_ms. Applies to requests that need no lease of their own: "
-        "every bucket they draw on leased, no max_concurrency (the tenant's, or the class's "
-        "in max_concurrency_per_class), and no class of the policy whose overload reads its "
-        "model's count (max_in_flight or protect: every request then counts in its model's "
-        "set, with a lease). `qos-sidecar validate` notes a lease_ms that no request can use, "
-        "and the sidecar logs it when it loads the policy (see core/slices.py).",
+        "slice, for at most lease_ms. Applies to requests that need no lease in their "
+        "tenant's sets: every bucket they draw on leased, and no max_concurrency (the "
+        "tenant's, or the class's in max_concurrency_per_class). A request counted for its "
+        "model (some class's overload reads the count: max_in_flight or protect) is spent "
+        "from slices too; its lease is its model's entry alone, written after the answer. "
+        "`qos-sidecar validate` notes a lease_ms that no request can use, and the sidecar "
+        "logs it when it loads the policy (see core/slices.py).",
         default=0,
     )
     enforce: bool = setting(Bool(), "false: a shadow bucket (see tenant).", default=True)

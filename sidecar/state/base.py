@@ -25,6 +25,12 @@ Rules (the contract tests in tests/test_state_contract.py run both stores throug
   peek, a check without a model and one with `count_model_now=False` touch no model's count;
   `count_for_model` counts such a lease later (releasing it before is harmless). The model
   count is a load signal (see `sidecar.deferral`); `acquire` checks no limit against it.
+- A model-only lease (`LeaseRef.model_only`: leased mode's lease of a counted request, whose
+  buckets were spent from a slice) is held in no tenant set, only as its model's entry, which
+  `count_for_model` writes. `release` removes that entry and says whether it was held there
+  (so a second release frees nothing), leaving no tombstone; `renew` renews it there or says
+  it is gone. The entry is all it holds, so a failure of that call is the release's (or the
+  renewal's) failure, raised as StateUnavailable (a release is then owed).
 - The model count is not atomic with the tenant's lease in Redis. A model's set has its own
   hash tag (`sidecar.state.keys`), so in Redis Cluster it lives in another slot than the
   tenant's keys and no Lua script can touch both. `acquire` takes the tenant's limits and lease
@@ -231,6 +237,16 @@ def validate_pod(pod: str | None) -> None:
     """Raise ValueError for an empty pod (None is fine: the fleet's count)."""
     if pod is not None and not pod:
         raise ValueError("pod must not be empty (None for the fleet's count)")
+
+
+def validate_lease(lease: LeaseRef) -> None:
+    """Raise ValueError for a lease no store could hold: an empty tenant, model or pod, or a
+    model-only lease without a model (the model's set is all it holds)."""
+    validate_tenant(lease.tenant)
+    validate_model(lease.model)
+    validate_pod(lease.model_pod)
+    if lease.model_only and lease.model is None:
+        raise ValueError("a model-only lease needs a model")
 
 
 def validate_bucket(bucket: BucketCheck, *, allow_negative_cost: bool = False) -> None:

@@ -32,6 +32,7 @@ from sidecar.state.base import (
     validate_buckets_only,
     validate_charge,
     validate_check,
+    validate_lease,
     validate_model,
     validate_pod,
     validate_tenant,
@@ -128,20 +129,15 @@ class MemoryQuotaStore:
         return self._evaluate(check, take=False)
 
     async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
-        validate_tenant(lease.tenant)
-        validate_model(lease.model)
+        validate_lease(lease)
         now = self._clock()
+        model_held = self._model_removed(lease, now)
+        if lease.model_only:  # its model's entry is all it holds
+            return model_held
         self._prune_tombstones(now)
         key = _tombstone_key(lease.tenant, lease.lease_id)
         self._tombstones[key] = now + tombstone_s
         self._tombstone_order.append(key)
-        if lease.model is not None:
-            model_set = (lease.model, lease.model_pod)
-            model_leases = self._model_leases.get(model_set)
-            if model_leases is not None:
-                model_leases.expiry_by_id.pop(lease.lease_id, None)
-                if not model_leases.expiry_by_id:
-                    del self._model_leases[model_set]
         leases = self._leases.get(lease.tenant)
         if leases is None:
             return False
@@ -151,12 +147,31 @@ class MemoryQuotaStore:
         # An expired lease no longer counted, so releasing it frees nothing.
         return held is not None and held[1] > now
 
+    def _model_removed(self, lease: LeaseRef, now: float) -> bool:
+        """`lease`'s entry taken out of its model's set: was it held (there, unexpired)?"""
+        if lease.model is None:
+            return False
+        model_set = (lease.model, lease.model_pod)
+        model_leases = self._model_leases.get(model_set)
+        if model_leases is None:
+            return False
+        expiry = model_leases.expiry_by_id.pop(lease.lease_id, None)
+        if not model_leases.expiry_by_id:
+            del self._model_leases[model_set]
+        return expiry is not None and expiry > now
+
     async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
         validate_tenant(tenant)
         now = self._clock()
         held = self._live_leases(tenant, now)
         renewed: set[str] = set()
         for lease in leases:
+            if lease.model_only:  # renewed in its model's set, or gone
+                model_leases = self._live_model_leases((lease.model or "", lease.model_pod), now)
+                if model_leases is not None and lease.lease_id in model_leases.expiry_by_id:
+                    model_leases.expiry_by_id[lease.lease_id] = now + ttl_s
+                    renewed.add(lease.lease_id)
+                continue
             entry = held.by_id.get(lease.lease_id) if held is not None else None
             if held is None or entry is None:
                 continue  # released or expired (pruned above): it stays gone

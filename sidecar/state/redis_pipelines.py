@@ -28,8 +28,7 @@ from sidecar.errors import StateUnavailable
 from sidecar.state.base import (
     DEFAULT_TOMBSTONE_S,
     validate_check,
-    validate_model,
-    validate_pod,
+    validate_lease,
     validate_tenant,
 )
 from sidecar.state.keys import KeyKind, build_key, build_model_key
@@ -244,30 +243,35 @@ class Pipelines:
         pipeline: one round trip, however many leases (per node on a cluster), and one script
         call per tenant and per model set (LEASES_PER_CALL leases at most each). Per lease:
         True if it was held, False if not, None if its release failed (the caller owes it).
-        Raises StateUnavailable when the whole call failed, or ValueError for an empty
-        tenant."""
+        A model-only lease is held in its model's set alone: that set's call is its release.
+        Raises StateUnavailable when the whole call failed, or ValueError for a lease no
+        store could hold (`validate_lease`)."""
         for lease in leases:
-            validate_tenant(lease.tenant)
-            validate_model(lease.model)
-            validate_pod(lease.model_pod)
+            validate_lease(lease)
         by_model = indexes_by(None if x.model is None else model_set_key(x) for x in leases)
-        tenant_chunks = list(_chunks(indexes_by(lease.tenant for lease in leases)))
+        by_tenant = indexes_by(None if x.model_only else x.tenant for x in leases)
+        tenant_chunks = list(_chunks(by_tenant))
         calls = [
             release_call(tenant, [leases[i] for i in chunk], tombstone_s)
             for tenant, chunk in tenant_chunks
         ]
+        model_chunks = list(_chunks(by_model))
         model_calls: list[Call] = [
             (MODEL_LEASE, [key], ["remove", *(leases[i].lease_id for i in chunk)])
-            for key, chunk in _chunks(by_model)
+            for key, chunk in model_chunks
         ]
         counted = sum(len(chunk) for chunk in by_model.values())
         replies = await self._run_many(
             "release_many", [*calls, *model_calls], items=len(leases) + counted
         )
-        for (_, keys, _), reply in zip(model_calls, replies[len(calls) :], strict=True):
-            if isinstance(reply, Exception):
-                self._model_set_failed("remove", keys[0], reply)
         held: list[bool | None] = [None] * len(leases)
+        for (key, chunk), reply in zip(model_chunks, replies[len(calls) :], strict=True):
+            if isinstance(reply, Exception):
+                self._model_set_failed("remove", key, reply)
+                continue
+            for i, answer in zip(chunk, reply, strict=True):
+                if leases[i].model_only:
+                    held[i] = bool(answer)
         for (_, chunk), reply in zip(tenant_chunks, replies[: len(calls)], strict=True):
             if not isinstance(reply, Exception):
                 for i, answer in zip(chunk, reply, strict=True):

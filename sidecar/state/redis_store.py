@@ -70,8 +70,7 @@ from sidecar.state.base import (
     validate_buckets_only,
     validate_charge,
     validate_check,
-    validate_model,
-    validate_pod,
+    validate_lease,
     validate_tenant,
 )
 from sidecar.state.keys import (
@@ -165,12 +164,13 @@ class RedisQuotaStore(Pipelines):
         return result
 
     async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
-        """Raises StateUnavailable (for the tenant's lease only), or ValueError for an empty
-        tenant or model."""
-        validate_tenant(lease.tenant)
-        validate_model(lease.model)
-        validate_pod(lease.model_pod)
+        """Raises StateUnavailable (for the tenant's lease only, or a model-only lease's
+        entry), or ValueError for a lease no store could hold (`validate_lease`)."""
+        validate_lease(lease)
         deadline = self._deadline()
+        if lease.model_only:  # its model's entry is all it holds (module rules of base)
+            remove = ["remove", lease.lease_id]
+            return bool((await self._run(MODEL_LEASE, [model_set_key(lease)], remove, deadline))[0])
         script, keys, args = release_call(lease.tenant, [lease], tombstone_s)
         model_key = None if lease.model is None else model_set_key(lease)
         try:
@@ -186,20 +186,24 @@ class RedisQuotaStore(Pipelines):
         return bool(held)
 
     async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
-        """Raises StateUnavailable (for the tenant's sets only), or ValueError for an empty
-        tenant."""
+        """Raises StateUnavailable (for the tenant's sets, and for a model's set that holds a
+        model-only lease: all that lease holds), or ValueError for an empty tenant."""
         validate_tenant(tenant)
-        if not leases:
-            return set()
         deadline = self._deadline()
-        reply = await self._run(*renew_call(tenant, leases, ttl_s), deadline)
-        gone = {i.decode() if isinstance(i, bytes) else str(i) for i in reply}
-        renewed = [lease for lease in leases if lease.lease_id not in gone]
-        by_model = indexes_by(None if x.model is None else model_set_key(x) for x in renewed)
+        held = [lease for lease in leases if not lease.model_only]
+        gone: set[str] = set()
+        if held:
+            gone = {_text(i) for i in await self._run(*renew_call(tenant, held, ttl_s), deadline)}
+        by_model = indexes_by(None if x.model is None else model_set_key(x) for x in leases)
         for model_key, indexes in by_model.items():
-            ids = [renewed[i].lease_id for i in indexes]
-            await self._update_model_set("renew", model_key, "", deadline, ttl_s, ids)
-        return {lease.lease_id for lease in renewed}
+            ids = [leases[i].lease_id for i in indexes if leases[i].lease_id not in gone]
+            only = {leases[i].lease_id for i in indexes if leases[i].model_only}
+            if not only:
+                await self._update_model_set("renew", model_key, "", deadline, ttl_s, ids)
+            elif ids:  # a model-only lease is gone when its model's entry is
+                reply = await self._run(MODEL_LEASE, [model_key], ["renew", ttl_s, *ids], deadline)
+                gone |= only & {_text(i) for i in reply}
+        return {lease.lease_id for lease in leases if lease.lease_id not in gone}
 
     async def charge(self, tenant: str, buckets: Sequence[BucketCheck]) -> None:
         """Raises StateUnavailable, or ValueError for an invalid charge."""

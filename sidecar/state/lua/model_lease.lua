@@ -16,8 +16,11 @@
 -- Or "renew": ARGV[2] the TTL, seconds; ARGV[3..] lease ids. Each that is still in the set
 -- and unexpired gets the new expiry (ZADD XX: a removed entry stays removed).
 --
--- Returns, for add, the model's in-flight count including the new leases; for remove, how many
--- of the leases were held (present and unexpired). Removing twice is safe.
+-- Returns, for add, the model's in-flight count including the new leases; for remove, per
+-- lease 1 if it was held (present and unexpired), else 0; for renew, the ids that are gone
+-- (not renewed). Removing twice is safe. A lease held in no tenant set (a model-only lease,
+-- sidecar/state/base.py) is released and renewed by this script alone, so its answers are
+-- what the caller reports for it.
 
 local now = now_s()
 if ARGV[1] == 'add' then
@@ -30,23 +33,22 @@ if ARGV[1] == 'add' then
   return redis.call('ZCARD', KEYS[1])
 end
 if ARGV[1] == 'renew' then
-  local expiry, renewed = fmt(now + tonumber(ARGV[2])), 0
+  local expiry, gone = fmt(now + tonumber(ARGV[2])), {}
   for a = 3, #ARGV do
     local held = redis.call('ZSCORE', KEYS[1], ARGV[a])
     if held and tonumber(held) > now then
       redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[a])
-      renewed = renewed + 1
+    else
+      gone[#gone + 1] = ARGV[a]
     end
   end
   expire_lease_set(KEYS[1], now)
-  return renewed
+  return gone
 end
-local held = 0
+local held = {}
 for a = 2, #ARGV do
   local expiry = redis.call('ZSCORE', KEYS[1], ARGV[a])
   redis.call('ZREM', KEYS[1], ARGV[a])
-  if expiry and tonumber(expiry) > now then
-    held = held + 1
-  end
+  held[#held + 1] = (expiry and tonumber(expiry) > now) and 1 or 0
 end
 return held
