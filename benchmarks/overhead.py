@@ -523,8 +523,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--configs",
         default=stack.DEFAULT_CONFIGS,
-        help="default: all but EL, GL (gRPC and ext_proc in leased mode) and DW (D with"
-        " two workers): no target reads them",
+        help="default: all but EL, GL (gRPC and ext_proc in leased mode), DW (D with two"
+        " workers), DC and DLC (D and DL with a class that counts its model, as every preset"
+        " does): no target reads them",
     )
     parser.add_argument("--duration", type=float, help="seconds per phase (5 quick, 15 full)")
     parser.add_argument("--repeats", type=int, help="max-rate runs (3 quick, 5 full)")

@@ -58,6 +58,7 @@ class Config:
     twin: str = ""  # the no-op configuration it is compared with
     body_bytes: int = 0  # 0: a small JSON body
     leased: bool = False  # the policy's bucket in leased mode, and no concurrency limit
+    counted: bool = False  # the class reads its model's count: each admit joins its model's set
     extra: bool = False  # measured only when named in --configs (no target reads it)
     workers: int = 1  # sidecar only: `serve --workers N`, which listens on TCP (SO_REUSEPORT)
 
@@ -79,6 +80,27 @@ CONFIGS: tuple[Config, ...] = (
         "valkey",
         "B",
         leased=True,
+    ),
+    Config(
+        "DC",
+        "sidecar ext_authz HTTP, Valkey, model counted",
+        "http",
+        "sidecar",
+        "valkey",
+        "B",
+        extra=True,
+        counted=True,
+    ),
+    Config(
+        "DLC",
+        "sidecar ext_authz HTTP, Valkey, leased mode, model counted",
+        "http",
+        "sidecar",
+        "valkey",
+        "B",
+        leased=True,
+        extra=True,
+        counted=True,
     ),
     Config(
         "DW",
@@ -129,7 +151,10 @@ BY_NAME = {c.name: c for c in CONFIGS}
 DEFAULT_CONFIGS = ",".join(c.name for c in CONFIGS if not c.extra)
 # Each sidecar runs before its no-op twin, so that the twin can also be measured at the
 # sidecar's half maximum (added latency at the same load) and the 1 MiB pair at one rate.
-RUN_ORDER = ("A", "C", "D", "DL", "DW", "B", "E", "EL", "E0", "G", "GL", "F", "H", "H0")
+RUN_ORDER = (
+    *("A", "C", "D", "DL", "DC", "DLC", "DW", "B"),
+    *("E", "EL", "E0", "G", "GL", "F", "H", "H0"),
+)
 
 
 def request_body(size: int) -> bytes:
@@ -150,11 +175,15 @@ def request_headers() -> dict[str, str]:
 LEASE_MS = 100
 
 
-def write_policy(directory: Path, *, leased: bool = False, lease_ttl_s: float = 30) -> Path:
+def write_policy(
+    directory: Path, *, leased: bool = False, counted: bool = False, lease_ttl_s: float = 30
+) -> Path:
     """A policy that admits everything: one tenant with limits far above any rate here, and a
     ``max_concurrency`` so that every request takes and releases a concurrency lease. Leased:
     the bucket in leased mode (``lease_ms``) and no concurrency limit, so that requests are
-    spent from slices (core/slices.py)."""
+    spent from slices (core/slices.py). Counted: the class has a ``max_in_flight`` that never
+    binds, as a preset's class reads its model's count, so that every admit is written to its
+    model's set and removed at its end (with no Triton view the load verdict is admit)."""
     doc = {
         "identity": {"sources": [{"kind": "api_key", "header": "x-api-key"}]},
         "unknown_tenants": {"action": "reject"},
@@ -180,6 +209,9 @@ def write_policy(directory: Path, *, leased: bool = False, lease_ttl_s: float = 
             }
         },
     }
+    if counted:
+        overload = {"admit_below": 1_000_000, "shed_above": 2_000_000, "max_in_flight": 1_000_000}
+        doc["classes"]["standard"]["overload"] = overload  # type: ignore[index]
     if leased:
         tenant = doc["tenants"][TENANT]  # type: ignore[index]
         del tenant["max_concurrency"]
@@ -314,7 +346,10 @@ def start(
                 }
             else:
                 policy = write_policy(
-                    workdir / "policy", leased=config.leased, lease_ttl_s=lease_ttl_s
+                    workdir / "policy",
+                    leased=config.leased,
+                    counted=config.counted,
+                    lease_ttl_s=lease_ttl_s,
                 )
                 url = redis_url if config.store == "valkey" else ""
                 if profile_path is not None:

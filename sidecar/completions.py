@@ -7,11 +7,12 @@ Rules:
 1. A release goes to the store in the next batch (`sidecar.batching`: many in one call). Its
    bookkeeping runs when the store answers, as a callback of the item's future, so it is done
    however the caller fares (a cancelled caller used to skip it).
-2. `release_queued` is `release` without a coroutine where nothing must come first: no model
-   count of the lease still on its way, no shadow lease, not a degraded-mode lease. The
-   access log completes thousands of requests a second, and a coroutine, a task and a
-   shield per entry cost more than the release's own share of the store call
-   (issue 11). Where something must come first, it is `release`, in a task.
+2. `release_queued` is `release` without a coroutine where nothing else must be released:
+   no shadow lease, not a degraded-mode lease. The access log completes thousands of
+   requests a second, and a coroutine, a task and a shield per entry cost more than the
+   release's own share of the store call (issue 11). A lease whose model count is still on
+   its way is queued once that write is done (a callback, not a task: a request shorter
+   than the write's round trip is common at such rates). Else it is `release`, in a task.
 3. A failed release (StateUnavailable) is owed: `LeaseKeeper` retries it until the store
    takes it. `_release`, which the keeper's retries use, owes nothing itself.
 """
@@ -36,6 +37,27 @@ from sidecar.policy.model import Policy
 from sidecar.shadow_mode import ShadowJudge
 from sidecar.state.base import QuotaStore
 from sidecar.state.memory import MemoryQuotaStore
+
+
+def _retrieved(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _chain(source: asyncio.Future[bool], target: asyncio.Future[bool]) -> None:
+    """`target` gets `source`'s outcome once it has one (unless `target` was cancelled)."""
+
+    def copy(done: asyncio.Future[bool]) -> None:
+        if target.done():
+            return
+        if done.cancelled():
+            target.cancel()
+        elif (error := done.exception()) is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)
 
 
 class Completions:
@@ -107,10 +129,22 @@ class Completions:
         something must come first. A failure is owed (rule 3) and raised to the
         awaiting caller as StateUnavailable."""
         lease_id = lease.lease_id
-        if lease_id in self._model_writes or lease.shadow or lease_id in self.local_leases:
+        if lease.shadow or lease_id in self.local_leases:
             return asyncio.ensure_future(self.release(lease))  # under way now, like the rest
-        self.leases.ended(lease)
-        return self._queue_release(lease, counted=True, owe=True)
+        writing = self._model_writes.get(lease_id)
+        if writing is None:
+            self.leases.ended(lease)
+            return self._queue_release(lease, counted=True, owe=True)
+        released: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        released.add_done_callback(_retrieved)  # an owed release fails it: nobody need look
+
+        def written(_: asyncio.Future[Any]) -> None:
+            # After the write's own callback, which may have it renewed: ended after that.
+            self.leases.ended(lease)
+            _chain(self._queue_release(lease, counted=True, owe=True), released)
+
+        writing.add_done_callback(written)
+        return released
 
     async def release(self, lease: LeaseRef, *, counted: bool = True) -> bool:
         """Release `lease` now; if the store fails, owe it (retried until it is taken). True if

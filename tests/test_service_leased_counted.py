@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -22,11 +23,10 @@ from sidecar.core.types import Decision
 from sidecar.metrics import Metrics
 from sidecar.policy.model import OverloadPolicy, Policy
 from sidecar.service import AdmissionService
+from sidecar.state.memory import MemoryQuotaStore
 from sidecar.state.redis_store import RedisQuotaStore
 from tests.fixtures_valkey import ValkeyServer
 from tests.test_service_leased import Counting, leased_policy, request
-
-pytestmark = pytest.mark.stack
 
 
 def counting_policy(lease_ttl_s: float = 30.0) -> Policy:
@@ -63,6 +63,7 @@ async def written(service: AdmissionService) -> None:
     raise AssertionError("model writes still on their way after 2 s")
 
 
+@pytest.mark.stack
 def test_counted_requests_spend_slices_and_hold_only_their_model_entry(
     valkey: ValkeyServer,
 ) -> None:
@@ -97,6 +98,7 @@ def test_counted_requests_spend_slices_and_hold_only_their_model_entry(
     asyncio.run(body())
 
 
+@pytest.mark.stack
 def test_a_running_model_only_lease_is_renewed_past_its_ttl_and_dropped_once_ended(
     valkey: ValkeyServer,
 ) -> None:
@@ -127,3 +129,38 @@ def test_a_running_model_only_lease_is_renewed_past_its_ttl_and_dropped_once_end
             await redis.close()
 
     assert asyncio.run(body()) == (3, 3, 0)
+
+
+class SlowCounts(Counting):
+    """Its model writes take 50 ms: a request's end comes before its entry is written."""
+
+    async def count_for_model_many(self, leases: Any, ttl_s: float) -> None:
+        await asyncio.sleep(0.05)
+        await self.inner.count_for_model_many(leases, ttl_s)
+
+
+def test_an_end_before_its_model_entry_is_written_is_released_after_the_write() -> None:
+    """Envoy's completion of a request shorter than the model write's round trip: the
+    release is queued once the write lands (`completions` rule 2), so that it does not run
+    first and leave the entry to its TTL. The access log's path (`complete_queued`), which
+    takes no coroutine, and a caller's (`complete`)."""
+
+    async def body() -> list[int]:
+        inner = MemoryQuotaStore()
+        service = AdmissionService(
+            counting_policy(), SlowCounts(inner), Metrics(CollectorRegistry()), load=idle_triton
+        )
+        counts = []
+        for _ in range(2):
+            decision = await service.check(request(), "test")
+            assert decision.lease is not None and decision.lease.model_only
+            assert service._model_writes  # on its way
+            done = service.complete_queued(token(decision), None, None)
+            assert not isinstance(done, bool)
+            assert await done is True  # its entry was there to free
+            assert service.leases.running == 0  # not renewed once it ended
+            counts.append(await inner.model_in_flight("simgpu"))
+            assert await service.complete(token(decision)) is False  # once only
+        return counts
+
+    assert asyncio.run(body()) == [0, 0]
