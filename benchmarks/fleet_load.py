@@ -31,7 +31,11 @@ from benchmarks.workload import Request
 API_KEY_PREFIX = "fleet-key-"
 INFER_PATH = "/v2/models/simgpu/infer"
 # The metered tenants of the rate scenarios: tenant -> (requests/s, burst).
-METERED = {"metered-a": (20.0, 5), "metered-b": (8.0, 3)}  # requests/s, burst
+METERED = {"metered-a": (20.0, 5), "metered-b": (8.0, 3), "metered-l": (20.0, 6)}
+# Metered tenants whose bucket is in leased mode: tenant -> lease_ms. The policy counts its
+# models (the interactive and pod classes' max_in_flight), so each of their requests spends a
+# slice and holds only its model's entry (sidecar/core/slices.py): slices of 2 units here.
+LEASED = {"metered-l": 100}
 CAPPED_CONCURRENCY = 3
 POD_CAP = 3  # max_in_flight of the pod scenario's class: per pod in the pod topology
 POOL_CAP = 8  # max_in_flight of the fairness scenario's class: the pool's, one batch
@@ -56,7 +60,13 @@ def write_policy(directory: Path) -> Path:
     """The one policy (module rule 1); returns its directory."""
     directory.mkdir(parents=True, exist_ok=True)
     tenants = [
-        _tenant(n, "standard", f"    buckets: [{{unit: requests, rate: {r}, burst: {b}}}]\n")
+        _tenant(
+            n,
+            "standard",
+            f"    buckets: [{{unit: requests, rate: {r}, burst: {b}"
+            + (f", lease_ms: {LEASED[n]}" if n in LEASED else "")
+            + "}]\n",
+        )
         for n, (r, b) in METERED.items()
     ]
     tenants.append(_tenant("capped", "standard", f"    max_concurrency: {CAPPED_CONCURRENCY}\n"))

@@ -170,6 +170,10 @@ def rate(ctx: Ctx) -> Outcome:
                 over <= BOUND_SLACK_S * policy_rate,
             )
         )
+    # Leased mode's store calls, over the fleet: a slice serves several requests.
+    out.metrics["leased_slice_calls"] = sum(
+        metric_sum(url, "qos_slice_calls_total") for url in ctx.fleet.admin_urls
+    )
     counts = [v[0] for _, v in sampler.samples]
     peak = max(counts, default=0)
     out.metrics.update(

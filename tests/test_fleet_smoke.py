@@ -35,6 +35,7 @@ def test_fleet_benchmark_tiny_run_writes_targets_and_results(tmp_path: Path) -> 
         "tenant_rate_single_metered-b",
         "bucket_bound_single_metered-a",
         "bucket_bound_single_metered-b",
+        "bucket_bound_single_metered-l",  # leased mode, its model counted
         "concurrency_cap_single",
         "leaked_leases_rate_single",
     } <= names
@@ -48,5 +49,6 @@ def test_fleet_benchmark_tiny_run_writes_targets_and_results(tmp_path: Path) -> 
     metrics = results["scenarios"]["rate"]["metrics"]
     assert metrics["sent"] > 0 and metrics["cap_samples"] > 0
     assert metrics["metered-a_rate_ratio"] > 0  # requests really went through the fleet
+    assert metrics["leased_slice_calls"] > 0  # metered-l's requests spent slices
     assert results["meta"]["command"].startswith("python -m benchmarks.fleet")
     assert "| rate |" in (out / "report.md").read_text()
