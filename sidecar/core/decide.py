@@ -249,7 +249,7 @@ def decide(admission: Admission, result: QuotaResult | None) -> Decision:
             reason = Reason.ADMITTED_DOWNGRADED
         else:
             reason = Reason.ADMITTED
-        return _admit(admission, reason, result.lease_id, trace, model_only=result.model_only)
+        return _admit(admission, reason, result, trace)
     denied_by = result.denied_by or LimitKind.BUCKET
     reason = _LIMIT_REASON[denied_by]
     if denied_by is LimitKind.BUCKET:
@@ -303,8 +303,7 @@ def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -
 def admit_after_wait(admission: Admission, result: QuotaResult, why: str) -> Decision:
     """The admit of a request that was held (deferred) until Triton had room."""
     reason = Reason.ADMITTED_RELEGATED if admission.relegated else Reason.ADMITTED_DEFERRED
-    trace = [*admission.trace, why]
-    return _admit(admission, reason, result.lease_id, trace, model_only=result.model_only)
+    return _admit(admission, reason, result, [*admission.trace, why])
 
 
 def shed_overloaded(admission: Admission, retry_after_s: float, why: str) -> Decision:
@@ -393,23 +392,17 @@ def _most_chargeable(tenant: TenantPolicy, klass: ClassPolicy, fallback: float) 
     return min(bursts, default=fallback)
 
 
-def _admit(  # charged: the store charged the buckets (with or without a lease: a slice)
-    admission: Admission,
-    reason: Reason,
-    lease_id: str | None,
-    trace: list[str],
-    charged: bool = True,
-    *,
-    model_only: bool = False,
+def _admit(  # result: what the store took (None: nothing, failed open)
+    admission: Admission, reason: Reason, result: QuotaResult | None, trace: list[str]
 ) -> Decision:
     tenant, klass = admission.tenant, admission.klass
     route = klass.route_priority.value
     headers = _granted(tenant.name, klass.name, klass.triton_priority, route)
     lease = None
-    if lease_id is not None:
+    if result is not None and result.lease_id is not None:
         # The lease lives under the class its quota was taken in, which a relegation after
         # the quota was taken does not change, and counts for its model.
-        lease = LeaseRef.of(admission.check, lease_id, model_only=model_only)
+        lease = LeaseRef.of(admission.check, result.lease_id, model_only=result.model_only)
         headers = (*headers, (HEADER_LEASE, format_lease(lease)))
     return Decision(
         outcome=Outcome.ADMIT,
