@@ -384,6 +384,41 @@ def test_access_log_stream_releases_leases() -> None:
         assert sample(service, "qos_completions_total", result=result) == count, result
 
 
+def test_an_admit_without_a_lease_is_recorded_as_one_when_the_sidecar_granted_it() -> None:
+    """Leased mode's admits carry no lease (a policy that counts no model). Their access-log
+    entries still carry the grant headers the sidecar set upstream (Envoy strips clients'),
+    so their tenant's experience and their model's drain are recorded; an entry without
+    them (a refusal) records neither."""
+    service = make_service()
+
+    def entry(headers: dict[str, str]) -> Any:
+        duration = accesslog_pb2.AccessLogCommon().time_to_last_downstream_tx_byte
+        duration.FromMilliseconds(40)
+        return accesslog_pb2.HTTPAccessLogEntry(
+            common_properties=accesslog_pb2.AccessLogCommon(
+                time_to_last_downstream_tx_byte=duration
+            ),
+            request=accesslog_pb2.HTTPRequestProperties(path=INFER, request_headers=headers),
+            response=accesslog_pb2.HTTPResponseProperties(response_code={"value": 200}),
+        )
+
+    granted = {"x-qos-tenant": "analytics", "x-qos-granted-class": "batch"}
+    servicer = AccessLogServicer(service, lease_key=KEY)
+    for headers in (granted, granted, {"x-qos-tenant": "analytics"}, {}):
+        servicer._complete_unleased(entry(headers))
+    slo = sample(service, "qos_slo_requests_total", tenant="analytics", result="met", **BATCH)
+    assert slo == 2  # the two granted ones, within batch's objective
+    assert sample(service, "qos_completions_total", result="no_lease") == 4
+    assert sample(service, "qos_model_drain_rate", model="simgpu") > 0
+    other = make_service()  # the same entries, none granted: nothing drained
+    for headers in ({"x-qos-tenant": "analytics"}, {}):
+        AccessLogServicer(other, lease_key=KEY)._complete_unleased(entry(headers))
+    assert sample(other, "qos_model_drain_rate", model="simgpu") == 0
+
+
+BATCH = {"class": "batch"}
+
+
 def test_an_undelivered_admit_gives_back_its_bucket_charge_and_its_lease() -> None:
     """Envoy never used the admit (it timed the authz call out, or the client left): the
     adapter's give-back returns the tokens it charged, not only its slot."""

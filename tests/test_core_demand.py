@@ -151,3 +151,4 @@ def test_the_drained_model_is_the_leases_else_the_paths() -> None:
     assert drained_model(lease, INFER) == "simgpu"
     assert drained_model(lease, "/v1/chat/completions") is None
     assert drained_model(None, INFER) is None  # no lease: a shed, never drained
+    assert drained_model(None, INFER, granted=True) == "simgpu"  # leased mode's admit

@@ -71,6 +71,11 @@ def write_policy(directory: Path) -> Path:
             "lease_ms: 40000}]\n",
         )
         + _tenant(
+            "leased",  # leased mode, no model counted: its admits carry no lease at all
+            "    allowed_classes: [standard]\n    default_class: standard\n"
+            "    buckets: [{unit: requests, rate: 100, burst: 100, lease_ms: 1000}]\n",
+        )
+        + _tenant(
             "owing",
             "    allowed_classes: [standard]\n    default_class: standard\n"
             f"    buckets: [{{unit: requests, rate: {SPENT_RATE}, burst: {SPENT_BURST}}}]\n",
@@ -129,6 +134,21 @@ def test_a_valkey_restart_fails_no_decision(stack: LocalStack) -> None:
     statuses = [infer(url, api_key="k-free").status for _ in range(40)]
     assert statuses == [200] * 40
     assert counters(stack) == (errors, fail_open)  # no decision met a dead connection
+
+
+def test_admits_without_a_lease_count_in_their_tenants_experience(stack: LocalStack) -> None:
+    """Leased mode's admits (a policy that counts no model) carry no lease, and Envoy's
+    access-log entries for them nothing to release; their tenant's latency and SLO are still
+    recorded, from the grant headers the sidecar set upstream."""
+    url = stack.url("http")
+    statuses = [infer(url, api_key="k-leased").status for _ in range(10)]
+    assert statuses == [200] * 10
+    wait_for(
+        lambda: metric_value(stack.admin_url, "qos_slo_requests_total", tenant="leased") == 10,
+        10,
+        "the ten completions in the tenant's experience",
+    )
+    assert metric_value(stack.admin_url, "qos_slice_calls_total", call="slice") >= 1
 
 
 def _decision_quantiles(before: dict[str, float], after: dict[str, float]) -> dict[float, str]:

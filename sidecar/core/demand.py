@@ -5,9 +5,12 @@ Rules:
    arrived at: admitted at once, held (counted when the hold starts, not again when it ends,
    however it ends), or shed for load (reason `overloaded`). Refusals of the tenant's quota,
    identity, class, body or model are not demand: more Triton would not serve them.
-2. Drain counts completions: a leased request's access-log entry, on the replica that receives
-   it. A request Envoy ended without a lease (a shed, an admit that failed open) is not drained.
-   The model is the lease's, else the one the request path names (`kserve.model_of`).
+2. Drain counts completions of admitted requests, on the replica that receives their
+   access-log entry: a leased request's, or one without a lease that the sidecar granted (the
+   grant headers it set upstream, which Envoy strips from clients: an admit from leased mode's
+   slices, or one that failed open, both demand under rule 1). A request Envoy ended without a
+   grant (a shed) is not drained. The model is the lease's, else the one the request path
+   names (`kserve.model_of`).
 3. Both are per-second rates, exponentially smoothed with the time constant `tau_s`: each event
    adds 1/tau_s, and the value decays by exp(-dt/tau_s) in between, so it is readable at any
    time and falls toward 0 while a model is idle. A steady rate reads as itself (in
@@ -129,8 +132,9 @@ def offered_model(attrs: RequestAttributes, step: Hold | Answer) -> str | None:
     return attrs.model or model_of(attrs.path)
 
 
-def drained_model(lease: LeaseRef | None, path: str) -> str | None:
-    """The model a leased completion drains (rule 2); None without a lease or a model."""
-    if lease is None:
+def drained_model(lease: LeaseRef | None, path: str, *, granted: bool = False) -> str | None:
+    """The model a completion drains (rule 2): one with a lease, or `granted` without one;
+    None for any other, or without a model."""
+    if lease is None and not granted:
         return None
-    return lease.model or model_of(path)
+    return (lease and lease.model) or model_of(path)

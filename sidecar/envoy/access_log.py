@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from sidecar.core.decide import HEADER_TENANT
+from sidecar.core.decide import HEADER_CLASS, HEADER_TENANT
 from sidecar.core.demand import drained_model
 from sidecar.core.experience import CompletionTimings
 from sidecar.core.kserve import model_of
@@ -118,9 +118,20 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
     def _complete_unleased(self, entry: Any) -> None:
         """An entry with no lease is done at once (no coroutine per entry: leased mode sends
-        thousands a second, none of which frees anything)."""
-        note_usage(self._service, entry, None)
-        self._service.completed_without_lease()
+        thousands a second, none of which frees anything). One the sidecar granted (its
+        tenant and class headers, which Envoy strips from clients) is an admit all the same:
+        its tenant's experience and its model's drain (core/demand.py rule 2) are recorded."""
+        service = self._service
+        headers = entry.request.request_headers
+        tenant, klass = headers.get(HEADER_TENANT), headers.get(HEADER_CLASS)
+        if not (tenant and klass):  # refused: nothing went upstream for it
+            note_usage(service, entry, None)
+        else:
+            timings = timings_of(entry)
+            _note_usage(service, entry, None, timings.upstream_s)
+            service.metrics.experience.completed(tenant, klass, timings, service.policy)
+            service.metrics.demand.drained(drained_model(None, entry.request.path, granted=True))
+        service.completed_without_lease()
 
     def _complete(self, entry: Any, signed: str) -> bool | asyncio.Future[bool]:
         """The entry's lease checked and its release started (`AdmissionService.complete_queued`):
