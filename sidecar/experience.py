@@ -8,11 +8,11 @@ and class as the policy did when it was granted; a name the current policy no lo
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from sidecar.core.experience import CompletionTimings, slo_result
+from sidecar.plain_metrics import PlainCounter, PlainHistogram
 from sidecar.policy.model import Policy
 
 UNKNOWN = "__unknown__"
@@ -26,39 +26,40 @@ def code_class(status: int | None) -> str:
 
 
 class ExperienceSeries:
+    """Updated on every completion: plain numbers, no lock (`sidecar/plain_metrics.py`)."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.first_byte_seconds = Histogram(
+        self.first_byte_seconds = PlainHistogram(
             "qos_time_to_first_byte_seconds",
             "Admitted requests' time from arrival at Envoy to the first byte from Triton (for a "
             "streaming LLM: the wait before the first token), by tenant and granted class.",
             ["tenant", "class"],
-            buckets=SECONDS_BUCKETS,
-            registry=registry,
+            SECONDS_BUCKETS,
+            registry,
         )
-        self.duration_seconds = Histogram(
+        self.duration_seconds = PlainHistogram(
             "qos_request_duration_seconds",
             "Admitted requests' time from arrival at Envoy to the last byte sent back, by "
             "tenant and granted class (requests the client left before any answer excluded: "
             "they count as missed in qos_slo_requests_total).",
             ["tenant", "class"],
-            buckets=SECONDS_BUCKETS,
-            registry=registry,
+            SECONDS_BUCKETS,
+            registry,
         )
-        self.slo = Counter(
+        self.slo = PlainCounter(
             "qos_slo_requests_total",
             "Admitted requests judged against their class's latency_objective_ms, by tenant, "
             "class and result: met, missed (slower, or the client left first), failed (5xx).",
             ["tenant", "class", "result"],
-            registry=registry,
+            registry,
         )
-        self.responses = Counter(
+        self.responses = PlainCounter(
             "qos_responses_total",
             "Admitted requests' responses as Envoy sent them, by tenant, class and code "
             "(2xx, 4xx, 5xx, ...; none: the client left before any).",
             ["tenant", "class", "code"],
-            registry=registry,
+            registry,
         )
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def completed(
         self, tenant: str, klass: str, timings: CompletionTimings, policy: Policy
@@ -67,20 +68,13 @@ class ExperienceSeries:
         class_policy = policy.classes.get(klass)
         tenant = tenant if tenant in policy.tenants else UNKNOWN
         klass = klass if class_policy is not None else UNKNOWN
+        labels = (tenant, klass)
         if timings.first_byte_s is not None:
-            self._child(self.first_byte_seconds, tenant, klass).observe(timings.first_byte_s)
+            self.first_byte_seconds.observe(labels, timings.first_byte_s)
         if timings.duration_s is not None and math.isfinite(timings.duration_s):
-            self._child(self.duration_seconds, tenant, klass).observe(timings.duration_s)
-        self._child(self.responses, tenant, klass, code_class(timings.status)).inc()
+            self.duration_seconds.observe(labels, timings.duration_s)
+        self.responses.inc((tenant, klass, code_class(timings.status)))
         if class_policy is not None:
             result = slo_result(timings, class_policy.latency_objective_ms)
             if result is not None:
-                self._child(self.slo, tenant, klass, result.value).inc()
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, looked up once per label set (once per completion)."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+                self.slo.inc((tenant, klass, result.value))
