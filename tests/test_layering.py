@@ -23,10 +23,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sidecar.policy.model",),
     ("sidecar.core",),
     ("sidecar.policy", "sidecar.settings"),
+    ("sidecar.plain_metrics",),  # lock-free series of the hot paths, for Metrics
     ("sidecar.experience",),  # the per-tenant experience series, attached to Metrics
     ("sidecar.demand",),
     ("sidecar.usage_series",),
-    ("sidecar.plain_metrics",),  # lock-free series of the decision path, for Metrics
     ("sidecar.metrics", "sidecar.state", "sidecar.gc_pauses"),
     (
         "sidecar.backends",
