@@ -572,6 +572,14 @@ def test_a_model_only_lease_lives_in_its_model_set_alone(harness: Harness) -> No
         with pytest.raises(ValueError):
             await store.release(LeaseRef("acme", "standard", "x", model_only=True))
 
+        # Ended before its entry was written (its end reached another replica first): the
+        # late write adds nothing, so nothing is left counted, or renewed, for a gone request.
+        late = LeaseRef("acme", "standard", "only-late", "llama", model_only=True)
+        assert await store.release(late) is False
+        await store.count_for_model_many([late], 60.0)
+        assert await store.model_in_flight("llama") == 0
+        assert await store.renew("acme", [late], 60.0) == set()
+
         short = LeaseRef("acme", "standard", "only-2", "llama", model_only=True)
         await store.count_for_model(short, 0.05)
         await harness.let_leases_expire(store, 0.05, "acme", "llama")

@@ -208,8 +208,8 @@ def test_renew_never_brings_back_an_expired_lease(harness: Harness) -> None:
 
 @pytest.mark.stack
 def test_redis_leaves_no_lease_key_behind(valkey: ValkeyServer, redis_sync: redis.Redis) -> None:
-    """After release only the tombstone is left, in the tenant's set of them, which expires
-    with its last tombstone."""
+    """After release only the tombstones are left, in the tenant's set of them and the
+    model's, each of which expires with its last tombstone."""
 
     async def body(store: RedisQuotaStore) -> None:
         c = replace(check(bucket(), model="llama"), lease_id=REQUEST_ID)
@@ -217,9 +217,11 @@ def test_redis_leaves_no_lease_key_behind(valkey: ValkeyServer, redis_sync: redi
 
     run_redis(valkey.url, body, timeout_s=2.0)
     keys = set(redis_sync.scan_iter("qos:*"))
-    assert keys == {"qos:{acme}:bucket:req", "qos:{acme}:released"}
-    assert redis_sync.zrange("qos:{acme}:released", 0, -1) == [REQUEST_ID]
-    assert 0 < redis_sync.pttl("qos:{acme}:released") <= 5000
+    released = {"qos:{acme}:released", "qos:{=llama}:model_released"}
+    assert keys == {"qos:{acme}:bucket:req", *released}
+    for key in released:
+        assert redis_sync.zrange(key, 0, -1) == [REQUEST_ID]
+        assert 0 < redis_sync.pttl(key) <= 5000
 
 
 @pytest.mark.stack

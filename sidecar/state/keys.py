@@ -13,7 +13,8 @@ Rules:
   in another slot than the tenants' keys (`sidecar.state.base` says what that costs). The `=`
   keeps its tag apart from every tenant's: an encoded tenant never holds a `=`, so a model and
   a tenant of the same name (or any names) never share a tag, let alone a key. An empty pod is
-  refused like an empty model (None, not "", is the fleet's set).
+  refused like an empty model (None, not "", is the fleet's set). Its tombstones (ids removed
+  from it) are the same key with `model_released` for `model_leases` (`model_tombstones_key`).
 - The `{...}` is a Redis Cluster hash tag: only its content is hashed, so every key of a tenant
   lands on the same shard and one Lua script may touch them all. It is per tenant (not global)
   so that tenants spread across shards.
@@ -49,8 +50,10 @@ class KeyKind(enum.Enum):
     RELEASED = "released"
 
 
-# Not a `KeyKind`: those are a tenant's keys, this is the one key with a model's hash tag.
+# Not a `KeyKind`: those are a tenant's keys, these are the keys with a model's hash tag.
 MODEL_LEASES = "model_leases"  # sorted set: every tenant's leases of one model, score = expiry
+# sorted set: the ids removed from one model set, score = when each tombstone ends
+MODEL_RELEASED = "model_released"
 # The replicas' heartbeats: sorted set, member = replica id, score = expiry. Its tag is a
 # model tag (no tenant's), and its kind is no model's set, so it is no other key.
 HEARTBEATS_KEY = f"{PREFIX}:{{=replicas}}:heartbeats"
@@ -93,6 +96,11 @@ def _build_key(tenant: str, kind: KeyKind, parts: tuple[str, ...]) -> str:
 @functools.lru_cache(maxsize=4096)  # a policy's tenants: built once each
 def _tenant_tag(tenant: str) -> str:
     return f"{PREFIX}:{{{encode_name(tenant)}}}"
+
+
+def model_tombstones_key(model_key: str) -> str:
+    """The tombstones of the model set `model_key` (`build_model_key`): the same tag."""
+    return model_key.removesuffix(MODEL_LEASES) + MODEL_RELEASED
 
 
 def build_model_key(model: str, pod: str | None = None) -> str:

@@ -94,6 +94,14 @@ def _tombstone_key(tenant: str, lease_id: str) -> str:
     return f"{len(tenant)}:{tenant}{lease_id}"
 
 
+def _model_tombstone_key(model_set: tuple[str, str | None], lease_id: str) -> str:
+    """A removed model entry's tombstone: apart from every tenant's (`_tombstone_key` starts
+    with a digit), one string per (model, pod, lease id)."""
+    model, pod = model_set
+    pod_part = "" if pod is None else f"{len(pod)}:{pod}"
+    return f"m{len(model)}:{model}{pod_part}/{lease_id}"
+
+
 class MemoryQuotaStore:
     """Quota state in this process. `clock` returns seconds; only differences matter.
 
@@ -131,13 +139,11 @@ class MemoryQuotaStore:
     async def release(self, lease: LeaseRef, *, tombstone_s: float = DEFAULT_TOMBSTONE_S) -> bool:
         validate_lease(lease)
         now = self._clock()
-        model_held = self._model_removed(lease, now)
+        self._prune_tombstones(now)
+        model_held = self._model_removed(lease, now, tombstone_s)
         if lease.model_only:  # its model's entry is all it holds
             return model_held
-        self._prune_tombstones(now)
-        key = _tombstone_key(lease.tenant, lease.lease_id)
-        self._tombstones[key] = now + tombstone_s
-        self._tombstone_order.append(key)
+        self._tombstone(_tombstone_key(lease.tenant, lease.lease_id), now + tombstone_s)
         leases = self._leases.get(lease.tenant)
         if leases is None:
             return False
@@ -147,11 +153,17 @@ class MemoryQuotaStore:
         # An expired lease no longer counted, so releasing it frees nothing.
         return held is not None and held[1] > now
 
-    def _model_removed(self, lease: LeaseRef, now: float) -> bool:
-        """`lease`'s entry taken out of its model's set: was it held (there, unexpired)?"""
+    def _tombstone(self, key: str, ends: float) -> None:
+        self._tombstones[key] = ends
+        self._tombstone_order.append(key)
+
+    def _model_removed(self, lease: LeaseRef, now: float, tombstone_s: float) -> bool:
+        """`lease`'s entry taken out of its model's set, and tombstoned there (a later add of
+        it adds nothing, as model_lease.lua does): was it held (there, unexpired)?"""
         if lease.model is None:
             return False
         model_set = (lease.model, lease.model_pod)
+        self._tombstone(_model_tombstone_key(model_set, lease.lease_id), now + tombstone_s)
         model_leases = self._model_leases.get(model_set)
         if model_leases is None:
             return False
@@ -244,6 +256,9 @@ class MemoryQuotaStore:
     def _count_model(
         self, model_set: tuple[str, str | None], lease_id: str, expiry: float, now: float
     ) -> None:
+        ended = self._tombstones.get(_model_tombstone_key(model_set, lease_id))
+        if ended is not None and ended > now:  # removed already: its request has ended
+            return
         model_leases = self._model_leases.setdefault(model_set, _ModelLeases())
         model_leases.prune(now)  # as the Redis script does: the table holds no dead leases
         model_leases.add(lease_id, expiry)

@@ -31,7 +31,7 @@ from sidecar.state.base import (
     validate_lease,
     validate_tenant,
 )
-from sidecar.state.keys import KeyKind, build_key, build_model_key
+from sidecar.state.keys import KeyKind, build_key, build_model_key, model_tombstones_key
 from sidecar.state.redis_pipe import RedisPipe
 from sidecar.state.scripts import ACQUIRE, IN_FLIGHT, MODEL_LEASE, RELEASE, RENEW, LuaScript
 
@@ -257,7 +257,11 @@ class Pipelines:
         ]
         model_chunks = list(_chunks(by_model))
         model_calls: list[Call] = [
-            (MODEL_LEASE, [key], ["remove", *(leases[i].lease_id for i in chunk)])
+            (
+                MODEL_LEASE,
+                model_keys(key),
+                ["remove", tombstone_s, *(leases[i].lease_id for i in chunk)],
+            )
             for key, chunk in model_chunks
         ]
         counted = sum(len(chunk) for chunk in by_model.values())
@@ -286,7 +290,7 @@ class Pipelines:
             raise ValueError("count_for_model needs a lease with a model")
         by_model = indexes_by(model_set_key(lease) for lease in leases)
         calls: list[Call] = [
-            (MODEL_LEASE, [key], ["add", ttl_s, *(leases[i].lease_id for i in chunk)])
+            (MODEL_LEASE, model_keys(key), ["add", ttl_s, *(leases[i].lease_id for i in chunk)])
             for key, chunk in _chunks(by_model)
         ]
         try:
@@ -410,6 +414,11 @@ def script_command(call: Call, source: bool = False) -> tuple[Any, ...]:
     script, keys, args = call
     name, body = ("EVAL", script.source) if source else ("EVALSHA", script.sha)
     return (name, body, len(keys), *keys, *args)
+
+
+def model_keys(model_key: str) -> list[str]:
+    """model_lease.lua's keys for the model set `model_key`: the set, its tombstones."""
+    return [model_key, model_tombstones_key(model_key)]
 
 
 def model_set_key(lease: LeaseRef) -> str:

@@ -89,6 +89,7 @@ from sidecar.state.redis_pipelines import (
     acquire_result,
     indexes_by,
     map_exceptions,
+    model_keys,
     model_set_key,
     release_call,
     renew_call,
@@ -169,8 +170,9 @@ class RedisQuotaStore(Pipelines):
         validate_lease(lease)
         deadline = self._deadline()
         if lease.model_only:  # its model's entry is all it holds (module rules of base)
-            remove = ["remove", lease.lease_id]
-            return bool((await self._run(MODEL_LEASE, [model_set_key(lease)], remove, deadline))[0])
+            remove: list[str | float] = ["remove", tombstone_s, lease.lease_id]
+            keys = model_keys(model_set_key(lease))
+            return bool((await self._run(MODEL_LEASE, keys, remove, deadline))[0])
         script, keys, args = release_call(lease.tenant, [lease], tombstone_s)
         model_key = None if lease.model is None else model_set_key(lease)
         try:
@@ -179,10 +181,12 @@ class RedisQuotaStore(Pipelines):
             # The request has left the model whether or not its tenant's lease could be
             # freed, so its model entry is still removed if that shard answers.
             if model_key is not None:
-                await self._update_model_set("remove", model_key, lease.lease_id, deadline)
+                await self._update_model_set(
+                    "remove", model_key, lease.lease_id, deadline, tombstone_s
+                )
             raise
         if model_key is not None:
-            await self._update_model_set("remove", model_key, lease.lease_id, deadline)
+            await self._update_model_set("remove", model_key, lease.lease_id, deadline, tombstone_s)
         return bool(held)
 
     async def renew(self, tenant: str, leases: Sequence[LeaseRef], ttl_s: float) -> set[str]:
@@ -201,7 +205,8 @@ class RedisQuotaStore(Pipelines):
             if not only:
                 await self._update_model_set("renew", model_key, "", deadline, ttl_s, ids)
             elif ids:  # a model-only lease is gone when its model's entry is
-                reply = await self._run(MODEL_LEASE, [model_key], ["renew", ttl_s, *ids], deadline)
+                renew: list[str | float] = ["renew", ttl_s, *ids]
+                reply = await self._run(MODEL_LEASE, model_keys(model_key), renew, deadline)
                 gone |= only & {_text(i) for i in reply}
         return {lease.lease_id for lease in leases if lease.lease_id not in gone}
 
@@ -298,16 +303,14 @@ class RedisQuotaStore(Pipelines):
         ttl_s: float = 0.0,
         renew_ids: Sequence[str] = (),
     ) -> None:
-        """Add the lease to the model's set ("add"), remove it ("remove"), or renew
-        `renew_ids` there ("renew"). Never raises StateUnavailable: a failure is counted and
-        logged (see module rules)."""
-        args: list[str | float] = [operation, ttl_s, lease_id]  # "add"
-        if operation == "remove":
-            args = [operation, lease_id]
-        elif operation == "renew":
+        """Add the lease to the model's set ("add", `ttl_s` its TTL), remove it ("remove",
+        `ttl_s` its tombstone's), or renew `renew_ids` there ("renew"). Never raises
+        StateUnavailable: a failure is counted and logged (see module rules)."""
+        args: list[str | float] = [operation, ttl_s, lease_id]  # "add"; "remove": tombstone_s
+        if operation == "renew":
             args = [operation, ttl_s, *renew_ids]
         try:
-            await self._run(MODEL_LEASE, [model_key], args, deadline)
+            await self._run(MODEL_LEASE, model_keys(model_key), args, deadline)
         except StateUnavailable as exc:
             self._model_set_failed(operation, model_key, exc)
 

@@ -5,10 +5,17 @@
 --
 -- KEYS[1]  the model's lease set  qos:{=<model>}:model_leases (the fleet's count, gateway
 --          topology) or qos:{=<model>@<pod>}:model_leases (one pod's, pod topology)
+-- KEYS[2]  its tombstones (sorted set, score = when each ends)  ...:model_released
 -- ARGV[1]  "add" or "remove"
 -- ARGV[2]  add: the leases' TTL, seconds; ARGV[3..] their ids (those acquire.lua just added
 --          for their tenants: one call adds a loop tick's admits)
--- ARGV[2..]  remove: the lease ids (one call removes a completion burst's worth)
+-- ARGV[2]  remove: how long a tombstone lives, seconds (the lease TTL); ARGV[3..] the lease
+--          ids (one call removes a completion burst's worth)
+--
+-- A removed id is tombstoned: an add of it that runs later (its request ended, and its end
+-- reached another replica, before the admitting replica's write) adds nothing, so the entry
+-- is not left counted, and renewed by its admitting replica, after its request is gone.
+-- Tombstones are members of one set, pruned by each remove, as release.lua's are.
 --
 -- The expiry is counted from this server's clock, now: the set is only ever compared with the
 -- clock of the server that holds it, which need not be the tenant's.
@@ -27,7 +34,10 @@ if ARGV[1] == 'add' then
   count_leases(KEYS[1], now, true) -- prune: the set holds no more than what is in flight
   local expiry = fmt(now + tonumber(ARGV[2]))
   for a = 3, #ARGV do
-    redis.call('ZADD', KEYS[1], expiry, ARGV[a])
+    local ended = redis.call('ZSCORE', KEYS[2], ARGV[a])
+    if not (ended and tonumber(ended) > now) then
+      redis.call('ZADD', KEYS[1], expiry, ARGV[a])
+    end
   end
   expire_lease_set(KEYS[1], now)
   return redis.call('ZCARD', KEYS[1])
@@ -45,10 +55,13 @@ if ARGV[1] == 'renew' then
   expire_lease_set(KEYS[1], now)
   return gone
 end
-local held = {}
-for a = 2, #ARGV do
+local held, ends = {}, fmt(now + tonumber(ARGV[2]))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', fmt(now))
+for a = 3, #ARGV do
   local expiry = redis.call('ZSCORE', KEYS[1], ARGV[a])
   redis.call('ZREM', KEYS[1], ARGV[a])
+  redis.call('ZADD', KEYS[2], ends, ARGV[a])
   held[#held + 1] = (expiry and tonumber(expiry) > now) and 1 or 0
 end
+expire_lease_set(KEYS[2], now)
 return held
