@@ -28,12 +28,13 @@ Rules (the contract tests in tests/test_state_contract.py run both stores throug
 - A model-only lease (`LeaseRef.model_only`: leased mode's lease of a counted request, whose
   buckets were spent from a slice) is held in no tenant set, only as its model's entry, which
   `count_for_model` writes. `release` removes that entry and says whether it was held there
-  (so a second release frees nothing); `renew` renews it there or says it is gone.
+  (so a second release frees nothing); `renew` renews it there or says it is gone. The entry
+  is all it holds, so a failure of that call is the release's (or the renewal's) failure,
+  raised as StateUnavailable (a release is then owed).
 - Every removal from a model's set (any lease's release) leaves a tombstone of the id there
   for `tombstone_s`, and `count_for_model` of a tombstoned id adds nothing: a request whose
   end reached another replica before its admitting replica wrote its entry is not left
-  counted (and, model-only, renewed by that replica) after it is gone. The entry is all it holds, so a failure of that call is the release's (or the
-  renewal's) failure, raised as StateUnavailable (a release is then owed).
+  counted (and, model-only, renewed by that replica) after it is gone.
 - The model count is not atomic with the tenant's lease in Redis. A model's set has its own
   hash tag (`sidecar.state.keys`), so in Redis Cluster it lives in another slot than the
   tenant's keys and no Lua script can touch both. `acquire` takes the tenant's limits and lease
