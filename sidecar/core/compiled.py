@@ -88,15 +88,8 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         principals.update(dict.fromkeys(tenant.match.principals, tenant))
         values.update(dict.fromkeys(tenant.match.header_values, tenant))
     tables = (MappingProxyType(keys), MappingProxyType(principals), MappingProxyType(values))
-    return CompiledPolicy(policy, *tables, bool(counting_classes(policy)))
-
-
-def counting_classes(policy: Policy) -> tuple[str, ...]:
-    """The classes whose overload reads their model's count (`max_in_flight` or `protect`).
-    While any does, every admit of every class counts in its model's set: `counts_models`."""
-    return tuple(
-        name
-        for name, c in policy.classes.items()
-        if c.overload is not None
-        and (c.overload.max_in_flight is not None or c.overload.protect is not None)
-    )
+    overloads = [c.overload for c in policy.classes.values() if c.overload is not None]
+    # While any class's overload reads its model's count (max_in_flight or protect), every
+    # admit of every class counts in its model's set: `counts_models`.
+    counted = any(o.max_in_flight is not None or o.protect is not None for o in overloads)
+    return CompiledPolicy(policy, *tables, counted)

@@ -117,10 +117,10 @@ class Slices:
         """What to take from the store for `check` (its buckets alone: no lease, so no model
         to count): with `whole`, its cost and a slice of every bucket; without, its cost
         alone."""
-        buckets = tuple(replace(b, cost=slice_size(b)) for b in check.buckets)
-        return replace(
-            check, buckets=buckets if whole else check.buckets, model=None, model_pod=None
-        )
+        buckets = check.buckets
+        if whole:
+            buckets = tuple(replace(b, cost=slice_size(b)) for b in buckets)
+        return replace(check, buckets=buckets, model=None, model_pod=None)
 
     def granted(self, asked: QuotaCheck, check: QuotaCheck, now: float) -> None:
         """The store gave `asked` for `check`: keep what is left beyond `check`'s cost (added
