@@ -384,11 +384,11 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         self._model_writes[lease.lease_id] = task
 
         def written(done: asyncio.Future[Any]) -> None:
-            failed = not done.cancelled() and done.exception() is not None
-            if failed:
-                self.metrics.state_errors.labels("model_lease").inc()  # left to its TTL
-            elif lease.model_only and not done.cancelled():  # its whole lease: renewed
-                self.leases.taken(lease)
+            if not done.cancelled():
+                if done.exception() is not None:
+                    self.metrics.state_errors.labels("model_lease").inc()  # left to its TTL
+                elif lease.model_only:  # the entry is its whole lease: renewed while it runs
+                    self.leases.taken(lease)
             self._model_writes.pop(lease.lease_id, None)
             if self.deferrer is not None and lease.model is not None:
                 self.deferrer.note_written(lease.model)
