@@ -147,12 +147,27 @@ def _noisy_line(name: str, system: Mapping[str, Any], meta: Mapping[str, Any]) -
         else ""
     )
     claim = _count_claim(numbers, OTHER_TENANT_MAX_PCT) if "sent" in numbers else ""
+    claim += _noisy_over_quota(system, meta, at_m)
     return _line(
         f"noisy_tenant[{name}]",
         f"worst other tenant {tenant} {pct:.2f}%{counts} at {at_m:g}x{claim}",
         f"<= {OTHER_TENANT_MAX_PCT:g}%",
         pct <= OTHER_TENANT_MAX_PCT,
     )
+
+
+def _noisy_over_quota(system: Mapping[str, Any], meta: Mapping[str, Any], at_m: float) -> str:
+    """Whether the noisy tenant was over its quota where the line judges, as the sidecar
+    told it (its 429s there): with none, it was a large tenant within its quota at that
+    point, and what the quiet tenants missed is not its excess's doing."""
+    point = next(p for p in system["points"] if p["m"] == at_m)
+    noisy = point["tenants"].get(meta["noisy_tenant"], {})
+    if "shed_429" not in noisy or "sent" not in noisy:
+        return ""
+    over, sent = int(noisy["shed_429"]), int(noisy["sent"])
+    if over == 0:
+        return f"; the noisy tenant got no 429 there (0 of {sent}): within its quota, untested"
+    return f"; the noisy tenant got {over} of {sent} answered 429 there"
 
 
 # The rows that run each shipped preset on the ext_authz HTTP transport.

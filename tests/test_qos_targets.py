@@ -168,3 +168,23 @@ def test_the_noisy_tenant_line_says_how_the_worst_tenants_misses_ended() -> None
     line = lines["TARGET noisy_tenant[sidecar-http]"]
     assert "(6 of 60: 4 refused for load (503), 1 over quota (429), 1 late or failed)" in line
     assert line.endswith(" missed")
+
+
+def test_the_noisy_tenant_line_says_whether_the_noisy_tenant_was_over_its_quota_there() -> None:
+    """Judged at the highest load where the quiet tenants are within their quotas (3x here):
+    the noisy tenant's own 429s there say whether that point tested its excess at all."""
+    doc = results()
+    points = doc["systems"]["sidecar-http"]["points"]
+    for p, refused in zip(points, (40, 0), strict=True):
+        p["tenants"]["noisy"] = {
+            "violation_pct": 50.0,
+            "sent": 400,
+            "violations": 200,
+            "shed_503": 0,
+            "shed_429": refused,
+        }
+    line = next(x for x in target_lines(doc) if x.startswith("TARGET noisy_tenant"))
+    assert "at 3x; the noisy tenant got no 429 there (0 of 400): within its quota, untested" in line
+    points[1]["tenants"]["noisy"]["shed_429"] = 160
+    line = next(x for x in target_lines(doc) if x.startswith("TARGET noisy_tenant"))
+    assert "at 3x; the noisy tenant got 160 of 400 answered 429 there (<= 1%) met" in line
