@@ -103,10 +103,11 @@ def validate(
     Prints every problem as `file:line: message` (the form editors and CI logs link to) on
     `err` (stderr) and returns 1, or a one-line summary on `out` (stdout) and returns 0,
     with a `note:` line on `err` for each setting that is valid but changes nothing (a
-    `lease_ms` that no request can use: `core.slices.leases_without_effect`).
+    `lease_ms` that no request can use) and each class that none of a tenant's limits bound
+    (`core.policy_notes`).
     """
+    from sidecar.core.policy_notes import policy_notes
     from sidecar.core.shadow import compile_with_shadow
-    from sidecar.core.slices import leases_without_effect
     from sidecar.policy.loader import load_policy
 
     out = sys.stdout if out is None else out
@@ -122,7 +123,7 @@ def validate(
         f"version {policy.version}",
         file=out,
     )
-    for note in leases_without_effect(compile_with_shadow(policy).policy):  # as enforced
+    for note in policy_notes(compile_with_shadow(policy).policy):  # as enforced
         print(f"note: {note}", file=err)
     return 0
 

@@ -1,8 +1,8 @@
 """The admin listener: /metrics, /healthz, /readyz, /v1/policy, /v1/explain, /v1/refusals.
 
 `/v1/policy`: the loaded policy's version, sources, classes and tenants, the last reload's
-problems, and `notes`: settings that are valid but change nothing (`qos-sidecar validate`
-prints the same).
+problems, and `notes`: settings that are valid but change nothing, and classes that none of
+a tenant's limits bound (`core/policy_notes.py`; `qos-sidecar validate` prints the same).
 
 It binds to localhost unless configured otherwise: explain reveals policy details, the
 policy endpoint lists tenants and refusals shows the load, which are not for the public side
@@ -36,7 +36,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.core.explain import Explanation, decided
-from sidecar.core.slices import leases_without_effect
+from sidecar.core.policy_notes import policy_notes
 from sidecar.core.types import Decision, RequestAttributes
 from sidecar.errors import StateUnavailable
 from sidecar.policy.reload import PolicyHolder
@@ -147,8 +147,9 @@ def build_admin_app(
                 "classes": sorted(current.classes),
                 "tenants": sorted(current.tenants),
                 "last_error": [str(p) for p in error.problems] if error else None,
-                # Valid settings that change nothing, as `qos-sidecar validate` notes them.
-                "notes": leases_without_effect(current),
+                # Valid settings that change nothing, and classes none of a tenant's
+                # limits bound, as `qos-sidecar validate` notes them (core/policy_notes.py).
+                "notes": policy_notes(current),
             }
         )
 

@@ -274,7 +274,9 @@ class BucketPolicy:
     # work, say, need not stand in the way of the same tenant's interactive requests.
     classes: frozenset[str] = setting(
         ListOf(NAME, min_items=1),
-        "Only requests of these classes draw on the bucket; default: all.",
+        "Only requests of these classes draw on the bucket; default: all. A class the tenant "
+        "may use that none of its buckets covers and no concurrency limit bounds is bounded "
+        "by the load alone: `qos-sidecar validate` notes it.",
         default=frozenset(),
     )
     lease_ms: int = setting(

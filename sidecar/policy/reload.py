@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Protocol
 
 from sidecar.core.compiled import CompiledPolicy
+from sidecar.core.policy_notes import policy_notes
 from sidecar.core.shadow import compile_with_shadow
-from sidecar.core.slices import leases_without_effect
 from sidecar.errors import PolicyError
 from sidecar.policy.loader import load_policy, policy_files
 from sidecar.policy.model import Policy
@@ -80,7 +80,7 @@ class FixedPolicy:
 
 def _log_notes(policy: Policy) -> None:
     """What a valid policy asks for and will not get (`qos-sidecar validate` prints the same)."""
-    for note in leases_without_effect(policy):
+    for note in policy_notes(policy):
         log.warning("policy %s: %s", policy.version, note)
 
 

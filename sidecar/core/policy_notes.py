@@ -1,0 +1,57 @@
+"""What is worth saying about a valid policy: settings that change nothing, and classes that
+none of a tenant's limits bound. `qos-sidecar validate` prints each as a `note:` line (and
+still succeeds), the sidecar logs each when it loads the policy, and the admin listener's
+`/v1/policy` lists them under `notes`.
+
+Rules:
+1. A leased bucket that no request can spend through slices (`core.slices`,
+   `leases_without_effect`): its `lease_ms` changes nothing.
+2. A class a tenant may use that none of its limits bound: the tenant has buckets or a
+   per-class concurrency limit, no bucket covers the class (a bucket without `classes`
+   covers every class), and neither its `max_concurrency` nor the class's entry in
+   `max_concurrency_per_class` applies. Nothing then bounds that tenant's requests of the
+   class but the load rules, and those judge the class, not the tenant: in the benchmark a
+   tenant whose bucket left interactive out sent 0.47 C of it, within every rule, and the
+   lower classes of every tenant made room (benchmarks/README.md, "A noisy tenant that is
+   over its quota"). Often what was meant, so a note, not an error; a tenant with no limit
+   at all is unlimited on purpose and gets none.
+3. Judged on the policy as enforced (`core.shadow`: shadow rules out), which is what
+   decides.
+
+Pure: a policy in, sentences out.
+"""
+
+from __future__ import annotations
+
+from sidecar.core.slices import leases_without_effect
+from sidecar.policy.model import Policy, TenantPolicy
+
+
+def policy_notes(policy: Policy) -> list[str]:
+    """Every note on `policy` (as enforced), rule 1's first."""
+    return [*leases_without_effect(policy), *unbounded_classes(policy)]
+
+
+def unbounded_classes(policy: Policy) -> list[str]:
+    """Rule 2, one sentence per tenant and class."""
+    notes = []
+    for tenant in policy.tenants.values():
+        for klass in _unbounded(tenant):
+            notes.append(
+                f"tenant {tenant.name!r}, class {klass!r}: in none of its buckets and under"
+                " no concurrency limit, so only the load bounds its requests of that class"
+            )
+    return notes
+
+
+def _unbounded(tenant: TenantPolicy) -> list[str]:
+    if tenant.max_concurrency is not None:
+        return []
+    if not tenant.buckets and not tenant.max_concurrency_per_class:
+        return []  # no limit at all: unlimited on purpose
+    return [
+        klass
+        for klass in sorted(tenant.allowed_classes)
+        if klass not in tenant.max_concurrency_per_class
+        and not any(not b.classes or klass in b.classes for b in tenant.buckets)
+    ]
