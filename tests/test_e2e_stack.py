@@ -306,9 +306,21 @@ def test_policy_hot_reload_keeps_last_good_and_reports_errors(stack: LocalStack)
         assert metric_value(stack.admin_url, "qos_policy_last_reload_success") == 0
         assert infer(stack.url("grpc"), api_key="k-calm-grpc").status == 200
 
-        policy_file.write_text(good + "\n# a comment changes the content hash\n")
+        # A good policy again, with a tenant whose bucket leaves a class it may use out:
+        # valid, loaded, and its note listed (core/policy_notes.py).
+        assert _policy(stack)["notes"] == []
+        scoped = _tenant(
+            "scoped",
+            "    allowed_classes: [interactive, standard]\n    default_class: standard\n"
+            "    buckets:\n      - {unit: requests, rate: 5, burst: 5, classes: [standard]}\n",
+        )
+        policy_file.write_text(good + scoped)
         wait_for(lambda: _policy(stack)["version"] != version, 10, "good policy loaded")
         assert _policy(stack)["last_error"] is None
+        assert _policy(stack)["notes"] == [
+            "tenant 'scoped', class 'interactive': in none of its buckets and under no"
+            " concurrency limit, so only the load bounds its requests of that class"
+        ]
         assert metric_value(stack.admin_url, "qos_policy_last_reload_success") == 1
         assert metric_value(stack.admin_url, "qos_policy_reloads_total", result="ok") > reloads_ok
     finally:
