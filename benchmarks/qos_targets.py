@@ -160,8 +160,8 @@ def _noisy_over_quota(system: Mapping[str, Any], meta: Mapping[str, Any], at_m: 
     """Whether the noisy tenant was over its quota where the line judges, as the sidecar
     told it (its 429s there): with none, it was a large tenant within its quota at that
     point, and what the quiet tenants missed is not its excess's doing."""
-    point = next(p for p in system["points"] if p["m"] == at_m)
-    noisy = point["tenants"].get(meta["noisy_tenant"], {})
+    point = _at(system, at_m)
+    noisy = {} if point is None else point["tenants"].get(meta["noisy_tenant"], {})
     if "shed_429" not in noisy or "sent" not in noisy:
         return ""
     over, sent = int(noisy["shed_429"]), int(noisy["sent"])

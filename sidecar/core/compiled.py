@@ -75,7 +75,7 @@ def bucket_checks(tenant: TenantPolicy, klass: ClassPolicy, cost: float) -> tupl
             lease_s=b.lease_ms / 1000,
         )
         for b in tenant.buckets
-        if not b.classes or klass.name in b.classes
+        if b.covers(klass.name)
     )
 
 

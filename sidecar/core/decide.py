@@ -384,11 +384,7 @@ def _most_chargeable(tenant: TenantPolicy, klass: ClassPolicy, fallback: float) 
     """The largest cost every cost bucket of `tenant` covering `klass` can hold (their
     smallest burst): `tokens.unreadable: charge_max`. Without such buckets cost is charged
     nowhere, and `fallback` (cost_per_request) stands."""
-    bursts = [
-        b.burst
-        for b in tenant.buckets
-        if b.unit is BucketUnit.COST and (not b.classes or klass.name in b.classes)
-    ]
+    bursts = [b.burst for b in tenant.buckets if b.unit is BucketUnit.COST and b.covers(klass.name)]
     return min(bursts, default=fallback)
 
 

@@ -53,5 +53,5 @@ def _unbounded(tenant: TenantPolicy) -> list[str]:
         klass
         for klass in sorted(tenant.allowed_classes)
         if klass not in tenant.max_concurrency_per_class
-        and not any(not b.classes or klass in b.classes for b in tenant.buckets)
+        and not any(b.covers(klass) for b in tenant.buckets)
     ]

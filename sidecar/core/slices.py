@@ -77,9 +77,7 @@ def _why_exact(tenant: TenantPolicy, bucket: BucketPolicy) -> str | None:
     if tenant.max_concurrency is not None:
         return "the tenant's max_concurrency gives each of its requests a lease in the store"
     for klass in bucket.classes or tenant.allowed_classes:
-        exact = any(
-            b.lease_ms <= 0 and (not b.classes or klass in b.classes) for b in tenant.buckets
-        )
+        exact = any(b.lease_ms <= 0 and b.covers(klass) for b in tenant.buckets)
         if not exact and klass not in tenant.max_concurrency_per_class:
             return None  # this class's requests spend slices
     return (

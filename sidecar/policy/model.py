@@ -297,6 +297,10 @@ class BucketPolicy:
     )
     enforce: bool = setting(Bool(), "false: a shadow bucket (see tenant).", default=True)
 
+    def covers(self, klass: str) -> bool:
+        """Do requests of `klass` draw on this bucket? (No `classes`: every class does.)"""
+        return not self.classes or klass in self.classes
+
 
 @section("tenantMatch", "How a caller is recognised as this tenant.")
 class TenantMatch:
