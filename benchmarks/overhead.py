@@ -53,9 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks import cloadgen, overhead_report
+from benchmarks import cloadgen, overhead_report, sidecar_gc
 from benchmarks import overhead_stack as stack
 from benchmarks.fleet_stack import metrics_text
 from devstack.procs import ValkeyProcess
@@ -119,41 +118,6 @@ def admin_gauges(admin_url: str) -> dict[str, float]:
         elif line.startswith("qos_in_flight_requests{"):
             gauges["in_flight"] += float(line.split()[-1])
     return gauges
-
-
-def gc_totals(admin_url: str) -> dict[str, float]:
-    """The sidecar's ``qos_gc_pause_seconds`` so far: collections (``count:<generation>``),
-    pause sums (``sum:<generation>``) and cumulative buckets over all generations
-    (``le:<bound>`` -> collections at most that long)."""
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics_text(admin_url)):
-        if family.name != "qos_gc_pause_seconds":
-            continue
-        for sample in family.samples:
-            kind = sample.name.removeprefix("qos_gc_pause_seconds_")
-            if kind == "bucket":
-                key = "le:" + sample.labels["le"]
-            elif kind in ("count", "sum"):
-                key = kind + ":" + sample.labels["generation"]
-            else:
-                continue  # _created
-            totals[key] = totals.get(key, 0.0) + sample.value
-    return totals
-
-
-def gc_during(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """What the collector cost in one phase: collections (all, generation 2), the pauses'
-    sum in ms, and the bucket the longest one fell in (its upper bound, ms)."""
-    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
-    buckets = sorted((float(key[3:]), n) for key, n in delta.items() if key.startswith("le:"))
-    total = delta.get("le:+Inf", 0.0)
-    longest = next((le for le, n in buckets if total > 0 and n >= total), None)
-    return {
-        "collections": int(sum(n for key, n in delta.items() if key.startswith("count:"))),
-        "gen2_collections": int(delta.get("count:2", 0.0)),
-        "pause_ms": round(1000 * sum(n for key, n in delta.items() if key.startswith("sum:")), 3),
-        "longest_ms_at_most": None if longest is None else round(1000 * longest, 3),
-    }
 
 
 def backlog(running: stack.Running, client: redis.Redis | None) -> dict[str, float]:
@@ -234,7 +198,7 @@ def run_phase(
     pid = running.server.pid if running.server is not None else None
     envoy_pid = running.envoy.pid if running.envoy is not None else None
     before = backlog(running, client) if running.sidecar is not None else None
-    gc0 = gc_totals(running.sidecar.admin_url) if running.sidecar is not None else None
+    gc0 = sidecar_gc.totals(running.sidecar.admin_url) if running.sidecar is not None else None
     drops0 = access_log_drops(running) if running.sidecar is not None else None
     cpu0, calls0 = cpu_seconds(pid), command_calls(client)
     envoy0, redis0 = cpu_seconds(envoy_pid), redis_cpu_seconds(client)
@@ -250,7 +214,7 @@ def run_phase(
         result["backlog"] = wait_drained(running, client, args, before)
         drops1 = access_log_drops(running)
         if gc0 is not None:
-            result["gc"] = gc_during(gc0, gc_totals(running.sidecar.admin_url))
+            result["gc"] = sidecar_gc.during(gc0, sidecar_gc.totals(running.sidecar.admin_url))
         if drops0 is not None and drops1 is not None:
             result["backlog"]["access_log_entries_dropped"] = drops1 - drops0
     cpu1, calls1 = cpu_seconds(pid), command_calls(client)

@@ -24,6 +24,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import sidecar_gc
 from benchmarks.overhead_stack import BY_NAME, CONFIGS
 
 ORDER = [c.name for c in CONFIGS]  # the order, for the table
@@ -309,12 +310,7 @@ def gc_lines(configs: dict[str, Any]) -> list[str]:
             gc = (row.get(phase) or {}).get("gc")
             if gc is None:
                 continue
-            longest = gc["longest_ms_at_most"]
-            parts.append(
-                f"@ {phase}: {gc['collections']} collections ({gc['gen2_collections']} full),"
-                f" {gc['pause_ms']:.1f} ms in all"
-                + ("" if longest is None else f", the longest at most {longest:g} ms")
-            )
+            parts.append(f"@ {phase}: {sidecar_gc.describe(gc)}")
         if parts:
             lines.append(f"- {name}: " + "; ".join(parts))
     if not lines:

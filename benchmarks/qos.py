@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import demand_probe, device_log, qos_targets, report, usage_check
+from benchmarks import demand_probe, device_log, qos_targets, report, sidecar_gc, usage_check
 from benchmarks.loadgen import Record, RunResult
 from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo, stream_classes
 from benchmarks.policy import DEFAULT, MAX_IN_FLIGHT, tenant_quotas, write_policy
@@ -633,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                     for i, m in enumerate(mode.loads):
                         rate = m * capacity
                         before = sidecar_decisions(backend)
+                        admin = backend.sidecar_admin_url
+                        gc0 = sidecar_gc.totals(admin) if admin is not None else None
                         recs, per_seed, lags, drained, wall_s = [], [], [], 0.0, 0.0
                         seeds_run: list[tuple[RunResult, list[Record]]] = []
                         for k in range(seeds):  # each seed: the same seed for every system
@@ -666,6 +668,12 @@ def main(argv: list[str] | None = None) -> int:
                             wall_s += res.wall_s
                             all_rows += [(spec.name, f"{m:g}x", r) for r in res.records]
                         after = sidecar_decisions(backend)
+                        # The sidecar's own collector in the point: no decision while it runs.
+                        gc = (
+                            sidecar_gc.during(gc0, sidecar_gc.totals(admin))
+                            if gc0 is not None and admin is not None
+                            else None
+                        )
                         decisions = (
                             {k: v - before.get(k, 0.0) for k, v in after.items()}
                             if before is not None and after is not None
@@ -695,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
                             },
                             "drain_s": round(drained, 2),
                         }
+                        if gc is not None:
+                            stats["sidecar_gc"] = gc
                         if device is not None and not spec.gen.siloed:  # its own models
                             stats["device"] = device_log.point(
                                 read_batches(device), seeds_run, deadlines
@@ -715,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{o['shed_503']} lag p99 {res.lag_p99_ms:.1f} ms"
                             f" drain {drained:.1f}s"
                         )
+                        if gc is not None:
+                            log(f"{'':>20}       sidecar's collector: {sidecar_gc.describe(gc)}")
                         if "device" in stats:
                             log(f"{'':>20}       {device_log.describe(stats['device'])}")
                     g_m, note = report.goodput(

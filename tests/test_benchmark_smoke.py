@@ -123,6 +123,11 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
     assert gpu["triton_compute_s"] > 0, gpu
     assert abs(gpu["attributed_over_triton"] - 1.0) <= 0.05, gpu
     assert "gpu_seconds" not in results["systems"]["passthrough"]
+    # The sidecar's own collector in each point (a pause is time no decision is made).
+    for point in results["systems"]["sidecar-http"]["points"]:
+        gc = point["sidecar_gc"]
+        assert gc["collections"] >= gc["gen2_collections"] >= 0 and gc["pause_ms"] >= 0, gc
+    assert not any("sidecar_gc" in p for p in results["systems"]["passthrough"]["points"])
     assert any(line.startswith("TARGET gpu_seconds_attributed[sidecar-http]") for line in targets)
     assert "## Frontier" in table
     for png in ("violations_vs_load.png", "latency_cdf_2x.png", "frontier.png"):
