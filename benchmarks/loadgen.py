@@ -19,7 +19,7 @@ only stretch the run.
 Python's cyclic garbage collector is off while requests are timed (`collector_paused`). The
 generator runs in the benchmark's own process, which keeps every earlier point's records for
 the report: a full collection there walked 100,000-170,000 objects and stopped the loop for
-40-110 ms (2026-12-07, a quick run at 3x), sending nothing and reading no answer meanwhile.
+30-110 ms (2026-12-07, a quick run at 3x), sending nothing and reading no answer meanwhile.
 Against a 225 ms deadline that is a miss the generator made, and it fell mostly on the rows
 that run last. A run's garbage is collected when it ends.
 
