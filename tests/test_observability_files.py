@@ -107,6 +107,7 @@ def test_every_alert_links_to_its_section_of_the_runbook() -> None:
         "QosPolicyReloadFailed",
         "QosDegradedMode",
         "QosTenantShedRateHigh",
+        "QosClassObjectiveMissed",
         "QosDecisionLatencyHigh",
         "QosTritonSignalStale",
     }
