@@ -117,10 +117,16 @@ def test_over_rate_is_429_with_retry_after_and_other_tenants_unaffected(
     stack: LocalStack, mode: str
 ) -> None:
     url = stack.url(mode)
+    before = envoy_requests_to_triton(stack, mode, "total")
     first = [infer(url, api_key=f"k-rate-{mode}").status for _ in range(3)]
     assert first == [200, 200, 200]  # the burst
+    sent = envoy_requests_to_triton(stack, mode, "total")
+    assert sent == before + 3  # what Envoy forwarded
     over = infer(url, api_key=f"k-rate-{mode}")
     assert over.status == 429
+    # Refused before any of it went upstream: ext_proc decides a buffered request while its
+    # body comes and refuses it on the body's answer, which Envoy waits for before the headers.
+    assert envoy_requests_to_triton(stack, mode, "total") == sent
     body = over.json()
     assert body["reason"] == "over_rate" and body["tenant"] == f"rate-{mode}"
     assert body["limit"] == "requests"
@@ -569,10 +575,13 @@ def triton_pending(stack: LocalStack) -> float:
     return 0.0
 
 
-def envoy_requests_to_triton(stack: LocalStack, mode: str) -> float:
+def envoy_requests_to_triton(stack: LocalStack, mode: str, stat: str = "active") -> float:
+    """Envoy's `upstream_rq_<stat>` of the Triton cluster: the requests it has forwarded
+    and not yet seen end (active), or ever forwarded (total)."""
     import urllib.request
 
-    url = stack.envoys[mode].admin_url + "/stats?filter=^cluster.triton_http.upstream_rq_active$"
+    name = f"cluster.triton_http.upstream_rq_{stat}"
+    url = stack.envoys[mode].admin_url + f"/stats?filter=^{name}$"
     with urllib.request.urlopen(url, timeout=5) as response:
         return float(response.read().decode().split(":")[1])
 

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
@@ -107,8 +108,11 @@ def headers_message(
     path: str | None = INFER,
     end_of_stream: bool = False,
     principal: str | None = None,
+    buffered: bool = False,
 ) -> Any:
-    """A request_headers message as Envoy 1.40 sends it: every value in raw_value."""
+    """A request_headers message as Envoy 1.40 sends it: every value in raw_value; with
+    `buffered`, the first message's protocol_config of a filter that buffers the request body
+    (the shipped mode), without it that of an Envoy that does not say."""
     pairs = [(":method", method), *([(":path", path)] if path is not None else [])]
     pairs += [(":authority", "triton"), *headers.items()]
     message = ep.ProcessingRequest(
@@ -119,6 +123,8 @@ def headers_message(
             end_of_stream=end_of_stream,
         )
     )
+    if buffered:
+        message.protocol_config.request_body_mode = ProcessingMode.BUFFERED
     attributes = struct_pb2.Struct()
     if principal is not None:
         attributes.fields[PRINCIPAL_ATTRIBUTE].string_value = principal
@@ -680,6 +686,135 @@ def test_a_held_request_first_extends_envoys_message_timeout() -> None:
         await call.done_writing()
 
     run(service, body)
+
+
+# -- a buffered body: decided while it comes --------------------------------------------------
+
+
+def test_a_buffered_request_is_decided_while_its_body_comes() -> None:
+    """Envoy forwards nothing of a buffered request before the body's answer: its headers are
+    answered at once, while the store is still deciding, and the body's answer carries the
+    decision with the rewritten body."""
+    store = SlowStore()
+    service = make_service(store)
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        call = ext_proc.Process()
+        await call.write(headers_message(SEARCH_INTERACTIVE, buffered=True))
+        headers_answer = await asyncio.wait_for(call.read(), 5)
+        assert store.entered.is_set() and not store.go_on.is_set()  # still deciding
+        await call.write(body_message(b'{"inputs":[]}'))
+        store.go_on.set()
+        seen.extend([headers_answer, await asyncio.wait_for(call.read(), 5)])
+        assert await call.read() == grpc.aio.EOF
+        assert await service.store.in_flight("search", "interactive") == 1
+
+    run(service, body)
+    headers_answer, body_answer = seen
+    assert headers_answer.request_headers == ep.HeadersResponse()  # continue, nothing set
+    assert not headers_answer.HasField("dynamic_metadata")
+    common = body_answer.request_body.response
+    assert common.clear_route_cache
+    decided = set_headers(common.header_mutation)
+    assert decided["x-qos-tenant"] == "search"
+    assert decided["x-qos-priority"] == "1"
+    new_body = common.body_mutation.body
+    assert json.loads(new_body) == {"parameters": {"priority": 1}, "inputs": []}
+    assert decided["content-length"] == str(len(new_body))
+    assert lease_of(body_answer).startswith("v1.")
+
+
+def test_a_buffered_request_over_its_quota_is_refused_on_its_body() -> None:
+    service = make_service()
+    seen: list[Any] = []
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        for _ in range(6):  # analytics: burst 5
+            call = ext_proc.Process()
+            await call.write(headers_message({"x-api-key": "k-analytics"}, buffered=True))
+            assert (await call.read()).request_headers == ep.HeadersResponse()
+            await call.write(body_message(b"{}"))
+            seen.append(await call.read())
+            assert await call.read() == grpc.aio.EOF
+
+    run(service, body)
+    assert [a.WhichOneof("response") for a in seen] == ["request_body"] * 5 + ["immediate_response"]
+    assert seen[-1].immediate_response.status.code == 429
+    assert set_headers(seen[-1].immediate_response.headers)["x-qos-reason"] == "over_rate"
+    assert in_flight(service, "analytics", "batch") == 5  # the refused one took nothing
+
+
+def test_a_buffered_stream_ending_before_its_body_frees_what_it_took() -> None:
+    """The early decision admitted and the stream ends (client gone mid-upload, body over
+    Envoy's buffer limit): the lease is released at once; one still deciding is cancelled
+    and gives its slot back too."""
+    store = SlowStore()
+    service = make_service(store)
+
+    async def body(ext_proc: Any, _: Any) -> None:
+        await exchange(ext_proc, headers_message(SEARCH_INTERACTIVE, buffered=True))
+        store.go_on.set()  # the admit lands after the stream ended, or was cancelled first
+        await wait_until(lambda: _equals(service.store.in_flight("search", "interactive"), 0))
+        call = ext_proc.Process()  # now one whose admit is in before the end
+        await call.write(headers_message(SEARCH_INTERACTIVE, buffered=True))
+        await call.read()
+        await wait_until(lambda: _equals(service.store.in_flight("search", "interactive"), 1))
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        await wait_until(lambda: _equals(service.store.in_flight("search", "interactive"), 0))
+
+    run(service, body)
+    assert sample(service, "qos_completions_total", result="released") >= 1
+
+
+def test_a_hold_begun_before_the_body_extends_the_bodys_timeout() -> None:
+    """No message of Envoy's waits while the body comes, and Envoy takes an extension only for
+    the message it waits on: the extension goes out once the body is here, before the
+    decision it waits for."""
+    from tests.test_service_overload import Backend, policy_with_overload
+
+    backend = Backend(depth=6)  # between admit_below 4 and shed_above 40: deferred
+    service = AdmissionService(
+        policy_with_overload(max_wait_ms=2000),
+        MemoryQuotaStore(),
+        make_service().metrics,
+        load=backend.view,
+    )
+    written: list[Any] = []
+
+    class Context:
+        async def write(self, message: Any) -> None:
+            written.append(message)
+
+    async def envoy() -> Any:
+        headers = {"x-api-key": "k-search", "x-qos-class": "standard", **JSON}
+        yield headers_message(headers, buffered=True)
+        held = {"class": "standard"}
+        await wait_until(lambda: _resolved(sample(service, "qos_held_requests", **held) == 1))
+        assert [w.request_headers == ep.HeadersResponse() for w in written] == [True]
+        yield body_message(b'{"inputs":[]}')
+
+    async def scenario() -> None:
+        handler = asyncio.create_task(
+            ExternalProcessorServicer(service, lease_key=KEY).Process(envoy(), Context())  # type: ignore[arg-type]
+        )
+        await wait_until(lambda: _resolved(len(written) == 2))
+        assert written[1].WhichOneof("response") is None  # only the timeout extension
+        assert written[1].override_message_timeout.seconds == 2  # max_wait 2 s + 0.5 s margin
+        backend.depth = 0
+        assert service.deferrer is not None
+        service.deferrer.on_scrape()
+        await asyncio.wait_for(handler, 5)
+        assert written[2].WhichOneof("response") == "request_body"
+        decided = set_headers(written[2].request_body.response.header_mutation)
+        assert decided["x-qos-tenant"] == "search"
+
+    asyncio.run(scenario())
+
+
+async def _resolved(value: bool) -> bool:
+    return value
 
 
 # -- gRPC ModelInfer: the model is in the body -------------------------------------------------

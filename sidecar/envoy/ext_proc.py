@@ -15,6 +15,17 @@ has a body, the whole buffered body; each message waits for its answer:
     anything else    an empty answer of the same kind, so a wider processing mode cannot stall
                      a request (a request_body after the request's end included)
 
+Deciding while the body comes. When Envoy says (the first message's `protocol_config`, the
+mode in effect for this request, route overrides included) that it buffers the whole request
+body, it forwards nothing, headers included, until the body's answer: a header mutation in
+that answer must still apply. The sidecar then starts the decision at the headers and answers
+them at once with an empty continue; the body's answer carries the decision headers with the
+rewritten body, or the shed. The store's round trip runs while Envoy sends the body instead of
+before it. A hold that begins before the body is here extends the body's message timeout when
+it comes (no message of Envoy's waits for an answer before that). A refusal reaches the client
+once its body is in, not at its headers. Any other mode (or an Envoy before `protocol_config`)
+is decided on the headers, above: its headers may go upstream after their answer.
+
 Token accounting. A request to a model whose policy has `tokens` (and which has a body) is
 decided on its body instead, so that its cost can be estimated from the prompt and max tokens
 (core.tokens): the answer to its headers is empty but asks Envoy (mode_override; the filter
@@ -72,6 +83,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 
 from sidecar.core.compiled import CompiledPolicy
@@ -106,7 +118,7 @@ class Phase(enum.Enum):
     """Where one stream (one HTTP request) stands."""
 
     HEADERS = "headers"  # nothing seen yet: the first message must be request_headers
-    BODY_TO_DECIDE = "body_to_decide"  # headers answered empty: the body decides
+    BODY_TO_DECIDE = "body_to_decide"  # headers answered empty: the body decides (or waits)
     BODY = "body"  # admitted on the headers: a whole body gets the class's priority
     BODY_CHUNKS = "body_chunks"  # a chunk came without end_of_stream: the rest passes as is
     # Envoy has every answer it needs to forward the request: from here on only the access
@@ -168,6 +180,7 @@ def advance(phase: Phase, step: Step) -> Phase:
 
 log = logging.getLogger(__name__)
 API = "ext_proc"
+BUFFERED = ProcessingMode.BUFFERED  # the request body mode that lets the body answer decide
 # Envoy's clock starts before ours: extend the phase a little beyond the longest hold.
 HOLD_MARGIN_S = 0.5
 
@@ -233,6 +246,9 @@ class _Stream:
     request: _Request | None = None
     admitted: Decision | None = None
     usage: _Usage | None = None
+    early: asyncio.Task[Decision] | None = None  # started at the headers; the body waits on it
+    body_here: bool = False  # a message of Envoy's waits for the early decision's answer
+    hold_s: float | None = None  # an early hold begun before that: extend the body's timeout
 
 
 class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -261,6 +277,8 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
                 if step is Step.REFUSE or (step is Step.COMPLETE and stream.usage is None):
                     return
         finally:
+            if stream.early is not None:
+                await _end_early(stream.early, answered=stream.body_here)
             forwarded = stream.phase is Phase.FORWARDED
             await release_if_undelivered(self._service, stream.admitted, delivered=forwarded)
             if forwarded and stream.admitted is not None and stream.usage is not None:
@@ -303,6 +321,10 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         tokens = stream.request.tokens
         if body_follows and (tokens is not None or attrs.path == GRPC_MODEL_INFER_PATH):
             return wait_for_body(meter_response=tokens is not None), Step.WAIT_FOR_BODY
+        if body_follows and request.protocol_config.request_body_mode == BUFFERED:
+            # Decided while the body comes (module: Deciding while the body comes).
+            stream.early = asyncio.ensure_future(self._decide(stream, write, None))
+            return wait_for_body(meter_response=False), Step.WAIT_FOR_BODY
         decision = await self._decide(stream, write, None)
         answer = headers_response_for(decision, self._lease_key)
         if not decision.admitted:
@@ -319,6 +341,9 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
 
         async def extend_timeout(max_wait_s: float) -> None:
             # Held until Triton has room: tell Envoy not to give up on this phase.
+            if stream.early is not None and not stream.body_here:
+                stream.hold_s = max_wait_s  # no phase yet: the body's, when it comes
+                return
             await write(override_timeout(max_wait_s + HOLD_MARGIN_S))
 
         decision = await self._service.check(
@@ -348,7 +373,10 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if isinstance(estimated, Unreadable):  # tokens.unreadable: refuse (core.tokens.priced)
             refusal = self._service.tokens.refuse_unreadable(estimated, API)
             return headers_response_for(refusal), Step.REFUSE
-        decision = await self._decide(stream, write, estimated)
+        if stream.early is not None:
+            decision = await self._early_decision(stream, write)
+        else:
+            decision = await self._decide(stream, write, estimated)
         if request.tokens is not None:
             self._service.tokens.note_estimate(decision, estimated, _model(request))
         if not decision.admitted:
@@ -361,6 +389,16 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             stream.usage = _Usage(request.tokens, estimated, meter, model, admitted_s=admitted_s)
         rewrite, step = self._body_rewrite(stream, body)
         return body_response_for(rewrite, decision, self._lease_key, split=self._split), step
+
+    async def _early_decision(
+        self, stream: _Stream, write: Callable[[Any], Awaitable[None]]
+    ) -> Decision:
+        """The decision started at the headers, now that the body waits for it."""
+        assert stream.early is not None
+        stream.body_here = True
+        if stream.hold_s is not None and not stream.early.done():
+            await write(override_timeout(stream.hold_s + HOLD_MARGIN_S))
+        return await stream.early
 
     async def _settle(self, admitted: Decision, usage: _Usage) -> None:
         """Make the estimate good with the tokens the response generated (see the module)."""
@@ -396,6 +434,18 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         rewrite = rewrite_body(attrs.path, attrs.headers, body.body, priority, timeout_ms)
         self._service.metrics.priority_rewrites.labels(rewrite.result.value).inc()
         return rewrite, step
+
+
+async def _end_early(early: asyncio.Task[Decision], *, answered: bool) -> None:
+    """The stream ended: a decision still running is cancelled (the service gives back what
+    it took) and waited for, so that an admit it made is known before the release. A failure
+    the body's answer did not raise (`answered`: it did) is logged here."""
+    if not early.done():
+        early.cancel()
+        await asyncio.wait([early])
+    failed = None if early.cancelled() else early.exception()
+    if failed is not None and not answered:
+        log.error("decision of an ext_proc stream that ended first failed", exc_info=failed)
 
 
 def _model(request: _Request) -> str | None:
