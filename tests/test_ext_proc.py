@@ -753,7 +753,10 @@ def test_a_buffered_stream_ending_before_its_body_frees_what_it_took() -> None:
     service = make_service(store)
 
     async def body(ext_proc: Any, _: Any) -> None:
-        await exchange(ext_proc, headers_message(SEARCH_INTERACTIVE, buffered=True))
+        # Answered without the store (decided on the headers, this would wait for it).
+        await asyncio.wait_for(
+            exchange(ext_proc, headers_message(SEARCH_INTERACTIVE, buffered=True)), 5
+        )
         store.go_on.set()  # the admit lands after the stream ended, or was cancelled first
         await wait_until(lambda: _equals(service.store.in_flight("search", "interactive"), 0))
         call = ext_proc.Process()  # now one whose admit is in before the end
