@@ -659,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                                         quotas,
                                         mode.duration_s,
                                         capacity,
+                                        ends_s=mode.warmup_s + mode.duration_s,
                                     )
                                 )
                             )
@@ -690,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                             decisions=decisions,
                             decisions_window_s=wall_s,
                             lone_s=lambda r: model.lone_s(r.prompt_tokens, r.output_tokens, speed),
+                            ends_s=mode.warmup_s + mode.duration_s,
                         )
                         res = max(lags, key=lambda r: r.lag_p99_ms)
                         stats |= {

@@ -302,6 +302,7 @@ def _throughput_lines(
             f"{p['overall']['slo_met_over_c']:.2f} C{_spread(p, 'slo_met_over_c', '.2f')}"
             f" = {ratio:.2f} x {best}'s {base_points[best][1]:.2f} C"
         ) + _straddles(p, "slo_met_over_c", SLO_MET_SHARE_OF_BEST * base_points[best][1])
+        value += _in_point(p, baselines, m)
         lines.append(
             _line(f"slo_met_{tag}", value, ">= 0.9 x best baseline", ratio >= SLO_MET_SHARE_OF_BEST)
         )
@@ -310,6 +311,28 @@ def _throughput_lines(
         value = f"dominated by {', '.join(over)}" if over else "no baseline point dominates it"
         lines.append(_line(f"not_dominated_{tag}", value, "no baseline better on both", not over))
     return lines
+
+
+def _in_point(
+    point: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]], m: float
+) -> str:
+    """What of it ended within the point, against the baseline that ended most there: said
+    beside the judged value, which also counts what ended in the drain after the point's last
+    request (`report._met_by`). Empty when the run did not measure it."""
+    mine = point["overall"].get("slo_met_in_point_over_c")
+    theirs = {
+        name: value
+        for name, system in baselines.items()
+        if (p := _at(system, m)) is not None
+        and (value := p["overall"].get("slo_met_in_point_over_c"))
+    }
+    if mine is None or not theirs:
+        return ""
+    best = max(theirs, key=lambda name: theirs[name])
+    return (
+        f"; ended within the point {mine:.2f} C{_spread(point, 'slo_met_in_point_over_c', '.2f')}"
+        f" = {mine / theirs[best]:.2f} x {best}'s {theirs[best]:.2f} C"
+    )
 
 
 def knob_share(name: str) -> float | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from benchmarks.loadgen import Record
 from benchmarks.qos_targets import target_lines, wilson_interval_pct
-from benchmarks.report import class_stats, describe_last_over, met, recovery_s
-from benchmarks.workload import ClassSpec
+from benchmarks.report import class_stats, describe_last_over, met, point_stats, recovery_s
+from benchmarks.workload import ClassSpec, TenantSpec
 
 
 def record(latency: float, *, error: str = "", tpot: float | None = None) -> Record:
@@ -32,6 +32,24 @@ def sent(klass: str, at: float, status: int = 200, latency: float | None = 0.1) 
 
 
 CLASSES = {"interactive": ClassSpec("interactive", 0.2, 1), "batch": ClassSpec("batch", 10, 3)}
+
+
+def test_what_ended_after_the_points_last_request_is_met_but_not_within_the_point() -> None:
+    """A 10 s point that ends at 11.5 s (after a 1.5 s warm-up): a batch request sent at 11 s
+    and answered 6 s later met its 10 s deadline, but in the drain after the point; the
+    interactive request answered at 11.4 s ended within it; a late one counts in neither."""
+    records = [
+        sent("interactive", 11.0, latency=0.1),  # met, ends at 11.1 s: in the point
+        sent("interactive", 5.0, latency=0.3),  # late (deadline 0.2 s)
+        sent("batch", 11.0, latency=6.0),  # met, ends at 17 s: after the point
+        sent("batch", 3.0, latency=2.0),  # met, ends at 5 s: in the point
+    ]
+    tenants = [TenantSpec("t", 1.0, 1.0, ("interactive", "batch"))]
+    stats = point_stats(records, CLASSES, tenants, {}, 10.0, 1.0, ends_s=11.5)
+    assert stats["overall"]["slo_met_over_c"] == 0.3  # three met, over 10 s and C = 1
+    assert stats["overall"]["slo_met_in_point_over_c"] == 0.2  # two of them ended by 11.5 s
+    unmeasured = point_stats(records, CLASSES, tenants, {}, 10.0, 1.0)
+    assert unmeasured["overall"]["slo_met_in_point_over_c"] is None
 
 
 def test_recovery_says_which_class_held_it_back_and_how_it_missed() -> None:

@@ -64,6 +64,25 @@ def test_every_target_of_a_sidecar_system_is_judged_on_the_mean_with_its_spread(
     assert by_name["recovery_after_step[sidecar-http]"].endswith(" met")
 
 
+def test_the_throughput_line_says_what_ended_within_the_point_and_is_judged_as_before() -> None:
+    """Beside SLO-met, which counts what ended in the drain after the point too, the line gives
+    what ended within the point against the baseline that ended most there, which need not be
+    the one with the most SLO-met; the verdict stays on SLO-met."""
+    doc = results()
+    doc["systems"]["passthrough"] = {"points": [point(2.0, 90.0, 1.0)]}
+    in_point = {"triton-priority": 0.9, "passthrough": 1.2, "sidecar-http": 0.6}
+    for name, value in in_point.items():
+        doc["systems"][name]["points"][0]["overall"]["slo_met_in_point_over_c"] = value
+    seeds = doc["systems"]["sidecar-http"]["points"][0]["seeds"]
+    for seed, value in zip(seeds, (0.5, 0.7), strict=True):
+        seed["slo_met_in_point_over_c"] = value
+    line = next(x for x in target_lines(doc) if x.startswith("TARGET slo_met_2x[sidecar-http]"))
+    assert "; ended within the point 0.60 C, seeds 0.50-0.70 = 0.50 x passthrough's 1.20 C" in line
+    assert "0.94 x triton-priority's 1.70 C" in line and line.endswith(" met")
+    line3 = next(x for x in target_lines(doc) if x.startswith("TARGET slo_met_3x[sidecar-http]"))
+    assert "ended within the point" not in line3  # not measured at 3x in this document
+
+
 def test_a_point_is_dominated_only_by_one_at_least_as_good_on_both_axes() -> None:
     others = {"a": (1.0, 2.0), "b": (0.5, 1.0), "c": (2.0, 3.0), "same": (1.0, 1.5)}
     assert dominated_by((1.0, 1.5), others) == ["a"]
