@@ -9,9 +9,10 @@ is judged on runs of both versions made side by side, on the same seeds. For eac
 runs `python -m benchmarks.qos ARGS --seed S` once in the working tree (uncommitted changes
 included: try a change before committing it) and once in a temporary git worktree of
 `--base`, alternating which goes first, with the same interpreter. It then prints, for each
-sidecar system and load, both versions' interactive violation % and SLO-met / C per seed,
-their means, and the new-minus-base difference per seed: a claim needs differences that
-agree in sign, not one mean beside another. Where the runs had a step, each sidecar system's
+sidecar system and load, both versions' interactive violation % and SLO-met / C (and what of
+it ended within the point, where both versions report it) per seed, their means, and the
+new-minus-base difference per seed: a claim needs differences that agree in sign, not one
+mean beside another. Where the runs had a step, each sidecar system's
 recovery per seed too, and in how many pairs the new version came back sooner or later.
 
 Nothing here is a benchmark of its own: the numbers are `benchmarks.qos`'s, from each run's
@@ -36,23 +37,29 @@ ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ("new", "base")
 
 
-def headline(results: Mapping[str, Any]) -> dict[tuple[str, float], tuple[float, float]]:
-    """Each sidecar system's (interactive violation %, SLO-met / C) at each load of a run."""
-    found: dict[tuple[str, float], tuple[float, float]] = {}
+# Per system and load: interactive violation %, SLO-met / C, and what of it ended within the
+# point (None from a version whose report did not measure it: `report._met_by`).
+Headline = tuple[float, float, float | None]
+MEASURES = (("interactive viol", "%"), ("SLO-met", " C"), ("SLO-met ended in the point", " C"))
+
+
+def headline(results: Mapping[str, Any]) -> dict[tuple[str, float], Headline]:
+    """Each sidecar system's `Headline` at each load of a run."""
+    found: dict[tuple[str, float], Headline] = {}
     for name, system in results["systems"].items():
         if not name.startswith("sidecar"):
             continue
         for point in system["points"]:
             violation = point["classes"]["interactive"]["violation_pct"]
             met = point["overall"]["slo_met_over_c"] or 0.0
-            found[(name, float(point["m"]))] = (violation, met)
+            in_point = point["overall"].get("slo_met_in_point_over_c")
+            found[(name, float(point["m"]))] = (violation, met, in_point)
     return found
 
 
-def compare(
-    runs: Mapping[str, Mapping[int, Mapping[tuple[str, float], tuple[float, float]]]],
-) -> list[str]:
-    """The table of the module comment, one line per system, load and measure."""
+def compare(runs: Mapping[str, Mapping[int, Mapping[tuple[str, float], Headline]]]) -> list[str]:
+    """The table of the module comment, one line per system, load and measure (a measure one
+    of the versions did not report is left out)."""
     seeds = sorted(set(runs["new"]) & set(runs["base"]))
     keys = sorted(
         {k for seed in seeds for k in runs["new"][seed]}
@@ -60,9 +67,16 @@ def compare(
     )
     lines = []
     for system, m in keys:
-        for index, (label, unit) in enumerate((("interactive viol", "%"), ("SLO-met", " C"))):
-            new = [runs["new"][s][(system, m)][index] for s in seeds]
-            base = [runs["base"][s][(system, m)][index] for s in seeds]
+        for index, (label, unit) in enumerate(MEASURES):
+            got = [
+                (runs["new"][s][(system, m)][index], runs["base"][s][(system, m)][index])
+                for s in seeds
+            ]
+            pairs = [(a, b) for a, b in got if a is not None and b is not None]
+            if len(pairs) < len(got):
+                continue
+            new = [a for a, _ in pairs]
+            base = [b for _, b in pairs]
             diff = [a - b for a, b in zip(new, base, strict=True)]
             signs = {(d > 0) - (d < 0) for d in diff}
             agree = "all one sign" if len(signs) == 1 and 0 not in signs else "signs differ"

@@ -8,19 +8,18 @@ from typing import Any
 from benchmarks.ab import compare, compare_recovery, headline, recoveries
 
 
-def results(violation: float, met: float) -> dict[str, Any]:
-    point = {
-        "m": 2.0,
-        "classes": {"interactive": {"violation_pct": violation}},
-        "overall": {"slo_met_over_c": met},
-    }
+def results(violation: float, met: float, in_point: float | None = None) -> dict[str, Any]:
+    overall = {"slo_met_over_c": met}
+    if in_point is not None:  # a report from before bf52eae has no such key
+        overall["slo_met_in_point_over_c"] = in_point
+    point = {"m": 2.0, "classes": {"interactive": {"violation_pct": violation}}, "overall": overall}
     baseline = {"m": 2.0, "classes": {"interactive": {"violation_pct": 90.0}},
                 "overall": {"slo_met_over_c": 1.0}}  # fmt: skip
     return {"systems": {"sidecar-http": {"points": [point]}, "passthrough": {"points": [baseline]}}}
 
 
 def test_only_sidecar_systems_are_compared_seed_by_seed() -> None:
-    assert headline(results(2.0, 1.5)) == {("sidecar-http", 2.0): (2.0, 1.5)}
+    assert headline(results(2.0, 1.5)) == {("sidecar-http", 2.0): (2.0, 1.5, None)}
     runs = {
         "new": {3: headline(results(1.0, 1.6)), 5: headline(results(3.0, 1.7))},
         "base": {3: headline(results(2.0, 1.5)), 5: headline(results(2.5, 1.5)), 7: {}},
@@ -31,6 +30,21 @@ def test_only_sidecar_systems_are_compared_seed_by_seed() -> None:
         " (mean 2.25%) | new-base -1.00, +0.50 (mean -0.25, signs differ)"
     )
     assert met.endswith("| new-base +0.10, +0.20 (mean +0.15, all one sign)"), met
+
+
+def test_what_ended_within_the_point_is_compared_where_both_versions_report_it() -> None:
+    runs = {
+        "new": {3: headline(results(1.0, 1.6, 1.0)), 5: headline(results(1.0, 1.6, 1.1))},
+        "base": {3: headline(results(1.0, 1.5, 0.8)), 5: headline(results(1.0, 1.5, 0.9))},
+    }
+    *_, in_point = compare(runs)
+    assert in_point.startswith("sidecar-http 2x SLO-met ended in the point: new 1.00, 1.10")
+    assert in_point.endswith("| new-base +0.20, +0.20 (mean +0.20, all one sign)"), in_point
+    runs["base"][5] = headline(results(1.0, 1.5))  # that base run did not measure it
+    assert [line.split(":")[0] for line in compare(runs)] == [
+        "sidecar-http 2x interactive viol",
+        "sidecar-http 2x SLO-met",
+    ]
 
 
 def test_recovery_after_the_step_is_compared_pair_by_pair() -> None:
