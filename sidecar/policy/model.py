@@ -153,7 +153,9 @@ class OverloadPolicy:
         "latency they get against their objective (95% of each under latency: 45%, balanced: "
         "80%, throughput: 100% of it; where better classes' own load alone keeps them near "
         "their share, the cap stays at its floor and a class with a short max_wait_ms is "
-        "shed, which under latency can start at about capacity), raised while it holds this "
+        "shed, which under latency can start at about capacity, while one with a long "
+        "max_wait_ms waits, and under a sustained load its backlog grows until its holds "
+        "expire), raised while it holds this "
         "class back, cut when one comes close, never above a better protected class's cap "
         "while that binds; admit_below and shed_above grow with it above its floor. A "
         "model's own protect overrides the preset.",
