@@ -316,8 +316,15 @@ _PENDING = re.compile(r'^nv_inference_pending_request_count\{model="([^"]+)"[^}]
 
 
 def pending_requests(triton: TritonProcess) -> int:
-    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
-        text = response.read().decode()
+    """Requests waiting in Triton's queues, all models. When its metrics cannot be read and
+    Triton has exited, raises its exit status and the end of its log (`check_alive`) rather
+    than the refused connection, which says nothing of why."""
+    try:
+        with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:  # urllib's URLError included
+        triton.check_alive()
+        raise
     return sum(int(float(v)) for _, v in _PENDING.findall(text))
 
 
