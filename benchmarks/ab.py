@@ -12,8 +12,8 @@ included: try a change before committing it) and once in a temporary git worktre
 sidecar system and load, both versions' interactive violation % and SLO-met / C (and what of
 it ended within the point, where both versions report it) per seed, their means, and the
 new-minus-base difference per seed: a claim needs differences that agree in sign, not one
-mean beside another. Where the runs had a step, each sidecar system's
-recovery per seed too, and in how many pairs the new version came back sooner or later.
+mean beside another. Where the runs had a step, each sidecar system's recovery per seed too,
+and in how many pairs the new version came back sooner or later.
 
 Nothing here is a benchmark of its own: the numbers are `benchmarks.qos`'s, from each run's
 results.json, kept under `--out` (`new-S/`, `base-S/`).
