@@ -2,7 +2,7 @@
 
 The order is the pure `HoldQueues`: one queue per model (bands, tenant fairness with counters
 shared across the models, hybrid key); whether a model's head may go is the pure
-`core.admission.may_go`, on that model's signals. This module owns the futures the held Envoy calls
+`core.signals.may_go`, on that model's signals. This module owns the futures the held Envoy calls
 wait on, and what this replica knows of each model between two reads of the shared state
 (`model_signals`): the requests it let go since the last scrape (the scrape has not seen them
 yet), less the ones that ended since (each end is a batch's row done, so the queue moved on by
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from sidecar.core import lateness
-from sidecar.core.admission import HoldOutcome, may_go
+from sidecar.core.admission import HoldOutcome
 from sidecar.core.experience import CompletionTimings, SloResult, slo_result
 from sidecar.core.fleet import NOBODY, Elsewhere, backlogged, merge_summaries
 from sidecar.core.in_flight import InFlightCounts
@@ -34,7 +34,7 @@ from sidecar.core.lateness import Lateness
 from sidecar.core.load import LoadView
 from sidecar.core.protect import Protection, shares_for
 from sidecar.core.queue import HoldQueues, Waiter
-from sidecar.core.signals import ModelSignals, Signals, cap_of
+from sidecar.core.signals import ModelSignals, Signals, cap_of, may_go
 from sidecar.core.types import Decision, Reason
 from sidecar.core.upstream import UpstreamTimes
 from sidecar.policy.model import ClassPolicy, Policy

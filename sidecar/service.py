@@ -45,6 +45,7 @@ from sidecar.core.degraded import LocalSpend, degrade
 from sidecar.core.explain import Explanation, explain, with_trace
 from sidecar.core.holds import HoldBounds
 from sidecar.core.load import LoadView
+from sidecar.core.relegation import excess
 from sidecar.core.signals import QUOTA_ONLY, Signals
 from sidecar.core.tokens import TokenEstimate
 from sidecar.core.types import Decision, LeaseRef, QuotaCheck, QuotaResult, RequestAttributes
@@ -190,8 +191,15 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         result = await self._peek(chosen.check)
         if isinstance(step, QuotaFirst):
             step = admission.on_peek(step, result)
+        judged = planned
+        moved = None if isinstance(step, Answer) else excess(chosen, result, compiled.policy)
+        if moved is not None:  # core/relegation.py rule 2: judged again as its excess class
+            rejudged = admission.judge(moved, signals, compiled.policy)
+            judged = chosen = moved if isinstance(rejudged, Answer) else rejudged.admission
+            step = rejudged.shed if isinstance(rejudged, QuotaFirst) else rejudged
+            result = await self._peek(chosen.check)
         decision = step.decision if isinstance(step, Answer) else decide(chosen, result)
-        return explain(decision, chosen, admission.verdict_for(planned, signals), result)
+        return explain(decision, chosen, admission.verdict_for(judged, signals), result)
 
     async def release_undelivered(self, decision: Decision) -> None:
         """Give back the lease and the bucket charges of an admit that never reached Envoy
@@ -235,7 +243,9 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
             signals = self._signals(step.admission.model)  # the load now, for the room
             if self.deferrer is not None:
                 self.deferrer.at_room(step.admission.klass, step.admission.model, signals)
-            step = admission.on_quota(step, result, self.clock(), self.release_grace_s, signals)
+            step = admission.on_quota(
+                step, result, self.clock(), self.release_grace_s, signals, compiled.policy
+            )
         self.metrics.demand.offered(demand.offered_model(attrs, step))  # its first verdict: demand?
         if isinstance(step, Hold):
             step = await self._hold(step, compiled.policy, on_hold)

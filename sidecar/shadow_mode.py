@@ -138,7 +138,13 @@ class ShadowJudge:
         result = await service._acquire(step)
         if result is None:
             return None, deferred
-        answer = admission.on_quota(step, result, service.clock())
+        answer = admission.on_quota(step, result, service.clock(), 0.0, signals, written.policy)
+        if isinstance(answer, TakeQuota) and answer.release_deadline_s is None:  # excess class
+            deferred = answer.verdict.action is LoadAction.DEFER
+            result = await service._acquire(answer)
+            if result is None:
+                return None, deferred
+            answer = admission.on_quota(answer, result, service.clock())
         if isinstance(answer, Hold):
             return answer.decision, True
         if isinstance(answer, Answer):

@@ -20,13 +20,19 @@ from sidecar.core.admission import (
     LoadAction,
     TakeQuota,
     judge_load,
-    may_go,
 )
 from sidecar.core.compiled import compile_policy
 from sidecar.core.decide import Admission
 from sidecar.core.fleet import Elsewhere
 from sidecar.core.load import SignalState
-from sidecar.core.signals import QUOTA_ONLY, SIGNAL_READING, ModelSignals, Reader, Signals
+from sidecar.core.signals import (
+    QUOTA_ONLY,
+    SIGNAL_READING,
+    ModelSignals,
+    Reader,
+    Signals,
+    may_go,
+)
 from sidecar.core.types import LimitKind, QuotaResult, Reason, RequestAttributes
 from sidecar.policy.model import (
     ClassPolicy,

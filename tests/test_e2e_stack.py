@@ -78,6 +78,14 @@ def write_policy(directory: Path) -> Path:
                 f"prio-{mode}",
                 "    allowed_classes: [interactive, batch]\n    default_class: batch\n",
             ),
+            _tenant(
+                f"excess-{mode}",
+                "    allowed_classes: [interactive, batch]\n    default_class: interactive\n"
+                "    buckets:\n"
+                "      - {name: fast, unit: requests, rate: 0.01, burst: 2,"
+                " classes: [interactive], excess_class: batch}\n"
+                "      - {name: slow, unit: requests, rate: 0.01, burst: 2, classes: [batch]}\n",
+            ),
         ]
     (directory / "policy.yaml").write_text(
         "identity:\n  sources:\n    - {kind: api_key, header: x-api-key}\n    - {kind: principal}\n"
@@ -158,6 +166,31 @@ def test_over_rate_is_429_with_retry_after_and_other_tenants_unaffected(
     assert code == 2 and again.getvalue() == printed.getvalue()
     # Another tenant is not affected, even now.
     assert [infer(url, api_key=f"k-calm-{mode}").status for _ in range(5)] == [200] * 5
+
+
+def test_what_a_bucket_refuses_goes_as_its_excess_class_then_over_that_429(
+    stack: LocalStack, mode: str
+) -> None:
+    """A bucket with an excess_class: interactive within it, batch beyond it (charged to the
+    batch bucket, sent to Triton as batch), and 429 only once the batch bucket is empty too."""
+    url, tenant = stack.url(mode), f"excess-{mode}"
+
+    def admitted_as(klass: str, reason: str) -> float:
+        labels = {"tenant": tenant, "class": klass, "reason": reason}
+        return metric_value(stack.admin_url, "qos_decisions_total", **labels)
+
+    before = envoy_requests_to_triton(stack, mode, "total")
+    statuses = [infer(url, api_key=f"k-{tenant}").status for _ in range(5)]
+    assert statuses == [200, 200, 200, 200, 429]
+    assert envoy_requests_to_triton(stack, mode, "total") == before + 4
+    assert admitted_as("interactive", "admitted") == 2
+    assert admitted_as("batch", "admitted_relegated") == 2
+    over = infer(url, api_key=f"k-{tenant}")
+    body = over.json()
+    assert over.status == 429 and body["reason"] == "over_rate"
+    assert body["class"] == "batch" and body["limit"] == "slow"  # the bucket that refused last
+    assert any("bucket 'fast' empty; its excess goes as 'batch'" in s for s in body["trace"])
+    assert body["retry_after_ms"] > 0
 
 
 def test_concurrency_limit_sheds_and_slots_return_after_completion(

@@ -490,6 +490,22 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
         ],
     ),
     (
+        "excess_class.yaml",
+        [
+            "10: tenants.search.buckets[0].excess_class: undefined class 'gold' (defined: batch,"
+            " interactive, standard)",
+            "11: tenants.search.buckets[1].excess_class: this bucket covers 'batch' too (it lists"
+            " no classes), so a request moved there would be refused by it again; list the"
+            " classes it covers, without the excess class",
+            "12: tenants.search.buckets[2].excess_class: this bucket covers 'batch' too (it is in"
+            " its classes), so a request moved there would be refused by it again; list the"
+            " classes it covers, without the excess class",
+            "13: tenants.search.buckets[3].excess_class: excess_class 'standard' has rank 2, not"
+            " below class 'batch' (rank 3) that the bucket covers; what is over the bucket must"
+            " move to a less important class",
+        ],
+    ),
+    (
         "overload_rules.yaml",
         [
             "9: classes.interactive.overload.shed_above: shed_above (4) must be greater than"

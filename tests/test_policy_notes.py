@@ -51,6 +51,16 @@ def test_a_per_class_concurrency_limit_alone_bounds_only_its_class(tmp_path: Pat
     assert note.startswith("tenant 'acme', class 'interactive':")
 
 
+def test_an_excess_class_no_limit_bounds_is_named_though_not_allowed(tmp_path: Path) -> None:
+    """What is over the interactive bucket goes as standard, which no bucket covers: bounded
+    by the load alone, as a class the tenant may ask for would be."""
+    bucket = {**EXACT, "name": "i", "classes": ["interactive"], "excess_class": "standard"}
+    only = {"allowed_classes": ["interactive"], "default_class": "interactive"}
+    (note,) = unbounded(tmp_path, buckets=[bucket], **only)
+    assert note.startswith("tenant 'acme', class 'standard':")
+    assert unbounded(tmp_path, buckets=[bucket, STANDARD_ONLY], **only) == []
+
+
 def test_the_leased_notes_come_first_and_validate_prints_both(tmp_path: Path) -> None:
     path = write(tmp_path, buckets=[{**LEASED, "classes": ["standard"]}, STANDARD_ONLY])
     leased, open_class = policy_notes(load_policy([path]))

@@ -461,3 +461,31 @@ def test_the_ci_example_runs_validate_and_simulate_with_flags_that_exist(
     assert used and used <= known, used - known
     for guard in re.findall(r"--fail-if '([^']+)'", script):
         parse_guard(guard)
+
+
+EXCESS = """\
+identity:
+  sources: [{kind: api_key, header: x-api-key}]
+classes:
+  interactive: {rank: 1, latency_objective_ms: 200, max_wait_ms: 0, triton_priority: 1}
+  batch: {rank: 3, latency_objective_ms: 20000, max_wait_ms: 0, triton_priority: 3}
+tenants:
+  acme:
+    match: {api_key_sha256: [aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa]}
+    allowed_classes: [interactive]
+    default_class: interactive
+    buckets:
+    - {name: fast, unit: requests, rate: 0.01, burst: 2, classes: [interactive],
+       excess_class: batch}
+    - {name: slow, unit: requests, rate: 0.01, burst: 2, classes: [batch]}
+"""
+
+
+def test_what_a_bucket_refuses_is_replayed_in_its_excess_class(tmp_path: Path) -> None:
+    """The what-if runs the excess rule as the sidecar does: the burst of the interactive
+    bucket, then the batch bucket's as relegated, then 429."""
+    (tmp_path / "policy.yaml").write_text(EXCESS)
+    policy = load_policy([tmp_path])
+    arrivals = [Arrival(0.0, "acme", "interactive", "m") for _ in range(5)]
+    R, Q = Outcome.RELEGATED, Outcome.OVER_QUOTA
+    assert replay(arrivals, policy, IDLE_SERVER) == [A, A, R, R, Q]

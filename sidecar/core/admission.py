@@ -14,6 +14,8 @@ that I/O and feeds the result back; nothing here waits, calls the store or reads
     on_peek(quota_first, seen) -> Answer (429 over quota, else the load's 503)
     on_quota(take, result)     -> Answer (admitted, or refused by quota / store down)
                                 | Hold (admitted, but Triton has no room yet)
+                                | TakeQuota (again: a release may come, or the excess
+                                  class's quota; core/relegation.py rule 2)
     on_hold_end(hold, outcome) -> Answer (let go, relegated, not sheddable, or shed with
                                   everything given back)
 
@@ -35,9 +37,9 @@ its tenant nothing):
 - The model has ROOM for one more request of a class when its queue depth is below the class's
   `admit_below` and, if the class sets `max_in_flight`, fewer of the model's requests are in
   flight than that (the sidecars' own count, shared through the store; unknown when the store
-  never said, and then not applied). `has_room` is the one place this is tested: for a new
-  arrival and for the held request at the head of the queue alike. How the load signal is
-  read differs between the two, by `SIGNAL_READING` below.
+  never said, and then not applied). `core.signals.has_room` is the one place this is
+  tested: for a new arrival and for the held request at the head of the queue alike. How the
+  load signal is read differs between the two, by `SIGNAL_READING` below.
 - A new arrival with room, and nobody for its model of the same or a better band already
   waiting: admit. (Each model has its own hold queue; another model's waiters are not ahead.)
   Unless it is at or over its class's lateness limit (core/lateness.py): a sheddable class
@@ -58,6 +60,12 @@ its tenant nothing):
   A hold ends at its budget as it stood when the hold began.
 - No drain rate measured yet (a cold start): the wait cannot be predicted, so a class that may
   wait is deferred within its budget rather than shed on a guess.
+
+Excess rule (`on_quota`; core/relegation.py rule 2): a request refused by a bucket that names an
+`excess_class` is judged again as that class (the model rule, the load rules), as a new
+arrival relegated at once would be, and its quota is taken there; shed for load there, it is
+shed with 503. In `on_peek` (shed for load in its own class, the quota only looked at) such a
+bucket does not turn the 503 into a 429: the tenant's quota is not what refuses it.
 
 Hold rules (`on_hold_end`):
 - Let go (the model had room for the head of the queue): admitted as deferred.
@@ -86,26 +94,28 @@ from sidecar.core.decide import (
     decide,
     plan_request,
     refuse,
-    relegate,
     shed_overloaded,
 )
 from sidecar.core.load import SignalState
 from sidecar.core.pace import infeasibility
 from sidecar.core.record import record
+from sidecar.core.relegation import excess, excess_bucket, relegate
 from sidecar.core.signals import (
     NO_CAPS,
     NO_UPSTREAM,
     QUOTA_ONLY_VERDICT,
     LoadAction,
     LoadVerdict,
-    ModelSignals,
     Reader,
     Signals,
     cap_of,
     depth_read,
     effective_overload,
+    has_room,
     held_budget,
     hold_budget,
+    over_cap,
+    reserve,
 )
 from sidecar.core.types import (
     BucketCheck,
@@ -117,45 +127,6 @@ from sidecar.core.types import (
     RequestAttributes,
 )
 from sidecar.policy.model import ClassPolicy, Infeasible, OverloadPolicy, Policy
-
-# -- Room ---------------------------------------------------------------------------------------
-
-
-def over_cap(cap: int | None, in_flight: int | None) -> int:
-    """How many of the model's requests in flight are at or over the class's cap (0: under)."""
-    if cap is None or in_flight is None:
-        return 0
-    return max(0, in_flight - cap + 1)
-
-
-def has_room(
-    overload: OverloadPolicy, depth: int | None, in_flight: int | None, cap: int | None
-) -> bool:
-    """THE test of "may one more request of this class go to Triton now"."""
-    return depth is not None and depth < overload.admit_below and over_cap(cap, in_flight) == 0
-
-
-def _reserve(
-    depth: int | None, in_flight: int | None, reserved: int
-) -> tuple[int | None, int | None]:
-    """Depth and in-flight count with `reserved` requests (other replicas' waiters that go
-    first: `core.fleet`) counted as already sent."""
-    return (
-        None if depth is None else depth + reserved,
-        None if in_flight is None else in_flight + reserved,
-    )
-
-
-def may_go(klass: ClassPolicy | None, model: ModelSignals, reserved: int = 0) -> bool:
-    """May the held request at the head of the queue go to Triton now? `reserved`: waiters on
-    other replicas that go before it."""
-    overload = effective_overload(klass, model.caps) if klass is not None else None
-    if klass is None or overload is None:
-        return True
-    depth, _ = depth_read(overload, model.state, model.queue_depth, Reader.HEAD)
-    cap = cap_of(klass, model.caps)
-    return has_room(overload, *_reserve(depth, model.in_flight, reserved), cap)
-
 
 # -- The load verdict ---------------------------------------------------------------------------
 
@@ -187,7 +158,7 @@ def judge_load(
         return LoadVerdict(LoadAction.ADMIT, 0.0, "no overload policy: quota only")
     can_relegate = klass.relegate_to is not None and not relegated
     read, seen = depth_read(overload, state, queue_depth, Reader.ARRIVAL)
-    depth, in_flight = _reserve(read or 0, in_flight, reserved)  # an arrival reads a number
+    depth, in_flight = reserve(read or 0, in_flight, reserved)  # an arrival reads a number
     depth = depth or 0
     cap = cap_of(klass, caps)
     seen = _seen(seen, overload, cap, in_flight, reserved)
@@ -421,9 +392,10 @@ class QuotaFirst:
 
 def on_peek(step: QuotaFirst, result: QuotaResult | None) -> Answer:
     """The quota as it stands (None: the store cannot say): the quota's refusal, else the
-    load's."""
-    if result is not None and not result.allowed:
-        return Answer(decide(step.admission, result))
+    load's (also where the refusing bucket would move it to its excess class)."""
+    admission = step.admission
+    if result is not None and not result.allowed and excess_bucket(admission, result) is None:
+        return Answer(decide(admission, result))
     return step.shed
 
 
@@ -436,6 +408,7 @@ def on_quota(
     now_s: float,
     release_grace_s: float = 0.0,
     signals: Signals | None = None,
+    policy: Policy | None = None,
 ) -> TakeQuota | Hold | Answer:
     """The store's answer (None: unreachable; the class's fail mode decides). Refused for
     concurrency: for up to `release_grace_s` from the first refusal, wait for a release that
@@ -445,7 +418,10 @@ def on_quota(
     Admitted by quota and judged to go at once: the room is judged again on `signals`, the
     load as the answer comes back. Others went meanwhile (a held request let go, arrivals
     judged at the same moment): with no room left it is held like a deferred request,
-    instead of going over `max_in_flight`."""
+    instead of going over `max_in_flight`.
+
+    Refused by a bucket with an excess class, given `signals` and `policy`: the excess rule
+    (module comment), a new TakeQuota (or the load's answer) for that class."""
     if result is not None and result.denied_by in CONCURRENCY_LIMITS and release_grace_s > 0:
         if take.release_deadline_s is None:
             why = f"over concurrency: waits up to {release_grace_s:g}s for a release"
@@ -454,6 +430,11 @@ def on_quota(
         if now_s < take.release_deadline_s:
             return take
     admission = take.admission
+    if policy is not None and signals is not None:
+        moved = excess(admission, result, policy)
+        if moved is not None:  # the excess rule
+            rejudged = judge(moved, signals, policy)
+            return rejudged.shed if isinstance(rejudged, QuotaFirst) else rejudged
     decision = decide(admission, result)
     if not decision.admitted or result is None:
         return Answer(decision)

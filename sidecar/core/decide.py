@@ -13,6 +13,7 @@ Rules, in the order they are applied:
    checked and taken together by the store, atomically (see `QuotaCheck`). A denial is 429 with
    a Retry-After taken from when the bucket will hold enough tokens; concurrency denials use
    the class's `concurrency_retry_after_ms`.
+   A bucket with an `excess_class` moves what it refuses there instead (core/relegation.py).
 4. Store unavailable. The class's `on_state_error` decides: `open` admits without a lease
    (counted), `closed` sheds with 503.
 Every shed carries `retry-after` (429 and 503) and a JSON body saying why. Every admit carries
@@ -27,7 +28,6 @@ import math
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import replace
 
 from sidecar.core.client_wait import client_wait_s
 from sidecar.core.compiled import CompiledPolicy, bucket_checks
@@ -273,30 +273,6 @@ def decide(admission: Admission, result: QuotaResult | None) -> Decision:
         trace,
         retry_after_s=retry_after_s,
         detail=result.denied_bucket,
-    )
-
-
-def relegate(admission: Admission, policy: Policy, why: str, *, requota: bool) -> Admission:
-    """The same request in its class's `relegate_to` class (which the loader checked exists).
-
-    With `requota` (before any quota is taken) the quota check moves to the new class too;
-    without it (quota already taken under the old class) the check, and so the lease, stay.
-    """
-    target = policy.classes[admission.klass.relegate_to or admission.klass.name]
-    check = admission.check
-    if requota:
-        tenant, cost, counts = admission.tenant, admission.cost, check.count_model_now
-        moved = quota_check(tenant, target, cost, policy, check.model, check.lease_id)
-        check = replace(moved, model_pod=check.model_pod, count_model_now=counts)  # same count
-    return replace(
-        admission,
-        klass=target,
-        check=check,
-        relegated=True,
-        trace=(
-            *admission.trace,
-            f"{why}; relegated from {admission.klass.name!r} to {target.name!r}",
-        ),
     )
 
 

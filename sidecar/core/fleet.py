@@ -26,7 +26,7 @@ The rules, for a request of band `rank` and tenant `t` on this replica:
   of seconds it would never have had.) `t`'s own waiters elsewhere tie with it. The work per
   waiter is the tenant's mean as this replica saw it (`Fairness.work_of`), 1 if never seen.
 - Room that those waiters ahead would take is RESERVED for them: the request may go only if
-  the model has room once they are counted as already in flight (`admission.has_room`).
+  the model has room once they are counted as already in flight (`signals.has_room`).
 - What another replica holds is known as of its last exchange (one refresh interval). A
   waiter it let go since is still reserved for until then: room stays idle for at most one
   interval, never given to a request that should wait.

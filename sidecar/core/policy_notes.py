@@ -14,7 +14,9 @@ Rules:
    tenant whose bucket left interactive out sent 0.47 C of it, within every rule, and the
    lower classes of every tenant made room (benchmarks/README.md, "A noisy tenant that is
    over its quota"). Often what was meant, so a note, not an error; a tenant with no limit
-   at all is unlimited on purpose and gets none.
+   at all is unlimited on purpose and gets none. A bucket's `excess_class` is a class the
+   tenant uses too (core/relegation.py): unbounded there, what is over the bucket is bounded
+   by the load alone.
 3. Judged on the policy as enforced (`core.shadow`: shadow rules out), which is what
    decides.
 
@@ -49,9 +51,10 @@ def _unbounded(tenant: TenantPolicy) -> list[str]:
         return []
     if not tenant.buckets and not tenant.max_concurrency_per_class:
         return []  # no limit at all: unlimited on purpose
+    excess = {b.excess_class for b in tenant.buckets if b.excess_class is not None}
     return [
         klass
-        for klass in sorted(tenant.allowed_classes)
+        for klass in sorted(tenant.allowed_classes | excess)
         if klass not in tenant.max_concurrency_per_class
         and not any(b.covers(klass) for b in tenant.buckets)
     ]

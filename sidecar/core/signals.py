@@ -244,3 +244,42 @@ def effective_overload(klass: ClassPolicy, caps: Mapping[str, int | None]) -> Ov
         admit_below=max(overload.admit_below, round(overload.admit_below * scale)),
         shed_above=None if shed is None else max(shed, round(shed * scale)),
     )
+
+
+# -- Room ---------------------------------------------------------------------------------------
+
+
+def over_cap(cap: int | None, in_flight: int | None) -> int:
+    """How many of the model's requests in flight are at or over the class's cap (0: under)."""
+    if cap is None or in_flight is None:
+        return 0
+    return max(0, in_flight - cap + 1)
+
+
+def has_room(
+    overload: OverloadPolicy, depth: int | None, in_flight: int | None, cap: int | None
+) -> bool:
+    """THE test of "may one more request of this class go to Triton now"."""
+    return depth is not None and depth < overload.admit_below and over_cap(cap, in_flight) == 0
+
+
+def reserve(
+    depth: int | None, in_flight: int | None, reserved: int
+) -> tuple[int | None, int | None]:
+    """Depth and in-flight count with `reserved` requests (other replicas' waiters that go
+    first: `core.fleet`) counted as already sent."""
+    return (
+        None if depth is None else depth + reserved,
+        None if in_flight is None else in_flight + reserved,
+    )
+
+
+def may_go(klass: ClassPolicy | None, model: ModelSignals, reserved: int = 0) -> bool:
+    """May the held request at the head of the queue go to Triton now? `reserved`: waiters on
+    other replicas that go before it."""
+    overload = effective_overload(klass, model.caps) if klass is not None else None
+    if klass is None or overload is None:
+        return True
+    depth, _ = depth_read(overload, model.state, model.queue_depth, Reader.HEAD)
+    cap = cap_of(klass, model.caps)
+    return has_room(overload, *reserve(depth, model.in_flight, reserved), cap)

@@ -7,7 +7,9 @@ Rules:
 - Checks here are the ones a single file's walk cannot make: references to classes and
   tenants, relegation going down, `shed_above` above `admit_below`, one tenant per API key,
   principal and header value, bucket names unique within a tenant, cost buckets that can hold
-  one request of the costliest model, a model's protect preset with a class it applies to.
+  one request of the costliest model, a model's protect preset with a class it applies to, a
+  bucket's excess class below every class the bucket covers and not among them (another
+  bucket of the tenant may cover it, though the tenant may not ask for it).
 - `build` runs only when no file had a problem, so every required key is there.
 """
 
@@ -214,13 +216,49 @@ class Merged:
             reason = self._class_problem(name, allowed)
             if reason is not None:
                 tenant.problem(("max_concurrency_per_class", name), reason)
+        buckets = [b for b in tenant.data.get("buckets") or () if isinstance(b, dict)]
+        # A bucket may cover a class its siblings' excess goes to, which the tenant does not ask.
+        excess = [b["excess_class"] for b in buckets if isinstance(b.get("excess_class"), str)]
+        uses = None if allowed is None else allowed + [c for c in excess if c not in allowed]
         for index, bucket in enumerate(tenant.data.get("buckets") or ()):
             if not isinstance(bucket, dict):
                 continue
             for position, name in enumerate(bucket.get("classes") or ()):
-                reason = None if name is None else self._class_problem(name, allowed)
+                reason = None if name is None else self._class_problem(name, uses)
                 if reason is not None:
                     tenant.problem(("buckets", index, "classes", position), reason)
+            if bucket.get("excess_class") is not None:
+                self._check_excess(tenant, index, bucket)
+
+    def _check_excess(self, tenant: Definition, index: int, bucket: dict[str, Any]) -> None:
+        """A bucket's `excess_class` moves what it has no room for down, once: to a class that
+        exists, that the bucket does not cover (it would refuse it again), below every class
+        it covers (else it would be a promotion)."""
+        excess, loc = bucket["excess_class"], ("buckets", index, "excess_class")
+        if excess not in self.classes:
+            tenant.problem(loc, f"undefined class {excess!r} (defined: {_names(self.classes)})")
+            return
+        covered = [c for c in bucket.get("classes") or () if c is not None]
+        if not covered or excess in covered:
+            tenant.problem(
+                loc,
+                f"this bucket covers {excess!r} too ("
+                + ("it lists no classes" if not covered else "it is in its classes")
+                + "), so a request moved there would be refused by it again; list the classes "
+                "it covers, without the excess class",
+            )
+            return
+        low = self.classes[excess].get("rank", _CLASS)
+        for name in covered:
+            rank = self.classes[name].get("rank", _CLASS) if name in self.classes else None
+            if rank is not None and low is not None and low <= rank:
+                tenant.problem(
+                    loc,
+                    f"excess_class {excess!r} has rank {low}, not below class {name!r} "
+                    f"(rank {rank}) that the bucket covers; what is over the bucket must move "
+                    "to a less important class",
+                )
+                return
 
     def _max_model_cost(self) -> tuple[float, str | None]:
         """The most one request can cost, and the model that costs it (None: the default 1)."""

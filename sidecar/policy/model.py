@@ -254,7 +254,17 @@ def _bucket_from_yaml(kwargs: dict[str, Any]) -> None:
     extra={
         "per": Field(Choice(tuple(PER_SECONDS)), description="The rate's period.", default="second")
     },
-    key_order=("name", "unit", "rate", "per", "burst", "classes", "lease_ms", "enforce"),
+    key_order=(
+        "name",
+        "unit",
+        "rate",
+        "per",
+        "burst",
+        "classes",
+        "excess_class",
+        "lease_ms",
+        "enforce",
+    ),
     adapt=_bucket_from_yaml,
 )
 class BucketPolicy:
@@ -280,6 +290,18 @@ class BucketPolicy:
         "may use that none of its buckets covers and no concurrency limit bounds is bounded "
         "by the load alone: `qos-sidecar validate` notes it.",
         default=frozenset(),
+    )
+    excess_class: str | None = setting(
+        NAME,
+        "A request this bucket has no room for is served in this class instead of refused "
+        "with 429: once, with the class's own buckets, limits, priority and load rules, as a "
+        "relegated request is. A tenant's work within the bucket keeps its class, and what it "
+        "sends beyond it competes as the excess class, not ahead of other tenants' work "
+        "(for example interactive within an entitlement, batch beyond it). The bucket must "
+        "list its classes, each more important than the excess class, which it must not "
+        "cover; another bucket of the tenant may cover the excess class, even one the tenant "
+        "may not ask for.",
+        default=None,
     )
     lease_ms: int = setting(
         Int(minimum=0),

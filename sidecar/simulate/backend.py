@@ -1,4 +1,4 @@
-"""A model server in virtual time: the load signals `core.admission.judge` and `may_go` read.
+"""A model server in virtual time: the load signals `admission.judge` and `signals.may_go` read.
 
 Rules:
 - A request sent to the model takes at least `service_s` (its time alone on the server) and

@@ -50,7 +50,7 @@ from sidecar.core.decide import refuse_unreadable
 from sidecar.core.kserve import Unreadable
 from sidecar.core.queue import HoldQueues, Waiter
 from sidecar.core.shadow import compile_with_shadow
-from sidecar.core.signals import Signals
+from sidecar.core.signals import Signals, may_go
 from sidecar.core.types import Decision, Reason, RequestAttributes
 from sidecar.policy.model import IdentitySource, IdentitySourceKind, Policy, TokenPolicy
 from sidecar.simulate.backend import ModelServer, ServerModel
@@ -243,8 +243,11 @@ class Replay:
     def _take(self, index: int, take: TakeQuota, model: str, now: float) -> None:
         """The store's answer, then a hold, an answer, or a wait for a release (`on_quota`)."""
         result = self.quota.acquire(take.admission.check, now)
-        step = admission.on_quota(take, result, now, self.release_grace_s, self.signals(model, now))
-        if isinstance(step, TakeQuota):
+        signals = self.signals(model, now)
+        step = admission.on_quota(take, result, now, self.release_grace_s, signals, self.policy)
+        if isinstance(step, TakeQuota) and step.release_deadline_s is None:  # its excess class
+            self._take(index, step, model, now)
+        elif isinstance(step, TakeQuota):
             wait_id = next(self._ids)
             self._waits[wait_id] = (step, index, model)
             self._waits_of.setdefault(step.admission.tenant.name, deque()).append(wait_id)
@@ -304,7 +307,7 @@ class Replay:
             queue = self.queues.queue(model)
             while queue is not None and (waiter := queue.peek()) is not None:
                 klass = self.policy.classes.get(waiter.klass)
-                if not admission.may_go(klass, self._server(model).signals()):
+                if not may_go(klass, self._server(model).signals()):
                     break
                 self.queues.pop(model, now)
                 hold, index = self._holds.pop(waiter.waiter_id)
