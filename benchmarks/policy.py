@@ -87,6 +87,13 @@ MAX_IN_FLIGHT = 0.375
 # (sidecar/core/holds.py: 29.5 s on ext_authz and on ext_proc), so the policy states the
 # intent and needs no cap of its own.
 MAX_WAIT_SHARE = {"interactive": 0.4, "standard": 0.3, "batch": 1.0}
+# --interactive-quota: what bounds a tenant's interactive requests in the sidecar variants.
+#   none    - nothing of the tenant's own (its bucket covers its other classes): the load alone
+#   refuse  - a bucket of its own for interactive, at the tenant's rate: 429 beyond it
+#   excess  - the same bucket with the least important class as its excess_class: beyond it,
+#             interactive requests are served as that class, charged to the tenant's other
+#             bucket (sidecar/core/relegation.py)
+INTERACTIVE_QUOTAS = ("none", "refuse", "excess")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,7 @@ def write_policy(
     preset_floor: float = 0.0,
     model: str | None = None,
     infeasible: str = "admit",
+    interactive_quota: str = "none",
 ) -> Path:
     share = share_of(variant)
     if variant not in POLICY_VARIANTS and share is None:
@@ -146,23 +154,30 @@ def write_policy(
         "tenants": {},
     }
     tenant_docs: dict[str, object] = {}
+    least = max(classes.values(), key=lambda c: c.priority).name
     for t in tenants:
         rate = float(t.quota_weight * capacity_rps * oversubscription)
+        bucket = {
+            "name": "requests",
+            "unit": "requests",
+            "rate": round(rate, 3),
+            "per": "second",
+            "burst": max(3.0, round(rate * burst_s, 3)),
+        }
+        scope = _bucket_scope(t, variant)
+        buckets = [bucket | scope]
+        if scope and interactive_quota != "none":  # the tenant sends interactive and more
+            own = bucket | {"name": "interactive", "classes": ["interactive"]}
+            if interactive_quota == "excess":
+                own["excess_class"] = least
+                buckets[0]["classes"] = sorted({*scope["classes"], least})  # charged there
+            buckets.append(own)
         tenant_docs[t.name] = {
             "match": {"api_key_sha256": [t.api_key_sha256]},
             "allowed_classes": list(t.classes),
             "default_class": t.classes[0],
             "on_disallowed_class": "reject",
-            "buckets": [
-                {
-                    "name": "requests",
-                    "unit": "requests",
-                    "rate": round(rate, 3),
-                    "per": "second",
-                    "burst": max(3.0, round(rate * burst_s, 3)),
-                    **_bucket_scope(t, variant),
-                }
-            ],
+            "buckets": buckets,
         }
     doc["tenants"] = tenant_docs
     if model is not None and infeasible != "admit" and variant != "quota":
@@ -179,7 +194,7 @@ def write_policy(
     return directory
 
 
-def _bucket_scope(t: TenantSpec, variant: str) -> dict[str, object]:
+def _bucket_scope(t: TenantSpec, variant: str) -> dict[str, list[str]]:
     """With backend-aware admission, the tenant's request budget covers its non-interactive
     classes only: interactive traffic is governed by Triton's load (deferral, priority) and
     the noisy tenant's batch work can no longer use up its own interactive requests' quota."""

@@ -39,7 +39,13 @@ import numpy as np
 from benchmarks import demand_probe, device_log, qos_targets, report, sidecar_gc, usage_check
 from benchmarks.loadgen import Record, RunResult
 from benchmarks.models import MODELS, ModelKind, default_model, make_model_repo, stream_classes
-from benchmarks.policy import DEFAULT, MAX_IN_FLIGHT, tenant_quotas, write_policy
+from benchmarks.policy import (
+    DEFAULT,
+    INTERACTIVE_QUOTAS,
+    MAX_IN_FLIGHT,
+    tenant_quotas,
+    write_policy,
+)
 from benchmarks.runner import (
     SYSTEMS,
     SYSTEMS_BY_NAME,
@@ -460,6 +466,14 @@ def main(argv: list[str] | None = None) -> int:
         "requests that would miss anyway are refused, and they stop holding batches)",
     )
     parser.add_argument(
+        "--interactive-quota",
+        choices=INTERACTIVE_QUOTAS,
+        default="none",
+        help="what bounds a tenant's interactive requests in the sidecar rows: none (its "
+        "bucket covers its other classes only), refuse (a bucket of its own at the tenant's "
+        "rate, 429 beyond it), excess (the same bucket, served as batch beyond it)",
+    )
+    parser.add_argument(
         "--preset-floor",
         type=float,
         default=0.0,
@@ -613,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                         preset_floor=args.preset_floor,
                         model=model.name if model.llm_like else None,
                         infeasible=args.infeasible,
+                        interactive_quota=args.interactive_quota,
                     )
                 policy_dir = backend.policy_dirs[DEFAULT]
             quotas = tenant_quotas(policy_dir, config.tenants)
