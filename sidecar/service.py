@@ -45,7 +45,6 @@ from sidecar.core.degraded import LocalSpend, degrade
 from sidecar.core.explain import Explanation, explain, with_trace
 from sidecar.core.holds import HoldBounds
 from sidecar.core.load import LoadView
-from sidecar.core.relegation import excess
 from sidecar.core.signals import QUOTA_ONLY, Signals
 from sidecar.core.tokens import TokenEstimate
 from sidecar.core.types import Decision, LeaseRef, QuotaCheck, QuotaResult, RequestAttributes
@@ -192,12 +191,14 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
         if isinstance(step, QuotaFirst):
             step = admission.on_peek(step, result)
         judged = planned
-        moved = None if isinstance(step, Answer) else excess(chosen, result, compiled.policy)
-        if moved is not None:  # core/relegation.py rule 2: judged again as its excess class
-            rejudged = admission.judge(moved, signals, compiled.policy)
-            judged = chosen = moved if isinstance(rejudged, Answer) else rejudged.admission
-            step = rejudged.shed if isinstance(rejudged, QuotaFirst) else rejudged
-            result = await self._peek(chosen.check)
+        if not isinstance(step, Answer):  # refused by a bucket with an excess class?
+            moved = admission.on_excess(chosen, result, signals, compiled.policy)
+            if isinstance(moved, TakeQuota):
+                step = moved
+                judged = chosen = moved.admission
+                result = await self._peek(chosen.check)
+            elif moved is not None:
+                step = moved
         decision = step.decision if isinstance(step, Answer) else decide(chosen, result)
         return explain(decision, chosen, admission.verdict_for(judged, signals), result)
 

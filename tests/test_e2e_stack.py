@@ -191,6 +191,9 @@ def test_what_a_bucket_refuses_goes_as_its_excess_class_then_over_that_429(
     assert body["class"] == "batch" and body["limit"] == "slow"  # the bucket that refused last
     assert any("bucket 'fast' empty; its excess goes as 'batch'" in s for s in body["trace"])
     assert body["retry_after_ms"] > 0
+    # Explain runs the same rule: over both buckets, refused by the batch one.
+    why = explain(stack.admin_url, f"k-{tenant}")
+    assert why["reason"] == "over_rate" and why["class"] == "batch", why
 
 
 def test_concurrency_limit_sheds_and_slots_return_after_completion(

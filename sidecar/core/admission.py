@@ -402,6 +402,19 @@ def on_peek(step: QuotaFirst, result: QuotaResult | None) -> Answer:
 CONCURRENCY_LIMITS = (LimitKind.CONCURRENCY, LimitKind.CLASS_CONCURRENCY)
 
 
+def on_excess(
+    admission: Admission, result: QuotaResult | None, signals: Signals, policy: Policy
+) -> TakeQuota | Answer | None:
+    """The excess rule (module comment): refused by a bucket with an excess class, the request
+    judged again as that class, its quota to take there, or the load's answer there; None
+    where the rule does not apply."""
+    moved = excess(admission, result, policy)
+    if moved is None:
+        return None
+    rejudged = judge(moved, signals, policy)
+    return rejudged.shed if isinstance(rejudged, QuotaFirst) else rejudged
+
+
 def on_quota(
     take: TakeQuota,
     result: QuotaResult | None,
@@ -431,10 +444,9 @@ def on_quota(
             return take
     admission = take.admission
     if policy is not None and signals is not None:
-        moved = excess(admission, result, policy)
-        if moved is not None:  # the excess rule
-            rejudged = judge(moved, signals, policy)
-            return rejudged.shed if isinstance(rejudged, QuotaFirst) else rejudged
+        moved = on_excess(admission, result, signals, policy)
+        if moved is not None:
+            return moved
     decision = decide(admission, result)
     if not decision.admitted or result is None:
         return Answer(decision)
