@@ -207,3 +207,17 @@ def test_the_noisy_tenant_line_says_whether_the_noisy_tenant_was_over_its_quota_
     points[1]["tenants"]["noisy"]["shed_429"] = 160
     line = next(x for x in target_lines(doc) if x.startswith("TARGET noisy_tenant"))
     assert "at 3x; the noisy tenant got 160 of 400 answered 429 there (<= 1%) met" in line
+
+
+def test_a_baseline_that_met_nothing_is_beaten_by_any_throughput_not_divided_by() -> None:
+    """At 3x on the interactive-heavy mix every request through triton-priority timed out: its
+    SLO-met is 0, and judging against it divided by zero."""
+    doc = results()
+    doc["systems"]["triton-priority"]["points"][1] = point(3.0, 100.0, 0.0)
+    doc["systems"]["sidecar-http-latency"] = {
+        "points": [point(2.0, 0.5, 1.2), point(3.0, 4.0, 0.0)]
+    }
+    lines = {line.split(":")[0].removeprefix("TARGET "): line for line in target_lines(doc)}
+    assert "1.50 C = above triton-priority's 0.00 C" in lines["slo_met_3x[sidecar-http]"]
+    assert lines["slo_met_3x[sidecar-http]"].endswith(" met")
+    assert "latency 4.00% interactive, above the best baseline" in lines["presets_frontier_3x"]
