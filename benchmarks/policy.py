@@ -94,6 +94,10 @@ MAX_WAIT_SHARE = {"interactive": 0.4, "standard": 0.3, "batch": 1.0}
 #             interactive requests are served as that class, charged to the tenant's other
 #             bucket (sidecar/core/relegation.py)
 INTERACTIVE_QUOTAS = ("none", "refuse", "excess")
+# --tenant-weights: each tenant's `weight`, its share of the turns among held requests.
+#   equal        - none written: every tenant 1, equal turns (the sidecar's default)
+#   entitlement  - its bucket's rate: turns in proportion to what it is entitled to
+TENANT_WEIGHTS = ("equal", "entitlement")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,7 @@ def write_policy(
     model: str | None = None,
     infeasible: str = "admit",
     interactive_quota: str = "none",
+    tenant_weights: str = "equal",
 ) -> Path:
     share = share_of(variant)
     if variant not in POLICY_VARIANTS and share is None:
@@ -178,7 +183,7 @@ def write_policy(
             "default_class": t.classes[0],
             "on_disallowed_class": "reject",
             "buckets": buckets,
-        }
+        } | ({"weight": bucket["rate"]} if tenant_weights == "entitlement" else {})
     doc["tenants"] = tenant_docs
     if model is not None and infeasible != "admit" and variant != "quota":
         # The simulated LLMs' token fields; only ext_proc reads bodies (core/pace.py).

@@ -43,6 +43,7 @@ from benchmarks.policy import (
     DEFAULT,
     INTERACTIVE_QUOTAS,
     MAX_IN_FLIGHT,
+    TENANT_WEIGHTS,
     tenant_quotas,
     write_policy,
 )
@@ -474,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
         "rate, 429 beyond it), excess (the same bucket, served as batch beyond it)",
     )
     parser.add_argument(
+        "--tenant-weights",
+        choices=TENANT_WEIGHTS,
+        default="equal",
+        help="each tenant's policy weight, its share of the turns among held requests: "
+        "equal (none written, every tenant 1) or entitlement (its bucket's rate)",
+    )
+    parser.add_argument(
         "--preset-floor",
         type=float,
         default=0.0,
@@ -628,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                         model=model.name if model.llm_like else None,
                         infeasible=args.infeasible,
                         interactive_quota=args.interactive_quota,
+                        tenant_weights=args.tenant_weights,
                     )
                 policy_dir = backend.policy_dirs[DEFAULT]
             quotas = tenant_quotas(policy_dir, config.tenants)

@@ -107,15 +107,25 @@ class Deferrer:
         counted: bool = True,
         displace: bool = True,
         client_cut: bool = False,
+        weight: float = 1.0,
     ) -> HoldOutcome:
         """Wait until admitted (LET_GO) or `deadline_s` (this clock) passes (EXPIRED). At its
         class's bound it displaces a waiter of the class, whose hold then ends DISPLACED (or,
         with none to displace or not `displace`, answers EXPIRED at once; `HoldQueues.push`).
         `client_cut`: its client's wait, not its class's budget, set `deadline_s` (core/queue.py
-        reads its expiry accordingly)."""
+        reads its expiry accordingly). `weight`: its tenant's, for the tenants' turns."""
         self.queue.max_waiters = self._bounds()  # follow policy reloads
         waiter = Waiter(
-            next(self._ids), tenant, klass, rank, deadline_s, work, model, counted, client_cut
+            next(self._ids),
+            tenant,
+            klass,
+            rank,
+            deadline_s,
+            work,
+            model,
+            counted,
+            client_cut,
+            weight,
         )
         pushed = self.queue.push(waiter, self.clock(), displace=displace)
         displaced = (

@@ -362,6 +362,7 @@ class AdmissionService(Completions, SharedReads, LeasedQuota):
                 counted=planned.check.model is not None,
                 displace=not planned.relegated,  # relegated work never displaces the class's
                 client_cut=hold.client_cut,
+                weight=planned.tenant.weight,
             )
         except asyncio.CancelledError:
             # Client or Envoy gone while held: its slot and tokens were never used.

@@ -1,6 +1,7 @@
 """The QoS benchmark's generated policy (benchmarks/policy.py): `--interactive-quota` gives
 each tenant that sends interactive and more a bucket of its own for interactive, and with
-`excess` what is over it goes as the least important class, charged to its other bucket."""
+`excess` what is over it goes as the least important class, charged to its other bucket;
+`--tenant-weights` writes each tenant's weight."""
 
 from __future__ import annotations
 
@@ -65,3 +66,17 @@ def test_excess_moves_what_is_over_it_to_batch_charged_to_the_other_bucket(
         "requests": ("batch", "standard", ""),
         "interactive": ("interactive", "batch"),
     }
+
+
+@pytest.mark.parametrize("weights", ["equal", "entitlement"])
+def test_tenant_weights_are_one_each_or_each_tenants_bucket_rate(
+    tmp_path: Path, weights: str
+) -> None:
+    tenants = default_tenants()
+    path = write_policy(
+        tmp_path, tenants, CLASSES, 60.0, variant="balanced", tenant_weights=weights
+    )
+    policy = load_policy([path])
+    for t in tenants:
+        expected = 1.0 if weights == "equal" else t.quota_weight * 60.0
+        assert policy.tenants[t.name].weight == pytest.approx(expected, abs=1e-3)

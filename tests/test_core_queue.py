@@ -413,3 +413,28 @@ def test_a_standing_band_that_lets_nobody_go_predicts_a_growing_wait() -> None:
         assert signals.band_wait_s(3, "c") == expected
     assert Signals(None).band_wait_s(3, "c") == 0.0  # no pace: no bound
     assert BandPace(0, 0.0).wait_s(5) == 0.0
+
+
+def test_weighted_tenants_are_given_work_in_proportion_to_their_weights() -> None:
+    """Weighted VTC: while both are backlogged, a tenant of weight 3 is let go three times as
+    often as one of weight 1 for the same work, and three times the work for the same turns."""
+    q = DeferralQueue(0.0, {"standard": 1000})
+    for i in range(40):
+        q.push(replace(w("big", deadline=float(i)), weight=3.0))
+        q.push(replace(w("small", deadline=float(i)), weight=1.0))
+    first = [popped.tenant for _ in range(40) if (popped := q.pop()) is not None]
+    assert first.count("big") == 30 and first.count("small") == 10
+    assert q.fairness.counter(2, "big") == q.fairness.counter(2, "small") == 10.0
+    heavy = DeferralQueue(0.0, {"standard": 1000})
+    for i in range(20):
+        heavy.push(replace(w("big", deadline=float(i), work=3.0), weight=3.0))
+        heavy.push(replace(w("small", deadline=float(i), work=1.0), weight=1.0))
+    assert [x.tenant for x in drain(heavy)[:20]].count("big") == 10  # equal turns, 3x the work
+
+
+def test_a_weight_leaves_the_order_within_a_tenant_and_between_bands_alone() -> None:
+    q = DeferralQueue(0.0, BOUNDS)
+    late, early = w("a", deadline=9.0), w("a", deadline=1.0)
+    for waiter in (replace(late, weight=5.0), replace(early, weight=5.0), w("b", "interactive")):
+        q.push(waiter)
+    assert [x.waiter_id for x in drain(q)][1:] == [early.waiter_id, late.waiter_id]

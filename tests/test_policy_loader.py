@@ -309,6 +309,7 @@ def test_declared_defaults_match_the_model(obj: Obj) -> None:
                 "t", TenantMatch(), frozenset(), "c"
             ).on_disallowed_class,
             "enforce": TenantPolicy("t", TenantMatch(), frozenset(), "c").enforce,
+            "weight": TenantPolicy("t", TenantMatch(), frozenset(), "c").weight,
         },
         "bucket": {
             "per": "second",
@@ -596,6 +597,7 @@ CASES_EXPECTED: list[tuple[str, list[str]]] = [
             "11: models.llm.cost_per_request: must be greater than 0, got -1",
             "16: tenants.search.max_concurrency: must be at least 1, got 0",
             "18: tenants.search.max_concurrency_per_class.gold: must be at least 1, got -2",
+            "19: tenants.search.weight: must be greater than 0, got 0",
         ],
     ),
     (

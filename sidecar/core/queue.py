@@ -6,7 +6,9 @@ Rules:
   room only, so a saturated model's waiters never stand in front of another model's.
 - A waiter belongs to the band of its class rank; a better (lower) band is always served first.
 - Within a band, tenants take turns by virtual token counters (VTC, OSDI'24): the backlogged
-  tenant with the smallest counter goes next, and its counter grows by the work it was given.
+  tenant with the smallest counter goes next, and its counter grows by the work it was given
+  divided by the tenant's `weight` (weighted VTC: while backlogged, tenants are given work in
+  proportion to their weights; equal weights, the default, share equally).
   A tenant that was idle comes back at the smallest counter among the backlogged ones, so it
   cannot bank credit while idle, and a noisy tenant cannot starve the others.
 - A tenant's counter in a band is ONE number across every model (`Fairness`, shared by the
@@ -87,6 +89,12 @@ class Waiter:
     model: str = ""  # whose queue it waits in, and whose room decides when it may go
     counted: bool = True  # its lease is written to the model's count once it goes
     client_cut: bool = False  # its deadline is its client's wait, before its class's budget
+    weight: float = 1.0  # its tenant's weight: VTC charges it work / weight (module rules)
+
+    @property
+    def charge(self) -> float:
+        """What its tenant's counter grows by when it is let go."""
+        return self.work / self.weight
 
 
 class Fairness:
@@ -108,15 +116,15 @@ class Fairness:
         return self._counters.get(rank, {}).get(tenant, 0.0)
 
     def work_of(self, rank: int, tenant: str) -> float:
-        """The work of `tenant`'s waiters in band `rank`, a moving mean of those that arrived
-        here; 1 for a tenant never seen here."""
+        """What each of `tenant`'s waiters in band `rank` adds to its counter (its work over its
+        weight), a moving mean of those that arrived here; 1 for a tenant never seen here."""
         return self._work.get((rank, tenant), 1.0)
 
     def arrive(self, rank: int, tenant: str, work: float | None = None) -> None:
         """A waiter of `tenant` joins band `rank` on some model. A tenant that was idle in the
         band (here and, shared, on every other replica) is lifted to the smallest counter
         among the backlogged (or, with none, to the largest ever seen): no credit banked
-        while idle."""
+        while idle. `work`: what the waiter will be charged (`Waiter.charge`)."""
         counters = self._counters.setdefault(rank, {})
         backlog = self._backlog.setdefault(rank, {})
         elsewhere = self._elsewhere.get(rank, set())
@@ -262,7 +270,7 @@ class DeferralQueue:
         band = self._bands.setdefault(waiter.rank, _Band())
         if not band.per_tenant:  # a busy period starts
             band.busy_since_s = now_s
-        self.fairness.arrive(waiter.rank, waiter.tenant, waiter.work)
+        self.fairness.arrive(waiter.rank, waiter.tenant, waiter.charge)
         key = waiter.deadline_s + self.alpha_s_per_unit * waiter.work
         waiting = band.per_tenant.setdefault(waiter.tenant, _Waiting())
         sequence = next(self._sequence)
@@ -288,7 +296,7 @@ class DeferralQueue:
         band, _, waiter = chosen
         if now_s is not None:
             band.let_go.append(now_s)
-        self._forget(band, waiter, charged_work=waiter.work)
+        self._forget(band, waiter, charged_work=waiter.charge)
         return waiter
 
     def remove(self, waiter_id: int, *, expired: bool = False) -> Waiter | None:

@@ -372,6 +372,14 @@ class TenantPolicy:
         default_factory=lambda: MappingProxyType({}),
     )
     enforce: bool = setting(Bool(), ENFORCE_TENANT, default=True)
+    weight: float = setting(
+        Num(exclusive_minimum=0, maximum=1e6),
+        "Its share of the turns tenants take among held requests of a class (core/queue.py): "
+        "while several are held, each is given work in proportion to its weight. Equal weights "
+        "(the default) share equally; the tenant's entitlement (e.g. its bucket's rate) shares "
+        "in proportion to it.",
+        default=1.0,
+    )
 
 
 @section(

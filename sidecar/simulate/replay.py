@@ -273,6 +273,7 @@ class Replay:
             planned.cost,
             model,
             client_cut=hold.client_cut,
+            weight=planned.tenant.weight,
         )
         pushed = self.queues.push(waiter, now, displace=not planned.relegated)
         if pushed.displaced is not None:  # its hold ends as if its budget had passed
