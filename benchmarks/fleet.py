@@ -7,7 +7,7 @@ primaries, 3 replicas), with every scenario's traffic split unevenly over the re
     python -m benchmarks.fleet --quick --scenarios rate,pod --split 70,10,10,10
 
 Scenarios run in groups that share a fleet (one store and topology each):
-single Valkey, gateway: rate, fairness, outage; single Valkey, pod: pod; cluster, gateway:
+single Valkey, gateway: rate, fairness, weights, outage; single Valkey, pod: pod; cluster, gateway:
 rate-cluster, failover (last: it kills a primary). Results go to results/<stamp>-fleet/
 (results.json, report.md, plots); the table is printed, then one `TARGET` line per target.
 What each scenario measures, and how: benchmarks/README.md "Fleet benchmark".
@@ -34,7 +34,16 @@ from redis.cluster import ClusterNode, RedisCluster
 from benchmarks import fleet_report
 from benchmarks.fleet_failover import failover
 from benchmarks.fleet_load import write_policy
-from benchmarks.fleet_scenarios import PHASES, Ctx, Outcome, fairness, outage, pod, rate
+from benchmarks.fleet_scenarios import (
+    PHASES,
+    Ctx,
+    Outcome,
+    fairness,
+    outage,
+    pod,
+    rate,
+    weights,
+)
 from benchmarks.fleet_stack import Fleet
 from devstack.procs import LOCALHOST, ValkeyProcess
 from devstack.stack import MODEL_REPO, ROOT
@@ -45,6 +54,7 @@ from devstack.valkey_cluster import ValkeyCluster
 SCENARIOS = (
     ("rate", "single"),
     ("fairness", "single"),
+    ("weights", "single"),
     ("outage", "single"),
     ("pod", "pod"),
     ("rate-cluster", "cluster"),
@@ -158,6 +168,8 @@ def run_one(name: str, ctx: Ctx, args: argparse.Namespace) -> Outcome:
         return rate(ctx)
     if name == "fairness":
         return fairness(ctx)
+    if name == "weights":
+        return weights(ctx)
     if name == "outage":
         return outage(ctx, repeats=args.outage_repeats)
     if name == "pod":

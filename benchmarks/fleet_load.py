@@ -40,6 +40,8 @@ CAPPED_CONCURRENCY = 3
 POD_CAP = 3  # max_in_flight of the pod scenario's class: per pod in the pod topology
 POOL_CAP = 8  # max_in_flight of the fairness scenario's class: the pool's, one batch
 QUIET = ("q0", "q1", "q2", "q3")
+# The weights scenario's tenants and their policy weights (their share of held turns).
+WEIGHTED = {"heavy": 3.0, "light": 1.0}
 PROBE_TENANT = "probe"
 INTERACTIVE_OBJECTIVE_MS = 1000
 
@@ -78,6 +80,7 @@ def write_policy(directory: Path) -> Path:
         )
     )
     tenants += [_tenant(n, "interactive") for n in ("noisy", *QUIET)]
+    tenants += [_tenant(n, "interactive", f"    weight: {w:g}\n") for n, w in WEIGHTED.items()]
     tenants.append(_tenant("podload", "pod"))
     (directory / "fleet.yaml").write_text(
         "identity:\n  sources:\n    - {kind: api_key, header: x-api-key}\n"
@@ -207,16 +210,20 @@ def statuses(sent: Sequence[Sent]) -> dict[str, dict[str, int]]:
     return out
 
 
-def max_min_shares(demands: Mapping[str, float], total: float) -> dict[str, float]:
-    """Max-min fair (water-filling) split of `total` among tenants with these demands, all
-    with weight 1: each gets min(demand, level), the level set so the parts sum to `total`."""
+def max_min_shares(
+    demands: Mapping[str, float], total: float, weights: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Weighted max-min fair (water-filling) split of `total` among tenants with these
+    demands: each gets min(demand, level x its weight (default 1)), the level set so the
+    parts sum to `total`."""
     left, remaining = dict(demands), total
+    weight = {t: (weights or {}).get(t, 1.0) for t in demands}
     shares: dict[str, float] = {}
     while left:
-        level = remaining / len(left)
-        capped = {t: d for t, d in left.items() if d <= level}
+        level = remaining / sum(weight[t] for t in left)
+        capped = {t: d for t, d in left.items() if d <= level * weight[t]}
         if not capped:
-            shares.update({t: level for t in left})
+            shares.update({t: level * weight[t] for t in left})
             break
         for t, d in capped.items():
             shares[t] = d

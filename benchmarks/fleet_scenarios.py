@@ -26,6 +26,7 @@ from benchmarks.fleet_load import (
     POOL_CAP,
     PROBE_TENANT,
     QUIET,
+    WEIGHTED,
     Flow,
     Sent,
     admitted_per_tenant,
@@ -254,6 +255,60 @@ def _split_text(split: Sequence[float]) -> str:
 # -- fairness across replicas (gateway) --------------------------------------------------------
 
 
+@dataclass
+class _Shares:
+    """What a fairness window measured: per tenant, requests sent and admitted in it, and
+    the (weighted) max-min fair share of the admitted total, with each one's relative error."""
+
+    inside: list[Sent]
+    demands: dict[str, float]
+    admitted: dict[str, float]
+    entitled: dict[str, float]
+    errors: dict[str, float]
+    pool_counts: list[int]
+
+    def metrics(self, ctx: Ctx, window: float) -> dict[str, Any]:
+        total = sum(self.admitted.values())
+        return dict(
+            window_s=window, demand=self.demands, admitted=self.admitted, entitled=self.entitled,
+            share_error=self.errors, admitted_rps=total / window,
+            statuses=statuses(self.inside), pool_peak_in_flight=max(self.pool_counts, default=0),
+            pool_samples_above_cap=sum(1 for c in self.pool_counts if c > POOL_CAP),
+            reasons=decision_reasons(ctx.fleet.admin_urls, list(self.demands)),  # warmup incl.
+        )  # fmt: skip
+
+    def share_target(self, name: str, window: float, goal: str) -> Target:
+        worst = max(self.errors, key=lambda t: self.errors[t])
+        return Target(
+            name,
+            f"worst {worst} {self.admitted[worst]:.0f} admitted vs {self.entitled[worst]:.0f}"
+            f" entitled ({self.errors[worst] * 100:.1f}% off) over {window:.0f}s",
+            goal,
+            self.errors[worst] <= 0.10,
+        )
+
+
+def _shares(
+    ctx: Ctx, flows: Sequence[Flow], weights: dict[str, float] | None = None
+) -> tuple[_Shares, float]:
+    """Run `flows` against the pool (capped at POOL_CAP in flight) and measure the window
+    after the warm-up; with the window's length."""
+    warmup, window = ctx.phases["warmup"], ctx.phases["fair"]
+    plan = schedule(flows, ctx.split, warmup + window, delay_ms=100, seed=ctx.seed)
+    with zcard_sampler(ctx.store, ["qos:{=simgpu}:model_leases"]) as pool:
+        t0 = time.monotonic() + 0.05
+        sent = run_split(envoy_urls(ctx), plan)
+    start, end = t0 + warmup, t0 + warmup + window
+    inside = [s for s in sent if start <= s.sent_at < end]
+    tenants = dict.fromkeys(f.tenant for f in flows)
+    demands = {t: float(sum(1 for s in inside if s.record.tenant == t)) for t in tenants}
+    admitted = {t: float(sum(1 for s in inside if s.ok and s.record.tenant == t)) for t in demands}
+    entitled = max_min_shares(demands, sum(admitted.values()), weights)
+    errors = {t: abs(admitted[t] - entitled[t]) / entitled[t] for t in demands if entitled[t]}
+    pool_counts = [v[0] for _, v in pool.samples]
+    return _Shares(inside, demands, admitted, entitled, errors, pool_counts), window
+
+
 def fairness(ctx: Ctx) -> Outcome:
     """A noisy tenant through every replica (2x the pool's capacity, by the split) against
     one quiet tenant on each replica; the pool is capped at POOL_CAP in flight, so the
@@ -261,39 +316,18 @@ def fairness(ctx: Ctx) -> Outcome:
     capacity = POOL_CAP / 0.1  # batches of POOL_CAP every 100 ms
     flows = [Flow("noisy", "interactive", 2.0 * capacity)]
     flows += [Flow(q, "interactive", 0.075 * capacity, replica=i) for i, q in enumerate(QUIET)]
-    warmup, window = ctx.phases["warmup"], ctx.phases["fair"]
-    plan = schedule(flows, ctx.split, warmup + window, delay_ms=100, seed=ctx.seed)
-    with zcard_sampler(ctx.store, ["qos:{=simgpu}:model_leases"]) as pool:
-        t0 = time.monotonic() + 0.05
-        sent = run_split(envoy_urls(ctx), plan)
-    pool_counts = [v[0] for _, v in pool.samples]
-    start, end = t0 + warmup, t0 + warmup + window
-    inside = [s for s in sent if start <= s.sent_at < end]
-    demands = {
-        f.tenant: float(sum(1 for s in inside if s.record.tenant == f.tenant)) for f in flows
+    shares, window = _shares(ctx, flows)
+    violations = {
+        q: _violation_pct([s for s in shares.inside if s.record.tenant == q]) for q in QUIET
     }
-    admitted = {t: float(sum(1 for s in inside if s.ok and s.record.tenant == t)) for t in demands}
-    total = sum(admitted.values())
-    entitled = max_min_shares(demands, total)
-    errors = {t: abs(admitted[t] - entitled[t]) / entitled[t] for t in demands if entitled[t]}
-    worst = max(errors, key=lambda t: errors[t])
-    violations = {q: _violation_pct([s for s in inside if s.record.tenant == q]) for q in QUIET}
     worst_quiet = max(violations, key=lambda q: violations[q])
     out = Outcome()
-    out.metrics.update(
-        window_s=window, demand=demands, admitted=admitted, entitled=entitled,
-        share_error=errors, quiet_violation_pct=violations, admitted_rps=total / window,
-        statuses=statuses(inside), pool_peak_in_flight=max(pool_counts, default=0),
-        pool_samples_above_cap=sum(1 for c in pool_counts if c > POOL_CAP),
-        reasons=decision_reasons(ctx.fleet.admin_urls, list(demands)),  # warmup included
-    )  # fmt: skip
+    out.metrics.update(shares.metrics(ctx, window), quiet_violation_pct=violations)
     out.targets += [
-        Target(
+        shares.share_target(
             "fairness_share",
-            f"worst {worst} {admitted[worst]:.0f} admitted vs {entitled[worst]:.0f} entitled"
-            f" ({errors[worst] * 100:.1f}% off) over {window:.0f}s",
+            window,
             "every tenant within 10% of its max-min fair share, equal weights",
-            errors[worst] <= 0.10,
         ),
         Target(
             "fairness_quiet_violations",
@@ -304,6 +338,34 @@ def fairness(ctx: Ctx) -> Outcome:
         ),
     ]
     check_leaks(ctx, out, "fairness")
+    return out
+
+
+def weights(ctx: Ctx) -> Outcome:
+    """Two tenants of policy weights 3 and 1 (WEIGHTED), each at the pool's capacity and each
+    through replicas of its own (heavy through the first half, light through the rest): no
+    replica holds both, so only the fleet's shared counters can weigh one against the other.
+    Shares against the weighted max-min fair entitlement."""
+    capacity = POOL_CAP / 0.1
+    half = len(ctx.split) // 2
+    flows = [
+        Flow(tenant, "interactive", capacity / half, replica=replica)
+        for tenant, replicas in (("heavy", range(half)), ("light", range(half, len(ctx.split))))
+        for replica in replicas
+    ]
+    shares, window = _shares(ctx, flows, WEIGHTED)
+    out = Outcome()
+    out.metrics.update(shares.metrics(ctx, window), weights=WEIGHTED)
+    out.targets.append(
+        shares.share_target(
+            "weights_share",
+            window,
+            "each tenant within 10% of its weighted max-min fair share (weights "
+            + ", ".join(f"{t} {w:g}" for t, w in WEIGHTED.items())
+            + "), no replica holding both",
+        )
+    )
+    check_leaks(ctx, out, "weights")
     return out
 
 

@@ -1,11 +1,12 @@
-"""The fleet benchmark's bucket bound: how far a tenant's admitted requests ever ran ahead of
-what its bucket allows (burst at once, then the rate), counted from its first request."""
+"""The fleet benchmark's bounds: how far a tenant's admitted requests ever ran ahead of
+what its bucket allows (burst at once, then the rate), counted from its first request; and the
+(weighted) max-min fair shares the fairness scenarios judge by."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.fleet_load import Sent
+from benchmarks.fleet_load import Sent, max_min_shares
 from benchmarks.fleet_scenarios import most_over_bucket
 from benchmarks.loadgen import Record
 
@@ -33,3 +34,12 @@ def test_refusals_and_other_tenants_do_not_count_but_a_refusal_starts_the_clock(
     assert most_over_bucket(run, "t", rate=10.0, burst=5) == pytest.approx(0.0)
     assert most_over_bucket([*run, sent("t", 1.0)], "t", rate=10.0, burst=5) == pytest.approx(1.0)
     assert most_over_bucket(run, "nobody", rate=10.0, burst=5) == 0.0
+
+
+def test_fair_shares_fill_water_by_weight_and_stop_at_each_demand() -> None:
+    assert max_min_shares({"a": 100.0, "b": 100.0}, 80.0) == {"a": 40.0, "b": 40.0}
+    weighted = max_min_shares({"heavy": 100.0, "light": 100.0}, 80.0, {"heavy": 3.0})
+    assert weighted == {"heavy": pytest.approx(60.0), "light": pytest.approx(20.0)}
+    # A tenant that asks for less than its weighted share gets its demand; the rest by weight.
+    small = max_min_shares({"heavy": 10.0, "light": 100.0, "c": 100.0}, 80.0, {"heavy": 3.0})
+    assert small == {"heavy": 10.0, "light": pytest.approx(35.0), "c": pytest.approx(35.0)}
