@@ -489,3 +489,34 @@ def test_what_a_bucket_refuses_is_replayed_in_its_excess_class(tmp_path: Path) -
     arrivals = [Arrival(0.0, "acme", "interactive", "m") for _ in range(5)]
     R, Q = Outcome.RELEGATED, Outcome.OVER_QUOTA
     assert replay(arrivals, policy, IDLE_SERVER) == [A, A, R, R, Q]
+
+
+# acme of weight WEIGHT and another tenant of weight 1, no buckets, holds up to 1 s.
+WEIGHTED = (
+    BASE.replace("OVERLOAD", "overload: {admit_below: 1, shed_above: 1000}")
+    .replace("MAX_WAIT", "1000")
+    .replace("latency_objective_ms: 200", "latency_objective_ms: 5000")
+).replace(
+    "    buckets:\n    - {name: requests, unit: requests, rate: RATE, per: second, burst: BURST}\n",
+    "    weight: WEIGHT\n"
+    "  other:\n"
+    f"    match: {{api_key_sha256: [{'b' * 64}]}}\n"
+    "    allowed_classes: [interactive]\n"
+    "    default_class: interactive\n",
+)
+
+
+@pytest.mark.parametrize(("weight", "served"), [(1, (6, 6)), (3, (9, 3))])
+def test_held_turns_are_replayed_in_proportion_to_the_tenants_weights(
+    tmp_path: Path, weight: int, served: tuple[int, int]
+) -> None:
+    """Two tenants alternate on a model that serves 10/s; a second of holds lets 12 go, shared
+    by the tenants' weights (acme's `weight`, the other's 1), the rest shed."""
+    (tmp_path / "policy.yaml").write_text(WEIGHTED.replace("WEIGHT", str(weight)))
+    arrivals = [Arrival(0.01 * i, ("acme", "other")[i % 2], "interactive", "m") for i in range(40)]
+    outcomes = replay(arrivals, load_policy([tmp_path]), ONE_SLOT)
+    held = tuple(
+        sum(1 for a, o in zip(arrivals, outcomes, strict=True) if a.tenant == t and o is H)
+        for t in ("acme", "other")
+    )
+    assert held == served
