@@ -142,7 +142,9 @@ class OverloadPolicy:
         "Admit at once only while the model has fewer requests in flight (admitted, not yet "
         "ended: on this pod's Triton with QOS_TOPOLOGY=pod, by any replica with gateway); "
         "above it requests are deferred as above admit_below. "
-        "Exact between scrapes; keeps Triton's batches small. With protect, the floor of "
+        "Exact between scrapes; keeps Triton's batches small. A cap of one full batch "
+        "(the model's max_batch_size) lets a static batcher run part-filled batches in turn, "
+        "at about half its rate; two batches keep it full. With protect, the floor of "
         "the adaptive cap (default 1).",
         default=None,
     )
