@@ -143,8 +143,9 @@ class OverloadPolicy:
         "ended: on this pod's Triton with QOS_TOPOLOGY=pod, by any replica with gateway); "
         "above it requests are deferred as above admit_below. "
         "Exact between scrapes; keeps Triton's batches small. A cap of one full batch "
-        "(the model's max_batch_size) lets a static batcher run part-filled batches in turn, "
-        "at about half its rate; two batches keep it full. With protect, the floor of "
+        "(the model's max_batch_size) can leave a static batcher running part-filled "
+        "batches in turn (half the rate of a model whose batch time does not grow with its "
+        "size); two batches keep it full. With protect, the floor of "
         "the adaptive cap (default 1).",
         default=None,
     )
