@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sidecar.cli import validate
-from sidecar.core.policy_notes import policy_notes, unbounded_classes
+from sidecar.core.policy_notes import policy_notes, unbounded_classes, weights_without_effect
 from sidecar.policy.loader import load_policy
 from sidecar.policy.reload import PolicyHolder
 from tests.test_leases_without_effect import EXACT, LEASED, write
@@ -77,3 +78,30 @@ def test_a_sidecar_logs_it_when_it_loads_the_policy(
     with caplog.at_level(logging.WARNING, logger="sidecar.policy.reload"):
         PolicyHolder([write(tmp_path, buckets=[STANDARD_ONLY])])
     assert [r for r in caplog.records if "only the load bounds" in r.getMessage()]
+
+
+def test_a_weight_where_no_class_of_the_tenant_holds_is_named(tmp_path: Path) -> None:
+    """Weights order held requests only: in a policy whose classes never hold (max_wait_ms 0
+    here, with overload rules or without), a tenant's weight changes nothing."""
+    for overload in (None, {"admit_below": 2, "shed_above": 8}):
+        policy = load_policy([write(tmp_path, overload=overload, weight=3)])
+        (note,) = weights_without_effect(policy)
+        assert note.startswith("tenant 'acme': its weight 3 changes nothing")
+        assert note in policy_notes(policy)
+    assert weights_without_effect(load_policy([write(tmp_path, weight=1)])) == []
+
+
+def test_a_weight_is_not_named_where_a_class_it_can_reach_holds(tmp_path: Path) -> None:
+    """Standard may hold; the tenant reaches it by asking, or only by relegation."""
+    path = write(tmp_path, overload={"admit_below": 2, "shed_above": 8}, weight=3)
+    doc = yaml.safe_load(path.read_text())
+    doc["classes"]["standard"]["max_wait_ms"] = 500
+    path.write_text(yaml.safe_dump(doc))
+    assert weights_without_effect(load_policy([path])) == []
+    doc["tenants"]["acme"] |= {"allowed_classes": ["interactive"], "default_class": "interactive"}
+    doc["classes"]["interactive"]["relegate_to"] = "standard"
+    path.write_text(yaml.safe_dump(doc))
+    assert weights_without_effect(load_policy([path])) == []
+    del doc["classes"]["interactive"]["relegate_to"]
+    path.write_text(yaml.safe_dump(doc))
+    assert len(weights_without_effect(load_policy([path]))) == 1
