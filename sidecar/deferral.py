@@ -71,6 +71,7 @@ class Deferrer:
         self.lateness = Lateness()  # depths its requests sent at once end late from
         self.limits_published: dict[str, set[str]] = {}  # model -> classes in the metric
         self._shares_of: tuple[Policy | None, dict[str, dict[str, float]]] = (None, {})
+        self._charges_of: tuple[Policy | None, dict[str, float]] = (None, {})
         self._ids = itertools.count(1)
 
     def _bounds(self) -> dict[str, int]:
@@ -270,7 +271,18 @@ class Deferrer:
         self._after = merge_summaries([text for replica, text in others if replica > me])
         held = backlogged(merge_summaries([text for _, text in others]))
         self.queue.fairness.adopt(counters, held)
+        self.queue.fairness.unseen_charge = self._unseen_charges()
         self.pump()
+
+    def _unseen_charges(self) -> dict[str, float]:
+        """Per tenant of weight other than 1, the charge of one unit of work (1 / weight), for
+        tenants other replicas hold and this one has not seen; kept per policy snapshot."""
+        policy = self._policy()
+        if self._charges_of[0] is not policy:
+            tenants = policy.tenants.values()
+            charges = {t.name: 1.0 / t.weight for t in tenants if t.weight != 1.0}
+            self._charges_of = (policy, charges)
+        return self._charges_of[1]
 
     def fleet_busy(self) -> bool:
         """Does this replica, or any other as last seen, hold a request?"""

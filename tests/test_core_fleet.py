@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.core.fleet import (
     NOBODY,
     Elsewhere,
@@ -151,3 +153,18 @@ def test_fairness_learns_each_tenants_work_per_waiter() -> None:
     assert fairness.work_of(0, "a") == 40.0
     fairness.arrive(0, "a", 8.0)
     assert 8.0 < fairness.work_of(0, "a") < 40.0
+
+
+def test_a_tenant_never_seen_here_is_charged_one_unit_over_its_weight() -> None:
+    """In a gateway tier a tenant only another replica holds has no work seen here: its
+    waiters are counted at one unit over its weight, so the turns it takes before mine
+    follow its weight (3 of its waiters go before a tenant one unit ahead, not 1)."""
+    fairness = Fairness(shared=True)
+    fairness.unseen_charge = {"heavy": 1 / 3}
+    assert fairness.work_of(2, "heavy") == pytest.approx(1 / 3)
+    assert fairness.work_of(2, "light") == 1.0
+    elsewhere = Elsewhere({}, {2: {"heavy": 5}}, lambda r, t: {"light": 1.0}.get(t, 0.0),
+                          fairness.work_of)  # fmt: skip
+    assert elsewhere.ahead_in_band(2, "light") == 3  # at 0, 1/3 and 2/3: below my 1
+    fairness.arrive(2, "heavy", 0.5)  # seen here: its own moving mean from now on
+    assert fairness.work_of(2, "heavy") == 0.5

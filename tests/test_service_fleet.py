@@ -165,3 +165,23 @@ def test_a_store_outage_forgets_other_replicas_holds_instead_of_reserving_for_th
         await asyncio.gather(standard, return_exceptions=True)
 
     asyncio.run(body())
+
+
+def test_an_exchange_gives_the_fleets_counters_the_policys_weights_for_unseen_tenants() -> None:
+    """A replica that has never held a tenant's request counts that tenant's waiters on other
+    replicas at one unit over its policy weight, as the replica holding them charges them."""
+    policy = pool_of_one()
+    heavy = replace(policy.tenants["search"], weight=4.0)
+    policy = replace(policy, tenants=MappingProxyType({**policy.tenants, "search": heavy}))
+    service = AdmissionService(
+        policy, MemoryQuotaStore(), Metrics(CollectorRegistry()), load=Backend(depth=0).view
+    )
+
+    async def body() -> None:
+        await exchange([service])
+
+    asyncio.run(body())
+    assert service.deferrer is not None
+    fairness = service.deferrer.queue.fairness
+    assert fairness.work_of(2, "search") == 0.25
+    assert fairness.work_of(2, "analytics") == 1.0

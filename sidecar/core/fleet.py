@@ -24,7 +24,10 @@ The rules, for a request of band `rank` and tenant `t` on this replica:
   or equal to it when ties go its way) ahead. (Counting all n put a quiet tenant lifted to
   a noisy tenant's counter behind the noisy tenant's whole backlog: it was shed for a wait
   of seconds it would never have had.) `t`'s own waiters elsewhere tie with it. The work per
-  waiter is the tenant's mean as this replica saw it (`Fairness.work_of`), 1 if never seen.
+  waiter is what each adds to its tenant's counter, its work over the tenant's weight: the
+  tenant's mean as this replica saw it (`Fairness.work_of`), or one unit over its policy
+  weight if never seen here (a weight-3 tenant counted at 1 a waiter had a third of its
+  turns counted).
 - Room that those waiters ahead would take is RESERVED for them: the request may go only if
   the model has room once they are counted as already in flight (`signals.has_room`).
 - What another replica holds is known as of its last exchange (one refresh interval). A

@@ -111,14 +111,19 @@ class Fairness:
         self._elsewhere: dict[int, set[str]] = {}  # rank -> tenants other replicas hold
         self._ops: list[CounterOp] | None = [] if shared else None
         self._work: dict[tuple[int, str], float] = {}  # mean work per waiter (moving)
+        # Tenant -> a waiter's charge for a tenant not seen here (1 / its weight; absent: 1):
+        # in a gateway tier, a tenant another replica alone holds (`core.fleet`).
+        self.unseen_charge: Mapping[str, float] = {}
 
     def counter(self, rank: int, tenant: str) -> float:
         return self._counters.get(rank, {}).get(tenant, 0.0)
 
     def work_of(self, rank: int, tenant: str) -> float:
         """What each of `tenant`'s waiters in band `rank` adds to its counter (its work over its
-        weight), a moving mean of those that arrived here; 1 for a tenant never seen here."""
-        return self._work.get((rank, tenant), 1.0)
+        weight), a moving mean of those that arrived here; for a tenant never seen here, one
+        unit of work over its weight (`unseen_charge`)."""
+        seen = self._work.get((rank, tenant))
+        return self.unseen_charge.get(tenant, 1.0) if seen is None else seen
 
     def arrive(self, rank: int, tenant: str, work: float | None = None) -> None:
         """A waiter of `tenant` joins band `rank` on some model. A tenant that was idle in the
