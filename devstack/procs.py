@@ -97,6 +97,16 @@ def bindable(host: str, port: int) -> bool:
     return True
 
 
+def handed_out(port: int) -> bool:
+    """Whether `port` was handed out lately (by free_port or `hand_out`)."""
+    return port in _RECENT_PORTS
+
+
+def hand_out(*ports: int) -> None:
+    """Record `ports` as handed out, so that free_port offers none of them again soon."""
+    _RECENT_PORTS.extend(ports)
+
+
 def free_port(host: str = LOCALHOST) -> int:
     """Return a TCP port on ``host`` that was free a moment ago and that this process has not
     handed out lately: below the ephemeral range where there is room (see the module

@@ -34,6 +34,8 @@ from devstack.procs import (
     below_ephemeral,
     bindable,
     free_port,
+    hand_out,
+    handed_out,
 )
 
 SLOTS = 16384
@@ -194,14 +196,19 @@ BUS_OFFSET = 10_000  # Valkey's cluster bus listens on its port + this
 
 def _cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free too: Valkey needs both. Both below
-    the ephemeral range where it leaves room (as `free_port`'s), else at most 55535."""
+    the ephemeral range where it leaves room (as `free_port`'s), else at most 55535. Neither
+    was handed out lately, and both are recorded as handed out: a cluster's nodes are all
+    given their ports before the first starts, and two nodes drawn the same port made the
+    second's start find the first (a "replica" that answered with its primary's slots)."""
     below = below_ephemeral()
     low, high = (20000, 45000)
     if below is not None and len(below) - BUS_OFFSET >= MIN_SPAN:
         low, high = below.start, below.stop - 1 - BUS_OFFSET
     while True:
         port = random.randint(low, high)
-        if bindable(LOCALHOST, port) and bindable(LOCALHOST, port + BUS_OFFSET):
+        pair = (port, port + BUS_OFFSET)
+        if not any(map(handed_out, pair)) and all(bindable(LOCALHOST, p) for p in pair):
+            hand_out(*pair)
             return port
 
 

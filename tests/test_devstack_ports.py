@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import procs
+from devstack import procs, valkey_cluster
 
 
 def ephemeral_low() -> int:
@@ -51,3 +51,22 @@ def test_without_room_below_the_range_the_kernel_picks(
     assert procs.below_ephemeral() is None
     port = procs.free_port()
     assert port > 0 and procs.bindable(procs.LOCALHOST, port)
+
+
+def test_a_cluster_node_is_never_given_a_port_or_bus_port_handed_out_already(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The nodes of one cluster get their ports before any starts: a draw that repeats an
+    earlier node's port (or lands on its bus port) is drawn again, and each pick records both
+    of its ports."""
+    first = valkey_cluster._cluster_port()
+    bus = first + valkey_cluster.BUS_OFFSET
+    assert procs.handed_out(first) and procs.handed_out(bus)
+    offered = [first, first]  # the earlier node's port twice, then whatever the draw gives
+    draw = valkey_cluster.random.randint
+    monkeypatch.setattr(
+        valkey_cluster.random, "randint", lambda a, b: offered.pop(0) if offered else draw(a, b)
+    )
+    second = valkey_cluster._cluster_port()
+    assert second != first and not offered
+    assert not {second, second + valkey_cluster.BUS_OFFSET} & {first, bus}
