@@ -10,7 +10,9 @@ Procedure (see benchmarks/README.md and ../shared/QOS-BENCHMARK.md):
 4. For each system and each load multiple m of C: run the workload (warm-up excluded),
    collect every request's record, then wait until Triton's queue is empty.
 5. The step workload (1x -> 3x -> 1x) on some systems, for recovery.
-6. Write results.json, records.csv.gz, report.md and the plots into
+6. The noisy point on every system: the quiet tenants at 1x, the noisy tenant at
+   ``--noisy-burst`` times its rate, for the noisy_tenant target.
+7. Write results.json, records.csv.gz, report.md and the plots into
    ``results/<date>-<mode>/``, and print the table.
 """
 
@@ -67,6 +69,7 @@ from benchmarks.workload import (
     default_tenants,
     generate,
     load_trace,
+    noisy_burst,
     sample_sizes,
 )
 from devstack.procs import ValkeyProcess
@@ -87,6 +90,7 @@ class Mode:
     step_phases: tuple[tuple[float, float], ...]  # (seconds, multiple of C)
     step_systems: tuple[str, ...] | None  # None: all
     seeds: int = 1  # each point repeated with this many seeds (--seeds), pooled: their mean
+    noisy_burst: float = 3.0  # the noisy point: the noisy tenant at this many times its rate
 
 
 MODES: dict[str, Mode] = {
@@ -237,6 +241,47 @@ def _step(
         + (f"; {report.describe_last_over(last)}" if last else "")
     )
     return rec, pooled
+
+
+def _noisy_point(
+    url: str,
+    spec: SystemSpec,
+    backend: Backend,
+    config: WorkloadConfig,
+    capacity: float,
+    mode: Mode,
+    arrival: Arrival,
+    seeds: int,
+    seed: int,
+) -> tuple[dict[str, Any], list[Record]]:
+    """The noisy point: every quiet tenant at its 1x rate, the noisy tenant at
+    `mode.noisy_burst` times its own, once per seed. The quiet tenants are within their quotas
+    and the noisy one is far over its own, so what the quiet tenants miss here is what the
+    noisy tenant's excess costs them (the noisy_tenant target). Returns the stats of the
+    measured records and every record (for records.csv.gz and the GPU-seconds check)."""
+    tenants, load = noisy_burst(config.tenants, mode.noisy_burst)
+    noisy = replace(config, tenants=tenants)
+    recs: list[Record] = []
+    rows: list[Record] = []
+    for k in range(seeds):
+        res, _ = run_load(
+            url,
+            spec,
+            backend,
+            noisy,
+            load * capacity,
+            mode.warmup_s + mode.duration_s,
+            arrival,
+            seed + 700 + SEED_STRIDE * k,
+            mode.patience,
+        )
+        recs += _measured(res.records, mode.warmup_s)
+        rows += res.records
+    stats = report.point_stats(
+        recs, config.classes, tenants, backend.quotas, mode.duration_s * seeds, capacity
+    )
+    stats |= {"m": round(load, 3), "burst": mode.noisy_burst}
+    return stats, rows
 
 
 def find_capacity(
@@ -418,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-scale", type=float, help="override the deadline scale factor")
     parser.add_argument("--noisy-share", type=float, default=0.4)
     parser.add_argument(
+        "--noisy-burst",
+        type=float,
+        help="the noisy point: the noisy tenant at this many times its rate while the others "
+        "send their 1x rates (default 3; 0: no noisy point)",
+    )
+    parser.add_argument(
         "--quota-oversubscription",
         type=float,
         default=1.5,
@@ -531,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = mode.seeds
     if args.step_systems is not None:
         mode = replace(mode, step_systems=tuple(s for s in args.step_systems.split(",") if s))
+    if args.noisy_burst is not None:
+        mode = replace(mode, noisy_burst=args.noisy_burst)
     if args.step:
         secs = [float(x) for x in args.step.split(",")]
         mode = replace(mode, step_phases=((secs[0], 1.0), (secs[1], 3.0), (secs[2], 1.0)))
@@ -771,6 +824,15 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         sys_res["step"] = rec
                         all_rows += [(spec.name, "step", r) for r in step_rows]
+                    # -- noisy -----------------------------------------------------------------
+                    if mode.noisy_burst > 0:
+                        noisy, noisy_rows = _noisy_point(
+                            url, spec, backend, config, capacity, mode, arrival, seeds, args.seed
+                        )
+                        sys_res["noisy"] = noisy
+                        all_rows += [(spec.name, "noisy", r) for r in noisy_rows]
+                        said = report.describe_noisy(noisy, config.tenants[0].name)
+                        log(f"{spec.name:>20} noisy: {said}")
                     if gpu is not None:
                         served: dict[str, float] = defaultdict(float)  # service time per tenant
                         for name, _, r in all_rows:
@@ -807,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         "trace": str(args.trace) if args.trace else None,
         "policy": str(policy_dir),
         "noisy_tenant": config.tenants[0].name,
+        "noisy_burst": mode.noisy_burst,
         "tenants": [
             {
                 "name": t.name,

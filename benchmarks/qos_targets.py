@@ -139,29 +139,34 @@ def _noisy_line(name: str, system: Mapping[str, Any], meta: Mapping[str, Any]) -
     worst = noisy_worst(system, meta)
     if worst is None:
         return _line(f"noisy_tenant[{name}]", "not measured", "<= 1%", False)
-    tenant, numbers, at_m = worst
+    numbers = worst.numbers
     pct = numbers["violation_pct"]
     counts = (
         f" ({numbers['violations']} of {numbers['sent']}{_how_ended(numbers)})"
         if "sent" in numbers
         else ""
     )
+    where = (
+        f"in the noisy point (the noisy tenant at {worst.burst:g}x its rate, the others at"
+        " their 1x rates)"
+        if worst.burst is not None
+        else f"at {worst.m:g}x"
+    )
     claim = _count_claim(numbers, OTHER_TENANT_MAX_PCT) if "sent" in numbers else ""
-    claim += _noisy_over_quota(system, meta, at_m)
+    claim += _noisy_over_quota(worst.point, meta)
     return _line(
         f"noisy_tenant[{name}]",
-        f"worst other tenant {tenant} {pct:.2f}%{counts} at {at_m:g}x{claim}",
+        f"worst other tenant {worst.tenant} {pct:.2f}%{counts} {where}{claim}",
         f"<= {OTHER_TENANT_MAX_PCT:g}%",
         pct <= OTHER_TENANT_MAX_PCT,
     )
 
 
-def _noisy_over_quota(system: Mapping[str, Any], meta: Mapping[str, Any], at_m: float) -> str:
+def _noisy_over_quota(point: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     """Whether the noisy tenant was over its quota where the line judges, as the sidecar
     told it (its 429s there): with none, it was a large tenant within its quota at that
     point, and what the quiet tenants missed is not its excess's doing."""
-    point = _at(system, at_m)
-    noisy = {} if point is None else point["tenants"].get(meta["noisy_tenant"], {})
+    noisy = point["tenants"].get(meta["noisy_tenant"], {})
     if "shed_429" not in noisy or "sent" not in noisy:
         return ""
     over, sent = int(noisy["shed_429"]), int(noisy["sent"])

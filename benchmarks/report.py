@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -404,33 +405,58 @@ def _fmt(v: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "n/a" if v is None else f"{v:{spec}}{suffix}"
 
 
-def noisy_impact(
-    system: Mapping[str, Any], meta: Mapping[str, Any]
-) -> tuple[float | None, float | None]:
-    """Worst violation % of any other tenant at the highest load where every other tenant's
-    expected demand (its share of m * C) is within its quota, so its violations are the noisy
-    tenant's doing; (value, m)."""
-    worst = noisy_worst(system, meta)
-    return (None, None) if worst is None else (worst[1]["violation_pct"], worst[2])
+@dataclass(frozen=True)
+class NoisyWorst:
+    """The quiet tenant that missed most where the noisy tenant is judged."""
+
+    tenant: str
+    numbers: Mapping[str, Any]  # that tenant's numbers at the point
+    m: float  # the point's load, a multiple of C
+    point: Mapping[str, Any]  # the point itself
+    burst: float | None  # the noisy point's burst; None: a sweep point
 
 
-def noisy_worst(
-    system: Mapping[str, Any], meta: Mapping[str, Any]
-) -> tuple[str, Mapping[str, Any], float] | None:
-    """`noisy_impact`'s tenant: (name, its numbers at that point, m); None when no load
-    qualifies."""
-    capacity = meta["capacity_rps"]
+def noisy_worst(system: Mapping[str, Any], meta: Mapping[str, Any]) -> NoisyWorst | None:
+    """Where the noisy tenant is judged: the noisy point (every quiet tenant at its 1x rate, the
+    noisy tenant at `burst` times its own) when the run has one; otherwise, for results
+    without it, the highest sweep load where every other tenant's expected demand (its share of
+    m * C) is within its quota. None when neither exists."""
     quiet = [t for t in meta["tenants"] if t["name"] != meta["noisy_tenant"]]
-    best: tuple[str, Mapping[str, Any], float] | None = None
+    if not quiet:
+        return None
+
+    def worst(point: Mapping[str, Any], burst: float | None) -> NoisyWorst:
+        name = max(quiet, key=lambda t: point["tenants"][t["name"]]["violation_pct"])["name"]
+        return NoisyWorst(name, point["tenants"][name], point["m"], point, burst)
+
+    if (noisy := system.get("noisy")) is not None:
+        return worst(noisy, noisy["burst"])
+    capacity = meta["capacity_rps"]
+    best: NoisyWorst | None = None
     for p in sorted(system["points"], key=lambda p: p["m"]):
-        within = all(
+        if all(
             t["quota_rps"] is None or t["share"] * p["m"] * capacity <= t["quota_rps"]
             for t in quiet
-        )
-        if within and quiet:
-            name = max(quiet, key=lambda t: p["tenants"][t["name"]]["violation_pct"])["name"]
-            best = (name, p["tenants"][name], p["m"])
+        ):
+            best = worst(p, None)
     return best
+
+
+def describe_noisy(point: Mapping[str, Any], meta_noisy: str) -> str:
+    """The noisy point in words: what the noisy tenant sent and was refused, and the worst
+    quiet tenant."""
+    n = point["tenants"][meta_noisy]
+    quiet = {k: v for k, v in point["tenants"].items() if k != meta_noisy}
+    name = max(quiet, key=lambda k: quiet[k]["violation_pct"]) if quiet else None
+    text = (
+        f"{meta_noisy} at {point['burst']:g}x its rate (load {point['m']:g}x): sent {n['sent']},"
+        f" 429 {n['shed_429']}, 503 {n['shed_503']}"
+    )
+    if name is not None:
+        q = quiet[name]
+        text += f"; worst quiet tenant {name} {q['violation_pct']:.2f}% ({q['violations']} of"
+        text += f" {q['sent']})"
+    return text
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
@@ -448,8 +474,13 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         sm3 = p3["overall"]["slo_met_over_c"] if p3 else None
         in2 = p2["overall"].get("slo_met_in_point_over_c") if p2 else None
         in3 = p3["overall"].get("slo_met_in_point_over_c") if p3 else None
-        worst, at_m = noisy_impact(s, results["meta"])
-        other = f"{_fmt(worst)} ({_fmt(at_m, 'g')}x)" if worst is not None else "n/a"
+        judged = noisy_worst(s, results["meta"])
+        if judged is None:
+            other = "n/a"
+        elif judged.burst is not None:
+            other = f"{_fmt(judged.numbers['violation_pct'])} (noisy at {judged.burst:g}x)"
+        else:
+            other = f"{_fmt(judged.numbers['violation_pct'])} ({judged.m:g}x)"
         if p3:
             o = p3["overall"]
             shed = f"{_pct(o['shed_429'], o['sent']):.0f}/{_pct(o['shed_503'], o['sent']):.0f}"

@@ -21,7 +21,7 @@ import datetime as dt
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,21 @@ def default_tenants(
         )
         for i in range(n)
     )
+
+
+def noisy_burst(
+    tenants: Sequence[TenantSpec], burst: float
+) -> tuple[tuple[TenantSpec, ...], float]:
+    """The noisy point's tenants: tenant 0 sends ``burst`` times its usual rate while every
+    other tenant sends its usual share of 1x. Returns the tenants with their send shares
+    renormalised (quotas unchanged) and the load, as a multiple of C, that gives each quiet
+    tenant exactly its 1x rate."""
+    if burst <= 0:
+        raise ValueError(f"noisy burst {burst}: expected > 0")
+    raw = [t.share * (burst if i == 0 else 1.0) for i, t in enumerate(tenants)]
+    load = sum(raw) / sum(t.share for t in tenants)
+    total = sum(raw)
+    return tuple(replace(t, share=r / total) for t, r in zip(tenants, raw, strict=True)), load
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from benchmarks.loadgen import Record
 from benchmarks.qos_targets import target_lines, wilson_interval_pct
 from benchmarks.report import class_stats, describe_last_over, met, point_stats, recovery_s
@@ -232,3 +234,47 @@ def test_the_wilson_interval_matches_known_values() -> None:
     assert (low, round(high, 3)) == (0.0, 0.383)
     low, high = wilson_interval_pct(50, 100)
     assert (round(low, 1), round(high, 1)) == (40.4, 59.6)
+
+
+def test_the_noisy_tenant_is_judged_in_the_noisy_point_where_the_run_has_one() -> None:
+    """The sweep's 1x point (no miss, the noisy tenant within its quota) is not where the line
+    judges when the run has a noisy point: there the quiet tenant missed 3 of 300 while the
+    noisy tenant was refused 120 over its quota."""
+    tenants = [
+        {"name": "n", "share": 0.5, "quota_rps": 10.0},
+        {"name": "q", "share": 0.5, "quota_rps": 20.0},
+    ]
+    at_1x = {
+        "m": 1.0,
+        "tenants": {
+            "n": {"violation_pct": 0.0, "sent": 100, "violations": 0, "shed_429": 0},
+            "q": {"violation_pct": 0.0, "sent": 100, "violations": 0, "shed_429": 0},
+        },
+    }
+    noisy = {
+        "m": 2.0,
+        "burst": 3.0,
+        "tenants": {
+            "n": {"violation_pct": 40.0, "sent": 300, "violations": 120, "shed_429": 120},
+            "q": {"violation_pct": 1.0, "sent": 300, "violations": 3, "shed_429": 0},
+        },
+    }
+    system: dict[str, Any] = {"points": [at_1x], "noisy": noisy}
+    results = {
+        "meta": {"capacity_rps": 20.0, "noisy_tenant": "n", "tenants": tenants},
+        "systems": {"sidecar-http": system},
+    }
+    line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
+    assert line.startswith(
+        "TARGET noisy_tenant[sidecar-http]: worst other tenant q 1.00% (3 of 300) in the noisy"
+        " point (the noisy tenant at 3x its rate, the others at their 1x rates)"
+    ), line
+    assert "the noisy tenant got 120 of 300 answered 429 there" in line
+    assert line.endswith("(<= 1%) met"), line
+    noisy["tenants"]["q"] |= {"violation_pct": 1.333, "violations": 4}
+    line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
+    assert line.endswith("(<= 1%) missed"), line
+    del system["noisy"]  # results from before the noisy point: the sweep's 1x
+    line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
+    assert "worst other tenant q 0.00% (0 of 100) at 1x" in line
+    assert "untested" in line

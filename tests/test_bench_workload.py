@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.workload import Arrival, Trace, arrival_times
+from benchmarks.workload import Arrival, Trace, arrival_times, default_tenants, noisy_burst
 
 BURSTY = Arrival("gamma", cv=4.0)
 
@@ -124,3 +124,18 @@ def test_a_client_with_identity_headers_states_its_classs_timeout() -> None:
     assert not any("x-qos-timeout-ms" in p.headers for p in plain)
     unstated = prepare(schedule, model, tenants, classes, GenOptions())
     assert not any("x-qos-timeout-ms" in p.headers for p in unstated)
+
+
+def test_the_noisy_point_raises_the_noisy_tenant_alone() -> None:
+    """At the noisy point's load, every quiet tenant sends what it sends at 1x and the noisy
+    tenant three times as much; quotas are those of the policy, unchanged."""
+    tenants = default_tenants()
+    burst, load = noisy_burst(tenants, 3.0)
+    assert load == pytest.approx(0.4 * 3 + 0.6)
+    assert burst[0].share * load == pytest.approx(3 * tenants[0].share)
+    for before, after in zip(tenants[1:], burst[1:], strict=True):
+        assert after.share * load == pytest.approx(before.share)
+        assert after.quota_weight == before.quota_weight
+    assert sum(t.share for t in burst) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        noisy_burst(tenants, 0.0)

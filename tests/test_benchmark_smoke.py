@@ -91,6 +91,12 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
                 total = sum(t[f"shed_{code}"] for t in point["tenants"].values())
                 assert total == overall[f"shed_{code}"], (name, code)
             check_device(name, point)
+    # The noisy point: the noisy tenant at 3x its rate (1.2 C), the others at 1x (0.6 C).
+    for name, system in results["systems"].items():
+        noisy = system["noisy"]
+        assert (noisy["burst"], noisy["m"]) == (3.0, 1.8), name
+        share = noisy["tenants"][meta["noisy_tenant"]]["sent"] / noisy["overall"]["sent"]
+        assert 0.55 < share < 0.8, (name, share)  # 2/3 expected
     step = results["systems"]["sidecar-http"]["step"]
     assert len(step["seeds"]) == 2  # the step ran once per seed; recovery from both pooled
     assert all(s is None or 0.0 <= s <= 2.0 for s in step["seeds"])
@@ -195,7 +201,7 @@ def test_a_streamed_class_on_the_in_flight_batcher_reports_ttft_and_tpot(tmp_pat
     _, out, results = run_quick(
         tmp_path,
         "--model", "llm_ifb", "--systems", "passthrough,sidecar-extproc",
-        "--loads", "0.5", "--seeds", "1", "--step-systems", "none",
+        "--loads", "0.5", "--seeds", "1", "--step-systems", "none", "--noisy-burst", "0",
     )  # fmt: skip
     assert results["meta"]["streamed_classes"] == ["interactive"]
     for name, system in results["systems"].items():
