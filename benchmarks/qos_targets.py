@@ -17,7 +17,7 @@ from typing import Any
 
 from benchmarks import usage_check
 from benchmarks.policy import SHARE_ROW, share_of
-from benchmarks.report import describe_last_over, noisy_worst
+from benchmarks.report import describe_last_over, noisy_worst, sweep_worst
 from sidecar.core.protect import TARGET
 from sidecar.policy.model import Protect
 
@@ -154,6 +154,15 @@ def _noisy_line(name: str, system: Mapping[str, Any], meta: Mapping[str, Any]) -
     )
     claim = _count_claim(numbers, OTHER_TENANT_MAX_PCT) if "sent" in numbers else ""
     claim += _noisy_over_quota(worst.point, meta)
+    if worst.burst is not None and (sweep := sweep_worst(system, meta)) is not None:
+        # Beside it, where the noisy tenant sends its usual 40%: over its entitlement, within
+        # its (oversubscribed) bucket.
+        s = sweep.numbers
+        claim += (
+            f"; at {sweep.m:g}x, every tenant at its usual share, worst {sweep.tenant}"
+            f" {s['violation_pct']:.2f}%"
+            + (f" ({s['violations']} of {s['sent']})" if "sent" in s else "")
+        )
     return _line(
         f"noisy_tenant[{name}]",
         f"worst other tenant {worst.tenant} {pct:.2f}%{counts} {where}{claim}",

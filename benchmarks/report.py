@@ -425,20 +425,25 @@ def noisy_worst(system: Mapping[str, Any], meta: Mapping[str, Any]) -> NoisyWors
     if not quiet:
         return None
 
-    def worst(point: Mapping[str, Any], burst: float | None) -> NoisyWorst:
-        name = max(quiet, key=lambda t: point["tenants"][t["name"]]["violation_pct"])["name"]
-        return NoisyWorst(name, point["tenants"][name], point["m"], point, burst)
-
     if (noisy := system.get("noisy")) is not None:
-        return worst(noisy, noisy["burst"])
+        name = max(quiet, key=lambda t: noisy["tenants"][t["name"]]["violation_pct"])["name"]
+        return NoisyWorst(name, noisy["tenants"][name], noisy["m"], noisy, noisy["burst"])
+    return sweep_worst(system, meta)
+
+
+def sweep_worst(system: Mapping[str, Any], meta: Mapping[str, Any]) -> NoisyWorst | None:
+    """The worst quiet tenant at the highest sweep load where every quiet tenant's expected
+    demand (its share of m * C) is within its quota; None when no load qualifies."""
+    quiet = [t for t in meta["tenants"] if t["name"] != meta["noisy_tenant"]]
     capacity = meta["capacity_rps"]
     best: NoisyWorst | None = None
     for p in sorted(system["points"], key=lambda p: p["m"]):
-        if all(
+        if quiet and all(
             t["quota_rps"] is None or t["share"] * p["m"] * capacity <= t["quota_rps"]
             for t in quiet
         ):
-            best = worst(p, None)
+            name = max(quiet, key=lambda t: p["tenants"][t["name"]]["violation_pct"])["name"]
+            best = NoisyWorst(name, p["tenants"][name], p["m"], p, None)
     return best
 
 

@@ -270,6 +270,7 @@ def test_the_noisy_tenant_is_judged_in_the_noisy_point_where_the_run_has_one() -
         " point (the noisy tenant at 3x its rate, the others at their 1x rates)"
     ), line
     assert "the noisy tenant got 120 of 300 answered 429 there" in line
+    assert "; at 1x, every tenant at its usual share, worst q 0.00% (0 of 100)" in line
     assert line.endswith("(<= 1%) met"), line
     noisy["tenants"]["q"] |= {"violation_pct": 1.333, "violations": 4}
     line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
