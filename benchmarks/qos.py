@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     g = parser.add_mutually_exclusive_group()
     g.add_argument(
-        "--quick", action="store_true", help="about 18 minutes on 2 cores, 8 systems (default)"
+        "--quick", action="store_true", help="about 23 minutes on 2 cores, 8 systems (default)"
     )
     g.add_argument("--full", action="store_true", help="the whole sweep; much longer")
     parser.add_argument("--policy", type=Path, help="sidecar policy dir (default: generated)")

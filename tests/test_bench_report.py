@@ -191,7 +191,8 @@ def test_the_noisy_tenant_line_names_the_worst_quiet_tenant_and_its_counts() -> 
     line = next(x for x in target_lines(results) if x.startswith("TARGET noisy"))
     assert line == (
         "TARGET noisy_tenant[sidecar-http]: worst other tenant small 3.45% (2 of 58) at 1x;"
-        " 95% interval 0.95-11.73%: the count allows no claim either way (<= 1%) missed"
+        " 95% interval 0.95-11.73%: the count allows no claim either way;"
+        " every quiet tenant together 3 of 290 (1.03%) (<= 1%) missed"
     )
     for numbers in point["tenants"].values():
         del numbers["sent"], numbers["violations"]
@@ -270,6 +271,7 @@ def test_the_noisy_tenant_is_judged_in_the_noisy_point_where_the_run_has_one() -
         " point (the noisy tenant at 3x its rate, the others at their 1x rates)"
     ), line
     assert "the noisy tenant got 120 of 300 answered 429 there" in line
+    assert "; every quiet tenant together 3 of 300 (1.00%)" in line
     assert "; at 1x, every tenant at its usual share, worst q 0.00% (0 of 100)" in line
     assert line.endswith("(<= 1%) met"), line
     noisy["tenants"]["q"] |= {"violation_pct": 1.333, "violations": 4}
