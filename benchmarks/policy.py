@@ -78,15 +78,18 @@ OVERLOAD_BATCHES = {
 # and 0.25 already shed lower classes at 1x. 0.375 is the balance.
 CAPPED_CLASSES = ("standard", "batch")
 MAX_IN_FLIGHT = 0.375
-# How long each class may be held, as a share of its deadline. Batch work that can still make
-# its deadline is held rather than shed (issue 12): for its whole deadline, which the sidecar
-# cuts to what the class's recent time in Triton leaves of it (sidecar/core/signals.py,
-# hold_budget), so nothing in the share is this workload's. Half the deadline (until
-# 2026-12-03) shed batch work at the end of a hold that still had time to run: see
-# benchmarks/README.md, "Batch holds". Each transport cuts the hold to what Envoy waits
+# How long each class may be held, as a share of its deadline. Standard and batch work that
+# can still make its deadline is held rather than shed (issue 12): for its whole deadline,
+# which the sidecar cuts to what the class's recent time in Triton leaves of it
+# (sidecar/core/signals.py, hold_budget), so nothing in the share is this workload's. Half
+# the deadline (until 2026-12-03) shed batch work at the end of a hold that still had time
+# to run: see benchmarks/README.md, "Batch holds". Each transport cuts the hold to what Envoy waits
 # (sidecar/core/holds.py: 29.5 s on ext_authz and on ext_proc), so the policy states the
-# intent and needs no cap of its own.
-MAX_WAIT_SHARE = {"interactive": 0.4, "standard": 0.3, "batch": 1.0}
+# intent and needs no cap of its own. Standard was held for 30% of its deadline until
+# 2026-12-07, then relegated to batch and shed there without room: a quiet tenant's standard
+# request, first in the tenant-fair order, was shed while the noisy tenant's interactive work
+# filled the model ("Standard holds", benchmarks/README.md).
+MAX_WAIT_SHARE = {"interactive": 0.4, "standard": 1.0, "batch": 1.0}
 # --interactive-quota: what bounds a tenant's interactive requests in the sidecar variants.
 #   none    - nothing of the tenant's own (its bucket covers its other classes): the load alone
 #   refuse  - a bucket of its own for interactive, at the tenant's rate: 429 beyond it
