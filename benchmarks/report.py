@@ -416,19 +416,24 @@ class NoisyWorst:
     burst: float | None  # the noisy point's burst; None: a sweep point
 
 
+def _worst_quiet(point: Mapping[str, Any], noisy: str) -> str | None:
+    """The tenant other than `noisy` that missed most at `point`; None when there is none."""
+    quiet = [k for k in point["tenants"] if k != noisy]
+    return max(quiet, key=lambda k: point["tenants"][k]["violation_pct"]) if quiet else None
+
+
 def noisy_worst(system: Mapping[str, Any], meta: Mapping[str, Any]) -> NoisyWorst | None:
     """Where the noisy tenant is judged: the noisy point (every quiet tenant at its 1x rate, the
     noisy tenant at `burst` times its own) when the run has one; otherwise, for results
     without it, the highest sweep load where every other tenant's expected demand (its share of
     m * C) is within its quota. None when neither exists."""
-    quiet = [t for t in meta["tenants"] if t["name"] != meta["noisy_tenant"]]
-    if not quiet:
+    noisy = system.get("noisy")
+    if noisy is None:
+        return sweep_worst(system, meta)
+    name = _worst_quiet(noisy, meta["noisy_tenant"])
+    if name is None:
         return None
-
-    if (noisy := system.get("noisy")) is not None:
-        name = max(quiet, key=lambda t: noisy["tenants"][t["name"]]["violation_pct"])["name"]
-        return NoisyWorst(name, noisy["tenants"][name], noisy["m"], noisy, noisy["burst"])
-    return sweep_worst(system, meta)
+    return NoisyWorst(name, noisy["tenants"][name], noisy["m"], noisy, noisy["burst"])
 
 
 def sweep_worst(system: Mapping[str, Any], meta: Mapping[str, Any]) -> NoisyWorst | None:
@@ -442,23 +447,22 @@ def sweep_worst(system: Mapping[str, Any], meta: Mapping[str, Any]) -> NoisyWors
             t["quota_rps"] is None or t["share"] * p["m"] * capacity <= t["quota_rps"]
             for t in quiet
         ):
-            name = max(quiet, key=lambda t: p["tenants"][t["name"]]["violation_pct"])["name"]
-            best = NoisyWorst(name, p["tenants"][name], p["m"], p, None)
+            name = _worst_quiet(p, meta["noisy_tenant"])
+            if name is not None:
+                best = NoisyWorst(name, p["tenants"][name], p["m"], p, None)
     return best
 
 
-def describe_noisy(point: Mapping[str, Any], meta_noisy: str) -> str:
+def describe_noisy(point: Mapping[str, Any], noisy: str) -> str:
     """The noisy point in words: what the noisy tenant sent and was refused, and the worst
     quiet tenant."""
-    n = point["tenants"][meta_noisy]
-    quiet = {k: v for k, v in point["tenants"].items() if k != meta_noisy}
-    name = max(quiet, key=lambda k: quiet[k]["violation_pct"]) if quiet else None
+    n = point["tenants"][noisy]
     text = (
-        f"{meta_noisy} at {point['burst']:g}x its rate (load {point['m']:g}x): sent {n['sent']},"
+        f"{noisy} at {point['burst']:g}x its rate (load {point['m']:g}x): sent {n['sent']},"
         f" 429 {n['shed_429']}, 503 {n['shed_503']}"
     )
-    if name is not None:
-        q = quiet[name]
+    if (name := _worst_quiet(point, noisy)) is not None:
+        q = point["tenants"][name]
         text += f"; worst quiet tenant {name} {q['violation_pct']:.2f}% ({q['violations']} of"
         text += f" {q['sent']})"
     return text
