@@ -122,11 +122,15 @@ class SidecarProcess(ManagedProcess):
         return env
 
     def wait_ready(self, deadline: float) -> None:
-        wait_http(
-            f"{self.admin_url}/readyz",
-            timeout=max(0.1, deadline - time.monotonic()),
-            check=self.check_alive,
-        )
+        """Every worker ready (`--workers N`: worker i's admin port is ours + i). A worker
+        answers /readyz only once its Envoy-facing listeners are bound, so traffic sent
+        after this reaches all of them, not only those that started first."""
+        for index in range(int(self.extra_env.get("QOS_WORKERS", "1"))):
+            wait_http(
+                f"http://{LOCALHOST}:{self.admin_port + index}/readyz",
+                timeout=max(0.1, deadline - time.monotonic()),
+                check=self.check_alive,
+            )
 
     def __exit__(
         self,

@@ -244,6 +244,10 @@ async def start(settings: Settings, registry: CollectorRegistry | None = None) -
     auth = TokenCheck(settings.auth_token, metrics.unauthenticated_calls.labels)
     authz, runners = await _start_http(settings, service, holder, monitor, lease_key, auth)
     server = await _start_grpc(settings, service, lease_key, auth)
+    # The admin listener last: once /readyz answers, every Envoy-facing listener is bound
+    # (a supervisor or test waiting on it may send traffic to this worker at once).
+    admin_host, admin_port = settings.admin_host_port
+    await web.TCPSite(runners[0], admin_host, admin_port, reuse_address=True).start()
     sidecar = Sidecar(settings, holder, service, metrics, authz, runners, server, [], monitor)
     sidecar.gc_watcher = PauseWatcher(metrics.gc_pause_seconds)
     replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # in the store
@@ -280,7 +284,8 @@ async def _start_http(
     lease_key: bytes,
     auth: TokenCheck,
 ) -> tuple[WireListener, list[web.AppRunner]]:
-    """ext_authz over HTTP (a Unix socket or TCP) and the admin listener (TCP, aiohttp)."""
+    """ext_authz over HTTP (a Unix socket or TCP) and the admin app (TCP, aiohttp), set up
+    here and served last by `start`."""
 
     async def triton_readiness() -> tuple[list[str], dict[str, Any]]:
         if monitor is None:
@@ -292,7 +297,6 @@ async def _start_http(
 
     authz = AuthzHttp(service, lease_key=lease_key, auth=auth).listener()
     await _listen(authz, settings.authz_http_listen, settings)
-    admin_host, admin_port = settings.admin_host_port
     # handler_cancellation: when a caller gives up, stop answering it.
     runner = web.AppRunner(
         build_admin_app(service, holder, triton_readiness),
@@ -300,7 +304,6 @@ async def _start_http(
         access_log=None,
     )
     await runner.setup()
-    await web.TCPSite(runner, admin_host, admin_port, reuse_address=True).start()
     return authz, [runner]
 
 
