@@ -19,13 +19,16 @@ joins that log to the point's records and says where a class's latency went:
   its deadline without being refused (answered late, or its client gave up), the longest
   batch that ran while it waited and ran (from its send to its answer, or to its deadline
   when no answer came), and the class of that batch's longest request (the most output
-  tokens among the batch's answered requests; static batching runs a batch until its longest
-  row is done, so that request set the batch's length): whose long request the miss waited
-  through. ``unknown``: no answered request was matched to that batch.
+  tokens among the batch's matched requests: answered ones, and by id also those whose
+  client had given up; static batching runs a batch until its longest row is done, so that
+  request set the batch's length): whose long request the miss waited through.
+  ``unknown``: no request was matched to that batch.
 
-A request is matched to the batch whose end is the latest at or before its answer, at most
-``MATCH_S`` before it (the answer's way back through Envoy to the client). Only the ``llm``
-model writes a batch log.
+A request is matched to the batch that logged its id (the load generator sends each request
+with a KServe v2 ``id``, and the model writes its batch's ids). With a log that names no ids
+(an older model), a request is matched by time instead: to the batch whose end is the latest
+at or before its answer, at most ``MATCH_S`` before it (the answer's way back through Envoy to
+the client), which a busy host can make longer. Only the ``llm`` model writes a batch log.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ from benchmarks.loadgen import Record, RunResult
 from benchmarks.triton_stalls import Batch, find_stalls
 
 MATCH_S = 0.010  # the most an answer may reach the client after its batch's end
+
+
+def by_id(batches: Iterable[Batch]) -> dict[str, Batch]:
+    """Each logged request id's batch."""
+    return {i: b for b in batches for i in b.ids if i != "-"}
 
 
 def batch_of(batches: Sequence[Batch], ends: Sequence[float], answered_at: float) -> Batch | None:
@@ -66,6 +74,7 @@ def point(
     request each class's misses waited through (``missed_behind``)."""
     ordered = sorted(batches, key=lambda b: b.end)
     ends = [b.end for b in ordered]
+    named = by_id(ordered)
     waits: dict[str, list[float]] = {}
     lengths: dict[str, list[float]] = {}
     behind: dict[str, Counter[str]] = {}
@@ -74,19 +83,24 @@ def point(
     for result, records in runs:
         t0 = result.start_monotonic
         ok = [r for r in records if r.status == 200 and r.latency is not None]
-        longest: dict[int, Record] = {}  # id of a batch -> its answered request of most tokens
+        longest: dict[int, Record] = {}  # id of a batch -> its matched request of most tokens
         for r in ok:
             answered += 1
             assert r.latency is not None
-            batch = batch_of(ordered, ends, t0 + r.sent + r.latency)
+            if named:
+                batch = named.get(r.request_id)
+            else:
+                batch = batch_of(ordered, ends, t0 + r.sent + r.latency)
             if batch is None:
                 continue
             matched += 1
             waits.setdefault(r.klass, []).append(batch.start - (t0 + r.sent))
             lengths.setdefault(r.klass, []).append(batch.end - batch.start)
-            top = longest.get(id(batch))
-            if top is None or r.output_tokens > top.output_tokens:
-                longest[id(batch)] = r
+            _keep_longest(longest, batch, r)
+        # By id, a request whose client gave up is found in the batch it ran in all the same.
+        for r in records if named else ():
+            if r.status != 200 and (batch := named.get(r.request_id)) is not None:
+                _keep_longest(longest, batch, r)
         if deadlines is not None:
             misses = missed_behind(ordered, ends, t0, records, deadlines, longest)
             for klass, who in misses.items():
@@ -120,6 +134,12 @@ def point(
     }
 
 
+def _keep_longest(longest: dict[int, Record], batch: Batch, r: Record) -> None:
+    top = longest.get(id(batch))
+    if top is None or r.output_tokens > top.output_tokens:
+        longest[id(batch)] = r
+
+
 def _missed(r: Record, deadline_s: float) -> bool:
     """Missed its deadline without being refused: answered late, or its client gave up."""
     if r.status == 200:
@@ -136,8 +156,8 @@ def missed_behind(
     longest: Mapping[int, Record],
 ) -> dict[str, Counter[str]]:
     """Per class, its misses by the class of the longest request of the longest batch each
-    waited through (module comment); `longest`: each batch's (by `id`) answered request of
-    most tokens, as `point` matched them."""
+    waited through (module comment); `longest`: each batch's (by `id`) request of most
+    tokens among those `point` matched to it."""
     out: dict[str, Counter[str]] = {}
     for r in records:
         deadline_s = deadlines.get(r.klass)

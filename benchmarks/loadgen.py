@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import secrets
 import sys
 import tempfile
 import threading
@@ -81,6 +82,7 @@ class Record:
     output_tokens: int = 0
     tpot: float | None = None  # streamed: s per output token after the first
     trace: str = ""  # a refusal's decision steps, " | "-joined (QOS_EXPLAIN_REFUSALS)
+    request_id: str = ""  # the body's KServe v2 id, where it has one (`prepare`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class Prepared:
     headers: Mapping[str, str]
     body: bytes
     stream: bool = False
+    request_id: str = ""
 
 
 def prepare(
@@ -105,8 +108,10 @@ def prepare(
     deadline does (sidecar/core/client_wait.py; gRPC clients send grpc-timeout)."""
     keys = {t.name: t.api_key for t in tenants}
     waits = {k: str(round(v * 1000)) for k, v in (timeouts or {}).items()}
+    # Each request's id, unique across the runs that share a batch log (device_log.py).
+    run = secrets.token_hex(4)
     out = []
-    for r in schedule:
+    for i, r in enumerate(schedule):
         name = silo_name(model.name, r.klass) if options.siloed else model.name
         headers = {"content-type": "application/json"}
         if options.identity_headers:
@@ -116,9 +121,14 @@ def prepare(
                 headers["x-qos-timeout-ms"] = waits[r.klass]
         priority = classes[r.klass].priority if options.priority_in_body else None
         stream = model.streams and r.klass in options.stream_classes
-        body = model.body(r.prompt_tokens, r.output_tokens, priority, stream=stream)
+        # The generate extension (llm_ifb) takes no id; only llm logs its batches.
+        request_id = f"{run}-{i}" if model.endpoint == "infer" else ""
+        body = model.body(
+            r.prompt_tokens, r.output_tokens, priority, stream=stream, request_id=request_id
+        )
         endpoint = "generate_stream" if stream else model.endpoint
-        out.append(Prepared(r, f"/v2/models/{name}/{endpoint}", headers, body, stream))
+        path = f"/v2/models/{name}/{endpoint}"
+        out.append(Prepared(r, path, headers, body, stream, request_id))
     return out
 
 
@@ -210,6 +220,7 @@ async def _drive(
                 "",
                 r.prompt_tokens,
                 r.output_tokens,
+                request_id=p.request_id,
             )
             records.append(rec)
             budget = timeouts[r.klass]

@@ -54,8 +54,16 @@ class ModelKind:
         return self.name == "llm_ifb"
 
     def body(
-        self, prompt: int, output: int, priority: int | None, *, stream: bool = False
+        self,
+        prompt: int,
+        output: int,
+        priority: int | None,
+        *,
+        stream: bool = False,
+        request_id: str = "",
     ) -> bytes:
+        """The request's JSON body; ``request_id`` as its KServe v2 ``id`` (the infer
+        endpoint: ``llm``'s batch log writes it, benchmarks/device_log.py joins on it)."""
         if self.name == "llm_ifb":  # the generate extension: inputs by name, parameters beside
             doc: dict[str, object] = {"PROMPT_TOKENS": prompt, "OUTPUT_TOKENS": output}
             parameters: dict[str, object] = {} if priority is None else {"priority": priority}
@@ -72,7 +80,7 @@ class ModelKind:
         else:
             tokens = output + prompt // 10
             inputs = [{"name": "TOKENS", "shape": [1, 1], "datatype": "INT32", "data": [tokens]}]
-        doc = {"inputs": inputs}
+        doc = {"id": request_id, "inputs": inputs} if request_id else {"inputs": inputs}
         if priority is not None:
             doc["parameters"] = {"priority": priority}
         return json.dumps(doc, separators=(",", ":")).encode()

@@ -77,6 +77,7 @@ class Batch:
     start: float  # time.monotonic(), the host's clock
     end: float
     rows: int
+    ids: tuple[str, ...] = ()  # its requests' ids, "-" for one without; () when none had one
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,13 +114,15 @@ def find_stalls(
 
 
 def read_batches(path: Path) -> list[Batch]:
-    """The model's batch log (``<start> <end> <rows>`` a line), in start order."""
+    """The model's batch log (``<start> <end> <rows> [<id>,...]`` a line), in start order."""
     if not path.exists():
         return []
     batches = []
     for line in path.read_text().splitlines():
-        start, end, rows = line.split()
-        batches.append(Batch(float(start), float(end), int(rows)))
+        start, end, rows, *ids = line.split()
+        batches.append(
+            Batch(float(start), float(end), int(rows), tuple(ids[0].split(",")) if ids else ())
+        )
     return sorted(batches, key=lambda b: b.start)
 
 

@@ -126,6 +126,29 @@ def test_a_client_with_identity_headers_states_its_classs_timeout() -> None:
     assert not any("x-qos-timeout-ms" in p.headers for p in unstated)
 
 
+def test_each_request_carries_an_id_unique_across_runs_where_the_model_logs_batches() -> None:
+    """`llm`'s requests carry a KServe v2 id in the body, unique within a run and across runs
+    (which share the point's batch log: benchmarks/device_log.py joins on it); the generate
+    extension's bodies carry none."""
+    import json
+
+    from benchmarks.loadgen import GenOptions, prepare
+    from benchmarks.models import MODELS
+    from benchmarks.workload import WorkloadConfig, generate
+
+    config = WorkloadConfig()
+    schedule = generate(config, 20.0, 2.0, seed=3)
+    runs = [
+        prepare(schedule, MODELS["llm"], config.tenants, config.classes, GenOptions())
+        for _ in range(2)
+    ]
+    ids = [p.request_id for run in runs for p in run]
+    assert len(set(ids)) == len(ids) == 2 * len(schedule) and all(ids)
+    assert all(json.loads(p.body)["id"] == p.request_id for p in runs[0])
+    ifb = prepare(schedule, MODELS["llm_ifb"], config.tenants, config.classes, GenOptions())
+    assert all(p.request_id == "" and "id" not in json.loads(p.body) for p in ifb)
+
+
 def test_the_noisy_point_raises_the_noisy_tenant_alone() -> None:
     """At the noisy point's load, every quiet tenant sends what it sends at 1x and the noisy
     tenant three times as much; quotas are those of the policy, unchanged."""

@@ -29,6 +29,23 @@ def test_a_request_is_matched_to_the_batch_that_ended_just_before_its_answer() -
     assert device_log.batch_of(batches, ends, T0 + 0.05) is None
 
 
+def test_a_request_is_matched_by_its_id_where_the_log_names_ids_however_late_its_answer() -> None:
+    """A busy host may deliver an answer well after its batch's end; the id join does not
+    depend on it, and a request whose id no batch logged is not matched to a neighbour."""
+    batches = [Batch(T0 + 0.0, T0 + 0.1, 2, ("r-1", "r-2")), Batch(T0 + 0.1, T0 + 0.3, 1, ("-",))]
+    late = record("interactive", 0.0, 0.25)  # 150 ms after its batch's end, within the next
+    late.request_id = "r-1"
+    prompt = record("interactive", 0.0, 0.101)
+    prompt.request_id = "r-2"
+    unknown = record("standard", 0.05, 0.251)  # ended within MATCH_S of the second batch
+    unknown.request_id = "r-9"
+    point = device_log.point(batches, [run([late, prompt, unknown])])
+    assert point["answered"] == 3 and point["matched"] == 2
+    assert point["classes"]["interactive"]["batch_ms_p50"] == 100.0  # both in the first batch
+    assert "standard" not in point["classes"]
+    assert device_log.by_id(batches) == {"r-1": batches[0], "r-2": batches[0]}
+
+
 def test_a_point_says_how_long_each_class_waited_and_how_long_its_batch_ran() -> None:
     batches = [
         Batch(T0 + 0.00, T0 + 0.10, 1),
@@ -117,3 +134,25 @@ def test_a_miss_is_put_down_to_the_longest_request_of_the_longest_batch_it_waite
         "interactive": {"unknown": 1}
     }
     assert device_log.point(batches, [run(records)])["missed_behind"] == {}
+
+
+def test_by_id_a_batch_whose_clients_all_gave_up_still_names_its_longest_request() -> None:
+    """The log names the requests a batch ran, answered or not: a miss behind a batch whose
+    every client had given up is put down to that batch's longest request, where the time
+    join could only say `unknown`."""
+    batches = [Batch(T0 + 0.00, T0 + 0.30, 2, ("a", "b")), Batch(T0 + 0.30, T0 + 0.35, 1, ("c",))]
+
+    def gave_up(klass: str, sent: float, tokens: int, request_id: str) -> Record:
+        r = Record("t1", klass, sent, sent, 0, None, None, None, "", "timeout", 10, tokens)
+        r.request_id = request_id
+        return r
+
+    records = [
+        gave_up("batch", 0.00, 500, "a"),  # the long row that set the batch's 300 ms
+        gave_up("interactive", 0.00, 20, "b"),  # ran in it, its client gone at 0.1 s
+        gave_up("interactive", 0.05, 20, "c"),  # waited through it, ran after
+    ]
+    deadlines = {"interactive": 0.1, "batch": 0.2}
+    point = device_log.point(batches, [run(records)], deadlines)
+    assert point["answered"] == 0 and point["matched"] == 0
+    assert point["missed_behind"] == {"interactive": {"batch": 2}, "batch": {"batch": 1}}

@@ -90,3 +90,11 @@ def test_read_batches_sorts_by_start_and_tolerates_no_log(tmp_path: Path) -> Non
     log = tmp_path / "b.log"
     log.write_text("2.0 2.5 3\n1.0 1.5 1\n")
     assert read_batches(log) == [Batch(1.0, 1.5, 1), Batch(2.0, 2.5, 3)]
+
+
+def test_read_batches_reads_the_ids_of_a_batchs_requests_where_the_log_has_them(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "b.log"
+    log.write_text("1.0 1.5 2 ab-1,-\n2.0 2.5 1\n")
+    assert read_batches(log) == [Batch(1.0, 1.5, 2, ("ab-1", "-")), Batch(2.0, 2.5, 1)]

@@ -28,8 +28,10 @@ INVALID_ARG error (HTTP 400) and takes no part in the batch. Every other request
 With the config parameter ``batch_log`` set to a file path (it is not in the shipped
 config.pbtxt), every batch appends one line to it: ``<start> <end> <rows>``, the start and end
 as ``time.monotonic()`` seconds (the clock every process of the host shares) and the batch's
-row count. It shows when the simulated device was busy and when it sat idle
-(``benchmarks/triton_stalls.py`` reads it). Unset or empty: nothing is written. A failed write
+row count, then, when any of its requests has an id (KServe v2 ``"id"``), the ids of its
+requests in order, comma-joined (``-`` for none, or for one holding a space or a comma). It
+shows when the simulated device was busy and when it sat idle, and which requests ran in each
+batch (``benchmarks/triton_stalls.py`` reads it). Unset or empty: nothing is written. A failed write
 is logged once and writing stops; the batch is served anyway.
 
 This file runs inside Triton's python stub, not in the sidecar: it must import only the
@@ -53,6 +55,14 @@ EOS_PARAMETER = "eos_after_tokens"
 def _param(config: dict[str, Any], key: str, default: float) -> float:
     value = config.get("parameters", {}).get(key, {}).get("string_value")
     return float(value) if value not in (None, "") else default
+
+
+def _log_id(request_id: str) -> str:
+    """A request's id as the batch log writes it: ``-`` for none, or for one that would break
+    the line's fields."""
+    if not request_id or any(c in request_id for c in " ,\t\r\n"):
+        return "-"
+    return request_id
 
 
 def _invalid(message: str) -> Any:
@@ -142,11 +152,13 @@ class TritonPythonModel:
         if self.batch_log is not None:
             self.batch_log.close()
 
-    def _log_batch(self, started: float, ended: float, rows: int) -> None:
+    def _log_batch(self, started: float, ended: float, rows: int, requests: list[Any]) -> None:
         if self.batch_log is None:
             return
+        ids = [_log_id(request.request_id()) for request in requests]
+        tail = " " + ",".join(ids) if any(i != "-" for i in ids) else ""
         try:
-            self.batch_log.write(f"{started:.6f} {ended:.6f} {rows}\n")
+            self.batch_log.write(f"{started:.6f} {ended:.6f} {rows}{tail}\n")
         except OSError as exc:
             pb_utils.Logger.log_warn(f"llm: batch_log write failed, no more lines: {exc}")
             self.batch_log = None
@@ -164,7 +176,7 @@ class TritonPythonModel:
         time.sleep(self.batch_ms(prompt_tokens, generated_tokens) / 1000.0)
         ended = time.monotonic()
         elapsed_ms = (ended - started) * 1000.0
-        self._log_batch(started, ended, len(generated_tokens))
+        self._log_batch(started, ended, len(generated_tokens), requests)
 
         responses = []
         for item in parsed:
