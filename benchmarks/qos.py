@@ -387,6 +387,7 @@ def write_records(path: Path, rows: list[tuple[str, str, Record]]) -> None:
                 "output_tokens",
                 "tpot_s",
                 "trace",
+                "request_id",
             ]
         )
         for system, run, r in rows:
@@ -408,6 +409,7 @@ def write_records(path: Path, rows: list[tuple[str, str, Record]]) -> None:
                     r.output_tokens,
                     "" if r.tpot is None else f"{r.tpot:.5f}",
                     r.trace,
+                    r.request_id,
                 ]
             )
 

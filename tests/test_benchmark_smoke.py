@@ -148,6 +148,8 @@ def test_benchmark_tiny_run_writes_a_sane_report(tmp_path: Path) -> None:
     for r in refused:
         assert r["trace"].endswith(f"shed {r['status']} {r['reason']}"), r
     assert not any(r["trace"] for r in rows if r["status"] == "200")
+    # Each request's id, as the device log names it: one per request sent.
+    assert all(r["request_id"] for r in rows) and len({r["request_id"] for r in rows}) == len(rows)
     # The sidecar rows run the balanced preset: caps learnt, none fixed by this workload.
     shipped = yaml.safe_load((out / "policy" / "balanced" / "bench.yaml").read_text())
     for klass in ("standard", "batch"):
