@@ -13,7 +13,8 @@ sidecar system and load, both versions' interactive violation % and SLO-met / C 
 it ended within the point, where both versions report it) per seed, their means, and the
 new-minus-base difference per seed: a claim needs differences that agree in sign, not one
 mean beside another. Where the runs had a step, each sidecar system's recovery per seed too,
-and in how many pairs the new version came back sooner or later.
+and in how many pairs the new version came back sooner or later; where they had a noisy
+point, each sidecar system's quiet tenants' misses pooled there, per seed.
 
 Nothing here is a benchmark of its own: the numbers are `benchmarks.qos`'s, from each run's
 results.json, kept under `--out` (`new-S/`, `base-S/`).
@@ -29,12 +30,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from benchmarks.qos_targets import quiet_pooled
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ("new", "base")
+V = TypeVar("V")
 
 
 # Per system and load: interactive violation %, SLO-met / C, and what of it ended within the
@@ -78,12 +82,10 @@ def compare(runs: Mapping[str, Mapping[int, Mapping[tuple[str, float], Headline]
             new = [a for a, _ in pairs]
             base = [b for _, b in pairs]
             diff = [a - b for a, b in zip(new, base, strict=True)]
-            signs = {(d > 0) - (d < 0) for d in diff}
-            agree = "all one sign" if len(signs) == 1 and 0 not in signs else "signs differ"
             lines.append(
                 f"{system} {m:g}x {label}: new {_values(new, unit)} | base {_values(base, unit)}"
                 f" | new-base {', '.join(f'{d:+.2f}' for d in diff)}"
-                f" (mean {statistics.fmean(diff):+.2f}, {agree})"
+                f" (mean {statistics.fmean(diff):+.2f}, {_agreement(diff)})"
             )
     return lines
 
@@ -101,22 +103,63 @@ def recoveries(results: Mapping[str, Any]) -> dict[str, float | None]:
 def compare_recovery(runs: Mapping[str, Mapping[int, Mapping[str, float | None]]]) -> list[str]:
     """One line per system that ran the step in both versions: each seed's recovery, and in
     how many pairs the new version came back sooner or later (not back counts as latest)."""
-    seeds = sorted(set(runs["new"]) & set(runs["base"]))
-    systems = sorted(
-        {n for s in seeds for n in runs["new"][s]} & {n for s in seeds for n in runs["base"][s]}
-    )
     lines = []
-    for name in systems:
-        paired = [s for s in seeds if name in runs["new"][s] and name in runs["base"][s]]
-        new = [runs["new"][s][name] for s in paired]
-        base = [runs["base"][s][name] for s in paired]
+    for name, new, base in _by_system(runs):
         order = [_later(a, b) for a, b in zip(new, base, strict=True)]
         lines.append(
             f"{name} recovery: new {_seconds(new)} | base {_seconds(base)} | new sooner in"
             f" {order.count(-1)}, later in {order.count(1)}, the same in {order.count(0)}"
-            f" of {len(paired)} pairs"
+            f" of {len(new)} pairs"
         )
     return lines
+
+
+def _by_system(
+    runs: Mapping[str, Mapping[int, Mapping[str, V]]],
+) -> Iterator[tuple[str, list[V], list[V]]]:
+    """Per system found in both versions: its values in the new and the base runs, over
+    the seeds both ran it with, in seed order."""
+    seeds = sorted(set(runs["new"]) & set(runs["base"]))
+    systems = sorted(
+        {n for s in seeds for n in runs["new"][s]} & {n for s in seeds for n in runs["base"][s]}
+    )
+    for name in systems:
+        paired = [s for s in seeds if name in runs["new"][s] and name in runs["base"][s]]
+        yield name, [runs["new"][s][name] for s in paired], [runs["base"][s][name] for s in paired]
+
+
+def noisy_quiet(results: Mapping[str, Any]) -> dict[str, float]:
+    """Each sidecar system's quiet tenants' misses pooled in the noisy point, in %, where
+    the run had one (`--noisy-burst`, qos_targets.quiet_pooled)."""
+    noisy_tenant = results.get("meta", {}).get("noisy_tenant")
+    found: dict[str, float] = {}
+    for name, system in results["systems"].items():
+        point = system.get("noisy")
+        if not name.startswith("sidecar") or not point or noisy_tenant is None:
+            continue
+        pooled = quiet_pooled(point, noisy_tenant)
+        if pooled is not None and pooled[1] > 0:
+            found[name] = 100 * pooled[0] / pooled[1]
+    return found
+
+
+def compare_noisy(runs: Mapping[str, Mapping[int, Mapping[str, float]]]) -> list[str]:
+    """One line per system with a noisy point in both versions: the quiet tenants' misses
+    pooled, seed by seed, as `compare` gives a point's measures."""
+    lines = []
+    for name, new, base in _by_system(runs):
+        diff = [a - b for a, b in zip(new, base, strict=True)]
+        lines.append(
+            f"{name} noisy point, quiet tenants pooled: new {_values(new, '%')} | base"
+            f" {_values(base, '%')} | new-base {', '.join(f'{d:+.2f}' for d in diff)}"
+            f" (mean {statistics.fmean(diff):+.2f}, {_agreement(diff)})"
+        )
+    return lines
+
+
+def _agreement(diff: Sequence[float]) -> str:
+    signs = {(d > 0) - (d < 0) for d in diff}
+    return "all one sign" if len(signs) == 1 and 0 not in signs else "signs differ"
 
 
 def _later(new: float | None, base: float | None) -> int:
@@ -173,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out / (time.strftime("%Y-%m-%d-%H%M%S") + "-ab")
     runs: dict[str, dict[int, Any]] = {v: {} for v in VERSIONS}
     steps: dict[str, dict[int, dict[str, float | None]]] = {v: {} for v in VERSIONS}
+    noisy: dict[str, dict[int, dict[str, float]]] = {v: {} for v in VERSIONS}
     with tempfile.TemporaryDirectory(prefix="qos-ab-") as tmp:
         base = Path(tmp) / "base"
         subprocess.run(
@@ -187,13 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results = _run(where, qos_args, seed, out / f"{version}-{seed}")
                     runs[version][seed] = headline(results)
                     steps[version][seed] = recoveries(results)
+                    noisy[version][seed] = noisy_quiet(results)
                     print(f"ran {version} with --seed {seed}", file=sys.stderr, flush=True)
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False
             )
     print(f"paired runs, new = working tree, base = {args.base}; results in {out}")
-    for line in compare(runs) + compare_recovery(steps):
+    for line in compare(runs) + compare_recovery(steps) + compare_noisy(noisy):
         print(line)
     return 0
 

@@ -172,13 +172,21 @@ def _noisy_line(name: str, system: Mapping[str, Any], meta: Mapping[str, Any]) -
     )
 
 
-def _quiet_pooled(point: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    """Every quiet tenant's misses together: the smallest send a few dozen requests a quick
-    point, so one of them alone is a coarse reading."""
-    quiet = [v for k, v in point["tenants"].items() if k != meta["noisy_tenant"]]
+def quiet_pooled(point: Mapping[str, Any], noisy_tenant: str) -> tuple[int, int] | None:
+    """Every quiet tenant's misses together, and what they sent (None: a point without the
+    per-tenant counts): the smallest send a few dozen requests a quick point, so one of them
+    alone is a coarse reading."""
+    quiet = [v for k, v in point["tenants"].items() if k != noisy_tenant]
     if not quiet or not all("sent" in v for v in quiet):
+        return None
+    return sum(v["violations"] for v in quiet), sum(v["sent"] for v in quiet)
+
+
+def _quiet_pooled(point: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    pooled = quiet_pooled(point, meta["noisy_tenant"])
+    if pooled is None:
         return ""
-    missed, sent = sum(v["violations"] for v in quiet), sum(v["sent"] for v in quiet)
+    missed, sent = pooled
     return f"; every quiet tenant together {missed} of {sent} ({100 * missed / max(sent, 1):.2f}%)"
 
 

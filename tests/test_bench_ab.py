@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.ab import compare, compare_recovery, headline, recoveries
+from benchmarks.ab import (
+    compare,
+    compare_noisy,
+    compare_recovery,
+    headline,
+    noisy_quiet,
+    recoveries,
+)
 
 
 def results(violation: float, met: float, in_point: float | None = None) -> dict[str, Any]:
@@ -64,3 +71,30 @@ def test_recovery_after_the_step_is_compared_pair_by_pair() -> None:
         "sidecar-http recovery: new 3 s, not back | base 0.75 s, 6.5 s | new sooner in 0, later"
         " in 2, the same in 0 of 2 pairs"
     ]
+
+
+def test_the_noisy_points_quiet_tenants_are_compared_pooled_seed_by_seed() -> None:
+    def noisy(quiet_missed: int, noisy_missed: int = 50) -> dict[str, Any]:
+        run = results(1.0, 1.5)
+        tenants = {
+            "noisy": {"sent": 100, "violations": noisy_missed},
+            "t1": {"sent": 150, "violations": quiet_missed},
+            "t2": {"sent": 50, "violations": 1},
+        }
+        run["systems"]["sidecar-http"]["noisy"] = {"tenants": tenants, "m": 1.8, "burst": 3.0}
+        run["systems"]["passthrough"]["noisy"] = {"tenants": tenants, "m": 1.8, "burst": 3.0}
+        run["meta"] = {"noisy_tenant": "noisy"}
+        return run
+
+    # The noisy tenant's own misses are left out: (3 + 1) of 200, sidecar systems only.
+    assert noisy_quiet(noisy(3, noisy_missed=99)) == {"sidecar-http": 2.0}
+    assert noisy_quiet(results(1.0, 1.5)) == {}  # no noisy point (--noisy-burst 0)
+    runs = {
+        "new": {3: noisy_quiet(noisy(1)), 5: noisy_quiet(noisy(3))},
+        "base": {3: noisy_quiet(noisy(5)), 5: noisy_quiet(noisy(7)), 7: noisy_quiet(noisy(0))},
+    }
+    (line,) = compare_noisy(runs)
+    assert line == (
+        "sidecar-http noisy point, quiet tenants pooled: new 1.00, 2.00 (mean 1.50%) | base"
+        " 3.00, 4.00 (mean 3.50%) | new-base -2.00, -2.00 (mean -2.00, all one sign)"
+    )
