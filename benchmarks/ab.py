@@ -81,12 +81,7 @@ def compare(runs: Mapping[str, Mapping[int, Mapping[tuple[str, float], Headline]
                 continue
             new = [a for a, _ in pairs]
             base = [b for _, b in pairs]
-            diff = [a - b for a, b in zip(new, base, strict=True)]
-            lines.append(
-                f"{system} {m:g}x {label}: new {_values(new, unit)} | base {_values(base, unit)}"
-                f" | new-base {', '.join(f'{d:+.2f}' for d in diff)}"
-                f" (mean {statistics.fmean(diff):+.2f}, {_agreement(diff)})"
-            )
+            lines.append(_paired_line(f"{system} {m:g}x {label}", new, base, unit))
     return lines
 
 
@@ -146,20 +141,23 @@ def noisy_quiet(results: Mapping[str, Any]) -> dict[str, float]:
 def compare_noisy(runs: Mapping[str, Mapping[int, Mapping[str, float]]]) -> list[str]:
     """One line per system with a noisy point in both versions: the quiet tenants' misses
     pooled, seed by seed, as `compare` gives a point's measures."""
-    lines = []
-    for name, new, base in _by_system(runs):
-        diff = [a - b for a, b in zip(new, base, strict=True)]
-        lines.append(
-            f"{name} noisy point, quiet tenants pooled: new {_values(new, '%')} | base"
-            f" {_values(base, '%')} | new-base {', '.join(f'{d:+.2f}' for d in diff)}"
-            f" (mean {statistics.fmean(diff):+.2f}, {_agreement(diff)})"
-        )
-    return lines
+    return [
+        _paired_line(f"{name} noisy point, quiet tenants pooled", new, base, "%")
+        for name, new, base in _by_system(runs)
+    ]
 
 
-def _agreement(diff: Sequence[float]) -> str:
+def _paired_line(label: str, new: Sequence[float], base: Sequence[float], unit: str) -> str:
+    """Both versions' values seed by seed, their means, and the new-minus-base differences
+    with whether they agree in sign."""
+    diff = [a - b for a, b in zip(new, base, strict=True)]
     signs = {(d > 0) - (d < 0) for d in diff}
-    return "all one sign" if len(signs) == 1 and 0 not in signs else "signs differ"
+    agree = "all one sign" if len(signs) == 1 and 0 not in signs else "signs differ"
+    return (
+        f"{label}: new {_values(new, unit)} | base {_values(base, unit)}"
+        f" | new-base {', '.join(f'{d:+.2f}' for d in diff)}"
+        f" (mean {statistics.fmean(diff):+.2f}, {agree})"
+    )
 
 
 def _later(new: float | None, base: float | None) -> int:
